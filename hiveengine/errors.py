@@ -1,0 +1,57 @@
+"""The one exception hierarchy of hiveengine; every message says what happened and what to do."""
+
+
+class HiveEngineError(Exception):
+    """Base class of every error hiveengine raises on purpose."""
+
+
+class ConfigurationError(HiveEngineError, ValueError):
+    """An option or environment variable has a value hiveengine cannot use."""
+
+
+class KernelUnavailableError(HiveEngineError, RuntimeError):
+    """A kernel implementation is missing on this machine (e.g. the native library was not built)."""
+
+
+class NonFiniteError(HiveEngineError, ValueError):
+    """A tensor holds NaN or Inf where only finite values may go (it must never be averaged in silently)."""
+
+
+class TransportError(HiveEngineError, ConnectionError):
+    """Base class of network errors: the peer could not be reached or the exchange broke off."""
+
+
+class PeerUnreachableError(TransportError):
+    """No connection could be made to the peer (closed port, wrong address, connect timeout)."""
+
+
+class ConnectionLostError(TransportError):
+    """The connection to the peer broke mid-call (the peer died or the network dropped)."""
+
+
+class HandshakeError(TransportError):
+    """The peer failed to prove its identity, or claimed an id that is not its key's."""
+
+
+class RPCTimeoutError(TransportError, TimeoutError):
+    """A call did not complete before its deadline."""
+
+
+class ProtocolError(TransportError):
+    """A message broke the wire protocol: malformed header, oversized frame, wrong dtype or shape."""
+
+
+class RemoteError(TransportError):
+    """The remote peer answered with an error (unknown method, handler exception, rejected request)."""
+
+    def __init__(self, message: str, kind: str = "RemoteError"):
+        super().__init__(message)
+        self.kind = kind
+
+
+class UnknownMethodError(RemoteError):
+    """The remote peer has no handler for the called method."""
+
+
+class RemoteHandlerError(RemoteError):
+    """The remote handler raised an exception while serving the call."""

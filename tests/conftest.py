@@ -1,0 +1,18 @@
+"""Test setup: Triton runs in its CPU interpreter, UCX uses loopback TCP, GPU tests skip without CUDA."""
+
+import os
+
+# Must be set before any @triton.jit function is defined, i.e. before hiveengine is imported.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
