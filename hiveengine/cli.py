@@ -6,6 +6,8 @@ import argparse
 import logging
 import sys
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hiveengine", description=__doc__)

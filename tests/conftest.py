@@ -5,8 +5,8 @@ import os
 # Must be set before any @triton.jit function is defined, i.e. before hiveengine is imported.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 
 def pytest_collection_modifyitems(config, items):
