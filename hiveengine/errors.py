@@ -55,3 +55,7 @@ class UnknownMethodError(RemoteError):
 
 class RemoteHandlerError(RemoteError):
     """The remote handler raised an exception while serving the call."""
+
+
+class PeerBusyError(RemoteError):
+    """The remote peer refused the call because it holds too much inbound data right now; retry later."""

@@ -1,0 +1,163 @@
+"""One authenticated UCX endpoint: sends messages (control + frames) and reads control messages in order.
+
+Tags are worker-wide in UCX, so each connection receives on its own 32-bit tag base:
+tag = base << 32 | 0 for control messages, base << 32 | seq for tensor frames (seq ≥ 1, one per frame).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from hiveengine.errors import ConnectionLostError, ProtocolError
+from hiveengine.transport.handshake import Authenticated
+from hiveengine.transport.limits import TransportLimits
+from hiveengine.transport.wire import (
+    FrameSpec,
+    allocate,
+    as_frame,
+    decode_control,
+    encode_control,
+    wire_buffer,
+)
+
+logger = logging.getLogger(__name__)
+
+CONTROL_SEQ = 0
+FRAME_SEQS = (1 << 32) - 1
+
+
+def _tag(base: int, seq: int) -> int:
+    return (base << 32) | seq
+
+
+def _frame_seq(first: int, index: int) -> int:
+    """Frame sequence numbers run over 1 .. 2**32 - 1 (0 is the control channel)."""
+    return (first + index) % FRAME_SEQS + 1
+
+
+class Connection:
+    """A message channel to one authenticated remote peer."""
+
+    def __init__(self, reactor, endpoint, auth: Authenticated, recv_base: int, limits: TransportLimits, label: str):
+        self.reactor = reactor
+        self.endpoint = endpoint
+        self.remote = auth.peer_id
+        self.local = auth.local
+        self.send_base = auth.remote_recv_base
+        self.recv_base = recv_base
+        self.limits = limits
+        self.label = label
+        self._seq = itertools.count()
+        self._request_ids = itertools.count(1)
+        self._control = np.empty(limits.max_header_bytes, dtype=np.uint8)
+        self.pending: dict[int, asyncio.Future] = {}
+        self.closed = False
+        self.error: Exception | None = None
+
+    def __repr__(self) -> str:
+        return f"Connection({self.label}{self.remote!r})"
+
+    def new_request_id(self) -> int:
+        return next(self._request_ids)
+
+    def _reserve_seqs(self, n: int) -> int:
+        first = next(self._seq)
+        for _ in range(n - 1):
+            next(self._seq)
+        return first % FRAME_SEQS
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise ConnectionLostError(f"connection to {self.remote} is closed: {self.error}")
+
+    async def send(self, body: dict, tensors: Sequence[torch.Tensor] = ()) -> None:
+        """Send one control message and its tensor frames; returns when UCX has sent them all."""
+        self._check_open()
+        frames = [as_frame(t) for t in tensors]
+        body["f"] = [FrameSpec.of(t).to_wire() for t in tensors]
+        body["s"] = first = self._reserve_seqs(len(frames)) if frames else 0
+        control = np.frombuffer(encode_control(body, self.limits), dtype=np.uint8)
+        futures = [self.reactor.tag_send(self.endpoint, control, _tag(self.send_base, CONTROL_SEQ))]
+        for i, frame in enumerate(frames):
+            if frame.numel():
+                tag = _tag(self.send_base, _frame_seq(first, i))
+                futures.append(self.reactor.tag_send(self.endpoint, wire_buffer(frame), tag))
+        await self._gather(futures)
+
+    async def _gather(self, futures) -> None:
+        try:
+            await asyncio.gather(*futures)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            raise self.lost(e) from e
+
+    def frame_tag(self, body: dict, index: int) -> int:
+        return _tag(self.recv_base, _frame_seq(body["s"], index))
+
+    async def receive_frames(self, body: dict, specs: Sequence[FrameSpec]) -> list[torch.Tensor]:
+        """Receive the frames announced by `body` into freshly allocated tensors."""
+        tensors = [allocate(spec) for spec in specs]
+        await self.receive_into(body, tensors)
+        return tensors
+
+    async def receive_into(self, body: dict, tensors: Sequence[torch.Tensor], first_index: int = 0) -> None:
+        """Receive announced frames straight into the given contiguous tensors (sizes already checked)."""
+        futures = [
+            self.reactor.tag_recv(self.endpoint, wire_buffer(as_frame(t)), self.frame_tag(body, first_index + i))
+            for i, t in enumerate(tensors)
+            if t.numel()
+        ]
+        await self._gather(futures)
+
+    def discard_frames(self, body: dict, count: int) -> None:
+        """Drop frames we will not read: a 1-byte receive truncates each and frees the sender."""
+        for i in range(count):
+            scratch = np.empty(1, dtype=np.uint8)
+            future = self.reactor.tag_recv(self.endpoint, scratch, self.frame_tag(body, i))
+            future.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+    async def read_control(self) -> dict:
+        """Wait for the next control message (the dispatcher's only suspension point)."""
+        self._check_open()
+        try:
+            await self.reactor.tag_recv(self.endpoint, self._control, _tag(self.recv_base, CONTROL_SEQ))
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            raise self.lost(e) from e
+        return decode_control(memoryview(self._control), self.limits)
+
+    def lost(self, cause: Exception) -> ConnectionLostError:
+        """Mark the connection dead (once) and fail every call still waiting on it."""
+        if isinstance(cause, ConnectionLostError):
+            error = cause
+        else:
+            error = ConnectionLostError(f"connection to {self.remote} lost: {type(cause).__name__}: {cause}")
+        if not self.closed:
+            self.closed, self.error = True, error
+            logger.info("%r closed: %s", self, error)
+            for future in self.pending.values():
+                if not future.done():
+                    future.set_exception(error)
+            self.pending.clear()
+            self._close_endpoint()
+        return error
+
+    def protocol_violation(self, error: ProtocolError) -> None:
+        logger.warning("%r: closing after protocol violation: %s", self, error)
+        self.lost(error)
+
+    def _close_endpoint(self) -> None:
+        endpoint, self.endpoint = self.endpoint, None
+        if endpoint is not None:
+            try:
+                endpoint.close()
+            except Exception as e:
+                logger.debug("closing endpoint of %r: %s", self, e)

@@ -1,0 +1,96 @@
+"""Peer identity: an Ed25519 key pair whose public key hashes to the peer id."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from hiveengine.errors import ConfigurationError
+
+PUBLIC_KEY_BYTES = 32
+SIGNATURE_BYTES = 64
+PEER_ID_BYTES = 32
+
+
+@dataclass(frozen=True, order=True)
+class PeerID:
+    """The SHA-256 of a peer's Ed25519 public key; printed as lowercase base32 without padding."""
+
+    raw: bytes
+
+    def __post_init__(self):
+        if len(self.raw) != PEER_ID_BYTES:
+            raise ValueError(f"a peer id has {PEER_ID_BYTES} bytes, got {len(self.raw)}")
+
+    @classmethod
+    def from_public_key(cls, public_key: bytes) -> PeerID:
+        return cls(hashlib.sha256(public_key).digest())
+
+    @classmethod
+    def from_string(cls, text: str) -> PeerID:
+        try:
+            padded = text.upper() + "=" * (-len(text) % 8)
+            return cls(base64.b32decode(padded))
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{text!r} is not a peer id (expected {PEER_ID_BYTES} bytes in base32)") from e
+
+    def __str__(self) -> str:
+        return base64.b32encode(self.raw).decode().lower().rstrip("=")
+
+    def __repr__(self) -> str:
+        return f"PeerID({str(self)[:12]}…)"
+
+
+def verify_signature(public_key: bytes, signature: bytes, message: bytes) -> bool:
+    """True when `signature` is `public_key`'s Ed25519 signature of `message`; never raises on bad input."""
+    try:
+        Ed25519PublicKey.from_public_bytes(public_key).verify(signature, message)
+        return True
+    except (InvalidSignature, ValueError):
+        return False
+
+
+class Identity:
+    """An Ed25519 private key and the peer id it proves."""
+
+    def __init__(self, private_key: Ed25519PrivateKey):
+        self._key = private_key
+        self.public_key = private_key.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
+        self.peer_id = PeerID.from_public_key(self.public_key)
+
+    @classmethod
+    def generate(cls) -> Identity:
+        return cls(Ed25519PrivateKey.generate())
+
+    @classmethod
+    def load_or_create(cls, path: str | os.PathLike) -> Identity:
+        """Load the key at `path` (raw 32-byte seed), creating it with mode 0600 if it does not exist."""
+        path = Path(path)
+        if path.exists():
+            seed = path.read_bytes()
+            if len(seed) != 32:
+                raise ConfigurationError(f"{path} is not an identity key (expected 32 bytes, got {len(seed)})")
+            return cls(Ed25519PrivateKey.from_private_bytes(seed))
+        identity = cls.generate()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(identity.private_bytes())
+        return identity
+
+    def private_bytes(self) -> bytes:
+        return self._key.private_bytes(
+            serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+        )
+
+    def sign(self, message: bytes) -> bytes:
+        return self._key.sign(message)

@@ -1,0 +1,37 @@
+"""Every bound the transport enforces, as named defaults that a Peer can override."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+KiB = 1 << 10
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+@dataclass(frozen=True)
+class TransportLimits:
+    """Bounds on what one peer accepts and how long it waits."""
+
+    # A control message (msgpack header, possibly zstd-compressed) must fit in this buffer.
+    max_header_bytes: int = 64 * KiB
+    # Tensor frames one message may carry, and how large each and all of them may be.
+    max_frames: int = 256
+    max_frame_bytes: int = 1 * GiB
+    max_message_bytes: int = 2 * GiB
+    # Bytes of inbound tensors held at once across all calls; past it calls are refused as busy.
+    max_inbound_bytes: int = 4 * GiB
+    # User headers larger than this are zstd-compressed on the wire.
+    compress_threshold_bytes: int = 4 * KiB
+    # Streams: chunk size and how many chunks a sender keeps in flight.
+    stream_chunk_bytes: int = 16 * MiB
+    stream_window: int = 4
+    # Deadlines (seconds).
+    connect_timeout: float = 5.0
+    handshake_timeout: float = 5.0
+    default_call_timeout: float = 30.0
+    # How long a handler may run when the caller gave no deadline.
+    max_handler_seconds: float = 600.0
+
+
+DEFAULT_LIMITS = TransportLimits()

@@ -1,0 +1,509 @@
+"""Peer: an identity on the process's UCX runtime that serves RPC handlers and calls other peers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from hiveengine import errors
+from hiveengine.errors import (
+    ConnectionLostError,
+    HiveEngineError,
+    PeerUnreachableError,
+    ProtocolError,
+    RemoteError,
+    RPCTimeoutError,
+)
+from hiveengine.transport.address import PeerAddress
+from hiveengine.transport.connection import Connection
+from hiveengine.transport.handshake import connect_handshake
+from hiveengine.transport.identity import Identity, PeerID
+from hiveengine.transport.limits import DEFAULT_LIMITS, TransportLimits
+from hiveengine.transport.runtime import Runtime
+from hiveengine.transport.stream import Chunk, StreamReader, iterate_chunks
+from hiveengine.transport.wire import Kind, frame_specs
+
+logger = logging.getLogger(__name__)
+
+HandlerResult = dict | tuple[dict, Sequence[torch.Tensor]] | None
+Handler = Callable[["Request"], Awaitable[HandlerResult]]
+StreamHandler = Callable[["StreamRequest"], Awaitable[dict | None]]
+ANNOUNCE_HOST_ENV = "HIVEENGINE_ANNOUNCE_HOST"
+DEFAULT_ANNOUNCE_HOST = "127.0.0.1"
+CONNECTION_ERROR_ID = 0  # an ERROR with this id concerns the whole connection, not one call
+
+# Errors a remote peer may name in a reply, mapped to the class the caller raises.
+REMOTE_ERROR_TYPES: dict[str, type[Exception]] = {
+    cls.__name__: cls
+    for cls in (
+        errors.UnknownMethodError,
+        errors.RemoteHandlerError,
+        errors.PeerBusyError,
+        errors.ProtocolError,
+        errors.RPCTimeoutError,
+        errors.RemoteError,
+    )
+}
+
+
+@dataclass
+class Request:
+    """An incoming call as a handler sees it."""
+
+    method: str
+    header: dict
+    tensors: list[torch.Tensor]
+    sender: PeerID
+
+
+@dataclass
+class StreamRequest:
+    """An incoming stream: iterate `chunks` and read each (optionally straight into your own buffer)."""
+
+    method: str
+    header: dict
+    sender: PeerID
+    chunks: StreamReader = field(repr=False)
+
+
+def _error_reply(request_id: int, error: BaseException) -> dict:
+    if isinstance(error, HiveEngineError) and type(error).__name__ in REMOTE_ERROR_TYPES:
+        kind, message = type(error).__name__, str(error)
+    elif isinstance(error, asyncio.TimeoutError):
+        kind, message = "RPCTimeoutError", "the handler did not finish before the call's deadline"
+    else:
+        kind, message = "RemoteHandlerError", f"{type(error).__name__}: {error}"
+    return {"k": Kind.ERROR, "i": request_id, "e": [kind, message]}
+
+
+def _remote_error(body: dict, remote: PeerID) -> Exception:
+    kind, message = "RemoteError", "malformed error reply"
+    info = body.get("e")
+    if isinstance(info, list) and len(info) == 2 and all(isinstance(x, str) for x in info):
+        kind, message = info
+    cls = REMOTE_ERROR_TYPES.get(kind, RemoteError)
+    text = f"{remote}: {message}"
+    return cls(text, kind) if issubclass(cls, RemoteError) else cls(text)
+
+
+def _normalize_result(result: HandlerResult) -> tuple[dict, Sequence[torch.Tensor]]:
+    if result is None:
+        return {}, ()
+    if isinstance(result, dict):
+        return result, ()
+    header, tensors = result
+    return header or {}, tensors
+
+
+class Peer:
+    """Serves registered handlers and calls other peers; all methods run on the transport loop."""
+
+    def __init__(
+        self,
+        identity: Identity | None = None,
+        *,
+        port: int | None = None,
+        announce_host: str | None = None,
+        limits: TransportLimits = DEFAULT_LIMITS,
+        runtime: Runtime | None = None,
+    ):
+        import os
+
+        self.identity = identity or Identity.generate()
+        self.limits = limits
+        self.runtime = runtime or Runtime.get()
+        self.announce_host = announce_host or os.environ.get(ANNOUNCE_HOST_ENV, DEFAULT_ANNOUNCE_HOST)
+        self._handlers: dict[str, Handler] = {}
+        self._stream_handlers: dict[str, StreamHandler] = {}
+        self._connections: dict[PeerID, Connection] = {}
+        self._connecting: dict[PeerID, asyncio.Future] = {}
+        self._streams: dict[tuple[int, int], StreamReader] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self._inbound_bytes = 0
+        self._closed = False
+        self.port = self.runtime.run(self.runtime.ensure_listener(port), timeout=30)
+        self.runtime.register_peer(self)
+
+    @property
+    def peer_id(self) -> PeerID:
+        return self.identity.peer_id
+
+    @property
+    def address(self) -> PeerAddress:
+        return PeerAddress(self.announce_host, self.port, self.peer_id)
+
+    def __repr__(self) -> str:
+        return f"Peer({self.address})"
+
+    # ---- handlers
+
+    def register(self, method: str, handler: Handler) -> None:
+        """Serve `method` with `async handler(Request) -> dict | (dict, tensors) | None`."""
+        self._handlers[method] = handler
+
+    def register_stream(self, method: str, handler: StreamHandler) -> None:
+        """Serve the stream `method` with `async handler(StreamRequest) -> dict | None`."""
+        self._stream_handlers[method] = handler
+
+    # ---- calling
+
+    async def call(
+        self,
+        address: PeerAddress | PeerID | str,
+        method: str,
+        header: dict | None = None,
+        tensors: Sequence[torch.Tensor] = (),
+        timeout: float | None = None,
+    ) -> tuple[dict, list[torch.Tensor]]:
+        """Call `method` on the peer at `address`; return its (header, tensors) or raise a TransportError."""
+        timeout = timeout or self.limits.default_call_timeout
+        coro = self._call(address, method, header or {}, list(tensors), timeout)
+        return await self._with_deadline(coro, timeout, f"call {method!r} to {address}")
+
+    def call_sync(self, *args, **kwargs) -> tuple[dict, list[torch.Tensor]]:
+        """Blocking twin of `call` for synchronous code (not for use on the transport loop)."""
+        return self.runtime.run(self.call(*args, **kwargs), timeout=None)
+
+    async def _call(self, address, method, header, tensors, timeout) -> tuple[dict, list[torch.Tensor]]:
+        conn = await self.connect(address)
+        request_id = conn.new_request_id()
+        reply = conn.pending[request_id] = asyncio.get_running_loop().create_future()
+        try:
+            await conn.send({"k": Kind.REQUEST, "i": request_id, "m": method, "h": header, "d": timeout}, tensors)
+            return await reply
+        finally:
+            conn.pending.pop(request_id, None)
+
+    async def stream(
+        self,
+        address: PeerAddress | PeerID | str,
+        method: str,
+        chunks: Iterable[tuple[dict, torch.Tensor]] | AsyncIterable[tuple[dict, torch.Tensor]],
+        header: dict | None = None,
+        timeout: float | None = None,
+    ) -> dict:
+        """Send (chunk header, tensor) pairs as one stream; at most `stream_window` chunks are in flight."""
+        timeout = timeout or self.limits.default_call_timeout
+        coro = self._stream(address, method, chunks, header or {}, timeout)
+        return await self._with_deadline(coro, timeout, f"stream {method!r} to {address}")
+
+    async def send_tensor(
+        self, address, method: str, tensor: torch.Tensor, header: dict | None = None, timeout: float | None = None
+    ) -> dict:
+        """Stream one (possibly huge) tensor in `stream_chunk_bytes` pieces; the receiver sees offsets."""
+        return await self.stream(
+            address, method, iterate_chunks(tensor, self.limits.stream_chunk_bytes), header, timeout
+        )
+
+    async def _stream(self, address, method, chunks, header, timeout) -> dict:
+        conn = await self.connect(address)
+        request_id = conn.new_request_id()
+        reply = conn.pending[request_id] = asyncio.get_running_loop().create_future()
+        in_flight: list[asyncio.Task] = []
+        try:
+            await conn.send({"k": Kind.STREAM_OPEN, "i": request_id, "m": method, "h": header, "d": timeout})
+            async for chunk_header, tensor in _aiter(chunks):
+                if reply.done():
+                    break  # the receiver answered early (an error, or it needs no more)
+                message = {"k": Kind.STREAM_CHUNK, "i": request_id, "h": chunk_header}
+                in_flight.append(asyncio.ensure_future(conn.send(message, [tensor])))
+                if len(in_flight) >= self.limits.stream_window:
+                    await in_flight.pop(0)
+            await asyncio.gather(*in_flight)
+            in_flight.clear()
+            if not reply.done():
+                await conn.send({"k": Kind.STREAM_END, "i": request_id})
+            result, _ = await reply
+            return result
+        finally:
+            for task in in_flight:
+                task.cancel()
+            conn.pending.pop(request_id, None)
+
+    async def _with_deadline(self, coro, timeout: float, what: str):
+        try:
+            return await asyncio.wait_for(coro, timeout)
+        except asyncio.TimeoutError:
+            raise RPCTimeoutError(f"{what} did not complete within {timeout} s") from None
+
+    # ---- connections
+
+    async def connect(self, address: PeerAddress | PeerID | str) -> Connection:
+        """The cached connection to a peer, opening (and authenticating) one if needed."""
+        if isinstance(address, PeerID):
+            conn = self._connections.get(address)
+            if conn is None or conn.closed:
+                raise PeerUnreachableError(f"no open connection to {address} and no address to dial")
+            return conn
+        address = PeerAddress.parse(address)
+        conn = self._connections.get(address.peer_id)
+        if conn is not None and not conn.closed:
+            return conn
+        pending = self._connecting.get(address.peer_id)
+        if pending is None:
+            pending = self._connecting[address.peer_id] = asyncio.ensure_future(self._dial(address))
+            pending.add_done_callback(lambda _: self._connecting.pop(address.peer_id, None))
+        return await asyncio.shield(pending)
+
+    async def _dial(self, address: PeerAddress) -> Connection:
+        if self._closed:
+            raise ConnectionLostError("this peer is shut down")
+        lib = self.runtime.reactor.lib
+        base = self.runtime.new_recv_base()
+        endpoint = None
+        try:
+            endpoint = lib.UCXEndpoint.create(self.runtime.reactor.worker, address.host, address.port, True)
+            auth = await connect_handshake(
+                self.runtime.reactor, endpoint, self.identity, address.peer_id, base, self.limits.connect_timeout
+            )
+        except Exception as e:
+            self.runtime.release_recv_base(base)
+            if endpoint is not None:
+                endpoint.close()
+            if isinstance(e, errors.HandshakeError):
+                raise
+            reason = "no answer" if isinstance(e, asyncio.TimeoutError) else f"{type(e).__name__}: {e}"
+            raise PeerUnreachableError(
+                f"cannot connect to {address} ({reason}); check the address and that the peer is running"
+            ) from None
+        return self.adopt(endpoint, auth, base, inbound=False)
+
+    def adopt(self, endpoint, auth, recv_base: int, inbound: bool) -> Connection:
+        """Take an authenticated endpoint into service: cache it and start reading its messages."""
+        label = f"{self.peer_id!r}{' <- ' if inbound else ' -> '}"
+        conn = Connection(self.runtime.reactor, endpoint, auth, recv_base, self.limits, label)
+        if self._closed:
+            conn.lost(ConnectionLostError("this peer is shut down"))
+            return conn
+        endpoint.set_close_callback(self._on_endpoint_closed, (conn,), None)
+        self._connections[conn.remote] = conn
+        self._spawn(self._serve(conn))
+        logger.debug("connection %r open", conn)
+        return conn
+
+    def _on_endpoint_closed(self, conn: Connection) -> None:
+        self.runtime.call_soon(conn.lost, ConnectionLostError(f"endpoint to {conn.remote} closed or failed"))
+        self.runtime.call_soon(self.runtime.reactor.kick)
+
+    def _spawn(self, coro) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # ---- receiving
+
+    async def _serve(self, conn: Connection) -> None:
+        try:
+            while not conn.closed:
+                try:
+                    body = await conn.read_control()
+                except ProtocolError as e:
+                    await self._reply(conn, _error_reply(CONNECTION_ERROR_ID, e))
+                    conn.protocol_violation(e)
+                    return
+                self._dispatch(conn, body)
+        except ConnectionLostError:
+            pass
+        finally:
+            if self._connections.get(conn.remote) is conn:
+                del self._connections[conn.remote]
+            self.runtime.release_recv_base(conn.recv_base)
+            for key in [k for k in self._streams if k[0] == id(conn)]:
+                self._streams.pop(key).fail(conn.error or ConnectionLostError("connection closed"))
+
+    def _dispatch(self, conn: Connection, body: dict) -> None:
+        kind, request_id = body["k"], body["i"]
+        try:
+            specs = frame_specs(body, self.limits)
+        except ProtocolError as e:
+            self._reject(conn, body, e)
+            return
+        if kind == Kind.REQUEST:
+            self._on_request(conn, body, specs)
+        elif kind == Kind.RESPONSE:
+            self._on_response(conn, body, specs)
+        elif kind == Kind.ERROR:
+            self._on_error(conn, body)
+        elif kind == Kind.STREAM_OPEN:
+            self._on_stream_open(conn, body)
+        elif kind == Kind.STREAM_CHUNK:
+            reader = self._streams.get((id(conn), request_id))
+            if reader is None or len(specs) != 1:
+                conn.discard_frames(body, len(specs))
+            else:
+                reader.push(Chunk(conn, body, specs[0]))
+        elif kind == Kind.STREAM_END:
+            reader = self._streams.get((id(conn), request_id))
+            if reader is not None:
+                reader.end()
+
+    def _reject(self, conn: Connection, body: dict, error: ProtocolError) -> None:
+        """Answer a message we will not process and drop its frames; close if we cannot tell how many."""
+        frames = body.get("f")
+        if not isinstance(frames, list) or len(frames) > self.limits.max_frames:
+            self._spawn(self._reply(conn, _error_reply(CONNECTION_ERROR_ID, error)))
+            conn.protocol_violation(error)
+            return
+        conn.discard_frames(body, len(frames))
+        if body["k"] in (Kind.REQUEST, Kind.STREAM_OPEN, Kind.STREAM_CHUNK):
+            self._spawn(self._reply(conn, _error_reply(body["i"], error)))
+        elif body["k"] == Kind.RESPONSE and body["i"] in conn.pending:
+            conn.pending[body["i"]].set_exception(ProtocolError(f"{conn.remote} sent a malformed reply: {error}"))
+
+    def _on_request(self, conn: Connection, body: dict, specs) -> None:
+        method, header = body.get("m"), body.get("h", {})
+        handler = self._handlers.get(method) if isinstance(method, str) else None
+        if not isinstance(header, dict):
+            self._reject(conn, body, ProtocolError("the request header must be a dict"))
+            return
+        if handler is None:
+            conn.discard_frames(body, len(specs))
+            error = errors.UnknownMethodError(
+                f"unknown method {method!r:.80}; this peer serves {sorted(self._handlers)}"
+            )
+            self._spawn(self._reply(conn, _error_reply(body["i"], error)))
+            return
+        nbytes = sum(spec.nbytes for spec in specs)
+        if self._inbound_bytes + nbytes > self.limits.max_inbound_bytes:
+            conn.discard_frames(body, len(specs))
+            error = errors.PeerBusyError(f"holding {self._inbound_bytes} inbound bytes already; retry later")
+            self._spawn(self._reply(conn, _error_reply(body["i"], error)))
+            return
+        self._inbound_bytes += nbytes
+        self._spawn(self._handle_request(conn, body, specs, handler, nbytes))
+
+    async def _handle_request(self, conn: Connection, body: dict, specs, handler: Handler, nbytes: int) -> None:
+        try:
+            tensors = await conn.receive_frames(body, specs)
+            request = Request(body["m"], body.get("h", {}), tensors, conn.remote)
+            result = await asyncio.wait_for(handler(request), self._handler_deadline(body))
+            header, out = _normalize_result(result)
+            reply = {"k": Kind.RESPONSE, "i": body["i"], "h": header}
+            await conn.send(reply, out)
+        except ConnectionLostError:
+            return
+        except Exception as e:
+            if not isinstance(e, HiveEngineError):
+                logger.exception("handler of %r failed", body["m"])
+            await self._reply(conn, _error_reply(body["i"], e))
+        finally:
+            self._inbound_bytes -= nbytes
+
+    def _handler_deadline(self, body: dict) -> float:
+        deadline = body.get("d")
+        if isinstance(deadline, int | float) and deadline > 0:
+            return min(float(deadline), self.limits.max_handler_seconds)
+        return self.limits.max_handler_seconds
+
+    async def _reply(self, conn: Connection, body: dict) -> None:
+        try:
+            await conn.send(body)
+        except (ConnectionLostError, ProtocolError) as e:
+            logger.debug("could not reply to %s: %s", conn.remote, e)
+
+    def _on_response(self, conn: Connection, body: dict, specs) -> None:
+        reply = conn.pending.get(body["i"])
+        if reply is None or reply.done():
+            conn.discard_frames(body, len(specs))  # the caller gave up already
+            return
+        header = body.get("h", {})
+
+        async def receive() -> None:
+            try:
+                tensors = await conn.receive_frames(body, specs)
+            except Exception as e:
+                if not reply.done():
+                    reply.set_exception(e)
+                return
+            if not reply.done():
+                reply.set_result((header if isinstance(header, dict) else {}, tensors))
+
+        self._spawn(receive())
+
+    def _on_error(self, conn: Connection, body: dict) -> None:
+        error = _remote_error(body, conn.remote)
+        if body["i"] == CONNECTION_ERROR_ID:
+            for reply in conn.pending.values():
+                if not reply.done():
+                    reply.set_exception(error)
+            return
+        reply = conn.pending.get(body["i"])
+        if reply is not None and not reply.done():
+            reply.set_exception(error)
+        reader = self._streams.get((id(conn), body["i"]))
+        if reader is not None:
+            reader.fail(error)
+
+    # ---- streams (receiving side)
+
+    def _on_stream_open(self, conn: Connection, body: dict) -> None:
+        method, header = body.get("m"), body.get("h", {})
+        handler = self._stream_handlers.get(method) if isinstance(method, str) else None
+        key = (id(conn), body["i"])
+        reader = StreamReader(key, self.limits.stream_window * 64)
+        self._streams[key] = reader
+        if handler is None or not isinstance(header, dict):
+            error = errors.UnknownMethodError(
+                f"unknown stream method {method!r:.80}; this peer serves {sorted(self._stream_handlers)}"
+            )
+            reader.reject()
+            self._spawn(self._reply(conn, _error_reply(body["i"], error)))
+            self._spawn(self._forget_stream(reader))
+            return
+        request = StreamRequest(method, header, conn.remote, reader)
+        self._spawn(self._handle_stream(conn, body, handler, request))
+
+    async def _handle_stream(self, conn: Connection, body: dict, handler: StreamHandler, request) -> None:
+        reader = request.chunks
+        try:
+            result = await asyncio.wait_for(handler(request), self._handler_deadline(body))
+            reader.reject()
+            await conn.send({"k": Kind.RESPONSE, "i": body["i"], "h": result or {}})
+        except ConnectionLostError:
+            return
+        except Exception as e:
+            reader.reject()
+            if not isinstance(e, HiveEngineError):
+                logger.exception("stream handler of %r failed", body["m"])
+            await self._reply(conn, _error_reply(body["i"], e))
+        await self._forget_stream(reader)
+
+    async def _forget_stream(self, reader: StreamReader) -> None:
+        """Keep discarding a finished stream's chunks until its sender ends it (or a deadline passes)."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(reader.ended.wait(), self.limits.default_call_timeout)
+        self._streams.pop(reader.key, None)
+
+    # ---- lifecycle
+
+    async def aclose(self) -> None:
+        """Close every connection and stop serving; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self.runtime.unregister_peer(self)
+        for conn in list(self._connections.values()):
+            conn.lost(ConnectionLostError("peer shut down"))
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def shutdown(self) -> None:
+        """Blocking twin of `aclose`."""
+        if not self._closed and not self.runtime._closed:
+            self.runtime.run(self.aclose(), timeout=30)
+
+
+async def _aiter(items):
+    if hasattr(items, "__aiter__"):
+        async for item in items:
+            yield item
+    else:
+        for item in items:
+            yield item

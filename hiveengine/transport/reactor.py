@@ -1,0 +1,114 @@
+"""Event-driven UCX progress: the worker is progressed when its epoll fd fires, never polled.
+
+ucxx's own progress modes keep a core busy while a receive is posted (they poll each request from
+the event loop). Here a posted receive costs nothing: the worker is armed, asyncio waits on its
+file descriptor, and request completion is checked only after the worker made progress.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from hiveengine.transport.ucx_env import import_ucxx
+
+logger = logging.getLogger(__name__)
+
+
+class Reactor:
+    """One UCX worker driven by one asyncio loop; turns UCX requests into awaitables."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        _, lib = import_ucxx()
+        from ucxx._lib.arr import Array
+        from ucxx.types import Tag, TagMaskFull
+
+        self._lib, self._array, self._tag, self._tag_mask = lib, Array, Tag, TagMaskFull
+        self.loop = loop
+        self.context = lib.UCXContext({})
+        self.worker = lib.UCXWorker(self.context, enable_delayed_submission=False, enable_python_future=False)
+        self.worker.init_blocking_progress_mode()
+        self._fd = self.worker.epoll_file_descriptor
+        self._pending: dict[Any, tuple[asyncio.Future, Any]] = {}
+        self._scheduled = False
+        self._closed = False
+        loop.add_reader(self._fd, self.kick)
+        self.kick()
+
+    @property
+    def lib(self):
+        return self._lib
+
+    def kick(self) -> None:
+        """Schedule one progress pass on the loop (coalesced)."""
+        if not self._scheduled and not self._closed:
+            self._scheduled = True
+            self.loop.call_soon(self._progress)
+
+    def _progress(self) -> None:
+        self._scheduled = False
+        if self._closed:
+            return
+        while True:
+            while self.worker.progress_once():
+                pass
+            self._collect_completed()
+            if self.worker.arm():
+                return
+
+    def _collect_completed(self) -> None:
+        done = [req for req in self._pending if req.completed]
+        for req in done:
+            future, _keepalive = self._pending.pop(req)
+            self._resolve(req, future)
+
+    @staticmethod
+    def _resolve(req, future: asyncio.Future) -> None:
+        if future.done():
+            return
+        try:
+            req.check_error()
+        except Exception as e:
+            future.set_exception(e)
+        else:
+            future.set_result(None)
+
+    def track(self, req, keepalive: Any = None) -> asyncio.Future:
+        """Future that completes with `req`; `keepalive` (the buffer) stays referenced until then."""
+        future = self.loop.create_future()
+        if req.completed:
+            self._resolve(req, future)
+        else:
+            self._pending[req] = (future, keepalive)
+            self.kick()
+        return future
+
+    def buffer(self, obj):
+        return self._array(obj)
+
+    def tag(self, value: int):
+        return self._tag(value)
+
+    def tag_send(self, endpoint, buf, tag: int) -> asyncio.Future:
+        return self.track(endpoint.tag_send(self._array(buf), self._tag(tag)), buf)
+
+    def tag_recv(self, endpoint, buf, tag: int) -> asyncio.Future:
+        return self.track(endpoint.tag_recv(self._array(buf), self._tag(tag), self._tag_mask), buf)
+
+    def stream_send(self, endpoint, buf) -> asyncio.Future:
+        return self.track(endpoint.stream_send(self._array(buf)), buf)
+
+    def stream_recv(self, endpoint, buf) -> asyncio.Future:
+        return self.track(endpoint.stream_recv(self._array(buf)), buf)
+
+    def close(self) -> None:
+        """Stop progressing; fail what is still pending."""
+        if self._closed:
+            return
+        self._closed = True
+        self.loop.remove_reader(self._fd)
+        for future, _ in self._pending.values():
+            if not future.done():
+                future.cancel()
+        self._pending.clear()

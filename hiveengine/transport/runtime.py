@@ -1,0 +1,174 @@
+"""The process's transport runtime: one background asyncio thread, one UCX worker, one listener.
+
+Every Peer in a process shares it; the listener routes each incoming connection to the local peer
+whose id the connector asked for. Synchronous code reaches the loop through `run()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import concurrent.futures
+import logging
+import os
+import random
+import threading
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from hiveengine.errors import ConfigurationError, HandshakeError, RPCTimeoutError
+from hiveengine.transport.handshake import accept_handshake
+from hiveengine.transport.limits import DEFAULT_LIMITS
+from hiveengine.transport.reactor import Reactor
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+PORT_ENV = "HIVEENGINE_PORT"
+
+
+class Runtime:
+    """The process-wide event loop thread and UCX worker; get it with `Runtime.get()`."""
+
+    _instance: Runtime | None = None
+    _instance_lock = threading.Lock()
+
+    def __init__(self):
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run_loop, name="hiveengine-transport", daemon=True)
+        self._thread.start()
+        self.reactor: Reactor = self.run(self._make_reactor(), timeout=60)
+        self.listener = None
+        self.peers: dict[bytes, object] = {}
+        self._default_peer: bytes | None = None
+        self._recv_bases: set[int] = set()
+        self._closed = False
+
+    @classmethod
+    def get(cls) -> Runtime:
+        with cls._instance_lock:
+            if cls._instance is None or cls._instance._closed:
+                cls._instance = Runtime()
+                atexit.register(cls._instance.shutdown)
+            return cls._instance
+
+    def _run_loop(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    async def _make_reactor(self) -> Reactor:
+        return Reactor(asyncio.get_running_loop())
+
+    def in_loop_thread(self) -> bool:
+        return threading.current_thread() is self._thread
+
+    def submit(self, coro: Awaitable[T]) -> concurrent.futures.Future[T]:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def run(self, coro: Awaitable[T], timeout: float | None) -> T:
+        """Run `coro` on the transport loop from another thread and wait for it, at most `timeout` seconds."""
+        if self.in_loop_thread():
+            raise RuntimeError("blocking call made from the transport loop itself; await the async twin instead")
+        future = self.submit(coro)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise RPCTimeoutError(f"operation did not complete within {timeout} s") from None
+
+    def call_soon(self, fn: Callable, *args) -> None:
+        self.loop.call_soon_threadsafe(fn, *args)
+
+    def new_recv_base(self) -> int:
+        while True:
+            base = random.getrandbits(32)
+            if base and base not in self._recv_bases:
+                self._recv_bases.add(base)
+                return base
+
+    def release_recv_base(self, base: int) -> None:
+        self._recv_bases.discard(base)
+
+    async def ensure_listener(self, port: int | None) -> int:
+        """Start the process's listener on `port` (0: any) once; return the port it listens on."""
+        if port is None:
+            port = int(os.environ.get(PORT_ENV, 0))
+        if self.listener is not None:
+            if port not in (0, self.listener.port):
+                raise ConfigurationError(
+                    f"this process already listens on port {self.listener.port}; "
+                    f"one process has one listener, so port {port} cannot be used as well"
+                )
+            return self.listener.port
+        lib = self.reactor.lib
+        try:
+            self.listener = lib.UCXListener.create(self.reactor.worker, port, self._on_connection_request, (), None)
+        except Exception as e:
+            raise ConfigurationError(f"cannot listen on port {port}: {e} (choose another port, or 0 for any)") from e
+        logger.info("listening on port %d", self.listener.port)
+        return self.listener.port
+
+    def register_peer(self, peer) -> None:
+        self.peers[peer.peer_id.raw] = peer
+        if self._default_peer is None:
+            self._default_peer = peer.peer_id.raw
+
+    def unregister_peer(self, peer) -> None:
+        self.peers.pop(peer.peer_id.raw, None)
+        if self._default_peer == peer.peer_id.raw:
+            self._default_peer = next(iter(self.peers), None)
+
+    def _on_connection_request(self, conn_request) -> None:
+        self.loop.call_soon_threadsafe(lambda: self.loop.create_task(self._accept(conn_request)))
+
+    def _find_identity(self, target: bytes | None):
+        key = target if target is not None else self._default_peer
+        peer = self.peers.get(key) if key is not None else None
+        if peer is None:
+            raise HandshakeError("no peer with the requested id lives at this address")
+        return peer.identity
+
+    async def _accept(self, conn_request) -> None:
+        if self.listener is None:
+            return
+        try:
+            endpoint = self.listener.create_endpoint_from_conn_request(conn_request, True)
+        except Exception as e:
+            logger.warning("could not accept a connection: %s", e)
+            return
+        base = self.new_recv_base()
+        try:
+            auth = await accept_handshake(
+                self.reactor, endpoint, self._find_identity, base, DEFAULT_LIMITS.handshake_timeout
+            )
+        except Exception as e:
+            self.release_recv_base(base)
+            logger.warning("rejected an incoming connection: %s: %s", type(e).__name__, e or "handshake timed out")
+            endpoint.close()
+            return
+        peer = self.peers.get(auth.local.peer_id.raw)
+        if peer is None:
+            self.release_recv_base(base)
+            endpoint.close()
+            return
+        peer.adopt(endpoint, auth, base, inbound=True)
+
+    def shutdown(self) -> None:
+        """Close every peer, the listener and the worker, then stop the loop thread. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+
+        async def close_all():
+            for peer in list(self.peers.values()):
+                await peer.aclose()
+            self.listener = None
+            self.reactor.close()
+
+        try:
+            if self._thread.is_alive():
+                asyncio.run_coroutine_threadsafe(close_all(), self.loop).result(10)
+        except Exception as e:
+            logger.debug("transport shutdown: %s", e)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(5)

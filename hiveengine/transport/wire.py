@@ -1,0 +1,168 @@
+"""The wire format: a msgpack control message per message, then one raw tag frame per tensor.
+
+Control message layout: 4-byte little-endian body length, 1 flag byte (bit 0: zstd), msgpack body.
+The body is a dict with short keys (see `Kind` and `encode_control`). Tensor descriptors are
+[dtype, shape, device]; receivers validate them against `TransportLimits` before allocating.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import struct
+from dataclasses import dataclass
+
+import msgpack
+import torch
+import zstandard
+
+from hiveengine.errors import ProtocolError
+from hiveengine.transport.limits import TransportLimits
+
+PREFIX = struct.Struct("<IB")
+FLAG_ZSTD = 1
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "int16": torch.int16,
+    "int32": torch.int32,
+    "int64": torch.int64,
+    "bool": torch.bool,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+MAX_DIMS = 16
+
+_zstd_c = zstandard.ZstdCompressor(level=3)
+_zstd_d = zstandard.ZstdDecompressor()
+
+
+class Kind(enum.IntEnum):
+    REQUEST = 0
+    RESPONSE = 1
+    ERROR = 2
+    STREAM_OPEN = 3
+    STREAM_CHUNK = 4
+    STREAM_END = 5
+
+
+@dataclass(frozen=True)
+class FrameSpec:
+    """What a receiver needs to post a buffer for one tensor frame."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    device: str
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+    def to_wire(self) -> list:
+        return [DTYPE_NAMES[self.dtype], list(self.shape), self.device]
+
+    @classmethod
+    def of(cls, t: torch.Tensor) -> FrameSpec:
+        if t.dtype not in DTYPE_NAMES:
+            raise ProtocolError(f"tensors of dtype {t.dtype} cannot be sent; supported: {sorted(DTYPES)}")
+        return cls(t.dtype, tuple(t.shape), t.device.type)
+
+    @classmethod
+    def from_wire(cls, item, limits: TransportLimits) -> FrameSpec:
+        if not (isinstance(item, list | tuple) and len(item) == 3):
+            raise ProtocolError(f"malformed tensor descriptor {item!r:.100}")
+        dtype_name, shape, device = item
+        if dtype_name not in DTYPES:
+            raise ProtocolError(f"unsupported dtype {dtype_name!r:.40}; supported: {sorted(DTYPES)}")
+        if (
+            not isinstance(shape, list | tuple)
+            or len(shape) > MAX_DIMS
+            or not all(isinstance(d, int) and 0 <= d < 1 << 62 for d in shape)
+        ):
+            raise ProtocolError(f"malformed tensor shape {shape!r:.100}")
+        if device not in ("cpu", "cuda"):
+            raise ProtocolError(f"unsupported device {device!r:.40}")
+        spec = cls(DTYPES[dtype_name], tuple(shape), device)
+        if spec.nbytes > limits.max_frame_bytes:
+            raise ProtocolError(
+                f"tensor frame of {spec.nbytes} bytes exceeds the limit of {limits.max_frame_bytes} bytes "
+                "(send it with a stream, or raise TransportLimits.max_frame_bytes on the receiver)"
+            )
+        return spec
+
+
+def encode_control(body: dict, limits: TransportLimits) -> bytes:
+    """Pack a control message; compress it when large; refuse one the receiver could not take."""
+    payload = msgpack.packb(body, use_bin_type=True)
+    flags = 0
+    if len(payload) > limits.compress_threshold_bytes:
+        payload, flags = _zstd_c.compress(payload), FLAG_ZSTD
+    message = PREFIX.pack(len(payload), flags) + payload
+    if len(message) > limits.max_header_bytes:
+        raise ProtocolError(
+            f"header of {len(message)} bytes exceeds the limit of {limits.max_header_bytes} bytes: "
+            "send large data as tensors"
+        )
+    return message
+
+
+def decode_control(buf: memoryview, limits: TransportLimits) -> dict:
+    """Unpack and sanity-check a control message; raise ProtocolError on anything malformed."""
+    if len(buf) < PREFIX.size:
+        raise ProtocolError("control message shorter than its prefix")
+    length, flags = PREFIX.unpack_from(buf)
+    if length > len(buf) - PREFIX.size or flags & ~FLAG_ZSTD:
+        raise ProtocolError(f"malformed control prefix (length {length}, flags {flags})")
+    payload = bytes(buf[PREFIX.size : PREFIX.size + length])
+    try:
+        if flags & FLAG_ZSTD:
+            payload = _zstd_d.decompress(payload, max_output_size=limits.max_header_bytes * 64)
+        body = msgpack.unpackb(payload, raw=False, strict_map_key=False)
+    except Exception as e:
+        raise ProtocolError(f"undecodable control message: {e}") from None
+    if not isinstance(body, dict) or not isinstance(body.get("k"), int) or not isinstance(body.get("i"), int):
+        raise ProtocolError("control message lacks its kind or id")
+    if body["k"] not in Kind._value2member_map_:
+        raise ProtocolError(f"unknown message kind {body['k']}")
+    return body
+
+
+def frame_specs(body: dict, limits: TransportLimits) -> list[FrameSpec]:
+    """Validated descriptors of the frames that follow a control message."""
+    items = body.get("f", [])
+    if not isinstance(items, list):
+        raise ProtocolError("tensor descriptors must be a list")
+    if len(items) > limits.max_frames:
+        raise ProtocolError(f"{len(items)} tensor frames exceed the limit of {limits.max_frames}")
+    first = body.get("s", 0)
+    if not isinstance(first, int) or not 0 <= first < 1 << 32:
+        raise ProtocolError(f"malformed frame sequence number {first!r:.40}")
+    specs = [FrameSpec.from_wire(item, limits) for item in items]
+    total = sum(s.nbytes for s in specs)
+    if total > limits.max_message_bytes:
+        raise ProtocolError(f"message of {total} bytes exceeds the limit of {limits.max_message_bytes} bytes")
+    return specs
+
+
+def as_frame(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous flat byte view of `t` (copying only if `t` is not contiguous)."""
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+def wire_buffer(frame: torch.Tensor):
+    """The object UCX reads or writes: numpy for host memory, the tensor itself (CUDA array interface) on GPU."""
+    return frame.numpy() if frame.device.type == "cpu" else frame
+
+
+def allocate(spec: FrameSpec) -> torch.Tensor:
+    """An empty tensor for an incoming frame: on CUDA when the sender's was and this host has one."""
+    device = "cuda" if spec.device == "cuda" and torch.cuda.is_available() else "cpu"
+    return torch.empty(spec.shape, dtype=spec.dtype, device=device)
