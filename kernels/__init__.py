@@ -1,5 +1,43 @@
-"""Compute kernels behind hiveengine's codecs and all-reduce (installed as ``hiveengine.kernels``)."""
+"""Compute kernels behind hiveengine's codecs and all-reduce (installed as ``hiveengine.kernels``).
 
-from hiveengine.kernels.native import load_native_library
+Each operation has a torch reference, a Triton kernel for CUDA tensors and a native C kernel for CPU
+tensors; the functions below pick one by device.
+"""
 
-__all__ = ["load_native_library"]
+from .dispatch import (
+    BACKENDS,
+    Reduced,
+    backend_for,
+    cast,
+    check_finite,
+    dequantize_blockwise,
+    quantize_blockwise,
+    reduce_blockwise,
+    weighted_mean,
+)
+from .layout import (
+    DEFAULT_BLOCK,
+    bytes_per_element,
+    codes_dtype,
+    codes_numel,
+    num_blocks,
+)
+from .native import load_native_library
+
+__all__ = [
+    "BACKENDS",
+    "DEFAULT_BLOCK",
+    "Reduced",
+    "backend_for",
+    "bytes_per_element",
+    "cast",
+    "check_finite",
+    "codes_dtype",
+    "codes_numel",
+    "dequantize_blockwise",
+    "load_native_library",
+    "num_blocks",
+    "quantize_blockwise",
+    "reduce_blockwise",
+    "weighted_mean",
+]

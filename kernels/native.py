@@ -1,4 +1,4 @@
-"""Loads the native C kernel library that CMakeLists.txt builds next to this file."""
+"""Loads the native C kernel library that CMakeLists.txt builds next to this file, with typed signatures."""
 
 from __future__ import annotations
 
@@ -9,8 +9,25 @@ from pathlib import Path
 
 from hiveengine.errors import KernelUnavailableError
 
-NATIVE_ABI_VERSION = 1
+NATIVE_ABI_VERSION = 2
 LIBRARY_ENV = "HIVEENGINE_NATIVE_LIB"
+
+_p, _i32, _i64, _u32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_uint32
+# Argument types of every exported kernel; each returns 0 (ok), 1 (NaN/Inf met) or -1 (bad arguments).
+_SIGNATURES = {
+    # x, dtype, residual, n, block, bits, stochastic, key, codes, scales, threads
+    "he_quantize": [_p, _i32, _p, _i64, _i64, _i32, _i32, _u32, _p, _p, _i32],
+    # codes, scales, n, block, bits, out, dtype, threads
+    "he_dequantize": [_p, _p, _i64, _i64, _i32, _p, _i32, _i32],
+    # codes[], scales[], weights, k, n, block, bits, out, out_codes, out_scales, threads
+    "he_reduce": [_p, _p, _p, _i32, _i64, _i64, _i32, _p, _p, _p, _i32],
+    # inputs[], dtype, weights, k, n, out, threads
+    "he_weighted_mean": [_p, _i32, _p, _i32, _i64, _p, _i32],
+    # src, src_dtype, dst, dst_dtype, n, threads
+    "he_cast": [_p, _i32, _p, _i32, _i64, _i32],
+    # x, dtype, n, threads
+    "he_check_finite": [_p, _i32, _i64, _i32],
+}
 
 
 def _candidates() -> list[Path]:
@@ -40,6 +57,10 @@ def load_native_library() -> ctypes.CDLL:
                     f"{path} has ABI version {version}, expected {NATIVE_ABI_VERSION}: "
                     "reinstall hiveengine (pip install -e .) to rebuild it"
                 )
+            for name, argtypes in _SIGNATURES.items():
+                function = getattr(lib, name)
+                function.argtypes = argtypes
+                function.restype = ctypes.c_int
             return lib
     raise KernelUnavailableError(
         "native kernel library not found; reinstall hiveengine with `pip install -e .` "

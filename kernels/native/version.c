@@ -1,4 +1,4 @@
 /* ABI version of the native kernel library; the Python loader refuses a library it does not know. */
-#define HE_EXPORT __attribute__((visibility("default")))
+#include "common.h"
 
-HE_EXPORT int he_abi_version(void) { return 1; }
+HE_EXPORT int he_abi_version(void) { return 2; }

@@ -1,0 +1,155 @@
+"""The Triton kernels behind the common kernel interface, for CUDA tensors.
+
+Under TRITON_INTERPRET=1 the same code runs on CPU tensors (that is how the tests exercise it). Every
+call reads back a one-word NaN/Inf flag, which synchronizes with the stream: the result must be known
+finite before it goes on the wire.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from . import triton_kernels as tk
+from .layout import QMAX, num_blocks
+from .tuning import LaunchConfig, launch_config
+
+_KIND = {torch.float32: tk.F32, torch.float16: tk.F16, torch.bfloat16: tk.BF16}
+_TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def _options(config: LaunchConfig) -> dict:
+    # No fused multiply-adds: they would round differently from the reference.
+    return {"num_warps": config.num_warps, "num_stages": config.num_stages, "enable_fp_fusion": False}
+
+
+def _flag(device: torch.device) -> torch.Tensor:
+    return torch.zeros(1, dtype=torch.int32, device=device)
+
+
+def _pointer_table(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+    return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64, device=device)
+
+
+def _blockwise_launch(kernel: str, bits: int, block: int, numel: int, device: torch.device, **extra):
+    """(grid, constexpr arguments, launch options) of a kernel over whole quantization blocks."""
+    key = ":".join([f"bits={bits}", f"block={block}", *(f"{k}={v}" for k, v in extra.items())])
+    config = launch_config(kernel, key, device)
+    group = max(1, config.tile // block)
+    grid = (triton.cdiv(num_blocks(numel, block), group),)
+    meta = {"BLOCK": block, "GROUP": group, "LANES": 1 if bits == 8 else 2, "QMAX": float(QMAX[bits])}
+    return grid, meta, _options(config)
+
+
+def _elementwise_launch(kernel: str, key: str, numel: int, device: torch.device):
+    config = launch_config(kernel, key, device)
+    return (triton.cdiv(numel, config.tile),), config.tile, _options(config)
+
+
+def quantize(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    bits: int,
+    block: int,
+    key: int | None,
+) -> bool:
+    """Quantize x (plus residual, whose new value is the quantization error) into codes and scales."""
+    n, flag = x.numel(), _flag(x.device)
+    grid, meta, options = _blockwise_launch("quantize", bits, block, n, x.device)
+    tk.quantize_kernel[grid](
+        x,
+        x if residual is None else residual,
+        codes,
+        scales,
+        flag,
+        n,
+        scales.numel(),
+        key or 0,
+        HAS_RESIDUAL=residual is not None,
+        STOCHASTIC=key is not None,
+        **meta,
+        **options,
+    )
+    return bool(flag.item())
+
+
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, out: torch.Tensor, bits: int, block: int) -> bool:
+    """out = code * scale, written in out's dtype."""
+    n, flag = out.numel(), _flag(out.device)
+    grid, meta, options = _blockwise_launch("dequantize", bits, block, n, out.device)
+    tk.dequantize_kernel[grid](
+        codes, scales, out, flag, n, scales.numel(), OUT_KIND=_KIND[out.dtype], **meta, **options
+    )
+    return bool(flag.item())
+
+
+def reduce(
+    codes: Sequence[torch.Tensor],
+    scales: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    out: torch.Tensor,
+    bits: int,
+    block: int,
+    out_codes: torch.Tensor | None,
+    out_scales: torch.Tensor | None,
+) -> bool:
+    """out = sum_k weights[k] * dequantize(codes[k]) in one pass; optionally quantize it again."""
+    n, device, flag = out.numel(), out.device, _flag(out.device)
+    requantize = out_codes is not None and out_scales is not None
+    grid, meta, options = _blockwise_launch("reduce", bits, block, n, device, requantize=int(requantize))
+    tk.reduce_kernel[grid](
+        _pointer_table(codes, device),
+        _pointer_table(scales, device),
+        torch.tensor(weights, dtype=torch.float32, device=device),
+        out,
+        out_codes if requantize else codes[0],
+        out_scales if requantize else scales[0],
+        flag,
+        n,
+        num_blocks(n, block),
+        len(codes),
+        CODE_T=tl.int8 if bits == 8 else tl.uint8,
+        REQUANTIZE=requantize,
+        **meta,
+        **options,
+    )
+    return bool(flag.item())
+
+
+def weighted_mean(inputs: Sequence[torch.Tensor], weights: Sequence[float], out: torch.Tensor) -> bool:
+    """out = sum_k weights[k] * inputs[k] in fp32, in one pass."""
+    n, device, flag = out.numel(), out.device, _flag(out.device)
+    grid, tile, options = _elementwise_launch("weighted_mean", f"dtype={inputs[0].dtype}", n, device)
+    tk.weighted_mean_kernel[grid](
+        _pointer_table(inputs, device),
+        torch.tensor(weights, dtype=torch.float32, device=device),
+        out,
+        flag,
+        n,
+        len(inputs),
+        TILE=tile,
+        IN_T=_TL_DTYPE[inputs[0].dtype],
+        **options,
+    )
+    return bool(flag.item())
+
+
+def cast(x: torch.Tensor, out: torch.Tensor) -> bool:
+    """out = x converted to out's dtype (round half to even)."""
+    n, flag = x.numel(), _flag(x.device)
+    grid, tile, options = _elementwise_launch("cast", f"{x.dtype}->{out.dtype}", n, x.device)
+    tk.cast_kernel[grid](x, out, flag, n, TILE=tile, OUT_KIND=_KIND[out.dtype], **options)
+    return bool(flag.item())
+
+
+def check_finite(x: torch.Tensor) -> bool:
+    """True if x holds NaN or Inf."""
+    n, flag = x.numel(), _flag(x.device)
+    grid, tile, options = _elementwise_launch("check_finite", f"dtype={x.dtype}", n, x.device)
+    tk.check_finite_kernel[grid](x, flag, n, TILE=tile, **options)
+    return bool(flag.item())
