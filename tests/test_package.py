@@ -12,8 +12,6 @@ def test_native_library_loads_with_expected_abi():
 
 
 def test_cli_help_lists_subcommands():
-    out = subprocess.run(
-        [sys.executable, "-m", "hiveengine.cli", "--help"], capture_output=True, text=True, timeout=60
-    )
+    out = subprocess.run([sys.executable, "-m", "hiveengine.cli", "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0
     assert "usage: hiveengine" in out.stdout

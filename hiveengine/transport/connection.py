@@ -17,6 +17,7 @@ import torch
 from hiveengine.errors import ConnectionLostError, ProtocolError
 from hiveengine.transport.handshake import Authenticated
 from hiveengine.transport.limits import TransportLimits
+from hiveengine.transport.reactor import close_endpoint
 from hiveengine.transport.wire import (
     FrameSpec,
     allocate,
@@ -99,7 +100,7 @@ class Connection:
             raise self.lost(e) from e
 
     def frame_tag(self, body: dict, index: int) -> int:
-        return _tag(self.recv_base, _frame_seq(body["s"], index))
+        return _tag(self.recv_base, _frame_seq(body.get("s", 0), index))
 
     async def receive_frames(self, body: dict, specs: Sequence[FrameSpec]) -> list[torch.Tensor]:
         """Receive the frames announced by `body` into freshly allocated tensors."""
@@ -157,7 +158,4 @@ class Connection:
     def _close_endpoint(self) -> None:
         endpoint, self.endpoint = self.endpoint, None
         if endpoint is not None:
-            try:
-                endpoint.close()
-            except Exception as e:
-                logger.debug("closing endpoint of %r: %s", self, e)
+            close_endpoint(endpoint)

@@ -24,6 +24,7 @@ from hiveengine.transport.connection import Connection
 from hiveengine.transport.handshake import connect_handshake
 from hiveengine.transport.identity import Identity, PeerID
 from hiveengine.transport.limits import DEFAULT_LIMITS, TransportLimits
+from hiveengine.transport.reactor import close_endpoint
 from hiveengine.transport.runtime import Runtime
 from hiveengine.transport.stream import Chunk, StreamReader, iterate_chunks
 from hiveengine.transport.wire import Kind, frame_specs
@@ -59,6 +60,17 @@ class Request:
     header: dict
     tensors: list[torch.Tensor]
     sender: PeerID
+
+    def tensor(self, index: int, dtype: torch.dtype | None = None, shape: Sequence[int] | None = None) -> torch.Tensor:
+        """The `index`-th tensor, checked against the expected dtype and shape (ProtocolError otherwise)."""
+        if index >= len(self.tensors):
+            raise ProtocolError(f"{self.method!r} expects at least {index + 1} tensors, got {len(self.tensors)}")
+        t = self.tensors[index]
+        if dtype is not None and t.dtype != dtype:
+            raise ProtocolError(f"{self.method!r}: tensor {index} must be {dtype}, got {t.dtype}")
+        if shape is not None and tuple(t.shape) != tuple(shape):
+            raise ProtocolError(f"{self.method!r}: tensor {index} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+        return t
 
 
 @dataclass
@@ -177,7 +189,7 @@ class Peer:
             await conn.send({"k": Kind.REQUEST, "i": request_id, "m": method, "h": header, "d": timeout}, tensors)
             return await reply
         finally:
-            conn.pending.pop(request_id, None)
+            _forget_reply(conn, request_id)
 
     async def stream(
         self,
@@ -223,7 +235,7 @@ class Peer:
         finally:
             for task in in_flight:
                 task.cancel()
-            conn.pending.pop(request_id, None)
+            _forget_reply(conn, request_id)
 
     async def _with_deadline(self, coro, timeout: float, what: str):
         try:
@@ -264,7 +276,7 @@ class Peer:
         except Exception as e:
             self.runtime.release_recv_base(base)
             if endpoint is not None:
-                endpoint.close()
+                close_endpoint(endpoint)
             if isinstance(e, errors.HandshakeError):
                 raise
             reason = "no answer" if isinstance(e, asyncio.TimeoutError) else f"{type(e).__name__}: {e}"
@@ -307,7 +319,11 @@ class Peer:
                     await self._reply(conn, _error_reply(CONNECTION_ERROR_ID, e))
                     conn.protocol_violation(e)
                     return
-                self._dispatch(conn, body)
+                try:
+                    self._dispatch(conn, body)
+                except Exception as e:
+                    logger.exception("%r: could not process a message", conn)
+                    conn.protocol_violation(ProtocolError(f"unprocessable message: {type(e).__name__}: {e}"))
         except ConnectionLostError:
             pass
         finally:
@@ -345,8 +361,9 @@ class Peer:
 
     def _reject(self, conn: Connection, body: dict, error: ProtocolError) -> None:
         """Answer a message we will not process and drop its frames; close if we cannot tell how many."""
-        frames = body.get("f")
-        if not isinstance(frames, list) or len(frames) > self.limits.max_frames:
+        frames, first = body.get("f"), body.get("s", 0)
+        countable = isinstance(frames, list) and len(frames) <= self.limits.max_frames
+        if not countable or not (isinstance(first, int) and 0 <= first < 1 << 32):
             self._spawn(self._reply(conn, _error_reply(CONNECTION_ERROR_ID, error)))
             conn.protocol_violation(error)
             return
@@ -428,10 +445,11 @@ class Peer:
 
     def _on_error(self, conn: Connection, body: dict) -> None:
         error = _remote_error(body, conn.remote)
-        if body["i"] == CONNECTION_ERROR_ID:
+        if body["i"] == CONNECTION_ERROR_ID:  # the remote is closing this connection
             for reply in conn.pending.values():
                 if not reply.done():
                     reply.set_exception(error)
+            conn.lost(error)
             return
         reply = conn.pending.get(body["i"])
         if reply is not None and not reply.done():
@@ -498,6 +516,13 @@ class Peer:
         """Blocking twin of `aclose`."""
         if not self._closed and not self.runtime._closed:
             self.runtime.run(self.aclose(), timeout=30)
+
+
+def _forget_reply(conn: Connection, request_id: int) -> None:
+    """Drop a call's reply slot; an error that arrived after the caller stopped waiting is not an error."""
+    reply = conn.pending.pop(request_id, None)
+    if reply is not None and reply.done() and not reply.cancelled():
+        reply.exception()
 
 
 async def _aiter(items):

@@ -16,6 +16,16 @@ from hiveengine.transport.ucx_env import import_ucxx
 logger = logging.getLogger(__name__)
 
 
+def close_endpoint(endpoint) -> None:
+    """Close an endpoint we are done with. One that UCX already failed is only released: closing it
+    again crashes ucxx 0.52."""
+    try:
+        if endpoint.alive:
+            endpoint.close()
+    except Exception as e:
+        logger.debug("closing endpoint: %s", e)
+
+
 class Reactor:
     """One UCX worker driven by one asyncio loop; turns UCX requests into awaitables."""
 

@@ -19,7 +19,7 @@ from typing import TypeVar
 from hiveengine.errors import ConfigurationError, HandshakeError, RPCTimeoutError
 from hiveengine.transport.handshake import accept_handshake
 from hiveengine.transport.limits import DEFAULT_LIMITS
-from hiveengine.transport.reactor import Reactor
+from hiveengine.transport.reactor import Reactor, close_endpoint
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -143,12 +143,12 @@ class Runtime:
         except Exception as e:
             self.release_recv_base(base)
             logger.warning("rejected an incoming connection: %s: %s", type(e).__name__, e or "handshake timed out")
-            endpoint.close()
+            close_endpoint(endpoint)
             return
         peer = self.peers.get(auth.local.peer_id.raw)
         if peer is None:
             self.release_recv_base(base)
-            endpoint.close()
+            close_endpoint(endpoint)
             return
         peer.adopt(endpoint, auth, base, inbound=True)
 

@@ -1,0 +1,63 @@
+"""Start real peer processes for tests and read their announcements with deadlines (no sleeps)."""
+
+from __future__ import annotations
+
+import os
+import queue
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+LINE_TIMEOUT = 60.0
+
+
+class PeerProcess:
+    """A child process whose stdout lines arrive on a queue; killed on close."""
+
+    def __init__(self, script: str, *args: str, env: dict | None = None):
+        self.proc = subprocess.Popen(
+            [sys.executable, str(HERE / script), *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=None,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.put(line.rstrip("\n"))
+        self.lines.put(None)
+
+    def expect(self, prefix: str, timeout: float = LINE_TIMEOUT) -> str:
+        """The rest of the first stdout line starting with `prefix`; fails if the process ends first."""
+        while True:
+            line = self.lines.get(timeout=timeout)
+            if line is None:
+                raise RuntimeError(f"{self.proc.args} exited ({self.proc.wait()}) before printing {prefix!r}")
+            if line.startswith(prefix):
+                return line[len(prefix) :].strip()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+
+    def close(self) -> None:
+        """Ask the peer to exit by closing its stdin; kill it if it does not."""
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.close()
+                self.proc.wait(10)
+            except (subprocess.TimeoutExpired, OSError):
+                pass
+        self.kill()
+
+
+def start_server(env: dict | None = None) -> tuple[PeerProcess, str]:
+    server = PeerProcess("transport_peer.py", "serve", env=env)
+    return server, server.expect("ADDRESS")

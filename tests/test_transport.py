@@ -1,0 +1,262 @@
+"""The UCX transport between real processes on 127.0.0.1: round trips, limits, errors, faults."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+
+import msgpack
+import numpy as np
+import pytest
+import torch
+
+from hiveengine.errors import (
+    ConnectionLostError,
+    HandshakeError,
+    PeerUnreachableError,
+    ProtocolError,
+    RemoteHandlerError,
+    RPCTimeoutError,
+    UnknownMethodError,
+)
+from hiveengine.transport import Identity, Peer, PeerAddress, TransportLimits
+from hiveengine.transport.connection import CONTROL_SEQ, _tag
+from hiveengine.transport.wire import DTYPES, PREFIX, Kind
+from tests.procs import PeerProcess, start_server
+
+pytestmark = pytest.mark.timeout(60)
+MiB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def server():
+    proc, address = start_server()
+    yield proc, address
+    proc.close()
+
+
+@pytest.fixture(scope="module")
+def client():
+    peer = Peer()
+    yield peer
+    peer.shutdown()
+
+
+def run(peer: Peer, coro, timeout: float = 30):
+    return peer.runtime.run(coro, timeout)
+
+
+def random_tensor(dtype: torch.dtype, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    if dtype == torch.bool:
+        return torch.rand(shape, generator=gen) > 0.5
+    if dtype.is_floating_point:
+        return torch.randn(shape, generator=gen).to(dtype)
+    info = torch.iinfo(dtype)
+    return torch.randint(max(info.min, -1000), min(info.max, 1000), shape, generator=gen, dtype=torch.int64).to(dtype)
+
+
+def test_round_trip_of_every_dtype_and_shape(client, server):
+    _, address = server
+    gen = torch.Generator().manual_seed(1)
+    shapes = [(), (0,), (1,), (7,), (3, 5), (2, 0, 3), (4, 1, 3, 2)]
+    tensors = [random_tensor(dtype, shape, gen) for dtype in DTYPES.values() for shape in shapes]
+    header = {"nested": {"list": [1, 2.5, "x"], "bytes": b"\x00\xff"}}
+    reply_header, reply = client.call_sync(address, "echo", header, tensors, timeout=30)
+    assert reply_header == header
+    assert len(reply) == len(tensors)
+    for sent, got in zip(tensors, reply, strict=True):
+        assert got.dtype == sent.dtype and got.shape == sent.shape
+        assert torch.equal(got, sent)
+
+
+def test_non_contiguous_tensors_arrive_intact(client, server):
+    _, address = server
+    base = torch.randn(64, 48, generator=torch.Generator().manual_seed(2))
+    views = [base.t(), base[::3, 5:], base.to(torch.bfloat16)[:, ::2]]
+    assert not any(v.is_contiguous() for v in views)
+    _, reply = client.call_sync(address, "echo", {}, views, timeout=30)
+    for sent, got in zip(views, reply, strict=True):
+        assert torch.equal(got, sent)
+
+
+def test_large_header_is_compressed_and_round_trips(client, server):
+    _, address = server
+    header = {"items": [f"key-{i}" for i in range(3000)]}
+    reply_header, _ = client.call_sync(address, "echo", header, timeout=30)
+    assert reply_header == header
+
+
+def test_hundred_concurrent_calls(client, server):
+    _, address = server
+
+    async def many():
+        return await asyncio.gather(
+            *[client.call(address, "echo", {"i": i}, [torch.full((i + 1,), float(i))]) for i in range(100)]
+        )
+
+    results = run(client, many())
+    for i, (header, (t,)) in enumerate(results):
+        assert header == {"i": i}
+        assert t.shape == (i + 1,) and bool((t == i).all())
+
+
+def test_streamed_256mb_transfer_lands_in_place(client, server):
+    _, address = server
+    x = torch.randn(64 * MiB, generator=torch.Generator().manual_seed(3))  # 256 MiB of float32
+    reply = run(client, client.send_tensor(address, "sink", x, {"numel": x.numel(), "dtype": "float32"}), 120)
+    assert reply == {"sum": float(x.double().sum()), "numel": x.numel()}
+
+
+def test_unknown_method_is_a_typed_error(client, server):
+    _, address = server
+    with pytest.raises(UnknownMethodError, match="nope"):
+        client.call_sync(address, "nope", {}, [torch.ones(3)], timeout=10)
+    with pytest.raises(UnknownMethodError):
+        run(client, client.send_tensor(address, "no-such-stream", torch.ones(10)))
+    assert client.call_sync(address, "echo", {"still": "serving"}, timeout=10)[0] == {"still": "serving"}
+
+
+def test_handler_exception_is_reported(client, server):
+    _, address = server
+    with pytest.raises(RemoteHandlerError, match="ValueError: boom"):
+        client.call_sync(address, "fail", timeout=10)
+
+
+def test_wrong_dtype_or_shape_is_a_typed_error(client, server):
+    _, address = server
+    good = [torch.eye(4), torch.arange(16.0).reshape(4, 4)]
+    assert torch.equal(client.call_sync(address, "matmul", {}, good, timeout=10)[1][0], good[0] @ good[1])
+    with pytest.raises(ProtocolError, match=r"must be torch.float32"):
+        client.call_sync(address, "matmul", {}, [good[0].double(), good[1]], timeout=10)
+    with pytest.raises(ProtocolError, match=r"must have shape \(4, 4\)"):
+        client.call_sync(address, "matmul", {}, [good[0], torch.ones(3, 4)], timeout=10)
+
+
+def test_call_deadline(client, server):
+    _, address = server
+    with pytest.raises(RPCTimeoutError):
+        client.call_sync(address, "sleep", {"seconds": 30}, timeout=0.5)
+    assert client.call_sync(address, "sleep", {"seconds": 0}, timeout=10)[0] == {"slept": 0}
+
+
+def test_oversized_frame_is_refused_without_allocating():
+    proc, address = start_server(env={"TEST_MAX_FRAME_BYTES": str(MiB)})
+    peer = Peer()
+    try:
+        with pytest.raises(ProtocolError, match="exceeds the limit"):
+            peer.call_sync(address, "echo", {}, [torch.ones(MiB // 4 + 1)], timeout=20)
+        # The refused frame was drained, and the same connection keeps working.
+        _, (t,) = peer.call_sync(address, "echo", {}, [torch.ones(1000)], timeout=20)
+        assert t.numel() == 1000
+    finally:
+        peer.shutdown()
+        proc.close()
+
+
+def test_malformed_messages_get_errors_and_the_server_keeps_serving(client, server):
+    _, address = server
+    address = PeerAddress.parse(address)
+
+    async def send_raw(make_payload):
+        conn = await client.connect(address)
+        request_id = conn.new_request_id()
+        reply = conn.pending[request_id] = asyncio.get_running_loop().create_future()
+        payload = make_payload(request_id)
+        buf = np.frombuffer(PREFIX.pack(len(payload), 0) + payload, dtype=np.uint8)
+        await conn.reactor.tag_send(conn.endpoint, buf, _tag(conn.send_base, CONTROL_SEQ))
+        return await asyncio.wait_for(reply, 10)
+
+    def bad_dtype(request_id: int) -> bytes:
+        frames = [["complex999", [4], "cpu"]]
+        return msgpack.packb({"k": Kind.REQUEST, "i": request_id, "m": "echo", "h": {}, "f": frames, "s": 7})
+
+    with pytest.raises(ProtocolError, match="unsupported dtype"):
+        run(client, send_raw(bad_dtype))
+    assert client.call_sync(address, "echo", {"after": "bad dtype"}, timeout=10)[0] == {"after": "bad dtype"}
+    with pytest.raises(ProtocolError, match="undecodable"):
+        run(client, send_raw(lambda _: b"\xc1 this is not msgpack"))
+    # The garbled connection was dropped; a fresh one is made and served.
+    assert client.call_sync(address, "echo", {"after": "garbage"}, timeout=10)[0] == {"after": "garbage"}
+
+
+def test_peer_killed_mid_transfer_fails_the_call_promptly(client):
+    proc, address = start_server()
+    try:
+        x = torch.randn(16 * MiB)
+        header = {"numel": x.numel(), "dtype": "float32", "chunk_delay": 0.2}
+        future = client.runtime.submit(client.send_tensor(address, "sink", x, header, timeout=50))
+        proc.expect("FIRST_CHUNK")
+        proc.kill()
+        with pytest.raises(ConnectionLostError):
+            future.result(30)
+        with pytest.raises(PeerUnreachableError):
+            client.call_sync(address, "echo", timeout=10)
+    finally:
+        proc.kill()
+
+
+def test_connecting_to_a_closed_port_fails_fast():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    peer = Peer(limits=TransportLimits(connect_timeout=1.0))
+    try:
+        address = PeerAddress("127.0.0.1", port, Identity.generate().peer_id)
+        with pytest.raises(PeerUnreachableError, match="cannot connect"):
+            peer.call_sync(address, "echo", timeout=20)
+    finally:
+        peer.shutdown()
+
+
+def test_wrong_peer_id_at_an_address_is_rejected(client, server):
+    _, address = server
+    impostor = PeerAddress.parse(address)
+    wanted = PeerAddress(impostor.host, impostor.port, Identity.generate().peer_id)
+    with pytest.raises((HandshakeError, PeerUnreachableError)):
+        client.call_sync(wanted, "echo", timeout=10)
+
+
+class _ForgedIdentity:
+    """Claims someone else's public key but cannot sign for it."""
+
+    def __init__(self, victim: Identity):
+        self.public_key, self.peer_id = victim.public_key, victim.peer_id
+
+    def sign(self, message: bytes) -> bytes:
+        return bytes(64)
+
+
+def test_forged_handshake_is_rejected():
+    victim = Peer()
+    target = Peer()
+    calls = []
+
+    async def record(request):
+        calls.append(request.sender)
+        return {}
+
+    target.register("record", record)
+    forger = Peer()
+    try:
+        forger.identity = _ForgedIdentity(victim.identity)
+        with pytest.raises((ConnectionLostError, RPCTimeoutError)):
+            forger.call_sync(target.address, "record", timeout=5)
+        assert calls == []
+        victim.call_sync(target.address, "record", timeout=10)
+        assert calls == [victim.peer_id]
+    finally:
+        for p in (forger, victim, target):
+            p.shutdown()
+
+
+def test_two_processes_over_tcp_only():
+    env = {"UCX_TLS": "tcp"}
+    proc, address = start_server(env=env)
+    try:
+        client_proc = PeerProcess("transport_peer.py", "client", address, env=env)
+        result = json.loads("{" + client_proc.expect("{"))
+        client_proc.close()
+        assert result == {"echo_equal": True, "header": {"k": "v"}, "sum_ok": True}
+    finally:
+        proc.close()

@@ -1,0 +1,81 @@
+"""A real peer process for the transport tests: `serve` prints its address and serves until killed or stdin closes."""
+
+import asyncio
+import json
+import os
+import sys
+import threading
+
+import torch
+
+from hiveengine.transport import Peer, TransportLimits
+
+MAX_FRAME_ENV = "TEST_MAX_FRAME_BYTES"
+
+
+async def echo(request):
+    return request.header, request.tensors
+
+
+async def sleep(request):
+    await asyncio.sleep(float(request.header["seconds"]))
+    return {"slept": request.header["seconds"]}
+
+
+async def fail(request):
+    raise ValueError("boom: handler failed on purpose")
+
+
+async def matmul(request):
+    a = request.tensor(0, dtype=torch.float32, shape=(4, 4))
+    b = request.tensor(1, dtype=torch.float32, shape=(4, 4))
+    return {}, [a @ b]
+
+
+async def sink(request):
+    """Receive a streamed tensor chunk by chunk straight into one preallocated buffer."""
+    total = int(request.header["numel"])
+    dest = torch.empty(total, dtype=getattr(torch, request.header["dtype"]))
+    announced = False
+    async for chunk in request.chunks:
+        offset = int(chunk.header["offset"])
+        await chunk.read(out=dest[offset : offset + chunk.spec.numel])
+        if not announced:
+            print("FIRST_CHUNK", flush=True)
+            announced = True
+        if request.header.get("chunk_delay"):
+            await asyncio.sleep(float(request.header["chunk_delay"]))
+    return {"sum": float(dest.double().sum()), "numel": dest.numel()}
+
+
+def serve() -> None:
+    limits = TransportLimits(max_frame_bytes=int(os.environ.get(MAX_FRAME_ENV, TransportLimits.max_frame_bytes)))
+    peer = Peer(limits=limits)
+    for name, handler in [("echo", echo), ("sleep", sleep), ("fail", fail), ("matmul", matmul)]:
+        peer.register(name, handler)
+    peer.register_stream("sink", sink)
+    print("ADDRESS", peer.address, flush=True)
+    sys.stdin.read()  # serve until the test closes our stdin (or kills us)
+    peer.shutdown()
+
+
+def client(address: str) -> None:
+    """Run a small exchange against `address` and print what came back as JSON."""
+    peer = Peer()
+    x = torch.randn(1 << 20)
+    header, (y,) = peer.call_sync(address, "echo", {"k": "v"}, [x], timeout=30)
+    stream_reply = peer.runtime.run(
+        peer.send_tensor(address, "sink", x, {"numel": x.numel(), "dtype": "float32"}, timeout=30), timeout=60
+    )
+    result = {
+        "echo_equal": bool(torch.equal(x, y)),
+        "header": header,
+        "sum_ok": stream_reply["sum"] == float(x.double().sum()),
+    }
+    print(json.dumps(result), flush=True)
+    peer.shutdown()
+
+
+if __name__ == "__main__":
+    threading.current_thread().name = "peer-main"
+    serve() if sys.argv[1] == "serve" else client(sys.argv[2])
