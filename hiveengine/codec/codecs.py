@@ -1,0 +1,234 @@
+"""Wire codecs for the averager: how one flat part of a tensor travels, and how K copies are reduced.
+
+A payload is a list of contiguous tensors, ready to send as frames: one fp32 or 16-bit tensor for the
+float codecs, (codes, scales) for the blockwise ones. Every codec refuses NaN/Inf (NonFiniteError naming
+the tensor) on encode, decode and reduce, so a bad gradient or a corrupt peer payload never reaches the
+average silently.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+import torch
+
+from hiveengine.errors import ConfigurationError
+from hiveengine.kernels import (
+    DEFAULT_BLOCK,
+    bytes_per_element,
+    cast,
+    check_finite,
+    codes_dtype,
+    codes_numel,
+    dequantize_blockwise,
+    num_blocks,
+    quantize_blockwise,
+    reduce_blockwise,
+    weighted_mean,
+)
+from hiveengine.kernels.layout import check_format
+
+Payload = list[torch.Tensor]
+
+
+class Codec(ABC):
+    """One wire format: encode a tensor to a payload, decode a payload in place, reduce K payloads."""
+
+    name: str
+    #: Whether encode accepts an error-feedback residual (only lossy codecs have an error to feed back).
+    supports_error_feedback: bool = False
+
+    @property
+    @abstractmethod
+    def bytes_per_element(self) -> float:
+        """Wire bytes per value, including amortized per-block scales."""
+
+    def payload_nbytes(self, numel: int) -> int:
+        """Exact wire bytes of the payload of a part of `numel` values."""
+        return sum(t.numel() * t.element_size() for t in self.empty_payload(numel, torch.device("meta")))
+
+    @abstractmethod
+    def empty_payload(self, numel: int, device: torch.device | str) -> Payload:
+        """Uninitialized tensors shaped like the payload of `numel` values (receive or encode buffers)."""
+
+    @abstractmethod
+    def encode(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None = None,
+        *,
+        out: Payload | None = None,
+        name: str = "tensor",
+    ) -> Payload:
+        """Encode contiguous x (fp32/fp16/bf16) for the wire, into `out` if given. With `residual`, encode
+        x + residual and store the new encoding error in it (error feedback; lossy codecs only)."""
+
+    @abstractmethod
+    def decode(self, payload: Sequence[torch.Tensor], out: torch.Tensor, *, name: str = "tensor") -> torch.Tensor:
+        """Decode a payload into `out` (contiguous, any float dtype; its size gives the length) and return it."""
+
+    @abstractmethod
+    def reduce(
+        self,
+        payloads: Sequence[Sequence[torch.Tensor]],
+        weights: Sequence[float] | torch.Tensor,
+        out: torch.Tensor,
+        *,
+        requantize: bool = False,
+        name: str = "tensor",
+    ) -> Payload | None:
+        """Weighted mean (weights normalized to sum to one) of K payloads into fp32 `out`, in one fused pass;
+        with `requantize`, also return the mean encoded for the return trip."""
+
+    def _refuse_residual(self, residual: torch.Tensor | None) -> None:
+        if residual is not None:
+            raise ConfigurationError(f"the {self.name} codec has no error to feed back; pass residual=None")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"
+
+
+class FloatCodec(Codec):
+    """Values as fp32 (`none`: lossless) or as fp16/bf16 (round half to even; fp16 refuses |x| > 65504)."""
+
+    def __init__(self, name: str, dtype: torch.dtype):
+        self.name, self.dtype = name, dtype
+
+    @property
+    def bytes_per_element(self) -> float:
+        return float(torch.empty((), dtype=self.dtype).element_size())
+
+    def empty_payload(self, numel: int, device: torch.device | str) -> Payload:
+        return [torch.empty(numel, dtype=self.dtype, device=device)]
+
+    def encode(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None = None,
+        *,
+        out: Payload | None = None,
+        name: str = "tensor",
+    ) -> Payload:
+        self._refuse_residual(residual)
+        if out is None and x.dtype == self.dtype and x.is_contiguous():
+            # Already in wire format: send it as is (the caller keeps it unchanged until sent).
+            check_finite(x, name=name)
+            return [x.view(-1)]
+        target = out[0] if out is not None else None
+        return [cast(x, self.dtype, out=target, name=name).view(-1)]
+
+    def decode(self, payload: Sequence[torch.Tensor], out: torch.Tensor, *, name: str = "tensor") -> torch.Tensor:
+        (values,) = payload
+        return cast(values, out.dtype, out=out, name=f"decoded {name}")
+
+    def reduce(
+        self,
+        payloads: Sequence[Sequence[torch.Tensor]],
+        weights: Sequence[float] | torch.Tensor,
+        out: torch.Tensor,
+        *,
+        requantize: bool = False,
+        name: str = "tensor",
+    ) -> Payload | None:
+        weighted_mean([p[0] for p in _check_payloads(payloads, 1, name)], weights, out=out, name=name)
+        if not requantize:
+            return None
+        if self.dtype == torch.float32:
+            return [out.view(-1)]
+        return [cast(out, self.dtype, name=f"mean of {name}").view(-1)]
+
+
+class BlockwiseCodec(Codec):
+    """Blockwise absmax int8 or int4 codes plus one fp32 scale per block (see hiveengine.kernels.layout)."""
+
+    supports_error_feedback = True
+
+    def __init__(self, bits: int, block: int = DEFAULT_BLOCK, stochastic: bool = False):
+        check_format(bits, block)
+        self.name, self.bits, self.block, self.stochastic = f"int{bits}", bits, block, stochastic
+
+    @property
+    def bytes_per_element(self) -> float:
+        return bytes_per_element(self.bits, self.block)
+
+    def empty_payload(self, numel: int, device: torch.device | str) -> Payload:
+        return [
+            torch.empty(codes_numel(numel, self.bits), dtype=codes_dtype(self.bits), device=device),
+            torch.empty(num_blocks(numel, self.block), dtype=torch.float32, device=device),
+        ]
+
+    def encode(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None = None,
+        *,
+        out: Payload | None = None,
+        name: str = "tensor",
+    ) -> Payload:
+        codes, scales = quantize_blockwise(
+            x,
+            self.bits,
+            self.block,
+            stochastic=self.stochastic,
+            residual=residual,
+            out=None if out is None else (out[0], out[1]),
+            name=name,
+        )
+        return [codes, scales]
+
+    def decode(self, payload: Sequence[torch.Tensor], out: torch.Tensor, *, name: str = "tensor") -> torch.Tensor:
+        codes, scales = payload
+        return dequantize_blockwise(codes, scales, self.bits, self.block, out=out, name=name)
+
+    def reduce(
+        self,
+        payloads: Sequence[Sequence[torch.Tensor]],
+        weights: Sequence[float] | torch.Tensor,
+        out: torch.Tensor,
+        *,
+        requantize: bool = False,
+        name: str = "tensor",
+    ) -> Payload | None:
+        payloads = _check_payloads(payloads, 2, name)
+        result = reduce_blockwise(
+            [p[0] for p in payloads],
+            [p[1] for p in payloads],
+            weights,
+            self.bits,
+            self.block,
+            out=out,
+            requantize=requantize,
+            name=name,
+        )
+        return [result.codes, result.scales] if requantize else None
+
+    def __repr__(self) -> str:
+        return f"BlockwiseCodec(bits={self.bits}, block={self.block}, stochastic={self.stochastic})"
+
+
+def _check_payloads(payloads: Sequence[Sequence[torch.Tensor]], frames: int, name: str):
+    if not payloads:
+        raise ConfigurationError(f"{name}: nothing to reduce (no payloads)")
+    for i, p in enumerate(payloads):
+        if len(p) != frames:
+            raise ConfigurationError(f"{name}: payload {i} has {len(p)} tensors, expected {frames}")
+    return payloads
+
+
+CODECS = ("none", "fp16", "bf16", "int8", "int4")
+
+
+def get_codec(name: str, **options) -> Codec:
+    """The codec called `name` (one of CODECS); int8/int4 take `block` (default 1024) and `stochastic`."""
+    if name in ("int8", "int4"):
+        try:
+            return BlockwiseCodec(int(name[3:]), **options)
+        except TypeError as e:
+            raise ConfigurationError(f"codec {name}: {e}; it takes block= and stochastic=") from None
+    dtypes = {"none": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if name not in dtypes:
+        raise ConfigurationError(f"unknown codec {name!r}; choose one of {list(CODECS)}")
+    if options:
+        raise ConfigurationError(f"codec {name} takes no options, got {sorted(options)}")
+    return FloatCodec(name, dtypes[name])

@@ -1,0 +1,198 @@
+"""Wire codecs: sizes, round trips, error feedback, the fused reduce, and the refusal of NaN/Inf."""
+
+import pytest
+import torch
+
+from hiveengine.codec import CODECS, BlockwiseCodec, get_codec
+from hiveengine.errors import ConfigurationError, NonFiniteError
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def randn(n: int, seed: int, dtype: torch.dtype = torch.float32, device="cpu") -> torch.Tensor:
+    return torch.randn(n, generator=torch.Generator().manual_seed(seed)).to(dtype).to(device)
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "expected"),
+    [
+        ("none", {}, 4.0),
+        ("fp16", {}, 2.0),
+        ("bf16", {}, 2.0),
+        ("int8", {}, 1 + 4 / 1024),
+        ("int8", {"block": 64}, 1 + 4 / 64),
+        ("int4", {"block": 256}, 0.5 + 4 / 256),
+    ],
+)
+def test_bytes_per_element_matches_the_payload(name, options, expected):
+    codec = get_codec(name, **options)
+    assert codec.name == name
+    assert codec.bytes_per_element == pytest.approx(expected)
+    n = 1 << 16
+    payload = codec.encode(randn(n, seed=1))
+    assert all(t.is_contiguous() for t in payload)
+    nbytes = sum(t.numel() * t.element_size() for t in payload)
+    assert nbytes == codec.payload_nbytes(n) == pytest.approx(expected * n)
+    assert [(t.shape, t.dtype) for t in codec.empty_payload(n, "cpu")] == [(t.shape, t.dtype) for t in payload]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", CODECS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_round_trip(device, name, dtype):
+    codec = get_codec(name)
+    n = 10007
+    x = randn(n, seed=2, dtype=dtype, device=device).view(10007, 1)
+    out = torch.empty_like(x, dtype=torch.float32)
+    assert codec.decode(codec.encode(x, name="x"), out, name="x") is out
+    if name == "none":
+        assert torch.equal(out, x.float())
+    elif name in ("fp16", "bf16"):
+        assert torch.equal(out, x.to(codec.dtype).float())
+    else:
+        values = x.float().view(-1).cpu()
+        err = (out.view(-1).cpu() - values).abs()
+        scale = values.abs().max() / (127 if name == "int8" else 7)
+        # Half a step of the coarsest block, plus the fp32 rounding of the scaling.
+        assert bool((err <= scale / 2 + 1e-6 * values.abs()).all())
+
+
+def test_decode_into_a_bf16_parameter_buffer():
+    x = randn(5000, seed=3)
+    param = torch.empty(50, 100, dtype=torch.bfloat16)
+    codec = get_codec("int8", block=256)
+    codec.decode(codec.encode(x), param)
+    expected = torch.empty(5000)
+    codec.decode(codec.encode(x), expected)
+    assert torch.equal(param.view(-1), expected.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("name", CODECS)
+def test_encode_reuses_preallocated_buffers(name):
+    codec = get_codec(name)
+    x = randn(4096, seed=4, dtype=torch.bfloat16)
+    buffers = codec.empty_payload(4096, "cpu")
+    payload = codec.encode(x, out=buffers)
+    assert [t.data_ptr() for t in payload] == [t.data_ptr() for t in buffers]
+
+
+def test_none_codec_sends_fp32_without_copying():
+    x = randn(1000, seed=5)
+    (payload,) = get_codec("none").encode(x)
+    assert payload.data_ptr() == x.data_ptr()
+
+
+@pytest.mark.parametrize("name", ["none", "fp16", "bf16"])
+def test_float_codecs_refuse_a_residual(name):
+    with pytest.raises(ConfigurationError, match="no error to feed back"):
+        get_codec(name).encode(randn(100, seed=6), residual=torch.zeros(100))
+
+
+@pytest.mark.parametrize("name", ["int8", "int4"])
+def test_error_feedback_through_the_codec(name):
+    codec = get_codec(name, block=128)
+    assert codec.supports_error_feedback
+    n, steps = 3001, 20
+    residual = torch.zeros(n)
+    sent = torch.zeros(n, dtype=torch.float64)
+    total = torch.zeros(n, dtype=torch.float64)
+    for t in range(steps):
+        x = randn(n, seed=10 + t) + 0.05
+        decoded = torch.empty(n)
+        codec.decode(codec.encode(x, residual), decoded)
+        sent += decoded.double()
+        total += x.double()
+    assert torch.allclose(total - sent, residual.double(), atol=1e-4)
+    assert float((total - sent).abs().max()) < 0.5
+
+
+@pytest.mark.parametrize("name", CODECS)
+@pytest.mark.parametrize("requantize", [False, True])
+def test_reduce_is_the_weighted_mean_of_decoded_payloads(name, requantize):
+    codec = get_codec(name)
+    n, weights = 20001, [1.0, 3.0, 0.5, 2.0]
+    payloads = [codec.encode(randn(n, seed=20 + i)) for i in range(len(weights))]
+    decoded = []
+    for p in payloads:
+        decoded.append(torch.empty(n))
+        codec.decode(p, decoded[-1])
+    out = torch.empty(n)
+    back = codec.reduce(payloads, weights, out, requantize=requantize, name="part0")
+    exact = sum(w * d.double() for w, d in zip(weights, decoded, strict=True)) / sum(weights)
+    assert float((out.double() - exact).abs().max()) <= 1e-6 * float(exact.abs().max())
+    if not requantize:
+        assert back is None
+        return
+    returned = torch.empty(n)
+    codec.decode(back, returned)
+    reencoded = torch.empty(n)
+    codec.decode(codec.encode(out), reencoded)
+    assert torch.equal(returned, reencoded)
+
+
+def test_butterfly_round_gives_every_peer_the_same_average():
+    """Four peers each own a quarter: they send quantized parts, the owner reduces and sends back the mean."""
+    codec = get_codec("int8", block=256)
+    peers, n = 4, 40000
+    grads = [randn(n, seed=30 + p) for p in range(peers)]
+    residuals = [torch.zeros(n) for _ in range(peers)]
+    parts = [slice(i * n // peers, (i + 1) * n // peers) for i in range(peers)]
+    averaged = [torch.empty(n) for _ in range(peers)]
+    for part in parts:
+        sent = [codec.encode(grads[p][part], residuals[p][part].contiguous()) for p in range(peers)]
+        mean = torch.empty(part.stop - part.start)
+        back = codec.reduce(sent, [1.0] * peers, mean, requantize=True, name=f"part {part}")
+        for p in range(peers):
+            codec.decode(back, averaged[p][part])
+    truth = sum(grads) / peers
+    for p in range(1, peers):
+        assert torch.equal(averaged[p], averaged[0])
+    assert float((averaged[0] - truth).abs().max()) < 4 * float(truth.abs().max()) / 127
+
+
+@pytest.mark.parametrize("name", CODECS)
+def test_nan_gradient_is_refused_on_encode(name):
+    x = randn(3000, seed=40)
+    x[17] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"blocks\.3\.mlp\.grad"):
+        get_codec(name).encode(x, name="blocks.3.mlp.grad")
+
+
+@pytest.mark.parametrize("name", CODECS)
+def test_corrupt_peer_payload_is_refused_on_reduce(name):
+    codec = get_codec(name)
+    payloads = [codec.encode(randn(3000, seed=50 + i)) for i in range(3)]
+    corrupt = payloads[1][-1]  # the values of float codecs, the scales of blockwise ones
+    corrupt[2] = float("inf")
+    with pytest.raises(NonFiniteError, match=r"\[1\] of part3"):
+        codec.reduce(payloads, [1, 1, 1], torch.empty(3000), name="part3")
+    with pytest.raises(NonFiniteError):
+        codec.decode(payloads[1], torch.empty(3000))
+
+
+def test_fp16_codec_refuses_values_it_cannot_represent():
+    with pytest.raises(NonFiniteError, match="overflows"):
+        get_codec("fp16").encode(torch.tensor([1.0, 1e6]))
+    assert get_codec("bf16").encode(torch.tensor([1.0, 1e6]))[0].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "match"),
+    [
+        ("int2", {}, "unknown codec"),
+        ("fp16", {"block": 64}, "takes no options"),
+        ("int8", {"block": 100}, "power of two"),
+        ("int4", {"blocks": 64}, "block= and stochastic="),
+    ],
+)
+def test_bad_codec_choices(name, options, match):
+    with pytest.raises(ConfigurationError, match=match):
+        get_codec(name, **options)
+
+
+def test_stochastic_blockwise_codec_is_an_option():
+    codec = get_codec("int4", block=64, stochastic=True)
+    assert isinstance(codec, BlockwiseCodec) and codec.stochastic
+    assert "stochastic=True" in repr(codec)
+    x = randn(1000, seed=60)
+    assert not torch.equal(codec.encode(x)[0], get_codec("int4", block=64).encode(x)[0])
