@@ -1,13 +1,15 @@
 """The Triton kernels behind the common kernel interface, for CUDA tensors.
 
-Under TRITON_INTERPRET=1 the same code runs on CPU tensors (that is how the tests exercise it). Every
-call reads back a one-word NaN/Inf flag, which synchronizes with the stream: the result must be known
-finite before it goes on the wire.
+Under TRITON_INTERPRET=1 the same code runs on CPU tensors (that is how the tests exercise it). The
+``launch_*`` functions enqueue a kernel and return its one-word NaN/Inf flag without waiting; the
+interface functions (``quantize``, ...) read the flag, which synchronizes with the stream: a result must
+be known finite before it goes on the wire.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 
 import torch
 import triton
@@ -26,6 +28,10 @@ def _options(config: LaunchConfig) -> dict:
     return {"num_warps": config.num_warps, "num_stages": config.num_stages, "enable_fp_fusion": False}
 
 
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def _flag(device: torch.device) -> torch.Tensor:
     return torch.zeros(1, dtype=torch.int32, device=device)
 
@@ -36,20 +42,19 @@ def _pointer_table(tensors: Sequence[torch.Tensor], device: torch.device) -> tor
 
 def _blockwise_launch(kernel: str, bits: int, block: int, numel: int, device: torch.device, **extra):
     """(grid, constexpr arguments, launch options) of a kernel over whole quantization blocks."""
-    key = ":".join([f"bits={bits}", f"block={block}", *(f"{k}={v}" for k, v in extra.items())])
-    config = launch_config(kernel, key, device)
+    config = launch_config(kernel, device, bits=bits, block=block, **extra)
     group = max(1, config.tile // block)
     grid = (triton.cdiv(num_blocks(numel, block), group),)
     meta = {"BLOCK": block, "GROUP": group, "LANES": 1 if bits == 8 else 2, "QMAX": float(QMAX[bits])}
     return grid, meta, _options(config)
 
 
-def _elementwise_launch(kernel: str, key: str, numel: int, device: torch.device):
-    config = launch_config(kernel, key, device)
+def _elementwise_launch(kernel: str, numel: int, device: torch.device, **fields: object):
+    config = launch_config(kernel, device, **fields)
     return (triton.cdiv(numel, config.tile),), config.tile, _options(config)
 
 
-def quantize(
+def launch_quantize(
     x: torch.Tensor,
     residual: torch.Tensor | None,
     codes: torch.Tensor,
@@ -57,7 +62,7 @@ def quantize(
     bits: int,
     block: int,
     key: int | None,
-) -> bool:
+) -> torch.Tensor:
     """Quantize x (plus residual, whose new value is the quantization error) into codes and scales."""
     n, flag = x.numel(), _flag(x.device)
     grid, meta, options = _blockwise_launch("quantize", bits, block, n, x.device)
@@ -75,20 +80,22 @@ def quantize(
         **meta,
         **options,
     )
-    return bool(flag.item())
+    return flag
 
 
-def dequantize(codes: torch.Tensor, scales: torch.Tensor, out: torch.Tensor, bits: int, block: int) -> bool:
+def launch_dequantize(
+    codes: torch.Tensor, scales: torch.Tensor, out: torch.Tensor, bits: int, block: int
+) -> torch.Tensor:
     """out = code * scale, written in out's dtype."""
     n, flag = out.numel(), _flag(out.device)
     grid, meta, options = _blockwise_launch("dequantize", bits, block, n, out.device)
     tk.dequantize_kernel[grid](
         codes, scales, out, flag, n, scales.numel(), OUT_KIND=_KIND[out.dtype], **meta, **options
     )
-    return bool(flag.item())
+    return flag
 
 
-def reduce(
+def launch_reduce(
     codes: Sequence[torch.Tensor],
     scales: Sequence[torch.Tensor],
     weights: Sequence[float],
@@ -97,7 +104,7 @@ def reduce(
     block: int,
     out_codes: torch.Tensor | None,
     out_scales: torch.Tensor | None,
-) -> bool:
+) -> torch.Tensor:
     """out = sum_k weights[k] * dequantize(codes[k]) in one pass; optionally quantize it again."""
     n, device, flag = out.numel(), out.device, _flag(out.device)
     requantize = out_codes is not None and out_scales is not None
@@ -118,13 +125,13 @@ def reduce(
         **meta,
         **options,
     )
-    return bool(flag.item())
+    return flag
 
 
-def weighted_mean(inputs: Sequence[torch.Tensor], weights: Sequence[float], out: torch.Tensor) -> bool:
+def launch_weighted_mean(inputs: Sequence[torch.Tensor], weights: Sequence[float], out: torch.Tensor) -> torch.Tensor:
     """out = sum_k weights[k] * inputs[k] in fp32, in one pass."""
     n, device, flag = out.numel(), out.device, _flag(out.device)
-    grid, tile, options = _elementwise_launch("weighted_mean", f"dtype={inputs[0].dtype}", n, device)
+    grid, tile, options = _elementwise_launch("weighted_mean", n, device, dtype=_name(inputs[0].dtype))
     tk.weighted_mean_kernel[grid](
         _pointer_table(inputs, device),
         torch.tensor(weights, dtype=torch.float32, device=device),
@@ -136,20 +143,37 @@ def weighted_mean(inputs: Sequence[torch.Tensor], weights: Sequence[float], out:
         IN_T=_TL_DTYPE[inputs[0].dtype],
         **options,
     )
-    return bool(flag.item())
+    return flag
 
 
-def cast(x: torch.Tensor, out: torch.Tensor) -> bool:
+def launch_cast(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """out = x converted to out's dtype (round half to even)."""
     n, flag = x.numel(), _flag(x.device)
-    grid, tile, options = _elementwise_launch("cast", f"{x.dtype}->{out.dtype}", n, x.device)
+    grid, tile, options = _elementwise_launch("cast", n, x.device, src=_name(x.dtype), dst=_name(out.dtype))
     tk.cast_kernel[grid](x, out, flag, n, TILE=tile, OUT_KIND=_KIND[out.dtype], **options)
-    return bool(flag.item())
+    return flag
 
 
-def check_finite(x: torch.Tensor) -> bool:
-    """True if x holds NaN or Inf."""
+def launch_check_finite(x: torch.Tensor) -> torch.Tensor:
+    """Flag NaN or Inf in x."""
     n, flag = x.numel(), _flag(x.device)
-    grid, tile, options = _elementwise_launch("check_finite", f"dtype={x.dtype}", n, x.device)
+    grid, tile, options = _elementwise_launch("check_finite", n, x.device, dtype=_name(x.dtype))
     tk.check_finite_kernel[grid](x, flag, n, TILE=tile, **options)
-    return bool(flag.item())
+    return flag
+
+
+def _checked(launch: Callable[..., torch.Tensor]) -> Callable[..., bool]:
+    @functools.wraps(launch)
+    def run(*args) -> bool:
+        return bool(launch(*args).item())
+
+    run.__doc__ = f"{launch.__doc__} Waits for the kernel; returns whether it met NaN/Inf."
+    return run
+
+
+quantize = _checked(launch_quantize)
+dequantize = _checked(launch_dequantize)
+reduce = _checked(launch_reduce)
+weighted_mean = _checked(launch_weighted_mean)
+cast = _checked(launch_cast)
+check_finite = _checked(launch_check_finite)

@@ -82,13 +82,18 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on", "y")
 
 
-def launch_config(kernel: str, key: str, device: torch.device) -> LaunchConfig:
-    """The configuration to launch `kernel` with for a specialization `key` (e.g. "bits=8:block=1024")."""
+def config_key(kernel: str, **fields: object) -> str:
+    """The cache key of a kernel specialization, e.g. "quantize:bits=8:block=1024"."""
+    return ":".join([kernel, *(f"{k}={v}" for k, v in fields.items())])
+
+
+def launch_config(kernel: str, device: torch.device, **fields: object) -> LaunchConfig:
+    """The configuration to launch `kernel` with on `device`, for the specialization given by `fields`."""
     if _forced is not None:
         return _forced
     if interpreting():
         return LaunchConfig(INTERPRETER_TILE, 1, 1)
-    entry = _load(tuning_path()).get(device_name(device), {}).get(f"{kernel}:{key}")
+    entry = _load(tuning_path()).get(device_name(device), {}).get(config_key(kernel, **fields))
     return LaunchConfig(**entry) if entry else DEFAULTS[kernel]
 
 
@@ -104,7 +109,7 @@ def forced(config: LaunchConfig) -> Iterator[None]:
 
 
 def save_launch_configs(device: str, winners: dict[str, LaunchConfig], path: Path | None = None) -> Path:
-    """Merge a device's winning configurations ({"kernel:key": config}) into the cache file."""
+    """Merge a device's winning configurations ({config_key: config}) into the cache file."""
     path = path or tuning_path()
     table = dict(_load(path))
     table[device] = {**table.get(device, {}), **{k: asdict(v) for k, v in winners.items()}}

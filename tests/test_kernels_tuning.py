@@ -16,6 +16,7 @@ from hiveengine.kernels.tuning import (
     INTERPRETER_TILE,
     TUNING_ENV,
     LaunchConfig,
+    config_key,
     forced,
     interpreting,
     launch_config,
@@ -36,7 +37,7 @@ def cache(tmp_path, monkeypatch):
 
 
 def test_defaults_without_a_cache(cache):
-    assert launch_config("quantize", "bits=8:block=1024", torch.device("cpu")) == DEFAULTS["quantize"]
+    assert launch_config("quantize", torch.device("cpu"), bits=8, block=1024) == DEFAULTS["quantize"]
 
 
 def test_saved_winners_are_loaded_per_device_and_merged(cache):
@@ -44,9 +45,10 @@ def test_saved_winners_are_loaded_per_device_and_merged(cache):
     save_launch_configs("cpu", {"quantize:bits=8:block=1024": LaunchConfig(8192, 8, 1)})
     save_launch_configs("cpu", {"reduce:bits=4:block=256:requantize=1": LaunchConfig(2048, 4, 3)})
     save_launch_configs("NVIDIA H100 80GB HBM3", {"quantize:bits=8:block=1024": LaunchConfig(16384, 16, 1)})
-    assert launch_config("quantize", "bits=8:block=1024", cpu) == LaunchConfig(8192, 8, 1)
-    assert launch_config("reduce", "bits=4:block=256:requantize=1", cpu) == LaunchConfig(2048, 4, 3)
-    assert launch_config("quantize", "bits=4:block=1024", cpu) == DEFAULTS["quantize"]
+    assert launch_config("quantize", cpu, bits=8, block=1024) == LaunchConfig(8192, 8, 1)
+    assert launch_config("reduce", cpu, bits=4, block=256, requantize=1) == LaunchConfig(2048, 4, 3)
+    assert launch_config("quantize", cpu, bits=4, block=1024) == DEFAULTS["quantize"]
+    assert config_key("reduce", bits=4, block=256, requantize=1) == "reduce:bits=4:block=256:requantize=1"
     table = json.loads(cache.read_text())
     assert set(table) == {"cpu", "NVIDIA H100 80GB HBM3"}
     assert table["cpu"]["quantize:bits=8:block=1024"] == {"tile": 8192, "num_warps": 8, "num_stages": 1}
@@ -54,18 +56,18 @@ def test_saved_winners_are_loaded_per_device_and_merged(cache):
 
 def test_unreadable_cache_falls_back_to_defaults(cache):
     cache.write_text("{not json")
-    assert launch_config("cast", "x", torch.device("cpu")) == DEFAULTS["cast"]
+    assert launch_config("cast", torch.device("cpu"), src="float32", dst="float16") == DEFAULTS["cast"]
 
 
 def test_forced_config_wins_inside_its_block(cache):
     with forced(LaunchConfig(256, 2, 1)):
-        assert launch_config("quantize", "bits=8:block=64", torch.device("cpu")) == LaunchConfig(256, 2, 1)
-    assert launch_config("quantize", "bits=8:block=64", torch.device("cpu")) == DEFAULTS["quantize"]
+        assert launch_config("quantize", torch.device("cpu"), bits=8, block=64) == LaunchConfig(256, 2, 1)
+    assert launch_config("quantize", torch.device("cpu"), bits=8, block=64) == DEFAULTS["quantize"]
 
 
 def test_interpreter_uses_large_tiles(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert launch_config("quantize", "k", torch.device("cpu")).tile == INTERPRETER_TILE
+    assert launch_config("quantize", torch.device("cpu"), bits=8, block=64).tile == INTERPRETER_TILE
 
 
 def test_tiles_must_be_powers_of_two():
