@@ -24,6 +24,7 @@ from hiveengine.transport.wire import (
     as_frame,
     decode_control,
     encode_control,
+    inline_tensors,
     wire_buffer,
 )
 
@@ -82,14 +83,22 @@ class Connection:
         self._check_open()
         frames = [as_frame(t) for t in tensors]
         body["f"] = [FrameSpec.of(t).to_wire() for t in tensors]
+        inline_bytes = 0
+        if frames and self._inlinable(frames):
+            body["x"] = [frame.numpy().tobytes() for frame in frames]
+            inline_bytes, frames = sum(f.numel() for f in frames), []
         body["s"] = first = self._reserve_seqs(len(frames)) if frames else 0
-        control = np.frombuffer(encode_control(body, self.limits), dtype=np.uint8)
+        control = np.frombuffer(encode_control(body, self.limits, inline_bytes), dtype=np.uint8)
         futures = [self.reactor.tag_send(self.endpoint, control, _tag(self.send_base, CONTROL_SEQ))]
         for i, frame in enumerate(frames):
             if frame.numel():
                 tag = _tag(self.send_base, _frame_seq(first, i))
                 futures.append(self.reactor.tag_send(self.endpoint, wire_buffer(frame), tag))
         await self._gather(futures)
+
+    def _inlinable(self, frames: Sequence[torch.Tensor]) -> bool:
+        total = sum(f.numel() for f in frames)
+        return total <= self.limits.inline_tensor_bytes and all(f.device.type == "cpu" for f in frames)
 
     async def _gather(self, futures) -> None:
         try:
@@ -104,6 +113,8 @@ class Connection:
 
     async def receive_frames(self, body: dict, specs: Sequence[FrameSpec]) -> list[torch.Tensor]:
         """Receive the frames announced by `body` into freshly allocated tensors."""
+        if "x" in body:
+            return inline_tensors(body["x"], specs)
         tensors = [allocate(spec) for spec in specs]
         await self.receive_into(body, tensors)
         return tensors

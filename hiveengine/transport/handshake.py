@@ -94,7 +94,8 @@ async def connect_handshake(
         await _send(reactor, endpoint, identity.sign(transcript))
         return Authenticated(peer_id, theirs.public_key, theirs.recv_base, identity)
 
-    return await asyncio.wait_for(run(), timeout)
+    async with asyncio.timeout(timeout):
+        return await run()
 
 
 async def accept_handshake(reactor, endpoint, find_identity, recv_base: int, timeout: float) -> Authenticated:
@@ -112,4 +113,5 @@ async def accept_handshake(reactor, endpoint, find_identity, recv_base: int, tim
         peer_id = _verify(theirs, signature, transcript)
         return Authenticated(peer_id, theirs.public_key, theirs.recv_base, identity)
 
-    return await asyncio.wait_for(run(), timeout)
+    async with asyncio.timeout(timeout):
+        return await run()

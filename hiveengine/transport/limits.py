@@ -21,6 +21,9 @@ class TransportLimits:
     max_message_bytes: int = 2 * GiB
     # Bytes of inbound tensors held at once across all calls; past it calls are refused as busy.
     max_inbound_bytes: int = 4 * GiB
+    # Host tensors totalling at most this many bytes travel inside the control message (one UCX message
+    # instead of one per tensor: small calls are latency-bound).
+    inline_tensor_bytes: int = 16 * KiB
     # User headers larger than this are zstd-compressed on the wire.
     compress_threshold_bytes: int = 4 * KiB
     # Streams: chunk size and how many chunks a sender keeps in flight.

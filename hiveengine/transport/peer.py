@@ -27,7 +27,7 @@ from hiveengine.transport.limits import DEFAULT_LIMITS, TransportLimits
 from hiveengine.transport.reactor import close_endpoint
 from hiveengine.transport.runtime import Runtime
 from hiveengine.transport.stream import Chunk, StreamReader, iterate_chunks
-from hiveengine.transport.wire import Kind, frame_specs
+from hiveengine.transport.wire import Kind, frame_specs, inline_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ class StreamRequest:
 def _error_reply(request_id: int, error: BaseException) -> dict:
     if isinstance(error, HiveEngineError) and type(error).__name__ in REMOTE_ERROR_TYPES:
         kind, message = type(error).__name__, str(error)
-    elif isinstance(error, asyncio.TimeoutError):
+    elif isinstance(error, TimeoutError):
         kind, message = "RPCTimeoutError", "the handler did not finish before the call's deadline"
     else:
         kind, message = "RemoteHandlerError", f"{type(error).__name__}: {error}"
@@ -239,8 +239,9 @@ class Peer:
 
     async def _with_deadline(self, coro, timeout: float, what: str):
         try:
-            return await asyncio.wait_for(coro, timeout)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(timeout):
+                return await coro
+        except TimeoutError:
             raise RPCTimeoutError(f"{what} did not complete within {timeout} s") from None
 
     # ---- connections
@@ -279,7 +280,7 @@ class Peer:
                 close_endpoint(endpoint)
             if isinstance(e, errors.HandshakeError):
                 raise
-            reason = "no answer" if isinstance(e, asyncio.TimeoutError) else f"{type(e).__name__}: {e}"
+            reason = "no answer" if isinstance(e, TimeoutError) else f"{type(e).__name__}: {e}"
             raise PeerUnreachableError(
                 f"cannot connect to {address} ({reason}); check the address and that the peer is running"
             ) from None
@@ -397,9 +398,9 @@ class Peer:
 
     async def _handle_request(self, conn: Connection, body: dict, specs, handler: Handler, nbytes: int) -> None:
         try:
-            tensors = await conn.receive_frames(body, specs)
-            request = Request(body["m"], body.get("h", {}), tensors, conn.remote)
-            result = await asyncio.wait_for(handler(request), self._handler_deadline(body))
+            async with asyncio.timeout(self._handler_deadline(body)):
+                tensors = await conn.receive_frames(body, specs) if specs else []
+                result = await handler(Request(body["m"], body.get("h", {}), tensors, conn.remote))
             header, out = _normalize_result(result)
             reply = {"k": Kind.RESPONSE, "i": body["i"], "h": header}
             await conn.send(reply, out)
@@ -430,6 +431,13 @@ class Peer:
             conn.discard_frames(body, len(specs))  # the caller gave up already
             return
         header = body.get("h", {})
+        header = header if isinstance(header, dict) else {}
+        if not specs or "x" in body:  # nothing left on the wire: answer without a task hop
+            try:
+                reply.set_result((header, inline_tensors(body["x"], specs) if specs else []))
+            except ProtocolError as e:
+                reply.set_exception(e)
+            return
 
         async def receive() -> None:
             try:
@@ -439,7 +447,7 @@ class Peer:
                     reply.set_exception(e)
                 return
             if not reply.done():
-                reply.set_result((header if isinstance(header, dict) else {}, tensors))
+                reply.set_result((header, tensors))
 
         self._spawn(receive())
 
@@ -480,7 +488,8 @@ class Peer:
     async def _handle_stream(self, conn: Connection, body: dict, handler: StreamHandler, request) -> None:
         reader = request.chunks
         try:
-            result = await asyncio.wait_for(handler(request), self._handler_deadline(body))
+            async with asyncio.timeout(self._handler_deadline(body)):
+                result = await handler(request)
             reader.reject()
             await conn.send({"k": Kind.RESPONSE, "i": body["i"], "h": result or {}})
         except ConnectionLostError:
@@ -494,8 +503,9 @@ class Peer:
 
     async def _forget_stream(self, reader: StreamReader) -> None:
         """Keep discarding a finished stream's chunks until its sender ends it (or a deadline passes)."""
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(reader.ended.wait(), self.limits.default_call_timeout)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.limits.default_call_timeout):
+                await reader.ended.wait()
         self._streams.pop(reader.key, None)
 
     # ---- lifecycle

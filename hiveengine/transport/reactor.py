@@ -43,7 +43,7 @@ class Reactor:
         self._pending: dict[Any, tuple[asyncio.Future, Any]] = {}
         self._scheduled = False
         self._closed = False
-        loop.add_reader(self._fd, self.kick)
+        loop.add_reader(self._fd, self._progress)
         self.kick()
 
     @property
@@ -57,6 +57,7 @@ class Reactor:
             self.loop.call_soon(self._progress)
 
     def _progress(self) -> None:
+        """Progress until UCX has nothing more to do, resolve finished requests, then re-arm the fd."""
         self._scheduled = False
         if self._closed:
             return

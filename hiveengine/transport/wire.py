@@ -99,11 +99,12 @@ class FrameSpec:
         return spec
 
 
-def encode_control(body: dict, limits: TransportLimits) -> bytes:
-    """Pack a control message; compress it when large; refuse one the receiver could not take."""
+def encode_control(body: dict, limits: TransportLimits, inline_bytes: int = 0) -> bytes:
+    """Pack a control message; compress it when its non-tensor part is large; refuse one the receiver
+    could not take. `inline_bytes` of tensor data inside it are not worth compressing."""
     payload = msgpack.packb(body, use_bin_type=True)
     flags = 0
-    if len(payload) > limits.compress_threshold_bytes:
+    if len(payload) - inline_bytes > limits.compress_threshold_bytes:
         payload, flags = _zstd_c.compress(payload), FLAG_ZSTD
     message = PREFIX.pack(len(payload), flags) + payload
     if len(message) > limits.max_header_bytes:
@@ -150,6 +151,19 @@ def frame_specs(body: dict, limits: TransportLimits) -> list[FrameSpec]:
     if total > limits.max_message_bytes:
         raise ProtocolError(f"message of {total} bytes exceeds the limit of {limits.max_message_bytes} bytes")
     return specs
+
+
+def inline_tensors(payloads, specs: list[FrameSpec]) -> list[torch.Tensor]:
+    """Tensors carried inside a control message, checked against their descriptors."""
+    if not isinstance(payloads, list) or len(payloads) != len(specs):
+        raise ProtocolError("inline tensor payloads do not match their descriptors")
+    tensors = []
+    for payload, spec in zip(payloads, specs, strict=True):
+        if not isinstance(payload, bytes) or len(payload) != spec.nbytes:
+            raise ProtocolError(f"inline tensor payload does not hold the {spec.nbytes} bytes its descriptor says")
+        flat = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if payload else torch.empty(0, dtype=torch.uint8)
+        tensors.append(flat.view(spec.dtype).reshape(spec.shape))
+    return tensors
 
 
 def as_frame(t: torch.Tensor) -> torch.Tensor:

@@ -6,20 +6,23 @@ import argparse
 import logging
 import sys
 
+from hiveengine.cli import bench, peer
+
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hiveengine", description=__doc__)
-    parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
+    parser = argparse.ArgumentParser(prog="hiveengine", description="Decentralized deep learning over the Internet.")
+    parser.add_argument("--log-level", default="WARNING", help="logging level (default: WARNING)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    return parser, sub
+    peer.add_commands(sub)
+    bench.add_commands(sub)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser, _ = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
     return int(args.handler(args) or 0)
 
 

@@ -1,0 +1,5 @@
+import sys
+
+from hiveengine.cli import main
+
+sys.exit(main())
