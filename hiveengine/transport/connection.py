@@ -102,7 +102,10 @@ class Connection:
 
     async def _gather(self, futures) -> None:
         try:
-            await asyncio.gather(*futures)
+            if len(futures) == 1:
+                await futures[0]
+            else:
+                await asyncio.gather(*futures)
         except asyncio.CancelledError:
             raise
         except Exception as e:
