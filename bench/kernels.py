@@ -303,7 +303,7 @@ def device_seconds(fn: Callable[[], object], device: torch.device) -> float:
     if device.type == "cuda":
         import triton.testing
 
-        return triton.testing.do_bench(fn, warmup=10, rep=50) / 1e3
+        return triton.testing.do_bench(fn, warmup=5, rep=25) / 1e3
     return best_seconds(fn, repeats=2, budget_s=0.1)
 
 
@@ -384,7 +384,7 @@ def gpu_comparisons(device: torch.device, n: int, block: int, copy: float) -> li
     x = torch.randn(n, device=device)
     moved = 5 * n + 4 * num_blocks(n, block)
     calls = {
-        "hiveengine triton": lambda: quantize_blockwise(x, 8, block),
+        "hiveengine (API call)": lambda: quantize_blockwise(x, 8, block),
         "torch reference": lambda: quantize_blockwise(x, 8, block, backend="reference"),
     }
     try:

@@ -155,11 +155,10 @@ def dequantize_blockwise(
         out = torch.empty(n, dtype=dtype, device=device)
     target = layout.flat(out, "out")
     if n and backend_for(device, backend).dequantize(codes, scales, target, bits, block):
-        raise _nonfinite(
-            f"dequantized {name}",
-            scales,
-            "decode it",
-            "its scales are NaN/Inf or too large for the output dtype (a corrupt or malicious payload?)",
+        bad = (~torch.isfinite(scales * layout.QMAX[bits])).nonzero()
+        cause = f"block {int(bad[0, 0])} has scale {float(scales[bad[0, 0]])}" if len(bad) else f"overflows {out.dtype}"
+        raise NonFiniteError(
+            f"decoding {name} gives NaN or Inf ({cause}); refusing it: a corrupt or malicious payload?"
         )
     return out
 
@@ -270,6 +269,8 @@ def cast(
     """x converted between fp32, fp16 and bf16 (round half to even), into ``out`` or a new tensor; raises
     NonFiniteError if x holds NaN/Inf or a value overflows ``dtype`` (fp16 tops out at 65504)."""
     xf = layout.flat(x, name)
+    if dtype not in FLOAT_DTYPES:
+        raise ConfigurationError(f"cannot cast {name} to {dtype}; expected one of {list(FLOAT_DTYPES)}")
     if out is None:
         out = torch.empty(x.shape, dtype=dtype, device=x.device)
     target = layout.check_buffer(out, "out", xf.numel(), dtype, xf.device)

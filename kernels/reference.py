@@ -34,18 +34,20 @@ def _blocks(y: torch.Tensor, block: int) -> torch.Tensor:
     return F.pad(y, (0, num_blocks(y.numel(), block) * block - y.numel())).view(-1, block)
 
 
-def quantize_values(y: torch.Tensor, bits: int, block: int, key: int | None) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """Quantize fp32 y: (integer codes as fp32, scales, whether y held NaN/Inf)."""
+def quantize_values(
+    y: torch.Tensor, bits: int, block: int, key: int | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantize fp32 y: (integer codes as fp32, scales, which blocks are finite)."""
     qmax = QMAX[bits]
     yb = _blocks(y, block)
     absmax = yb.abs().amax(dim=1)
-    bad = not bool(torch.isfinite(absmax).all())
+    finite = torch.isfinite(absmax)
     live = absmax >= TINY
     inv = torch.where(live, torch.div(float(qmax), torch.where(live, absmax, 1.0)), 0.0)
     scales = torch.where(live, absmax / qmax, 0.0)
     v = yb * inv[:, None]
     q = torch.round(v) if key is None else torch.floor(v + uniform(yb.numel(), key, y.device).view_as(yb))
-    return q.clamp(-qmax, qmax).view(-1)[: y.numel()], scales, bad
+    return q.clamp(-qmax, qmax).view(-1)[: y.numel()], scales, finite
 
 
 def pack4(q: torch.Tensor) -> torch.Tensor:
@@ -81,14 +83,17 @@ def quantize(
     block: int,
     key: int | None,
 ) -> bool:
-    """Quantize x (plus residual, whose new value is the quantization error) into codes and scales."""
+    """Quantize x (plus residual, whose new value is the quantization error) into codes and scales;
+    blocks holding NaN/Inf keep their residual."""
     y = x.float() if residual is None else x.float() + residual
-    q, s, bad = quantize_values(y, bits, block, key)
+    q, s, finite = quantize_values(y, bits, block, key)
     _store_codes(q, codes, bits)
     scales.copy_(s)
     if residual is not None:
-        residual.copy_(y - (_blocks(q, block) * s[:, None]).view(-1)[: y.numel()])
-    return bad
+        error = y - (_blocks(q, block) * s[:, None]).view(-1)[: y.numel()]
+        keep = finite.repeat_interleave(block)[: y.numel()]
+        residual.copy_(torch.where(keep, error, residual))
+    return not bool(finite.all())
 
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, out: torch.Tensor, bits: int, block: int) -> bool:

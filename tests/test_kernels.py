@@ -2,10 +2,16 @@
 
 Implementations under test: the native C kernels on CPU tensors, the Triton kernels on CPU tensors in the
 Triton interpreter (TRITON_INTERPRET=1, set by conftest; sizes stay <= 64K values there), and the Triton
-kernels on CUDA tensors (marked `gpu`; run them compiled with `TRITON_INTERPRET=0 pytest -m gpu`).
+kernels compiled for CUDA tensors (marked `gpu`: with a GPU, the default run re-runs them in a subprocess
+with TRITON_INTERPRET=0, since a process decides between interpreter and compiler once).
 The native and interpreted Triton kernels reproduce the reference bit for bit: same codes (no
 off-by-one at rounding ties: all round half to even), same scales, same residuals and same fp32 sums.
 """
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -40,6 +46,8 @@ def impl(request):
     backend, device = request.param
     if backend == "triton" and device == "cpu" and not interpreting():
         pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1")
+    if device == "cuda" and interpreting():
+        pytest.skip("compiled CUDA kernels run in test_compiled_gpu_kernels_in_a_subprocess")
     return backend, torch.device(device)
 
 
@@ -293,11 +301,18 @@ def test_nonfinite_input_raises_naming_the_tensor(impl, bad, bits):
     x[1234] = bad
     with pytest.raises(NonFiniteError, match=r"layer3\.weight\.grad.*first at flat index 1234"):
         quantize_blockwise(x, bits, 256, name="layer3.weight.grad", backend=backend)
-    residual = torch.zeros(3000, device=device)
+    residual = randn(3000, seed=62, device=device)
     residual[7] = bad
     x[1234] = 0
+    original, expected = residual.cpu().clone(), residual.cpu().clone()
     with pytest.raises(NonFiniteError, match=r"g \+ its error-feedback residual"):
         quantize_blockwise(x, bits, 256, residual=residual, name="g", backend=backend)
+    with pytest.raises(NonFiniteError):
+        quantize_blockwise(x.cpu(), bits, 256, residual=expected, backend="reference")
+    # The block holding the NaN/Inf keeps its residual; the other blocks were updated.
+    torch.testing.assert_close(residual.cpu(), expected, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(residual.cpu()[:256], original[:256], rtol=0, atol=0, equal_nan=True)
+    assert not torch.equal(residual.cpu()[256:], original[256:])
     with pytest.raises(NonFiniteError, match="w"):
         check_finite(residual, name="w", backend=backend)
     with pytest.raises(NonFiniteError, match="h"):
@@ -321,7 +336,7 @@ def test_nonfinite_scales_from_a_peer_raise(impl, bits):
     scales[2][5] = float("nan")
     with pytest.raises(NonFiniteError, match=r"scales of inputs \[2\] of part7"):
         reduce_blockwise(codes, scales, [1, 1, 1], bits, 128, numel=2000, name="part7", backend=backend)
-    with pytest.raises(NonFiniteError, match="dequantized part7"):
+    with pytest.raises(NonFiniteError, match=r"decoding part7 .*block 5 has scale nan"):
         dequantize_blockwise(codes[2], scales[2], bits, 128, numel=2000, name="part7", backend=backend)
     scales[2][5] = 3e38  # finite, but 127 * 3e38 overflows
     with pytest.raises(NonFiniteError):
@@ -395,3 +410,18 @@ def test_qmax_matches_documented_code_range():
     assert QMAX == {8: 127, 4: 7}
     codes, _ = quantize_blockwise(randn(100000, seed=71), 8, 64)
     assert int(codes.min()) == -127 and int(codes.max()) == 127
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not interpreting(), reason="this process already runs the compiled kernels")
+def test_compiled_gpu_kernels_in_a_subprocess():
+    here = Path(__file__).resolve().parent
+    tests = [str(here / "test_kernels.py"), str(here / "test_codec.py")]
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", *tests],
+        env={**os.environ, "TRITON_INTERPRET": "0"},
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]

@@ -47,4 +47,4 @@ def test_gpu_tuning_path_saves_winners(results_dir):
     assert "quantize:bits=8:block=1024" in gpu["winners"]
     tuned = json.loads((results_dir / "tuning.json").read_text())
     assert tuned["cpu"] == gpu["winners"]
-    assert [r["impl"] for r in gpu["comparisons"]][:2] == ["hiveengine triton", "torch reference"]
+    assert [r["impl"] for r in gpu["comparisons"]][:2] == ["hiveengine (API call)", "torch reference"]
