@@ -26,6 +26,16 @@ T = TypeVar("T")
 PORT_ENV = "HIVEENGINE_PORT"
 
 
+def _bind_cuda_context() -> None:
+    """Make the current CUDA device's context current on the loop thread: UCX progresses CUDA
+    transfers from this thread and needs a context there to recognise device memory."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(torch.cuda.current_device())
+        torch.empty(1, device="cuda")
+
+
 class Runtime:
     """The process-wide event loop thread and UCX worker; get it with `Runtime.get()`."""
 
@@ -56,6 +66,7 @@ class Runtime:
         self.loop.run_forever()
 
     async def _make_reactor(self) -> Reactor:
+        _bind_cuda_context()
         return Reactor(asyncio.get_running_loop())
 
     def in_loop_thread(self) -> bool:
