@@ -1,0 +1,274 @@
+"""Butterfly all-reduce: each reducer owns one part of the flat buffer and averages it for the group.
+
+Every contributing peer sends each chunk of part p (encoded with the codec, with error feedback) to p's
+reducer in one call. The reducer waits for the chunk's copies from all senders, or until `sender_timeout`
+after the first arrived, reduces them in one fused pass (weights renormalized over who arrived), encodes
+the mean once, and returns it as the reply to every sender, who decodes it in place. A reducer that dies
+costs its part for this round: senders keep their local values there and report the part as failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from hiveengine.averaging.group import GroupInfo
+from hiveengine.averaging.partition import chunk_spans, part_spans
+from hiveengine.codec import Codec
+from hiveengine.errors import HiveEngineError, ProtocolError, TransportError
+from hiveengine.transport import Peer, PeerID, Request
+
+logger = logging.getLogger(__name__)
+
+CHUNK_METHOD = "hiveengine.allreduce.chunk"
+DEFAULT_CHUNK_ELEMENTS = 1 << 20
+DEFAULT_WINDOW = 4  # chunks in flight per reducer
+DEFAULT_SENDER_TIMEOUT = 5.0
+ROUND_WAIT_TIMEOUT = 10.0  # how long a reducer waits for its own runner to join a round it is called for
+
+
+class AllReduceError(HiveEngineError):
+    """A chunk could not be averaged (the reducer refused it, or reduced it without this sender)."""
+
+
+@dataclass
+class AllReduceResult:
+    """What one round did: which reducers' parts failed (kept local values there) and who was averaged."""
+
+    group: GroupInfo
+    failed_parts: list[int] = field(default_factory=list)
+    spans: list[tuple[int, int]] = field(default_factory=list)
+    senders_averaged: int = 0
+
+
+class _ChunkReduction:
+    """Collects one chunk's copies and resolves, once, with the encoded mean and how many were averaged."""
+
+    def __init__(self, expected: int, sender_timeout: float):
+        self.expected = expected
+        self.sender_timeout = sender_timeout
+        self.received: dict[PeerID, tuple[float, list[torch.Tensor]]] = {}
+        self.done: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(self, sender: PeerID, weight: float, payload: list[torch.Tensor], reduce) -> None:
+        if self.done.done():
+            raise AllReduceError("this chunk was already averaged without you (you arrived after the sender timeout)")
+        if sender in self.received:
+            raise ProtocolError("duplicate contribution to one chunk")
+        self.received[sender] = (weight, payload)
+        if len(self.received) >= self.expected:
+            self._finish(reduce)
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.sender_timeout, self._finish, reduce)
+
+    def _finish(self, reduce) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        if self.done.done():
+            return
+        try:
+            # Sum in peer-id order, not arrival order, so every round is reproducible bit for bit.
+            ordered = [self.received[sender] for sender in sorted(self.received)]
+            self.done.set_result((reduce(ordered), len(ordered)))
+        except Exception as e:
+            self.done.set_exception(e)
+
+
+class _ReducerRound:
+    """This peer's part in one group's round: a _ChunkReduction per chunk, created on first contact."""
+
+    def __init__(self, group: GroupInfo, span, codec: Codec, chunk_elements: int, sender_timeout: float, device):
+        self.group, self.codec, self.device = group, codec, device
+        self.chunks = chunk_spans(*span, chunk_elements)
+        self.senders = {m.peer_id for m in group.senders}
+        self.sender_timeout = sender_timeout
+        self.reductions: dict[int, _ChunkReduction] = {}
+
+    def reduction(self, index: int) -> _ChunkReduction:
+        if index not in self.reductions:
+            self.reductions[index] = _ChunkReduction(len(self.senders), self.sender_timeout)
+        return self.reductions[index]
+
+    def reduce_chunk(self, index: int, contributions) -> list[torch.Tensor]:
+        start, end = self.chunks[index]
+        weights = [w for w, _ in contributions]
+        if sum(weights) <= 0:
+            weights = [1.0] * len(weights)
+        out = torch.empty(end - start, dtype=torch.float32, device=self.device)
+        return self.codec.reduce([p for _, p in contributions], weights, out, requantize=True, name="chunk mean")
+
+    def check_payload(self, index: int, payload: list[torch.Tensor]) -> list[torch.Tensor]:
+        if not 0 <= index < len(self.chunks):
+            raise ProtocolError(f"chunk {index} is out of range (this part has {len(self.chunks)})")
+        start, end = self.chunks[index]
+        expected = self.codec.empty_payload(end - start, "meta")
+        if len(payload) != len(expected) or any(
+            t.dtype != e.dtype or t.shape != e.shape for t, e in zip(payload, expected, strict=False)
+        ):
+            raise ProtocolError(f"chunk {index} payload does not match the {self.codec.name} codec's layout")
+        return [t.to(self.device) for t in payload]
+
+    async def contribute(self, sender: PeerID, index: int, weight: float, payload) -> tuple[list[torch.Tensor], int]:
+        reduction = self.reduction(index)
+        reduction.add(sender, weight, payload, lambda c: self.reduce_chunk(index, c))
+        return await reduction.done
+
+
+class AllReduceService:
+    """Serves the reducer side of all-reduce rounds on a peer; one per peer."""
+
+    def __init__(self, peer: Peer):
+        self.peer = peer
+        self._rounds: dict[bytes, _ReducerRound] = {}
+        self._waiters: dict[bytes, asyncio.Future] = {}
+        peer.register(CHUNK_METHOD, self._on_chunk)
+
+    def open_round(self, group_id: bytes, reducer_round: _ReducerRound) -> None:
+        self._rounds[group_id] = reducer_round
+        waiter = self._waiters.pop(group_id, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(reducer_round)
+
+    def close_round(self, group_id: bytes) -> None:
+        self._rounds.pop(group_id, None)
+
+    async def _round(self, group_id: bytes) -> _ReducerRound:
+        if group_id in self._rounds:
+            return self._rounds[group_id]
+        waiter = self._waiters.setdefault(group_id, asyncio.get_running_loop().create_future())
+        try:
+            async with asyncio.timeout(ROUND_WAIT_TIMEOUT):
+                return await asyncio.shield(waiter)
+        except TimeoutError:
+            self._waiters.pop(group_id, None)
+            raise AllReduceError("this peer is not in that averaging group (or never started its round)") from None
+
+    async def _on_chunk(self, request: Request):
+        header = request.header
+        group_id, index, weight = header.get("g"), header.get("c"), header.get("w")
+        if not isinstance(group_id, bytes) or not isinstance(index, int) or not isinstance(weight, int | float):
+            raise ProtocolError("an all-reduce chunk needs bytes 'g', int 'c' and numeric 'w'")
+        if not math.isfinite(weight) or weight < 0:
+            raise ProtocolError(f"weight {weight} must be finite and non-negative")
+        reducer_round = await self._round(group_id)
+        if request.sender not in reducer_round.senders:
+            raise ProtocolError("the caller is not a contributing member of this group")
+        payload = reducer_round.check_payload(index, request.tensors)
+        mean, count = await reducer_round.contribute(request.sender, index, float(weight), payload)
+        return {"n": count}, mean
+
+
+async def run_allreduce(
+    service: AllReduceService,
+    group: GroupInfo,
+    flat: torch.Tensor,
+    codec: Codec,
+    *,
+    weight: float = 1.0,
+    residual: torch.Tensor | None = None,
+    timeout: float = 60.0,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    window: int = DEFAULT_WINDOW,
+    sender_timeout: float = DEFAULT_SENDER_TIMEOUT,
+) -> AllReduceResult:
+    """Average `flat` (1-D, contiguous, float) with `group` in place; parts whose reducer failed stay local."""
+    me = group.member(service.peer.peer_id)
+    if me is None:
+        raise ValueError("this peer is not a member of the group it was asked to average with")
+    reducers = group.reducers
+    align = getattr(codec, "block", 1)
+    chunk_elements = max(align, chunk_elements // align * align)
+    spans = part_spans(flat.numel(), [r.bandwidth for r in reducers], align)
+    result = AllReduceResult(group, spans=spans, senders_averaged=len(group.senders))
+    my_part = next((i for i, r in enumerate(reducers) if r.peer_id == me.peer_id), None)
+    local_round = None
+    if my_part is not None:
+        local_round = _ReducerRound(group, spans[my_part], codec, chunk_elements, sender_timeout, flat.device)
+        service.open_round(group.group_id, local_round)
+    deadline = time.monotonic() + timeout
+    exchanges: dict[int, asyncio.Task] = {}
+    try:
+        async with asyncio.timeout(timeout):
+            if me.contributes:
+                for part, reducer in enumerate(reducers):
+                    exchange = _exchange_part(
+                        service,
+                        group,
+                        reducer,
+                        part,
+                        spans[part],
+                        flat,
+                        codec,
+                        weight,
+                        residual,
+                        chunk_elements,
+                        window,
+                        deadline,
+                        local_round if part == my_part else None,
+                    )
+                    exchanges[part] = asyncio.ensure_future(exchange)
+                await asyncio.wait(exchanges.values())
+            if local_round is not None:
+                await _serve_until_reduced(local_round)
+    except TimeoutError:
+        logger.warning("all-reduce round %s hit its %.1f s deadline", group.group_id.hex()[:8], timeout)
+    finally:
+        service.close_round(group.group_id)
+        for task in exchanges.values():
+            task.cancel()
+    for part, task in exchanges.items():
+        outcome = task.exception() if task.done() and not task.cancelled() else TimeoutError("round deadline")
+        if outcome is not None:
+            result.failed_parts.append(part)
+            logger.warning("part %d (reducer %s) failed: %s", part, reducers[part].peer_id, outcome)
+        else:
+            result.senders_averaged = min(result.senders_averaged, task.result())
+    return result
+
+
+async def _serve_until_reduced(local_round: _ReducerRound) -> None:
+    """Stay in the round until every chunk of our part has been averaged (or failed) for its senders."""
+    for index in range(len(local_round.chunks)):
+        reduction = local_round.reduction(index)
+        if not local_round.senders:
+            return
+        await asyncio.gather(reduction.done, return_exceptions=True)
+
+
+async def _exchange_part(
+    service, group, reducer, part, span, flat, codec, weight, residual, chunk_elements, window, deadline, local_round
+) -> int:
+    """Send every chunk of one part to its reducer and decode the means in place; return the fewest
+    senders any chunk was averaged over."""
+    semaphore = asyncio.Semaphore(window)
+    fewest = len(group.senders)
+
+    async def one_chunk(index: int, start: int, end: int) -> None:
+        nonlocal fewest
+        async with semaphore:
+            piece = flat[start:end]
+            payload = codec.encode(piece, None if residual is None else residual[start:end], name=f"part {part}")
+            if local_round is not None:
+                mean, count = await local_round.contribute(service.peer.peer_id, index, weight, payload)
+            else:
+                header = {"g": group.group_id, "c": index, "w": weight}
+                remaining = max(0.1, deadline - time.monotonic())
+                reply, mean = await service.peer.call(reducer.address, CHUNK_METHOD, header, payload, timeout=remaining)
+                count = int(reply.get("n", 0))
+            codec.decode([t.to(flat.device) for t in mean], piece, name=f"mean of part {part}")
+            fewest = min(fewest, count)
+
+    chunks = chunk_spans(*span, chunk_elements)
+    outcomes = await asyncio.gather(*(one_chunk(i, s, e) for i, (s, e) in enumerate(chunks)), return_exceptions=True)
+    errors = [o for o in outcomes if isinstance(o, BaseException)]
+    if errors:
+        if not all(isinstance(e, TransportError | AllReduceError | TimeoutError) for e in errors):
+            raise errors[0]
+        raise AllReduceError(f"{len(errors)} of {len(chunks)} chunks of part {part} failed: {errors[0]}")
+    return fewest

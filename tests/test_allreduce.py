@@ -1,0 +1,172 @@
+"""Butterfly all-reduce between real peer processes: exact means, roles, bandwidth-sized parts, faults."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+
+import psutil
+import pytest
+import torch
+from hiveengine.kernels import weighted_mean
+
+from hiveengine.averaging import AllReduceService, GroupInfo, GroupMember, Mode, part_spans, run_allreduce
+from hiveengine.codec import get_codec
+from hiveengine.transport import Peer, PeerID
+from tests.averaging_peer import seeded_data
+from tests.procs import PeerProcess
+
+pytestmark = pytest.mark.timeout(120)
+NUMEL = 100_003
+# Worst-case distance from the exact mean: one quantization on the way in, one on the way back.
+TOLERANCE = {"none": 0.0, "fp16": 4e-3, "bf16": 3e-2, "int8": 0.08, "int4": 1.6}
+
+
+def average_in_processes(tmp_path, specs: list[dict], codec: str, timeout: float = 60, sender_timeout: float = 3):
+    """Run one round among real processes; `specs` give each peer's weight, bandwidth, mode (and stall)."""
+    procs = [PeerProcess("averaging_peer.py") for _ in specs]
+    try:
+        addresses = [p.expect("ADDRESS") for p in procs]
+        members = [
+            {
+                "id": a.rsplit("/", 1)[1],
+                "address": a,
+                "bandwidth": s.get("bandwidth", 1.0),
+                "mode": s.get("mode", "NODE"),
+            }
+            for a, s in zip(addresses, specs, strict=True)
+        ]
+        plan = {
+            "group_id": os.urandom(8).hex(),
+            "members": members,
+            "numel": NUMEL,
+            "codec": codec,
+            "timeout": timeout,
+            "chunk_elements": 1 << 14,
+            "sender_timeout": sender_timeout,
+        }
+        for i, (proc, spec) in enumerate(zip(procs, specs, strict=True)):
+            me = {"seed": i, "weight": spec.get("weight", 1.0), "out": str(tmp_path / f"{i}.pt"), **spec}
+            proc.proc.stdin.write(json.dumps({**plan, "me": me}) + "\n")
+            proc.proc.stdin.flush()
+        for proc, spec in zip(procs, specs, strict=True):
+            if spec.get("stall"):
+                proc.expect("STALLED")
+                proc.kill()  # SIGKILL after it joined the group, before it sent anything
+        results = {}
+        for i, (proc, spec) in enumerate(zip(procs, specs, strict=True)):
+            if not spec.get("stall"):
+                results[i] = json.loads(proc.expect("RESULT", timeout=timeout + 30))
+                results[i]["tensor"] = torch.load(tmp_path / f"{i}.pt")
+        return members, results
+    finally:
+        for proc in procs:
+            proc.close()
+
+
+def exact_mean(members: list[dict], indices: list[int], weights: list[float]) -> torch.Tensor:
+    """The weighted mean of the peers `indices`, summed in peer-id order as the reducers do."""
+    order = sorted(range(len(indices)), key=lambda k: PeerID.from_string(members[indices[k]]["id"]).raw)
+    inputs = [seeded_data(indices[k], NUMEL) for k in order]
+    return weighted_mean(inputs, [weights[k] for k in order], out=torch.empty(NUMEL))
+
+
+@pytest.mark.parametrize("n_peers", [2, 3, 4])
+def test_every_peer_gets_the_exact_weighted_mean_with_none(tmp_path, n_peers):
+    weights = [1.0 + i for i in range(n_peers)]
+    members, results = average_in_processes(tmp_path, [{"weight": w} for w in weights], "none")
+    expected = exact_mean(members, list(range(n_peers)), weights)
+    for r in results.values():
+        assert r["failed_parts"] == []
+        assert torch.equal(r["tensor"], expected)
+
+
+@pytest.mark.parametrize("codec", ["fp16", "bf16", "int8", "int4"])
+def test_lossy_codecs_stay_within_their_quantization_error(tmp_path, codec):
+    members, results = average_in_processes(tmp_path, [{"weight": 1.0}, {"weight": 3.0}, {"weight": 2.0}], codec)
+    expected = exact_mean(members, [0, 1, 2], [1.0, 3.0, 2.0])
+    tensors = [r["tensor"] for r in results.values()]
+    assert all(torch.equal(tensors[0], t) for t in tensors)  # everyone decodes the same mean
+    error = float((tensors[0] - expected).abs().max())
+    assert 0 < error <= TOLERANCE[codec]
+
+
+def test_uneven_bandwidths_give_uneven_parts(tmp_path):
+    members, results = average_in_processes(tmp_path, [{"bandwidth": 1.0}, {"bandwidth": 3.0}], "none")
+    group = GroupInfo(b"x", tuple(_member(m) for m in members))
+    lengths = [e - s for s, e in results[0]["spans"]]
+    for reducer, length in zip(group.reducers, lengths, strict=True):
+        assert length == pytest.approx(NUMEL * reducer.bandwidth / 4, rel=0.01)
+    assert torch.equal(results[0]["tensor"], results[1]["tensor"])
+
+
+def test_client_and_auxiliary_peers(tmp_path):
+    specs = [{"weight": 1.0}, {"weight": 2.0, "mode": "CLIENT"}, {"mode": "AUX"}]
+    members, results = average_in_processes(tmp_path, specs, "none")
+    expected = exact_mean(members, [0, 1], [1.0, 2.0])  # the auxiliary peer's data is not averaged in
+    assert len(results[0]["spans"]) == 2  # the client reduces nothing
+    for i in (0, 1):
+        assert results[i]["failed_parts"] == []
+        assert torch.equal(results[i]["tensor"], expected)
+
+
+def test_peer_killed_mid_round_leaves_the_mean_of_survivors(tmp_path):
+    specs = [{"weight": 1.0}, {"weight": 2.0}, {"weight": 1.0, "stall": True}, {"weight": 3.0}]
+    members, results = average_in_processes(tmp_path, specs, "none", timeout=30, sender_timeout=2)
+    group = GroupInfo(b"x", tuple(_member(m) for m in members))
+    dead_id = members[2]["id"]
+    dead_part = next(i for i, r in enumerate(group.reducers) if str(r.peer_id) == dead_id)
+    survivors_mean = exact_mean(members, [0, 1, 3], [1.0, 2.0, 3.0])
+    for i, r in results.items():
+        assert r["failed_parts"] == [dead_part]
+        start, end = r["spans"][dead_part]
+        local = seeded_data(i, NUMEL)
+        assert torch.equal(r["tensor"][start:end], local[start:end])  # the dead reducer's part stays local
+        keep = torch.ones(NUMEL, dtype=torch.bool)
+        keep[start:end] = False
+        assert torch.equal(r["tensor"][keep], survivors_mean[keep])
+
+
+def _member(m: dict) -> GroupMember:
+    return GroupMember(PeerID.from_string(m["id"]), m["address"], m["bandwidth"], Mode[m["mode"]])
+
+
+def test_fifty_rounds_without_memory_growth():
+    peers = [Peer() for _ in range(3)]
+    services = [AllReduceService(p) for p in peers]
+    codec = get_codec("int8")
+    flats = [torch.randn(50_000, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    residuals = [torch.zeros(50_000) for _ in range(3)]
+
+    async def one_round():
+        group = GroupInfo(os.urandom(8), tuple(GroupMember(p.peer_id, str(p.address)) for p in peers))
+        return await asyncio.gather(
+            *[
+                run_allreduce(s, group, f, codec, residual=r, timeout=30)
+                for s, f, r in zip(services, flats, residuals, strict=True)
+            ]
+        )
+
+    try:
+        for _ in range(5):
+            peers[0].runtime.run(one_round(), 60)
+        rss_before = psutil.Process().memory_info().rss
+        for _ in range(50):
+            results = peers[0].runtime.run(one_round(), 60)
+            assert all(r.failed_parts == [] for r in results)
+        growth = psutil.Process().memory_info().rss - rss_before
+        assert growth < 32 * 2**20, f"RSS grew by {growth / 2**20:.1f} MiB over 50 rounds"
+        assert all(not s._rounds and not s._waiters for s in services)
+        assert all(torch.equal(flats[0], f) for f in flats)
+    finally:
+        for p in peers:
+            p.shutdown()
+
+
+def test_part_spans_follow_bandwidth_and_alignment():
+    spans = part_spans(1000, [1, 1, 2], align=64)
+    assert spans[0][0] == 0 and spans[-1][1] == 1000
+    assert all(s % 64 == 0 for s, _ in spans)
+    assert [e - s for s, e in spans] == [256, 256, 488]
+    assert part_spans(10, [1, 1, 1, 1], align=64) == [(0, 0), (0, 0), (0, 0), (0, 10)]
