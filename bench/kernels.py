@@ -22,6 +22,7 @@ import os
 import re
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,7 +89,9 @@ class HivemindUniform8Bit:
         centered = x - x.mean()
         std = centered.norm() / math.sqrt(centered.numel() - 1)
         scale = float(self.range_in_sigmas * std / self.n_bins)
-        codes = torch.quantize_per_tensor(centered, scale, self.n_bins // 2, torch.quint8).int_repr()
+        with warnings.catch_warnings():  # quantized tensors are deprecated in torch; hivemind still uses them
+            warnings.simplefilter("ignore", UserWarning)
+            codes = torch.quantize_per_tensor(centered, scale, self.n_bins // 2, torch.quint8).int_repr()
         index = codes.long()
         sums = torch.zeros(self.n_bins).scatter_add_(0, index, x)
         counts = torch.bincount(index, minlength=self.n_bins).clamp_min_(1)
