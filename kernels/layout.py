@@ -5,7 +5,9 @@ partial). Each block has one fp32 scale, ``absmax / 127`` for 8-bit and ``absmax
 8-bit codes are int8 in [-127, 127], one per value. 4-bit codes are in [-7, 7] (symmetric, so rounding
 is unbiased and 0 is exact), stored as 4-bit two's complement and packed two per uint8 byte, low nibble
 first; an odd last value leaves the high nibble zero. A block whose absmax is below ``TINY`` (all zeros,
-or values so small that ``127 / absmax`` would overflow) gets scale 0 and codes 0.
+or values so small that ``127 / absmax`` would overflow) gets scale 0 and codes 0. A block holding NaN or
+Inf makes the kernel raise NonFiniteError and gets a NaN scale, so that a payload sent despite the error is
+still refused by its receiver.
 """
 
 from __future__ import annotations

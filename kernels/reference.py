@@ -44,7 +44,7 @@ def quantize_values(
     finite = torch.isfinite(absmax)
     live = absmax >= TINY
     inv = torch.where(live, torch.div(float(qmax), torch.where(live, absmax, 1.0)), 0.0)
-    scales = torch.where(live, absmax / qmax, 0.0)
+    scales = torch.where(finite, torch.where(live, absmax / qmax, 0.0), float("nan"))
     v = yb * inv[:, None]
     q = torch.round(v) if key is None else torch.floor(v + uniform(yb.numel(), key, y.device).view_as(yb))
     return q.clamp(-qmax, qmax).view(-1)[: y.numel()], scales, finite

@@ -52,14 +52,15 @@ def _any_per_row(bad):
 
 @triton.jit
 def _block_scale(amax_bits, QMAX: tl.constexpr):
-    """(1 / scale, scale, non-finite) of each block from its absmax bits; tiny blocks get 0 and 0."""
+    """(1 / scale, scale, non-finite) of each block from its absmax bits; tiny blocks get 0 and 0,
+    non-finite ones 0 and NaN."""
     bad = amax_bits >= 0x7F800000
     absmax = amax_bits.to(tl.float32, bitcast=True)
     live = (absmax >= 7.52316384526264e-37) & ~bad  # 2^-120, layout.TINY
     safe = tl.where(live, absmax, 1.0)
     inv = tl.where(live, tl.math.div_rn(tl.full(safe.shape, QMAX, tl.float32), safe), 0.0)
     scale = tl.where(live, tl.math.div_rn(safe, tl.full(safe.shape, QMAX, tl.float32)), 0.0)
-    return inv, scale, bad
+    return inv, tl.where(bad, float("nan"), scale), bad
 
 
 @triton.jit

@@ -19,6 +19,8 @@ from hiveengine.kernels import (
     backend_for,
     cast,
     check_finite,
+    codes_dtype,
+    codes_numel,
     dequantize_blockwise,
     quantize_blockwise,
     reduce_blockwise,
@@ -299,8 +301,11 @@ def test_nonfinite_input_raises_naming_the_tensor(impl, bad, bits):
     backend, device = impl
     x = randn(3000, seed=61, device=device)
     x[1234] = bad
+    out = (torch.empty(codes_numel(3000, bits), dtype=codes_dtype(bits), device=device), torch.empty(12, device=device))
     with pytest.raises(NonFiniteError, match=r"layer3\.weight\.grad.*first at flat index 1234"):
-        quantize_blockwise(x, bits, 256, name="layer3.weight.grad", backend=backend)
+        quantize_blockwise(x, bits, 256, out=out, name="layer3.weight.grad", backend=backend)
+    # The block holding it gets a NaN scale: a payload sent anyway is refused by its receiver.
+    assert torch.isnan(out[1][1234 // 256]).item() and torch.isfinite(out[1][:4]).all()
     residual = randn(3000, seed=62, device=device)
     residual[7] = bad
     x[1234] = 0
