@@ -108,6 +108,41 @@ def test_streamed_256mb_transfer_lands_in_place(client, server):
     assert reply == {"sum": float(x.double().sum()), "numel": x.numel()}
 
 
+@pytest.mark.parametrize("numel", [100, 1 << 20])  # inline and framed replies
+def test_reply_lands_in_caller_buffers(client, server, numel):
+    _, address = server
+    x = torch.randn(numel, generator=torch.Generator().manual_seed(4))
+    out = torch.empty(numel)
+    _, (got,) = client.call_sync(address, "echo", {}, [x], timeout=30, out=[out])
+    assert got.data_ptr() == out.data_ptr() and torch.equal(out, x)
+    with pytest.raises(ProtocolError, match="do not fit the receive buffer"):
+        client.call_sync(address, "echo", {}, [x], timeout=30, out=[torch.empty(numel + 1)])
+    assert torch.equal(client.call_sync(address, "echo", {}, [x], timeout=30)[1][0], x)  # connection still fine
+
+
+def test_handler_allocator_provides_receive_buffers():
+    server, caller = Peer(), Peer()
+    landing = torch.empty(1 << 20)
+    seen = []
+
+    async def record(request):
+        seen.append(request.tensors[0].data_ptr())
+        return {"sum": float(request.tensors[0].sum())}
+
+    server.register("record", record, allocate=lambda header, specs: [landing] if header.get("mine") else None)
+    try:
+        x = torch.randn(1 << 20, generator=torch.Generator().manual_seed(5))
+        assert caller.call_sync(server.address, "record", {"mine": True}, [x], timeout=30)[0] == {"sum": float(x.sum())}
+        assert seen[-1] == landing.data_ptr() and torch.equal(landing, x)
+        caller.call_sync(server.address, "record", {}, [x], timeout=30)
+        assert seen[-1] != landing.data_ptr()
+        with pytest.raises(ProtocolError, match="do not fit"):
+            caller.call_sync(server.address, "record", {"mine": True}, [x[:10].clone()], timeout=30)
+    finally:
+        caller.shutdown()
+        server.shutdown()
+
+
 def test_unknown_method_is_a_typed_error(client, server):
     _, address = server
     with pytest.raises(UnknownMethodError, match="nope"):

@@ -22,6 +22,7 @@ from hiveengine.transport.wire import (
     FrameSpec,
     allocate,
     as_frame,
+    check_buffers,
     decode_control,
     encode_control,
     inline_tensors,
@@ -59,6 +60,7 @@ class Connection:
         self._request_ids = itertools.count(1)
         self._control = np.empty(limits.max_header_bytes, dtype=np.uint8)
         self.pending: dict[int, asyncio.Future] = {}
+        self.reply_buffers: dict[int, Sequence[torch.Tensor]] = {}
         self.closed = False
         self.error: Exception | None = None
 
@@ -114,11 +116,25 @@ class Connection:
     def frame_tag(self, body: dict, index: int) -> int:
         return _tag(self.recv_base, _frame_seq(body.get("s", 0), index))
 
-    async def receive_frames(self, body: dict, specs: Sequence[FrameSpec]) -> list[torch.Tensor]:
-        """Receive the frames announced by `body` into freshly allocated tensors."""
+    async def receive_frames(
+        self, body: dict, specs: Sequence[FrameSpec], out: Sequence[torch.Tensor] | None = None
+    ) -> list[torch.Tensor]:
+        """Receive the frames announced by `body` into `out` (checked against them) or fresh tensors."""
+        if out is not None:
+            try:
+                check_buffers(out, specs)
+            except ProtocolError:
+                if "x" not in body:
+                    self.discard_frames(body, len(specs))
+                raise
         if "x" in body:
-            return inline_tensors(body["x"], specs)
-        tensors = [allocate(spec) for spec in specs]
+            tensors = inline_tensors(body["x"], specs)
+            if out is None:
+                return tensors
+            for dst, src in zip(out, tensors, strict=True):
+                dst.view(-1).copy_(src.view(-1))
+            return list(out)
+        tensors = list(out) if out is not None else [allocate(spec) for spec in specs]
         await self.receive_into(body, tensors)
         return tensors
 

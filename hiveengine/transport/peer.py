@@ -27,13 +27,14 @@ from hiveengine.transport.limits import DEFAULT_LIMITS, TransportLimits
 from hiveengine.transport.reactor import close_endpoint
 from hiveengine.transport.runtime import Runtime
 from hiveengine.transport.stream import Chunk, StreamReader, iterate_chunks
-from hiveengine.transport.wire import Kind, frame_specs, inline_tensors
+from hiveengine.transport.wire import FrameSpec, Kind, frame_specs, inline_tensors
 
 logger = logging.getLogger(__name__)
 
 HandlerResult = dict | tuple[dict, Sequence[torch.Tensor]] | None
 Handler = Callable[["Request"], Awaitable[HandlerResult]]
 StreamHandler = Callable[["StreamRequest"], Awaitable[dict | None]]
+Allocator = Callable[[dict, list[FrameSpec]], Sequence[torch.Tensor] | None]
 ANNOUNCE_HOST_ENV = "HIVEENGINE_ANNOUNCE_HOST"
 DEFAULT_ANNOUNCE_HOST = "127.0.0.1"
 CONNECTION_ERROR_ID = 0  # an ERROR with this id concerns the whole connection, not one call
@@ -131,6 +132,7 @@ class Peer:
         self.runtime = runtime or Runtime.get()
         self.announce_host = announce_host or os.environ.get(ANNOUNCE_HOST_ENV, DEFAULT_ANNOUNCE_HOST)
         self._handlers: dict[str, Handler] = {}
+        self._allocators: dict[str, Allocator] = {}
         self._stream_handlers: dict[str, StreamHandler] = {}
         self._connections: dict[PeerID, Connection] = {}
         self._connecting: dict[PeerID, asyncio.Future] = {}
@@ -154,9 +156,14 @@ class Peer:
 
     # ---- handlers
 
-    def register(self, method: str, handler: Handler) -> None:
-        """Serve `method` with `async handler(Request) -> dict | (dict, tensors) | None`."""
+    def register(self, method: str, handler: Handler, allocate: Allocator | None = None) -> None:
+        """Serve `method` with `async handler(Request) -> dict | (dict, tensors) | None`. With `allocate`,
+        `allocate(header, specs)` may return buffers for the incoming tensors (None: fresh ones)."""
         self._handlers[method] = handler
+        if allocate is None:
+            self._allocators.pop(method, None)
+        else:
+            self._allocators[method] = allocate
 
     def register_stream(self, method: str, handler: StreamHandler) -> None:
         """Serve the stream `method` with `async handler(StreamRequest) -> dict | None`."""
@@ -171,20 +178,24 @@ class Peer:
         header: dict | None = None,
         tensors: Sequence[torch.Tensor] = (),
         timeout: float | None = None,
+        out: Sequence[torch.Tensor] | None = None,
     ) -> tuple[dict, list[torch.Tensor]]:
-        """Call `method` on the peer at `address`; return its (header, tensors) or raise a TransportError."""
+        """Call `method` on the peer at `address`; return its (header, tensors) or raise a TransportError.
+        With `out`, the reply's tensors are received straight into those (contiguous, matching) buffers."""
         timeout = timeout or self.limits.default_call_timeout
-        coro = self._call(address, method, header or {}, list(tensors), timeout)
+        coro = self._call(address, method, header or {}, list(tensors), timeout, out)
         return await self._with_deadline(coro, timeout, f"call {method!r} to {address}")
 
     def call_sync(self, *args, **kwargs) -> tuple[dict, list[torch.Tensor]]:
         """Blocking twin of `call` for synchronous code (not for use on the transport loop)."""
         return self.runtime.run(self.call(*args, **kwargs), timeout=None)
 
-    async def _call(self, address, method, header, tensors, timeout) -> tuple[dict, list[torch.Tensor]]:
+    async def _call(self, address, method, header, tensors, timeout, out) -> tuple[dict, list[torch.Tensor]]:
         conn = await self.connect(address)
         request_id = conn.new_request_id()
         reply = conn.pending[request_id] = asyncio.get_running_loop().create_future()
+        if out is not None:
+            conn.reply_buffers[request_id] = out
         try:
             await conn.send({"k": Kind.REQUEST, "i": request_id, "m": method, "h": header, "d": timeout}, tensors)
             return await reply
@@ -399,7 +410,9 @@ class Peer:
     async def _handle_request(self, conn: Connection, body: dict, specs, handler: Handler, nbytes: int) -> None:
         try:
             async with asyncio.timeout(self._handler_deadline(body)):
-                tensors = await conn.receive_frames(body, specs) if specs else []
+                allocator = self._allocators.get(body["m"])
+                buffers = allocator(body.get("h", {}), specs) if allocator is not None and specs else None
+                tensors = await conn.receive_frames(body, specs, buffers) if specs else []
                 result = await handler(Request(body["m"], body.get("h", {}), tensors, conn.remote))
             header, out = _normalize_result(result)
             reply = {"k": Kind.RESPONSE, "i": body["i"], "h": header}
@@ -432,7 +445,8 @@ class Peer:
             return
         header = body.get("h", {})
         header = header if isinstance(header, dict) else {}
-        if not specs or "x" in body:  # nothing left on the wire: answer without a task hop
+        out = conn.reply_buffers.get(body["i"])
+        if out is None and (not specs or "x" in body):  # nothing left on the wire: answer without a task hop
             try:
                 reply.set_result((header, inline_tensors(body["x"], specs) if specs else []))
             except ProtocolError as e:
@@ -441,7 +455,7 @@ class Peer:
 
         async def receive() -> None:
             try:
-                tensors = await conn.receive_frames(body, specs)
+                tensors = await conn.receive_frames(body, specs, out)
             except Exception as e:
                 if not reply.done():
                     reply.set_exception(e)
@@ -530,6 +544,7 @@ class Peer:
 
 def _forget_reply(conn: Connection, request_id: int) -> None:
     """Drop a call's reply slot; an error that arrived after the caller stopped waiting is not an error."""
+    conn.reply_buffers.pop(request_id, None)
     reply = conn.pending.pop(request_id, None)
     if reply is not None and reply.done() and not reply.cancelled():
         reply.exception()

@@ -166,6 +166,18 @@ def inline_tensors(payloads, specs: list[FrameSpec]) -> list[torch.Tensor]:
     return tensors
 
 
+def check_buffers(buffers, specs: list[FrameSpec]) -> None:
+    """Refuse receive buffers that do not fit the announced frames (count, dtype, size, contiguity)."""
+    if len(buffers) != len(specs):
+        raise ProtocolError(f"{len(specs)} tensors arrived but {len(buffers)} receive buffers were given")
+    for i, (buf, spec) in enumerate(zip(buffers, specs, strict=True)):
+        if buf.dtype != spec.dtype or buf.numel() != spec.numel or not buf.is_contiguous():
+            raise ProtocolError(
+                f"tensor {i} is {spec.numel} {spec.dtype} values, which do not fit the receive buffer "
+                f"of {buf.numel()} {buf.dtype} values{'' if buf.is_contiguous() else ' (not contiguous)'}"
+            )
+
+
 def as_frame(t: torch.Tensor) -> torch.Tensor:
     """A contiguous flat byte view of `t` (copying only if `t` is not contiguous)."""
     return t.contiguous().reshape(-1).view(torch.uint8)
