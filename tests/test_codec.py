@@ -84,7 +84,7 @@ def test_none_codec_sends_fp32_without_copying():
 
 @pytest.mark.parametrize("name", ["none", "fp16", "bf16"])
 def test_float_codecs_refuse_a_residual(name):
-    with pytest.raises(ConfigurationError, match="no error to feed back"):
+    with pytest.raises(ConfigurationError, match="takes no error-feedback residual"):
         get_codec(name).encode(randn(100, seed=6), residual=torch.zeros(100))
 
 

@@ -36,7 +36,8 @@ class Codec(ABC):
     """One wire format: encode a tensor to a payload, decode a payload in place, reduce K payloads."""
 
     name: str
-    #: Whether encode accepts an error-feedback residual (only lossy codecs have an error to feed back).
+    #: Whether encode accepts an error-feedback residual (the blockwise codecs; fp16/bf16 rounding is too
+    #: small to be worth a residual buffer).
     supports_error_feedback: bool = False
 
     @property
@@ -62,7 +63,7 @@ class Codec(ABC):
         name: str = "tensor",
     ) -> Payload:
         """Encode contiguous x (fp32/fp16/bf16) for the wire, into `out` if given. With `residual`, encode
-        x + residual and store the new encoding error in it (error feedback; lossy codecs only)."""
+        x + residual and store the new encoding error in it (error feedback; int8/int4 only)."""
 
     @abstractmethod
     def decode(self, payload: Sequence[torch.Tensor], out: torch.Tensor, *, name: str = "tensor") -> torch.Tensor:
@@ -83,7 +84,7 @@ class Codec(ABC):
 
     def _refuse_residual(self, residual: torch.Tensor | None) -> None:
         if residual is not None:
-            raise ConfigurationError(f"the {self.name} codec has no error to feed back; pass residual=None")
+            raise ConfigurationError(f"the {self.name} codec takes no error-feedback residual; pass residual=None")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
