@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from hiveengine.averaging.buffers import BufferCache
 from hiveengine.averaging.group import GroupInfo
 from hiveengine.averaging.partition import chunk_spans, part_spans
 from hiveengine.codec import Codec
@@ -80,15 +81,38 @@ class _ChunkReduction:
             self.done.set_exception(e)
 
 
+@dataclass
+class _ReducerArena:
+    """Receive slots (one payload per sender per chunk) and fp32 outputs for one part's chunks."""
+
+    slots: list[list[list[torch.Tensor]]]
+    outputs: list[torch.Tensor]
+
+    @classmethod
+    def create(cls, codec: Codec, chunks, senders: int, device) -> _ReducerArena:
+        slots = [[codec.empty_payload(e - s, device) for _ in range(senders)] for s, e in chunks]
+        return cls(slots, [torch.empty(e - s, dtype=torch.float32, device=device) for s, e in chunks])
+
+
 class _ReducerRound:
     """This peer's part in one group's round: a _ChunkReduction per chunk, created on first contact."""
 
-    def __init__(self, group: GroupInfo, span, codec: Codec, chunk_elements: int, sender_timeout: float, device):
-        self.group, self.codec, self.device = group, codec, device
-        self.chunks = chunk_spans(*span, chunk_elements)
+    def __init__(self, group: GroupInfo, chunks, codec: Codec, sender_timeout: float, arena: _ReducerArena):
+        self.group, self.codec, self.chunks, self.arena = group, codec, chunks, arena
         self.senders = {m.peer_id for m in group.senders}
         self.sender_timeout = sender_timeout
         self.reductions: dict[int, _ChunkReduction] = {}
+        self._next_slot = [0] * len(chunks)
+
+    def receive_slot(self, index) -> list[torch.Tensor] | None:
+        """A free arena slot for one sender's copy of chunk `index` (None when out of range or used up)."""
+        if not isinstance(index, int) or not 0 <= index < len(self.chunks):
+            return None
+        slot = self._next_slot[index]
+        if slot >= len(self.arena.slots[index]):
+            return None
+        self._next_slot[index] += 1
+        return self.arena.slots[index][slot]
 
     def reduction(self, index: int) -> _ChunkReduction:
         if index not in self.reductions:
@@ -96,11 +120,10 @@ class _ReducerRound:
         return self.reductions[index]
 
     def reduce_chunk(self, index: int, contributions) -> list[torch.Tensor]:
-        start, end = self.chunks[index]
         weights = [w for w, _ in contributions]
         if sum(weights) <= 0:
             weights = [1.0] * len(weights)
-        out = torch.empty(end - start, dtype=torch.float32, device=self.device)
+        out = self.arena.outputs[index]
         return self.codec.reduce([p for _, p in contributions], weights, out, requantize=True, name="chunk mean")
 
     def check_payload(self, index: int, payload: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -112,7 +135,7 @@ class _ReducerRound:
             t.dtype != e.dtype or t.shape != e.shape for t, e in zip(payload, expected, strict=False)
         ):
             raise ProtocolError(f"chunk {index} payload does not match the {self.codec.name} codec's layout")
-        return [t.to(self.device) for t in payload]
+        return [t.to(self.arena.outputs[index].device) for t in payload]
 
     async def contribute(self, sender: PeerID, index: int, weight: float, payload) -> tuple[list[torch.Tensor], int]:
         reduction = self.reduction(index)
@@ -125,9 +148,15 @@ class AllReduceService:
 
     def __init__(self, peer: Peer):
         self.peer = peer
+        self.buffers = BufferCache()
         self._rounds: dict[bytes, _ReducerRound] = {}
         self._waiters: dict[bytes, asyncio.Future] = {}
-        peer.register(CHUNK_METHOD, self._on_chunk)
+        peer.register(CHUNK_METHOD, self._on_chunk, allocate=self._receive_buffers)
+
+    def _receive_buffers(self, header: dict, specs) -> list[torch.Tensor] | None:
+        """Land a chunk in its round's arena when the round is open here already (else: fresh memory)."""
+        reducer_round = self._rounds.get(header.get("g")) if isinstance(header.get("g"), bytes) else None
+        return None if reducer_round is None else reducer_round.receive_slot(header.get("c"))
 
     def open_round(self, group_id: bytes, reducer_round: _ReducerRound) -> None:
         self._rounds[group_id] = reducer_round
@@ -189,7 +218,11 @@ async def run_allreduce(
     my_part = next((i for i, r in enumerate(reducers) if r.peer_id == me.peer_id), None)
     local_round = None
     if my_part is not None:
-        local_round = _ReducerRound(group, spans[my_part], codec, chunk_elements, sender_timeout, flat.device)
+        chunks = chunk_spans(*spans[my_part], chunk_elements)
+        senders = len(group.senders)
+        layout = ("reduce", codec.name, tuple(chunks), senders, flat.device)
+        arena = service.buffers.get(layout, lambda: _ReducerArena.create(codec, chunks, senders, flat.device))
+        local_round = _ReducerRound(group, chunks, codec, sender_timeout, arena)
         service.open_round(group.group_id, local_round)
     deadline = time.monotonic() + timeout
     exchanges: dict[int, asyncio.Task] = {}
@@ -248,23 +281,37 @@ async def _exchange_part(
     senders any chunk was averaged over."""
     semaphore = asyncio.Semaphore(window)
     fewest = len(group.senders)
+    chunks = chunk_spans(*span, chunk_elements)
+    lossless = codec.name == "none"  # the mean can land straight in `flat`
+    layout = ("send", codec.name, tuple(chunks), flat.device)
+    sends, means = service.buffers.get(
+        layout,
+        lambda: tuple([codec.empty_payload(e - s, flat.device) for s, e in chunks] for _ in range(2)),
+    )
 
     async def one_chunk(index: int, start: int, end: int) -> None:
         nonlocal fewest
         async with semaphore:
             piece = flat[start:end]
-            payload = codec.encode(piece, None if residual is None else residual[start:end], name=f"part {part}")
+            encode_into = None if lossless else sends[index]
+            payload = codec.encode(
+                piece, None if residual is None else residual[start:end], out=encode_into, name=f"part {part}"
+            )
             if local_round is not None:
                 mean, count = await local_round.contribute(service.peer.peer_id, index, weight, payload)
+                codec.decode([t.to(flat.device) for t in mean], piece, name=f"mean of part {part}")
             else:
                 header = {"g": group.group_id, "c": index, "w": weight}
                 remaining = max(0.1, deadline - time.monotonic())
-                reply, mean = await service.peer.call(reducer.address, CHUNK_METHOD, header, payload, timeout=remaining)
+                out = [piece] if lossless else means[index]
+                reply, mean = await service.peer.call(
+                    reducer.address, CHUNK_METHOD, header, payload, timeout=remaining, out=out
+                )
+                if not lossless:
+                    codec.decode(mean, piece, name=f"mean of part {part}")
                 count = int(reply.get("n", 0))
-            codec.decode([t.to(flat.device) for t in mean], piece, name=f"mean of part {part}")
             fewest = min(fewest, count)
 
-    chunks = chunk_spans(*span, chunk_elements)
     outcomes = await asyncio.gather(*(one_chunk(i, s, e) for i, (s, e) in enumerate(chunks)), return_exceptions=True)
     errors = [o for o in outcomes if isinstance(o, BaseException)]
     if errors:

@@ -158,7 +158,7 @@ class Connection:
         """Wait for the next control message (the dispatcher's only suspension point)."""
         self._check_open()
         try:
-            await self.reactor.tag_recv(self.endpoint, self._control, _tag(self.recv_base, CONTROL_SEQ))
+            await self.reactor.tag_recv(self.endpoint, self._control, _tag(self.recv_base, CONTROL_SEQ), standing=True)
         except asyncio.CancelledError:
             raise
         except Exception as e:

@@ -14,6 +14,7 @@ from typing import Any
 from hiveengine.transport.ucx_env import import_ucxx
 
 logger = logging.getLogger(__name__)
+ACTIVE_POLL_INTERVAL = 0.0002  # seconds between progress passes while transfers are in flight
 
 
 def close_endpoint(endpoint) -> None:
@@ -41,6 +42,8 @@ class Reactor:
         self.worker.init_blocking_progress_mode()
         self._fd = self.worker.epoll_file_descriptor
         self._pending: dict[Any, tuple[asyncio.Future, Any]] = {}
+        self._standing = 0  # pending receives that wait for messages which may never come (control channels)
+        self._poll_handle: asyncio.TimerHandle | None = None
         self._scheduled = False
         self._closed = False
         loop.add_reader(self._fd, self._progress)
@@ -66,12 +69,22 @@ class Reactor:
                 pass
             self._collect_completed()
             if self.worker.arm():
-                return
+                break
+        # UCX does not always raise an fd event when a large transfer can make progress again (e.g. a TCP
+        # socket turning writable), so while data is in flight we also progress on a short timer. Standing
+        # receives alone (an idle connection) never start the timer: idle stays at ~0% CPU.
+        if len(self._pending) > self._standing and self._poll_handle is None:
+            self._poll_handle = self.loop.call_later(ACTIVE_POLL_INTERVAL, self._poll)
+
+    def _poll(self) -> None:
+        self._poll_handle = None
+        self._progress()
 
     def _collect_completed(self) -> None:
         done = [req for req in self._pending if req.completed]
         for req in done:
-            future, _keepalive = self._pending.pop(req)
+            future, _keepalive, standing = self._pending.pop(req)
+            self._standing -= standing
             self._resolve(req, future)
 
     @staticmethod
@@ -85,13 +98,15 @@ class Reactor:
         else:
             future.set_result(None)
 
-    def track(self, req, keepalive: Any = None) -> asyncio.Future:
-        """Future that completes with `req`; `keepalive` (the buffer) stays referenced until then."""
+    def track(self, req, keepalive: Any = None, standing: bool = False) -> asyncio.Future:
+        """Future that completes with `req`; `keepalive` (the buffer) stays referenced until then.
+        A `standing` request is a receive that may wait indefinitely for a message (no polling for it)."""
         future = self.loop.create_future()
         if req.completed:
             self._resolve(req, future)
         else:
-            self._pending[req] = (future, keepalive)
+            self._pending[req] = (future, keepalive, int(standing))
+            self._standing += int(standing)
             self.kick()
         return future
 
@@ -104,8 +119,8 @@ class Reactor:
     def tag_send(self, endpoint, buf, tag: int) -> asyncio.Future:
         return self.track(endpoint.tag_send(self._array(buf), self._tag(tag)), buf)
 
-    def tag_recv(self, endpoint, buf, tag: int) -> asyncio.Future:
-        return self.track(endpoint.tag_recv(self._array(buf), self._tag(tag), self._tag_mask), buf)
+    def tag_recv(self, endpoint, buf, tag: int, standing: bool = False) -> asyncio.Future:
+        return self.track(endpoint.tag_recv(self._array(buf), self._tag(tag), self._tag_mask), buf, standing)
 
     def stream_send(self, endpoint, buf) -> asyncio.Future:
         return self.track(endpoint.stream_send(self._array(buf)), buf)
@@ -119,7 +134,9 @@ class Reactor:
             return
         self._closed = True
         self.loop.remove_reader(self._fd)
-        for future, _ in self._pending.values():
+        if self._poll_handle is not None:
+            self._poll_handle.cancel()
+        for future, _, _ in self._pending.values():
             if not future.done():
                 future.cancel()
         self._pending.clear()

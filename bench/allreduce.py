@@ -1,0 +1,208 @@
+"""All-reduce benchmark: hiveengine's butterfly all-reduce (per codec) vs torch.distributed gloo.
+
+Each configuration runs N peer processes on this host. A round's time is the slowest peer's; the table
+shows the median over rounds, the algorithm bandwidth (tensor bytes / round time) and the bytes each
+peer put on the wire. Writes bench/results/allreduce.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import format_table, write_results
+
+MiB = 1 << 20
+PEERS = [2, 4]
+SIZES = [16 * MiB, 32 * MiB]  # fp32 elements: 64 MB and 128 MB
+CODECS = ["none", "fp16", "int8", "int4"]
+ROUNDS = 5
+LINE_TIMEOUT = 300.0
+
+
+# ---------------------------------------------------------------- hiveengine worker
+
+
+def hive_worker() -> None:
+    from hiveengine.averaging import AllReduceService, GroupInfo, GroupMember, run_allreduce
+    from hiveengine.codec import get_codec
+    from hiveengine.transport import Peer, PeerID
+
+    peer = Peer()
+    service = AllReduceService(peer)
+    print("ADDRESS", peer.address, flush=True)
+    plan = json.loads(sys.stdin.readline())
+    members = tuple(GroupMember(PeerID.from_string(a.rsplit("/", 1)[1]), a) for a in plan["addresses"])
+    codec = get_codec(plan["codec"])
+    flat = torch.randn(plan["numel"], generator=torch.Generator().manual_seed(plan["rank"]))
+    residual = torch.zeros_like(flat) if codec.supports_error_feedback else None
+    barrier = torch.zeros(1)
+    none = get_codec("none")
+
+    def group(tag: str) -> GroupInfo:
+        return GroupInfo(hashlib.sha256(tag.encode()).digest()[:16], members)
+
+    async def rounds() -> list[float]:
+        times = []
+        for r in range(plan["rounds"] + 1):
+            await run_allreduce(service, group(f"barrier{r}"), barrier, none, timeout=120)
+            start = time.perf_counter()
+            result = await run_allreduce(
+                service, group(f"round{r}"), flat, codec, residual=residual, timeout=300, sender_timeout=120
+            )
+            times.append(time.perf_counter() - start)
+            assert not result.failed_parts, result.failed_parts
+        return times[1:]
+
+    times = peer.runtime.run(rounds(), timeout=3600)
+    print("RESULT", json.dumps({"times": times, "wire_bytes": _wire_bytes(codec, plan)}), flush=True)
+    sys.stdin.read()
+    peer.shutdown()
+
+
+def _wire_bytes(codec, plan) -> int:
+    """Bytes this peer sends per round: its data for the others' parts plus the means it returns."""
+    n, k = plan["numel"], len(plan["addresses"])
+    others = n * (k - 1) // k
+    return 2 * codec.payload_nbytes(others)
+
+
+# ---------------------------------------------------------------- gloo worker
+
+
+def gloo_worker(rank: int, world: int, store: str, numel: int, rounds: int) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    x = torch.randn(numel, generator=torch.Generator().manual_seed(rank))
+    times = []
+    for _ in range(rounds + 1):
+        dist.barrier()
+        start = time.perf_counter()
+        dist.all_reduce(x)
+        x /= world
+        times.append(time.perf_counter() - start)
+    print(
+        "RESULT", json.dumps({"times": times[1:], "wire_bytes": 2 * x.numel() * 4 * (world - 1) // world}), flush=True
+    )
+    dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------- orchestration
+
+
+def _spawn(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, __file__, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+
+def _read_prefixed(proc: subprocess.Popen, prefix: str) -> str:
+    deadline = time.monotonic() + LINE_TIMEOUT
+    for line in proc.stdout:
+        if line.startswith(prefix):
+            return line[len(prefix) :].strip()
+        if time.monotonic() > deadline:
+            break
+    raise RuntimeError(f"{proc.args} ended without printing {prefix!r} (exit code {proc.poll()})")
+
+
+def run_hive(peers: int, numel: int, codec: str, rounds: int) -> dict:
+    procs = [_spawn("--role", "hive") for _ in range(peers)]
+    try:
+        addresses = [_read_prefixed(p, "ADDRESS") for p in procs]
+        for rank, proc in enumerate(procs):
+            plan = {"addresses": addresses, "codec": codec, "numel": numel, "rank": rank, "rounds": rounds}
+            proc.stdin.write(json.dumps(plan) + "\n")
+            proc.stdin.flush()
+        return _combine([json.loads(_read_prefixed(p, "RESULT")) for p in procs])
+    finally:
+        for p in procs:
+            p.kill()
+
+
+def run_gloo(peers: int, numel: int, rounds: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        store = os.path.join(tmp, "store")
+        procs = [
+            _spawn(
+                "--role",
+                "gloo",
+                "--rank",
+                str(r),
+                "--world",
+                str(peers),
+                "--store",
+                store,
+                "--numel",
+                str(numel),
+                "--rounds",
+                str(rounds),
+            )
+            for r in range(peers)
+        ]
+        try:
+            return _combine([json.loads(_read_prefixed(p, "RESULT")) for p in procs])
+        finally:
+            for p in procs:
+                p.kill()
+
+
+def _combine(results: list[dict]) -> dict:
+    per_round = [max(r["times"][i] for r in results) for i in range(len(results[0]["times"]))]
+    return {"seconds": statistics.median(per_round), "rounds": per_round, "wire_bytes": results[0]["wire_bytes"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--role", choices=["hive", "gloo"])
+    parser.add_argument("--rank", type=int)
+    parser.add_argument("--world", type=int)
+    parser.add_argument("--store", help="file for the gloo rendezvous")
+    parser.add_argument("--numel", type=int)
+    parser.add_argument("--peers", type=int, nargs="+", default=PEERS)
+    parser.add_argument("--sizes", type=int, nargs="+", default=SIZES, help="fp32 elements")
+    parser.add_argument("--codecs", nargs="+", default=CODECS)
+    parser.add_argument("--rounds", type=int, default=ROUNDS)
+    args = parser.parse_args(argv)
+    if args.role == "hive":
+        hive_worker()
+        return 0
+    if args.role == "gloo":
+        gloo_worker(args.rank, args.world, args.store, args.numel, args.rounds)
+        return 0
+
+    rows, records = [], []
+    for peers in args.peers:
+        for numel in args.sizes:
+            print(f"measuring gloo, {peers} peers, {numel * 4 // MiB} MB ...", file=sys.stderr, flush=True)
+            gloo = run_gloo(peers, numel, args.rounds)
+            configs = [("gloo", gloo)]
+            for codec in args.codecs:
+                print(f"measuring hiveengine {codec}, {peers} peers ...", file=sys.stderr, flush=True)
+                configs.append((f"hiveengine {codec}", run_hive(peers, numel, codec, args.rounds)))
+            for name, r in configs:
+                record = {"peers": peers, "mbytes": numel * 4 // MiB, "system": name, **r}
+                record["algbw_gbs"] = numel * 4 / r["seconds"] / 1e9
+                record["vs_gloo"] = gloo["seconds"] / r["seconds"]
+                records.append(record)
+                rows.append({**record, "wire MB/peer": r["wire_bytes"] / 1e6, "s/round": r["seconds"]})
+    columns = ["peers", "mbytes", "system", "s/round", "algbw_gbs", "wire MB/peer", "vs_gloo"]
+    print(format_table(rows, columns))
+    print("vs_gloo > 1 means faster than gloo")
+    path = write_results("allreduce", {"records": records})
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
