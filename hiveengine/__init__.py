@@ -4,4 +4,14 @@ from hiveengine import errors
 from hiveengine.errors import HiveEngineError
 
 __version__ = "0.1.0"
-__all__ = ["HiveEngineError", "__version__", "errors"]
+__all__ = ["DHT", "HiveEngineError", "ValueWithExpiration", "__version__", "errors"]
+_LAZY = {"DHT": "hiveengine.dht", "ValueWithExpiration": "hiveengine.dht"}
+
+
+def __getattr__(name: str):
+    """Import the heavier public classes on first use, so `import hiveengine` stays light."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'hiveengine' has no attribute {name!r}")

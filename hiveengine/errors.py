@@ -59,3 +59,15 @@ class RemoteHandlerError(RemoteError):
 
 class PeerBusyError(RemoteError):
     """The remote peer refused the call because it holds too much inbound data right now; retry later."""
+
+
+class DHTError(HiveEngineError):
+    """Base class of errors raised by the DHT."""
+
+
+class ValueTooLargeError(DHTError, ValueError):
+    """A DHT key, subkey or value is larger than the DHT accepts (see hiveengine.dht.MAX_VALUE_BYTES)."""
+
+
+class BootstrapError(DHTError, ConnectionError):
+    """A DHT node could not join the swarm: none of its initial peers answered."""

@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from hiveengine.cli import bench, peer
+from hiveengine.cli import bench, dht, peer
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -16,6 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="WARNING", help="logging level (default: WARNING)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     peer.add_commands(sub)
+    dht.add_commands(sub)
     bench.add_commands(sub)
     return parser
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import hiveengine
 
-BENCHMARKS = ["transport", "kernels"]
+BENCHMARKS = ["transport", "kernels", "dht"]
 
 
 def add_commands(sub) -> None:

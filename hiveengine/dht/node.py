@@ -1,0 +1,341 @@
+"""DHTNode: one Kademlia node on a transport Peer; serves the DHT's RPCs, runs lookups, replicates and refreshes.
+
+Every method runs on the transport's event loop; many nodes can share it (one process, one loop thread).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Iterable, Sequence
+from dataclasses import dataclass
+
+from hiveengine.dht import protocol
+from hiveengine.dht.routing import Contact, RoutingTable, key_id, node_id, random_id_in_bucket
+from hiveengine.dht.storage import Entry, Record, Storage, get_dht_time
+from hiveengine.dht.validation import RecordValidator
+from hiveengine.errors import BootstrapError, ProtocolError, TransportError
+from hiveengine.transport import Peer, PeerAddress, Request
+
+logger = logging.getLogger(__name__)
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class DHTConfig:
+    """Tunables of a DHT node; the defaults suit a swarm on one laptop as well as one across the Internet."""
+
+    k: int = 20  # bucket size and replication factor
+    alpha: int = 3  # lookup RPCs in flight at once
+    rpc_timeout: float = 3.0  # seconds one DHT RPC may take before its node counts as failed
+    refresh_interval: float = 600.0  # a bucket without a lookup for this long is refreshed
+    republish_interval: float = 300.0  # held records are re-replicated to the k closest nodes this often
+    republish_margin: float = 1.0  # records expiring sooner than this are not worth republishing
+    maintenance_period: float = 5.0  # how often expiry, refresh and republish are checked (with jitter)
+    max_stored_bytes: int = 256 * MiB  # records this node holds for others
+    cache_bytes: int = 16 * MiB  # recently fetched values
+    republish_concurrency: int = 8
+
+
+class DHTNode:
+    """A Kademlia node: routing table, local storage and cache, RPC handlers, iterative lookups."""
+
+    def __init__(self, peer: Peer, validator: RecordValidator, config: DHTConfig, client_mode: bool = False):
+        self.peer = peer
+        self.validator = validator
+        self.config = config
+        self.client_mode = client_mode
+        self.id = node_id(peer.peer_id)
+        self.table = RoutingTable(self.id, config.k)
+        self.storage = Storage(config.max_stored_bytes)
+        self.cache = Storage(config.cache_bytes, evict=True)
+        self.my_address = None if client_mode else str(peer.address)
+        self._pinging: set[int] = set()
+        self._tasks: set[asyncio.Task] = set()
+        self._closed = False
+        if not client_mode:
+            peer.register(protocol.PING, self._on_ping)
+            peer.register(protocol.STORE, self._on_store)
+            peer.register(protocol.FIND, self._on_find)
+
+    # ---- lifecycle
+
+    async def start(self, initial_peers: Iterable[PeerAddress | str]) -> None:
+        """Join the swarm through `initial_peers`: ping them, look up our own id, start maintenance."""
+        contacts = []
+        for text in initial_peers:
+            address = PeerAddress.parse(text)
+            if address.peer_id != self.peer.peer_id:
+                contacts.append(Contact(address))
+        if contacts:
+            answered = await asyncio.gather(*[self._ping(c) for c in contacts])
+            if not any(answered):
+                raise BootstrapError(
+                    f"none of the {len(contacts)} initial peers answered within {self.config.rpc_timeout} s; "
+                    "check the addresses and that those DHT nodes are running"
+                )
+            await self.find_nodes(self.id)
+        self._spawn(self._maintain())
+
+    async def aclose(self) -> None:
+        """Stop maintenance and background work (the Peer is closed by its owner); idempotent."""
+        self._closed = True
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _spawn(self, coro: Awaitable) -> asyncio.Task:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # ---- contacts
+
+    def _seen(self, contact: Contact) -> None:
+        """A node answered or called us: refresh it in the table; probe the bucket's oldest if it is full."""
+        stale = self.table.touch(contact)
+        if stale is not None and stale.id not in self._pinging and not self._closed:
+            self._pinging.add(stale.id)
+            self._spawn(self._probe(stale))
+
+    async def _probe(self, contact: Contact) -> None:
+        try:
+            await self._ping(contact)  # a dead one is removed, and a waiting replacement takes its place
+        finally:
+            self._pinging.discard(contact.id)
+
+    def _failed(self, contact: Contact, error: Exception) -> None:
+        logger.debug("%s failed: %s: %s", contact.address, type(error).__name__, error)
+        self.table.remove(contact.id)
+
+    async def _rpc(self, contact: Contact, method: str, header: dict, tensors=()) -> tuple[dict, list] | None:
+        """Call a node; on success refresh it, on any failure drop it from the table and return None."""
+        try:
+            reply = await self.peer.call(contact.address, method, header, tensors, timeout=self.config.rpc_timeout)
+        except (TransportError, TimeoutError) as e:
+            self._failed(contact, e)
+            return None
+        self._seen(contact)
+        return reply
+
+    async def _ping(self, contact: Contact) -> bool:
+        return await self._rpc(contact, protocol.PING, {"s": self.my_address}) is not None
+
+    # ---- lookups
+
+    async def _find(self, contact: Contact, target: int, key: bytes | None, offer: list[Record] | None):
+        header = protocol.find_request(self.my_address, target, key is not None)
+        tensors = [protocol.records_blob(offer)] if offer else []
+        reply = await self._rpc(contact, protocol.FIND, header, tensors)
+        if reply is None:
+            return None
+        try:
+            return protocol.parse_find_reply(reply[0], reply[1], key, self.config.k, len(offer or ()))
+        except ProtocolError as e:
+            self._failed(contact, e)
+            return None
+
+    async def _lookup(
+        self,
+        target: int,
+        key: bytes | None = None,
+        found: Entry | None = None,
+        stop_early: bool = False,
+        offer: list[Record] | None = None,
+    ) -> tuple[list[Contact], dict[int, list[bool]]]:
+        """Iterative Kademlia lookup of `target` with `alpha` RPCs in flight. Returns the k closest nodes that
+        answered, and what each node that took the `offer`ed records said about each. With `key`, every valid
+        record found is merged into `found`; `stop_early` ends the lookup at the first one. Dead nodes cost one
+        rpc_timeout each and are skipped; the lookup never hangs."""
+        k, alpha = self.config.k, self.config.alpha
+        self.table.mark_lookup(target)
+        candidates = {c.id: c for c in self.table.nearest(target, k)}
+        asked: set[int] = set()
+        failed: set[int] = set()
+        answered: list[Contact] = []
+        stored: dict[int, list[bool]] = {}
+        pending: dict[asyncio.Task, Contact] = {}
+        try:
+            while True:
+                closest = sorted((c for c in candidates.values() if c.id not in failed), key=lambda c: c.id ^ target)
+                for contact in closest[:k]:
+                    if len(pending) >= alpha:
+                        break
+                    if contact.id not in asked:
+                        asked.add(contact.id)
+                        pending[asyncio.ensure_future(self._find(contact, target, key, offer))] = contact
+                if not pending:
+                    break
+                done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    contact, result = pending.pop(task), task.result()
+                    if result is None:
+                        failed.add(contact.id)
+                        continue
+                    answered.append(contact)
+                    contacts, records, accepted = result
+                    if accepted is not None:
+                        stored[contact.id] = accepted
+                    for new in contacts:
+                        if new.id != self.id and new.id not in candidates:
+                            candidates[new.id] = new
+                    for record in records or ():
+                        if self._acceptable(record):
+                            found.merge(record)
+                if stop_early and found is not None and not found.empty():
+                    break
+        finally:
+            for task in pending:
+                task.cancel()
+        answered.sort(key=lambda c: c.id ^ target)
+        return answered[:k], stored
+
+    async def find_nodes(self, target: int) -> list[Contact]:
+        """The k closest live nodes to `target` that the swarm knows of."""
+        closest, _ = await self._lookup(target)
+        return closest
+
+    # ---- store and get
+
+    def _acceptable(self, record: Record) -> bool:
+        return protocol.record_size_error(record) is None and self.validator.validate(record)
+
+    def _closer_than_all(self, target: int, contacts: Sequence[Contact]) -> bool:
+        """Whether this node belongs among the k closest to `target`, given the k closest others found."""
+        if self.client_mode:
+            return False
+        return len(contacts) < self.config.k or (self.id ^ target) < (contacts[-1].id ^ target)
+
+    async def store(self, records: Sequence[Record], store_locally: bool = True) -> list[bool]:
+        """Replicate records of one key to the k closest nodes; for each record, whether any node accepted it.
+        The lookup offers the records to the nodes it asks, so only the closest nodes that did not take them
+        then (because they did not count themselves among the k closest) get a separate store call."""
+        records = list(records)
+        target = key_id(records[0].key)
+        closest, stored = await self._lookup(target, offer=records)
+        accepted = [False] * len(records)
+        if self._closer_than_all(target, closest):  # then this node is one of the k replicas
+            closest = closest[: self.config.k - 1]
+            if store_locally:
+                accepted = [self._store_local(r) for r in records]
+        for contact in closest:  # copies taken by farther nodes are harmless extras, not successes
+            if contact.id in stored:
+                accepted = [a or b for a, b in zip(accepted, stored[contact.id], strict=True)]
+        header, tensors = {"s": self.my_address}, [protocol.records_blob(records)]
+
+        async def send(contact: Contact) -> list[bool]:
+            reply = await self._rpc(contact, protocol.STORE, header, tensors)
+            try:
+                return protocol.parse_store_reply(reply[0], len(records)) if reply else [False] * len(records)
+            except ProtocolError as e:
+                self._failed(contact, e)
+                return [False] * len(records)
+
+        for results in await asyncio.gather(*[send(c) for c in closest if c.id not in stored]):
+            accepted = [a or b for a, b in zip(accepted, results, strict=True)]
+        return accepted
+
+    async def get(self, key: bytes, latest: bool = False) -> Entry | None:
+        """The live records of a key: from local storage or cache at once unless `latest`, otherwise the
+        newest found by a lookup (which stops at the first value found unless `latest`)."""
+        target = key_id(key)
+        found = Entry(key)
+        for source in (self.storage, self.cache):
+            held = source.get(target)
+            if held is not None:
+                if not latest:
+                    return held
+                for record in held.records():
+                    found.merge(record)
+        await self._lookup(target, key, found, stop_early=not latest)
+        now = get_dht_time()
+        found.drop_expired(now)
+        if found.empty():
+            return None
+        for record in found.records():
+            self.cache.store(target, record, now)
+        return found
+
+    def _store_local(self, record: Record | None) -> bool:
+        if record is None or not self._acceptable(record):
+            return False
+        return self.storage.store(key_id(record.key), record)
+
+    # ---- RPC handlers
+
+    def _note_sender(self, request: Request) -> None:
+        contact = protocol.sender_contact(request)
+        if contact is not None:
+            self._seen(contact)
+
+    async def _on_ping(self, request: Request) -> dict:
+        self._note_sender(request)
+        return {}
+
+    async def _on_store(self, request: Request) -> dict:
+        records = protocol.parse_store(request)
+        self._note_sender(request)
+        return {"ok": [self._store_local(r) for r in records]}
+
+    async def _on_find(self, request: Request):
+        target, want_values, offered = protocol.parse_find(request)
+        self._note_sender(request)
+        nearest = self.table.nearest(target, self.config.k, exclude=node_id(request.sender))
+        stored = None
+        if offered is not None and self._closer_than_all(target, nearest):
+            stored = [self._store_local(r) for r in offered]
+        records = None
+        if want_values:
+            entry = self.storage.get(target) or self.cache.get(target)
+            records = entry.records() if entry is not None else None
+        return protocol.find_reply([c.text for c in nearest], records, stored)
+
+    # ---- maintenance
+
+    async def _maintain(self) -> None:
+        """Forever: drop expired records, refresh stale buckets, republish records due for it."""
+        while True:
+            await asyncio.sleep(self.config.maintenance_period * random.uniform(0.5, 1.5))
+            try:
+                self.storage.drop_expired()
+                self.cache.drop_expired()
+                for index in self.table.stale_buckets(self.config.refresh_interval):
+                    await self.find_nodes(random_id_in_bucket(self.id, index))
+                await self._republish_due()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("DHT maintenance failed; retrying next period")
+
+    async def _republish_due(self) -> None:
+        """Re-replicate keys nobody re-stored here for a republish interval: each node that holds a key does so
+        unless another holder did it first (their store resets our timer), so copies lost to churn come back
+        on the current k closest nodes while the record lives."""
+        now = time.monotonic()
+        due = [e for _, e in self.storage.items() if now - e.refreshed_at >= self.config.republish_interval]
+        if not due:
+            return
+        limit = asyncio.Semaphore(self.config.republish_concurrency)
+
+        async def republish(entry: Entry) -> None:
+            async with limit:
+                entry.refreshed_at = time.monotonic()
+                horizon = get_dht_time() + self.config.republish_margin
+                records = [r for r in entry.records() if r.expiration_time > horizon]
+                if records:
+                    await self.store(records, store_locally=False)
+
+        await asyncio.gather(*[republish(e) for e in due])
+
+    # ---- statistics
+
+    @property
+    def num_peers(self) -> int:
+        return len(self.table)
+
+    @property
+    def num_keys(self) -> int:
+        return len(self.storage)

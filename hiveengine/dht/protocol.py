@@ -1,0 +1,146 @@
+"""The DHT's wire protocol over the transport: method names, limits, and how requests and replies are encoded.
+
+Every request header carries "s", the sender's address, or None for a node in client mode (which must not be
+added to routing tables because nobody can dial it). Records and found values travel as one msgpack blob in
+a uint8 tensor, so values are not bound by the transport's 64 KiB header limit.
+
+- dht.ping   header {s}                 -> {}
+- dht.store  header {s}, blob [record…] -> {ok: [bool…]}      record = [key, subkey, value, expiration, signature]
+- dht.find   header {s, id, v}          -> {}, blob [[address…], values]   values = None | [[subkey, value, exp, sig]…]
+
+A find made while storing may carry the records as a blob: a node that counts itself among the k closest to the
+id stores them at once and adds {ok: [bool…]} to its reply, which saves the store round trip to it.
+"""
+
+from __future__ import annotations
+
+import msgpack
+import torch
+
+from hiveengine.dht.routing import ID_BYTES, Contact, id_from_bytes
+from hiveengine.dht.storage import Record
+from hiveengine.errors import ProtocolError
+from hiveengine.transport import PeerAddress, Request
+
+KiB, MiB = 1 << 10, 1 << 20
+
+PING, STORE, FIND = "dht.ping", "dht.store", "dht.find"
+METHODS = (PING, STORE, FIND)
+
+# A serialized value may hold at most this many bytes; larger ones are refused by the writer and by every node.
+MAX_VALUE_BYTES = 256 * KiB
+# A serialized key or subkey may hold at most this many bytes.
+MAX_KEY_BYTES = 4 * KiB
+# Records one store request may carry, and the size of any request's or reply's blob.
+MAX_RECORDS_PER_STORE = 4096
+MAX_BLOB_BYTES = 64 * MiB
+MAX_ADDRESS_CHARS = 512
+
+
+def encode_blob(obj) -> torch.Tensor:
+    """Pack `obj` with msgpack into a uint8 tensor (refusing one larger than MAX_BLOB_BYTES)."""
+    data = msgpack.packb(obj, use_bin_type=True)
+    if len(data) > MAX_BLOB_BYTES:
+        raise ProtocolError(f"DHT message of {len(data)} bytes exceeds MAX_BLOB_BYTES = {MAX_BLOB_BYTES}")
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+
+
+def decode_blob(tensors: list[torch.Tensor], what: str):
+    """Unpack the msgpack blob that a DHT message carries as its only tensor; ProtocolError if malformed."""
+    if len(tensors) != 1 or tensors[0].dtype != torch.uint8 or tensors[0].dim() != 1:
+        raise ProtocolError(f"{what} must carry exactly one 1-D uint8 tensor (a msgpack blob)")
+    if tensors[0].numel() > MAX_BLOB_BYTES:
+        raise ProtocolError(f"{what}: blob of {tensors[0].numel()} bytes exceeds {MAX_BLOB_BYTES}")
+    try:
+        return msgpack.unpackb(tensors[0].numpy().tobytes(), raw=False, strict_map_key=False)
+    except Exception as e:
+        raise ProtocolError(f"{what}: undecodable blob ({type(e).__name__})") from None
+
+
+def record_size_error(record: Record) -> str | None:
+    """Why a record breaks the size limits, or None when it fits."""
+    if len(record.value) > MAX_VALUE_BYTES:
+        return f"the serialized value has {len(record.value)} bytes; MAX_VALUE_BYTES is {MAX_VALUE_BYTES}"
+    if len(record.key) > MAX_KEY_BYTES or len(record.subkey or b"") > MAX_KEY_BYTES:
+        return f"the serialized key or subkey is longer than MAX_KEY_BYTES = {MAX_KEY_BYTES}"
+    return None
+
+
+def sender_contact(request: Request) -> Contact | None:
+    """The requester as a contact, if it sent an address that is well formed and really its own."""
+    text = request.header.get("s")
+    if not isinstance(text, str) or len(text) > MAX_ADDRESS_CHARS:
+        return None
+    try:
+        address = PeerAddress.parse(text)
+    except ValueError:
+        return None
+    return Contact(address, text) if address.peer_id == request.sender else None
+
+
+# ---- the serving side
+
+
+def parse_store(request: Request) -> list[Record | None]:
+    """The records a request carries (None for each malformed one); ProtocolError if the request is malformed."""
+    items = decode_blob(request.tensors, request.method)
+    if not isinstance(items, list) or len(items) > MAX_RECORDS_PER_STORE:
+        raise ProtocolError(f"{STORE} expects a list of at most {MAX_RECORDS_PER_STORE} records")
+    return [Record.from_wire(item) for item in items]
+
+
+def parse_find(request: Request) -> tuple[int, bool, list[Record | None] | None]:
+    """The target id of a find request, whether values are wanted, and the records it offers to store."""
+    target = id_from_bytes(request.header.get("id"))
+    if target is None:
+        raise ProtocolError(f"{FIND} expects 'id': {ID_BYTES} bytes")
+    want_values = request.header.get("v", False)
+    if not isinstance(want_values, bool):
+        raise ProtocolError(f"{FIND} expects 'v' to be a bool")
+    return target, want_values, parse_store(request) if request.tensors else None
+
+
+def find_reply(
+    addresses: list[str], records: list[Record] | None, stored: list[bool] | None
+) -> tuple[dict, list[torch.Tensor]]:
+    values = None if records is None else [r.to_wire_without_key() for r in records]
+    return ({} if stored is None else {"ok": stored}), [encode_blob([addresses, values])]
+
+
+# ---- the calling side
+
+
+def records_blob(records: list[Record]) -> torch.Tensor:
+    return encode_blob([r.to_wire() for r in records])
+
+
+def find_request(sender: str | None, target: int, want_values: bool) -> dict:
+    return {"s": sender, "id": target.to_bytes(ID_BYTES, "big"), "v": want_values}
+
+
+def parse_store_reply(header: dict, count: int) -> list[bool]:
+    ok = header.get("ok")
+    if not isinstance(ok, list) or len(ok) != count:
+        raise ProtocolError(f"{STORE} reply must list {count} results")
+    return [item is True for item in ok]
+
+
+def parse_find_reply(header: dict, tensors: list[torch.Tensor], key: bytes | None, max_nodes: int, offered: int):
+    """(contacts, records or None, stored or None) from a find reply; malformed entries are skipped."""
+    stored = header.get("ok")
+    if stored is not None:
+        stored = parse_store_reply(header, offered)
+    reply = decode_blob(tensors, f"{FIND} reply")
+    if not isinstance(reply, list) or len(reply) != 2 or not isinstance(reply[0], list):
+        raise ProtocolError(f"{FIND} reply must be [addresses, values]")
+    contacts = []
+    for text in reply[0][:max_nodes]:
+        if isinstance(text, str) and len(text) <= MAX_ADDRESS_CHARS:
+            try:
+                contacts.append(Contact(PeerAddress.parse(text), text))
+            except ValueError:
+                continue
+    records = None
+    if key is not None and isinstance(reply[1], list):
+        records = [r for r in (Record.from_wire_with_key(key, item) for item in reply[1]) if r is not None]
+    return contacts, records, stored

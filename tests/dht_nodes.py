@@ -1,0 +1,29 @@
+"""A process hosting several DHT nodes for the tests: prints `ADDRESS <addr>` per node, then `READY`, and serves
+until its stdin closes (or it is killed)."""
+
+import argparse
+import sys
+
+from hiveengine.dht import DHT, DHTConfig
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--initial-peers", nargs="*", default=[])
+    parser.add_argument("--rpc-timeout", type=float, default=DHTConfig.rpc_timeout)
+    args = parser.parse_args()
+    config = DHTConfig(rpc_timeout=args.rpc_timeout)
+    nodes = []
+    for _ in range(args.nodes):
+        initial = args.initial_peers or [str(n.address) for n in nodes[:1]]
+        nodes.append(DHT(initial_peers=initial, config=config))
+        print("ADDRESS", nodes[-1].address, flush=True)
+    print("READY", flush=True)
+    sys.stdin.read()
+    for node in nodes:
+        node.shutdown()
+
+
+if __name__ == "__main__":
+    main()
