@@ -7,7 +7,9 @@ from hiveengine.averaging.allreduce import (
     AllReduceService,
     run_allreduce,
 )
+from hiveengine.averaging.averager import DecentralizedAverager
 from hiveengine.averaging.group import GroupInfo, GroupMember, Mode
+from hiveengine.averaging.matchmaking import Matchmaker, MatchmakingConfig
 from hiveengine.averaging.partition import chunk_spans, part_spans
 
 __all__ = [
@@ -15,8 +17,11 @@ __all__ = [
     "AllReduceError",
     "AllReduceResult",
     "AllReduceService",
+    "DecentralizedAverager",
     "GroupInfo",
     "GroupMember",
+    "Matchmaker",
+    "MatchmakingConfig",
     "Mode",
     "chunk_spans",
     "part_spans",

@@ -1,0 +1,137 @@
+"""DecentralizedAverager: averages a fixed set of tensors with whichever peers step() at the same time."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from hiveengine.averaging.allreduce import (
+    DEFAULT_CHUNK_ELEMENTS,
+    DEFAULT_SENDER_TIMEOUT,
+    AllReduceResult,
+    AllReduceService,
+    run_allreduce,
+)
+from hiveengine.averaging.group import GroupMember, Mode
+from hiveengine.averaging.matchmaking import Matchmaker, MatchmakingConfig
+from hiveengine.codec import get_codec
+from hiveengine.errors import ConfigurationError
+from hiveengine.transport import Peer
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_STEP_TIMEOUT = 60.0
+SERVICE_ATTRIBUTE = "_hiveengine_allreduce_service"
+
+
+def _service_for(peer) -> AllReduceService:
+    """The peer's one all-reduce service (several averagers on one peer share it)."""
+    service = getattr(peer, SERVICE_ATTRIBUTE, None)
+    if service is None:
+        service = AllReduceService(peer)
+        setattr(peer, SERVICE_ATTRIBUTE, service)
+    return service
+
+
+class DecentralizedAverager:
+    """Keeps `tensors` in one flat buffer and averages it with peers found through `dht` under `prefix`.
+
+    Read or modify the tensors only inside `with averager.get_tensors() as tensors:` — step() rewrites
+    them in place. Client-mode peers send and receive but reduce no part; auxiliary peers reduce but
+    contribute no data.
+    """
+
+    def __init__(
+        self,
+        tensors: Sequence[torch.Tensor],
+        dht,
+        prefix: str,
+        target_group_size: int = 16,
+        min_group_size: int = 2,
+        codec: str = "int8",
+        bandwidth: float | None = None,
+        client_mode: bool = False,
+        auxiliary: bool = False,
+        *,
+        matchmaking_time: float = 3.0,
+        expected_swarm_size: int | None = None,
+        sender_timeout: float = DEFAULT_SENDER_TIMEOUT,
+        chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+        peer: Peer | None = None,
+    ):
+        if client_mode and auxiliary:
+            raise ConfigurationError("a peer cannot be both a client (reduces nothing) and auxiliary (sends nothing)")
+        if not tensors:
+            raise ConfigurationError("give the averager at least one tensor")
+        dtypes = {t.dtype for t in tensors}
+        devices = {t.device for t in tensors}
+        if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point or len(devices) != 1:
+            raise ConfigurationError(
+                f"averaged tensors must share one floating dtype and device, got {sorted(map(str, dtypes))} "
+                f"on {sorted(map(str, devices))}"
+            )
+        self.dht, self.prefix = dht, prefix
+        self.codec = get_codec(codec)
+        self.sender_timeout, self.chunk_elements = sender_timeout, chunk_elements
+        self.flat = torch.cat([t.detach().reshape(-1) for t in tensors]).contiguous()
+        self._views = [
+            v.view_as(t) for v, t in zip(self.flat.split([t.numel() for t in tensors]), tensors, strict=True)
+        ]
+        self.residual = torch.zeros_like(self.flat) if self.codec.supports_error_feedback else None
+        mode = Mode.CLIENT if client_mode else Mode.AUX if auxiliary else Mode.NODE
+        # Its own peer (same process runtime): the DHT's peer is limited to DHT-sized messages.
+        self.peer = peer or Peer()
+        self._owns_peer = peer is None
+        self.me = GroupMember(self.peer.peer_id, str(self.peer.address), 1.0 if bandwidth is None else bandwidth, mode)
+        config = MatchmakingConfig(target_group_size, min_group_size, matchmaking_time, expected_swarm_size)
+        self.matchmaker = Matchmaker(dht, prefix, self.me, config)
+        self.service = _service_for(self.peer)
+        self._lock = threading.Lock()
+        self._closed = False
+
+    @contextlib.contextmanager
+    def get_tensors(self) -> Iterator[list[torch.Tensor]]:
+        """The averaged tensors (views into the flat buffer), locked against a concurrent step()."""
+        with self._lock:
+            yield self._views
+
+    async def astep(self, weight: float = 1.0, timeout: float = DEFAULT_STEP_TIMEOUT) -> AllReduceResult | None:
+        """Find a group and average with it; None if no group formed before the deadline. The result's
+        `failed_parts` lists parts whose reducer failed (this peer kept its local values there)."""
+        if self._closed:
+            raise ConfigurationError("this averager is shut down")
+        deadline = time.monotonic() + timeout
+        group = await self.matchmaker.find_group(deadline)
+        if group is None:
+            return None
+        weight = 0.0 if self.me.mode == Mode.AUX else weight
+        result = await run_allreduce(
+            self.service,
+            group,
+            self.flat,
+            self.codec,
+            weight=weight,
+            residual=self.residual,
+            timeout=max(0.1, deadline - time.monotonic()),
+            chunk_elements=self.chunk_elements,
+            sender_timeout=self.sender_timeout,
+        )
+        logger.info("averaged with %d peers (%d parts failed)", len(group.members), len(result.failed_parts))
+        return result
+
+    def step(self, weight: float = 1.0, timeout: float = DEFAULT_STEP_TIMEOUT) -> AllReduceResult | None:
+        """Blocking twin of `astep`; holds the tensors' lock while the round runs."""
+        with self._lock:
+            return self.peer.runtime.run(self.astep(weight, timeout), timeout + DEFAULT_SENDER_TIMEOUT)
+
+    def shutdown(self) -> None:
+        """Stop averaging; idempotent. The DHT stays up (it is the caller's)."""
+        if not self._closed:
+            self._closed = True
+            if self._owns_peer:
+                self.peer.shutdown()

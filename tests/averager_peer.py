@@ -1,0 +1,41 @@
+"""A real peer process for averager tests: joins the DHT, steps `rounds` times, saves its tensors.
+
+Usage: averager_peer.py OUT_FILE SEED ROUNDS CODEC [INITIAL_PEER]. Prints "DHT <address>" once its DHT
+is up, waits for a line on stdin (so every peer starts together), then "STEP <json>" per round.
+"""
+
+import json
+import sys
+
+import torch
+
+from hiveengine.averaging import DecentralizedAverager
+from hiveengine.dht import DHT
+
+MATCHMAKING_TIME = 1.0
+
+
+def main() -> None:
+    out, seed, rounds, codec = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    dht = DHT(initial_peers=sys.argv[5:6])
+    print("DHT", dht.address, flush=True)
+    gen = torch.Generator().manual_seed(seed)
+    tensors = [torch.randn(50_000, generator=gen), torch.randn(17, 3, generator=gen)]
+    averager = DecentralizedAverager(
+        tensors, dht, "test-run", target_group_size=4, codec=codec, matchmaking_time=MATCHMAKING_TIME
+    )
+    sys.stdin.readline()
+    for _ in range(rounds):
+        result = averager.step(timeout=30)
+        summary = None if result is None else {"size": len(result.group.members), "failed": result.failed_parts}
+        print("STEP", json.dumps(summary), flush=True)
+    with averager.get_tensors() as averaged:
+        torch.save([t.clone() for t in averaged], out)
+    print("SAVED", flush=True)
+    sys.stdin.read()
+    averager.shutdown()
+    dht.shutdown()
+
+
+if __name__ == "__main__":
+    main()
