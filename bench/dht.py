@@ -1,0 +1,289 @@
+"""DHT benchmark: swarms of N nodes (several per process) on 127.0.0.1, driven by a client-mode node.
+
+For each N: node start-up time, store and get success rate, mean/p99 latency one at a time, operations per
+second with many in flight, and extra RSS per node. `--compare hivemind` runs the same workload on the hivemind
+package's DHT, installed into its own virtual environment (bench/.venv-hivemind), never into hiveengine's.
+Prints a table and writes bench/results/dht.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import format_table, write_results
+
+HERE = Path(__file__).resolve().parent
+HIVEMIND_VENV = HERE / ".venv-hivemind"
+HIVEMIND_REQUIREMENTS = ["hivemind==1.1.12", "numpy<2.4"]
+EXPIRATION = 600.0
+LINE_TIMEOUT = 300.0
+COLUMNS = [
+    "system",
+    "nodes",
+    "start_ms",
+    "store_ok",
+    "get_ok",
+    "store_mean_ms",
+    "store_p99_ms",
+    "get_mean_ms",
+    "get_p99_ms",
+    "ops_per_s",
+    "mb_per_node",
+]
+
+
+def summarize(latencies: list[float]) -> tuple[float, float]:
+    """Mean and 99th percentile in milliseconds."""
+    ordered = sorted(latencies)
+    return 1e3 * statistics.fmean(ordered), 1e3 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
+
+
+def rss() -> int:
+    return psutil.Process().memory_info().rss
+
+
+# ---------------------------------------------------------------- hiveengine: node processes
+
+
+def worker(nodes: int, initial_peers: list[str]) -> None:
+    """Host `nodes` DHT nodes; print start-up facts as JSON; answer 'rss' on stdin until it closes."""
+    from hiveengine.dht import DHT
+    from hiveengine.transport import Runtime
+
+    runtime = Runtime.get()  # the per-process transport (loop thread, UCX worker, listener) is not per node
+    runtime.run(runtime.ensure_listener(None), timeout=60)
+    baseline = rss()
+    started, seconds = [], []
+    for _ in range(nodes):
+        start = time.perf_counter()
+        started.append(DHT(initial_peers=initial_peers or [str(n.address) for n in started[:1]]))
+        seconds.append(time.perf_counter() - start)
+    info = {"addresses": [str(n.address) for n in started], "start_seconds": seconds, "baseline": baseline}
+    print(json.dumps(info), flush=True)
+    for line in sys.stdin:
+        if line.strip() == "rss":
+            print(json.dumps({"extra_rss": rss() - baseline, "peers": [n.num_peers for n in started]}), flush=True)
+    for node in started:
+        node.shutdown()
+
+
+class Worker:
+    """A node process started from this script, talking JSON lines over its stdin/stdout."""
+
+    def __init__(self, nodes: int, initial_peers: list[str]):
+        args = [sys.executable, __file__, "--worker", str(nodes), "--initial-peers", *initial_peers]
+        self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"DHT worker exited with {self.proc.wait()}")
+        return json.loads(line)
+
+    def ask_rss(self) -> dict:
+        self.proc.stdin.write("rss\n")
+        self.proc.stdin.flush()
+        return self.read()
+
+    def close(self) -> None:
+        try:
+            self.proc.stdin.close()
+            self.proc.wait(30)
+        except (OSError, subprocess.TimeoutExpired):
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def run_hiveengine(nodes: int, keys: int, per_process: int, concurrency: int) -> dict:
+    from hiveengine.dht import DHT, get_dht_time
+
+    counts = [min(per_process, nodes - start) for start in range(0, nodes, per_process)]
+    workers = [Worker(counts[0], [])]
+    try:
+        first = workers[0].read()
+        workers += [Worker(count, first["addresses"][:1]) for count in counts[1:]]
+        infos = [first] + [w.read() for w in workers[1:]]
+        start_seconds = [s for info in infos for s in info["start_seconds"]]
+        client = DHT(initial_peers=[a for info in infos for a in info["addresses"][:1]], client_mode=True)
+        try:
+            result = drive(client, keys, concurrency, get_dht_time)
+        finally:
+            client.shutdown()
+        reports = [w.ask_rss() for w in workers]
+        extra = sum(r["extra_rss"] for r in reports)
+        peers = [p for r in reports for p in r["peers"]]
+        return {
+            "system": "hiveengine",
+            "nodes": nodes,
+            "start_ms": 1e3 * statistics.fmean(start_seconds),
+            "mb_per_node": extra / nodes / 2**20,
+            "mean_routing_table": statistics.fmean(peers),
+            **result,
+        }
+    finally:
+        for w in workers:
+            w.close()
+
+
+def drive(client, keys: int, concurrency: int, clock) -> dict:
+    """Store and get `keys` keys one at a time (latency), then as many again with `concurrency` in flight."""
+    expiration = clock() + EXPIRATION
+    store_lat, get_lat, store_ok, get_ok = [], [], 0, 0
+    for i in range(keys):
+        start = time.perf_counter()
+        store_ok += bool(client.store(f"key-{i}", {"i": i}, expiration, timeout=60))
+        store_lat.append(time.perf_counter() - start)
+    for i in range(keys):
+        start = time.perf_counter()
+        found = client.get(f"key-{i}", timeout=60)
+        get_lat.append(time.perf_counter() - start)
+        get_ok += found is not None and found.value == {"i": i}
+
+    async def burst() -> tuple[float, int]:
+        limit = asyncio.Semaphore(concurrency)
+
+        async def one(i: int) -> bool:
+            async with limit:
+                if not await client.astore(f"burst-{i}", i, expiration):
+                    return False
+                found = await client.aget(f"burst-{i}")
+                return found is not None and found.value == i
+
+        start = time.perf_counter()
+        ok = await asyncio.gather(*[one(i) for i in range(keys)])
+        return time.perf_counter() - start, sum(ok)
+
+    seconds, burst_ok = client.peer.runtime.run(burst(), timeout=600)
+    store_mean, store_p99 = summarize(store_lat)
+    get_mean, get_p99 = summarize(get_lat)
+    return {
+        "store_ok": store_ok / keys,
+        "get_ok": get_ok / keys,
+        "store_mean_ms": store_mean,
+        "store_p99_ms": store_p99,
+        "get_mean_ms": get_mean,
+        "get_p99_ms": get_p99,
+        "ops_per_s": 2 * keys / seconds,
+        "burst_ok": burst_ok / keys,
+    }
+
+
+# ---------------------------------------------------------------- hivemind, in its own virtual environment
+
+HIVEMIND_SCRIPT = r"""
+import asyncio, json, statistics, sys, time
+import psutil
+import hivemind
+from hivemind.utils.timed_storage import get_dht_time
+
+nodes, keys, concurrency, expiration_s = (int(a) for a in sys.argv[1:5])
+
+def tree_rss():
+    me = psutil.Process()
+    return sum(p.memory_info().rss for p in [me, *me.children(recursive=True)])
+
+baseline = tree_rss()
+dhts, start = [], []
+for _ in range(nodes):
+    t = time.perf_counter()
+    peers = dhts[0].get_visible_maddrs() if dhts else []
+    dhts.append(hivemind.DHT(initial_peers=peers, start=True))
+    start.append(time.perf_counter() - t)
+client = hivemind.DHT(initial_peers=dhts[0].get_visible_maddrs(), client_mode=True, start=True)
+expiration = get_dht_time() + expiration_s
+store_lat, get_lat, store_ok, get_ok = [], [], 0, 0
+for i in range(keys):
+    t = time.perf_counter()
+    store_ok += bool(client.store(f"key-{i}", {"i": i}, expiration))
+    store_lat.append(time.perf_counter() - t)
+for i in range(keys):
+    t = time.perf_counter()
+    found = client.get(f"key-{i}")
+    get_lat.append(time.perf_counter() - t)
+    get_ok += found is not None and found.value == {"i": i}
+t = time.perf_counter()
+futures = []
+for i in range(keys):
+    futures.append(client.store(f"burst-{i}", i, expiration, return_future=True))
+    if len(futures) >= concurrency:
+        futures.pop(0).result()
+[f.result() for f in futures]
+futures = []
+burst_ok = 0
+for i in range(keys):
+    futures.append(client.get(f"burst-{i}", return_future=True))
+    if len(futures) >= concurrency:
+        found = futures.pop(0).result(); burst_ok += found is not None
+burst_ok += sum(f.result() is not None for f in futures)
+seconds = time.perf_counter() - t
+def summ(xs):
+    xs = sorted(xs); return 1e3 * statistics.fmean(xs), 1e3 * xs[min(len(xs) - 1, int(0.99 * len(xs)))]
+(sm, sp), (gm, gp) = summ(store_lat), summ(get_lat)
+print(json.dumps({"system": "hivemind", "nodes": nodes, "start_ms": 1e3 * statistics.fmean(start),
+    "store_ok": store_ok / keys, "get_ok": get_ok / keys, "store_mean_ms": sm, "store_p99_ms": sp,
+    "get_mean_ms": gm, "get_p99_ms": gp, "ops_per_s": 2 * keys / seconds, "burst_ok": burst_ok / keys,
+    "mb_per_node": (tree_rss() - baseline) / nodes / 2**20}), flush=True)
+for d in [client, *dhts]:
+    d.shutdown()
+"""
+
+
+def hivemind_python() -> Path:
+    """The interpreter of bench/.venv-hivemind, creating it and installing hivemind there on first use."""
+    python = HIVEMIND_VENV / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(HIVEMIND_VENV)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", *HIVEMIND_REQUIREMENTS, "psutil"], check=True)
+    return python
+
+
+def run_hivemind(nodes: int, keys: int, concurrency: int) -> dict:
+    args = [str(hivemind_python()), "-c", HIVEMIND_SCRIPT, str(nodes), str(keys), str(concurrency), str(EXPIRATION)]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=3600, env={**os.environ, "PYTHONPATH": ""})
+    if out.returncode != 0:
+        raise RuntimeError(f"hivemind benchmark failed:\n{out.stderr[-4000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--nodes", type=int, nargs="+", default=[64, 256], help="swarm sizes (default 64 256)")
+    parser.add_argument("--keys", type=int, default=1000, help="keys stored and fetched per phase (default 1000)")
+    parser.add_argument("--per-process", type=int, default=16, help="DHT nodes per process (default 16)")
+    parser.add_argument("--concurrency", type=int, default=64, help="operations in flight in the burst phase")
+    parser.add_argument("--compare", choices=["hivemind"], help="also run hivemind's DHT (in its own venv)")
+    parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--initial-peers", nargs="*", default=[], help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        worker(args.worker, args.initial_peers)
+        return 0
+    rows = []
+    for nodes in args.nodes:
+        print(f"hiveengine: {nodes} nodes ({args.per_process} per process), {args.keys} keys ...", flush=True)
+        rows.append(run_hiveengine(nodes, args.keys, args.per_process, args.concurrency))
+        if args.compare == "hivemind":
+            print(f"hivemind: {nodes} nodes, {args.keys} keys ...", flush=True)
+            rows.append(run_hivemind(nodes, args.keys, args.concurrency))
+    print(format_table(rows, COLUMNS))
+    path = write_results("dht", {"args": {k: v for k, v in vars(args).items() if k != "worker"}, "rows": rows})
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
