@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import threading
@@ -19,8 +20,9 @@ from hiveengine.averaging.allreduce import (
 )
 from hiveengine.averaging.group import GroupMember, Mode
 from hiveengine.averaging.matchmaking import Matchmaker, MatchmakingConfig
+from hiveengine.averaging.state import StateServer, advertise, download, find_sources
 from hiveengine.codec import get_codec
-from hiveengine.errors import ConfigurationError
+from hiveengine.errors import ConfigurationError, ProtocolError, TransportError
 from hiveengine.transport import Peer
 
 logger = logging.getLogger(__name__)
@@ -91,13 +93,17 @@ class DecentralizedAverager:
         config = MatchmakingConfig(target_group_size, min_group_size, matchmaking_time, expected_swarm_size)
         self.matchmaker = Matchmaker(dht, prefix, self.me, config)
         self.service = _service_for(self.peer)
-        self._lock = threading.Lock()
+        self.tensors_lock = threading.Lock()
         self._closed = False
+        self.local_epoch = 0  # rounds this peer's tensors have been through (the newest state wins)
+        self.state_metadata: dict = {}  # sent along with the tensors to peers that load state from us
+        self.state_server = None if client_mode else StateServer(self.peer, self)
+        self.peer.runtime.run(self._advertise(), DEFAULT_STEP_TIMEOUT)
 
     @contextlib.contextmanager
     def get_tensors(self) -> Iterator[list[torch.Tensor]]:
         """The averaged tensors (views into the flat buffer), locked against a concurrent step()."""
-        with self._lock:
+        with self.tensors_lock:
             yield self._views
 
     async def astep(self, weight: float = 1.0, timeout: float = DEFAULT_STEP_TIMEOUT) -> AllReduceResult | None:
@@ -106,28 +112,72 @@ class DecentralizedAverager:
         if self._closed:
             raise ConfigurationError("this averager is shut down")
         deadline = time.monotonic() + timeout
-        group = await self.matchmaker.find_group(deadline)
+        group = await self.matchmaker.find_group(self.local_epoch, deadline)
         if group is None:
             return None
         weight = 0.0 if self.me.mode == Mode.AUX else weight
-        result = await run_allreduce(
-            self.service,
-            group,
-            self.flat,
-            self.codec,
-            weight=weight,
-            residual=self.residual,
-            timeout=max(0.1, deadline - time.monotonic()),
-            chunk_elements=self.chunk_elements,
-            sender_timeout=self.sender_timeout,
-        )
+        await self._lock_tensors()
+        try:
+            result = await run_allreduce(
+                self.service,
+                group,
+                self.flat,
+                self.codec,
+                weight=weight,
+                residual=self.residual,
+                timeout=max(0.1, deadline - time.monotonic()),
+                chunk_elements=self.chunk_elements,
+                sender_timeout=self.sender_timeout,
+            )
+        finally:
+            self.tensors_lock.release()
+        self.local_epoch += 1  # the round happened (parts that failed kept local values)
+        await self._advertise()
         logger.info("averaged with %d peers (%d parts failed)", len(group.members), len(result.failed_parts))
         return result
 
     def step(self, weight: float = 1.0, timeout: float = DEFAULT_STEP_TIMEOUT) -> AllReduceResult | None:
-        """Blocking twin of `astep`; holds the tensors' lock while the round runs."""
-        with self._lock:
-            return self.peer.runtime.run(self.astep(weight, timeout), timeout + DEFAULT_SENDER_TIMEOUT)
+        """Blocking twin of `astep`."""
+        return self.peer.runtime.run(self.astep(weight, timeout), timeout + DEFAULT_SENDER_TIMEOUT)
+
+    async def _lock_tensors(self) -> None:
+        """Take the tensors' (thread) lock without blocking the event loop; if we are cancelled while
+        waiting, the lock is released as soon as the waiting thread gets it."""
+        acquired = asyncio.get_running_loop().run_in_executor(None, self.tensors_lock.acquire)
+        try:
+            await asyncio.shield(acquired)
+        except asyncio.CancelledError:
+            acquired.add_done_callback(lambda _: self.tensors_lock.release())
+            raise
+
+    async def _advertise(self) -> None:
+        if self.state_server is not None:
+            await advertise(self.dht, self.prefix, self.me.address, self.me.peer_id.raw, self.local_epoch)
+
+    async def aload_state_from_peers(self, timeout: float = DEFAULT_STEP_TIMEOUT, codec: str = "none") -> dict | None:
+        """Replace our tensors with the newest state a peer advertises; return its metadata (None: no peer
+        could serve it). With codec="none" the copy is exact; a lossy codec makes the download smaller."""
+        deadline = time.monotonic() + timeout
+        for epoch, address in await find_sources(self.dht, self.prefix, self.me.peer_id.raw):
+            await self._lock_tensors()
+            try:
+                state = await download(self.peer, address, self.flat, codec, deadline)
+            except (TransportError, ProtocolError, TimeoutError) as e:
+                logger.warning("could not load state (epoch %d) from %s: %s", epoch, address, e)
+                continue
+            finally:
+                self.tensors_lock.release()
+            if self.residual is not None:
+                self.residual.zero_()
+            self.local_epoch, self.state_metadata = state["epoch"], state["metadata"]
+            await self._advertise()
+            logger.info("loaded state of epoch %d from %s", self.local_epoch, address)
+            return self.state_metadata
+        return None
+
+    def load_state_from_peers(self, timeout: float = DEFAULT_STEP_TIMEOUT, codec: str = "none") -> dict | None:
+        """Blocking twin of `aload_state_from_peers`."""
+        return self.peer.runtime.run(self.aload_state_from_peers(timeout, codec), timeout + 5)
 
     def shutdown(self) -> None:
         """Stop averaging; idempotent. The DHT stays up (it is the caller's)."""

@@ -1,10 +1,11 @@
-"""Matchmaking through the DHT: peers that call step() in the same time slot form groups.
+"""Matchmaking through the DHT: peers averaging the same epoch form groups.
 
-Time is cut into slots of `matchmaking_time` seconds. In a slot, each peer registers itself (address,
-bandwidth, mode) as a subkey of the key (prefix, slot, bucket). When the slot ends every peer reads the
-same registrations and cuts them, sorted by peer id, into groups of at most `target_group_size`. The
-bucket is re-drawn from a hash of (peer id, slot) every slot, so when the swarm holds several groups their
-members change from round to round and averages spread through the whole swarm (as in Moshpit SGD).
+Each peer registers (address, bandwidth, mode, registered_at, gather_until) as a subkey of the key
+(prefix, epoch, bucket). The first registrant's `gather_until` (now + matchmaking_time) becomes everyone's
+deadline: later registrants adopt the earliest one they see. At that deadline every peer reads the same
+registrations, keeps those made before it, and cuts them into groups of at most `target_group_size`.
+The cut is shuffled by a hash of (epoch, peer id), and the bucket too is re-drawn every epoch, so group
+membership changes from round to round and averages spread through the whole swarm (as in Moshpit SGD).
 """
 
 from __future__ import annotations
@@ -21,9 +22,8 @@ from hiveengine.transport import PeerID
 
 logger = logging.getLogger(__name__)
 
-MIN_JOIN_MARGIN = 0.25  # join the next slot when less than this fraction of the current one is left
-SETTLE_SECONDS = 0.3  # after a slot ends, wait this long for late registrations to land before reading
-REGISTRATION_SLACK = 30.0  # registrations outlive their slot by this long (then expire everywhere)
+SETTLE_SECONDS = 0.3  # after the gathering deadline, wait this long for registrations to spread
+REGISTRATION_SLACK = 30.0  # registrations outlive their deadline by this long (then expire everywhere)
 
 
 @dataclass(frozen=True)
@@ -38,31 +38,34 @@ class MatchmakingConfig:
         return max(1, math.ceil(peers / self.target_group_size))
 
 
-def slot_key(prefix: str, slot: int, bucket: int) -> str:
-    return f"{prefix}.matchmaking.{slot}.{bucket}"
+@dataclass(frozen=True)
+class Registration:
+    member: GroupMember
+    registered_at: float
+    gather_until: float
 
 
-def bucket_of(peer_id: PeerID, slot: int, buckets: int) -> int:
-    digest = hashlib.sha256(peer_id.raw + slot.to_bytes(8, "big")).digest()
-    return int.from_bytes(digest[:8], "big") % buckets
+def round_key(prefix: str, epoch: int, bucket: int) -> str:
+    return f"{prefix}.matchmaking.{epoch}.{bucket}"
 
 
-def choose_slot(now: float, matchmaking_time: float) -> int:
-    """The slot to join: the current one, unless too little of it is left for others to see us."""
-    slot = math.floor(now / matchmaking_time)
-    left = (slot + 1) * matchmaking_time - now
-    return slot + 1 if left < MIN_JOIN_MARGIN * matchmaking_time else slot
+def _mix(peer_id: PeerID, epoch: int) -> bytes:
+    return hashlib.sha256(peer_id.raw + epoch.to_bytes(8, "big", signed=True)).digest()
 
 
-def form_groups(slot: int, members: list[GroupMember], target: int) -> list[GroupInfo]:
-    """Cut the slot's registrations (the same list on every peer) into near-equal groups of ≤ target."""
-    members = sorted(members, key=lambda m: m.peer_id.raw)
+def bucket_of(peer_id: PeerID, epoch: int, buckets: int) -> int:
+    return int.from_bytes(_mix(peer_id, epoch)[:8], "big") % buckets
+
+
+def form_groups(epoch: int, members: list[GroupMember], target: int) -> list[GroupInfo]:
+    """Cut one epoch's registrations (the same list on every peer) into near-equal groups of ≤ target."""
+    members = sorted(members, key=lambda m: _mix(m.peer_id, epoch))
     count = math.ceil(len(members) / target) if members else 0
     groups = []
     for i in range(count):
-        chosen = tuple(members[i::count])  # interleaved, so groups are near-equal in size
-        digest = hashlib.sha256(slot.to_bytes(8, "big") + b"".join(m.peer_id.raw for m in chosen)).digest()
-        groups.append(GroupInfo(digest[:16], chosen))
+        chosen = tuple(members[i::count])
+        digest = hashlib.sha256(epoch.to_bytes(8, "big", signed=True) + b"".join(m.peer_id.raw for m in chosen))
+        groups.append(GroupInfo(digest.digest()[:16], chosen))
     return groups
 
 
@@ -72,45 +75,54 @@ class Matchmaker:
     def __init__(self, dht, prefix: str, me: GroupMember, config: MatchmakingConfig):
         self.dht, self.prefix, self.me, self.config = dht, prefix, me, config
 
-    async def find_group(self, deadline: float) -> GroupInfo | None:
-        """Register for a slot, wait for it to end, and return our group (None: too few peers, or no time)."""
+    async def find_group(self, epoch: int, deadline: float) -> GroupInfo | None:
+        """Register for `epoch`, wait for its gathering deadline, return our group (None: too few peers,
+        we came too late, or `deadline` (monotonic) would pass first)."""
         cfg = self.config
+        key = round_key(self.prefix, epoch, bucket_of(self.me.peer_id, epoch, cfg.buckets()))
         now = time.time()
-        slot = choose_slot(now, cfg.matchmaking_time)
-        slot_end = (slot + 1) * cfg.matchmaking_time
-        if time.monotonic() + (slot_end - now) + SETTLE_SECONDS >= deadline:
-            logger.info("no time left to find a group before the deadline")
+        mine = Registration(self.me, now, now + cfg.matchmaking_time)
+        record = [self.me.address, self.me.bandwidth, int(self.me.mode), mine.registered_at, mine.gather_until]
+        expiration = mine.gather_until + REGISTRATION_SLACK
+        if not await self.dht.astore(key, record, expiration, subkey=self.me.peer_id.raw):
+            logger.warning("could not register for matchmaking of epoch %d", epoch)
+        gather_until = min(r.gather_until for r in await self._registrations(key, mine))
+        if gather_until + SETTLE_SECONDS < time.time():
+            logger.info("epoch %d gathered without us (we came %.1f s late)", epoch, time.time() - gather_until)
             return None
-        key = slot_key(self.prefix, slot, bucket_of(self.me.peer_id, slot, cfg.buckets()))
-        record = [self.me.address, self.me.bandwidth, int(self.me.mode)]
-        stored = await self.dht.astore(key, record, slot_end + REGISTRATION_SLACK, subkey=self.me.peer_id.raw)
-        if not stored:
-            logger.warning("could not register for matchmaking slot %d", slot)
-        await asyncio.sleep(max(0.0, slot_end - time.time()) + SETTLE_SECONDS)
-        found = await self.dht.aget(key, latest=True)
-        members = _parse_registrations(found.value if found is not None else {})
-        if all(m.peer_id != self.me.peer_id for m in members):
-            members.append(self.me)  # our own registration may not have reached the nodes we read from
-        groups = form_groups(slot, members, cfg.target_group_size)
-        group = next(g for g in groups if g.member(self.me.peer_id) is not None)
+        wait = gather_until + SETTLE_SECONDS - time.time()
+        if time.monotonic() + wait >= deadline:
+            logger.info("the gathering for epoch %d ends after our deadline", epoch)
+            return None
+        await asyncio.sleep(max(0.0, wait))
+        members = [r.member for r in await self._registrations(key, mine) if r.registered_at <= gather_until]
+        group = next(g for g in form_groups(epoch, members, cfg.target_group_size) if g.member(self.me.peer_id))
         if len(group.members) < cfg.min_group_size:
-            logger.info("slot %d: only %d peer(s) in our group, below min_group_size", slot, len(group.members))
+            logger.info("epoch %d: only %d peer(s) in our group, below min_group_size", epoch, len(group.members))
             return None
         return group
 
+    async def _registrations(self, key: str, mine: Registration) -> list[Registration]:
+        found = await self.dht.aget(key, latest=True)
+        registrations = _parse(found.value if found is not None else {})
+        if all(r.member.peer_id != self.me.peer_id for r in registrations):
+            registrations.append(mine)  # our own may not have reached the nodes we read from
+        return registrations
 
-def _parse_registrations(subkeys) -> list[GroupMember]:
+
+def _parse(subkeys) -> list[Registration]:
     """Registrations from the DHT; malformed ones (from buggy or hostile peers) are skipped."""
-    members = []
+    registrations = []
     if not isinstance(subkeys, dict):
-        return members
+        return registrations
     for raw_id, entry in subkeys.items():
         try:
-            address, bandwidth, mode = entry.value
+            address, bandwidth, mode, registered_at, gather_until = entry.value
             peer_id = PeerID(bytes(raw_id))
             if address.rsplit("/", 1)[1] != str(peer_id) or not (bandwidth >= 0 and math.isfinite(bandwidth)):
                 continue
-            members.append(GroupMember(peer_id, str(address), float(bandwidth), Mode(int(mode))))
+            member = GroupMember(peer_id, str(address), float(bandwidth), Mode(int(mode)))
+            registrations.append(Registration(member, float(registered_at), float(gather_until)))
         except (TypeError, ValueError, AttributeError, IndexError):
             continue
-    return members
+    return registrations
