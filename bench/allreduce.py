@@ -29,6 +29,9 @@ SIZES = [16 * MiB, 32 * MiB]  # fp32 elements: 64 MB and 128 MB
 CODECS = ["none", "fp16", "int8", "int4"]
 ROUNDS = 5
 LINE_TIMEOUT = 300.0
+HIVEMIND_VENV = Path(__file__).resolve().parent / ".venv-hivemind"
+HIVEMIND_REQUIREMENTS = ["torch==2.13.0", "hivemind==1.1.12", "numpy<2.4"]
+HIVEMIND_CODECS = {"none": "none", "fp16": "fp16", "int8": "int8"}  # ours -> hivemind's nearest compression
 
 
 # ---------------------------------------------------------------- hiveengine worker
@@ -157,6 +160,43 @@ def run_gloo(peers: int, numel: int, rounds: int) -> dict:
                 p.kill()
 
 
+def hivemind_python() -> str:
+    """The venv with hivemind (created on first use): hivemind is never a dependency of hiveengine."""
+    python = HIVEMIND_VENV / "bin" / "python"
+    if not python.exists():
+        print(f"creating {HIVEMIND_VENV} with {' '.join(HIVEMIND_REQUIREMENTS)} ...", file=sys.stderr, flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(HIVEMIND_VENV)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", *HIVEMIND_REQUIREMENTS], check=True)
+    return str(python)
+
+
+def run_hivemind(peers: int, numel: int, codec: str, rounds: int) -> dict:
+    """hivemind's DecentralizedAverager; its step() includes matchmaking (min_matchmaking_time 1 s)."""
+    worker = str(Path(__file__).resolve().parent / "hivemind_worker.py")
+    python = hivemind_python()
+    procs = []
+    try:
+        initial: list[str] = []
+        for rank in range(peers):
+            proc = subprocess.Popen([python, worker], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            procs.append(proc)
+            plan = {"initial_peers": initial, "numel": numel, "peers": peers, "rounds": rounds, "rank": rank}
+            proc.stdin.write(json.dumps({**plan, "compression": HIVEMIND_CODECS[codec]}) + "\n")
+            proc.stdin.flush()
+            maddrs = json.loads(_read_prefixed(proc, "MADDRS"))
+            initial = initial or maddrs
+        for proc in procs:
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        results = [json.loads(_read_prefixed(p, "RESULT")) for p in procs]
+        for r in results:
+            r["wire_bytes"] = None
+        return _combine(results)
+    finally:
+        for p in procs:
+            p.kill()
+
+
 def _combine(results: list[dict]) -> dict:
     per_round = [max(r["times"][i] for r in results) for i in range(len(results[0]["times"]))]
     return {"seconds": statistics.median(per_round), "rounds": per_round, "wire_bytes": results[0]["wire_bytes"]}
@@ -173,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=SIZES, help="fp32 elements")
     parser.add_argument("--codecs", nargs="+", default=CODECS)
     parser.add_argument("--rounds", type=int, default=ROUNDS)
+    parser.add_argument("--compare", choices=["hivemind"], help="also run hivemind (in its own venv)")
     args = parser.parse_args(argv)
     if args.role == "hive":
         hive_worker()
@@ -190,15 +231,20 @@ def main(argv: list[str] | None = None) -> int:
             for codec in args.codecs:
                 print(f"measuring hiveengine {codec}, {peers} peers ...", file=sys.stderr, flush=True)
                 configs.append((f"hiveengine {codec}", run_hive(peers, numel, codec, args.rounds)))
+            if args.compare == "hivemind":
+                for codec in [c for c in args.codecs if c in HIVEMIND_CODECS]:
+                    print(f"measuring hivemind {codec}, {peers} peers ...", file=sys.stderr, flush=True)
+                    configs.append((f"hivemind {codec}", run_hivemind(peers, numel, codec, args.rounds)))
             for name, r in configs:
                 record = {"peers": peers, "mbytes": numel * 4 // MiB, "system": name, **r}
                 record["algbw_gbs"] = numel * 4 / r["seconds"] / 1e9
                 record["vs_gloo"] = gloo["seconds"] / r["seconds"]
                 records.append(record)
-                rows.append({**record, "wire MB/peer": r["wire_bytes"] / 1e6, "s/round": r["seconds"]})
+                wire = None if r["wire_bytes"] is None else r["wire_bytes"] / 1e6
+                rows.append({**record, "wire MB/peer": wire, "s/round": r["seconds"]})
     columns = ["peers", "mbytes", "system", "s/round", "algbw_gbs", "wire MB/peer", "vs_gloo"]
     print(format_table(rows, columns))
-    print("vs_gloo > 1 means faster than gloo")
+    print("vs_gloo > 1 means faster than gloo; hivemind's rounds include its matchmaking (at least 1 s)")
     path = write_results("allreduce", {"records": records})
     print(f"wrote {path}")
     return 0

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import format_table, write_results
 from hiveengine.kernels import (
     codes_dtype,
     codes_numel,
@@ -46,8 +47,6 @@ from hiveengine.kernels.tuning import (
     forced,
     save_launch_configs,
 )
-
-from bench.common import format_table, write_results
 
 M = 1 << 20
 GOAL_NATIVE_GBPS = 5.0

@@ -4,8 +4,13 @@ from hiveengine import errors
 from hiveengine.errors import HiveEngineError
 
 __version__ = "0.1.0"
-__all__ = ["DHT", "HiveEngineError", "ValueWithExpiration", "__version__", "errors"]
-_LAZY = {"DHT": "hiveengine.dht", "ValueWithExpiration": "hiveengine.dht"}
+__all__ = ["DHT", "DecentralizedAverager", "HiveEngineError", "Peer", "ValueWithExpiration", "__version__", "errors"]
+_LAZY = {
+    "DHT": "hiveengine.dht",
+    "ValueWithExpiration": "hiveengine.dht",
+    "DecentralizedAverager": "hiveengine.averaging",
+    "Peer": "hiveengine.transport",
+}
 
 
 def __getattr__(name: str):

@@ -9,10 +9,10 @@ import os
 import psutil
 import pytest
 import torch
-from hiveengine.kernels import weighted_mean
 
 from hiveengine.averaging import AllReduceService, GroupInfo, GroupMember, Mode, part_spans, run_allreduce
 from hiveengine.codec import get_codec
+from hiveengine.kernels import weighted_mean
 from hiveengine.transport import Peer, PeerID
 from tests.averaging_peer import seeded_data
 from tests.procs import PeerProcess

@@ -114,10 +114,13 @@ def test_groups_change_every_round_and_preserve_the_mean():
 
 
 def test_groups_are_formed_identically_from_the_same_registrations():
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     from hiveengine.averaging import GroupMember
     from hiveengine.transport import Identity
 
-    members = [GroupMember(Identity.generate().peer_id, f"ucx://h:1/{i}") for i in range(7)]
+    keys = [Ed25519PrivateKey.from_private_bytes(bytes([i + 1]) * 32) for i in range(7)]  # fixed: no chance
+    members = [GroupMember(Identity(key).peer_id, f"ucx://h:1/{i}") for i, key in enumerate(keys)]
     groups = form_groups(5, members, target=3)
     assert [len(g.members) for g in groups] == [3, 2, 2]
     assert form_groups(5, list(reversed(members)), target=3) == groups

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from hiveengine.errors import ConfigurationError, KernelUnavailableError, NonFiniteError
 from hiveengine.kernels import (
     backend_for,
     cast,
@@ -28,8 +30,6 @@ from hiveengine.kernels import (
 )
 from hiveengine.kernels.layout import QMAX
 from hiveengine.kernels.tuning import interpreting
-
-from hiveengine.errors import ConfigurationError, KernelUnavailableError, NonFiniteError
 
 BLOCKS = [64, 128, 256, 512, 1024, 2048, 4096]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

@@ -8,10 +8,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from hiveengine.kernels.tuning import interpreting
-
 from bench import common
 from bench import kernels as bench
+from hiveengine.kernels.tuning import interpreting
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore:.*encountered in:RuntimeWarning")
 

@@ -4,6 +4,8 @@ import json
 
 import pytest
 import torch
+
+from hiveengine.errors import ConfigurationError
 from hiveengine.kernels import (
     cast,
     dequantize_blockwise,
@@ -22,8 +24,6 @@ from hiveengine.kernels.tuning import (
     launch_config,
     save_launch_configs,
 )
-
-from hiveengine.errors import ConfigurationError
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
 

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+
 from hiveengine.kernels import load_native_library
 from hiveengine.kernels.native import NATIVE_ABI_VERSION
 

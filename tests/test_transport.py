@@ -295,3 +295,26 @@ def test_two_processes_over_tcp_only():
         assert result == {"echo_equal": True, "header": {"k": "v"}, "sum_ok": True}
     finally:
         proc.close()
+
+
+def test_idle_connections_beyond_the_limit_are_closed_and_redialed():
+    servers = [Peer() for _ in range(3)]
+    caller = Peer(limits=TransportLimits(max_connections=2))
+
+    async def hello(request):
+        return {"from": str(request.sender)}
+
+    try:
+        for server in servers:
+            server.register("hello", hello)
+        for server in servers:
+            assert caller.call_sync(server.address, "hello", timeout=10) == ({"from": str(caller.peer_id)}, [])
+        assert len(caller._connections) == 2
+        assert servers[0].peer_id not in caller._connections  # the least recently used one went
+        assert caller.call_sync(servers[0].address, "hello", timeout=10)[0] == {"from": str(caller.peer_id)}
+        caller.disconnect(servers[0].peer_id)
+        assert servers[0].peer_id not in caller._connections
+        assert caller.call_sync(servers[0].address, "hello", timeout=10)[0] == {"from": str(caller.peer_id)}
+    finally:
+        for peer in (caller, *servers):
+            peer.shutdown()

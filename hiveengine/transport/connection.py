@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -32,6 +33,7 @@ from hiveengine.transport.wire import (
 logger = logging.getLogger(__name__)
 
 CONTROL_SEQ = 0
+PROTOCOL_ERROR_LINGER = 0.5  # seconds a connection stays open for our error reply after a violation
 FRAME_SEQS = (1 << 32) - 1
 
 
@@ -62,6 +64,8 @@ class Connection:
         self.pending: dict[int, asyncio.Future] = {}
         self.reply_buffers: dict[int, Sequence[torch.Tensor]] = {}
         self.closed = False
+        self.reading = True  # False once the peer broke the protocol: nothing more of it is processed
+        self.last_used = time.monotonic()
         self.error: Exception | None = None
 
     def __repr__(self) -> str:
@@ -80,9 +84,15 @@ class Connection:
         if self.closed:
             raise ConnectionLostError(f"connection to {self.remote} is closed: {self.error}")
 
+    @property
+    def idle(self) -> bool:
+        """No call of ours is waiting on this connection."""
+        return not self.pending
+
     async def send(self, body: dict, tensors: Sequence[torch.Tensor] = ()) -> None:
         """Send one control message and its tensor frames; returns when UCX has sent them all."""
         self._check_open()
+        self.last_used = time.monotonic()
         frames = [as_frame(t) for t in tensors]
         body["f"] = [FrameSpec.of(t).to_wire() for t in tensors]
         inline_bytes = 0
@@ -163,6 +173,7 @@ class Connection:
             raise
         except Exception as e:
             raise self.lost(e) from e
+        self.last_used = time.monotonic()
         return decode_control(memoryview(self._control), self.limits)
 
     def lost(self, cause: Exception) -> ConnectionLostError:
@@ -182,8 +193,10 @@ class Connection:
         return error
 
     def protocol_violation(self, error: ProtocolError) -> None:
+        """Stop reading at once; close a moment later, so the error reply we send gets there first."""
         logger.warning("%r: closing after protocol violation: %s", self, error)
-        self.lost(error)
+        self.reading = False
+        asyncio.get_running_loop().call_later(PROTOCOL_ERROR_LINGER, self.lost, error)
 
     def _close_endpoint(self) -> None:
         endpoint, self.endpoint = self.endpoint, None

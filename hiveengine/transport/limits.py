@@ -29,6 +29,9 @@ class TransportLimits:
     # Streams: chunk size and how many chunks a sender keeps in flight.
     stream_chunk_bytes: int = 16 * MiB
     stream_window: int = 4
+    # Open connections one peer keeps; past it the least recently used idle one is closed (each UCX
+    # endpoint holds several sockets, and a process has a limited number of file descriptors).
+    max_connections: int = 256
     # Deadlines (seconds).
     connect_timeout: float = 5.0
     handshake_timeout: float = 5.0

@@ -271,8 +271,34 @@ class Peer:
         pending = self._connecting.get(address.peer_id)
         if pending is None:
             pending = self._connecting[address.peer_id] = asyncio.ensure_future(self._dial(address))
-            pending.add_done_callback(lambda _: self._connecting.pop(address.peer_id, None))
+            pending.add_done_callback(lambda f: self._dialed(address.peer_id, f))
         return await asyncio.shield(pending)
+
+    def _dialed(self, peer_id: PeerID, attempt: asyncio.Future) -> None:
+        self._connecting.pop(peer_id, None)
+        if not attempt.cancelled():
+            attempt.exception()  # retrieved: every caller may have given up waiting already
+
+    async def adisconnect(self, peer_id: PeerID) -> None:
+        """Close our connection to `peer_id` (calls waiting on it fail); the next call dials anew."""
+        conn = self._connections.pop(peer_id, None)
+        if conn is not None:
+            conn.lost(ConnectionLostError(f"disconnected from {peer_id} on request"))
+
+    def disconnect(self, peer_id: PeerID) -> None:
+        """Blocking twin of `adisconnect`."""
+        self.runtime.run(self.adisconnect(peer_id), timeout=10)
+
+    def _evict_idle(self) -> None:
+        """Close least recently used idle connections while there are more than `max_connections`."""
+        excess = len(self._connections) - self.limits.max_connections
+        if excess <= 0:
+            return
+        streaming = {key[0] for key in self._streams}
+        idle = [c for c in self._connections.values() if c.idle and id(c) not in streaming]
+        for conn in sorted(idle, key=lambda c: c.last_used)[:excess]:
+            del self._connections[conn.remote]
+            conn.lost(ConnectionLostError(f"closed idle connection to {conn.remote} (max_connections reached)"))
 
     async def _dial(self, address: PeerAddress) -> Connection:
         if self._closed:
@@ -306,6 +332,7 @@ class Peer:
             return conn
         endpoint.set_close_callback(self._on_endpoint_closed, (conn,), None)
         self._connections[conn.remote] = conn
+        self._evict_idle()
         self._spawn(self._serve(conn))
         logger.debug("connection %r open", conn)
         return conn
@@ -324,7 +351,7 @@ class Peer:
 
     async def _serve(self, conn: Connection) -> None:
         try:
-            while not conn.closed:
+            while not conn.closed and conn.reading:
                 try:
                     body = await conn.read_control()
                 except ProtocolError as e:
