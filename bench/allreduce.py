@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import format_table, write_results
+from bench.common import format_table, read_prefixed, write_results
 
 MiB = 1 << 20
 PEERS = [2, 4]
@@ -105,29 +105,24 @@ def gloo_worker(rank: int, world: int, store: str, numel: int, rounds: int) -> N
 # ---------------------------------------------------------------- orchestration
 
 
-def _spawn(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, __file__, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-
-
-def _read_prefixed(proc: subprocess.Popen, prefix: str) -> str:
-    deadline = time.monotonic() + LINE_TIMEOUT
-    for line in proc.stdout:
-        if line.startswith(prefix):
-            return line[len(prefix) :].strip()
-        if time.monotonic() > deadline:
-            break
-    raise RuntimeError(f"{proc.args} ended without printing {prefix!r} (exit code {proc.poll()})")
+def _spawn(*args: str, peers: int) -> subprocess.Popen:
+    """A worker process; peers on one host split its cores (as torchrun does with OMP_NUM_THREADS):
+    oversubscribed OpenMP kernels run many times slower."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // peers))}
+    return subprocess.Popen(
+        [sys.executable, __file__, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+    )
 
 
 def run_hive(peers: int, numel: int, codec: str, rounds: int) -> dict:
-    procs = [_spawn("--role", "hive") for _ in range(peers)]
+    procs = [_spawn("--role", "hive", peers=peers) for _ in range(peers)]
     try:
-        addresses = [_read_prefixed(p, "ADDRESS") for p in procs]
+        addresses = [read_prefixed(p, "ADDRESS", LINE_TIMEOUT) for p in procs]
         for rank, proc in enumerate(procs):
             plan = {"addresses": addresses, "codec": codec, "numel": numel, "rank": rank, "rounds": rounds}
             proc.stdin.write(json.dumps(plan) + "\n")
             proc.stdin.flush()
-        return _combine([json.loads(_read_prefixed(p, "RESULT")) for p in procs])
+        return _combine([json.loads(read_prefixed(p, "RESULT", LINE_TIMEOUT)) for p in procs])
     finally:
         for p in procs:
             p.kill()
@@ -150,11 +145,12 @@ def run_gloo(peers: int, numel: int, rounds: int) -> dict:
                 str(numel),
                 "--rounds",
                 str(rounds),
+                peers=peers,
             )
             for r in range(peers)
         ]
         try:
-            return _combine([json.loads(_read_prefixed(p, "RESULT")) for p in procs])
+            return _combine([json.loads(read_prefixed(p, "RESULT", LINE_TIMEOUT)) for p in procs])
         finally:
             for p in procs:
                 p.kill()
@@ -183,12 +179,12 @@ def run_hivemind(peers: int, numel: int, codec: str, rounds: int) -> dict:
             plan = {"initial_peers": initial, "numel": numel, "peers": peers, "rounds": rounds, "rank": rank}
             proc.stdin.write(json.dumps({**plan, "compression": HIVEMIND_CODECS[codec]}) + "\n")
             proc.stdin.flush()
-            maddrs = json.loads(_read_prefixed(proc, "MADDRS"))
+            maddrs = json.loads(read_prefixed(proc, "MADDRS", LINE_TIMEOUT))
             initial = initial or maddrs
         for proc in procs:
             proc.stdin.write("go\n")
             proc.stdin.flush()
-        results = [json.loads(_read_prefixed(p, "RESULT")) for p in procs]
+        results = [json.loads(read_prefixed(p, "RESULT", LINE_TIMEOUT)) for p in procs]
         for r in results:
             r["wire_bytes"] = None
         return _combine(results)

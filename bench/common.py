@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import platform
+import subprocess
 import time
 from pathlib import Path
 
@@ -46,3 +47,14 @@ def write_results(name: str, payload: dict) -> Path:
     path = RESULTS_DIR / f"{name}.json"
     path.write_text(json.dumps({"machine": machine_info(), **payload}, indent=2) + "\n")
     return path
+
+
+def read_prefixed(proc: subprocess.Popen, prefix: str, timeout: float) -> str:
+    """The rest of the first stdout line of `proc` starting with `prefix` (a worker's announcement)."""
+    deadline = time.monotonic() + timeout
+    for line in proc.stdout:
+        if line.startswith(prefix):
+            return line[len(prefix) :].strip()
+        if time.monotonic() > deadline:
+            break
+    raise RuntimeError(f"{proc.args} ended without printing {prefix!r} (exit code {proc.poll()})")

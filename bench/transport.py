@@ -23,7 +23,7 @@ import psutil
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import format_table, write_results
+from bench.common import format_table, read_prefixed, write_results
 
 MiB = 1 << 20
 SIZES = [1 * MiB, 4 * MiB, 16 * MiB, 64 * MiB, 256 * MiB]
@@ -282,24 +282,14 @@ def _spawn(role: str, env: dict, *args: str) -> subprocess.Popen:
     )
 
 
-def _read_prefixed(proc: subprocess.Popen, prefix: str) -> str:
-    deadline = time.monotonic() + LINE_TIMEOUT
-    for line in proc.stdout:
-        if line.startswith(prefix):
-            return line[len(prefix) :].strip()
-        if time.monotonic() > deadline:
-            break
-    raise RuntimeError(f"{proc.args} ended without printing {prefix!r} (exit code {proc.poll()})")
-
-
 def measure(config: str) -> dict:
     spec = CONFIGS[config]
     server = _spawn(f"{spec['role']}-server", spec["env"])
     try:
-        address = _read_prefixed(server, "ADDRESS")
+        address = read_prefixed(server, "ADDRESS", LINE_TIMEOUT)
         client = _spawn(f"{spec['role']}-client", spec["env"], "--address", address, "--server-pid", str(server.pid))
         try:
-            return json.loads(_read_prefixed(client, "RESULT"))
+            return json.loads(read_prefixed(client, "RESULT", LINE_TIMEOUT))
         finally:
             client.kill()
     finally:
