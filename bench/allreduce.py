@@ -8,6 +8,7 @@ peer put on the wire. Writes bench/results/allreduce.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -22,6 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import format_table, read_prefixed, write_results
+from tools.netns import INNER_IFACE, ShapedNetwork
+from tools.netns import available as netns_available
 
 MiB = 1 << 20
 PEERS = [2, 4]
@@ -105,17 +108,20 @@ def gloo_worker(rank: int, world: int, store: str, numel: int, rounds: int) -> N
 # ---------------------------------------------------------------- orchestration
 
 
-def _spawn(*args: str, peers: int) -> subprocess.Popen:
+def _spawn(*args: str, peers: int, rank: int, net: ShapedNetwork | None) -> subprocess.Popen:
     """A worker process; peers on one host split its cores (as torchrun does with OMP_NUM_THREADS):
-    oversubscribed OpenMP kernels run many times slower."""
+    oversubscribed OpenMP kernels run many times slower. With `net`, it runs in namespace `rank`."""
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // peers))}
-    return subprocess.Popen(
-        [sys.executable, __file__, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
-    )
+    argv = [sys.executable, __file__, *args]
+    if net is not None:
+        # TCP only: shared memory between namespaces would bypass the shaped link.
+        env.update(UCX_TLS="tcp,self", HIVEENGINE_ANNOUNCE_HOST=net.host(rank), GLOO_SOCKET_IFNAME=INNER_IFACE)
+        argv = net.command(rank, argv)
+    return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
 
 
-def run_hive(peers: int, numel: int, codec: str, rounds: int) -> dict:
-    procs = [_spawn("--role", "hive", peers=peers) for _ in range(peers)]
+def run_hive(peers: int, numel: int, codec: str, rounds: int, net: ShapedNetwork | None) -> dict:
+    procs = [_spawn("--role", "hive", peers=peers, rank=r, net=net) for r in range(peers)]
     try:
         addresses = [read_prefixed(p, "ADDRESS", LINE_TIMEOUT) for p in procs]
         for rank, proc in enumerate(procs):
@@ -128,7 +134,7 @@ def run_hive(peers: int, numel: int, codec: str, rounds: int) -> dict:
             p.kill()
 
 
-def run_gloo(peers: int, numel: int, rounds: int) -> dict:
+def run_gloo(peers: int, numel: int, rounds: int, net: ShapedNetwork | None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         store = os.path.join(tmp, "store")
         procs = [
@@ -146,6 +152,8 @@ def run_gloo(peers: int, numel: int, rounds: int) -> dict:
                 "--rounds",
                 str(rounds),
                 peers=peers,
+                rank=r,
+                net=net,
             )
             for r in range(peers)
         ]
@@ -210,6 +218,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--codecs", nargs="+", default=CODECS)
     parser.add_argument("--rounds", type=int, default=ROUNDS)
     parser.add_argument("--compare", choices=["hivemind"], help="also run hivemind (in its own venv)")
+    parser.add_argument(
+        "--netns",
+        metavar="RATE",
+        help="run each peer in its own network namespace on a link shaped to RATE (e.g. 1gbit; root)",
+    )
     args = parser.parse_args(argv)
     if args.role == "hive":
         hive_worker()
@@ -218,32 +231,47 @@ def main(argv: list[str] | None = None) -> int:
         gloo_worker(args.rank, args.world, args.store, args.numel, args.rounds)
         return 0
 
+    if args.netns and not netns_available():
+        print("--netns needs root, ip and tc; skipping the shaped-link run", file=sys.stderr)
+        return 0
     rows, records = [], []
     for peers in args.peers:
-        for numel in args.sizes:
-            print(f"measuring gloo, {peers} peers, {numel * 4 // MiB} MB ...", file=sys.stderr, flush=True)
-            gloo = run_gloo(peers, numel, args.rounds)
-            configs = [("gloo", gloo)]
-            for codec in args.codecs:
-                print(f"measuring hiveengine {codec}, {peers} peers ...", file=sys.stderr, flush=True)
-                configs.append((f"hiveengine {codec}", run_hive(peers, numel, codec, args.rounds)))
-            if args.compare == "hivemind":
-                for codec in [c for c in args.codecs if c in HIVEMIND_CODECS]:
-                    print(f"measuring hivemind {codec}, {peers} peers ...", file=sys.stderr, flush=True)
-                    configs.append((f"hivemind {codec}", run_hivemind(peers, numel, codec, args.rounds)))
-            for name, r in configs:
-                record = {"peers": peers, "mbytes": numel * 4 // MiB, "system": name, **r}
-                record["algbw_gbs"] = numel * 4 / r["seconds"] / 1e9
-                record["vs_gloo"] = gloo["seconds"] / r["seconds"]
-                records.append(record)
-                wire = None if r["wire_bytes"] is None else r["wire_bytes"] / 1e6
-                rows.append({**record, "wire MB/peer": wire, "s/round": r["seconds"]})
+        with ShapedNetwork(peers, args.netns) if args.netns else contextlib.nullcontext() as net:
+            measure_peers(args, peers, net, rows, records)
     columns = ["peers", "mbytes", "system", "s/round", "algbw_gbs", "wire MB/peer", "vs_gloo"]
     print(format_table(rows, columns))
     print("vs_gloo > 1 means faster than gloo; hivemind's rounds include its matchmaking (at least 1 s)")
-    path = write_results("allreduce", {"records": records})
+    path = write_results(f"allreduce-{args.netns}" if args.netns else "allreduce", {"records": records})
     print(f"wrote {path}")
     return 0
+
+
+def measure_peers(args, peers: int, net: ShapedNetwork | None, rows: list, records: list) -> None:
+    """Every size and system for one group size, appending table rows and JSON records."""
+    for numel in args.sizes:
+        print(f"measuring gloo, {peers} peers, {numel * 4 // MiB} MB ...", file=sys.stderr, flush=True)
+        gloo = run_gloo(peers, numel, args.rounds, net)
+        configs = [("gloo", gloo)]
+        for codec in args.codecs:
+            print(f"measuring hiveengine {codec}, {peers} peers ...", file=sys.stderr, flush=True)
+            configs.append((f"hiveengine {codec}", run_hive(peers, numel, codec, args.rounds, net)))
+        if args.compare == "hivemind":
+            for codec in [c for c in args.codecs if c in HIVEMIND_CODECS]:
+                print(f"measuring hivemind {codec}, {peers} peers ...", file=sys.stderr, flush=True)
+                configs.append((f"hivemind {codec}", run_hivemind(peers, numel, codec, args.rounds)))
+        for name, r in configs:
+            record = {
+                "peers": peers,
+                "mbytes": numel * 4 // MiB,
+                "system": name,
+                "link": args.netns or "loopback",
+                **r,
+            }
+            record["algbw_gbs"] = numel * 4 / r["seconds"] / 1e9
+            record["vs_gloo"] = gloo["seconds"] / r["seconds"]
+            records.append(record)
+            wire = None if r["wire_bytes"] is None else r["wire_bytes"] / 1e6
+            rows.append({**record, "wire MB/peer": wire, "s/round": r["seconds"]})
 
 
 if __name__ == "__main__":

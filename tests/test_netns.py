@@ -1,0 +1,53 @@
+"""The shaped-network helper for benchmarks: namespaces reach each other through the bridge, then vanish."""
+
+import subprocess
+import sys
+
+import pytest
+
+from tools.netns import ShapedNetwork, available
+
+pytestmark = [
+    pytest.mark.timeout(60),
+    pytest.mark.skipif(not available(), reason="needs root, ip and tc"),
+]
+
+ECHO_SERVER = """
+import socket, sys
+s = socket.create_server((sys.argv[1], 0)); print(s.getsockname()[1], flush=True)
+c, _ = s.accept(); c.sendall(c.recv(100)); c.close()
+"""
+ECHO_CLIENT = """
+import socket, sys
+c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+c.sendall(b"across")
+print(c.recv(100).decode())
+"""
+
+
+def _namespaces() -> str:
+    return subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+
+
+def test_peers_in_namespaces_reach_each_other_over_the_shaped_link():
+    net = ShapedNetwork(2, "100mbit", prefix="hetest")
+    with net:
+        assert "hetest-ns0" in _namespaces() and "hetest-ns1" in _namespaces()
+        qdiscs = subprocess.run(["tc", "qdisc", "show", "dev", "hetest-v0"], capture_output=True, text=True).stdout
+        assert "tbf" in qdiscs and "100Mbit" in qdiscs
+        server = subprocess.Popen(
+            net.command(1, [sys.executable, "-c", ECHO_SERVER, net.host(1)]), stdout=subprocess.PIPE, text=True
+        )
+        try:
+            port = server.stdout.readline().strip()
+            client = subprocess.run(
+                net.command(0, [sys.executable, "-c", ECHO_CLIENT, net.host(1), port]),
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            assert client.stdout.strip() == "across", client.stderr
+        finally:
+            server.kill()
+            server.wait(10)
+    assert "hetest-ns" not in _namespaces()
