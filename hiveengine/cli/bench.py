@@ -8,7 +8,7 @@ from pathlib import Path
 
 import hiveengine
 
-BENCHMARKS = ["transport", "kernels", "dht"]
+BENCHMARKS = ["transport", "kernels", "dht", "allreduce"]
 
 
 def add_commands(sub) -> None:
