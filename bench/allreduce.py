@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -166,7 +167,7 @@ def run_gloo(peers: int, numel: int, rounds: int, net: ShapedNetwork | None) -> 
 
 def hivemind_python() -> str:
     """The venv with hivemind (created on first use): hivemind is never a dependency of hiveengine."""
-    python = HIVEMIND_VENV / "bin" / "python"
+    python = HIVEMIND_VENV.resolve() / "bin" / "python"
     if not python.exists():
         print(f"creating {HIVEMIND_VENV} with {' '.join(HIVEMIND_REQUIREMENTS)} ...", file=sys.stderr, flush=True)
         subprocess.run([sys.executable, "-m", "venv", str(HIVEMIND_VENV)], check=True)
@@ -182,7 +183,10 @@ def run_hivemind(peers: int, numel: int, codec: str, rounds: int) -> dict:
     try:
         initial: list[str] = []
         for rank in range(peers):
-            proc = subprocess.Popen([python, worker], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            # Own session: hivemind starts an averager process and a p2pd daemon that must go with it.
+            proc = subprocess.Popen(
+                [python, worker], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True
+            )
             procs.append(proc)
             plan = {"initial_peers": initial, "numel": numel, "peers": peers, "rounds": rounds, "rank": rank}
             proc.stdin.write(json.dumps({**plan, "compression": HIVEMIND_CODECS[codec]}) + "\n")
@@ -198,7 +202,8 @@ def run_hivemind(peers: int, numel: int, codec: str, rounds: int) -> dict:
         return _combine(results)
     finally:
         for p in procs:
-            p.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
 
 
 def _combine(results: list[dict]) -> dict:

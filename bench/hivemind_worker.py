@@ -14,6 +14,7 @@ from hivemind.compression import Float16Compression, NoCompression, Uniform8BitQ
 
 COMPRESSION = {"none": NoCompression, "fp16": Float16Compression, "int8": Uniform8BitQuantization}
 MATCHMAKING_TIME = 1.0
+REQUEST_TIMEOUT = 0.5  # hivemind warns that matchmaking can deadlock unless this is below MATCHMAKING_TIME
 
 
 def main() -> None:
@@ -28,6 +29,7 @@ def main() -> None:
         target_group_size=plan["peers"],
         min_group_size=plan["peers"],
         min_matchmaking_time=MATCHMAKING_TIME,
+        request_timeout=REQUEST_TIMEOUT,
         compression=COMPRESSION[plan["compression"]](),
         start=True,
     )
