@@ -83,9 +83,6 @@ class StateServer:
         payload = get_codec(str(codec)).encode(snapshot.tensor[start:end], name="state")
         return {}, payload
 
-    def forget(self, session: bytes) -> None:
-        self._snapshots.pop(session, None)
-
 
 async def advertise(dht, prefix: str, address: str, peer_raw: bytes, epoch: int) -> None:
     """Tell the swarm this peer can serve its state at `epoch`."""

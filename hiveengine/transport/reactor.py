@@ -110,12 +110,6 @@ class Reactor:
             self.kick()
         return future
 
-    def buffer(self, obj):
-        return self._array(obj)
-
-    def tag(self, value: int):
-        return self._tag(value)
-
     def tag_send(self, endpoint, buf, tag: int) -> asyncio.Future:
         return self.track(endpoint.tag_send(self._array(buf), self._tag(tag)), buf)
 
