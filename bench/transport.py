@@ -29,6 +29,7 @@ MiB = 1 << 20
 SIZES = [1 * MiB, 4 * MiB, 16 * MiB, 64 * MiB, 256 * MiB]
 LATENCY_BYTES = 4096
 LATENCY_ROUNDS = 2000
+WARMUP_PINGS = 200
 BYTES_PER_SIZE = 1024 * MiB  # repeat each size until about this much was sent (at least 3 times)
 IDLE_SECONDS = 3.0
 LINE_TIMEOUT = 120.0
@@ -55,6 +56,33 @@ def idle_cpu(pid: int) -> tuple[float, float]:
         100 * (sum(other.cpu_times()[:2]) - t0_other) / IDLE_SECONDS,
         100 * (sum(me.cpu_times()[:2]) - t0_me) / IDLE_SECONDS,
     )
+
+
+def _with_idle_cpu(result: dict, server_pid: int) -> dict:
+    """Add the CPU both sides burn while connected and idle (measured after the transfers)."""
+    result["idle_cpu_server"], result["idle_cpu_client"] = idle_cpu(server_pid)
+    return result
+
+
+async def measure_transport(ping_once, transfer_once) -> dict:
+    """Median 4 KiB round trip and per-size throughput, each after a warm-up, for one transport:
+    `ping_once()` does one round trip, `transfer_once(payload)` sends one message and waits for its ack."""
+
+    async def timed(fn, rounds: int, *args) -> list[float]:
+        times = []
+        for _ in range(rounds):
+            start = time.perf_counter()
+            await fn(*args)
+            times.append(time.perf_counter() - start)
+        return times
+
+    await timed(ping_once, WARMUP_PINGS)
+    result = {"rtt_us": 1e6 * statistics.median(await timed(ping_once, LATENCY_ROUNDS)), "throughput": {}}
+    for size in SIZES:
+        payload = torch.randint(0, 255, (size,), dtype=torch.uint8)
+        await transfer_once(payload)
+        result["throughput"][size] = size / statistics.median(await timed(transfer_once, repeats(size), payload)) / 1e9
+    return result
 
 
 # ---------------------------------------------------------------- hiveengine UCX
@@ -87,34 +115,15 @@ def ucx_client(address: str, server_pid: int) -> dict:
     from hiveengine.transport import Peer
 
     peer = Peer()
-    run = peer.runtime.run
     small = torch.randint(0, 255, (LATENCY_BYTES,), dtype=torch.uint8)
 
-    async def ping(rounds: int) -> list[float]:
-        times = []
-        for _ in range(rounds):
-            start = time.perf_counter()
-            await peer.call(address, "echo", {}, [small])
-            times.append(time.perf_counter() - start)
-        return times
+    async def ping_once() -> None:
+        await peer.call(address, "echo", {}, [small])
 
-    run(ping(200), 120)
-    rtt = run(ping(LATENCY_ROUNDS), 300)
-    result = {"rtt_us": 1e6 * statistics.median(rtt), "throughput": {}}
-    for size in SIZES:
-        x = torch.randint(0, 255, (size,), dtype=torch.uint8)
+    async def transfer_once(payload: torch.Tensor) -> None:
+        await peer.send_tensor(address, "sink", payload, {"n": payload.numel()}, timeout=120)
 
-        async def transfer(n: int, x=x, size=size) -> list[float]:
-            times = []
-            for _ in range(n):
-                start = time.perf_counter()
-                await peer.send_tensor(address, "sink", x, {"n": size}, timeout=120)
-                times.append(time.perf_counter() - start)
-            return times
-
-        run(transfer(1), 300)
-        result["throughput"][size] = size / statistics.median(run(transfer(repeats(size)), 600)) / 1e9
-    result["idle_cpu_server"], result["idle_cpu_client"] = idle_cpu(server_pid)
+    result = _with_idle_cpu(peer.runtime.run(measure_transport(ping_once, transfer_once), 3600), server_pid)
     peer.shutdown()
     return result
 
@@ -174,33 +183,20 @@ def tcp_client(port: str, server_pid: int) -> dict:
         back = bytearray(LATENCY_BYTES)
         ack = bytearray(1)
 
-        async def ping(rounds: int) -> list[float]:
-            times = []
-            for _ in range(rounds):
-                start = time.perf_counter()
-                await loop.sock_sendall(sock, LEN.pack(LATENCY_BYTES << 1 | 1) + small)
-                await _recv_exact(loop, sock, memoryview(back))
-                times.append(time.perf_counter() - start)
-            return times
+        async def ping_once() -> None:
+            await loop.sock_sendall(sock, LEN.pack(LATENCY_BYTES << 1 | 1) + small)
+            await _recv_exact(loop, sock, memoryview(back))
 
-        await ping(200)
-        result = {"rtt_us": 1e6 * statistics.median(await ping(LATENCY_ROUNDS)), "throughput": {}}
-        for size in SIZES:
-            payload = memoryview(torch.randint(0, 255, (size,), dtype=torch.uint8).numpy())
-            times = []
-            for _ in range(repeats(size) + 1):
-                start = time.perf_counter()
-                await loop.sock_sendall(sock, LEN.pack(size << 1))
-                await loop.sock_sendall(sock, payload)
-                await _recv_exact(loop, sock, memoryview(ack))
-                times.append(time.perf_counter() - start)
-            result["throughput"][size] = size / statistics.median(times[1:]) / 1e9
+        async def transfer_once(payload: torch.Tensor) -> None:
+            await loop.sock_sendall(sock, LEN.pack(payload.numel() << 1))
+            await loop.sock_sendall(sock, memoryview(payload.numpy()))
+            await _recv_exact(loop, sock, memoryview(ack))
+
+        result = await measure_transport(ping_once, transfer_once)
         sock.close()
         return result
 
-    result = asyncio.run(main())
-    result["idle_cpu_server"], result["idle_cpu_client"] = idle_cpu(server_pid)
-    return result
+    return _with_idle_cpu(asyncio.run(main()), server_pid)
 
 
 def streams_server() -> None:
@@ -228,35 +224,22 @@ def streams_client(port: str, server_pid: int) -> dict:
         reader, writer = await asyncio.open_connection("127.0.0.1", int(port))
         small = os.urandom(LATENCY_BYTES)
 
-        async def ping(rounds: int) -> list[float]:
-            times = []
-            for _ in range(rounds):
-                start = time.perf_counter()
-                writer.write(LEN.pack(LATENCY_BYTES << 1 | 1) + small)
-                await writer.drain()
-                await reader.readexactly(LATENCY_BYTES)
-                times.append(time.perf_counter() - start)
-            return times
+        async def ping_once() -> None:
+            writer.write(LEN.pack(LATENCY_BYTES << 1 | 1) + small)
+            await writer.drain()
+            await reader.readexactly(LATENCY_BYTES)
 
-        await ping(200)
-        result = {"rtt_us": 1e6 * statistics.median(await ping(LATENCY_ROUNDS)), "throughput": {}}
-        for size in SIZES:
-            payload = memoryview(torch.randint(0, 255, (size,), dtype=torch.uint8).numpy())
-            times = []
-            for _ in range(repeats(size) + 1):
-                start = time.perf_counter()
-                writer.write(LEN.pack(size << 1))
-                writer.write(payload)
-                await writer.drain()
-                await reader.readexactly(1)
-                times.append(time.perf_counter() - start)
-            result["throughput"][size] = size / statistics.median(times[1:]) / 1e9
+        async def transfer_once(payload: torch.Tensor) -> None:
+            writer.write(LEN.pack(payload.numel() << 1))
+            writer.write(memoryview(payload.numpy()))
+            await writer.drain()
+            await reader.readexactly(1)
+
+        result = await measure_transport(ping_once, transfer_once)
         writer.close()
         return result
 
-    result = asyncio.run(main())
-    result["idle_cpu_server"], result["idle_cpu_client"] = idle_cpu(server_pid)
-    return result
+    return _with_idle_cpu(asyncio.run(main()), server_pid)
 
 
 ROLES = {

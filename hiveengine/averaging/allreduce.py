@@ -129,8 +129,7 @@ class _ReducerRound:
     def check_payload(self, index: int, payload: list[torch.Tensor]) -> list[torch.Tensor]:
         if not 0 <= index < len(self.chunks):
             raise ProtocolError(f"chunk {index} is out of range (this part has {len(self.chunks)})")
-        start, end = self.chunks[index]
-        expected = self.codec.empty_payload(end - start, "meta")
+        expected = self.arena.slots[index][0]  # every slot of a chunk has the codec's payload layout
         if len(payload) != len(expected) or any(
             t.dtype != e.dtype or t.shape != e.shape for t, e in zip(payload, expected, strict=False)
         ):

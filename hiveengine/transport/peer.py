@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -125,8 +126,6 @@ class Peer:
         limits: TransportLimits = DEFAULT_LIMITS,
         runtime: Runtime | None = None,
     ):
-        import os
-
         self.identity = identity or Identity.generate()
         self.limits = limits
         self.runtime = runtime or Runtime.get()
