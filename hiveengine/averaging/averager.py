@@ -45,7 +45,8 @@ class DecentralizedAverager:
 
     Read or modify the tensors only inside `with averager.get_tensors() as tensors:` — step() rewrites
     them in place. Client-mode peers send and receive but reduce no part; auxiliary peers reduce but
-    contribute no data.
+    contribute no data. With `share_state=False` the tensors are never served to peers that load state
+    (e.g. gradient buffers, whose values mean nothing to a newcomer).
     """
 
     def __init__(
@@ -65,6 +66,7 @@ class DecentralizedAverager:
         sender_timeout: float = DEFAULT_SENDER_TIMEOUT,
         chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
         peer: Peer | None = None,
+        share_state: bool = True,
     ):
         if client_mode and auxiliary:
             raise ConfigurationError("a peer cannot be both a client (reduces nothing) and auxiliary (sends nothing)")
@@ -97,7 +99,7 @@ class DecentralizedAverager:
         self._closed = False
         self.local_epoch = 0  # rounds this peer's tensors have been through (the newest state wins)
         self.state_metadata: dict = {}  # sent along with the tensors to peers that load state from us
-        self.state_server = None if client_mode else StateServer(self.peer, self)
+        self.state_server = StateServer(self.peer, self) if share_state and not client_mode else None
         self.peer.runtime.run(self._advertise(), DEFAULT_STEP_TIMEOUT)
 
     @contextlib.contextmanager
@@ -153,6 +155,13 @@ class DecentralizedAverager:
     async def _advertise(self) -> None:
         if self.state_server is not None:
             await advertise(self.dht, self.prefix, self.me.address, self.me.peer_id.raw, self.local_epoch)
+
+    def publish_state(self, epoch: int, metadata: dict | None = None, timeout: float = DEFAULT_STEP_TIMEOUT) -> None:
+        """Declare our tensors to be the state of `epoch` (with `metadata`) and advertise them to newcomers."""
+        self.local_epoch = epoch
+        if metadata is not None:
+            self.state_metadata = metadata
+        self.peer.runtime.run(self._advertise(), timeout)
 
     async def aload_state_from_peers(self, timeout: float = DEFAULT_STEP_TIMEOUT, codec: str = "none") -> dict | None:
         """Replace our tensors with the newest state a peer advertises; return its metadata (None: no peer

@@ -1,0 +1,114 @@
+"""Training progress in the DHT: each peer publishes its epoch and samples; everyone reads the swarm's sum.
+
+A peer's record lives under `{run_id}.progress` with its peer id as the subkey, so it expires by itself when
+the peer dies. Peers step together when the samples accumulated by everyone in the newest epoch reach the
+target batch size; a peer whose epoch is behind the newest one loads state instead of averaging.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+from hiveengine.dht import get_dht_time
+
+logger = logging.getLogger(__name__)
+
+PROGRESS_TTL = 30.0  # seconds a progress record outlives its last refresh (a dead peer's then disappears)
+SPEED_SMOOTHING = 0.1  # weight of the newest measurement in the samples/s moving average
+
+
+def progress_key(run_id: str) -> str:
+    return f"{run_id}.progress"
+
+
+@dataclass(frozen=True)
+class PeerProgress:
+    """One peer's published progress."""
+
+    peer: str
+    epoch: int
+    samples: int  # accumulated toward the next step of `epoch`
+    samples_per_second: float
+    time: float  # DHT time of the report
+    loss: float | None = None
+    client_mode: bool = False
+
+    def record(self) -> list:
+        return [self.epoch, self.samples, self.samples_per_second, self.time, self.loss, self.client_mode]
+
+
+@dataclass(frozen=True)
+class SwarmProgress:
+    """What the swarm looks like from the DHT at one moment."""
+
+    epoch: int  # the newest epoch any live peer reports
+    samples: int  # accumulated by peers in that epoch
+    peers: list[PeerProgress]
+
+    @property
+    def samples_per_second(self) -> float:
+        return sum(p.samples_per_second for p in self.peers)
+
+    @property
+    def size(self) -> int:
+        return len(self.peers)
+
+    def eta(self, target_batch_size: int) -> float:
+        """Seconds until the swarm reaches `target_batch_size` samples at its current speed."""
+        speed = sum(p.samples_per_second for p in self.peers if p.epoch == self.epoch)
+        return max(0.0, target_batch_size - self.samples) / speed if speed > 0 else math.inf
+
+
+def parse_progress(found) -> SwarmProgress:
+    """A SwarmProgress from the DHT's dictionary value; malformed records (buggy or hostile) are skipped."""
+    peers = []
+    subkeys = found.value if found is not None and isinstance(found.value, dict) else {}
+    for subkey, entry in subkeys.items():
+        try:
+            epoch, samples, speed, reported, loss, client = entry.value
+            peer = bytes(subkey).hex()
+            if not (isinstance(epoch, int) and isinstance(samples, int) and epoch >= 0 and samples >= 0):
+                continue
+            speed, reported = float(speed), float(reported)
+            if not (math.isfinite(speed) and speed >= 0):
+                continue
+            loss = float(loss) if isinstance(loss, int | float) and math.isfinite(loss) else None
+            peers.append(PeerProgress(peer, epoch, samples, speed, reported, loss, bool(client)))
+        except (TypeError, ValueError, AttributeError):
+            continue
+    epoch = max((p.epoch for p in peers), default=0)
+    samples = sum(p.samples for p in peers if p.epoch == epoch)
+    return SwarmProgress(epoch, samples, sorted(peers, key=lambda p: p.peer))
+
+
+class ProgressTracker:
+    """Publishes this peer's progress and reads the swarm's (awaitable; runs on the transport loop)."""
+
+    def __init__(self, dht, run_id: str, client_mode: bool = False, ttl: float = PROGRESS_TTL):
+        self.dht, self.key, self.client_mode, self.ttl = dht, progress_key(run_id), client_mode, ttl
+        self.samples_per_second = 0.0
+        self._last_sample_time: float | None = None
+
+    def count(self, samples: int) -> None:
+        """Record that `samples` were just processed locally (updates the samples/s moving average)."""
+        now = time.monotonic()
+        if self._last_sample_time is not None and now > self._last_sample_time:
+            speed = samples / (now - self._last_sample_time)
+            if self.samples_per_second == 0:
+                self.samples_per_second = speed
+            else:
+                self.samples_per_second += SPEED_SMOOTHING * (speed - self.samples_per_second)
+        self._last_sample_time = now
+
+    async def report(self, epoch: int, samples: int, loss: float | None = None) -> None:
+        now = get_dht_time()
+        raw = self.dht.peer_id.raw
+        mine = PeerProgress(raw.hex(), epoch, samples, self.samples_per_second, now, loss, self.client_mode)
+        if not await self.dht.astore(self.key, mine.record(), now + self.ttl, subkey=raw):
+            logger.warning("could not publish progress (epoch %d, %d samples)", epoch, samples)
+
+    async def fetch(self) -> SwarmProgress:
+        return parse_progress(await self.dht.aget(self.key, latest=True))
