@@ -1,0 +1,48 @@
+"""Decentralized Mixture-of-Experts: expert servers that batch requests from many clients and declare their experts
+in the DHT, and RemoteExpert / RemoteMixtureOfExperts modules that call them with fault tolerance."""
+
+from hiveengine.moe.client import (
+    Dispatch,
+    ExpertInfo,
+    MoEBeamSearcher,
+    RemoteExpert,
+    RemoteMixtureOfExperts,
+    get_remote_experts,
+)
+from hiveengine.moe.errors import ExpertError, InvalidExpertUIDError, NotEnoughExpertsError, UnknownExpertClassError
+from hiveengine.moe.protocol import TensorSchema, adeclare_experts, aget_experts, get_experts
+from hiveengine.moe.server import (
+    EXPERT_CLASSES,
+    BatchingRuntime,
+    ExpertBackend,
+    Server,
+    get_expert_class,
+    register_expert_class,
+)
+from hiveengine.moe.uids import expand_pattern, split_uid, uids_from_pattern
+
+__all__ = [
+    "EXPERT_CLASSES",
+    "BatchingRuntime",
+    "Dispatch",
+    "ExpertBackend",
+    "ExpertError",
+    "ExpertInfo",
+    "InvalidExpertUIDError",
+    "MoEBeamSearcher",
+    "NotEnoughExpertsError",
+    "RemoteExpert",
+    "RemoteMixtureOfExperts",
+    "Server",
+    "TensorSchema",
+    "UnknownExpertClassError",
+    "adeclare_experts",
+    "aget_experts",
+    "expand_pattern",
+    "get_expert_class",
+    "get_experts",
+    "get_remote_experts",
+    "register_expert_class",
+    "split_uid",
+    "uids_from_pattern",
+]

@@ -1,0 +1,63 @@
+"""The client's RPCs to expert servers (awaitable, on the transport loop) and the process's shared client Peer."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+import torch
+
+from hiveengine.moe.protocol import BACKWARD, FORWARD, INFO
+from hiveengine.transport import Peer
+
+DEFAULT_FORWARD_TIMEOUT = 30.0  # seconds an expert's forward call may take
+DEFAULT_BACKWARD_TIMEOUT = 60.0  # seconds an expert's backward call may take
+SYNC_SLACK = 5.0  # extra seconds a blocking caller waits beyond the calls' own deadlines
+
+_client_peer: Peer | None = None
+_client_lock = threading.Lock()
+
+
+def client_peer() -> Peer:
+    """The Peer this process uses to call experts (created on first use; it shares the process's runtime)."""
+    global _client_peer
+    with _client_lock:
+        if _client_peer is None or _client_peer._closed:
+            _client_peer = Peer()
+        return _client_peer
+
+
+def wire_tensors(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Detached contiguous tensors, ready for UCX; CUDA work that produced them is waited for (UCX reads device
+    memory from the transport thread, outside this thread's stream)."""
+    out = [t.detach().contiguous() for t in tensors]
+    for device in {t.device for t in out if t.is_cuda}:
+        torch.cuda.current_stream(device).synchronize()
+    return out
+
+
+async def acall_forward(
+    peer: Peer, uid: str, address: str, inputs: Sequence[torch.Tensor], timeout: float
+) -> list[torch.Tensor]:
+    """Outputs of expert `uid` at `address` for a batch of `inputs`."""
+    _, outputs = await peer.call(address, FORWARD, {"uid": uid}, inputs, timeout=timeout)
+    return outputs
+
+
+async def acall_backward(
+    peer: Peer,
+    uid: str,
+    address: str,
+    inputs: Sequence[torch.Tensor],
+    grad_outputs: Sequence[torch.Tensor],
+    timeout: float,
+) -> list[torch.Tensor]:
+    """Input gradients of expert `uid` for `inputs` and the gradients of its outputs (the server updates itself)."""
+    _, grads = await peer.call(address, BACKWARD, {"uid": uid}, [*inputs, *grad_outputs], timeout=timeout)
+    return grads
+
+
+async def acall_info(peer: Peer, uid: str, address: str, timeout: float) -> dict:
+    """What the server says about expert `uid` (input schema, parameter count, updates so far)."""
+    header, _ = await peer.call(address, INFO, {"uid": uid}, timeout=timeout)
+    return header

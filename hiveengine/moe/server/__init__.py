@@ -1,0 +1,20 @@
+"""Server side of the Mixture-of-Experts: expert classes, backends, the batching runtime and the Server."""
+
+from hiveengine.moe.server.backend import ExpertBackend
+from hiveengine.moe.server.experts import EXPERT_CLASSES, ExpertClass, get_expert_class, register_expert_class
+from hiveengine.moe.server.runtime import DEFAULT_BATCH_WAIT, DEFAULT_MAX_BATCH_SIZE, BatchingRuntime, RuntimeStats
+from hiveengine.moe.server.server import DEFAULT_UPDATE_PERIOD, Server
+
+__all__ = [
+    "DEFAULT_BATCH_WAIT",
+    "DEFAULT_MAX_BATCH_SIZE",
+    "DEFAULT_UPDATE_PERIOD",
+    "EXPERT_CLASSES",
+    "BatchingRuntime",
+    "ExpertBackend",
+    "ExpertClass",
+    "RuntimeStats",
+    "Server",
+    "get_expert_class",
+    "register_expert_class",
+]

@@ -1,0 +1,225 @@
+"""Server: hosts experts behind a Peer, batches their requests on a BatchingRuntime, declares them in the DHT."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import torch
+
+from hiveengine.dht import DHT, get_dht_time
+from hiveengine.errors import ConfigurationError, ProtocolError
+from hiveengine.moe.protocol import BACKWARD, DHT_TIMEOUT, FORWARD, INFO, adeclare_experts
+from hiveengine.moe.server.backend import ExpertBackend
+from hiveengine.moe.server.experts import get_expert_class
+from hiveengine.moe.server.runtime import DEFAULT_BATCH_WAIT, DEFAULT_MAX_BATCH_SIZE, BatchingRuntime, RuntimeStats
+from hiveengine.transport import Peer, Request
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_UPDATE_PERIOD = 30.0  # seconds between re-declarations of the experts in the DHT
+EXPIRATION_PERIODS = 2  # a declaration lives this many update periods, so one missed refresh does not hide them
+CHECKPOINT_SUFFIX = ".pt"
+START_TIMEOUT = 60.0
+
+OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
+
+
+class Server:
+    """Serves `experts` ({uid: ExpertBackend}) over its own Peer; with a `dht`, declares them there every
+    `update_period` seconds (expiring after EXPIRATION_PERIODS periods) until shut down."""
+
+    def __init__(
+        self,
+        experts: dict[str, ExpertBackend],
+        dht: DHT | None = None,
+        *,
+        max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+        batch_wait: float = DEFAULT_BATCH_WAIT,
+        update_period: float = DEFAULT_UPDATE_PERIOD,
+        port: int | None = None,
+        start: bool = True,
+    ):
+        if not experts:
+            raise ConfigurationError("a Server needs at least one expert")
+        if update_period <= 0:
+            raise ConfigurationError(f"update_period must be positive, got {update_period}")
+        self.experts = dict(experts)
+        self.dht = dht
+        self.update_period = update_period
+        devices = {b.device for b in self.experts.values() if b.device.type == "cuda"}
+        self.runtime = BatchingRuntime(max_batch_size, batch_wait, synchronize=_synchronizer(devices))
+        self._pools = {
+            uid: (self.runtime.add_pool(f"{uid}.fwd", b.forward), self.runtime.add_pool(f"{uid}.bwd", b.backward))
+            for uid, b in self.experts.items()
+        }
+        self.peer: Peer | None = None
+        self._declaring: asyncio.Task | None = None
+        self._port = port
+        if start:
+            self.start()
+
+    @classmethod
+    def create(
+        cls,
+        expert_cls: str,
+        uids: Sequence[str],
+        hidden_dim: int,
+        *,
+        device: str = "cpu",
+        optimizer: OptimizerFactory | None = None,
+        accumulate_batches: int = 1,
+        seed: int | None = None,
+        checkpoint_dir: str | Path | None = None,
+        dht: DHT | None = None,
+        **kwargs,
+    ) -> Server:
+        """A server of `expert_cls` experts named `uids`, built on `device` (with `seed`: expert i from seed + i),
+        restored from `checkpoint_dir` where a checkpoint exists."""
+        klass = get_expert_class(expert_cls)
+        experts = {}
+        for i, uid in enumerate(uids):
+            module = klass.build(hidden_dim, None if seed is None else seed + i).to(device)
+            opt = optimizer(module.parameters()) if optimizer is not None else None
+            experts[uid] = ExpertBackend(
+                uid, module, klass.input_schema(hidden_dim), opt, device=device, accumulate_batches=accumulate_batches
+            )
+        server = cls(experts, dht, start=False, **kwargs)
+        if checkpoint_dir is not None:
+            server.load_checkpoints(checkpoint_dir)
+        server.start()
+        return server
+
+    # ---- lifecycle
+
+    def start(self, timeout: float = START_TIMEOUT) -> None:
+        """Start serving (and declaring); a no-op if started."""
+        if self.peer is not None:
+            return
+        self.runtime.start()
+        self.peer = Peer(port=self._port)
+        self.peer.register(FORWARD, self._on_forward)
+        self.peer.register(BACKWARD, self._on_backward)
+        self.peer.register(INFO, self._on_info)
+        if self.dht is not None:
+            self.peer.runtime.run(self._declare_once(), timeout)
+            self._declaring = self.peer.runtime.run(self._start_declaring(), timeout)
+        logger.info("serving %d experts at %s", len(self.experts), self.peer.address)
+
+    @property
+    def address(self) -> str:
+        """Where clients call these experts."""
+        if self.peer is None:
+            raise RuntimeError("the server is not started")
+        return str(self.peer.address)
+
+    def stats(self) -> RuntimeStats:
+        """Rows and batches processed so far, per expert and direction."""
+        return self.runtime.stats()
+
+    def shutdown(self) -> None:
+        """Stop declaring and serving; the DHT forgets the experts when their declarations expire. Idempotent."""
+        if self.peer is None:
+            return
+        peer, self.peer = self.peer, None
+        if not peer.runtime._closed:
+            peer.runtime.run(self._stop_declaring(), DHT_TIMEOUT)
+            peer.shutdown()
+        self.runtime.shutdown()
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    # ---- checkpoints
+
+    def save_checkpoints(self, directory: str | Path) -> None:
+        """Write each expert's module and optimizer state to `directory/<uid>.pt` (atomically)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        for uid, backend in self.experts.items():
+            tmp = directory / f"{uid}{CHECKPOINT_SUFFIX}.tmp"
+            torch.save(backend.state_dict(), tmp)
+            tmp.replace(directory / f"{uid}{CHECKPOINT_SUFFIX}")
+
+    def load_checkpoints(self, directory: str | Path) -> list[str]:
+        """Restore every expert that has a checkpoint in `directory`; return their uids."""
+        loaded = []
+        for uid, backend in self.experts.items():
+            path = Path(directory) / f"{uid}{CHECKPOINT_SUFFIX}"
+            if path.is_file():
+                backend.load_state_dict(torch.load(path, map_location=backend.device, weights_only=True))
+                loaded.append(uid)
+        logger.info("loaded %d expert checkpoints from %s", len(loaded), directory)
+        return loaded
+
+    # ---- DHT declarations
+
+    async def _declare_once(self) -> None:
+        expiration = get_dht_time() + EXPIRATION_PERIODS * self.update_period
+        stored = await adeclare_experts(self.dht, list(self.experts), str(self.peer.address), expiration)
+        logger.debug("declared %d experts (%d records stored)", len(self.experts), stored)
+
+    async def _start_declaring(self) -> asyncio.Task:
+        return asyncio.get_running_loop().create_task(self._declare_forever())
+
+    async def _declare_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.update_period)
+            try:
+                async with asyncio.timeout(DHT_TIMEOUT):
+                    await self._declare_once()
+            except Exception as e:
+                logger.warning("could not declare experts in the DHT: %s: %s", type(e).__name__, e)
+
+    async def _stop_declaring(self) -> None:
+        if self._declaring is not None:
+            self._declaring.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._declaring
+
+    # ---- handlers (on the transport loop)
+
+    def _backend(self, request: Request) -> ExpertBackend:
+        uid = request.header.get("uid")
+        backend = self.experts.get(uid) if isinstance(uid, str) else None
+        if backend is None:
+            raise ProtocolError(f"this server has no expert {uid!r:.80}; it serves {len(self.experts)} others")
+        return backend
+
+    async def _on_forward(self, request: Request) -> tuple[dict, list[torch.Tensor]]:
+        backend = self._backend(request)
+        rows = backend.check_forward(request.tensors)
+        pool = self._pools[backend.uid][0]
+        return {}, await asyncio.wrap_future(self.runtime.submit(pool, request.tensors, rows))
+
+    async def _on_backward(self, request: Request) -> tuple[dict, list[torch.Tensor]]:
+        backend = self._backend(request)
+        rows = backend.check_backward(request.tensors)
+        pool = self._pools[backend.uid][1]
+        return {}, await asyncio.wrap_future(self.runtime.submit(pool, request.tensors, rows))
+
+    async def _on_info(self, request: Request) -> dict:
+        backend = self._backend(request)
+        return {
+            "inputs": [s.to_wire() for s in backend.input_schema],
+            "parameters": sum(p.numel() for p in backend.module.parameters()),
+            "updates": backend.updates,
+        }
+
+
+def _synchronizer(devices: set[torch.device]) -> Callable[[], None] | None:
+    """Wait for the compute thread's CUDA work on `devices` (None when every expert is on the CPU)."""
+    if not devices:
+        return None
+
+    def synchronize() -> None:
+        for device in devices:
+            torch.cuda.current_stream(device).synchronize()
+
+    return synchronize
