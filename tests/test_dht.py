@@ -50,9 +50,8 @@ def raw_peer():
 
 
 def raw_store(peer: Peer, target: DHT, records: list[Record]) -> list[bool]:
-    header, _ = peer.call_sync(
-        target.address, protocol.STORE, {"s": None}, [protocol.records_blob(records)], timeout=10
-    )
+    fields, tensors = protocol.records_blob(records)
+    header, _ = peer.call_sync(target.address, protocol.STORE, {"s": None, **fields}, tensors, timeout=10)
     return header["ok"]
 
 

@@ -11,6 +11,9 @@ import random
 import time
 from collections.abc import Awaitable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
 
 from hiveengine.dht import protocol
 from hiveengine.dht.routing import Contact, RoutingTable, key_id, node_id, random_id_in_bucket
@@ -37,6 +40,16 @@ class DHTConfig:
     max_stored_bytes: int = 256 * MiB  # records this node holds for others
     cache_bytes: int = 16 * MiB  # recently fetched values
     republish_concurrency: int = 8
+    # A full bucket's least recently seen contact is pinged (so a newcomer may replace it if it is dead) only when
+    # it was not heard from for this long: one that answered recently is alive, and pinging it is wasted work.
+    probe_after: float = 30.0
+
+
+class Offer(NamedTuple):
+    """Records a store's lookup offers to the nodes it asks, encoded once for all of them."""
+
+    records: list[Record]
+    blob: tuple[dict, list[torch.Tensor]]
 
 
 class DHTNode:
@@ -95,9 +108,12 @@ class DHTNode:
     # ---- contacts
 
     def _seen(self, contact: Contact) -> None:
-        """A node answered or called us: refresh it in the table; probe the bucket's oldest if it is full."""
+        """A node answered or called us: refresh it in the table; probe the bucket's oldest if it is full and
+        was not heard from for `probe_after` seconds."""
         stale = self.table.touch(contact)
-        if stale is not None and stale.id not in self._pinging and not self._closed:
+        if stale is None or time.monotonic() - stale.last_seen < self.config.probe_after:
+            return
+        if stale.id not in self._pinging and not self._closed:
             self._pinging.add(stale.id)
             self._spawn(self._probe(stale))
 
@@ -126,14 +142,15 @@ class DHTNode:
 
     # ---- lookups
 
-    async def _find(self, contact: Contact, target: int, key: bytes | None, offer: list[Record] | None):
-        header = protocol.find_request(self.my_address, target, key is not None)
-        tensors = [protocol.records_blob(offer)] if offer else []
+    async def _find(self, contact: Contact, target: int, key: bytes | None, offer: Offer | None):
+        fields, tensors = offer.blob if offer is not None else (None, [])
+        header = protocol.find_request(self.my_address, target, key is not None, fields)
         reply = await self._rpc(contact, protocol.FIND, header, tensors)
         if reply is None:
             return None
         try:
-            return protocol.parse_find_reply(reply[0], reply[1], key, self.config.k, len(offer or ()))
+            offered = len(offer.records) if offer is not None else 0
+            return protocol.parse_find_reply(reply[0], reply[1], key, self.config.k, offered)
         except ProtocolError as e:
             self._failed(contact, e)
             return None
@@ -144,7 +161,7 @@ class DHTNode:
         key: bytes | None = None,
         found: Entry | None = None,
         stop_early: bool = False,
-        offer: list[Record] | None = None,
+        offer: Offer | None = None,
     ) -> tuple[list[Contact], dict[int, list[bool]]]:
         """Iterative Kademlia lookup of `target` with `alpha` RPCs in flight. Returns the k closest nodes that
         answered, and what each node that took the `offer`ed records said about each. With `key`, every valid
@@ -215,7 +232,8 @@ class DHTNode:
         then (because they did not count themselves among the k closest) get a separate store call."""
         records = list(records)
         target = key_id(records[0].key)
-        closest, stored = await self._lookup(target, offer=records)
+        blob = protocol.records_blob(records)
+        closest, stored = await self._lookup(target, offer=Offer(records, blob))
         accepted = [False] * len(records)
         if self._closer_than_all(target, closest):  # then this node is one of the k replicas
             closest = closest[: self.config.k - 1]
@@ -224,7 +242,7 @@ class DHTNode:
         for contact in closest:  # copies taken by farther nodes are harmless extras, not successes
             if contact.id in stored:
                 accepted = [a or b for a, b in zip(accepted, stored[contact.id], strict=True)]
-        header, tensors = {"s": self.my_address}, [protocol.records_blob(records)]
+        header, tensors = {"s": self.my_address, **blob[0]}, blob[1]
 
         async def send(contact: Contact) -> list[bool]:
             reply = await self._rpc(contact, protocol.STORE, header, tensors)

@@ -1,8 +1,9 @@
 """The DHT's wire protocol over the transport: method names, limits, and how requests and replies are encoded.
 
 Every request header carries "s", the sender's address, or None for a node in client mode (which must not be
-added to routing tables because nobody can dial it). Records and found values travel as one msgpack blob in
-a uint8 tensor, so values are not bound by the transport's 64 KiB header limit.
+added to routing tables because nobody can dial it). Records and found values travel as one msgpack blob: a small
+blob (at most HEADER_BLOB_BYTES) as bytes under "b" in the header, which spares both sides any tensor handling; a
+larger one as a uint8 tensor, so values are not bound by the transport's 64 KiB header limit.
 
 - dht.ping   header {s}                 -> {}
 - dht.store  header {s}, blob [record…] -> {ok: [bool…]}      record = [key, subkey, value, expiration, signature]
@@ -35,24 +36,36 @@ MAX_KEY_BYTES = 4 * KiB
 MAX_RECORDS_PER_STORE = 4096
 MAX_BLOB_BYTES = 64 * MiB
 MAX_ADDRESS_CHARS = 512
+# Blobs up to this size travel inside the message header (kept below the transport's compression threshold).
+HEADER_BLOB_BYTES = 3 * KiB
+BLOB_FIELD = "b"
 
 
-def encode_blob(obj) -> torch.Tensor:
-    """Pack `obj` with msgpack into a uint8 tensor (refusing one larger than MAX_BLOB_BYTES)."""
+def encode_blob(obj) -> tuple[dict, list[torch.Tensor]]:
+    """Pack `obj` with msgpack: the header fields and tensors that carry it (refusing more than MAX_BLOB_BYTES)."""
     data = msgpack.packb(obj, use_bin_type=True)
+    if len(data) <= HEADER_BLOB_BYTES:
+        return {BLOB_FIELD: data}, []
     if len(data) > MAX_BLOB_BYTES:
         raise ProtocolError(f"DHT message of {len(data)} bytes exceeds MAX_BLOB_BYTES = {MAX_BLOB_BYTES}")
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+    return {}, [torch.frombuffer(bytearray(data), dtype=torch.uint8)]
 
 
-def decode_blob(tensors: list[torch.Tensor], what: str):
-    """Unpack the msgpack blob that a DHT message carries as its only tensor; ProtocolError if malformed."""
-    if len(tensors) != 1 or tensors[0].dtype != torch.uint8 or tensors[0].dim() != 1:
+def decode_blob(header: dict, tensors: list[torch.Tensor], what: str):
+    """Unpack the msgpack blob a DHT message carries (in its header or as its only tensor); ProtocolError if
+    malformed."""
+    data = header.get(BLOB_FIELD)
+    if data is not None or not tensors:
+        if not isinstance(data, bytes) or tensors:
+            raise ProtocolError(f"{what} must carry one msgpack blob: bytes under {BLOB_FIELD!r} or one tensor")
+    elif len(tensors) != 1 or tensors[0].dtype != torch.uint8 or tensors[0].dim() != 1:
         raise ProtocolError(f"{what} must carry exactly one 1-D uint8 tensor (a msgpack blob)")
-    if tensors[0].numel() > MAX_BLOB_BYTES:
+    elif tensors[0].numel() > MAX_BLOB_BYTES:
         raise ProtocolError(f"{what}: blob of {tensors[0].numel()} bytes exceeds {MAX_BLOB_BYTES}")
+    else:
+        data = tensors[0].numpy().tobytes()
     try:
-        return msgpack.unpackb(tensors[0].numpy().tobytes(), raw=False, strict_map_key=False)
+        return msgpack.unpackb(data, raw=False, strict_map_key=False)
     except Exception as e:
         raise ProtocolError(f"{what}: undecodable blob ({type(e).__name__})") from None
 
@@ -83,7 +96,7 @@ def sender_contact(request: Request) -> Contact | None:
 
 def parse_store(request: Request) -> list[Record | None]:
     """The records a request carries (None for each malformed one); ProtocolError if the request is malformed."""
-    items = decode_blob(request.tensors, request.method)
+    items = decode_blob(request.header, request.tensors, request.method)
     if not isinstance(items, list) or len(items) > MAX_RECORDS_PER_STORE:
         raise ProtocolError(f"{STORE} expects a list of at most {MAX_RECORDS_PER_STORE} records")
     return [Record.from_wire(item) for item in items]
@@ -97,25 +110,31 @@ def parse_find(request: Request) -> tuple[int, bool, list[Record | None] | None]
     want_values = request.header.get("v", False)
     if not isinstance(want_values, bool):
         raise ProtocolError(f"{FIND} expects 'v' to be a bool")
-    return target, want_values, parse_store(request) if request.tensors else None
+    offers = request.tensors or BLOB_FIELD in request.header
+    return target, want_values, parse_store(request) if offers else None
 
 
 def find_reply(
     addresses: list[str], records: list[Record] | None, stored: list[bool] | None
 ) -> tuple[dict, list[torch.Tensor]]:
     values = None if records is None else [r.to_wire_without_key() for r in records]
-    return ({} if stored is None else {"ok": stored}), [encode_blob([addresses, values])]
+    header, tensors = encode_blob([addresses, values])
+    if stored is not None:
+        header["ok"] = stored
+    return header, tensors
 
 
 # ---- the calling side
 
 
-def records_blob(records: list[Record]) -> torch.Tensor:
+def records_blob(records: list[Record]) -> tuple[dict, list[torch.Tensor]]:
+    """The header fields and tensors that carry `records` in a store or find request."""
     return encode_blob([r.to_wire() for r in records])
 
 
-def find_request(sender: str | None, target: int, want_values: bool) -> dict:
-    return {"s": sender, "id": target.to_bytes(ID_BYTES, "big"), "v": want_values}
+def find_request(sender: str | None, target: int, want_values: bool, offer: dict | None = None) -> dict:
+    """A find request's header; `offer` holds the header fields of records offered for storing."""
+    return {"s": sender, "id": target.to_bytes(ID_BYTES, "big"), "v": want_values, **(offer or {})}
 
 
 def parse_store_reply(header: dict, count: int) -> list[bool]:
@@ -130,7 +149,7 @@ def parse_find_reply(header: dict, tensors: list[torch.Tensor], key: bytes | Non
     stored = header.get("ok")
     if stored is not None:
         stored = parse_store_reply(header, offered)
-    reply = decode_blob(tensors, f"{FIND} reply")
+    reply = decode_blob(header, tensors, f"{FIND} reply")
     if not isinstance(reply, list) or len(reply) != 2 or not isinstance(reply[0], list):
         raise ProtocolError(f"{FIND} reply must be [addresses, values]")
     contacts = []
