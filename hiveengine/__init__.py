@@ -4,12 +4,26 @@ from hiveengine import errors
 from hiveengine.errors import HiveEngineError
 
 __version__ = "0.1.0"
-__all__ = ["DHT", "DecentralizedAverager", "HiveEngineError", "Peer", "ValueWithExpiration", "__version__", "errors"]
+__all__ = [
+    "DHT",
+    "DecentralizedAverager",
+    "Engine",
+    "HiveEngineError",
+    "Optimizer",
+    "Peer",
+    "ValueWithExpiration",
+    "__version__",
+    "errors",
+    "init",
+]
 _LAZY = {
     "DHT": "hiveengine.dht",
     "ValueWithExpiration": "hiveengine.dht",
     "DecentralizedAverager": "hiveengine.averaging",
     "Peer": "hiveengine.transport",
+    "Optimizer": "hiveengine.optim",
+    "Engine": "hiveengine.engine",
+    "init": "hiveengine.engine",
 }
 
 

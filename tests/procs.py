@@ -17,8 +17,10 @@ class PeerProcess:
     """A child process whose stdout lines arrive on a queue; killed on close."""
 
     def __init__(self, script: str, *args: str, env: dict | None = None):
+        """Run tests/`script` (a .py file) or, for a dotted name, `python -m script`, with `args`."""
+        target = [str(HERE / script)] if script.endswith(".py") else ["-m", script]
         self.proc = subprocess.Popen(
-            [sys.executable, str(HERE / script), *args],
+            [sys.executable, *target, *args],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=None,

@@ -20,14 +20,15 @@ from hiveengine.averaging.allreduce import (
 )
 from hiveengine.averaging.group import GroupMember, Mode
 from hiveengine.averaging.matchmaking import Matchmaker, MatchmakingConfig
-from hiveengine.averaging.state import StateServer, advertise, download, find_sources
+from hiveengine.averaging.state import StateServer, advertise, download, find_sources, retract
 from hiveengine.codec import get_codec
-from hiveengine.errors import ConfigurationError, ProtocolError, TransportError
+from hiveengine.errors import ConfigurationError, HiveEngineError, ProtocolError, TransportError
 from hiveengine.transport import Peer
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_STEP_TIMEOUT = 60.0
+RETRACT_TIMEOUT = 5.0  # how long shutdown() tries to withdraw the state advertisement
 SERVICE_ATTRIBUTE = "_hiveengine_allreduce_service"
 
 
@@ -189,8 +190,13 @@ class DecentralizedAverager:
         return self.peer.runtime.run(self.aload_state_from_peers(timeout, codec), timeout + 5)
 
     def shutdown(self) -> None:
-        """Stop averaging; idempotent. The DHT stays up (it is the caller's)."""
+        """Stop averaging and withdraw our state advertisement; idempotent. The DHT stays up (it is the caller's)."""
         if not self._closed:
             self._closed = True
+            if self.state_server is not None:
+                try:
+                    self.peer.runtime.run(retract(self.dht, self.prefix, self.me.peer_id.raw), RETRACT_TIMEOUT)
+                except (HiveEngineError, TimeoutError) as e:
+                    logger.info("could not withdraw the state advertisement: %s", e)
             if self._owns_peer:
                 self.peer.shutdown()

@@ -89,6 +89,11 @@ async def advertise(dht, prefix: str, address: str, peer_raw: bytes, epoch: int)
     await dht.astore(state_key(prefix), [address, epoch], time.time() + STATE_TTL, subkey=peer_raw)
 
 
+async def retract(dht, prefix: str, peer_raw: bytes) -> None:
+    """Stop advertising this peer's state (a newer, empty entry replaces the advertisement)."""
+    await dht.astore(state_key(prefix), None, time.time() + STATE_TTL, subkey=peer_raw)
+
+
 async def find_sources(dht, prefix: str, exclude: bytes) -> list[tuple[int, str]]:
     """(epoch, address) of peers advertising state, newest first."""
     found = await dht.aget(state_key(prefix), latest=True)

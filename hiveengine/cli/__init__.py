@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from hiveengine.cli import bench, dht, peer
+from hiveengine.cli import bench, dht, launch, peer, status
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -15,6 +15,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hiveengine", description="Decentralized deep learning over the Internet.")
     parser.add_argument("--log-level", default="WARNING", help="logging level (default: WARNING)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    launch.add_commands(sub)
+    status.add_commands(sub)
     peer.add_commands(sub)
     dht.add_commands(sub)
     bench.add_commands(sub)

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable
 import torch
 
 from hiveengine.averaging import DecentralizedAverager
-from hiveengine.errors import ConfigurationError
+from hiveengine.errors import ConfigurationError, HiveEngineError
 from hiveengine.optim.progress import ProgressTracker, SwarmProgress
 from hiveengine.optim.state import TrainingState
 
@@ -38,6 +38,8 @@ FAST_CHECK_FRACTION = 0.1  # once the swarm may have reached the target, read it
 DEFAULT_AVERAGING_TIMEOUT = 60.0
 DEFAULT_STATE_TIMEOUT = 120.0
 DHT_TIMEOUT = 30.0
+CATCH_UP_RETRY = 5.0  # after a failed state download, train on at our own epoch this long before retrying
+PEER_WAIT_POLL = 0.2  # seconds between swarm reads in wait_for_peers()
 
 OptimizerFactory = Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]
 
@@ -132,6 +134,8 @@ class Optimizer:
         self.swarm = SwarmProgress(0, 0, [])
         self._last_check = -math.inf
         self._samples_at_check = 0
+        self._next_catch_up = -math.inf
+        self._closed = False
         if load_state:
             swarm = self._check()
             if swarm.epoch > self.epoch:
@@ -161,10 +165,18 @@ class Optimizer:
         if not self._check_due():
             return
         swarm = self._check()
-        if swarm.epoch > self.epoch:
+        if swarm.epoch > self.epoch and time.monotonic() >= self._next_catch_up:
             self._catch_up()
-        elif swarm.samples >= self._target(swarm):
+        elif self._progress_at_my_epoch(swarm) >= self._target(swarm):
             self._end_epoch(alone=self._alone(swarm))
+
+    def wait_for_peers(self, count: int, timeout: float) -> int:
+        """Block until at least `count` peers (us included) report progress, or `timeout` passes; return
+        how many were seen. Lets workers started together begin training together."""
+        deadline = time.monotonic() + timeout
+        while (seen := self._check().size) < count and time.monotonic() < deadline:
+            time.sleep(PEER_WAIT_POLL)
+        return seen
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.inner.zero_grad(set_to_none=set_to_none)
@@ -180,6 +192,9 @@ class Optimizer:
             return self.target_batch_size
         peers = max(1, sum(1 for p in swarm.peers if p.epoch == swarm.epoch and not p.client_mode))
         return self.inner_steps * (self.batch_size_per_step or 1) * peers
+
+    def _progress_at_my_epoch(self, swarm: SwarmProgress) -> int:
+        return sum(p.samples for p in swarm.peers if p.epoch == self.epoch)
 
     def _alone(self, swarm: SwarmProgress) -> bool:
         me = self.dht.peer_id.raw.hex()
@@ -200,7 +215,7 @@ class Optimizer:
         return self.swarm
 
     async def _report_and_fetch(self) -> SwarmProgress:
-        await self.tracker.report(self.epoch, self.samples, self.loss)
+        await self.tracker.report(self.epoch, self.samples, self.loss, self._target(self.swarm))
         return await self.tracker.fetch()
 
     def _end_epoch(self, alone: bool) -> None:
@@ -258,7 +273,13 @@ class Optimizer:
         behind = self.swarm.epoch
         metadata = self.state_averager.load_state_from_peers(self.load_state_timeout, codec=self.state_codec)
         if metadata is None:
-            logger.warning("behind the swarm (epoch %d < %d) but no peer could send its state", self.epoch, behind)
+            self._next_catch_up = time.monotonic() + CATCH_UP_RETRY
+            logger.warning(
+                "behind the swarm (epoch %d < %d) but no peer could send its state; retrying in %.0f s",
+                self.epoch,
+                behind,
+                CATCH_UP_RETRY,
+            )
             return
         self.state.apply_metadata(metadata.get("optimizer", {}))
         with self.grad_averager.get_tensors() as buffers:
@@ -301,7 +322,13 @@ class Optimizer:
         self.load_state_dict(torch.load(path, map_location=self.state_averager.flat.device))
 
     def shutdown(self) -> None:
-        """Stop averaging and serving state (idempotent); the DHT stays up (it is the caller's)."""
+        """Leave the swarm's progress, stop averaging and serving state (idempotent); the DHT stays up."""
+        if not self._closed:
+            self._closed = True
+            try:
+                self._run(self.tracker.retract(), CATCH_UP_RETRY)
+            except (HiveEngineError, TimeoutError) as e:
+                logger.info("could not withdraw our progress record: %s", e)
         self.grad_averager.shutdown()
         self.state_averager.shutdown()
 

@@ -35,9 +35,10 @@ class PeerProgress:
     time: float  # DHT time of the report
     loss: float | None = None
     client_mode: bool = False
+    target: int = 0  # the samples at which this peer expects the swarm's next step
 
     def record(self) -> list:
-        return [self.epoch, self.samples, self.samples_per_second, self.time, self.loss, self.client_mode]
+        return [self.epoch, self.samples, self.samples_per_second, self.time, self.loss, self.client_mode, self.target]
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,11 @@ class SwarmProgress:
     def size(self) -> int:
         return len(self.peers)
 
+    @property
+    def target(self) -> int:
+        """The target batch size the peers of the newest epoch announce (0: unknown)."""
+        return max((p.target for p in self.peers if p.epoch == self.epoch), default=0)
+
     def eta(self, target_batch_size: int) -> float:
         """Seconds until the swarm reaches `target_batch_size` samples at its current speed."""
         speed = sum(p.samples_per_second for p in self.peers if p.epoch == self.epoch)
@@ -68,15 +74,16 @@ def parse_progress(found) -> SwarmProgress:
     subkeys = found.value if found is not None and isinstance(found.value, dict) else {}
     for subkey, entry in subkeys.items():
         try:
-            epoch, samples, speed, reported, loss, client = entry.value
+            epoch, samples, speed, reported, loss, client, target = entry.value
             peer = bytes(subkey).hex()
-            if not (isinstance(epoch, int) and isinstance(samples, int) and epoch >= 0 and samples >= 0):
+            counts = (epoch, samples, target)
+            if not all(isinstance(c, int) and c >= 0 for c in counts):
                 continue
             speed, reported = float(speed), float(reported)
             if not (math.isfinite(speed) and speed >= 0):
                 continue
             loss = float(loss) if isinstance(loss, int | float) and math.isfinite(loss) else None
-            peers.append(PeerProgress(peer, epoch, samples, speed, reported, loss, bool(client)))
+            peers.append(PeerProgress(peer, epoch, samples, speed, reported, loss, bool(client), target))
         except (TypeError, ValueError, AttributeError):
             continue
     epoch = max((p.epoch for p in peers), default=0)
@@ -103,12 +110,18 @@ class ProgressTracker:
                 self.samples_per_second += SPEED_SMOOTHING * (speed - self.samples_per_second)
         self._last_sample_time = now
 
-    async def report(self, epoch: int, samples: int, loss: float | None = None) -> None:
+    async def report(self, epoch: int, samples: int, loss: float | None = None, target: int = 0) -> None:
         now = get_dht_time()
         raw = self.dht.peer_id.raw
-        mine = PeerProgress(raw.hex(), epoch, samples, self.samples_per_second, now, loss, self.client_mode)
+        speed = self.samples_per_second
+        mine = PeerProgress(raw.hex(), epoch, samples, speed, now, loss, self.client_mode, target)
         if not await self.dht.astore(self.key, mine.record(), now + self.ttl, subkey=raw):
             logger.warning("could not publish progress (epoch %d, %d samples)", epoch, samples)
+
+    async def retract(self) -> None:
+        """Replace our record with a tombstone (a newer, empty entry), so peers stop counting us at once."""
+        now = get_dht_time()
+        await self.dht.astore(self.key, None, now + self.ttl, subkey=self.dht.peer_id.raw)
 
     async def fetch(self) -> SwarmProgress:
         return parse_progress(await self.dht.aget(self.key, latest=True))

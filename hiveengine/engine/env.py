@@ -1,0 +1,50 @@
+"""The HIVEENGINE_* environment variables through which `hiveengine launch` configures its workers."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+INITIAL_PEERS_ENV = "HIVEENGINE_INITIAL_PEERS"  # space-separated peer addresses
+RUN_ID_ENV = "HIVEENGINE_RUN_ID"
+LOCAL_RANK_ENV = "HIVEENGINE_LOCAL_RANK"  # this worker's index among the launcher's workers
+LOCAL_WORLD_SIZE_ENV = "HIVEENGINE_LOCAL_WORLD_SIZE"  # how many workers the launcher started
+IDENTITY_ENV = "HIVEENGINE_IDENTITY"  # file with this worker's Ed25519 key (created if missing)
+CLIENT_MODE_ENV = "HIVEENGINE_CLIENT_MODE"  # "1": this peer cannot accept connections
+DEFAULT_RUN_ID = "hiveengine-run"
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    """What a worker was told by its launcher (defaults describe a lone peer started by hand)."""
+
+    initial_peers: list[str] = field(default_factory=list)
+    run_id: str = DEFAULT_RUN_ID
+    local_rank: int = 0
+    local_world_size: int = 1
+    identity_path: str | None = None
+    client_mode: bool = False
+
+    @classmethod
+    def from_environ(cls, environ: dict[str, str] | None = None) -> LaunchEnv:
+        env = os.environ if environ is None else environ
+        return cls(
+            initial_peers=env.get(INITIAL_PEERS_ENV, "").split(),
+            run_id=env.get(RUN_ID_ENV) or DEFAULT_RUN_ID,
+            local_rank=int(env.get(LOCAL_RANK_ENV, "0")),
+            local_world_size=int(env.get(LOCAL_WORLD_SIZE_ENV, "1")),
+            identity_path=env.get(IDENTITY_ENV) or None,
+            client_mode=env.get(CLIENT_MODE_ENV, "0").lower() in ("1", "true", "yes"),
+        )
+
+    def to_environ(self) -> dict[str, str]:
+        env = {
+            INITIAL_PEERS_ENV: " ".join(self.initial_peers),
+            RUN_ID_ENV: self.run_id,
+            LOCAL_RANK_ENV: str(self.local_rank),
+            LOCAL_WORLD_SIZE_ENV: str(self.local_world_size),
+            CLIENT_MODE_ENV: "1" if self.client_mode else "0",
+        }
+        if self.identity_path:
+            env[IDENTITY_ENV] = self.identity_path
+        return env
