@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import platform
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -58,3 +59,17 @@ def read_prefixed(proc: subprocess.Popen, prefix: str, timeout: float) -> str:
         if time.monotonic() > deadline:
             break
     raise RuntimeError(f"{proc.args} ended without printing {prefix!r} (exit code {proc.poll()})")
+
+
+HIVEMIND_VENV = Path(__file__).resolve().parent / ".venv-hivemind"
+HIVEMIND_REQUIREMENTS = ["torch==2.13.0", "hivemind==1.1.12", "numpy<2.4"]
+
+
+def hivemind_python() -> str:
+    """The python of hivemind's own venv (created on first use): hivemind is never a dependency of hiveengine."""
+    python = HIVEMIND_VENV.resolve() / "bin" / "python"
+    if not python.exists():
+        print(f"creating {HIVEMIND_VENV} with {' '.join(HIVEMIND_REQUIREMENTS)} ...", file=sys.stderr, flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(HIVEMIND_VENV)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", *HIVEMIND_REQUIREMENTS], check=True)
+    return str(python)

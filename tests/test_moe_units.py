@@ -16,6 +16,7 @@ from hiveengine.moe import (
     split_uid,
     uids_from_pattern,
 )
+from hiveengine.moe.server.backend import MAX_KEPT_FORWARDS
 from hiveengine.moe.uids import uid_prefixes
 
 pytestmark = pytest.mark.timeout(60)
@@ -52,7 +53,7 @@ def test_unknown_expert_class_is_a_clear_error():
 def echo_runtime(max_batch_size: int, batches: list[int]) -> tuple[BatchingRuntime, object]:
     runtime = BatchingRuntime(max_batch_size=max_batch_size, batch_wait=0.0)
 
-    def double(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    def double(tensors: list[torch.Tensor], keys: list) -> list[torch.Tensor]:
         batches.append(tensors[0].shape[0])
         return [tensors[0] * 2]
 
@@ -86,7 +87,7 @@ def test_runtime_batches_queued_requests_up_to_the_limit_and_splits_results():
 def test_runtime_reports_a_failing_batch_to_every_request():
     runtime = BatchingRuntime(batch_wait=0.0)
 
-    def fail(tensors):
+    def fail(tensors, keys):
         raise ValueError("expert exploded")
 
     pool = runtime.add_pool("bad", fail)
@@ -122,3 +123,25 @@ def test_backend_steps_every_accumulate_batches():
     assert not all(torch.equal(a, b) for a, b in zip(before, module.parameters(), strict=True))
     with pytest.raises(ConfigurationError):
         ExpertBackend("ffn.0", module, klass.input_schema(8), accumulate_batches=-1)
+
+
+def test_backward_reuses_a_kept_forward_unless_the_parameters_changed():
+    klass = get_expert_class("ffn")
+    module = klass.build(8, seed=0)
+    backend = ExpertBackend("ffn.0", module, klass.input_schema(8), torch.optim.SGD(module.parameters(), lr=0.1))
+    reference = ExpertBackend("ffn.1", klass.build(8, seed=0), klass.input_schema(8))
+    x, g = torch.randn(3, 8), torch.randn(3, 8)
+    out = backend.forward([x], keys=["a"])[0]
+    assert torch.equal(out, reference.forward([x])[0]) and not out.requires_grad
+    backend.forward([x], keys=["b"])
+    assert torch.allclose(backend.backward([x, g], keys=["a"])[0], reference.backward([x, g])[0])
+    assert backend.recomputed == 0
+    backend.backward([x, g], keys=["b"])  # kept before the step above changed the weights: recomputed
+    assert backend.recomputed == 1
+    for i in range(MAX_KEPT_FORWARDS + 1):
+        backend.forward([x], keys=[i])
+    backend.backward([x, g], keys=[0])  # evicted: at most MAX_KEPT_FORWARDS wait
+    assert backend.recomputed == 2
+    backend.forward([torch.cat([x, x])], keys=["c"])
+    backend.backward([x, g], keys=["c"])  # a kept forward of other shapes is not used
+    assert backend.recomputed == 3

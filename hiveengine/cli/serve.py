@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import functools
 import signal
 import threading
 import time
@@ -14,12 +13,12 @@ from hiveengine.dht import DHT
 from hiveengine.errors import ConfigurationError
 from hiveengine.moe import Server, get_experts, uids_from_pattern
 from hiveengine.moe.server import DEFAULT_BATCH_WAIT, DEFAULT_MAX_BATCH_SIZE, DEFAULT_UPDATE_PERIOD
+from hiveengine.moe.server.backend import OPTIMIZERS, optimizer_factory
 
 READY_PREFIX = "hiveengine expert server at"
 DHT_PREFIX = "dht node at"
 EXPERTS_PREFIX = "experts:"
 THROUGHPUT_PREFIX = "throughput:"
-OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD, "none": None}
 DEFAULT_LR = 1e-3
 DEFAULT_STATS_INTERVAL = 30.0
 DEFAULT_CHECKPOINT_INTERVAL = 600.0
@@ -33,7 +32,7 @@ def add_commands(sub) -> None:
     serve.add_argument("--num-experts", type=int, default=None, help="how many uids to take from the pattern")
     serve.add_argument("--hidden-dim", type=int, default=1024)
     serve.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    serve.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adam")
+    serve.add_argument("--optimizer", choices=OPTIMIZERS, default="adam")
     serve.add_argument("--lr", type=float, default=DEFAULT_LR)
     serve.add_argument(
         "--accumulate-batches", type=int, default=1, help="optimizer step every N backward batches (0: never)"
@@ -69,13 +68,12 @@ def build_server(args: argparse.Namespace) -> tuple[Server, DHT | None]:
     dht = None if args.no_dht else DHT(initial_peers=args.initial_peers)
     try:
         uids = choose_uids(args, dht)
-        opt_cls = OPTIMIZERS[args.optimizer]
         server = Server.create(
             args.expert_cls,
             uids,
             args.hidden_dim,
             device=args.device,
-            optimizer=None if opt_cls is None else functools.partial(opt_cls, lr=args.lr),
+            optimizer=optimizer_factory(args.optimizer, args.lr),
             accumulate_batches=args.accumulate_batches,
             seed=args.seed,
             checkpoint_dir=args.checkpoint_dir,

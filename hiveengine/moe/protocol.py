@@ -15,7 +15,8 @@ from hiveengine.transport.wire import DTYPE_NAMES, DTYPES
 
 FORWARD = "moe.forward"  # header {"uid"}; tensors: inputs -> outputs
 BACKWARD = "moe.backward"  # header {"uid"}; tensors: inputs + output gradients -> input gradients
-INFO = "moe.info"  # header {"uid"} -> {"inputs": schema, "outputs": schema}
+INFO = "moe.info"  # header {"uid"} -> {"inputs": schema, "parameters", "updates"}
+FORWARD_ID = "fid"  # optional header key: a forward call's id, repeated by its backward call (saves a recompute)
 ALIVE = 1  # the value under an intermediate prefix's subkey: some expert below it is declared
 DHT_TIMEOUT = 10.0  # seconds a declaration or lookup may take
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import random
 import threading
 from collections.abc import Sequence
 
 import torch
 
-from hiveengine.moe.protocol import BACKWARD, FORWARD, INFO
+from hiveengine.moe.protocol import BACKWARD, FORWARD, FORWARD_ID, INFO
 from hiveengine.transport import Peer
 
 DEFAULT_FORWARD_TIMEOUT = 30.0  # seconds an expert's forward call may take
@@ -36,11 +37,20 @@ def wire_tensors(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return out
 
 
+def new_forward_id() -> int:
+    """An id for a forward call that a backward call will follow (the server keeps its activations)."""
+    return random.getrandbits(62)
+
+
+def _header(uid: str, fid: int | None) -> dict:
+    return {"uid": uid} if fid is None else {"uid": uid, FORWARD_ID: fid}
+
+
 async def acall_forward(
-    peer: Peer, uid: str, address: str, inputs: Sequence[torch.Tensor], timeout: float
+    peer: Peer, uid: str, address: str, inputs: Sequence[torch.Tensor], timeout: float, fid: int | None = None
 ) -> list[torch.Tensor]:
-    """Outputs of expert `uid` at `address` for a batch of `inputs`."""
-    _, outputs = await peer.call(address, FORWARD, {"uid": uid}, inputs, timeout=timeout)
+    """Outputs of expert `uid` at `address` for a batch of `inputs`; with `fid`, a backward call will follow."""
+    _, outputs = await peer.call(address, FORWARD, _header(uid, fid), inputs, timeout=timeout)
     return outputs
 
 
@@ -51,9 +61,11 @@ async def acall_backward(
     inputs: Sequence[torch.Tensor],
     grad_outputs: Sequence[torch.Tensor],
     timeout: float,
+    fid: int | None = None,
 ) -> list[torch.Tensor]:
-    """Input gradients of expert `uid` for `inputs` and the gradients of its outputs (the server updates itself)."""
-    _, grads = await peer.call(address, BACKWARD, {"uid": uid}, [*inputs, *grad_outputs], timeout=timeout)
+    """Input gradients of expert `uid` for `inputs` and the gradients of its outputs (the server updates itself);
+    `fid` names the forward call these inputs went through."""
+    _, grads = await peer.call(address, BACKWARD, _header(uid, fid), [*inputs, *grad_outputs], timeout=timeout)
     return grads
 
 

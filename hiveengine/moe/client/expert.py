@@ -16,6 +16,7 @@ from hiveengine.moe.client.calls import (
     acall_forward,
     acall_info,
     client_peer,
+    new_forward_id,
     wire_tensors,
 )
 from hiveengine.moe.protocol import DHT_TIMEOUT, get_experts
@@ -53,7 +54,8 @@ class RemoteExpert(nn.Module):
         return f"uid={self.uid!r}, address={self.address!r}"
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        outputs = _RemoteCall.apply(self._dummy, self, *inputs)
+        fid = new_forward_id() if torch.is_grad_enabled() else None
+        outputs = _RemoteCall.apply(self._dummy, self, fid, *inputs)
         return outputs[0] if len(outputs) == 1 else outputs
 
     def info(self) -> dict:
@@ -61,34 +63,36 @@ class RemoteExpert(nn.Module):
         coro = acall_info(self.peer, self.uid, self.address, self.forward_timeout)
         return self.peer.runtime.run(coro, self.forward_timeout + SYNC_SLACK)
 
-    def call_forward(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Blocking forward call without autograd."""
-        coro = acall_forward(self.peer, self.uid, self.address, wire_tensors(inputs), self.forward_timeout)
+    def call_forward(self, inputs: Sequence[torch.Tensor], fid: int | None = None) -> list[torch.Tensor]:
+        """Blocking forward call without autograd; with `fid`, a backward call with the same id will follow."""
+        coro = acall_forward(self.peer, self.uid, self.address, wire_tensors(inputs), self.forward_timeout, fid)
         return self.peer.runtime.run(coro, self.forward_timeout + SYNC_SLACK)
 
-    def call_backward(self, inputs: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def call_backward(
+        self, inputs: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], fid: int | None = None
+    ) -> list[torch.Tensor]:
         """Blocking backward call: input gradients for `inputs` given the output gradients `grads`."""
         coro = acall_backward(
-            self.peer, self.uid, self.address, wire_tensors(inputs), wire_tensors(grads), self.backward_timeout
+            self.peer, self.uid, self.address, wire_tensors(inputs), wire_tensors(grads), self.backward_timeout, fid
         )
         return self.peer.runtime.run(coro, self.backward_timeout + SYNC_SLACK)
 
 
 class _RemoteCall(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, dummy: torch.Tensor, expert: RemoteExpert, *inputs: torch.Tensor):
-        ctx.expert = expert
+    def forward(ctx, dummy: torch.Tensor, expert: RemoteExpert, fid: int | None, *inputs: torch.Tensor):
+        ctx.expert, ctx.fid = expert, fid
         ctx.save_for_backward(*inputs)
-        outputs = expert.call_forward(inputs)
+        outputs = expert.call_forward(inputs, fid)
         return tuple(o.to(inputs[0].device) for o in outputs) if inputs else tuple(outputs)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, *grad_outputs: torch.Tensor):
         inputs = ctx.saved_tensors
-        grads = ctx.expert.call_backward(inputs, grad_outputs)
+        grads = ctx.expert.call_backward(inputs, grad_outputs, ctx.fid)
         grads = [g.to(x.device) if x.requires_grad else None for g, x in zip(grads, inputs, strict=True)]
-        return (None, None, *grads)
+        return (None, None, None, *grads)
 
 
 def get_remote_experts(

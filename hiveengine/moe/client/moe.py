@@ -23,6 +23,7 @@ from hiveengine.moe.client.calls import (
     acall_backward,
     acall_forward,
     client_peer,
+    new_forward_id,
     wire_tensors,
 )
 from hiveengine.moe.errors import NotEnoughExpertsError
@@ -41,6 +42,7 @@ class Dispatch:
     slots: dict[str, list[int]]
     batch: int
     k: int
+    fid: int | None = None  # names the forward calls, so the servers keep their activations for the backward
     responded: set[str] = field(default_factory=set)
     failed: dict[str, str] = field(default_factory=dict)
     backward_responded: set[str] = field(default_factory=set)
@@ -111,6 +113,7 @@ class RemoteMixtureOfExperts(nn.Module):
         timeout = self.beam_search.lookup_timeout + SYNC_SLACK
         chosen = self.peer.runtime.run(self.beam_search.afind_best_experts(grid_scores, self.k_best), timeout)
         dispatch = self._plan(chosen, x.shape[0])
+        dispatch.fid = new_forward_id() if torch.is_grad_enabled() else None
         coords = torch.zeros(x.shape[0], self.k_best, len(self.grid_size), dtype=torch.long)
         for uid, info in dispatch.experts.items():
             coords[dispatch.rows[uid], dispatch.slots[uid]] = torch.tensor(info.coords)
@@ -148,7 +151,7 @@ class RemoteMixtureOfExperts(nn.Module):
 
         async def call_all():
             calls = {
-                uid: acall_forward(self.peer, uid, info.address, inputs[uid], self.forward_timeout)
+                uid: acall_forward(self.peer, uid, info.address, inputs[uid], self.forward_timeout, dispatch.fid)
                 for uid, info in dispatch.experts.items()
             }
             return await self._gather(calls, "forward")
@@ -166,7 +169,13 @@ class RemoteMixtureOfExperts(nn.Module):
         async def call_all():
             calls = {
                 uid: acall_backward(
-                    self.peer, uid, dispatch.experts[uid].address, inputs[uid], grads[uid], self.backward_timeout
+                    self.peer,
+                    uid,
+                    dispatch.experts[uid].address,
+                    inputs[uid],
+                    grads[uid],
+                    self.backward_timeout,
+                    dispatch.fid,
                 )
                 for uid in grads
             }

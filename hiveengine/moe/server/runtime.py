@@ -9,7 +9,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -23,15 +23,16 @@ DEFAULT_BATCH_WAIT = 0.002  # seconds a batch may wait past its first request's 
 DEFAULT_MAX_QUEUED_ROWS = 1 << 20  # rows queued per pool before new requests are refused as busy
 STOP_TIMEOUT = 30.0  # seconds shutdown waits for the batch in progress
 
-BatchFn = Callable[[list[torch.Tensor]], list[torch.Tensor]]
+BatchFn = Callable[[list[torch.Tensor], list[Hashable | None]], list[torch.Tensor]]
 
 
 @dataclass(eq=False)
 class Task:
-    """One request: its tensors (batch-first), row count and the future its results go to."""
+    """One request: its tensors (batch-first), row count, optional key and the future its results go to."""
 
     tensors: list[torch.Tensor]
     rows: int
+    key: Hashable | None = None
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     arrived: float = field(default_factory=time.monotonic)
 
@@ -85,7 +86,7 @@ class BatchingRuntime:
         self._thread = threading.Thread(target=self._run, name="hiveengine-moe-runtime", daemon=True)
 
     def add_pool(self, name: str, process: BatchFn) -> TaskPool:
-        """A new pool computed by `process(batched tensors) -> batched results`."""
+        """A new pool computed by `process(batched tensors, the requests' keys) -> batched results`."""
         pool = TaskPool(name, process)
         with self._cv:
             self.pools.append(pool)
@@ -94,14 +95,16 @@ class BatchingRuntime:
     def start(self) -> None:
         self._thread.start()
 
-    def submit(self, pool: TaskPool, tensors: Sequence[torch.Tensor], rows: int) -> concurrent.futures.Future:
+    def submit(
+        self, pool: TaskPool, tensors: Sequence[torch.Tensor], rows: int, key: Hashable | None = None
+    ) -> concurrent.futures.Future:
         """Queue a request; its future gets the request's rows of the batch results (or the batch's error)."""
         if rows > self.max_batch_size:
             raise ProtocolError(
                 f"{pool.name}: a request of {rows} rows exceeds this server's max_batch_size of "
                 f"{self.max_batch_size}; split it into smaller requests"
             )
-        task = Task(list(tensors), rows)
+        task = Task(list(tensors), rows, key)
         with self._cv:
             if self._stopped:
                 raise PeerBusyError(f"{pool.name}: the server is shutting down")
@@ -184,7 +187,7 @@ class BatchingRuntime:
                 torch.cat(parts) if len(parts) > 1 else parts[0]
                 for parts in zip(*(t.tensors for t in batch), strict=True)
             ]
-            results = pool.process(tensors)
+            results = pool.process(tensors, [t.key for t in batch])
             if self.synchronize is not None:
                 self.synchronize()  # results must be in memory before the transport thread sends them
         except Exception as e:

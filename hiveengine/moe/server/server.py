@@ -12,7 +12,7 @@ import torch
 
 from hiveengine.dht import DHT, get_dht_time
 from hiveengine.errors import ConfigurationError, ProtocolError
-from hiveengine.moe.protocol import BACKWARD, DHT_TIMEOUT, FORWARD, INFO, adeclare_experts
+from hiveengine.moe.protocol import BACKWARD, DHT_TIMEOUT, FORWARD, FORWARD_ID, INFO, adeclare_experts
 from hiveengine.moe.server.backend import ExpertBackend
 from hiveengine.moe.server.experts import get_expert_class
 from hiveengine.moe.server.runtime import DEFAULT_BATCH_WAIT, DEFAULT_MAX_BATCH_SIZE, BatchingRuntime, RuntimeStats
@@ -196,13 +196,15 @@ class Server:
         backend = self._backend(request)
         rows = backend.check_forward(request.tensors)
         pool = self._pools[backend.uid][0]
-        return {}, await asyncio.wrap_future(self.runtime.submit(pool, request.tensors, rows))
+        future = self.runtime.submit(pool, request.tensors, rows, _forward_key(request))
+        return {}, await asyncio.wrap_future(future)
 
     async def _on_backward(self, request: Request) -> tuple[dict, list[torch.Tensor]]:
         backend = self._backend(request)
         rows = backend.check_backward(request.tensors)
         pool = self._pools[backend.uid][1]
-        return {}, await asyncio.wrap_future(self.runtime.submit(pool, request.tensors, rows))
+        future = self.runtime.submit(pool, request.tensors, rows, _forward_key(request))
+        return {}, await asyncio.wrap_future(future)
 
     async def _on_info(self, request: Request) -> dict:
         backend = self._backend(request)
@@ -211,6 +213,12 @@ class Server:
             "parameters": sum(p.numel() for p in backend.module.parameters()),
             "updates": backend.updates,
         }
+
+
+def _forward_key(request: Request) -> tuple | None:
+    """Which client forward pass a request belongs to: the header's forward id, scoped to its sender."""
+    fid = request.header.get(FORWARD_ID)
+    return (request.sender, fid) if isinstance(fid, int) else None
 
 
 def _synchronizer(devices: set[torch.device]) -> Callable[[], None] | None:
