@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 
 import pytest
 import torch
@@ -273,10 +274,13 @@ def test_checkpoints_survive_a_restart_and_declarations_expire(tmp_path):
         started[0].proc.expect(THROUGHPUT_PREFIX)
         trained = expert(x).detach()
         declared = dht.get("ffn.0", latest=True)
+        assert declared.value == started[0].address and declared.expiration_time <= get_dht_time() + 2.5
         started[0].close()  # a clean exit saves the checkpoint
+        closed = get_dht_time()
         assert (tmp_path / "ffn.0.pt").is_file()
-        # The declaration was refreshed every second and lives two periods: it expires soon after the exit.
-        assert declared.expiration_time <= get_dht_time() + 2.5
+        # Declarations live two update periods (2 s) past their last refresh, which came before the exit.
+        time.sleep(max(0.0, closed + 2.0 - get_dht_time()))  # a deadline, not a synchronization
+        assert dht.get("ffn.0", latest=True) is None and get_experts(dht, ["ffn.0"]) == {"ffn.0": None}
         restarted = ExpertServer(*args, "--no-dht")
         try:
             again = RemoteExpert("ffn.0", restarted.address)
