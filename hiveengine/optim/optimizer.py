@@ -165,10 +165,27 @@ class Optimizer:
         if not self._check_due():
             return
         swarm = self._check()
+        if self._share_done(swarm):
+            swarm = self._wait_for_swarm(swarm)
         if swarm.epoch > self.epoch and time.monotonic() >= self._next_catch_up:
             self._catch_up()
         elif self._progress_at_my_epoch(swarm) >= self._target(swarm):
             self._end_epoch(alone=self._alone(swarm))
+
+    def _share_done(self, swarm: SwarmProgress) -> bool:
+        """Whether we accumulated our share of the target while the swarm as a whole has not reached it."""
+        target = self._target(swarm)
+        peers = max(1, sum(1 for p in swarm.peers if not p.client_mode))
+        return self._progress_at_my_epoch(swarm) < target <= self.samples * peers and swarm.epoch <= self.epoch
+
+    def _wait_for_swarm(self, swarm: SwarmProgress) -> SwarmProgress:
+        """Give the others up to `progress_interval` to finish their share, so the swarm's step is not larger
+        than target_batch_size (a peer that keeps accumulating meanwhile would overshoot it)."""
+        deadline = time.monotonic() + self.progress_interval
+        while self._share_done(swarm) and time.monotonic() < deadline:
+            time.sleep(self.progress_interval * FAST_CHECK_FRACTION)
+            swarm = self._check()
+        return swarm
 
     def wait_for_peers(self, count: int, timeout: float) -> int:
         """Block until at least `count` peers (us included) report progress, or `timeout` passes; return
@@ -205,8 +222,9 @@ class Optimizer:
         elapsed = time.monotonic() - self._last_check
         if elapsed >= self.progress_interval:
             return True
-        peers = max(1, sum(1 for p in self.swarm.peers if p.epoch == self.epoch))
-        estimate = self.swarm.samples + (self.samples - self._samples_at_check) * peers
+        # Every live peer counts: right after an epoch ends, the others may not have reported the new one yet.
+        peers = max(1, sum(1 for p in self.swarm.peers if not p.client_mode))
+        estimate = self._progress_at_my_epoch(self.swarm) + (self.samples - self._samples_at_check) * peers
         return estimate >= self._target(self.swarm) and elapsed >= self.progress_interval * FAST_CHECK_FRACTION
 
     def _check(self) -> SwarmProgress:
@@ -233,6 +251,9 @@ class Optimizer:
             self.grad_averager.local_epoch = self.epoch
             result = self.grad_averager.step(weight=float(self.samples), timeout=self.averaging_timeout)
         if result is None:
+            if not alone and self._others_moved_on():
+                self._catch_up()  # they averaged without us: copy the result rather than diverge
+                return
             self.rounds["alone"] += 1
             log = logger.debug if alone else logger.info
             log("epoch %d: no group to average with, stepping with local %s", self.epoch, self.mode)
@@ -243,7 +264,11 @@ class Optimizer:
                 self.grad_averager.flat.numel() * (group - 1) // group
             )
             if result.failed_parts:
-                logger.warning("epoch %d: parts %s kept local values", self.epoch, result.failed_parts)
+                # Every survivor lost the same parts: skipping their update keeps the peers identical.
+                logger.warning("epoch %d: parts %s failed; not updating them", self.epoch, result.failed_parts)
+                with self.grad_averager.get_tensors():
+                    for part in result.failed_parts:
+                        self.grad_averager.flat[slice(*result.spans[part])].zero_()
         with self.grad_averager.get_tensors() as averaged, self.state_averager.get_tensors():
             if self.mode == "sync":
                 for p, grad in zip(self.params, averaged, strict=True):
@@ -254,6 +279,15 @@ class Optimizer:
             for buffer in averaged:
                 buffer.zero_()
         self._advance(self.epoch + 1)
+
+    def _others_moved_on(self) -> bool:
+        """After a round we missed: wait a little for a peer to reach the next epoch (then we catch up)."""
+        deadline = time.monotonic() + self.progress_interval + self.grad_averager.sender_timeout
+        while time.monotonic() < deadline:
+            if self._check().epoch > self.epoch:
+                return True
+            time.sleep(self.progress_interval * FAST_CHECK_FRACTION)
+        return False
 
     def _outer_step(self, pseudo_grads: list[torch.Tensor]) -> None:
         """Nesterov SGD on the parameters at the last sync, then continue from the result."""

@@ -1,0 +1,316 @@
+"""Collaborative training benchmark and demo: a small byte-level transformer LM on Python's own source code.
+
+`hiveengine launch --nproc 4 bench/train.py` trains it with 4 peers (sync mode, int8) and prints progress;
+`python bench/train.py --baseline` trains it in one process with the swarm's total batch; `hiveengine bench
+train` (or `python bench/train.py`) runs the single-process baseline, a 4-peer sync swarm and a 4-peer DiLoCo
+swarm side by side, and compares held-out loss after the same number of samples, bytes averaged, and
+samples/s. Every run writes metrics as JSON lines (tools/plot_metrics.py draws them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import RESULTS_DIR, format_table, write_results
+
+RESULT_PREFIX = "RESULT"
+CORPUS_BYTES = 4 << 20  # how much of the standard library's source to train on
+HELDOUT_FRACTION = 0.05
+EVAL_SEQUENCES = 128
+PROGRESS_SECONDS = 5.0  # how often a worker prints its progress line
+VOCAB = 256  # bytes
+
+
+def build_corpus(max_bytes: int = CORPUS_BYTES) -> torch.Tensor:
+    """The standard library's .py files, concatenated as bytes (the same on every machine with this Python)."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    chunks, size = [], 0
+    for path in sorted(stdlib.rglob("*.py")):
+        if "site-packages" in path.parts or "test" in path.parts:
+            continue
+        data = path.read_bytes()
+        chunks.append(data)
+        size += len(data)
+        if size >= max_bytes:
+            break
+    return torch.frombuffer(bytearray(b"".join(chunks)[:max_bytes]), dtype=torch.uint8).long()
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: causal self-attention and a 4x MLP."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        attn = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(attn.transpose(1, 2).reshape(b, t, d))
+        return x + self.mlp(self.ln2(x))
+
+
+class TinyLM(nn.Module):
+    """A causal byte-level language model."""
+
+    def __init__(self, dim: int, layers: int, heads: int, seq: int):
+        super().__init__()
+        self.tokens, self.positions = nn.Embedding(VOCAB, dim), nn.Embedding(seq, dim)
+        self.blocks = nn.Sequential(*[Block(dim, heads) for _ in range(layers)])
+        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, VOCAB)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.tokens(idx) + self.positions(torch.arange(idx.shape[1], device=idx.device))
+        return self.head(self.norm(self.blocks(x)))
+
+
+def lm_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    logits = model(batch[:, :-1])
+    return F.cross_entropy(logits.reshape(-1, VOCAB), batch[:, 1:].reshape(-1))
+
+
+def sample_batch(data: torch.Tensor, gen: torch.Generator, batch: int, seq: int) -> torch.Tensor:
+    starts = torch.randint(0, data.numel() - seq - 1, (batch,), generator=gen)
+    return torch.stack([data[s : s + seq + 1] for s in starts.tolist()])
+
+
+def evaluate(model: nn.Module, heldout: torch.Tensor, seq: int) -> float:
+    gen = torch.Generator().manual_seed(1234)
+    with torch.no_grad():
+        return lm_loss(model, sample_batch(heldout, gen, EVAL_SEQUENCES, seq)).item()
+
+
+def split_corpus() -> tuple[torch.Tensor, torch.Tensor]:
+    corpus = build_corpus()
+    cut = int(corpus.numel() * (1 - HELDOUT_FRACTION))
+    return corpus[:cut], corpus[cut:]
+
+
+def make_model(args) -> TinyLM:
+    torch.manual_seed(0)  # every peer starts from the same parameters
+    return TinyLM(args.dim, args.layers, args.heads, args.seq)
+
+
+class Metrics:
+    """Appends one JSON object per line to `path` (if given)."""
+
+    def __init__(self, path: str | None):
+        self.file = open(path, "w") if path else None  # noqa: SIM115 (closed in close())
+
+    def write(self, **row) -> None:
+        if self.file:
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+
+
+def progress_line(done: float, loss: float, speed: float, peers: int, epoch: int) -> str:
+    width = 30
+    filled = int(width * min(1.0, done))
+    bar = "#" * filled + "." * (width - filled)
+    return f"[{bar}] {100 * done:5.1f}% epoch {epoch} loss {loss:.3f} {speed:7.1f} samples/s {peers} peer(s)"
+
+
+def run_worker(args) -> dict:
+    """One peer of the swarm (started by `hiveengine launch`)."""
+    import hiveengine
+
+    engine = hiveengine.init()
+    peers = engine.local_world_size
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // peers))
+    train, heldout = split_corpus()
+    model = make_model(args)
+    options = dict(batch_size_per_step=args.batch, codec=args.codec, matchmaking_time=args.matchmaking_time)
+    if args.mode == "sync":
+        options.update(target_batch_size=args.target_batch_size, progress_interval=0.2)
+        epochs = args.samples // args.target_batch_size
+    else:
+        options.update(inner_steps=args.inner_steps, progress_interval=1.0)
+        epochs = max(1, args.samples // (args.inner_steps * args.batch * peers))
+    opt = engine.optimizer(torch.optim.AdamW(model.parameters(), lr=args.lr), mode=args.mode, **options)
+    opt.wait_for_peers(peers, timeout=120)
+    metrics = Metrics(args.metrics and f"{args.metrics}-worker{engine.local_rank}.jsonl")
+    gen = torch.Generator().manual_seed(1000 + engine.local_rank)
+    start = last_print = time.monotonic()
+    samples = 0
+    while opt.epoch < epochs:
+        loss = lm_loss(model, sample_batch(train, gen, args.batch, args.seq))
+        loss.backward()
+        opt.step(loss=loss)
+        opt.zero_grad()
+        samples += args.batch
+        now = time.monotonic()
+        speed = opt.swarm.samples_per_second
+        metrics.write(t=now - start, samples=samples, epoch=opt.epoch, loss=loss.item(), swarm_samples_per_s=speed)
+        if now - last_print >= PROGRESS_SECONDS and engine.local_rank == 0:
+            last_print = now
+            print(progress_line(opt.epoch / epochs, loss.item(), speed, opt.swarm.size, opt.epoch), flush=True)
+    wall = time.monotonic() - start
+    result = {
+        "mode": args.mode,
+        "codec": args.codec,
+        "rank": engine.local_rank,
+        "peers": peers,
+        "epochs": opt.epoch,
+        "eval_loss": evaluate(model, heldout, args.seq),
+        "local_samples": samples,
+        "wall_s": wall,
+        "bytes_averaged": opt.bytes_averaged,
+        "rounds": opt.rounds,
+    }
+    metrics.write(**result)
+    metrics.close()
+    print(RESULT_PREFIX, json.dumps(result), flush=True)
+    opt.shutdown()
+    engine.shutdown()
+    return result
+
+
+def run_baseline(args) -> dict:
+    """One process, one optimizer, the swarm's total batch per step (what the swarm should match)."""
+    torch.set_num_threads(os.cpu_count() or 1)
+    train, heldout = split_corpus()
+    model = make_model(args)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    gen = torch.Generator().manual_seed(1000)
+    metrics = Metrics(args.metrics and f"{args.metrics}-baseline.jsonl")
+    steps, start = args.samples // args.target_batch_size, time.monotonic()
+    for step in range(steps):
+        loss = lm_loss(model, sample_batch(train, gen, args.target_batch_size, args.seq))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        metrics.write(t=time.monotonic() - start, samples=(step + 1) * args.target_batch_size, loss=loss.item())
+    result = {
+        "mode": "single process",
+        "codec": "-",
+        "peers": 1,
+        "epochs": steps,
+        "eval_loss": evaluate(model, heldout, args.seq),
+        "local_samples": steps * args.target_batch_size,
+        "wall_s": time.monotonic() - start,
+        "bytes_averaged": 0,
+    }
+    metrics.write(**result)
+    metrics.close()
+    print(RESULT_PREFIX, json.dumps(result), flush=True)
+    return result
+
+
+def model_args(args) -> list[str]:
+    keys = ["dim", "layers", "heads", "seq", "batch", "lr", "samples", "target_batch_size", "inner_steps"]
+    return [x for k in keys for x in (f"--{k.replace('_', '-')}", str(getattr(args, k)))]
+
+
+def collect(command: list[str], timeout: float) -> list[dict]:
+    """Run a command, echo its output, and return the RESULT objects it printed."""
+    results = []
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        deadline = time.monotonic() + timeout
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            _, found, rest = line.partition(RESULT_PREFIX + " ")
+            if found:
+                results.append(json.loads(rest))
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise SystemExit(f"{command} ran past {timeout:.0f} s")
+        if proc.wait() != 0:
+            raise SystemExit(f"{command} failed with exit code {proc.returncode}")
+    return results
+
+
+def compare(args) -> int:
+    """The benchmark: baseline, sync swarm and DiLoCo swarm, one after the other, then a table."""
+    RESULTS_DIR.mkdir(exist_ok=True)
+    here, common = str(Path(__file__).resolve()), model_args(args)
+    metrics = str(RESULTS_DIR / "train")
+    runs = {"single process": collect([sys.executable, here, "--baseline", *common, "--metrics", metrics], 3600)}
+    for mode, codec in (("sync", args.codec), ("diloco", args.diloco_codec)):
+        launch = [sys.executable, "-m", "hiveengine.cli", "launch", "--nproc", str(args.peers), "--run-id", mode]
+        worker = [here, *common, "--mode", mode, "--codec", codec, "--metrics", f"{metrics}-{mode}"]
+        runs[mode] = collect([*launch, *worker, "--matchmaking-time", str(args.matchmaking_time)], 3600)
+    baseline = runs["single process"][0]
+    sync_bytes = max(r["bytes_averaged"] for r in runs["sync"])
+    rows = [_row("single process", [baseline], baseline, sync_bytes)]
+    rows += [_row(mode, runs[mode], baseline, sync_bytes) for mode in ("sync", "diloco")]
+    print(format_table(rows, list(rows[0])))
+    write_results("train", {"args": vars(args), "rows": rows})
+    return 0
+
+
+def _row(name: str, results: list[dict], baseline: dict, sync_bytes: int) -> dict:
+    loss = sum(r["eval_loss"] for r in results) / len(results)
+    samples = sum(r["local_samples"] for r in results)
+    wall = max(r["wall_s"] for r in results)
+    sent = max(r["bytes_averaged"] for r in results)
+    return {
+        "run": name,
+        "codec": results[0]["codec"],
+        "peers": results[0]["peers"],
+        "samples": samples,
+        "eval_loss": round(loss, 4),
+        "loss_vs_single": round(loss / baseline["eval_loss"] - 1, 4),
+        "samples_per_s": round(samples / wall, 1),
+        "rounds": results[0].get("rounds", {}).get("averaged", 0),
+        "MB_averaged_per_peer": round(sent / 1e6, 2),
+        "bytes_vs_sync": round(sync_bytes / sent, 1) if sent else math.inf,
+    }
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--baseline", action="store_true", help="train single-process (the comparison baseline)")
+    parser.add_argument("--mode", choices=["sync", "diloco"], default="sync", help="worker mode under the launcher")
+    parser.add_argument("--codec", default="int8", help="all-reduce codec (sync mode, and workers)")
+    parser.add_argument("--diloco-codec", default="int8", help="codec of the DiLoCo run in the comparison")
+    parser.add_argument("--peers", type=int, default=4, help="swarm size in the comparison")
+    parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=16, help="sequences per local step")
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--samples", type=int, default=12800, help="training samples, all peers together")
+    parser.add_argument("--target-batch-size", type=int, default=64, help="sync: samples per swarm step")
+    parser.add_argument("--inner-steps", type=int, default=100, help="diloco: local steps between averaging")
+    parser.add_argument("--matchmaking-time", type=float, default=0.5, help="seconds peers gather for a round")
+    parser.add_argument("--metrics", default=None, help="write JSON-lines metrics to PREFIX-*.jsonl")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from hiveengine.engine.env import LOCAL_RANK_ENV
+
+    args = parse_args(argv)
+    if LOCAL_RANK_ENV in os.environ:
+        run_worker(args)
+    elif args.baseline:
+        run_baseline(args)
+    else:
+        return compare(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
