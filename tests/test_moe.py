@@ -15,9 +15,11 @@ from hiveengine.moe import (
     NotEnoughExpertsError,
     RemoteExpert,
     RemoteMixtureOfExperts,
+    RemoteSwitchMixtureOfExperts,
     get_expert_class,
     get_experts,
     get_remote_experts,
+    split_uid,
 )
 from hiveengine.moe.protocol import BACKWARD, FORWARD
 from hiveengine.transport import Peer
@@ -149,6 +151,22 @@ def test_mixture_matches_a_local_mixture_of_the_same_experts(frozen):
     assert torch.allclose(out, expected, atol=1e-5)
     assert torch.allclose(x.grad, x_local.grad, atol=1e-5)
     assert torch.allclose(moe.proj.weight.grad, proj.weight.grad, atol=1e-5)
+
+
+def test_switch_layer_routes_each_sample_to_one_expert_and_balances_load(frozen):
+    _, dht = frozen
+    switch = RemoteSwitchMixtureOfExperts(HIDDEN, grid_size=(2, 2), dht=dht)
+    x = torch.randn(8, HIDDEN, requires_grad=True)
+    out, balance = switch(x)
+    dispatch = switch.last_dispatch
+    probs = [torch.softmax(s, dim=-1) for s in switch.proj(x).split([2, 2], dim=-1)]
+    for uid, rows in dispatch.rows.items():
+        _, (i, j) = split_uid(uid)
+        expected = (probs[0][rows, i] * probs[1][rows, j])[:, None] * local_expert(2 * i + j)(x[rows])
+        assert torch.allclose(out[rows], expected, atol=1e-5)
+    assert balance.dim() == 0 and 0 < balance.item() <= 2 * 2  # per dim: size * <routed fraction, mean prob>
+    (out.square().sum() + balance).backward()
+    assert switch.proj.weight.grad is not None and torch.isfinite(x.grad).all()
 
 
 def test_mixture_of_sequences_uses_transformer_experts():

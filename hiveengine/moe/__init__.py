@@ -7,6 +7,7 @@ from hiveengine.moe.client import (
     MoEBeamSearcher,
     RemoteExpert,
     RemoteMixtureOfExperts,
+    RemoteSwitchMixtureOfExperts,
     get_remote_experts,
 )
 from hiveengine.moe.errors import ExpertError, InvalidExpertUIDError, NotEnoughExpertsError, UnknownExpertClassError
@@ -33,6 +34,7 @@ __all__ = [
     "NotEnoughExpertsError",
     "RemoteExpert",
     "RemoteMixtureOfExperts",
+    "RemoteSwitchMixtureOfExperts",
     "Server",
     "TensorSchema",
     "UnknownExpertClassError",

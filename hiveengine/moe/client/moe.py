@@ -106,10 +106,17 @@ class RemoteMixtureOfExperts(nn.Module):
         return self._peer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        grid_scores, coords, dispatch = self.route(x)
+        logits = sum(s.gather(1, coords[..., level]) for level, s in enumerate(grid_scores))
+        return _RemoteMixture.apply(logits, x, self, dispatch)
+
+    def route(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor, Dispatch]:
+        """Gating scores per grid dimension, the chosen experts' coordinates (batch, k_best, dims) and the dispatch
+        plan, from a beam search over the experts alive in the DHT."""
         if x.dim() < 2 or x.shape[-1] != self.in_features:
             raise ConfigurationError(f"expected input of shape (batch, ..., {self.in_features}), got {tuple(x.shape)}")
         gating_input = x if x.dim() == 2 else x.mean(dim=tuple(range(1, x.dim() - 1)))
-        grid_scores = self.proj(gating_input).split(self.grid_size, dim=-1)
+        grid_scores = list(self.proj(gating_input).split(self.grid_size, dim=-1))
         timeout = self.beam_search.lookup_timeout + SYNC_SLACK
         chosen = self.peer.runtime.run(self.beam_search.afind_best_experts(grid_scores, self.k_best), timeout)
         dispatch = self._plan(chosen, x.shape[0])
@@ -117,10 +124,8 @@ class RemoteMixtureOfExperts(nn.Module):
         coords = torch.zeros(x.shape[0], self.k_best, len(self.grid_size), dtype=torch.long)
         for uid, info in dispatch.experts.items():
             coords[dispatch.rows[uid], dispatch.slots[uid]] = torch.tensor(info.coords)
-        coords = coords.to(x.device)
-        logits = sum(s.gather(1, coords[..., level]) for level, s in enumerate(grid_scores))
         self.last_dispatch = dispatch
-        return _RemoteMixture.apply(logits, x, self, dispatch)
+        return grid_scores, coords.to(x.device), dispatch
 
     def _plan(self, chosen: list[list[ExpertInfo]], batch: int) -> Dispatch:
         dispatch = Dispatch({}, {}, {}, batch, self.k_best)
