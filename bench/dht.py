@@ -2,16 +2,19 @@
 
 For each N: node start-up time, store and get success rate, mean/p99 latency one at a time, operations per
 second with many in flight, and extra RSS per node. `--compare hivemind` runs the same workload on the hivemind
-package's DHT, installed into its own virtual environment (bench/.venv-hivemind), never into hiveengine's.
-Prints a table and writes bench/results/dht.json.
+package's DHT (bench/hivemind_dht_worker.py, in its own virtual environment bench/.venv-hivemind, never in
+hiveengine's) with --hivemind-nodes peers, runs hiveengine at that size too, and adds a side-by-side table with
+ratios. Prints the tables and writes bench/results/dht.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -21,16 +24,21 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import format_table, write_results
+from bench.common import format_table, read_prefixed, write_results
 
 HERE = Path(__file__).resolve().parent
 HIVEMIND_VENV = HERE / ".venv-hivemind"
 HIVEMIND_REQUIREMENTS = ["hivemind==1.1.12", "numpy<2.4"]
+HIVEMIND_WORKER = HERE / "hivemind_dht_worker.py"
+HIVEMIND_NODES = 32  # each hivemind peer runs its own p2pd daemon: 32 is what this 2-core machine holds
+HIVEMIND_TIMEOUT = 3600.0
 EXPIRATION = 600.0
-LINE_TIMEOUT = 300.0
+COMPARED = ["start_ms", "store_ok", "get_ok", "store_mean_ms", "get_mean_ms", "get_p99_ms", "ops_per_s", "mb_per_node"]
+HIGHER_IS_BETTER = {"store_ok", "get_ok", "ops_per_s"}
 COLUMNS = [
     "system",
     "nodes",
+    "load_1min",
     "start_ms",
     "store_ok",
     "get_ok",
@@ -108,6 +116,7 @@ class Worker:
 def run_hiveengine(nodes: int, keys: int, per_process: int, concurrency: int) -> dict:
     from hiveengine.dht import DHT, get_dht_time
 
+    load = os.getloadavg()[0]
     counts = [min(per_process, nodes - start) for start in range(0, nodes, per_process)]
     workers = [Worker(counts[0], [])]
     try:
@@ -126,6 +135,7 @@ def run_hiveengine(nodes: int, keys: int, per_process: int, concurrency: int) ->
         return {
             "system": "hiveengine",
             "nodes": nodes,
+            "load_1min": load,
             "start_ms": 1e3 * statistics.fmean(start_seconds),
             "mb_per_node": extra / nodes / 2**20,
             "mean_routing_table": statistics.fmean(peers),
@@ -165,6 +175,13 @@ def drive(client, keys: int, concurrency: int, clock) -> dict:
         return time.perf_counter() - start, sum(ok)
 
     seconds, burst_ok = client.peer.runtime.run(burst(), timeout=600)
+    return summarize_run(keys, store_lat, get_lat, store_ok, get_ok, seconds, burst_ok)
+
+
+def summarize_run(
+    keys: int, store_lat: list[float], get_lat: list[float], store_ok: int, get_ok: int, seconds: float, burst_ok: int
+) -> dict:
+    """A row's metrics from the raw measurements of `drive` (or of the hivemind worker's same workload)."""
     store_mean, store_p99 = summarize(store_lat)
     get_mean, get_p99 = summarize(get_lat)
     return {
@@ -181,79 +198,64 @@ def drive(client, keys: int, concurrency: int, clock) -> dict:
 
 # ---------------------------------------------------------------- hivemind, in its own virtual environment
 
-HIVEMIND_SCRIPT = r"""
-import asyncio, json, statistics, sys, time
-import psutil
-import hivemind
-from hivemind.utils.timed_storage import get_dht_time
-
-nodes, keys, concurrency, expiration_s = (int(a) for a in sys.argv[1:5])
-
-def tree_rss():
-    me = psutil.Process()
-    return sum(p.memory_info().rss for p in [me, *me.children(recursive=True)])
-
-baseline = tree_rss()
-dhts, start = [], []
-for _ in range(nodes):
-    t = time.perf_counter()
-    peers = dhts[0].get_visible_maddrs() if dhts else []
-    dhts.append(hivemind.DHT(initial_peers=peers, start=True))
-    start.append(time.perf_counter() - t)
-client = hivemind.DHT(initial_peers=dhts[0].get_visible_maddrs(), client_mode=True, start=True)
-expiration = get_dht_time() + expiration_s
-store_lat, get_lat, store_ok, get_ok = [], [], 0, 0
-for i in range(keys):
-    t = time.perf_counter()
-    store_ok += bool(client.store(f"key-{i}", {"i": i}, expiration))
-    store_lat.append(time.perf_counter() - t)
-for i in range(keys):
-    t = time.perf_counter()
-    found = client.get(f"key-{i}")
-    get_lat.append(time.perf_counter() - t)
-    get_ok += found is not None and found.value == {"i": i}
-t = time.perf_counter()
-futures = []
-for i in range(keys):
-    futures.append(client.store(f"burst-{i}", i, expiration, return_future=True))
-    if len(futures) >= concurrency:
-        futures.pop(0).result()
-[f.result() for f in futures]
-futures = []
-burst_ok = 0
-for i in range(keys):
-    futures.append(client.get(f"burst-{i}", return_future=True))
-    if len(futures) >= concurrency:
-        found = futures.pop(0).result(); burst_ok += found is not None
-burst_ok += sum(f.result() is not None for f in futures)
-seconds = time.perf_counter() - t
-def summ(xs):
-    xs = sorted(xs); return 1e3 * statistics.fmean(xs), 1e3 * xs[min(len(xs) - 1, int(0.99 * len(xs)))]
-(sm, sp), (gm, gp) = summ(store_lat), summ(get_lat)
-print(json.dumps({"system": "hivemind", "nodes": nodes, "start_ms": 1e3 * statistics.fmean(start),
-    "store_ok": store_ok / keys, "get_ok": get_ok / keys, "store_mean_ms": sm, "store_p99_ms": sp,
-    "get_mean_ms": gm, "get_p99_ms": gp, "ops_per_s": 2 * keys / seconds, "burst_ok": burst_ok / keys,
-    "mb_per_node": (tree_rss() - baseline) / nodes / 2**20}), flush=True)
-for d in [client, *dhts]:
-    d.shutdown()
-"""
-
 
 def hivemind_python() -> Path:
     """The interpreter of bench/.venv-hivemind, creating it and installing hivemind there on first use."""
-    python = HIVEMIND_VENV / "bin" / "python"
+    python = HIVEMIND_VENV.resolve() / "bin" / "python"
     if not python.exists():
+        print(f"creating {HIVEMIND_VENV} with {' '.join(HIVEMIND_REQUIREMENTS)} ...", file=sys.stderr, flush=True)
         subprocess.run([sys.executable, "-m", "venv", str(HIVEMIND_VENV)], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "-q", *HIVEMIND_REQUIREMENTS, "psutil"], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", *HIVEMIND_REQUIREMENTS], check=True)
     return python
 
 
 def run_hivemind(nodes: int, keys: int, concurrency: int) -> dict:
-    args = [str(hivemind_python()), "-c", HIVEMIND_SCRIPT, str(nodes), str(keys), str(concurrency), str(EXPIRATION)]
-    out = subprocess.run(args, capture_output=True, text=True, timeout=3600, env={**os.environ, "PYTHONPATH": ""})
-    if out.returncode != 0:
-        raise RuntimeError(f"hivemind benchmark failed:\n{out.stderr[-4000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    """hivemind's DHT on the same workload, in its own venv; its peers and p2pd daemons die with their group."""
+    args = [str(hivemind_python()), str(HIVEMIND_WORKER), str(nodes), str(keys), str(concurrency), str(EXPIRATION)]
+    env = {**os.environ, "PYTHONPATH": ""}
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    load = os.getloadavg()[0]
+    try:
+        raw = json.loads(read_prefixed(proc, "RESULT", HIVEMIND_TIMEOUT))
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    return {
+        "system": "hivemind",
+        "nodes": nodes,
+        "load_1min": load,
+        "start_ms": 1e3 * statistics.fmean(raw["start_seconds"]),
+        "mb_per_node": raw["mb_per_node"],
+        **summarize_run(
+            keys,
+            raw["store_latencies"],
+            raw["get_latencies"],
+            raw["store_ok"],
+            raw["get_ok"],
+            raw["burst_seconds"],
+            raw["burst_ok"],
+        ),
+    }
+
+
+def compare(rows: list[dict], nodes: int) -> dict:
+    """hiveengine vs hivemind at the same swarm size: each metric's values and how many times better we are."""
+    ours = next(r for r in rows if r["system"] == "hiveengine" and r["nodes"] == nodes)
+    theirs = next(r for r in rows if r["system"] == "hivemind" and r["nodes"] == nodes)
+    table = {}
+    for metric in COMPARED:
+        higher_is_better = metric in HIGHER_IS_BETTER
+        a, b = ours[metric], theirs[metric]
+        ratio = (a / b if higher_is_better else b / a) if a and b else None
+        table[metric] = {"hiveengine": a, "hivemind": b, "times_better": ratio}
+    return {"nodes": nodes, "metrics": table}
+
+
+def format_comparison(comparison: dict) -> str:
+    rows = [{"metric": metric, **values} for metric, values in comparison["metrics"].items()]
+    title = f"hiveengine vs hivemind at {comparison['nodes']} nodes (times_better > 1: hiveengine is better)"
+    return title + "\n" + format_table(rows, ["metric", "hiveengine", "hivemind", "times_better"])
 
 
 # ---------------------------------------------------------------- main
@@ -266,21 +268,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-process", type=int, default=16, help="DHT nodes per process (default 16)")
     parser.add_argument("--concurrency", type=int, default=64, help="operations in flight in the burst phase")
     parser.add_argument("--compare", choices=["hivemind"], help="also run hivemind's DHT (in its own venv)")
+    parser.add_argument(
+        "--hivemind-nodes",
+        type=int,
+        default=HIVEMIND_NODES,
+        help=f"hivemind swarm size; hiveengine also runs at it for a like-for-like ratio (default {HIVEMIND_NODES})",
+    )
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--initial-peers", nargs="*", default=[], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         worker(args.worker, args.initial_peers)
         return 0
+    sizes = list(args.nodes)
+    if args.compare == "hivemind" and args.hivemind_nodes not in sizes:
+        sizes.insert(0, args.hivemind_nodes)
     rows = []
-    for nodes in args.nodes:
+    for nodes in sizes:
         print(f"hiveengine: {nodes} nodes ({args.per_process} per process), {args.keys} keys ...", flush=True)
         rows.append(run_hiveengine(nodes, args.keys, args.per_process, args.concurrency))
-        if args.compare == "hivemind":
-            print(f"hivemind: {nodes} nodes, {args.keys} keys ...", flush=True)
-            rows.append(run_hivemind(nodes, args.keys, args.concurrency))
+    payload = {"args": {k: v for k, v in vars(args).items() if k != "worker"}, "rows": rows}
+    if args.compare == "hivemind":
+        print(f"hivemind: {args.hivemind_nodes} nodes, {args.keys} keys ...", flush=True)
+        rows.append(run_hivemind(args.hivemind_nodes, args.keys, args.concurrency))
+        payload["comparison"] = compare(rows, args.hivemind_nodes)
     print(format_table(rows, COLUMNS))
-    path = write_results("dht", {"args": {k: v for k, v in vars(args).items() if k != "worker"}, "rows": rows})
+    if "comparison" in payload:
+        print(format_comparison(payload["comparison"]))
+    path = write_results("dht", payload)
     print(f"wrote {path}")
     return 0
 

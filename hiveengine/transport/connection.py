@@ -2,6 +2,8 @@
 
 Tags are worker-wide in UCX, so each connection receives on its own 32-bit tag base:
 tag = base << 32 | 0 for control messages, base << 32 | seq for tensor frames (seq ≥ 1, one per frame).
+The reactor receives control messages for all connections and hands each to its connection, which
+decodes them in arrival order and passes them to its handler (the Peer).
 """
 
 from __future__ import annotations
@@ -10,7 +12,9 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -37,6 +41,14 @@ PROTOCOL_ERROR_LINGER = 0.5  # seconds a connection stays open for our error rep
 FRAME_SEQS = (1 << 32) - 1
 
 
+class MessageHandler(Protocol):
+    """Who a connection hands its messages to (the Peer that owns it)."""
+
+    def on_message(self, conn: Connection, body: dict) -> None: ...
+
+    def on_bad_message(self, conn: Connection, error: ProtocolError) -> None: ...
+
+
 def _tag(base: int, seq: int) -> int:
     return (base << 32) | seq
 
@@ -60,7 +72,9 @@ class Connection:
         self.label = label
         self._seq = itertools.count()
         self._request_ids = itertools.count(1)
-        self._control = np.empty(limits.max_header_bytes, dtype=np.uint8)
+        self._inbox: deque[tuple[asyncio.Future, np.ndarray, int]] = deque()
+        self._handler: MessageHandler | None = None
+        self._on_lost: Callable[[Connection], None] | None = None
         self.pending: dict[int, asyncio.Future] = {}
         self.reply_buffers: dict[int, Sequence[torch.Tensor]] = {}
         self.closed = False
@@ -164,17 +178,46 @@ class Connection:
             future = self.reactor.tag_recv(self.endpoint, scratch, self.frame_tag(body, i))
             future.add_done_callback(lambda f: f.cancelled() or f.exception())
 
-    async def read_control(self) -> dict:
-        """Wait for the next control message (the dispatcher's only suspension point)."""
-        self._check_open()
-        try:
-            await self.reactor.tag_recv(self.endpoint, self._control, _tag(self.recv_base, CONTROL_SEQ), standing=True)
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:
-            raise self.lost(e) from e
-        self.last_used = time.monotonic()
-        return decode_control(memoryview(self._control), self.limits)
+    def start(self, handler: MessageHandler, on_lost: Callable[[Connection], None]) -> None:
+        """Begin handing control messages to `handler`; `on_lost(self)` runs once when the connection dies."""
+        self._handler, self._on_lost = handler, on_lost
+        self.reactor.listen(self.recv_base, self._arrived, self.limits.max_header_bytes)
+
+    def _arrived(self, future: asyncio.Future, buf: np.ndarray, length: int) -> None:
+        self._inbox.append((future, buf, length))
+        if future.done():
+            self._drain()
+        else:
+            future.add_done_callback(self._drain_later)
+
+    def _drain_later(self, _future: asyncio.Future) -> None:
+        self._drain()
+
+    def _drain(self) -> None:
+        """Process received control messages in arrival order (a message still arriving holds back later ones)."""
+        while self._inbox and self._inbox[0][0].done():
+            future, buf, length = self._inbox.popleft()
+            if future.cancelled() or self.closed or not self.reading:
+                continue
+            if length > buf.nbytes:
+                future.exception()
+                self._handler.on_bad_message(
+                    self,
+                    ProtocolError(
+                        f"control message of {length} bytes exceeds the limit of {self.limits.max_header_bytes} bytes"
+                    ),
+                )
+                continue
+            if future.exception() is not None:
+                self.lost(future.exception())
+                return
+            self.last_used = time.monotonic()
+            try:
+                body = decode_control(memoryview(buf), self.limits)
+            except ProtocolError as e:
+                self._handler.on_bad_message(self, e)
+                continue
+            self._handler.on_message(self, body)
 
     def lost(self, cause: Exception) -> ConnectionLostError:
         """Mark the connection dead (once) and fail every call still waiting on it."""
@@ -189,7 +232,11 @@ class Connection:
                 if not future.done():
                     future.set_exception(error)
             self.pending.clear()
+            self._inbox.clear()
+            self.reactor.release_base(self.recv_base)
             self._close_endpoint()
+            if self._on_lost is not None:
+                self._on_lost(self)
         return error
 
     def protocol_violation(self, error: ProtocolError) -> None:

@@ -332,7 +332,7 @@ class Peer:
         endpoint.set_close_callback(self._on_endpoint_closed, (conn,), None)
         self._connections[conn.remote] = conn
         self._evict_idle()
-        self._spawn(self._serve(conn))
+        conn.start(self, self._forget_connection)
         logger.debug("connection %r open", conn)
         return conn
 
@@ -348,28 +348,24 @@ class Peer:
 
     # ---- receiving
 
-    async def _serve(self, conn: Connection) -> None:
+    def on_message(self, conn: Connection, body: dict) -> None:
+        """A decoded control message from `conn` (called by the connection, in arrival order)."""
         try:
-            while not conn.closed and conn.reading:
-                try:
-                    body = await conn.read_control()
-                except ProtocolError as e:
-                    await self._reply(conn, _error_reply(CONNECTION_ERROR_ID, e))
-                    conn.protocol_violation(e)
-                    return
-                try:
-                    self._dispatch(conn, body)
-                except Exception as e:
-                    logger.exception("%r: could not process a message", conn)
-                    conn.protocol_violation(ProtocolError(f"unprocessable message: {type(e).__name__}: {e}"))
-        except ConnectionLostError:
-            pass
-        finally:
-            if self._connections.get(conn.remote) is conn:
-                del self._connections[conn.remote]
-            self.runtime.release_recv_base(conn.recv_base)
-            for key in [k for k in self._streams if k[0] == id(conn)]:
-                self._streams.pop(key).fail(conn.error or ConnectionLostError("connection closed"))
+            self._dispatch(conn, body)
+        except Exception as e:
+            logger.exception("%r: could not process a message", conn)
+            conn.protocol_violation(ProtocolError(f"unprocessable message: {type(e).__name__}: {e}"))
+
+    def on_bad_message(self, conn: Connection, error: ProtocolError) -> None:
+        """`conn` sent something undecodable: tell it why, then close the connection."""
+        self._spawn(self._reply(conn, _error_reply(CONNECTION_ERROR_ID, error)))
+        conn.protocol_violation(error)
+
+    def _forget_connection(self, conn: Connection) -> None:
+        if self._connections.get(conn.remote) is conn:
+            del self._connections[conn.remote]
+        for key in [k for k in self._streams if k[0] == id(conn)]:
+            self._streams.pop(key).fail(conn.error or ConnectionLostError("connection closed"))
 
     def _dispatch(self, conn: Connection, body: dict) -> None:
         kind, request_id = body["k"], body["i"]

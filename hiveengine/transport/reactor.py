@@ -3,18 +3,33 @@
 ucxx's own progress modes keep a core busy while a receive is posted (they poll each request from
 the event loop). Here a posted receive costs nothing: the worker is armed, asyncio waits on its
 file descriptor, and request completion is checked only after the worker made progress.
+
+Control messages are not received through one standing receive per connection (checking all of them
+after every progress pass costs O(connections)). Their tag carries the receiving connection's 32-bit
+base in its upper half and 0 in its lower half, so after each pass the worker is probed for such
+messages, and each one found is received and handed to the connection its base names: O(messages).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
+from collections.abc import Callable
 from typing import Any
+
+import numpy as np
 
 from hiveengine.transport.ucx_env import import_ucxx
 
 logger = logging.getLogger(__name__)
 ACTIVE_POLL_INTERVAL = 0.0002  # seconds between progress passes while transfers are in flight
+BASE_SHIFT = 32  # a tag is base << BASE_SHIFT | seq; control messages have seq 0
+CONTROL_MASK = (1 << BASE_SHIFT) - 1  # matches every tag whose seq is 0, whatever its base
+MAX_EARLY_MESSAGES = 64  # control messages held for a base whose connection is still being set up
+
+# Takes (receive future, buffer, the message's length): a buffer shorter than the message truncates it.
+ControlHandler = Callable[[asyncio.Future, np.ndarray, int], None]
 
 
 def close_endpoint(endpoint) -> None:
@@ -33,16 +48,20 @@ class Reactor:
     def __init__(self, loop: asyncio.AbstractEventLoop):
         _, lib = import_ucxx()
         from ucxx._lib.arr import Array
-        from ucxx.types import Tag, TagMaskFull
+        from ucxx.types import Tag, TagMask, TagMaskFull
 
         self._lib, self._array, self._tag, self._tag_mask = lib, Array, Tag, TagMaskFull
+        self._tag_mask_type = TagMask
         self.loop = loop
         self.context = lib.UCXContext({})
         self.worker = lib.UCXWorker(self.context, enable_delayed_submission=False, enable_python_future=False)
         self.worker.init_blocking_progress_mode()
         self._fd = self.worker.epoll_file_descriptor
         self._pending: dict[Any, tuple[asyncio.Future, Any]] = {}
-        self._standing = 0  # pending receives that wait for messages which may never come (control channels)
+        self._control_tag, self._control_mask = Tag(0), self._tag_mask_type(CONTROL_MASK)
+        # base -> (handler or None while its connection is being set up, largest control message it takes)
+        self._bases: dict[int, tuple[ControlHandler | None, int]] = {}
+        self._early: dict[int, list[tuple[asyncio.Future, np.ndarray, int]]] = {}
         self._poll_handle: asyncio.TimerHandle | None = None
         self._scheduled = False
         self._closed = False
@@ -68,12 +87,13 @@ class Reactor:
             while self.worker.progress_once():
                 pass
             self._collect_completed()
+            self._take_control_messages()
             if self.worker.arm():
                 break
         # UCX does not always raise an fd event when a large transfer can make progress again (e.g. a TCP
-        # socket turning writable), so while data is in flight we also progress on a short timer. Standing
-        # receives alone (an idle connection) never start the timer: idle stays at ~0% CPU.
-        if len(self._pending) > self._standing and self._poll_handle is None:
+        # socket turning writable), so while data is in flight we also progress on a short timer. An idle
+        # connection has nothing pending, so it never starts the timer: idle stays at ~0% CPU.
+        if self._pending and self._poll_handle is None:
             self._poll_handle = self.loop.call_later(ACTIVE_POLL_INTERVAL, self._poll)
 
     def _poll(self) -> None:
@@ -81,11 +101,29 @@ class Reactor:
         self._progress()
 
     def _collect_completed(self) -> None:
-        done = [req for req in self._pending if req.completed]
-        for req in done:
-            future, _keepalive, standing = self._pending.pop(req)
-            self._standing -= standing
-            self._resolve(req, future)
+        if self._pending:
+            for req in [req for req in self._pending if req.completed]:
+                self._resolve(req, self._pending.pop(req)[0])
+
+    def _take_control_messages(self) -> None:
+        """Receive every control message UCX holds and hand each to the connection its tag's base names."""
+        while True:
+            probe = self.worker.tag_probe(self._control_tag, self._control_mask, True)
+            if not probe.matched:
+                return
+            base = probe.sender_tag.value >> BASE_SHIFT
+            handler, limit = self._bases.get(base, (None, -1))
+            early = self._early.get(base)
+            fits = probe.length <= limit and (handler is not None or len(early) < MAX_EARLY_MESSAGES)
+            buf = np.empty(probe.length if fits else 1, dtype=np.uint8)  # 1 byte: truncated and dropped
+            future = self.track(self.worker.tag_recv_with_handle(self._array(buf), probe), buf)
+            if handler is not None:
+                handler(future, buf, probe.length)
+            elif fits:
+                early.append((future, buf, probe.length))
+            else:
+                future.add_done_callback(_retrieve)
+                logger.debug("dropped a control message of %d bytes for base %x", probe.length, base)
 
     @staticmethod
     def _resolve(req, future: asyncio.Future) -> None:
@@ -98,23 +136,43 @@ class Reactor:
         else:
             future.set_result(None)
 
-    def track(self, req, keepalive: Any = None, standing: bool = False) -> asyncio.Future:
-        """Future that completes with `req`; `keepalive` (the buffer) stays referenced until then.
-        A `standing` request is a receive that may wait indefinitely for a message (no polling for it)."""
+    def track(self, req, keepalive: Any = None) -> asyncio.Future:
+        """Future that completes with `req`; `keepalive` (the buffer) stays referenced until then."""
         future = self.loop.create_future()
         if req.completed:
             self._resolve(req, future)
         else:
-            self._pending[req] = (future, keepalive, int(standing))
-            self._standing += int(standing)
+            self._pending[req] = (future, keepalive)
             self.kick()
         return future
+
+    def reserve_base(self, max_control_bytes: int) -> int:
+        """A fresh receive tag base for a connection being set up; its control messages (up to
+        `max_control_bytes` each) are held until `listen` names who takes them."""
+        while True:
+            base = random.getrandbits(BASE_SHIFT)
+            if base and base not in self._bases:
+                self._bases[base] = (None, max_control_bytes)
+                self._early[base] = []
+                return base
+
+    def listen(self, base: int, handler: ControlHandler, max_control_bytes: int) -> None:
+        """Hand `base`'s control messages to `handler`, in arrival order."""
+        self._bases[base] = (handler, max_control_bytes)
+        for future, buf, length in self._early.pop(base, ()):
+            handler(future, buf, length)
+
+    def release_base(self, base: int) -> None:
+        """Stop taking `base`'s control messages; later ones are dropped."""
+        self._bases.pop(base, None)
+        for future, _, _ in self._early.pop(base, ()):
+            future.add_done_callback(_retrieve)
 
     def tag_send(self, endpoint, buf, tag: int) -> asyncio.Future:
         return self.track(endpoint.tag_send(self._array(buf), self._tag(tag)), buf)
 
-    def tag_recv(self, endpoint, buf, tag: int, standing: bool = False) -> asyncio.Future:
-        return self.track(endpoint.tag_recv(self._array(buf), self._tag(tag), self._tag_mask), buf, standing)
+    def tag_recv(self, endpoint, buf, tag: int) -> asyncio.Future:
+        return self.track(endpoint.tag_recv(self._array(buf), self._tag(tag), self._tag_mask), buf)
 
     def stream_send(self, endpoint, buf) -> asyncio.Future:
         return self.track(endpoint.stream_send(self._array(buf)), buf)
@@ -130,7 +188,15 @@ class Reactor:
         self.loop.remove_reader(self._fd)
         if self._poll_handle is not None:
             self._poll_handle.cancel()
-        for future, _, _ in self._pending.values():
+        for future, _ in self._pending.values():
             if not future.done():
                 future.cancel()
         self._pending.clear()
+        self._bases.clear()
+        self._early.clear()
+
+
+def _retrieve(future: asyncio.Future) -> None:
+    """Mark a dropped receive's outcome as seen (its error, e.g. truncation, is expected)."""
+    if not future.cancelled():
+        future.exception()

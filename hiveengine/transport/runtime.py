@@ -11,7 +11,6 @@ import atexit
 import concurrent.futures
 import logging
 import os
-import random
 import threading
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -50,7 +49,6 @@ class Runtime:
         self.listener = None
         self.peers: dict[bytes, object] = {}
         self._default_peer: bytes | None = None
-        self._recv_bases: set[int] = set()
         self._closed = False
 
     @classmethod
@@ -90,14 +88,12 @@ class Runtime:
         self.loop.call_soon_threadsafe(fn, *args)
 
     def new_recv_base(self) -> int:
-        while True:
-            base = random.getrandbits(32)
-            if base and base not in self._recv_bases:
-                self._recv_bases.add(base)
-                return base
+        """A receive tag base for a connection being set up (see Reactor.reserve_base)."""
+        limit = max((p.limits.max_header_bytes for p in self.peers.values()), default=DEFAULT_LIMITS.max_header_bytes)
+        return self.reactor.reserve_base(limit)
 
     def release_recv_base(self, base: int) -> None:
-        self._recv_bases.discard(base)
+        self.reactor.release_base(base)
 
     async def ensure_listener(self, port: int | None) -> int:
         """Start the process's listener on `port` (0: any) once; return the port it listens on."""
