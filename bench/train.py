@@ -256,6 +256,10 @@ def compare(args) -> int:
     rows += [_row(mode, runs[mode], baseline, sync_bytes) for mode in ("sync", "diloco")]
     print(format_table(rows, list(rows[0])))
     write_results("train", {"args": vars(args), "rows": rows})
+    if args.plot:
+        from tools.plot_metrics import plot
+
+        plot(Path(args.plot), sorted(RESULTS_DIR.glob("train-*.jsonl")))
     return 0
 
 
@@ -283,10 +287,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--baseline", action="store_true", help="train single-process (the comparison baseline)")
     parser.add_argument("--mode", choices=["sync", "diloco"], default="sync", help="worker mode under the launcher")
     parser.add_argument("--codec", default="int8", help="all-reduce codec (sync mode, and workers)")
-    parser.add_argument("--diloco-codec", default="int8", help="codec of the DiLoCo run in the comparison")
+    parser.add_argument("--diloco-codec", default="int4", help="codec of the DiLoCo run in the comparison")
     parser.add_argument("--peers", type=int, default=4, help="swarm size in the comparison")
     parser.add_argument("--dim", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--layers", type=int, default=3)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--batch", type=int, default=16, help="sequences per local step")
@@ -296,6 +300,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--inner-steps", type=int, default=100, help="diloco: local steps between averaging")
     parser.add_argument("--matchmaking-time", type=float, default=0.5, help="seconds peers gather for a round")
     parser.add_argument("--metrics", default=None, help="write JSON-lines metrics to PREFIX-*.jsonl")
+    parser.add_argument("--plot", default=None, help="comparison: also draw the metrics into this PNG")
     return parser.parse_args(argv)
 
 

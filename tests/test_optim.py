@@ -136,3 +136,32 @@ def test_configuration_errors_are_clear():
             Optimizer(dht=dht, run_id="bad", optimizer=lambda p: torch.optim.SGD(p, lr=0.1), target_batch_size=8)
     finally:
         dht.shutdown()
+
+
+def test_checkpoint_restores_parameters_optimizer_state_and_epoch(tmp_path):
+    dht = DHT()
+    opts = []
+    try:
+        models = [torch.nn.Linear(4, 2) for _ in range(2)]
+        for i, model in enumerate(models):
+            inner = torch.optim.Adam(model.parameters(), lr=0.05)
+            opts.append(Optimizer(dht=dht, run_id=f"ckpt-{i}", optimizer=inner, target_batch_size=8, mode="sync"))
+        first, second = opts
+        x = torch.randn(32, 4)
+        while first.epoch < 3:
+            models[0](x).pow(2).mean().backward()
+            first.step(batch_size=4)
+            first.zero_grad()
+        first.save(tmp_path / "ckpt.pt")
+        second.load(tmp_path / "ckpt.pt")
+        assert second.epoch == 3
+        for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+            assert torch.equal(a, b)
+            for key in ("exp_avg", "exp_avg_sq", "step"):
+                assert torch.equal(first.inner.state[a][key], second.inner.state[b][key])
+        with pytest.raises(ConfigurationError, match="not the same model"):
+            second.load_state_dict({**first.state_dict(), "flat": torch.zeros(3)})
+    finally:
+        for opt in opts:
+            opt.shutdown()
+        dht.shutdown()

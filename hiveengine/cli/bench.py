@@ -8,7 +8,7 @@ from pathlib import Path
 
 import hiveengine
 
-BENCHMARKS = ["transport", "kernels", "dht", "allreduce"]
+BENCHMARKS = ["transport", "kernels", "dht", "allreduce", "train"]
 
 
 def add_commands(sub) -> None:
