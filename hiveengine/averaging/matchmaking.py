@@ -87,8 +87,8 @@ class Matchmaker:
         if not await self.dht.astore(key, record, expiration, subkey=self.me.peer_id.raw):
             logger.warning("could not register for matchmaking of epoch %d", epoch)
         gather_until = min(r.gather_until for r in await self._registrations(key, mine))
-        if gather_until + SETTLE_SECONDS < time.time():
-            logger.info("epoch %d gathered without us (we came %.1f s late)", epoch, time.time() - gather_until)
+        if mine.registered_at > gather_until:  # the cut keeps registrations made before the deadline only
+            logger.info("epoch %d gathered without us (we came %.1f s late)", epoch, mine.registered_at - gather_until)
             return None
         wait = gather_until + SETTLE_SECONDS - time.time()
         if time.monotonic() + wait >= deadline:
@@ -96,6 +96,7 @@ class Matchmaker:
             return None
         await asyncio.sleep(max(0.0, wait))
         members = [r.member for r in await self._registrations(key, mine) if r.registered_at <= gather_until]
+        # We are among `members` (registered before the deadline, and added if the DHT lost our entry).
         group = next(g for g in form_groups(epoch, members, cfg.target_group_size) if g.member(self.me.peer_id))
         if len(group.members) < cfg.min_group_size:
             logger.info("epoch %d: only %d peer(s) in our group, below min_group_size", epoch, len(group.members))
