@@ -53,7 +53,7 @@ def test_unknown_expert_class_is_a_clear_error():
 def echo_runtime(max_batch_size: int, batches: list[int]) -> tuple[BatchingRuntime, object]:
     runtime = BatchingRuntime(max_batch_size=max_batch_size, batch_wait=0.0)
 
-    def double(tensors: list[torch.Tensor], keys: list) -> list[torch.Tensor]:
+    def double(tensors: list[torch.Tensor], keys: list, sizes: list[int]) -> list[torch.Tensor]:
         batches.append(tensors[0].shape[0])
         return [tensors[0] * 2]
 
@@ -87,7 +87,7 @@ def test_runtime_batches_queued_requests_up_to_the_limit_and_splits_results():
 def test_runtime_reports_a_failing_batch_to_every_request():
     runtime = BatchingRuntime(batch_wait=0.0)
 
-    def fail(tensors, keys):
+    def fail(tensors, keys, sizes):
         raise ValueError("expert exploded")
 
     pool = runtime.add_pool("bad", fail)
@@ -145,3 +145,30 @@ def test_backward_reuses_a_kept_forward_unless_the_parameters_changed():
     backend.forward([torch.cat([x, x])], keys=["c"])
     backend.backward([x, g], keys=["c"])  # a kept forward of other shapes is not used
     assert backend.recomputed == 3
+
+
+def test_a_batched_backward_mixes_kept_and_recomputed_requests():
+    klass = get_expert_class("ffn")
+    backend = ExpertBackend("ffn.0", klass.build(8, seed=0), klass.input_schema(8))
+    reference = ExpertBackend("ffn.1", klass.build(8, seed=0), klass.input_schema(8))
+    x, g = torch.randn(5, 8), torch.randn(5, 8)
+    backend.forward([x[3:]], keys=["late"])  # kept; the first three rows come without a kept forward
+    grads = backend.backward([x, g], keys=[None, "late"], sizes=[3, 2])
+    assert backend.recomputed == 1
+    assert torch.allclose(grads[0], reference.backward([x, g])[0], atol=1e-6)
+    for p, q in zip(backend.module.parameters(), reference.module.parameters(), strict=True):
+        assert torch.allclose(p.grad, q.grad, atol=1e-5)
+
+
+def test_keyed_requests_are_not_merged_when_the_pool_says_so():
+    batches: list[int] = []
+    runtime = BatchingRuntime(batch_wait=0.0)
+    pool = runtime.add_pool("fwd", lambda t, keys, sizes: batches.append(len(keys)) or [t[0]], merge_keyed=False)
+    futures = [runtime.submit(pool, [torch.ones(1, 2)], 1, key) for key in ["a", "b", None, None]]
+    runtime.start()
+    try:
+        for future in futures:
+            future.result(RESULT_TIMEOUT)
+        assert batches == [1, 1, 2]
+    finally:
+        runtime.shutdown()

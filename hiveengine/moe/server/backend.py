@@ -112,7 +112,9 @@ class ExpertBackend:
         moved = [t.to(self.device, non_blocking=True) for t in tensors]
         return [t.detach().requires_grad_(t.is_floating_point()) for t in moved] if grad else moved
 
-    def forward(self, inputs: Sequence[torch.Tensor], keys: Sequence[Hashable | None] = ()) -> list[torch.Tensor]:
+    def forward(
+        self, inputs: Sequence[torch.Tensor], keys: Sequence[Hashable | None] = (), sizes: Sequence[int] = ()
+    ) -> list[torch.Tensor]:
         """Outputs for a batch of inputs; a batch of one keyed request is kept for its backward call."""
         key = keys[0] if len(keys) == 1 else None
         with self.lock, torch.set_grad_enabled(key is not None):
@@ -131,43 +133,66 @@ class ExpertBackend:
         ):
             self._kept.popitem(last=False)
 
-    def _kept_for(self, keys: Sequence[Hashable | None], inputs: Sequence[torch.Tensor]) -> KeptForward | None:
-        kept = self._kept.pop(keys[0], None) if len(keys) == 1 and keys[0] is not None else None
+    def _kept_for(self, key: Hashable | None, inputs: Sequence[torch.Tensor]) -> KeptForward | None:
+        kept = self._kept.pop(key, None) if key is not None else None
         if kept is None or kept.generation != self._generation:
             return None
         if [x.shape for x in kept.inputs] != [x.shape for x in inputs]:
             return None
         return kept
 
-    def backward(self, tensors: Sequence[torch.Tensor], keys: Sequence[Hashable | None] = ()) -> list[torch.Tensor]:
-        """Input gradients for (inputs..., output gradients...); accumulates parameter gradients and steps."""
+    def backward(
+        self, tensors: Sequence[torch.Tensor], keys: Sequence[Hashable | None] = (), sizes: Sequence[int] = ()
+    ) -> list[torch.Tensor]:
+        """Input gradients for (inputs..., output gradients...) of a batch of requests (`keys` and row counts
+        `sizes`, one per request); kept forward passes are reused, the rest recomputed together; then one
+        optimizer step (every `accumulate_batches` batches) for the whole batch."""
         n = len(self.input_schema)
+        tensors = [t.to(self.device, non_blocking=True) for t in tensors]
+        sizes = list(sizes) or [tensors[0].shape[0]]
+        keys = list(keys) or [None] * len(sizes)
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+
+        def rows_of(t: torch.Tensor, tasks: list[int]) -> torch.Tensor:
+            if len(tasks) == len(sizes):
+                return t
+            return torch.cat([t[starts[i] : starts[i] + sizes[i]] for i in tasks])
+
         with self.lock, torch.enable_grad():
-            kept = self._kept_for(keys, tensors[:n])
-            if kept is not None:
-                inputs, outputs = kept.inputs, kept.outputs
-            else:
+            kept = {i: self._kept_for(keys[i], [rows_of(t, [i]) for t in tensors[:n]]) for i in range(len(sizes))}
+            fresh = [i for i, k in kept.items() if k is None]
+            pairs = [(k.outputs, [rows_of(g, [i]) for g in tensors[n:]]) for i, k in kept.items() if k is not None]
+            fresh_inputs: list[torch.Tensor] = []
+            if fresh:
                 self.recomputed += 1
-                inputs = self._inputs(tensors[:n], grad=True)
-                outputs = as_tensor_list(self.module(*inputs))
-            grads = [g.to(self.device, non_blocking=True) for g in tensors[n:]]
-            if len(grads) != len(outputs) or any(g.shape != o.shape for g, o in zip(grads, outputs, strict=False)):
-                raise ProtocolError(
-                    f"backward of {self.uid}: gradients of shapes {[tuple(g.shape) for g in grads]} do not match "
-                    f"the outputs' {[tuple(o.shape) for o in outputs]}"
-                )
-            torch.autograd.backward(outputs, [g.to(o.dtype) for g, o in zip(grads, outputs, strict=True)])
-            self.backward_batches += 1
-            if (
-                self.optimizer is not None
-                and self.accumulate_batches
-                and (self.backward_batches % self.accumulate_batches == 0)
-            ):
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.updates += 1
-                self._generation += 1
-            return [x.grad if x.grad is not None else torch.zeros_like(x) for x in inputs]
+                fresh_inputs = self._inputs([rows_of(t, fresh) for t in tensors[:n]], grad=True)
+                pairs.append((as_tensor_list(self.module(*fresh_inputs)), [rows_of(g, fresh) for g in tensors[n:]]))
+            outputs, grads = [], []
+            for outs, gs in pairs:
+                if len(gs) != len(outs) or any(g.shape != o.shape for g, o in zip(gs, outs, strict=False)):
+                    raise ProtocolError(
+                        f"backward of {self.uid}: gradients of shapes {[tuple(g.shape) for g in gs]} do not match "
+                        f"the outputs' {[tuple(o.shape) for o in outs]}"
+                    )
+                outputs += outs
+                grads += [g.to(o.dtype) for g, o in zip(gs, outs, strict=True)]
+            torch.autograd.backward(outputs, grads)
+            self._after_backward()
+            fresh_grads = [_grad(x).split([sizes[i] for i in fresh]) for x in fresh_inputs]
+            per_task = {i: [_grad(x) for x in k.inputs] for i, k in kept.items() if k is not None}
+            per_task.update({i: [g[pos] for g in fresh_grads] for pos, i in enumerate(fresh)})
+            if len(sizes) == 1:
+                return per_task[0]
+            return [torch.cat([per_task[i][j] for i in range(len(sizes))]) for j in range(n)]
+
+    def _after_backward(self) -> None:
+        self.backward_batches += 1
+        due = self.accumulate_batches and self.backward_batches % self.accumulate_batches == 0
+        if self.optimizer is not None and due:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.updates += 1
+            self._generation += 1
 
     def state_dict(self) -> dict:
         """Module and optimizer state, for checkpoints."""
@@ -185,3 +210,7 @@ class ExpertBackend:
                 self.optimizer.load_state_dict(state["optimizer"])
             self.updates = int(state.get("updates", 0))
             self._generation += 1
+
+
+def _grad(x: torch.Tensor) -> torch.Tensor:
+    return x.grad if x.grad is not None else torch.zeros_like(x)

@@ -23,7 +23,7 @@ DEFAULT_BATCH_WAIT = 0.002  # seconds a batch may wait past its first request's 
 DEFAULT_MAX_QUEUED_ROWS = 1 << 20  # rows queued per pool before new requests are refused as busy
 STOP_TIMEOUT = 30.0  # seconds shutdown waits for the batch in progress
 
-BatchFn = Callable[[list[torch.Tensor], list[Hashable | None]], list[torch.Tensor]]
+BatchFn = Callable[[list[torch.Tensor], list[Hashable | None], list[int]], list[torch.Tensor]]
 
 
 @dataclass(eq=False)
@@ -47,6 +47,7 @@ class TaskPool:
 
     name: str
     process: BatchFn
+    merge_keyed: bool = True  # False: a request with a key is computed alone (e.g. to keep its activations)
     tasks: deque[Task] = field(default_factory=deque)
     queued_rows: int = 0
     processed_rows: int = 0
@@ -85,9 +86,10 @@ class BatchingRuntime:
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name="hiveengine-moe-runtime", daemon=True)
 
-    def add_pool(self, name: str, process: BatchFn) -> TaskPool:
-        """A new pool computed by `process(batched tensors, the requests' keys) -> batched results`."""
-        pool = TaskPool(name, process)
+    def add_pool(self, name: str, process: BatchFn, merge_keyed: bool = True) -> TaskPool:
+        """A new pool computed by `process(batched tensors, the requests' keys, their row counts) -> batched
+        results`; with `merge_keyed=False`, requests that carry a key are never batched with others."""
+        pool = TaskPool(name, process, merge_keyed)
         with self._cv:
             self.pools.append(pool)
         return pool
@@ -152,7 +154,8 @@ class BatchingRuntime:
                     self._cv.wait()
                     continue
                 wait = pool.tasks[0].arrived + self.batch_wait - time.monotonic()
-                if wait > 0 and self._fillable_rows(pool) < self.max_batch_size:
+                alone = not pool.merge_keyed and pool.tasks[0].key is not None
+                if wait > 0 and not alone and self._fillable_rows(pool) < self.max_batch_size:
                     self._cv.wait(wait)
                     continue
                 batch = self._take(pool)
@@ -160,17 +163,22 @@ class BatchingRuntime:
                     return pool, batch
             return None
 
+    @staticmethod
+    def _mergeable(pool: TaskPool, first: Task, task: Task) -> bool:
+        keyed = first.key is not None or task.key is not None
+        return task.sample_shapes == first.sample_shapes and (pool.merge_keyed or not keyed or task is first)
+
     def _fillable_rows(self, pool: TaskPool) -> int:
-        shapes = pool.tasks[0].sample_shapes
-        return sum(t.rows for t in pool.tasks if t.sample_shapes == shapes)
+        first = pool.tasks[0]
+        return sum(t.rows for t in pool.tasks if self._mergeable(pool, first, t))
 
     def _take(self, pool: TaskPool) -> list[Task]:
-        """Pop the oldest task and every later one of the same sample shapes that fits; skip cancelled ones."""
-        shapes = pool.tasks[0].sample_shapes
+        """Pop the oldest task and every later one that may join it and fits; skip cancelled ones."""
+        first = pool.tasks[0]
         batch, rows, kept = [], 0, deque()
         while pool.tasks:
             task = pool.tasks.popleft()
-            fits = task.sample_shapes == shapes and rows + task.rows <= self.max_batch_size
+            fits = self._mergeable(pool, first, task) and rows + task.rows <= self.max_batch_size
             if not fits:
                 kept.append(task)
                 continue
@@ -187,7 +195,7 @@ class BatchingRuntime:
                 torch.cat(parts) if len(parts) > 1 else parts[0]
                 for parts in zip(*(t.tensors for t in batch), strict=True)
             ]
-            results = pool.process(tensors, [t.key for t in batch])
+            results = pool.process(tensors, [t.key for t in batch], [t.rows for t in batch])
             if self.synchronize is not None:
                 self.synchronize()  # results must be in memory before the transport thread sends them
         except Exception as e:

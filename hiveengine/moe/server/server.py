@@ -53,7 +53,10 @@ class Server:
         devices = {b.device for b in self.experts.values() if b.device.type == "cuda"}
         self.runtime = BatchingRuntime(max_batch_size, batch_wait, synchronize=_synchronizer(devices))
         self._pools = {
-            uid: (self.runtime.add_pool(f"{uid}.fwd", b.forward), self.runtime.add_pool(f"{uid}.bwd", b.backward))
+            uid: (
+                self.runtime.add_pool(f"{uid}.fwd", b.forward, merge_keyed=False),  # kept alone for its backward
+                self.runtime.add_pool(f"{uid}.bwd", b.backward),
+            )
             for uid, b in self.experts.items()
         }
         self.peer: Peer | None = None
