@@ -43,6 +43,9 @@ class DHTConfig:
     # A full bucket's least recently seen contact is pinged (so a newcomer may replace it if it is dead) only when
     # it was not heard from for this long: one that answered recently is alive, and pinging it is wasted work.
     probe_after: float = 30.0
+    # A get first asks only the closest known node (it usually holds the value; alpha requests would waste the
+    # other alpha - 1), and widens to alpha once that one has no value, fails, or is silent for this many seconds.
+    solo_wait: float = 0.05
 
 
 class Offer(NamedTuple):
@@ -165,9 +168,11 @@ class DHTNode:
     ) -> tuple[list[Contact], dict[int, list[bool]]]:
         """Iterative Kademlia lookup of `target` with `alpha` RPCs in flight. Returns the k closest nodes that
         answered, and what each node that took the `offer`ed records said about each. With `key`, every valid
-        record found is merged into `found`; `stop_early` ends the lookup at the first one. Dead nodes cost one
-        rpc_timeout each and are skipped; the lookup never hangs."""
+        record found is merged into `found`; `stop_early` ends the lookup at the first one (and starts with one
+        request in flight, see DHTConfig.solo_wait). Dead nodes cost one rpc_timeout each and are skipped; the
+        lookup never hangs."""
         k, alpha = self.config.k, self.config.alpha
+        width = 1 if stop_early else alpha
         self.table.mark_lookup(target)
         candidates = {c.id: c for c in self.table.nearest(target, k)}
         asked: set[int] = set()
@@ -179,14 +184,16 @@ class DHTNode:
             while True:
                 closest = sorted((c for c in candidates.values() if c.id not in failed), key=lambda c: c.id ^ target)
                 for contact in closest[:k]:
-                    if len(pending) >= alpha:
+                    if len(pending) >= width:
                         break
                     if contact.id not in asked:
                         asked.add(contact.id)
                         pending[asyncio.ensure_future(self._find(contact, target, key, offer))] = contact
                 if not pending:
                     break
-                done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                wait = self.config.solo_wait if width < alpha else None
+                done, _ = await asyncio.wait(pending, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+                width = alpha
                 for task in done:
                     contact, result = pending.pop(task), task.result()
                     if result is None:

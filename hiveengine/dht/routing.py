@@ -108,31 +108,41 @@ class RoutingTable:
         self.local_id = local_id
         self.k = k
         self.buckets = [KBucket(k) for _ in range(ID_BITS)]
+        self._contacts: dict[int, Contact] = {}  # every bucket's contacts (not replacements), for nearest()
 
     def __len__(self) -> int:
-        return sum(len(b) for b in self.buckets)
+        return len(self._contacts)
 
     def __contains__(self, contact_id: int) -> bool:
-        index = bucket_index(self.local_id, contact_id)
-        return index >= 0 and contact_id in self.buckets[index].contacts
+        return contact_id in self._contacts
 
     def get(self, contact_id: int) -> Contact | None:
-        index = bucket_index(self.local_id, contact_id)
-        return self.buckets[index].contacts.get(contact_id) if index >= 0 else None
+        return self._contacts.get(contact_id)
 
     def touch(self, contact: Contact) -> Contact | None:
         """Add or refresh a contact; returns a contact to ping when its bucket is full (see KBucket.touch)."""
         index = bucket_index(self.local_id, contact.id)
-        return None if index < 0 else self.buckets[index].touch(contact)
+        if index < 0:
+            return None
+        bucket = self.buckets[index]
+        stale = bucket.touch(contact)
+        if contact.id not in self._contacts and contact.id in bucket.contacts:
+            self._contacts[contact.id] = contact
+        return stale
 
     def remove(self, contact_id: int) -> bool:
         index = bucket_index(self.local_id, contact_id)
-        return index >= 0 and self.buckets[index].remove(contact_id)
+        if index < 0 or not self.buckets[index].remove(contact_id):
+            return False
+        del self._contacts[contact_id]
+        self._contacts.update(self.buckets[index].contacts)  # a replacement may have been promoted
+        return True
 
     def nearest(self, target: int, count: int, exclude: int | None = None) -> list[Contact]:
         """The `count` known contacts closest to `target` by XOR distance, closest first."""
-        contacts = [c for b in self.buckets if b.contacts for c in b.contacts.values() if c.id != exclude]
-        contacts.sort(key=lambda c: c.id ^ target)
+        contacts = sorted(self._contacts.values(), key=lambda c: c.id ^ target)
+        if exclude is not None and exclude in self._contacts:
+            contacts = [c for c in contacts if c.id != exclude]
         return contacts[:count]
 
     def mark_lookup(self, target: int) -> None:

@@ -183,7 +183,7 @@ class Peer:
         With `out`, the reply's tensors are received straight into those (contiguous, matching) buffers."""
         timeout = timeout or self.limits.default_call_timeout
         coro = self._call(address, method, header or {}, list(tensors), timeout, out)
-        return await self._with_deadline(coro, timeout, f"call {method!r} to {address}")
+        return await self._with_deadline(coro, timeout, "call", method, address)
 
     def call_sync(self, *args, **kwargs) -> tuple[dict, list[torch.Tensor]]:
         """Blocking twin of `call` for synchronous code (not for use on the transport loop)."""
@@ -212,7 +212,7 @@ class Peer:
         """Send (chunk header, tensor) pairs as one stream; at most `stream_window` chunks are in flight."""
         timeout = timeout or self.limits.default_call_timeout
         coro = self._stream(address, method, chunks, header or {}, timeout)
-        return await self._with_deadline(coro, timeout, f"stream {method!r} to {address}")
+        return await self._with_deadline(coro, timeout, "stream", method, address)
 
     async def send_tensor(
         self, address, method: str, tensor: torch.Tensor, header: dict | None = None, timeout: float | None = None
@@ -247,12 +247,13 @@ class Peer:
                 task.cancel()
             _forget_reply(conn, request_id)
 
-    async def _with_deadline(self, coro, timeout: float, what: str):
+    async def _with_deadline(self, coro, timeout: float, kind: str, method: str, address):
+        """Await `coro` at most `timeout` seconds (the error message is formatted only if it times out)."""
         try:
             async with asyncio.timeout(timeout):
                 return await coro
         except TimeoutError:
-            raise RPCTimeoutError(f"{what} did not complete within {timeout} s") from None
+            raise RPCTimeoutError(f"{kind} {method!r} to {address} did not complete within {timeout} s") from None
 
     # ---- connections
 
