@@ -175,6 +175,7 @@ class DHTNode:
         width = 1 if stop_early else alpha
         self.table.mark_lookup(target)
         candidates = {c.id: c for c in self.table.nearest(target, k)}
+        seen = {c.text for c in candidates.values()}
         asked: set[int] = set()
         failed: set[int] = set()
         answered: list[Contact] = []
@@ -200,12 +201,15 @@ class DHTNode:
                         failed.add(contact.id)
                         continue
                     answered.append(contact)
-                    contacts, records, accepted = result
+                    addresses, records, accepted = result
                     if accepted is not None:
                         stored[contact.id] = accepted
-                    for new in contacts:
-                        if new.id != self.id and new.id not in candidates:
-                            candidates[new.id] = new
+                    for text in addresses:
+                        if text not in seen:  # replies overlap a lot: parse each address once per lookup
+                            seen.add(text)
+                            new = protocol.contact_from_text(text)
+                            if new is not None and new.id != self.id and new.id not in candidates:
+                                candidates[new.id] = new
                     for record in records or ():
                         if self._acceptable(record):
                             found.merge(record)

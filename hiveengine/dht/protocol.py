@@ -145,21 +145,24 @@ def parse_store_reply(header: dict, count: int) -> list[bool]:
 
 
 def parse_find_reply(header: dict, tensors: list[torch.Tensor], key: bytes | None, max_nodes: int, offered: int):
-    """(contacts, records or None, stored or None) from a find reply; malformed entries are skipped."""
+    """(address strings, records or None, stored or None) from a find reply; malformed entries are skipped (the
+    addresses are parsed by the caller, which skips those it has seen already)."""
     stored = header.get("ok")
     if stored is not None:
         stored = parse_store_reply(header, offered)
     reply = decode_blob(header, tensors, f"{FIND} reply")
     if not isinstance(reply, list) or len(reply) != 2 or not isinstance(reply[0], list):
         raise ProtocolError(f"{FIND} reply must be [addresses, values]")
-    contacts = []
-    for text in reply[0][:max_nodes]:
-        if isinstance(text, str) and len(text) <= MAX_ADDRESS_CHARS:
-            try:
-                contacts.append(Contact(PeerAddress.parse(text), text))
-            except ValueError:
-                continue
+    addresses = [text for text in reply[0][:max_nodes] if isinstance(text, str) and len(text) <= MAX_ADDRESS_CHARS]
     records = None
     if key is not None and isinstance(reply[1], list):
         records = [r for r in (Record.from_wire_with_key(key, item) for item in reply[1]) if r is not None]
-    return contacts, records, stored
+    return addresses, records, stored
+
+
+def contact_from_text(text: str) -> Contact | None:
+    """The contact an address from a find reply names, or None when it is malformed."""
+    try:
+        return Contact(PeerAddress.parse(text), text)
+    except ValueError:
+        return None
