@@ -4,14 +4,14 @@
 `python bench/train.py --baseline` trains it in one process with the swarm's total batch; `hiveengine bench
 train` (or `python bench/train.py`) runs the single-process baseline, a 4-peer sync swarm and a 4-peer DiLoCo
 swarm side by side, and compares held-out loss after the same number of samples, bytes averaged, and
-samples/s. Every run writes metrics as JSON lines (tools/plot_metrics.py draws them).
+samples/s. Every run writes metrics as JSON lines (tools/plot_metrics.py draws them); a worker's "samples" are its own
+times the swarm size, an estimate of the swarm's.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -25,6 +25,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import RESULTS_DIR, format_table, write_results
+from hiveengine.optim import DILOCO_OUTER_LR, DILOCO_OUTER_MOMENTUM
 
 RESULT_PREFIX = "RESULT"
 CORPUS_BYTES = 4 << 20  # how much of the standard library's source to train on
@@ -146,6 +147,7 @@ def run_worker(args) -> dict:
         epochs = args.samples // args.target_batch_size
     else:
         options.update(inner_steps=args.inner_steps, progress_interval=1.0)
+        options.update(outer_lr=args.outer_lr, outer_momentum=args.outer_momentum)
         epochs = max(1, args.samples // (args.inner_steps * args.batch * peers))
     opt = engine.optimizer(torch.optim.AdamW(model.parameters(), lr=args.lr), mode=args.mode, **options)
     opt.wait_for_peers(peers, timeout=120)
@@ -161,7 +163,8 @@ def run_worker(args) -> dict:
         samples += args.batch
         now = time.monotonic()
         speed = opt.swarm.samples_per_second
-        metrics.write(t=now - start, samples=samples, epoch=opt.epoch, loss=loss.item(), swarm_samples_per_s=speed)
+        row = dict(t=now - start, samples=samples * peers, epoch=opt.epoch, loss=loss.item())
+        metrics.write(**row, swarm_samples_per_s=speed)
         if now - last_print >= PROGRESS_SECONDS and engine.local_rank == 0:
             last_print = now
             print(progress_line(opt.epoch / epochs, loss.item(), speed, opt.swarm.size, opt.epoch), flush=True)
@@ -219,6 +222,7 @@ def run_baseline(args) -> dict:
 
 def model_args(args) -> list[str]:
     keys = ["dim", "layers", "heads", "seq", "batch", "lr", "samples", "target_batch_size", "inner_steps"]
+    keys += ["outer_lr", "outer_momentum"]
     return [x for k in keys for x in (f"--{k.replace('_', '-')}", str(getattr(args, k)))]
 
 
@@ -259,7 +263,8 @@ def compare(args) -> int:
     if args.plot:
         from tools.plot_metrics import plot
 
-        plot(Path(args.plot), sorted(RESULTS_DIR.glob("train-*.jsonl")))
+        runs = ("baseline", "sync-worker0", "diloco-worker0")
+        plot(Path(args.plot), [RESULTS_DIR / f"train-{run}.jsonl" for run in runs])
     return 0
 
 
@@ -278,7 +283,7 @@ def _row(name: str, results: list[dict], baseline: dict, sync_bytes: int) -> dic
         "samples_per_s": round(samples / wall, 1),
         "rounds": results[0].get("rounds", {}).get("averaged", 0),
         "MB_averaged_per_peer": round(sent / 1e6, 2),
-        "bytes_vs_sync": round(sync_bytes / sent, 1) if sent else math.inf,
+        "bytes_vs_sync": round(sync_bytes / sent, 1) if sent else None,
     }
 
 
@@ -298,6 +303,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--samples", type=int, default=12800, help="training samples, all peers together")
     parser.add_argument("--target-batch-size", type=int, default=64, help="sync: samples per swarm step")
     parser.add_argument("--inner-steps", type=int, default=100, help="diloco: local steps between averaging")
+    parser.add_argument("--outer-lr", type=float, default=DILOCO_OUTER_LR, help="diloco: outer learning rate")
+    parser.add_argument("--outer-momentum", type=float, default=DILOCO_OUTER_MOMENTUM, help="diloco: Nesterov momentum")
     parser.add_argument("--matchmaking-time", type=float, default=0.5, help="seconds peers gather for a round")
     parser.add_argument("--metrics", default=None, help="write JSON-lines metrics to PREFIX-*.jsonl")
     parser.add_argument("--plot", default=None, help="comparison: also draw the metrics into this PNG")

@@ -47,8 +47,8 @@ def plot(out: Path, files: list[Path]) -> None:
         samples = [r["samples"] for r in rows]
         loss_ax.plot(samples, smooth([r["loss"] for r in rows]), label=label)
         speed_ax.plot([r["t"] for r in rows], samples, label=label)
-    loss_ax.set(xlabel="samples (this process)", ylabel="training loss (smoothed)", title="loss")
-    speed_ax.set(xlabel="seconds", ylabel="samples (this process)", title="throughput")
+    loss_ax.set(xlabel="samples (whole swarm)", ylabel="training loss (smoothed)", title="loss")
+    speed_ax.set(xlabel="seconds", ylabel="samples (whole swarm)", title="throughput")
     for ax in (loss_ax, speed_ax):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
