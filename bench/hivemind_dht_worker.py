@@ -18,11 +18,11 @@ import hivemind
 from hivemind.utils.timed_storage import get_dht_time
 
 KiB = 1 << 10
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def tree_pss(root: int, exclude: int | None = None) -> int:
-    """Proportional set size (shared pages split among their sharers, so forked peers are not counted many times
-    over) of process `root` and its descendants, leaving out `exclude`'s subtree; read from /proc (no psutil here)."""
+def tree_pids(root: int, exclude: int | None = None) -> set[int]:
+    """Process `root` and its descendants, leaving out `exclude`'s subtree (read from /proc; no psutil here)."""
     parents: dict[int, int] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -37,14 +37,32 @@ def tree_pss(root: int, exclude: int | None = None) -> int:
         children = [child for child, parent in parents.items() if parent == pid and child != exclude]
         tree.update(children)
         frontier.extend(children)
+    return tree
+
+
+def tree_pss(root: int, exclude: int | None = None) -> int:
+    """Proportional set size (shared pages split among their sharers, so forked peers are not counted many times
+    over) of `root`'s process tree without `exclude`'s subtree."""
     total = 0
-    for pid in tree:
+    for pid in tree_pids(root, exclude):
         try:
             rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
         except OSError:
             continue
         total += next(int(line.split()[1]) * KiB for line in rollup.splitlines() if line.startswith("Pss:"))
     return total
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """User + system CPU seconds used so far by the live processes of `root`'s tree."""
+    ticks = 0
+    for pid in tree_pids(root):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+    return ticks / CLOCK_TICKS
 
 
 def windowed(submit, count: int, concurrency: int) -> list:
@@ -68,6 +86,7 @@ def main() -> None:
         start.append(time.perf_counter() - t)
     client = hivemind.DHT(initial_peers=dhts[0].get_visible_maddrs(), client_mode=True, start=True)
     expiration = get_dht_time() + expiration_s
+    cpu_before = tree_cpu_seconds(os.getpid())
     store_lat, get_lat, store_ok, get_ok = [], [], 0, 0
     for i in range(keys):
         t = time.perf_counter()
@@ -82,7 +101,9 @@ def main() -> None:
     windowed(lambda i: client.store(f"burst-{i}", i, expiration, return_future=True), keys, concurrency)
     found = windowed(lambda i: client.get(f"burst-{i}", return_future=True), keys, concurrency)
     seconds = time.perf_counter() - t
+    cpu_seconds = tree_cpu_seconds(os.getpid()) - cpu_before
     result = {
+        "cpu_seconds": cpu_seconds,
         "start_seconds": start,
         "mb_per_node": (tree_pss(os.getpid(), exclude=client.pid) - baseline) / nodes / 2**20,
         "store_latencies": store_lat,
