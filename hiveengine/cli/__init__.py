@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from hiveengine.cli import bench, dht, launch, peer, status
+from hiveengine.cli import bench, dht, launch, peer, serve, status
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -17,6 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     launch.add_commands(sub)
     status.add_commands(sub)
+    serve.add_commands(sub)
     peer.add_commands(sub)
     dht.add_commands(sub)
     bench.add_commands(sub)

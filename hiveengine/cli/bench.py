@@ -8,7 +8,7 @@ from pathlib import Path
 
 import hiveengine
 
-BENCHMARKS = ["transport", "kernels", "dht", "allreduce", "train"]
+BENCHMARKS = ["transport", "kernels", "dht", "allreduce", "train", "moe"]
 
 
 def add_commands(sub) -> None:
