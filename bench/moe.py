@@ -194,7 +194,7 @@ class System:
             _stop([self.server], self.own_session)
             self.server = None
 
-    def run(self, mode: str, hidden: int, batch: int, clients: int, duration: float) -> float:
+    def run(self, mode: str, hidden: int, batch: int, clients: int, duration: float, timeout: float) -> float:
         """Aggregate samples/s of `clients` processes stepping together for `duration` seconds."""
         role = ["client"] if self.own_session else ["--role", "client"]
         procs = [_popen([self.python, str(self.script), *role], 1, self.own_session) for _ in range(clients)]
@@ -215,10 +215,10 @@ class System:
                 }
                 _send(proc, json.dumps(plan))
             for proc in procs:
-                read_prefixed(proc, "READY", LINE_TIMEOUT)
+                read_prefixed(proc, "READY", timeout)
             for proc in procs:
                 _send(proc, "go")
-            results = [json.loads(read_prefixed(p, "RESULT", LINE_TIMEOUT)) for p in procs]
+            results = [json.loads(read_prefixed(p, "RESULT", timeout)) for p in procs]
         finally:
             _stop(procs, self.own_session)
         return sum(r["samples"] for r in results) / max(r["seconds"] for r in results)
@@ -233,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", nargs="+", choices=MODES, default=MODES)
     parser.add_argument("--duration", type=float, default=DURATION, help="seconds per configuration")
     parser.add_argument("--compare", choices=["hivemind"], help="also run hivemind (in its own venv)")
+    parser.add_argument("--timeout", type=float, default=LINE_TIMEOUT, help="seconds a client may take to warm up")
     args = parser.parse_args(argv)
     if args.role == "server":
         hive_server()
@@ -253,9 +254,12 @@ def main(argv: list[str] | None = None) -> int:
             for batch in args.batches:
                 for clients in args.clients:
                     print(f"measuring {system.name}: {mode}, batch {batch}, {clients} clients ...", file=sys.stderr)
-                    rates[mode, batch, clients, system.name] = system.run(
-                        mode, args.hidden, batch, clients, args.duration
-                    )
+                    try:
+                        rate = system.run(mode, args.hidden, batch, clients, args.duration, args.timeout)
+                    except RuntimeError as e:  # a configuration that does not finish in time is recorded as such
+                        print(f"  {system.name} did not finish: {e}", file=sys.stderr)
+                        rate = None
+                    rates[mode, batch, clients, system.name] = rate
         finally:
             system.stop_server()
     # The machine is shared: the ceiling is measured before and after the remote runs, and their mean is used.
@@ -272,8 +276,8 @@ def main(argv: list[str] | None = None) -> int:
                 "clients": clients or None,
                 "system": name,
                 "samples_per_s": rate,
-                "vs_local": rate / local,
-                "vs_hivemind": rate / hivemind if hivemind and name != "local" else None,
+                "vs_local": rate / local if rate else None,
+                "vs_hivemind": rate / hivemind if rate and hivemind and name != "local" else None,
             }
         )
     print(format_table(records, ["mode", "batch", "clients", "system", "samples_per_s", "vs_local", "vs_hivemind"]))
