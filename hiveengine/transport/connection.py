@@ -22,7 +22,7 @@ import torch
 from hiveengine.errors import ConnectionLostError, ProtocolError
 from hiveengine.transport.handshake import Authenticated
 from hiveengine.transport.limits import TransportLimits
-from hiveengine.transport.reactor import close_endpoint
+from hiveengine.transport.reactor import close_endpoint, retrieve_outcome
 from hiveengine.transport.wire import (
     FrameSpec,
     allocate,
@@ -197,10 +197,12 @@ class Connection:
         """Process received control messages in arrival order (a message still arriving holds back later ones)."""
         while self._inbox and self._inbox[0][0].done():
             future, buf, length = self._inbox.popleft()
-            if future.cancelled() or self.closed or not self.reading:
+            if future.cancelled():
+                continue
+            error = future.exception()
+            if self.closed or not self.reading:
                 continue
             if length > buf.nbytes:
-                future.exception()
                 self._handler.on_bad_message(
                     self,
                     ProtocolError(
@@ -208,8 +210,8 @@ class Connection:
                     ),
                 )
                 continue
-            if future.exception() is not None:
-                self.lost(future.exception())
+            if error is not None:
+                self.lost(error)
                 return
             self.last_used = time.monotonic()
             try:
@@ -232,6 +234,8 @@ class Connection:
                 if not future.done():
                     future.set_exception(error)
             self.pending.clear()
+            for future, _, _ in self._inbox:
+                future.add_done_callback(retrieve_outcome)
             self._inbox.clear()
             self.reactor.release_base(self.recv_base)
             self._close_endpoint()

@@ -122,7 +122,7 @@ class Reactor:
             elif fits:
                 early.append((future, buf, probe.length))
             else:
-                future.add_done_callback(_retrieve)
+                future.add_done_callback(retrieve_outcome)
                 logger.debug("dropped a control message of %d bytes for base %x", probe.length, base)
 
     @staticmethod
@@ -166,7 +166,7 @@ class Reactor:
         """Stop taking `base`'s control messages; later ones are dropped."""
         self._bases.pop(base, None)
         for future, _, _ in self._early.pop(base, ()):
-            future.add_done_callback(_retrieve)
+            future.add_done_callback(retrieve_outcome)
 
     def tag_send(self, endpoint, buf, tag: int) -> asyncio.Future:
         return self.track(endpoint.tag_send(self._array(buf), self._tag(tag)), buf)
@@ -196,7 +196,7 @@ class Reactor:
         self._early.clear()
 
 
-def _retrieve(future: asyncio.Future) -> None:
+def retrieve_outcome(future: asyncio.Future) -> None:
     """Mark a dropped receive's outcome as seen (its error, e.g. truncation, is expected)."""
     if not future.cancelled():
         future.exception()
