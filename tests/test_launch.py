@@ -41,7 +41,7 @@ def test_two_workers_train_together_with_prefixed_output():
     finally:
         launcher.kill()
     assert done[0][0] == done[1][0] == "3"
-    assert done[0][1] == done[1][1]  # identical parameters after identical steps
+    assert done[0][1] == done[1][1], done  # identical parameters after identical steps
 
 
 def test_ctrl_c_stops_every_worker_and_leaves_no_orphans():

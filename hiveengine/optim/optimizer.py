@@ -38,6 +38,7 @@ FAST_CHECK_FRACTION = 0.1  # once the swarm may have reached the target, read it
 DEFAULT_AVERAGING_TIMEOUT = 60.0
 DEFAULT_STATE_TIMEOUT = 120.0
 DHT_TIMEOUT = 30.0
+ROUND_ATTEMPTS = 3  # gatherings a peer tries for one epoch before it steps with its local values
 CATCH_UP_RETRY = 5.0  # after a failed state download, train on at our own epoch this long before retrying
 PEER_WAIT_POLL = 0.2  # seconds between swarm reads in wait_for_peers()
 
@@ -247,13 +248,19 @@ class Optimizer:
                 for delta, anchor, p in zip(deltas, self.anchor, self.params, strict=True):
                     torch.sub(anchor, p.detach(), out=delta)
         result = None
-        if not alone:
-            self.grad_averager.local_epoch = self.epoch
+        for attempt in range(0 if alone else ROUND_ATTEMPTS):
+            # Each attempt gathers under its own matchmaking key: the previous gathering's deadline has passed.
+            self.grad_averager.local_epoch = self.epoch * ROUND_ATTEMPTS + attempt
             result = self.grad_averager.step(weight=float(self.samples), timeout=self.averaging_timeout)
-        if result is None:
-            if not alone and self._others_moved_on():
+            if result is not None:
+                break
+            swarm = self._check()
+            if swarm.epoch > self.epoch:
                 self._catch_up()  # they averaged without us: copy the result rather than diverge
                 return
+            if self._alone(swarm):
+                break
+        if result is None:
             self.rounds["alone"] += 1
             log = logger.debug if alone else logger.info
             log("epoch %d: no group to average with, stepping with local %s", self.epoch, self.mode)
@@ -279,15 +286,6 @@ class Optimizer:
             for buffer in averaged:
                 buffer.zero_()
         self._advance(self.epoch + 1)
-
-    def _others_moved_on(self) -> bool:
-        """After a round we missed: wait a little for a peer to reach the next epoch (then we catch up)."""
-        deadline = time.monotonic() + self.progress_interval + self.grad_averager.sender_timeout
-        while time.monotonic() < deadline:
-            if self._check().epoch > self.epoch:
-                return True
-            time.sleep(self.progress_interval * FAST_CHECK_FRACTION)
-        return False
 
     def _outer_step(self, pseudo_grads: list[torch.Tensor]) -> None:
         """Nesterov SGD on the parameters at the last sync, then continue from the result."""
