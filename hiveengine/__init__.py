@@ -11,6 +11,8 @@ __all__ = [
     "HiveEngineError",
     "Optimizer",
     "Peer",
+    "RemoteExpert",
+    "RemoteMixtureOfExperts",
     "ValueWithExpiration",
     "__version__",
     "errors",
@@ -24,6 +26,8 @@ _LAZY = {
     "Optimizer": "hiveengine.optim",
     "Engine": "hiveengine.engine",
     "init": "hiveengine.engine",
+    "RemoteExpert": "hiveengine.moe",
+    "RemoteMixtureOfExperts": "hiveengine.moe",
 }
 
 

@@ -14,6 +14,8 @@ UCX_DEFAULTS = {
     "UCX_WARN_UNUSED_ENV_VARS": "n",
     # CUDA memory-type cache must be off with CUDA frames (ucxx would set this too).
     "UCX_MEMTYPE_CACHE": "n",
+    # ucxx logs every failed endpoint at ERROR on stderr; hiveengine reports those failures as typed errors.
+    "UCXX_LOG_LEVEL": "FATAL",
 }
 
 
