@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import format_table, read_prefixed, write_results
+from bench.common import format_table, hivemind_python, read_prefixed, write_results
 from tools.netns import INNER_IFACE, ShapedNetwork
 from tools.netns import available as netns_available
 
@@ -33,8 +33,6 @@ SIZES = [16 * MiB, 32 * MiB]  # fp32 elements: 64 MB and 128 MB
 CODECS = ["none", "fp16", "int8", "int4"]
 ROUNDS = 5
 LINE_TIMEOUT = 300.0
-HIVEMIND_VENV = Path(__file__).resolve().parent / ".venv-hivemind"
-HIVEMIND_REQUIREMENTS = ["torch==2.13.0", "hivemind==1.1.12", "numpy<2.4"]
 HIVEMIND_CODECS = {"none": "none", "fp16": "fp16", "int8": "int8"}  # ours -> hivemind's nearest compression
 
 
@@ -163,16 +161,6 @@ def run_gloo(peers: int, numel: int, rounds: int, net: ShapedNetwork | None) -> 
         finally:
             for p in procs:
                 p.kill()
-
-
-def hivemind_python() -> str:
-    """The venv with hivemind (created on first use): hivemind is never a dependency of hiveengine."""
-    python = HIVEMIND_VENV.resolve() / "bin" / "python"
-    if not python.exists():
-        print(f"creating {HIVEMIND_VENV} with {' '.join(HIVEMIND_REQUIREMENTS)} ...", file=sys.stderr, flush=True)
-        subprocess.run([sys.executable, "-m", "venv", str(HIVEMIND_VENV)], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "-q", *HIVEMIND_REQUIREMENTS], check=True)
-    return str(python)
 
 
 def run_hivemind(peers: int, numel: int, codec: str, rounds: int) -> dict:

@@ -24,11 +24,9 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import format_table, read_prefixed, write_results
+from bench.common import format_table, hivemind_python, read_prefixed, write_results
 
 HERE = Path(__file__).resolve().parent
-HIVEMIND_VENV = HERE / ".venv-hivemind"
-HIVEMIND_REQUIREMENTS = ["hivemind==1.1.12", "numpy<2.4"]
 HIVEMIND_WORKER = HERE / "hivemind_dht_worker.py"
 HIVEMIND_NODES = 32  # each hivemind peer runs its own p2pd daemon: 32 is what this 2-core machine holds
 HIVEMIND_TIMEOUT = 3600.0
@@ -219,16 +217,6 @@ def summarize_run(
 
 
 # ---------------------------------------------------------------- hivemind, in its own virtual environment
-
-
-def hivemind_python() -> Path:
-    """The interpreter of bench/.venv-hivemind, creating it and installing hivemind there on first use."""
-    python = HIVEMIND_VENV.resolve() / "bin" / "python"
-    if not python.exists():
-        print(f"creating {HIVEMIND_VENV} with {' '.join(HIVEMIND_REQUIREMENTS)} ...", file=sys.stderr, flush=True)
-        subprocess.run([sys.executable, "-m", "venv", str(HIVEMIND_VENV)], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "-q", *HIVEMIND_REQUIREMENTS], check=True)
-    return python
 
 
 def run_hivemind(nodes: int, keys: int, concurrency: int) -> dict:
