@@ -233,6 +233,7 @@ class Connection:
             for future in self.pending.values():
                 if not future.done():
                     future.set_exception(error)
+                    future.add_done_callback(retrieve_outcome)  # its caller may have stopped waiting already
             self.pending.clear()
             for future, _, _ in self._inbox:
                 future.add_done_callback(retrieve_outcome)

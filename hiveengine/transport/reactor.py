@@ -197,6 +197,6 @@ class Reactor:
 
 
 def retrieve_outcome(future: asyncio.Future) -> None:
-    """Mark a dropped receive's outcome as seen (its error, e.g. truncation, is expected)."""
+    """Mark a future's outcome as seen when nobody may await it (a dropped receive, an abandoned call)."""
     if not future.cancelled():
         future.exception()
