@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import sysconfig
+import threading
 import time
 from pathlib import Path
 
@@ -230,17 +231,18 @@ def collect(command: list[str], timeout: float) -> list[dict]:
     """Run a command, echo its output, and return the RESULT objects it printed."""
     results = []
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
-        deadline = time.monotonic() + timeout
-        for line in proc.stdout:
-            sys.stdout.write(line)
-            _, found, rest = line.partition(RESULT_PREFIX + " ")
-            if found:
-                results.append(json.loads(rest))
-            if time.monotonic() > deadline:
-                proc.kill()
-                raise SystemExit(f"{command} ran past {timeout:.0f} s")
+        watchdog = threading.Timer(timeout, proc.kill)  # ends the run even if it hangs without printing
+        watchdog.start()
+        try:
+            for line in proc.stdout:
+                sys.stdout.write(line)
+                _, found, rest = line.partition(RESULT_PREFIX + " ")
+                if found:
+                    results.append(json.loads(rest))
+        finally:
+            watchdog.cancel()
         if proc.wait() != 0:
-            raise SystemExit(f"{command} failed with exit code {proc.returncode}")
+            raise SystemExit(f"{command} failed with exit code {proc.returncode} (killed after {timeout:.0f} s?)")
     return results
 
 

@@ -24,7 +24,7 @@ import torch
 from hiveengine.averaging import DecentralizedAverager
 from hiveengine.errors import ConfigurationError, HiveEngineError
 from hiveengine.optim.progress import ProgressTracker, SwarmProgress
-from hiveengine.optim.state import TrainingState
+from hiveengine.optim.state import TrainingState, optimizer_params
 
 logger = logging.getLogger(__name__)
 
@@ -99,14 +99,13 @@ class Optimizer:
 
         self.epoch = 0  # optimizer steps (sync) or outer steps (diloco) the swarm has taken
         self.samples = 0  # samples this peer accumulated in the current epoch
-        self.local_steps = 0  # step() calls in the current epoch
         self.loss: float | None = None
         self.bytes_averaged = 0  # codec payload bytes this peer sent and received in averaging rounds
         self.rounds = {"averaged": 0, "alone": 0, "caught_up": 0}
 
         extra = []
-        params_now = [p for group in optimizer.param_groups for p in group["params"]]
         if mode == "diloco":  # outer state: parameters at the last sync, and the outer momentum
+            params_now = optimizer_params(optimizer)
             extra = [[p.detach().clone() for p in params_now], [torch.zeros_like(p) for p in params_now]]
         self.state = TrainingState(optimizer, extra)
         self.params = self.state.params
@@ -162,7 +161,6 @@ class Optimizer:
             with self.state_averager.get_tensors():
                 self.inner.step()
         self.samples += batch_size
-        self.local_steps += 1
         if not self._check_due():
             return
         swarm = self._check()
@@ -175,9 +173,9 @@ class Optimizer:
 
     def _share_done(self, swarm: SwarmProgress) -> bool:
         """Whether we accumulated our share of the target while the swarm as a whole has not reached it."""
-        target = self._target(swarm)
-        peers = max(1, sum(1 for p in swarm.peers if not p.client_mode))
-        return self._progress_at_my_epoch(swarm) < target <= self.samples * peers and swarm.epoch <= self.epoch
+        if swarm.epoch > self.epoch:
+            return False
+        return self._progress_at_my_epoch(swarm) < self._target(swarm) <= self.samples * _contributors(swarm)
 
     def _wait_for_swarm(self, swarm: SwarmProgress) -> SwarmProgress:
         """Give the others up to `progress_interval` to finish their share, so the swarm's step is not larger
@@ -208,8 +206,7 @@ class Optimizer:
     def _target(self, swarm: SwarmProgress) -> int:
         if self.target_batch_size:
             return self.target_batch_size
-        peers = max(1, sum(1 for p in swarm.peers if p.epoch == swarm.epoch and not p.client_mode))
-        return self.inner_steps * (self.batch_size_per_step or 1) * peers
+        return self.inner_steps * (self.batch_size_per_step or 1) * _contributors(swarm, swarm.epoch)
 
     def _progress_at_my_epoch(self, swarm: SwarmProgress) -> int:
         return sum(p.samples for p in swarm.peers if p.epoch == self.epoch)
@@ -224,8 +221,8 @@ class Optimizer:
         if elapsed >= self.progress_interval:
             return True
         # Every live peer counts: right after an epoch ends, the others may not have reported the new one yet.
-        peers = max(1, sum(1 for p in self.swarm.peers if not p.client_mode))
-        estimate = self._progress_at_my_epoch(self.swarm) + (self.samples - self._samples_at_check) * peers
+        unreported = self.samples - self._samples_at_check
+        estimate = self._progress_at_my_epoch(self.swarm) + unreported * _contributors(self.swarm)
         return estimate >= self._target(self.swarm) and elapsed >= self.progress_interval * FAST_CHECK_FRACTION
 
     def _check(self) -> SwarmProgress:
@@ -296,7 +293,7 @@ class Optimizer:
             p.detach().copy_(anchor)
 
     def _advance(self, epoch: int) -> None:
-        self.epoch, self.samples, self.local_steps = epoch, 0, 0
+        self.epoch, self.samples = epoch, 0
         self.state_averager.publish_state(self.epoch, self._metadata(), DHT_TIMEOUT)
         self._check()
 
@@ -366,3 +363,8 @@ class Optimizer:
 
     def _run(self, coro, timeout: float = DHT_TIMEOUT):
         return self.dht.peer.runtime.run(coro, timeout)
+
+
+def _contributors(swarm: SwarmProgress, epoch: int | None = None) -> int:
+    """Live peers that contribute samples (at `epoch`, if given); at least 1, ourselves."""
+    return max(1, sum(1 for p in swarm.peers if not p.client_mode and (epoch is None or p.epoch == epoch)))

@@ -196,16 +196,16 @@ class Server:
         return backend
 
     async def _on_forward(self, request: Request) -> tuple[dict, list[torch.Tensor]]:
-        backend = self._backend(request)
-        rows = backend.check_forward(request.tensors)
-        pool = self._pools[backend.uid][0]
-        future = self.runtime.submit(pool, request.tensors, rows, _forward_key(request))
-        return {}, await asyncio.wrap_future(future)
+        return await self._run_batched(request, backward=False)
 
     async def _on_backward(self, request: Request) -> tuple[dict, list[torch.Tensor]]:
+        return await self._run_batched(request, backward=True)
+
+    async def _run_batched(self, request: Request, backward: bool) -> tuple[dict, list[torch.Tensor]]:
+        """Check the request against the expert's schema and queue it in the expert's forward or backward pool."""
         backend = self._backend(request)
-        rows = backend.check_backward(request.tensors)
-        pool = self._pools[backend.uid][1]
+        rows = (backend.check_backward if backward else backend.check_forward)(request.tensors)
+        pool = self._pools[backend.uid][int(backward)]
         future = self.runtime.submit(pool, request.tensors, rows, _forward_key(request))
         return {}, await asyncio.wrap_future(future)
 
