@@ -1,8 +1,8 @@
 """hivemind's side of bench/moe.py --compare hivemind (runs in hivemind's own venv, never ours).
 
-`server`: reads {"hidden", "uids", "threads"} on stdin, starts hivemind.moe.Server with those ffn experts, prints
-"MADDRS <json>" and serves until stdin closes. `client`: reads a plan (see bench/moe.py) on stdin and runs
-`timed_steps`, which bench/moe.py's own clients share (so this module imports hivemind only inside functions).
+`server`: reads {"hidden", "uids", "threads", "update_period"} on stdin, starts hivemind.moe.Server with those ffn
+experts, prints "MADDRS <json>" and serves until stdin closes. `client`: reads a plan (see bench/moe.py) on stdin and
+runs `timed_steps`, which bench/moe.py's own clients share (so this module imports hivemind only inside functions).
 """
 
 import json
@@ -15,10 +15,14 @@ CALL_TIMEOUT = 300.0
 
 
 def timed_steps(step: Callable[[], None], plan: dict) -> None:
-    """Warm up, print READY, wait for a line on stdin (all clients start together), run `step` for the plan's
-    duration and print "RESULT {samples, seconds}"."""
-    for _ in range(plan["warmup"]):
+    """Warm up (at least the plan's `warmup` steps and `warmup_seconds`, so buffers, connections and the server's
+    batch shapes are in place), print READY, wait for a line on stdin (all clients start together), run `step`
+    for the plan's duration and print "RESULT {samples, seconds}"."""
+    start = time.perf_counter()
+    steps = 0
+    while steps < plan["warmup"] or time.perf_counter() - start < plan["warmup_seconds"]:
         step()
+        steps += 1
     print("READY", flush=True)
     sys.stdin.readline()
     start = time.perf_counter()
@@ -42,6 +46,7 @@ def server() -> None:
         hidden_dim=plan["hidden"],
         num_handlers=NUM_HANDLERS,
         device="cpu",
+        update_period=plan["update_period"],
         start=True,
     )
     print("MADDRS", json.dumps([str(a) for a in srv.dht.get_visible_maddrs()]), flush=True)
@@ -55,7 +60,7 @@ def client() -> None:
     from hivemind.moe import RemoteMixtureOfExperts, get_experts
 
     plan = json.loads(sys.stdin.readline())
-    torch.set_num_threads(1)
+    torch.set_num_threads(plan["threads"])
     dht = hivemind.DHT(initial_peers=plan["initial_peers"], client_mode=True, start=True)
     if plan["mode"] == "expert":
         (model,) = get_experts(dht, [plan["uid"]])

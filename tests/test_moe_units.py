@@ -84,6 +84,27 @@ def test_runtime_batches_queued_requests_up_to_the_limit_and_splits_results():
         runtime.submit(pool, [torch.ones(1, 2)], 1)
 
 
+NEVER = 1e6  # a batch_wait no test may sit through: only the active-sender rule can end the wait
+
+
+def test_runtime_waits_to_fill_a_batch_only_for_other_active_senders():
+    batches: list[int] = []
+    runtime = BatchingRuntime(batch_wait=NEVER)
+    pool = runtime.add_pool("echo", lambda tensors, keys, sizes: batches.append(len(sizes)) or [tensors[0]])
+    runtime.start()
+    try:
+        # b is the only sender: nobody else could join its batch, so it is computed at once.
+        runtime.submit(pool, [torch.ones(1, 2)], 1, sender="b").result(RESULT_TIMEOUT)
+        # a's request waits for b, who is active and has nothing queued; b's request completes the batch.
+        first = runtime.submit(pool, [torch.ones(1, 2)], 1, sender="a")
+        second = runtime.submit(pool, [torch.ones(1, 2)], 1, sender="b")
+        first.result(RESULT_TIMEOUT)
+        second.result(RESULT_TIMEOUT)
+        assert batches == [1, 2]
+    finally:
+        runtime.shutdown()
+
+
 def test_runtime_reports_a_failing_batch_to_every_request():
     runtime = BatchingRuntime(batch_wait=0.0)
 
@@ -158,6 +179,24 @@ def test_a_batched_backward_mixes_kept_and_recomputed_requests():
     assert torch.allclose(grads[0], reference.backward([x, g])[0], atol=1e-6)
     for p, q in zip(backend.module.parameters(), reference.module.parameters(), strict=True):
         assert torch.allclose(p.grad, q.grad, atol=1e-5)
+
+
+def test_a_batched_forward_is_reused_by_a_backward_batch_that_holds_all_its_requests():
+    klass = get_expert_class("ffn")
+    backend = ExpertBackend("ffn.0", klass.build(8, seed=0), klass.input_schema(8))
+    reference = ExpertBackend("ffn.1", klass.build(8, seed=0), klass.input_schema(8))
+    x, g = torch.randn(6, 8), torch.randn(6, 8)
+    out = backend.forward([x], keys=["a", None, "b"], sizes=[2, 1, 3])[0]  # the unkeyed row gets no backward
+    assert torch.allclose(out, reference.forward([x])[0])
+    order = torch.tensor([3, 4, 5, 0, 1])  # b's rows, then a's: another order than the forward's
+    grads = backend.backward([x[order], g[order]], keys=["b", "a"], sizes=[3, 2])[0]
+    assert backend.recomputed == 0
+    assert torch.allclose(grads, reference.backward([x[order], g[order]])[0], atol=1e-6)
+    for p, q in zip(backend.module.parameters(), reference.module.parameters(), strict=True):
+        assert torch.allclose(p.grad, q.grad, atol=1e-5)
+    backend.forward([x[:4]], keys=["c", "d"], sizes=[2, 2])
+    backend.backward([x[:2], g[:2]], keys=["c"])  # without d's rows the kept batch cannot be used: recomputed
+    assert backend.recomputed == 1
 
 
 def test_keyed_requests_are_not_merged_when_the_pool_says_so():

@@ -17,7 +17,7 @@ from hiveengine.moe.protocol import TensorSchema, check_batch
 from hiveengine.moe.uids import split_uid
 
 OPTIMIZERS = ("adam", "sgd", "none")
-MAX_KEPT_FORWARDS = 4  # forward passes per expert whose activations wait for their backward call
+MAX_KEPT_FORWARDS = 16  # keyed requests per expert whose forward activations wait for their backward call
 KEPT_FORWARD_TTL = 120.0  # seconds a kept forward pass may wait for its backward call
 
 
@@ -49,23 +49,34 @@ def as_tensor_list(outputs) -> list[torch.Tensor]:
     return items
 
 
-@dataclass
+@dataclass(eq=False)
 class KeptForward:
-    """A forward pass recorded with autograd, kept for the backward call that names it."""
+    """A batched forward pass recorded with autograd, kept for the backward calls of the requests in it."""
 
     inputs: list[torch.Tensor]
     outputs: list[torch.Tensor]
+    keys: tuple[Hashable | None, ...]  # per request of the batch, in order (None: no backward will name it)
+    sizes: tuple[int, ...]  # rows per request
     generation: int  # the parameters' version it was computed with
     created: float
+
+    def rows(self, key: Hashable) -> slice:
+        """The rows of the request named `key` in the batch."""
+        i = self.keys.index(key)
+        start = sum(self.sizes[:i])
+        return slice(start, start + self.sizes[i])
 
 
 class ExpertBackend:
     """Runs an expert's batches on its device, then steps the optimizer every `accumulate_batches` backward batches
     (hivemind's semantics with 1; 0 only accumulates into `.grad`, for a caller that steps by itself).
 
-    A forward batch of one request that carries a key is recorded with autograd and kept (at most
-    MAX_KEPT_FORWARDS, for KEPT_FORWARD_TTL seconds): the backward call with the same key then skips recomputing
-    it, unless the parameters changed in between. Otherwise backward recomputes the forward pass, as hivemind does.
+    A forward batch with requests that carry keys (clients' forward ids) is recorded with autograd and kept under
+    each key (at most MAX_KEPT_FORWARDS keys, for KEPT_FORWARD_TTL seconds). A backward batch that holds every keyed
+    request of a kept forward batch runs backward through it once, with zero gradients for its unkeyed rows, and
+    skips recomputing it, unless the parameters changed in between. Otherwise backward recomputes the forward
+    pass, as hivemind does: so many clients' forward requests share one batched forward and, usually, one batched
+    backward.
     """
 
     def __init__(
@@ -115,13 +126,19 @@ class ExpertBackend:
     def forward(
         self, inputs: Sequence[torch.Tensor], keys: Sequence[Hashable | None] = (), sizes: Sequence[int] = ()
     ) -> list[torch.Tensor]:
-        """Outputs for a batch of inputs; a batch of one keyed request is kept for its backward call."""
-        key = keys[0] if len(keys) == 1 else None
-        with self.lock, torch.set_grad_enabled(key is not None):
-            xs = self._inputs(inputs, grad=key is not None)
+        """Outputs for a batch of requests (`keys` and row counts `sizes`, one per request); a batch with keyed
+        requests is recorded with autograd and kept for their backward calls."""
+        sizes = tuple(sizes) or (inputs[0].shape[0],)
+        keys = tuple(keys) or (None,) * len(sizes)
+        keyed = any(k is not None for k in keys)
+        with self.lock, torch.set_grad_enabled(keyed):
+            xs = self._inputs(inputs, grad=keyed)
             outputs = as_tensor_list(self.module(*xs))
-            if key is not None:
-                self._keep(key, KeptForward(xs, outputs, self._generation, time.monotonic()))
+            if keyed:
+                kept = KeptForward(xs, outputs, keys, sizes, self._generation, time.monotonic())
+                for key in keys:
+                    if key is not None:
+                        self._keep(key, kept)
             return [t.detach().contiguous() for t in outputs]
 
     def _keep(self, key: Hashable, kept: KeptForward) -> None:
@@ -133,19 +150,21 @@ class ExpertBackend:
         ):
             self._kept.popitem(last=False)
 
-    def _kept_for(self, key: Hashable | None, inputs: Sequence[torch.Tensor]) -> KeptForward | None:
-        kept = self._kept.pop(key, None) if key is not None else None
-        if kept is None or kept.generation != self._generation:
-            return None
-        if [x.shape for x in kept.inputs] != [x.shape for x in inputs]:
-            return None
-        return kept
+    def _reusable(self, kept: KeptForward, members: dict[Hashable, int], sizes: Sequence[int], inputs) -> bool:
+        """Whether a backward batch may run through `kept`: it holds every keyed request of it (`members`: key ->
+        task index), with the same rows and sample shapes, and the parameters did not change since."""
+        if kept.generation != self._generation or set(members) != {k for k in kept.keys if k is not None}:
+            return False
+        shapes = [x.shape[1:] for x in kept.inputs]
+        return all(sizes[i] == kept.sizes[kept.keys.index(key)] for key, i in members.items()) and shapes == [
+            t.shape[1:] for t in inputs
+        ]
 
     def backward(
         self, tensors: Sequence[torch.Tensor], keys: Sequence[Hashable | None] = (), sizes: Sequence[int] = ()
     ) -> list[torch.Tensor]:
         """Input gradients for (inputs..., output gradients...) of a batch of requests (`keys` and row counts
-        `sizes`, one per request); kept forward passes are reused, the rest recomputed together; then one
+        `sizes`, one per request); kept forward batches are reused, the rest recomputed together; then one
         optimizer step (every `accumulate_batches` batches) for the whole batch."""
         n = len(self.input_schema)
         tensors = [t.to(self.device, non_blocking=True) for t in tensors]
@@ -154,14 +173,20 @@ class ExpertBackend:
         starts = [sum(sizes[:i]) for i in range(len(sizes))]
 
         def rows_of(t: torch.Tensor, tasks: list[int]) -> torch.Tensor:
-            if len(tasks) == len(sizes):
+            if tasks == list(range(len(sizes))):
                 return t
             return torch.cat([t[starts[i] : starts[i] + sizes[i]] for i in tasks])
 
         with self.lock, torch.enable_grad():
-            kept = {i: self._kept_for(keys[i], [rows_of(t, [i]) for t in tensors[:n]]) for i in range(len(sizes))}
-            fresh = [i for i, k in kept.items() if k is None]
-            pairs = [(k.outputs, [rows_of(g, [i]) for g in tensors[n:]]) for i, k in kept.items() if k is not None]
+            groups: dict[int, tuple[KeptForward, dict[Hashable, int]]] = {}
+            for i, key in enumerate(keys):
+                kept = self._kept.pop(key, None) if key is not None else None
+                if kept is not None:
+                    groups.setdefault(id(kept), (kept, {}))[1][key] = i
+            reused = [(k, m) for k, m in groups.values() if self._reusable(k, m, sizes, tensors[:n])]
+            covered = {i for _, members in reused for i in members.values()}
+            fresh = [i for i in range(len(sizes)) if i not in covered]
+            pairs = [(kept.outputs, _padded_grads(kept, members, tensors[n:], rows_of)) for kept, members in reused]
             fresh_inputs: list[torch.Tensor] = []
             if fresh:
                 self.recomputed += 1
@@ -179,8 +204,9 @@ class ExpertBackend:
             torch.autograd.backward(outputs, grads)
             self._after_backward()
             fresh_grads = [_grad(x).split([sizes[i] for i in fresh]) for x in fresh_inputs]
-            per_task = {i: [_grad(x) for x in k.inputs] for i, k in kept.items() if k is not None}
-            per_task.update({i: [g[pos] for g in fresh_grads] for pos, i in enumerate(fresh)})
+            per_task = {pos: [g[j] for g in fresh_grads] for j, pos in enumerate(fresh)}
+            for kept, members in reused:
+                per_task.update({i: [_grad(x)[kept.rows(key)] for x in kept.inputs] for key, i in members.items()})
             if len(sizes) == 1:
                 return per_task[0]
             return [torch.cat([per_task[i][j] for i in range(len(sizes))]) for j in range(n)]
@@ -210,6 +236,24 @@ class ExpertBackend:
                 self.optimizer.load_state_dict(state["optimizer"])
             self.updates = int(state.get("updates", 0))
             self._generation += 1
+
+
+def _padded_grads(
+    kept: KeptForward,
+    members: dict[Hashable, int],
+    grads: Sequence[torch.Tensor],
+    rows_of: Callable[[torch.Tensor, list[int]], torch.Tensor],
+) -> list[torch.Tensor]:
+    """Gradients for each output of a kept forward batch, in its row order: each keyed request's rows from the
+    backward batch (task `members[key]`), zeros for the rows of its unkeyed requests (no backward comes for them)."""
+    padded = []
+    for g in grads:
+        parts = [
+            rows_of(g, [members[key]]) if key is not None else g.new_zeros(size, *g.shape[1:])
+            for key, size in zip(kept.keys, kept.sizes, strict=True)
+        ]
+        padded.append(torch.cat(parts) if len(parts) > 1 else parts[0])
+    return padded
 
 
 def _grad(x: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,8 @@
 """The server's batching runtime: requests from many clients queue per (expert, direction); one compute thread
 takes the pool whose oldest request waited longest, fills a batch of up to `max_batch_size` rows (waiting at most
-`batch_wait` seconds past that request's arrival for more), runs it on the device and splits the results."""
+`batch_wait` seconds past that request's arrival for more, but only while another recently active sender of that
+pool has nothing queued: a batch that no one else can join is computed at once), runs it on the device and splits
+the results."""
 
 from __future__ import annotations
 
@@ -22,17 +24,20 @@ DEFAULT_MAX_BATCH_SIZE = 4096  # rows one batch may hold; a larger single reques
 DEFAULT_BATCH_WAIT = 0.002  # seconds a batch may wait past its first request's arrival to fill up
 DEFAULT_MAX_QUEUED_ROWS = 1 << 20  # rows queued per pool before new requests are refused as busy
 STOP_TIMEOUT = 30.0  # seconds shutdown waits for the batch in progress
+ACTIVE_SENDER_WINDOW = 5.0  # seconds a sender counts as active in a pool after its last request there
 
 BatchFn = Callable[[list[torch.Tensor], list[Hashable | None], list[int]], list[torch.Tensor]]
 
 
 @dataclass(eq=False)
 class Task:
-    """One request: its tensors (batch-first), row count, optional key and the future its results go to."""
+    """One request: its tensors (batch-first), row count, optional key, who sent it (None: unknown) and the future
+    its results go to."""
 
     tensors: list[torch.Tensor]
     rows: int
     key: Hashable | None = None
+    sender: Hashable | None = None
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     arrived: float = field(default_factory=time.monotonic)
 
@@ -49,6 +54,7 @@ class TaskPool:
     process: BatchFn
     merge_keyed: bool = True  # False: a request with a key is computed alone (e.g. to keep its activations)
     tasks: deque[Task] = field(default_factory=deque)
+    senders: dict[Hashable, float] = field(default_factory=dict)  # known senders: when each last submitted
     queued_rows: int = 0
     processed_rows: int = 0
     processed_batches: int = 0
@@ -98,15 +104,21 @@ class BatchingRuntime:
         self._thread.start()
 
     def submit(
-        self, pool: TaskPool, tensors: Sequence[torch.Tensor], rows: int, key: Hashable | None = None
+        self,
+        pool: TaskPool,
+        tensors: Sequence[torch.Tensor],
+        rows: int,
+        key: Hashable | None = None,
+        sender: Hashable | None = None,
     ) -> concurrent.futures.Future:
-        """Queue a request; its future gets the request's rows of the batch results (or the batch's error)."""
+        """Queue a request; its future gets the request's rows of the batch results (or the batch's error). With
+        `sender`, a batch waits for more requests only while some other sender of this pool is active."""
         if rows > self.max_batch_size:
             raise ProtocolError(
                 f"{pool.name}: a request of {rows} rows exceeds this server's max_batch_size of "
                 f"{self.max_batch_size}; split it into smaller requests"
             )
-        task = Task(list(tensors), rows, key)
+        task = Task(list(tensors), rows, key, sender)
         with self._cv:
             if self._stopped:
                 raise PeerBusyError(f"{pool.name}: the server is shutting down")
@@ -114,6 +126,8 @@ class BatchingRuntime:
                 raise PeerBusyError(f"{pool.name}: {pool.queued_rows} rows queued already; retry later")
             pool.tasks.append(task)
             pool.queued_rows += rows
+            if sender is not None:
+                pool.senders[sender] = task.arrived
             self._cv.notify()
         return task.future
 
@@ -155,7 +169,8 @@ class BatchingRuntime:
                     continue
                 wait = pool.tasks[0].arrived + self.batch_wait - time.monotonic()
                 alone = not pool.merge_keyed and pool.tasks[0].key is not None
-                if wait > 0 and not alone and self._fillable_rows(pool) < self.max_batch_size:
+                fillable = self._fillable_rows(pool) < self.max_batch_size and self._others_may_send(pool)
+                if wait > 0 and not alone and fillable:
                     self._cv.wait(wait)
                     continue
                 batch = self._take(pool)
@@ -167,6 +182,17 @@ class BatchingRuntime:
     def _mergeable(pool: TaskPool, first: Task, task: Task) -> bool:
         keyed = first.key is not None or task.key is not None
         return task.sample_shapes == first.sample_shapes and (pool.merge_keyed or not keyed or task is first)
+
+    @staticmethod
+    def _others_may_send(pool: TaskPool) -> bool:
+        """Whether a request that could join the queued ones may still come: some queued request has an unknown
+        sender, or a sender active within ACTIVE_SENDER_WINDOW has nothing queued (forgets the inactive ones)."""
+        queued = {t.sender for t in pool.tasks}
+        if None in queued:
+            return True
+        now = time.monotonic()
+        pool.senders = {s: last for s, last in pool.senders.items() if now - last <= ACTIVE_SENDER_WINDOW}
+        return any(s not in queued for s in pool.senders)
 
     def _fillable_rows(self, pool: TaskPool) -> int:
         first = pool.tasks[0]

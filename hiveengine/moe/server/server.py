@@ -54,7 +54,7 @@ class Server:
         self.runtime = BatchingRuntime(max_batch_size, batch_wait, synchronize=_synchronizer(devices))
         self._pools = {
             uid: (
-                self.runtime.add_pool(f"{uid}.fwd", b.forward, merge_keyed=False),  # kept alone for its backward
+                self.runtime.add_pool(f"{uid}.fwd", b.forward),
                 self.runtime.add_pool(f"{uid}.bwd", b.backward),
             )
             for uid, b in self.experts.items()
@@ -206,7 +206,7 @@ class Server:
         backend = self._backend(request)
         rows = (backend.check_backward if backward else backend.check_forward)(request.tensors)
         pool = self._pools[backend.uid][int(backward)]
-        future = self.runtime.submit(pool, request.tensors, rows, _forward_key(request))
+        future = self.runtime.submit(pool, request.tensors, rows, _forward_key(request), request.sender)
         return {}, await asyncio.wrap_future(future)
 
     async def _on_info(self, request: Request) -> dict:
