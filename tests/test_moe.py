@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 
@@ -12,6 +13,7 @@ from hiveengine.cli.serve import DHT_PREFIX, EXPERTS_PREFIX, READY_PREFIX, THROU
 from hiveengine.dht import DHT, get_dht_time
 from hiveengine.errors import ProtocolError, RPCTimeoutError, UnknownMethodError
 from hiveengine.moe import (
+    MoEBeamSearcher,
     NotEnoughExpertsError,
     RemoteExpert,
     RemoteMixtureOfExperts,
@@ -21,7 +23,7 @@ from hiveengine.moe import (
     get_remote_experts,
     split_uid,
 )
-from hiveengine.moe.protocol import BACKWARD, FORWARD
+from hiveengine.moe.protocol import BACKWARD, DHT_TIMEOUT, FORWARD, adeclare_experts
 from hiveengine.transport import Peer
 from tests.procs import PeerProcess
 
@@ -306,3 +308,31 @@ def test_checkpoints_survive_a_restart_and_declarations_expire(tmp_path):
             assert torch.allclose(again(x), trained, atol=1e-6)
         finally:
             restarted.close()
+
+
+def test_beam_search_answers_from_its_cache_while_it_rereads_the_dht_in_the_background():
+    dht = DHT()
+    searcher = MoEBeamSearcher(dht, "ffn.", (2, 2), cache_ttl=0.0)  # every cached prefix is due for a re-read
+    scores = [torch.zeros(1, 2), torch.zeros(1, 2)]
+
+    def run(coro):
+        return dht.peer.runtime.run(coro, DHT_TIMEOUT)
+
+    def declare(uid: str) -> None:
+        run(adeclare_experts(dht, [uid], f"address of {uid}", get_dht_time() + DHT_TIMEOUT * 60))
+
+    def found() -> list[str]:
+        return sorted(e.uid for e in run(searcher.afind_best_experts(scores, 4))[0])
+
+    async def rereads_done() -> None:
+        await asyncio.gather(*list(searcher._refreshes))
+
+    try:
+        declare("ffn.0.0")
+        assert found() == ["ffn.0.0"]  # nothing cached: read from the DHT before answering
+        declare("ffn.1.1")
+        assert found() == ["ffn.0.0"]  # answered from the cache; the re-reads run in the background
+        run(rereads_done())
+        assert found() == ["ffn.0.0", "ffn.1.1"]
+    finally:
+        dht.shutdown()

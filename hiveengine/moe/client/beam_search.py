@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,7 +17,10 @@ from hiveengine.errors import ConfigurationError
 from hiveengine.moe.protocol import DHT_TIMEOUT
 from hiveengine.moe.uids import UID_DELIMITER, check_prefix
 
-DEFAULT_CACHE_TTL = 1.0  # seconds a prefix's successors read from the DHT are reused before they are read again
+logger = logging.getLogger(__name__)
+
+DEFAULT_CACHE_TTL = 1.0  # seconds after which a prefix's successors are re-read from the DHT, in the background
+MAX_STALENESS = 30.0  # seconds after which cached successors are not used: the search waits for a fresh read
 
 
 @dataclass(frozen=True)
@@ -30,8 +34,9 @@ class ExpertInfo:
 
 class MoEBeamSearcher:
     """Finds the best alive experts of the grid `uid_prefix` + `grid_size` (e.g. `ffn.` and (4, 4)). Each prefix is
-    read with `latest=True` (merging the subkeys that different servers stored on different nodes) and reused for
-    `cache_ttl` seconds, so a training step rarely waits for the DHT."""
+    read with `latest=True` (merging the subkeys that different servers stored on different nodes) and cached: after
+    `cache_ttl` seconds a search still uses the cached successors while it re-reads them in the background, so a
+    training step waits for the DHT only for prefixes it never read or last read more than MAX_STALENESS ago."""
 
     def __init__(
         self,
@@ -47,17 +52,41 @@ class MoEBeamSearcher:
         self.dht, self.uid_prefix, self.grid_size = dht, uid_prefix, tuple(int(g) for g in grid_size)
         self.lookup_timeout, self.cache_ttl = lookup_timeout, cache_ttl
         self._cache: dict[str, tuple[float, dict[int, object]]] = {}
+        self._refreshing: set[str] = set()  # prefixes being re-read in the background
+        self._refreshes: set[asyncio.Task] = set()  # those reads (kept referenced until done)
+
+    async def _read(self, prefixes: list[str]) -> None:
+        """Read the prefixes' successors from the DHT into the cache."""
+        now = time.monotonic()
+        async with asyncio.timeout(self.lookup_timeout):
+            found = await asyncio.gather(*[self.dht.aget(p, latest=True) for p in prefixes])
+        for prefix, item in zip(prefixes, found, strict=True):
+            subkeys = item.value if item is not None and isinstance(item.value, dict) else {}
+            self._cache[prefix] = (now, {c: v.value for c, v in subkeys.items() if isinstance(c, int)})
+
+    async def _refresh(self, prefixes: list[str]) -> None:
+        """Background re-read: a failure keeps the cached values (until MAX_STALENESS) and is logged."""
+        try:
+            await self._read(prefixes)
+        except Exception as e:
+            logger.debug("re-reading %d expert prefixes failed: %s: %s", len(prefixes), type(e).__name__, e)
+        finally:
+            self._refreshing.difference_update(prefixes)
 
     async def _successors(self, prefixes: set[str]) -> dict[str, dict[int, object]]:
         """For each prefix, the declared next coordinates and their values (an address at the last level)."""
         now = time.monotonic()
-        stale = sorted(p for p in prefixes if p not in self._cache or now - self._cache[p][0] > self.cache_ttl)
+        age = {p: now - self._cache[p][0] if p in self._cache else None for p in prefixes}
+        usable = {p for p, a in age.items() if a is not None and a <= MAX_STALENESS}
+        missing = sorted(prefixes - usable)
+        stale = sorted(p for p in usable if age[p] > self.cache_ttl and p not in self._refreshing)
         if stale:
-            async with asyncio.timeout(self.lookup_timeout):
-                found = await asyncio.gather(*[self.dht.aget(p, latest=True) for p in stale])
-            for prefix, item in zip(stale, found, strict=True):
-                subkeys = item.value if item is not None and isinstance(item.value, dict) else {}
-                self._cache[prefix] = (now, {c: v.value for c, v in subkeys.items() if isinstance(c, int)})
+            self._refreshing.update(stale)
+            task = asyncio.get_running_loop().create_task(self._refresh(stale))
+            self._refreshes.add(task)
+            task.add_done_callback(self._refreshes.discard)
+        if missing:
+            await self._read(missing)
         return {p: self._cache[p][1] for p in prefixes}
 
     async def afind_best_experts(self, grid_scores: Sequence[torch.Tensor], beam_size: int) -> list[list[ExpertInfo]]:
