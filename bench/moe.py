@@ -286,7 +286,9 @@ def run_mode(mode: str, systems: list[System], args: argparse.Namespace) -> list
             for clients in args.clients:
                 print(f"{mode}, batch {batch}, {clients} clients, repeat {rep + 1}/{args.repeats}", file=sys.stderr)
                 key = {"mode": mode, "batch": batch, "clients": clients, "repeat": rep}
-                runs.append({**key, "system": LOCAL, **measure(LOCAL, lambda b=batch: local.rate(b, args.duration))})
+                result = measure(LOCAL, lambda b=batch: local.rate(b, args.duration))
+                runs.append({**key, "system": LOCAL, **result})
+                print(f"  {LOCAL}: {result}", file=sys.stderr)
                 for system in order:
                     system.resume()
                     try:
@@ -365,15 +367,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.compare == "hivemind":
         systems.append(System("hivemind 1.1.12", hivemind_python(), WORKER, module_style=False))
     reference = systems[-1].name if len(systems) > 1 else None
-    runs = [run for mode in args.modes for run in run_mode(mode, systems, args)]
-    records = summarize(runs, reference)
-    columns = ["mode", "batch", "clients", "system", "samples_per_s", "vs_local", "vs_hivemind", "load_1min"]
-    print(format_table(records, columns))
-    print(
-        f"hidden {args.hidden}; expert: client i calls expert i of 16; moe: k_best={MOE_K} of 4 experts; local = "
-        f"same compute in one process (fwd+bwd+Adam); torch threads: server and local {args.server_threads}, each "
-        f"client {CLIENT_THREADS}; medians of {args.repeats} interleaved repeats of {args.duration:g} s"
-    )
     settings = {
         "hidden": args.hidden,
         "duration": args.duration,
@@ -384,7 +377,18 @@ def main(argv: list[str] | None = None) -> int:
         "warmup": {"steps": WARMUP_STEPS, "seconds": WARMUP_SECONDS},
         "command": " ".join(["python3", "bench/moe.py", *(argv if argv is not None else sys.argv[1:])]),
     }
-    path = write_results(args.output, {**settings, "records": records, "runs": runs})
+    runs: list[dict] = []
+    for mode in args.modes:
+        runs += run_mode(mode, systems, args)
+        records = summarize(runs, reference)
+        path = write_results(args.output, {**settings, "records": records, "runs": runs})  # each mode kept as it ends
+    columns = ["mode", "batch", "clients", "system", "samples_per_s", "vs_local", "vs_hivemind", "load_1min"]
+    print(format_table(records, columns))
+    print(
+        f"hidden {args.hidden}; expert: client i calls expert i of 16; moe: k_best={MOE_K} of 4 experts; local = "
+        f"same compute in one process (fwd+bwd+Adam); torch threads: server and local {args.server_threads}, each "
+        f"client {CLIENT_THREADS}; medians of {args.repeats} interleaved repeats of {args.duration:g} s"
+    )
     print(f"wrote {path}")
     return 0
 
