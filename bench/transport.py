@@ -266,17 +266,22 @@ def _spawn(role: str, env: dict, *args: str) -> subprocess.Popen:
 
 
 def measure(config: str) -> dict:
+    """Run one configuration's server and client; the result includes the 1-minute load average before
+    and after (the machine may be shared: a ratio is only meaningful between rows taken at similar load)."""
     spec = CONFIGS[config]
+    load_before = os.getloadavg()[0]
     server = _spawn(f"{spec['role']}-server", spec["env"])
     try:
         address = read_prefixed(server, "ADDRESS", LINE_TIMEOUT)
         client = _spawn(f"{spec['role']}-client", spec["env"], "--address", address, "--server-pid", str(server.pid))
         try:
-            return json.loads(read_prefixed(client, "RESULT", LINE_TIMEOUT))
+            result = json.loads(read_prefixed(client, "RESULT", LINE_TIMEOUT))
         finally:
             client.kill()
     finally:
         server.kill()
+    result["load_before"], result["load_after"] = load_before, os.getloadavg()[0]
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -305,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
             "rtt 4KiB (us)": r["rtt_us"],
             "idle cpu server %": r["idle_cpu_server"],
             "idle cpu client %": r["idle_cpu_client"],
+            "load": f"{r['load_before']:.1f}-{r['load_after']:.1f}",
         }
         for size, gbs in r["throughput"].items():
             label = f"{int(size) // MiB}MiB GB/s"
@@ -318,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
     columns = ["transport", "rtt 4KiB (us)", "rtt / asyncio"]
     columns += [f"{s // MiB}MiB GB/s" for s in SIZES] + ["min GB/s ratio", "idle cpu server %", "idle cpu client %"]
+    columns.append("load")
     print(format_table(rows, columns))
     print(f"ratios are against {BASELINE}")
     path = write_results("transport", {"sizes": SIZES, "baseline": BASELINE, "results": results})

@@ -68,6 +68,7 @@ def test_round_trip_of_every_dtype_and_shape(client, server):
     for sent, got in zip(tensors, reply, strict=True):
         assert got.dtype == sent.dtype and got.shape == sent.shape
         assert torch.equal(got, sent)
+        assert got.numel() == 0 or got.data_ptr() % got.element_size() == 0  # inline tensors are aligned views
 
 
 def test_non_contiguous_tensors_arrive_intact(client, server):
@@ -106,6 +107,19 @@ def test_streamed_256mb_transfer_lands_in_place(client, server):
     x = torch.randn(64 * MiB, generator=torch.Generator().manual_seed(3))  # 256 MiB of float32
     reply = run(client, client.send_tensor(address, "sink", x, {"numel": x.numel(), "dtype": "float32"}), 120)
     assert reply == {"sum": float(x.double().sum()), "numel": x.numel()}
+
+
+def test_small_streamed_chunks_travel_inline_and_land_in_place(server):
+    """Chunks under the inline limit ride inside their control message, the last one carrying the end."""
+    _, address = server
+    peer = Peer(limits=TransportLimits(stream_chunk_bytes=1024))
+    try:
+        for numel in [100, 1000]:  # one inline chunk; several, the last one shorter
+            x = torch.randn(numel, generator=torch.Generator().manual_seed(numel))
+            reply = run(peer, peer.send_tensor(address, "sink", x, {"numel": numel, "dtype": "float32"}))
+            assert reply == {"sum": float(x.double().sum()), "numel": numel}
+    finally:
+        peer.shutdown()
 
 
 @pytest.mark.parametrize("numel", [100, 1 << 20])  # inline and framed replies

@@ -28,7 +28,7 @@ from hiveengine.transport.wire import (
     allocate,
     as_frame,
     check_buffers,
-    decode_control,
+    decode_message,
     encode_control,
     inline_tensors,
     wire_buffer,
@@ -105,28 +105,41 @@ class Connection:
 
     async def send(self, body: dict, tensors: Sequence[torch.Tensor] = ()) -> None:
         """Send one control message and its tensor frames; returns when UCX has sent them all."""
+        futures = self.post(body, tensors)
+        if futures:
+            await self.wait(futures)
+
+    def post(self, body: dict, tensors: Sequence[torch.Tensor] = ()) -> list[asyncio.Future]:
+        """Hand one control message and its tensor frames to UCX; return the futures of the sends still in
+        flight (`wait` for them). Small host tensors travel inside the control message: a small call is one
+        UCX message, usually sent on the spot (no future at all)."""
         self._check_open()
         self.last_used = time.monotonic()
-        frames = [as_frame(t) for t in tensors]
-        body["f"] = [FrameSpec.of(t).to_wire() for t in tensors]
-        inline_bytes = 0
-        if frames and self._inlinable(frames):
-            body["x"] = [frame.numpy().tobytes() for frame in frames]
-            inline_bytes, frames = sum(f.numel() for f in frames), []
-        body["s"] = first = self._reserve_seqs(len(frames)) if frames else 0
-        control = np.frombuffer(encode_control(body, self.limits, inline_bytes), dtype=np.uint8)
-        futures = [self.reactor.tag_send(self.endpoint, control, _tag(self.send_base, CONTROL_SEQ))]
+        frames: list[torch.Tensor] = []
+        tail: list[np.ndarray] = []
+        if tensors:
+            body["f"] = [FrameSpec.wire_of(t) for t in tensors]
+            frames = [as_frame(t) for t in tensors]
+            if self._inlinable(frames):
+                body["x"] = True
+                tail, frames = [frame.numpy() for frame in frames], []
+            else:
+                body["s"] = self._reserve_seqs(len(frames))
+        message = encode_control(body, self.limits, tail)
+        pending = self.reactor.send_now(self.endpoint, message, _tag(self.send_base, CONTROL_SEQ))
+        futures = [] if pending is None else [pending]
         for i, frame in enumerate(frames):
             if frame.numel():
-                tag = _tag(self.send_base, _frame_seq(first, i))
+                tag = _tag(self.send_base, _frame_seq(body["s"], i))
                 futures.append(self.reactor.tag_send(self.endpoint, wire_buffer(frame), tag))
-        await self._gather(futures)
+        return futures
 
     def _inlinable(self, frames: Sequence[torch.Tensor]) -> bool:
         total = sum(f.numel() for f in frames)
         return total <= self.limits.inline_tensor_bytes and all(f.device.type == "cpu" for f in frames)
 
-    async def _gather(self, futures) -> None:
+    async def wait(self, futures: Sequence[asyncio.Future]) -> None:
+        """Wait for sends or receives of this connection; a failure marks the connection lost."""
         try:
             if len(futures) == 1:
                 await futures[0]
@@ -148,8 +161,7 @@ class Connection:
             try:
                 check_buffers(out, specs)
             except ProtocolError:
-                if "x" not in body:
-                    self.discard_frames(body, len(specs))
+                self.discard_frames(body, len(specs))
                 raise
         if "x" in body:
             tensors = inline_tensors(body["x"], specs)
@@ -169,10 +181,13 @@ class Connection:
             for i, t in enumerate(tensors)
             if t.numel()
         ]
-        await self._gather(futures)
+        await self.wait(futures)
 
     def discard_frames(self, body: dict, count: int) -> None:
-        """Drop frames we will not read: a 1-byte receive truncates each and frees the sender."""
+        """Drop frames we will not read: a 1-byte receive truncates each and frees the sender. Inline
+        tensors came inside the control message: nothing is left on the wire for them."""
+        if "x" in body:
+            return
         for i in range(count):
             scratch = np.empty(1, dtype=np.uint8)
             future = self.reactor.tag_recv(self.endpoint, scratch, self.frame_tag(body, i))
@@ -183,9 +198,12 @@ class Connection:
         self._handler, self._on_lost = handler, on_lost
         self.reactor.listen(self.recv_base, self._arrived, self.limits.max_header_bytes)
 
-    def _arrived(self, future: asyncio.Future, buf: np.ndarray, length: int) -> None:
+    def _arrived(self, future: asyncio.Future | None, buf: np.ndarray, length: int) -> None:
+        if future is None and not self._inbox:  # received already, nothing queued before it: the usual case
+            self._process(None, buf, length)
+            return
         self._inbox.append((future, buf, length))
-        if future.done():
+        if future is None or future.done():
             self._drain()
         else:
             future.add_done_callback(self._drain_later)
@@ -195,31 +213,34 @@ class Connection:
 
     def _drain(self) -> None:
         """Process received control messages in arrival order (a message still arriving holds back later ones)."""
-        while self._inbox and self._inbox[0][0].done():
+        while self._inbox and (self._inbox[0][0] is None or self._inbox[0][0].done()):
             future, buf, length = self._inbox.popleft()
-            if future.cancelled():
+            if future is not None and future.cancelled():
                 continue
-            error = future.exception()
-            if self.closed or not self.reading:
-                continue
-            if length > buf.nbytes:
-                self._handler.on_bad_message(
-                    self,
-                    ProtocolError(
-                        f"control message of {length} bytes exceeds the limit of {self.limits.max_header_bytes} bytes"
-                    ),
-                )
-                continue
-            if error is not None:
-                self.lost(error)
-                return
-            self.last_used = time.monotonic()
-            try:
-                body = decode_control(memoryview(buf), self.limits)
-            except ProtocolError as e:
-                self._handler.on_bad_message(self, e)
-                continue
-            self._handler.on_message(self, body)
+            self._process(None if future is None else future.exception(), buf, length)
+
+    def _process(self, error: BaseException | None, buf: np.ndarray, length: int) -> None:
+        """Decode one received control message and hand it to the handler."""
+        if self.closed or not self.reading:
+            return
+        if length > buf.nbytes:
+            self._handler.on_bad_message(
+                self,
+                ProtocolError(
+                    f"control message of {length} bytes exceeds the limit of {self.limits.max_header_bytes} bytes"
+                ),
+            )
+            return
+        if error is not None:
+            self.lost(error)
+            return
+        self.last_used = time.monotonic()
+        try:
+            body = decode_message(buf, self.limits)
+        except ProtocolError as e:
+            self._handler.on_bad_message(self, e)
+            return
+        self._handler.on_message(self, body)
 
     def lost(self, cause: Exception) -> ConnectionLostError:
         """Mark the connection dead (once) and fail every call still waiting on it."""
@@ -236,7 +257,7 @@ class Connection:
                     future.add_done_callback(retrieve_outcome)  # its caller may have stopped waiting already
             self.pending.clear()
             for future, _, _ in self._inbox:
-                future.add_done_callback(retrieve_outcome)
+                retrieve_outcome(future)
             self._inbox.clear()
             self.reactor.release_base(self.recv_base)
             self._close_endpoint()

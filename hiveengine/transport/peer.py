@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+from collections import deque
 from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -25,7 +26,7 @@ from hiveengine.transport.connection import Connection
 from hiveengine.transport.handshake import connect_handshake
 from hiveengine.transport.identity import Identity, PeerID
 from hiveengine.transport.limits import DEFAULT_LIMITS, TransportLimits
-from hiveengine.transport.reactor import close_endpoint
+from hiveengine.transport.reactor import close_endpoint, retrieve_outcome
 from hiveengine.transport.runtime import Runtime
 from hiveengine.transport.stream import Chunk, StreamReader, iterate_chunks
 from hiveengine.transport.wire import FrameSpec, Kind, frame_specs, inline_tensors
@@ -39,6 +40,7 @@ Allocator = Callable[[dict, list[FrameSpec]], Sequence[torch.Tensor] | None]
 ANNOUNCE_HOST_ENV = "HIVEENGINE_ANNOUNCE_HOST"
 DEFAULT_ANNOUNCE_HOST = "127.0.0.1"
 CONNECTION_ERROR_ID = 0  # an ERROR with this id concerns the whole connection, not one call
+_NOTHING = object()  # no chunk held yet
 
 # Errors a remote peer may name in a reply, mapped to the class the caller raises.
 REMOTE_ERROR_TYPES: dict[str, type[Exception]] = {
@@ -226,26 +228,37 @@ class Peer:
         conn = await self.connect(address)
         request_id = conn.new_request_id()
         reply = conn.pending[request_id] = asyncio.get_running_loop().create_future()
-        in_flight: list[asyncio.Task] = []
+        in_flight: deque[list[asyncio.Future]] = deque()  # the sends of each chunk not yet complete
         try:
             await conn.send({"k": Kind.STREAM_OPEN, "i": request_id, "m": method, "h": header, "d": timeout})
-            async for chunk_header, tensor in _aiter(chunks):
+            ended = False
+            async for chunk, last in _marked(chunks):
                 if reply.done():
                     break  # the receiver answered early (an error, or it needs no more)
-                message = {"k": Kind.STREAM_CHUNK, "i": request_id, "h": chunk_header}
-                in_flight.append(asyncio.ensure_future(conn.send(message, [tensor])))
-                if len(in_flight) >= self.limits.stream_window:
-                    await in_flight.pop(0)
-            await asyncio.gather(*in_flight)
-            in_flight.clear()
-            if not reply.done():
-                await conn.send({"k": Kind.STREAM_END, "i": request_id})
+                await self._post_chunk(conn, request_id, chunk, in_flight, last)
+                ended = last
+            else:
+                if not ended and not reply.done():
+                    await conn.send({"k": Kind.STREAM_END, "i": request_id})
+            while in_flight:
+                await conn.wait(in_flight.popleft())
             result, _ = await reply
             return result
         finally:
-            for task in in_flight:
-                task.cancel()
+            for futures in in_flight:
+                for future in futures:
+                    retrieve_outcome(future)
             _forget_reply(conn, request_id)
+
+    async def _post_chunk(self, conn: Connection, request_id: int, chunk, in_flight: deque, last: bool) -> None:
+        """Send one stream chunk (marked as the last, or not); wait while `stream_window` chunks are in flight."""
+        chunk_header, tensor = chunk
+        message = {"k": Kind.STREAM_CHUNK, "i": request_id, "h": chunk_header}
+        if last:
+            message["e"] = True
+        in_flight.append(conn.post(message, [tensor]))
+        if len(in_flight) >= self.limits.stream_window:
+            await conn.wait(in_flight.popleft())
 
     async def _with_deadline(self, coro, timeout: float, kind: str, method: str, address):
         """Await `coro` at most `timeout` seconds (the error message is formatted only if it times out)."""
@@ -389,6 +402,8 @@ class Peer:
                 conn.discard_frames(body, len(specs))
             else:
                 reader.push(Chunk(conn, body, specs[0]))
+                if body.get("e") is True:  # the last chunk carries the end of the stream
+                    reader.end()
         elif kind == Kind.STREAM_END:
             reader = self._streams.get((id(conn), request_id))
             if reader is not None:
@@ -573,10 +588,18 @@ def _forget_reply(conn: Connection, request_id: int) -> None:
         reply.exception()
 
 
-async def _aiter(items):
+async def _marked(items):
+    """(chunk, is it the last) pairs. A synchronous iterable is read one chunk ahead, so its last chunk can
+    carry the end of the stream (one message less); an asynchronous one is never waited on ahead of need
+    (its chunks may depend on the receiver), so its end goes as a separate message."""
     if hasattr(items, "__aiter__"):
         async for item in items:
-            yield item
-    else:
-        for item in items:
-            yield item
+            yield item, False
+        return
+    iterator = iter(items)
+    held = next(iterator, _NOTHING)
+    for item in iterator:
+        yield held, False
+        held = item
+    if held is not _NOTHING:
+        yield held, True

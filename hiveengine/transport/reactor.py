@@ -1,8 +1,13 @@
-"""Event-driven UCX progress: the worker is progressed when its epoll fd fires, never polled.
+"""Event-driven UCX progress: the worker is progressed when its epoll fd fires, and briefly after activity.
 
 ucxx's own progress modes keep a core busy while a receive is posted (they poll each request from
 the event loop). Here a posted receive costs nothing: the worker is armed, asyncio waits on its
 file descriptor, and request completion is checked only after the worker made progress.
+
+Right after UCX did something (a message came or went, a request completed), the reply or the next
+step of a transfer usually follows within microseconds. Waking up through the fd costs an epoll round
+and a re-arm on each side, so for a short bounded window after activity the worker is progressed on
+every loop iteration instead (adaptive polling). An idle worker never spins.
 
 Control messages are not received through one standing receive per connection (checking all of them
 after every progress pass costs O(connections)). Their tag carries the receiving connection's 32-bit
@@ -15,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -24,12 +30,14 @@ from hiveengine.transport.ucx_env import import_ucxx
 
 logger = logging.getLogger(__name__)
 ACTIVE_POLL_INTERVAL = 0.0002  # seconds between progress passes while transfers are in flight
+SPIN_SECONDS = 0.0002  # after UCX activity, progress on every loop iteration this long before sleeping on the fd
 BASE_SHIFT = 32  # a tag is base << BASE_SHIFT | seq; control messages have seq 0
 CONTROL_MASK = (1 << BASE_SHIFT) - 1  # matches every tag whose seq is 0, whatever its base
 MAX_EARLY_MESSAGES = 64  # control messages held for a base whose connection is still being set up
 
-# Takes (receive future, buffer, the message's length): a buffer shorter than the message truncates it.
-ControlHandler = Callable[[asyncio.Future, np.ndarray, int], None]
+# Takes (receive future, or None when the message is already received, buffer, the message's length):
+# a buffer shorter than the message truncates it.
+ControlHandler = Callable[[asyncio.Future | None, np.ndarray, int], None]
 
 
 def close_endpoint(endpoint) -> None:
@@ -64,8 +72,9 @@ class Reactor:
         self._early: dict[int, list[tuple[asyncio.Future, np.ndarray, int]]] = {}
         self._poll_handle: asyncio.TimerHandle | None = None
         self._scheduled = False
+        self._spin_until = 0.0
         self._closed = False
-        loop.add_reader(self._fd, self._progress)
+        loop.add_reader(self._fd, self._on_fd)
         self.kick()
 
     @property
@@ -78,51 +87,70 @@ class Reactor:
             self._scheduled = True
             self.loop.call_soon(self._progress)
 
+    def _on_fd(self) -> None:
+        if not self._scheduled:
+            self._progress()
+
     def _progress(self) -> None:
-        """Progress until UCX has nothing more to do, resolve finished requests, then re-arm the fd."""
+        """Progress until UCX has nothing more to do and resolve finished requests; then keep polling
+        while activity is recent, or arm the worker and sleep on its fd."""
         self._scheduled = False
         if self._closed:
             return
-        while True:
-            while self.worker.progress_once():
-                pass
-            self._collect_completed()
-            self._take_control_messages()
+        if self._pass():
+            self._spin_until = time.monotonic() + SPIN_SECONDS
+        while time.monotonic() >= self._spin_until:
             if self.worker.arm():
-                break
-        # UCX does not always raise an fd event when a large transfer can make progress again (e.g. a TCP
-        # socket turning writable), so while data is in flight we also progress on a short timer. An idle
-        # connection has nothing pending, so it never starts the timer: idle stays at ~0% CPU.
-        if self._pending and self._poll_handle is None:
-            self._poll_handle = self.loop.call_later(ACTIVE_POLL_INTERVAL, self._poll)
+                # UCX does not always raise an fd event when a large transfer can make progress again (e.g.
+                # a TCP socket turning writable), so while data is in flight we also progress on a short
+                # timer. An idle connection has nothing pending, so it never starts it: idle stays at ~0% CPU.
+                if self._pending and self._poll_handle is None:
+                    self._poll_handle = self.loop.call_later(ACTIVE_POLL_INTERVAL, self._poll)
+                return
+            if self._pass():
+                self._spin_until = time.monotonic() + SPIN_SECONDS
+        self.kick()
+
+    def _pass(self) -> bool:
+        """One round of progress, completions and control messages; whether a request completed or a
+        control message came (bytes merely moving do not count: a long transfer is left to the fd)."""
+        while self.worker.progress_once():
+            pass
+        completed = self._collect_completed() if self._pending else False
+        return self._take_control_messages() or completed
 
     def _poll(self) -> None:
         self._poll_handle = None
         self._progress()
 
-    def _collect_completed(self) -> None:
-        if self._pending:
-            for req in [req for req in self._pending if req.completed]:
-                self._resolve(req, self._pending.pop(req)[0])
+    def _collect_completed(self) -> bool:
+        done = [req for req in self._pending if req.completed]
+        for req in done:
+            self._resolve(req, self._pending.pop(req)[0])
+        return bool(done)
 
-    def _take_control_messages(self) -> None:
-        """Receive every control message UCX holds and hand each to the connection its tag's base names."""
+    def _take_control_messages(self) -> bool:
+        """Receive every control message UCX holds and hand each to the connection its tag's base names;
+        whether there was any."""
+        taken = False
         while True:
             probe = self.worker.tag_probe(self._control_tag, self._control_mask, True)
             if not probe.matched:
-                return
+                return taken
+            taken = True
             base = probe.sender_tag.value >> BASE_SHIFT
             handler, limit = self._bases.get(base, (None, -1))
             early = self._early.get(base)
             fits = probe.length <= limit and (handler is not None or len(early) < MAX_EARLY_MESSAGES)
             buf = np.empty(probe.length if fits else 1, dtype=np.uint8)  # 1 byte: truncated and dropped
-            future = self.track(self.worker.tag_recv_with_handle(self._array(buf), probe), buf)
+            req = self.worker.tag_recv_with_handle(self._array(buf), probe)
+            future = None if req.completed and _succeeded(req) else self.track(req, buf)
             if handler is not None:
                 handler(future, buf, probe.length)
             elif fits:
                 early.append((future, buf, probe.length))
             else:
-                future.add_done_callback(retrieve_outcome)
+                retrieve_outcome(future)
                 logger.debug("dropped a control message of %d bytes for base %x", probe.length, base)
 
     @staticmethod
@@ -143,8 +171,13 @@ class Reactor:
             self._resolve(req, future)
         else:
             self._pending[req] = (future, keepalive)
-            self.kick()
+        self._active()
         return future
+
+    def _active(self) -> None:
+        """We just posted a request: its answer (or its next step) is likely close, so poll for a while."""
+        self._spin_until = time.monotonic() + SPIN_SECONDS
+        self.kick()
 
     def reserve_base(self, max_control_bytes: int) -> int:
         """A fresh receive tag base for a connection being set up; its control messages (up to
@@ -166,10 +199,18 @@ class Reactor:
         """Stop taking `base`'s control messages; later ones are dropped."""
         self._bases.pop(base, None)
         for future, _, _ in self._early.pop(base, ()):
-            future.add_done_callback(retrieve_outcome)
+            retrieve_outcome(future)
 
     def tag_send(self, endpoint, buf, tag: int) -> asyncio.Future:
         return self.track(endpoint.tag_send(self._array(buf), self._tag(tag)), buf)
+
+    def send_now(self, endpoint, buf, tag: int) -> asyncio.Future | None:
+        """Post a send; None if UCX completed it on the spot (small messages), else its future."""
+        req = endpoint.tag_send(self._array(buf), self._tag(tag))
+        if req.completed and _succeeded(req):
+            self._active()
+            return None
+        return self.track(req, buf)
 
     def tag_recv(self, endpoint, buf, tag: int) -> asyncio.Future:
         return self.track(endpoint.tag_recv(self._array(buf), self._tag(tag), self._tag_mask), buf)
@@ -196,7 +237,21 @@ class Reactor:
         self._early.clear()
 
 
-def retrieve_outcome(future: asyncio.Future) -> None:
-    """Mark a future's outcome as seen when nobody may await it (a dropped receive, an abandoned call)."""
-    if not future.cancelled():
+def _succeeded(req) -> bool:
+    """Whether a completed request finished without error."""
+    try:
+        req.check_error()
+    except Exception:
+        return False
+    return True
+
+
+def retrieve_outcome(future: asyncio.Future | None) -> None:
+    """Mark a future's outcome as seen, now or when it completes, where nobody may await it (a dropped
+    receive, an abandoned call). None stands for a receive that already succeeded."""
+    if future is None:
+        return
+    if not future.done():
+        future.add_done_callback(retrieve_outcome)
+    elif not future.cancelled():
         future.exception()

@@ -1,8 +1,10 @@
 """The wire format: a msgpack control message per message, then one raw tag frame per tensor.
 
-Control message layout: 4-byte little-endian body length, 1 flag byte (bit 0: zstd), msgpack body.
-The body is a dict with short keys (see `Kind` and `encode_control`). Tensor descriptors are
-[dtype, shape, device]; receivers validate them against `TransportLimits` before allocating.
+Control message layout: 4-byte little-endian body length, 1 flag byte (bit 0: zstd), msgpack body,
+then (when the body has "x") the raw bytes of small host tensors sent inline, each starting at a
+multiple of TAIL_ALIGN. The body is a dict with short keys (see `Kind` and `encode_control`). Tensor
+descriptors are [dtype, shape, device]; receivers validate them against `TransportLimits` before
+allocating. Inline tensors are received as views of the control message's buffer: no copy.
 """
 
 from __future__ import annotations
@@ -10,9 +12,11 @@ from __future__ import annotations
 import enum
 import math
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import msgpack
+import numpy as np
 import torch
 import zstandard
 
@@ -21,6 +25,8 @@ from hiveengine.transport.limits import TransportLimits
 
 PREFIX = struct.Struct("<IB")
 FLAG_ZSTD = 1
+TAIL_ALIGN = 8  # inline tensors start at multiples of this offset, so a view of any dtype is aligned
+_PADDING = bytes(TAIL_ALIGN)
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -69,6 +75,14 @@ class FrameSpec:
     def to_wire(self) -> list:
         return [DTYPE_NAMES[self.dtype], list(self.shape), self.device]
 
+    @staticmethod
+    def wire_of(t: torch.Tensor) -> list:
+        """`FrameSpec.of(t).to_wire()` without the intermediate object (the send path's hot spot)."""
+        name = DTYPE_NAMES.get(t.dtype)
+        if name is None:
+            raise ProtocolError(f"tensors of dtype {t.dtype} cannot be sent; supported: {sorted(DTYPES)}")
+        return [name, list(t.shape), t.device.type]
+
     @classmethod
     def of(cls, t: torch.Tensor) -> FrameSpec:
         if t.dtype not in DTYPE_NAMES:
@@ -99,20 +113,24 @@ class FrameSpec:
         return spec
 
 
-def encode_control(body: dict, limits: TransportLimits, inline_bytes: int = 0) -> bytes:
-    """Pack a control message; compress it when its non-tensor part is large; refuse one the receiver
-    could not take. `inline_bytes` of tensor data inside it are not worth compressing."""
+def encode_control(body: dict, limits: TransportLimits, tail: Sequence = ()) -> bytes:
+    """Pack a control message; compress it when its body is large; append the `tail` buffers (inline
+    tensor bytes, never compressed) at aligned offsets; refuse a message the receiver could not take."""
     payload = msgpack.packb(body, use_bin_type=True)
     flags = 0
-    if len(payload) - inline_bytes > limits.compress_threshold_bytes:
+    if len(payload) > limits.compress_threshold_bytes:
         payload, flags = _zstd_c.compress(payload), FLAG_ZSTD
-    message = PREFIX.pack(len(payload), flags) + payload
-    if len(message) > limits.max_header_bytes:
+    parts = [PREFIX.pack(len(payload), flags), payload]
+    offset = PREFIX.size + len(payload)
+    for chunk in tail:
+        pad = -offset % TAIL_ALIGN
+        parts += (_PADDING[:pad], chunk)
+        offset += pad + chunk.nbytes
+    if offset > limits.max_header_bytes:
         raise ProtocolError(
-            f"header of {len(message)} bytes exceeds the limit of {limits.max_header_bytes} bytes: "
-            "send large data as tensors"
+            f"header of {offset} bytes exceeds the limit of {limits.max_header_bytes} bytes: send large data as tensors"
         )
-    return message
+    return b"".join(parts)
 
 
 def decode_control(buf: memoryview, limits: TransportLimits) -> dict:
@@ -122,7 +140,7 @@ def decode_control(buf: memoryview, limits: TransportLimits) -> dict:
     length, flags = PREFIX.unpack_from(buf)
     if length > len(buf) - PREFIX.size or flags & ~FLAG_ZSTD:
         raise ProtocolError(f"malformed control prefix (length {length}, flags {flags})")
-    payload = bytes(buf[PREFIX.size : PREFIX.size + length])
+    payload = buf[PREFIX.size : PREFIX.size + length]
     try:
         if flags & FLAG_ZSTD:
             payload = _zstd_d.decompress(payload, max_output_size=limits.max_header_bytes * 64)
@@ -133,6 +151,17 @@ def decode_control(buf: memoryview, limits: TransportLimits) -> dict:
         raise ProtocolError("control message lacks its kind or id")
     if body["k"] not in Kind._value2member_map_:
         raise ProtocolError(f"unknown message kind {body['k']}")
+    return body
+
+
+def decode_message(buf: np.ndarray, limits: TransportLimits) -> dict:
+    """`decode_control` of a received message; its inline tensor bytes, if any, become
+    `body["x"] = (buf, offset where they start)` for `inline_tensors`."""
+    body = decode_control(memoryview(buf), limits)
+    if "x" in body:
+        if body["x"] is not True:
+            raise ProtocolError("malformed inline tensor marker")
+        body["x"] = (buf, PREFIX.size + PREFIX.unpack_from(buf)[0])
     return body
 
 
@@ -153,16 +182,20 @@ def frame_specs(body: dict, limits: TransportLimits) -> list[FrameSpec]:
     return specs
 
 
-def inline_tensors(payloads, specs: list[FrameSpec]) -> list[torch.Tensor]:
-    """Tensors carried inside a control message, checked against their descriptors."""
-    if not isinstance(payloads, list) or len(payloads) != len(specs):
-        raise ProtocolError("inline tensor payloads do not match their descriptors")
+def inline_tensors(tail: tuple[np.ndarray, int], specs: list[FrameSpec]) -> list[torch.Tensor]:
+    """Views of the inline tensors in a received message (see `decode_message`), checked against their
+    descriptors: together they must fill the message's tail exactly."""
+    message, offset = tail
     tensors = []
-    for payload, spec in zip(payloads, specs, strict=True):
-        if not isinstance(payload, bytes) or len(payload) != spec.nbytes:
-            raise ProtocolError(f"inline tensor payload does not hold the {spec.nbytes} bytes its descriptor says")
-        flat = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if payload else torch.empty(0, dtype=torch.uint8)
-        tensors.append(flat.view(spec.dtype).reshape(spec.shape))
+    for spec in specs:
+        offset += -offset % TAIL_ALIGN
+        end = offset + spec.nbytes
+        if end > message.nbytes:
+            raise ProtocolError("inline tensor bytes are shorter than their descriptors say")
+        tensors.append(torch.from_numpy(message[offset:end]).view(spec.dtype).reshape(spec.shape))
+        offset = end
+    if offset != message.nbytes:
+        raise ProtocolError("inline tensor bytes are longer than their descriptors say")
     return tensors
 
 
