@@ -113,6 +113,37 @@ def test_groups_change_every_round_and_preserve_the_mean():
             d.shutdown()
 
 
+def test_a_gathering_of_all_expected_peers_closes_without_waiting_out_matchmaking_time():
+    first = DHT()
+    dhts = [first] + [DHT(initial_peers=[first.address]) for _ in range(2)]
+    # A 60 s gathering ends after the 20 s step deadline: only closing early can form the group.
+    averagers = [
+        DecentralizedAverager([torch.full((8,), float(i))], d, "early", codec="none", matchmaking_time=60.0)
+        for i, d in enumerate(dhts)
+    ]
+    results = [None] * len(averagers)
+
+    def step(i: int) -> None:
+        results[i] = averagers[i].step(timeout=20, expected_peers=len(averagers))
+
+    threads = [threading.Thread(target=step, args=(i,)) for i in range(len(averagers))]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert all(r is not None and len(r.group.members) == 3 and not r.failed_parts for r in results)
+        assert len({r.group.group_id for r in results}) == 1
+        for a in averagers:
+            with a.get_tensors() as (t,):
+                assert torch.equal(t, torch.full((8,), 1.0))
+    finally:
+        for a in averagers:
+            a.shutdown()
+        for d in dhts:
+            d.shutdown()
+
+
 def test_groups_are_formed_identically_from_the_same_registrations():
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 

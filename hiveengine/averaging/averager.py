@@ -109,13 +109,17 @@ class DecentralizedAverager:
         with self.tensors_lock:
             yield self._views
 
-    async def astep(self, weight: float = 1.0, timeout: float = DEFAULT_STEP_TIMEOUT) -> AllReduceResult | None:
+    async def astep(
+        self, weight: float = 1.0, timeout: float = DEFAULT_STEP_TIMEOUT, expected_peers: int | None = None
+    ) -> AllReduceResult | None:
         """Find a group and average with it; None if no group formed before the deadline. The result's
-        `failed_parts` lists parts whose reducer failed (this peer kept its local values there)."""
+        `failed_parts` lists parts whose reducer failed (this peer kept its local values there).
+        `expected_peers`: how many peers (us included) will step now, if known; once they all registered,
+        the group forms without waiting out matchmaking_time."""
         if self._closed:
             raise ConfigurationError("this averager is shut down")
         deadline = time.monotonic() + timeout
-        group = await self.matchmaker.find_group(self.local_epoch, deadline)
+        group = await self.matchmaker.find_group(self.local_epoch, deadline, expected_peers)
         if group is None:
             return None
         weight = 0.0 if self.me.mode == Mode.AUX else weight
@@ -139,9 +143,11 @@ class DecentralizedAverager:
         logger.info("averaged with %d peers (%d parts failed)", len(group.members), len(result.failed_parts))
         return result
 
-    def step(self, weight: float = 1.0, timeout: float = DEFAULT_STEP_TIMEOUT) -> AllReduceResult | None:
+    def step(
+        self, weight: float = 1.0, timeout: float = DEFAULT_STEP_TIMEOUT, expected_peers: int | None = None
+    ) -> AllReduceResult | None:
         """Blocking twin of `astep`."""
-        return self.peer.runtime.run(self.astep(weight, timeout), timeout + DEFAULT_SENDER_TIMEOUT)
+        return self.peer.runtime.run(self.astep(weight, timeout, expected_peers), timeout + DEFAULT_SENDER_TIMEOUT)
 
     async def _lock_tensors(self) -> None:
         """Take the tensors' (thread) lock without blocking the event loop; if we are cancelled while

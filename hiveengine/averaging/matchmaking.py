@@ -4,6 +4,9 @@ Each peer registers (address, bandwidth, mode, registered_at, gather_until) as a
 (prefix, epoch, bucket). The first registrant's `gather_until` (now + matchmaking_time) becomes everyone's
 deadline: later registrants adopt the earliest one they see. At that deadline every peer reads the same
 registrations, keeps those made before it, and cuts them into groups of at most `target_group_size`.
+A gathering can close early: when the caller says how many peers to expect and they fit in one group,
+every peer that sees that many registrations waits EARLY_SETTLE_SECONDS (for an earlier registration still
+spreading) and forms the group from the earliest ones, instead of waiting out matchmaking_time.
 The cut is shuffled by a hash of (epoch, peer id), and the bucket too is re-drawn every epoch, so group
 membership changes from round to round and averages spread through the whole swarm (as in Moshpit SGD).
 """
@@ -23,6 +26,8 @@ from hiveengine.transport import PeerID
 logger = logging.getLogger(__name__)
 
 SETTLE_SECONDS = 0.3  # after the gathering deadline, wait this long for registrations to spread
+EARLY_SETTLE_SECONDS = 0.1  # after a gathering filled up, wait this long for earlier registrations to show
+GATHER_POLL_SECONDS = 0.05  # while gathering, how often to check whether the gathering filled up
 REGISTRATION_SLACK = 30.0  # registrations outlive their deadline by this long (then expire everywhere)
 
 
@@ -75,9 +80,10 @@ class Matchmaker:
     def __init__(self, dht, prefix: str, me: GroupMember, config: MatchmakingConfig):
         self.dht, self.prefix, self.me, self.config = dht, prefix, me, config
 
-    async def find_group(self, epoch: int, deadline: float) -> GroupInfo | None:
-        """Register for `epoch`, wait for its gathering deadline, return our group (None: too few peers,
-        we came too late, or `deadline` (monotonic) would pass first)."""
+    async def find_group(self, epoch: int, deadline: float, expected: int | None = None) -> GroupInfo | None:
+        """Register for `epoch`, wait for its gathering to end, return our group (None: too few peers, we came
+        too late, or `deadline` (monotonic) would pass first). `expected`: how many peers should register in
+        all; when that many (or a full group) have, the gathering ends without waiting out matchmaking_time."""
         cfg = self.config
         key = round_key(self.prefix, epoch, bucket_of(self.me.peer_id, epoch, cfg.buckets()))
         now = time.time()
@@ -86,22 +92,67 @@ class Matchmaker:
         expiration = mine.gather_until + REGISTRATION_SLACK
         if not await self.dht.astore(key, record, expiration, subkey=self.me.peer_id.raw):
             logger.warning("could not register for matchmaking of epoch %d", epoch)
-        gather_until = min(r.gather_until for r in await self._registrations(key, mine))
+        registrations = await self._registrations(key, mine)
+        gather_until = min(r.gather_until for r in registrations)
         if mine.registered_at > gather_until:  # the cut keeps registrations made before the deadline only
             logger.info("epoch %d gathered without us (we came %.1f s late)", epoch, mine.registered_at - gather_until)
             return None
-        wait = gather_until + SETTLE_SECONDS - time.time()
-        if time.monotonic() + wait >= deadline:
+        full = self._early_close_at(expected)
+        give_up_at = time.time() + deadline - time.monotonic() - SETTLE_SECONDS  # wall clock, like gather_until
+        if gather_until > give_up_at and full is None:
             logger.info("the gathering for epoch %d ends after our deadline", epoch)
             return None
-        await asyncio.sleep(max(0.0, wait))
-        members = [r.member for r in await self._registrations(key, mine) if r.registered_at <= gather_until]
+        members = await self._gather(key, mine, registrations, gather_until, full, give_up_at)
+        if members is None:
+            return None
         # We are among `members` (registered before the deadline, and added if the DHT lost our entry).
         group = next(g for g in form_groups(epoch, members, cfg.target_group_size) if g.member(self.me.peer_id))
         if len(group.members) < cfg.min_group_size:
             logger.info("epoch %d: only %d peer(s) in our group, below min_group_size", epoch, len(group.members))
             return None
         return group
+
+    def _early_close_at(self, expected: int | None) -> int | None:
+        """How many registrations end the gathering early: the expected peers, if they make one group
+        (otherwise the cut must see everyone who registered, to split them evenly)."""
+        cfg = self.config
+        if expected is None or cfg.buckets() > 1 or expected > cfg.target_group_size:
+            return None
+        return max(cfg.min_group_size, expected)
+
+    async def _gather(
+        self,
+        key: str,
+        mine: Registration,
+        registrations: list[Registration],
+        gather_until: float,
+        full: int | None,
+        give_up_at: float,
+    ) -> list[GroupMember] | None:
+        """The members of this gathering: everyone registered before its deadline, or the earliest `full`
+        when that many registered sooner. None if we are not among them, or the gathering is still open
+        at `give_up_at`."""
+        while True:
+            on_time = [r for r in registrations if r.registered_at <= gather_until]
+            if full is not None and len(on_time) >= full:
+                await asyncio.sleep(EARLY_SETTLE_SECONDS)
+                registrations = await self._registrations(key, mine)
+                on_time = [r for r in registrations if r.registered_at <= gather_until]
+                first = sorted(on_time, key=lambda r: (r.registered_at, r.member.peer_id.raw))[:full]
+                if all(r.member.peer_id != self.me.peer_id for r in first):
+                    logger.info("the gathering filled up with %d earlier peers", full)
+                    return None
+                return [r.member for r in first]
+            now = time.time()
+            if now >= give_up_at:
+                logger.info("the gathering is still open at our deadline (%d of %s peers)", len(on_time), full)
+                return None
+            if now >= gather_until:
+                break
+            await asyncio.sleep(min(GATHER_POLL_SECONDS, gather_until - now, give_up_at - now))
+            registrations = await self._registrations(key, mine)
+        await asyncio.sleep(max(0.0, gather_until + SETTLE_SECONDS - time.time()))
+        return [r.member for r in await self._registrations(key, mine) if r.registered_at <= gather_until]
 
     async def _registrations(self, key: str, mine: Registration) -> list[Registration]:
         found = await self.dht.aget(key, latest=True)

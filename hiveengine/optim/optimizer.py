@@ -248,7 +248,8 @@ class Optimizer:
         for attempt in range(0 if alone else ROUND_ATTEMPTS):
             # Each attempt gathers under its own matchmaking key: the previous gathering's deadline has passed.
             self.grad_averager.local_epoch = self.epoch * ROUND_ATTEMPTS + attempt
-            result = self.grad_averager.step(weight=float(self.samples), timeout=self.averaging_timeout)
+            expected = sum(1 for p in self.swarm.peers if p.epoch == self.epoch) or None
+            result = self.grad_averager.step(float(self.samples), self.averaging_timeout, expected_peers=expected)
             if result is not None:
                 break
             swarm = self._check()
