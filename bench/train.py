@@ -34,6 +34,7 @@ HELDOUT_FRACTION = 0.05
 EVAL_SEQUENCES = 128
 PROGRESS_SECONDS = 5.0  # how often a worker prints its progress line
 VOCAB = 256  # bytes
+PEERS_PER_DATA_SEED = 100  # data streams of one seed: rank r reads stream 1000 + 100 * data_seed + r
 
 
 def build_corpus(max_bytes: int = CORPUS_BYTES) -> torch.Tensor:
@@ -106,8 +107,18 @@ def split_corpus() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def make_model(args) -> TinyLM:
+    """The model every run starts from: seed-0 parameters, or those saved in `--init` (a warm start)."""
     torch.manual_seed(0)  # every peer starts from the same parameters
-    return TinyLM(args.dim, args.layers, args.heads, args.seq)
+    model = TinyLM(args.dim, args.layers, args.heads, args.seq)
+    if args.init:
+        model.load_state_dict(torch.load(args.init, weights_only=True))
+    return model
+
+
+def data_stream(args, rank: int) -> torch.Generator:
+    """The random source of one run's training batches: distinct per peer, and per data seed (the warm-up
+    reads other samples than the runs that continue from it)."""
+    return torch.Generator().manual_seed(1000 + PEERS_PER_DATA_SEED * args.data_seed + rank)
 
 
 class Metrics:
@@ -153,7 +164,7 @@ def run_worker(args) -> dict:
     opt = engine.optimizer(torch.optim.AdamW(model.parameters(), lr=args.lr), mode=args.mode, **options)
     opt.wait_for_peers(peers, timeout=120)
     metrics = Metrics(args.metrics and f"{args.metrics}-worker{engine.local_rank}.jsonl")
-    gen = torch.Generator().manual_seed(1000 + engine.local_rank)
+    gen = data_stream(args, engine.local_rank)
     start = last_print = time.monotonic()
     samples = 0
     while opt.epoch < epochs:
@@ -196,7 +207,7 @@ def run_baseline(args) -> dict:
     train, heldout = split_corpus()
     model = make_model(args)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
-    gen = torch.Generator().manual_seed(1000)
+    gen = data_stream(args, 0)
     metrics = Metrics(args.metrics and f"{args.metrics}-baseline.jsonl")
     steps, start = args.samples // args.target_batch_size, time.monotonic()
     for step in range(steps):
@@ -215,6 +226,8 @@ def run_baseline(args) -> dict:
         "wall_s": time.monotonic() - start,
         "bytes_averaged": 0,
     }
+    if args.save:
+        torch.save(model.state_dict(), args.save)
     metrics.write(**result)
     metrics.close()
     print(RESULT_PREFIX, json.dumps(result), flush=True)
@@ -251,6 +264,8 @@ def compare(args) -> int:
     RESULTS_DIR.mkdir(exist_ok=True)
     here, common = str(Path(__file__).resolve()), model_args(args)
     metrics = str(RESULTS_DIR / "train")
+    if args.warmup_samples:
+        common += ["--init", warm_start(args, here)]
     runs = {"single process": collect([sys.executable, here, "--baseline", *common, "--metrics", metrics], 3600)}
     for mode, codec in (("sync", args.codec), ("diloco", args.diloco_codec)):
         launch = [sys.executable, "-m", "hiveengine.cli", "launch", "--nproc", str(args.peers), "--run-id", mode]
@@ -268,6 +283,16 @@ def compare(args) -> int:
         runs = ("baseline", "sync-worker0", "diloco-worker0")
         plot(Path(args.plot), [RESULTS_DIR / f"train-{run}.jsonl" for run in runs])
     return 0
+
+
+def warm_start(args, here: str) -> str:
+    """Train the single-process baseline for `--warmup-samples` and return the checkpoint every compared run
+    starts from (the DiLoCo paper's protocol: the methods are compared from a pretrained model, not from
+    random weights, where averaging models that drifted apart for H steps loses most of their progress)."""
+    path = RESULTS_DIR / f"train-warm-{args.warmup_samples}.pt"
+    warm = [*model_args(args), "--samples", str(args.warmup_samples), "--save", str(path), "--data-seed", "1"]
+    collect([sys.executable, here, "--baseline", *warm], 3600)
+    return str(path)
 
 
 def _row(name: str, results: list[dict], baseline: dict, sync_bytes: int) -> dict:
@@ -307,6 +332,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--inner-steps", type=int, default=100, help="diloco: local steps between averaging")
     parser.add_argument("--outer-lr", type=float, default=DILOCO_OUTER_LR, help="diloco: outer learning rate")
     parser.add_argument("--outer-momentum", type=float, default=DILOCO_OUTER_MOMENTUM, help="diloco: Nesterov momentum")
+    parser.add_argument("--init", default=None, help="start from the model parameters saved in this file")
+    parser.add_argument("--data-seed", type=int, default=0, help="which stream of training batches to read")
+    parser.add_argument("--save", default=None, help="baseline: save the trained model parameters to this file")
+    parser.add_argument(
+        "--warmup-samples", type=int, default=0, help="comparison: every run starts from a model pretrained this long"
+    )
     parser.add_argument("--matchmaking-time", type=float, default=0.5, help="seconds peers gather for a round")
     parser.add_argument("--metrics", default=None, help="write JSON-lines metrics to PREFIX-*.jsonl")
     parser.add_argument("--plot", default=None, help="comparison: also draw the metrics into this PNG")
