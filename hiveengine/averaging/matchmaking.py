@@ -83,7 +83,8 @@ class Matchmaker:
     async def find_group(self, epoch: int, deadline: float, expected: int | None = None) -> GroupInfo | None:
         """Register for `epoch`, wait for its gathering to end, return our group (None: too few peers, we came
         too late, or `deadline` (monotonic) would pass first). `expected`: how many peers should register in
-        all; when that many (or a full group) have, the gathering ends without waiting out matchmaking_time."""
+        all; when that many have (and they fit in one group), the gathering ends without waiting out
+        matchmaking_time."""
         cfg = self.config
         key = round_key(self.prefix, epoch, bucket_of(self.me.peer_id, epoch, cfg.buckets()))
         now = time.time()
@@ -133,11 +134,10 @@ class Matchmaker:
         when that many registered sooner. None if we are not among them, or the gathering is still open
         at `give_up_at`."""
         while True:
-            on_time = [r for r in registrations if r.registered_at <= gather_until]
+            on_time = _registered_by(registrations, gather_until)
             if full is not None and len(on_time) >= full:
                 await asyncio.sleep(EARLY_SETTLE_SECONDS)
-                registrations = await self._registrations(key, mine)
-                on_time = [r for r in registrations if r.registered_at <= gather_until]
+                on_time = _registered_by(await self._registrations(key, mine), gather_until)
                 first = sorted(on_time, key=lambda r: (r.registered_at, r.member.peer_id.raw))[:full]
                 if all(r.member.peer_id != self.me.peer_id for r in first):
                     logger.info("the gathering filled up with %d earlier peers", full)
@@ -152,7 +152,7 @@ class Matchmaker:
             await asyncio.sleep(min(GATHER_POLL_SECONDS, gather_until - now, give_up_at - now))
             registrations = await self._registrations(key, mine)
         await asyncio.sleep(max(0.0, gather_until + SETTLE_SECONDS - time.time()))
-        return [r.member for r in await self._registrations(key, mine) if r.registered_at <= gather_until]
+        return [r.member for r in _registered_by(await self._registrations(key, mine), gather_until)]
 
     async def _registrations(self, key: str, mine: Registration) -> list[Registration]:
         found = await self.dht.aget(key, latest=True)
@@ -160,6 +160,11 @@ class Matchmaker:
         if all(r.member.peer_id != self.me.peer_id for r in registrations):
             registrations.append(mine)  # our own may not have reached the nodes we read from
         return registrations
+
+
+def _registered_by(registrations: list[Registration], gather_until: float) -> list[Registration]:
+    """The registrations the cut keeps: those made before the gathering's deadline."""
+    return [r for r in registrations if r.registered_at <= gather_until]
 
 
 def _parse(subkeys) -> list[Registration]:

@@ -78,15 +78,11 @@ class FrameSpec:
     @staticmethod
     def wire_of(t: torch.Tensor) -> list:
         """`FrameSpec.of(t).to_wire()` without the intermediate object (the send path's hot spot)."""
-        name = DTYPE_NAMES.get(t.dtype)
-        if name is None:
-            raise ProtocolError(f"tensors of dtype {t.dtype} cannot be sent; supported: {sorted(DTYPES)}")
-        return [name, list(t.shape), t.device.type]
+        return [_dtype_name(t), list(t.shape), t.device.type]
 
     @classmethod
     def of(cls, t: torch.Tensor) -> FrameSpec:
-        if t.dtype not in DTYPE_NAMES:
-            raise ProtocolError(f"tensors of dtype {t.dtype} cannot be sent; supported: {sorted(DTYPES)}")
+        _dtype_name(t)
         return cls(t.dtype, tuple(t.shape), t.device.type)
 
     @classmethod
@@ -111,6 +107,14 @@ class FrameSpec:
                 "(send it with a stream, or raise TransportLimits.max_frame_bytes on the receiver)"
             )
         return spec
+
+
+def _dtype_name(t: torch.Tensor) -> str:
+    """The wire name of `t`'s dtype; a dtype the wire cannot carry is refused."""
+    name = DTYPE_NAMES.get(t.dtype)
+    if name is None:
+        raise ProtocolError(f"tensors of dtype {t.dtype} cannot be sent; supported: {sorted(DTYPES)}")
+    return name
 
 
 def encode_control(body: dict, limits: TransportLimits, tail: Sequence = ()) -> bytes:
