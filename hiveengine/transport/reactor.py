@@ -174,13 +174,16 @@ class Reactor:
             self._resolve(req, future)
         else:
             self._pending[req] = (future, keepalive)
+            self.kick()
         self._active()
         return future
 
     def _active(self) -> None:
-        """We just posted a request: its answer (or its next step) is likely close, so poll for a while."""
-        self._spin_until = time.monotonic() + SPIN_SECONDS
-        self.kick()
+        """We just posted a request: its answer (or its next step) is likely close, so poll for a while
+        (with spinning off, a request UCX already completed needs no progress pass)."""
+        if SPIN_SECONDS:
+            self._spin_until = time.monotonic() + SPIN_SECONDS
+            self.kick()
 
     def reserve_base(self, max_control_bytes: int) -> int:
         """A fresh receive tag base for a connection being set up; its control messages (up to
