@@ -113,8 +113,13 @@ def _spawn(*args: str, peers: int, rank: int, net: ShapedNetwork | None) -> subp
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // peers))}
     argv = [sys.executable, __file__, *args]
     if net is not None:
-        # TCP only: shared memory between namespaces would bypass the shaped link.
-        env.update(UCX_TLS="tcp,self", HIVEENGINE_ANNOUNCE_HOST=net.host(rank), GLOO_SOCKET_IFNAME=INNER_IFACE)
+        # TCP only: shared memory or direct copies between namespaces would bypass the shaped link.
+        env.update(
+            UCX_TLS="tcp,self",
+            HIVEENGINE_LOCAL_COPY="0",
+            HIVEENGINE_ANNOUNCE_HOST=net.host(rank),
+            GLOO_SOCKET_IFNAME=INNER_IFACE,
+        )
         argv = net.command(rank, argv)
     return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
 

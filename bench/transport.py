@@ -34,8 +34,11 @@ BYTES_PER_SIZE = 1024 * MiB  # repeat each size until about this much was sent (
 IDLE_SECONDS = 3.0
 LINE_TIMEOUT = 120.0
 CONFIGS = {
-    "ucx-shm": {"role": "ucx", "env": {"UCX_TLS": "sm,tcp,self"}},
-    "ucx-tcp": {"role": "ucx", "env": {"UCX_TLS": "tcp,self"}},
+    # ucx-local: hiveengine's default on one host (large host frames are read directly by the receiver);
+    # ucx-shm and ucx-tcp: everything through UCX, over its shared memory or TCP transports.
+    "ucx-local": {"role": "ucx", "env": {"UCX_TLS": "sm,tcp,self"}},
+    "ucx-shm": {"role": "ucx", "env": {"UCX_TLS": "sm,tcp,self", "HIVEENGINE_LOCAL_COPY": "0"}},
+    "ucx-tcp": {"role": "ucx", "env": {"UCX_TLS": "tcp,self", "HIVEENGINE_LOCAL_COPY": "0"}},
     "asyncio-streams": {"role": "streams", "env": {}},
     "asyncio-sockets": {"role": "tcp", "env": {}},
 }

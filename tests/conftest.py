@@ -16,3 +16,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="module")
+def server():
+    """A transport test peer in its own process (tests/transport_peer.py): (process, address)."""
+    from tests.procs import start_server
+
+    proc, address = start_server()
+    yield proc, address
+    proc.close()

@@ -22,18 +22,12 @@ from hiveengine.errors import (
 )
 from hiveengine.transport import Identity, Peer, PeerAddress, TransportLimits
 from hiveengine.transport.connection import CONTROL_SEQ, _tag
+from hiveengine.transport.limits import LOCAL_COPY_ENV
 from hiveengine.transport.wire import DTYPES, PREFIX, Kind
 from tests.procs import PeerProcess, start_server
 
 pytestmark = pytest.mark.timeout(60)
 MiB = 1 << 20
-
-
-@pytest.fixture(scope="module")
-def server():
-    proc, address = start_server()
-    yield proc, address
-    proc.close()
 
 
 @pytest.fixture(scope="module")
@@ -300,7 +294,7 @@ def test_forged_handshake_is_rejected():
 
 
 def test_two_processes_over_tcp_only():
-    env = {"UCX_TLS": "tcp"}
+    env = {"UCX_TLS": "tcp", LOCAL_COPY_ENV: "0"}
     proc, address = start_server(env=env)
     try:
         client_proc = PeerProcess("transport_peer.py", "client", address, env=env)

@@ -4,6 +4,10 @@ Tags are worker-wide in UCX, so each connection receives on its own 32-bit tag b
 tag = base << 32 | 0 for control messages, base << 32 | seq for tensor frames (seq ≥ 1, one per frame).
 The reactor receives control messages for all connections and hands each to its connection, which
 decodes them in arrival order and passes them to its handler (the Peer).
+
+Between processes on one host, large host frames skip UCX: once the receiver proved it can read the
+sender's memory (local_copy.py), a message announces their addresses ("a") instead, the receiver copies
+them directly and acknowledges with FRAMES_READ, which completes the sender's send.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -20,11 +25,13 @@ import numpy as np
 import torch
 
 from hiveengine.errors import ConnectionLostError, ProtocolError
+from hiveengine.transport import local_copy
 from hiveengine.transport.handshake import Authenticated
 from hiveengine.transport.limits import TransportLimits
 from hiveengine.transport.reactor import close_endpoint, retrieve_outcome
 from hiveengine.transport.wire import (
     FrameSpec,
+    Kind,
     allocate,
     as_frame,
     check_buffers,
@@ -81,6 +88,11 @@ class Connection:
         self.reading = True  # False once the peer broke the protocol: nothing more of it is processed
         self.last_used = time.monotonic()
         self.error: Exception | None = None
+        self.local_pid: int | None = None  # set once we proved we can read the remote's memory directly
+        self.remote_reads_us = False  # the remote proved it can read ours: large host frames go by address
+        self._nonce: bytes | None = None  # our probe, until the remote's proof comes
+        self._proof: np.ndarray | None = None  # the remote's nonce, in our memory, until it has read it
+        self._local_sends: dict[int, asyncio.Future] = {}  # frame seq -> done when the remote read them
 
     def __repr__(self) -> str:
         return f"Connection({self.label}{self.remote!r})"
@@ -117,6 +129,7 @@ class Connection:
         self.last_used = time.monotonic()
         frames: list[torch.Tensor] = []
         tail: list[np.ndarray] = []
+        by_address = False
         if tensors:
             body["f"] = [FrameSpec.wire_of(t) for t in tensors]
             frames = [as_frame(t) for t in tensors]
@@ -125,14 +138,35 @@ class Connection:
                 tail, frames = [frame.numpy() for frame in frames], []
             else:
                 body["s"] = self._reserve_seqs(len(frames))
+                by_address = self._by_address(frames)
+                if by_address:
+                    body["a"] = [frame.data_ptr() for frame in frames]
         message = encode_control(body, self.limits, tail)
+        read = self._await_read(body["s"], frames) if by_address else None
         pending = self.reactor.send_now(self.endpoint, message, _tag(self.send_base, CONTROL_SEQ))
         futures = [] if pending is None else [pending]
+        if read is not None:
+            return [*futures, read]
         for i, frame in enumerate(frames):
             if frame.numel():
                 tag = _tag(self.send_base, _frame_seq(body["s"], i))
                 futures.append(self.reactor.tag_send(self.endpoint, wire_buffer(frame), tag))
         return futures
+
+    def _by_address(self, frames: Sequence[torch.Tensor]) -> bool:
+        """Whether the remote reads these frames from our memory instead of receiving them through UCX."""
+        return (
+            self.remote_reads_us
+            and all(f.device.type == "cpu" for f in frames)
+            and sum(f.numel() for f in frames) >= self.limits.local_copy_min_bytes
+        )
+
+    def _await_read(self, seq: int, frames: Sequence[torch.Tensor]) -> asyncio.Future:
+        """A future the remote's FRAMES_READ for message `seq` completes; `frames` stay alive until then."""
+        future = asyncio.get_running_loop().create_future()
+        self._local_sends[seq] = future
+        future.add_done_callback(lambda _: (frames, self._local_sends.pop(seq, None)))
+        return future
 
     def _inlinable(self, frames: Sequence[torch.Tensor]) -> bool:
         total = sum(f.numel() for f in frames)
@@ -176,6 +210,9 @@ class Connection:
 
     async def receive_into(self, body: dict, tensors: Sequence[torch.Tensor], first_index: int = 0) -> None:
         """Receive announced frames straight into the given contiguous tensors (sizes already checked)."""
+        if "a" in body:
+            await self._read_local(body, tensors, first_index)
+            return
         futures = [
             self.reactor.tag_recv(self.endpoint, wire_buffer(as_frame(t)), self.frame_tag(body, first_index + i))
             for i, t in enumerate(tensors)
@@ -183,10 +220,30 @@ class Connection:
         ]
         await self.wait(futures)
 
+    async def _read_local(self, body: dict, tensors: Sequence[torch.Tensor], first_index: int) -> None:
+        """Copy frames announced by address straight from the sender's memory, then release the sender."""
+        try:
+            addresses = local_copy.check_addresses(body["a"], len(body.get("f", ())))
+            if self.local_pid is None:
+                raise ProtocolError("frames were announced by address on a connection that never proved it local")
+            frames = [as_frame(t) for t in tensors]
+            await local_copy.read_into(self.local_pid, frames, addresses[first_index : first_index + len(frames)])
+        except ConnectionLostError as e:
+            raise self.lost(e) from None
+        finally:
+            self._frames_read(body)
+
+    def _frames_read(self, body: dict) -> None:
+        self._post_quietly({"k": Kind.FRAMES_READ, "i": 0, "s": body.get("s")})
+
     def discard_frames(self, body: dict, count: int) -> None:
         """Drop frames we will not read: a 1-byte receive truncates each and frees the sender. Inline
-        tensors came inside the control message: nothing is left on the wire for them."""
+        tensors came inside the control message: nothing is left on the wire for them; frames announced
+        by address are only acknowledged."""
         if "x" in body:
+            return
+        if "a" in body:
+            self._frames_read(body)
             return
         for i in range(count):
             scratch = np.empty(1, dtype=np.uint8)
@@ -197,6 +254,9 @@ class Connection:
         """Begin handing control messages to `handler`; `on_lost(self)` runs once when the connection dies."""
         self._handler, self._on_lost = handler, on_lost
         self.reactor.listen(self.recv_base, self._arrived, self.limits.max_header_bytes)
+        if self.limits.local_copy and local_copy.available():
+            self._nonce = os.urandom(local_copy.NONCE_BYTES)
+            self._post_quietly({"k": Kind.LOCAL_PROBE, "i": 0, "n": self._nonce})
 
     def _arrived(self, future: asyncio.Future | None, buf: np.ndarray, length: int) -> None:
         if future is None and not self._inbox:  # received already, nothing queued before it: the usual case
@@ -240,7 +300,50 @@ class Connection:
         except ProtocolError as e:
             self._handler.on_bad_message(self, e)
             return
-        self._handler.on_message(self, body)
+        if body["k"] >= Kind.LOCAL_PROBE:
+            self._on_local_message(body)
+        else:
+            self._handler.on_message(self, body)
+
+    def _on_local_message(self, body: dict) -> None:
+        """The same-host direct copy's own messages: probe, proof, ready, and read acknowledgements."""
+        kind = body["k"]
+        if kind == Kind.FRAMES_READ:
+            future = self._local_sends.pop(body.get("s"), None)
+            if future is not None and not future.done():
+                future.set_result(None)
+        elif kind == Kind.LOCAL_PROBE:
+            nonce = body.get("n")
+            if self.limits.local_copy and isinstance(nonce, bytes) and len(nonce) == local_copy.NONCE_BYTES:
+                self._proof = np.frombuffer(nonce, dtype=np.uint8).copy()
+                self._post_quietly({"k": Kind.LOCAL_PROOF, "i": 0, "p": os.getpid(), "o": self._proof.ctypes.data})
+        elif kind == Kind.LOCAL_PROOF:
+            nonce, self._nonce = self._nonce, None
+            pid, address = body.get("p"), body.get("o")
+            if nonce is None or not isinstance(pid, int) or not isinstance(address, int):
+                return
+            if 0 < pid < 1 << 31 and 0 <= address < 1 << 64:
+                try:
+                    proven = local_copy.read_bytes(pid, address, len(nonce)) == nonce
+                except (ProtocolError, ConnectionLostError) as e:
+                    logger.debug("%r: no direct copy: %s", self, e)
+                    proven = False
+                if proven:
+                    self.local_pid = pid
+                    self._post_quietly({"k": Kind.LOCAL_READY, "i": 0})
+                    logger.debug("%r: large frames are read directly from process %d", self, pid)
+        elif kind == Kind.LOCAL_READY and self._proof is not None:
+            self._proof, self.remote_reads_us = None, True
+
+    def _post_quietly(self, body: dict) -> None:
+        """Send a connection-level message nobody waits for; a connection that is gone drops it."""
+        try:
+            futures = self.post(body)
+        except (ConnectionLostError, ProtocolError) as e:
+            logger.debug("%r: could not send %s: %s", self, Kind(body["k"]).name, e)
+            return
+        for future in futures:
+            retrieve_outcome(future)
 
     def lost(self, cause: Exception) -> ConnectionLostError:
         """Mark the connection dead (once) and fail every call still waiting on it."""
@@ -256,6 +359,11 @@ class Connection:
                     future.set_exception(error)
                     future.add_done_callback(retrieve_outcome)  # its caller may have stopped waiting already
             self.pending.clear()
+            for future in list(self._local_sends.values()):
+                if not future.done():
+                    future.set_exception(error)
+                    future.add_done_callback(retrieve_outcome)
+            self._local_sends.clear()
             for future, _, _ in self._inbox:
                 retrieve_outcome(future)
             self._inbox.clear()

@@ -19,7 +19,7 @@ from hiveengine.errors import HandshakeError
 from hiveengine.transport.identity import SIGNATURE_BYTES, Identity, PeerID, verify_signature
 
 MAGIC = b"HIVE"
-PROTOCOL_VERSION = 2  # 2: small tensors travel inline after the header, 8-byte aligned
+PROTOCOL_VERSION = 3  # 2: small tensors inline after the header; 3: same-host direct copy messages
 HELLO = struct.Struct("<4sHHI32s32s32s")  # magic, version, flags, recv tag base, target id, key, nonce
 TRANSCRIPT_DOMAIN = b"hiveengine-handshake-v1"
 NO_TARGET = bytes(32)

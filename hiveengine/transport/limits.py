@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 
 KiB = 1 << 10
 MiB = 1 << 20
 GiB = 1 << 30
+LOCAL_COPY_ENV = "HIVEENGINE_LOCAL_COPY"  # "0" turns the same-host direct copy off (e.g. to test a network)
 
 
 @dataclass(frozen=True)
@@ -24,6 +26,10 @@ class TransportLimits:
     # Host tensors totalling at most this many bytes travel inside the control message (one UCX message
     # instead of one per tensor: small calls are latency-bound).
     inline_tensor_bytes: int = 16 * KiB
+    # Between processes on one host, host tensors totalling at least this many bytes are read by the
+    # receiver straight from the sender's memory (one copy; see local_copy.py) instead of through UCX.
+    local_copy: bool = field(default_factory=lambda: os.environ.get(LOCAL_COPY_ENV, "1") != "0")
+    local_copy_min_bytes: int = 256 * KiB
     # User headers larger than this are zstd-compressed on the wire.
     compress_threshold_bytes: int = 4 * KiB
     # Streams: chunk size and how many chunks a sender keeps in flight.
