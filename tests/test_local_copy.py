@@ -3,16 +3,21 @@ reader proved it can read the sender (real processes over UCX on 127.0.0.1)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
 
+import msgpack
+import numpy as np
 import pytest
 import torch
 
 from hiveengine.errors import ConnectionLostError, ProtocolError
 from hiveengine.transport import Peer, TransportLimits, local_copy
 from hiveengine.transport import connection as connection_module
+from hiveengine.transport.connection import CONTROL_SEQ, _tag
+from hiveengine.transport.wire import PREFIX, Kind
 
 pytestmark = [
     pytest.mark.timeout(60),
@@ -116,4 +121,43 @@ def test_frames_announced_by_address_without_a_proof_are_refused():
         assert seen == []
     finally:
         client.shutdown()
+        server.shutdown()
+
+
+def test_malformed_direct_copy_messages_are_ignored_and_the_connection_serves_on(caplog):
+    """Junk probes, proofs and acknowledgements are dropped quietly: nothing fails on the receiving loop."""
+    server, peer = Peer(), Peer()
+
+    async def echo(request):
+        return {}, request.tensors
+
+    server.register("echo", echo)
+    junk = [
+        {"k": Kind.FRAMES_READ, "i": 0, "s": [1, 2]},
+        {"k": Kind.FRAMES_READ, "i": 0, "s": 12345},
+        {"k": Kind.LOCAL_PROBE, "i": 0, "n": b"short"},
+        {"k": Kind.LOCAL_PROOF, "i": 0, "p": "me", "o": -1},
+        {"k": Kind.LOCAL_PROOF, "i": 0, "p": 1 << 40, "o": (1 << 64) - 1},
+        {"k": Kind.LOCAL_PROOF, "i": 0, "p": 1, "o": 0},
+        {"k": Kind.LOCAL_READY, "i": 0},
+    ]
+
+    async def send_junk():
+        conn = await peer.connect(server.address)
+        for body in junk:
+            payload = msgpack.packb(body)
+            buf = np.frombuffer(PREFIX.pack(len(payload), 0) + payload, dtype=np.uint8)
+            await conn.reactor.tag_send(conn.endpoint, buf, _tag(conn.send_base, CONTROL_SEQ))
+        return conn
+
+    try:
+        with caplog.at_level(logging.ERROR):
+            conn = peer.runtime.run(send_junk(), 30)
+            x = torch.randn(MiB, generator=torch.Generator().manual_seed(15))
+            _, (got,) = peer.call_sync(server.address, "echo", {}, [x], timeout=30)
+        assert torch.equal(got, x)
+        assert _connection(peer, server.address) is conn and not conn.closed
+        assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    finally:
+        peer.shutdown()
         server.shutdown()

@@ -309,7 +309,8 @@ class Connection:
         """The same-host direct copy's own messages: probe, proof, ready, and read acknowledgements."""
         kind = body["k"]
         if kind == Kind.FRAMES_READ:
-            future = self._local_sends.pop(body.get("s"), None)
+            seq = body.get("s")
+            future = self._local_sends.pop(seq, None) if isinstance(seq, int) else None
             if future is not None and not future.done():
                 future.set_result(None)
         elif kind == Kind.LOCAL_PROBE:
