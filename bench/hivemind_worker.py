@@ -1,7 +1,9 @@
 """One hivemind peer for bench/allreduce.py --compare hivemind (runs in hivemind's own venv, never ours).
 
 Reads a JSON plan on stdin: {"initial_peers": [...], "numel", "peers", "rounds", "compression", "rank"}.
-Prints "MADDRS <json list>" once its DHT is up and "RESULT <json>" with per-round step times.
+Prints "MADDRS <json list>" once its DHT is up and "RESULT <json>" with per-round times. A round times the
+all-reduce alone, as the other systems' rounds do (their groups are formed beforehand): the peer forms
+its group, prints "READY", and starts the all-reduce on the next "go" line, so all peers start together.
 """
 
 import json
@@ -10,11 +12,30 @@ import time
 
 import hivemind
 import torch
+from hivemind.averaging.control import AveragingStage
 from hivemind.compression import Float16Compression, NoCompression, Uniform8BitQuantization
 
 COMPRESSION = {"none": NoCompression, "fp16": Float16Compression, "int8": Uniform8BitQuantization}
 MATCHMAKING_TIME = 1.0
 REQUEST_TIMEOUT = 0.5  # hivemind warns that matchmaking can deadlock unless this is below MATCHMAKING_TIME
+STAGE_POLL_SECONDS = 0.001  # how often a peer checks whether its group formed (outside the timed part)
+STEP_TIMEOUT = 600.0
+
+
+def allreduce_seconds(averager) -> float:
+    """One step's all-reduce alone: form the group, report READY, wait for "go", then time the all-reduce."""
+    control = averager.step(timeout=STEP_TIMEOUT, require_trigger=True, wait=False)
+    while control.stage in (AveragingStage.IDLE, AveragingStage.LOOKING_FOR_GROUP):
+        time.sleep(STAGE_POLL_SECONDS)
+    if control.stage != AveragingStage.AWAITING_TRIGGER:
+        raise SystemExit(f"hivemind formed no group ({control.stage})")
+    print("READY", flush=True)
+    sys.stdin.readline()
+    start = time.perf_counter()
+    control.allow_allreduce()
+    if control.result() is None:
+        raise SystemExit("hivemind's all-reduce failed")
+    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -33,14 +54,7 @@ def main() -> None:
         compression=COMPRESSION[plan["compression"]](),
         start=True,
     )
-    sys.stdin.readline()  # everyone starts together
-    times = []
-    for _ in range(plan["rounds"] + 1):
-        start = time.perf_counter()
-        group = averager.step(timeout=600)
-        times.append(time.perf_counter() - start)
-        if group is None:
-            raise SystemExit("hivemind formed no group")
+    times = [allreduce_seconds(averager) for _ in range(plan["rounds"] + 1)]
     print("RESULT", json.dumps({"times": times[1:]}), flush=True)
     averager.shutdown()
     dht.shutdown()
