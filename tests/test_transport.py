@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import time
 
 import msgpack
 import numpy as np
+import psutil
 import pytest
 import torch
 
@@ -63,6 +65,21 @@ def test_round_trip_of_every_dtype_and_shape(client, server):
         assert got.dtype == sent.dtype and got.shape == sent.shape
         assert torch.equal(got, sent)
         assert got.numel() == 0 or got.data_ptr() % got.element_size() == 0  # inline tensors are aligned views
+
+
+IDLE_WINDOW = 1.5  # seconds both peers sit idle while their CPU time is read
+IDLE_CPU_FRACTION = 0.2  # a peer still polling after activity would use about all of one core
+
+
+def test_peers_stop_polling_once_idle(client, server):
+    proc, address = server
+    for _ in range(20):  # activity starts the adaptive polling window on both sides
+        client.call_sync(address, "echo", {}, [torch.zeros(4)], timeout=30)
+    remote = psutil.Process(proc.proc.pid)
+    start, remote_start = time.process_time(), sum(remote.cpu_times()[:2])
+    time.sleep(IDLE_WINDOW)  # the measurement window itself, not a wait for anything
+    assert time.process_time() - start < IDLE_CPU_FRACTION * IDLE_WINDOW
+    assert sum(remote.cpu_times()[:2]) - remote_start < IDLE_CPU_FRACTION * IDLE_WINDOW
 
 
 def test_non_contiguous_tensors_arrive_intact(client, server):

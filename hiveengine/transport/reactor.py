@@ -5,9 +5,10 @@ the event loop). Here a posted receive costs nothing: the worker is armed, async
 file descriptor, and request completion is checked only after the worker made progress.
 
 Right after UCX did something (a message came or went, a request completed), the reply or the next
-step of a transfer usually follows within microseconds. Waking up through the fd costs an epoll round
-and a re-arm on each side, so for a short bounded window after activity the worker is progressed on
-every loop iteration instead (adaptive polling). An idle worker never spins.
+step of a transfer usually follows within microseconds. Sleeping on the fd in between costs a re-arm,
+an epoll round and a wake-up on each side (about 100 us per side per round trip on the VMs measured), so
+for a short bounded window after activity (HIVEENGINE_SPIN_US) the worker is progressed on every loop
+iteration instead (adaptive polling). An idle worker never spins.
 
 Control messages are not received through one standing receive per connection (checking all of them
 after every progress pass costs O(connections)). Their tag carries the receiving connection's 32-bit
@@ -19,21 +20,42 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
+from hiveengine.errors import ConfigurationError
 from hiveengine.transport.ucx_env import import_ucxx
 
 logger = logging.getLogger(__name__)
 ACTIVE_POLL_INTERVAL = 0.0002  # seconds between progress passes while transfers are in flight
-# After UCX activity, progress on every loop iteration this long before sleeping on the fd. Off by default:
-# on the 2-core hosts measured, spinning took the CPU the other peer needed (4 KiB RTT +30%, 1 MiB transfers
-# at half speed with 200 us). Worth raising where each peer has a spare core.
-SPIN_SECONDS = 0.0
+# After UCX activity, progress on every loop iteration this long before sleeping on the fd. Measured on a quiet
+# 2-core host: 4 KiB round trip 342 -> 184 us, 1 MiB streams 2.0 -> 2.3 GB/s, idle CPU still 0%; a 4-peer
+# all-reduce on those 2 cores 3-7% slower (the spinning peers take CPU the others could use). 0 turns it off,
+# which suits hosts where more peers than cores share the CPU.
+SPIN_ENV = "HIVEENGINE_SPIN_US"
+DEFAULT_SPIN_US = 200.0
+MAX_SPIN_US = 100_000.0
+
+
+def spin_seconds(environ: Mapping[str, str] = os.environ) -> float:
+    """The adaptive polling window from HIVEENGINE_SPIN_US (microseconds), in seconds."""
+    raw = environ.get(SPIN_ENV)
+    if raw is None:
+        return DEFAULT_SPIN_US / 1e6
+    try:
+        us = float(raw)
+    except ValueError:
+        us = -1.0
+    if not 0 <= us <= MAX_SPIN_US:
+        raise ConfigurationError(f"{SPIN_ENV}={raw!r}: expected microseconds between 0 and {MAX_SPIN_US:g}")
+    return us / 1e6
+
+
 BASE_SHIFT = 32  # a tag is base << BASE_SHIFT | seq; control messages have seq 0
 CONTROL_MASK = (1 << BASE_SHIFT) - 1  # matches every tag whose seq is 0, whatever its base
 MAX_EARLY_MESSAGES = 64  # control messages held for a base whose connection is still being set up
@@ -76,6 +98,7 @@ class Reactor:
         self._poll_handle: asyncio.TimerHandle | None = None
         self._scheduled = False
         self._spin_until = 0.0
+        self._spin_seconds = spin_seconds()
         self._closed = False
         loop.add_reader(self._fd, self._on_fd)
         self.kick()
@@ -101,7 +124,7 @@ class Reactor:
         if self._closed:
             return
         if self._pass():
-            self._spin_until = time.monotonic() + SPIN_SECONDS
+            self._spin_until = time.monotonic() + self._spin_seconds
         while time.monotonic() >= self._spin_until:
             if self.worker.arm():
                 # UCX does not always raise an fd event when a large transfer can make progress again (e.g.
@@ -111,7 +134,7 @@ class Reactor:
                     self._poll_handle = self.loop.call_later(ACTIVE_POLL_INTERVAL, self._poll)
                 return
             if self._pass():
-                self._spin_until = time.monotonic() + SPIN_SECONDS
+                self._spin_until = time.monotonic() + self._spin_seconds
         self.kick()
 
     def _pass(self) -> bool:
@@ -181,8 +204,8 @@ class Reactor:
     def _active(self) -> None:
         """We just posted a request: its answer (or its next step) is likely close, so poll for a while
         (with spinning off, a request UCX already completed needs no progress pass)."""
-        if SPIN_SECONDS:
-            self._spin_until = time.monotonic() + SPIN_SECONDS
+        if self._spin_seconds:
+            self._spin_until = time.monotonic() + self._spin_seconds
             self.kick()
 
     def reserve_base(self, max_control_bytes: int) -> int:

@@ -1,8 +1,10 @@
-"""hiveengine's UCX defaults: what is set, what the user's settings keep, and the TCP-only rendezvous scheme."""
+"""Transport settings from the environment: UCX defaults, the TCP-only rendezvous scheme, the polling window."""
 
 import pytest
 
+from hiveengine.errors import ConfigurationError
 from hiveengine.transport import UCX_DEFAULTS, configure_ucx_environment
+from hiveengine.transport.reactor import DEFAULT_SPIN_US, SPIN_ENV, spin_seconds
 
 
 def test_defaults_fill_only_what_the_user_left_unset():
@@ -31,3 +33,12 @@ def test_a_scheme_the_user_chose_is_kept():
     environ = {"UCX_TLS": "tcp", "UCX_RNDV_SCHEME": "put_zcopy"}
     configure_ucx_environment(environ)
     assert environ["UCX_RNDV_SCHEME"] == "put_zcopy"
+
+
+def test_adaptive_polling_window_comes_from_the_environment():
+    assert spin_seconds({}) == DEFAULT_SPIN_US / 1e6
+    assert spin_seconds({SPIN_ENV: "0"}) == 0
+    assert spin_seconds({SPIN_ENV: "50"}) == pytest.approx(50e-6)
+    for bad in ("-1", "fast", "1e9"):
+        with pytest.raises(ConfigurationError, match=SPIN_ENV):
+            spin_seconds({SPIN_ENV: bad})
