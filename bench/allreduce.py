@@ -12,7 +12,6 @@ import contextlib
 import hashlib
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -23,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import format_table, hivemind_python, read_prefixed, write_results
+from bench.common import format_table, hivemind_python, kill_worker, read_prefixed, write_results
 from tools.netns import INNER_IFACE, ShapedNetwork
 from tools.netns import available as netns_available
 
@@ -199,8 +198,7 @@ def run_hivemind(peers: int, numel: int, codec: str, rounds: int) -> dict:
         return _combine(results)
     finally:
         for p in procs:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGKILL)
+            kill_worker(p)
 
 
 def _combine(results: list[dict]) -> dict:
@@ -263,7 +261,13 @@ def measure_peers(args, peers: int, net: ShapedNetwork | None, rows: list, recor
         if args.compare == "hivemind":
             for codec in [c for c in args.codecs if c in HIVEMIND_CODECS]:
                 print(f"measuring hivemind {codec}, {peers} peers ...", file=sys.stderr, flush=True)
-                configs.append((f"hivemind {codec}", run_hivemind(peers, numel, codec, args.rounds)))
+                try:
+                    configs.append((f"hivemind {codec}", run_hivemind(peers, numel, codec, args.rounds)))
+                except RuntimeError as e:  # hivemind's own matchmaking sometimes never forms the group
+                    print(f"hivemind {codec}, {peers} peers did not finish: {e}", file=sys.stderr, flush=True)
+                    records.append(
+                        {"peers": peers, "mbytes": numel * 4 // MiB, "system": f"hivemind {codec}", "error": str(e)}
+                    )
         for name, r in configs:
             record = {
                 "peers": peers,

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -50,15 +53,30 @@ def write_results(name: str, payload: dict) -> Path:
     return path
 
 
+def kill_worker(proc: subprocess.Popen) -> None:
+    """SIGKILL a worker, and its whole process group when it leads one (hivemind's workers start helper
+    processes that would otherwise outlive it and keep its stdout open)."""
+    try:
+        if os.getpgid(proc.pid) == proc.pid:
+            os.killpg(proc.pid, signal.SIGKILL)
+        else:
+            proc.kill()
+    except ProcessLookupError:
+        pass
+
+
 def read_prefixed(proc: subprocess.Popen, prefix: str, timeout: float) -> str:
-    """The rest of the first stdout line of `proc` starting with `prefix` (a worker's announcement)."""
-    deadline = time.monotonic() + timeout
-    for line in proc.stdout:
-        if line.startswith(prefix):
-            return line[len(prefix) :].strip()
-        if time.monotonic() > deadline:
-            break
-    raise RuntimeError(f"{proc.args} ended without printing {prefix!r} (exit code {proc.poll()})")
+    """The rest of the first stdout line of `proc` starting with `prefix` (a worker's announcement). A worker
+    that prints no such line within `timeout` seconds is killed (a silent hang cannot block the caller)."""
+    watchdog = threading.Timer(timeout, kill_worker, (proc,))
+    watchdog.start()
+    try:
+        for line in proc.stdout:
+            if line.startswith(prefix):
+                return line[len(prefix) :].strip()
+    finally:
+        watchdog.cancel()
+    raise RuntimeError(f"{proc.args} printed no {prefix!r} line within {timeout} s (exit code {proc.poll()})")
 
 
 HIVEMIND_VENV = Path(__file__).resolve().parent / ".venv-hivemind"

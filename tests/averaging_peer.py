@@ -30,7 +30,7 @@ def main() -> None:
         print("STALLED", flush=True)
         sys.stdin.read()  # never takes part; the test kills us
         return
-    flat = seeded_data(me["seed"], plan["numel"])
+    flat = seeded_data(me["seed"], plan["numel"]).to(plan.get("device", "cpu"))
     result = peer.runtime.run(
         run_allreduce(
             service,
@@ -44,8 +44,9 @@ def main() -> None:
         ),
         timeout=plan["timeout"] + 30,
     )
-    torch.save(flat, me["out"])
-    print("RESULT", json.dumps({"failed_parts": result.failed_parts, "spans": result.spans}), flush=True)
+    torch.save(flat.cpu(), me["out"])
+    outcome = {"failed_parts": result.failed_parts, "spans": result.spans, "device": flat.device.type}
+    print("RESULT", json.dumps(outcome), flush=True)
     sys.stdin.read()
     peer.shutdown()
 

@@ -23,8 +23,11 @@ NUMEL = 100_003
 TOLERANCE = {"none": 0.0, "fp16": 4e-3, "bf16": 3e-2, "int8": 0.08, "int4": 1.6}
 
 
-def average_in_processes(tmp_path, specs: list[dict], codec: str, timeout: float = 60, sender_timeout: float = 3):
-    """Run one round among real processes; `specs` give each peer's weight, bandwidth, mode (and stall)."""
+def average_in_processes(
+    tmp_path, specs: list[dict], codec: str, timeout: float = 60, sender_timeout: float = 3, device: str = "cpu"
+):
+    """Run one round among real processes on `device` buffers; `specs` give each peer's weight, bandwidth,
+    mode (and stall)."""
     procs = [PeerProcess("averaging_peer.py") for _ in specs]
     try:
         addresses = [p.expect("ADDRESS") for p in procs]
@@ -45,6 +48,7 @@ def average_in_processes(tmp_path, specs: list[dict], codec: str, timeout: float
             "timeout": timeout,
             "chunk_elements": 1 << 14,
             "sender_timeout": sender_timeout,
+            "device": device,
         }
         for i, (proc, spec) in enumerate(zip(procs, specs, strict=True)):
             me = {"seed": i, "weight": spec.get("weight", 1.0), "out": str(tmp_path / f"{i}.pt"), **spec}
