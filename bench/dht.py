@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -24,7 +22,7 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import format_table, hivemind_python, read_prefixed, write_results
+from bench.common import format_table, hivemind_python, kill_worker, read_prefixed, write_results
 
 HERE = Path(__file__).resolve().parent
 HIVEMIND_WORKER = HERE / "hivemind_dht_worker.py"
@@ -228,8 +226,7 @@ def run_hivemind(nodes: int, keys: int, concurrency: int) -> dict:
     try:
         raw = json.loads(read_prefixed(proc, "RESULT", HIVEMIND_TIMEOUT))
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+        kill_worker(proc)
         proc.wait()
     return {
         "system": "hivemind",

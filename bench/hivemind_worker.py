@@ -25,7 +25,10 @@ STEP_TIMEOUT = 600.0
 def allreduce_seconds(averager) -> float:
     """One step's all-reduce alone: form the group, report READY, wait for "go", then time the all-reduce."""
     control = averager.step(timeout=STEP_TIMEOUT, require_trigger=True, wait=False)
+    deadline = time.monotonic() + STEP_TIMEOUT
     while control.stage in (AveragingStage.IDLE, AveragingStage.LOOKING_FOR_GROUP):
+        if time.monotonic() > deadline:
+            raise SystemExit(f"hivemind formed no group within {STEP_TIMEOUT} s")
         time.sleep(STAGE_POLL_SECONDS)
     if control.stage != AveragingStage.AWAITING_TRIGGER:
         raise SystemExit(f"hivemind formed no group ({control.stage})")
@@ -33,7 +36,7 @@ def allreduce_seconds(averager) -> float:
     sys.stdin.readline()
     start = time.perf_counter()
     control.allow_allreduce()
-    if control.result() is None:
+    if control.result(timeout=STEP_TIMEOUT) is None:
         raise SystemExit("hivemind's all-reduce failed")
     return time.perf_counter() - start
 
