@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hiveengine.averaging import DecentralizedAverager
-from hiveengine.averaging.matchmaking import form_groups
+from hiveengine.averaging.matchmaking import grid_groups
 from hiveengine.dht import DHT
 from tests.procs import PeerProcess
 
@@ -144,20 +144,21 @@ def test_a_gathering_of_all_expected_peers_closes_without_waiting_out_matchmakin
             d.shutdown()
 
 
-def test_groups_are_formed_identically_from_the_same_registrations():
+def test_grid_groups_cross_every_earlier_group_and_ignore_order():
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from hiveengine.averaging import GroupMember
     from hiveengine.transport import Identity
 
-    keys = [Ed25519PrivateKey.from_private_bytes(bytes([i + 1]) * 32) for i in range(7)]  # fixed: no chance
+    keys = [Ed25519PrivateKey.from_private_bytes(bytes([i + 1]) * 32) for i in range(9)]  # fixed: no chance
     members = [GroupMember(Identity(key).peer_id, f"ucx://h:1/{i}") for i, key in enumerate(keys)]
-    groups = form_groups(5, members, target=3)
-    assert [len(g.members) for g in groups] == [3, 2, 2]
-    assert form_groups(5, list(reversed(members)), target=3) == groups
-    assert sorted(m.peer_id for g in groups for m in g.members) == sorted(m.peer_id for m in members)
-    assert len({g.group_id for g in groups}) == 3
-    assert {g.members for g in form_groups(6, members, target=3)} != {g.members for g in groups}
+    first, second = grid_groups(members, 3, round_number=4), grid_groups(members, 3, round_number=5)
+    assert grid_groups(list(reversed(members)), 3, round_number=4) == first
+    assert sorted(len(g) for g in first) == sorted(len(g) for g in second) == [3, 3, 3]
+    # Moshpit's property: each group of the next round holds exactly one member of each group of this one.
+    assert all(len(set(a) & set(b)) == 1 for a in first for b in second)
+    assert grid_groups(members, 3, round_number=6) == first  # a 3x3 grid: the axes alternate
+    assert grid_groups(members, None, round_number=0) == [tuple(sorted(members, key=lambda m: m.peer_id.raw))]
 
 
 def test_state_download_matches_the_source_bit_for_bit():

@@ -19,7 +19,7 @@ import torch
 
 from hiveengine.averaging.buffers import BufferCache
 from hiveengine.averaging.group import GroupInfo
-from hiveengine.averaging.partition import chunk_spans, part_spans
+from hiveengine.averaging.partition import balanced_shares, chunk_spans, part_spans
 from hiveengine.codec import Codec
 from hiveengine.errors import HiveEngineError, ProtocolError, TransportError
 from hiveengine.transport import Peer, PeerID, Request
@@ -212,7 +212,10 @@ async def run_allreduce(
     reducers = group.reducers
     align = getattr(codec, "block", 1)
     chunk_elements = max(align, chunk_elements // align * align)
-    spans = part_spans(flat.numel(), [r.bandwidth for r in reducers], align)
+    if not reducers:
+        raise AllReduceError("no member of this group can reduce (all are client-mode or have no bandwidth)")
+    shares = balanced_shares([r.bandwidth for r in reducers], [r.contributes for r in reducers], len(group.senders))
+    spans = part_spans(flat.numel(), shares, align)
     result = AllReduceResult(group, spans=spans, senders_averaged=len(group.senders))
     my_part = next((i for i, r in enumerate(reducers) if r.peer_id == me.peer_id), None)
     local_round = None

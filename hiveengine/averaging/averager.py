@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -18,8 +20,8 @@ from hiveengine.averaging.allreduce import (
     AllReduceService,
     run_allreduce,
 )
-from hiveengine.averaging.group import GroupMember, Mode
-from hiveengine.averaging.matchmaking import Matchmaker, MatchmakingConfig
+from hiveengine.averaging.group import GroupInfo, GroupMember, Mode
+from hiveengine.averaging.matchmaking import Matchmaker, MatchmakingConfig, NoReducerError
 from hiveengine.averaging.state import StateServer, advertise, download, find_sources, retract
 from hiveengine.codec import get_codec
 from hiveengine.errors import ConfigurationError, HiveEngineError, ProtocolError, TransportError
@@ -29,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_STEP_TIMEOUT = 60.0
 RETRACT_TIMEOUT = 5.0  # how long shutdown() tries to withdraw the state advertisement
+MATCHMAKING_RETRY_SECONDS = 0.05  # pause between a failed gathering and the next one
 SERVICE_ATTRIBUTE = "_hiveengine_allreduce_service"
 
 
@@ -46,8 +49,9 @@ class DecentralizedAverager:
 
     Read or modify the tensors only inside `with averager.get_tensors() as tensors:` — step() rewrites
     them in place. Client-mode peers send and receive but reduce no part; auxiliary peers reduce but
-    contribute no data. With `share_state=False` the tensors are never served to peers that load state
-    (e.g. gradient buffers, whose values mean nothing to a newcomer).
+    contribute no data. The default codec is lossless ("none"); pass codec="int8" etc. to trade precision
+    for bandwidth. With `share_state=False` the tensors are never served to peers that load state (e.g.
+    gradient buffers, whose values mean nothing to a newcomer); `allow_state_sharing` toggles it at run time.
     """
 
     def __init__(
@@ -55,9 +59,9 @@ class DecentralizedAverager:
         tensors: Sequence[torch.Tensor],
         dht,
         prefix: str,
-        target_group_size: int = 16,
+        target_group_size: int | None = 16,
         min_group_size: int = 2,
-        codec: str = "int8",
+        codec: str = "none",
         bandwidth: float | None = None,
         client_mode: bool = False,
         auxiliary: bool = False,
@@ -73,6 +77,8 @@ class DecentralizedAverager:
             raise ConfigurationError("a peer cannot be both a client (reduces nothing) and auxiliary (sends nothing)")
         if not tensors:
             raise ConfigurationError("give the averager at least one tensor")
+        if bandwidth is not None and not (bandwidth >= 0 and math.isfinite(bandwidth)):
+            raise ConfigurationError(f"bandwidth must be a finite number ≥ 0, got {bandwidth}")
         dtypes = {t.dtype for t in tensors}
         devices = {t.device for t in tensors}
         if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point or len(devices) != 1:
@@ -100,8 +106,10 @@ class DecentralizedAverager:
         self._closed = False
         self.local_epoch = 0  # rounds this peer's tensors have been through (the newest state wins)
         self.state_metadata: dict = {}  # sent along with the tensors to peers that load state from us
-        self.state_server = StateServer(self.peer, self) if share_state and not client_mode else None
-        self.peer.runtime.run(self._advertise(), DEFAULT_STEP_TIMEOUT)
+        self.state_server: StateServer | None = None  # made when sharing is first allowed
+        self._sharing = False
+        if share_state and not client_mode:
+            self.allow_state_sharing = True
 
     @contextlib.contextmanager
     def get_tensors(self) -> Iterator[list[torch.Tensor]]:
@@ -109,19 +117,63 @@ class DecentralizedAverager:
         with self.tensors_lock:
             yield self._views
 
+    @property
+    def allow_state_sharing(self) -> bool:
+        """Whether peers may download our tensors (load_state_from_peers); settable at run time."""
+        return self._sharing
+
+    @allow_state_sharing.setter
+    def allow_state_sharing(self, value: bool) -> None:
+        if value and self.me.mode == Mode.CLIENT:
+            raise ConfigurationError("a client-mode averager cannot share state: nobody can connect to it")
+        if value and self.state_server is None:
+            self.state_server = StateServer(self.peer, self)
+        self._sharing = bool(value)
+        self.peer.runtime.run(self._advertise() if value else self._retract(), DEFAULT_STEP_TIMEOUT)
+
     async def astep(
-        self, weight: float = 1.0, timeout: float = DEFAULT_STEP_TIMEOUT, expected_peers: int | None = None
+        self,
+        weight: float = 1.0,
+        timeout: float = DEFAULT_STEP_TIMEOUT,
+        expected_peers: int | None = None,
+        *,
+        gather: Any = None,
+        scheduled_time: float | None = None,
+        key: str = "rounds",
+        matchmaking_timeout: float | None = None,
     ) -> AllReduceResult | None:
-        """Find a group and average with it; None if no group formed before the deadline. The result's
-        `failed_parts` lists parts whose reducer failed (this peer kept its local values there).
-        `expected_peers`: how many peers (us included) will step now, if known; once they all registered,
-        the group forms without waiting out matchmaking_time."""
+        """Find a group and average with it; keep looking until `timeout`; None if no group formed in time.
+
+        The result's `failed_parts` lists parts whose reducer failed (this peer kept its local values there)
+        and `gathered` maps each member's peer id to the `gather` metadata it passed. `expected_peers`: how
+        many peers (us included) step now, if known: the gathering closes once they registered.
+        `scheduled_time`: DHT time at which a gathering we open closes. `key`: only peers stepping under
+        the same key meet (the Optimizer uses its epoch). `matchmaking_timeout`: stop looking for a group
+        after this long (default: `timeout`); the all-reduce may use the rest of `timeout`.
+        """
         if self._closed:
             raise ConfigurationError("this averager is shut down")
+        if not (weight >= 0 and math.isfinite(weight)):
+            raise ConfigurationError(f"weight must be a finite number ≥ 0, got {weight}")
         deadline = time.monotonic() + timeout
-        group = await self.matchmaker.find_group(self.local_epoch, deadline, expected_peers)
-        if group is None:
-            return None
+        looking_until = min(deadline, time.monotonic() + (matchmaking_timeout or timeout))
+        while True:
+            try:
+                group = await self.matchmaker.find_group(
+                    key, self.local_epoch, looking_until, expected_peers, gather, scheduled_time
+                )
+            except NoReducerError as e:
+                logger.warning("cannot average: %s", e)
+                return None
+            if group is not None:
+                return await self.average_in(group, weight, max(0.1, deadline - time.monotonic()))
+            if time.monotonic() + MATCHMAKING_RETRY_SECONDS >= looking_until:
+                logger.warning("no averaging group formed under %r within %.1f s", key, timeout)
+                return None
+            await asyncio.sleep(MATCHMAKING_RETRY_SECONDS)
+
+    async def average_in(self, group: GroupInfo, weight: float, timeout: float) -> AllReduceResult:
+        """Run one all-reduce round with an already formed `group` (every member must call this too)."""
         weight = 0.0 if self.me.mode == Mode.AUX else weight
         await self._lock_tensors()
         try:
@@ -132,22 +184,45 @@ class DecentralizedAverager:
                 self.codec,
                 weight=weight,
                 residual=self.residual,
-                timeout=max(0.1, deadline - time.monotonic()),
+                timeout=timeout,
                 chunk_elements=self.chunk_elements,
                 sender_timeout=self.sender_timeout,
             )
         finally:
             self.tensors_lock.release()
-        self.local_epoch += 1  # the round happened (parts that failed kept local values)
+        self.local_epoch = max(self.local_epoch, group.round) + 1  # the round happened (failed parts kept ours)
         await self._advertise()
         logger.info("averaged with %d peers (%d parts failed)", len(group.members), len(result.failed_parts))
         return result
 
     def step(
-        self, weight: float = 1.0, timeout: float = DEFAULT_STEP_TIMEOUT, expected_peers: int | None = None
+        self,
+        weight: float = 1.0,
+        timeout: float = DEFAULT_STEP_TIMEOUT,
+        expected_peers: int | None = None,
+        *,
+        gather: Any = None,
+        scheduled_time: float | None = None,
+        key: str = "rounds",
+        matchmaking_timeout: float | None = None,
     ) -> AllReduceResult | None:
         """Blocking twin of `astep`."""
-        return self.peer.runtime.run(self.astep(weight, timeout, expected_peers), timeout + DEFAULT_SENDER_TIMEOUT)
+        coro = self.astep(
+            weight,
+            timeout,
+            expected_peers,
+            gather=gather,
+            scheduled_time=scheduled_time,
+            key=key,
+            matchmaking_timeout=matchmaking_timeout,
+        )
+        return self.peer.runtime.run(coro, timeout + DEFAULT_SENDER_TIMEOUT)
+
+    def reset_error_feedback(self) -> None:
+        """Forget the codec's accumulated rounding error (after our tensors were replaced wholesale)."""
+        if self.residual is not None:
+            with self.tensors_lock:
+                self.residual.zero_()
 
     async def _lock_tensors(self) -> None:
         """Take the tensors' (thread) lock without blocking the event loop; if we are cancelled while
@@ -160,8 +235,11 @@ class DecentralizedAverager:
             raise
 
     async def _advertise(self) -> None:
-        if self.state_server is not None:
+        if self._sharing:
             await advertise(self.dht, self.prefix, self.me.address, self.me.peer_id.raw, self.local_epoch)
+
+    async def _retract(self) -> None:
+        await retract(self.dht, self.prefix, self.me.peer_id.raw)
 
     def publish_state(self, epoch: int, metadata: dict | None = None, timeout: float = DEFAULT_STEP_TIMEOUT) -> None:
         """Declare our tensors to be the state of `epoch` (with `metadata`) and advertise them to newcomers."""
@@ -199,9 +277,9 @@ class DecentralizedAverager:
         """Stop averaging and withdraw our state advertisement; idempotent. The DHT stays up (it is the caller's)."""
         if not self._closed:
             self._closed = True
-            if self.state_server is not None:
+            if self._sharing:
                 try:
-                    self.peer.runtime.run(retract(self.dht, self.prefix, self.me.peer_id.raw), RETRACT_TIMEOUT)
+                    self.peer.runtime.run(self._retract(), RETRACT_TIMEOUT)
                 except (HiveEngineError, TimeoutError) as e:
                     logger.info("could not withdraw the state advertisement: %s", e)
             if self._owns_peer:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from hiveengine.transport import PeerID
 
@@ -34,10 +35,13 @@ class GroupMember:
 
 @dataclass(frozen=True)
 class GroupInfo:
-    """One round's group: the same members in the same order on every peer."""
+    """One round's group: the same members in the same order on every peer, the round's grid number, and
+    the metadata each member attached to its registration (`gathered`, by peer id)."""
 
     group_id: bytes
     members: tuple[GroupMember, ...]
+    round: int = 0
+    gathered: dict[PeerID, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self):
         ordered = tuple(sorted(self.members, key=lambda m: m.peer_id.raw))

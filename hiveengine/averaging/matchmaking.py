@@ -1,46 +1,63 @@
-"""Matchmaking through the DHT: peers averaging the same epoch form groups.
+"""Matchmaking through the DHT: the peers that step at the same time gather, then split into grid groups.
 
-Each peer registers (address, bandwidth, mode, registered_at, gather_until) as a subkey of the key
-(prefix, epoch, bucket). The first registrant's `gather_until` (now + matchmaking_time) becomes everyone's
-deadline: later registrants adopt the earliest one they see. At that deadline every peer reads the same
-registrations, keeps those made before it, and cuts them into groups of at most `target_group_size`.
-A gathering can close early: when the caller says how many peers to expect and they fit in one group,
-every peer that sees that many registrations waits EARLY_SETTLE_SECONDS (for an earlier registration still
-spreading) and forms the group from the earliest ones, instead of waiting out matchmaking_time.
-The cut is shuffled by a hash of (epoch, peer id), and the bucket too is re-drawn every epoch, so group
-membership changes from round to round and averages spread through the whole swarm (as in Moshpit SGD).
+Gatherings. Each peer registers (address, bandwidth, mode, registered_at, gather_until, round, gathered) as
+its own subkey of `{prefix}.matchmaking.{key}`. A gathering is named by its deadline: a peer that sees a
+registration whose deadline is still ahead joins the earliest such gathering; otherwise it opens one that ends
+matchmaking_time from now (or at the caller's scheduled time). Two peers that opened gatherings at once move to
+the earlier as soon as they see it. At the deadline every member reads the same registrations and makes the
+same cut. When the caller says how many peers to expect, the gathering closes as soon as that many registered.
+A peer that gives up or is cancelled before the cut withdraws its registration, so nobody waits for it.
+
+The grid (Moshpit SGD, Ryabinin et al., 2021). The members, ranked by peer id, sit on a d-dimensional grid
+whose side is at most target_group_size. Round r groups the peers that share every coordinate but coordinate
+r mod d, where r is the largest round count among the members. With N = M^d peers and no failures, d
+consecutive rounds give every peer the exact mean of all N.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import math
 import time
 from dataclasses import dataclass
+from typing import Any
+
+import msgpack
 
 from hiveengine.averaging.group import GroupInfo, GroupMember, Mode
+from hiveengine.errors import ConfigurationError
 from hiveengine.transport import PeerID
 
 logger = logging.getLogger(__name__)
 
 SETTLE_SECONDS = 0.3  # after the gathering deadline, wait this long for registrations to spread
-EARLY_SETTLE_SECONDS = 0.1  # after a gathering filled up, wait this long for earlier registrations to show
-GATHER_POLL_SECONDS = 0.05  # while gathering, how often to check whether the gathering filled up
+EARLY_SETTLE_SECONDS = 0.02  # after the expected peers registered, wait this long for an earlier one to show
+GATHER_POLL_SECONDS = 0.01  # while gathering, how often to read the registrations
 REGISTRATION_SLACK = 30.0  # registrations outlive their deadline by this long (then expire everywhere)
+MAX_GATHERED_BYTES = 4096  # the most metadata one peer may attach to its registration (msgpack bytes)
+
+
+class NoReducerError(Exception):
+    """The group formed, but none of its members can reduce a part (all are client-mode)."""
 
 
 @dataclass(frozen=True)
 class MatchmakingConfig:
-    target_group_size: int = 16
+    target_group_size: int | None = 16  # None: no limit
     min_group_size: int = 2
     matchmaking_time: float = 3.0
-    expected_swarm_size: int | None = None  # how many peers average at once (sets the number of buckets)
+    expected_swarm_size: int | None = None  # how many peers step at once, if known (closes gatherings early)
 
-    def buckets(self) -> int:
-        peers = self.expected_swarm_size or self.target_group_size
-        return max(1, math.ceil(peers / self.target_group_size))
+    def __post_init__(self):
+        if self.target_group_size is not None and self.target_group_size < 2:
+            raise ConfigurationError(f"target_group_size must be ≥ 2 or None, got {self.target_group_size}")
+        if self.min_group_size < 1:
+            raise ConfigurationError(f"min_group_size must be ≥ 1, got {self.min_group_size}")
+        if not (self.matchmaking_time > 0 and math.isfinite(self.matchmaking_time)):
+            raise ConfigurationError(f"matchmaking_time must be a positive number, got {self.matchmaking_time}")
 
 
 @dataclass(frozen=True)
@@ -48,30 +65,36 @@ class Registration:
     member: GroupMember
     registered_at: float
     gather_until: float
+    round: int = 0
+    gathered: Any = None
+
+    def record(self) -> list:
+        m = self.member
+        return [m.address, m.bandwidth, int(m.mode), self.registered_at, self.gather_until, self.round, self.gathered]
 
 
-def round_key(prefix: str, epoch: int, bucket: int) -> str:
-    return f"{prefix}.matchmaking.{epoch}.{bucket}"
+def matchmaking_key(prefix: str, key: str) -> str:
+    return f"{prefix}.matchmaking.{key}"
 
 
-def _mix(peer_id: PeerID, epoch: int) -> bytes:
-    return hashlib.sha256(peer_id.raw + epoch.to_bytes(8, "big", signed=True)).digest()
-
-
-def bucket_of(peer_id: PeerID, epoch: int, buckets: int) -> int:
-    return int.from_bytes(_mix(peer_id, epoch)[:8], "big") % buckets
-
-
-def form_groups(epoch: int, members: list[GroupMember], target: int) -> list[GroupInfo]:
-    """Cut one epoch's registrations (the same list on every peer) into near-equal groups of ≤ target."""
-    members = sorted(members, key=lambda m: _mix(m.peer_id, epoch))
-    count = math.ceil(len(members) / target) if members else 0
-    groups = []
-    for i in range(count):
-        chosen = tuple(members[i::count])
-        digest = hashlib.sha256(epoch.to_bytes(8, "big", signed=True) + b"".join(m.peer_id.raw for m in chosen))
-        groups.append(GroupInfo(digest.digest()[:16], chosen))
-    return groups
+def grid_groups(members: list[GroupMember], target: int | None, round_number: int) -> list[tuple[GroupMember, ...]]:
+    """Cut one gathering's members (the same list on every peer) into the groups of round `round_number`."""
+    ranked = sorted(members, key=lambda m: m.peer_id.raw)
+    n = len(ranked)
+    if target is None or n <= target:
+        return [tuple(ranked)] if ranked else []
+    dims = 1
+    while target**dims < n:
+        dims += 1
+    side = 2
+    while side**dims < n:
+        side += 1
+    axis = round_number % dims
+    cells: dict[tuple[int, ...], list[GroupMember]] = {}
+    for rank, member in enumerate(ranked):
+        coords = [(rank // side**k) % side for k in range(dims)]
+        cells.setdefault(tuple(c for k, c in enumerate(coords) if k != axis), []).append(member)
+    return [tuple(cell) for cell in cells.values()]
 
 
 class Matchmaker:
@@ -79,92 +102,135 @@ class Matchmaker:
 
     def __init__(self, dht, prefix: str, me: GroupMember, config: MatchmakingConfig):
         self.dht, self.prefix, self.me, self.config = dht, prefix, me, config
+        self._background: set[asyncio.Task] = set()
 
-    async def find_group(self, epoch: int, deadline: float, expected: int | None = None) -> GroupInfo | None:
-        """Register for `epoch`, wait for its gathering to end, return our group (None: too few peers, we came
-        too late, or `deadline` (monotonic) would pass first). `expected`: how many peers should register in
-        all; when that many have (and they fit in one group), the gathering ends without waiting out
-        matchmaking_time."""
-        cfg = self.config
-        key = round_key(self.prefix, epoch, bucket_of(self.me.peer_id, epoch, cfg.buckets()))
-        now = time.time()
-        mine = Registration(self.me, now, now + cfg.matchmaking_time)
-        record = [self.me.address, self.me.bandwidth, int(self.me.mode), mine.registered_at, mine.gather_until]
-        expiration = mine.gather_until + REGISTRATION_SLACK
-        if not await self.dht.astore(key, record, expiration, subkey=self.me.peer_id.raw):
-            logger.warning("could not register for matchmaking of epoch %d", epoch)
-        registrations = await self._registrations(key, mine)
-        gather_until = min(r.gather_until for r in registrations)
-        if mine.registered_at > gather_until:  # the cut keeps registrations made before the deadline only
-            logger.info("epoch %d gathered without us (we came %.1f s late)", epoch, mine.registered_at - gather_until)
-            return None
-        full = self._early_close_at(expected)
+    async def find_group(
+        self,
+        key: str,
+        round_number: int,
+        deadline: float,
+        expected: int | None = None,
+        gathered: Any = None,
+        scheduled: float | None = None,
+    ) -> GroupInfo | None:
+        """Gather under `key` and return our group (None: too few peers, or `deadline` (monotonic) would pass
+        first). `expected`: how many peers should register in all (the gathering closes once they have);
+        `gathered`: metadata every member of our group receives; `scheduled`: the gathering's deadline
+        (DHT wall-clock time) if we open it. Raises NoReducerError if our group has nobody who can reduce."""
+        if gathered is not None and len(msgpack.packb(gathered, use_bin_type=True)) > MAX_GATHERED_BYTES:
+            raise ConfigurationError(f"gathered metadata is over MAX_GATHERED_BYTES ({MAX_GATHERED_BYTES})")
+        dht_key = matchmaking_key(self.prefix, key)
         give_up_at = time.time() + deadline - time.monotonic() - SETTLE_SECONDS  # wall clock, like gather_until
+        now = time.time()
+        ahead = [r.gather_until for r in await self._registrations(dht_key) if r.gather_until > now]
+        if scheduled is not None:
+            ahead = [d for d in ahead if d <= scheduled] or [scheduled]
+        gather_until = min(ahead, default=now + self.config.matchmaking_time)
+        full = self._early_close_at(expected)
         if gather_until > give_up_at and full is None:
-            logger.info("the gathering for epoch %d ends after our deadline", epoch)
+            logger.info("the next gathering for %s ends after our deadline", dht_key)
             return None
-        members = await self._gather(key, mine, registrations, gather_until, full, give_up_at)
-        if members is None:
+        mine = Registration(self.me, now, gather_until, round_number, gathered)
+        try:
+            await self._register(dht_key, mine)
+            registrations = await self._gather(dht_key, mine, full, give_up_at)
+        except asyncio.CancelledError:
+            self._withdraw_in_background(dht_key)
+            raise
+        if registrations is None:
+            self._withdraw_in_background(dht_key)
             return None
-        # We are among `members` (registered before the deadline, and added if the DHT lost our entry).
-        group = next(g for g in form_groups(epoch, members, cfg.target_group_size) if g.member(self.me.peer_id))
-        if len(group.members) < cfg.min_group_size:
-            logger.info("epoch %d: only %d peer(s) in our group, below min_group_size", epoch, len(group.members))
+        return self._our_group(dht_key, registrations)
+
+    def _our_group(self, dht_key: str, registrations: list[Registration]) -> GroupInfo | None:
+        cfg = self.config
+        round_number = max(r.round for r in registrations)
+        members = [r.member for r in registrations]
+        chosen = next(g for g in grid_groups(members, cfg.target_group_size, round_number) if self.me in g)
+        if len(chosen) < cfg.min_group_size:
+            logger.info("%s: only %d peer(s) in our group, below min_group_size", dht_key, len(chosen))
             return None
+        ids = sorted(m.peer_id.raw for m in chosen)
+        digest = hashlib.sha256(
+            dht_key.encode() + repr(registrations[0].gather_until).encode() + round_number.to_bytes(8, "big")
+        )
+        for raw in ids:
+            digest.update(raw)
+        gathered = {r.member.peer_id: r.gathered for r in registrations if r.member in chosen}
+        group = GroupInfo(digest.digest()[:16], chosen, round_number, gathered)
+        if not group.reducers:
+            raise NoReducerError(
+                f"our group of {len(chosen)} has no peer that can reduce (all are client-mode): "
+                "at least one peer must accept connections"
+            )
         return group
 
     def _early_close_at(self, expected: int | None) -> int | None:
         """How many registrations end the gathering early: the expected peers, if they make one group
-        (otherwise the cut must see everyone who registered, to split them evenly)."""
+        (otherwise the cut must see everyone who registered, to place them on the grid)."""
         cfg = self.config
-        if expected is None or cfg.buckets() > 1 or expected > cfg.target_group_size:
+        expected = expected or cfg.expected_swarm_size
+        if expected is None or (cfg.target_group_size is not None and expected > cfg.target_group_size):
             return None
         return max(cfg.min_group_size, expected)
 
     async def _gather(
-        self,
-        key: str,
-        mine: Registration,
-        registrations: list[Registration],
-        gather_until: float,
-        full: int | None,
-        give_up_at: float,
-    ) -> list[GroupMember] | None:
-        """The members of this gathering: everyone registered before its deadline, or the earliest `full`
-        when that many registered sooner. None if we are not among them, or the gathering is still open
-        at `give_up_at`."""
+        self, dht_key: str, mine: Registration, full: int | None, give_up_at: float
+    ) -> list[Registration] | None:
+        """The registrations of our gathering at its cut: everyone registered before its deadline, or the
+        earliest `full` when that many registered sooner. None if we are not among them, or the gathering is
+        still open at `give_up_at`."""
         while True:
-            on_time = _registered_by(registrations, gather_until)
+            registrations = await self._registrations(dht_key, mine)
+            now = time.time()
+            earlier = [r.gather_until for r in registrations if now < r.gather_until < mine.gather_until]
+            if earlier:  # someone opened a gathering just before us: join it
+                mine = dataclasses.replace(mine, gather_until=min(earlier))
+                await self._register(dht_key, mine)
+                continue
+            on_time = _members_of(registrations, mine.gather_until)
             if full is not None and len(on_time) >= full:
                 await asyncio.sleep(EARLY_SETTLE_SECONDS)
-                on_time = _registered_by(await self._registrations(key, mine), gather_until)
+                on_time = _members_of(await self._registrations(dht_key, mine), mine.gather_until)
                 first = sorted(on_time, key=lambda r: (r.registered_at, r.member.peer_id.raw))[:full]
                 if all(r.member.peer_id != self.me.peer_id for r in first):
                     logger.info("the gathering filled up with %d earlier peers", full)
                     return None
-                return [r.member for r in first]
-            now = time.time()
+                return first
             if now >= give_up_at:
                 logger.info("the gathering is still open at our deadline (%d of %s peers)", len(on_time), full)
                 return None
-            if now >= gather_until:
+            if now >= mine.gather_until:
                 break
-            await asyncio.sleep(min(GATHER_POLL_SECONDS, gather_until - now, give_up_at - now))
-            registrations = await self._registrations(key, mine)
-        await asyncio.sleep(max(0.0, gather_until + SETTLE_SECONDS - time.time()))
-        return [r.member for r in _registered_by(await self._registrations(key, mine), gather_until)]
+            await asyncio.sleep(min(GATHER_POLL_SECONDS, mine.gather_until - now, give_up_at - now))
+        await asyncio.sleep(max(0.0, mine.gather_until + SETTLE_SECONDS - time.time()))
+        return _members_of(await self._registrations(dht_key, mine), mine.gather_until)
 
-    async def _registrations(self, key: str, mine: Registration) -> list[Registration]:
-        found = await self.dht.aget(key, latest=True)
+    async def _register(self, dht_key: str, mine: Registration) -> None:
+        # Each write expires later than the last, so a re-registration (or withdrawal) always replaces it.
+        expiration = time.time() + self.config.matchmaking_time + REGISTRATION_SLACK
+        if not await self.dht.astore(dht_key, mine.record(), expiration, subkey=self.me.peer_id.raw):
+            logger.warning("could not register for matchmaking under %s", dht_key)
+
+    def _withdraw_in_background(self, dht_key: str) -> None:
+        """Replace our registration with a tombstone, so peers still gathering do not count on us."""
+        expiration = time.time() + self.config.matchmaking_time + REGISTRATION_SLACK + 1.0
+        task = asyncio.ensure_future(self.dht.astore(dht_key, None, expiration, subkey=self.me.peer_id.raw))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    async def _registrations(self, dht_key: str, mine: Registration | None = None) -> list[Registration]:
+        found = await self.dht.aget(dht_key, latest=True)
         registrations = _parse(found.value if found is not None else {})
-        if all(r.member.peer_id != self.me.peer_id for r in registrations):
-            registrations.append(mine)  # our own may not have reached the nodes we read from
+        if mine is not None:
+            registrations = [r for r in registrations if r.member.peer_id != self.me.peer_id] + [mine]
         return registrations
 
 
-def _registered_by(registrations: list[Registration], gather_until: float) -> list[Registration]:
-    """The registrations the cut keeps: those made before the gathering's deadline."""
-    return [r for r in registrations if r.registered_at <= gather_until]
+def _members_of(registrations: list[Registration], gather_until: float) -> list[Registration]:
+    """The registrations a gathering's cut keeps: those for its deadline, made before it."""
+    return [r for r in registrations if r.gather_until == gather_until and r.registered_at <= gather_until]
 
 
 def _parse(subkeys) -> list[Registration]:
@@ -174,12 +240,15 @@ def _parse(subkeys) -> list[Registration]:
         return registrations
     for raw_id, entry in subkeys.items():
         try:
-            address, bandwidth, mode, registered_at, gather_until = entry.value
+            address, bandwidth, mode, registered_at, gather_until, round_number, gathered = entry.value
             peer_id = PeerID(bytes(raw_id))
+            times = (float(registered_at), float(gather_until))
             if address.rsplit("/", 1)[1] != str(peer_id) or not (bandwidth >= 0 and math.isfinite(bandwidth)):
                 continue
+            if not all(math.isfinite(t) for t in times) or not (isinstance(round_number, int) and round_number >= 0):
+                continue
             member = GroupMember(peer_id, str(address), float(bandwidth), Mode(int(mode)))
-            registrations.append(Registration(member, float(registered_at), float(gather_until)))
+            registrations.append(Registration(member, *times, round_number, gathered))
         except (TypeError, ValueError, AttributeError, IndexError):
             continue
     return registrations

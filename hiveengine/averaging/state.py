@@ -53,6 +53,8 @@ class StateServer:
         peer.register(CHUNK_METHOD, self._on_chunk)
 
     async def _on_meta(self, request: Request) -> dict:
+        if not self.averager.allow_state_sharing:
+            raise ProtocolError("this peer does not share its state now; ask another")
         lock = self.averager.tensors_lock
         if not lock.acquire(blocking=False):
             raise PeerBusyError("averaging right now; ask again in a moment")

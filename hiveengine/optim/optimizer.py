@@ -1,30 +1,39 @@
 """hiveengine.Optimizer: a drop-in wrapper that trains one model collaboratively with a swarm of peers.
 
-Each `step()` counts this peer's samples and publishes them in the DHT. When the samples the swarm has
-accumulated in the current epoch reach `target_batch_size`, the peers average and advance one epoch together:
+Each `step()` counts this peer's samples; a background heartbeat publishes them in the DHT and reads the
+swarm's. The swarm steps every `target_batch_size` samples: each contributing peer accumulates its share
+(the target split over the live contributors) and then blocks in `step()` until the others have theirs, so
+the swarm overshoots the target by at most one local batch per peer, however fast the loop. If every peer
+waits and the target is still not reached (a peer left), the rest is split again. Then the peers of the epoch
+average (sync: gradients; DiLoCo: pseudo-gradients, see updates.py), take the same update, and advance.
 
-- `mode="sync"`: gradients are accumulated locally (weighted by samples) and averaged across the swarm;
-  then every peer takes the same optimizer step with the same averaged gradient (hivemind's semantics).
-- `mode="diloco"`: every call takes a local (inner) optimizer step; at the epoch boundary the peers average
-  the pseudo-gradient (parameters at the last sync minus parameters now) and apply an outer Nesterov step.
-
-A peer whose epoch is behind the swarm's newest loads parameters, optimizer state and epoch from a peer
-that has them, so late joiners and stragglers catch up; peers that die are simply missing from later rounds.
+Every registration carries a fingerprint of the state that must agree (sync: parameters and optimizer
+state; DiLoCo: the outer state). When a group's fingerprints differ — peers started from different
+initializations, or one missed a round — the same group averages its whole training state right after the
+update, so peers end identical whatever their start. `average_state_every=k` also does it every k epochs.
+A peer whose epoch is behind the swarm's newest loads parameters, optimizer state and epoch from a peer that
+has them; peers that die are simply missing from later rounds.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import logging
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterable
 
 import torch
 
-from hiveengine.averaging import DecentralizedAverager
+from hiveengine.averaging import DecentralizedAverager, GroupInfo
+from hiveengine.dht import get_dht_time
 from hiveengine.errors import ConfigurationError, HiveEngineError
-from hiveengine.optim.progress import ProgressTracker, SwarmProgress
-from hiveengine.optim.state import TrainingState, optimizer_params
+from hiveengine.optim.progress import PeerProgress, ProgressTracker, SwarmProgress
+from hiveengine.optim.state import TrainingState
+from hiveengine.optim.updates import DiLoCoUpdate, SyncUpdate
+from hiveengine.transport import Peer
 
 logger = logging.getLogger(__name__)
 
@@ -33,16 +42,37 @@ DILOCO_OUTER_LR = 0.7  # defaults of the DiLoCo paper (Douillard et al., 2023)
 DILOCO_OUTER_MOMENTUM = 0.9
 DEFAULT_INNER_STEPS = 500
 DEFAULT_MATCHMAKING_TIME = 3.0
-DEFAULT_PROGRESS_INTERVAL = 1.0  # seconds between progress reports / swarm reads while accumulating
-FAST_CHECK_FRACTION = 0.1  # once the swarm may have reached the target, read it this much more often
+DEFAULT_PROGRESS_INTERVAL = 1.0  # seconds between heartbeats (progress published, swarm read)
 DEFAULT_AVERAGING_TIMEOUT = 60.0
 DEFAULT_STATE_TIMEOUT = 120.0
+DEFAULT_GRAD_CODEC = "int8"  # gradients tolerate blockwise 8-bit quantization (with error feedback)
 DHT_TIMEOUT = 30.0
 ROUND_ATTEMPTS = 3  # gatherings a peer tries for one epoch before it steps with its local values
 CATCH_UP_RETRY = 5.0  # after a failed state download, train on at our own epoch this long before retrying
 PEER_WAIT_POLL = 0.2  # seconds between swarm reads in wait_for_peers()
+BOUNDARY_POLL = 0.01  # seconds between swarm reads while waiting at the epoch boundary
+STALE_HEARTBEATS = 4  # a peer silent for this many heartbeats (and STALE_MIN_SECONDS) counts as gone
+STALE_MIN_SECONDS = 3.0
 
 OptimizerFactory = Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]
+
+# hivemind.Optimizer's arguments that hiveengine spells differently or does not have, and what to use instead.
+HIVEMIND_SPELLINGS = {
+    "grad_compression": "codec='int8' (or 'none', 'fp16', 'bf16', 'int4')",
+    "state_averaging_compression": "nothing: state averaging is always exact (codec 'none')",
+    "load_state_compression": "state_codec='none' (or a lossy codec name)",
+    "averager_opts": "the Optimizer's own arguments (target_group_size, min_group_size, matchmaking_time, ...)",
+    "tracker_opts": "progress_interval=",
+    "delay_optimizer_step": "nothing: hiveengine steps in the caller's thread",
+    "delay_grad_averaging": "nothing: hiveengine averages in the caller's thread",
+    "delay_state_averaging": "nothing: state is averaged only when peers disagree, or every average_state_every",
+    "offload_optimizer": "nothing: parameters and optimizer state share one flat buffer on their device",
+    "reuse_grad_buffers": "nothing: gradients are accumulated into the averager's buffers",
+    "average_opt_statistics": "nothing: state averaging always includes the optimizer's state",
+    "extra_tensors": "nothing (not supported yet)",
+    "allreduce_timeout": "averaging_timeout=",
+    "shutdown_timeout": "nothing: shutdown() is bounded by its own deadlines",
+}
 
 
 class Optimizer:
@@ -51,7 +81,9 @@ class Optimizer:
     `optimizer` is a torch optimizer or a factory taking `params`. Peers with the same `run_id` train the
     same model. `batch_size_per_step` is the number of samples one `step()` stands for (or pass
     `step(batch_size=...)`). In diloco mode, an epoch ends when the swarm has done `inner_steps` steps per
-    peer on average, unless `target_batch_size` is given.
+    peer on average, unless `target_batch_size` is given. `scheduler` (an LR scheduler, or a factory taking
+    the optimizer) steps once per epoch. Client-mode peers train but accept no connections; auxiliary peers
+    contribute no samples but help average.
     """
 
     def __init__(
@@ -64,11 +96,14 @@ class Optimizer:
         batch_size_per_step: int | None = None,
         target_batch_size: int | None = None,
         mode: str = "sync",
-        codec: str = "int8",
+        codec: str = DEFAULT_GRAD_CODEC,
         inner_steps: int = DEFAULT_INNER_STEPS,
         outer_lr: float = DILOCO_OUTER_LR,
         outer_momentum: float = DILOCO_OUTER_MOMENTUM,
-        target_group_size: int = 16,
+        use_local_updates: bool = False,
+        scheduler: torch.optim.lr_scheduler.LRScheduler | Callable | None = None,
+        average_state_every: int = 0,
+        target_group_size: int | None = 16,
         min_group_size: int = 2,
         matchmaking_time: float = DEFAULT_MATCHMAKING_TIME,
         progress_interval: float = DEFAULT_PROGRESS_INTERVAL,
@@ -76,9 +111,17 @@ class Optimizer:
         load_state_timeout: float = DEFAULT_STATE_TIMEOUT,
         state_codec: str = "none",
         client_mode: bool = False,
+        auxiliary: bool = False,
         expected_swarm_size: int | None = None,
         load_state: bool = True,
+        verbose: bool = False,
+        **unknown,
     ):
+        _refuse_unknown(unknown)
+        if use_local_updates:
+            if mode != "sync" and mode != "diloco":
+                raise ConfigurationError(f"mode must be one of {MODES}, got {mode!r}")
+            mode, outer_lr, outer_momentum = "diloco", 1.0, 0.0
         if mode not in MODES:
             raise ConfigurationError(f"mode must be one of {MODES}, got {mode!r}")
         if mode == "sync" and not (target_batch_size and target_batch_size > 0):
@@ -87,104 +130,90 @@ class Optimizer:
             raise ConfigurationError(f"inner_steps must be ≥ 1, got {inner_steps}")
         if batch_size_per_step is not None and batch_size_per_step < 1:
             raise ConfigurationError(f"batch_size_per_step must be ≥ 1, got {batch_size_per_step}")
+        if average_state_every < 0:
+            raise ConfigurationError(f"average_state_every must be ≥ 0, got {average_state_every}")
+        if client_mode and auxiliary:
+            raise ConfigurationError("a peer cannot be both client_mode (reduces nothing) and auxiliary (sends none)")
         if callable(optimizer) and not isinstance(optimizer, torch.optim.Optimizer):
             if params is None:
                 raise ConfigurationError("give params= when optimizer is a factory")
             optimizer = optimizer(list(params))
+        if verbose:
+            _show_progress_logs()
         self.dht, self.run_id, self.mode, self.inner = dht, run_id, mode, optimizer
         self.batch_size_per_step, self.target_batch_size = batch_size_per_step, target_batch_size
-        self.inner_steps, self.outer_lr, self.outer_momentum = inner_steps, outer_lr, outer_momentum
+        self.inner_steps, self.average_state_every = inner_steps, average_state_every
         self.progress_interval, self.averaging_timeout = progress_interval, averaging_timeout
+        self.matchmaking_time = matchmaking_time
         self.load_state_timeout, self.state_codec = load_state_timeout, state_codec
+        self.client_mode, self.auxiliary = client_mode, auxiliary
+        self.rule = SyncUpdate(optimizer) if mode == "sync" else DiLoCoUpdate(optimizer, outer_lr, outer_momentum)
+        self.scheduler = scheduler(optimizer) if callable(scheduler) and not hasattr(scheduler, "step") else scheduler
 
         self.epoch = 0  # optimizer steps (sync) or outer steps (diloco) the swarm has taken
         self.samples = 0  # samples this peer accumulated in the current epoch
         self.loss: float | None = None
         self.bytes_averaged = 0  # codec payload bytes this peer sent and received in averaging rounds
-        self.rounds = {"averaged": 0, "alone": 0, "caught_up": 0}
+        self.rounds = {"averaged": 0, "alone": 0, "caught_up": 0, "state_averaged": 0}
+        self.in_agreement = True  # whether our state matched our group's at the last round (or was averaged)
 
-        extra = []
-        if mode == "diloco":  # outer state: parameters at the last sync, and the outer momentum
-            params_now = optimizer_params(optimizer)
-            extra = [[p.detach().clone() for p in params_now], [torch.zeros_like(p) for p in params_now]]
-        self.state = TrainingState(optimizer, extra)
+        self.state = TrainingState(optimizer, self.rule.initial_extra())
         self.params = self.state.params
+        self.peer = Peer()  # both averagers' (one address for grads and state; the DHT's peer is for the DHT)
         averaging = dict(
             target_group_size=target_group_size,
             min_group_size=min_group_size,
             matchmaking_time=matchmaking_time,
             expected_swarm_size=expected_swarm_size,
             client_mode=client_mode,
+            auxiliary=auxiliary,
+            peer=self.peer,
         )
+        if codec != "none":
+            logger.info("averaging gradients with the lossy %r codec (codec='none' averages them exactly)", codec)
+        buffers = [torch.zeros_like(p) for p in self.params]
         self.grad_averager = DecentralizedAverager(
-            [torch.zeros_like(p) for p in self.params],
-            dht,
-            f"{run_id}.grads",
-            codec=codec,
-            share_state=False,
-            **averaging,
+            buffers, dht, f"{run_id}.grads", codec=codec, share_state=False, **averaging
         )
         self.state_averager = DecentralizedAverager(
             self.state.tensors, dht, f"{run_id}.state", codec="none", share_state=not client_mode, **averaging
         )
         with self.state_averager.get_tensors() as views:
-            groups = self.state.bind(views)
-        self.anchor, self.momentum = groups if mode == "diloco" else (None, None)
-        self.tracker = ProgressTracker(dht, run_id, client_mode)
+            self.rule.bind(self.state.bind(views))
+            self._agreed = self.rule.agreed_tensors(views)
+        self.tracker = ProgressTracker(dht, run_id, client_mode, auxiliary)
         self.swarm = SwarmProgress(0, 0, [])
-        self._last_check = -math.inf
-        self._samples_at_check = 0
+        self._quota_extra = 0  # samples added to our share when the swarm re-split an unreached target
+        self._waiting = False
         self._next_catch_up = -math.inf
         self._closed = False
-        if load_state:
-            swarm = self._check()
-            if swarm.epoch > self.epoch:
-                self._catch_up()
+        self._check()
+        if load_state and self.swarm.epoch > self.epoch:
+            self._catch_up()
         self.state_averager.publish_state(self.epoch, self._metadata(), DHT_TIMEOUT)
+        self._heartbeat = self.peer.runtime.submit(self._beat())
 
     # ---- the training-loop API
 
     def step(self, batch_size: int | None = None, loss: float | torch.Tensor | None = None) -> None:
-        """Count one local batch; in diloco mode take an inner step; advance the epoch with the swarm when due."""
+        """Count one local batch (DiLoCo: take an inner step); at our share of the target, wait for the swarm's
+        step and take it. Auxiliary peers pass no batch: step() waits for the swarm's next round and joins it."""
+        if self.auxiliary:
+            self._wait_at_boundary()
+            return
         batch_size = batch_size or self.batch_size_per_step
         if not batch_size or batch_size < 1:
             raise ConfigurationError("pass step(batch_size=...) or set batch_size_per_step")
         if loss is not None:
             self.loss = loss.item() if isinstance(loss, torch.Tensor) else float(loss)
         self.tracker.count(batch_size)
-        if self.mode == "sync":
-            with self.grad_averager.get_tensors() as accumulated:
-                for acc, p in zip(accumulated, self.params, strict=True):
-                    if p.grad is not None:
-                        acc.add_(p.grad, alpha=batch_size)
-        else:
-            with self.state_averager.get_tensors():
-                self.inner.step()
+        with self.grad_averager.get_tensors() as accumulated, self.state_averager.get_tensors():
+            self.rule.on_batch(accumulated, batch_size)
         self.samples += batch_size
-        if not self._check_due():
-            return
-        swarm = self._check()
-        if self._share_done(swarm):
-            swarm = self._wait_for_swarm(swarm)
-        if swarm.epoch > self.epoch and time.monotonic() >= self._next_catch_up:
+        if self.swarm.epoch > self.epoch and time.monotonic() >= self._next_catch_up:
             self._catch_up()
-        elif self._progress_at_my_epoch(swarm) >= self._target(swarm):
-            self._end_epoch(alone=self._alone(swarm))
-
-    def _share_done(self, swarm: SwarmProgress) -> bool:
-        """Whether we accumulated our share of the target while the swarm as a whole has not reached it."""
-        if swarm.epoch > self.epoch:
-            return False
-        return self._progress_at_my_epoch(swarm) < self._target(swarm) <= self.samples * _contributors(swarm)
-
-    def _wait_for_swarm(self, swarm: SwarmProgress) -> SwarmProgress:
-        """Give the others up to `progress_interval` to finish their share, so the swarm's step is not larger
-        than target_batch_size (a peer that keeps accumulating meanwhile would overshoot it)."""
-        deadline = time.monotonic() + self.progress_interval
-        while self._share_done(swarm) and time.monotonic() < deadline:
-            time.sleep(self.progress_interval * FAST_CHECK_FRACTION)
-            swarm = self._check()
-        return swarm
+        elif self.samples >= self._share(self.swarm):
+            self._wait_at_boundary()
 
     def wait_for_peers(self, count: int, timeout: float) -> int:
         """Block until at least `count` peers (us included) report progress, or `timeout` passes; return
@@ -194,6 +223,15 @@ class Optimizer:
             time.sleep(PEER_WAIT_POLL)
         return seen
 
+    def is_synchronized_with_peers(self) -> bool:
+        """Whether this peer is at the swarm's newest epoch and its state agreed with its last group's."""
+        return self._check().epoch <= self.epoch and self.in_agreement
+
+    def load_state_from_peers(self, timeout: float | None = None) -> bool:
+        """Replace our parameters, optimizer state and epoch with those of the peer with the newest state
+        (hivemind's quickstart calls this on joining); False if no peer could send it."""
+        return self._catch_up(timeout)
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.inner.zero_grad(set_to_none=set_to_none)
 
@@ -201,67 +239,122 @@ class Optimizer:
     def param_groups(self) -> list[dict]:
         return self.inner.param_groups
 
+    @property
+    def local_epoch(self) -> int:
+        """hivemind's name for `epoch`."""
+        return self.epoch
+
     # ---- epochs
 
     def _target(self, swarm: SwarmProgress) -> int:
         if self.target_batch_size:
             return self.target_batch_size
-        return self.inner_steps * (self.batch_size_per_step or 1) * _contributors(swarm, swarm.epoch)
+        return self.inner_steps * (self.batch_size_per_step or 1) * _contributors(swarm)
 
-    def _progress_at_my_epoch(self, swarm: SwarmProgress) -> int:
-        return sum(p.samples for p in swarm.peers if p.epoch == self.epoch)
+    def _share(self, swarm: SwarmProgress) -> int:
+        """The samples after which we stop and wait: our equal part of the target, plus any re-split rest."""
+        return math.ceil(self._target(swarm) / _contributors(swarm)) + self._quota_extra
 
-    def _alone(self, swarm: SwarmProgress) -> bool:
+    def _wait_at_boundary(self) -> None:
+        """Wait until the swarm has the target at our epoch, then average and step; return early if the
+        others are done too and the target is still short (then the rest is split again)."""
+        self._waiting = True
+        give_up = time.monotonic() + self.averaging_timeout  # auxiliary peers wait for a round this long
+        try:
+            while not (self.auxiliary and time.monotonic() > give_up):
+                swarm = self._check()
+                if swarm.epoch > self.epoch:
+                    if time.monotonic() >= self._next_catch_up and self._catch_up():
+                        return
+                    swarm = _at_epoch(swarm, self.epoch)
+                here = [p for p in swarm.peers if p.epoch == self.epoch and not self._stale(p)]
+                total = sum(p.samples for p in here if not p.auxiliary)
+                target = self._target(swarm)
+                if total >= target:
+                    self._end_epoch(here)
+                    return
+                if not self._others_running(swarm) and not self.auxiliary:
+                    contributors = max(1, sum(1 for p in here if not p.auxiliary))
+                    self._quota_extra += math.ceil((target - total) / contributors)
+                    logger.debug("epoch %d: %d of %d samples; split the rest again", self.epoch, total, target)
+                    return
+                time.sleep(BOUNDARY_POLL)
+        finally:
+            self._waiting = False
+
+    def _others_running(self, swarm: SwarmProgress) -> bool:
+        """Whether another live contributor may still add samples to our epoch (it is accumulating at our
+        epoch, or finishing an earlier one)."""
         me = self.dht.peer_id.raw.hex()
-        return all(p.peer == me or p.epoch != self.epoch for p in swarm.peers)
+        return any(
+            p.peer != me
+            and not p.auxiliary
+            and not self._stale(p)
+            and (p.epoch < self.epoch or (p.epoch == self.epoch and not p.waiting))
+            for p in swarm.peers
+        )
 
-    def _check_due(self) -> bool:
-        """Whether to publish our progress and read the swarm's now (throttled: it costs two DHT operations)."""
-        elapsed = time.monotonic() - self._last_check
-        if elapsed >= self.progress_interval:
-            return True
-        # Every live peer counts: right after an epoch ends, the others may not have reported the new one yet.
-        unreported = self.samples - self._samples_at_check
-        estimate = self._progress_at_my_epoch(self.swarm) + unreported * _contributors(self.swarm)
-        return estimate >= self._target(self.swarm) and elapsed >= self.progress_interval * FAST_CHECK_FRACTION
+    def _stale(self, progress: PeerProgress) -> bool:
+        silent = max(STALE_HEARTBEATS * self.progress_interval, STALE_MIN_SECONDS)
+        return progress.peer != self.dht.peer_id.raw.hex() and get_dht_time() - progress.time > silent
 
     def _check(self) -> SwarmProgress:
         self.swarm = self._run(self._report_and_fetch())
-        self._last_check, self._samples_at_check = time.monotonic(), self.samples
         return self.swarm
 
     async def _report_and_fetch(self) -> SwarmProgress:
-        await self.tracker.report(self.epoch, self.samples, self.loss, self._target(self.swarm))
-        return await self.tracker.fetch()
+        await self.tracker.report(self.epoch, self.samples, self.loss, self._target(self.swarm), self._waiting)
+        self.swarm = await self.tracker.fetch()
+        return self.swarm
 
-    def _end_epoch(self, alone: bool) -> None:
-        """Average with the swarm (unless we are alone), apply the step, and move to the next epoch."""
-        if self.mode == "sync":
-            with self.grad_averager.get_tensors() as accumulated:
-                for acc in accumulated:
-                    acc.div_(max(1, self.samples))
-        else:
-            with self.grad_averager.get_tensors() as deltas, self.state_averager.get_tensors():
-                for delta, anchor, p in zip(deltas, self.anchor, self.params, strict=True):
-                    torch.sub(anchor, p.detach(), out=delta)
+    async def _beat(self) -> None:
+        """Publish our progress and read the swarm's every progress_interval, beside the training loop."""
+        while not self._closed:
+            try:
+                await self._report_and_fetch()
+            except (HiveEngineError, TimeoutError) as e:
+                logger.debug("progress heartbeat failed: %s", e)
+            await asyncio.sleep(self.progress_interval)
+
+    def _end_epoch(self, here: list[PeerProgress]) -> None:
+        """Average with the peers of this epoch, apply the update, and move to the next epoch."""
+        with self.grad_averager.get_tensors() as buffers, self.state_averager.get_tensors():
+            self.rule.contribution(buffers, self.samples)
+            fingerprint = _fingerprint(self._agreed)
+        expected = len(here) or None
         result = None
-        for attempt in range(0 if alone else ROUND_ATTEMPTS):
-            # Each attempt gathers under its own matchmaking key: the previous gathering's deadline has passed.
-            self.grad_averager.local_epoch = self.epoch * ROUND_ATTEMPTS + attempt
-            expected = sum(1 for p in self.swarm.peers if p.epoch == self.epoch) or None
-            result = self.grad_averager.step(float(self.samples), self.averaging_timeout, expected_peers=expected)
+        for _ in range(ROUND_ATTEMPTS if len(here) > 1 else 0):
+            result = self.grad_averager.step(
+                float(0 if self.auxiliary else self.samples),
+                self.averaging_timeout,
+                expected_peers=expected,
+                gather={"fp": fingerprint},
+                key=str(self.epoch),
+                matchmaking_timeout=self.matchmaking_time + 1.0,
+            )
             if result is not None:
                 break
             swarm = self._check()
-            if swarm.epoch > self.epoch:
-                self._catch_up()  # they averaged without us: copy the result rather than diverge
-                return
-            if self._alone(swarm):
+            if swarm.epoch > self.epoch and self._catch_up():
+                return  # they averaged without us: copy the result rather than diverge
+            expected = sum(1 for p in swarm.peers if p.epoch == self.epoch and not self._stale(p)) or None
+            if (expected or 0) < 2:
                 break
+        self._apply(result)
+        disagree = result is not None and len({str(v.get("fp")) for v in result.group.gathered.values()}) > 1
+        periodic = self.average_state_every and (self.epoch + 1) % self.average_state_every == 0
+        if result is not None and (disagree or periodic):
+            self._average_state(result.group, disagree)
+        elif result is not None:
+            self.in_agreement = True
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self._advance(self.epoch + 1)
+
+    def _apply(self, result) -> None:
         if result is None:
             self.rounds["alone"] += 1
-            log = logger.debug if alone else logger.info
-            log("epoch %d: no group to average with, stepping with local %s", self.epoch, self.mode)
+            logger.info("epoch %d: no group to average with, stepping with local %s", self.epoch, self.mode)
         else:
             self.rounds["averaged"] += 1
             group = len(result.group.members)
@@ -274,34 +367,38 @@ class Optimizer:
                 with self.grad_averager.get_tensors():
                     for part in result.failed_parts:
                         self.grad_averager.flat[slice(*result.spans[part])].zero_()
+            logger.info("epoch %d: averaged with %d peers (%d samples here)", self.epoch, group, self.samples)
         with self.grad_averager.get_tensors() as averaged, self.state_averager.get_tensors():
-            if self.mode == "sync":
-                for p, grad in zip(self.params, averaged, strict=True):
-                    p.grad = grad.clone()
-                self.inner.step()
-            else:
-                self._outer_step(averaged)
+            self.rule.apply(averaged)
             for buffer in averaged:
                 buffer.zero_()
-        self._advance(self.epoch + 1)
 
-    def _outer_step(self, pseudo_grads: list[torch.Tensor]) -> None:
-        """Nesterov SGD on the parameters at the last sync, then continue from the result."""
-        mu, lr = self.outer_momentum, self.outer_lr
-        for anchor, momentum, grad, p in zip(self.anchor, self.momentum, pseudo_grads, self.params, strict=True):
-            momentum.mul_(mu).add_(grad)
-            anchor.sub_(grad.add(momentum, alpha=mu), alpha=lr)
-            p.detach().copy_(anchor)
+    def _average_state(self, group: GroupInfo, disagree: bool) -> None:
+        """Average the whole training state with the group we just averaged with (no new matchmaking)."""
+        state_group = GroupInfo(hashlib.sha256(group.group_id + b"state").digest()[:16], group.members, group.round)
+        if disagree:
+            logger.info("epoch %d: our group's states differ; averaging them", self.epoch)
+        try:
+            result = self._run(
+                self.state_averager.average_in(state_group, 1.0, self.averaging_timeout), self.averaging_timeout + 5
+            )
+        except (HiveEngineError, TimeoutError) as e:
+            logger.warning("epoch %d: state averaging failed: %s", self.epoch, e)
+            self.in_agreement = not disagree
+            return
+        self.in_agreement = not result.failed_parts
+        self.rounds["state_averaged"] += 1
 
     def _advance(self, epoch: int) -> None:
-        self.epoch, self.samples = epoch, 0
+        self.epoch, self.samples, self._quota_extra = epoch, 0, 0
         self.state_averager.publish_state(self.epoch, self._metadata(), DHT_TIMEOUT)
         self._check()
 
-    def _catch_up(self) -> None:
+    def _catch_up(self, timeout: float | None = None) -> bool:
         """Load parameters, optimizer state and epoch from the peer with the newest state."""
         behind = self.swarm.epoch
-        metadata = self.state_averager.load_state_from_peers(self.load_state_timeout, codec=self.state_codec)
+        timeout = self.load_state_timeout if timeout is None else timeout
+        metadata = self.state_averager.load_state_from_peers(timeout, codec=self.state_codec)
         if metadata is None:
             self._next_catch_up = time.monotonic() + CATCH_UP_RETRY
             logger.warning(
@@ -310,16 +407,27 @@ class Optimizer:
                 behind,
                 CATCH_UP_RETRY,
             )
-            return
+            return False
         self.state.apply_metadata(metadata.get("optimizer", {}))
         with self.grad_averager.get_tensors() as buffers:
             for buffer in buffers:
                 buffer.zero_()
-        if self.grad_averager.residual is not None:
-            self.grad_averager.residual.zero_()
+        self.grad_averager.reset_error_feedback()
         self.rounds["caught_up"] += 1
-        logger.info("caught up from epoch %d to %d", self.epoch, self.state_averager.local_epoch)
-        self._advance(self.state_averager.local_epoch)
+        epoch = self.state_averager.local_epoch
+        logger.info("caught up from epoch %d to %d", self.epoch, epoch)
+        self._step_scheduler_to(epoch)
+        self.in_agreement = True
+        self._advance(epoch)
+        return True
+
+    def _step_scheduler_to(self, epoch: int) -> None:
+        if self.scheduler is None:
+            return
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns when a scheduler steps before the optimizer did
+            for _ in range(max(0, epoch - self.epoch)):
+                self.scheduler.step()
 
     def _metadata(self) -> dict:
         return {"optimizer": self.state.metadata(), "mode": self.mode}
@@ -355,17 +463,52 @@ class Optimizer:
         """Leave the swarm's progress, stop averaging and serving state (idempotent); the DHT stays up."""
         if not self._closed:
             self._closed = True
+            self._heartbeat.cancel()
             try:
                 self._run(self.tracker.retract(), CATCH_UP_RETRY)
             except (HiveEngineError, TimeoutError) as e:
                 logger.info("could not withdraw our progress record: %s", e)
-        self.grad_averager.shutdown()
-        self.state_averager.shutdown()
+            self.grad_averager.shutdown()
+            self.state_averager.shutdown()
+            self.peer.shutdown()
 
     def _run(self, coro, timeout: float = DHT_TIMEOUT):
         return self.dht.peer.runtime.run(coro, timeout)
 
 
-def _contributors(swarm: SwarmProgress, epoch: int | None = None) -> int:
-    """Live peers that contribute samples (at `epoch`, if given); at least 1, ourselves."""
-    return max(1, sum(1 for p in swarm.peers if not p.client_mode and (epoch is None or p.epoch == epoch)))
+def _contributors(swarm: SwarmProgress) -> int:
+    """Live peers that contribute samples; at least 1, ourselves."""
+    return max(1, sum(1 for p in swarm.peers if not p.auxiliary))
+
+
+def _at_epoch(swarm: SwarmProgress, epoch: int) -> SwarmProgress:
+    peers = [p for p in swarm.peers if p.epoch == epoch]
+    return SwarmProgress(epoch, sum(p.samples for p in peers), peers)
+
+
+def _fingerprint(tensors: list[torch.Tensor]) -> list[int]:
+    """A cheap, exact, order-independent checksum of the bits of `tensors` (integer sums of their 16-bit
+    halves): equal on every peer whose tensors are bit-identical, whatever the device or thread count."""
+    low = high = 0
+    for t in tensors:
+        bits = t.detach().reshape(-1).view(torch.int16)
+        low += int(bits[0::2].sum(dtype=torch.int64))
+        high += int(bits[1::2].sum(dtype=torch.int64))
+    return [low, high]
+
+
+def _refuse_unknown(unknown: dict) -> None:
+    for name in unknown:
+        if name in HIVEMIND_SPELLINGS:
+            raise ConfigurationError(f"{name}= is hivemind's; in hiveengine use {HIVEMIND_SPELLINGS[name]}")
+    if unknown:
+        raise TypeError(f"Optimizer() got unexpected keyword arguments: {', '.join(sorted(unknown))}")
+
+
+def _show_progress_logs() -> None:
+    """verbose=True: print the Optimizer's epoch reports (INFO) even if the program set up no logging."""
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)

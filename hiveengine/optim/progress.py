@@ -36,9 +36,21 @@ class PeerProgress:
     loss: float | None = None
     client_mode: bool = False
     target: int = 0  # the samples at which this peer expects the swarm's next step
+    waiting: bool = False  # it has its share of the target and waits for the swarm's step
+    auxiliary: bool = False  # it averages but contributes no samples
 
     def record(self) -> list:
-        return [self.epoch, self.samples, self.samples_per_second, self.time, self.loss, self.client_mode, self.target]
+        return [
+            self.epoch,
+            self.samples,
+            self.samples_per_second,
+            self.time,
+            self.loss,
+            self.client_mode,
+            self.target,
+            self.waiting,
+            self.auxiliary,
+        ]
 
 
 @dataclass(frozen=True)
@@ -74,7 +86,7 @@ def parse_progress(found) -> SwarmProgress:
     subkeys = found.value if found is not None and isinstance(found.value, dict) else {}
     for subkey, entry in subkeys.items():
         try:
-            epoch, samples, speed, reported, loss, client, target = entry.value
+            epoch, samples, speed, reported, loss, client, target, waiting, auxiliary = entry.value
             peer = bytes(subkey).hex()
             counts = (epoch, samples, target)
             if not all(isinstance(c, int) and c >= 0 for c in counts):
@@ -83,7 +95,11 @@ def parse_progress(found) -> SwarmProgress:
             if not (math.isfinite(speed) and speed >= 0):
                 continue
             loss = float(loss) if isinstance(loss, int | float) and math.isfinite(loss) else None
-            peers.append(PeerProgress(peer, epoch, samples, speed, reported, loss, bool(client), target))
+            peers.append(
+                PeerProgress(
+                    peer, epoch, samples, speed, reported, loss, bool(client), target, bool(waiting), bool(auxiliary)
+                )
+            )
         except (TypeError, ValueError, AttributeError):
             continue
     epoch = max((p.epoch for p in peers), default=0)
@@ -94,8 +110,9 @@ def parse_progress(found) -> SwarmProgress:
 class ProgressTracker:
     """Publishes this peer's progress and reads the swarm's (awaitable; runs on the transport loop)."""
 
-    def __init__(self, dht, run_id: str, client_mode: bool = False, ttl: float = PROGRESS_TTL):
+    def __init__(self, dht, run_id: str, client_mode: bool = False, auxiliary: bool = False, ttl: float = PROGRESS_TTL):
         self.dht, self.key, self.client_mode, self.ttl = dht, progress_key(run_id), client_mode, ttl
+        self.auxiliary = auxiliary
         self.samples_per_second = 0.0
         self._last_sample_time: float | None = None
 
@@ -110,11 +127,15 @@ class ProgressTracker:
                 self.samples_per_second += SPEED_SMOOTHING * (speed - self.samples_per_second)
         self._last_sample_time = now
 
-    async def report(self, epoch: int, samples: int, loss: float | None = None, target: int = 0) -> None:
+    async def report(
+        self, epoch: int, samples: int, loss: float | None = None, target: int = 0, waiting: bool = False
+    ) -> None:
         now = get_dht_time()
         raw = self.dht.peer_id.raw
         speed = self.samples_per_second
-        mine = PeerProgress(raw.hex(), epoch, samples, speed, now, loss, self.client_mode, target)
+        mine = PeerProgress(
+            raw.hex(), epoch, samples, speed, now, loss, self.client_mode, target, waiting, self.auxiliary
+        )
         if not await self.dht.astore(self.key, mine.record(), now + self.ttl, subkey=raw):
             logger.warning("could not publish progress (epoch %d, %d samples)", epoch, samples)
 
