@@ -390,7 +390,7 @@ class Optimizer:
         self.rounds["state_averaged"] += 1
 
     def _advance(self, epoch: int) -> None:
-        self.epoch, self.samples, self._quota_extra = epoch, 0, 0
+        self.epoch, self.samples, self._quota_extra, self._waiting = epoch, 0, 0, False
         self.state_averager.publish_state(self.epoch, self._metadata(), DHT_TIMEOUT)
         self._check()
 
