@@ -1,0 +1,174 @@
+"""DecentralizedAverager rounds as hivemind users run them: late starts, grids, cancellations, clients, options.
+
+Every averager has its own DHT node and its own peer; they share the process's transport loop, so many peers
+can step at once with asyncio.gather (real UCX connections over 127.0.0.1).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+
+import pytest
+import torch
+
+from hiveengine.averaging import DecentralizedAverager
+from hiveengine.averaging.matchmaking import SETTLE_SECONDS, matchmaking_key
+from hiveengine.dht import DHT, get_dht_time
+
+pytestmark = pytest.mark.timeout(180)
+WAIT_LIMIT = 30.0
+
+
+@contextlib.contextmanager
+def swarm(count: int, *, sizes=(1000, 7), seed: int = 0, **options):
+    """`count` averagers of seeded random tensors, each with its own DHT node."""
+    dhts = [DHT()]
+    dhts += [DHT(initial_peers=[dhts[0].address]) for _ in range(count - 1)]
+    gen = torch.Generator().manual_seed(seed)
+    averagers = []
+    try:
+        for dht in dhts:
+            tensors = [torch.randn(n, generator=gen) for n in sizes]
+            averagers.append(DecentralizedAverager(tensors, dht, "rounds-test", **options))
+        yield averagers
+    finally:
+        for averager in averagers:
+            averager.shutdown()
+        for dht in reversed(dhts):
+            dht.shutdown()
+
+
+def together(averagers, **step_options):
+    """Step every averager at once; their results in order."""
+    runtime = averagers[0].peer.runtime
+
+    async def all_steps():
+        return await asyncio.gather(*(a.astep(**step_options) for a in averagers))
+
+    return runtime.run(all_steps(), WAIT_LIMIT + 10)
+
+
+def snapshot(averagers) -> list[list[torch.Tensor]]:
+    out = []
+    for averager in averagers:
+        with averager.get_tensors() as tensors:
+            out.append([t.clone() for t in tensors])
+    return out
+
+
+def mean_of(states: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+    return [sum(s[i] for s in states) / len(states) for i in range(len(states[0]))]
+
+
+def wait_for(condition, what: str):
+    deadline = time.monotonic() + WAIT_LIMIT
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def registrations(averager, key: str = "rounds") -> dict:
+    found = averager.dht.get(matchmaking_key(averager.prefix, key), latest=True)
+    return {} if found is None else {k: v.value for k, v in found.value.items()}
+
+
+def test_step_keeps_looking_until_its_timeout():
+    """Two peers started after the first one's gathering closed still meet (hivemind keeps looking too)."""
+    with swarm(2, matchmaking_time=1.0) as (first, second):
+        results = {}
+        thread = threading.Thread(target=lambda: results.setdefault("first", first.step(timeout=40)))
+        thread.start()
+        wait_for(lambda: registrations(first), "the first peer's registration")
+        opened = next(iter(registrations(first).values()))[4]
+        wait_for(lambda: time.time() > opened + SETTLE_SECONDS + 0.2, "the first gathering to close")
+        results["second"] = second.step(timeout=40)
+        thread.join(WAIT_LIMIT)
+        assert results["first"] is not None and results["second"] is not None
+        assert len(results["first"].group.members) == len(results["second"].group.members) == 2
+
+
+def test_nine_peers_on_a_grid_reach_the_exact_mean_in_two_rounds():
+    with swarm(9, target_group_size=3) as averagers:
+        expected = mean_of(snapshot(averagers))
+        first = together(averagers, expected_peers=9)
+        assert sorted(len(r.group.members) for r in first) == [3] * 9
+        second = together(averagers, expected_peers=9)
+        assert all(r is not None and not r.failed_parts for r in second)
+        for state in snapshot(averagers):
+            for got, want in zip(state, expected, strict=True):
+                assert torch.allclose(got, want, atol=1e-5, rtol=0)
+
+
+def test_a_cancelled_step_withdraws_its_registration():
+    with swarm(3, matchmaking_time=2.0) as (a, b, c):
+        runtime = c.peer.runtime
+        cancelled = runtime.submit(c.astep(timeout=30))
+        wait_for(lambda: c.peer.peer_id.raw in registrations(c), "the registration of the peer to cancel")
+        cancelled.cancel()
+        wait_for(lambda: registrations(c).get(c.peer.peer_id.raw, "live") is None, "the withdrawal")
+        results = together([a, b], timeout=30)
+        assert all(len(r.group.members) == 2 and not r.failed_parts for r in results)
+
+
+def test_a_group_of_clients_gets_no_round_and_no_error():
+    with swarm(2, client_mode=True, matchmaking_time=1.0) as averagers:
+        assert together(averagers, timeout=10, expected_peers=2) == [None, None]
+
+
+def test_unlimited_groups_and_the_lossless_default_give_the_exact_mean():
+    with swarm(3, target_group_size=None) as averagers:
+        assert all(a.codec.name == "none" for a in averagers)
+        expected = mean_of(snapshot(averagers))
+        results = together(averagers, expected_peers=3)
+        assert all(len(r.group.members) == 3 for r in results)
+        states = snapshot(averagers)
+        for state in states:
+            for got, want, first in zip(state, expected, states[0], strict=True):
+                assert torch.allclose(got, want, atol=1e-6, rtol=0)
+                assert torch.equal(got, first)
+
+
+def test_metadata_is_gathered_and_rounds_start_at_the_scheduled_time():
+    with swarm(2, matchmaking_time=5.0) as averagers:
+        scheduled = get_dht_time() + 1.0
+        runtime = averagers[0].peer.runtime
+
+        async def steps():
+            return await asyncio.gather(
+                *(a.astep(gather={"rank": i}, scheduled_time=scheduled) for i, a in enumerate(averagers))
+            )
+
+        results = runtime.run(steps(), WAIT_LIMIT)
+        ids = [a.peer.peer_id for a in averagers]
+        for result in results:
+            assert result.group.gathered == {ids[0]: {"rank": 0}, ids[1]: {"rank": 1}}
+        assert get_dht_time() >= scheduled  # the gathering closed at the scheduled time, not 5 s later
+
+
+def test_state_sharing_is_switched_at_run_time():
+    with swarm(2, share_state=False) as (source, newcomer):
+        newcomer.allow_state_sharing = False
+        assert newcomer.load_state_from_peers(timeout=5) is None
+        source.allow_state_sharing = True
+        assert newcomer.load_state_from_peers(timeout=20) is not None
+        assert all(torch.equal(a, b) for a, b in zip(*snapshot([source, newcomer]), strict=True))
+
+
+def test_an_averager_that_missed_rounds_meets_the_others_again():
+    with swarm(3) as (a, b, late):
+        assert all(r is not None for r in together([a, b], expected_peers=2))
+        assert (a.local_epoch, late.local_epoch) == (1, 0)
+        results = together([a, b, late], expected_peers=3)
+        assert all(r is not None and len(r.group.members) == 3 for r in results)
+        assert a.local_epoch == late.local_epoch == 2
+
+
+def test_a_hostile_registration_is_skipped():
+    with swarm(2) as (a, b):
+        key = matchmaking_key(a.prefix, "rounds")
+        a.dht.store(key, ["ucx://x:1/zz", 0.0, 0, float("nan"), 1e300, -1, None], get_dht_time() + 30, subkey=b"x")
+        results = together([a, b], expected_peers=2, timeout=20)
+        assert all(r is not None and len(r.group.members) == 2 for r in results)
