@@ -34,8 +34,8 @@ from hiveengine.transport import PeerID
 logger = logging.getLogger(__name__)
 
 SETTLE_SECONDS = 0.3  # after the gathering deadline, wait this long for registrations to spread
-EARLY_SETTLE_SECONDS = 0.02  # after the expected peers registered, wait this long for an earlier one to show
-GATHER_POLL_SECONDS = 0.01  # while gathering, how often to read the registrations
+EARLY_SETTLE_SECONDS = 0.05  # when more than the expected peers registered, wait this long for earlier ones
+GATHER_POLL_SECONDS = 0.005  # while gathering, how often to read the registrations
 REGISTRATION_SLACK = 30.0  # registrations outlive their deadline by this long (then expire everywhere)
 MAX_GATHERED_BYTES = 4096  # the most metadata one peer may attach to its registration (msgpack bytes)
 
@@ -122,13 +122,11 @@ class Matchmaker:
         dht_key = matchmaking_key(self.prefix, key)
         give_up_at = time.time() + deadline - time.monotonic() - SETTLE_SECONDS  # wall clock, like gather_until
         now = time.time()
-        ahead = [r.gather_until for r in await self._registrations(dht_key) if r.gather_until > now]
-        if scheduled is not None:
-            ahead = [d for d in ahead if d <= scheduled] or [scheduled]
-        gather_until = min(ahead, default=now + self.config.matchmaking_time)
+        # Open a gathering of our own; _gather moves us to an earlier one as soon as it sees one.
+        gather_until = scheduled if scheduled is not None else now + self.config.matchmaking_time
         full = self._early_close_at(expected)
         if gather_until > give_up_at and full is None:
-            logger.info("the next gathering for %s ends after our deadline", dht_key)
+            logger.info("a gathering for %s would end after our deadline", dht_key)
             return None
         mine = Registration(self.me, now, gather_until, round_number, gathered)
         try:
@@ -190,8 +188,9 @@ class Matchmaker:
                 continue
             on_time = _members_of(registrations, mine.gather_until)
             if full is not None and len(on_time) >= full:
-                await asyncio.sleep(EARLY_SETTLE_SECONDS)
-                on_time = _members_of(await self._registrations(dht_key, mine), mine.gather_until)
+                if len(on_time) > full:  # unexpected peers: let every registration made before theirs show
+                    await asyncio.sleep(EARLY_SETTLE_SECONDS)
+                    on_time = _members_of(await self._registrations(dht_key, mine), mine.gather_until)
                 first = sorted(on_time, key=lambda r: (r.registered_at, r.member.peer_id.raw))[:full]
                 if all(r.member.peer_id != self.me.peer_id for r in first):
                     logger.info("the gathering filled up with %d earlier peers", full)
