@@ -66,7 +66,7 @@ def main() -> None:
         opt.zero_grad()
         losses.append(loss.item())
         if opt.epoch != epoch:
-            contributed = before + BATCH if opt.epoch == epoch + 1 else -1
+            contributed = -1 if opt.epoch != epoch + 1 else 0 if opt.auxiliary else before + BATCH
             epoch = opt.epoch
             print("EPOCH", epoch, digest(model.parameters()), contributed, flush=True)
         if epoch >= plan["epochs"] and not done:

@@ -94,3 +94,14 @@ def test_two_peers_and_a_client_train_together():
     results = train(plans)
     check_swarm(results, target=48, contributors=3, epochs=40)
     assert all(done["rounds"]["averaged"] >= 38 for _, done in results), [d["rounds"] for _, d in results]
+
+
+def test_an_auxiliary_peer_helps_average_and_stays_in_sync():
+    plans = [
+        {"mode": "sync", "target": 32, "epochs": 30, "init_seed": i, "data_seed": i, "auxiliary": i == 2}
+        for i in range(3)
+    ]
+    results = train(plans)
+    check_swarm(results[:2], target=32, contributors=2, epochs=30)  # an auxiliary peer keeps no model
+    assert all(e[epoch][1] == 0 for epoch in range(1, 31) if epoch in (e := results[2][0]))
+    assert results[2][1]["rounds"]["averaged"] >= 28

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from hiveengine.averaging import DecentralizedAverager, GroupInfo
+from hiveengine.averaging import DecentralizedAverager, GroupInfo, Mode
 from hiveengine.dht import get_dht_time
 from hiveengine.errors import ConfigurationError, HiveEngineError
 from hiveengine.optim.progress import PeerProgress, ProgressTracker, SwarmProgress
@@ -176,7 +176,12 @@ class Optimizer:
             buffers, dht, f"{run_id}.grads", codec=codec, share_state=False, **averaging
         )
         self.state_averager = DecentralizedAverager(
-            self.state.tensors, dht, f"{run_id}.state", codec="none", share_state=not client_mode, **averaging
+            self.state.tensors,
+            dht,
+            f"{run_id}.state",
+            codec="none",
+            share_state=not (client_mode or auxiliary),  # an auxiliary peer's state is never updated
+            **averaging,
         )
         with self.state_averager.get_tensors() as views:
             self.rule.bind(self.state.bind(views))
@@ -328,7 +333,7 @@ class Optimizer:
                 float(0 if self.auxiliary else self.samples),
                 self.averaging_timeout,
                 expected_peers=expected,
-                gather={"fp": fingerprint},
+                gather={"fp": None if self.auxiliary else fingerprint},
                 key=str(self.epoch),
                 matchmaking_timeout=self.matchmaking_time + 1.0,
             )
@@ -341,9 +346,10 @@ class Optimizer:
             if (expected or 0) < 2:
                 break
         self._apply(result)
-        disagree = result is not None and len({str(v.get("fp")) for v in result.group.gathered.values()}) > 1
+        fingerprints = {str(v.get("fp")) for v in result.group.gathered.values() if v.get("fp")} if result else set()
+        disagree = len(fingerprints) > 1
         periodic = self.average_state_every and (self.epoch + 1) % self.average_state_every == 0
-        if result is not None and (disagree or periodic):
+        if result is not None and (disagree or periodic) and not self.auxiliary:
             self._average_state(result.group, disagree)
         elif result is not None:
             self.in_agreement = True
@@ -374,8 +380,12 @@ class Optimizer:
                 buffer.zero_()
 
     def _average_state(self, group: GroupInfo, disagree: bool) -> None:
-        """Average the whole training state with the group we just averaged with (no new matchmaking)."""
-        state_group = GroupInfo(hashlib.sha256(group.group_id + b"state").digest()[:16], group.members, group.round)
+        """Average the whole training state with the trainers of the group we just averaged with (no new
+        matchmaking; auxiliary members hold no state)."""
+        trainers = tuple(m for m in group.members if m.mode != Mode.AUX)
+        if len(trainers) < 2:
+            return
+        state_group = GroupInfo(hashlib.sha256(group.group_id + b"state").digest()[:16], trainers, group.round)
         if disagree:
             logger.info("epoch %d: our group's states differ; averaging them", self.epoch)
         try:
