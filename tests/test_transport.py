@@ -46,8 +46,8 @@ def run(peer: Peer, coro, timeout: float = 30):
 def random_tensor(dtype: torch.dtype, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
     if dtype == torch.bool:
         return torch.rand(shape, generator=gen) > 0.5
-    if dtype.is_floating_point:
-        return torch.randn(shape, generator=gen).to(dtype)
+    if dtype.is_floating_point or dtype.is_complex:
+        return torch.randn(shape, generator=gen, dtype=torch.complex128 if dtype.is_complex else None).to(dtype)
     info = torch.iinfo(dtype)
     return torch.randint(max(info.min, -1000), min(info.max, 1000), shape, generator=gen, dtype=torch.int64).to(dtype)
 

@@ -93,7 +93,7 @@ def test_oversized_header_is_refused_by_the_sender():
         ([["float32", [300], "cpu"]], "exceeds the limit of 1024"),
         ([["float32", [200], "cpu"]] * 3, "message of 2400 bytes"),
         ([["float32", [1], "cpu"]] * 5, "5 tensor frames exceed"),
-        ([["complex64", [1], "cpu"]], "unsupported dtype"),
+        ([["complex32", [1], "cpu"]], "unsupported dtype"),
         ([["float32", [-1], "cpu"]], "malformed tensor shape"),
         ([["float32", [1], "tpu"]], "unsupported device"),
         ([["float32", [1]]], "malformed tensor descriptor"),

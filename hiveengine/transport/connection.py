@@ -38,6 +38,7 @@ from hiveengine.transport.wire import (
     decode_message,
     encode_control,
     inline_tensors,
+    restore_requires_grad,
     wire_buffer,
 )
 
@@ -200,13 +201,16 @@ class Connection:
         if "x" in body:
             tensors = inline_tensors(body["x"], specs)
             if out is None:
-                return tensors
+                return restore_requires_grad(tensors, specs)
             for dst, src in zip(out, tensors, strict=True):
                 dst.view(-1).copy_(src.view(-1))
             return list(out)
-        tensors = list(out) if out is not None else [allocate(spec) for spec in specs]
+        if out is not None:
+            await self.receive_into(body, out)
+            return list(out)
+        tensors = [allocate(spec) for spec in specs]
         await self.receive_into(body, tensors)
-        return tensors
+        return restore_requires_grad(tensors, specs)
 
     async def receive_into(self, body: dict, tensors: Sequence[torch.Tensor], first_index: int = 0) -> None:
         """Receive announced frames straight into the given contiguous tensors (sizes already checked)."""

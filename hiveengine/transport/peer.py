@@ -29,7 +29,7 @@ from hiveengine.transport.limits import DEFAULT_LIMITS, TransportLimits
 from hiveengine.transport.reactor import close_endpoint, retrieve_outcome
 from hiveengine.transport.runtime import Runtime
 from hiveengine.transport.stream import Chunk, StreamReader, iterate_chunks
-from hiveengine.transport.wire import FrameSpec, Kind, frame_specs, inline_tensors
+from hiveengine.transport.wire import FrameSpec, Kind, frame_specs, inline_tensors, restore_requires_grad
 
 logger = logging.getLogger(__name__)
 
@@ -486,7 +486,9 @@ class Peer:
         out = conn.reply_buffers.get(body["i"])
         if out is None and (not specs or "x" in body):  # nothing left on the wire: answer without a task hop
             try:
-                reply.set_result((header, inline_tensors(body["x"], specs) if specs else []))
+                reply.set_result(
+                    (header, restore_requires_grad(inline_tensors(body["x"], specs), specs) if specs else [])
+                )
             except ProtocolError as e:
                 reply.set_exception(e)
             return

@@ -3,8 +3,10 @@
 Control message layout: 4-byte little-endian body length, 1 flag byte (bit 0: zstd), msgpack body,
 then (when the body has "x") the raw bytes of small host tensors sent inline, each starting at a
 multiple of TAIL_ALIGN. The body is a dict with short keys (see `Kind` and `encode_control`). Tensor
-descriptors are [dtype, shape, device]; receivers validate them against `TransportLimits` before
-allocating. Inline tensors are received as views of the control message's buffer: no copy.
+descriptors are [dtype, shape, device], with a fourth item `true` when the tensor requires grad; receivers
+validate them against `TransportLimits` before allocating. Every frame travels as the tensor's raw bytes,
+whatever its dtype (bf16 and complex included), so the descriptor alone says how to read them back. Inline
+tensors are received as views of the control message's buffer: no copy (unless a view would be misaligned).
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ DTYPES: dict[str, torch.dtype] = {
     "int32": torch.int32,
     "int64": torch.int64,
     "bool": torch.bool,
+    "complex64": torch.complex64,
+    "complex128": torch.complex128,
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 MAX_DIMS = 16
@@ -63,11 +67,13 @@ class Kind(enum.IntEnum):
 
 @dataclass(frozen=True)
 class FrameSpec:
-    """What a receiver needs to post a buffer for one tensor frame."""
+    """What a receiver needs to post a buffer for one tensor frame, and whether the tensor it makes of it
+    requires grad (restored on fresh tensors by `restore_requires_grad`)."""
 
     dtype: torch.dtype
     shape: tuple[int, ...]
     device: str
+    requires_grad: bool = False
 
     @property
     def numel(self) -> int:
@@ -78,34 +84,43 @@ class FrameSpec:
         return self.numel * self.dtype.itemsize
 
     def to_wire(self) -> list:
-        return [DTYPE_NAMES[self.dtype], list(self.shape), self.device]
+        item = [DTYPE_NAMES[self.dtype], list(self.shape), self.device]
+        return [*item, True] if self.requires_grad else item
 
     @staticmethod
     def wire_of(t: torch.Tensor) -> list:
         """`FrameSpec.of(t).to_wire()` without the intermediate object (the send path's hot spot)."""
+        if t.requires_grad:
+            return [_dtype_name(t), list(t.shape), t.device.type, True]
         return [_dtype_name(t), list(t.shape), t.device.type]
 
     @classmethod
     def of(cls, t: torch.Tensor) -> FrameSpec:
         _dtype_name(t)
-        return cls(t.dtype, tuple(t.shape), t.device.type)
+        return cls(t.dtype, tuple(t.shape), t.device.type, t.requires_grad)
 
     @classmethod
     def from_wire(cls, item, limits: TransportLimits) -> FrameSpec:
-        if not (isinstance(item, list | tuple) and len(item) == 3):
+        if not (isinstance(item, list | tuple) and len(item) in (3, 4)):
             raise ProtocolError(f"malformed tensor descriptor {item!r:.100}")
-        dtype_name, shape, device = item
-        if dtype_name not in DTYPES:
+        dtype_name, shape, device = item[:3]
+        requires_grad = item[3] if len(item) == 4 else False
+        if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
             raise ProtocolError(f"unsupported dtype {dtype_name!r:.40}; supported: {sorted(DTYPES)}")
         if (
             not isinstance(shape, list | tuple)
             or len(shape) > MAX_DIMS
-            or not all(isinstance(d, int) and 0 <= d < 1 << 62 for d in shape)
+            or not all(type(d) is int and 0 <= d < 1 << 62 for d in shape)
         ):
             raise ProtocolError(f"malformed tensor shape {shape!r:.100}")
         if device not in ("cpu", "cuda"):
             raise ProtocolError(f"unsupported device {device!r:.40}")
-        spec = cls(DTYPES[dtype_name], tuple(shape), device)
+        dtype = DTYPES[dtype_name]
+        if type(requires_grad) is not bool:
+            raise ProtocolError(f"malformed requires_grad flag {requires_grad!r:.40} (must be true or false)")
+        if requires_grad and not (dtype.is_floating_point or dtype.is_complex):
+            raise ProtocolError(f"a {dtype_name} tensor cannot require grad (only floating and complex ones can)")
+        spec = cls(dtype, tuple(shape), device, requires_grad)
         if spec.nbytes > limits.max_frame_bytes:
             raise ProtocolError(
                 f"tensor frame of {spec.nbytes} bytes exceeds the limit of {limits.max_frame_bytes} bytes "
@@ -201,10 +216,25 @@ def inline_tensors(tail: tuple[np.ndarray, int], specs: list[FrameSpec]) -> list
         end = offset + spec.nbytes
         if end > message.nbytes:
             raise ProtocolError("inline tensor bytes are shorter than their descriptors say")
-        tensors.append(torch.from_numpy(message[offset:end]).view(spec.dtype).reshape(spec.shape))
+        raw = torch.from_numpy(message[offset:end])
+        if raw.data_ptr() % spec.dtype.itemsize:
+            # complex128 (16-byte items) may start at 8 mod 16, and torch's kernels may crash on a misaligned
+            # complex tensor: copy its bytes, as bytes, to fresh (aligned) memory first.
+            raw = raw.clone()
+        tensors.append(raw.view(spec.dtype).reshape(spec.shape))
         offset = end
     if offset != message.nbytes:
         raise ProtocolError("inline tensor bytes are longer than their descriptors say")
+    return tensors
+
+
+def restore_requires_grad(tensors: list[torch.Tensor], specs: Sequence[FrameSpec]) -> list[torch.Tensor]:
+    """Mark the fresh tensors made for received frames (`allocate`, `inline_tensors`: leaves of no graph)
+    as requiring grad where their sender's did. Not for buffers the receiver provided: those keep their own
+    flags, so a sender can never attach a receiver's buffer to a graph."""
+    for tensor, spec in zip(tensors, specs, strict=True):
+        if spec.requires_grad:
+            tensor.requires_grad_(True)
     return tensors
 
 
@@ -221,7 +251,13 @@ def check_buffers(buffers, specs: list[FrameSpec]) -> None:
 
 
 def as_frame(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous flat byte view of `t` (copying only if `t` is not contiguous)."""
+    """A contiguous flat byte view of `t` (copying only if `t` is not contiguous), outside any autograd
+    graph: the bytes of any dtype, complex included, travel as they are in memory. A lazily conjugated or
+    negated view (`x.conj()`, `x.mH`) is materialized first, so its values travel, not its base's."""
+    if t.requires_grad:
+        t = t.detach()
+    if t.is_conj() or t.is_neg():
+        t = t.resolve_conj().resolve_neg()
     return t.contiguous().reshape(-1).view(torch.uint8)
 
 
@@ -231,6 +267,7 @@ def wire_buffer(frame: torch.Tensor):
 
 
 def allocate(spec: FrameSpec) -> torch.Tensor:
-    """An empty tensor for an incoming frame: on CUDA when the sender's was and this host has one."""
+    """An empty tensor for an incoming frame: on CUDA when the sender's was and this host has one. It never
+    requires grad while the frame lands in it (see `restore_requires_grad`)."""
     device = "cuda" if spec.device == "cuda" and torch.cuda.is_available() else "cpu"
     return torch.empty(spec.shape, dtype=spec.dtype, device=device)
