@@ -6,10 +6,10 @@ import logging
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-import msgpack
-
 from hiveengine.dht import protocol
 from hiveengine.dht.node import DHTConfig, DHTNode
+from hiveengine.dht.serialization import pack as _pack
+from hiveengine.dht.serialization import unpack as _unpack
 from hiveengine.dht.storage import Entry, Record, ValueWithExpiration, get_dht_time
 from hiveengine.dht.validation import CompositeValidator, OwnerSignatureValidator, RecordValidator, owner_marker
 from hiveengine.errors import ValueTooLargeError
@@ -20,17 +20,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_TIMEOUT = 30.0  # seconds a blocking store or get may take when the caller gives no timeout
 START_TIMEOUT = 60.0
 DHT_LIMITS = TransportLimits(max_frame_bytes=protocol.MAX_BLOB_BYTES, max_inbound_bytes=4 * protocol.MAX_BLOB_BYTES)
-
-
-def _pack(obj: Any, what: str) -> bytes:
-    try:
-        return msgpack.packb(obj, use_bin_type=True)
-    except (TypeError, ValueError, OverflowError) as e:
-        raise TypeError(f"DHT {what}s must be msgpack-serializable (bytes, str, numbers, lists, dicts): {e}") from e
-
-
-def _unpack(data: bytes, hashable: bool = False) -> Any:
-    return msgpack.unpackb(data, raw=False, use_list=not hashable, strict_map_key=False)
 
 
 def to_user_value(entry: Entry) -> ValueWithExpiration:

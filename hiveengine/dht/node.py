@@ -17,6 +17,7 @@ import torch
 
 from hiveengine.dht import protocol
 from hiveengine.dht.routing import Contact, RoutingTable, key_id, node_id, random_id_in_bucket
+from hiveengine.dht.serialization import record_problem
 from hiveengine.dht.storage import Entry, Record, Storage, get_dht_time
 from hiveengine.dht.validation import RecordValidator
 from hiveengine.errors import BootstrapError, ProtocolError, TransportError
@@ -211,8 +212,7 @@ class DHTNode:
                             if new is not None and new.id != self.id and new.id not in candidates:
                                 candidates[new.id] = new
                     for record in records or ():
-                        if self._acceptable(record):
-                            found.merge(record)
+                        self._merge_found(found, record)
                 if stop_early and found is not None and not found.empty():
                     break
         finally:
@@ -230,6 +230,22 @@ class DHTNode:
 
     def _acceptable(self, record: Record) -> bool:
         return protocol.record_size_error(record) is None and self.validator.validate(record)
+
+    def _merge_found(self, found: Entry, record: Record) -> None:
+        """Merge a record a lookup found if it is valid and its value (and subkey) can be read back. Replicas send
+        the same record: one already held is not decoded again. Decoding is the reader's cost, bounded by what it
+        asked for; storing nodes keep values as opaque bytes."""
+        held = found.plain if record.subkey is None else found.subkeys.get(record.subkey)
+        if held is not None and held.same_content(record):
+            return
+        if self._acceptable(record) and self._readable(record):
+            found.merge(record)
+
+    def _readable(self, record: Record) -> bool:
+        problem = record_problem(record)
+        if problem is not None:
+            logger.debug("dropping a record that cannot be read back: %s", problem)
+        return problem is None
 
     def _closer_than_all(self, target: int, contacts: Sequence[Contact]) -> bool:
         """Whether this node belongs among the k closest to `target`, given the k closest others found."""
@@ -275,10 +291,11 @@ class DHTNode:
         for source in (self.storage, self.cache):
             held = source.get(target)
             if held is not None:
-                if not latest:
-                    return held
-                for record in held.records():
-                    found.merge(record)
+                for record in held.records():  # the storage holds what others stored: read back only what decodes
+                    if source is self.cache or self._readable(record):
+                        found.merge(record)
+                if not latest and not found.empty():
+                    return found
         await self._lookup(target, key, found, stop_early=not latest)
         now = get_dht_time()
         found.drop_expired(now)
