@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -10,13 +12,18 @@ from hiveengine.moe import (
     BatchingRuntime,
     ExpertBackend,
     InvalidExpertUIDError,
+    TensorSchema,
     UnknownExpertClassError,
+    check_uid,
     expand_pattern,
     get_expert_class,
+    is_grid_uid,
     split_uid,
     uids_from_pattern,
 )
+from hiveengine.moe.client.failures import FailedPeers
 from hiveengine.moe.server.backend import MAX_KEPT_FORWARDS
+from hiveengine.moe.server.server import checkpoint_path
 from hiveengine.moe.uids import uid_prefixes
 
 pytestmark = pytest.mark.timeout(60)
@@ -28,9 +35,48 @@ def test_uids_split_into_name_and_coordinates():
     assert split_uid("layer_2.mlp.0") == ("layer_2.mlp", (0,))
     assert split_uid("ffn.x.3") == ("ffn.x", (3,))
     assert uid_prefixes("ffn.3.17") == [("ffn.", 3), ("ffn.3.", 17)]
-    for bad in ["", "ffn", "3.4", "ffn.3.x", "ffn..3", "ffn.-1", "a" * 300 + ".1"]:
+    for bad in ["", "ffn", "ffn.3.x", "ffn..3", "ffn.-1", "ffn.²", "a" * 300 + ".1"]:
         with pytest.raises(InvalidExpertUIDError):
             split_uid(bad)
+
+
+def test_hivemind_uids_are_accepted():
+    """hivemind's grid uids: any name without the delimiter, then integer coordinates; plain uids elsewhere."""
+    assert split_uid("transformer::encoder.2") == ("transformer::encoder", (2,))
+    assert split_uid("0.1.2") == ("0", (1, 2))
+    assert split_uid("3.4") == ("3", (4,))
+    assert split_uid("专家.3") == ("专家", (3,))
+    assert split_uid("эксперт 1.0.12") == ("эксперт 1", (0, 12))
+    assert uid_prefixes("0.1.2") == [("0.", 1), ("0.1.", 2)]
+    assert expand_pattern("0.[0:2]") == ["0.0", "0.1"]
+    for uid in ["transformer::encoder.2", "0.1.2", "专家.3", "ffn", "ffn.x", "ffn.-1", "my expert", "🙂"]:
+        assert check_uid(uid) == uid
+        ExpertBackend(uid, torch.nn.Linear(2, 2), [TensorSchema((2,))])
+    assert [is_grid_uid(u) for u in ["0.1.2", "ffn.x", "ffn", "ffn.٣"]] == [True, False, False, False]
+
+
+@pytest.mark.parametrize(
+    ("uid", "problem"),
+    [
+        ("", "must not be empty"),
+        ("a" * 257, "257 characters long; at most 256"),
+        ("ffn\n.1", "control character .* position 3"),
+        ("ffn.\x00", "control character"),
+        ("ffn\u2028x", "line separator"),
+        ("ffn.\ud800", "lone surrogate"),
+        ("ffn.01", "leading zero; write 1"),
+        ("ffn..3", "empty name part"),
+        (".3", "empty name part"),
+        ("ffn.3.", "uid prefix"),
+        ("ffn.99999999999999999999", "exceeds"),
+        (7, "must be a string"),
+    ],
+)
+def test_invalid_uids_are_refused_with_the_reason(uid, problem):
+    with pytest.raises(InvalidExpertUIDError, match=problem):
+        check_uid(uid)
+    with pytest.raises(InvalidExpertUIDError, match=problem):
+        ExpertBackend(uid, torch.nn.Linear(2, 2), [TensorSchema((2,))])
 
 
 def test_patterns_expand_and_skip_taken_uids():
@@ -211,3 +257,98 @@ def test_keyed_requests_are_not_merged_when_the_pool_says_so():
         assert batches == [1, 1, 2]
     finally:
         runtime.shutdown()
+
+
+def step_backend(backend: ExpertBackend, rows: int = 4) -> None:
+    backend.backward([torch.randn(rows, 8), torch.randn(rows, 8)])
+
+
+def test_backend_steps_its_lr_scheduler_once_per_update():
+    klass = get_expert_class("ffn")
+    module = klass.build(8, seed=0)
+    factory = functools.partial(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.5)
+    backend = ExpertBackend(
+        "ffn.0",
+        module,
+        klass.input_schema(8),
+        torch.optim.SGD(module.parameters(), lr=1.0),
+        scheduler=factory,
+        accumulate_batches=2,
+    )
+    assert backend.learning_rates() == [1.0]
+    step_backend(backend)
+    assert backend.learning_rates() == [1.0] and backend.updates == 0  # no update yet: the schedule waits
+    step_backend(backend)
+    assert backend.learning_rates() == [0.5] and backend.updates == 1
+    step_backend(backend)
+    step_backend(backend)
+    assert backend.learning_rates() == [0.25] and backend.updates == 2
+    # An LRScheduler instance works too, and its state is part of the checkpoint.
+    module2 = klass.build(8, seed=0)
+    opt2 = torch.optim.SGD(module2.parameters(), lr=1.0)
+    restored = ExpertBackend(
+        "ffn.0", module2, klass.input_schema(8), opt2, scheduler=torch.optim.lr_scheduler.StepLR(opt2, 1, 0.5)
+    )
+    restored.load_state_dict(backend.state_dict())
+    assert restored.scheduler.last_epoch == 2 and restored.learning_rates() == [0.25]
+    step_backend(restored)
+    assert restored.learning_rates() == [0.125]
+
+
+def test_scheduler_options_are_checked():
+    klass = get_expert_class("ffn")
+    module = klass.build(8, seed=0)
+    opt = torch.optim.SGD(module.parameters(), lr=1.0)
+    other = torch.optim.SGD(klass.build(8).parameters(), lr=1.0)
+    schema = klass.input_schema(8)
+    cases = [
+        ({"scheduler": torch.optim.lr_scheduler.StepLR(other, 1)}, opt, "another optimizer"),
+        ({"scheduler": functools.partial(torch.optim.lr_scheduler.StepLR, step_size=1)}, None, "needs an optimizer"),
+        ({"scheduler": torch.optim.lr_scheduler.ReduceLROnPlateau}, opt, "metric"),
+        ({"scheduler": lambda o: 3}, opt, "returned int"),
+        ({"scheduler": 3}, opt, "LRScheduler or a callable"),
+        ({"clip_grad_norm": 0.0}, opt, "clip_grad_norm must be positive"),
+    ]
+    for kwargs, optimizer, message in cases:
+        with pytest.raises(ConfigurationError, match=message):
+            ExpertBackend("ffn.0", module, schema, optimizer, **kwargs)
+
+
+def test_backend_clips_the_gradient_norm_before_each_update():
+    klass = get_expert_class("ffn")
+    x, g = torch.randn(16, 8), 100 * torch.randn(16, 8)
+
+    def update_norm(clip: float | None) -> float:
+        module = klass.build(8, seed=0)
+        before = torch.cat([p.detach().flatten().clone() for p in module.parameters()])
+        opt = torch.optim.SGD(module.parameters(), lr=1.0)
+        ExpertBackend("ffn.0", module, klass.input_schema(8), opt, clip_grad_norm=clip).backward([x, g])
+        after = torch.cat([p.detach().flatten() for p in module.parameters()])
+        return float((after - before).norm())
+
+    assert update_norm(None) > 1.0  # SGD with lr 1 moves by the gradient: its norm is large
+    assert update_norm(0.01) == pytest.approx(0.01, rel=1e-3)  # clipped to 0.01 before the step
+
+
+def test_failed_peers_are_left_out_until_their_mark_expires():
+    now = [100.0]
+    failed = FailedPeers(expiry=30.0, clock=lambda: now[0])
+    failed.add("ucx://a")
+    now[0] += 10.0
+    failed.add("ucx://b")
+    assert failed.addresses() == {"ucx://a", "ucx://b"} and "ucx://a" in failed
+    now[0] += 25.0  # a's mark (35 s old) expired, b's (25 s old) did not
+    assert failed.addresses() == {"ucx://b"} and len(failed) == 1
+    failed.add("ucx://b")  # a new failure renews the mark
+    now[0] += 29.0
+    assert "ucx://b" in failed
+    failed.discard("ucx://b")
+    assert not failed
+
+
+def test_checkpoint_file_names_stay_in_their_directory(tmp_path):
+    assert checkpoint_path(tmp_path, "ffn.0.1") == tmp_path / "ffn.0.1.pt"
+    names = ["../../evil.0", "a/b.1", "专家.3", "x" * 256, "%2F.1", "/.1"]
+    paths = [checkpoint_path(tmp_path, uid) for uid in names]
+    assert len(set(paths)) == len(names)
+    assert all(p.parent == tmp_path and len(p.name) <= 255 and "/" not in p.name for p in paths)

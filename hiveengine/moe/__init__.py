@@ -14,16 +14,19 @@ from hiveengine.moe.errors import ExpertError, InvalidExpertUIDError, NotEnoughE
 from hiveengine.moe.protocol import TensorSchema, adeclare_experts, aget_experts, get_experts
 from hiveengine.moe.server import (
     EXPERT_CLASSES,
+    BackgroundServerInfo,
     BatchingRuntime,
     ExpertBackend,
     Server,
+    background_server,
     get_expert_class,
     register_expert_class,
 )
-from hiveengine.moe.uids import expand_pattern, split_uid, uids_from_pattern
+from hiveengine.moe.uids import check_uid, expand_pattern, is_grid_uid, split_uid, uids_from_pattern
 
 __all__ = [
     "EXPERT_CLASSES",
+    "BackgroundServerInfo",
     "BatchingRuntime",
     "Dispatch",
     "ExpertBackend",
@@ -40,10 +43,13 @@ __all__ = [
     "UnknownExpertClassError",
     "adeclare_experts",
     "aget_experts",
+    "background_server",
+    "check_uid",
     "expand_pattern",
     "get_expert_class",
     "get_experts",
     "get_remote_experts",
+    "is_grid_uid",
     "register_expert_class",
     "split_uid",
     "uids_from_pattern",

@@ -10,7 +10,7 @@ import torch
 
 from hiveengine.dht import DHT
 from hiveengine.errors import ProtocolError
-from hiveengine.moe.uids import uid_prefixes
+from hiveengine.moe.uids import check_uid, is_grid_uid, uid_prefixes
 from hiveengine.transport.wire import DTYPE_NAMES, DTYPES
 
 FORWARD = "moe.forward"  # header {"uid"}; tensors: inputs -> outputs
@@ -63,10 +63,13 @@ def check_batch(tensors: Sequence[torch.Tensor], schema: Sequence[TensorSchema],
 
 
 async def adeclare_experts(dht: DHT, uids: Sequence[str], address: str, expiration_time: float) -> int:
-    """Declare that `address` serves `uids` until `expiration_time`: under each uid, and under every uid prefix
-    as a subkey (the next coordinate), so a beam search can walk the grid. Returns how many stores succeeded."""
+    """Declare that `address` serves `uids` until `expiration_time`: under each uid, and, for grid uids, under every
+    uid prefix as a subkey (the next coordinate), so a beam search can walk the grid. Returns how many stores
+    succeeded."""
     records: dict[tuple[str, int], object] = {}
     for uid in uids:
+        if not is_grid_uid(check_uid(uid)):
+            continue  # a plain uid: found by its own key only
         pairs = uid_prefixes(uid)
         for prefix, coord in pairs[:-1]:
             records[prefix, coord] = ALIVE

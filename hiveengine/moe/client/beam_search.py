@@ -7,7 +7,7 @@ import asyncio
 import heapq
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -89,16 +89,40 @@ class MoEBeamSearcher:
             await self._read(missing)
         return {p: self._cache[p][1] for p in prefixes}
 
-    async def afind_best_experts(self, grid_scores: Sequence[torch.Tensor], beam_size: int) -> list[list[ExpertInfo]]:
-        """Per sample, up to `beam_size` alive experts, best first; `grid_scores[l]` is (batch, grid_size[l])."""
+    async def afind_best_experts(
+        self, grid_scores: Sequence[torch.Tensor], beam_size: int, exclude: Collection[str] = ()
+    ) -> list[list[ExpertInfo]]:
+        """Per sample, up to `beam_size` alive experts, best first, leaving out experts served at the addresses in
+        `exclude`; `grid_scores[l]` is (batch, grid_size[l]). Intermediate levels keep the `beam_size` best prefixes;
+        a sample that ends with fewer than `beam_size` experts after such a cut (its best prefixes led to excluded or
+        expired experts) is searched again keeping twice as many, until nothing is cut."""
         if len(grid_scores) != len(self.grid_size):
             raise ConfigurationError(f"expected {len(self.grid_size)} score tensors, got {len(grid_scores)}")
         scores = [s.detach().float().cpu().tolist() for s in grid_scores]
+        exclude = frozenset(exclude)
+        found: list[list[ExpertInfo]] = [[] for _ in scores[0]]
+        todo, width = list(range(len(found))), beam_size
+        while todo:
+            results, cut = await self._search([[level[i] for i in todo] for level in scores], beam_size, width, exclude)
+            again = []
+            for j, i in enumerate(todo):
+                found[i] = results[j]
+                if cut[j] and len(results[j]) < beam_size:
+                    again.append(i)
+            todo, width = again, width * 2
+        return found
+
+    async def _search(
+        self, scores: list[list[list[float]]], beam_size: int, width: int, exclude: frozenset[str]
+    ) -> tuple[list[list[ExpertInfo]], list[bool]]:
+        """One beam search keeping `width` prefixes per intermediate level: the experts found per sample, and
+        whether an intermediate level cut any of its candidates."""
         batch = len(scores[0])
         # beams[i]: (score, prefix, coords) per sample
         beams: list[list[tuple[float, str, tuple[int, ...]]]] = [[(0.0, self.uid_prefix, ())] for _ in range(batch)]
         last_level = len(self.grid_size) - 1
         found: list[list[ExpertInfo]] = [[] for _ in range(batch)]
+        cut = [False] * batch
         for level, size in enumerate(self.grid_size):
             successors = await self._successors({prefix for beam in beams for _, prefix, _ in beam})
             for i in range(batch):
@@ -106,11 +130,13 @@ class MoEBeamSearcher:
                     (score + scores[level][i][c], f"{prefix}{c}{UID_DELIMITER}", (*coords, c), value)
                     for score, prefix, coords in beams[i]
                     for c, value in successors[prefix].items()
-                    if 0 <= c < size and (level < last_level or isinstance(value, str))
+                    if 0 <= c < size and (level < last_level or (isinstance(value, str) and value not in exclude))
                 ]
-                best = heapq.nlargest(beam_size, candidates, key=lambda item: item[0])
                 if level == last_level:
+                    best = heapq.nlargest(beam_size, candidates, key=lambda item: item[0])
                     found[i] = [ExpertInfo(prefix[:-1], coords, value) for _, prefix, coords, value in best]
                 else:
+                    cut[i] = cut[i] or len(candidates) > width
+                    best = heapq.nlargest(width, candidates, key=lambda item: item[0])
                     beams[i] = [(score, prefix, coords) for score, prefix, coords, _ in best]
-        return found
+        return found, cut

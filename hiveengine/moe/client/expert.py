@@ -20,7 +20,7 @@ from hiveengine.moe.client.calls import (
     wire_tensors,
 )
 from hiveengine.moe.protocol import DHT_TIMEOUT, get_experts
-from hiveengine.moe.uids import split_uid
+from hiveengine.moe.uids import check_uid
 from hiveengine.transport import Peer, PeerAddress
 
 
@@ -37,7 +37,7 @@ class RemoteExpert(nn.Module):
         peer: Peer | None = None,
     ):
         super().__init__()
-        split_uid(uid)
+        check_uid(uid)
         self.uid, self.address = uid, str(PeerAddress.parse(address))
         self.forward_timeout, self.backward_timeout = forward_timeout, backward_timeout
         self._peer = peer
@@ -59,7 +59,7 @@ class RemoteExpert(nn.Module):
         return outputs[0] if len(outputs) == 1 else outputs
 
     def info(self) -> dict:
-        """The server's description of this expert (input schema, parameters, updates)."""
+        """The server's description of this expert: input schema, parameters, updates, learning rates ("lr")."""
         coro = acall_info(self.peer, self.uid, self.address, self.forward_timeout)
         return self.peer.runtime.run(coro, self.forward_timeout + SYNC_SLACK)
 

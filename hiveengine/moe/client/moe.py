@@ -1,13 +1,19 @@
 """RemoteMixtureOfExperts: a gating network scores a grid of experts, a beam search over the DHT picks the k best
 alive ones per sample, and each chosen expert gets one call with all of its samples (not one call per sample).
-Experts that fail or time out are dropped and the gating weights of the rest renormalized, in forward and backward.
+
+Faults: a server whose call fails at the transport level (unreachable, connection lost, deadline passed) is left
+out of routing at once, for FAILED_PEER_EXPIRY seconds (see client/failures.py). While the forward deadline allows,
+the samples whose chosen experts failed are sent to their next-best live experts in the same forward pass (up to
+MAX_FORWARD_ROUNDS rounds of calls in all). Experts that still fail are dropped and the gating weights of the rest
+renormalized, in forward and backward.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -26,16 +32,26 @@ from hiveengine.moe.client.calls import (
     new_forward_id,
     wire_tensors,
 )
+from hiveengine.moe.client.failures import FAILED_PEERS, FailedPeers, is_peer_failure
 from hiveengine.moe.errors import NotEnoughExpertsError
 from hiveengine.moe.protocol import DHT_TIMEOUT
 from hiveengine.transport import Peer
 
 logger = logging.getLogger(__name__)
 
+MAX_FORWARD_ROUNDS = 4  # rounds of expert calls in one forward pass: the first choices, then up to 3 retries
+MIN_RETRY_SECONDS = 0.05  # a retry round starts only while at least this much of the forward deadline is left
+
+Slot = tuple[int, int]  # (row, slot): one of a sample's k_best places
+
 
 @dataclass
 class Dispatch:
-    """One forward pass's routing: which rows (and slots) each expert got, and who answered in each direction."""
+    """One forward pass's routing: every expert called (`experts`), which rows and slots each one holds, and who
+    answered in each direction. An expert that answered holds the slots it answered for (its backward call covers
+    exactly these); one that never answered holds the slots it was asked for. `retried` counts the slots sent to
+    another expert after their expert failed; `outputs` holds each answering expert's outputs until the mixture
+    combines them."""
 
     experts: dict[str, ExpertInfo]
     rows: dict[str, list[int]]
@@ -45,6 +61,8 @@ class Dispatch:
     fid: int | None = None  # names the forward calls, so the servers keep their activations for the backward
     responded: set[str] = field(default_factory=set)
     failed: dict[str, str] = field(default_factory=dict)
+    retried: int = 0
+    outputs: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     backward_responded: set[str] = field(default_factory=set)
     backward_failed: dict[str, str] = field(default_factory=dict)
 
@@ -54,6 +72,16 @@ class Dispatch:
         for uid in uids:
             mask[self.rows[uid], self.slots[uid]] = True
         return mask
+
+    def coords(self, dims: int) -> torch.Tensor:
+        """(batch, k, dims) long: the grid coordinates of each slot's expert (the answering one where a slot had
+        several; zeros for slots no expert was chosen for)."""
+        coords = torch.zeros(self.batch, self.k, dims, dtype=torch.long)
+        answered_last = sorted(self.experts, key=lambda uid: uid in self.responded)
+        for uid in answered_last:
+            if self.rows.get(uid):
+                coords[self.rows[uid], self.slots[uid]] = torch.tensor(self.experts[uid].coords)
+        return coords
 
 
 def _describe(error: BaseException) -> str:
@@ -65,7 +93,9 @@ class RemoteMixtureOfExperts(nn.Module):
 
     Input (batch, ..., in_features); output (batch, ..., out_features), the gating-weighted sum of the answers of
     up to `k_best` experts per sample. Fewer than `k_min` answers for a sample raises NotEnoughExpertsError, unless
-    `allow_zero_outputs`, in which case that sample's output (and input gradient) is zero.
+    `allow_zero_outputs`, in which case that sample's output (and input gradient) is zero. `forward_timeout` bounds
+    the whole forward pass's expert calls, retries included. Servers that failed are recorded in `failed_peers`
+    (by default the FailedPeers shared by every mixture of this process) and left out of routing for a while.
     """
 
     def __init__(
@@ -83,6 +113,7 @@ class RemoteMixtureOfExperts(nn.Module):
         out_features: int | None = None,
         lookup_timeout: float = DHT_TIMEOUT,
         peer: Peer | None = None,
+        failed_peers: FailedPeers | None = None,
     ):
         super().__init__()
         if not 0 <= k_min <= k_best:
@@ -97,6 +128,7 @@ class RemoteMixtureOfExperts(nn.Module):
         self.beam_search = MoEBeamSearcher(dht, uid_prefix, self.grid_size, lookup_timeout)
         self.proj = nn.Linear(in_features, sum(self.grid_size))
         self._peer = peer
+        self.failed_peers = failed_peers if failed_peers is not None else FAILED_PEERS
         self.last_dispatch: Dispatch | None = None
 
     @property
@@ -111,35 +143,145 @@ class RemoteMixtureOfExperts(nn.Module):
         return _RemoteMixture.apply(logits, x, self, dispatch)
 
     def route(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor, Dispatch]:
-        """Gating scores per grid dimension, the chosen experts' coordinates (batch, k_best, dims) and the dispatch
-        plan, from a beam search over the experts alive in the DHT."""
+        """Gating scores per grid dimension, the coordinates of each slot's expert (batch, k_best, dims) and the
+        Dispatch with the experts' outputs: a beam search over the experts alive in the DHT (leaving out servers
+        that failed recently) picks up to k_best per sample, each chosen expert is called once with all its rows,
+        and samples whose experts fail go to their next-best live experts while the deadline allows."""
         if x.dim() < 2 or x.shape[-1] != self.in_features:
             raise ConfigurationError(f"expected input of shape (batch, ..., {self.in_features}), got {tuple(x.shape)}")
         gating_input = x if x.dim() == 2 else x.mean(dim=tuple(range(1, x.dim() - 1)))
         grid_scores = list(self.proj(gating_input).split(self.grid_size, dim=-1))
-        timeout = self.beam_search.lookup_timeout + SYNC_SLACK
-        chosen = self.peer.runtime.run(self.beam_search.afind_best_experts(grid_scores, self.k_best), timeout)
-        dispatch = self._plan(chosen, x.shape[0])
-        dispatch.fid = new_forward_id() if torch.is_grad_enabled() else None
-        coords = torch.zeros(x.shape[0], self.k_best, len(self.grid_size), dtype=torch.long)
-        for uid, info in dispatch.experts.items():
-            coords[dispatch.rows[uid], dispatch.slots[uid]] = torch.tensor(info.coords)
+        search = self.beam_search.afind_best_experts(grid_scores, self.k_best, self.failed_peers.addresses())
+        chosen = self.peer.runtime.run(search, self.beam_search.lookup_timeout + SYNC_SLACK)
+        fid = new_forward_id() if torch.is_grad_enabled() else None
+        with torch.no_grad():
+            dispatch = self._dispatch(x.detach(), grid_scores, chosen, fid)
         self.last_dispatch = dispatch
-        return grid_scores, coords.to(x.device), dispatch
+        return grid_scores, dispatch.coords(len(self.grid_size)).to(x.device), dispatch
 
-    def _plan(self, chosen: list[list[ExpertInfo]], batch: int) -> Dispatch:
-        dispatch = Dispatch({}, {}, {}, batch, self.k_best)
+    # ---- forward calls, with retries on the next-best live experts
+
+    def _dispatch(
+        self, x: torch.Tensor, grid_scores: list[torch.Tensor], chosen: list[list[ExpertInfo]], fid: int | None
+    ) -> Dispatch:
+        dispatch = Dispatch({}, {}, {}, x.shape[0], self.k_best, fid)
+        deadline = time.monotonic() + self.forward_timeout
+        tried: list[set[str]] = [set() for _ in range(x.shape[0])]  # every expert each row was sent to
+        assignments: dict[str, list[Slot]] = {}
         for row, experts in enumerate(chosen):
             for slot, info in enumerate(experts):
                 dispatch.experts.setdefault(info.uid, info)
-                dispatch.rows.setdefault(info.uid, []).append(row)
-                dispatch.slots.setdefault(info.uid, []).append(slot)
+                assignments.setdefault(info.uid, []).append((row, slot))
+                tried[row].add(info.uid)
+        answered: dict[str, list[tuple[list[Slot], torch.Tensor]]] = {}
+        asked: dict[str, list[Slot]] = {}
+        for round_ in range(1, MAX_FORWARD_ROUNDS + 1):
+            open_slots = self._call_round(x, assignments, dispatch, deadline, answered, asked)
+            if not open_slots or round_ == MAX_FORWARD_ROUNDS or deadline - time.monotonic() < MIN_RETRY_SECONDS:
+                break
+            assignments = self._reassign(grid_scores, open_slots, tried, dispatch, deadline)
+            if not assignments:
+                break
+            dispatch.retried += sum(len(slots) for slots in assignments.values())
+        for uid, parts in answered.items():
+            held = [slot for slots, _ in parts for slot in slots]
+            dispatch.rows[uid], dispatch.slots[uid] = [r for r, _ in held], [s for _, s in held]
+            dispatch.outputs[uid] = torch.cat([out for _, out in parts]) if len(parts) > 1 else parts[0][1]
+            dispatch.responded.add(uid)
+        for uid, held in asked.items():
+            if uid not in answered:
+                dispatch.rows[uid], dispatch.slots[uid] = [r for r, _ in held], [s for _, s in held]
         return dispatch
+
+    def _call_round(
+        self,
+        x: torch.Tensor,
+        assignments: dict[str, list[Slot]],
+        dispatch: Dispatch,
+        deadline: float,
+        answered: dict[str, list[tuple[list[Slot], torch.Tensor]]],
+        asked: dict[str, list[Slot]],
+    ) -> list[Slot]:
+        """Call every assigned expert once with its rows; file the answers; return the slots left without one."""
+        expected = (*x.shape[1:-1], self.out_features)
+        inputs = {}
+        for uid, held in assignments.items():
+            index = torch.tensor([row for row, _ in held], device=x.device)
+            inputs[uid] = wire_tensors([x.index_select(0, index)])
+        timeout = max(deadline - time.monotonic(), MIN_RETRY_SECONDS)
+
+        async def call_all():
+            calls = {
+                uid: acall_forward(self.peer, uid, dispatch.experts[uid].address, inputs[uid], timeout, dispatch.fid)
+                for uid in assignments
+            }
+            return await self._gather(calls, dispatch, "forward")
+
+        ok, failed = self.peer.runtime.run(call_all(), timeout + SYNC_SLACK)
+        open_slots: list[Slot] = []
+        for uid, held in assignments.items():
+            error = failed.get(uid)
+            if error is None:
+                outputs = ok[uid]
+                if len(outputs) != 1 or tuple(outputs[0].shape) != (len(held), *expected):
+                    error = f"answered shapes {[tuple(o.shape) for o in outputs]}, expected [{(len(held), *expected)}]"
+            if error is None:
+                answered.setdefault(uid, []).append((held, outputs[0]))
+            else:
+                dispatch.failed[uid] = error
+                asked.setdefault(uid, []).extend(held)
+                open_slots.extend(held)
+        return open_slots
+
+    def _reassign(
+        self,
+        grid_scores: list[torch.Tensor],
+        open_slots: list[Slot],
+        tried: list[set[str]],
+        dispatch: Dispatch,
+        deadline: float,
+    ) -> dict[str, list[Slot]]:
+        """Give each open slot its row's best live expert that the row was not sent to yet (none that failed)."""
+        rows = sorted({row for row, _ in open_slots})
+        index = torch.tensor(rows, device=grid_scores[0].device)
+        scores = [s.detach().index_select(0, index) for s in grid_scores]
+        width = self.k_best + max(len(tried[row]) for row in rows)  # enough to skip every expert tried already
+        remaining = deadline - time.monotonic()
+        try:
+            search = self.beam_search.afind_best_experts(scores, width, self.failed_peers.addresses())
+            found = self.peer.runtime.run(asyncio.wait_for(search, remaining), remaining + SYNC_SLACK)
+        except Exception as e:
+            logger.debug("no retry: the search for other experts failed: %s", _describe(e))
+            return {}
+        free: dict[int, list[int]] = {}
+        for row, slot in sorted(open_slots):
+            free.setdefault(row, []).append(slot)
+        assignments: dict[str, list[Slot]] = {}
+        for row, candidates in zip(rows, found, strict=True):
+            for info in candidates:
+                if not free[row]:
+                    break
+                if info.uid in tried[row] or info.uid in dispatch.failed:
+                    continue
+                tried[row].add(info.uid)
+                dispatch.experts.setdefault(info.uid, info)
+                assignments.setdefault(info.uid, []).append((row, free[row].pop(0)))
+        return assignments
 
     # ---- remote calls (on the transport loop)
 
-    async def _gather(self, calls: dict[str, asyncio.Future], what: str) -> tuple[dict, dict]:
-        results = await asyncio.gather(*calls.values(), return_exceptions=True)
+    async def _watched(self, call: Awaitable, address: str):
+        """Await an expert call; a transport-level failure marks its server as failed at once."""
+        try:
+            return await call
+        except Exception as e:
+            if is_peer_failure(e):
+                self.failed_peers.add(address)
+            raise
+
+    async def _gather(self, calls: dict[str, Awaitable], dispatch: Dispatch, what: str) -> tuple[dict, dict]:
+        watched = [self._watched(call, dispatch.experts[uid].address) for uid, call in calls.items()]
+        results = await asyncio.gather(*watched, return_exceptions=True)
         ok, failed = {}, {}
         for uid, result in zip(calls, results, strict=True):
             if isinstance(result, BaseException):
@@ -148,22 +290,6 @@ class RemoteMixtureOfExperts(nn.Module):
             else:
                 ok[uid] = result
         return ok, failed
-
-    def run_forward(self, x: torch.Tensor, dispatch: Dispatch) -> dict[str, torch.Tensor]:
-        """Each chosen expert's outputs for its rows; the failed ones are recorded in `dispatch`."""
-        index = {uid: torch.tensor(rows, device=x.device) for uid, rows in dispatch.rows.items()}
-        inputs = {uid: wire_tensors([x.index_select(0, idx)]) for uid, idx in index.items()}
-
-        async def call_all():
-            calls = {
-                uid: acall_forward(self.peer, uid, info.address, inputs[uid], self.forward_timeout, dispatch.fid)
-                for uid, info in dispatch.experts.items()
-            }
-            return await self._gather(calls, "forward")
-
-        ok, dispatch.failed = self.peer.runtime.run(call_all(), self.forward_timeout + SYNC_SLACK)
-        dispatch.responded = set(ok)
-        return {uid: outputs[0] for uid, outputs in ok.items() if len(outputs) == 1}
 
     def run_backward(self, x: torch.Tensor, grads: dict[str, torch.Tensor], dispatch: Dispatch) -> dict:
         """Each answering expert's input gradients for its rows; the failed ones are recorded in `dispatch`."""
@@ -184,7 +310,7 @@ class RemoteMixtureOfExperts(nn.Module):
                 )
                 for uid in grads
             }
-            return await self._gather(calls, "backward")
+            return await self._gather(calls, dispatch, "backward")
 
         ok, dispatch.backward_failed = self.peer.runtime.run(call_all(), self.backward_timeout + SYNC_SLACK)
         dispatch.backward_responded = set(ok)
@@ -212,17 +338,12 @@ class _RemoteMixture(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, x: torch.Tensor, moe: RemoteMixtureOfExperts, dispatch: Dispatch):
-        outputs = moe.run_forward(x, dispatch)
-        out_shape = (*x.shape[1:-1], moe.out_features)
-        y = x.new_zeros(x.shape[0], dispatch.k, *out_shape)
-        for uid, out in outputs.items():
-            if tuple(out.shape[1:]) != out_shape:
-                dispatch.failed[uid] = f"output of shape {tuple(out.shape)}, expected (rows, {out_shape})"
-                dispatch.responded.discard(uid)
-                continue
+        y = x.new_zeros(x.shape[0], dispatch.k, *x.shape[1:-1], moe.out_features)
+        for uid in dispatch.responded:
             rows = torch.tensor(dispatch.rows[uid], device=x.device)
             slots = torch.tensor(dispatch.slots[uid], device=x.device)
-            y[rows, slots] = out.to(y.dtype)
+            y[rows, slots] = dispatch.outputs[uid].to(device=x.device, dtype=y.dtype)
+        dispatch.outputs = {}  # y holds them now
         enough = moe.check_answers(dispatch, dispatch.responded, "forward").to(x.device)
         mask = dispatch.mask(dispatch.responded).to(x.device) & enough[:, None]
         weights = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=1)

@@ -14,11 +14,14 @@ from torch import nn
 
 from hiveengine.errors import ConfigurationError, ProtocolError
 from hiveengine.moe.protocol import TensorSchema, check_batch
-from hiveengine.moe.uids import split_uid
+from hiveengine.moe.uids import check_uid
 
 OPTIMIZERS = ("adam", "sgd", "none")
 MAX_KEPT_FORWARDS = 16  # keyed requests per expert whose forward activations wait for their backward call
 KEPT_FORWARD_TTL = 120.0  # seconds a kept forward pass may wait for its backward call
+
+Scheduler = torch.optim.lr_scheduler.LRScheduler
+SchedulerFactory = Callable[[torch.optim.Optimizer], Scheduler]
 
 
 def optimizer_factory(name: str, lr: float) -> Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] | None:
@@ -71,6 +74,10 @@ class ExpertBackend:
     """Runs an expert's batches on its device, then steps the optimizer every `accumulate_batches` backward batches
     (hivemind's semantics with 1; 0 only accumulates into `.grad`, for a caller that steps by itself).
 
+    Each optimizer update first clips the gradients' total norm to `clip_grad_norm` (if given), then steps the
+    optimizer, then the learning-rate `scheduler` (a torch LRScheduler of this optimizer, or a factory that builds
+    one from it) once.
+
     A forward batch with requests that carry keys (clients' forward ids) is recorded with autograd and kept under
     each key (at most MAX_KEPT_FORWARDS keys, for KEPT_FORWARD_TTL seconds). A backward batch that holds every keyed
     request of a kept forward batch runs backward through it once, with zero gradients for its unkeyed rows, and
@@ -88,10 +95,16 @@ class ExpertBackend:
         *,
         device: torch.device | str | None = None,
         accumulate_batches: int = 1,
+        scheduler: Scheduler | SchedulerFactory | None = None,
+        clip_grad_norm: float | None = None,
     ):
-        split_uid(uid)
+        check_uid(uid)
         if accumulate_batches < 0:
             raise ConfigurationError(f"accumulate_batches must be >= 0, got {accumulate_batches}")
+        if clip_grad_norm is not None and not clip_grad_norm > 0:
+            raise ConfigurationError(f"clip_grad_norm must be positive (or None: no clipping), got {clip_grad_norm}")
+        self.scheduler = _build_scheduler(scheduler, optimizer, uid)
+        self.clip_grad_norm = clip_grad_norm
         self.uid = uid
         self.device = torch.device(device) if device is not None else next(module.parameters()).device
         self.module = module.to(self.device)
@@ -215,17 +228,29 @@ class ExpertBackend:
         self.backward_batches += 1
         due = self.accumulate_batches and self.backward_batches % self.accumulate_batches == 0
         if self.optimizer is not None and due:
+            if self.clip_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.clip_grad_norm)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+            if self.scheduler is not None:
+                self.scheduler.step()
             self.updates += 1
             self._generation += 1
 
+    def learning_rates(self) -> list[float]:
+        """The optimizer's current learning rate per parameter group (empty without an optimizer)."""
+        if self.optimizer is None:
+            return []
+        return [float(group["lr"]) for group in self.optimizer.param_groups]
+
     def state_dict(self) -> dict:
-        """Module and optimizer state, for checkpoints."""
+        """Module, optimizer and scheduler state, for checkpoints."""
         with self.lock:
             state = {"module": self.module.state_dict(), "updates": self.updates}
             if self.optimizer is not None:
                 state["optimizer"] = self.optimizer.state_dict()
+            if self.scheduler is not None:
+                state["scheduler"] = self.scheduler.state_dict()
             return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -234,8 +259,41 @@ class ExpertBackend:
             self.module.load_state_dict(state["module"])
             if self.optimizer is not None and "optimizer" in state:
                 self.optimizer.load_state_dict(state["optimizer"])
+            if self.scheduler is not None and "scheduler" in state:
+                self.scheduler.load_state_dict(state["scheduler"])
             self.updates = int(state.get("updates", 0))
             self._generation += 1
+
+
+def _build_scheduler(
+    scheduler: Scheduler | SchedulerFactory | None, optimizer: torch.optim.Optimizer | None, uid: str
+) -> Scheduler | None:
+    """The expert's LR scheduler: `scheduler` itself, or what the factory builds for `optimizer`; checked to drive
+    that optimizer and to need no metric."""
+    if scheduler is None:
+        return None
+    if optimizer is None:
+        raise ConfigurationError(f"expert {uid!r:.80}: a learning-rate scheduler needs an optimizer")
+    if not isinstance(scheduler, Scheduler):
+        if not callable(scheduler):
+            raise ConfigurationError(
+                f"expert {uid!r:.80}: scheduler must be a torch LRScheduler or a callable that builds one from the "
+                f"optimizer, got {type(scheduler).__name__}"
+            )
+        scheduler = scheduler(optimizer)
+        if not isinstance(scheduler, Scheduler):
+            raise ConfigurationError(
+                f"expert {uid!r:.80}: the scheduler factory returned {type(scheduler).__name__}, not a torch "
+                "LRScheduler"
+            )
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        raise ConfigurationError(
+            f"expert {uid!r:.80}: ReduceLROnPlateau steps on a metric, which an expert server does not have; use a "
+            "schedule of the step count (e.g. LambdaLR, OneCycleLR)"
+        )
+    if scheduler.optimizer is not optimizer:
+        raise ConfigurationError(f"expert {uid!r:.80}: the scheduler drives another optimizer than this expert's")
+    return scheduler
 
 
 def _padded_grads(

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
+import urllib.parse
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -13,7 +15,7 @@ import torch
 from hiveengine.dht import DHT, get_dht_time
 from hiveengine.errors import ConfigurationError, ProtocolError
 from hiveengine.moe.protocol import BACKWARD, DHT_TIMEOUT, FORWARD, FORWARD_ID, INFO, adeclare_experts
-from hiveengine.moe.server.backend import ExpertBackend
+from hiveengine.moe.server.backend import ExpertBackend, SchedulerFactory
 from hiveengine.moe.server.experts import get_expert_class
 from hiveengine.moe.server.runtime import DEFAULT_BATCH_WAIT, DEFAULT_MAX_BATCH_SIZE, BatchingRuntime, RuntimeStats
 from hiveengine.transport import Peer, Request
@@ -23,6 +25,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_UPDATE_PERIOD = 30.0  # seconds between re-declarations of the experts in the DHT
 EXPIRATION_PERIODS = 2  # a declaration lives this many update periods, so one missed refresh does not hide them
 CHECKPOINT_SUFFIX = ".pt"
+MAX_CHECKPOINT_STEM = 200  # characters of a checkpoint's file name before its suffix; longer ones are hashed
 START_TIMEOUT = 60.0
 
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
@@ -74,26 +77,39 @@ class Server:
         *,
         device: str = "cpu",
         optimizer: OptimizerFactory | None = None,
+        scheduler: SchedulerFactory | None = None,
+        clip_grad_norm: float | None = None,
         accumulate_batches: int = 1,
         seed: int | None = None,
         checkpoint_dir: str | Path | None = None,
         dht: DHT | None = None,
+        start: bool = True,
         **kwargs,
     ) -> Server:
         """A server of `expert_cls` experts named `uids`, built on `device` (with `seed`: expert i from seed + i),
-        restored from `checkpoint_dir` where a checkpoint exists."""
+        restored from `checkpoint_dir` where a checkpoint exists; started unless `start=False`. Each expert gets
+        its own `optimizer(parameters)` and `scheduler(optimizer)`, and clips its gradients' norm to
+        `clip_grad_norm` before each update (see ExpertBackend); other keyword arguments go to the constructor."""
         klass = get_expert_class(expert_cls)
         experts = {}
         for i, uid in enumerate(uids):
             module = klass.build(hidden_dim, None if seed is None else seed + i).to(device)
             opt = optimizer(module.parameters()) if optimizer is not None else None
             experts[uid] = ExpertBackend(
-                uid, module, klass.input_schema(hidden_dim), opt, device=device, accumulate_batches=accumulate_batches
+                uid,
+                module,
+                klass.input_schema(hidden_dim),
+                opt,
+                device=device,
+                accumulate_batches=accumulate_batches,
+                scheduler=scheduler,
+                clip_grad_norm=clip_grad_norm,
             )
         server = cls(experts, dht, start=False, **kwargs)
         if checkpoint_dir is not None:
             server.load_checkpoints(checkpoint_dir)
-        server.start()
+        if start:
+            server.start()
         return server
 
     # ---- lifecycle
@@ -142,19 +158,21 @@ class Server:
     # ---- checkpoints
 
     def save_checkpoints(self, directory: str | Path) -> None:
-        """Write each expert's module and optimizer state to `directory/<uid>.pt` (atomically)."""
+        """Write each expert's module, optimizer and scheduler state to `directory/<uid>.pt` (atomically; see
+        `checkpoint_path` for uids that are not plain file names)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         for uid, backend in self.experts.items():
-            tmp = directory / f"{uid}{CHECKPOINT_SUFFIX}.tmp"
+            path = checkpoint_path(directory, uid)
+            tmp = path.with_name(path.name + ".tmp")
             torch.save(backend.state_dict(), tmp)
-            tmp.replace(directory / f"{uid}{CHECKPOINT_SUFFIX}")
+            tmp.replace(path)
 
     def load_checkpoints(self, directory: str | Path) -> list[str]:
         """Restore every expert that has a checkpoint in `directory`; return their uids."""
         loaded = []
         for uid, backend in self.experts.items():
-            path = Path(directory) / f"{uid}{CHECKPOINT_SUFFIX}"
+            path = checkpoint_path(directory, uid)
             if path.is_file():
                 backend.load_state_dict(torch.load(path, map_location=backend.device, weights_only=True))
                 loaded.append(uid)
@@ -215,7 +233,18 @@ class Server:
             "inputs": [s.to_wire() for s in backend.input_schema],
             "parameters": sum(p.numel() for p in backend.module.parameters()),
             "updates": backend.updates,
+            "lr": backend.learning_rates(),
         }
+
+
+def checkpoint_path(directory: str | Path, uid: str) -> Path:
+    """Where expert `uid`'s checkpoint lives in `directory`: `<uid>.pt`, with every character other than ASCII
+    letters, digits and `_.-~` percent-encoded (so `/`, `..` or unicode cannot leave the directory or clash), and
+    a hash instead of names longer than MAX_CHECKPOINT_STEM."""
+    stem = urllib.parse.quote(uid, safe="")
+    if len(stem) > MAX_CHECKPOINT_STEM:
+        stem = "uid-" + hashlib.sha256(uid.encode()).hexdigest()
+    return Path(directory) / f"{stem}{CHECKPOINT_SUFFIX}"
 
 
 def _forward_key(request: Request) -> tuple | None:
