@@ -172,3 +172,24 @@ def test_a_hostile_registration_is_skipped():
         a.dht.store(key, ["ucx://x:1/zz", 0.0, 0, float("nan"), 1e300, -1, None], get_dht_time() + 30, subkey=b"x")
         results = together([a, b], expected_peers=2, timeout=20)
         assert all(r is not None and len(r.group.members) == 2 for r in results)
+
+
+def test_hostile_rings_only_wake_a_gathering():
+    from hiveengine.averaging.matchmaking import RING_METHOD
+    from hiveengine.transport import Peer
+
+    with swarm(2) as (a, b):
+        stranger = Peer()
+        try:
+
+            async def ring_flood():
+                headers = [{}, {"k": 5}, {"k": b"x" * 10_000}, {"k": matchmaking_key(a.prefix, "rounds")}]
+                for _ in range(50):
+                    for header in headers:
+                        assert await stranger.call(a.me.address, RING_METHOD, header, timeout=10) == ({}, [])
+
+            a.peer.runtime.run(ring_flood(), WAIT_LIMIT)
+            results = together([a, b], expected_peers=2, timeout=20)
+            assert all(r is not None and len(r.group.members) == 2 for r in results)
+        finally:
+            stranger.shutdown()

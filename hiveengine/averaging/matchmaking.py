@@ -7,6 +7,9 @@ matchmaking_time from now (or at the caller's scheduled time). Two peers that op
 the earlier as soon as they see it. At the deadline every member reads the same registrations and makes the
 same cut. When the caller says how many peers to expect, the gathering closes as soon as that many registered.
 A peer that gives up or is cancelled before the cut withdraws its registration, so nobody waits for it.
+Registrants do not just poll the DHT: each one rings the others it sees in its gathering (a one-message
+wake-up over the transport, the Bell), so a gathering whose peers are all present closes within a few
+round trips instead of a poll interval.
 
 The grid (Moshpit SGD, Ryabinin et al., 2021). The members, ranked by peer id, sit on a d-dimensional grid
 whose side is at most target_group_size. Round r groups the peers that share every coordinate but coordinate
@@ -17,25 +20,29 @@ consecutive rounds give every peer the exact mean of all N.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import logging
 import math
 import time
+import weakref
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import msgpack
 
 from hiveengine.averaging.group import GroupInfo, GroupMember, Mode
-from hiveengine.errors import ConfigurationError
-from hiveengine.transport import PeerID
+from hiveengine.errors import ConfigurationError, HiveEngineError
+from hiveengine.transport import Peer, PeerID, Request
 
 logger = logging.getLogger(__name__)
 
 SETTLE_SECONDS = 0.3  # after the gathering deadline, wait this long for registrations to spread
 EARLY_SETTLE_SECONDS = 0.05  # when more than the expected peers registered, wait this long for earlier ones
-GATHER_POLL_SECONDS = 0.005  # while gathering, how often to read the registrations
+GATHER_POLL_SECONDS = 0.02  # while gathering, read the registrations at least this often (a ring reads at once)
+RING_METHOD = "hiveengine.averaging.ring"
+RING_TIMEOUT = 1.0  # a wake-up that takes longer than this is dropped (the poll still finds the registration)
 REGISTRATION_SLACK = 30.0  # registrations outlive their deadline by this long (then expire everywhere)
 MAX_GATHERED_BYTES = 4096  # the most metadata one peer may attach to its registration (msgpack bytes)
 
@@ -73,6 +80,43 @@ class Registration:
         return [m.address, m.bandwidth, int(m.mode), self.registered_at, self.gather_until, self.round, self.gathered]
 
 
+class Bell:
+    """One per peer: wakes the peer's open gatherings when another registrant rings (the ring carries only
+    the gathering's DHT key, so a hostile ring costs at most one early DHT read)."""
+
+    _bells: ClassVar[weakref.WeakKeyDictionary[Peer, Bell]] = weakref.WeakKeyDictionary()
+
+    def __init__(self, peer: Peer):
+        self.peer = peer
+        self.listeners: dict[str, asyncio.Event] = {}
+        self._background: set[asyncio.Task] = set()
+        peer.register(RING_METHOD, self._on_ring)
+
+    @classmethod
+    def of(cls, peer: Peer) -> Bell:
+        if peer not in cls._bells:
+            cls._bells[peer] = cls(peer)
+        return cls._bells[peer]
+
+    async def _on_ring(self, request: Request) -> dict:
+        event = self.listeners.get(request.header.get("k"))  # a non-str key finds nothing
+        if event is not None:
+            event.set()
+        return {}
+
+    def ring(self, address: str, dht_key: str) -> None:
+        """Wake `address`'s gathering under `dht_key` (in the background; failures only cost a poll)."""
+        task = asyncio.ensure_future(self.peer.call(address, RING_METHOD, {"k": dht_key}, timeout=RING_TIMEOUT))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        task.add_done_callback(lambda t: t.cancelled() or _log_ring_failure(t.exception()))
+
+
+def _log_ring_failure(error: BaseException | None) -> None:
+    if error is not None and not isinstance(error, HiveEngineError | TimeoutError):
+        logger.warning("ringing a registrant failed: %r", error)
+
+
 def matchmaking_key(prefix: str, key: str) -> str:
     return f"{prefix}.matchmaking.{key}"
 
@@ -100,8 +144,9 @@ def grid_groups(members: list[GroupMember], target: int | None, round_number: in
 class Matchmaker:
     """Finds this peer's group for one averaging round through the DHT."""
 
-    def __init__(self, dht, prefix: str, me: GroupMember, config: MatchmakingConfig):
+    def __init__(self, dht, prefix: str, me: GroupMember, config: MatchmakingConfig, peer: Peer):
         self.dht, self.prefix, self.me, self.config = dht, prefix, me, config
+        self.bell = Bell.of(peer)
         self._background: set[asyncio.Task] = set()
 
     async def find_group(
@@ -129,12 +174,16 @@ class Matchmaker:
             logger.info("a gathering for %s would end after our deadline", dht_key)
             return None
         mine = Registration(self.me, now, gather_until, round_number, gathered)
+        woken = self.bell.listeners.setdefault(dht_key, asyncio.Event())
         try:
             await self._register(dht_key, mine)
-            registrations = await self._gather(dht_key, mine, full, give_up_at)
+            registrations = await self._gather(dht_key, mine, full, give_up_at, woken)
         except asyncio.CancelledError:
             self._withdraw_in_background(dht_key)
             raise
+        finally:
+            if self.bell.listeners.get(dht_key) is woken:
+                del self.bell.listeners[dht_key]
         if registrations is None:
             self._withdraw_in_background(dht_key)
             return None
@@ -173,20 +222,27 @@ class Matchmaker:
         return max(cfg.min_group_size, expected)
 
     async def _gather(
-        self, dht_key: str, mine: Registration, full: int | None, give_up_at: float
+        self, dht_key: str, mine: Registration, full: int | None, give_up_at: float, woken: asyncio.Event
     ) -> list[Registration] | None:
         """The registrations of our gathering at its cut: everyone registered before its deadline, or the
         earliest `full` when that many registered sooner. None if we are not among them, or the gathering is
         still open at `give_up_at`."""
+        rung: set[PeerID] = set()
         while True:
+            woken.clear()
             registrations = await self._registrations(dht_key, mine)
             now = time.time()
             earlier = [r.gather_until for r in registrations if now < r.gather_until < mine.gather_until]
             if earlier:  # someone opened a gathering just before us: join it
                 mine = dataclasses.replace(mine, gather_until=min(earlier))
                 await self._register(dht_key, mine)
+                rung.clear()
                 continue
             on_time = _members_of(registrations, mine.gather_until)
+            for r in on_time:  # tell each registrant we saw that we are here, once per gathering
+                if r.member.peer_id not in rung and r.member.peer_id != self.me.peer_id:
+                    rung.add(r.member.peer_id)
+                    self.bell.ring(r.member.address, dht_key)
             if full is not None and len(on_time) >= full:
                 if len(on_time) > full:  # unexpected peers: let every registration made before theirs show
                     await asyncio.sleep(EARLY_SETTLE_SECONDS)
@@ -201,7 +257,9 @@ class Matchmaker:
                 return None
             if now >= mine.gather_until:
                 break
-            await asyncio.sleep(min(GATHER_POLL_SECONDS, mine.gather_until - now, give_up_at - now))
+            with contextlib.suppress(TimeoutError):
+                pause = min(GATHER_POLL_SECONDS, mine.gather_until - now, give_up_at - now)
+                await asyncio.wait_for(woken.wait(), pause)
         await asyncio.sleep(max(0.0, mine.gather_until + SETTLE_SECONDS - time.time()))
         return _members_of(await self._registrations(dht_key, mine), mine.gather_until)
 
