@@ -218,6 +218,13 @@ class DecentralizedAverager:
         )
         return self.peer.runtime.run(coro, timeout + DEFAULT_SENDER_TIMEOUT)
 
+    def zero_failed_parts(self, result: AllReduceResult) -> None:
+        """Zero the parts of our tensors whose reducer failed in `result` (every survivor of the round lost
+        the same parts, so zeroing them keeps the survivors' tensors identical)."""
+        with self.tensors_lock:
+            for part in result.failed_parts:
+                self.flat[slice(*result.spans[part])].zero_()
+
     def reset_error_feedback(self) -> None:
         """Forget the codec's accumulated rounding error (after our tensors were replaced wholesale)."""
         if self.residual is not None:

@@ -370,9 +370,7 @@ class Optimizer:
             if result.failed_parts:
                 # Every survivor lost the same parts: skipping their update keeps the peers identical.
                 logger.warning("epoch %d: parts %s failed; not updating them", self.epoch, result.failed_parts)
-                with self.grad_averager.get_tensors():
-                    for part in result.failed_parts:
-                        self.grad_averager.flat[slice(*result.spans[part])].zero_()
+                self.grad_averager.zero_failed_parts(result)
             logger.info("epoch %d: averaged with %d peers (%d samples here)", self.epoch, group, self.samples)
         with self.grad_averager.get_tensors() as averaged, self.state_averager.get_tensors():
             self.rule.apply(averaged)
