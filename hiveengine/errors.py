@@ -71,3 +71,13 @@ class ValueTooLargeError(DHTError, ValueError):
 
 class BootstrapError(DHTError, ConnectionError):
     """A DHT node could not join the swarm: none of its initial peers answered."""
+
+
+def refuse_unknown_options(owner: str, unknown: dict, hivemind_spellings: dict[str, str]) -> None:
+    """Raise for keyword arguments `owner` does not take: a ConfigurationError naming hiveengine's spelling
+    for hivemind's names (users port hivemind scripts), a TypeError for anything else."""
+    for name in unknown:
+        if name in hivemind_spellings:
+            raise ConfigurationError(f"{name}= is hivemind's; in hiveengine use {hivemind_spellings[name]}")
+    if unknown:
+        raise TypeError(f"{owner}() got unexpected keyword arguments: {', '.join(sorted(unknown))}")

@@ -193,3 +193,13 @@ def test_hostile_rings_only_wake_a_gathering():
             assert all(r is not None and len(r.group.members) == 2 for r in results)
         finally:
             stranger.shutdown()
+
+
+@pytest.mark.parametrize("name", ["compression", "min_matchmaking_time", "initial_group_bits", "allow_state_sharing"])
+def test_hivemind_spellings_name_the_hiveengine_one(name):
+    from hiveengine.averaging.averager import HIVEMIND_SPELLINGS
+    from hiveengine.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match=f"{name}= is hivemind's; in hiveengine use"):
+        DecentralizedAverager([torch.zeros(3)], None, "x", **{name: 1})
+    assert HIVEMIND_SPELLINGS[name]

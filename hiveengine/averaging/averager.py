@@ -24,7 +24,13 @@ from hiveengine.averaging.group import GroupInfo, GroupMember, Mode
 from hiveengine.averaging.matchmaking import Matchmaker, MatchmakingConfig, NoReducerError
 from hiveengine.averaging.state import StateServer, advertise, download, find_sources, retract
 from hiveengine.codec import get_codec
-from hiveengine.errors import ConfigurationError, HiveEngineError, ProtocolError, TransportError
+from hiveengine.errors import (
+    ConfigurationError,
+    HiveEngineError,
+    ProtocolError,
+    TransportError,
+    refuse_unknown_options,
+)
 from hiveengine.transport import Peer
 
 logger = logging.getLogger(__name__)
@@ -32,6 +38,27 @@ logger = logging.getLogger(__name__)
 DEFAULT_STEP_TIMEOUT = 60.0
 RETRACT_TIMEOUT = 5.0  # how long shutdown() tries to withdraw the state advertisement
 MATCHMAKING_RETRY_SECONDS = 0.05  # pause between a failed gathering and the next one
+
+# hivemind.averaging.DecentralizedAverager's arguments that hiveengine spells differently, and what to use.
+HIVEMIND_SPELLINGS = {
+    "averaged_tensors": "tensors= (the first argument)",
+    "compression": "codec='none' (or 'fp16', 'bf16', 'int8', 'int4')",
+    "state_compression": "load_state_from_peers(codec=...)",
+    "min_matchmaking_time": "matchmaking_time=",
+    "averaging_expiration": "matchmaking_time=",
+    "initial_group_bits": "nothing: groups come from a grid over the gathering's peers",
+    "allreduce_timeout": "step(timeout=...)",
+    "request_timeout": "nothing: every call has its own deadline",
+    "next_chunk_timeout": "sender_timeout=",
+    "reducer_timeout": "sender_timeout=",
+    "allow_state_sharing": "share_state= (and the allow_state_sharing property at run time)",
+    "declare_state_period": "nothing: state is advertised after every round",
+    "min_vector_size": "nothing: every reducer gets a part sized by its bandwidth",
+    "tensor_infos": "nothing",
+    "daemon": "nothing: averagers run on the process's transport thread",
+    "start": "nothing: an averager is ready when constructed",
+    "shutdown_timeout": "nothing: shutdown() is bounded by its own deadlines",
+}
 SERVICE_ATTRIBUTE = "_hiveengine_allreduce_service"
 
 
@@ -72,7 +99,9 @@ class DecentralizedAverager:
         chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
         peer: Peer | None = None,
         share_state: bool = True,
+        **unknown,
     ):
+        refuse_unknown_options("DecentralizedAverager", unknown, HIVEMIND_SPELLINGS)
         if client_mode and auxiliary:
             raise ConfigurationError("a peer cannot be both a client (reduces nothing) and auxiliary (sends nothing)")
         if not tensors:

@@ -29,7 +29,7 @@ import torch
 
 from hiveengine.averaging import DecentralizedAverager, GroupInfo, Mode
 from hiveengine.dht import get_dht_time
-from hiveengine.errors import ConfigurationError, HiveEngineError
+from hiveengine.errors import ConfigurationError, HiveEngineError, refuse_unknown_options
 from hiveengine.optim.progress import PeerProgress, ProgressTracker, SwarmProgress
 from hiveengine.optim.state import TrainingState
 from hiveengine.optim.updates import DiLoCoUpdate, SyncUpdate
@@ -117,7 +117,7 @@ class Optimizer:
         verbose: bool = False,
         **unknown,
     ):
-        _refuse_unknown(unknown)
+        refuse_unknown_options("Optimizer", unknown, HIVEMIND_SPELLINGS)
         if use_local_updates:
             if mode != "sync" and mode != "diloco":
                 raise ConfigurationError(f"mode must be one of {MODES}, got {mode!r}")
@@ -503,14 +503,6 @@ def _fingerprint(tensors: list[torch.Tensor]) -> list[int]:
         low += int(bits[0::2].sum(dtype=torch.int64))
         high += int(bits[1::2].sum(dtype=torch.int64))
     return [low, high]
-
-
-def _refuse_unknown(unknown: dict) -> None:
-    for name in unknown:
-        if name in HIVEMIND_SPELLINGS:
-            raise ConfigurationError(f"{name}= is hivemind's; in hiveengine use {HIVEMIND_SPELLINGS[name]}")
-    if unknown:
-        raise TypeError(f"Optimizer() got unexpected keyword arguments: {', '.join(sorted(unknown))}")
 
 
 def _show_progress_logs() -> None:
