@@ -2,7 +2,7 @@
 
 Each configuration runs N peer processes on this host. A round's time is the slowest peer's; the table
 shows the median over rounds, the algorithm bandwidth (tensor bytes / round time) and the bytes each
-peer put on the wire. Writes bench/results/allreduce.json.
+peer put on the wire. Writes bench/results/local/allreduce.json (see bench/common.py).
 """
 
 from __future__ import annotations

@@ -1,4 +1,9 @@
-"""Shared by the benchmarks: a plain-text table and a JSON record under bench/results/."""
+"""Shared by the benchmarks: a plain-text table and a JSON record of each run.
+
+Runs write their records to bench/results/local/ (ignored by git), so running a benchmark never changes the
+committed results in bench/results/. HIVEENGINE_BENCH_OUT=DIR (`hiveengine bench NAME --out DIR`) writes them to
+DIR instead; HIVEENGINE_BENCH_SAVE=1 (`hiveengine bench NAME --save-results`) updates the committed results.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +20,23 @@ from pathlib import Path
 import psutil
 import torch
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+COMMITTED_RESULTS_DIR = Path(__file__).resolve().parent / "results"  # tracked: the numbers the README quotes
+RESULTS_DIR = COMMITTED_RESULTS_DIR / "local"  # where runs write by default (git-ignored)
+OUT_ENV = "HIVEENGINE_BENCH_OUT"  # a directory for this run's records instead of RESULTS_DIR
+SAVE_ENV = "HIVEENGINE_BENCH_SAVE"  # "1": write to COMMITTED_RESULTS_DIR (update the committed results)
+
+
+def results_dir() -> Path:
+    """Where this run writes its records (created): the committed results with HIVEENGINE_BENCH_SAVE=1, else
+    HIVEENGINE_BENCH_OUT, else bench/results/local/."""
+    if os.environ.get(SAVE_ENV, "").lower() in ("1", "true", "yes"):
+        path = COMMITTED_RESULTS_DIR
+    elif os.environ.get(OUT_ENV):
+        path = Path(os.environ[OUT_ENV])
+    else:
+        path = RESULTS_DIR
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def machine_info() -> dict:
@@ -46,9 +67,8 @@ def format_table(rows: list[dict], columns: list[str]) -> str:
 
 
 def write_results(name: str, payload: dict) -> Path:
-    """Write `payload` (plus machine facts) to bench/results/<name>.json and return the path."""
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"{name}.json"
+    """Write `payload` (plus machine facts) to <results_dir()>/<name>.json and return the path."""
+    path = results_dir() / f"{name}.json"
     path.write_text(json.dumps({"machine": machine_info(), **payload}, indent=2) + "\n")
     return path
 

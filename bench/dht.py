@@ -4,7 +4,7 @@ For each N: node start-up time, store and get success rate, mean/p99 latency one
 second with many in flight, and extra RSS per node. `--compare hivemind` runs the same workload on the hivemind
 package's DHT (bench/hivemind_dht_worker.py, in its own virtual environment bench/.venv-hivemind, never in
 hiveengine's) with --hivemind-nodes peers, runs hiveengine at that size too, and adds a side-by-side table with
-ratios. Prints the tables and writes bench/results/dht.json.
+ratios. Prints the tables and writes bench/results/local/dht.json.
 """
 
 from __future__ import annotations

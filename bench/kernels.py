@@ -11,7 +11,7 @@ achieved bandwidth (bytes read + written per second) as a fraction of the device
 device-to-device copy bandwidth, next to the torch reference and bitsandbytes' quantize_blockwise where
 installed.
 
-Prints tables and writes bench/results/kernels-<device>.json.
+Prints tables and writes bench/results/local/kernels-<device>.json.
 """
 
 from __future__ import annotations

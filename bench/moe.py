@@ -5,7 +5,7 @@ and 4 (ffn.[0:2].[0:2]) for RemoteMixtureOfExperts with k_best=2 (beam search ov
 forward+backward steps concurrently for a fixed duration. The local ceiling is the same computation in this
 process with no network: the expert (or a local mixture of the same experts) forward, backward and optimizer step.
 With --compare hivemind, hivemind's Server, RemoteExpert and RemoteMixtureOfExperts run the same configurations
-(in their own venv). Writes bench/results/moe.json.
+(in their own venv). Writes bench/results/local/moe.json.
 
 Measurement method (the host is small and shared, so wall times drift by several x within minutes):
 - Threads are pinned: each server's compute and the local reference get `--server-threads` torch intra-op threads
@@ -353,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--compare", choices=["hivemind"], help="also run hivemind (in its own venv)")
     parser.add_argument("--timeout", type=float, default=LINE_TIMEOUT, help="seconds a client may take to warm up")
-    parser.add_argument("--output", default="moe", help="results name under bench/results/")
+    parser.add_argument("--output", default="moe", help="results name under bench/results/local/ (see bench/common.py)")
     args = parser.parse_args(argv)
     if args.role == "server":
         hive_server()

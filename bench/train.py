@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import RESULTS_DIR, format_table, write_results
+from bench.common import format_table, results_dir, write_results
 from hiveengine.optim import DILOCO_OUTER_LR, DILOCO_OUTER_MOMENTUM
 
 RESULT_PREFIX = "RESULT"
@@ -261,9 +261,8 @@ def collect(command: list[str], timeout: float) -> list[dict]:
 
 def compare(args) -> int:
     """The benchmark: baseline, sync swarm and DiLoCo swarm, one after the other, then a table."""
-    RESULTS_DIR.mkdir(exist_ok=True)
     here, common = str(Path(__file__).resolve()), model_args(args)
-    metrics = str(RESULTS_DIR / "train")
+    metrics = str(results_dir() / "train")
     if args.warmup_samples:
         common += ["--init", warm_start(args, here)]
     runs = {"single process": collect([sys.executable, here, "--baseline", *common, "--metrics", metrics], 3600)}
@@ -281,7 +280,7 @@ def compare(args) -> int:
         from tools.plot_metrics import plot
 
         runs = ("baseline", "sync-worker0", "diloco-worker0")
-        plot(Path(args.plot), [RESULTS_DIR / f"train-{run}.jsonl" for run in runs])
+        plot(Path(args.plot), [results_dir() / f"train-{run}.jsonl" for run in runs])
     return 0
 
 
@@ -289,7 +288,7 @@ def warm_start(args, here: str) -> str:
     """Train the single-process baseline for `--warmup-samples` and return the checkpoint every compared run
     starts from (the DiLoCo paper's protocol: the methods are compared from a pretrained model, not from
     random weights, where averaging models that drifted apart for H steps loses most of their progress)."""
-    path = RESULTS_DIR / f"train-warm-{args.warmup_samples}.pt"
+    path = results_dir() / f"train-warm-{args.warmup_samples}.pt"
     warm = [*model_args(args), "--samples", str(args.warmup_samples), "--save", str(path), "--data-seed", "1"]
     collect([sys.executable, here, "--baseline", *warm], 3600)
     return str(path)

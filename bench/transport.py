@@ -2,7 +2,7 @@
 
 Measures the 4 KiB round trip, throughput from 1 MiB to 256 MiB, and the CPU an idle connected peer
 burns. Each configuration runs a server and a client in separate processes (UCX reads its settings
-once per process). Prints a table and writes bench/results/transport.json.
+once per process). Prints a table and writes bench/results/local/transport.json.
 """
 
 from __future__ import annotations

@@ -1,12 +1,21 @@
-"""A worker script for `hiveengine launch` tests. Usage: launch_worker.py train|wait|fail.
+"""A worker script for `hiveengine launch` tests. Usage: launch_worker.py [--]MODE [ARGS...].
 
-Prints "RANK <rank> <world size> <pid>" first. train: three sync epochs of a tiny regression through
-hiveengine.init() and engine.optimizer(), then "DONE <epoch> <parameter digest>". wait: prints
-"READY <pid>" and blocks until signalled. fail: worker 1 exits with code 3, the others with 0.
+Prints "RANK <rank> <world size> <pid> <args after MODE>" first. Modes:
+- train: three sync epochs of a tiny regression through hiveengine.init() and engine.optimizer(), then
+  "DONE <epoch> <parameter digest>";
+- wait: prints "READY <pid>" and blocks until signalled (a KeyboardInterrupt ends it with a traceback);
+- quiet-wait: the same, but catches KeyboardInterrupt, prints "INTERRUPTED" and ends without shutting anything
+  down itself (what is left is hiveengine's to close at exit);
+- stubborn: ignores SIGINT and SIGTERM, prints "READY <pid>" and blocks (only SIGKILL ends it);
+- fail: worker 1 exits with code 3, the others with 0;
+- fail-fast: worker 1 exits with code 3, the others print "READY <pid>" and block;
+- join KEY: prints "JOINED <value>" of KEY in the swarm's DHT (stored by the test before the launch);
+- exit: ends at once.
 """
 
 import hashlib
 import os
+import signal
 import sys
 import threading
 
@@ -15,15 +24,36 @@ import torch
 import hiveengine
 
 
+def block() -> None:
+    print("READY", os.getpid(), flush=True)
+    threading.Event().wait()
+
+
 def main() -> None:
     engine = hiveengine.init()
-    print("RANK", engine.local_rank, engine.local_world_size, os.getpid(), flush=True)
-    mode = sys.argv[1]
+    mode = sys.argv[1].removeprefix("--")  # "--join" as well: an option-like first argument for `launch -m`
+    print("RANK", engine.local_rank, engine.local_world_size, os.getpid(), *sys.argv[2:], flush=True)
+    if mode == "exit":
+        return
+    if mode in ("fail", "fail-fast") and engine.local_rank == 1:
+        sys.exit(3)
     if mode == "fail":
-        sys.exit(3 if engine.local_rank == 1 else 0)
-    if mode == "wait":
-        print("READY", os.getpid(), flush=True)
-        threading.Event().wait()
+        sys.exit(0)
+    if mode == "join":
+        found = engine.dht.get(sys.argv[2], timeout=30)
+        print("JOINED", found.value if found is not None else None, flush=True)
+        return
+    if mode == "stubborn":
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if mode == "quiet-wait":
+        try:
+            block()
+        except KeyboardInterrupt:
+            print("INTERRUPTED", flush=True)
+        return
+    if mode in ("wait", "stubborn", "fail-fast"):
+        block()
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 1)
     opt = engine.optimizer(

@@ -3,35 +3,74 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import signal
 import threading
+import time
 
+from hiveengine.cli.common import add_initial_peers, initial_peers
 from hiveengine.dht import DHT
 from hiveengine.transport import Identity
 
 READY_PREFIX = "hiveengine dht node at"
 STATUS_PREFIX = "dht status:"
+DEFAULT_STATUS_INTERVAL = 30.0
+MAX_PINGS_IN_FLIGHT = 16  # liveness checks of quiet peers run at once before a status line
 
 
 def add_commands(sub) -> None:
     dht = sub.add_parser("dht", help="run a DHT node (a bootstrap node for a swarm); prints its address")
-    dht.add_argument("--initial-peers", nargs="*", default=[], metavar="ADDR", help="addresses of nodes to join")
+    add_initial_peers(dht, "addresses of nodes to join")
     dht.add_argument("--port", type=int, default=None, help="listen port (default: any; env HIVEENGINE_PORT)")
     dht.add_argument("--identity", default=None, help="file with this node's key (created if missing)")
-    dht.add_argument("--status-interval", type=float, default=30.0, help="seconds between status lines (0: none)")
+    dht.add_argument(
+        "--status-interval",
+        type=float,
+        default=DEFAULT_STATUS_INTERVAL,
+        help="seconds between status lines (0: none); a status line counts the peers that answered within the "
+        "last interval, after pinging the quiet ones (those that do not answer are dropped)",
+    )
     dht.set_defaults(handler=cmd_dht)
 
 
+async def count_live_peers(dht: DHT, quiet_after: float) -> tuple[int, int]:
+    """(live, dropped): the routing table's nodes that were heard from in the last `quiet_after` seconds or
+    answer a ping now, and how many did not answer (the node drops those from its table)."""
+    node = dht.node
+    contacts = node.table.nearest(node.id, len(node.table))
+    now = time.monotonic()
+    quiet = [c for c in contacts if now - c.last_seen > quiet_after]
+    limit = asyncio.Semaphore(MAX_PINGS_IN_FLIGHT)
+
+    async def ping(contact) -> bool:
+        async with limit:
+            return await node._ping(contact)  # a node that does not answer is removed from the table
+
+    answered = await asyncio.gather(*[ping(c) for c in quiet])
+    dropped = answered.count(False)
+    return len(contacts) - dropped, dropped
+
+
+def status_line(dht: DHT, quiet_after: float) -> str:
+    timeout = dht.config.rpc_timeout + 10.0
+    live, dropped = dht.peer.runtime.run(count_live_peers(dht, quiet_after), timeout)
+    line = f"{STATUS_PREFIX} {live} peers known, {dht.num_keys} keys stored"
+    return line + (f" ({dropped} stopped answering and were dropped)" if dropped else "")
+
+
 def cmd_dht(args: argparse.Namespace) -> int:
+    peers = initial_peers(args)
     identity = Identity.load_or_create(args.identity) if args.identity else None
-    dht = DHT(initial_peers=args.initial_peers, identity=identity, port=args.port)
+    dht = DHT(initial_peers=peers, identity=identity, port=args.port)
     print(READY_PREFIX, dht.address, flush=True)
     print(f"join it with: hiveengine dht --initial-peers {dht.address}", flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     interval = args.status_interval if args.status_interval > 0 else None
-    while not stop.wait(interval):
-        print(f"{STATUS_PREFIX} {dht.num_peers} peers known, {dht.num_keys} keys stored", flush=True)
-    dht.shutdown()
+    try:
+        while not stop.wait(interval):
+            print(status_line(dht, interval), flush=True)
+    finally:
+        dht.shutdown()
     return 0

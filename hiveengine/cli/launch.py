@@ -2,40 +2,50 @@
 
 With no initial peers the launcher itself runs the swarm's bootstrap DHT node and prints the address that
 other machines join with. Each worker learns the swarm through HIVEENGINE_* variables (read by
-`hiveengine.init()`); its output lines are prefixed with its index; Ctrl-C / SIGTERM are forwarded to every
-worker's process group, and whatever is still running after the grace period is killed.
+`hiveengine.init()`); its output lines are prefixed with its index (and copied to DIR/worker-N.log with
+--log-dir). Ctrl-C / SIGTERM are forwarded to every worker's process group; when a worker fails, the others
+get SIGTERM. Whatever still runs `--grace` seconds later is killed. The exit code is the first failing
+worker's, or 128 + the signal's number after Ctrl-C / SIGTERM (130 / 143), or 2 for a usage mistake.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import os
 import queue
 import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import TextIO
 
-from hiveengine.dht import DHT
+from hiveengine.cli.common import UsageError, add_initial_peers, initial_peers, log_level
 from hiveengine.engine.env import (
     CLIENT_MODE_ENV,
     DEFAULT_RUN_ID,
     INITIAL_PEERS_ENV,
+    LOG_LEVEL_ENV,
     RUN_ID_ENV,
     LaunchEnv,
 )
-from hiveengine.transport import Identity
 from hiveengine.transport.runtime import PORT_ENV
 
 NPROC_ENV = "HIVEENGINE_NPROC"
 IDENTITY_DIR_ENV = "HIVEENGINE_IDENTITY_DIR"
 GRACE_ENV = "HIVEENGINE_GRACE"
-DEFAULT_GRACE = 10.0  # seconds workers get to exit after a forwarded signal before they are killed
+LOG_DIR_ENV = "HIVEENGINE_LOG_DIR"
+# Seconds workers get to exit after the launcher signals them (Ctrl-C/SIGTERM forwarded, or SIGTERM because
+# another worker failed) before they are killed with SIGKILL.
+DEFAULT_GRACE = 10.0
+POLL_INTERVAL = 0.2  # seconds between the launcher's checks for signals and the kill deadline
 BOOTSTRAP_PREFIX = "hiveengine launch: swarm bootstrap at"
 STARTED_PREFIX = "hiveengine launch: started worker"
+FAILED_PREFIX = "hiveengine launch: worker"  # "... N exited with code C"
+LOG_FILE = "worker-{rank}.log"
 
 
 def add_commands(sub) -> None:
@@ -43,19 +53,15 @@ def add_commands(sub) -> None:
     launch = sub.add_parser(
         "launch",
         help="start N training workers as peers of one swarm (like torchrun)",
-        description="Start N workers of SCRIPT (or -m MODULE) as peers of one swarm. Each option's default "
-        "comes from the environment variable named in its help.",
+        usage="hiveengine launch [options] SCRIPT [ARGS ...]\n       hiveengine launch [options] -m MODULE [ARGS ...]",
+        description="Start N workers of SCRIPT (or of MODULE with -m) as peers of one swarm. Everything after "
+        "SCRIPT goes to the script. Each option's default comes from the environment variable named in its "
+        "help. Exit code: the first failing worker's; 130 after Ctrl-C (143 after SIGTERM); 2 for a usage error.",
     )
     launch.add_argument(
-        "--nproc", type=int, default=int(env.get(NPROC_ENV, "1")), help=f"workers to start (env {NPROC_ENV})"
+        "--nproc", type=_positive_int, default=env.get(NPROC_ENV, "1"), help=f"workers to start (env {NPROC_ENV})"
     )
-    launch.add_argument(
-        "--initial-peers",
-        nargs="*",
-        default=env.get(INITIAL_PEERS_ENV, "").split(),
-        metavar="ADDR",
-        help=f"addresses of peers of an existing swarm; none: start a new swarm (env {INITIAL_PEERS_ENV})",
-    )
+    add_initial_peers(launch, "addresses of peers of an existing swarm; none: start a new swarm", env=INITIAL_PEERS_ENV)
     launch.add_argument(
         "--run-id",
         default=env.get(RUN_ID_ENV, DEFAULT_RUN_ID),
@@ -67,9 +73,21 @@ def add_commands(sub) -> None:
         help=f"keep each worker's key in DIR/worker-N.key so its peer id survives restarts (env {IDENTITY_DIR_ENV})",
     )
     launch.add_argument(
+        "--log-dir",
+        default=env.get(LOG_DIR_ENV),
+        metavar="DIR",
+        help=f"also write worker N's output, unprefixed, to DIR/{LOG_FILE.format(rank='N')} (env {LOG_DIR_ENV})",
+    )
+    launch.add_argument(
+        "--log-level",
+        type=log_level,
+        default=argparse.SUPPRESS,  # the same as `hiveengine --log-level`, which may come before `launch`
+        help=f"logging level of the launcher and its workers' hiveengine loggers (env {LOG_LEVEL_ENV})",
+    )
+    launch.add_argument(
         "--port",
         type=int,
-        default=int(env[PORT_ENV]) if env.get(PORT_ENV) else None,
+        default=env.get(PORT_ENV) or None,
         help=f"listen port of the bootstrap node (default: any; env {PORT_ENV})",
     )
     launch.add_argument(
@@ -80,34 +98,82 @@ def add_commands(sub) -> None:
     )
     launch.add_argument(
         "--grace",
-        type=float,
-        default=float(env.get(GRACE_ENV, DEFAULT_GRACE)),
-        help=f"seconds workers get to exit after Ctrl-C/SIGTERM before they are killed (env {GRACE_ENV})",
+        type=_non_negative_float,
+        default=env.get(GRACE_ENV, str(DEFAULT_GRACE)),
+        help=f"seconds workers get to exit after they are signalled (Ctrl-C/SIGTERM, or another worker failed) "
+        f"before they are killed (default {DEFAULT_GRACE:g}; env {GRACE_ENV})",
     )
-    launch.add_argument("-m", dest="module", default=None, help="run a module (python -m MODULE) instead of a script")
-    launch.add_argument("script", nargs="?", help="the training script")
-    launch.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed on to the script")
+    launch.add_argument(
+        "-m", "--module", action="store_true", help="SCRIPT is a module name: run `python -m MODULE ARGS`"
+    )
+    launch.add_argument("script", metavar="SCRIPT", help="the training script (or module, with -m)")
+    launch.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS", help="arguments passed on to the script")
     launch.set_defaults(handler=cmd_launch)
 
 
-def cmd_launch(args: argparse.Namespace) -> int:
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number ≥ 1, got {text!r}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected seconds ≥ 0, got {text!r}")
+    return value
+
+
+def worker_command(args: argparse.Namespace) -> list[str]:
+    """What each worker runs after `python`; a UsageError if the script or module cannot be found."""
     if args.module:
-        command = ["-m", args.module, *([args.script] if args.script else []), *args.args]
-    elif args.script:
-        command = [args.script, *args.args]
-    else:
-        raise SystemExit("hiveengine launch: give a training script or -m MODULE")
-    if args.nproc < 1:
-        raise SystemExit(f"hiveengine launch: --nproc must be ≥ 1, got {args.nproc}")
+        if not _module_exists(args.script):
+            raise UsageError(f"no module named {args.script!r} (-m takes a module importable from here)")
+        return ["-m", args.script, *args.args]
+    if not Path(args.script).is_file():
+        hint = ""
+        if "://" in args.script:
+            hint = "; it looks like a peer address: give each one with --initial-peers (or separate them with commas)"
+        raise UsageError(f"script {args.script!r} not found{hint}")
+    return [args.script, *args.args]
+
+
+def _module_exists(name: str) -> bool:
+    """Whether `python -m name` started here would find the module's top-level package (not imported; a
+    dotted name's submodule is left to the worker)."""
+    top = name.split(".")[0]
+    if not top.isidentifier():
+        return False
+    sys.path.insert(0, os.getcwd())  # where `python -m` looks first
+    try:
+        return importlib.util.find_spec(top) is not None
+    except (ImportError, ValueError):
+        return True  # cannot tell without importing: let the worker report it
+    finally:
+        sys.path.pop(0)
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    command = worker_command(args)
+    peers = initial_peers(args, os.environ.get(INITIAL_PEERS_ENV))
     launcher = Launcher(
         command,
         args.nproc,
-        initial_peers=args.initial_peers,
+        initial_peers=peers,
         run_id=args.run_id,
         identity_dir=args.identity_dir,
         port=args.port,
         client_mode=args.client_mode,
         grace=args.grace,
+        log_dir=args.log_dir,
+        log_level=getattr(args, "log_level", None),
     )
     return launcher.run()
 
@@ -126,43 +192,76 @@ class Launcher:
         port: int | None = None,
         client_mode: bool = False,
         grace: float = DEFAULT_GRACE,
+        log_dir: str | None = None,
+        log_level: str | None = None,
         out: TextIO = sys.stdout,
     ):
         self.command, self.nproc, self.initial_peers, self.run_id = command, nproc, list(initial_peers), run_id
         self.identity_dir, self.port, self.client_mode, self.grace = identity_dir, port, client_mode, grace
+        self.log_dir = Path(log_dir) if log_dir else None
+        self.log_level = log_level
         self.out = out
         self.workers: list[subprocess.Popen] = []
         self.exits: queue.Queue[tuple[int, int]] = queue.Queue()
-        self._write_lock = threading.RLock()  # the signal handler writes too
-        self._signal: int | None = None
+        self._write_lock = threading.Lock()
+        self._out_broken = False
+        # Set by the signal handler, acted on by the main loop (a handler must not wait for a lock that a
+        # thread writing to a stalled pipe holds).
+        self._signals: list[int] = []
+        self._signals_seen = 0
+        self._stopping = False  # the launcher asked the workers to stop: their exit codes are not failures
+        self._kill_at: float | None = None  # monotonic time of the SIGKILL after the grace period
 
     def say(self, line: str) -> None:
+        """Write a line to the launcher's output. If that output is gone (a pipe whose reader died, e.g. `tee`
+        stopped by the same Ctrl-C), keep running silently: the workers still get stopped, logged and waited
+        for, and the exit code still tells what happened."""
         with self._write_lock:
-            self.out.write(line + "\n")
-            self.out.flush()
+            if self._out_broken:
+                return
+            try:
+                self.out.write(line + "\n")
+                self.out.flush()
+            except (BrokenPipeError, ValueError, OSError):
+                self._out_broken = True
+                _silence(self.out)
 
     def run(self) -> int:
         bootstrap = None
-        previous = {sig: signal.signal(sig, self._forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
+            if self.log_dir is not None:
+                try:
+                    self.log_dir.mkdir(parents=True, exist_ok=True)
+                except OSError as e:
+                    raise UsageError(f"--log-dir {str(self.log_dir)!r}: {e.strerror or e}") from None
             if not self.initial_peers:
+                from hiveengine.dht import DHT
+
                 bootstrap = DHT(port=self.port)
-                self.initial_peers = [str(bootstrap.address)]
-                self.say(f"{BOOTSTRAP_PREFIX} {bootstrap.address}")
-                self.say(f"hiveengine launch: join with: hiveengine launch --initial-peers {bootstrap.address} ...")
+                address = bootstrap.address
+                self.initial_peers = [str(address)]
+                self.say(f"{BOOTSTRAP_PREFIX} {address}")
+                where = f"--initial-peers {address} --run-id {self.run_id}"
+                self.say(f"hiveengine launch: join with: hiveengine launch {where} SCRIPT")
+                self.say(f"hiveengine launch: watch with: hiveengine status {where}")
             for rank in range(self.nproc):
+                if self._signals:
+                    break  # Ctrl-C while starting: start no more
                 self._start(rank)
             return self._wait()
         finally:
             self._stop_all()
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
             if bootstrap is not None:
                 bootstrap.shutdown()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     def _start(self, rank: int) -> None:
         identity = None
         if self.identity_dir:
+            from hiveengine.transport import Identity
+
             Path(self.identity_dir).mkdir(parents=True, exist_ok=True)
             identity = str(Path(self.identity_dir) / f"worker-{rank}.key")
             Identity.load_or_create(identity)
@@ -171,7 +270,12 @@ class Launcher:
         env.update(
             LaunchEnv(self.initial_peers, self.run_id, rank, self.nproc, identity, self.client_mode).to_environ()
         )
+        if self.log_level:
+            env[LOG_LEVEL_ENV] = self.log_level
         env["PYTHONUNBUFFERED"] = "1"
+        log = None
+        if self.log_dir is not None:  # the pump thread closes it when the worker's output ends
+            log = open(self.log_dir / LOG_FILE.format(rank=rank), "w", encoding="utf-8", errors="replace")  # noqa: SIM115
         worker = subprocess.Popen(
             [sys.executable, *self.command],
             env=env,
@@ -183,41 +287,84 @@ class Launcher:
             start_new_session=True,  # its own process group: signals and kills reach its children too
         )
         self.workers.append(worker)
-        threading.Thread(target=self._pump, args=(rank, worker), daemon=True).start()
+        threading.Thread(target=self._pump, args=(rank, worker, log), daemon=True).start()
         self.say(f"{STARTED_PREFIX} {rank} (pid {worker.pid})")
 
-    def _pump(self, rank: int, worker: subprocess.Popen) -> None:
-        """Copy the worker's output with a prefix, then report its exit."""
-        for line in worker.stdout:
-            self.say(f"[worker {rank}] {line.rstrip()}")
-        self.exits.put((rank, worker.wait()))
+    def _pump(self, rank: int, worker: subprocess.Popen, log: TextIO | None) -> None:
+        """Copy the worker's output with a prefix (and to its log file), then report its exit."""
+        try:
+            for line in worker.stdout:
+                if log is not None:
+                    log.write(line)
+                    log.flush()
+                self.say(f"[worker {rank}] {line.rstrip()}")
+        finally:
+            if log is not None:
+                log.close()
+            self.exits.put((rank, worker.wait()))
 
     def _wait(self) -> int:
-        """Wait for every worker; return the first failure's exit code (0 if all succeeded)."""
-        first_failure, running = 0, self.nproc
+        """Wait for every worker; return the first failure's exit code, else 128 + the signal that stopped
+        them, else 0. A failure stops the other workers."""
+        first_failure, running = 0, len(self.workers)
         while running:
+            self._handle_signals()
             try:
-                rank, code = self.exits.get(timeout=self.grace if self._signal is not None else None)
+                rank, code = self.exits.get(timeout=POLL_INTERVAL)
             except queue.Empty:
-                self.say(f"hiveengine launch: workers still running {self.grace:.0f} s after the signal; killing them")
-                self._kill_all(signal.SIGKILL)
+                if self._kill_at is not None and time.monotonic() >= self._kill_at:
+                    self._kill_at = None
+                    self.say(
+                        f"hiveengine launch: {running} worker(s) still running {self.grace:g} s after being "
+                        "signalled; killing them"
+                    )
+                    self._signal_all(signal.SIGKILL)
                 continue
             running -= 1
-            if code != 0:
-                code = 128 - code if code < 0 else code
-                self.say(f"hiveengine launch: worker {rank} exited with code {code}")
-                first_failure = first_failure or code
-        if self._signal is not None:
-            return first_failure or 128 + self._signal
-        return first_failure
+            if code == 0 or self._stopping:
+                continue  # done, or stopped by us (a forwarded signal, or another worker failed)
+            code = 128 - code if code < 0 else code
+            self.say(f"{FAILED_PREFIX} {rank} exited with code {code}")
+            first_failure = code
+            if running:
+                self.say(
+                    f"hiveengine launch: stopping the other {running} worker(s) (SIGTERM, SIGKILL after "
+                    f"{self.grace:g} s)"
+                )
+                self._stop(signal.SIGTERM)
+        if first_failure:
+            return first_failure
+        return 128 + self._signals[0] if self._signals else 0
 
-    def _forward(self, signum: int, _frame) -> None:
-        if self._signal is None:
-            self.say(f"hiveengine launch: got {signal.Signals(signum).name}, stopping {self.nproc} worker(s)")
-        self._signal = signum
-        self._kill_all(signum)
+    def _on_signal(self, signum: int, _frame) -> None:
+        self._signals.append(signum)
 
-    def _kill_all(self, signum: int) -> None:
+    def _handle_signals(self) -> None:
+        """Act on signals received since the last check: forward the first to every worker; a second one
+        kills them at once."""
+        while self._signals_seen < len(self._signals):
+            signum = self._signals[self._signals_seen]
+            self._signals_seen += 1
+            name = signal.Signals(signum).name
+            if self._signals_seen == 1:
+                self.say(
+                    f"hiveengine launch: got {name}, stopping {len(self.workers)} worker(s) (SIGKILL after "
+                    f"{self.grace:g} s; {name} again to kill them now)"
+                )
+                self._stop(signum)
+            else:
+                self.say(f"hiveengine launch: got {name} again, killing the workers")
+                self._signal_all(signal.SIGKILL)
+
+    def _stop(self, signum: int) -> None:
+        """Ask every worker to stop with `signum`; the grace period starts now."""
+        self._stopping = True
+        if self._kill_at is None:
+            self._kill_at = time.monotonic() + self.grace
+        self._signal_all(signum)
+
+    def _signal_all(self, signum: int) -> None:
+        """Signal every worker's process group: one whose worker has exited may still hold children."""
         for worker in self.workers:
             _signal_group(worker, signum)
 
@@ -226,11 +373,12 @@ class Launcher:
         alive = [w for w in self.workers if w.poll() is None]
         for worker in alive:
             _signal_group(worker, signal.SIGTERM)
+        deadline = time.monotonic() + self.grace
         for worker in alive:
             try:
-                worker.wait(self.grace)
+                worker.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                os.killpg(worker.pid, signal.SIGKILL)
+                _signal_group(worker, signal.SIGKILL)
                 worker.wait()
         for worker in self.workers:  # a worker's own children (same group) may outlive it
             _signal_group(worker, signal.SIGKILL)
@@ -240,3 +388,11 @@ def _signal_group(worker: subprocess.Popen, signum: int) -> None:
     """Signal the worker's whole process group (gone already: nothing to do)."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(worker.pid, signum)
+
+
+def _silence(stream: TextIO) -> None:
+    """Point a broken output stream at /dev/null, so that flushing it at exit raises nothing."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)

@@ -11,6 +11,7 @@ import time
 
 import torch
 
+from hiveengine.cli.common import check_addresses
 from hiveengine.transport import Peer
 from hiveengine.transport.services import SINK_METHOD, serve_sink
 
@@ -67,6 +68,7 @@ def send_random_tensor(address: str, mib: int, timeout: float) -> bool:
 
 
 def cmd_send(args: argparse.Namespace) -> int:
+    check_addresses([args.address], "ADDRESS")
     return 0 if send_random_tensor(args.address, args.mib, args.timeout) else 1
 
 

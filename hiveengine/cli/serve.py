@@ -9,6 +9,7 @@ import time
 
 import torch
 
+from hiveengine.cli.common import add_initial_peers, initial_peers
 from hiveengine.dht import DHT
 from hiveengine.errors import ConfigurationError
 from hiveengine.moe import Server, get_experts, uids_from_pattern
@@ -39,7 +40,7 @@ def add_commands(sub) -> None:
     )
     serve.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH_SIZE, help="rows per batch")
     serve.add_argument("--batch-wait", type=float, default=DEFAULT_BATCH_WAIT, help="seconds to wait to fill a batch")
-    serve.add_argument("--initial-peers", nargs="*", default=[], metavar="ADDR", help="DHT nodes to join")
+    add_initial_peers(serve, "DHT nodes to join")
     serve.add_argument("--no-dht", action="store_true", help="serve without declaring experts in a DHT")
     serve.add_argument("--update-period", type=float, default=DEFAULT_UPDATE_PERIOD, help="seconds between DHT updates")
     serve.add_argument("--port", type=int, default=None, help="listen port (default: any; env HIVEENGINE_PORT)")
@@ -65,7 +66,8 @@ def choose_uids(args: argparse.Namespace, dht: DHT | None) -> list[str]:
 
 def build_server(args: argparse.Namespace) -> tuple[Server, DHT | None]:
     """The DHT node (unless --no-dht) and the started Server the arguments describe."""
-    dht = None if args.no_dht else DHT(initial_peers=args.initial_peers)
+    peers = initial_peers(args)
+    dht = None if args.no_dht else DHT(initial_peers=peers)
     try:
         uids = choose_uids(args, dht)
         server = Server.create(

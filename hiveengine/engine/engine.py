@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
-from collections.abc import Iterable
+import os
+from collections.abc import Iterable, Mapping
 
 import torch
 
 from hiveengine.dht import DHT
-from hiveengine.engine.env import LaunchEnv
+from hiveengine.engine.env import LOG_LEVEL_ENV, LaunchEnv
+from hiveengine.errors import ConfigurationError
 from hiveengine.optim import Optimizer
 from hiveengine.transport import Identity
 
 logger = logging.getLogger(__name__)
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # as the hiveengine command's own
 
 
 class Engine:
@@ -20,6 +24,8 @@ class Engine:
 
     def __init__(self, env: LaunchEnv):
         self.env = env
+        self._optimizers: list[Optimizer] = []
+        self._shut_down = False
         identity = Identity.load_or_create(env.identity_path) if env.identity_path else None
         self.dht = DHT(initial_peers=env.initial_peers, identity=identity, client_mode=env.client_mode)
         logger.info(
@@ -50,11 +56,27 @@ class Engine:
     def optimizer(self, optimizer, params: Iterable[torch.nn.Parameter] | None = None, **options) -> Optimizer:
         """A hiveengine.Optimizer on this engine's DHT and run (options as for hiveengine.Optimizer)."""
         options.setdefault("client_mode", self.env.client_mode)
-        return Optimizer(dht=self.dht, run_id=self.run_id, optimizer=optimizer, params=params, **options)
+        opt = Optimizer(dht=self.dht, run_id=self.run_id, optimizer=optimizer, params=params, **options)
+        self._optimizers.append(opt)
+        return opt
 
     def shutdown(self) -> None:
-        """Leave the swarm; idempotent."""
+        """Leave the swarm: shut down the optimizers made by `optimizer()`, then the DHT node; idempotent.
+        Runs at exit too, for scripts that end without calling it."""
+        if self._shut_down:
+            return
+        self._shut_down = True
+        for opt in self._optimizers:
+            opt.shutdown()
+        self._optimizers.clear()
         self.dht.shutdown()
+
+    def _shutdown_at_exit(self) -> None:
+        """The atexit twin of `shutdown`: the process is ending anyway, so a failure is only logged."""
+        try:
+            self.shutdown()
+        except BaseException as e:  # a second Ctrl-C, or a swarm gone: no traceback at exit
+            logger.debug("shutdown at exit: %s: %s", type(e).__name__, e)
 
     def __enter__(self) -> Engine:
         return self
@@ -63,10 +85,29 @@ class Engine:
         self.shutdown()
 
 
+def configure_logging(environ: Mapping[str, str] = os.environ) -> None:
+    """Apply HIVEENGINE_LOG_LEVEL (set by `hiveengine --log-level`) to hiveengine's loggers; when the script has
+    configured no logging yet, also give the root logger a handler with the launcher's format (the script's
+    own loggers keep their level). Without the variable, nothing is touched."""
+    level = environ.get(LOG_LEVEL_ENV, "").strip().upper()
+    if not level:
+        return
+    try:
+        logging.getLogger("hiveengine").setLevel(int(level) if level.isdigit() else level)
+    except ValueError:
+        raise ConfigurationError(f"{LOG_LEVEL_ENV}={level!r} is not a logging level (e.g. INFO, DEBUG)") from None
+    if not logging.getLogger().handlers:
+        logging.basicConfig(format=LOG_FORMAT)
+
+
 def init(**overrides) -> Engine:
     """Join the swarm the launcher describes (HIVEENGINE_* variables), like torch.distributed's
-    init_process_group; without a launcher, start a lone peer. Keyword arguments override LaunchEnv fields."""
+    init_process_group; without a launcher, start a lone peer. Keyword arguments override LaunchEnv fields.
+    The engine is shut down at exit if the script does not do it."""
+    configure_logging()
     env = LaunchEnv.from_environ()
     if overrides:
         env = LaunchEnv(**{**env.__dict__, **overrides})
-    return Engine(env)
+    engine = Engine(env)
+    atexit.register(engine._shutdown_at_exit)  # after the transport runtime's handler, so it runs before it
+    return engine

@@ -11,6 +11,8 @@ LOCAL_RANK_ENV = "HIVEENGINE_LOCAL_RANK"  # this worker's index among the launch
 LOCAL_WORLD_SIZE_ENV = "HIVEENGINE_LOCAL_WORLD_SIZE"  # how many workers the launcher started
 IDENTITY_ENV = "HIVEENGINE_IDENTITY"  # file with this worker's Ed25519 key (created if missing)
 CLIENT_MODE_ENV = "HIVEENGINE_CLIENT_MODE"  # "1": this peer cannot accept connections
+# Logging level of hiveengine's loggers in a worker (e.g. INFO), set by `hiveengine --log-level`; read by init().
+LOG_LEVEL_ENV = "HIVEENGINE_LOG_LEVEL"
 DEFAULT_RUN_ID = "hiveengine-run"
 
 

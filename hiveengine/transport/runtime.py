@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
+import gc
 import logging
 import os
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -23,6 +25,9 @@ from hiveengine.transport.reactor import Reactor, close_endpoint
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 PORT_ENV = "HIVEENGINE_PORT"
+SHUTDOWN_TIMEOUT = 10.0  # seconds the shutdown may take on the loop thread before it is stopped regardless
+ENDPOINT_CLOSE_TIMEOUT = 1.0  # seconds UCX gets at shutdown to finish closing endpoints before the worker goes
+DRAIN_IDLE_PASSES = 3  # progress passes in a row that did nothing: UCX has finished what shutdown started
 
 
 def _bind_cuda_context() -> None:
@@ -77,6 +82,10 @@ class Runtime:
         """Run `coro` on the transport loop from another thread and wait for it, at most `timeout` seconds."""
         if self.in_loop_thread():
             raise RuntimeError("blocking call made from the transport loop itself; await the async twin instead")
+        if self.loop.is_closed():
+            if asyncio.iscoroutine(coro):
+                coro.close()  # never run: without this Python warns that it was never awaited
+            raise RuntimeError("the transport runtime has shut down (Runtime.shutdown, or the process is exiting)")
         future = self.submit(coro)
         try:
             return future.result(timeout)
@@ -160,22 +169,81 @@ class Runtime:
         peer.adopt(endpoint, auth, base, inbound=True)
 
     def shutdown(self) -> None:
-        """Close every peer, the listener and the worker, then stop the loop thread. Idempotent."""
+        """Stop the transport, in order and silently; idempotent (runs at exit too).
+
+        On the loop thread: close every peer (its connections close their endpoints), cancel and await every
+        task still on the loop (e.g. a DHT node's maintenance that its owner never shut down), release the
+        listener, let UCX finish the endpoint closes, stop progressing, then drop the worker and only then the
+        context. Then stop and close the loop. Left to the interpreter's exit instead, these objects were
+        destroyed in no particular order while UCX's threads still ran (a rare segfault in libucp), and pending
+        tasks were reported as destroyed."""
         if self._closed:
             return
         self._closed = True
-
-        async def close_all():
-            for peer in list(self.peers.values()):
-                await peer.aclose()
-            self.listener = None
-            self.reactor.close()
-
         try:
             if self._thread.is_alive():
-                asyncio.run_coroutine_threadsafe(close_all(), self.loop).result(10)
-        except Exception as e:
-            logger.debug("transport shutdown: %s", e)
+                asyncio.run_coroutine_threadsafe(self._close_all(), self.loop).result(SHUTDOWN_TIMEOUT)
+        except BaseException as e:  # a timeout, or Ctrl-C at exit: still stop the thread below
+            logger.debug("transport shutdown: %s: %s", type(e).__name__, e)
         finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(5)
+            if self._thread.is_alive():
+                self.loop.call_soon_threadsafe(self.loop.stop)
+                self._thread.join(SHUTDOWN_TIMEOUT)
+            if not self._thread.is_alive() and not self.loop.is_closed():
+                self.loop.close()
+
+    async def _close_all(self) -> None:
+        await _cancel_other_tasks()  # first, so that no background work fails for want of its peer
+        for peer in list(self.peers.values()):
+            try:
+                await peer.aclose()
+            except Exception as e:
+                logger.debug("closing %r: %s: %s", peer, type(e).__name__, e)
+        await _cancel_other_tasks()  # whatever closing the peers started
+        self.listener = None  # destroys the UCP listener: no new connection requests
+        await self._drain(ENDPOINT_CLOSE_TIMEOUT)
+        self.reactor.close()  # no more progress; pending requests are cancelled and dropped
+        await self.loop.shutdown_asyncgens()
+        self._release_ucx()
+
+    async def _drain(self, timeout: float) -> None:
+        """Progress the worker until UCX has nothing left to do (the endpoint closes just requested), at most
+        `timeout` seconds, yielding to the loop between passes so completions reach their callbacks."""
+        worker = self.reactor.worker
+        deadline = time.monotonic() + timeout
+        idle_passes = 0
+        while idle_passes < DRAIN_IDLE_PASSES and time.monotonic() < deadline:
+            made_progress = False
+            while worker.progress_once():
+                made_progress = True
+            idle_passes = 0 if made_progress else idle_passes + 1
+            await asyncio.sleep(0)
+
+    def _release_ucx(self) -> None:
+        """Drop the last references to the UCX worker, then to its context, here on the loop thread while the
+        interpreter is whole. Endpoints and requests hold the C++ worker (and it the context), so any kept alive
+        by a reference cycle are collected first (one full collection, ~0.2 s with torch loaded): otherwise they
+        would be destroyed during the interpreter's exit, with their close callbacks into Python."""
+        reactor = self.reactor
+        worker, context = reactor.worker, reactor.context
+        reactor.worker = reactor.context = None
+        gc.collect()
+        del worker
+        del context
+
+
+async def _cancel_other_tasks() -> None:
+    """Cancel every task on the running loop but the caller, and wait for them (at most SHUTDOWN_TIMEOUT / 2):
+    a task left pending is reported as destroyed when the interpreter exits."""
+    current = asyncio.current_task()
+    tasks = [t for t in asyncio.all_tasks() if t is not current and not t.done()]
+    for task in tasks:
+        task.cancel()
+    if not tasks:
+        return
+    done, pending = await asyncio.wait(tasks, timeout=SHUTDOWN_TIMEOUT / 2)
+    for task in done:
+        if not task.cancelled() and task.exception() is not None:
+            logger.debug("task %r ended at shutdown with %r", task.get_name(), task.exception())
+    if pending:
+        logger.debug("%d task(s) ignored cancellation at shutdown", len(pending))
