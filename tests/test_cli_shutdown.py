@@ -12,8 +12,9 @@ import pytest
 from tests.test_cli_support import WORKER, noise, run_cli
 
 # Consecutive launches (each: the launcher's bootstrap node and one worker that calls hiveengine.init() and
-# exits). Measured on a 2-core VM: about 5 s each, 100 in about 9 minutes.
-LAUNCHES = int(os.environ.get("HIVEENGINE_TEST_LAUNCHES", "100"))
+# exits). Measured on a 2-core VM: about 5 s each. The suite runs 20 (under 2 minutes) to keep CI short;
+# HIVEENGINE_TEST_LAUNCHES=100 is the full check, run before each release.
+LAUNCHES = int(os.environ.get("HIVEENGINE_TEST_LAUNCHES", "20"))
 LAUNCH_TIMEOUT = 60.0  # seconds one launch may take
 
 
