@@ -1,8 +1,8 @@
 """A worker script for `hiveengine launch` tests. Usage: launch_worker.py [--]MODE [ARGS...].
 
 Prints "RANK <rank> <world size> <pid> <args after MODE>" first. Modes:
-- train: three sync epochs of a tiny regression through hiveengine.init() and engine.optimizer(), then
-  "DONE <epoch> <parameter digest>";
+- train: three sync epochs of a tiny regression through hiveengine.init() and engine.optimizer(), each
+  worker starting from its own random model (as an unseeded script would), then "DONE <epoch> <parameter digest>";
 - wait: prints "READY <pid>" and blocks until signalled (a KeyboardInterrupt ends it with a traceback);
 - quiet-wait: the same, but catches KeyboardInterrupt, prints "INTERRUPTED" and ends without shutting anything
   down itself (what is left is hiveengine's to close at exit);
@@ -54,7 +54,7 @@ def main() -> None:
         return
     if mode in ("wait", "stubborn", "fail-fast"):
         block()
-    torch.manual_seed(0)
+    torch.manual_seed(engine.local_rank)
     model = torch.nn.Linear(4, 1)
     opt = engine.optimizer(
         torch.optim.SGD(model.parameters(), lr=0.1),
