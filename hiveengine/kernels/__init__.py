@@ -1,7 +1,8 @@
-"""Compute kernels behind hiveengine's codecs and all-reduce (installed as ``hiveengine.kernels``).
+"""Compute kernels behind hiveengine's codecs and all-reduce.
 
 Each operation has a torch reference, a Triton kernel for CUDA tensors and a native C kernel for CPU
-tensors; the functions below pick one by device.
+tensors (its C sources are in native/, built by the top-level CMakeLists.txt into
+libhiveengine_native.so next to this file); the functions below pick one by device.
 """
 
 from .dispatch import (
