@@ -20,11 +20,13 @@ logger = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import hiveengine
     from hiveengine.cli import bench, dht, launch, peer, serve, status
     from hiveengine.cli.common import log_level
     from hiveengine.engine.env import LOG_LEVEL_ENV
 
     parser = argparse.ArgumentParser(prog="hiveengine", description="Decentralized deep learning over the Internet.")
+    parser.add_argument("--version", action="version", version=f"hiveengine {hiveengine.__version__}")
     parser.add_argument(
         "--log-level",
         type=log_level,
