@@ -33,6 +33,17 @@ class HandshakeError(TransportError):
     """The peer failed to prove its identity, or claimed an id that is not its key's."""
 
 
+class PeerIdMismatch(HandshakeError):
+    """The address was live, but the peer there has another id than the address names."""
+
+    def __init__(self, expected, actual):
+        super().__init__(
+            f"the peer at this address is {actual}, not {expected}: the address names another peer "
+            "(a stale address, or a peer that restarted with a new identity)"
+        )
+        self.expected, self.actual = expected, actual
+
+
 class RPCTimeoutError(TransportError, TimeoutError):
     """A call did not complete before its deadline."""
 

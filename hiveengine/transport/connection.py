@@ -5,9 +5,10 @@ tag = base << 32 | 0 for control messages, base << 32 | seq for tensor frames (s
 The reactor receives control messages for all connections and hands each to its connection, which
 decodes them in arrival order and passes them to its handler (the Peer).
 
-Between processes on one host, large host frames skip UCX: once the receiver proved it can read the
-sender's memory (local_copy.py), a message announces their addresses ("a") instead, the receiver copies
-them directly and acknowledges with FRAMES_READ, which completes the sender's send.
+Between processes on one host, large host frames skip UCX: once the receiver proved, through the OS, that
+the sender is the other end of this session and a process it may read (local_copy.py), a message announces
+their addresses ("a") instead, the receiver copies exactly the announced frames and acknowledges with
+FRAMES_READ, which completes the sender's send.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import os
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -69,7 +69,16 @@ def _frame_seq(first: int, index: int) -> int:
 class Connection:
     """A message channel to one authenticated remote peer."""
 
-    def __init__(self, reactor, endpoint, auth: Authenticated, recv_base: int, limits: TransportLimits, label: str):
+    def __init__(
+        self,
+        reactor,
+        endpoint,
+        auth: Authenticated,
+        recv_base: int,
+        limits: TransportLimits,
+        label: str,
+        local_service: local_copy.Service | None = None,
+    ):
         self.reactor = reactor
         self.endpoint = endpoint
         self.remote = auth.peer_id
@@ -89,14 +98,22 @@ class Connection:
         self.reading = True  # False once the peer broke the protocol: nothing more of it is processed
         self.last_used = time.monotonic()
         self.error: Exception | None = None
-        self.local_pid: int | None = None  # set once we proved we can read the remote's memory directly
-        self.remote_reads_us = False  # the remote proved it can read ours: large host frames go by address
-        self._nonce: bytes | None = None  # our probe, until the remote's proof comes
-        self._proof: np.ndarray | None = None  # the remote's nonce, in our memory, until it has read it
+        self.read_binding, self.serve_binding = auth.read_binding, auth.serve_binding
+        self.link = local_copy.Link(self, local_service, limits.local_copy)
         self._local_sends: dict[int, asyncio.Future] = {}  # frame seq -> done when the remote read them
 
     def __repr__(self) -> str:
         return f"Connection({self.label}{self.remote!r})"
+
+    @property
+    def local_pid(self) -> int | None:
+        """The remote's process, once we proved we may read its memory directly (local_copy.py)."""
+        return self.link.pid
+
+    @property
+    def remote_reads_us(self) -> bool:
+        """Whether the remote proved it may read ours: large host frames then go by address."""
+        return self.link.remote_reads_us
 
     def new_request_id(self) -> int:
         return next(self._request_ids)
@@ -227,18 +244,14 @@ class Connection:
     async def _read_local(self, body: dict, tensors: Sequence[torch.Tensor], first_index: int) -> None:
         """Copy frames announced by address straight from the sender's memory, then release the sender."""
         try:
-            addresses = local_copy.check_addresses(body["a"], len(body.get("f", ())))
-            if self.local_pid is None:
-                raise ProtocolError("frames were announced by address on a connection that never proved it local")
-            frames = [as_frame(t) for t in tensors]
-            await local_copy.read_into(self.local_pid, frames, addresses[first_index : first_index + len(frames)])
+            await self.link.read(body, [as_frame(t) for t in tensors], first_index)
         except ConnectionLostError as e:
             raise self.lost(e) from None
         finally:
             self._frames_read(body)
 
     def _frames_read(self, body: dict) -> None:
-        self._post_quietly({"k": Kind.FRAMES_READ, "i": 0, "s": body.get("s")})
+        self.post_quietly({"k": Kind.FRAMES_READ, "i": 0, "s": body.get("s")})
 
     def discard_frames(self, body: dict, count: int) -> None:
         """Drop frames we will not read: a 1-byte receive truncates each and frees the sender. Inline
@@ -258,9 +271,7 @@ class Connection:
         """Begin handing control messages to `handler`; `on_lost(self)` runs once when the connection dies."""
         self._handler, self._on_lost = handler, on_lost
         self.reactor.listen(self.recv_base, self._arrived, self.limits.max_header_bytes)
-        if self.limits.local_copy and local_copy.available():
-            self._nonce = os.urandom(local_copy.NONCE_BYTES)
-            self._post_quietly({"k": Kind.LOCAL_PROBE, "i": 0, "n": self._nonce})
+        self.link.start()
 
     def _arrived(self, future: asyncio.Future | None, buf: np.ndarray, length: int) -> None:
         if future is None and not self._inbox:  # received already, nothing queued before it: the usual case
@@ -304,43 +315,17 @@ class Connection:
         except ProtocolError as e:
             self._handler.on_bad_message(self, e)
             return
-        if body["k"] >= Kind.LOCAL_PROBE:
-            self._on_local_message(body)
-        else:
-            self._handler.on_message(self, body)
-
-    def _on_local_message(self, body: dict) -> None:
-        """The same-host direct copy's own messages: probe, proof, ready, and read acknowledgements."""
-        kind = body["k"]
-        if kind == Kind.FRAMES_READ:
+        if body["k"] == Kind.FRAMES_READ:
             seq = body.get("s")
             future = self._local_sends.pop(seq, None) if isinstance(seq, int) else None
             if future is not None and not future.done():
                 future.set_result(None)
-        elif kind == Kind.LOCAL_PROBE:
-            nonce = body.get("n")
-            if self.limits.local_copy and isinstance(nonce, bytes) and len(nonce) == local_copy.NONCE_BYTES:
-                self._proof = np.frombuffer(nonce, dtype=np.uint8).copy()
-                self._post_quietly({"k": Kind.LOCAL_PROOF, "i": 0, "p": os.getpid(), "o": self._proof.ctypes.data})
-        elif kind == Kind.LOCAL_PROOF:
-            nonce, self._nonce = self._nonce, None
-            pid, address = body.get("p"), body.get("o")
-            if nonce is None or not isinstance(pid, int) or not isinstance(address, int):
-                return
-            if 0 < pid < 1 << 31 and 0 <= address < 1 << 64:
-                try:
-                    proven = local_copy.read_bytes(pid, address, len(nonce)) == nonce
-                except (ProtocolError, ConnectionLostError) as e:
-                    logger.debug("%r: no direct copy: %s", self, e)
-                    proven = False
-                if proven:
-                    self.local_pid = pid
-                    self._post_quietly({"k": Kind.LOCAL_READY, "i": 0})
-                    logger.debug("%r: large frames are read directly from process %d", self, pid)
-        elif kind == Kind.LOCAL_READY and self._proof is not None:
-            self._proof, self.remote_reads_us = None, True
+        elif body["k"] >= Kind.LOCAL_OFFER:
+            self.link.on_message(body)
+        else:
+            self._handler.on_message(self, body)
 
-    def _post_quietly(self, body: dict) -> None:
+    def post_quietly(self, body: dict) -> None:
         """Send a connection-level message nobody waits for; a connection that is gone drops it."""
         try:
             futures = self.post(body)
@@ -373,6 +358,7 @@ class Connection:
                 retrieve_outcome(future)
             self._inbox.clear()
             self.reactor.release_base(self.recv_base)
+            self.link.close()
             self._close_endpoint()
             if self._on_lost is not None:
                 self._on_lost(self)

@@ -1,28 +1,54 @@
-"""Mutual authentication when a connection opens: each side proves it holds the key of its peer id.
+"""Mutual authentication and session keys when a connection opens.
 
-Over the UCX stream API: the connector sends HELLO (its key, a nonce, the id it wants to reach and
-the tag base it receives on); the listener answers with its own HELLO and a signature of both
-HELLOs; the connector answers with its signature. A peer that cannot sign for the key it shows
-never gets a connection, and the connector checks the listener is the peer its address names.
+Over the UCX stream API (protocol version 4):
+
+1. the dialer sends HELLO: magic, version, flags, the tag base it receives on, the peer id it wants to reach, its
+   Ed25519 public key, a 32-byte random nonce and a fresh ephemeral X25519 public key;
+2. the listener answers with its own HELLO and its Ed25519 signature of ``"listener" | transcript``;
+3. the dialer answers with its signature of ``"dialer" | transcript``,
+
+where transcript = TRANSCRIPT_DOMAIN | dialer's HELLO | listener's HELLO. The role labels keep a signature made in
+one role from being reflected as the other. Each side checks the other's signature against the key in its HELLO;
+the peer id is the SHA-256 of that key, and the dialer checks it is the id its address names.
+
+Session keys (``cryptography`` primitives only): shared = X25519(my ephemeral private key, their ephemeral public
+key); 128 bytes = HKDF-SHA256(shared, salt=SHA-256(transcript), info=SESSION_INFO), split into the dialer->listener
+key, the listener->dialer key (32 bytes each), and two 32-byte values that bind the same-host direct copy to this
+session (local_copy.py): one presented when the dialer reads the listener's memory, one for the other direction.
+Ephemeral keys make the session keys forward-secret: a stolen identity key does not open recorded traffic.
+
+A listener that hosts no peer with the requested id answers with the HELLO of the peer it does host, flagged
+NOT_HERE and signed as usual, so the dialer can say which peer lives at that address (PeerIdMismatch).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from hiveengine.errors import HandshakeError
+from hiveengine.errors import HandshakeError, PeerIdMismatch
 from hiveengine.transport.identity import SIGNATURE_BYTES, Identity, PeerID, verify_signature
 
 MAGIC = b"HIVE"
-PROTOCOL_VERSION = 3  # 2: small tensors inline after the header; 3: same-host direct copy messages
-HELLO = struct.Struct("<4sHHI32s32s32s")  # magic, version, flags, recv tag base, target id, key, nonce
-TRANSCRIPT_DOMAIN = b"hiveengine-handshake-v1"
+# 2: small tensors inline after the header; 3: same-host direct copy; 4: X25519 session keys, role-labelled
+# signatures, NOT_HERE answers, direct copy proven over a Unix socket.
+PROTOCOL_VERSION = 4
+# magic, version, flags, recv tag base, target id, identity key, nonce, ephemeral X25519 key
+HELLO = struct.Struct("<4sHHI32s32s32s32s")
+TRANSCRIPT_DOMAIN = b"hiveengine-handshake-v4"
+SESSION_INFO = b"hiveengine-session-v4"
+DIALER_ROLE, LISTENER_ROLE = b"dialer", b"listener"
 NO_TARGET = bytes(32)
+FLAG_NOT_HERE = 1  # the listener hosts no peer with the requested id; its HELLO names the peer it does host
+KEY_BYTES = 32
 
 
 @dataclass(frozen=True)
@@ -31,32 +57,56 @@ class Hello:
     target: bytes
     public_key: bytes
     nonce: bytes
+    ephemeral: bytes
+    flags: int = 0
 
     def pack(self) -> bytes:
-        return HELLO.pack(MAGIC, PROTOCOL_VERSION, 0, self.recv_base, self.target, self.public_key, self.nonce)
+        fields = (self.recv_base, self.target, self.public_key, self.nonce, self.ephemeral)
+        return HELLO.pack(MAGIC, PROTOCOL_VERSION, self.flags, *fields)
 
     @classmethod
     def unpack(cls, data: bytes) -> Hello:
-        magic, version, _flags, base, target, key, nonce = HELLO.unpack(data)
+        magic, version, flags, base, target, key, nonce, ephemeral = HELLO.unpack(data)
         if magic != MAGIC:
             raise HandshakeError("the remote end is not a hiveengine peer (bad handshake magic)")
         if version != PROTOCOL_VERSION:
             raise HandshakeError(f"protocol version {version} is not supported (this peer speaks {PROTOCOL_VERSION})")
-        return cls(base, target, key, nonce)
+        return cls(base, target, key, nonce, ephemeral, flags)
 
 
 @dataclass(frozen=True)
 class Authenticated:
-    """The outcome of a handshake: who the remote peer is and which tag base it receives on."""
+    """The outcome of a handshake: who the remote peer is, which tag base it receives on, and the session's keys."""
 
     peer_id: PeerID
     public_key: bytes
     remote_recv_base: int
     local: Identity
+    dialer: bool = False  # whether we opened the connection
+    send_key: bytes = field(default=b"", repr=False)  # our direction's AEAD key
+    recv_key: bytes = field(default=b"", repr=False)  # the remote's direction's AEAD key
+    read_binding: bytes = field(default=b"", repr=False)  # we present it to read the remote's memory
+    serve_binding: bytes = field(default=b"", repr=False)  # the remote presents it to read ours
 
 
 def _transcript(first: bytes, second: bytes) -> bytes:
     return TRANSCRIPT_DOMAIN + first + second
+
+
+def _derive(ephemeral: X25519PrivateKey, their_public: bytes, transcript: bytes) -> tuple[bytes, ...]:
+    try:
+        shared = ephemeral.exchange(X25519PublicKey.from_public_bytes(their_public))
+    except ValueError as e:  # a low-order point gives an all-zero secret, which cryptography refuses
+        raise HandshakeError(f"the remote peer's ephemeral key is unusable: {e}") from None
+    okm = HKDF(
+        algorithm=hashes.SHA256(), length=4 * KEY_BYTES, salt=hashlib.sha256(transcript).digest(), info=SESSION_INFO
+    ).derive(shared)
+    return tuple(okm[i : i + KEY_BYTES] for i in range(0, 4 * KEY_BYTES, KEY_BYTES))
+
+
+def _ephemeral() -> tuple[X25519PrivateKey, bytes]:
+    key = X25519PrivateKey.generate()
+    return key, key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
 async def _recv_exact(reactor, endpoint, nbytes: int) -> bytes:
@@ -69,8 +119,8 @@ async def _send(reactor, endpoint, data: bytes) -> None:
     await reactor.stream_send(endpoint, np.frombuffer(data, dtype=np.uint8).copy())
 
 
-def _verify(hello: Hello, signature: bytes, transcript: bytes) -> PeerID:
-    if not verify_signature(hello.public_key, signature, transcript):
+def _verify(hello: Hello, signature: bytes, role: bytes, transcript: bytes) -> PeerID:
+    if not verify_signature(hello.public_key, signature, role + transcript):
         raise HandshakeError("the remote peer's handshake signature is invalid (forged or corrupted identity)")
     return PeerID.from_public_key(hello.public_key)
 
@@ -78,40 +128,58 @@ def _verify(hello: Hello, signature: bytes, transcript: bytes) -> PeerID:
 async def connect_handshake(
     reactor, endpoint, identity: Identity, expected: PeerID | None, recv_base: int, timeout: float
 ) -> Authenticated:
-    """Run the connector's side; raise HandshakeError if the listener is not `expected`."""
+    """Run the dialer's side; raise PeerIdMismatch if the listener is not `expected`, HandshakeError if it cannot
+    prove who it is."""
 
     async def run() -> Authenticated:
-        mine = Hello(recv_base, expected.raw if expected else NO_TARGET, identity.public_key, os.urandom(32))
-        my_bytes = mine.pack()
+        ephemeral, ephemeral_public = _ephemeral()
+        target = expected.raw if expected else NO_TARGET
+        my_bytes = Hello(recv_base, target, identity.public_key, os.urandom(32), ephemeral_public).pack()
         await _send(reactor, endpoint, my_bytes)
         their_bytes = await _recv_exact(reactor, endpoint, HELLO.size)
         theirs = Hello.unpack(their_bytes)
         signature = await _recv_exact(reactor, endpoint, SIGNATURE_BYTES)
         transcript = _transcript(my_bytes, their_bytes)
-        peer_id = _verify(theirs, signature, transcript)
-        if expected is not None and peer_id != expected:
-            raise HandshakeError(f"the peer at this address is {peer_id}, not {expected}")
-        await _send(reactor, endpoint, identity.sign(transcript))
-        return Authenticated(peer_id, theirs.public_key, theirs.recv_base, identity)
+        peer_id = _verify(theirs, signature, LISTENER_ROLE, transcript)
+        if theirs.flags & FLAG_NOT_HERE or (expected is not None and peer_id != expected):
+            raise PeerIdMismatch(expected, peer_id)
+        keys = _derive(ephemeral, theirs.ephemeral, transcript)
+        await _send(reactor, endpoint, identity.sign(DIALER_ROLE + transcript))
+        return Authenticated(peer_id, theirs.public_key, theirs.recv_base, identity, True, *keys)
 
     async with asyncio.timeout(timeout):
         return await run()
 
 
 async def accept_handshake(reactor, endpoint, find_identity, recv_base: int, timeout: float) -> Authenticated:
-    """Run the listener's side; `find_identity(target_raw_or_None)` picks which local peer answers."""
+    """Run the listener's side; `find_identity(target_raw_or_None)` returns (the local peer that answers, whether
+    it is the one asked for)."""
 
     async def run() -> Authenticated:
         their_bytes = await _recv_exact(reactor, endpoint, HELLO.size)
         theirs = Hello.unpack(their_bytes)
-        identity = find_identity(None if theirs.target == NO_TARGET else theirs.target)
-        mine = Hello(recv_base, NO_TARGET, identity.public_key, os.urandom(32))
-        my_bytes = mine.pack()
+        identity, found = find_identity(None if theirs.target == NO_TARGET else theirs.target)
+        ephemeral, ephemeral_public = _ephemeral()
+        flags = 0 if found else FLAG_NOT_HERE
+        my_bytes = Hello(recv_base, NO_TARGET, identity.public_key, os.urandom(32), ephemeral_public, flags).pack()
         transcript = _transcript(their_bytes, my_bytes)
-        await _send(reactor, endpoint, my_bytes + identity.sign(transcript))
+        await _send(reactor, endpoint, my_bytes + identity.sign(LISTENER_ROLE + transcript))
+        if not found:
+            raise HandshakeError(f"a peer asked for {PeerID(theirs.target)}, which does not live here")
         signature = await _recv_exact(reactor, endpoint, SIGNATURE_BYTES)
-        peer_id = _verify(theirs, signature, transcript)
-        return Authenticated(peer_id, theirs.public_key, theirs.recv_base, identity)
+        peer_id = _verify(theirs, signature, DIALER_ROLE, transcript)
+        to_listener, to_dialer, dialer_reads, listener_reads = _derive(ephemeral, theirs.ephemeral, transcript)
+        return Authenticated(
+            peer_id,
+            theirs.public_key,
+            theirs.recv_base,
+            identity,
+            False,
+            to_dialer,
+            to_listener,
+            listener_reads,
+            dialer_reads,
+        )
 
     async with asyncio.timeout(timeout):
         return await run()

@@ -339,7 +339,7 @@ class Peer:
     def adopt(self, endpoint, auth, recv_base: int, inbound: bool) -> Connection:
         """Take an authenticated endpoint into service: cache it and start reading its messages."""
         label = f"{self.peer_id!r}{' <- ' if inbound else ' -> '}"
-        conn = Connection(self.runtime.reactor, endpoint, auth, recv_base, self.limits, label)
+        conn = Connection(self.runtime.reactor, endpoint, auth, recv_base, self.limits, label, self.runtime.local_copy)
         if self._closed:
             conn.lost(ConnectionLostError("this peer is shut down"))
             return conn

@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from hiveengine.errors import ConfigurationError, HandshakeError, RPCTimeoutError
+from hiveengine.transport import local_copy
 from hiveengine.transport.handshake import accept_handshake
 from hiveengine.transport.limits import DEFAULT_LIMITS
 from hiveengine.transport.reactor import Reactor, close_endpoint
@@ -52,6 +53,7 @@ class Runtime:
         self._thread.start()
         self.reactor: Reactor = self.run(self._make_reactor(), timeout=60)
         self.listener = None
+        self.local_copy = local_copy.Service()  # answers same-host direct copy proofs (started with the listener)
         self.peers: dict[bytes, object] = {}
         self._default_peer: bytes | None = None
         self._closed = False
@@ -121,6 +123,7 @@ class Runtime:
         except Exception as e:
             raise ConfigurationError(f"cannot listen on port {port}: {e} (choose another port, or 0 for any)") from e
         logger.info("listening on port %d", self.listener.port)
+        await self.local_copy.start()
         return self.listener.port
 
     def register_peer(self, peer) -> None:
@@ -137,11 +140,15 @@ class Runtime:
         self.loop.call_soon_threadsafe(lambda: self.loop.create_task(self._accept(conn_request)))
 
     def _find_identity(self, target: bytes | None):
-        key = target if target is not None else self._default_peer
-        peer = self.peers.get(key) if key is not None else None
-        if peer is None:
-            raise HandshakeError("no peer with the requested id lives at this address")
-        return peer.identity
+        """(the identity that answers a dialer asking for `target`, whether it is the one asked for): a wrong id
+        is answered by the process's default peer, so the dialer learns who does live here."""
+        peer = self.peers.get(target if target is not None else self._default_peer)
+        if peer is not None:
+            return peer.identity, True
+        default = self.peers.get(self._default_peer) if self._default_peer is not None else None
+        if default is None:
+            raise HandshakeError("no peer lives at this address")
+        return default.identity, False
 
     async def _accept(self, conn_request) -> None:
         if self.listener is None:
@@ -201,6 +208,7 @@ class Runtime:
                 logger.debug("closing %r: %s: %s", peer, type(e).__name__, e)
         await _cancel_other_tasks()  # whatever closing the peers started
         self.listener = None  # destroys the UCP listener: no new connection requests
+        self.local_copy.close()
         await self._drain(ENDPOINT_CLOSE_TIMEOUT)
         self.reactor.close()  # no more progress; pending requests are cancelled and dropped
         await self.loop.shutdown_asyncgens()

@@ -59,10 +59,9 @@ class Kind(enum.IntEnum):
     STREAM_CHUNK = 4
     STREAM_END = 5
     # Connection-level messages of the same-host direct copy (local_copy.py), never seen by handlers.
-    LOCAL_PROBE = 6  # reader -> sender: a nonce to place in the sender's memory
-    LOCAL_PROOF = 7  # sender -> reader: its pid and where the nonce is
-    LOCAL_READY = 8  # reader -> sender: read it; announce large frames by address from now on
-    FRAMES_READ = 9  # reader -> sender: the frames of message "s" are read (or dropped); free to reuse
+    LOCAL_OFFER = 6  # sender -> reader: "u", the name of the Unix socket where the reader proves it is local
+    LOCAL_READY = 7  # reader -> sender: proven; announce large host frames by address from now on
+    FRAMES_READ = 8  # reader -> sender: the frames of message "s" are read (or dropped); free to reuse
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,8 @@ def serve() -> None:
         peer.register(name, handler)
     peer.register_stream("sink", sink)
     print("ADDRESS", peer.address, flush=True)
+    name = peer.runtime.local_copy.name
+    print("LOCAL_SOCKET", name.hex() if name else "-", flush=True)
     sys.stdin.read()  # serve until the test closes our stdin (or kills us)
     peer.shutdown()
 
