@@ -103,10 +103,11 @@ def test_subkeys_form_a_dictionary(swarm):
     assert found.expiration_time == now + 60
     wait_until(lambda: get_dht_time() > now + 1.5, 5, "peer-b to expire")
     assert set(swarm[8].get("group", latest=True, timeout=30).value) == {"peer-a", ("peer", 3)}
-    # A plain value replaces the dictionary only if it expires later than all of it.
+    # A plain value never wipes a live dictionary (unlike hivemind): one writer could erase every peer's entry.
     assert not swarm[3].store("group", "plain", now + 30, timeout=30)
-    assert swarm[3].store("group", "plain", now + 90, timeout=30)
-    assert swarm[9].get("group", latest=True, timeout=30).value == "plain"
+    assert not swarm[3].store("group", "plain", now + 90, timeout=30)
+    assert set(swarm[9].get("group", latest=True, timeout=30).value) == {"peer-a", ("peer", 3)}
+    assert swarm[3].store("group", {"rank": 3}, now + 90, subkey="peer-c", timeout=30)  # honest writes go on
 
 
 def test_newer_expiration_wins(swarm):
@@ -296,3 +297,31 @@ def test_lifecycle_and_bootstrap_errors():
     with DHT() as solo:  # a swarm of one stores locally
         assert solo.store("alone", 1, get_dht_time() + 60, timeout=10)
         assert solo.get("alone", timeout=10).value == 1
+
+
+def test_records_may_not_claim_to_live_longer_than_the_maximum_ttl(swarm):
+    from hiveengine.dht.storage import MAX_RECORD_TTL
+
+    now = get_dht_time()
+    for forever in (float("inf"), 1e300, now + MAX_RECORD_TTL + 3600):
+        assert not swarm[4].store("forever", "mine", forever, timeout=30)
+        assert not swarm[4].store("forever-dict", "mine", forever, subkey="x", timeout=30)
+    assert swarm[5].get("forever", latest=True, timeout=30) is None
+    assert swarm[6].store("forever", "honest", now + 60, timeout=30)  # the key is still free for honest writes
+    assert swarm[7].get("forever", latest=True, timeout=30).value == "honest"
+
+
+def test_stored_bytes_count_what_records_really_cost_in_memory():
+    import tracemalloc
+
+    from hiveengine.dht.storage import Record, Storage
+
+    storage = Storage(max_bytes=1 << 40)
+    now = get_dht_time()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    for i in range(20_000):  # tiny records, each under its own subkey (the flood that used to be counted 40x low)
+        storage.store(i % 50, Record(b"k%d" % (i % 50), b"s%d" % i, b"v", now + 60))
+    real = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    assert storage.nbytes >= 0.8 * real, (storage.nbytes, real)

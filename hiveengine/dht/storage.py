@@ -1,4 +1,14 @@
-"""Records and the local store: expirations, dictionary values with subkeys, newer-wins, a bounded cache."""
+"""Records and the local store: expirations, dictionary values with subkeys, newer-wins, a bounded cache.
+
+Two rules protect what honest peers store from anyone who can write a key:
+- a record may live at most MAX_RECORD_TTL from now (an expiration of `inf`, 1e300 or the year 3000 would
+  otherwise win every newer-wins contest, forever), and
+- a plain value never replaces a live dictionary: a dictionary holds many peers' entries (registrations,
+  progress, expert declarations), and one plain value used to wipe them all. It lives until its subkeys
+  expire; a subkey record still replaces an older plain value.
+Stored sizes are counted with RECORD_OVERHEAD_BYTES per record, what a record costs in memory beyond its
+payload, so the byte budget bounds real memory.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +19,8 @@ from typing import Any, NamedTuple
 
 SIGNATURE_FIELD_MAX = 256  # bytes a record's signature field may hold on the wire
 FLOAT_TYPES = (int, float)
+MAX_RECORD_TTL = 24 * 3600.0  # seconds from now a stored record may live at most
+RECORD_OVERHEAD_BYTES = 512  # memory a stored record costs beyond its bytes (objects, dict slots; measured ~500)
 
 
 def get_dht_time() -> float:
@@ -37,7 +49,9 @@ class Record:
 
     @property
     def nbytes(self) -> int:
-        return len(self.key) + len(self.subkey or b"") + len(self.value) + len(self.signature or b"") + 8
+        """What storing the record costs: its bytes plus RECORD_OVERHEAD_BYTES."""
+        payload = len(self.key) + len(self.subkey or b"") + len(self.value) + len(self.signature or b"")
+        return payload + RECORD_OVERHEAD_BYTES
 
     def to_wire(self) -> list:
         return [self.key, self.subkey, self.value, self.expiration_time, self.signature]
@@ -98,8 +112,8 @@ class Entry:
         if record.subkey is None:
             if self.plain is not None and self.plain.same_content(record):
                 return True
-            if record.expiration_time <= self.expiration_time():
-                return False
+            if self.subkeys or record.expiration_time <= self.expiration_time():
+                return False  # never wipe a live dictionary with a plain value
             self.plain, self.subkeys = record, {}
             return True
         if self.plain is not None:
@@ -130,9 +144,10 @@ class Storage:
     """Records by key id, bounded in bytes. A store refuses new data when full; a cache (`evict=True`)
     forgets its least recently used keys instead."""
 
-    def __init__(self, max_bytes: int, evict: bool = False):
+    def __init__(self, max_bytes: int, evict: bool = False, max_ttl: float = MAX_RECORD_TTL):
         self.max_bytes = max_bytes
         self.evict = evict
+        self.max_ttl = max_ttl
         self.nbytes = 0
         self._entries: OrderedDict[int, Entry] = OrderedDict()
 
@@ -142,8 +157,8 @@ class Storage:
     def store(self, key_id: int, record: Record, now: float | None = None) -> bool:
         """Keep `record` under `key_id` if it is live and newer than what is there; True if kept (or already held)."""
         now = get_dht_time() if now is None else now
-        if record.expiration_time <= now:
-            return False
+        if not now < record.expiration_time <= now + self.max_ttl:
+            return False  # expired, or claims to live longer than any record may
         entry = self._live_entry(key_id, now)
         if entry is None:
             entry = Entry(record.key)
