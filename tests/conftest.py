@@ -20,7 +20,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="module")
 def server():
-    """A transport test peer in its own process (tests/transport_peer.py): (process, address)."""
+    """A transport test peer in its own process (tests/peers/transport_peer.py): (process, address)."""
     from tests.procs import start_server
 
     proc, address = start_server()

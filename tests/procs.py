@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+PEERS = HERE / "peers"  # the scripts tests start as processes
 LINE_TIMEOUT = 60.0
 
 
@@ -17,8 +18,8 @@ class PeerProcess:
     """A child process whose stdout lines arrive on a queue; killed on close."""
 
     def __init__(self, script: str, *args: str, env: dict | None = None):
-        """Run tests/`script` (a .py file) or, for a dotted name, `python -m script`, with `args`."""
-        target = [str(HERE / script)] if script.endswith(".py") else ["-m", script]
+        """Run tests/peers/`script` (a .py file) or, for a dotted name, `python -m script`, with `args`."""
+        target = [str(PEERS / script)] if script.endswith(".py") else ["-m", script]
         self.proc = subprocess.Popen(
             [sys.executable, *target, *args],
             stdin=subprocess.PIPE,

@@ -15,7 +15,7 @@ from hiveengine.averaging import AllReduceService, GroupInfo, GroupMember, Mode,
 from hiveengine.codec import get_codec
 from hiveengine.kernels import weighted_mean
 from hiveengine.transport import Peer, PeerID
-from tests.averaging_peer import seeded_data
+from tests.peers.allreduce_peer import seeded_data
 from tests.procs import PeerProcess
 
 pytestmark = pytest.mark.timeout(120)
@@ -29,7 +29,7 @@ def average_in_processes(
 ):
     """Run one round among real processes on `device` buffers; `specs` give each peer's weight, bandwidth,
     mode (and stall)."""
-    procs = [PeerProcess("averaging_peer.py") for _ in specs]
+    procs = [PeerProcess("allreduce_peer.py") for _ in specs]
     try:
         addresses = [p.expect("ADDRESS") for p in procs]
         members = [

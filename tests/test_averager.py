@@ -22,13 +22,15 @@ def seeded(seed: int) -> list[torch.Tensor]:
 
 
 def run_swarm(tmp_path, peers: int, rounds: int, codec: str) -> tuple[list[list], list[list[torch.Tensor]]]:
-    first = PeerProcess("averager_peer.py", str(tmp_path / "0.pt"), "0", str(rounds), codec)
+    first = PeerProcess("decentralized_averager_peer.py", str(tmp_path / "0.pt"), "0", str(rounds), codec)
     procs = [first]
     try:
         bootstrap = first.expect("DHT")
         for i in range(1, peers):
             procs.append(
-                PeerProcess("averager_peer.py", str(tmp_path / f"{i}.pt"), str(i), str(rounds), codec, bootstrap)
+                PeerProcess(
+                    "decentralized_averager_peer.py", str(tmp_path / f"{i}.pt"), str(i), str(rounds), codec, bootstrap
+                )
             )
         for proc in procs[1:]:
             proc.expect("DHT")

@@ -51,7 +51,7 @@ def test_module_form_passes_every_later_argument_to_the_module(swarm):
     """`launch -m module --opt` (an option right after the module went to the launcher, which rejected it)."""
     addresses, key, value = swarm
     out = run_cli(
-        "launch", "--initial-peers", addresses[0], "--initial-peers", addresses[1], "-m", "tests.launch_worker",
+        "launch", "--initial-peers", addresses[0], "--initial-peers", addresses[1], "-m", "tests.peers.launch_worker",
         "--join", key, "--nproc", "7", timeout=120,
     )  # fmt: skip
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]

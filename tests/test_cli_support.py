@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-WORKER = str(REPO / "tests" / "launch_worker.py")
+WORKER = str(REPO / "tests" / "peers" / "launch_worker.py")
 NOISE = ("Traceback", "Task was destroyed", "Exception ignored", "Segmentation fault", "Fatal Python error")
 
 

@@ -12,10 +12,10 @@ from hiveengine.dht import DHT
 from hiveengine.engine import LaunchEnv
 from hiveengine.engine.env import RUN_ID_ENV
 from hiveengine.optim import ProgressTracker
-from tests.procs import HERE, PeerProcess
+from tests.procs import PEERS, PeerProcess
 
 pytestmark = pytest.mark.timeout(180)
-WORKER = str(HERE / "launch_worker.py")
+WORKER = str(PEERS / "launch_worker.py")
 
 
 def launch(*args: str) -> PeerProcess:

@@ -35,7 +35,7 @@ SLOW_SECONDS = "6"
 
 
 class ExpertServer:
-    """A `hiveengine serve` process (tests/moe_server.py) and the addresses it printed."""
+    """A `hiveengine serve` process (tests/peers/moe_server.py) and the addresses it printed."""
 
     def __init__(self, *args: str, env: dict | None = None):
         self.proc = PeerProcess("moe_server.py", "--hidden-dim", str(HIDDEN), "--stats-interval", "0", *args, env=env)

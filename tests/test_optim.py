@@ -16,7 +16,7 @@ pytestmark = pytest.mark.timeout(240)
 
 
 class Swarm:
-    """Training peers (tests/optim_peer.py) joined through the first one's DHT."""
+    """Training peers (tests/peers/optim_peer.py) joined through the first one's DHT."""
 
     def __init__(self):
         self.procs: list[PeerProcess] = []

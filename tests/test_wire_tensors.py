@@ -1,5 +1,5 @@
 """Complex dtypes and requires_grad on the wire: descriptors, inline views, and real peers in two processes
-(tests/transport_peer.py echoes what it receives, so each reply shows what the other process made of it)."""
+(tests/peers/transport_peer.py echoes what it receives, so each reply shows what the other process made of it)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,8 @@
-"""A real peer process for averager tests: joins the DHT, steps `rounds` times, saves its tensors.
+"""A DecentralizedAverager peer process for tests/test_averager.py: joins the DHT, steps `rounds` times
+(matchmaking + all-reduce each), saves its tensors. (tests/peers/allreduce_peer.py instead runs one raw
+all-reduce plan, without the averager or the DHT.)
 
-Usage: averager_peer.py OUT_FILE SEED ROUNDS CODEC [INITIAL_PEER]. Prints "DHT <address>" once its DHT
+Usage: decentralized_averager_peer.py OUT_FILE SEED ROUNDS CODEC [INITIAL_PEER]. Prints "DHT <address>" once its DHT
 is up, waits for a line on stdin (so every peer starts together), then "STEP <json>" per round.
 """
 

@@ -1,5 +1,7 @@
-"""A real peer process for averaging tests: prints its address, reads its group as JSON from stdin,
-averages its seeded data with the group, and saves the result for the test to compare."""
+"""A raw all-reduce peer process for tests/test_allreduce.py: prints its address, reads its group (the
+all-reduce plan) as JSON from stdin, averages its seeded data with the group through run_allreduce (no
+DecentralizedAverager, no DHT: see decentralized_averager_peer.py for that), and saves the result for the test
+to compare."""
 
 import asyncio
 import json
