@@ -135,3 +135,21 @@ def test_unknown_arguments_are_refused():
     params = list(torch.nn.Linear(2, 2).parameters())
     with pytest.raises(TypeError, match="no_such_option"):
         Optimizer(dht=None, run_id="x", optimizer=torch.optim.SGD(params, lr=0.1), no_such_option=1)
+
+
+def test_progress_records_are_signed_and_cannot_be_overwritten_by_others(dhts):
+    from hiveengine.dht import get_dht_time
+    from hiveengine.optim.progress import ProgressTracker, progress_key
+
+    honest_dht, attacker = dhts(), dhts()
+    honest = ProgressTracker(honest_dht, "signed")
+    runtime = honest_dht.peer.runtime
+    runtime.run(honest.report(3, 16), 30)
+    key, expiration = progress_key("signed"), get_dht_time() + 600
+    forged = [10**9, 10**9, 1.0, get_dht_time(), None, False, 64, False, False]
+    assert not attacker.store(key, forged, expiration, subkey=honest_dht.owner_marker, timeout=30)  # unsigned
+    attacker.store(key, forged, expiration, subkey=honest_dht.peer_id.raw, timeout=30)  # the old, raw-id subkey
+    swarm = runtime.run(honest.fetch(), 30)
+    assert [(p.peer, p.epoch, p.samples) for p in swarm.peers] == [(honest_dht.peer_id.raw.hex(), 3, 16)]
+    runtime.run(honest.report(4, 0), 30)  # the honest refresh still goes through
+    assert runtime.run(honest.fetch(), 30).epoch == 4

@@ -46,6 +46,12 @@ def named_owners(record: Record) -> set[bytes]:
     return owners
 
 
+def named_owners_of(field: object) -> set[bytes]:
+    """The public keys named by `[owner:...]` markers in a key or subkey as the DHT returns it (str or bytes)."""
+    raw = field.encode() if isinstance(field, str) else field if isinstance(field, bytes) else b""
+    return named_owners(Record(raw, None, b"", 0.0))
+
+
 def signed_message(record: Record) -> bytes:
     """The bytes an owner signs: everything that identifies the record and what it says."""
     return msgpack.packb(

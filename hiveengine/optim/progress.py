@@ -1,8 +1,10 @@
 """Training progress in the DHT: each peer publishes its epoch and samples; everyone reads the swarm's sum.
 
-A peer's record lives under `{run_id}.progress` with its peer id as the subkey, so it expires by itself when
-the peer dies. Peers step together when the samples accumulated by everyone in the newest epoch reach the
-target batch size; a peer whose epoch is behind the newest one loads state instead of averaging.
+A peer's record lives under `{run_id}.progress` with the peer's owner marker as the subkey (the DHT's signed-
+record convention: the subkey names the peer's public key), so every node refuses it unless that peer signed it,
+and nobody can overwrite another peer's progress. It expires by itself when the peer dies. Peers step together
+when the samples accumulated by everyone in the newest epoch reach the target batch size; a peer whose epoch is
+behind the newest one loads state instead of averaging.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import time
 from dataclasses import dataclass
 
 from hiveengine.dht import get_dht_time
+from hiveengine.dht.validation import named_owners_of
+from hiveengine.transport import PeerID
 
 logger = logging.getLogger(__name__)
 
@@ -86,8 +90,11 @@ def parse_progress(found) -> SwarmProgress:
     subkeys = found.value if found is not None and isinstance(found.value, dict) else {}
     for subkey, entry in subkeys.items():
         try:
+            owners = named_owners_of(subkey)
+            if len(owners) != 1:
+                continue  # not a signed record (anyone could have written it)
             epoch, samples, speed, reported, loss, client, target, waiting, auxiliary = entry.value
-            peer = bytes(subkey).hex()
+            peer = PeerID.from_public_key(owners.pop()).raw.hex()
             counts = (epoch, samples, target)
             if not all(isinstance(c, int) and c >= 0 for c in counts):
                 continue
@@ -127,6 +134,9 @@ class ProgressTracker:
                 self.samples_per_second += SPEED_SMOOTHING * (speed - self.samples_per_second)
         self._last_sample_time = now
 
+    def _subkey(self) -> str:
+        return self.dht.owner_marker
+
     async def report(
         self, epoch: int, samples: int, loss: float | None = None, target: int = 0, waiting: bool = False
     ) -> None:
@@ -136,13 +146,13 @@ class ProgressTracker:
         mine = PeerProgress(
             raw.hex(), epoch, samples, speed, now, loss, self.client_mode, target, waiting, self.auxiliary
         )
-        if not await self.dht.astore(self.key, mine.record(), now + self.ttl, subkey=raw):
+        if not await self.dht.astore(self.key, mine.record(), now + self.ttl, subkey=self._subkey()):
             logger.warning("could not publish progress (epoch %d, %d samples)", epoch, samples)
 
     async def retract(self) -> None:
         """Replace our record with a tombstone (a newer, empty entry), so peers stop counting us at once."""
         now = get_dht_time()
-        await self.dht.astore(self.key, None, now + self.ttl, subkey=self.dht.peer_id.raw)
+        await self.dht.astore(self.key, None, now + self.ttl, subkey=self._subkey())
 
     async def fetch(self) -> SwarmProgress:
         return parse_progress(await self.dht.aget(self.key, latest=True))
