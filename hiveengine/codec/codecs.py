@@ -98,9 +98,11 @@ class FloatCodec(Codec):
 
     @property
     def bytes_per_element(self) -> float:
+        """Bytes on the wire per element (4 for `none`, which sends fp32; 2 for fp16 and bf16)."""
         return float(torch.empty((), dtype=self.dtype).element_size())
 
     def empty_payload(self, numel: int, device: torch.device | str) -> Payload:
+        """Preallocated payload tensors for `numel` elements on `device` (receive buffers)."""
         return [torch.empty(numel, dtype=self.dtype, device=device)]
 
     def encode(
@@ -111,6 +113,7 @@ class FloatCodec(Codec):
         out: Payload | None = None,
         name: str = "tensor",
     ) -> Payload:
+        """Encode `x` as one tensor of this codec's dtype (`out` reuses a payload; float codecs keep no residual)."""
         self._refuse_residual(residual)
         if out is None and x.dtype == self.dtype and x.is_contiguous():
             # Already in wire format: send it as is (the caller keeps it unchanged until sent).
@@ -120,6 +123,7 @@ class FloatCodec(Codec):
         return [cast(x, self.dtype, out=target, name=name).view(-1)]
 
     def decode(self, payload: Sequence[torch.Tensor], out: torch.Tensor, *, name: str = "tensor") -> torch.Tensor:
+        """Decode a payload into `out` (cast to `out`'s dtype) and return it."""
         (values,) = payload
         return cast(values, out.dtype, out=out, name=f"decoded {name}")
 
@@ -132,6 +136,8 @@ class FloatCodec(Codec):
         requantize: bool = False,
         name: str = "tensor",
     ) -> Payload | None:
+        """The weighted mean of several payloads into `out`; with `requantize`, also return the mean encoded for
+        the return trip."""
         weighted_mean([p[0] for p in _check_payloads(payloads, 1, name)], weights, out=out, name=name)
         if not requantize:
             return None
@@ -151,9 +157,11 @@ class BlockwiseCodec(Codec):
 
     @property
     def bytes_per_element(self) -> float:
+        """Bytes on the wire per element, codes and per-block scales together."""
         return bytes_per_element(self.bits, self.block)
 
     def empty_payload(self, numel: int, device: torch.device | str) -> Payload:
+        """Preallocated payload tensors (codes, per-block float32 scales) for `numel` elements on `device`."""
         return [
             torch.empty(codes_numel(numel, self.bits), dtype=codes_dtype(self.bits), device=device),
             torch.empty(num_blocks(numel, self.block), dtype=torch.float32, device=device),
@@ -167,6 +175,8 @@ class BlockwiseCodec(Codec):
         out: Payload | None = None,
         name: str = "tensor",
     ) -> Payload:
+        """Quantize `x` blockwise into (codes, scales); with `residual`, add it first and leave the new
+        quantization error in it (error feedback). Raises NonFiniteError on NaN/Inf."""
         codes, scales = quantize_blockwise(
             x,
             self.bits,
@@ -179,6 +189,7 @@ class BlockwiseCodec(Codec):
         return [codes, scales]
 
     def decode(self, payload: Sequence[torch.Tensor], out: torch.Tensor, *, name: str = "tensor") -> torch.Tensor:
+        """Dequantize a (codes, scales) payload into `out` and return it."""
         codes, scales = payload
         return dequantize_blockwise(codes, scales, self.bits, self.block, out=out, name=name)
 
@@ -191,6 +202,8 @@ class BlockwiseCodec(Codec):
         requantize: bool = False,
         name: str = "tensor",
     ) -> Payload | None:
+        """The weighted mean of several (codes, scales) payloads into `out`, with one fused dequantize-and-add
+        kernel; with `requantize`, also return the mean encoded for the return trip."""
         payloads = _check_payloads(payloads, 2, name)
         result = reduce_blockwise(
             [p[0] for p in payloads],

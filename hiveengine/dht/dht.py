@@ -116,6 +116,7 @@ class DHT:
 
     @property
     def peer_id(self):
+        """This node's PeerID (the hash of its public key)."""
         return self.identity.peer_id
 
     @property

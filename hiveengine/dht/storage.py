@@ -54,9 +54,11 @@ class Record:
         return payload + RECORD_OVERHEAD_BYTES
 
     def to_wire(self) -> list:
+        """The record as a msgpack-ready list: [key, subkey, value, expiration_time, signature]."""
         return [self.key, self.subkey, self.value, self.expiration_time, self.signature]
 
     def to_wire_without_key(self) -> list:
+        """The record without its key (replies that answer for one key): [subkey, value, expiration, signature]."""
         return [self.subkey, self.value, self.expiration_time, self.signature]
 
     @classmethod
@@ -68,6 +70,7 @@ class Record:
 
     @classmethod
     def from_wire_with_key(cls, key: bytes, item) -> Record | None:
+        """Parse `to_wire_without_key()`'s list for `key`; None if it is malformed (the bytes are untrusted)."""
         if not isinstance(item, list) or len(item) != 4:
             return None
         subkey, value, expiration, signature = item
@@ -80,6 +83,7 @@ class Record:
         return cls(key, subkey, value, float(expiration), signature)
 
     def same_content(self, other: Record) -> bool:
+        """Whether `other` holds the same value with the same expiration time."""
         return self.value == other.value and self.expiration_time == other.expiration_time
 
 

@@ -79,6 +79,8 @@ class OwnerSignatureValidator(RecordValidator):
         self.identity = identity
 
     def validate(self, record: Record) -> bool:
+        """Whether the record may be stored: records naming no owner are; a record naming one owner needs
+        that owner's valid signature."""
         owners = named_owners(record)
         if not owners:
             return True
@@ -87,6 +89,7 @@ class OwnerSignatureValidator(RecordValidator):
         return verify_signature(next(iter(owners)), record.signature, signed_message(record))
 
     def sign(self, record: Record) -> Record:
+        """The record signed by this node if it names this node as its owner; otherwise unchanged."""
         if named_owners(record) != {self.identity.public_key}:
             return record
         signature = self.identity.sign(signed_message(record))

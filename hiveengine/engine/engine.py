@@ -39,18 +39,22 @@ class Engine:
 
     @property
     def run_id(self) -> str:
+        """The run this process trains in (peers with the same run id train one model)."""
         return self.env.run_id
 
     @property
     def local_rank(self) -> int:
+        """This worker's index among the workers of its launch (0 without a launcher)."""
         return self.env.local_rank
 
     @property
     def local_world_size(self) -> int:
+        """How many workers its launch started (1 without a launcher)."""
         return self.env.local_world_size
 
     @property
     def address(self) -> str:
+        """This process's DHT address (`ucx://HOST:PORT/PEER_ID`), which other peers can join with."""
         return str(self.dht.address)
 
     def optimizer(self, optimizer, params: Iterable[torch.nn.Parameter] | None = None, **options) -> Optimizer:

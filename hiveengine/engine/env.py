@@ -29,6 +29,7 @@ class LaunchEnv:
 
     @classmethod
     def from_environ(cls, environ: dict[str, str] | None = None) -> LaunchEnv:
+        """Read the HIVEENGINE_* variables (`environ`, default os.environ); missing ones take their defaults."""
         env = os.environ if environ is None else environ
         return cls(
             initial_peers=env.get(INITIAL_PEERS_ENV, "").split(),
@@ -40,6 +41,7 @@ class LaunchEnv:
         )
 
     def to_environ(self) -> dict[str, str]:
+        """The HIVEENGINE_* variables that describe this environment to a worker process."""
         env = {
             INITIAL_PEERS_ENV: " ".join(self.initial_peers),
             RUN_ID_ENV: self.run_id,

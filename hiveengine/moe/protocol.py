@@ -41,10 +41,12 @@ class TensorSchema:
             )
 
     def to_wire(self) -> list:
+        """The schema as a msgpack-ready list: [dtype name, shape]."""
         return [DTYPE_NAMES[self.dtype], list(self.shape)]
 
     @classmethod
     def from_wire(cls, item) -> TensorSchema:
+        """Parse `to_wire()`'s list; raises ProtocolError if it is malformed."""
         if not (isinstance(item, list) and len(item) == 2 and item[0] in DTYPES and isinstance(item[1], list)):
             raise ProtocolError(f"malformed tensor schema {item!r:.80}")
         return cls(tuple(item[1]), DTYPES[item[0]])

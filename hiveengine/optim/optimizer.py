@@ -238,10 +238,12 @@ class Optimizer:
         return self._catch_up(timeout)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero the wrapped optimizer's gradients, as torch.optim.Optimizer.zero_grad does."""
         self.inner.zero_grad(set_to_none=set_to_none)
 
     @property
     def param_groups(self) -> list[dict]:
+        """The wrapped optimizer's parameter groups (e.g. to change the learning rate)."""
         return self.inner.param_groups
 
     @property
@@ -462,9 +464,11 @@ class Optimizer:
         self._advance(int(state["epoch"]))
 
     def save(self, path: str) -> None:
+        """Write a checkpoint of everything needed to resume (parameters, optimizer state, epoch) to `path`."""
         torch.save(self.state_dict(), path)
 
     def load(self, path: str) -> None:
+        """Resume from a checkpoint written by `save()` (it must be of the same model and optimizer)."""
         self.load_state_dict(torch.load(path, map_location=self.state_averager.flat.device))
 
     def shutdown(self) -> None:

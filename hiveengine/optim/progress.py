@@ -25,6 +25,7 @@ SPEED_SMOOTHING = 0.1  # weight of the newest measurement in the samples/s movin
 
 
 def progress_key(run_id: str) -> str:
+    """The DHT key under which the peers of run `run_id` publish their progress."""
     return f"{run_id}.progress"
 
 
@@ -44,6 +45,7 @@ class PeerProgress:
     auxiliary: bool = False  # it averages but contributes no samples
 
     def record(self) -> list:
+        """The progress as the list stored in the DHT (parse_progress reads it back)."""
         return [
             self.epoch,
             self.samples,
@@ -67,10 +69,12 @@ class SwarmProgress:
 
     @property
     def samples_per_second(self) -> float:
+        """The swarm's throughput: the sum of its peers' samples per second."""
         return sum(p.samples_per_second for p in self.peers)
 
     @property
     def size(self) -> int:
+        """How many peers report progress."""
         return len(self.peers)
 
     @property
@@ -140,6 +144,8 @@ class ProgressTracker:
     async def report(
         self, epoch: int, samples: int, loss: float | None = None, target: int = 0, waiting: bool = False
     ) -> None:
+        """Publish this peer's progress (epoch, samples this epoch, loss, share of the target, waiting)
+        under the run's progress key, signed by this peer."""
         now = get_dht_time()
         raw = self.dht.peer_id.raw
         speed = self.samples_per_second
@@ -155,4 +161,5 @@ class ProgressTracker:
         await self.dht.astore(self.key, None, now + self.ttl, subkey=self._subkey())
 
     async def fetch(self) -> SwarmProgress:
+        """Read every peer's progress record of the run and summarize the swarm."""
         return parse_progress(await self.dht.aget(self.key, latest=True))

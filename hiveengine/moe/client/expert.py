@@ -46,14 +46,18 @@ class RemoteExpert(nn.Module):
 
     @property
     def peer(self) -> Peer:
+        """The transport peer that calls the expert (this process's shared client peer unless one was given)."""
         if self._peer is None:
             self._peer = client_peer()
         return self._peer
 
     def extra_repr(self) -> str:
+        """uid and address, for `repr(module)`."""
         return f"uid={self.uid!r}, address={self.address!r}"
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """Run the expert remotely on `inputs`; differentiable (the backward pass calls the server, which
+        updates the expert's weights). Returns one tensor, or a tuple for experts with several outputs."""
         fid = new_forward_id() if torch.is_grad_enabled() else None
         outputs = _RemoteCall.apply(self._dummy, self, fid, *inputs)
         return outputs[0] if len(outputs) == 1 else outputs

@@ -133,11 +133,14 @@ class RemoteMixtureOfExperts(nn.Module):
 
     @property
     def peer(self) -> Peer:
+        """The transport peer that calls the experts (this process's shared client peer unless one was given)."""
         if self._peer is None:
             self._peer = client_peer()
         return self._peer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Route each row of `x` (batch, ..., in_features) to its best alive experts and return the
+        gating-weighted sum of their answers (batch, ..., out_features)."""
         grid_scores, coords, dispatch = self.route(x)
         logits = sum(s.gather(1, coords[..., level]) for level, s in enumerate(grid_scores))
         return _RemoteMixture.apply(logits, x, self, dispatch)

@@ -21,6 +21,8 @@ class RemoteSwitchMixtureOfExperts(RemoteMixtureOfExperts):
             raise ConfigurationError(f"a switch layer routes each sample to one expert; got k_best={self.k_best}")
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Route each row to its top-1 expert; return (output scaled by the router probability, load-balancing
+        loss to add to the training loss)."""
         grid_scores, coords, dispatch = self.route(x)
         answer = _RemoteMixture.apply(torch.zeros_like(coords[..., 0], dtype=x.dtype), x, self, dispatch)
         probs = [torch.softmax(s, dim=-1) for s in grid_scores]

@@ -101,6 +101,7 @@ class BatchingRuntime:
         return pool
 
     def start(self) -> None:
+        """Start the runtime's thread, which forms and runs batches until `shutdown()`."""
         self._thread.start()
 
     def submit(
@@ -132,6 +133,7 @@ class BatchingRuntime:
         return task.future
 
     def stats(self) -> RuntimeStats:
+        """Rows and batches each pool has processed so far."""
         with self._cv:
             return RuntimeStats(
                 {p.name: p.processed_rows for p in self.pools}, {p.name: p.processed_batches for p in self.pools}
