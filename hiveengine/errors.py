@@ -72,6 +72,15 @@ class PeerBusyError(RemoteError):
     """The remote peer refused the call because it holds too much inbound data right now; retry later."""
 
 
+class ResourceLimitError(PeerBusyError):
+    """The remote peer refused the call because one of its resource limits (named in the message and in `limit`)
+    is reached, for this caller or for all of them; retry later."""
+
+    def __init__(self, message: str, kind: str = "ResourceLimitError", limit: str | None = None):
+        super().__init__(message, kind)
+        self.limit = limit
+
+
 class DHTError(HiveEngineError):
     """Base class of errors raised by the DHT."""
 

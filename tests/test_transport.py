@@ -300,7 +300,7 @@ def test_forged_handshake_is_rejected():
     forger = Peer()
     try:
         forger.identity = _ForgedIdentity(victim.identity)
-        with pytest.raises((ConnectionLostError, RPCTimeoutError)):
+        with pytest.raises(HandshakeError, match="refused our handshake"):
             forger.call_sync(target.address, "record", timeout=5)
         assert calls == []
         victim.call_sync(target.address, "record", timeout=10)
@@ -324,7 +324,7 @@ def test_two_processes_over_tcp_only():
 
 def test_idle_connections_beyond_the_limit_are_closed_and_redialed():
     servers = [Peer() for _ in range(3)]
-    caller = Peer(limits=TransportLimits(max_connections=2))
+    caller = Peer(limits=TransportLimits(max_connections=2, connection_grace_seconds=0))
 
     async def hello(request):
         return {"from": str(request.sender)}

@@ -3,10 +3,18 @@ never come, per-peer limits. Real processes over UCX on 127.0.0.1; every wait ha
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
+import time
+
 import pytest
+import torch
 
 from hiveengine.errors import HandshakeError, PeerIdMismatch
-from hiveengine.transport import Identity, Peer, PeerAddress
+from hiveengine.transport import SINK_METHOD, Identity, Peer, PeerAddress, TransportLimits, serve_sink
+from hiveengine.transport.resources import Usage
+from tests.procs import PeerProcess
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -25,3 +33,188 @@ def test_a_live_address_with_another_peer_id_is_a_mismatch_naming_both_ids(serve
         assert peer.call_sync(address, "echo", {"ok": 1}, timeout=10)[0] == {"ok": 1}  # the right id still works
     finally:
         peer.shutdown()
+
+
+# ---- floods: a hostile process (tests/peers/hostile_transport_peer.py) against a victim in this process
+
+
+def _victim(**limits) -> tuple[Peer, asyncio.Event]:
+    """A peer serving `echo`, a `gate` that answers once the returned event is set, and the built-in sink."""
+    victim = Peer(limits=TransportLimits(local_copy=False, **limits))
+    gate = victim.runtime.run(_event(), 10)
+
+    async def echo(request):
+        return request.header, request.tensors
+
+    async def wait_gate(request):
+        await gate.wait()
+        return {}
+
+    victim.register("echo", echo)
+    victim.register("gate", wait_gate)
+    serve_sink(victim)
+    return victim, gate
+
+
+async def _event() -> asyncio.Event:
+    return asyncio.Event()
+
+
+def _flood(mode: str, victim: Peer, count: int) -> tuple[PeerProcess, dict]:
+    hostile = PeerProcess("hostile_transport_peer.py", "flood", mode, str(victim.address), str(count))
+    return hostile, json.loads(hostile.expect("DONE", timeout=120))
+
+
+def _until(peer: Peer, condition, timeout: float, what: str) -> None:
+    """Wait until `condition()` holds, checked on the transport loop every few ms, at most `timeout` seconds."""
+
+    async def wait():
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{what} did not happen within {timeout} s")
+            await asyncio.sleep(0.01)
+
+    peer.runtime.run(wait(), timeout + 10)
+
+
+def _legit_call(victim: Peer, legit: Peer) -> None:
+    x = torch.randn(1 << 18)  # 1 MiB: framed, so it needs an inbound reservation and posted receives
+    header, (got,) = legit.call_sync(victim.address, "echo", {"legit": True}, [x], timeout=20)
+    assert header == {"legit": True} and torch.equal(got, x)
+
+
+def _baseline(victim: Peer) -> Usage:
+    return victim.resources.held()
+
+
+def test_frames_that_never_come_hold_memory_only_until_their_deadline():
+    """The 4 x 1 GiB attack: each request reserves its announced frame; a peer is capped, and when the frames
+    do not come the connection is closed and everything it held is released."""
+    cap = 512 << 20
+    victim, _ = _victim(max_inbound_bytes_per_peer=cap, frame_timeout=3.0, min_frame_bytes_per_second=1e12)
+    legit = Peer()
+    try:
+        hostile, summary = _flood("phantom", victim, 8)
+        assert summary["kinds"].get("ResourceLimitError", 0) >= 6, summary  # only 2 x 256 MiB fit
+        assert victim.resources.peak_per_peer.inbound_bytes <= cap
+        _legit_call(victim, legit)
+        _until(victim, lambda: _baseline(victim) == Usage(), 15, "the phantom frames' release")
+        assert not [c for c in victim._connections.values() if c.remote != legit.peer_id]  # the flooder is gone
+        _legit_call(victim, legit)
+        hostile.close()
+    finally:
+        legit.shutdown()
+        victim.shutdown()
+
+
+def test_frames_for_an_unknown_method_cannot_pile_up_posted_receives():
+    """Dropping unwanted frames posts receives; a peer that announces frames and never sends them hits the
+    per-peer cap and loses its connection, and every receive goes with it."""
+    cap = 2048
+    victim, _ = _victim(max_posted_receives_per_peer=cap, frame_timeout=3.0)
+    legit = Peer()
+    try:
+        hostile, summary = _flood("discards", victim, 40)  # 40 x 256 frames
+        assert summary["kinds"].get("UnknownMethodError", 0) <= cap // 256, summary
+        assert victim.resources.peak_per_peer.receives <= cap
+        _legit_call(victim, legit)
+        _until(victim, lambda: _baseline(victim) == Usage(), 15, "the dropped frames' receives' release")
+        hostile.close()
+    finally:
+        legit.shutdown()
+        victim.shutdown()
+
+
+def test_slow_calls_are_capped_per_peer_and_cancelled_when_the_caller_dies():
+    cap = 32
+    victim, gate = _victim(max_calls_in_flight_per_peer=cap)
+    legit = Peer()
+    tasks_before = len(victim._tasks)
+    try:
+        hostile, summary = _flood("calls", victim, 500)
+        assert summary["unanswered"] == cap and summary["kinds"] == {"ResourceLimitError": 500 - cap}, summary
+        assert victim.resources.peak_per_peer.calls == cap and len(victim._tasks) <= tasks_before + cap
+        _legit_call(victim, legit)
+        hostile.kill()  # it dies with 32 calls in flight
+        _until(victim, lambda: _baseline(victim) == Usage(), 15, "the dead caller's calls' release")
+        _until(victim, lambda: len(victim._tasks) <= tasks_before, 5, "the dead caller's handlers' end")
+    finally:
+        victim.runtime.call_soon(gate.set)
+        legit.shutdown()
+        victim.shutdown()
+
+
+def test_streams_and_the_sink_are_bounded_per_peer():
+    cap = 4
+    victim, _ = _victim(max_streams_per_peer=cap, max_inbound_bytes_per_peer=256 << 20)
+    legit = Peer()
+    try:
+        hostile, summary = _flood("streams", victim, 10)
+        assert summary["huge"] == {"ResourceLimitError": 1}, summary  # a 4 GiB sink tensor is never allocated
+        assert summary["unanswered"] == cap and summary["kinds"] == {"ResourceLimitError": 10 - cap}, summary
+        assert victim.resources.peak_per_peer.streams <= cap
+        assert victim.resources.peak_per_peer.inbound_bytes <= 256 << 20
+        _legit_call(victim, legit)
+        x = torch.randn(1000)
+        reply = legit.runtime.run(legit.send_tensor(victim.address, SINK_METHOD, x, timeout=20), 30)
+        assert reply["numel"] == 1000
+        hostile.kill()
+        _until(victim, lambda: _baseline(victim) == Usage(), 15, "the dead streamer's streams' release")
+    finally:
+        legit.shutdown()
+        victim.shutdown()
+
+
+def test_connection_limit_eviction_never_closes_a_connection_with_a_call_in_flight():
+    victim, gate = _victim(max_connections=4)
+    legit = Peer()
+    try:
+        pending = legit.runtime.submit(legit.call(victim.address, "gate", {}, timeout=60))
+        _until(victim, lambda: victim.resources.held().calls == 1, 10, "the legitimate call's arrival")
+        hostile, summary = _flood("identities", victim, 12)  # 12 fresh identities, one call each
+        assert summary["kinds"] == {"ok": 12}, summary  # new connections are not evicted in their grace period
+        grace = victim.limits.connection_grace_seconds
+        _until(victim, lambda: len(victim._connections) <= 4, grace + 10, "the idle connections' eviction")
+        assert legit.peer_id in victim._connections
+        victim.runtime.call_soon(gate.set)
+        assert pending.result(20) == ({}, [])
+        hostile.close()
+    finally:
+        legit.shutdown()
+        victim.shutdown()
+
+
+def _descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_unauthenticated_connections_are_capped_and_time_out():
+    """500 connections that never handshake took 1,000 descriptors: now at most max_unauthenticated are held,
+    each for at most handshake_timeout, and an established peer is served throughout."""
+    cap = 8
+    victim, _ = _victim(max_unauthenticated=cap, handshake_timeout=2.0)
+    legit = Peer()
+    try:
+        _legit_call(victim, legit)  # connected before the flood
+        baseline, refused = _descriptors(), victim.runtime.refused_unauthenticated
+        hostile, summary = _flood("unauthenticated", victim, 40)  # 40 silent, 40 that stop after HELLO
+        assert summary == {"opened": 80}
+        # UCX accepts each socket before it asks us: once we have seen all 80, only `cap` are held
+        _until(victim, lambda: victim.runtime.refused_unauthenticated - refused == 80 - cap, 10, "the refusals")
+        assert victim.runtime.unauthenticated == cap
+        # the refused ones' sockets go as soon as UCX has closed them; the `cap` held ones stay until their timeout
+        _until(victim, lambda: _descriptors() <= baseline + 4 * cap, 5, "the refused connections' close")
+        assert victim.runtime.unauthenticated <= cap
+        _legit_call(victim, legit)
+        _until(victim, lambda: victim.runtime.unauthenticated == 0, 15, "the unfinished handshakes' timeout")
+        _until(victim, lambda: _descriptors() <= baseline + 4, 15, "the descriptors' release")
+        newcomer = Peer()
+        try:
+            _legit_call(victim, newcomer)  # a new connection is accepted again
+        finally:
+            newcomer.shutdown()
+        hostile.close()
+    finally:
+        legit.shutdown()
+        victim.shutdown()

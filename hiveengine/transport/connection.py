@@ -24,11 +24,12 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from hiveengine.errors import ConnectionLostError, ProtocolError
+from hiveengine.errors import ConnectionLostError, ProtocolError, ResourceLimitError
 from hiveengine.transport import local_copy
 from hiveengine.transport.handshake import Authenticated
 from hiveengine.transport.limits import TransportLimits
 from hiveengine.transport.reactor import close_endpoint, retrieve_outcome
+from hiveengine.transport.resources import ResourceManager
 from hiveengine.transport.wire import (
     FrameSpec,
     Kind,
@@ -78,6 +79,7 @@ class Connection:
         limits: TransportLimits,
         label: str,
         local_service: local_copy.Service | None = None,
+        resources: ResourceManager | None = None,
     ):
         self.reactor = reactor
         self.endpoint = endpoint
@@ -96,10 +98,15 @@ class Connection:
         self.reply_buffers: dict[int, Sequence[torch.Tensor]] = {}
         self.closed = False
         self.reading = True  # False once the peer broke the protocol: nothing more of it is processed
-        self.last_used = time.monotonic()
+        self.last_used = self.opened = time.monotonic()
         self.error: Exception | None = None
         self.read_binding, self.serve_binding = auth.read_binding, auth.serve_binding
         self.link = local_copy.Link(self, local_service, limits.local_copy)
+        self.resources = resources or ResourceManager(limits)
+        self.inbound_calls = 0  # calls and streams of the remote's that we are receiving or handling
+        self.tasks: set[asyncio.Task] = set()  # handlers of the remote's calls, cancelled when the connection goes
+        self.reply_tasks: dict[int, asyncio.Task] = {}  # request id -> the task receiving that reply's frames
+        self._receives: set[asyncio.Future] = set()  # posted frame receives, each holding one "receives" unit
         self._local_sends: dict[int, asyncio.Future] = {}  # frame seq -> done when the remote read them
 
     def __repr__(self) -> str:
@@ -130,8 +137,8 @@ class Connection:
 
     @property
     def idle(self) -> bool:
-        """No call of ours is waiting on this connection."""
-        return not self.pending
+        """No call is in flight on this connection, ours or the remote's (only idle ones are ever evicted)."""
+        return not self.pending and not self.inbound_calls and not self._receives
 
     async def send(self, body: dict, tensors: Sequence[torch.Tensor] = ()) -> None:
         """Send one control message and its tensor frames; returns when UCX has sent them all."""
@@ -230,16 +237,52 @@ class Connection:
         return restore_requires_grad(tensors, specs)
 
     async def receive_into(self, body: dict, tensors: Sequence[torch.Tensor], first_index: int = 0) -> None:
-        """Receive announced frames straight into the given contiguous tensors (sizes already checked)."""
+        """Receive announced frames straight into the given contiguous tensors (sizes already checked). Frames
+        that do not arrive in time (TransportLimits.frame_deadline), or a receive abandoned before its frames came
+        (a timed-out call), close the connection: UCX cannot cancel one receive, only all of an endpoint's."""
         if "a" in body:
             await self._read_local(body, tensors, first_index)
             return
-        futures = [
-            self.reactor.tag_recv(self.endpoint, wire_buffer(as_frame(t)), self.frame_tag(body, first_index + i))
-            for i, t in enumerate(tensors)
-            if t.numel()
-        ]
-        await self.wait(futures)
+        posting = [(i, t) for i, t in enumerate(tensors) if t.numel()]
+        futures = self._post_receives(
+            [(wire_buffer(as_frame(t)), self.frame_tag(body, first_index + i)) for i, t in posting]
+        )
+        nbytes = sum(t.numel() * t.element_size() for _, t in posting)
+        deadline = self.limits.frame_deadline(nbytes)
+        try:
+            async with asyncio.timeout(deadline):
+                await self.wait(futures)
+        except TimeoutError:
+            raise self.lost(
+                ProtocolError(
+                    f"{self.remote} announced {len(futures)} frames of {nbytes} bytes that did not arrive within "
+                    f"{deadline:.1f} s (TransportLimits.frame_timeout, min_frame_bytes_per_second)"
+                )
+            ) from None
+        except asyncio.CancelledError:
+            if not all(f.done() for f in futures):
+                self.lost(ConnectionLostError(f"a receive from {self.remote} was abandoned before its frames came"))
+            raise
+
+    def _post_receives(self, posts: Sequence[tuple[object, int]]) -> list[asyncio.Future]:
+        """Post one UCX receive per (buffer, tag), each holding a "receives" unit until it completes; past the
+        limit the connection is closed (its frames could never be drained)."""
+        try:
+            self.resources.acquire(self.remote, "receives", len(posts))
+        except ResourceLimitError as e:
+            raise self.lost(ProtocolError(f"closing the connection: {e}")) from None
+        futures = []
+        for buf, tag in posts:
+            future = self.reactor.tag_recv(self.endpoint, buf, tag)
+            self._receives.add(future)
+            future.add_done_callback(self._received)
+            futures.append(future)
+        return futures
+
+    def _received(self, future: asyncio.Future) -> None:
+        if future in self._receives:
+            self._receives.discard(future)
+            self.resources.release(self.remote, "receives")
 
     async def _read_local(self, body: dict, tensors: Sequence[torch.Tensor], first_index: int) -> None:
         """Copy frames announced by address straight from the sender's memory, then release the sender."""
@@ -262,10 +305,26 @@ class Connection:
         if "a" in body:
             self._frames_read(body)
             return
-        for i in range(count):
-            scratch = np.empty(1, dtype=np.uint8)
-            future = self.reactor.tag_recv(self.endpoint, scratch, self.frame_tag(body, i))
-            future.add_done_callback(lambda f: f.cancelled() or f.exception())
+        if self.closed or not count:
+            return
+        try:
+            scratch = [(np.empty(1, dtype=np.uint8), self.frame_tag(body, i)) for i in range(count)]
+            futures = self._post_receives(scratch)
+        except ConnectionLostError:
+            return
+        for future in futures:
+            retrieve_outcome(future)
+        deadline = self.limits.frame_timeout
+        asyncio.get_running_loop().call_later(deadline, self._check_discarded, futures, deadline)
+
+    def _check_discarded(self, futures: list[asyncio.Future], deadline: float) -> None:
+        if not self.closed and not all(f.done() for f in futures):
+            self.lost(
+                ProtocolError(
+                    f"{self.remote} announced frames that did not arrive within {deadline} s "
+                    "(TransportLimits.frame_timeout)"
+                )
+            )
 
     def start(self, handler: MessageHandler, on_lost: Callable[[Connection], None]) -> None:
         """Begin handing control messages to `handler`; `on_lost(self)` runs once when the connection dies."""
@@ -354,6 +413,10 @@ class Connection:
                     future.set_exception(error)
                     future.add_done_callback(retrieve_outcome)
             self._local_sends.clear()
+            receives, self._receives = self._receives, set()
+            self.resources.release(self.remote, "receives", len(receives))  # the endpoint's close cancels them
+            for task in self.reply_tasks.values():
+                task.cancel()
             for future, _, _ in self._inbox:
                 retrieve_outcome(future)
             self._inbox.clear()

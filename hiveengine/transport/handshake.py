@@ -5,7 +5,9 @@ Over the UCX stream API (protocol version 4):
 1. the dialer sends HELLO: magic, version, flags, the tag base it receives on, the peer id it wants to reach, its
    Ed25519 public key, a 32-byte random nonce and a fresh ephemeral X25519 public key;
 2. the listener answers with its own HELLO and its Ed25519 signature of ``"listener" | transcript``;
-3. the dialer answers with its signature of ``"dialer" | transcript``,
+3. the dialer answers with its signature of ``"dialer" | transcript``;
+4. the listener, once it checked that signature and is ready for the connection's messages, sends ACCEPTED
+   (one byte). Only then does the dialer send messages, so the listener never holds any before authentication.
 
 where transcript = TRANSCRIPT_DOMAIN | dialer's HELLO | listener's HELLO. The role labels keep a signature made in
 one role from being reflected as the other. Each side checks the other's signature against the key in its HELLO;
@@ -49,6 +51,7 @@ DIALER_ROLE, LISTENER_ROLE = b"dialer", b"listener"
 NO_TARGET = bytes(32)
 FLAG_NOT_HERE = 1  # the listener hosts no peer with the requested id; its HELLO names the peer it does host
 KEY_BYTES = 32
+ACCEPTED = b"\x01"
 
 
 @dataclass(frozen=True)
@@ -145,10 +148,21 @@ async def connect_handshake(
             raise PeerIdMismatch(expected, peer_id)
         keys = _derive(ephemeral, theirs.ephemeral, transcript)
         await _send(reactor, endpoint, identity.sign(DIALER_ROLE + transcript))
+        try:
+            accepted = await _recv_exact(reactor, endpoint, len(ACCEPTED))
+        except Exception as e:
+            raise HandshakeError(f"{peer_id} refused our handshake ({type(e).__name__})") from None
+        if accepted != ACCEPTED:
+            raise HandshakeError(f"{peer_id} sent a malformed handshake confirmation")
         return Authenticated(peer_id, theirs.public_key, theirs.recv_base, identity, True, *keys)
 
     async with asyncio.timeout(timeout):
         return await run()
+
+
+async def confirm_handshake(reactor, endpoint) -> None:
+    """The listener's last step: tell the dialer its connection is in service (see step 4)."""
+    await _send(reactor, endpoint, ACCEPTED)
 
 
 async def accept_handshake(reactor, endpoint, find_identity, recv_base: int, timeout: float) -> Authenticated:

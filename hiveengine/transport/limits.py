@@ -21,8 +21,27 @@ class TransportLimits:
     max_frames: int = 256
     max_frame_bytes: int = 1 * GiB
     max_message_bytes: int = 2 * GiB
-    # Bytes of inbound tensors held at once across all calls; past it calls are refused as busy.
+    # Resource limits (resources.py), for the whole Peer and for each remote peer: past one, a call is refused
+    # with a ResourceLimitError naming it (a connection whose frames alone would pass one is closed instead).
+    # Bytes of inbound tensors held at once (reserved when a request is admitted, until its handler returns).
     max_inbound_bytes: int = 4 * GiB
+    max_inbound_bytes_per_peer: int = 1 * GiB
+    # Inbound calls being received or handled (each is a task).
+    max_calls_in_flight: int = 8192
+    max_calls_in_flight_per_peer: int = 512
+    # Inbound streams open at once.
+    max_streams: int = 256
+    max_streams_per_peer: int = 16
+    # UCX receives posted for announced frames (including 1-byte receives that drop unwanted frames).
+    max_posted_receives: int = 65536
+    max_posted_receives_per_peer: int = 8192
+    # Announced frames must have arrived within frame_timeout + their size / min_frame_bytes_per_second of
+    # being expected; otherwise the sender is broken or hostile, and the connection is closed (which is also
+    # the only way to cancel UCX receives: their reservations go with it).
+    frame_timeout: float = 10.0
+    min_frame_bytes_per_second: float = 10e6
+    # Connections accepted but not yet authenticated; more are closed at once (each holds sockets).
+    max_unauthenticated: int = 64
     # Host tensors totalling at most this many bytes travel inside the control message (one UCX message
     # instead of one per tensor: small calls are latency-bound).
     inline_tensor_bytes: int = 16 * KiB
@@ -38,12 +57,19 @@ class TransportLimits:
     # Open connections one peer keeps; past it the least recently used idle one is closed (each UCX
     # endpoint holds several sockets, and a process has a limited number of file descriptors).
     max_connections: int = 256
+    # ... but never one opened less than this many seconds ago (libp2p's grace period): its first call may be
+    # on its way. Past the grace period, eviction is tried again.
+    connection_grace_seconds: float = 5.0
     # Deadlines (seconds).
     connect_timeout: float = 5.0
     handshake_timeout: float = 5.0
     default_call_timeout: float = 30.0
-    # How long a handler may run when the caller gave no deadline.
-    max_handler_seconds: float = 600.0
+    # How long a handler may run: the caller's deadline, but never more than this (the server's cap).
+    max_handler_seconds: float = 300.0
+
+    def frame_deadline(self, nbytes: int) -> float:
+        """Seconds announced frames of `nbytes` in all may take to arrive."""
+        return self.frame_timeout + nbytes / self.min_frame_bytes_per_second
 
 
 DEFAULT_LIMITS = TransportLimits()

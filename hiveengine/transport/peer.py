@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
+import time
 from collections import deque
 from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +29,7 @@ from hiveengine.transport.handshake import connect_handshake
 from hiveengine.transport.identity import Identity, PeerID
 from hiveengine.transport.limits import DEFAULT_LIMITS, TransportLimits
 from hiveengine.transport.reactor import close_endpoint, retrieve_outcome
+from hiveengine.transport.resources import ResourceManager
 from hiveengine.transport.runtime import Runtime
 from hiveengine.transport.stream import Chunk, StreamReader, iterate_chunks
 from hiveengine.transport.wire import FrameSpec, Kind, frame_specs, inline_tensors, restore_requires_grad
@@ -49,6 +52,7 @@ REMOTE_ERROR_TYPES: dict[str, type[Exception]] = {
         errors.UnknownMethodError,
         errors.RemoteHandlerError,
         errors.PeerBusyError,
+        errors.ResourceLimitError,
         errors.ProtocolError,
         errors.RPCTimeoutError,
         errors.RemoteError,
@@ -85,6 +89,13 @@ class StreamRequest:
     header: dict
     sender: PeerID
     chunks: StreamReader = field(repr=False)
+    _reserve: Callable[[int], None] | None = field(default=None, repr=False)
+
+    def reserve(self, nbytes: int) -> None:
+        """Count `nbytes` of memory this stream makes us hold against the sender's and the whole peer's inbound
+        budgets until the handler returns; ResourceLimitError (naming the limit) if it does not fit."""
+        if self._reserve is not None:
+            self._reserve(nbytes)
 
 
 def _error_reply(request_id: int, error: BaseException) -> dict:
@@ -104,6 +115,9 @@ def _remote_error(body: dict, remote: PeerID) -> Exception:
         kind, message = info
     cls = REMOTE_ERROR_TYPES.get(kind, RemoteError)
     text = f"{remote}: {message}"
+    if cls is errors.ResourceLimitError:
+        named = re.search(r"TransportLimits\.(\w+)=", message)
+        return cls(text, kind, named.group(1) if named else None)
     return cls(text, kind) if issubclass(cls, RemoteError) else cls(text)
 
 
@@ -139,7 +153,8 @@ class Peer:
         self._connecting: dict[PeerID, asyncio.Future] = {}
         self._streams: dict[tuple[int, int], StreamReader] = {}
         self._tasks: set[asyncio.Task] = set()
-        self._inbound_bytes = 0
+        self.resources = ResourceManager(limits)
+        self._eviction: asyncio.TimerHandle | None = None  # a later eviction pass, when one is due
         self._closed = False
         self.port = self.runtime.run(self.runtime.ensure_listener(port), timeout=30)
         self.runtime.register_peer(self)
@@ -303,15 +318,19 @@ class Peer:
         self.runtime.run(self.adisconnect(peer_id), timeout=10)
 
     def _evict_idle(self) -> None:
-        """Close least recently used idle connections while there are more than `max_connections`."""
+        """Close least recently used idle connections while there are more than `max_connections`; never one
+        with a call in flight (either way) and never one still in its grace period (tried again after it)."""
+        self._eviction = None
         excess = len(self._connections) - self.limits.max_connections
-        if excess <= 0:
+        if excess <= 0 or self._closed:
             return
-        streaming = {key[0] for key in self._streams}
-        idle = [c for c in self._connections.values() if c.idle and id(c) not in streaming]
+        now, grace = time.monotonic(), self.limits.connection_grace_seconds
+        idle = [c for c in self._connections.values() if c.idle and now - c.opened >= grace]
         for conn in sorted(idle, key=lambda c: c.last_used)[:excess]:
             del self._connections[conn.remote]
             conn.lost(ConnectionLostError(f"closed idle connection to {conn.remote} (max_connections reached)"))
+        if len(self._connections) > self.limits.max_connections and self._eviction is None:
+            self._eviction = asyncio.get_running_loop().call_later(grace, self._evict_idle)
 
     async def _dial(self, address: PeerAddress) -> Connection:
         if self._closed:
@@ -354,10 +373,14 @@ class Peer:
         self.runtime.call_soon(conn.lost, ConnectionLostError(f"endpoint to {conn.remote} closed or failed"))
         self.runtime.call_soon(self.runtime.reactor.kick)
 
-    def _spawn(self, coro) -> asyncio.Task:
+    def _spawn(self, coro, conn: Connection | None = None) -> asyncio.Task:
+        """Run `coro` as a task of this peer; with `conn`, it is cancelled when that connection goes."""
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        if conn is not None:
+            conn.tasks.add(task)
+            task.add_done_callback(conn.tasks.discard)
         return task
 
     # ---- receiving
@@ -378,6 +401,8 @@ class Peer:
     def _forget_connection(self, conn: Connection) -> None:
         if self._connections.get(conn.remote) is conn:
             del self._connections[conn.remote]
+        for task in list(conn.tasks):  # its handlers: nobody is left to answer, and they hold its budgets
+            task.cancel()
         for key in [k for k in self._streams if k[0] == id(conn)]:
             self._streams.pop(key).fail(conn.error or ConnectionLostError("connection closed"))
 
@@ -434,16 +459,31 @@ class Peer:
             error = errors.UnknownMethodError(
                 f"unknown method {method!r:.80}; this peer serves {sorted(self._handlers)}"
             )
-            self._spawn(self._reply(conn, _error_reply(body["i"], error)))
+            conn.post_quietly(_error_reply(body["i"], error))
             return
-        nbytes = sum(spec.nbytes for spec in specs)
-        if self._inbound_bytes + nbytes > self.limits.max_inbound_bytes:
+        nbytes = sum(spec.nbytes for spec in specs) if "x" not in body else 0
+        try:
+            self._admit(conn, nbytes)
+        except errors.ResourceLimitError as error:
             conn.discard_frames(body, len(specs))
-            error = errors.PeerBusyError(f"holding {self._inbound_bytes} inbound bytes already; retry later")
-            self._spawn(self._reply(conn, _error_reply(body["i"], error)))
+            conn.post_quietly(_error_reply(body["i"], error))  # no task: a flood of refusals costs no tasks
             return
-        self._inbound_bytes += nbytes
-        self._spawn(self._handle_request(conn, body, specs, handler, nbytes))
+        self._spawn(self._handle_request(conn, body, specs, handler, nbytes), conn)
+
+    def _admit(self, conn: Connection, nbytes: int) -> None:
+        """Take one call in flight and `nbytes` of inbound memory for `conn`'s peer (ResourceLimitError if not)."""
+        self.resources.acquire(conn.remote, "calls")
+        try:
+            self.resources.acquire(conn.remote, "inbound_bytes", nbytes)
+        except errors.ResourceLimitError:
+            self.resources.release(conn.remote, "calls")
+            raise
+        conn.inbound_calls += 1
+
+    def _discharge(self, conn: Connection, nbytes: int) -> None:
+        self.resources.release(conn.remote, "calls")
+        self.resources.release(conn.remote, "inbound_bytes", nbytes)
+        conn.inbound_calls -= 1
 
     async def _handle_request(self, conn: Connection, body: dict, specs, handler: Handler, nbytes: int) -> None:
         try:
@@ -462,7 +502,7 @@ class Peer:
                 logger.exception("handler of %r failed", body["m"])
             await self._reply(conn, _error_reply(body["i"], e))
         finally:
-            self._inbound_bytes -= nbytes
+            self._discharge(conn, nbytes)
 
     def _handler_deadline(self, body: dict) -> float:
         deadline = body.get("d")
@@ -503,7 +543,8 @@ class Peer:
             if not reply.done():
                 reply.set_result((header, tensors))
 
-        self._spawn(receive())
+        task = conn.reply_tasks[body["i"]] = self._spawn(receive())
+        task.add_done_callback(lambda _: conn.reply_tasks.pop(body["i"], None))
 
     def _on_error(self, conn: Connection, body: dict) -> None:
         error = _remote_error(body, conn.remote)
@@ -526,39 +567,60 @@ class Peer:
         method, header = body.get("m"), body.get("h", {})
         handler = self._stream_handlers.get(method) if isinstance(method, str) else None
         key = (id(conn), body["i"])
-        reader = StreamReader(key, self.limits.stream_window * 64)
-        self._streams[key] = reader
         if handler is None or not isinstance(header, dict):
             error = errors.UnknownMethodError(
                 f"unknown stream method {method!r:.80}; this peer serves {sorted(self._stream_handlers)}"
             )
-            reader.reject()
-            self._spawn(self._reply(conn, _error_reply(body["i"], error)))
-            self._spawn(self._forget_stream(reader))
+            conn.post_quietly(_error_reply(body["i"], error))  # its chunks find no reader and are dropped
             return
-        request = StreamRequest(method, header, conn.remote, reader)
-        self._spawn(self._handle_stream(conn, body, handler, request))
+        if key in self._streams:
+            conn.protocol_violation(ProtocolError(f"stream {body['i']} opened twice"))
+            return
+        try:
+            self.resources.acquire(conn.remote, "streams")
+        except errors.ResourceLimitError as error:
+            conn.post_quietly(_error_reply(body["i"], error))
+            return
+        conn.inbound_calls += 1
+        reader = StreamReader(key, self.limits.stream_window * 64)
+        self._streams[key] = reader
+        reserved = [0]
 
-    async def _handle_stream(self, conn: Connection, body: dict, handler: StreamHandler, request) -> None:
+        def reserve(nbytes: int) -> None:
+            self.resources.acquire(conn.remote, "inbound_bytes", nbytes)
+            reserved[0] += nbytes
+
+        request = StreamRequest(method, header, conn.remote, reader, reserve)
+        self._spawn(self._handle_stream(conn, body, handler, request, reserved), conn)
+
+    async def _handle_stream(self, conn: Connection, body: dict, handler: StreamHandler, request, reserved) -> None:
         reader = request.chunks
         try:
-            async with asyncio.timeout(self._handler_deadline(body)):
-                result = await handler(request)
-            reader.reject()
-            await conn.send({"k": Kind.RESPONSE, "i": body["i"], "h": result or {}})
-        except ConnectionLostError:
-            return
-        except Exception as e:
-            reader.reject()
-            if not isinstance(e, HiveEngineError):
-                logger.exception("stream handler of %r failed", body["m"])
-            await self._reply(conn, _error_reply(body["i"], e))
-        await self._forget_stream(reader)
+            try:
+                async with asyncio.timeout(self._handler_deadline(body)):
+                    result = await handler(request)
+                reader.reject()
+                await conn.send({"k": Kind.RESPONSE, "i": body["i"], "h": result or {}})
+            except ConnectionLostError:
+                return
+            except Exception as e:
+                reader.reject()
+                if not isinstance(e, HiveEngineError):
+                    logger.exception("stream handler of %r failed", body["m"])
+                await self._reply(conn, _error_reply(body["i"], e))
+            finally:
+                self.resources.release(conn.remote, "inbound_bytes", reserved[0])
+                reserved[0] = 0
+            await self._forget_stream(reader)
+        finally:
+            self._streams.pop(reader.key, None)
+            self.resources.release(conn.remote, "streams")
+            conn.inbound_calls -= 1
 
     async def _forget_stream(self, reader: StreamReader) -> None:
         """Keep discarding a finished stream's chunks until its sender ends it (or a deadline passes)."""
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(self.limits.default_call_timeout):
+            async with asyncio.timeout(self.limits.frame_timeout):
                 await reader.ended.wait()
         self._streams.pop(reader.key, None)
 
@@ -569,6 +631,8 @@ class Peer:
         if self._closed:
             return
         self._closed = True
+        if self._eviction is not None:
+            self._eviction.cancel()
         self.runtime.unregister_peer(self)
         for conn in list(self._connections.values()):
             conn.lost(ConnectionLostError("peer shut down"))
@@ -583,7 +647,11 @@ class Peer:
 
 
 def _forget_reply(conn: Connection, request_id: int) -> None:
-    """Drop a call's reply slot; an error that arrived after the caller stopped waiting is not an error."""
+    """Drop a call's reply slot; an error that arrived after the caller stopped waiting is not an error. A reply
+    still arriving is abandoned (which closes the connection: its frames must not land in buffers given back)."""
+    task = conn.reply_tasks.pop(request_id, None)
+    if task is not None and not task.done():
+        task.cancel()
     conn.reply_buffers.pop(request_id, None)
     reply = conn.pending.pop(request_id, None)
     if reply is not None and reply.done() and not reply.cancelled():

@@ -58,7 +58,10 @@ def spin_seconds(environ: Mapping[str, str] = os.environ) -> float:
 
 BASE_SHIFT = 32  # a tag is base << BASE_SHIFT | seq; control messages have seq 0
 CONTROL_MASK = (1 << BASE_SHIFT) - 1  # matches every tag whose seq is 0, whatever its base
-MAX_EARLY_MESSAGES = 64  # control messages held for a base whose connection is still being set up
+# Control messages held for a base whose connection is still being set up (not yet authenticated): at most this
+# many, of at most this many bytes in all; later ones are dropped (a legitimate dialer sends one or two).
+MAX_EARLY_MESSAGES = 8
+MAX_EARLY_BYTES = 64 << 10
 
 # Takes (receive future, or None when the message is already received, buffer, the message's length):
 # a buffer shorter than the message truncates it.
@@ -167,7 +170,7 @@ class Reactor:
             base = probe.sender_tag.value >> BASE_SHIFT
             handler, limit = self._bases.get(base, (None, -1))
             early = self._early.get(base)
-            fits = probe.length <= limit and (handler is not None or len(early) < MAX_EARLY_MESSAGES)
+            fits = probe.length <= limit and (handler is not None or _early_room(early, probe.length))
             buf = np.empty(probe.length if fits else 1, dtype=np.uint8)  # 1 byte: truncated and dropped
             req = self.worker.tag_recv_with_handle(self._array(buf), probe)
             future = None if req.completed and _succeeded(req) else self.track(req, buf)
@@ -264,6 +267,11 @@ class Reactor:
         self._pending.clear()
         self._bases.clear()
         self._early.clear()
+
+
+def _early_room(early: list, length: int) -> bool:
+    """Whether a control message of `length` bytes may still be held for a connection being set up."""
+    return len(early) < MAX_EARLY_MESSAGES and sum(buf.nbytes for _, buf, _ in early) + length <= MAX_EARLY_BYTES
 
 
 def _succeeded(req) -> bool:

@@ -19,7 +19,7 @@ from typing import TypeVar
 
 from hiveengine.errors import ConfigurationError, HandshakeError, RPCTimeoutError
 from hiveengine.transport import local_copy
-from hiveengine.transport.handshake import accept_handshake
+from hiveengine.transport.handshake import accept_handshake, confirm_handshake
 from hiveengine.transport.limits import DEFAULT_LIMITS
 from hiveengine.transport.reactor import Reactor, close_endpoint
 
@@ -56,6 +56,8 @@ class Runtime:
         self.local_copy = local_copy.Service()  # answers same-host direct copy proofs (started with the listener)
         self.peers: dict[bytes, object] = {}
         self._default_peer: bytes | None = None
+        self.unauthenticated = 0  # accepted connections still in their handshake
+        self.refused_unauthenticated = 0  # connections closed at once because of max_unauthenticated
         self._closed = False
 
     @classmethod
@@ -150,6 +152,11 @@ class Runtime:
             raise HandshakeError("no peer lives at this address")
         return default.identity, False
 
+    def _accept_limits(self) -> tuple[int, float]:
+        """(max_unauthenticated, handshake_timeout) for the process's listener: the strictest of its peers'."""
+        limits = [p.limits for p in self.peers.values()] or [DEFAULT_LIMITS]
+        return min(x.max_unauthenticated for x in limits), min(x.handshake_timeout for x in limits)
+
     async def _accept(self, conn_request) -> None:
         if self.listener is None:
             return
@@ -158,22 +165,36 @@ class Runtime:
         except Exception as e:
             logger.warning("could not accept a connection: %s", e)
             return
-        base = self.new_recv_base()
-        try:
-            auth = await accept_handshake(
-                self.reactor, endpoint, self._find_identity, base, DEFAULT_LIMITS.handshake_timeout
+        max_unauthenticated, handshake_timeout = self._accept_limits()
+        if self.unauthenticated >= max_unauthenticated:
+            self.refused_unauthenticated += 1  # counted, not logged one by one: a flood must not flood the log
+            logger.debug(
+                "refused an incoming connection: %d still in their handshake (TransportLimits.max_unauthenticated)",
+                self.unauthenticated,
             )
-        except Exception as e:
-            self.release_recv_base(base)
-            logger.warning("rejected an incoming connection: %s: %s", type(e).__name__, e or "handshake timed out")
             close_endpoint(endpoint)
             return
+        self.unauthenticated += 1
+        base = self.new_recv_base()
+        try:
+            auth = await accept_handshake(self.reactor, endpoint, self._find_identity, base, handshake_timeout)
+        except Exception as e:
+            self.release_recv_base(base)
+            logger.info("rejected an incoming connection: %s: %s", type(e).__name__, e or "handshake timed out")
+            close_endpoint(endpoint)
+            return
+        finally:
+            self.unauthenticated -= 1
         peer = self.peers.get(auth.local.peer_id.raw)
         if peer is None:
             self.release_recv_base(base)
             close_endpoint(endpoint)
             return
-        peer.adopt(endpoint, auth, base, inbound=True)
+        conn = peer.adopt(endpoint, auth, base, inbound=True)
+        try:
+            await confirm_handshake(self.reactor, endpoint)
+        except Exception as e:
+            conn.lost(e)
 
     def shutdown(self) -> None:
         """Stop the transport, in order and silently; idempotent (runs at exit too).
