@@ -39,6 +39,7 @@ from hiveengine.kernels import (
     quantize_blockwise,
     reduce_blockwise,
 )
+from hiveengine.kernels.dispatch import triton_available
 from hiveengine.kernels.tuning import (
     DEFAULTS,
     LaunchConfig,
@@ -444,7 +445,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmarks, print the tables, write bench/results/kernels-<device>.json; returns 0."""
     args = parse_args(argv)
     gpu_device = torch.device(args.gpu_device)
-    gpu_available = args.gpu and (gpu_device.type != "cuda" or torch.cuda.is_available())
+    device_present = gpu_device.type != "cuda" or torch.cuda.is_available()
+    gpu_available = args.gpu and device_present and triton_available()
     results: dict = {"config": {k: v for k, v in vars(args).items() if k != "gpu_device"}}
     # Other processes' load skews the timings on small machines: record it next to them.
     results["loadavg_before"] = os.getloadavg()
@@ -465,7 +467,8 @@ def main(argv: list[str] | None = None) -> int:
         print(format_table(gpu["comparisons"], ["impl", "numel", "us", "GB/s", "of copy", "x torch"]))
         results["gpu"] = gpu
     else:
-        results["gpu"] = {"status": "not run: no CUDA device" if args.gpu else "skipped (--no-gpu)"}
+        reason = "no CUDA device" if not device_present else "Triton is not installed (pip install hiveengine[gpu])"
+        results["gpu"] = {"status": f"not run: {reason}" if args.gpu else "skipped (--no-gpu)"}
         print(f"\nGPU: {results['gpu']['status']}")
     results["loadavg_after"] = os.getloadavg()
     device = slug(results["gpu"]["device"]) if "device" in results["gpu"] else "cpu"

@@ -28,6 +28,7 @@ from hiveengine.kernels import (
     reduce_blockwise,
     weighted_mean,
 )
+from hiveengine.kernels.dispatch import triton_available
 from hiveengine.kernels.layout import QMAX
 from hiveengine.kernels.tuning import interpreting
 
@@ -46,6 +47,8 @@ IMPLS = [
 @pytest.fixture(params=IMPLS)
 def impl(request):
     backend, device = request.param
+    if backend == "triton" and not triton_available():
+        pytest.skip("Triton is not installed (it comes with .[dev] and .[gpu])")
     if backend == "triton" and device == "cpu" and not interpreting():
         pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1")
     if device == "cuda" and interpreting():
@@ -367,6 +370,10 @@ def test_dispatcher_picks_native_for_cpu_tensors():
     assert backend_for(torch.device("cpu")).__name__ == "hiveengine.kernels.native_backend"
     assert backend_for(torch.device("meta")).__name__ == "hiveengine.kernels.reference"
     if not torch.cuda.is_available():
+        return
+    if not triton_available():
+        with pytest.raises(KernelUnavailableError, match=r"pip install hiveengine\[gpu\]"):
+            backend_for(torch.device("cuda"))
         return
     assert backend_for(torch.device("cuda")).__name__ == "hiveengine.kernels.triton_backend"
 

@@ -10,6 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import common
 from bench import kernels as bench
+from hiveengine.kernels.dispatch import triton_available
 from hiveengine.kernels.tuning import interpreting
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore:.*encountered in:RuntimeWarning")
@@ -35,7 +36,9 @@ def test_cpu_bench_writes_a_table_and_json(results_dir, capsys):
     assert data["gpu"]["status"] == "skipped (--no-gpu)"
 
 
-@pytest.mark.skipif(not interpreting(), reason="runs the GPU path on CPU tensors in the Triton interpreter")
+@pytest.mark.skipif(
+    not interpreting() or not triton_available(), reason="runs the GPU path on CPU tensors in the Triton interpreter"
+)
 def test_gpu_tuning_path_saves_winners(results_dir):
     argv = ["--no-cpu", "--gpu-device", "cpu", "--gpu-sizes", "0.00390625", "--tune-size", "0.00390625"]
     argv += ["--gpu-bits", "8", "--tiles", "1024,2048", "--warps", "4", "--name", "gpu-smoke"]

@@ -13,6 +13,7 @@ from hiveengine.kernels import (
     reduce_blockwise,
     weighted_mean,
 )
+from hiveengine.kernels.dispatch import triton_available
 from hiveengine.kernels.tuning import (
     DEFAULTS,
     INTERPRETER_TILE,
@@ -75,7 +76,7 @@ def test_tiles_must_be_powers_of_two():
         LaunchConfig(3000)
 
 
-@pytest.mark.skipif(not interpreting(), reason="runs the Triton kernels in the interpreter")
+@pytest.mark.skipif(not interpreting() or not triton_available(), reason="runs the Triton kernels in the interpreter")
 @pytest.mark.parametrize("tile", [64, 256, 2048])
 @pytest.mark.parametrize("bits", [8, 4])
 def test_triton_kernels_match_reference_across_many_programs(tile, bits):

@@ -1,7 +1,9 @@
 """The public kernel API: one signature per operation, the implementation picked by the tensors' device.
 
 CUDA tensors run the Triton kernels, CPU tensors the native C kernels, anything else (or a machine where
-those are missing) the torch reference. ``backend=`` overrides the choice, for tests and benchmarks only.
+the native library is missing) the torch reference. ``backend=`` overrides the choice, for tests and
+benchmarks only. Triton is an optional dependency (``pip install hiveengine[gpu]``): it is imported only
+when a CUDA tensor (or ``backend="triton"``) needs it, so CPU peers never load it.
 Every function raises NonFiniteError, naming the tensor, when its input holds NaN or Inf: a non-finite
 value must never be averaged into everyone's model silently.
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import logging
 from collections.abc import Sequence
 from types import ModuleType
@@ -34,10 +37,23 @@ _MODULES = {
 }
 
 
+TRITON_MISSING = (
+    "Triton is not installed, and hiveengine's kernels for CUDA tensors are Triton kernels: "
+    "install it with `pip install hiveengine[gpu]` (or `pip install triton`)"
+)
+
+
+def triton_available() -> bool:
+    """Whether the optional Triton package is installed (checked without importing it)."""
+    return importlib.util.find_spec("triton") is not None
+
+
 @functools.cache
 def _module(backend: str) -> ModuleType:
     if backend not in _MODULES:
         raise ConfigurationError(f"unknown kernel backend {backend!r}; choose one of {list(BACKENDS)}")
+    if backend == "triton" and not triton_available():
+        raise KernelUnavailableError(TRITON_MISSING)
     module = importlib.import_module(_MODULES[backend], __package__)
     if backend == "native":
         load_native_library()
@@ -49,6 +65,8 @@ def _default_backend(device_type: str) -> ModuleType:
     preferred = {"cuda": "triton", "cpu": "native"}.get(device_type)
     if preferred is None:
         return _module("reference")
+    if preferred == "triton" and not triton_available():
+        raise KernelUnavailableError(TRITON_MISSING)  # rather than a slow fallback on the GPU
     try:
         return _module(preferred)
     except (ImportError, KernelUnavailableError) as e:
