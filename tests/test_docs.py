@@ -54,11 +54,6 @@ PACKAGES = [
 UNDOCUMENTED = {
     "hiveengine.averaging.allreduce.AllReduceService.close_round",
     "hiveengine.averaging.allreduce.AllReduceService.open_round",
-    "hiveengine.averaging.group.GroupInfo.member",
-    "hiveengine.averaging.group.GroupInfo.reducers",
-    "hiveengine.averaging.group.GroupInfo.senders",
-    "hiveengine.averaging.group.GroupMember.contributes",
-    "hiveengine.averaging.group.GroupMember.reduces",
     "hiveengine.dht.node.DHTNode.num_keys",
     "hiveengine.dht.node.DHTNode.num_peers",
     "hiveengine.transport.address.PeerAddress.parse",

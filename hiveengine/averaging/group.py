@@ -26,10 +26,12 @@ class GroupMember:
 
     @property
     def reduces(self) -> bool:
+        """Whether this member owns and averages a part (not a client, and has bandwidth)."""
         return self.mode != Mode.CLIENT and self.bandwidth > 0
 
     @property
     def contributes(self) -> bool:
+        """Whether this member sends its own data (every mode but auxiliary)."""
         return self.mode != Mode.AUX
 
 
@@ -49,11 +51,14 @@ class GroupInfo:
 
     @property
     def reducers(self) -> list[GroupMember]:
+        """The members that own a part, in the group's order (one part each)."""
         return [m for m in self.members if m.reduces]
 
     @property
     def senders(self) -> list[GroupMember]:
+        """The members whose data is averaged."""
         return [m for m in self.members if m.contributes]
 
     def member(self, peer_id: PeerID) -> GroupMember | None:
+        """The member with `peer_id`, or None if it is not in this group."""
         return next((m for m in self.members if m.peer_id == peer_id), None)
