@@ -52,6 +52,11 @@ class ProtocolError(TransportError):
     """A message broke the wire protocol: malformed header, oversized frame, wrong dtype or shape."""
 
 
+class ForgedMessageError(ProtocolError):
+    """A message or frame failed the session's authentication: forged, altered, replayed, reordered or dropped in
+    transit. The connection is closed."""
+
+
 class RemoteError(TransportError):
     """The remote peer answered with an error (unknown method, handler exception, rejected request)."""
 

@@ -20,7 +20,6 @@ import torch
 
 from hiveengine.errors import ConnectionLostError, ProtocolError
 from hiveengine.transport import Peer, PeerID, TransportLimits, local_copy
-from hiveengine.transport.connection import CONTROL_SEQ, _tag
 from hiveengine.transport.wire import PREFIX, Kind
 from tests.procs import PeerProcess
 
@@ -241,7 +240,7 @@ def test_malformed_direct_copy_messages_are_ignored_and_the_connection_serves_on
         for body in junk:
             payload = msgpack.packb(body)
             buf = np.frombuffer(PREFIX.pack(len(payload), 0) + payload, dtype=np.uint8)
-            await conn.reactor.tag_send(conn.endpoint, buf, _tag(conn.send_base, CONTROL_SEQ))
+            await conn.send_message(buf.tobytes())
         return conn
 
     try:

@@ -23,7 +23,6 @@ from hiveengine.errors import (
     UnknownMethodError,
 )
 from hiveengine.transport import Identity, Peer, PeerAddress, TransportLimits
-from hiveengine.transport.connection import CONTROL_SEQ, _tag
 from hiveengine.transport.limits import LOCAL_COPY_ENV
 from hiveengine.transport.wire import DTYPES, PREFIX, Kind
 from tests.procs import PeerProcess, start_server
@@ -224,7 +223,7 @@ def test_malformed_messages_get_errors_and_the_server_keeps_serving(client, serv
         reply = conn.pending[request_id] = asyncio.get_running_loop().create_future()
         payload = make_payload(request_id)
         buf = np.frombuffer(PREFIX.pack(len(payload), 0) + payload, dtype=np.uint8)
-        await conn.reactor.tag_send(conn.endpoint, buf, _tag(conn.send_base, CONTROL_SEQ))
+        await conn.send_message(buf.tobytes())
         return await asyncio.wait_for(reply, 10)
 
     def bad_dtype(request_id: int) -> bytes:

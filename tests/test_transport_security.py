@@ -8,6 +8,7 @@ import json
 import os
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -218,3 +219,168 @@ def test_unauthenticated_connections_are_capped_and_time_out():
     finally:
         legit.shutdown()
         victim.shutdown()
+
+
+# ---- sessions: every message is bound to the session (session.py)
+
+
+def _tampered(conn, how: str, request_id: int) -> list[bytes]:
+    """Sealed control messages (raw wire bytes) for a `record` request on `conn`, tampered with as `how` says."""
+    from hiveengine.transport.session import Session
+    from hiveengine.transport.wire import Kind, encode_control
+
+    def seal(session, request_id: int) -> bytes:
+        body = {"k": Kind.REQUEST, "i": request_id, "m": "record", "h": {"n": request_id}, "d": 10}
+        return session.seal_control(encode_control(body, conn.limits), True)[1]
+
+    if how == "replay":
+        first = seal(conn.session, request_id)
+        return [first, first]  # the first is served; its replay is not
+    if how == "reorder":
+        first, second = seal(conn.session, request_id), seal(conn.session, request_id + 1)
+        return [second, first]
+    if how == "flip":
+        sealed = bytearray(seal(conn.session, request_id))
+        sealed[10] ^= 1
+        return [bytes(sealed)]
+    if how == "foreign":  # sealed in another session (a third party injecting on the path)
+        return [seal(Session(os.urandom(32), os.urandom(32)), request_id)]
+    raise ValueError(how)
+
+
+@pytest.mark.parametrize("how", ["replay", "reorder", "flip", "foreign"])
+def test_a_forged_replayed_reordered_or_altered_message_closes_the_connection(how):
+    victim, _ = _victim()
+    attacker, legit = Peer(), Peer()
+    served = []
+
+    async def record(request):
+        served.append((request.sender, request.header["n"]))
+        return {}
+
+    victim.register("record", record)
+    try:
+        conn = attacker.runtime.run(attacker.connect(victim.address), 10)
+        request_id = conn.new_request_id()
+        messages = _tampered(conn, how, request_id)
+
+        async def send():
+            for message in messages:
+                await conn.reactor.tag_send(conn.endpoint, np.frombuffer(message, dtype=np.uint8), conn.send_base << 32)
+
+        attacker.runtime.run(send(), 10)
+        _until(victim, lambda: attacker.peer_id not in victim._connections, 10, "the tampered connection's close")
+        assert served == ([(attacker.peer_id, request_id)] if how == "replay" else [])
+        assert legit.call_sync(victim.address, "record", {"n": -1}, timeout=10) == ({}, [])
+        assert attacker.call_sync(victim.address, "record", {"n": -2}, timeout=10) == ({}, [])  # a new session
+        assert served[-2:] == [(legit.peer_id, -1), (attacker.peer_id, -2)]
+    finally:
+        for peer in (attacker, legit, victim):
+            peer.shutdown()
+
+
+def test_an_altered_frame_closes_the_connection_before_its_handler_runs():
+    from hiveengine.transport.wire import Kind, encode_control
+
+    victim, _ = _victim()
+    attacker = Peer()
+    served = []
+
+    async def record(request):
+        served.append(request.tensors)
+        return {}
+
+    victim.register("record", record)
+    try:
+        conn = attacker.runtime.run(attacker.connect(victim.address), 10)
+        frame = np.arange(1 << 16, dtype=np.uint8)  # 64 KiB: framed, not inline
+        body = {"k": Kind.REQUEST, "i": conn.new_request_id(), "m": "record", "h": {}, "d": 10}
+        body.update(f=[["uint8", [frame.nbytes], "cpu"]], s=conn._reserve_seqs(1), z=1)
+        counter = conn.session.sent
+        sealed_frame = conn.session.seal_frame(counter, 0, frame)
+        sealed_frame[100] ^= 1
+        _, message = conn.session.seal_control(encode_control(body, conn.limits), True)
+
+        async def send():
+            await conn.reactor.tag_send(conn.endpoint, np.frombuffer(message, dtype=np.uint8), conn.send_base << 32)
+            await conn.reactor.tag_send(conn.endpoint, sealed_frame, conn.send_base << 32 | (body["s"] + 1))
+
+        attacker.runtime.run(send(), 10)
+        _until(victim, lambda: attacker.peer_id not in victim._connections, 10, "the tampered connection's close")
+        assert served == [] and victim.resources.held() == Usage()
+    finally:
+        attacker.shutdown()
+        victim.shutdown()
+
+
+class _Spy:
+    """Records every buffer a reactor hands to UCX (and hands it on): what an eavesdropper on the path sees."""
+
+    def __init__(self, reactor):
+        self.reactor, self.seen = reactor, []
+        self._send_now, self._tag_send = reactor.send_now, reactor.tag_send
+
+    def __enter__(self):
+        def send_now(endpoint, buf, tag):
+            self.seen.append(bytes(buf))
+            return self._send_now(endpoint, buf, tag)
+
+        def tag_send(endpoint, buf, tag):
+            self.seen.append(np.asarray(buf).tobytes())
+            return self._tag_send(endpoint, buf, tag)
+
+        self.reactor.send_now, self.reactor.tag_send = send_now, tag_send
+        return self
+
+    def __exit__(self, *exc):
+        del self.reactor.send_now, self.reactor.tag_send
+
+
+@pytest.mark.parametrize("encrypt", [True, False])
+def test_messages_between_hosts_are_encrypted_unless_turned_off(encrypt):
+    victim, _ = _victim()
+    caller = Peer(limits=TransportLimits(local_copy=False, encrypt=encrypt))
+    marker = b"hiveengine-plaintext-marker!"
+    small = torch.frombuffer(bytearray(marker * 10), dtype=torch.uint8)  # inline in the control message
+    large = torch.frombuffer(bytearray(marker * 4000), dtype=torch.uint8)  # its own frame
+    try:
+        conn = caller.runtime.run(caller.connect(victim.address), 10)
+        assert not conn.same_host  # one process: never proven local, so treated as another host
+        with _Spy(caller.runtime.reactor) as spy:
+            header, (a, b) = caller.call_sync(victim.address, "echo", {"secret": marker.decode()}, [small, large], 10)
+        assert header == {"secret": marker.decode()} and torch.equal(a, small) and torch.equal(b, large)
+        readable = any(marker in buf for buf in spy.seen)
+        assert readable is not encrypt
+    finally:
+        caller.shutdown()
+        victim.shutdown()
+
+
+def test_the_encryption_setting_comes_from_the_environment(monkeypatch):
+    monkeypatch.setenv("HIVEENGINE_ENCRYPT", "0")
+    assert TransportLimits().encrypt is False
+    monkeypatch.setenv("HIVEENGINE_ENCRYPT", "1")
+    assert TransportLimits().encrypt is True
+    monkeypatch.delenv("HIVEENGINE_ENCRYPT")
+    assert TransportLimits().encrypt is True
+
+
+def test_a_proven_same_host_peer_is_authenticated_but_not_encrypted(server):
+    _, address = server
+    peer = Peer()
+    try:
+        conn = peer.runtime.run(peer.connect(address), 10)
+
+        async def proven():
+            async with asyncio.timeout(20):
+                await conn.link.settled.wait()
+
+        peer.runtime.run(proven(), 30)
+        assert conn.same_host
+        x = torch.randn(1 << 15)  # 128 KiB: below the direct copy's minimum, so through UCX, tagged
+        with _Spy(peer.runtime.reactor) as spy:
+            _, (got,) = peer.call_sync(address, "echo", {}, [x], timeout=10)
+        assert torch.equal(got, x)
+        assert any(x.numpy().tobytes() == buf for buf in spy.seen)  # sent as it is, with its tag in the header
+    finally:
+        peer.shutdown()

@@ -12,7 +12,6 @@ import torch
 
 from hiveengine.errors import ProtocolError
 from hiveengine.transport import Peer, PeerAddress, TransportLimits
-from hiveengine.transport.connection import CONTROL_SEQ, _tag
 from hiveengine.transport.wire import (
     DTYPES,
     PREFIX,
@@ -239,7 +238,7 @@ def _raw_request(peer: Peer, address: str, frames: list, tail: bytes | None = No
         if tail is not None:
             message += bytes(-len(message) % TAIL_ALIGN) + tail
         buf = np.frombuffer(message, dtype=np.uint8)
-        await conn.reactor.tag_send(conn.endpoint, buf, _tag(conn.send_base, CONTROL_SEQ))
+        await conn.send_message(buf.tobytes())
         return await asyncio.wait_for(reply, 10)
 
     return peer.runtime.run(send(), 20)

@@ -24,12 +24,13 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from hiveengine.errors import ConnectionLostError, ProtocolError, ResourceLimitError
-from hiveengine.transport import local_copy
+from hiveengine.errors import ConnectionLostError, ForgedMessageError, ProtocolError, ResourceLimitError
+from hiveengine.transport import local_copy, session
 from hiveengine.transport.handshake import Authenticated
 from hiveengine.transport.limits import TransportLimits
 from hiveengine.transport.reactor import close_endpoint, retrieve_outcome
 from hiveengine.transport.resources import ResourceManager
+from hiveengine.transport.session import TAG_BYTES
 from hiveengine.transport.wire import (
     FrameSpec,
     Kind,
@@ -67,6 +68,21 @@ def _frame_seq(first: int, index: int) -> int:
     return (first + index) % FRAME_SEQS + 1
 
 
+def _host_bytes(frame: torch.Tensor) -> np.ndarray:
+    """The bytes of a flat uint8 frame as a numpy array (a CUDA frame is copied to the host)."""
+    return (frame if frame.device.type == "cpu" else frame.cpu()).numpy()
+
+
+def _open_into(sess: session.Session, counter: int, index: int, sealed: np.ndarray, frame: torch.Tensor) -> None:
+    """Decrypt a received sealed frame into `frame` (on the host, then copied where it lives)."""
+    if frame.device.type == "cpu":
+        sess.open_frame(counter, index, sealed, frame.numpy())
+    else:
+        staging = np.empty(frame.numel(), dtype=np.uint8)
+        sess.open_frame(counter, index, sealed, staging)
+        frame.copy_(torch.from_numpy(staging))
+
+
 class Connection:
     """A message channel to one authenticated remote peer."""
 
@@ -102,6 +118,7 @@ class Connection:
         self.error: Exception | None = None
         self.read_binding, self.serve_binding = auth.read_binding, auth.serve_binding
         self.link = local_copy.Link(self, local_service, limits.local_copy)
+        self.session = session.Session(auth.send_key, auth.recv_key)
         self.resources = resources or ResourceManager(limits)
         self.inbound_calls = 0  # calls and streams of the remote's that we are receiving or handling
         self.tasks: set[asyncio.Task] = set()  # handlers of the remote's calls, cancelled when the connection goes
@@ -166,17 +183,46 @@ class Connection:
                 by_address = self._by_address(frames)
                 if by_address:
                     body["a"] = [frame.data_ptr() for frame in frames]
+        encrypt = self.limits.encrypt and not self.same_host
+        wire_frames = [] if by_address else self._protect_frames(body, frames, encrypt)
         message = encode_control(body, self.limits, tail)
         read = self._await_read(body["s"], frames) if by_address else None
-        pending = self.reactor.send_now(self.endpoint, message, _tag(self.send_base, CONTROL_SEQ))
+        _, sealed = self.session.seal_control(message, encrypt)
+        pending = self.reactor.send_now(self.endpoint, sealed, _tag(self.send_base, CONTROL_SEQ))
         futures = [] if pending is None else [pending]
         if read is not None:
             return [*futures, read]
-        for i, frame in enumerate(frames):
-            if frame.numel():
+        for i, frame in enumerate(wire_frames):
+            if frame is not None:
                 tag = _tag(self.send_base, _frame_seq(body["s"], i))
-                futures.append(self.reactor.tag_send(self.endpoint, wire_buffer(frame), tag))
+                futures.append(self.reactor.tag_send(self.endpoint, frame, tag))
         return futures
+
+    @property
+    def same_host(self) -> bool:
+        """Whether the remote is proven (by the OS, local_copy.py) to run on this host: what we send it never
+        leaves the OS, so it is authenticated but not encrypted."""
+        return self.link.pid is not None or self.link.remote_reads_us
+
+    def _protect_frames(self, body: dict, frames: Sequence[torch.Tensor], encrypt: bool) -> list:
+        """The buffers UCX sends for `frames` of the message about to be sealed (None: nothing to send):
+        encrypted ("z") or readable with their tags in the header ("t"); see session.py."""
+        if not frames:
+            return []
+        counter = self.session.sent  # the counter seal_control gives this message next
+        if encrypt:
+            body["z"] = 1
+            return [
+                self.session.seal_frame(counter, i, _host_bytes(f)) if f.numel() else None for i, f in enumerate(frames)
+            ]
+        body["t"] = [self.session.frame_tag(counter, i, _host_bytes(f)) for i, f in enumerate(frames)]
+        return [wire_buffer(f) if f.numel() else None for f in frames]
+
+    async def send_message(self, message: bytes) -> None:
+        """Seal one fully encoded control message (no frames) and send it: for tests and tools that speak the
+        protocol by hand (malformed messages inside a valid session)."""
+        _, sealed = self.session.seal_control(message, self.limits.encrypt and not self.same_host)
+        await self.reactor.tag_send(self.endpoint, np.frombuffer(sealed, dtype=np.uint8), _tag(self.send_base, 0))
 
     def _by_address(self, frames: Sequence[torch.Tensor]) -> bool:
         """Whether the remote reads these frames from our memory instead of receiving them through UCX."""
@@ -243,15 +289,36 @@ class Connection:
         if "a" in body:
             await self._read_local(body, tensors, first_index)
             return
-        posting = [(i, t) for i, t in enumerate(tensors) if t.numel()]
+        frames = [as_frame(t) for t in tensors]
+        sealed = body.get("z") == 1
+        tags = None if sealed else body.get("t")
+        if not sealed and not (isinstance(tags, list) and len(tags) == len(body.get("f", ()))):
+            raise self.lost(ForgedMessageError(f"{self.remote} sent frames without their authentication tags"))
+        posting = [(i, f) for i, f in enumerate(frames) if f.numel()]
+        if sealed:  # encrypted: land in scratch buffers, then decrypt into the frames
+            buffers = [np.empty(f.numel() + TAG_BYTES, dtype=np.uint8) for _, f in posting]
+        else:
+            buffers = [wire_buffer(f) for _, f in posting]
         futures = self._post_receives(
-            [(wire_buffer(as_frame(t)), self.frame_tag(body, first_index + i)) for i, t in posting]
+            [(buf, self.frame_tag(body, first_index + i)) for buf, (i, _) in zip(buffers, posting, strict=True)]
         )
-        nbytes = sum(t.numel() * t.element_size() for _, t in posting)
+        nbytes = sum(f.numel() for _, f in posting)
         deadline = self.limits.frame_deadline(nbytes)
         try:
             async with asyncio.timeout(deadline):
                 await self.wait(futures)
+            counter = body["_n"]
+            for buf, (i, frame) in zip(buffers, posting, strict=True):
+                if sealed:
+                    _open_into(self.session, counter, first_index + i, buf, frame)
+                else:
+                    self.session.check_frame(counter, first_index + i, _host_bytes(frame), tags[first_index + i])
+            if not sealed:
+                for i, frame in enumerate(frames):
+                    if not frame.numel():
+                        self.session.check_frame(counter, first_index + i, _host_bytes(frame), tags[first_index + i])
+        except ForgedMessageError as e:
+            raise self.lost(e) from None
         except TimeoutError:
             raise self.lost(
                 ProtocolError(
@@ -329,7 +396,7 @@ class Connection:
     def start(self, handler: MessageHandler, on_lost: Callable[[Connection], None]) -> None:
         """Begin handing control messages to `handler`; `on_lost(self)` runs once when the connection dies."""
         self._handler, self._on_lost = handler, on_lost
-        self.reactor.listen(self.recv_base, self._arrived, self.limits.max_header_bytes)
+        self.reactor.listen(self.recv_base, self._arrived, self.limits.max_header_bytes + session.OVERHEAD)
         self.link.start()
 
     def _arrived(self, future: asyncio.Future | None, buf: np.ndarray, length: int) -> None:
@@ -370,10 +437,12 @@ class Connection:
             return
         self.last_used = time.monotonic()
         try:
-            body = decode_message(buf, self.limits)
+            counter, message = self.session.open_control(buf)
+            body = decode_message(message, self.limits)
         except ProtocolError as e:
             self._handler.on_bad_message(self, e)
             return
+        body["_n"] = counter  # which nonces its frames were sealed with (never taken from the wire)
         if body["k"] == Kind.FRAMES_READ:
             seq = body.get("s")
             future = self._local_sends.pop(seq, None) if isinstance(seq, int) else None

@@ -9,6 +9,7 @@ KiB = 1 << 10
 MiB = 1 << 20
 GiB = 1 << 30
 LOCAL_COPY_ENV = "HIVEENGINE_LOCAL_COPY"  # "0" turns the same-host direct copy off (e.g. to test a network)
+ENCRYPT_ENV = "HIVEENGINE_ENCRYPT"  # "0": messages between hosts are authenticated but readable (trusted clusters)
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,8 @@ class TransportLimits:
     # receiver straight from the sender's memory (one copy; see local_copy.py) instead of through UCX.
     local_copy: bool = field(default_factory=lambda: os.environ.get(LOCAL_COPY_ENV, "1") != "0")
     local_copy_min_bytes: int = 256 * KiB
+    # Encrypt what we send to other hosts (session.py); off, every message is still authenticated, but readable.
+    encrypt: bool = field(default_factory=lambda: os.environ.get(ENCRYPT_ENV, "1") != "0")
     # User headers larger than this are zstd-compressed on the wire.
     compress_threshold_bytes: int = 4 * KiB
     # Streams: chunk size and how many chunks a sender keeps in flight.

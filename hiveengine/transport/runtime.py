@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from hiveengine.errors import ConfigurationError, HandshakeError, RPCTimeoutError
-from hiveengine.transport import local_copy
+from hiveengine.transport import local_copy, session
 from hiveengine.transport.handshake import accept_handshake, confirm_handshake
 from hiveengine.transport.limits import DEFAULT_LIMITS
 from hiveengine.transport.reactor import Reactor, close_endpoint
@@ -103,7 +103,7 @@ class Runtime:
     def new_recv_base(self) -> int:
         """A receive tag base for a connection being set up (see Reactor.reserve_base)."""
         limit = max((p.limits.max_header_bytes for p in self.peers.values()), default=DEFAULT_LIMITS.max_header_bytes)
-        return self.reactor.reserve_base(limit)
+        return self.reactor.reserve_base(limit + session.OVERHEAD)
 
     def release_recv_base(self, base: int) -> None:
         self.reactor.release_base(base)

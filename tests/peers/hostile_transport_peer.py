@@ -94,7 +94,7 @@ async def _raw_requests(peer: Peer, address: str, count: int, method: str, frame
             break
         request_id = conn.new_request_id()
         reply = conn.pending[request_id] = asyncio.get_running_loop().create_future()
-        body = {"k": Kind.REQUEST, "i": request_id, "m": method, "h": {}, "d": 60, "f": frames}
+        body = {"k": Kind.REQUEST, "i": request_id, "m": method, "h": {}, "d": 60, "f": frames, "z": 1}
         body["s"] = conn._reserve_seqs(len(frames))
         conn.post_quietly(body)
         replies.append(reply)

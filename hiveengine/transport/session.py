@@ -1,0 +1,113 @@
+"""The session layer: every message after the handshake is bound to the session, so that nobody on the path can
+forge, alter, replay, reorder or drop a message unnoticed, and (by default) nobody can read it.
+
+Construction (`cryptography` primitives only; the keys come from handshake.py: X25519 + HKDF-SHA256, one 256-bit
+AES-GCM key per direction):
+
+- nonce(c, j) = c as 8 little-endian bytes | j as 4 little-endian bytes, where c counts the control messages
+  sent in this direction from 0, j = 0 is the control message itself and j = i + 1 its i-th tensor frame. A
+  key never sees a nonce twice: c only grows, and each (c, j) is used for exactly one message or frame.
+- A control message travels as mode byte | sealed, the mode byte authenticated as associated data:
+  mode 1 (encrypted): AESGCM(key).encrypt(nonce(c, 0), message, aad=mode byte), i.e. ciphertext | 16-byte tag;
+  mode 0 (authenticated only): message | AESGCM(key).encrypt(nonce(c, 0), b"", aad=mode byte | message),
+  i.e. GMAC over the readable message.
+- Tensor frames that travel through UCX: encrypted, frame i is AESGCM.encrypt(nonce(c, i + 1), frame, None)
+  (ciphertext | tag; the header says so with "z": 1); authenticated only, the frame travels as it is and its
+  GMAC tag AESGCM.encrypt(nonce(c, i + 1), b"", aad=frame) goes in the (authenticated) header's "t" list.
+- The receiver opens each control message with its own counter for that direction, in arrival order, and each
+  frame with the counter of the message that announced it. A message or frame that fails to open (forged,
+  altered, replayed, reordered, from another session, or of the wrong mode for its bytes) closes the connection.
+- Which mode a sender uses: encrypted between hosts when `TransportLimits.encrypt` (HIVEENGINE_ENCRYPT, default
+  1); authenticated only when encryption is off, or when the remote is proven to run on this host (local_copy.py:
+  its bytes never leave the OS). Frames read by the same-host direct copy are neither encrypted nor tagged: they
+  never leave the OS, and the authenticated header names exactly which regions to read. A receiver accepts
+  either mode: a sender may always choose to send its own data readable, and the mode byte is authenticated.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from hiveengine.errors import ForgedMessageError
+
+TAG_BYTES = 16
+MODE_CLEAR, MODE_SEALED = 0, 1
+OVERHEAD = 1 + TAG_BYTES  # bytes a control message grows by
+_NONCE = struct.Struct("<QI")
+
+
+def nonce(counter: int, index: int) -> bytes:
+    return _NONCE.pack(counter, index)
+
+
+class Session:
+    """One connection's keys and per-direction counters."""
+
+    def __init__(self, send_key: bytes, recv_key: bytes):
+        self._send, self._recv = AESGCM(send_key), AESGCM(recv_key)
+        self.sent = 0  # the counter of the next control message we send
+        self.received = 0  # the counter the next control message we receive must have
+
+    # ---- sending
+
+    def seal_control(self, message: bytes, encrypt: bool) -> tuple[int, bytes]:
+        """(the message's counter, its bytes on the wire)."""
+        counter, self.sent = self.sent, self.sent + 1
+        if encrypt:
+            mode = b"\x01"
+            return counter, mode + self._send.encrypt(nonce(counter, 0), message, mode)
+        mode = b"\x00"
+        return counter, b"".join((mode, message, self._send.encrypt(nonce(counter, 0), b"", mode + message)))
+
+    def seal_frame(self, counter: int, index: int, frame: np.ndarray) -> np.ndarray:
+        """Frame `index` of message `counter`, encrypted (ciphertext | tag) into a fresh buffer."""
+        out = np.empty(frame.nbytes + TAG_BYTES, dtype=np.uint8)
+        self._send.encrypt_into(nonce(counter, index + 1), frame, None, out)
+        return out
+
+    def frame_tag(self, counter: int, index: int, frame: np.ndarray) -> bytes:
+        """The GMAC tag of readable frame `index` of message `counter`."""
+        return self._send.encrypt(nonce(counter, index + 1), b"", frame)
+
+    # ---- receiving
+
+    def open_control(self, data: np.ndarray) -> tuple[int, np.ndarray]:
+        """(the message's counter, the message) of a received control message; ForgedMessageError if it does not
+        open with the next counter."""
+        if data.nbytes < OVERHEAD or data[0] not in (MODE_CLEAR, MODE_SEALED):
+            raise ForgedMessageError("a message without a valid session seal")
+        counter = self.received
+        mode = data[:1].tobytes()
+        try:
+            if data[0] == MODE_SEALED:
+                message = np.empty(data.nbytes - OVERHEAD, dtype=np.uint8)
+                self._recv.decrypt_into(nonce(counter, 0), data[1:], mode, message)
+            else:
+                message = data[1:-TAG_BYTES]
+                self._recv.decrypt(nonce(counter, 0), data[-TAG_BYTES:], mode + message.tobytes())
+        except InvalidTag:
+            raise ForgedMessageError(
+                f"message {counter} failed authentication (forged, altered, replayed, reordered or dropped)"
+            ) from None
+        self.received = counter + 1
+        return counter, message
+
+    def open_frame(self, counter: int, index: int, sealed: np.ndarray, out: np.ndarray) -> None:
+        """Decrypt frame `index` of message `counter` into `out` (its exact length)."""
+        try:
+            self._recv.decrypt_into(nonce(counter, index + 1), sealed, None, out)
+        except (InvalidTag, ValueError):
+            raise ForgedMessageError(f"frame {index} of message {counter} failed authentication") from None
+
+    def check_frame(self, counter: int, index: int, frame: np.ndarray, tag) -> None:
+        """Verify the GMAC tag of readable frame `index` of message `counter`."""
+        if not isinstance(tag, bytes) or len(tag) != TAG_BYTES:
+            raise ForgedMessageError(f"frame {index} of message {counter} has no valid tag")
+        try:
+            self._recv.decrypt(nonce(counter, index + 1), tag, frame)
+        except InvalidTag:
+            raise ForgedMessageError(f"frame {index} of message {counter} failed authentication") from None
