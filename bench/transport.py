@@ -34,11 +34,21 @@ BYTES_PER_SIZE = 1024 * MiB  # repeat each size until about this much was sent (
 IDLE_SECONDS = 3.0
 LINE_TIMEOUT = 120.0
 CONFIGS = {
-    # ucx-local: hiveengine's default on one host (large host frames are read directly by the receiver);
-    # ucx-shm and ucx-tcp: everything through UCX, over its shared memory or TCP transports.
+    # ucx-local: hiveengine's default on one host (the peers prove to each other, through the OS, that they share
+    # the host: large host frames are read directly by the receiver, the rest is authenticated, not encrypted);
+    # ucx-shm and ucx-tcp: everything through UCX, over its shared memory or TCP transports, as between hosts:
+    # encrypted (the default), or "-plain": HIVEENGINE_ENCRYPT=0, authenticated but readable.
     "ucx-local": {"role": "ucx", "env": {"UCX_TLS": "sm,tcp,self"}},
     "ucx-shm": {"role": "ucx", "env": {"UCX_TLS": "sm,tcp,self", "HIVEENGINE_LOCAL_COPY": "0"}},
+    "ucx-shm-plain": {
+        "role": "ucx",
+        "env": {"UCX_TLS": "sm,tcp,self", "HIVEENGINE_LOCAL_COPY": "0", "HIVEENGINE_ENCRYPT": "0"},
+    },
     "ucx-tcp": {"role": "ucx", "env": {"UCX_TLS": "tcp,self", "HIVEENGINE_LOCAL_COPY": "0"}},
+    "ucx-tcp-plain": {
+        "role": "ucx",
+        "env": {"UCX_TLS": "tcp,self", "HIVEENGINE_LOCAL_COPY": "0", "HIVEENGINE_ENCRYPT": "0"},
+    },
     "asyncio-streams": {"role": "streams", "env": {}},
     "asyncio-sockets": {"role": "tcp", "env": {}},
 }

@@ -30,7 +30,7 @@ from hiveengine.transport.handshake import Authenticated
 from hiveengine.transport.limits import TransportLimits
 from hiveengine.transport.reactor import close_endpoint, retrieve_outcome
 from hiveengine.transport.resources import ResourceManager
-from hiveengine.transport.session import TAG_BYTES
+from hiveengine.transport.session import SCRATCH, TAG_BYTES
 from hiveengine.transport.wire import (
     FrameSpec,
     Kind,
@@ -195,7 +195,10 @@ class Connection:
         for i, frame in enumerate(wire_frames):
             if frame is not None:
                 tag = _tag(self.send_base, _frame_seq(body["s"], i))
-                futures.append(self.reactor.tag_send(self.endpoint, frame, tag))
+                future = self.reactor.tag_send(self.endpoint, frame, tag)
+                if body.get("z") == 1:
+                    future.add_done_callback(lambda f, buf=frame: f.cancelled() or f.exception() or SCRATCH.give(buf))
+                futures.append(future)
         return futures
 
     @property
@@ -296,7 +299,7 @@ class Connection:
             raise self.lost(ForgedMessageError(f"{self.remote} sent frames without their authentication tags"))
         posting = [(i, f) for i, f in enumerate(frames) if f.numel()]
         if sealed:  # encrypted: land in scratch buffers, then decrypt into the frames
-            buffers = [np.empty(f.numel() + TAG_BYTES, dtype=np.uint8) for _, f in posting]
+            buffers = [SCRATCH.take(f.numel() + TAG_BYTES) for _, f in posting]
         else:
             buffers = [wire_buffer(f) for _, f in posting]
         futures = self._post_receives(
@@ -311,6 +314,7 @@ class Connection:
             for buf, (i, frame) in zip(buffers, posting, strict=True):
                 if sealed:
                     _open_into(self.session, counter, first_index + i, buf, frame)
+                    SCRATCH.give(buf)
                 else:
                     self.session.check_frame(counter, first_index + i, _host_bytes(frame), tags[first_index + i])
             if not sealed:

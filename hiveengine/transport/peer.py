@@ -370,8 +370,20 @@ class Peer:
         return conn
 
     def _on_endpoint_closed(self, conn: Connection) -> None:
-        self.runtime.call_soon(conn.lost, ConnectionLostError(f"endpoint to {conn.remote} closed or failed"))
-        self.runtime.call_soon(self.runtime.reactor.kick)
+        """UCX's close callback. It may run on any thread, and at exit while the interpreter is being torn down
+        (objects half cleared: formatting `conn.remote` here raised "'PeerID' object has no attribute 'raw'"),
+        so it only hands the loss to the loop, where the message is formatted, and never while shutting down."""
+        try:
+            runtime = self.runtime
+            if runtime._closed:
+                return
+            runtime.call_soon(self._endpoint_failed, conn)
+        except (AttributeError, RuntimeError):
+            pass  # the runtime or the interpreter is going away: nobody is left to tell
+
+    def _endpoint_failed(self, conn: Connection) -> None:
+        conn.lost(ConnectionLostError(f"endpoint to {conn.remote} closed or failed"))
+        self.runtime.reactor.kick()
 
     def _spawn(self, coro, conn: Connection | None = None) -> asyncio.Task:
         """Run `coro` as a task of this peer; with `conn`, it is cancelled when that connection goes."""

@@ -40,6 +40,33 @@ OVERHEAD = 1 + TAG_BYTES  # bytes a control message grows by
 _NONCE = struct.Struct("<QI")
 
 
+SCRATCH_POOL_BYTES = 256 << 20  # sealed-frame buffers kept for reuse (fresh memory is slow to touch the first time)
+MIN_POOLED_BYTES = 64 << 10  # smaller buffers are cheap to allocate and are not pooled
+
+
+class ScratchPool:
+    """Buffers for sealed frames, reused by exact size up to SCRATCH_POOL_BYTES in all."""
+
+    def __init__(self, capacity: int = SCRATCH_POOL_BYTES):
+        self.capacity, self.held = capacity, 0
+        self._free: dict[int, list[np.ndarray]] = {}
+
+    def take(self, nbytes: int) -> np.ndarray:
+        free = self._free.get(nbytes)
+        if free:
+            self.held -= nbytes
+            return free.pop()
+        return np.empty(nbytes, dtype=np.uint8)
+
+    def give(self, buf: np.ndarray) -> None:
+        if buf.nbytes >= MIN_POOLED_BYTES and self.held + buf.nbytes <= self.capacity:
+            self._free.setdefault(buf.nbytes, []).append(buf)
+            self.held += buf.nbytes
+
+
+SCRATCH = ScratchPool()  # one per process: used only on the transport loop's thread
+
+
 def nonce(counter: int, index: int) -> bytes:
     return _NONCE.pack(counter, index)
 
@@ -64,8 +91,9 @@ class Session:
         return counter, b"".join((mode, message, self._send.encrypt(nonce(counter, 0), b"", mode + message)))
 
     def seal_frame(self, counter: int, index: int, frame: np.ndarray) -> np.ndarray:
-        """Frame `index` of message `counter`, encrypted (ciphertext | tag) into a fresh buffer."""
-        out = np.empty(frame.nbytes + TAG_BYTES, dtype=np.uint8)
+        """Frame `index` of message `counter`, encrypted (ciphertext | tag) into a scratch buffer (give it back
+        to SCRATCH once sent)."""
+        out = SCRATCH.take(frame.nbytes + TAG_BYTES)
         self._send.encrypt_into(nonce(counter, index + 1), frame, None, out)
         return out
 

@@ -51,6 +51,26 @@ _zstd_c = zstandard.ZstdCompressor(level=3)
 _zstd_d = zstandard.ZstdDecompressor()
 
 
+# Every key a control message's body may hold: one place that names them (the body is a msgpack map with
+# one-letter keys, because small calls are latency-bound). Receivers validate each before use.
+WIRE_KEYS: dict[str, str] = {
+    "k": "message kind (Kind)",
+    "i": "request id: a caller's call, or 0 for connection-level messages",
+    "m": "method name (REQUEST, STREAM_OPEN)",
+    "h": "user header: a dict (REQUEST, RESPONSE, STREAM_OPEN, STREAM_CHUNK)",
+    "d": "the caller's deadline in seconds (REQUEST, STREAM_OPEN); the server caps it",
+    "f": "tensor descriptors, one per tensor: [dtype, shape, device(, requires_grad)]",
+    "s": "sequence number of the first frame's tag (FRAMES_READ: the message whose frames were read)",
+    "x": "the tensors travel inline, after the body, in the control message itself",
+    "a": "same-host direct copy: one address per frame, in the sender's memory (local_copy.py)",
+    "z": "the frames travel encrypted (session.py)",
+    "t": "the frames travel readable: their GMAC tags, one per frame (session.py)",
+    "e": "STREAM_CHUNK: true on the last chunk; ERROR: [error class name, message]",
+    "u": "LOCAL_OFFER: the name of the sender's Unix socket for the locality proof (local_copy.py)",
+}
+LOCAL_KEYS = ("_n",)  # set by the receiver after decoding (the message's session counter), never read off the wire
+
+
 class Kind(enum.IntEnum):
     REQUEST = 0
     RESPONSE = 1
