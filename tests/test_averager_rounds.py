@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from hiveengine.averaging import DecentralizedAverager
-from hiveengine.averaging.matchmaking import SETTLE_SECONDS, matchmaking_key
+from hiveengine.averaging.group import GroupMember
+from hiveengine.averaging.matchmaking import GATHER_GRID_SECONDS, SETTLE_SECONDS, matchmaking_key
 from hiveengine.dht import DHT, get_dht_time
 
 pytestmark = pytest.mark.timeout(180)
@@ -174,25 +175,130 @@ def test_a_hostile_registration_is_skipped():
         assert all(r is not None and len(r.group.members) == 2 for r in results)
 
 
-def test_hostile_rings_only_wake_a_gathering():
-    from hiveengine.averaging.matchmaking import RING_METHOD
+def test_hostile_rings_are_dropped_and_wake_nothing():
+    """A ring is taken only for an open gathering, with the caller's own well-formed registration, newer than
+    the one held: junk, forged and stale rings change nothing and wake nobody (and a flood of them does not
+    stop the next round)."""
+    from hiveengine.averaging.matchmaking import RING_METHOD, Registration, _Listener
     from hiveengine.transport import Peer
 
     with swarm(2) as (a, b):
         stranger = Peer()
+        key = matchmaking_key(a.prefix, "rung")
+        listener = a.matchmaker.bell.listeners.setdefault(key, _Listener())
+        now = get_dht_time()
+        own = Registration(GroupMember(stranger.peer_id, str(stranger.address)), now, now + 5)
+        forged = Registration(b.me, now, now + 5)  # b's registration, rung by the stranger
         try:
 
-            async def ring_flood():
-                headers = [{}, {"k": 5}, {"k": b"x" * 10_000}, {"k": matchmaking_key(a.prefix, "rounds")}]
-                for _ in range(50):
-                    for header in headers:
-                        assert await stranger.call(a.me.address, RING_METHOD, header, timeout=10) == ({}, [])
+            async def ring(header):
+                assert await stranger.call(a.me.address, RING_METHOD, header, timeout=10) == ({}, [])
 
-            a.peer.runtime.run(ring_flood(), WAIT_LIMIT)
+            async def junk():
+                bad_records = [
+                    None,
+                    5,
+                    [],
+                    own.record()[:6],
+                    {"a": 1},
+                    [str(stranger.address), float("nan"), 0, now, now + 5, 0, None],
+                    [str(stranger.address), 1.0, 0, now, float("inf"), 0, None],
+                    [str(stranger.address), 1.0, 0, now, now + 5, -1, None],
+                    [str(stranger.address), 1.0, 7, now, now + 5, 0, None],
+                    ["ucx://x:1/zz", 1.0, 0, now, now + 5, 0, None],
+                    forged.record(),
+                ]
+                headers = [{}, {"k": 5}, {"k": [1]}, {"k": b"x" * 10_000}, {"k": key}, {"k": key, "e": 1.0}]
+                headers += [{"k": key, "r": own.record(), "e": e} for e in (None, "1", True, float("nan"), [1])]
+                headers += [{"k": key + "-closed", "r": own.record(), "e": 1.0}]
+                headers += [{"k": key, "r": record, "e": 1.0} for record in bad_records]
+                for _ in range(20):
+                    for header in headers:
+                        await ring(header)
+
+            a.peer.runtime.run(junk(), WAIT_LIMIT)
+            assert listener.records == {} and not listener.event.is_set()
+
+            a.peer.runtime.run(ring({"k": key, "r": own.record(), "e": 2.0}), WAIT_LIMIT)
+            assert listener.records == {stranger.peer_id: (2.0, own)} and listener.event.is_set()
+            listener.event.clear()
+            stale = Registration(own.member, now, now + 1)
+            a.peer.runtime.run(ring({"k": key, "r": stale.record(), "e": 1.0}), WAIT_LIMIT)
+            assert listener.records == {stranger.peer_id: (2.0, own)} and not listener.event.is_set()
+            del a.matchmaker.bell.listeners[key]
+
             results = together([a, b], expected_peers=2, timeout=20)
             assert all(r is not None and len(r.group.members) == 2 for r in results)
         finally:
             stranger.shutdown()
+
+
+def test_concurrent_store_and_reads_see_each_other():
+    """Nodes that write-and-read one key at once (the matchmaking registration): of any two, at least one reads
+    the other's record, and one whose record every node held before the other's came was not read by it."""
+    from hiveengine.averaging.matchmaking import _store_and_read
+
+    dhts = [DHT()]
+    dhts += [DHT(initial_peers=[dhts[0].address]) for _ in range(3)]
+    try:
+        runtime = dhts[0].peer.runtime
+        for attempt in range(20):
+            key = f"concurrent-{attempt}"
+
+            async def all_writes(key=key):
+                writes = [_store_and_read(d, key, [1], get_dht_time() + 30, d.peer_id.raw) for d in dhts]
+                return await asyncio.gather(*writes)
+
+            reads = runtime.run(all_writes(), WAIT_LIMIT)
+            ids = [d.peer_id.raw for d in dhts]
+            for i, (found, before) in enumerate(reads):
+                assert ids[i] in found
+                for j in range(len(dhts)):
+                    if j != i:
+                        assert ids[j] in found or ids[i] in reads[j][0], "neither of two writers read the other"
+                        if ids[j] in before:  # j wrote everywhere before i did: j read no i anywhere
+                            assert ids[i] not in reads[j][0]
+    finally:
+        for dht in reversed(dhts):
+            dht.shutdown()
+
+
+def test_a_withdrawn_registration_is_replaced_by_the_next_one():
+    """Every write of a peer under one key expires later than its last one, so registering again right after a
+    withdrawal replaces the tombstone (rather than being refused as older)."""
+    with swarm(2) as (a, b):
+        runtime = a.peer.runtime
+        gave_up = runtime.run(a.matchmaker.find_group("again", 0, time.monotonic() + SETTLE_SECONDS, 2), WAIT_LIMIT)
+        assert gave_up is None
+        me = a.peer.peer_id.raw
+        wait_for(lambda: me in registrations(a, "again") and registrations(a, "again")[me] is None, "the withdrawal")
+        results = together([a, b], expected_peers=2, key="again", timeout=20)
+        assert all(r is not None and len(r.group.members) == 2 for r in results)
+        assert registrations(a, "again")[me] is not None
+
+
+def test_peers_that_start_together_open_the_same_gathering():
+    """Gathering deadlines are on a grid, so peers opening gatherings at once need not move to the earliest."""
+    with swarm(3) as averagers:
+        assert all(r is not None for r in together(averagers, expected_peers=3, key="grid"))
+        deadlines = {record[4] for record in registrations(averagers[0], "grid").values()}
+        assert len(deadlines) == 1
+        (deadline,) = deadlines
+        assert abs(deadline / GATHER_GRID_SECONDS - round(deadline / GATHER_GRID_SECONDS)) < 1e-6
+
+
+def test_small_buffers_are_cut_into_fewer_parts():
+    """Below MIN_PART_BYTES per reducer, parts go to the fastest reducers (ties: in group order); the rest own
+    empty parts. Every member computes the same spans."""
+    from hiveengine.averaging.allreduce import _part_spans
+
+    equal = ((1.0, True),) * 8
+    assert _part_spans(equal, 8, 1024, 1, 4096) == [(0, 1024)] + [(1024, 1024)] * 7
+    spans = _part_spans(equal, 8, 4 * 4096, 1, 4096)
+    assert [e - s for s, e in spans] == [4096] * 4 + [0] * 4
+    assert all(e - s == 8192 for s, e in _part_spans(equal, 8, 8 * 8192, 1, 4096))
+    uneven = ((1.0, True), (2.0, True), (1.0, True))
+    assert [e - s > 0 for s, e in _part_spans(uneven, 3, 1000, 1, 4096)] == [False, True, False]
 
 
 @pytest.mark.parametrize("name", ["compression", "min_matchmaking_time", "initial_group_bits", "allow_state_sharing"])

@@ -262,7 +262,10 @@ class DecentralizedAverager:
 
     async def _lock_tensors(self) -> None:
         """Take the tensors' (thread) lock without blocking the event loop; if we are cancelled while
-        waiting, the lock is released as soon as the waiting thread gets it."""
+        waiting, the lock is released as soon as the waiting thread gets it. A free lock is taken at once
+        (a hop through the executor costs ~0.1-2 ms, a good part of a small round)."""
+        if self.tensors_lock.acquire(blocking=False):
+            return
         acquired = asyncio.get_running_loop().run_in_executor(None, self.tensors_lock.acquire)
         try:
             await asyncio.shield(acquired)

@@ -3,13 +3,23 @@
 Gatherings. Each peer registers (address, bandwidth, mode, registered_at, gather_until, round, gathered) as
 its own subkey of `{prefix}.matchmaking.{key}`. A gathering is named by its deadline: a peer that sees a
 registration whose deadline is still ahead joins the earliest such gathering; otherwise it opens one that ends
-matchmaking_time from now (or at the caller's scheduled time). Two peers that opened gatherings at once move to
-the earlier as soon as they see it. At the deadline every member reads the same registrations and makes the
-same cut. When the caller says how many peers to expect, the gathering closes as soon as that many registered.
-A peer that gives up or is cancelled before the cut withdraws its registration, so nobody waits for it.
-Registrants do not just poll the DHT: each one rings the others it sees in its gathering (a one-message
-wake-up over the transport, the Bell), so a gathering whose peers are all present closes within a few
-round trips instead of a poll interval.
+matchmaking_time from now, rounded up to a grid of GATHER_GRID_SECONDS (so peers that open one at once open the
+same one), or at the caller's scheduled time. Two peers that opened different gatherings move to the earlier as
+soon as they see it. At the deadline every member reads the same registrations and makes the same cut. When
+the caller says how many peers to expect, the gathering closes as soon as that many registered. A peer that
+gives up or is cancelled before the cut withdraws its registration, so nobody waits for it.
+
+How registrants learn of each other without waiting. A registration is written and the key read back in one
+DHT lookup (DHTNode.store with `read`): each node stores it and answers with what it holds, so of two peers
+that register at once at least one reads the other. That one rings the other (a one-message call over the
+transport, the Bell) handing it its registration and the registration's version (the expiration time of its
+DHT write; every write of a peer under a key expires later than its last, so the newest wins, withdrawals
+included): the peer rung needs no DHT read. A peer rings only those that may not have seen it: not those that
+rang it, nor those whose write some node had not taken yet when ours came (they read ours there). A ring is
+taken only for a gathering the peer has open, only with the caller's own well-formed registration (its peer id
+is the authenticated caller's), and only when newer than the one held; junk is dropped and wakes nothing. A
+gathering that nobody rings for GATHER_POLL_SECONDS reads the DHT (a lost ring costs that much). So when all
+expected peers are present, a round's matchmaking costs one DHT lookup and at most one ring per pair.
 
 The grid (Moshpit SGD, Ryabinin et al., 2021). The members, ranked by peer id, sit on a d-dimensional grid
 whose side is at most target_group_size. Round r groups the peers that share every coordinate but coordinate
@@ -20,19 +30,23 @@ consecutive rounds give every peer the exact mean of all N.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import collections
 import dataclasses
 import hashlib
 import logging
 import math
 import time
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import msgpack
 
 from hiveengine.averaging.group import GroupInfo, GroupMember, Mode
+from hiveengine.dht.dht import to_user_value
+from hiveengine.dht.node import ReadBack
+from hiveengine.dht.serialization import unpack
+from hiveengine.dht.storage import Entry, get_dht_time
 from hiveengine.errors import ConfigurationError, HiveEngineError
 from hiveengine.transport import Peer, PeerID, Request
 
@@ -40,10 +54,14 @@ logger = logging.getLogger(__name__)
 
 SETTLE_SECONDS = 0.3  # after the gathering deadline, wait this long for registrations to spread
 EARLY_SETTLE_SECONDS = 0.05  # when more than the expected peers registered, wait this long for earlier ones
-GATHER_POLL_SECONDS = 0.02  # while gathering, read the registrations at least this often (a ring reads at once)
+GATHER_POLL_SECONDS = 0.02  # while gathering, read the registrations when nobody rang for this long
+GATHER_GRID_SECONDS = 0.1  # a gathering we open ends on this grid (or on a quarter of matchmaking_time)
 RING_METHOD = "hiveengine.averaging.ring"
-RING_TIMEOUT = 1.0  # a wake-up that takes longer than this is dropped (the poll still finds the registration)
+RING_TIMEOUT = 1.0  # a ring that takes longer than this is dropped (the poll still finds the registration)
+MAX_RING_RECORDS = 1024  # ringers one open gathering remembers (more are left to the DHT reads)
 REGISTRATION_SLACK = 30.0  # registrations outlive their deadline by this long (then expire everywhere)
+VERSION_STEP = 1e-3  # each write of ours under one key expires at least this much later than the last
+MAX_REMEMBERED_KEYS = 64  # keys whose last write's expiration we remember (to keep the next one later)
 MAX_GATHERED_BYTES = 4096  # the most metadata one peer may attach to its registration (msgpack bytes)
 
 
@@ -80,15 +98,29 @@ class Registration:
         return [m.address, m.bandwidth, int(m.mode), self.registered_at, self.gather_until, self.round, self.gathered]
 
 
+class _Listener:
+    """What rings told one open gathering: each ringer's newest registration (with its version), and an event
+    set whenever a ring brought something new."""
+
+    __slots__ = ("event", "records")
+
+    def __init__(self):
+        self.event = asyncio.Event()
+        self.records: dict[PeerID, tuple[float, Registration]] = {}
+
+
 class Bell:
-    """One per peer: wakes the peer's open gatherings when another registrant rings (the ring carries only
-    the gathering's DHT key, so a hostile ring costs at most one early DHT read)."""
+    """One per peer: a registrant rings the others it sees in its gathering, handing each its registration and
+    that registration's version (the expiration time of its DHT write), so the one rung needs no DHT read to
+    learn of it. A ring is taken only for a gathering this peer has open, only with the caller's own well-formed
+    registration (its peer id is the authenticated caller's), and only if it is newer than the one held: junk
+    rings are dropped and wake nothing."""
 
     _bells: ClassVar[weakref.WeakKeyDictionary[Peer, Bell]] = weakref.WeakKeyDictionary()
 
     def __init__(self, peer: Peer):
         self.peer = peer
-        self.listeners: dict[str, asyncio.Event] = {}
+        self.listeners: dict[str, _Listener] = {}
         self._background: set[asyncio.Task] = set()
         peer.register(RING_METHOD, self._on_ring)
 
@@ -99,17 +131,41 @@ class Bell:
         return cls._bells[peer]
 
     async def _on_ring(self, request: Request) -> dict:
-        event = self.listeners.get(request.header.get("k"))  # a non-str key finds nothing
-        if event is not None:
-            event.set()
+        header = request.header
+        key, version = header.get("k"), header.get("e")
+        listener = self.listeners.get(key) if isinstance(key, str) else None
+        if listener is None or not _is_version(version):
+            return {}
+        held = listener.records.get(request.sender)
+        if held is not None and version <= held[0]:
+            return {}
+        if held is None and len(listener.records) >= MAX_RING_RECORDS:
+            return {}
+        registration = _registration(request.sender, header.get("r"))
+        if registration is not None:
+            listener.records[request.sender] = (float(version), registration)
+            listener.event.set()
         return {}
 
-    def ring(self, address: str, dht_key: str) -> None:
-        """Wake `address`'s gathering under `dht_key` (in the background; failures only cost a poll)."""
-        task = asyncio.ensure_future(self.peer.call(address, RING_METHOD, {"k": dht_key}, timeout=RING_TIMEOUT))
+    def ring(self, address: str, dht_key: str, registration: Registration, version: float) -> None:
+        """Hand `address` our registration under `dht_key` (in the background; a lost ring costs a poll)."""
+        header = {"k": dht_key, "r": registration.record(), "e": version}
+        task = asyncio.ensure_future(self.peer.call(address, RING_METHOD, header, timeout=RING_TIMEOUT))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         task.add_done_callback(lambda t: t.cancelled() or _log_ring_failure(t.exception()))
+
+
+def _peer_id(raw) -> PeerID | None:
+    """The peer id a DHT subkey names (None when it names none)."""
+    try:
+        return PeerID(raw) if isinstance(raw, bytes) else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _is_version(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _log_ring_failure(error: BaseException | None) -> None:
@@ -141,6 +197,47 @@ def grid_groups(members: list[GroupMember], target: int | None, round_number: in
     return [tuple(cell) for cell in cells.values()]
 
 
+@dataclass
+class _Gathering:
+    """One find_group call: our registration and its version (the expiration time of its DHT write, which
+    grows with every write), the newest registration we know of each other peer (from DHT reads and rings;
+    None: withdrawn), and whom we told about our registration."""
+
+    key: str
+    mine: Registration
+    listener: _Listener
+    version: float = 0.0
+    known: dict[PeerID, tuple[float, Registration | None]] = field(default_factory=dict)
+    told: set[PeerID] = field(default_factory=set)
+    aware: set[PeerID] = field(default_factory=set)  # peers that will see our registration without a ring
+    writing: asyncio.Task | None = None  # our registration's write (and read), while under way
+
+    def learn(self, peer_id: PeerID, version: float, registration: Registration | None) -> None:
+        held = self.known.get(peer_id)
+        if held is None or version > held[0]:
+            self.known[peer_id] = (version, registration)
+
+    def learn_read(self, subkeys) -> None:
+        """Take what a DHT read found (a dict of subkeys; anything else finds nothing)."""
+        if not isinstance(subkeys, dict):
+            return
+        for raw_id, entry in subkeys.items():
+            peer_id = _peer_id(raw_id)
+            if peer_id is not None and _is_version(entry.expiration_time):
+                withdrawn = entry.value is None
+                registration = None if withdrawn else _registration(peer_id, entry.value)
+                if withdrawn or registration is not None:
+                    self.learn(peer_id, float(entry.expiration_time), registration)
+
+    def registrations(self) -> list[Registration]:
+        """Everyone's newest live registration (rings merged in), ours as it is now."""
+        for peer_id, (version, registration) in self.listener.records.items():
+            self.learn(peer_id, version, registration)
+        me = self.mine.member.peer_id
+        others = [r for peer_id, (_, r) in self.known.items() if r is not None and peer_id != me]
+        return [*others, self.mine]
+
+
 class Matchmaker:
     """Finds this peer's group for one averaging round through the DHT."""
 
@@ -148,6 +245,7 @@ class Matchmaker:
         self.dht, self.prefix, self.me, self.config = dht, prefix, me, config
         self.bell = Bell.of(peer)
         self._background: set[asyncio.Task] = set()
+        self._versions: collections.OrderedDict[str, float] = collections.OrderedDict()
 
     async def find_group(
         self,
@@ -168,26 +266,36 @@ class Matchmaker:
         give_up_at = time.time() + deadline - time.monotonic() - SETTLE_SECONDS  # wall clock, like gather_until
         now = time.time()
         # Open a gathering of our own; _gather moves us to an earlier one as soon as it sees one.
-        gather_until = scheduled if scheduled is not None else now + self.config.matchmaking_time
+        gather_until = scheduled if scheduled is not None else self._opening_deadline(now, give_up_at)
         full = self._early_close_at(expected)
         if gather_until > give_up_at and full is None:
             logger.info("a gathering for %s would end after our deadline", dht_key)
             return None
-        mine = Registration(self.me, now, gather_until, round_number, gathered)
-        woken = self.bell.listeners.setdefault(dht_key, asyncio.Event())
+        listener = self.bell.listeners.setdefault(dht_key, _Listener())
+        gathering = _Gathering(dht_key, Registration(self.me, now, gather_until, round_number, gathered), listener)
         try:
-            await self._register(dht_key, mine)
-            registrations = await self._gather(dht_key, mine, full, give_up_at, woken)
+            self._register(gathering)
+            registrations = await self._gather(gathering, full, give_up_at)
         except asyncio.CancelledError:
-            self._withdraw_in_background(dht_key)
+            self._withdraw_in_background(gathering)
             raise
         finally:
-            if self.bell.listeners.get(dht_key) is woken:
+            if self.bell.listeners.get(dht_key) is listener:
                 del self.bell.listeners[dht_key]
+            if gathering.writing is not None:  # the gathering closed on rings: let the write finish for latecomers
+                self._keep(gathering.writing)
         if registrations is None:
-            self._withdraw_in_background(dht_key)
+            self._withdraw_in_background(gathering)
             return None
         return self._our_group(dht_key, registrations)
+
+    def _opening_deadline(self, now: float, give_up_at: float) -> float:
+        """The deadline of a gathering we open: matchmaking_time from now, rounded up to the grid (peers that
+        open gatherings at once thus open the same one, and nobody has to move), unless that ends too late."""
+        raw = now + self.config.matchmaking_time
+        grid = min(GATHER_GRID_SECONDS, self.config.matchmaking_time / 4)
+        aligned = math.ceil(raw / grid) * grid
+        return aligned if aligned <= give_up_at else raw
 
     def _our_group(self, dht_key: str, registrations: list[Registration]) -> GroupInfo | None:
         cfg = self.config
@@ -221,32 +329,40 @@ class Matchmaker:
             return None
         return max(cfg.min_group_size, expected)
 
-    async def _gather(
-        self, dht_key: str, mine: Registration, full: int | None, give_up_at: float, woken: asyncio.Event
-    ) -> list[Registration] | None:
+    async def _gather(self, g: _Gathering, full: int | None, give_up_at: float) -> list[Registration] | None:
         """The registrations of our gathering at its cut: everyone registered before its deadline, or the
         earliest `full` when that many registered sooner. None if we are not among them, or the gathering is
-        still open at `give_up_at`."""
-        rung: set[PeerID] = set()
+        still open at `give_up_at`. What we know comes from our registration's read, from rings, and from a
+        DHT read whenever nobody rang for GATHER_POLL_SECONDS. The gathering may close before our own write is
+        done: once rings brought everyone, they have all seen our registration already."""
         while True:
-            woken.clear()
-            registrations = await self._registrations(dht_key, mine)
+            g.listener.event.clear()
+            if g.writing is not None and g.writing.done():
+                written, g.writing = g.writing.result(), None
+                if written is None:
+                    logger.warning("could not register for matchmaking under %s", g.key)
+                else:
+                    found, before_us = written
+                    g.learn_read(found)
+                    g.aware.update(_peer_id(raw) for raw in found if raw not in before_us)
+                    g.aware.discard(None)
+            registrations = g.registrations()
             now = time.time()
-            earlier = [r.gather_until for r in registrations if now < r.gather_until < mine.gather_until]
+            earlier = [r.gather_until for r in registrations if now < r.gather_until < g.mine.gather_until]
             if earlier:  # someone opened a gathering just before us: join it
-                mine = dataclasses.replace(mine, gather_until=min(earlier))
-                await self._register(dht_key, mine)
-                rung.clear()
+                g.mine = dataclasses.replace(g.mine, gather_until=min(earlier))
+                if g.writing is not None:
+                    self._keep(g.writing)  # superseded: what it reads is still news, but we wait for the new one
+                self._register(g)
                 continue
-            on_time = _members_of(registrations, mine.gather_until)
-            for r in on_time:  # tell each registrant we saw that we are here, once per gathering
-                if r.member.peer_id not in rung and r.member.peer_id != self.me.peer_id:
-                    rung.add(r.member.peer_id)
-                    self.bell.ring(r.member.address, dht_key)
+            on_time = _members_of(registrations, g.mine.gather_until)
+            self._ring(g, on_time)
             if full is not None and len(on_time) >= full:
                 if len(on_time) > full:  # unexpected peers: let every registration made before theirs show
                     await asyncio.sleep(EARLY_SETTLE_SECONDS)
-                    on_time = _members_of(await self._registrations(dht_key, mine), mine.gather_until)
+                    await self._read(g)
+                    on_time = _members_of(g.registrations(), g.mine.gather_until)
+                    self._ring(g, on_time)
                 first = sorted(on_time, key=lambda r: (r.registered_at, r.member.peer_id.raw))[:full]
                 if all(r.member.peer_id != self.me.peer_id for r in first):
                     logger.info("the gathering filled up with %d earlier peers", full)
@@ -255,34 +371,85 @@ class Matchmaker:
             if now >= give_up_at:
                 logger.info("the gathering is still open at our deadline (%d of %s peers)", len(on_time), full)
                 return None
-            if now >= mine.gather_until:
+            if now >= g.mine.gather_until:
                 break
-            with contextlib.suppress(TimeoutError):
-                pause = min(GATHER_POLL_SECONDS, mine.gather_until - now, give_up_at - now)
-                await asyncio.wait_for(woken.wait(), pause)
-        await asyncio.sleep(max(0.0, mine.gather_until + SETTLE_SECONDS - time.time()))
-        return _members_of(await self._registrations(dht_key, mine), mine.gather_until)
+            try:
+                async with asyncio.timeout(min(GATHER_POLL_SECONDS, g.mine.gather_until - now, give_up_at - now)):
+                    await g.listener.event.wait()
+            except TimeoutError:
+                if g.writing is None:
+                    await self._read(g)  # nobody rang for a while: look for ourselves
+        await asyncio.sleep(max(0.0, g.mine.gather_until + SETTLE_SECONDS - time.time()))
+        await self._read(g)
+        return _members_of(g.registrations(), g.mine.gather_until)
 
-    async def _register(self, dht_key: str, mine: Registration) -> None:
-        # Each write expires later than the last, so a re-registration (or withdrawal) always replaces it.
-        expiration = time.time() + self.config.matchmaking_time + REGISTRATION_SLACK
-        if not await self.dht.astore(dht_key, mine.record(), expiration, subkey=self.me.peer_id.raw):
-            logger.warning("could not register for matchmaking under %s", dht_key)
+    def _ring(self, g: _Gathering, on_time: list[Registration]) -> None:
+        """Hand our registration to each registrant of our gathering that may not have it: all we have not told
+        yet, but those that rang us from our gathering (they saw our registration to ring us) and those whose
+        write will find ours (some node that took our write did not hold theirs yet)."""
+        for r in on_time:
+            peer_id = r.member.peer_id
+            if peer_id == self.me.peer_id or peer_id in g.told or peer_id in g.aware:
+                continue
+            g.told.add(peer_id)
+            heard = g.listener.records.get(peer_id)
+            if heard is None or heard[1].gather_until != g.mine.gather_until:
+                self.bell.ring(r.member.address, g.key, g.mine, g.version)
 
-    def _withdraw_in_background(self, dht_key: str) -> None:
-        """Replace our registration with a tombstone, so peers still gathering do not count on us."""
-        expiration = time.time() + self.config.matchmaking_time + REGISTRATION_SLACK + 1.0
-        task = asyncio.ensure_future(self.dht.astore(dht_key, None, expiration, subkey=self.me.peer_id.raw))
+    def _next_version(self, dht_key: str) -> float:
+        """The expiration time of our next write under `dht_key`: each is later than the last (newer wins in the
+        DHT and among rings), and a registration outlives its gathering by REGISTRATION_SLACK."""
+        version = time.time() + self.config.matchmaking_time + REGISTRATION_SLACK
+        version = max(version, self._versions.get(dht_key, -math.inf) + VERSION_STEP)
+        self._versions[dht_key] = version
+        self._versions.move_to_end(dht_key)
+        while len(self._versions) > MAX_REMEMBERED_KEYS:
+            self._versions.popitem(last=False)
+        return version
+
+    def _register(self, g: _Gathering) -> None:
+        """Start writing our registration and reading the others' (one DHT lookup; its end wakes the gathering);
+        everyone must hear of it anew."""
+        g.version = self._next_version(g.key)
+        g.told.clear()
+        g.aware.clear()
+        g.writing = asyncio.ensure_future(
+            _store_and_read(self.dht, g.key, g.mine.record(), g.version, self.me.peer_id.raw)
+        )
+        g.writing.add_done_callback(lambda _: g.listener.event.set())
+
+    def _keep(self, task: asyncio.Task) -> None:
+        """Let a background task run to its end (its outcome is not needed)."""
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
-    async def _registrations(self, dht_key: str, mine: Registration | None = None) -> list[Registration]:
-        found = await self.dht.aget(dht_key, latest=True)
-        registrations = _parse(found.value if found is not None else {})
-        if mine is not None:
-            registrations = [r for r in registrations if r.member.peer_id != self.me.peer_id] + [mine]
-        return registrations
+    async def _read(self, g: _Gathering) -> None:
+        found = await self.dht.aget(g.key, latest=True)
+        if found is not None:
+            g.learn_read(found.value)
+
+    def _withdraw_in_background(self, g: _Gathering) -> None:
+        """Replace our registration with a tombstone, so peers still gathering do not count on us."""
+        version = self._next_version(g.key)
+        self._keep(asyncio.ensure_future(self.dht.astore(g.key, None, version, subkey=self.me.peer_id.raw)))
+
+
+async def _store_and_read(dht, key: str, value: Any, expiration: float, subkey: bytes) -> tuple[dict, set] | None:
+    """Store `value` under `key`/`subkey` and read the key in one lookup (DHTNode.store with `read`): the key's
+    subkeys ({subkey: ValueWithExpiration}) as the nodes that took our write held them, and the subkeys whose
+    record every one of those nodes held before ours came (their writers may not have seen ours). None if no
+    node accepted the write."""
+    record = dht.make_record(key, value, expiration, subkey)
+    read = ReadBack(Entry(record.key))
+    (accepted,) = await dht.node.store([record], read=read)
+    if not accepted:
+        return None
+    read.entry.drop_expired(get_dht_time())
+    if read.entry.empty() or read.entry.plain is not None:
+        return {}, set()
+    before_us = {unpack(r.subkey, hashable=True) for r in read.entry.subkeys.values() if read.everywhere(r)}
+    return to_user_value(read.entry).value, before_us
 
 
 def _members_of(registrations: list[Registration], gather_until: float) -> list[Registration]:
@@ -290,22 +457,21 @@ def _members_of(registrations: list[Registration], gather_until: float) -> list[
     return [r for r in registrations if r.gather_until == gather_until and r.registered_at <= gather_until]
 
 
-def _parse(subkeys) -> list[Registration]:
-    """Registrations from the DHT; malformed ones (from buggy or hostile peers) are skipped."""
-    registrations = []
-    if not isinstance(subkeys, dict):
-        return registrations
-    for raw_id, entry in subkeys.items():
-        try:
-            address, bandwidth, mode, registered_at, gather_until, round_number, gathered = entry.value
-            peer_id = PeerID(bytes(raw_id))
-            times = (float(registered_at), float(gather_until))
-            if address.rsplit("/", 1)[1] != str(peer_id) or not (bandwidth >= 0 and math.isfinite(bandwidth)):
-                continue
-            if not all(math.isfinite(t) for t in times) or not (isinstance(round_number, int) and round_number >= 0):
-                continue
-            member = GroupMember(peer_id, str(address), float(bandwidth), Mode(int(mode)))
-            registrations.append(Registration(member, *times, round_number, gathered))
-        except (TypeError, ValueError, AttributeError, IndexError):
-            continue
-    return registrations
+def _registration(peer_id: PeerID, value) -> Registration | None:
+    """`peer_id`'s registration from a record (from the DHT or a ring); None when malformed (from buggy or
+    hostile peers) or when its address names another peer."""
+    if not isinstance(value, list | tuple):
+        return None
+    try:
+        address, bandwidth, mode, registered_at, gather_until, round_number, gathered = value
+        times = (float(registered_at), float(gather_until))
+        if not isinstance(address, str) or address.rsplit("/", 1)[1] != str(peer_id):
+            return None
+        if not (bandwidth >= 0 and math.isfinite(bandwidth)) or not all(math.isfinite(t) for t in times):
+            return None
+        if not (isinstance(round_number, int) and round_number >= 0):
+            return None
+        member = GroupMember(peer_id, address, float(bandwidth), Mode(int(mode)))
+        return Registration(member, *times, round_number, gathered)
+    except (TypeError, ValueError, AttributeError, IndexError):
+        return None

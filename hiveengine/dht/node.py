@@ -6,11 +6,12 @@ Every method runs on the transport's event loop; many nodes can share it (one pr
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import random
 import time
 from collections.abc import Awaitable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
@@ -54,6 +55,31 @@ class Offer(NamedTuple):
 
     records: list[Record]
     blob: tuple[dict, list[torch.Tensor]]
+
+
+@dataclass
+class ReadBack:
+    """What a store's lookup read back (DHTNode.store with `read`): every valid record found, merged into `entry`,
+    and for each (subkey, expiration time) how many of the `takers` held it. A taker is a node that stored our
+    records in the request that read it (this node too, when it stores first), so a record every taker held was
+    written everywhere before ours, and its writer may not have seen ours; one that some taker lacked will see
+    ours when its write gets there."""
+
+    entry: Entry
+    takers: int = 0
+    holders: collections.Counter = field(default_factory=collections.Counter)
+
+    def took(self, records: Iterable[Record]) -> None:
+        """A taker's records (after they were merged into `entry`: those that did not merge are not counted)."""
+        self.takers += 1
+        for record in records:
+            held = self.entry.plain if record.subkey is None else self.entry.subkeys.get(record.subkey)
+            if held is not None and held.same_content(record):
+                self.holders[record.subkey, record.expiration_time] += 1
+
+    def everywhere(self, record: Record) -> bool:
+        """Whether every taker held `record` before ours came."""
+        return self.holders[record.subkey, record.expiration_time] >= self.takers
 
 
 class DHTNode:
@@ -166,6 +192,7 @@ class DHTNode:
         found: Entry | None = None,
         stop_early: bool = False,
         offer: Offer | None = None,
+        readback: ReadBack | None = None,
     ) -> tuple[list[Contact], dict[int, list[bool]]]:
         """Iterative Kademlia lookup of `target` with `alpha` RPCs in flight. Returns the k closest nodes that
         answered, and what each node that took the `offer`ed records said about each. With `key`, every valid
@@ -213,6 +240,8 @@ class DHTNode:
                                 candidates[new.id] = new
                     for record in records or ():
                         self._merge_found(found, record)
+                    if readback is not None and accepted is not None and all(accepted):
+                        readback.took(records or ())
                 if stop_early and found is not None and not found.empty():
                     break
         finally:
@@ -253,18 +282,38 @@ class DHTNode:
             return False
         return len(contacts) < self.config.k or (self.id ^ target) < (contacts[-1].id ^ target)
 
-    async def store(self, records: Sequence[Record], store_locally: bool = True) -> list[bool]:
+    async def store(
+        self, records: Sequence[Record], store_locally: bool = True, read: ReadBack | None = None
+    ) -> list[bool]:
         """Replicate records of one key to the k closest nodes; for each record, whether any node accepted it.
         The lookup offers the records to the nodes it asks, so only the closest nodes that did not take them
-        then (because they did not count themselves among the k closest) get a separate store call."""
+        then (because they did not count themselves among the k closest) get a separate store call.
+
+        With `read`, the same lookup also reads the key: every valid record the asked nodes hold once they took
+        ours is merged into `read.entry` (a store and a get in one lookup; see ReadBack for what else it tells).
+        This node then stores first, before any request goes out, so two nodes that store-and-read at once
+        always see each other's record: whichever of them reaches a node that holds both second reads both
+        there (this node's copy counts, as a replica or as a harmless extra)."""
         records = list(records)
         target = key_id(records[0].key)
         blob = protocol.records_blob(records)
-        closest, stored = await self._lookup(target, offer=Offer(records, blob))
+        early = None
+        if read is not None and store_locally and not self.client_mode:
+            early = [self._store_local(r) for r in records]
+            held = self.storage.get(target)
+            found = [r for r in held.records() if self._readable(r)] if held is not None else []
+            for record in found:
+                read.entry.merge(record)
+            if all(early):
+                read.took(found)
+        key, found = (None, None) if read is None else (records[0].key, read.entry)
+        closest, stored = await self._lookup(target, key, found, offer=Offer(records, blob), readback=read)
         accepted = [False] * len(records)
         if self._closer_than_all(target, closest):  # then this node is one of the k replicas
             closest = closest[: self.config.k - 1]
-            if store_locally:
+            if early is not None:
+                accepted = early
+            elif store_locally:
                 accepted = [self._store_local(r) for r in records]
         for contact in closest:  # copies taken by farther nodes are harmless extras, not successes
             if contact.id in stored:
