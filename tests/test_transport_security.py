@@ -297,7 +297,7 @@ def test_an_altered_frame_closes_the_connection_before_its_handler_runs():
         body = {"k": Kind.REQUEST, "i": conn.new_request_id(), "m": "record", "h": {}, "d": 10}
         body.update(f=[["uint8", [frame.nbytes], "cpu"]], s=conn._reserve_seqs(1), z=1)
         counter = conn.session.sent
-        sealed_frame = conn.session.seal_frame(counter, 0, frame)
+        sealed_frame = conn.session.seal_frame(counter, 0, frame, np.empty(frame.nbytes + 16, dtype=np.uint8))
         sealed_frame[100] ^= 1
         _, message = conn.session.seal_control(encode_control(body, conn.limits), True)
 

@@ -193,13 +193,23 @@ class Connection:
         if read is not None:
             return [*futures, read]
         for i, frame in enumerate(wire_frames):
-            if frame is not None:
-                tag = _tag(self.send_base, _frame_seq(body["s"], i))
-                future = self.reactor.tag_send(self.endpoint, frame, tag)
-                if body.get("z") == 1:
-                    future.add_done_callback(lambda f, buf=frame: f.cancelled() or f.exception() or SCRATCH.give(buf))
-                futures.append(future)
+            if frame is None:
+                continue
+            tag = _tag(self.send_base, _frame_seq(body["s"], i))
+            if isinstance(frame, asyncio.Future):  # being sealed on a crypto thread: send it once sealed
+                futures.append(asyncio.ensure_future(self._send_sealed(frame, tag)))
+                continue
+            future = self.reactor.tag_send(self.endpoint, frame, tag)
+            if body.get("z") == 1:
+                future.add_done_callback(lambda f, buf=frame: f.cancelled() or f.exception() or SCRATCH.give(buf))
+            futures.append(future)
         return futures
+
+    async def _send_sealed(self, sealing: asyncio.Future, tag: int) -> None:
+        buf = await sealing
+        self._check_open()
+        await self.reactor.tag_send(self.endpoint, buf, tag)
+        SCRATCH.give(buf)
 
     @property
     def same_host(self) -> bool:
@@ -215,11 +225,19 @@ class Connection:
         counter = self.session.sent  # the counter seal_control gives this message next
         if encrypt:
             body["z"] = 1
-            return [
-                self.session.seal_frame(counter, i, _host_bytes(f)) if f.numel() else None for i, f in enumerate(frames)
-            ]
+            return [self._seal(counter, i, f) if f.numel() else None for i, f in enumerate(frames)]
         body["t"] = [self.session.frame_tag(counter, i, _host_bytes(f)) for i, f in enumerate(frames)]
         return [wire_buffer(f) if f.numel() else None for f in frames]
+
+    def _seal(self, counter: int, index: int, frame: torch.Tensor):
+        """Frame `index` of message `counter`, encrypted: the sealed buffer, or for a large frame a future of it
+        (sealed on a crypto thread)."""
+        out = SCRATCH.take(frame.numel() + TAG_BYTES)
+        data = _host_bytes(frame)
+        if frame.numel() < session.OFFLOAD_BYTES:
+            return self.session.seal_frame(counter, index, data, out)
+        work = session.crypto_pool().submit(self.session.seal_frame, counter, index, data, out)
+        return asyncio.wrap_future(work)
 
     async def send_message(self, message: bytes) -> None:
         """Seal one fully encoded control message (no frames) and send it: for tests and tools that speak the
@@ -313,7 +331,12 @@ class Connection:
             counter = body["_n"]
             for buf, (i, frame) in zip(buffers, posting, strict=True):
                 if sealed:
-                    _open_into(self.session, counter, first_index + i, buf, frame)
+                    if frame.numel() < session.OFFLOAD_BYTES:
+                        _open_into(self.session, counter, first_index + i, buf, frame)
+                    else:  # off the loop, which keeps progressing other transfers meanwhile
+                        loop = asyncio.get_running_loop()
+                        pool = session.crypto_pool()
+                        await loop.run_in_executor(pool, _open_into, self.session, counter, first_index + i, buf, frame)
                     SCRATCH.give(buf)
                 else:
                     self.session.check_frame(counter, first_index + i, _host_bytes(frame), tags[first_index + i])

@@ -26,6 +26,7 @@ AES-GCM key per direction):
 
 from __future__ import annotations
 
+import concurrent.futures
 import struct
 
 import numpy as np
@@ -65,6 +66,18 @@ class ScratchPool:
 
 
 SCRATCH = ScratchPool()  # one per process: used only on the transport loop's thread
+# Frames at least this large are sealed and opened on CRYPTO_THREADS threads (cryptography releases the GIL), so the
+# event loop keeps progressing UCX meanwhile: a sender seals the next chunk while the previous one is on the wire.
+OFFLOAD_BYTES = 1 << 20
+CRYPTO_THREADS = 2
+_crypto_pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def crypto_pool() -> concurrent.futures.ThreadPoolExecutor:
+    global _crypto_pool
+    if _crypto_pool is None:
+        _crypto_pool = concurrent.futures.ThreadPoolExecutor(CRYPTO_THREADS, thread_name_prefix="hiveengine-crypto")
+    return _crypto_pool
 
 
 def nonce(counter: int, index: int) -> bytes:
@@ -90,10 +103,9 @@ class Session:
         mode = b"\x00"
         return counter, b"".join((mode, message, self._send.encrypt(nonce(counter, 0), b"", mode + message)))
 
-    def seal_frame(self, counter: int, index: int, frame: np.ndarray) -> np.ndarray:
-        """Frame `index` of message `counter`, encrypted (ciphertext | tag) into a scratch buffer (give it back
-        to SCRATCH once sent)."""
-        out = SCRATCH.take(frame.nbytes + TAG_BYTES)
+    def seal_frame(self, counter: int, index: int, frame: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """Frame `index` of message `counter`, encrypted (ciphertext | tag) into `out` (frame.nbytes + TAG_BYTES;
+        safe on any thread: the cipher releases the GIL, so large frames are sealed off the event loop)."""
         self._send.encrypt_into(nonce(counter, index + 1), frame, None, out)
         return out
 
