@@ -352,3 +352,13 @@ def test_checkpoint_file_names_stay_in_their_directory(tmp_path):
     paths = [checkpoint_path(tmp_path, uid) for uid in names]
     assert len(set(paths)) == len(names)
     assert all(p.parent == tmp_path and len(p.name) <= 255 and "/" not in p.name for p in paths)
+
+
+@pytest.mark.parametrize("name", ["expert_uids", "optim_cls", "num_warmup_steps", "initial_peers"])
+def test_hivemind_server_spellings_name_the_hiveengine_one(name):
+    from hiveengine.errors import ConfigurationError
+    from hiveengine.moe.server.server import HIVEMIND_SPELLINGS, Server
+
+    with pytest.raises(ConfigurationError, match=f"{name}= is hivemind's; in hiveengine use"):
+        Server.create("ffn", ["ffn.0"], 8, start=False, **{name: 1})
+    assert HIVEMIND_SPELLINGS[name]

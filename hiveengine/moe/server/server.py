@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from hiveengine.dht import DHT, get_dht_time
-from hiveengine.errors import ConfigurationError, ProtocolError
+from hiveengine.errors import ConfigurationError, ProtocolError, refuse_unknown_options
 from hiveengine.moe.protocol import BACKWARD, DHT_TIMEOUT, FORWARD, FORWARD_ID, INFO, adeclare_experts
 from hiveengine.moe.server.backend import ExpertBackend, SchedulerFactory
 from hiveengine.moe.server.experts import get_expert_class
@@ -21,6 +21,22 @@ from hiveengine.moe.server.runtime import DEFAULT_BATCH_WAIT, DEFAULT_MAX_BATCH_
 from hiveengine.transport import Peer, Request
 
 logger = logging.getLogger(__name__)
+
+# hivemind's Server.create / ExpertBackend arguments that hiveengine spells differently, and what to use.
+HIVEMIND_SPELLINGS = {
+    "expert_uids": "uids=",
+    "optim_cls": "optimizer= (a factory taking the parameters)",
+    "num_warmup_steps": "scheduler= (a torch LR scheduler factory, e.g. a LambdaLR with your warm-up)",
+    "num_training_steps": "scheduler= (a torch LR scheduler factory)",
+    "num_total_steps": "scheduler= (a torch LR scheduler factory)",
+    "num_handlers": "nothing: one batching runtime serves every expert",
+    "min_batch_size": "batch_wait= (how long to wait to fill a batch)",
+    "initial_peers": "dht=hiveengine.DHT(initial_peers=[...])",
+    "stats_report_interval": "nothing here; `hiveengine serve --stats-interval`",
+    "custom_module_path": "hiveengine.moe.register_expert_class (import your module first)",
+    "compression": "nothing: expert tensors travel uncompressed",
+    "expiration": "update_period= (declarations expire two periods after the last)",
+}
 
 DEFAULT_UPDATE_PERIOD = 30.0  # seconds between re-declarations of the experts in the DHT
 EXPIRATION_PERIODS = 2  # a declaration lives this many update periods, so one missed refresh does not hide them
@@ -90,6 +106,9 @@ class Server:
         restored from `checkpoint_dir` where a checkpoint exists; started unless `start=False`. Each expert gets
         its own `optimizer(parameters)` and `scheduler(optimizer)`, and clips its gradients' norm to
         `clip_grad_norm` before each update (see ExpertBackend); other keyword arguments go to the constructor."""
+        refuse_unknown_options(
+            "Server.create", {k: v for k, v in kwargs.items() if k in HIVEMIND_SPELLINGS}, HIVEMIND_SPELLINGS
+        )
         klass = get_expert_class(expert_cls)
         experts = {}
         for i, uid in enumerate(uids):
