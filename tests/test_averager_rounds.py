@@ -206,6 +206,8 @@ def test_hostile_rings_are_dropped_and_wake_nothing():
                     [str(stranger.address), 1.0, 0, now, now + 5, -1, None],
                     [str(stranger.address), 1.0, 7, now, now + 5, 0, None],
                     ["ucx://x:1/zz", 1.0, 0, now, now + 5, 0, None],
+                    [str(stranger.address), 1.0, 0, now, now + 5, 0, None, b"not a peer id"],
+                    [*own.record(), None],
                     forged.record(),
                 ]
                 headers = [{}, {"k": 5}, {"k": [1]}, {"k": b"x" * 10_000}, {"k": key}, {"k": key, "e": 1.0}]
@@ -251,8 +253,9 @@ def test_concurrent_store_and_reads_see_each_other():
 
             reads = runtime.run(all_writes(), WAIT_LIMIT)
             ids = [d.peer_id.raw for d in dhts]
-            for i, (found, before) in enumerate(reads):
-                assert ids[i] in found
+            nodes = {int.from_bytes(raw, "big") for raw in ids}
+            for i, (found, before, takers) in enumerate(reads):
+                assert ids[i] in found and takers == nodes
                 for j in range(len(dhts)):
                     if j != i:
                         assert ids[j] in found or ids[i] in reads[j][0], "neither of two writers read the other"
@@ -261,6 +264,45 @@ def test_concurrent_store_and_reads_see_each_other():
     finally:
         for dht in reversed(dhts):
             dht.shutdown()
+
+
+def test_registrants_learn_of_each_other_from_their_dht_nodes_without_rings():
+    """When every DHT node stores the gathering's key (a swarm of at most k nodes), a registrant learns of each
+    other one as its write reaches the registrant's own node: nobody needs a ring."""
+    from hiveengine.averaging.matchmaking import Bell
+
+    rung = []
+    with swarm(3) as averagers:
+        original = Bell.ring
+        Bell.ring = lambda self, *args: rung.append(args)
+        try:
+            results = together(averagers, expected_peers=3, key="watched")
+        finally:
+            Bell.ring = original
+        assert all(r is not None and len(r.group.members) == 3 for r in results)
+        assert rung == []
+
+
+def test_a_dht_watch_sees_the_records_stored_on_its_node_until_unwatched():
+    from hiveengine.dht.serialization import pack
+
+    with swarm(2) as (a, b):
+        seen = []
+        key = "watched-key"
+        unwatch = a.peer.runtime.run(_watch(a.dht, pack(key, "key"), seen), WAIT_LIMIT)
+        assert b.dht.store(key, "first", get_dht_time() + 30, subkey="b")
+        assert [r.subkey for r in seen] == [pack("b", "subkey")]
+        a.peer.runtime.run(_call(unwatch), WAIT_LIMIT)
+        assert b.dht.store(key, "second", get_dht_time() + 31, subkey="b")
+        assert len(seen) == 1
+
+
+async def _watch(dht, key: bytes, seen: list):
+    return dht.node.watch(key, seen.append)
+
+
+async def _call(function):
+    return function()
 
 
 def test_a_withdrawn_registration_is_replaced_by_the_next_one():

@@ -242,6 +242,8 @@ async def run_allreduce(
         async with asyncio.timeout(timeout):
             if me.contributes:
                 for part, reducer in enumerate(reducers):
+                    if spans[part][0] == spans[part][1]:
+                        continue  # an empty part: nothing to send (nor to fail)
                     exchange = _exchange_part(
                         service,
                         group,
@@ -258,7 +260,8 @@ async def run_allreduce(
                         local_round if part == my_part else None,
                     )
                     exchanges[part] = asyncio.ensure_future(exchange)
-                await asyncio.wait(exchanges.values())
+                if exchanges:
+                    await asyncio.wait(exchanges.values())
             if local_round is not None:
                 await _serve_until_reduced(local_round)
     except TimeoutError:
@@ -308,12 +311,12 @@ async def _exchange_part(
     semaphore = asyncio.Semaphore(window)
     fewest = len(group.senders)
     chunks = chunk_spans(*span, chunk_elements)
-    lossless = codec.name == "none"  # the mean can land straight in `flat`
-    layout = ("send", codec.name, tuple(chunks), flat.device)
-    sends, means = service.buffers.get(
-        layout,
-        lambda: tuple([codec.empty_payload(e - s, flat.device) for s, e in chunks] for _ in range(2)),
-    )
+    lossless = codec.name == "none"  # the chunk goes as it is and the mean lands straight in `flat`
+    if not lossless:
+        sends, means = service.buffers.get(
+            ("send", codec.name, tuple(chunks), flat.device),
+            lambda: tuple([codec.empty_payload(e - s, flat.device) for s, e in chunks] for _ in range(2)),
+        )
 
     async def one_chunk(index: int, start: int, end: int) -> None:
         nonlocal fewest
@@ -338,10 +341,23 @@ async def _exchange_part(
                 count = int(reply.get("n", 0))
             fewest = min(fewest, count)
 
-    outcomes = await asyncio.gather(*(one_chunk(i, s, e) for i, (s, e) in enumerate(chunks)), return_exceptions=True)
+    if len(chunks) == 1:  # most rounds of small buffers: no task per chunk
+        outcomes = [await _outcome(one_chunk(0, *chunks[0]))]
+    else:
+        sending = (one_chunk(i, s, e) for i, (s, e) in enumerate(chunks))
+        outcomes = await asyncio.gather(*sending, return_exceptions=True)
     errors = [o for o in outcomes if isinstance(o, BaseException)]
     if errors:
         if not all(isinstance(e, TransportError | AllReduceError | TimeoutError) for e in errors):
             raise errors[0]
         raise AllReduceError(f"{len(errors)} of {len(chunks)} chunks of part {part} failed: {errors[0]}")
     return fewest
+
+
+async def _outcome(coro) -> BaseException | None:
+    """Await `coro`; its exception, if it raised one (as gather(return_exceptions=True) reports it)."""
+    try:
+        await coro
+    except Exception as e:
+        return e
+    return None

@@ -10,16 +10,19 @@ the caller says how many peers to expect, the gathering closes as soon as that m
 gives up or is cancelled before the cut withdraws its registration, so nobody waits for it.
 
 How registrants learn of each other without waiting. A registration is written and the key read back in one
-DHT lookup (DHTNode.store with `read`): each node stores it and answers with what it holds, so of two peers
-that register at once at least one reads the other. That one rings the other (a one-message call over the
-transport, the Bell) handing it its registration and the registration's version (the expiration time of its
-DHT write; every write of a peer under a key expires later than its last, so the newest wins, withdrawals
-included): the peer rung needs no DHT read. A peer rings only those that may not have seen it: not those that
-rang it, nor those whose write some node had not taken yet when ours came (they read ours there). A ring is
-taken only for a gathering the peer has open, only with the caller's own well-formed registration (its peer id
-is the authenticated caller's), and only when newer than the one held; junk is dropped and wakes nothing. A
-gathering that nobody rings for GATHER_POLL_SECONDS reads the DHT (a lost ring costs that much). So when all
-expected peers are present, a round's matchmaking costs one DHT lookup and at most one ring per pair.
+DHT lookup that asks every known node at once (DHTNode.store with `read`): each node stores it and answers with
+what it holds, so of two peers that register at once at least one reads the other. A registrant also watches
+its own DHT node (DHTNode.watch): another's write that reaches it tells it at once, with no message of its own.
+When neither tells a peer (its DHT node stores no copy: a swarm larger than k, a client-mode node), the
+registrant that read it rings it (a one-message call over the transport, the Bell), handing it its
+registration and the registration's version (the expiration time of its DHT write; every write of a peer under
+a key expires later than its last, so the newest wins, withdrawals included). A peer rings only once its write
+is done, and not those whose DHT node took it, nor those that rang it, nor those whose write will find ours
+(some node that took ours did not hold theirs yet). A ring is taken only for a gathering the peer has open,
+only with the caller's own well-formed registration (its peer id is the authenticated caller's), and only when
+newer than the one held; junk is dropped and wakes nothing. A gathering that hears nothing for
+GATHER_POLL_SECONDS reads the DHT. So when all expected peers are present in a swarm of at most k DHT nodes,
+a round's matchmaking costs each peer one DHT lookup (one round trip) and no other message.
 
 The grid (Moshpit SGD, Ryabinin et al., 2021). The members, ranked by peer id, sit on a d-dimensional grid
 whose side is at most target_group_size. Round r groups the peers that share every coordinate but coordinate
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -45,9 +49,9 @@ import msgpack
 from hiveengine.averaging.group import GroupInfo, GroupMember, Mode
 from hiveengine.dht.dht import to_user_value
 from hiveengine.dht.node import ReadBack
-from hiveengine.dht.serialization import unpack
+from hiveengine.dht.serialization import pack, unpack
 from hiveengine.dht.storage import Entry, get_dht_time
-from hiveengine.errors import ConfigurationError, HiveEngineError
+from hiveengine.errors import ConfigurationError, HiveEngineError, ProtocolError
 from hiveengine.transport import Peer, PeerID, Request
 
 logger = logging.getLogger(__name__)
@@ -92,10 +96,20 @@ class Registration:
     gather_until: float
     round: int = 0
     gathered: Any = None
+    dht_node: bytes | None = None  # the peer id of the registrant's DHT node, if it stores records
 
     def record(self) -> list:
         m = self.member
-        return [m.address, m.bandwidth, int(m.mode), self.registered_at, self.gather_until, self.round, self.gathered]
+        return [
+            m.address,
+            m.bandwidth,
+            int(m.mode),
+            self.registered_at,
+            self.gather_until,
+            self.round,
+            self.gathered,
+            self.dht_node,
+        ]
 
 
 class _Listener:
@@ -210,7 +224,22 @@ class _Gathering:
     known: dict[PeerID, tuple[float, Registration | None]] = field(default_factory=dict)
     told: set[PeerID] = field(default_factory=set)
     aware: set[PeerID] = field(default_factory=set)  # peers that will see our registration without a ring
+    takers: set[int] = field(default_factory=set)  # the DHT nodes that stored our registration as they read
     writing: asyncio.Task | None = None  # our registration's write (and read), while under way
+
+    def learn_stored(self, record) -> bool:
+        """Take a record our DHT node just stored under the gathering's key; whether it was news."""
+        try:
+            peer_id = _peer_id(unpack(record.subkey, hashable=True)) if record.subkey is not None else None
+            value = unpack(record.value) if peer_id is not None else None
+        except ProtocolError:
+            return False
+        registration = None if value is None else _registration(peer_id, value)
+        if peer_id is None or peer_id == self.mine.member.peer_id or (value is not None and registration is None):
+            return False
+        held = self.known.get(peer_id)
+        self.learn(peer_id, record.expiration_time, registration)
+        return self.known.get(peer_id) is not held
 
     def learn(self, peer_id: PeerID, version: float, registration: Registration | None) -> None:
         held = self.known.get(peer_id)
@@ -272,7 +301,15 @@ class Matchmaker:
             logger.info("a gathering for %s would end after our deadline", dht_key)
             return None
         listener = self.bell.listeners.setdefault(dht_key, _Listener())
-        gathering = _Gathering(dht_key, Registration(self.me, now, gather_until, round_number, gathered), listener)
+        dht_node = None if self.dht.client_mode else self.dht.peer_id.raw  # a client-mode node stores nothing
+        mine = Registration(self.me, now, gather_until, round_number, gathered, dht_node)
+        gathering = _Gathering(dht_key, mine, listener)
+
+        def stored(record) -> None:  # another registrant's write reached our DHT node
+            if gathering.learn_stored(record):
+                listener.event.set()
+
+        unwatch = self.dht.node.watch(pack(dht_key, "key"), stored)
         try:
             self._register(gathering)
             registrations = await self._gather(gathering, full, give_up_at)
@@ -280,13 +317,16 @@ class Matchmaker:
             self._withdraw_in_background(gathering)
             raise
         finally:
+            unwatch()
             if self.bell.listeners.get(dht_key) is listener:
                 del self.bell.listeners[dht_key]
-            if gathering.writing is not None:  # the gathering closed on rings: let the write finish for latecomers
+            if gathering.writing is not None:  # closed before our write was done: let it finish for latecomers
                 self._keep(gathering.writing)
         if registrations is None:
             self._withdraw_in_background(gathering)
             return None
+        if gathering.writing is not None:  # and then ring whoever still needs our registration
+            gathering.writing.add_done_callback(lambda _: self._ring_after_write(gathering, registrations))
         return self._our_group(dht_key, registrations)
 
     def _opening_deadline(self, now: float, give_up_at: float) -> float:
@@ -336,16 +376,14 @@ class Matchmaker:
         DHT read whenever nobody rang for GATHER_POLL_SECONDS. The gathering may close before our own write is
         done: once rings brought everyone, they have all seen our registration already."""
         while True:
+            if g.writing is not None and not g.writing.done() and not g.listener.event.is_set():
+                # Nothing new to look at until our write reads back or a ring comes.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(max(0.0, min(g.mine.gather_until, give_up_at) - time.time())):
+                        await g.listener.event.wait()
             g.listener.event.clear()
             if g.writing is not None and g.writing.done():
-                written, g.writing = g.writing.result(), None
-                if written is None:
-                    logger.warning("could not register for matchmaking under %s", g.key)
-                else:
-                    found, before_us = written
-                    g.learn_read(found)
-                    g.aware.update(_peer_id(raw) for raw in found if raw not in before_us)
-                    g.aware.discard(None)
+                self._take_write(g)
             registrations = g.registrations()
             now = time.time()
             earlier = [r.gather_until for r in registrations if now < r.gather_until < g.mine.gather_until]
@@ -384,14 +422,19 @@ class Matchmaker:
         return _members_of(g.registrations(), g.mine.gather_until)
 
     def _ring(self, g: _Gathering, on_time: list[Registration]) -> None:
-        """Hand our registration to each registrant of our gathering that may not have it: all we have not told
-        yet, but those that rang us from our gathering (they saw our registration to ring us) and those whose
-        write will find ours (some node that took our write did not hold theirs yet)."""
+        """Once our write is done, hand our registration to each registrant of our gathering that may not have
+        it: all we have not told yet, but those whose DHT node stored it (their gathering watches that node),
+        those that rang us from our gathering (they saw our registration to ring us), and those whose write
+        will find ours (some node that took our write did not hold theirs yet)."""
+        if g.writing is not None:
+            return
         for r in on_time:
             peer_id = r.member.peer_id
             if peer_id == self.me.peer_id or peer_id in g.told or peer_id in g.aware:
                 continue
             g.told.add(peer_id)
+            if r.dht_node is not None and int.from_bytes(r.dht_node, "big") in g.takers:
+                continue
             heard = g.listener.records.get(peer_id)
             if heard is None or heard[1].gather_until != g.mine.gather_until:
                 self.bell.ring(r.member.address, g.key, g.mine, g.version)
@@ -418,6 +461,23 @@ class Matchmaker:
         )
         g.writing.add_done_callback(lambda _: g.listener.event.set())
 
+    def _take_write(self, g: _Gathering) -> _Gathering:
+        """Take in what our finished write read back (raising what it raised, if the gathering is open)."""
+        task, g.writing = g.writing, None
+        written = None if task.cancelled() else task.result()
+        if written is None:
+            logger.warning("could not register for matchmaking under %s", g.key)
+            return g
+        found, before_us, g.takers = written
+        g.learn_read(found)
+        g.aware.update(_peer_id(raw) for raw in found if raw not in before_us)
+        g.aware.discard(None)
+        return g
+
+    def _ring_after_write(self, g: _Gathering, cut: list[Registration]) -> None:
+        if not g.writing.cancelled() and g.writing.exception() is None:
+            self._ring(self._take_write(g), cut)
+
     def _keep(self, task: asyncio.Task) -> None:
         """Let a background task run to its end (its outcome is not needed)."""
         self._background.add(task)
@@ -435,21 +495,23 @@ class Matchmaker:
         self._keep(asyncio.ensure_future(self.dht.astore(g.key, None, version, subkey=self.me.peer_id.raw)))
 
 
-async def _store_and_read(dht, key: str, value: Any, expiration: float, subkey: bytes) -> tuple[dict, set] | None:
+async def _store_and_read(
+    dht, key: str, value: Any, expiration: float, subkey: bytes
+) -> tuple[dict, set, set[int]] | None:
     """Store `value` under `key`/`subkey` and read the key in one lookup (DHTNode.store with `read`): the key's
-    subkeys ({subkey: ValueWithExpiration}) as the nodes that took our write held them, and the subkeys whose
-    record every one of those nodes held before ours came (their writers may not have seen ours). None if no
-    node accepted the write."""
+    subkeys ({subkey: ValueWithExpiration}) as the nodes that took our write held them, the subkeys whose
+    record every one of those nodes held before ours came (their writers may not have seen ours), and the ids
+    of those nodes. None if no node accepted the write."""
     record = dht.make_record(key, value, expiration, subkey)
     read = ReadBack(Entry(record.key))
-    (accepted,) = await dht.node.store([record], read=read)
+    (accepted,) = await dht.node.store([record], read=read, wide=True)
     if not accepted:
         return None
     read.entry.drop_expired(get_dht_time())
     if read.entry.empty() or read.entry.plain is not None:
-        return {}, set()
+        return {}, set(), read.taker_ids
     before_us = {unpack(r.subkey, hashable=True) for r in read.entry.subkeys.values() if read.everywhere(r)}
-    return to_user_value(read.entry).value, before_us
+    return to_user_value(read.entry).value, before_us, read.taker_ids
 
 
 def _members_of(registrations: list[Registration], gather_until: float) -> list[Registration]:
@@ -460,18 +522,21 @@ def _members_of(registrations: list[Registration], gather_until: float) -> list[
 def _registration(peer_id: PeerID, value) -> Registration | None:
     """`peer_id`'s registration from a record (from the DHT or a ring); None when malformed (from buggy or
     hostile peers) or when its address names another peer."""
-    if not isinstance(value, list | tuple):
+    if not isinstance(value, list | tuple) or len(value) not in (7, 8):
         return None
     try:
-        address, bandwidth, mode, registered_at, gather_until, round_number, gathered = value
+        address, bandwidth, mode, registered_at, gather_until, round_number, gathered, *dht_node = value
+        dht_node = dht_node[0] if dht_node else None
         times = (float(registered_at), float(gather_until))
         if not isinstance(address, str) or address.rsplit("/", 1)[1] != str(peer_id):
+            return None
+        if dht_node is not None and _peer_id(dht_node) is None:
             return None
         if not (bandwidth >= 0 and math.isfinite(bandwidth)) or not all(math.isfinite(t) for t in times):
             return None
         if not (isinstance(round_number, int) and round_number >= 0):
             return None
         member = GroupMember(peer_id, address, float(bandwidth), Mode(int(mode)))
-        return Registration(member, *times, round_number, gathered)
+        return Registration(member, *times, round_number, gathered, dht_node)
     except (TypeError, ValueError, AttributeError, IndexError):
         return None

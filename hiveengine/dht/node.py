@@ -10,7 +10,7 @@ import collections
 import logging
 import random
 import time
-from collections.abc import Awaitable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -68,10 +68,12 @@ class ReadBack:
     entry: Entry
     takers: int = 0
     holders: collections.Counter = field(default_factory=collections.Counter)
+    taker_ids: set[int] = field(default_factory=set)  # the node ids of the takers
 
-    def took(self, records: Iterable[Record]) -> None:
+    def took(self, taker: int, records: Iterable[Record]) -> None:
         """A taker's records (after they were merged into `entry`: those that did not merge are not counted)."""
         self.takers += 1
+        self.taker_ids.add(taker)
         for record in records:
             held = self.entry.plain if record.subkey is None else self.entry.subkeys.get(record.subkey)
             if held is not None and held.same_content(record):
@@ -97,6 +99,7 @@ class DHTNode:
         self.my_address = None if client_mode else str(peer.address)
         self._pinging: set[int] = set()
         self._tasks: set[asyncio.Task] = set()
+        self._watchers: dict[bytes, list[Callable[[Record], None]]] = {}
         self._closed = False
         if not client_mode:
             peer.register(protocol.PING, self._on_ping)
@@ -193,13 +196,16 @@ class DHTNode:
         stop_early: bool = False,
         offer: Offer | None = None,
         readback: ReadBack | None = None,
+        wide: bool = False,
     ) -> tuple[list[Contact], dict[int, list[bool]]]:
-        """Iterative Kademlia lookup of `target` with `alpha` RPCs in flight. Returns the k closest nodes that
-        answered, and what each node that took the `offer`ed records said about each. With `key`, every valid
-        record found is merged into `found`; `stop_early` ends the lookup at the first one (and starts with one
-        request in flight, see DHTConfig.solo_wait). Dead nodes cost one rpc_timeout each and are skipped; the
-        lookup never hangs."""
-        k, alpha = self.config.k, self.config.alpha
+        """Iterative Kademlia lookup of `target` with `alpha` RPCs in flight (`wide`: k, so a swarm whose nodes
+        we all know is asked in one round trip, not k / alpha). Returns the k closest nodes that answered, and
+        what each node that took the `offer`ed records said about each. With `key`, every valid record found is
+        merged into `found`; `stop_early` ends the lookup at the first one (and starts with one request in
+        flight, see DHTConfig.solo_wait). Dead nodes cost one rpc_timeout each and are skipped; the lookup never
+        hangs."""
+        k = self.config.k
+        alpha = k if wide else self.config.alpha
         width = 1 if stop_early else alpha
         self.table.mark_lookup(target)
         candidates = {c.id: c for c in self.table.nearest(target, k)}
@@ -241,7 +247,7 @@ class DHTNode:
                     for record in records or ():
                         self._merge_found(found, record)
                     if readback is not None and accepted is not None and all(accepted):
-                        readback.took(records or ())
+                        readback.took(contact.id, records or ())
                 if stop_early and found is not None and not found.empty():
                     break
         finally:
@@ -283,7 +289,7 @@ class DHTNode:
         return len(contacts) < self.config.k or (self.id ^ target) < (contacts[-1].id ^ target)
 
     async def store(
-        self, records: Sequence[Record], store_locally: bool = True, read: ReadBack | None = None
+        self, records: Sequence[Record], store_locally: bool = True, read: ReadBack | None = None, wide: bool = False
     ) -> list[bool]:
         """Replicate records of one key to the k closest nodes; for each record, whether any node accepted it.
         The lookup offers the records to the nodes it asks, so only the closest nodes that did not take them
@@ -293,7 +299,8 @@ class DHTNode:
         ours is merged into `read.entry` (a store and a get in one lookup; see ReadBack for what else it tells).
         This node then stores first, before any request goes out, so two nodes that store-and-read at once
         always see each other's record: whichever of them reaches a node that holds both second reads both
-        there (this node's copy counts, as a replica or as a harmless extra)."""
+        there (this node's copy counts, as a replica or as a harmless extra). `wide`: ask up to k nodes at once
+        (latency-bound writes such as matchmaking registrations)."""
         records = list(records)
         target = key_id(records[0].key)
         blob = protocol.records_blob(records)
@@ -305,9 +312,9 @@ class DHTNode:
             for record in found:
                 read.entry.merge(record)
             if all(early):
-                read.took(found)
+                read.took(self.id, found)
         key, found = (None, None) if read is None else (records[0].key, read.entry)
-        closest, stored = await self._lookup(target, key, found, offer=Offer(records, blob), readback=read)
+        closest, stored = await self._lookup(target, key, found, offer=Offer(records, blob), readback=read, wide=wide)
         accepted = [False] * len(records)
         if self._closer_than_all(target, closest):  # then this node is one of the k replicas
             closest = closest[: self.config.k - 1]
@@ -357,7 +364,29 @@ class DHTNode:
     def _store_local(self, record: Record | None) -> bool:
         if record is None or not self._acceptable(record):
             return False
-        return self.storage.store(key_id(record.key), record)
+        stored = self.storage.store(key_id(record.key), record)
+        if stored and record.key in self._watchers:
+            for callback in tuple(self._watchers[record.key]):
+                try:
+                    callback(record)
+                except Exception:
+                    logger.exception("a watcher of a DHT key failed")
+        return stored
+
+    def watch(self, key: bytes, callback: Callable[[Record], None]) -> Callable[[], None]:
+        """Call `callback(record)` for every record of the serialized `key` this node stores from now on, for
+        others or for itself (valid, live and not older than what it held; its value is not decoded), until the
+        returned function is called. A callback runs inside the store, on the loop: it must be quick."""
+        watchers = self._watchers.setdefault(key, [])
+        watchers.append(callback)
+
+        def unwatch() -> None:
+            if callback in watchers:
+                watchers.remove(callback)
+            if not watchers and self._watchers.get(key) is watchers:
+                del self._watchers[key]
+
+        return unwatch
 
     # ---- RPC handlers
 
