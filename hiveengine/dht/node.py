@@ -100,6 +100,7 @@ class DHTNode:
         self._pinging: set[int] = set()
         self._tasks: set[asyncio.Task] = set()
         self._watchers: dict[bytes, list[Callable[[Record], None]]] = {}
+        self._watched = 0  # records handed to watchers so far
         self._closed = False
         if not client_mode:
             peer.register(protocol.PING, self._on_ping)
@@ -366,6 +367,7 @@ class DHTNode:
             return False
         stored = self.storage.store(key_id(record.key), record)
         if stored and record.key in self._watchers:
+            self._watched += 1
             for callback in tuple(self._watchers[record.key]):
                 try:
                     callback(record)
@@ -409,13 +411,17 @@ class DHTNode:
         self._note_sender(request)
         nearest = self.table.nearest(target, self.config.k, exclude=node_id(request.sender))
         stored = None
+        watched = self._watched
         if offered is not None and self._closer_than_all(target, nearest):
             stored = [self._store_local(r) for r in offered]
         records = None
         if want_values:
             entry = self.storage.get(target) or self.cache.get(target)
             records = entry.records() if entry is not None else None
-        return protocol.find_reply([c.text for c in nearest], records, stored)
+        reply = protocol.find_reply([c.text for c in nearest], records, stored)
+        if self._watched != watched:  # let whoever a watcher woke run before this reply goes out
+            await asyncio.sleep(0)
+        return reply
 
     # ---- maintenance
 
