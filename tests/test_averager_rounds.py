@@ -251,7 +251,7 @@ def test_concurrent_store_and_reads_see_each_other():
                 writes = [_store_and_read(d, key, [1], get_dht_time() + 30, d.peer_id.raw) for d in dhts]
                 return await asyncio.gather(*writes)
 
-            reads = runtime.run(all_writes(), WAIT_LIMIT)
+            reads = [_summary(read) for read in runtime.run(all_writes(), WAIT_LIMIT)]
             ids = [d.peer_id.raw for d in dhts]
             nodes = {int.from_bytes(raw, "big") for raw in ids}
             for i, (found, before, takers) in enumerate(reads):
@@ -303,6 +303,16 @@ async def _watch(dht, key: bytes, seen: list):
 
 async def _call(function):
     return function()
+
+
+def _summary(read) -> tuple[set, set, set]:
+    """Who a write read back, whose record every node that took it held before, and which nodes took it."""
+    from hiveengine.dht.serialization import unpack
+
+    records = read.entry.subkeys.values()
+    found = {unpack(r.subkey, hashable=True) for r in records}
+    before = {unpack(r.subkey, hashable=True) for r in records if read.everywhere(r)}
+    return found, before, read.taker_ids
 
 
 def test_a_withdrawn_registration_is_replaced_by_the_next_one():

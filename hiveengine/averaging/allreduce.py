@@ -237,31 +237,37 @@ async def run_allreduce(
         local_round = _ReducerRound(group, chunks, codec, sender_timeout, arena)
         service.open_round(group.group_id, local_round)
     deadline = time.monotonic() + timeout
+    parts = [p for p, (start, end) in enumerate(spans) if end > start] if me.contributes else []
     exchanges: dict[int, asyncio.Task] = {}
+    outcomes: dict[int, int | BaseException] = {}  # per part: the fewest senders averaged, or what failed it
+
+    def exchange(part: int):
+        return _exchange_part(
+            service,
+            group,
+            reducers[part],
+            part,
+            spans[part],
+            flat,
+            codec,
+            weight,
+            residual,
+            chunk_elements,
+            window,
+            deadline,
+            local_round if part == my_part else None,
+        )
+
     try:
         async with asyncio.timeout(timeout):
-            if me.contributes:
-                for part, reducer in enumerate(reducers):
-                    if spans[part][0] == spans[part][1]:
-                        continue  # an empty part: nothing to send (nor to fail)
-                    exchange = _exchange_part(
-                        service,
-                        group,
-                        reducer,
-                        part,
-                        spans[part],
-                        flat,
-                        codec,
-                        weight,
-                        residual,
-                        chunk_elements,
-                        window,
-                        deadline,
-                        local_round if part == my_part else None,
-                    )
-                    exchanges[part] = asyncio.ensure_future(exchange)
-                if exchanges:
-                    await asyncio.wait(exchanges.values())
+            if len(parts) == 1:  # a small buffer: one part to send, right now (a task would wait a loop turn)
+                try:
+                    outcomes[parts[0]] = await exchange(parts[0])
+                except Exception as e:
+                    outcomes[parts[0]] = e
+            elif parts:
+                exchanges = {part: asyncio.ensure_future(exchange(part)) for part in parts}
+                await asyncio.wait(exchanges.values())
             if local_round is not None:
                 await _serve_until_reduced(local_round)
     except TimeoutError:
@@ -271,12 +277,15 @@ async def run_allreduce(
         for task in exchanges.values():
             task.cancel()
     for part, task in exchanges.items():
-        outcome = task.exception() if task.done() and not task.cancelled() else TimeoutError("round deadline")
-        if outcome is not None:
+        if task.done() and not task.cancelled():
+            outcomes[part] = task.exception() or task.result()
+    for part in parts:
+        outcome = outcomes.get(part, TimeoutError("round deadline"))
+        if isinstance(outcome, BaseException):
             result.failed_parts.append(part)
             logger.warning("part %d (reducer %s) failed: %s", part, reducers[part].peer_id, outcome)
         else:
-            result.senders_averaged = min(result.senders_averaged, task.result())
+            result.senders_averaged = min(result.senders_averaged, outcome)
     return result
 
 

@@ -47,10 +47,9 @@ from typing import Any, ClassVar
 import msgpack
 
 from hiveengine.averaging.group import GroupInfo, GroupMember, Mode
-from hiveengine.dht.dht import to_user_value
 from hiveengine.dht.node import ReadBack
 from hiveengine.dht.serialization import pack, unpack
-from hiveengine.dht.storage import Entry, get_dht_time
+from hiveengine.dht.storage import Entry, Record, get_dht_time
 from hiveengine.errors import ConfigurationError, HiveEngineError, ProtocolError
 from hiveengine.transport import Peer, PeerID, Request
 
@@ -227,19 +226,42 @@ class _Gathering:
     takers: set[int] = field(default_factory=set)  # the DHT nodes that stored our registration as they read
     writing: asyncio.Task | None = None  # our registration's write (and read), while under way
 
-    def learn_stored(self, record) -> bool:
-        """Take a record our DHT node just stored under the gathering's key; whether it was news."""
+    def learn_record(self, record: Record, peer_id: PeerID | None = None) -> bool:
+        """Take a DHT record of the gathering's key (its value is decoded only if it is newer than what we
+        hold); whether it was news."""
         try:
-            peer_id = _peer_id(unpack(record.subkey, hashable=True)) if record.subkey is not None else None
-            value = unpack(record.value) if peer_id is not None else None
+            if peer_id is None:
+                peer_id = _peer_id(unpack(record.subkey, hashable=True)) if record.subkey is not None else None
+            if peer_id is None or peer_id == self.mine.member.peer_id:
+                return False
+            held = self.known.get(peer_id)
+            if held is not None and held[0] >= record.expiration_time:
+                return False
+            value = unpack(record.value)
         except ProtocolError:
             return False
         registration = None if value is None else _registration(peer_id, value)
-        if peer_id is None or peer_id == self.mine.member.peer_id or (value is not None and registration is None):
+        if value is not None and registration is None:
             return False
-        held = self.known.get(peer_id)
         self.learn(peer_id, record.expiration_time, registration)
-        return self.known.get(peer_id) is not held
+        return True
+
+    def learn_readback(self, read: ReadBack) -> None:
+        """Take what our write read back: the records, who will see ours without a ring (a taker did not hold
+        theirs yet: their write reads ours there), and which nodes took ours."""
+        self.takers = read.taker_ids
+        if read.entry.plain is not None:
+            return
+        now = get_dht_time()
+        for record in read.entry.subkeys.values():
+            try:
+                peer_id = _peer_id(unpack(record.subkey, hashable=True))
+            except ProtocolError:
+                continue
+            if peer_id is not None and record.expiration_time > now:
+                if not read.everywhere(record):
+                    self.aware.add(peer_id)
+                self.learn_record(record, peer_id)
 
     def learn(self, peer_id: PeerID, version: float, registration: Registration | None) -> None:
         held = self.known.get(peer_id)
@@ -306,7 +328,7 @@ class Matchmaker:
         gathering = _Gathering(dht_key, mine, listener)
 
         def stored(record) -> None:  # another registrant's write reached our DHT node
-            if gathering.learn_stored(record):
+            if gathering.learn_record(record):
                 listener.event.set()
 
         unwatch = self.dht.node.watch(pack(dht_key, "key"), stored)
@@ -464,14 +486,11 @@ class Matchmaker:
     def _take_write(self, g: _Gathering) -> _Gathering:
         """Take in what our finished write read back (raising what it raised, if the gathering is open)."""
         task, g.writing = g.writing, None
-        written = None if task.cancelled() else task.result()
-        if written is None:
+        read = None if task.cancelled() else task.result()
+        if read is None:
             logger.warning("could not register for matchmaking under %s", g.key)
-            return g
-        found, before_us, g.takers = written
-        g.learn_read(found)
-        g.aware.update(_peer_id(raw) for raw in found if raw not in before_us)
-        g.aware.discard(None)
+        else:
+            g.learn_readback(read)
         return g
 
     def _ring_after_write(self, g: _Gathering, cut: list[Registration]) -> None:
@@ -495,23 +514,13 @@ class Matchmaker:
         self._keep(asyncio.ensure_future(self.dht.astore(g.key, None, version, subkey=self.me.peer_id.raw)))
 
 
-async def _store_and_read(
-    dht, key: str, value: Any, expiration: float, subkey: bytes
-) -> tuple[dict, set, set[int]] | None:
-    """Store `value` under `key`/`subkey` and read the key in one lookup (DHTNode.store with `read`): the key's
-    subkeys ({subkey: ValueWithExpiration}) as the nodes that took our write held them, the subkeys whose
-    record every one of those nodes held before ours came (their writers may not have seen ours), and the ids
-    of those nodes. None if no node accepted the write."""
+async def _store_and_read(dht, key: str, value: Any, expiration: float, subkey: bytes) -> ReadBack | None:
+    """Store `value` under `key`/`subkey` and read the key back in the same lookup, which asks every known node
+    at once (DHTNode.store with `read` and `wide`); None if no node accepted the write."""
     record = dht.make_record(key, value, expiration, subkey)
     read = ReadBack(Entry(record.key))
     (accepted,) = await dht.node.store([record], read=read, wide=True)
-    if not accepted:
-        return None
-    read.entry.drop_expired(get_dht_time())
-    if read.entry.empty() or read.entry.plain is not None:
-        return {}, set(), read.taker_ids
-    before_us = {unpack(r.subkey, hashable=True) for r in read.entry.subkeys.values() if read.everywhere(r)}
-    return to_user_value(read.entry).value, before_us, read.taker_ids
+    return read if accepted else None
 
 
 def _members_of(registrations: list[Registration], gather_until: float) -> list[Registration]:
