@@ -153,3 +153,11 @@ def test_progress_records_are_signed_and_cannot_be_overwritten_by_others(dhts):
     assert [(p.peer, p.epoch, p.samples) for p in swarm.peers] == [(honest_dht.peer_id.raw.hex(), 3, 16)]
     runtime.run(honest.report(4, 0), 30)  # the honest refresh still goes through
     assert runtime.run(honest.fetch(), 30).epoch == 4
+
+
+def test_junk_metadata_from_a_group_member_neither_crashes_nor_counts():
+    from hiveengine.optim.optimizer import states_disagree
+
+    assert not states_disagree([{"fp": [1, 2]}, {"fp": [1, 2]}, {"fp": None}])  # an auxiliary peer has none
+    assert states_disagree([{"fp": [1, 2]}, {"fp": [1, 3]}])
+    assert not states_disagree([{"fp": [1, 2]}, "junk", 7, None, [1], {"fp": "x"}, {"other": 1}])

@@ -187,6 +187,7 @@ class Optimizer:
             self.rule.bind(self.state.bind(views))
             self._agreed = self.rule.agreed_tensors(views)
         self.tracker = ProgressTracker(dht, run_id, client_mode, auxiliary)
+        self._me = dht.peer_id.raw.hex()  # how progress records name this peer
         self.swarm = SwarmProgress(0, 0, [])
         self._quota_extra = 0  # samples added to our share when the swarm re-split an unreached target
         self._waiting = False
@@ -266,10 +267,12 @@ class Optimizer:
         """Wait until the swarm has the target at our epoch, then average and step; return early if the
         others are done too and the target is still short (then the rest is split again)."""
         self._waiting = True
-        give_up = time.monotonic() + self.averaging_timeout  # auxiliary peers wait for a round this long
+        give_up = time.monotonic() + self.averaging_timeout
+        reported = False
         try:
-            while not (self.auxiliary and time.monotonic() > give_up):
-                swarm = self._check()
+            while True:
+                swarm = self._check(report=not reported)  # say once that we wait; then only read
+                reported = True
                 if swarm.epoch > self.epoch:
                     if time.monotonic() >= self._next_catch_up and self._catch_up():
                         return
@@ -280,7 +283,19 @@ class Optimizer:
                 if total >= target:
                     self._end_epoch(here)
                     return
-                if not self._others_running(swarm) and not self.auxiliary:
+                if self.auxiliary and time.monotonic() > give_up:
+                    return  # no round came: the caller steps again
+                running = self._others_running(swarm)
+                if not self.auxiliary and (not running or time.monotonic() > give_up):
+                    if running:
+                        logger.warning(
+                            "epoch %d: %d of %d samples after %.0f s waiting; some peer reports progress but adds "
+                            "none: training on",
+                            self.epoch,
+                            total,
+                            target,
+                            self.averaging_timeout,
+                        )
                     contributors = max(1, sum(1 for p in here if not p.auxiliary))
                     self._quota_extra += math.ceil((target - total) / contributors)
                     logger.debug("epoch %d: %d of %d samples; split the rest again", self.epoch, total, target)
@@ -292,9 +307,8 @@ class Optimizer:
     def _others_running(self, swarm: SwarmProgress) -> bool:
         """Whether another live contributor may still add samples to our epoch (it is accumulating at our
         epoch, or finishing an earlier one)."""
-        me = self.dht.peer_id.raw.hex()
         return any(
-            p.peer != me
+            p.peer != self._me
             and not p.auxiliary
             and not self._stale(p)
             and (p.epoch < self.epoch or (p.epoch == self.epoch and not p.waiting))
@@ -303,10 +317,11 @@ class Optimizer:
 
     def _stale(self, progress: PeerProgress) -> bool:
         silent = max(STALE_HEARTBEATS * self.progress_interval, STALE_MIN_SECONDS)
-        return progress.peer != self.dht.peer_id.raw.hex() and get_dht_time() - progress.time > silent
+        return progress.peer != self._me and get_dht_time() - progress.time > silent
 
-    def _check(self) -> SwarmProgress:
-        self.swarm = self._run(self._report_and_fetch())
+    def _check(self, report: bool = True) -> SwarmProgress:
+        """A fresh read of the swarm's progress, after publishing ours (unless `report` is False)."""
+        self.swarm = self._run(self._report_and_fetch() if report else self.tracker.fetch())
         return self.swarm
 
     async def _report_and_fetch(self) -> SwarmProgress:
@@ -348,8 +363,7 @@ class Optimizer:
             if (expected or 0) < 2:
                 break
         self._apply(result)
-        fingerprints = {str(v.get("fp")) for v in result.group.gathered.values() if v.get("fp")} if result else set()
-        disagree = len(fingerprints) > 1
+        disagree = result is not None and states_disagree(result.group.gathered.values())
         periodic = self.average_state_every and (self.epoch + 1) % self.average_state_every == 0
         if result is not None and (disagree or periodic) and not self.auxiliary:
             self._average_state(result.group, disagree)
@@ -498,15 +512,21 @@ def _at_epoch(swarm: SwarmProgress, epoch: int) -> SwarmProgress:
     return SwarmProgress(epoch, sum(p.samples for p in peers), peers)
 
 
+def states_disagree(gathered: Iterable) -> bool:
+    """Whether the fingerprints a group's members registered differ. A member's metadata is whatever it
+    registered (maybe junk from a hostile peer): only well-formed fingerprints count."""
+    fingerprints = {str(v["fp"]) for v in gathered if isinstance(v, dict) and isinstance(v.get("fp"), list)}
+    return len(fingerprints) > 1
+
+
 def _fingerprint(tensors: list[torch.Tensor]) -> list[int]:
     """A cheap, exact, order-independent checksum of the bits of `tensors` (integer sums of their 16-bit
     halves): equal on every peer whose tensors are bit-identical, whatever the device or thread count."""
-    low = high = 0
+    halves = []
     for t in tensors:
         bits = t.detach().reshape(-1).view(torch.int16)
-        low += int(bits[0::2].sum(dtype=torch.int64))
-        high += int(bits[1::2].sum(dtype=torch.int64))
-    return [low, high]
+        halves.append(torch.stack([bits[0::2].sum(dtype=torch.int64), bits[1::2].sum(dtype=torch.int64)]))
+    return torch.stack(halves).sum(0).tolist()  # one read back from the device, not two per tensor
 
 
 def _show_progress_logs() -> None:
