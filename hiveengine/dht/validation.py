@@ -37,19 +37,21 @@ def owner_marker(public_key: bytes) -> str:
 
 def named_owners(record: Record) -> set[bytes]:
     """The public keys named by `[owner:...]` markers in the record's key and subkey."""
-    owners = set()
-    for field in (record.key, record.subkey or b""):
-        for match in OWNER_PATTERN.finditer(field):
-            raw = base64.b32decode(match.group(1).upper() + b"====")
-            if len(raw) == PUBLIC_KEY_BYTES:
-                owners.add(raw)
-    return owners
+    return _owners_in(record.key) | _owners_in(record.subkey or b"")
 
 
 def named_owners_of(field: object) -> set[bytes]:
     """The public keys named by `[owner:...]` markers in a key or subkey as the DHT returns it (str or bytes)."""
-    raw = field.encode() if isinstance(field, str) else field if isinstance(field, bytes) else b""
-    return named_owners(Record(raw, None, b"", 0.0))
+    return _owners_in(field.encode() if isinstance(field, str) else field if isinstance(field, bytes) else b"")
+
+
+def _owners_in(field: bytes) -> set[bytes]:
+    owners = set()
+    for match in OWNER_PATTERN.finditer(field):
+        raw = base64.b32decode(match.group(1).upper() + b"====")
+        if len(raw) == PUBLIC_KEY_BYTES:
+            owners.add(raw)
+    return owners
 
 
 def signed_message(record: Record) -> bytes:
