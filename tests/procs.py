@@ -17,11 +17,12 @@ LINE_TIMEOUT = 60.0
 class PeerProcess:
     """A child process whose stdout lines arrive on a queue; killed on close."""
 
-    def __init__(self, script: str, *args: str, env: dict | None = None):
-        """Run tests/peers/`script` (a .py file) or, for a dotted name, `python -m script`, with `args`."""
+    def __init__(self, script: str, *args: str, env: dict | None = None, wrap: list[str] = ()):
+        """Run tests/peers/`script` (a .py file) or, for a dotted name, `python -m script`, with `args`; `wrap`
+        prefixes the command line (e.g. `ip netns exec NS` to run it in a network namespace)."""
         target = [str(PEERS / script)] if script.endswith(".py") else ["-m", script]
         self.proc = subprocess.Popen(
-            [sys.executable, *target, *args],
+            [*wrap, sys.executable, *target, *args],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=None,

@@ -13,6 +13,11 @@ UCX_DEFAULTS = {
     "UCX_MAX_RNDV_RAILS": "2",
     "UCX_RNDV_THRESH": "8192",
     "UCX_WARN_UNUSED_ENV_VARS": "n",
+    # UCX's TCP transport dials its data connections with a blocking connect() on the progress thread by default
+    # (UCX_TCP_CONN_NB=n): one peer that cannot be dialled (behind a NAT, or an attacker announcing a blackholed
+    # address) froze the whole transport of whoever dialled it, for the kernel's SYN timeout (measured in the NAT
+    # rig, tests/test_nat.py: every other peer's calls timed out). Non-blocking, a failed dial costs only its caller.
+    "UCX_TCP_CONN_NB": "y",
     # CUDA memory-type cache must be off with CUDA frames (ucxx would set this too).
     "UCX_MEMTYPE_CACHE": "n",
     # ucxx logs every failed endpoint at ERROR on stderr; hiveengine reports those failures as typed errors.

@@ -1,0 +1,90 @@
+"""A peer process for the NAT rig tests: `serve` answers echo and dial-on-request; `ping` and `call` report JSON."""
+
+import json
+import sys
+import threading
+import time
+
+import torch
+
+from hiveengine.errors import HiveEngineError
+from hiveengine.transport import Peer
+
+
+async def echo(request):
+    return request.header, request.tensors
+
+
+def dialer(peer: Peer):
+    async def dial(request):
+        """Call echo on the address in the header: what a peer asked to dial an unreachable address costs."""
+        start = time.monotonic()
+        try:
+            await peer.call(request.header["address"], "echo", {}, timeout=float(request.header["timeout"]))
+            error = None
+        except HiveEngineError as e:
+            error = type(e).__name__
+        return {"error": error, "seconds": time.monotonic() - start}
+
+    return dial
+
+
+def serve(peer: Peer) -> None:
+    peer.register("echo", echo)
+    peer.register("dial", dialer(peer))
+    print("ADDRESS", peer.address, flush=True)
+    sys.stdin.read()
+
+
+def ping(peer: Peer, address: str, seconds: float) -> None:
+    """Echo calls back to back for `seconds`: the slowest answer and the failures."""
+
+    async def run() -> dict:
+        latencies, failures = [], []
+        await peer.call(address, "echo", {}, timeout=10)
+        print("PINGING", flush=True)
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            start = time.monotonic()
+            try:
+                await peer.call(address, "echo", {}, timeout=5)
+                latencies.append(time.monotonic() - start)
+            except HiveEngineError as e:
+                failures.append(type(e).__name__)
+        return {"calls": len(latencies), "max": max(latencies, default=None), "failures": failures}
+
+    print("RESULT", json.dumps(peer.runtime.run(run(), timeout=seconds + 30)), flush=True)
+
+
+def ask_dial(peer: Peer, address: str, target: str, timeout: float) -> None:
+    """Ask the peer at `address` to dial `target`; print what it reports."""
+    header, _ = peer.call_sync(address, "dial", {"address": target, "timeout": timeout}, timeout=timeout + 10)
+    print("RESULT", json.dumps(header), flush=True)
+
+
+def call(peer: Peer, address: str, timeout: float) -> None:
+    """One echo call with a tensor: whether it worked, the error, how long it took."""
+    x = torch.arange(100_000, dtype=torch.float32)
+    start = time.monotonic()
+    try:
+        _, (y,) = peer.call_sync(address, "echo", {"k": 1}, [x], timeout=timeout)
+        result = {"ok": bool(torch.equal(x, y)), "error": None}
+    except HiveEngineError as e:
+        result = {"ok": False, "error": type(e).__name__, "message": str(e)}
+    result["seconds"] = time.monotonic() - start
+    print("RESULT", json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    threading.current_thread().name = "peer-main"
+    main_peer = Peer()
+    mode = sys.argv[1]
+    if mode == "serve":
+        serve(main_peer)
+    elif mode == "ping":
+        ping(main_peer, sys.argv[2], float(sys.argv[3]))
+    elif mode == "ask-dial":
+        ask_dial(main_peer, sys.argv[2], sys.argv[3], float(sys.argv[4]))
+    else:
+        call(main_peer, sys.argv[2], float(sys.argv[3]))
+    main_peer.shutdown()
