@@ -44,6 +44,11 @@ class PeerIdMismatch(HandshakeError):
         self.expected, self.actual = expected, actual
 
 
+class MembershipError(HandshakeError):
+    """A handshake was refused because one side is not a member of the other's private swarm (no certificate,
+    an expired or forged one, or another swarm's)."""
+
+
 class RPCTimeoutError(TransportError, TimeoutError):
     """A call did not complete before its deadline."""
 

@@ -30,6 +30,7 @@ from hiveengine.engine.env import (
     INITIAL_PEERS_ENV,
     LOG_LEVEL_ENV,
     RUN_ID_ENV,
+    SWARM_ENV,
     LaunchEnv,
 )
 from hiveengine.transport.runtime import PORT_ENV
@@ -95,6 +96,13 @@ def add_commands(sub) -> None:
         action="store_true",
         default=env.get(CLIENT_MODE_ENV, "0") == "1",
         help=f"workers cannot accept connections (behind NAT); they still train (env {CLIENT_MODE_ENV}=1)",
+    )
+    launch.add_argument(
+        "--swarm",
+        default=env.get(SWARM_ENV) or None,
+        metavar="FILE",
+        help="private swarm: the owner's swarm key or a membership file from `hiveengine swarm invite`; only members "
+        f"may connect. 'open' or none: an open swarm anyone may join (env {SWARM_ENV})",
     )
     launch.add_argument(
         "--grace",
@@ -163,6 +171,7 @@ def _module_exists(name: str) -> bool:
 def cmd_launch(args: argparse.Namespace) -> int:
     command = worker_command(args)
     peers = initial_peers(args, os.environ.get(INITIAL_PEERS_ENV))
+    swarm = args.swarm if args.swarm in (None, "open") else os.path.abspath(args.swarm)
     launcher = Launcher(
         command,
         args.nproc,
@@ -174,6 +183,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
         grace=args.grace,
         log_dir=args.log_dir,
         log_level=getattr(args, "log_level", None),
+        swarm=swarm,
     )
     return launcher.run()
 
@@ -194,12 +204,13 @@ class Launcher:
         grace: float = DEFAULT_GRACE,
         log_dir: str | None = None,
         log_level: str | None = None,
+        swarm: str | None = None,
         out: TextIO = sys.stdout,
     ):
         self.command, self.nproc, self.initial_peers, self.run_id = command, nproc, list(initial_peers), run_id
         self.identity_dir, self.port, self.client_mode, self.grace = identity_dir, port, client_mode, grace
         self.log_dir = Path(log_dir) if log_dir else None
-        self.log_level = log_level
+        self.log_level, self.swarm = log_level, swarm
         self.out = out
         self.workers: list[subprocess.Popen] = []
         self.exits: queue.Queue[tuple[int, int]] = queue.Queue()
@@ -235,6 +246,10 @@ class Launcher:
                     self.log_dir.mkdir(parents=True, exist_ok=True)
                 except OSError as e:
                     raise UsageError(f"--log-dir {str(self.log_dir)!r}: {e.strerror or e}") from None
+            if self.swarm:  # a bad file fails here, in one line, before any worker starts
+                from hiveengine.transport import membership
+
+                membership.use(membership.load(self.swarm))
             if not self.initial_peers:
                 from hiveengine.dht import DHT
 
@@ -268,7 +283,9 @@ class Launcher:
         env = dict(os.environ)
         env.pop(PORT_ENV, None)  # the bootstrap node's port; each worker listens on a free one
         env.update(
-            LaunchEnv(self.initial_peers, self.run_id, rank, self.nproc, identity, self.client_mode).to_environ()
+            LaunchEnv(
+                self.initial_peers, self.run_id, rank, self.nproc, identity, self.client_mode, self.swarm
+            ).to_environ()
         )
         if self.log_level:
             env[LOG_LEVEL_ENV] = self.log_level

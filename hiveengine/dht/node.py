@@ -101,6 +101,7 @@ class DHTNode:
         self._tasks: set[asyncio.Task] = set()
         self._watchers: dict[bytes, list[Callable[[Record], None]]] = {}
         self._watched = 0  # records handed to watchers so far
+        self._last_failure = "no reply"  # why the latest failed RPC failed (a refused handshake names the swarm)
         self._closed = False
         if not client_mode:
             peer.register(protocol.PING, self._on_ping)
@@ -120,8 +121,9 @@ class DHTNode:
             answered = await asyncio.gather(*[self._ping(c) for c in contacts])
             if not any(answered):
                 raise BootstrapError(
-                    f"none of the {len(contacts)} initial peers answered within {self.config.rpc_timeout} s; "
-                    "check the addresses and that those DHT nodes are running"
+                    f"none of the {len(contacts)} initial peers answered within {self.config.rpc_timeout} s "
+                    f"(last: {self._last_failure}); check the addresses, that those DHT nodes are running, and "
+                    "for a private swarm this process's membership (HIVEENGINE_SWARM)"
                 )
             await self.find_nodes(self.id)
         self._spawn(self._maintain())
@@ -159,6 +161,7 @@ class DHTNode:
 
     def _failed(self, contact: Contact, error: Exception) -> None:
         logger.debug("%s failed: %s: %s", contact.address, type(error).__name__, error)
+        self._last_failure = f"{type(error).__name__}: {error}"
         self.table.remove(contact.id)
 
     async def _rpc(self, contact: Contact, method: str, header: dict, tensors=()) -> tuple[dict, list] | None:

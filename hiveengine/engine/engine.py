@@ -13,7 +13,7 @@ from hiveengine.dht import DHT
 from hiveengine.engine.env import LOG_LEVEL_ENV, LaunchEnv
 from hiveengine.errors import ConfigurationError
 from hiveengine.optim import Optimizer
-from hiveengine.transport import Identity
+from hiveengine.transport import Identity, membership
 
 logger = logging.getLogger(__name__)
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # as the hiveengine command's own
@@ -27,6 +27,8 @@ class Engine:
         self._optimizers: list[Optimizer] = []
         self._shut_down = False
         identity = Identity.load_or_create(env.identity_path) if env.identity_path else None
+        if env.swarm:  # unset: whatever the process chose (an open swarm unless it called membership.use)
+            membership.use(membership.load(env.swarm))
         self.dht = DHT(initial_peers=env.initial_peers, identity=identity, client_mode=env.client_mode)
         logger.info(
             "worker %d/%d of run %r at %s (%s)",

@@ -11,6 +11,9 @@ LOCAL_RANK_ENV = "HIVEENGINE_LOCAL_RANK"  # this worker's index among the launch
 LOCAL_WORLD_SIZE_ENV = "HIVEENGINE_LOCAL_WORLD_SIZE"  # how many workers the launcher started
 IDENTITY_ENV = "HIVEENGINE_IDENTITY"  # file with this worker's Ed25519 key (created if missing)
 CLIENT_MODE_ENV = "HIVEENGINE_CLIENT_MODE"  # "1": this peer cannot accept connections
+# A swarm key file (the owner's) or a membership file (`hiveengine swarm invite`): only members may connect.
+# "open" or unset: an open swarm, which anyone who can reach a peer's address may join.
+SWARM_ENV = "HIVEENGINE_SWARM"
 # Logging level of hiveengine's loggers in a worker (e.g. INFO), set by `hiveengine --log-level`; read by init().
 LOG_LEVEL_ENV = "HIVEENGINE_LOG_LEVEL"
 DEFAULT_RUN_ID = "hiveengine-run"
@@ -26,6 +29,7 @@ class LaunchEnv:
     local_world_size: int = 1
     identity_path: str | None = None
     client_mode: bool = False
+    swarm: str | None = None  # swarm key or membership file; None: an open swarm
 
     @classmethod
     def from_environ(cls, environ: dict[str, str] | None = None) -> LaunchEnv:
@@ -38,6 +42,7 @@ class LaunchEnv:
             local_world_size=int(env.get(LOCAL_WORLD_SIZE_ENV, "1")),
             identity_path=env.get(IDENTITY_ENV) or None,
             client_mode=env.get(CLIENT_MODE_ENV, "0").lower() in ("1", "true", "yes"),
+            swarm=env.get(SWARM_ENV) or None,
         )
 
     def to_environ(self) -> dict[str, str]:
@@ -51,4 +56,6 @@ class LaunchEnv:
         }
         if self.identity_path:
             env[IDENTITY_ENV] = self.identity_path
+        if self.swarm:
+            env[SWARM_ENV] = self.swarm
         return env

@@ -1,17 +1,23 @@
-"""Mutual authentication and session keys when a connection opens.
+"""Mutual authentication, swarm membership and session keys when a connection opens.
 
-Over the UCX stream API (protocol version 4):
+Over the UCX stream API (protocol version 5):
 
 1. the dialer sends HELLO: magic, version, flags, the tag base it receives on, the peer id it wants to reach, its
-   Ed25519 public key, a 32-byte random nonce and a fresh ephemeral X25519 public key;
-2. the listener answers with its own HELLO and its Ed25519 signature of ``"listener" | transcript``;
-3. the dialer answers with its signature of ``"dialer" | transcript``;
-4. the listener, once it checked that signature and is ready for the connection's messages, sends ACCEPTED
-   (one byte). Only then does the dialer send messages, so the listener never holds any before authentication.
+   Ed25519 public key, a 32-byte random nonce, a fresh ephemeral X25519 public key, the swarm it belongs to (the
+   swarm key; zeros for an open swarm) and how many membership certificates follow; then those certificates;
+2. the listener answers with its own HELLO and certificates, and its Ed25519 signature of
+   ``"listener" | transcript``;
+3. the dialer checks the listener's signature and membership (membership.py: same swarm, a live chain from the
+   swarm key to the listener's key), then answers with its signature of ``"dialer" | transcript``;
+4. the listener checks the dialer's signature and membership. It sends ACCEPTED (one byte) once it is ready for the
+   connection's messages, or REFUSED when the dialer is not a member (then waits, at most REFUSAL_LINGER, for the
+   dialer to hang up, so that the refusal is read rather than lost in the close). Only after ACCEPTED does the
+   dialer send messages, so the listener never holds any before authentication.
 
-where transcript = TRANSCRIPT_DOMAIN | dialer's HELLO | listener's HELLO. The role labels keep a signature made in
-one role from being reflected as the other. Each side checks the other's signature against the key in its HELLO;
-the peer id is the SHA-256 of that key, and the dialer checks it is the id its address names.
+where transcript = TRANSCRIPT_DOMAIN | dialer's HELLO and certificates | listener's HELLO and certificates. The
+role labels keep a signature made in one role from being reflected as the other. Each side checks the other's
+signature against the key in its HELLO; the peer id is the SHA-256 of that key, and the dialer checks it is the id
+its address names. The certificates are inside the transcript, so a chain cannot be moved to another session.
 
 Session keys (``cryptography`` primitives only): shared = X25519(my ephemeral private key, their ephemeral public
 key); 128 bytes = HKDF-SHA256(shared, salt=SHA-256(transcript), info=SESSION_INFO), split into the dialer->listener
@@ -26,6 +32,8 @@ NOT_HERE and signed as usual, so the dialer can say which peer lives at that add
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import hashlib
 import os
 import struct
@@ -36,22 +44,25 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from hiveengine.errors import HandshakeError, PeerIdMismatch
+from hiveengine.errors import HandshakeError, MembershipError, PeerIdMismatch
+from hiveengine.transport import membership
 from hiveengine.transport.identity import SIGNATURE_BYTES, Identity, PeerID, verify_signature
 
 MAGIC = b"HIVE"
 # 2: small tensors inline after the header; 3: same-host direct copy; 4: X25519 session keys, role-labelled
-# signatures, NOT_HERE answers, direct copy proven over a Unix socket.
-PROTOCOL_VERSION = 4
-# magic, version, flags, recv tag base, target id, identity key, nonce, ephemeral X25519 key
-HELLO = struct.Struct("<4sHHI32s32s32s32s")
-TRANSCRIPT_DOMAIN = b"hiveengine-handshake-v4"
-SESSION_INFO = b"hiveengine-session-v4"
+# signatures, NOT_HERE answers, direct copy proven over a Unix socket; 5: swarm membership certificates.
+PROTOCOL_VERSION = 5
+# magic, version, flags, recv tag base, target id, identity key, nonce, ephemeral X25519 key, swarm key, certificates
+HELLO = struct.Struct("<4sHHI32s32s32s32s32sH")
+TRANSCRIPT_DOMAIN = b"hiveengine-handshake-v5"
+SESSION_INFO = b"hiveengine-session-v5"
 DIALER_ROLE, LISTENER_ROLE = b"dialer", b"listener"
 NO_TARGET = bytes(32)
 FLAG_NOT_HERE = 1  # the listener hosts no peer with the requested id; its HELLO names the peer it does host
 KEY_BYTES = 32
 ACCEPTED = b"\x01"
+REFUSED = b"\x02"  # the dialer is not a member of the listener's swarm
+REFUSAL_LINGER = 1.0  # seconds a listener waits for a refused dialer to hang up (so it reads the refusal)
 
 
 @dataclass(frozen=True)
@@ -62,19 +73,25 @@ class Hello:
     nonce: bytes
     ephemeral: bytes
     flags: int = 0
+    swarm: bytes = membership.OPEN
+    chain: bytes = b""  # the packed certificates that follow the fixed part
 
     def pack(self) -> bytes:
-        fields = (self.recv_base, self.target, self.public_key, self.nonce, self.ephemeral)
-        return HELLO.pack(MAGIC, PROTOCOL_VERSION, self.flags, *fields)
+        fields = (self.recv_base, self.target, self.public_key, self.nonce, self.ephemeral, self.swarm)
+        count = len(self.chain) // membership.CERTIFICATE.size
+        return HELLO.pack(MAGIC, PROTOCOL_VERSION, self.flags, *fields, count) + self.chain
 
     @classmethod
-    def unpack(cls, data: bytes) -> Hello:
-        magic, version, flags, base, target, key, nonce, ephemeral = HELLO.unpack(data)
+    def unpack(cls, data: bytes) -> tuple[Hello, int]:
+        """The fixed part of a HELLO and how many certificate bytes follow it."""
+        magic, version, flags, base, target, key, nonce, ephemeral, swarm, count = HELLO.unpack(data)
         if magic != MAGIC:
             raise HandshakeError("the remote end is not a hiveengine peer (bad handshake magic)")
         if version != PROTOCOL_VERSION:
             raise HandshakeError(f"protocol version {version} is not supported (this peer speaks {PROTOCOL_VERSION})")
-        return cls(base, target, key, nonce, ephemeral, flags)
+        if count > membership.MAX_CHAIN:
+            raise MembershipError(f"a HELLO announced {count} certificates; at most MAX_CHAIN = {membership.MAX_CHAIN}")
+        return cls(base, target, key, nonce, ephemeral, flags, swarm), count * membership.CERTIFICATE.size
 
 
 @dataclass(frozen=True)
@@ -90,6 +107,7 @@ class Authenticated:
     recv_key: bytes = field(default=b"", repr=False)  # the remote's direction's AEAD key
     read_binding: bytes = field(default=b"", repr=False)  # we present it to read the remote's memory
     serve_binding: bytes = field(default=b"", repr=False)  # the remote presents it to read ours
+    roles: int = 0  # what the remote's membership certificate grants (membership.ROLE_*; 0 in an open swarm)
 
 
 def _transcript(first: bytes, second: bytes) -> bytes:
@@ -118,6 +136,25 @@ async def _recv_exact(reactor, endpoint, nbytes: int) -> bytes:
     return buf.tobytes()
 
 
+async def _recv_hello(reactor, endpoint) -> tuple[Hello, bytes]:
+    """A HELLO with its certificates, and its bytes as the transcript holds them."""
+    fixed = await _recv_exact(reactor, endpoint, HELLO.size)
+    hello, chain_bytes = Hello.unpack(fixed)
+    chain = await _recv_exact(reactor, endpoint, chain_bytes) if chain_bytes else b""
+    return dataclasses.replace(hello, chain=chain), fixed + chain
+
+
+def _my_hello(identity: Identity, recv_base: int, target: bytes, ephemeral: bytes, flags: int = 0) -> bytes:
+    chain = membership.pack_chain(membership.chain_for(identity))
+    return Hello(
+        recv_base, target, identity.public_key, os.urandom(32), ephemeral, flags, membership.swarm_id(), chain
+    ).pack()
+
+
+def _admit(hello: Hello) -> int:
+    return membership.admit(hello.swarm, hello.public_key, membership.unpack_chain(hello.chain))
+
+
 async def _send(reactor, endpoint, data: bytes) -> None:
     await reactor.stream_send(endpoint, np.frombuffer(data, dtype=np.uint8).copy())
 
@@ -137,24 +174,30 @@ async def connect_handshake(
     async def run() -> Authenticated:
         ephemeral, ephemeral_public = _ephemeral()
         target = expected.raw if expected else NO_TARGET
-        my_bytes = Hello(recv_base, target, identity.public_key, os.urandom(32), ephemeral_public).pack()
+        my_bytes = _my_hello(identity, recv_base, target, ephemeral_public)
         await _send(reactor, endpoint, my_bytes)
-        their_bytes = await _recv_exact(reactor, endpoint, HELLO.size)
-        theirs = Hello.unpack(their_bytes)
+        theirs, their_bytes = await _recv_hello(reactor, endpoint)
         signature = await _recv_exact(reactor, endpoint, SIGNATURE_BYTES)
         transcript = _transcript(my_bytes, their_bytes)
         peer_id = _verify(theirs, signature, LISTENER_ROLE, transcript)
         if theirs.flags & FLAG_NOT_HERE or (expected is not None and peer_id != expected):
             raise PeerIdMismatch(expected, peer_id)
+        roles = _admit(theirs)
         keys = _derive(ephemeral, theirs.ephemeral, transcript)
         await _send(reactor, endpoint, identity.sign(DIALER_ROLE + transcript))
         try:
-            accepted = await _recv_exact(reactor, endpoint, len(ACCEPTED))
+            verdict = await _recv_exact(reactor, endpoint, len(ACCEPTED))
         except Exception as e:
-            raise HandshakeError(f"{peer_id} refused our handshake ({type(e).__name__})") from None
-        if accepted != ACCEPTED:
+            raise HandshakeError(
+                f"{peer_id} refused our handshake ({type(e).__name__}); if its swarm is private, check that this "
+                "process's membership file is current"
+            ) from None
+        if verdict == REFUSED:
+            reason = membership.refusal_reason(identity)
+            raise MembershipError(f"{peer_id} refused us: this process is not a member of its swarm ({reason})")
+        if verdict != ACCEPTED:
             raise HandshakeError(f"{peer_id} sent a malformed handshake confirmation")
-        return Authenticated(peer_id, theirs.public_key, theirs.recv_base, identity, True, *keys)
+        return Authenticated(peer_id, theirs.public_key, theirs.recv_base, identity, True, *keys, roles=roles)
 
     async with asyncio.timeout(timeout):
         return await run()
@@ -170,18 +213,25 @@ async def accept_handshake(reactor, endpoint, find_identity, recv_base: int, tim
     it is the one asked for)."""
 
     async def run() -> Authenticated:
-        their_bytes = await _recv_exact(reactor, endpoint, HELLO.size)
-        theirs = Hello.unpack(their_bytes)
+        theirs, their_bytes = await _recv_hello(reactor, endpoint)
         identity, found = find_identity(None if theirs.target == NO_TARGET else theirs.target)
         ephemeral, ephemeral_public = _ephemeral()
         flags = 0 if found else FLAG_NOT_HERE
-        my_bytes = Hello(recv_base, NO_TARGET, identity.public_key, os.urandom(32), ephemeral_public, flags).pack()
+        my_bytes = _my_hello(identity, recv_base, NO_TARGET, ephemeral_public, flags)
         transcript = _transcript(their_bytes, my_bytes)
         await _send(reactor, endpoint, my_bytes + identity.sign(LISTENER_ROLE + transcript))
         if not found:
             raise HandshakeError(f"a peer asked for {PeerID(theirs.target)}, which does not live here")
         signature = await _recv_exact(reactor, endpoint, SIGNATURE_BYTES)
         peer_id = _verify(theirs, signature, DIALER_ROLE, transcript)
+        try:
+            roles = _admit(theirs)
+        except MembershipError:
+            await _send(reactor, endpoint, REFUSED)
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(REFUSAL_LINGER):
+                    await _recv_exact(reactor, endpoint, 1)  # returns when the dialer hangs up
+            raise
         to_listener, to_dialer, dialer_reads, listener_reads = _derive(ephemeral, theirs.ephemeral, transcript)
         return Authenticated(
             peer_id,
@@ -193,6 +243,7 @@ async def accept_handshake(reactor, endpoint, find_identity, recv_base: int, tim
             to_listener,
             listener_reads,
             dialer_reads,
+            roles=roles,
         )
 
     async with asyncio.timeout(timeout):

@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from hiveengine.dht import DHT, DHTConfig
+from hiveengine.transport import membership
 
 
 def main() -> None:
@@ -12,7 +13,10 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=1)
     parser.add_argument("--initial-peers", nargs="*", default=[])
     parser.add_argument("--rpc-timeout", type=float, default=DHTConfig.rpc_timeout)
+    parser.add_argument("--swarm", default=None, help="swarm key or membership file (default: an open swarm)")
     args = parser.parse_args()
+    if args.swarm:
+        membership.use(membership.load(args.swarm))
     config = DHTConfig(rpc_timeout=args.rpc_timeout)
     nodes = []
     for _ in range(args.nodes):
