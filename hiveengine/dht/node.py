@@ -40,6 +40,9 @@ class DHTConfig:
     republish_margin: float = 1.0  # records expiring sooner than this are not worth republishing
     maintenance_period: float = 5.0  # how often expiry, refresh and republish are checked (with jitter)
     max_stored_bytes: int = 256 * MiB  # records this node holds for others
+    # Of those, what one sending peer may hold (Record.nbytes, overhead included); a full store also gives way to
+    # lighter senders (storage.Storage), so one identity can neither fill the node nor starve the others.
+    max_stored_bytes_per_peer: int = 16 * MiB
     cache_bytes: int = 16 * MiB  # recently fetched values
     republish_concurrency: int = 8
     # A full bucket's least recently seen contact is pinged (so a newcomer may replace it if it is dead) only when
@@ -94,7 +97,7 @@ class DHTNode:
         self.client_mode = client_mode
         self.id = node_id(peer.peer_id)
         self.table = RoutingTable(self.id, config.k)
-        self.storage = Storage(config.max_stored_bytes)
+        self.storage = Storage(config.max_stored_bytes, max_bytes_per_sender=config.max_stored_bytes_per_peer)
         self.cache = Storage(config.cache_bytes, evict=True)
         self.my_address = None if client_mode else str(peer.address)
         self._pinging: set[int] = set()
@@ -365,10 +368,11 @@ class DHTNode:
             self.cache.store(target, record, now)
         return found
 
-    def _store_local(self, record: Record | None) -> bool:
+    def _store_local(self, record: Record | None, sender: bytes | None = None) -> bool:
+        """Store a record here, charged to `sender` (the authenticated peer that sent it; None: this node)."""
         if record is None or not self._acceptable(record):
             return False
-        stored = self.storage.store(key_id(record.key), record)
+        stored = self.storage.store(key_id(record.key), record, sender=sender)
         if stored and record.key in self._watchers:
             self._watched += 1
             for callback in tuple(self._watchers[record.key]):
@@ -407,7 +411,7 @@ class DHTNode:
     async def _on_store(self, request: Request) -> dict:
         records = protocol.parse_store(request)
         self._note_sender(request)
-        return {"ok": [self._store_local(r) for r in records]}
+        return {"ok": [self._store_local(r, request.sender.raw) for r in records]}
 
     async def _on_find(self, request: Request):
         target, want_values, offered = protocol.parse_find(request)
@@ -416,7 +420,7 @@ class DHTNode:
         stored = None
         watched = self._watched
         if offered is not None and self._closer_than_all(target, nearest):
-            stored = [self._store_local(r) for r in offered]
+            stored = [self._store_local(r, request.sender.raw) for r in offered]
         records = None
         if want_values:
             entry = self.storage.get(target) or self.cache.get(target)

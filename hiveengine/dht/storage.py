@@ -7,7 +7,7 @@ Two rules protect what honest peers store from anyone who can write a key:
   progress, expert declarations), and one plain value used to wipe them all. It lives until its subkeys
   expire; a subkey record still replaces an older plain value.
 Stored sizes are counted with RECORD_OVERHEAD_BYTES per record, what a record costs in memory beyond its
-payload, so the byte budget bounds real memory.
+payload, so the byte budget bounds real memory; each record is charged to the peer that sent it (Storage).
 """
 
 from __future__ import annotations
@@ -145,21 +145,38 @@ class Entry:
 
 
 class Storage:
-    """Records by key id, bounded in bytes. A store refuses new data when full; a cache (`evict=True`)
-    forgets its least recently used keys instead."""
+    """Records by key id, bounded in bytes in all and per sender. A store refuses new data when full, unless the
+    sender holds less than the heaviest sender (then that one's oldest records make room); a cache (`evict=True`)
+    forgets its least recently used keys instead.
 
-    def __init__(self, max_bytes: int, evict: bool = False, max_ttl: float = MAX_RECORD_TTL):
+    Every stored record is charged, in `Record.nbytes`, to the peer that sent it (the authenticated transport
+    sender; None: this node itself). A sender may hold at most `max_bytes_per_sender`, so one identity fills at
+    most that, and a full store gives way to the lighter senders: the heaviest sender's oldest records go first
+    (O(senders) per eviction), so no one starves others without holding more than they do."""
+
+    def __init__(
+        self,
+        max_bytes: int,
+        evict: bool = False,
+        max_ttl: float = MAX_RECORD_TTL,
+        max_bytes_per_sender: int | None = None,
+    ):
         self.max_bytes = max_bytes
         self.evict = evict
         self.max_ttl = max_ttl
+        self.max_bytes_per_sender = max_bytes if max_bytes_per_sender is None else max_bytes_per_sender
         self.nbytes = 0
+        self.usage: dict[bytes | None, int] = {}  # bytes charged to each sender
         self._entries: OrderedDict[int, Entry] = OrderedDict()
+        self._charges: dict[int, dict[bytes | None, tuple[bytes | None, int]]] = {}  # key id -> subkey -> charge
+        self._by_sender: dict[bytes | None, dict[tuple[int, bytes | None], None]] = {}  # oldest first
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def store(self, key_id: int, record: Record, now: float | None = None) -> bool:
-        """Keep `record` under `key_id` if it is live and newer than what is there; True if kept (or already held)."""
+    def store(self, key_id: int, record: Record, now: float | None = None, sender: bytes | None = None) -> bool:
+        """Keep `record` under `key_id` if it is live and newer than what is there, charged to `sender`; True if
+        kept (or already held)."""
         now = get_dht_time() if now is None else now
         if not now < record.expiration_time <= now + self.max_ttl:
             return False  # expired, or claims to live longer than any record may
@@ -168,14 +185,13 @@ class Storage:
             entry = Entry(record.key)
         elif entry.key != record.key:
             return False  # a SHA-256 collision or a lie about the key: keep what we have
-        before = entry.nbytes()
-        if self.nbytes + record.nbytes > self.max_bytes and not self._make_room(record.nbytes, key_id):
+        if not self._make_room(record.nbytes, key_id, sender):
             return False
         if not entry.merge(record):
             return False
-        self.nbytes += entry.nbytes() - before
-        entry.refreshed_at = time.monotonic()
         self._entries[key_id] = entry
+        self._recharge(key_id, entry, record, sender)
+        entry.refreshed_at = time.monotonic()
         self._entries.move_to_end(key_id)
         return True
 
@@ -190,26 +206,67 @@ class Storage:
         entry = self._entries.get(key_id)
         if entry is None:
             return None
-        before = entry.nbytes()
         entry.drop_expired(now)
-        self.nbytes -= before - entry.nbytes()
-        if entry.empty():
-            del self._entries[key_id]
-            return None
-        return entry
+        self._recharge(key_id, entry)
+        return self._entries.get(key_id)
 
-    def _make_room(self, needed: int, keep: int) -> bool:
-        if not self.evict:
+    def _recharge(self, key_id: int, entry: Entry, stored: Record | None = None, sender: bytes | None = None) -> None:
+        """Bring the charges of `key_id` in line with what `entry` holds after a change: release what is gone
+        (and the slot `stored` took), charge `stored` to `sender`; forget the entry once it is empty."""
+        charges = self._charges.setdefault(key_id, {})
+        held = {r.subkey for r in entry.records()}
+        for subkey in [s for s in charges if s not in held or (stored is not None and s == stored.subkey)]:
+            owner, nbytes = charges.pop(subkey)
+            self._charge(owner, -nbytes, key_id, subkey)
+        if stored is not None:
+            charges[stored.subkey] = (sender, stored.nbytes)
+            self._charge(sender, stored.nbytes, key_id, stored.subkey)
+        if not charges:
+            del self._charges[key_id]
+        if entry.empty():
+            self._entries.pop(key_id, None)
+
+    def _charge(self, sender: bytes | None, nbytes: int, key_id: int, subkey: bytes | None) -> None:
+        self.nbytes += nbytes
+        usage = self.usage[sender] = self.usage.get(sender, 0) + nbytes
+        slots = self._by_sender.setdefault(sender, {})
+        if nbytes > 0:
+            slots[key_id, subkey] = None
+        else:
+            slots.pop((key_id, subkey), None)
+        if usage <= 0:
+            del self.usage[sender]
+            del self._by_sender[sender]
+
+    def _make_room(self, needed: int, keep: int, sender: bytes | None) -> bool:
+        """Whether `needed` more bytes from `sender` fit, after evicting what the policy allows."""
+        if not self.evict and self.usage.get(sender, 0) + needed > self.max_bytes_per_sender:
             return False
-        while self.nbytes + needed > self.max_bytes and self._entries:
-            oldest = next(iter(self._entries))
-            if oldest == keep:
-                self._entries.move_to_end(keep)
-                if len(self._entries) == 1:
-                    break
+        while self.nbytes + needed > self.max_bytes:
+            if self.evict:
+                victim = next((k for k in self._entries if k != keep), None)
+                if victim is None:
+                    return False
+                self._drop(victim, self._entries[victim].records())
                 continue
-            self.nbytes -= self._entries.pop(oldest).nbytes()
-        return self.nbytes + needed <= self.max_bytes
+            if not self.usage:
+                return False
+            heaviest = max(self.usage, key=self.usage.__getitem__)
+            if heaviest == sender or self.usage[heaviest] <= self.usage.get(sender, 0) + needed:
+                return False  # the store is full of peers that hold no more than this sender would
+            key_id, subkey = next(iter(self._by_sender[heaviest]))
+            entry = self._entries[key_id]
+            self._drop(key_id, [r for r in entry.records() if r.subkey == subkey])
+        return True
+
+    def _drop(self, key_id: int, records: list[Record]) -> None:
+        entry = self._entries[key_id]
+        for record in records:
+            if record.subkey is None:
+                entry.plain = None
+            else:
+                del entry.subkeys[record.subkey]
+        self._recharge(key_id, entry)
 
     def drop_expired(self, now: float | None = None) -> int:
         """Forget every expired record; returns how many keys are left."""

@@ -13,11 +13,17 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=1)
     parser.add_argument("--initial-peers", nargs="*", default=[])
     parser.add_argument("--rpc-timeout", type=float, default=DHTConfig.rpc_timeout)
+    parser.add_argument("--max-stored-bytes", type=int, default=DHTConfig.max_stored_bytes)
+    parser.add_argument("--max-stored-bytes-per-peer", type=int, default=DHTConfig.max_stored_bytes_per_peer)
     parser.add_argument("--swarm", default=None, help="swarm key or membership file (default: an open swarm)")
     args = parser.parse_args()
     if args.swarm:
         membership.use(membership.load(args.swarm))
-    config = DHTConfig(rpc_timeout=args.rpc_timeout)
+    config = DHTConfig(
+        rpc_timeout=args.rpc_timeout,
+        max_stored_bytes=args.max_stored_bytes,
+        max_stored_bytes_per_peer=args.max_stored_bytes_per_peer,
+    )
     nodes = []
     for _ in range(args.nodes):
         initial = args.initial_peers or [str(n.address) for n in nodes[:1]]

@@ -1,0 +1,44 @@
+"""A hostile DHT client for the quota tests: from IDENTITIES fresh identities, sends dht.store requests of BATCH
+records (values of VALUE_BYTES, keys of its own) straight to one node until it refuses a whole batch or RECORDS
+were sent per identity. Prints `ACCEPTED <identity index> <records accepted> <bytes charged>`, then `DONE`."""
+
+import argparse
+
+from hiveengine.dht import protocol
+from hiveengine.dht.serialization import pack
+from hiveengine.dht.storage import Record, get_dht_time
+from hiveengine.transport import Peer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("target")
+    parser.add_argument("--identities", type=int, default=1)
+    parser.add_argument("--records", type=int, default=1000)
+    parser.add_argument("--batch", type=int, default=100)
+    parser.add_argument("--value-bytes", type=int, default=1024)
+    args = parser.parse_args()
+    expiration = get_dht_time() + 600
+    for index in range(args.identities):
+        peer = Peer()
+        accepted = charged = 0
+        for start in range(0, args.records, args.batch):
+            count = min(args.batch, args.records - start)
+            records = [
+                Record(pack(f"flood-{index}-{start + i}"), None, pack(b"x" * args.value_bytes), expiration)
+                for i in range(count)
+            ]
+            header, tensors = protocol.records_blob(records)
+            reply, _ = peer.call_sync(args.target, protocol.STORE, {"s": None, **header}, tensors, timeout=30)
+            ok = protocol.parse_store_reply(reply, count)
+            accepted += sum(ok)
+            charged += sum(r.nbytes for r, o in zip(records, ok, strict=True) if o)
+            if not any(ok):
+                break
+        print("ACCEPTED", index, accepted, charged, flush=True)
+        peer.shutdown()
+    print("DONE", flush=True)
+
+
+if __name__ == "__main__":
+    main()

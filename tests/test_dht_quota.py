@@ -1,0 +1,98 @@
+"""DHT storage quotas: every record is charged in real bytes to the peer that sent it, one identity holds at most
+its quota, and a full node gives way to lighter senders, so floods (one identity or many) never keep an honest
+record out. Flooders are real processes sending raw dht.store requests."""
+
+from __future__ import annotations
+
+import pytest
+
+from hiveengine.dht import DHT, DHTConfig, get_dht_time
+from hiveengine.dht.storage import RECORD_OVERHEAD_BYTES, Record, Storage
+from tests.procs import PeerProcess
+
+KiB = 1 << 10
+NODE_BYTES, PEER_BYTES = 1024 * KiB, 128 * KiB  # small limits, so a flood fills them in a second on 2 cores
+
+
+def record(i: int, size: int = 100, expires: float = 600) -> Record:
+    return Record(b"k%d" % i, None, b"v" * size, get_dht_time() + expires)
+
+
+def test_each_sender_is_charged_its_records_real_bytes_and_capped():
+    storage = Storage(10 * KiB, max_bytes_per_sender=4 * KiB)
+    kept = [storage.store(i, record(i), sender=b"a") for i in range(20)]
+    per_record = record(0).nbytes
+    assert per_record >= 100 + RECORD_OVERHEAD_BYTES
+    assert sum(kept) == 4 * KiB // per_record and storage.usage[b"a"] <= 4 * KiB
+    assert storage.store(100, record(100), sender=b"b")  # another sender still has room
+    assert storage.nbytes == sum(storage.usage.values())
+
+
+def test_a_full_store_evicts_the_heaviest_senders_oldest_records_never_a_lighter_ones():
+    storage = Storage(8 * KiB, max_bytes_per_sender=8 * KiB)
+    while storage.store(len(storage), record(len(storage)), sender=b"flood"):
+        pass
+    flood_before = storage.usage[b"flood"]
+    assert storage.store(1000, record(1000), sender=b"honest")  # the flooder's oldest record made room
+    assert storage.get(1000) is not None and storage.get(0) is None
+    assert storage.usage[b"flood"] < flood_before
+    assert not storage.store(2000, record(2000), sender=b"flood")  # the heaviest cannot push the light one out
+    assert storage.get(1000) is not None
+
+
+def test_replaced_and_expired_records_release_their_charge():
+    storage = Storage(8 * KiB)
+    now = get_dht_time()
+    storage.store(1, Record(b"k", b"s", b"v", now + 10), sender=b"a")
+    storage.store(1, Record(b"k", b"s", b"w", now + 20), sender=b"b")  # a newer version from another sender
+    assert b"a" not in storage.usage and storage.usage[b"b"] == storage.nbytes
+    storage.drop_expired(now + 30)
+    assert storage.nbytes == 0 and storage.usage == {} and len(storage) == 0
+
+
+@pytest.fixture
+def node():
+    args = ["--max-stored-bytes", str(NODE_BYTES), "--max-stored-bytes-per-peer", str(PEER_BYTES)]
+    proc = PeerProcess("dht_nodes.py", *args)
+    try:
+        address = proc.expect("ADDRESS")
+        proc.expect("READY")
+        yield address
+    finally:
+        proc.close()
+
+
+def flood(address: str, identities: int, records: int) -> list[tuple[int, int]]:
+    """(records accepted, bytes charged) per flooding identity."""
+    proc = PeerProcess("swarm_dht_flooder.py", address, "--identities", str(identities), "--records", str(records))
+    try:
+        results = [tuple(map(int, proc.expect("ACCEPTED", timeout=60).split())) for _ in range(identities)]
+        proc.expect("DONE")
+        assert proc.proc.wait(30) == 0
+    finally:
+        proc.close()
+    return [r[1:] for r in results]
+
+
+def honest_round_trip(address: str, key: str) -> None:
+    config = DHTConfig(rpc_timeout=10)
+    with DHT(initial_peers=[address], client_mode=True, config=config) as writer:
+        assert writer.store(key, {"honest": 150}, get_dht_time() + 60, timeout=30)
+    with DHT(initial_peers=[address], client_mode=True, config=config) as reader:
+        found = reader.get(key, latest=True, timeout=30)
+        assert found is not None and found.value == {"honest": 150}
+
+
+@pytest.mark.timeout(180)
+def test_one_identity_flooding_a_node_fills_only_its_quota(node):
+    [(accepted, charged)] = flood(node, 1, 2000)
+    assert 0 < charged <= PEER_BYTES and accepted < 2000  # refused once its quota was full
+    honest_round_trip(node, "after-one-flooder")
+
+
+@pytest.mark.timeout(180)
+def test_many_identities_filling_a_node_never_starve_an_honest_record(node):
+    results = flood(node, 12, 400)  # 12 quotas of 128 KiB: more than the node's 1 MiB
+    assert all(charged <= PEER_BYTES for _, charged in results)
+    assert sum(charged for _, charged in results) > NODE_BYTES  # the node was full, and some of it was evicted
+    honest_round_trip(node, "after-a-sybil-flood")
