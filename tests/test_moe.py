@@ -23,8 +23,9 @@ from hiveengine.moe import (
     get_remote_experts,
     split_uid,
 )
-from hiveengine.moe.protocol import BACKWARD, DHT_TIMEOUT, FORWARD, adeclare_experts
-from hiveengine.transport import Peer
+from hiveengine.moe.declarations import adeclare_experts
+from hiveengine.moe.protocol import BACKWARD, DHT_TIMEOUT, FORWARD
+from hiveengine.transport import Identity, Peer, PeerAddress
 from tests.procs import PeerProcess
 
 pytestmark = pytest.mark.timeout(180)
@@ -296,7 +297,8 @@ def test_checkpoints_survive_a_restart_and_declarations_expire(tmp_path):
         started[0].proc.expect(THROUGHPUT_PREFIX)
         trained = expert(x).detach()
         declared = dht.get("ffn.0", latest=True)
-        assert declared.value == started[0].address and declared.expiration_time <= get_dht_time() + 2.5
+        assert [v.value for v in declared.value.values()] == [started[0].address]
+        assert declared.expiration_time <= get_dht_time() + 2.5
         started[0].close()  # a clean exit saves the checkpoint
         closed = get_dht_time()
         assert (tmp_path / "ffn.0.pt").is_file()
@@ -320,8 +322,11 @@ def test_beam_search_answers_from_its_cache_while_it_rereads_the_dht_in_the_back
     def run(coro):
         return dht.peer.runtime.run(coro, DHT_TIMEOUT)
 
+    identity = Identity.generate()
+    address = str(PeerAddress("127.0.0.1", 1, identity.peer_id))  # never called: the search only reads the DHT
+
     def declare(uid: str) -> None:
-        run(adeclare_experts(dht, [uid], f"address of {uid}", get_dht_time() + DHT_TIMEOUT * 60))
+        run(adeclare_experts(dht, [uid], address, get_dht_time() + DHT_TIMEOUT * 60, identity=identity))
 
     def found() -> list[str]:
         return sorted(e.uid for e in run(searcher.afind_best_experts(scores, 4))[0])

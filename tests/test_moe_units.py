@@ -7,11 +7,13 @@ import functools
 import pytest
 import torch
 
+from hiveengine.dht import ValueWithExpiration, owner_marker
 from hiveengine.errors import ConfigurationError, PeerBusyError, ProtocolError
 from hiveengine.moe import (
     BatchingRuntime,
     ExpertBackend,
     InvalidExpertUIDError,
+    NonFiniteRequestError,
     TensorSchema,
     UnknownExpertClassError,
     check_uid,
@@ -22,9 +24,11 @@ from hiveengine.moe import (
     uids_from_pattern,
 )
 from hiveengine.moe.client.failures import FailedPeers
+from hiveengine.moe.declarations import parse_declarations, parse_successors
 from hiveengine.moe.server.backend import MAX_KEPT_FORWARDS
 from hiveengine.moe.server.server import checkpoint_path
 from hiveengine.moe.uids import uid_prefixes
+from hiveengine.transport import Identity, PeerAddress
 
 pytestmark = pytest.mark.timeout(60)
 RESULT_TIMEOUT = 30
@@ -362,3 +366,105 @@ def test_hivemind_server_spellings_name_the_hiveengine_one(name):
     with pytest.raises(ConfigurationError, match=f"{name}= is hivemind's; in hiveengine use"):
         Server.create("ffn", ["ffn.0"], 8, start=False, **{name: 1})
     assert HIVEMIND_SPELLINGS[name]
+
+
+def test_backend_refuses_non_finite_requests_and_skips_non_finite_updates():
+    klass = get_expert_class("ffn")
+    module = klass.build(8, seed=0)
+    backend = ExpertBackend("ffn.0", module, klass.input_schema(8), torch.optim.SGD(module.parameters(), lr=0.1))
+    x, nan = torch.randn(3, 8), torch.full((3, 8), float("nan"))
+    with pytest.raises(NonFiniteRequestError, match="NaN or Inf"):
+        backend.check_forward([nan])
+    with pytest.raises(NonFiniteRequestError):
+        backend.check_backward([x, nan])
+    before = [p.detach().clone() for p in module.parameters()]
+    backend.backward([x * 1e6, torch.full_like(x, 3e38)])  # finite, but the parameters' gradients overflow
+    assert backend.updates == 0 and backend.skipped_updates == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, module.parameters(), strict=True))
+    assert all(p.grad is None for p in module.parameters())  # nothing left to leak into the next update
+    backend.backward([x, torch.randn(3, 8)])
+    assert backend.updates == 1
+
+
+def test_kept_activations_are_counted_in_bytes_and_bounded():
+    klass = get_expert_class("ffn")
+    x = torch.randn(32, 16)
+    one = ExpertBackend("ffn.0", klass.build(16, seed=0), klass.input_schema(16))
+    one.forward([x], keys=["a"])
+    per_request = one.kept_bytes
+    # inputs, the LayerNorm's output, both Linear outputs (4x wide) and the GELU's output, at least
+    assert per_request >= 4 * x.numel() * (1 + 1 + 4 + 4 + 1) - 1
+    bounded = ExpertBackend("ffn.0", klass.build(16, seed=0), klass.input_schema(16), max_kept_bytes=3 * per_request)
+    for key in range(10):
+        bounded.forward([x], keys=[key])
+        assert bounded.kept_bytes <= 3 * per_request
+    assert bounded.kept_requests == 3 and bounded.kept_bytes == 3 * per_request
+    bounded.backward([x, torch.randn(32, 16)], keys=[9])  # the newest are kept: no recompute
+    assert bounded.recomputed == 0
+    nothing = ExpertBackend("ffn.0", klass.build(16, seed=0), klass.input_schema(16), max_kept_bytes=per_request - 1)
+    nothing.forward([x], keys=["a"])  # larger than the whole bound: not kept
+    assert nothing.kept_requests == 0 and nothing.kept_bytes == 0
+
+
+def flooded_runtime_batches(honest_pool: str) -> list[tuple[str, list]]:
+    """The batches (pool, keys) a runtime of max_batch_size 4 forms for 8 queued 1-row requests of a flooder in
+    pool "flooded", then one of an honest sender in `honest_pool`."""
+    batches: list[tuple[str, list]] = []
+    runtime = BatchingRuntime(max_batch_size=4, batch_wait=0.0)
+    pools = {
+        name: runtime.add_pool(name, lambda t, keys, sizes, name=name: batches.append((name, keys)) or [t[0]])
+        for name in ("flooded", "other")
+    }
+    one = [torch.ones(1, 2)]
+    futures = [runtime.submit(pools["flooded"], one, 1, key=f"f{i}", sender="flooder") for i in range(8)]
+    futures.append(runtime.submit(pools[honest_pool], one, 1, key="h", sender="honest"))
+    runtime.start()
+    try:
+        for future in futures:
+            future.result(RESULT_TIMEOUT)
+    finally:
+        runtime.shutdown()
+    return batches
+
+
+def test_runtime_serves_the_least_recently_served_sender_first_and_shares_batches():
+    # Another pool: the honest request goes right after the batch in progress, not after the flooder's queue.
+    assert flooded_runtime_batches("other") == [
+        ("flooded", ["f0", "f1", "f2", "f3"]),
+        ("other", ["h"]),
+        ("flooded", ["f4", "f5", "f6", "f7"]),
+    ]
+    # The same pool: batches are shared round-robin between senders.
+    assert flooded_runtime_batches("flooded") == [
+        ("flooded", ["f0", "h", "f1", "f2"]),
+        ("flooded", ["f3", "f4", "f5", "f6"]),
+        ("flooded", ["f7"]),
+    ]
+
+
+def test_declarations_are_believed_only_when_signed_by_the_peer_their_address_names():
+    server, attacker = Identity.generate(), Identity.generate()
+    address = str(PeerAddress("127.0.0.1", 9, server.peer_id))
+    at_attacker = str(PeerAddress("127.0.0.1", 9, attacker.peer_id))
+
+    def entry(value, expiration=100.0):
+        return ValueWithExpiration(value, expiration)
+
+    server_marker, attacker_marker = owner_marker(server.public_key), owner_marker(attacker.public_key)
+    uid_value = {
+        server_marker: entry(address),
+        attacker_marker: entry(address, 200.0),  # the attacker claims the server's address: ignored
+        "plain": entry(at_attacker, 300.0),  # no owner: ignored
+        owner_marker(attacker.public_key) + "x": entry("not an address", 400.0),
+    }
+    assert parse_declarations(entry(uid_value)) == address
+    assert parse_declarations(entry(at_attacker)) is None  # a plain value
+    assert parse_declarations(None) is None
+    prefix_value = {
+        (0, server_marker): entry(address),
+        (1, attacker_marker): entry(address),  # a coordinate the server never declared: ignored
+        (2, attacker_marker): entry(at_attacker),  # the attacker's own expert: believed (open swarm)
+        3: entry(address),  # unsigned
+        ("4", server_marker): entry(address),  # not a coordinate
+    }
+    assert parse_successors(entry(prefix_value)) == {0: address, 2: at_attacker}

@@ -13,7 +13,14 @@ from hiveengine.cli.common import add_initial_peers, initial_peers
 from hiveengine.dht import DHT
 from hiveengine.errors import ConfigurationError
 from hiveengine.moe import Server, get_experts, uids_from_pattern
-from hiveengine.moe.server import DEFAULT_BATCH_WAIT, DEFAULT_MAX_BATCH_SIZE, DEFAULT_UPDATE_PERIOD
+from hiveengine.moe.server import (
+    DEFAULT_BATCH_WAIT,
+    DEFAULT_MAX_BATCH_SIZE,
+    DEFAULT_MAX_CLIENT_BYTES,
+    DEFAULT_MAX_KEPT_BYTES,
+    DEFAULT_MAX_REQUEST_BYTES,
+    DEFAULT_UPDATE_PERIOD,
+)
 from hiveengine.moe.server.backend import OPTIMIZERS, optimizer_factory
 
 READY_PREFIX = "hiveengine expert server at"
@@ -40,6 +47,24 @@ def add_commands(sub) -> None:
     )
     serve.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH_SIZE, help="rows per batch")
     serve.add_argument("--batch-wait", type=float, default=DEFAULT_BATCH_WAIT, help="seconds to wait to fill a batch")
+    serve.add_argument(
+        "--clip-grad-norm", type=float, default=None, help="clip each expert's gradient norm to this before updates"
+    )
+    serve.add_argument(
+        "--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES, help="larger requests are refused"
+    )
+    serve.add_argument(
+        "--max-client-bytes",
+        type=int,
+        default=DEFAULT_MAX_CLIENT_BYTES,
+        help="request bytes one client may have queued or computing",
+    )
+    serve.add_argument(
+        "--max-kept-bytes",
+        type=int,
+        default=DEFAULT_MAX_KEPT_BYTES,
+        help="bytes of forward activations each expert keeps for backward calls",
+    )
     add_initial_peers(serve, "DHT nodes to join")
     serve.add_argument("--no-dht", action="store_true", help="serve without declaring experts in a DHT")
     serve.add_argument("--update-period", type=float, default=DEFAULT_UPDATE_PERIOD, help="seconds between DHT updates")
@@ -77,6 +102,10 @@ def build_server(args: argparse.Namespace) -> tuple[Server, DHT | None]:
             device=args.device,
             optimizer=optimizer_factory(args.optimizer, args.lr),
             accumulate_batches=args.accumulate_batches,
+            clip_grad_norm=args.clip_grad_norm,
+            max_kept_bytes=args.max_kept_bytes,
+            max_request_bytes=args.max_request_bytes,
+            max_client_bytes=args.max_client_bytes,
             seed=args.seed,
             checkpoint_dir=args.checkpoint_dir,
             dht=dht,

@@ -10,8 +10,15 @@ from hiveengine.moe.client import (
     RemoteSwitchMixtureOfExperts,
     get_remote_experts,
 )
-from hiveengine.moe.errors import ExpertError, InvalidExpertUIDError, NotEnoughExpertsError, UnknownExpertClassError
-from hiveengine.moe.protocol import TensorSchema, adeclare_experts, aget_experts, get_experts
+from hiveengine.moe.declarations import adeclare_experts, aget_experts, get_experts
+from hiveengine.moe.errors import (
+    ExpertError,
+    InvalidExpertUIDError,
+    NonFiniteRequestError,
+    NotEnoughExpertsError,
+    UnknownExpertClassError,
+)
+from hiveengine.moe.protocol import TensorSchema
 from hiveengine.moe.server import (
     EXPERT_CLASSES,
     BackgroundServerInfo,
@@ -34,6 +41,7 @@ __all__ = [
     "ExpertInfo",
     "InvalidExpertUIDError",
     "MoEBeamSearcher",
+    "NonFiniteRequestError",
     "NotEnoughExpertsError",
     "RemoteExpert",
     "RemoteMixtureOfExperts",

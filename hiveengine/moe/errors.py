@@ -1,6 +1,11 @@
-"""Errors of the Mixture-of-Experts layer; all are HiveEngineErrors with messages that say what to do."""
+"""Errors of the Mixture-of-Experts layer; all are HiveEngineErrors with messages that say what to do.
 
-from hiveengine.errors import ConfigurationError, HiveEngineError
+The errors a server raises to refuse a request are ProtocolErrors (a refusal, not a failure of the server, so
+clients keep routing to it) and are registered with the transport, so the caller raises the same class.
+"""
+
+from hiveengine.errors import ConfigurationError, HiveEngineError, ProtocolError
+from hiveengine.transport.peer import REMOTE_ERROR_TYPES
 
 
 class ExpertError(HiveEngineError):
@@ -17,3 +22,14 @@ class UnknownExpertClassError(ExpertError, ConfigurationError):
 
 class NotEnoughExpertsError(ExpertError, RuntimeError):
     """Fewer experts than `k_min` answered for some sample (raise timeouts, or allow zero outputs)."""
+
+
+class NonFiniteRequestError(ExpertError, ProtocolError):
+    """A request's inputs or gradients hold NaN or Inf; the server refused it and applied nothing."""
+
+
+class RequestTooLargeError(ExpertError, ProtocolError):
+    """A request is larger than the server's `max_request_bytes`; split it into smaller requests."""
+
+
+REMOTE_ERROR_TYPES.update({cls.__name__: cls for cls in (NonFiniteRequestError, RequestTooLargeError)})

@@ -1,23 +1,20 @@
-"""What expert servers and their clients agree on: RPC method names, per-sample tensor schemas, DHT records."""
+"""What expert servers and their clients agree on: RPC method names and per-sample tensor schemas (DHT records:
+declarations.py)."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from hiveengine.dht import DHT
 from hiveengine.errors import ProtocolError
-from hiveengine.moe.uids import check_uid, is_grid_uid, uid_prefixes
 from hiveengine.transport.wire import DTYPE_NAMES, DTYPES
 
 FORWARD = "moe.forward"  # header {"uid"}; tensors: inputs -> outputs
 BACKWARD = "moe.backward"  # header {"uid"}; tensors: inputs + output gradients -> input gradients
-INFO = "moe.info"  # header {"uid"} -> {"inputs": schema, "parameters", "updates"}
+INFO = "moe.info"  # header {"uid"} -> {"inputs": schema, "parameters", "updates", "lr", "kept_bytes", ...}
 FORWARD_ID = "fid"  # optional header key: a forward call's id, repeated by its backward call (saves a recompute)
-ALIVE = 1  # the value under an intermediate prefix's subkey: some expert below it is declared
 DHT_TIMEOUT = 10.0  # seconds a declaration or lookup may take
 
 
@@ -62,35 +59,3 @@ def check_batch(tensors: Sequence[torch.Tensor], schema: Sequence[TensorSchema],
     if len(sizes) != 1:
         raise ProtocolError(f"{what}: tensors disagree on the batch size ({sorted(sizes)})")
     return sizes.pop()
-
-
-async def adeclare_experts(dht: DHT, uids: Sequence[str], address: str, expiration_time: float) -> int:
-    """Declare that `address` serves `uids` until `expiration_time`: under each uid, and, for grid uids, under every
-    uid prefix as a subkey (the next coordinate), so a beam search can walk the grid. Returns how many stores
-    succeeded."""
-    records: dict[tuple[str, int], object] = {}
-    for uid in uids:
-        if not is_grid_uid(check_uid(uid)):
-            continue  # a plain uid: found by its own key only
-        pairs = uid_prefixes(uid)
-        for prefix, coord in pairs[:-1]:
-            records[prefix, coord] = ALIVE
-        records[pairs[-1]] = address
-    stores = [dht.astore(uid, address, expiration_time) for uid in uids]
-    stores += [dht.astore(prefix, value, expiration_time, subkey=coord) for (prefix, coord), value in records.items()]
-    results = await asyncio.gather(*stores, return_exceptions=True)
-    return sum(r is True for r in results)
-
-
-async def aget_experts(dht: DHT, uids: Sequence[str]) -> dict[str, str | None]:
-    """The address serving each uid according to the DHT (None for uids nobody declares)."""
-    found = await asyncio.gather(*[dht.aget(uid) for uid in uids])
-    return {
-        uid: item.value if item is not None and isinstance(item.value, str) else None
-        for uid, item in zip(uids, found, strict=True)
-    }
-
-
-def get_experts(dht: DHT, uids: Sequence[str], timeout: float = DHT_TIMEOUT) -> dict[str, str | None]:
-    """Blocking twin of `aget_experts`."""
-    return dht.peer.runtime.run(aget_experts(dht, uids), timeout)

@@ -14,6 +14,7 @@ import torch
 
 from hiveengine.dht import DHT
 from hiveengine.errors import ConfigurationError
+from hiveengine.moe.declarations import parse_successors
 from hiveengine.moe.protocol import DHT_TIMEOUT
 from hiveengine.moe.uids import UID_DELIMITER, check_prefix
 
@@ -51,7 +52,7 @@ class MoEBeamSearcher:
             raise ConfigurationError(f"grid_size must be positive integers, got {tuple(grid_size)}")
         self.dht, self.uid_prefix, self.grid_size = dht, uid_prefix, tuple(int(g) for g in grid_size)
         self.lookup_timeout, self.cache_ttl = lookup_timeout, cache_ttl
-        self._cache: dict[str, tuple[float, dict[int, object]]] = {}
+        self._cache: dict[str, tuple[float, dict[int, str]]] = {}
         self._refreshing: set[str] = set()  # prefixes being re-read in the background
         self._refreshes: set[asyncio.Task] = set()  # those reads (kept referenced until done)
 
@@ -61,8 +62,7 @@ class MoEBeamSearcher:
         async with asyncio.timeout(self.lookup_timeout):
             found = await asyncio.gather(*[self.dht.aget(p, latest=True) for p in prefixes])
         for prefix, item in zip(prefixes, found, strict=True):
-            subkeys = item.value if item is not None and isinstance(item.value, dict) else {}
-            self._cache[prefix] = (now, {c: v.value for c, v in subkeys.items() if isinstance(c, int)})
+            self._cache[prefix] = (now, parse_successors(item))
 
     async def _refresh(self, prefixes: list[str]) -> None:
         """Background re-read: a failure keeps the cached values (until MAX_STALENESS) and is logged."""
@@ -73,8 +73,9 @@ class MoEBeamSearcher:
         finally:
             self._refreshing.difference_update(prefixes)
 
-    async def _successors(self, prefixes: set[str]) -> dict[str, dict[int, object]]:
-        """For each prefix, the declared next coordinates and their values (an address at the last level)."""
+    async def _successors(self, prefixes: set[str]) -> dict[str, dict[int, str]]:
+        """For each prefix, the next coordinates that signed declarations name, each with a declaring server's
+        address (the expert's own at the last level)."""
         now = time.monotonic()
         age = {p: now - self._cache[p][0] if p in self._cache else None for p in prefixes}
         usable = {p for p, a in age.items() if a is not None and a <= MAX_STALENESS}
@@ -130,7 +131,7 @@ class MoEBeamSearcher:
                     (score + scores[level][i][c], f"{prefix}{c}{UID_DELIMITER}", (*coords, c), value)
                     for score, prefix, coords in beams[i]
                     for c, value in successors[prefix].items()
-                    if 0 <= c < size and (level < last_level or (isinstance(value, str) and value not in exclude))
+                    if 0 <= c < size and (level < last_level or value not in exclude)
                 ]
                 if level == last_level:
                     best = heapq.nlargest(beam_size, candidates, key=lambda item: item[0])

@@ -19,7 +19,8 @@ from hiveengine.moe.client.calls import (
     new_forward_id,
     wire_tensors,
 )
-from hiveengine.moe.protocol import DHT_TIMEOUT, get_experts
+from hiveengine.moe.declarations import get_experts
+from hiveengine.moe.protocol import DHT_TIMEOUT
 from hiveengine.moe.uids import check_uid
 from hiveengine.transport import Peer, PeerAddress
 

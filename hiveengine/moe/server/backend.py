@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -13,12 +14,16 @@ import torch
 from torch import nn
 
 from hiveengine.errors import ConfigurationError, ProtocolError
+from hiveengine.moe.errors import NonFiniteRequestError
 from hiveengine.moe.protocol import TensorSchema, check_batch
 from hiveengine.moe.uids import check_uid
+
+logger = logging.getLogger(__name__)
 
 OPTIMIZERS = ("adam", "sgd", "none")
 MAX_KEPT_FORWARDS = 16  # keyed requests per expert whose forward activations wait for their backward call
 KEPT_FORWARD_TTL = 120.0  # seconds a kept forward pass may wait for its backward call
+DEFAULT_MAX_KEPT_BYTES = 256 << 20  # bytes of kept activations (inputs, outputs, autograd's saved tensors) per expert
 
 Scheduler = torch.optim.lr_scheduler.LRScheduler
 SchedulerFactory = Callable[[torch.optim.Optimizer], Scheduler]
@@ -62,6 +67,7 @@ class KeptForward:
     sizes: tuple[int, ...]  # rows per request
     generation: int  # the parameters' version it was computed with
     created: float
+    nbytes: int  # memory it holds: its inputs, outputs and what autograd saved for the backward pass (no parameters)
 
     def rows(self, key: Hashable) -> slice:
         """The rows of the request named `key` in the batch."""
@@ -76,14 +82,17 @@ class ExpertBackend:
 
     Each optimizer update first clips the gradients' total norm to `clip_grad_norm` (if given), then steps the
     optimizer, then the learning-rate `scheduler` (a torch LRScheduler of this optimizer, or a factory that builds
-    one from it) once.
+    one from it) once. Requests holding NaN or Inf are refused (`check_forward`, `check_backward`), and an update
+    whose gradients are not finite all the same (finite inputs can overflow) is skipped and counted in
+    `skipped_updates`: one bad batch never poisons the weights.
 
     A forward batch with requests that carry keys (clients' forward ids) is recorded with autograd and kept under
-    each key (at most MAX_KEPT_FORWARDS keys, for KEPT_FORWARD_TTL seconds). A backward batch that holds every keyed
-    request of a kept forward batch runs backward through it once, with zero gradients for its unkeyed rows, and
-    skips recomputing it, unless the parameters changed in between. Otherwise backward recomputes the forward
-    pass, as hivemind does: so many clients' forward requests share one batched forward and, usually, one batched
-    backward.
+    each key (at most MAX_KEPT_FORWARDS keys, for KEPT_FORWARD_TTL seconds, and at most `max_kept_bytes` of
+    activations: the oldest are dropped first, and a batch larger than that is not kept). A backward batch that
+    holds every keyed request of a kept forward batch runs backward through it once, with zero gradients for its
+    unkeyed rows, and skips recomputing it, unless the parameters changed in between. Otherwise backward recomputes
+    the forward pass, as hivemind does: so many clients' forward requests share one batched forward and, usually,
+    one batched backward.
     """
 
     def __init__(
@@ -97,8 +106,11 @@ class ExpertBackend:
         accumulate_batches: int = 1,
         scheduler: Scheduler | SchedulerFactory | None = None,
         clip_grad_norm: float | None = None,
+        max_kept_bytes: int = DEFAULT_MAX_KEPT_BYTES,
     ):
         check_uid(uid)
+        if max_kept_bytes < 0:
+            raise ConfigurationError(f"max_kept_bytes must be >= 0 (0: keep no activations), got {max_kept_bytes}")
         if accumulate_batches < 0:
             raise ConfigurationError(f"accumulate_batches must be >= 0, got {accumulate_batches}")
         if clip_grad_norm is not None and not clip_grad_norm > 0:
@@ -115,12 +127,16 @@ class ExpertBackend:
         self.backward_batches = 0
         self.updates = 0
         self.recomputed = 0  # backward batches that had to recompute their forward pass
+        self.skipped_updates = 0  # updates dropped because the gradients were not finite
+        self.max_kept_bytes = max_kept_bytes
         self._generation = 0  # bumped whenever the parameters change
         self._kept: OrderedDict[Hashable, KeptForward] = OrderedDict()
 
     def check_forward(self, tensors: Sequence[torch.Tensor]) -> int:
-        """Validate a forward request's tensors; return its batch size."""
-        return check_batch(tensors, self.input_schema, f"forward of {self.uid}")
+        """Validate a forward request's tensors (schema, finite values); return its batch size."""
+        rows = check_batch(tensors, self.input_schema, f"forward of {self.uid}")
+        _check_finite(tensors, f"forward of {self.uid}")
+        return rows
 
     def check_backward(self, tensors: Sequence[torch.Tensor]) -> int:
         """Validate a backward request (inputs, then output gradients); return its batch size."""
@@ -130,7 +146,18 @@ class ExpertBackend:
         rows = check_batch(tensors[:n], self.input_schema, f"backward of {self.uid}")
         if any(g.shape[:1] != (rows,) or not g.is_floating_point() for g in tensors[n:]):
             raise ProtocolError(f"backward of {self.uid}: output gradients must be floating point with {rows} rows")
+        _check_finite(tensors, f"backward of {self.uid}")
         return rows
+
+    @property
+    def kept_bytes(self) -> int:
+        """Bytes of forward activations kept for backward calls now."""
+        return sum(kept.nbytes for kept in {id(k): k for k in self._kept.values()}.values())
+
+    @property
+    def kept_requests(self) -> int:
+        """Requests whose forward activations are kept for their backward call now."""
+        return len(self._kept)
 
     def _inputs(self, tensors: Sequence[torch.Tensor], grad: bool) -> list[torch.Tensor]:
         moved = [t.to(self.device, non_blocking=True) for t in tensors]
@@ -146,20 +173,31 @@ class ExpertBackend:
         keyed = any(k is not None for k in keys)
         with self.lock, torch.set_grad_enabled(keyed):
             xs = self._inputs(inputs, grad=keyed)
-            outputs = as_tensor_list(self.module(*xs))
-            if keyed:
-                kept = KeptForward(xs, outputs, keys, sizes, self._generation, time.monotonic())
+            if not keyed:
+                return [t.detach().contiguous() for t in as_tensor_list(self.module(*xs))]
+            storages: dict[int, int] = {}
+            with torch.autograd.graph.saved_tensors_hooks(functools.partial(_count_storage, storages), _unpacked):
+                outputs = as_tensor_list(self.module(*xs))
+            for t in (*xs, *outputs):
+                _count_storage(storages, t)
+            for t in (*self.module.parameters(), *self.module.buffers()):
+                storages.pop(t.untyped_storage().data_ptr(), None)  # held anyway, not for this request
+            kept = KeptForward(xs, outputs, keys, sizes, self._generation, time.monotonic(), sum(storages.values()))
+            if kept.nbytes <= self.max_kept_bytes:
                 for key in keys:
                     if key is not None:
                         self._keep(key, kept)
             return [t.detach().contiguous() for t in outputs]
 
     def _keep(self, key: Hashable, kept: KeptForward) -> None:
+        """Keep `kept` under `key`, then drop the oldest kept passes while any bound is exceeded."""
         now = time.monotonic()
         self._kept.pop(key, None)
         self._kept[key] = kept
         while self._kept and (
-            len(self._kept) > MAX_KEPT_FORWARDS or now - next(iter(self._kept.values())).created > KEPT_FORWARD_TTL
+            len(self._kept) > MAX_KEPT_FORWARDS
+            or now - next(iter(self._kept.values())).created > KEPT_FORWARD_TTL
+            or self.kept_bytes > self.max_kept_bytes
         ):
             self._kept.popitem(last=False)
 
@@ -228,6 +266,11 @@ class ExpertBackend:
         self.backward_batches += 1
         due = self.accumulate_batches and self.backward_batches % self.accumulate_batches == 0
         if self.optimizer is not None and due:
+            if not self._finite_gradients():
+                self.optimizer.zero_grad(set_to_none=True)
+                self.skipped_updates += 1
+                logger.warning("%s: skipped an update whose gradients hold NaN or Inf", self.uid)
+                return
             if self.clip_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.clip_grad_norm)
             self.optimizer.step()
@@ -236,6 +279,10 @@ class ExpertBackend:
                 self.scheduler.step()
             self.updates += 1
             self._generation += 1
+
+    def _finite_gradients(self) -> bool:
+        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+        return not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
 
     def learning_rates(self) -> list[float]:
         """The optimizer's current learning rate per parameter group (empty without an optimizer)."""
@@ -312,6 +359,27 @@ def _padded_grads(
         ]
         padded.append(torch.cat(parts) if len(parts) > 1 else parts[0])
     return padded
+
+
+def _check_finite(tensors: Sequence[torch.Tensor], what: str) -> None:
+    """Raise NonFiniteRequestError if a floating-point tensor of a request holds NaN or Inf."""
+    for i, t in enumerate(tensors):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise NonFiniteRequestError(
+                f"{what}: tensor {i} holds NaN or Inf; the request was refused and nothing was applied (find the "
+                "overflow upstream: lower the learning rate, clip gradients, or use a wider dtype)"
+            )
+
+
+def _count_storage(storages: dict[int, int], t: torch.Tensor) -> torch.Tensor:
+    """Record the bytes of `t`'s memory once per storage (autograd's pack hook; views share their base's)."""
+    storage = t.untyped_storage()
+    storages[storage.data_ptr()] = storage.nbytes()
+    return t
+
+
+def _unpacked(t: torch.Tensor) -> torch.Tensor:
+    return t
 
 
 def _grad(x: torch.Tensor) -> torch.Tensor:

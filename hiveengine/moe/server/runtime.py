@@ -1,8 +1,15 @@
-"""The server's batching runtime: requests from many clients queue per (expert, direction); one compute thread
-takes the pool whose oldest request waited longest, fills a batch of up to `max_batch_size` rows (waiting at most
-`batch_wait` seconds past that request's arrival for more, but only while another recently active sender of that
-pool has nothing queued: a batch that no one else can join is computed at once), runs it on the device and splits
-the results."""
+"""The server's batching runtime: requests from many clients queue per (expert, direction) and per sender; one
+compute thread forms batches of up to `max_batch_size` rows and runs them on the device, then splits the results.
+
+Fairness: a batch starts with the queued request of the sender served least recently (of those with requests
+queued, in any pool; among never-served ones, the oldest request), and fills up round-robin over the senders of
+that pool, so each sender gets an equal share of a batch it shares. A client flooding the server with requests
+(or sending a costly one) therefore delays another client by about one of its own batches, not by its whole
+queue; `max_request_bytes` and the transport's per-sender inbound limit (set by the Server) bound what a batch
+and a queue can hold. A batch waits at most `batch_wait` seconds past its first request's arrival for more, and
+only while another recently active sender of that pool has nothing queued: a batch no one else can join is
+computed at once.
+"""
 
 from __future__ import annotations
 
@@ -48,16 +55,22 @@ class Task:
 
 @dataclass(eq=False)
 class TaskPool:
-    """Queued requests of one kind for one expert, and the function that computes a batch of them."""
+    """Queued requests of one kind for one expert, per sender in arrival order, and the function that computes a
+    batch of them."""
 
     name: str
     process: BatchFn
     merge_keyed: bool = True  # False: a request with a key is computed alone (e.g. to keep its activations)
-    tasks: deque[Task] = field(default_factory=deque)
+    queues: dict[Hashable | None, deque[Task]] = field(default_factory=dict)  # only non-empty ones
     senders: dict[Hashable, float] = field(default_factory=dict)  # known senders: when each last submitted
     queued_rows: int = 0
     processed_rows: int = 0
     processed_batches: int = 0
+
+    @property
+    def tasks(self) -> list[Task]:
+        """Every queued task (any order)."""
+        return [task for queue in self.queues.values() for task in queue]
 
 
 @dataclass(frozen=True)
@@ -88,6 +101,8 @@ class BatchingRuntime:
         self.max_queued_rows = max_queued_rows
         self.synchronize = synchronize
         self.pools: list[TaskPool] = []
+        self._batches = 0  # batches formed so far
+        self._served: dict[Hashable | None, int] = {}  # senders with queued requests: the last batch they were in
         self._cv = threading.Condition()
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name="hiveengine-moe-runtime", daemon=True)
@@ -125,7 +140,7 @@ class BatchingRuntime:
                 raise PeerBusyError(f"{pool.name}: the server is shutting down")
             if pool.queued_rows + rows > self.max_queued_rows:
                 raise PeerBusyError(f"{pool.name}: {pool.queued_rows} rows queued already; retry later")
-            pool.tasks.append(task)
+            pool.queues.setdefault(sender, deque()).append(task)
             pool.queued_rows += rows
             if sender is not None:
                 pool.senders[sender] = task.arrived
@@ -150,7 +165,7 @@ class BatchingRuntime:
             for task in pool.tasks:
                 if task.future.set_running_or_notify_cancel():
                     task.future.set_exception(PeerBusyError(f"{pool.name}: the server shut down"))
-            pool.tasks.clear()
+            pool.queues.clear()
 
     # ---- the compute thread
 
@@ -165,20 +180,35 @@ class BatchingRuntime:
     def _next_batch(self) -> tuple[TaskPool, list[Task]] | None:
         with self._cv:
             while not self._stopped:
-                pool = min((p for p in self.pools if p.tasks), key=lambda p: p.tasks[0].arrived, default=None)
-                if pool is None:
+                picked = self._first_task()
+                if picked is None:
                     self._cv.wait()
                     continue
-                wait = pool.tasks[0].arrived + self.batch_wait - time.monotonic()
-                alone = not pool.merge_keyed and pool.tasks[0].key is not None
-                fillable = self._fillable_rows(pool) < self.max_batch_size and self._others_may_send(pool)
+                pool, first = picked
+                wait = first.arrived + self.batch_wait - time.monotonic()
+                alone = not pool.merge_keyed and first.key is not None
+                fillable = self._fillable_rows(pool, first) < self.max_batch_size and self._others_may_send(pool)
                 if wait > 0 and not alone and fillable:
                     self._cv.wait(wait)
                     continue
-                batch = self._take(pool)
+                batch = self._take(pool, first)
                 if batch:
                     return pool, batch
             return None
+
+    def _priority(self, sender: Hashable | None, task: Task) -> tuple[int, float]:
+        return self._served.get(sender, -1), task.arrived
+
+    def _first_task(self) -> tuple[TaskPool, Task] | None:
+        """The pool and task the next batch starts with: the first queued task of the sender served least
+        recently (ties: the oldest task)."""
+        best = None
+        for pool in self.pools:
+            for sender, queue in pool.queues.items():
+                priority = self._priority(sender, queue[0])
+                if best is None or priority < best[0]:
+                    best = priority, pool, queue[0]
+        return None if best is None else (best[1], best[2])
 
     @staticmethod
     def _mergeable(pool: TaskPool, first: Task, task: Task) -> bool:
@@ -189,32 +219,56 @@ class BatchingRuntime:
     def _others_may_send(pool: TaskPool) -> bool:
         """Whether a request that could join the queued ones may still come: some queued request has an unknown
         sender, or a sender active within ACTIVE_SENDER_WINDOW has nothing queued (forgets the inactive ones)."""
-        queued = {t.sender for t in pool.tasks}
-        if None in queued:
+        if None in pool.queues:
             return True
         now = time.monotonic()
         pool.senders = {s: last for s, last in pool.senders.items() if now - last <= ACTIVE_SENDER_WINDOW}
-        return any(s not in queued for s in pool.senders)
+        return any(s not in pool.queues for s in pool.senders)
 
-    def _fillable_rows(self, pool: TaskPool) -> int:
-        first = pool.tasks[0]
+    def _fillable_rows(self, pool: TaskPool, first: Task) -> int:
         return sum(t.rows for t in pool.tasks if self._mergeable(pool, first, t))
 
-    def _take(self, pool: TaskPool) -> list[Task]:
-        """Pop the oldest task and every later one that may join it and fits; skip cancelled ones."""
-        first = pool.tasks[0]
-        batch, rows, kept = [], 0, deque()
-        while pool.tasks:
-            task = pool.tasks.popleft()
-            fits = self._mergeable(pool, first, task) and rows + task.rows <= self.max_batch_size
-            if not fits:
-                kept.append(task)
-                continue
+    def _take(self, pool: TaskPool, first: Task) -> list[Task]:
+        """Take `first`, then, round-robin over the pool's senders (least recently served first), each one's next
+        task that may join it and fits, until the batch is full; skip cancelled tasks."""
+        order = sorted(pool.queues, key=lambda s: self._priority(s, pool.queues[s][0]))
+        order.remove(first.sender)
+        order.append(first.sender)  # `first` was its sender's turn
+        candidates = {
+            s: iter([t for t in pool.queues[s] if t is not first and self._mergeable(pool, first, t)]) for s in order
+        }
+        taken: set[int] = set()
+        batch, rows = [], 0
+
+        def offer(task: Task) -> None:
+            nonlocal rows
+            taken.add(id(task))
             pool.queued_rows -= task.rows
             if task.future.set_running_or_notify_cancel():  # False: its caller gave up while it queued
                 batch.append(task)
                 rows += task.rows
-        pool.tasks = kept
+
+        offer(first)
+        while candidates and rows < self.max_batch_size:
+            for sender in list(candidates):
+                task = next(candidates[sender], None)
+                while task is not None and rows + task.rows > self.max_batch_size:
+                    task = next(candidates[sender], None)
+                if task is None:
+                    del candidates[sender]
+                    continue
+                offer(task)
+        self._batches += 1
+        for sender in order:
+            left = deque(t for t in pool.queues[sender] if id(t) not in taken)
+            if left:
+                pool.queues[sender] = left
+            else:
+                del pool.queues[sender]
+        for task in batch:
+            self._served[task.sender] = self._batches
+        queued = {s for p in self.pools for s in p.queues}
+        self._served = {s: b for s, b in self._served.items() if s in queued}
         return batch
 
     def _compute(self, pool: TaskPool, batch: list[Task]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import urllib.parse
@@ -14,11 +15,12 @@ import torch
 
 from hiveengine.dht import DHT, get_dht_time
 from hiveengine.errors import ConfigurationError, ProtocolError, refuse_unknown_options
-from hiveengine.moe.protocol import BACKWARD, DHT_TIMEOUT, FORWARD, FORWARD_ID, INFO, adeclare_experts
-from hiveengine.moe.server.backend import ExpertBackend, SchedulerFactory
+from hiveengine.moe.declarations import adeclare_experts
+from hiveengine.moe.protocol import BACKWARD, DHT_TIMEOUT, FORWARD, FORWARD_ID, INFO
+from hiveengine.moe.server.backend import DEFAULT_MAX_KEPT_BYTES, ExpertBackend, SchedulerFactory
 from hiveengine.moe.server.experts import get_expert_class
 from hiveengine.moe.server.runtime import DEFAULT_BATCH_WAIT, DEFAULT_MAX_BATCH_SIZE, BatchingRuntime, RuntimeStats
-from hiveengine.transport import Peer, Request
+from hiveengine.transport import DEFAULT_LIMITS, Peer, Request
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +41,8 @@ HIVEMIND_SPELLINGS = {
 }
 
 DEFAULT_UPDATE_PERIOD = 30.0  # seconds between re-declarations of the experts in the DHT
+DEFAULT_MAX_REQUEST_BYTES = 64 << 20  # tensor bytes one request may carry; larger ones are refused unread
+DEFAULT_MAX_CLIENT_BYTES = 256 << 20  # request bytes one client may have queued or in computation at once
 EXPIRATION_PERIODS = 2  # a declaration lives this many update periods, so one missed refresh does not hide them
 CHECKPOINT_SUFFIX = ".pt"
 MAX_CHECKPOINT_STEM = 200  # characters of a checkpoint's file name before its suffix; longer ones are hashed
@@ -49,7 +53,13 @@ OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimize
 
 class Server:
     """Serves `experts` ({uid: ExpertBackend}) over its own Peer; with a `dht`, declares them there every
-    `update_period` seconds (expiring after EXPIRATION_PERIODS periods) until shut down."""
+    `update_period` seconds (expiring after EXPIRATION_PERIODS periods, signed by this Peer's identity: see
+    declarations.py) until shut down.
+
+    Defences against hostile clients: a request larger than `max_request_bytes` is refused by the transport before
+    its tensors are received; one client's requests queued or in computation hold at most `max_client_bytes`
+    (more are refused as busy); batches are shared fairly between clients (runtime.py); requests holding NaN or
+    Inf are refused (backend.py)."""
 
     def __init__(
         self,
@@ -59,6 +69,8 @@ class Server:
         max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
         batch_wait: float = DEFAULT_BATCH_WAIT,
         update_period: float = DEFAULT_UPDATE_PERIOD,
+        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+        max_client_bytes: int = DEFAULT_MAX_CLIENT_BYTES,
         port: int | None = None,
         start: bool = True,
     ):
@@ -66,6 +78,17 @@ class Server:
             raise ConfigurationError("a Server needs at least one expert")
         if update_period <= 0:
             raise ConfigurationError(f"update_period must be positive, got {update_period}")
+        if not 0 < max_request_bytes <= max_client_bytes:
+            raise ConfigurationError(
+                f"need 0 < max_request_bytes <= max_client_bytes, got {max_request_bytes} and {max_client_bytes}"
+            )
+        self.limits = dataclasses.replace(
+            DEFAULT_LIMITS,
+            max_message_bytes=max_request_bytes,
+            max_frame_bytes=min(DEFAULT_LIMITS.max_frame_bytes, max_request_bytes),
+            max_inbound_bytes_per_peer=max_client_bytes,
+            max_inbound_bytes=max(DEFAULT_LIMITS.max_inbound_bytes, max_client_bytes),
+        )
         self.experts = dict(experts)
         self.dht = dht
         self.update_period = update_period
@@ -95,6 +118,7 @@ class Server:
         optimizer: OptimizerFactory | None = None,
         scheduler: SchedulerFactory | None = None,
         clip_grad_norm: float | None = None,
+        max_kept_bytes: int = DEFAULT_MAX_KEPT_BYTES,
         accumulate_batches: int = 1,
         seed: int | None = None,
         checkpoint_dir: str | Path | None = None,
@@ -104,8 +128,9 @@ class Server:
     ) -> Server:
         """A server of `expert_cls` experts named `uids`, built on `device` (with `seed`: expert i from seed + i),
         restored from `checkpoint_dir` where a checkpoint exists; started unless `start=False`. Each expert gets
-        its own `optimizer(parameters)` and `scheduler(optimizer)`, and clips its gradients' norm to
-        `clip_grad_norm` before each update (see ExpertBackend); other keyword arguments go to the constructor."""
+        its own `optimizer(parameters)` and `scheduler(optimizer)`, clips its gradients' norm to `clip_grad_norm`
+        before each update, and keeps at most `max_kept_bytes` of forward activations for backward calls (see
+        ExpertBackend); other keyword arguments go to the constructor."""
         refuse_unknown_options(
             "Server.create", {k: v for k, v in kwargs.items() if k in HIVEMIND_SPELLINGS}, HIVEMIND_SPELLINGS
         )
@@ -123,6 +148,7 @@ class Server:
                 accumulate_batches=accumulate_batches,
                 scheduler=scheduler,
                 clip_grad_norm=clip_grad_norm,
+                max_kept_bytes=max_kept_bytes,
             )
         server = cls(experts, dht, start=False, **kwargs)
         if checkpoint_dir is not None:
@@ -138,7 +164,7 @@ class Server:
         if self.peer is not None:
             return
         self.runtime.start()
-        self.peer = Peer(port=self._port)
+        self.peer = Peer(port=self._port, limits=self.limits)
         self.peer.register(FORWARD, self._on_forward)
         self.peer.register(BACKWARD, self._on_backward)
         self.peer.register(INFO, self._on_info)
@@ -202,7 +228,9 @@ class Server:
 
     async def _declare_once(self) -> None:
         expiration = get_dht_time() + EXPIRATION_PERIODS * self.update_period
-        stored = await adeclare_experts(self.dht, list(self.experts), str(self.peer.address), expiration)
+        stored = await adeclare_experts(
+            self.dht, list(self.experts), str(self.peer.address), expiration, identity=self.peer.identity
+        )
         logger.debug("declared %d experts (%d records stored)", len(self.experts), stored)
 
     async def _start_declaring(self) -> asyncio.Task:
@@ -253,6 +281,9 @@ class Server:
             "parameters": sum(p.numel() for p in backend.module.parameters()),
             "updates": backend.updates,
             "lr": backend.learning_rates(),
+            "kept_bytes": backend.kept_bytes,
+            "kept_requests": backend.kept_requests,
+            "skipped_updates": backend.skipped_updates,
         }
 
 

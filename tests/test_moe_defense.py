@@ -1,0 +1,222 @@
+"""Expert servers defend themselves (issue 17 item 5, issue 16's signed declarations): a hostile client process
+(tests/peers/moe_hostile.py) attacks a real server process, and an honest client in this process checks that its
+results and waits are unaffected."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import pytest
+import torch
+
+from hiveengine.moe import MoEBeamSearcher, RemoteExpert, get_expert_class, get_experts
+from hiveengine.moe.protocol import DHT_TIMEOUT
+from tests.procs import PeerProcess
+from tests.test_moe import HIDDEN, SEED, ExpertServer, local_expert, servers
+
+pytestmark = pytest.mark.timeout(180)
+
+RESULT_TIMEOUT = 120.0  # seconds a hostile process may take to report its next result
+SLOW_SECONDS = 0.1  # each batch of the slow expert sleeps this long: a deterministic compute cost
+FLOOD_REQUESTS = 40  # concurrent flood requests, each one batch: about 4 s of work queued at once
+LOADED_FACTOR = 5  # an honest call under the flood may take this many times its unloaded time
+
+
+class Hostile:
+    """A tests/peers/moe_hostile.py process; `result(name)` waits for its `RESULT name value` line."""
+
+    def __init__(self, *args: str):
+        self.proc = PeerProcess("moe_hostile.py", *args)
+
+    def result(self, name: str) -> str:
+        line = self.proc.expect("RESULT", timeout=RESULT_TIMEOUT)
+        got, value = line.split(" ", 1)
+        assert got == name, f"expected result {name}, got {line}"
+        return value
+
+    def results(self, *names: str) -> dict[str, str]:
+        return {name: self.result(name) for name in names}
+
+    def close(self) -> None:
+        self.proc.close()
+
+
+def hostile(*args: str) -> Hostile:
+    return Hostile(*[str(a) for a in args])
+
+
+@contextlib.contextmanager
+def serving(*args: str, env: dict | None = None):
+    """An ExpertServer process without a DHT, closed when the block exits."""
+    started = ExpertServer(*args, "--no-dht", env=env)
+    try:
+        yield started
+    finally:
+        started.close()
+
+
+def test_non_finite_inputs_and_gradients_are_refused_and_never_applied():
+    with serving(*f"--expert-uids ffn.0 --optimizer sgd --lr 0.1 --seed {SEED}".split()) as server:
+        expert = RemoteExpert("ffn.0", server.address)
+        x = torch.randn(8, HIDDEN)
+        with torch.no_grad():
+            before = expert(x)
+        attack = hostile("nonfinite", server.address, "ffn.0", HIDDEN)
+        try:
+            refused = attack.results("nan_forward", "nan_backward", "inf_backward", "overflow_backward")
+        finally:
+            attack.close()
+        assert refused == {
+            "nan_forward": "NonFiniteRequestError",
+            "nan_backward": "NonFiniteRequestError",
+            "inf_backward": "NonFiniteRequestError",
+            "overflow_backward": "ok",  # finite, but the parameters' gradients overflow: the update is skipped
+        }
+        with torch.no_grad():
+            after = expert(x)
+        assert torch.isfinite(after).all() and torch.equal(after, before)
+        info = expert.info()
+        assert info["updates"] == 0 and info["skipped_updates"] == 1
+        expert(x.requires_grad_()).sum().backward()  # honest training goes on
+        assert expert.info()["updates"] == 1
+
+
+CLIP = 0.01
+SCALE = 1e6
+
+
+def test_gradient_clipping_bounds_what_one_scaled_backward_call_moves():
+    with serving(
+        *f"--expert-uids ffn.0 --optimizer sgd --lr 1 --seed {SEED} --clip-grad-norm {CLIP}".split()
+    ) as server:
+        attack = hostile("scaled", server.address, "ffn.0", HIDDEN, "--scale", SCALE, "--seed", 7)
+        try:
+            assert attack.result("scaled_backward") == "ok"
+        finally:
+            attack.close()
+        torch.manual_seed(7)  # the hostile's tensors, replayed: what the server must have done with them
+        x_attack, g_attack = torch.randn(4, HIDDEN), torch.randn(4, HIDDEN) * SCALE
+        replicas = {}
+        for clip in (CLIP, None):
+            module = local_expert(0)
+            module(x_attack).backward(g_attack)
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_(module.parameters(), clip)
+            torch.optim.SGD(module.parameters(), lr=1.0).step()
+            replicas[clip] = module
+        x = torch.randn(8, HIDDEN)
+        with torch.no_grad():
+            served, clipped, unclipped, untouched = (
+                RemoteExpert("ffn.0", server.address)(x),
+                replicas[CLIP](x),
+                replicas[None](x),
+                local_expert(0)(x),
+            )
+        assert torch.allclose(served, clipped, atol=1e-5)
+        assert (served - untouched).norm() < 0.1 * untouched.norm() < (unclipped - untouched).norm()
+
+
+def test_a_flooding_client_delays_an_honest_one_by_about_one_batch_and_huge_requests_are_refused():
+    args = "--expert-cls slow --expert-uids slow.0 slow.1 --optimizer none --max-batch-size 8 --batch-wait 0"
+    with serving(
+        *args.split(), "--max-request-bytes", str(1 << 20), env={"TEST_SLOW_EXPERT_SECONDS": str(SLOW_SECONDS)}
+    ) as server:
+        experts = [RemoteExpert(uid, server.address) for uid in ("slow.0", "slow.1")]
+        x = torch.randn(1, HIDDEN)
+
+        def timed_call(expert: RemoteExpert) -> float:
+            start = time.monotonic()
+            with torch.no_grad():
+                expert(x)
+            return time.monotonic() - start
+
+        unloaded = max(timed_call(expert) for expert in experts * 2)
+        attack = hostile("flood", server.address, "slow.0", HIDDEN, "--rows", 8, "--count", FLOOD_REQUESTS)
+        try:
+            assert attack.result("huge") == "ProtocolError"  # 16 MiB against a 1 MiB limit: refused unread
+            attack.result("loaded")  # the flood's first reply is back: all of its requests reached the server
+            loaded = [timed_call(expert) for expert in experts * 2]
+            honest_done = time.time()
+            assert int(attack.result("flood_ok")) == FLOOD_REQUESTS  # the attacker is served too, just not first
+            flood_done = float(attack.result("flood_done"))
+        finally:
+            attack.close()
+        # The flood held ~FLOOD_REQUESTS batches of work; in arrival order an honest call would wait for all of them.
+        assert honest_done < flood_done
+        assert max(loaded) < LOADED_FACTOR * unloaded, (loaded, unloaded)
+
+
+KEEP_HIDDEN = 256
+MAX_KEPT = 4 << 20
+
+
+def test_kept_activations_stay_under_their_byte_bound():
+    args = f"--expert-uids ffn.0 --hidden-dim {KEEP_HIDDEN} --optimizer none --seed {SEED} --max-kept-bytes {MAX_KEPT}"
+    with serving(*args.split()) as server:
+        attack = hostile("keep", server.address, "ffn.0", KEEP_HIDDEN, "--rows", 256, "--count", 16)
+        try:
+            assert attack.result("kept_sent") == "16"
+        finally:
+            attack.close()
+        expert = RemoteExpert("ffn.0", server.address)
+        info = expert.info()
+        per_request = info["kept_bytes"] / info["kept_requests"]
+        assert 0 < info["kept_bytes"] <= MAX_KEPT < 16 * per_request  # without the bound: 16 requests kept
+        # An honest forward and backward still gets exact gradients (kept or recomputed).
+        local = get_expert_class("ffn").build(KEEP_HIDDEN, SEED)
+        x = torch.randn(64, KEEP_HIDDEN, requires_grad=True)
+        x_local = x.detach().clone().requires_grad_()
+        grad = torch.randn(64, KEEP_HIDDEN)
+        expert(x).backward(grad)
+        local(x_local).backward(grad)
+        assert torch.allclose(x.grad, x_local.grad, atol=1e-5)
+        assert expert.info()["kept_bytes"] <= MAX_KEPT
+
+
+def test_forged_expert_declarations_are_refused_or_ignored():
+    with servers(["--expert-uids", "ffn.0.0", "--optimizer", "none"]) as (started, dht):
+        victim = started[0]
+        searcher = MoEBeamSearcher(dht, "ffn.", (2, 2), cache_ttl=0.0)
+        scores = [torch.tensor([[0.0, 10.0]]), torch.tensor([[0.0, 10.0]])]  # the forged coordinate 1 scores best
+
+        def found() -> list[tuple[str, str]]:
+            (experts,) = dht.peer.runtime.run(searcher.afind_best_experts(scores, 4), DHT_TIMEOUT)
+            return [(e.uid, e.address) for e in experts]
+
+        assert found() == [("ffn.0.0", victim.address)]
+        forged = hostile_results(
+            "forge",
+            victim,
+            "claims_victim_address",
+            "prefix_claims_victim_address",
+            "prefix_unsigned",
+            "victim_marker",
+            "prefix_victim",
+        )
+        assert forged == {
+            "claims_victim_address": "True",  # validly signed by the attacker: stored, but no reader believes it
+            "prefix_claims_victim_address": "True",
+            "prefix_unsigned": "True",
+            "victim_marker": "False",  # the victim's marker with another key's signature: no node stores it
+            "prefix_victim": "False",
+        }
+        assert len(dht.get("ffn.0.0", latest=True).value) == 2  # the forgery is there to be read
+        assert get_experts(dht, ["ffn.0.0"]) == {"ffn.0.0": victim.address}
+        searcher._cache.clear()
+        assert found() == [("ffn.0.0", victim.address)]
+        # Plain values that outlive the declarations: a reader may lose the declarations to them (the DHT's merge
+        # rule: a later-expiring plain value wins), but it never takes the plain value's address.
+        assert hostile_results("squat", victim, "plain", "prefix_plain")["plain"] == "True"
+        assert get_experts(dht, ["ffn.0.0"])["ffn.0.0"] in (victim.address, None)
+        searcher._cache.clear()
+        assert found() in ([("ffn.0.0", victim.address)], [])
+
+
+def hostile_results(action: str, victim: ExpertServer, *names: str) -> dict[str, str]:
+    """Run a forging hostile process against `victim`'s declarations; its results `names`."""
+    attack = hostile(action, victim.address, "ffn.0.0", HIDDEN, "--dht", victim.dht_address)
+    try:
+        return attack.results(*names)
+    finally:
+        attack.close()
