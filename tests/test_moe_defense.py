@@ -21,6 +21,7 @@ RESULT_TIMEOUT = 120.0  # seconds a hostile process may take to report its next 
 SLOW_SECONDS = 0.1  # each batch of the slow expert sleeps this long: a deterministic compute cost
 FLOOD_REQUESTS = 40  # concurrent flood requests, each one batch: about 4 s of work queued at once
 LOADED_FACTOR = 5  # an honest call under the flood may take this many times its unloaded time
+SLOW_ENV = {"TEST_SLOW_EXPERT_SECONDS": str(SLOW_SECONDS)}
 
 
 class Hostile:
@@ -119,9 +120,7 @@ def test_gradient_clipping_bounds_what_one_scaled_backward_call_moves():
 
 def test_a_flooding_client_delays_an_honest_one_by_about_one_batch_and_huge_requests_are_refused():
     args = "--expert-cls slow --expert-uids slow.0 slow.1 --optimizer none --max-batch-size 8 --batch-wait 0"
-    with serving(
-        *args.split(), "--max-request-bytes", str(1 << 20), env={"TEST_SLOW_EXPERT_SECONDS": str(SLOW_SECONDS)}
-    ) as server:
+    with serving(*args.split(), "--max-request-bytes", str(1 << 20), env=SLOW_ENV) as server:
         experts = [RemoteExpert(uid, server.address) for uid in ("slow.0", "slow.1")]
         x = torch.randn(1, HIDDEN)
 
@@ -131,6 +130,8 @@ def test_a_flooding_client_delays_an_honest_one_by_about_one_batch_and_huge_requ
                 expert(x)
             return time.monotonic() - start
 
+        for expert in experts:
+            timed_call(expert)  # the first call opens the connection (~0.6 s): not part of a call's normal time
         unloaded = max(timed_call(expert) for expert in experts * 2)
         attack = hostile("flood", server.address, "slow.0", HIDDEN, "--rows", 8, "--count", FLOOD_REQUESTS)
         try:
@@ -145,6 +146,27 @@ def test_a_flooding_client_delays_an_honest_one_by_about_one_batch_and_huge_requ
         # The flood held ~FLOOD_REQUESTS batches of work; in arrival order an honest call would wait for all of them.
         assert honest_done < flood_done
         assert max(loaded) < LOADED_FACTOR * unloaded, (loaded, unloaded)
+
+
+BURST_REQUEST_BYTES = 256 << 10
+MAX_CLIENT_BYTES = 1 << 20  # four burst requests
+
+
+def test_one_client_holds_at_most_max_client_bytes_of_requests_at_once():
+    rows = BURST_REQUEST_BYTES // (4 * HIDDEN)
+    args = f"--expert-cls slow --expert-uids slow.0 --optimizer none --max-batch-size {rows} --batch-wait 0"
+    limits = f"--max-request-bytes {2 * BURST_REQUEST_BYTES} --max-client-bytes {MAX_CLIENT_BYTES}"
+    with serving(*args.split(), *limits.split(), env=SLOW_ENV) as server:
+        attack = hostile("burst", server.address, "slow.0", HIDDEN, "--rows", rows, "--count", 12)
+        try:
+            served, refused = attack.results("burst_ok", "burst_refused").values()
+        finally:
+            attack.close()
+        # Each request is one 0.1 s batch, and all 12 arrive within it: at most 4 fit in the client's bytes at once.
+        assert 1 <= int(served) <= 8 and refused == "['ResourceLimitError']"
+        with torch.no_grad():
+            y = RemoteExpert("slow.0", server.address)(torch.randn(rows, HIDDEN))  # another client: served
+        assert y.shape == (rows, HIDDEN)
 
 
 KEEP_HIDDEN = 256

@@ -77,6 +77,19 @@ def flood(peer: Peer, args) -> None:
     report("flood_done", time.time())
 
 
+def burst(peer: Peer, args) -> None:
+    """--count concurrent requests of --rows rows at once: more bytes than the server lets one client hold."""
+
+    async def run() -> list:
+        x = torch.randn(args.rows, args.hidden)
+        calls = [peer.call(args.address, FORWARD, {"uid": args.uid}, [x], timeout=120) for _ in range(args.count)]
+        return await asyncio.gather(*calls, return_exceptions=True)
+
+    results = peer.runtime.run(run(), 180)
+    report("burst_ok", sum(not isinstance(r, BaseException) for r in results))
+    report("burst_refused", sorted({type(r).__name__ for r in results if isinstance(r, BaseException)}))
+
+
 def keep(peer: Peer, args) -> None:
     """--count forward calls that name a forward id (the server keeps their activations) and no backward."""
     for fid in range(args.count):
@@ -120,7 +133,7 @@ def squat(dht: DHT, args) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("action", choices=["nonfinite", "scaled", "flood", "keep", "forge", "squat"])
+    parser.add_argument("action", choices=["nonfinite", "scaled", "flood", "burst", "keep", "forge", "squat"])
     parser.add_argument("address", help="the server's address (forge: the victim's)")
     parser.add_argument("uid")
     parser.add_argument("hidden", type=int)
@@ -140,7 +153,8 @@ def main() -> int:
             dht.shutdown()
     else:
         peer = Peer()
-        {"nonfinite": nonfinite, "scaled": scaled, "flood": flood, "keep": keep}[args.action](peer, args)
+        actions = {"nonfinite": nonfinite, "scaled": scaled, "flood": flood, "burst": burst, "keep": keep}
+        actions[args.action](peer, args)
         peer.shutdown()
     report("exit", 0)
     return 0
