@@ -126,3 +126,23 @@ def test_a_dial_that_cannot_succeed_costs_nobody_else_anything(rig, target):
     finally:
         for proc in procs:
             proc.close()
+
+
+def test_a_home_peer_links_over_its_own_tcp_socket_and_is_called_back_over_it(rig):
+    """The home peer's UCX dial fails (see above), so it opens a TCP wire itself; pub0 then reaches the home peer
+    at its (undialable) address over that link: reverse connections."""
+    server = _peer(rig, "pub0", "serve")
+    procs = [server]
+    try:
+        address = server.expect("ADDRESS")
+        home = _peer(rig, "home0", "join", address)
+        procs.append(home)
+        joined = _result(home)
+        assert joined["ok"] and joined["seconds"] < 5.0, joined
+        home_address = home.expect("ADDRESS")
+        asker = _peer(rig, "pub1", "ask-dial", address, home_address, str(CONNECT_TIMEOUT))
+        procs.append(asker)
+        assert _result(asker)["error"] is None
+    finally:
+        for proc in procs:
+            proc.close()

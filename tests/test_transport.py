@@ -316,7 +316,7 @@ def test_two_processes_over_tcp_only():
         client_proc = PeerProcess("transport_peer.py", "client", address, env=env)
         result = json.loads("{" + client_proc.expect("{"))
         client_proc.close()
-        assert result == {"echo_equal": True, "header": {"k": "v"}, "sum_ok": True}
+        assert result == {"link": "ucx", "echo_equal": True, "header": {"k": "v"}, "sum_ok": True}
     finally:
         proc.close()
 

@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 
 def build_parser() -> argparse.ArgumentParser:
     import hiveengine
-    from hiveengine.cli import bench, dht, launch, peer, serve, status, swarm
+    from hiveengine.cli import bench, dht, doctor, launch, peer, serve, status, swarm
     from hiveengine.cli.common import log_level
     from hiveengine.engine.env import LOG_LEVEL_ENV
 
@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     peer.add_commands(sub)
     dht.add_commands(sub)
     bench.add_commands(sub)
+    doctor.add_commands(sub)
     swarm.add_commands(sub)
     return parser
 

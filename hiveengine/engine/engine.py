@@ -13,7 +13,8 @@ from hiveengine.dht import DHT
 from hiveengine.engine.env import LOG_LEVEL_ENV, LaunchEnv
 from hiveengine.errors import ConfigurationError
 from hiveengine.optim import Optimizer
-from hiveengine.transport import Identity, membership
+from hiveengine.transport import Identity, Peer, membership
+from hiveengine.transport.reachability import check_reachability_sync
 
 logger = logging.getLogger(__name__)
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # as the hiveengine command's own
@@ -26,10 +27,12 @@ class Engine:
         self.env = env
         self._optimizers: list[Optimizer] = []
         self._shut_down = False
-        identity = Identity.load_or_create(env.identity_path) if env.identity_path else None
+        identity = Identity.load_or_create(env.identity_path) if env.identity_path else Identity.generate()
         if env.swarm:  # unset: whatever the process chose (an open swarm unless it called membership.use)
             membership.use(membership.load(env.swarm))
-        self.dht = DHT(initial_peers=env.initial_peers, identity=identity, client_mode=env.client_mode)
+        # A peer that others cannot dial (behind a NAT) runs as a client: reachability.py logs why.
+        self.client_mode = env.client_mode or _unreachable(env.initial_peers, identity)
+        self.dht = DHT(initial_peers=env.initial_peers, identity=identity, client_mode=self.client_mode)
         logger.info(
             "worker %d/%d of run %r at %s (%s)",
             env.local_rank,
@@ -61,7 +64,7 @@ class Engine:
 
     def optimizer(self, optimizer, params: Iterable[torch.nn.Parameter] | None = None, **options) -> Optimizer:
         """A hiveengine.Optimizer on this engine's DHT and run (options as for hiveengine.Optimizer)."""
-        options.setdefault("client_mode", self.env.client_mode)
+        options.setdefault("client_mode", self.client_mode)
         opt = Optimizer(dht=self.dht, run_id=self.run_id, optimizer=optimizer, params=params, **options)
         self._optimizers.append(opt)
         return opt
@@ -89,6 +92,18 @@ class Engine:
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
+
+
+def _unreachable(initial_peers: list[str], identity: Identity) -> bool:
+    """Whether the initial peers, asked to dial this process back, all failed to (a short-lived peer with the DHT's
+    identity asks, so a private swarm admits it: the listener it is dialled back on is the process's)."""
+    if not initial_peers:
+        return False
+    asker = Peer(identity)
+    try:
+        return check_reachability_sync(asker, initial_peers).reachable is False
+    finally:
+        asker.shutdown()
 
 
 def configure_logging(environ: Mapping[str, str] = os.environ) -> None:

@@ -1,4 +1,6 @@
-"""Peer addresses: one copy-pasteable string `ucx://host:port/<peer-id>`."""
+"""Peer addresses: one copy-pasteable string `ucx://host:port/<peer-id>`, or `ucx://host:port/tcp=PORT/<peer-id>`
+where the peer also accepts TCP wires (tcp_wire.py: the links peers behind a NAT open). The peer id stays the
+last path segment, so code that reads it off the string keeps working."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ class PeerAddress:
     host: str
     port: int
     peer_id: PeerID
+    tcp_port: int | None = None  # where the peer accepts TCP wires, if it does
 
     @classmethod
     def parse(cls, text: str | PeerAddress) -> PeerAddress:
@@ -26,7 +29,8 @@ class PeerAddress:
 
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{SCHEME}://{host}:{self.port}/{self.peer_id}"
+        options = f"tcp={self.tcp_port}/" if self.tcp_port else ""
+        return f"{SCHEME}://{host}:{self.port}/{options}{self.peer_id}"
 
 
 @functools.lru_cache(maxsize=PARSED_CACHE_SIZE)
@@ -37,6 +41,11 @@ def _parse(text: str) -> PeerAddress:
         port = parts.port
     except ValueError:
         port = None
-    if parts.scheme != SCHEME or not parts.hostname or not port or not parts.path.strip("/"):
+    segments = parts.path.strip("/").split("/")
+    if parts.scheme != SCHEME or not parts.hostname or not port or not segments[-1] or parts.query or parts.fragment:
         raise ValueError(f"{text!r} is not a peer address; expected {SCHEME}://HOST:PORT/PEER_ID")
-    return PeerAddress(parts.hostname, port, PeerID.from_string(parts.path.strip("/")))
+    options = dict(segment.partition("=")[::2] for segment in segments[:-1])
+    tcp = options.pop("tcp", None)
+    if options or (tcp is not None and not (tcp.isdigit() and 0 < int(tcp) < 1 << 16)):
+        raise ValueError(f"{text!r}: unknown address options {segments[:-1]} (only tcp=PORT is known)")
+    return PeerAddress(parts.hostname, port, PeerID.from_string(segments[-1]), int(tcp) if tcp else None)

@@ -1,6 +1,8 @@
-"""One authenticated UCX endpoint: sends messages (control + frames) and reads control messages in order.
+"""One authenticated link to a remote peer: sends messages (control + frames) and reads control messages in order.
 
-Tags are worker-wide in UCX, so each connection receives on its own 32-bit tag base:
+The link's bytes travel over a wire: a UCX endpoint (ucx_wire.py) or, where a peer cannot be dialled, a TCP socket
+it opened itself (tcp_wire.py); both offer the same tagged sends and receives. Tags are worker-wide in UCX, so
+each connection receives on its own 32-bit tag base:
 tag = base << 32 | 0 for control messages, base << 32 | seq for tensor frames (seq ≥ 1, one per frame).
 The reactor receives control messages for all connections and hands each to its connection, which
 decodes them in arrival order and passes them to its handler (the Peer).
@@ -28,7 +30,7 @@ from hiveengine.errors import ConnectionLostError, ForgedMessageError, ProtocolE
 from hiveengine.transport import local_copy, session
 from hiveengine.transport.handshake import Authenticated
 from hiveengine.transport.limits import TransportLimits
-from hiveengine.transport.reactor import close_endpoint, retrieve_outcome
+from hiveengine.transport.reactor import retrieve_outcome
 from hiveengine.transport.resources import ResourceManager
 from hiveengine.transport.session import SCRATCH, TAG_BYTES
 from hiveengine.transport.wire import (
@@ -83,13 +85,31 @@ def _open_into(sess: session.Session, counter: int, index: int, sealed: np.ndarr
         frame.copy_(torch.from_numpy(staging))
 
 
+class Wire(Protocol):
+    """What a connection sends and receives through (ucx_wire.UcxWire, tcp_wire.TcpWire)."""
+
+    kind: str
+
+    def send_now(self, buf, tag: int) -> asyncio.Future | None: ...
+
+    def tag_send(self, buf, tag: int) -> asyncio.Future: ...
+
+    def tag_recv(self, buf, tag: int) -> asyncio.Future: ...
+
+    def listen(self, base: int, handler, max_control_bytes: int) -> None: ...
+
+    def release_base(self, base: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class Connection:
     """A message channel to one authenticated remote peer."""
 
     def __init__(
         self,
         reactor,
-        endpoint,
+        wire: Wire,
         auth: Authenticated,
         recv_base: int,
         limits: TransportLimits,
@@ -98,7 +118,7 @@ class Connection:
         resources: ResourceManager | None = None,
     ):
         self.reactor = reactor
-        self.endpoint = endpoint
+        self.wire = wire
         self.remote = auth.peer_id
         self.local = auth.local
         self.send_base = auth.remote_recv_base
@@ -128,6 +148,16 @@ class Connection:
 
     def __repr__(self) -> str:
         return f"Connection({self.label}{self.remote!r})"
+
+    @property
+    def endpoint(self):
+        """The UCX endpoint under this connection (None over TCP, or once closed)."""
+        return getattr(self.wire, "endpoint", None)
+
+    @property
+    def kind(self) -> str:
+        """Which wire carries it: "ucx" or "tcp"."""
+        return self.wire.kind
 
     @property
     def local_pid(self) -> int | None:
@@ -188,7 +218,7 @@ class Connection:
         message = encode_control(body, self.limits, tail)
         read = self._await_read(body["s"], frames) if by_address else None
         _, sealed = self.session.seal_control(message, encrypt)
-        pending = self.reactor.send_now(self.endpoint, sealed, _tag(self.send_base, CONTROL_SEQ))
+        pending = self.wire.send_now(sealed, _tag(self.send_base, CONTROL_SEQ))
         futures = [] if pending is None else [pending]
         if read is not None:
             return [*futures, read]
@@ -199,7 +229,7 @@ class Connection:
             if isinstance(frame, asyncio.Future):  # being sealed on a crypto thread: send it once sealed
                 futures.append(asyncio.ensure_future(self._send_sealed(frame, tag)))
                 continue
-            future = self.reactor.tag_send(self.endpoint, frame, tag)
+            future = self.wire.tag_send(frame, tag)
             if body.get("z") == 1:
                 future.add_done_callback(lambda f, buf=frame: f.cancelled() or f.exception() or SCRATCH.give(buf))
             futures.append(future)
@@ -208,7 +238,7 @@ class Connection:
     async def _send_sealed(self, sealing: asyncio.Future, tag: int) -> None:
         buf = await sealing
         self._check_open()
-        await self.reactor.tag_send(self.endpoint, buf, tag)
+        await self.wire.tag_send(buf, tag)
         SCRATCH.give(buf)
 
     @property
@@ -243,7 +273,7 @@ class Connection:
         """Seal one fully encoded control message (no frames) and send it: for tests and tools that speak the
         protocol by hand (malformed messages inside a valid session)."""
         _, sealed = self.session.seal_control(message, self.limits.encrypt and not self.same_host)
-        await self.reactor.tag_send(self.endpoint, np.frombuffer(sealed, dtype=np.uint8), _tag(self.send_base, 0))
+        await self.wire.tag_send(np.frombuffer(sealed, dtype=np.uint8), _tag(self.send_base, 0))
 
     def _by_address(self, frames: Sequence[torch.Tensor]) -> bool:
         """Whether the remote reads these frames from our memory instead of receiving them through UCX."""
@@ -367,7 +397,7 @@ class Connection:
             raise self.lost(ProtocolError(f"closing the connection: {e}")) from None
         futures = []
         for buf, tag in posts:
-            future = self.reactor.tag_recv(self.endpoint, buf, tag)
+            future = self.wire.tag_recv(buf, tag)
             self._receives.add(future)
             future.add_done_callback(self._received)
             futures.append(future)
@@ -423,7 +453,7 @@ class Connection:
     def start(self, handler: MessageHandler, on_lost: Callable[[Connection], None]) -> None:
         """Begin handing control messages to `handler`; `on_lost(self)` runs once when the connection dies."""
         self._handler, self._on_lost = handler, on_lost
-        self.reactor.listen(self.recv_base, self._arrived, self.limits.max_header_bytes + session.OVERHEAD)
+        self.wire.listen(self.recv_base, self._arrived, self.limits.max_header_bytes + session.OVERHEAD)
         self.link.start()
 
     def _arrived(self, future: asyncio.Future | None, buf: np.ndarray, length: int) -> None:
@@ -516,9 +546,9 @@ class Connection:
             for future, _, _ in self._inbox:
                 retrieve_outcome(future)
             self._inbox.clear()
-            self.reactor.release_base(self.recv_base)
+            self.wire.release_base(self.recv_base)
             self.link.close()
-            self._close_endpoint()
+            self.wire.close()
             if self._on_lost is not None:
                 self._on_lost(self)
         return error
@@ -528,8 +558,3 @@ class Connection:
         logger.warning("%r: closing after protocol violation: %s", self, error)
         self.reading = False
         asyncio.get_running_loop().call_later(PROTOCOL_ERROR_LINGER, self.lost, error)
-
-    def _close_endpoint(self) -> None:
-        endpoint, self.endpoint = self.endpoint, None
-        if endpoint is not None:
-            close_endpoint(endpoint)

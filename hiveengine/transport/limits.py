@@ -5,11 +5,15 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from hiveengine.errors import ConfigurationError
+
 KiB = 1 << 10
 MiB = 1 << 20
 GiB = 1 << 30
 LOCAL_COPY_ENV = "HIVEENGINE_LOCAL_COPY"  # "0" turns the same-host direct copy off (e.g. to test a network)
 ENCRYPT_ENV = "HIVEENGINE_ENCRYPT"  # "0": messages between hosts are authenticated but readable (trusted clusters)
+LINK_ENV = "HIVEENGINE_LINK"  # which wire this peer dials with: "auto" (default), "ucx" or "tcp" (see peer.py)
+LINKS = ("auto", "ucx", "tcp")
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,13 @@ class TransportLimits:
     local_copy_min_bytes: int = 256 * KiB
     # Encrypt what we send to other hosts (session.py); off, every message is still authenticated, but readable.
     encrypt: bool = field(default_factory=lambda: os.environ.get(ENCRYPT_ENV, "1") != "0")
+    # Which wire this peer dials with: "ucx", "tcp" (a socket we open; works from behind a NAT, tcp_wire.py), or
+    # "auto": TCP once this peer is known to be unreachable or a UCX dial to that peer failed, UCX otherwise.
+    link: str = field(default_factory=lambda: os.environ.get(LINK_ENV, "auto"))
+    # Frames a TCP wire holds for receives not yet posted, per wire and for the whole process (tcp_wire.py); past
+    # either the wire stops reading until a receive is posted. Per wire: one full stream window of chunks.
+    tcp_unexpected_bytes: int = 80 * MiB
+    max_tcp_unexpected_bytes: int = 512 * MiB
     # User headers larger than this are zstd-compressed on the wire.
     compress_threshold_bytes: int = 4 * KiB
     # Streams: chunk size and how many chunks a sender keeps in flight.
@@ -69,6 +80,10 @@ class TransportLimits:
     default_call_timeout: float = 30.0
     # How long a handler may run: the caller's deadline, but never more than this (the server's cap).
     max_handler_seconds: float = 300.0
+
+    def __post_init__(self):
+        if self.link not in LINKS:
+            raise ConfigurationError(f"{LINK_ENV} / TransportLimits.link={self.link!r}: expected one of {LINKS}")
 
     def frame_deadline(self, nbytes: int) -> float:
         """Seconds announced frames of `nbytes` in all may take to arrive."""

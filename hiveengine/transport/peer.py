@@ -1,4 +1,19 @@
-"""Peer: an identity on the process's UCX runtime that serves RPC handlers and calls other peers."""
+"""Peer: an identity on the process's transport runtime that serves RPC handlers and calls other peers.
+
+Links (a design choice, issue 18). A link to another peer runs over one of two wires, chosen per peer:
+- UCX (ucx_wire.py) where both sides can be dialled: shared memory on one host, RDMA where built in, several TCP
+  rails otherwise. UCX is what makes the transport fast, so it stays the default.
+- TCP (tcp_wire.py) from a peer that cannot be dialled (behind a NAT or a firewall). UCX's TCP transport cannot
+  cross a NAT: after the connection request the listener opens the data connection back to the dialler's private
+  interface address, which the router drops (openucx/ucx#9526; no UCX setting makes the dialler open every socket,
+  and the NAT rig in tools/netns.py shows it). A TCP wire is one socket the unreachable peer opens itself; it carries
+  the very same authenticated, encrypted session messages (session.py), and calls in the other direction use it:
+  a link is keyed by the remote's peer id, whoever opened it (reverse connections).
+Which wire a dial uses: TransportLimits.link ("ucx", "tcp", or "auto": TCP to a peer that accepts it once this peer
+learned it is unreachable (`runtime.reachable` False, set by reachability.py) or once a UCX dial to that peer
+failed). Every peer answers dial-back requests (reachability.py), so others can learn whether they are reachable.
+No dial blocks the event loop or outlasts TransportLimits.connect_timeout (UCX_TCP_CONN_NB=y, ucx_env.py).
+"""
 
 from __future__ import annotations
 
@@ -28,10 +43,13 @@ from hiveengine.transport.connection import Connection
 from hiveengine.transport.handshake import connect_handshake
 from hiveengine.transport.identity import Identity, PeerID
 from hiveengine.transport.limits import DEFAULT_LIMITS, TransportLimits
-from hiveengine.transport.reactor import close_endpoint, retrieve_outcome
+from hiveengine.transport.reachability import DIALBACK_METHOD, dialback_handler
+from hiveengine.transport.reactor import retrieve_outcome
 from hiveengine.transport.resources import ResourceManager
 from hiveengine.transport.runtime import Runtime
 from hiveengine.transport.stream import Chunk, StreamReader, iterate_chunks
+from hiveengine.transport.tcp_wire import TcpWire, new_recv_base, open_tcp
+from hiveengine.transport.ucx_wire import UcxWire
 from hiveengine.transport.wire import FrameSpec, Kind, frame_specs, inline_tensors, restore_requires_grad
 
 logger = logging.getLogger(__name__)
@@ -155,9 +173,11 @@ class Peer:
         self._tasks: set[asyncio.Task] = set()
         self.resources = ResourceManager(limits)
         self._eviction: asyncio.TimerHandle | None = None  # a later eviction pass, when one is due
+        self._tcp_only: set[PeerID] = set()  # peers a UCX dial failed to reach (link "auto"): dialled over TCP
         self._closed = False
         self.port = self.runtime.run(self.runtime.ensure_listener(port), timeout=30)
         self.runtime.register_peer(self)
+        self.register(DIALBACK_METHOD, dialback_handler(self))
 
     @property
     def peer_id(self) -> PeerID:
@@ -165,7 +185,7 @@ class Peer:
 
     @property
     def address(self) -> PeerAddress:
-        return PeerAddress(self.announce_host, self.port, self.peer_id)
+        return PeerAddress(self.announce_host, self.port, self.peer_id, self.runtime.tcp_port)
 
     def __repr__(self) -> str:
         return f"Peer({self.address})"
@@ -332,41 +352,96 @@ class Peer:
         if len(self._connections) > self.limits.max_connections and self._eviction is None:
             self._eviction = asyncio.get_running_loop().call_later(grace, self._evict_idle)
 
+    def link_for(self, address: PeerAddress) -> str:
+        """Which wire a dial to `address` uses now: "ucx" or "tcp" (see the module docstring)."""
+        choice = self.limits.link
+        if choice != "auto":
+            return choice
+        if address.tcp_port and (self.runtime.reachable is False or address.peer_id in self._tcp_only):
+            return "tcp"
+        return "ucx"
+
     async def _dial(self, address: PeerAddress) -> Connection:
         if self._closed:
             raise ConnectionLostError("this peer is shut down")
+        kind = self.link_for(address)
+        try:
+            return await (self._dial_tcp(address) if kind == "tcp" else self._dial_ucx(address))
+        except PeerUnreachableError:
+            if kind != "ucx" or self.limits.link != "auto" or not address.tcp_port:
+                raise
+        conn = await self._dial_tcp(address)  # UCX could not reach it (a NAT on our side, say): our own socket can
+        self._tcp_only.add(address.peer_id)
+        logger.info("%s is reached over TCP: a UCX link to it failed", address.peer_id)
+        return conn
+
+    async def _dial_ucx(self, address: PeerAddress) -> Connection:
+        return self.adopt(*await self._open_ucx(address, self.identity), inbound=False)
+
+    async def _dial_tcp(self, address: PeerAddress) -> Connection:
+        return self.adopt(*await self._open_tcp(address, self.identity), inbound=False)
+
+    async def _open_ucx(self, address: PeerAddress, identity: Identity) -> tuple:
+        """(wire, authentication, receive base) of a fresh UCX link to `address`, authenticated as `identity`."""
         lib = self.runtime.reactor.lib
         base = self.runtime.new_recv_base()
-        endpoint = None
+        wire = None
         try:
             endpoint = lib.UCXEndpoint.create(self.runtime.reactor.worker, address.host, address.port, True)
-            auth = await connect_handshake(
-                self.runtime.reactor, endpoint, self.identity, address.peer_id, base, self.limits.connect_timeout
-            )
+            wire = UcxWire(self.runtime.reactor, endpoint)
+            timeout = self.limits.connect_timeout
+            auth = await connect_handshake(wire, None, identity, address.peer_id, base, timeout)
         except Exception as e:
             self.runtime.release_recv_base(base)
-            if endpoint is not None:
-                close_endpoint(endpoint)
-            if isinstance(e, errors.HandshakeError):
-                raise
-            reason = "no answer" if isinstance(e, TimeoutError) else f"{type(e).__name__}: {e}"
-            raise PeerUnreachableError(
-                f"cannot connect to {address} ({reason}); check the address and that the peer is running"
-            ) from None
-        return self.adopt(endpoint, auth, base, inbound=False)
+            if wire is not None:
+                wire.close()
+            raise _dial_error(e, address) from None
+        return wire, auth, base
 
-    def adopt(self, endpoint, auth, recv_base: int, inbound: bool) -> Connection:
-        """Take an authenticated endpoint into service: cache it and start reading its messages."""
+    async def _open_tcp(self, address: PeerAddress, identity: Identity) -> tuple:
+        """(wire, authentication, receive base) of a fresh TCP wire to `address`, authenticated as `identity`."""
+        if not address.tcp_port:
+            raise PeerUnreachableError(f"{address} accepts no TCP wires (its address has no tcp=PORT)")
+        base, wire = new_recv_base(), None
+        deadline = self.limits.connect_timeout
+        try:
+            async with asyncio.timeout(deadline):
+                wire = TcpWire(await open_tcp(address.host, address.tcp_port, deadline), self.limits)
+                auth = await connect_handshake(wire, None, identity, address.peer_id, base, deadline)
+        except Exception as e:
+            if wire is not None:
+                wire.close()
+            raise _dial_error(e, address) from None
+        return wire, auth, base
+
+    async def probe(self, address: PeerAddress) -> None:
+        """Open a fresh UCX link to `address` under a throwaway identity and close it again: whether others can
+        dial that peer (reachability.py); PeerUnreachableError or HandshakeError if not. A private swarm's peer
+        refuses the throwaway identity, but only after proving it is the peer at that address: reachable."""
+        try:
+            wire, _, base = await self._open_ucx(address, Identity.generate())
+        except errors.MembershipError:
+            return
+        self.runtime.release_recv_base(base)
+        wire.close()
+
+    def connection_to(self, peer_id: PeerID) -> Connection | None:
+        """Our open connection to `peer_id`, if there is one."""
+        conn = self._connections.get(peer_id)
+        return conn if conn is not None and not conn.closed else None
+
+    def adopt(self, wire, auth, recv_base: int, *, inbound: bool) -> Connection:
+        """Take an authenticated wire into service: cache its connection and start reading its messages."""
         label = f"{self.peer_id!r}{' <- ' if inbound else ' -> '}"
-        conn = Connection(self.runtime.reactor, endpoint, auth, recv_base, self.limits, label, self.runtime.local_copy)
+        conn = Connection(self.runtime.reactor, wire, auth, recv_base, self.limits, label, self.runtime.local_copy)
         if self._closed:
             conn.lost(ConnectionLostError("this peer is shut down"))
             return conn
-        endpoint.set_close_callback(self._on_endpoint_closed, (conn,), None)
+        wire.set_close_callback(self._on_endpoint_closed, (conn,))
         self._connections[conn.remote] = conn
         self._evict_idle()
         conn.start(self, self._forget_connection)
-        logger.debug("connection %r open", conn)
+        logger.debug("connection %r open over %s", conn, wire.kind)
         return conn
 
     def _on_endpoint_closed(self, conn: Connection) -> None:
@@ -656,6 +731,16 @@ class Peer:
         """Blocking twin of `aclose`."""
         if not self._closed and not self.runtime._closed:
             self.runtime.run(self.aclose(), timeout=30)
+
+
+def _dial_error(error: Exception, address: PeerAddress) -> Exception:
+    """What a failed dial raises: the handshake's own error, or PeerUnreachableError saying why."""
+    if isinstance(error, errors.HandshakeError):
+        return error
+    reason = "no answer" if isinstance(error, TimeoutError) else f"{type(error).__name__}: {error}"
+    return PeerUnreachableError(
+        f"cannot connect to {address} ({reason}); check the address and that the peer is running"
+    )
 
 
 def _forget_reply(conn: Connection, request_id: int) -> None:

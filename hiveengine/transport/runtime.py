@@ -1,7 +1,8 @@
-"""The process's transport runtime: one background asyncio thread, one UCX worker, one listener.
+"""The process's transport runtime: one background asyncio thread, one UCX worker, two listeners.
 
-Every Peer in a process shares it; the listener routes each incoming connection to the local peer
-whose id the connector asked for. Synchronous code reaches the loop through `run()`.
+Every Peer in a process shares it. The UCX listener and the TCP listener (for TCP wires, which peers behind a NAT
+open: tcp_wire.py) route each incoming connection to the local peer whose id the connector asked for, after the
+same handshake. Synchronous code reaches the loop through `run()`.
 """
 
 from __future__ import annotations
@@ -12,20 +13,25 @@ import concurrent.futures
 import gc
 import logging
 import os
+import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from hiveengine.errors import ConfigurationError, HandshakeError, RPCTimeoutError
-from hiveengine.transport import local_copy, session
+from hiveengine.transport import local_copy, session, tcp_wire
 from hiveengine.transport.handshake import accept_handshake, confirm_handshake
 from hiveengine.transport.limits import DEFAULT_LIMITS
-from hiveengine.transport.reactor import Reactor, close_endpoint
+from hiveengine.transport.reactor import Reactor
+from hiveengine.transport.tcp_wire import TcpWire
+from hiveengine.transport.ucx_wire import UcxWire
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 PORT_ENV = "HIVEENGINE_PORT"
+TCP_PORT_ENV = "HIVEENGINE_TCP_PORT"  # where TCP wires are accepted (default: any free port)
+TCP_BACKLOG = 128
 SHUTDOWN_TIMEOUT = 10.0  # seconds the shutdown may take on the loop thread before it is stopped regardless
 ENDPOINT_CLOSE_TIMEOUT = 1.0  # seconds UCX gets at shutdown to finish closing endpoints before the worker goes
 DRAIN_IDLE_PASSES = 3  # progress passes in a row that did nothing: UCX has finished what shutdown started
@@ -53,6 +59,12 @@ class Runtime:
         self._thread.start()
         self.reactor: Reactor = self.run(self._make_reactor(), timeout=60)
         self.listener = None
+        self.tcp_listener: socket.socket | None = None
+        self.tcp_port: int | None = None
+        # Whether other peers can dial this process (None: not known; reachability.py finds out). Unreachable, its
+        # peers open every link themselves over TCP wires and are called back over those.
+        self.reachable: bool | None = None
+        self._tcp_accepting: asyncio.Task | None = None
         self.local_copy = local_copy.Service()  # answers same-host direct copy proofs (started with the listener)
         self.peers: dict[bytes, object] = {}
         self._default_peer: bytes | None = None
@@ -125,8 +137,41 @@ class Runtime:
         except Exception as e:
             raise ConfigurationError(f"cannot listen on port {port}: {e} (choose another port, or 0 for any)") from e
         logger.info("listening on port %d", self.listener.port)
+        self._listen_tcp(int(os.environ.get(TCP_PORT_ENV, 0)))
         await self.local_copy.start()
         return self.listener.port
+
+    def _listen_tcp(self, port: int) -> None:
+        """Accept TCP wires on `port` (0: any), on every interface."""
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("0.0.0.0", port))
+            sock.listen(TCP_BACKLOG)
+        except OSError as e:
+            sock.close()
+            raise ConfigurationError(
+                f"cannot accept TCP wires on port {port}: {e} (set {TCP_PORT_ENV} to another)"
+            ) from e
+        sock.setblocking(False)
+        self.tcp_listener, self.tcp_port = sock, sock.getsockname()[1]
+        self._tcp_accepting = self.loop.create_task(self._accept_tcp_forever(sock))
+        logger.info("accepting TCP wires on port %d", self.tcp_port)
+
+    async def _accept_tcp_forever(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                sock, _ = await self.loop.sock_accept(listener)
+            except OSError as e:  # out of descriptors, say: the next accept may work
+                logger.warning("could not accept a TCP wire: %s", e)
+                await asyncio.sleep(0.1)
+                continue
+            self.loop.create_task(self._admit(TcpWire(sock, self._strictest_limits()), tcp_wire.new_recv_base()))
+
+    def _strictest_limits(self):
+        """The limits a TCP wire accepted for no peer in particular lives under: the first peer's (one per process
+        in practice), or the defaults."""
+        return next((p.limits for p in self.peers.values()), DEFAULT_LIMITS)
 
     def register_peer(self, peer) -> None:
         self.peers[peer.peer_id.raw] = peer
@@ -165,6 +210,11 @@ class Runtime:
         except Exception as e:
             logger.warning("could not accept a connection: %s", e)
             return
+        await self._admit(UcxWire(self.reactor, endpoint), None)
+
+    async def _admit(self, wire, base: int | None) -> None:
+        """Authenticate an accepted wire and hand it to the peer it asked for (`base`: its receive tag base, None
+        for one reserved with the reactor)."""
         max_unauthenticated, handshake_timeout = self._accept_limits()
         if self.unauthenticated >= max_unauthenticated:
             self.refused_unauthenticated += 1  # counted, not logged one by one: a flood must not flood the log
@@ -172,29 +222,32 @@ class Runtime:
                 "refused an incoming connection: %d still in their handshake (TransportLimits.max_unauthenticated)",
                 self.unauthenticated,
             )
-            close_endpoint(endpoint)
+            wire.close()
             return
         self.unauthenticated += 1
-        base = self.new_recv_base()
+        base = self.new_recv_base() if base is None else base
         try:
-            auth = await accept_handshake(self.reactor, endpoint, self._find_identity, base, handshake_timeout)
+            auth = await accept_handshake(wire, None, self._find_identity, base, handshake_timeout)
         except Exception as e:
-            self.release_recv_base(base)
+            wire.release_base(base)
             logger.info("rejected an incoming connection: %s: %s", type(e).__name__, e or "handshake timed out")
-            close_endpoint(endpoint)
+            wire.close()
             return
         finally:
             self.unauthenticated -= 1
         peer = self.peers.get(auth.local.peer_id.raw)
-        if peer is None:
-            self.release_recv_base(base)
-            close_endpoint(endpoint)
-            return
-        conn = peer.adopt(endpoint, auth, base, inbound=True)
         try:
-            await confirm_handshake(self.reactor, endpoint)
+            if peer is None:
+                raise HandshakeError("the peer asked for has shut down")
+            # Confirmed before the connection sends anything: on a TCP wire its messages follow on the same bytes
+            # (a UCX wire holds the dialer's first messages for the reserved base meanwhile).
+            await confirm_handshake(wire, None)
         except Exception as e:
-            conn.lost(e)
+            logger.debug("an incoming connection ended before its confirmation: %s", e)
+            wire.release_base(base)
+            wire.close()
+            return
+        peer.adopt(wire, auth, base, inbound=True)
 
     def shutdown(self) -> None:
         """Stop the transport, in order and silently; idempotent (runs at exit too).
@@ -229,6 +282,10 @@ class Runtime:
                 logger.debug("closing %r: %s: %s", peer, type(e).__name__, e)
         await _cancel_other_tasks()  # whatever closing the peers started
         self.listener = None  # destroys the UCP listener: no new connection requests
+        if self.tcp_listener is not None:
+            self._tcp_accepting.cancel()
+            self.tcp_listener.close()
+            self.tcp_listener = None
         self.local_copy.close()
         await self._drain(ENDPOINT_CLOSE_TIMEOUT)
         self.reactor.close()  # no more progress; pending requests are cancelled and dropped

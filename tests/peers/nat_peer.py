@@ -8,7 +8,8 @@ import time
 import torch
 
 from hiveengine.errors import HiveEngineError
-from hiveengine.transport import Peer
+from hiveengine.transport import Peer, PeerAddress
+from hiveengine.transport.reachability import check_reachability_sync
 
 
 async def echo(request):
@@ -56,6 +57,20 @@ def ping(peer: Peer, address: str, seconds: float) -> None:
     print("RESULT", json.dumps(peer.runtime.run(run(), timeout=seconds + 30)), flush=True)
 
 
+def join(peer: Peer, address: str) -> None:
+    """Serve like `serve`, after one echo call to `address` (which opens our link to it)."""
+    call(peer, address, 20)
+    serve(peer)
+
+
+def check(peer: Peer, address: str) -> None:
+    """Ask the peer at `address` to dial us back; print the verdict and which wire we now dial it with."""
+    found = check_reachability_sync(peer, [address], timeout=20)
+    link = peer.link_for(PeerAddress.parse(address))
+    result = {"reachable": found.reachable, "reason": found.reason, "observed": found.observed_host, "link": link}
+    print("RESULT", json.dumps(result), flush=True)
+
+
 def ask_dial(peer: Peer, address: str, target: str, timeout: float) -> None:
     """Ask the peer at `address` to dial `target`; print what it reports."""
     header, _ = peer.call_sync(address, "dial", {"address": target, "timeout": timeout}, timeout=timeout + 10)
@@ -83,6 +98,10 @@ if __name__ == "__main__":
         serve(main_peer)
     elif mode == "ping":
         ping(main_peer, sys.argv[2], float(sys.argv[3]))
+    elif mode == "join":
+        join(main_peer, sys.argv[2])
+    elif mode == "check":
+        check(main_peer, sys.argv[2])
     elif mode == "ask-dial":
         ask_dial(main_peer, sys.argv[2], sys.argv[3], float(sys.argv[4]))
     else:

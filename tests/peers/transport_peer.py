@@ -8,7 +8,7 @@ import threading
 
 import torch
 
-from hiveengine.transport import Peer, TransportLimits
+from hiveengine.transport import Peer, PeerAddress, TransportLimits
 
 MAX_FRAME_ENV = "TEST_MAX_FRAME_BYTES"
 
@@ -70,6 +70,7 @@ def client(address: str) -> None:
         peer.send_tensor(address, "sink", x, {"numel": x.numel(), "dtype": "float32"}, timeout=30), timeout=60
     )
     result = {
+        "link": peer._connections[PeerAddress.parse(address).peer_id].kind,
         "echo_equal": bool(torch.equal(x, y)),
         "header": header,
         "sum_ok": stream_reply["sum"] == float(x.double().sum()),

@@ -1,0 +1,356 @@
+"""The TCP wire: one connection's messages over one plain TCP socket, opened by the dialling peer.
+
+Why it exists: behind a NAT a peer can open connections but cannot accept them. UCX's TCP transport opens its
+data connection from the listener back to the dialler's own (private) interface address after the connection
+request, so no UCX link can cross a NAT in either direction (openucx/ucx#9526; shown in the NAT rig,
+tests/test_nat.py), and no UCX setting makes the dialler open every socket. This wire carries the very same
+session-sealed control messages and frames (session.py) over a single socket that the dialler opens, so a peer
+behind a NAT keeps one outbound link per peer and is called back over it.
+
+It offers a connection what a UCX endpoint does (connection.py's Wire): tagged sends and receives, and the raw
+byte stream the handshake runs on. Each message travels as a record: 8-byte tag | 8-byte length | payload
+(little-endian). A control record (tag's low 32 bits 0) goes straight to the connection's handler. A frame
+record lands in the receive posted for its tag; a receive not yet posted (its handler task has not run) gets a
+couple of loop turns, then the frame is held in a bounded buffer (TransportLimits.tcp_unexpected_bytes per
+wire, max_tcp_unexpected_bytes for the process); past those bounds the wire stops reading until a receive is
+posted. A frame held, or waited for, longer than TransportLimits.frame_timeout without a receive closes the wire
+(it was never announced, or its receiver is gone): a hostile peer's stray frames cost bounded memory and time.
+A frame longer than its receive is truncated (the 1-byte receives that drop unwanted frames), and the receive
+fails, as UCX's would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import struct
+from collections import deque
+
+import numpy as np
+import torch
+
+from hiveengine.errors import ProtocolError
+from hiveengine.transport.limits import TransportLimits
+
+logger = logging.getLogger(__name__)
+RECORD = struct.Struct("<QQ")  # tag, payload length
+CONTROL_MASK = (1 << 32) - 1
+POST_YIELDS = 2  # loop turns a frame waits for its receive before it is buffered
+SKIP_BYTES = 1 << 16  # scratch for the part of a frame its receive had no room for
+
+
+class _Budget:
+    """Bytes of frames held for receives not yet posted, by every TCP wire of the process."""
+
+    held = 0
+
+
+def _host_view(buf) -> tuple[np.ndarray, torch.Tensor | None]:
+    """(a flat uint8 host array to move bytes through, the CUDA tensor to copy it to afterwards or None)."""
+    if isinstance(buf, torch.Tensor):
+        if buf.device.type != "cpu":
+            return np.empty(buf.numel() * buf.element_size(), dtype=np.uint8), buf
+        buf = buf.numpy()
+    if isinstance(buf, bytes | bytearray | memoryview):
+        return np.frombuffer(buf, dtype=np.uint8), None
+    return buf.reshape(-1).view(np.uint8), None
+
+
+def new_recv_base() -> int:
+    """A TCP wire's tag base: it names the connection only to itself (the socket already does), so any nonzero."""
+    return int.from_bytes(os.urandom(4), "little") or 1
+
+
+class TcpWire:
+    """Tagged messages over one connected TCP socket; all methods run on the transport loop."""
+
+    kind = "tcp"
+
+    def __init__(self, sock: socket.socket, limits: TransportLimits):
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._sock, self.limits = sock, limits
+        self._loop = asyncio.get_running_loop()
+        self._sendq: deque[tuple[list[memoryview], asyncio.Future, object]] = deque()
+        self._sender: asyncio.Task | None = None
+        self._reader: asyncio.Task | None = None
+        self._posted: dict[int, tuple[np.ndarray, torch.Tensor | None, asyncio.Future]] = {}
+        self._posted_event = asyncio.Event()
+        self._unexpected: dict[int, np.ndarray] = {}
+        self._unexpected_bytes = 0
+        self._handler = None
+        self._base = 0
+        self._max_control = 0
+        self._on_close: tuple | None = None
+        self.closed = False
+        try:
+            self.remote_host = sock.getpeername()[0]
+        except OSError:
+            self.remote_host = "?"
+
+    def __repr__(self) -> str:
+        return f"TcpWire({self.remote_host})"
+
+    @property
+    def alive(self) -> bool:
+        return not self.closed
+
+    # ---- sending
+
+    def send_now(self, buf, tag: int) -> asyncio.Future | None:
+        """Send one record; None if the kernel took it all at once, else a future done when it has."""
+        data, _ = _host_view(buf.cpu() if isinstance(buf, torch.Tensor) else buf)
+        pieces = [memoryview(RECORD.pack(tag, data.nbytes)), memoryview(data).cast("B")]
+        if self.closed:
+            return self._failed()
+        if not self._sendq:
+            try:
+                sent = self._sock.sendmsg(pieces)
+            except BlockingIOError:
+                sent = 0
+            except OSError as e:
+                self._fail(e)
+                return self._failed()
+            pieces = _advance(pieces, sent)
+            if not pieces:
+                return None
+        future = self._loop.create_future()
+        self._sendq.append((pieces, future, data))  # data: kept alive until the kernel has it
+        if self._sender is None:
+            self._sender = self._loop.create_task(self._send_queued())
+        return future
+
+    def tag_send(self, buf, tag: int) -> asyncio.Future:
+        future = self.send_now(buf, tag)
+        if future is None:
+            future = self._loop.create_future()
+            future.set_result(None)
+        return future
+
+    async def _send_queued(self) -> None:
+        try:
+            while self._sendq:
+                pieces, future, _ = self._sendq[0]
+                for piece in pieces:
+                    await self._loop.sock_sendall(self._sock, piece)
+                self._sendq.popleft()
+                if not future.done():
+                    future.set_result(None)
+        except OSError as e:
+            self._fail(e)
+        finally:
+            self._sender = None
+
+    def _failed(self) -> asyncio.Future:
+        future = self._loop.create_future()
+        future.set_exception(ConnectionResetError(f"the TCP link to {self.remote_host} is closed"))
+        return future
+
+    # ---- the handshake's byte stream (before `listen`)
+
+    async def stream_send(self, _endpoint, buf) -> None:
+        await self._loop.sock_sendall(self._sock, memoryview(_host_view(buf)[0]).cast("B"))
+
+    async def stream_recv(self, _endpoint, buf) -> None:
+        await self._recv_exact(memoryview(_host_view(buf)[0]).cast("B"))
+
+    async def _recv_exact(self, view: memoryview) -> None:
+        while view.nbytes:
+            n = await self._loop.sock_recv_into(self._sock, view)
+            if not n:
+                raise ConnectionResetError(f"{self.remote_host} closed the TCP link")
+            view = view[n:]
+
+    # ---- receiving
+
+    def tag_recv(self, buf, tag: int) -> asyncio.Future:
+        """A future done when the frame with `tag` has landed in `buf` (failed if it did not fit exactly)."""
+        future = self._loop.create_future()
+        if self.closed:
+            return self._failed()
+        host, device = _host_view(buf)
+        held = self._unexpected.pop(tag, None)
+        if held is not None:
+            self._release(held.nbytes)
+            n = min(held.nbytes, host.nbytes)
+            host[:n] = held[:n]
+            self._complete(future, host, device, held.nbytes)
+            return future
+        self._posted[tag] = (host, device, future)
+        self._posted_event.set()
+        return future
+
+    def listen(self, base: int, handler, max_control_bytes: int) -> None:
+        """Start reading records: control messages of `base` (up to `max_control_bytes`) go to `handler`."""
+        self._handler, self._base, self._max_control = handler, base, max_control_bytes
+        self._reader = self._loop.create_task(self._read())
+
+    def release_base(self, base: int) -> None:
+        """Nothing to release: the base names nothing outside this wire."""
+
+    async def _read(self) -> None:
+        header = bytearray(RECORD.size)
+        try:
+            while True:
+                await self._recv_exact(memoryview(header))
+                tag, length = RECORD.unpack(header)
+                if tag & CONTROL_MASK:
+                    await self._read_frame(tag, length)
+                    continue
+                if tag >> 32 != self._base:
+                    raise ProtocolError(f"{self.remote_host} sent a control message for another connection")
+                if length > self._max_control:
+                    self._handler(None, np.empty(1, dtype=np.uint8), length)  # the connection closes over it
+                    return
+                buf = np.empty(length, dtype=np.uint8)
+                await self._recv_exact(memoryview(buf))
+                self._handler(None, buf, length)
+        except asyncio.CancelledError:
+            raise
+        except (OSError, ProtocolError, TimeoutError) as e:
+            self._fail(e)
+
+    async def _read_frame(self, tag: int, length: int) -> None:
+        for _ in range(POST_YIELDS):
+            if tag in self._posted:
+                break
+            await asyncio.sleep(0)  # the handler task that posts it is usually next in the loop's queue
+        if tag not in self._posted and self._fits(length) and tag not in self._unexpected:
+            held = np.empty(length, dtype=np.uint8)
+            self._unexpected_bytes += length
+            _Budget.held += length
+            try:
+                await self._recv_exact(memoryview(held))
+            except BaseException:
+                self._release(length)
+                raise
+            posted = self._posted.pop(tag, None)  # posted while the frame was arriving
+            if posted is None:
+                self._unexpected[tag] = held
+                self._loop.call_later(self.limits.frame_timeout, self._expire, tag, held)
+                return
+            self._release(length)
+            host, device, future = posted
+            n = min(length, host.nbytes)
+            host[:n] = held[:n]
+            self._complete(future, host, device, length)
+            return
+        if tag not in self._posted:
+            deadline = self.limits.frame_timeout
+            try:
+                async with asyncio.timeout(deadline):
+                    while tag not in self._posted:
+                        self._posted_event.clear()
+                        await self._posted_event.wait()
+            except TimeoutError:
+                raise ProtocolError(
+                    f"{self.remote_host} sent a frame of {length} bytes nobody received within {deadline:.1f} s "
+                    "(TransportLimits.tcp_unexpected_bytes, frame_timeout)"
+                ) from None
+        host, device, future = self._posted.pop(tag)
+        n = min(length, host.nbytes)
+        await self._recv_exact(memoryview(host)[:n])
+        await self._skip(length - n)
+        self._complete(future, host, device, length)
+
+    def _expire(self, tag: int, held: np.ndarray) -> None:
+        """A held frame nobody received within frame_timeout was never announced, or its receiver is gone."""
+        if self._unexpected.get(tag) is held:
+            self._fail(
+                ProtocolError(f"{self.remote_host} sent a frame nobody received (TransportLimits.frame_timeout)")
+            )
+
+    def _fits(self, length: int) -> bool:
+        limits = self.limits
+        return (
+            self._unexpected_bytes + length <= limits.tcp_unexpected_bytes
+            and _Budget.held + length <= limits.max_tcp_unexpected_bytes
+        )
+
+    def _release(self, nbytes: int) -> None:
+        self._unexpected_bytes -= nbytes
+        _Budget.held -= nbytes
+
+    async def _skip(self, nbytes: int) -> None:
+        scratch = memoryview(bytearray(min(nbytes, SKIP_BYTES)))
+        while nbytes:
+            chunk = scratch[: min(nbytes, len(scratch))]
+            await self._recv_exact(chunk)
+            nbytes -= len(chunk)
+
+    @staticmethod
+    def _complete(future: asyncio.Future, host: np.ndarray, device: torch.Tensor | None, length: int) -> None:
+        if future.done():
+            return
+        if length != host.nbytes:
+            future.set_exception(ProtocolError(f"a frame of {length} bytes arrived for a receive of {host.nbytes}"))
+            return
+        if device is not None:
+            device.view(-1).view(torch.uint8).copy_(torch.from_numpy(host))
+        future.set_result(None)
+
+    # ---- closing
+
+    def set_close_callback(self, callback, args: tuple) -> None:
+        """Call `callback(*args)` once if the socket fails or the remote closes it (not on our own close)."""
+        self._on_close = (callback, args)
+
+    def _fail(self, error: BaseException) -> None:
+        if self.closed:
+            return
+        logger.debug("%r failed: %s: %s", self, type(error).__name__, error)
+        on_close, self._on_close = self._on_close, None
+        self.close()
+        if on_close is not None:
+            on_close[0](*on_close[1])
+
+    def close(self) -> None:
+        """Close the socket; every send and receive still pending fails."""
+        if self.closed:
+            return
+        self.closed = True
+        current = asyncio.current_task()
+        for task in (self._reader, self._sender):
+            if task is not None and task is not current:
+                task.cancel()
+        self._sock.close()
+        error = ConnectionResetError(f"the TCP link to {self.remote_host} closed")
+        for _, _, future in self._posted.values():
+            if not future.done():
+                future.set_exception(error)
+        for _, future, _ in self._sendq:
+            if not future.done():
+                future.set_exception(error)
+        self._posted.clear()
+        self._sendq.clear()
+        for held in self._unexpected.values():
+            self._release(held.nbytes)
+        self._unexpected.clear()
+
+
+def _advance(pieces: list[memoryview], sent: int) -> list[memoryview]:
+    """What remains of `pieces` after the first `sent` bytes went out."""
+    while pieces and sent >= pieces[0].nbytes:
+        sent -= pieces[0].nbytes
+        pieces = pieces[1:]
+    if pieces and sent:
+        pieces = [pieces[0][sent:], *pieces[1:]]
+    return pieces
+
+
+async def open_tcp(host: str, port: int, timeout: float) -> socket.socket:
+    """A TCP socket connected to host:port, or OSError / TimeoutError within `timeout` seconds (never blocks)."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setblocking(False)
+    try:
+        async with asyncio.timeout(timeout):
+            await loop.sock_connect(sock, address)
+    except BaseException:
+        sock.close()
+        raise
+    return sock

@@ -1,0 +1,162 @@
+"""The TCP wire (tcp_wire.py): the link a peer behind a NAT opens itself, carrying the same sealed messages.
+
+Real peers on 127.0.0.1, dialling with HIVEENGINE_LINK=tcp; hostile ones speak the wire's records by hand inside
+an authenticated session, or never finish their handshake. The honest peers keep being served, and what a hostile
+one makes the victim hold stays under TransportLimits.tcp_unexpected_bytes / max_tcp_unexpected_bytes.
+"""
+
+import asyncio
+import json
+import socket
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from hiveengine.errors import ConfigurationError
+from hiveengine.transport import Peer, PeerAddress, TransportLimits
+from hiveengine.transport.tcp_wire import RECORD, _Budget
+from tests.procs import PeerProcess, start_server
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _until(peer: Peer, condition, timeout: float, what: str) -> None:
+    async def wait():
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{what} did not happen within {timeout} s")
+            await asyncio.sleep(0.01)
+
+    peer.runtime.run(wait(), timeout + 10)
+
+
+async def _echo(request):
+    return request.header, request.tensors
+
+
+def test_a_process_dialling_over_tcp_calls_and_streams_with_the_same_results():
+    server, address = start_server()
+    try:
+        client = PeerProcess("transport_peer.py", "client", address, env={"HIVEENGINE_LINK": "tcp"})
+        line = client.lines.get(timeout=90)
+        while line is not None and not line.startswith("{"):
+            line = client.lines.get(timeout=90)
+        result = json.loads(line)
+        assert result == {"link": "tcp", "echo_equal": True, "header": {"k": "v"}, "sum_ok": True}
+        client.close()
+    finally:
+        server.close()
+
+
+def test_the_listener_calls_back_over_the_link_the_dialler_opened():
+    listener = Peer(limits=TransportLimits(local_copy=False))
+    dialler = Peer(limits=TransportLimits(local_copy=False, link="tcp"))
+    dialler.register("echo", _echo)
+    try:
+        listener.register("echo", _echo)
+        dialler.call_sync(listener.address, "echo", {}, timeout=10)
+        unreachable = PeerAddress("192.0.2.1", 9, dialler.peer_id, 9)  # TEST-NET-1: never answers
+        x = torch.randn(300_000)
+        header, (y,) = listener.call_sync(unreachable, "echo", {"back": 1}, [x], timeout=10)
+        assert header == {"back": 1} and torch.equal(x, y)
+        assert listener._connections[dialler.peer_id].kind == "tcp"
+    finally:
+        dialler.shutdown()
+        listener.shutdown()
+
+
+def test_the_link_setting_is_checked():
+    with pytest.raises(ConfigurationError, match="HIVEENGINE_LINK"):
+        TransportLimits(link="carrier-pigeon")
+
+
+def _victim(**limits) -> Peer:
+    victim = Peer(limits=TransportLimits(local_copy=False, **limits))
+    victim.register("echo", _echo)
+    return victim
+
+
+def _attack(victim: Peer, records) -> Peer:
+    """An authenticated attacker over a TCP wire that sends `records(conn)`: raw (tag, payload) records."""
+    attacker = Peer(limits=TransportLimits(local_copy=False, link="tcp"))
+    conn = attacker.runtime.run(attacker.connect(victim.address), 10)
+
+    async def send():
+        for tag, payload in records(conn):
+            future = conn.wire.send_now(payload, tag)
+            if future is not None:
+                await future
+
+    attacker.runtime.run(send(), 30)
+    return attacker
+
+
+def _legit_call_works(victim: Peer) -> None:
+    legit = Peer(limits=TransportLimits(local_copy=False, link="tcp"))
+    try:
+        x = torch.randn(100_000)
+        _, (y,) = legit.call_sync(victim.address, "echo", {}, [x], timeout=10)
+        assert torch.equal(x, y)
+    finally:
+        legit.shutdown()
+
+
+def test_stray_frames_are_held_up_to_the_limit_then_the_link_is_closed():
+    victim = _victim(tcp_unexpected_bytes=4 << 20, frame_timeout=1.0)
+    stray = np.zeros(1 << 20, dtype=np.uint8)
+    attacker = None
+    try:
+        # 12 frames of 1 MiB for tags nobody announced: 4 are held, then the wire waits and closes
+        attacker = _attack(victim, lambda conn: [((conn.send_base << 32) | (1000 + i), stray) for i in range(12)])
+        _until(victim, lambda: _Budget.held <= 4 << 20 and attacker.peer_id not in victim._connections, 10, "close")
+        assert _Budget.held == 0
+        _legit_call_works(victim)
+    finally:
+        for peer in (attacker, victim):
+            if peer is not None:
+                peer.shutdown()
+
+
+@pytest.mark.parametrize("how", ["oversized-control", "garbage"])
+def test_a_malformed_record_closes_only_its_own_link(how):
+    victim = _victim()
+    attacker = None
+    try:
+
+        def records(conn):
+            if how == "oversized-control":  # sent below, as a bare record header announcing 1 TiB
+                return []
+            return [((conn.send_base + 1) << 32, np.frombuffer(b"not a sealed message", dtype=np.uint8))]
+
+        attacker = _attack(victim, records)
+        if how == "oversized-control":
+            conn = attacker._connections[victim.peer_id]
+            conn.wire._sock.send(RECORD.pack(conn.send_base << 32, 1 << 40))
+        _until(victim, lambda: attacker.peer_id not in victim._connections, 10, "the hostile link's close")
+        _legit_call_works(victim)
+    finally:
+        for peer in (attacker, victim):
+            if peer is not None:
+                peer.shutdown()
+
+
+def test_connections_that_never_handshake_cost_nothing_after_the_handshake_timeout():
+    victim = _victim(handshake_timeout=1.0, max_unauthenticated=16)
+    legit = Peer(limits=TransportLimits(local_copy=False, link="tcp"))
+    idle = []
+    try:
+        legit.call_sync(victim.address, "echo", {}, timeout=10)
+        for _ in range(40):  # more than max_unauthenticated: the excess is closed at once
+            idle.append(socket.create_connection(("127.0.0.1", victim.runtime.tcp_port), timeout=5))
+        assert legit.call_sync(victim.address, "echo", {"during": 1}, timeout=10)[0] == {"during": 1}
+        _until(victim, lambda: victim.runtime.unauthenticated == 0, 10, "the handshake timeouts")
+        assert victim.runtime.refused_unauthenticated > 0
+        _legit_call_works(victim)  # a new link is accepted again
+    finally:
+        for s in idle:
+            s.close()
+        legit.shutdown()
+        victim.shutdown()
