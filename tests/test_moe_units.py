@@ -172,6 +172,27 @@ def test_runtime_reports_a_failing_batch_to_every_request():
         runtime.shutdown()
 
 
+def test_runtime_fails_screened_requests_alone():
+    batches: list[int] = []
+    runtime = BatchingRuntime(batch_wait=0.0)
+
+    def screen(requests):
+        return [ValueError("negative") if bool((r[0] < 0).any()) else None for r in requests]
+
+    pool = runtime.add_pool("echo", lambda t, keys, sizes: batches.append(len(sizes)) or [t[0]], screen=screen)
+    inputs = [torch.ones(1, 2), -torch.ones(1, 2), torch.ones(2, 2)]
+    futures = [runtime.submit(pool, [x], x.shape[0]) for x in inputs]
+    runtime.start()
+    try:
+        with pytest.raises(ValueError, match="negative"):
+            futures[1].result(RESULT_TIMEOUT)
+        assert torch.equal(futures[2].result(RESULT_TIMEOUT)[0], inputs[2])
+        assert torch.equal(futures[0].result(RESULT_TIMEOUT)[0], inputs[0])
+        assert batches == [2]  # one batch, computed without the refused request
+    finally:
+        runtime.shutdown()
+
+
 def test_runtime_options_are_checked():
     with pytest.raises(ConfigurationError):
         BatchingRuntime(max_batch_size=0)
@@ -373,10 +394,9 @@ def test_backend_refuses_non_finite_requests_and_skips_non_finite_updates():
     module = klass.build(8, seed=0)
     backend = ExpertBackend("ffn.0", module, klass.input_schema(8), torch.optim.SGD(module.parameters(), lr=0.1))
     x, nan = torch.randn(3, 8), torch.full((3, 8), float("nan"))
-    with pytest.raises(NonFiniteRequestError, match="NaN or Inf"):
-        backend.check_forward([nan])
-    with pytest.raises(NonFiniteRequestError):
-        backend.check_backward([x, nan])
+    forward, backward = backend.screen("forward", [[nan], [x]]), backend.screen("backward", [[x, nan]])
+    assert isinstance(forward[0], NonFiniteRequestError) and "NaN or Inf" in str(forward[0]) and forward[1] is None
+    assert isinstance(backward[0], NonFiniteRequestError)
     before = [p.detach().clone() for p in module.parameters()]
     backend.backward([x * 1e6, torch.full_like(x, 3e38)])  # finite, but the parameters' gradients overflow
     assert backend.updates == 0 and backend.skipped_updates == 1

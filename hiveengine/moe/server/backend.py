@@ -82,7 +82,7 @@ class ExpertBackend:
 
     Each optimizer update first clips the gradients' total norm to `clip_grad_norm` (if given), then steps the
     optimizer, then the learning-rate `scheduler` (a torch LRScheduler of this optimizer, or a factory that builds
-    one from it) once. Requests holding NaN or Inf are refused (`check_forward`, `check_backward`), and an update
+    one from it) once. Requests holding NaN or Inf are refused (`screen`, before they join a batch), and an update
     whose gradients are not finite all the same (finite inputs can overflow) is skipped and counted in
     `skipped_updates`: one bad batch never poisons the weights.
 
@@ -133,10 +133,8 @@ class ExpertBackend:
         self._kept: OrderedDict[Hashable, KeptForward] = OrderedDict()
 
     def check_forward(self, tensors: Sequence[torch.Tensor]) -> int:
-        """Validate a forward request's tensors (schema, finite values); return its batch size."""
-        rows = check_batch(tensors, self.input_schema, f"forward of {self.uid}")
-        _check_finite(tensors, f"forward of {self.uid}")
-        return rows
+        """Validate a forward request's tensors; return its batch size."""
+        return check_batch(tensors, self.input_schema, f"forward of {self.uid}")
 
     def check_backward(self, tensors: Sequence[torch.Tensor]) -> int:
         """Validate a backward request (inputs, then output gradients); return its batch size."""
@@ -146,8 +144,12 @@ class ExpertBackend:
         rows = check_batch(tensors[:n], self.input_schema, f"backward of {self.uid}")
         if any(g.shape[:1] != (rows,) or not g.is_floating_point() for g in tensors[n:]):
             raise ProtocolError(f"backward of {self.uid}: output gradients must be floating point with {rows} rows")
-        _check_finite(tensors, f"backward of {self.uid}")
         return rows
+
+    def screen(self, direction: str, requests: Sequence[Sequence[torch.Tensor]]) -> list[Exception | None]:
+        """Per request of a forming batch (on the compute thread, so the transport loop never waits for the
+        device): NonFiniteRequestError if a floating-point tensor holds NaN or Inf, else None."""
+        return [_nonfinite_error(tensors, f"{direction} of {self.uid}") for tensors in requests]
 
     @property
     def kept_bytes(self) -> int:
@@ -361,11 +363,11 @@ def _padded_grads(
     return padded
 
 
-def _check_finite(tensors: Sequence[torch.Tensor], what: str) -> None:
-    """Raise NonFiniteRequestError if a floating-point tensor of a request holds NaN or Inf."""
+def _nonfinite_error(tensors: Sequence[torch.Tensor], what: str) -> NonFiniteRequestError | None:
+    """The error refusing a request whose floating-point tensors hold NaN or Inf, or None."""
     for i, t in enumerate(tensors):
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise NonFiniteRequestError(
+            return NonFiniteRequestError(
                 f"{what}: tensor {i} holds NaN or Inf; the request was refused and nothing was applied (find the "
                 "overflow upstream: lower the learning rate, clip gradients, or use a wider dtype)"
             )

@@ -34,6 +34,7 @@ STOP_TIMEOUT = 30.0  # seconds shutdown waits for the batch in progress
 ACTIVE_SENDER_WINDOW = 5.0  # seconds a sender counts as active in a pool after its last request there
 
 BatchFn = Callable[[list[torch.Tensor], list[Hashable | None], list[int]], list[torch.Tensor]]
+ScreenFn = Callable[[list[list[torch.Tensor]]], list[Exception | None]]  # per request: why it is refused, or None
 
 
 @dataclass(eq=False)
@@ -61,6 +62,7 @@ class TaskPool:
     name: str
     process: BatchFn
     merge_keyed: bool = True  # False: a request with a key is computed alone (e.g. to keep its activations)
+    screen: ScreenFn | None = None  # refuses single requests of a batch before it is computed
     queues: dict[Hashable | None, deque[Task]] = field(default_factory=dict)  # only non-empty ones
     senders: dict[Hashable, float] = field(default_factory=dict)  # known senders: when each last submitted
     queued_rows: int = 0
@@ -107,10 +109,14 @@ class BatchingRuntime:
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name="hiveengine-moe-runtime", daemon=True)
 
-    def add_pool(self, name: str, process: BatchFn, merge_keyed: bool = True) -> TaskPool:
+    def add_pool(
+        self, name: str, process: BatchFn, merge_keyed: bool = True, screen: ScreenFn | None = None
+    ) -> TaskPool:
         """A new pool computed by `process(batched tensors, the requests' keys, their row counts) -> batched
-        results`; with `merge_keyed=False`, requests that carry a key are never batched with others."""
-        pool = TaskPool(name, process, merge_keyed)
+        results`; with `merge_keyed=False`, requests that carry a key are never batched with others. `screen`
+        (on the compute thread) gets each batch's requests first: the ones it names an error for fail with it
+        alone, and the batch goes on without them."""
+        pool = TaskPool(name, process, merge_keyed, screen)
         with self._cv:
             self.pools.append(pool)
         return pool
@@ -271,7 +277,28 @@ class BatchingRuntime:
         self._served = {s: b for s, b in self._served.items() if s in queued}
         return batch
 
+    @staticmethod
+    def _screened(pool: TaskPool, batch: list[Task]) -> list[Task]:
+        """The tasks of `batch` that the pool's screen lets through; the others fail with its reason."""
+        if pool.screen is None:
+            return batch
+        try:
+            refusals = pool.screen([t.tensors for t in batch])
+        except Exception as e:
+            logger.exception("%s: screening a batch of %d requests failed", pool.name, len(batch))
+            refusals = [e] * len(batch)
+        passed = []
+        for task, error in zip(batch, refusals, strict=True):
+            if error is None:
+                passed.append(task)
+            else:
+                task.future.set_exception(error)
+        return passed
+
     def _compute(self, pool: TaskPool, batch: list[Task]) -> None:
+        batch = self._screened(pool, batch)
+        if not batch:
+            return
         try:
             tensors = [
                 torch.cat(parts) if len(parts) > 1 else parts[0]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import logging
 import urllib.parse
@@ -96,8 +97,8 @@ class Server:
         self.runtime = BatchingRuntime(max_batch_size, batch_wait, synchronize=_synchronizer(devices))
         self._pools = {
             uid: (
-                self.runtime.add_pool(f"{uid}.fwd", b.forward),
-                self.runtime.add_pool(f"{uid}.bwd", b.backward),
+                self.runtime.add_pool(f"{uid}.fwd", b.forward, screen=functools.partial(b.screen, "forward")),
+                self.runtime.add_pool(f"{uid}.bwd", b.backward, screen=functools.partial(b.screen, "backward")),
             )
             for uid, b in self.experts.items()
         }
