@@ -5,10 +5,21 @@ record convention: the subkey names the peer's public key), so every node refuse
 and nobody can overwrite another peer's progress. It expires by itself when the peer dies. Peers step together
 when the samples accumulated by everyone in the newest epoch reach the target batch size; a peer whose epoch is
 behind the newest one loads state instead of averaging.
+
+Claims are checked, not believed (a signature proves who wrote a record, not that it is true):
+- an epoch counts only when corroborated: the swarm's epoch is at most EPOCH_LEAD above the epoch that a strict
+  majority of the reporting peers has reached, and a peer that claims more is left out altogether (its samples
+  too), so one record claiming epoch 10^9 neither stalls the swarm nor makes it download anyone's state;
+- samples are bounded by a plausible rate: ProgressTracker counts another peer's samples only as fast as
+  PLAUSIBLE_SPEEDUP times the swarm's lower-median speed (or our own, if faster) lets them grow between its reads,
+  or up to PLAUSIBLE_SPEEDUP times the lower median of the samples claimed at that epoch (or ours), so a record
+  claiming 10^9 samples weighs like a fast peer, not like the whole target. Sybils that outnumber the honest peers
+  defeat both checks: private swarms (membership) and costly DHT ids are the answer to those.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -22,6 +33,8 @@ logger = logging.getLogger(__name__)
 
 PROGRESS_TTL = 30.0  # seconds a progress record outlives its last refresh (a dead peer's then disappears)
 SPEED_SMOOTHING = 0.1  # weight of the newest measurement in the samples/s moving average
+EPOCH_LEAD = 1  # epochs a peer may be ahead of the epoch a majority reached (it stepped first) and still count
+PLAUSIBLE_SPEEDUP = 2.0  # another peer's samples grow at most this many times the swarm's median speed
 
 
 def progress_key(run_id: str) -> str:
@@ -113,9 +126,29 @@ def parse_progress(found) -> SwarmProgress:
             )
         except (TypeError, ValueError, AttributeError):
             continue
+    peers = corroborated(peers)
     epoch = max((p.epoch for p in peers), default=0)
     samples = sum(p.samples for p in peers if p.epoch == epoch)
     return SwarmProgress(epoch, samples, sorted(peers, key=lambda p: p.peer))
+
+
+def corroborated(peers: list[PeerProgress]) -> list[PeerProgress]:
+    """The peers whose epoch is at most EPOCH_LEAD above the epoch a strict majority of them reached."""
+    if not peers:
+        return peers
+    epochs = sorted((p.epoch for p in peers), reverse=True)
+    majority = epochs[len(epochs) // 2]  # reached by len // 2 + 1 peers
+    kept = [p for p in peers if p.epoch <= majority + EPOCH_LEAD]
+    if len(kept) < len(peers):
+        ignored = ", ".join(f"{p.peer[:12]} at {p.epoch}" for p in peers if p.epoch > majority + EPOCH_LEAD)
+        logger.debug("ignoring uncorroborated epochs (the majority is at %d): %s", majority, ignored)
+    return kept
+
+
+def lower_median(values: list[float]) -> float:
+    """The lower median (a single outlier in a pair cannot move it); 0 for none."""
+    ordered = sorted(values)
+    return ordered[(len(ordered) - 1) // 2] if ordered else 0.0
 
 
 class ProgressTracker:
@@ -126,6 +159,9 @@ class ProgressTracker:
         self.auxiliary = auxiliary
         self.samples_per_second = 0.0
         self._last_sample_time: float | None = None
+        self._mine = (0, 0)  # our last reported (epoch, samples)
+        self._allowed: dict[str, tuple[int, float]] = {}  # peer -> (epoch, samples we count for it)
+        self._last_fetch = time.monotonic()
 
     def count(self, samples: int) -> None:
         """Record that `samples` were just processed locally (updates the samples/s moving average)."""
@@ -149,6 +185,7 @@ class ProgressTracker:
         now = get_dht_time()
         raw = self.dht.peer_id.raw
         speed = self.samples_per_second
+        self._mine = (epoch, samples)
         mine = PeerProgress(
             raw.hex(), epoch, samples, speed, now, loss, self.client_mode, target, waiting, self.auxiliary
         )
@@ -161,5 +198,32 @@ class ProgressTracker:
         await self.dht.astore(self.key, None, now + self.ttl, subkey=self._subkey())
 
     async def fetch(self) -> SwarmProgress:
-        """Read every peer's progress record of the run and summarize the swarm."""
-        return parse_progress(await self.dht.aget(self.key, latest=True))
+        """Read every peer's progress record of the run and summarize the swarm (claims checked)."""
+        return self.plausible(parse_progress(await self.dht.aget(self.key, latest=True)))
+
+    def plausible(self, swarm: SwarmProgress, now: float | None = None) -> SwarmProgress:
+        """`swarm` with each other peer's samples cut to what a plausible rate allows since our last read."""
+        now = time.monotonic() if now is None else now
+        elapsed, self._last_fetch = max(0.0, now - self._last_fetch), now
+        me = self.dht.peer_id.raw.hex()
+        speeds = [p.samples_per_second for p in swarm.peers if not p.auxiliary and p.peer != me]
+        rate = PLAUSIBLE_SPEEDUP * max(lower_median(speeds), self.samples_per_second)
+        by_epoch: dict[int, list[float]] = {}
+        for p in swarm.peers:
+            if not p.auxiliary:
+                by_epoch.setdefault(p.epoch, []).append(p.samples)
+        my_epoch, my_samples = self._mine
+        peers, allowed = [], {}
+        for p in swarm.peers:
+            if p.peer != me:
+                epoch, before = self._allowed.get(p.peer, (p.epoch, 0.0))
+                typical = lower_median(by_epoch.get(p.epoch, []))
+                floor = PLAUSIBLE_SPEEDUP * max(typical, my_samples if p.epoch == my_epoch else 0)
+                limit = max((before if epoch == p.epoch else 0.0) + rate * elapsed, floor)
+                counted = min(p.samples, int(limit))
+                allowed[p.peer] = (p.epoch, counted)
+                p = dataclasses.replace(p, samples=counted) if counted < p.samples else p
+            peers.append(p)
+        self._allowed = allowed
+        samples = sum(p.samples for p in peers if p.epoch == swarm.epoch)
+        return SwarmProgress(swarm.epoch, samples, peers)
