@@ -25,10 +25,17 @@ TOLERANCE = {"none": 0.0, "fp16": 4e-3, "bf16": 3e-2, "int8": 0.08, "int4": 1.6}
 
 
 def average_in_processes(
-    tmp_path, specs: list[dict], codec: str, timeout: float = 60, sender_timeout: float = 3, device: str = "cpu"
+    tmp_path,
+    specs: list[dict],
+    codec: str,
+    timeout: float = 60,
+    sender_timeout: float = 3,
+    device: str = "cpu",
+    **options,
 ):
     """Run one round among real processes on `device` buffers; `specs` give each peer's weight, bandwidth,
-    mode (and stall)."""
+    mode (and stall: killed once in the group; or an attack from tests/peers/byzantine_attacks.py);
+    `options`: the round's late_grace, aggregation, max_weight_ratio."""
     procs = [PeerProcess("allreduce_peer.py") for _ in specs]
     try:
         addresses = [p.expect("ADDRESS") for p in procs]
@@ -50,6 +57,7 @@ def average_in_processes(
             "chunk_elements": 1 << 14,
             "sender_timeout": sender_timeout,
             "device": device,
+            **options,
         }
         for i, (proc, spec) in enumerate(zip(procs, specs, strict=True)):
             me = {"seed": i, "weight": spec.get("weight", 1.0), "out": str(tmp_path / f"{i}.pt"), **spec}
@@ -61,7 +69,7 @@ def average_in_processes(
                 proc.kill()  # SIGKILL after it joined the group, before it sent anything
         results = {}
         for i, (proc, spec) in enumerate(zip(procs, specs, strict=True)):
-            if not spec.get("stall"):
+            if not spec.get("stall") and spec.get("attack") != "silent":
                 results[i] = json.loads(proc.expect("RESULT", timeout=timeout + 30))
                 results[i]["tensor"] = torch.load(tmp_path / f"{i}.pt")
         return members, results
@@ -184,7 +192,7 @@ def _round_time(shares, bandwidths, senders):
 
 @pytest.mark.parametrize("bandwidths", [[1, 1, 1, 10], [1, 2, 4, 8], [0.5, 1, 1, 1, 5], [3, 3, 3]])
 def test_balanced_shares_beat_a_proportional_split_when_bandwidths_are_uneven(bandwidths):
-    from hiveengine.averaging.partition import balanced_shares
+    from hiveengine.averaging import balanced_shares
 
     n = len(bandwidths)
     shares = balanced_shares(bandwidths, [True] * n, n)

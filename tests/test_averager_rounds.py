@@ -14,8 +14,7 @@ import time
 import pytest
 import torch
 
-from hiveengine.averaging import DecentralizedAverager
-from hiveengine.averaging.group import GroupMember
+from hiveengine.averaging import DecentralizedAverager, GroupMember
 from hiveengine.averaging.matchmaking import GATHER_GRID_SECONDS, SETTLE_SECONDS, matchmaking_key
 from hiveengine.dht import DHT, get_dht_time
 

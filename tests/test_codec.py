@@ -196,3 +196,71 @@ def test_stochastic_blockwise_codec_is_an_option():
     assert "stochastic=True" in repr(codec)
     x = randn(1000, seed=60)
     assert not torch.equal(codec.encode(x)[0], get_codec("int4", block=64).encode(x)[0])
+
+
+def reference_centered_clip(rows: torch.Tensor, weights: list[float], tau_factor: float, iterations: int):
+    """CenteredClip written plainly in float64 on the full vectors: from the medoid, tau = tau_factor times the
+    median distance of the other copies to it."""
+    x = rows.double()
+    w = torch.tensor(weights, dtype=torch.float64) / sum(weights)
+    pairwise = torch.cdist(x, x) + torch.diag(torch.full((len(x),), float("inf"), dtype=torch.float64))
+    start = int(pairwise.median(dim=1).values.argmin())
+    tau = tau_factor * float(pairwise[start].median())
+    v = x[start].clone()
+    for _ in range(iterations):
+        d = (x - v).norm(dim=1)
+        v = v + ((w * torch.clamp(tau / d, max=1.0))[:, None] * (x - v)).sum(0)
+    return v
+
+
+@pytest.mark.parametrize("seed", [3, 4, 5])
+def test_centered_clip_matches_a_torch_reference_on_fresh_data(seed):
+    from hiveengine.codec import Aggregation, centered_clip
+
+    gen = torch.Generator().manual_seed(seed)
+    k, n = 7, 5000
+    rows = torch.randn(k, n, generator=gen)
+    rows[:2] = rows[:2] * torch.tensor([[300.0], [-50.0]]) + 7  # two hostile copies: scaled, flipped, shifted
+    weights = (torch.rand(k, generator=gen) + 0.5).tolist()
+    aggregation = Aggregation("centered_clip", iterations=200)
+    expected = reference_centered_clip(rows, weights, aggregation.tau_factor, 200)
+    out = torch.empty(n)
+    assert centered_clip(rows.clone(), weights, out, aggregation)
+    assert torch.allclose(out.double(), expected, atol=1e-3, rtol=0)
+    honest = rows[2:].mean(0)
+    assert float((out - honest).norm()) < float((rows[2:] - honest).norm(dim=1).max())
+
+
+@pytest.mark.parametrize("name", CODECS)
+def test_centered_clip_is_the_exact_mean_on_clean_copies_and_bounded_under_attack(name):
+    from hiveengine.codec import Aggregation
+
+    codec = get_codec(name)
+    n, clip = 4096, Aggregation("centered_clip")
+    copies = [randn(n, seed=10 + i) for i in range(5)]
+    payloads = [codec.encode(x) for x in copies]
+    mean, robust = torch.empty(n), torch.empty(n)
+    codec.reduce(payloads, [1.0, 2.0, 1.0, 1.0, 1.5], mean)
+    codec.reduce(payloads, [1.0, 2.0, 1.0, 1.0, 1.5], robust, aggregation=clip)
+    assert torch.equal(mean, robust)  # nothing to clip: the fused mean, bit for bit
+    honest = torch.stack(copies[:4]).mean(0)
+    spread = float((torch.stack(copies[:4]) - honest).norm(dim=1).max())
+    payloads[4] = codec.encode(copies[4] * 1000 if name != "fp16" else copies[4] * 100)
+    reply = codec.reduce(payloads, [1.0] * 5, robust, aggregation=clip, requantize=True)
+    codec.decode(reply, mean)
+    assert float((robust - honest).norm()) < spread
+    steps = 7 if name == "int4" else 100  # the reply is the aggregate, up to one quantization
+    assert float((mean - robust).abs().max()) <= float(robust.abs().max()) / steps
+
+
+def test_centered_clip_refuses_non_finite_copies_and_options():
+    from hiveengine.codec import Aggregation
+
+    codec = get_codec("none")
+    copies = [randn(100, seed=i) for i in range(3)]
+    copies[1][5] = float("nan")
+    with pytest.raises(NonFiniteError):
+        codec.reduce([[c] for c in copies], [1.0] * 3, torch.empty(100), aggregation=Aggregation("centered_clip"))
+    for bad in ({"kind": "median"}, {"tau": -1.0}, {"tau_factor": 0.5}, {"iterations": 0}):
+        with pytest.raises(ConfigurationError):
+            Aggregation(**bad)

@@ -1,16 +1,20 @@
-"""Decentralized averaging: groups of peers average tensors with a fault-tolerant butterfly all-reduce."""
+"""Decentralized averaging: groups of peers average tensors with a fault-tolerant, Byzantine-tolerant butterfly
+all-reduce. One round in three files: matchmaking.py (the group), allreduce.py (partition, buffers, sending and
+reducing), averager.py (the public object); state.py serves newcomers' downloads, a separate concern."""
 
 from hiveengine.averaging.allreduce import (
     CHUNK_METHOD,
     AllReduceError,
     AllReduceResult,
     AllReduceService,
+    RoundOptions,
+    balanced_shares,
+    chunk_spans,
+    part_spans,
     run_allreduce,
 )
 from hiveengine.averaging.averager import DecentralizedAverager
-from hiveengine.averaging.group import GroupInfo, GroupMember, Mode
-from hiveengine.averaging.matchmaking import Matchmaker, MatchmakingConfig
-from hiveengine.averaging.partition import chunk_spans, part_spans
+from hiveengine.averaging.matchmaking import GroupInfo, GroupMember, Matchmaker, MatchmakingConfig, Mode
 
 __all__ = [
     "CHUNK_METHOD",
@@ -23,6 +27,8 @@ __all__ = [
     "Matchmaker",
     "MatchmakingConfig",
     "Mode",
+    "RoundOptions",
+    "balanced_shares",
     "chunk_spans",
     "part_spans",
     "run_allreduce",

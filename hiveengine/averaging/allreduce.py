@@ -1,32 +1,46 @@
-"""Butterfly all-reduce: each reducer owns one part of the flat buffer and averages it for the group.
+"""Butterfly all-reduce: each reducer owns one part of the flat buffer and aggregates it for the group.
 
-Every contributing peer sends each chunk of part p (encoded with the codec, with error feedback) to p's
-reducer in one call. The reducer waits for the chunk's copies from all senders, or until `sender_timeout`
-after the first arrived, reduces them in one fused pass (weights renormalized over who arrived), encodes
-the mean once, and returns it as the reply to every sender, who decodes it in place. A reducer that dies
-costs its part for this round: senders keep their local values there and report the part as failed.
+One round, as it runs (this file holds all of it: the partition, the buffers, the sender and the reducer):
+1. Partition. The buffer is cut into one part per reducer, sized so that the slowest peer finishes first
+   (`balanced_shares`), at multiples of the codec's `alignment`. A buffer too small to give every reducer
+   MIN_PART_BYTES goes to fewer, the fastest, reducers (the others own empty parts): such a round is bound by
+   the work per message, not by bytes. Parts are cut into chunks of `chunk_elements`.
+2. Send. Every contributing peer encodes each chunk of part p (with error feedback) and sends it, with its
+   weight, to p's reducer in one call (`_exchange_part`, at most `window` chunks in flight per reducer).
+3. Reduce. The reducer collects the chunk's copies (`_ChunkReduction`) until all senders' copies are there, or
+   the late ones are given up: once half of them arrived, the rest have a grace window (the larger of
+   `late_grace` and the time the first half took), and never more than `sender_timeout` after the first copy.
+   It then aggregates the copies in peer-id order (reproducible bit for bit): weights are bounded to
+   `max_weight_ratio` times the median weight, a copy holding NaN/Inf is left out (its sender alone gets an
+   error and keeps its local values), and the rest are averaged, or CenteredClipped (hiveengine.codec.robust)
+   when the round's aggregation is robust. It encodes the result once and returns it to every sender.
+4. Decode. Each sender decodes the aggregate of each chunk in place. Once half of the parts are back, the other
+   parts' reducers have the same grace window; a reducer that dies or stays silent costs its part for this
+   round only (senders keep their local values there and report the part as failed), never the whole deadline.
 
-A buffer too small to give every reducer MIN_PART_BYTES is cut into fewer parts, owned by the fastest
-reducers (the others own empty parts): such a round is bound by the work per message, not by bytes, so one
-reducer of a 4 KB buffer in a group of 8 takes 7 calls where 8 reducers took 56.
+Buffers are reused round after round (BufferCache): fresh memory costs a page fault per 4 KiB on first touch,
+which is slower than the network here.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
+import itertools
 import logging
 import math
 import time
+import weakref
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 
-from hiveengine.averaging.buffers import BufferCache
-from hiveengine.averaging.group import GroupInfo
-from hiveengine.averaging.partition import balanced_shares, chunk_spans, part_spans
-from hiveengine.codec import Codec
-from hiveengine.errors import HiveEngineError, ProtocolError, TransportError
+from hiveengine.averaging.matchmaking import GroupInfo, GroupMember
+from hiveengine.codec import Aggregation, Codec
+from hiveengine.errors import HiveEngineError, NonFiniteError, ProtocolError, TransportError
 from hiveengine.transport import Peer, PeerID, Request
 
 logger = logging.getLogger(__name__)
@@ -34,16 +48,34 @@ logger = logging.getLogger(__name__)
 CHUNK_METHOD = "hiveengine.allreduce.chunk"
 DEFAULT_CHUNK_ELEMENTS = 1 << 20
 DEFAULT_WINDOW = 4  # chunks in flight per reducer
-DEFAULT_SENDER_TIMEOUT = 5.0
+DEFAULT_SENDER_TIMEOUT = 5.0  # the longest a reducer waits for a chunk's copies after the first arrived
+DEFAULT_LATE_GRACE = 2.0  # once half the copies (or parts) are in, the rest get this long (or what the half took)
+MAX_WEIGHT_RATIO = 4.0  # a contribution's weight is capped at this many times the median weight of its chunk
 # A part this small costs more in per-message work (a few tens of us a message) than in bytes, so a smaller
 # buffer is cut into fewer parts, owned by the fastest reducers; the other reducers own empty parts. Every
 # member must agree on it: it is part of the protocol.
 MIN_PART_BYTES = 16 * 1024
 ROUND_WAIT_TIMEOUT = 10.0  # how long a reducer waits for its own runner to join a round it is called for
+BALANCE_ITERATIONS = 60  # bisection steps on the round's makespan (2^-60 of the bracket: exact for floats)
+MAX_LAYOUTS = 8  # distinct buffer layouts kept (a changing group size or tensor size makes new ones)
+GENERATIONS = 2  # alternate between two sets, so a late transfer of the previous round never sees new data
 
 
 class AllReduceError(HiveEngineError):
     """A chunk could not be averaged (the reducer refused it, or reduced it without this sender)."""
+
+
+@dataclass(frozen=True)
+class RoundOptions:
+    """How one all-reduce round runs (every member should use the same `chunk_elements`)."""
+
+    timeout: float = 60.0
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
+    window: int = DEFAULT_WINDOW
+    sender_timeout: float = DEFAULT_SENDER_TIMEOUT
+    late_grace: float = DEFAULT_LATE_GRACE
+    aggregation: Aggregation = field(default_factory=lambda: Aggregation("mean"))
+    max_weight_ratio: float = MAX_WEIGHT_RATIO
 
 
 @dataclass
@@ -56,62 +88,168 @@ class AllReduceResult:
     senders_averaged: int = 0
 
 
+BALANCE_ITERATIONS = 60  # bisection steps on the round's makespan (2^-60 of the bracket: exact for floats)
+
+
+def balanced_shares(bandwidths: Sequence[float], sends: Sequence[bool], senders: int) -> list[float]:
+    """The fraction of the vector each reducer should own so that the slowest peer finishes first.
+
+    Traffic model of one butterfly round, per direction, in units of the vector's size: reducer i owning a
+    fraction x receives x from each of the other senders, and, if it sends itself (s = 1), the means of the
+    (1 - x) it does not own. Its time is (s + x·(senders - 2s)) / bandwidth. The shares minimise the largest
+    such time (a min-max problem solved exactly by bisection on the makespan). A proportional split is up to
+    ~1.3x slower than this when bandwidths are uneven.
+    """
+    if not bandwidths or any(b <= 0 for b in bandwidths):
+        raise ValueError("every reducer needs a positive bandwidth")
+
+    def capacity(makespan: float) -> list[float]:
+        """The largest fraction each reducer can own while finishing within `makespan`."""
+        caps = []
+        for bandwidth, sender in zip(bandwidths, sends, strict=True):
+            fixed, slope = float(sender), float(senders - 2 * sender)
+            if slope > 0:
+                caps.append(min(1.0, max(0.0, (makespan * bandwidth - fixed) / slope)))
+            else:  # owning more never costs this peer time: it can take all, if its fixed cost fits
+                caps.append(1.0 if (fixed + min(slope, 0.0)) / bandwidth <= makespan else 0.0)
+        return caps
+
+    pairs = list(zip(bandwidths, sends, strict=True))
+    # No split makes the round faster than its slowest peer's traffic at its best share.
+    floor = max((s + min(senders - 2 * s, 0)) / b for b, s in pairs)
+    low, high = floor, max((1.0 + abs(senders - 2 * s)) / b for b, s in pairs)
+    for _ in range(BALANCE_ITERATIONS):
+        middle = (low + high) / 2
+        low, high = (low, middle) if sum(capacity(middle)) >= 1.0 else (middle, high)
+    caps = capacity(high)
+    # Within those caps, stay as close to a bandwidth-proportional split as possible (it decides the ties,
+    # e.g. two peers, whose traffic does not depend on the split at all): x_i = min(cap_i, scale * b_i).
+    low, high = 0.0, max(1.0 / b for b in bandwidths)
+    for _ in range(BALANCE_ITERATIONS):
+        middle = (low + high) / 2
+        short = sum(min(c, middle * b) for c, b in zip(caps, bandwidths, strict=True)) < 1.0
+        low, high = (middle, high) if short else (low, middle)
+    shares = [min(c, high * b) for c, b in zip(caps, bandwidths, strict=True)]
+    total = sum(shares)
+    return [x / total for x in shares]
+
+
+def part_spans(numel: int, shares: Sequence[float], align: int) -> list[tuple[int, int]]:
+    """Contiguous [start, end) spans, one per share, proportional to it and aligned to `align`."""
+    if not shares or any(b < 0 for b in shares) or sum(shares) <= 0:
+        raise ValueError("shares must be non-negative with a positive sum")
+    total = float(sum(shares))
+    bounds, acc = [0], 0.0
+    for b in shares[:-1]:
+        acc += b
+        cut = round(numel * acc / total / align) * align
+        bounds.append(min(max(cut, bounds[-1]), numel))
+    bounds.append(numel)
+    return list(itertools.pairwise(bounds))
+
+
+def chunk_spans(start: int, end: int, chunk: int) -> list[tuple[int, int]]:
+    """[start, end) cut into pieces of at most `chunk` elements (an empty part has no chunks)."""
+    return [(s, min(s + chunk, end)) for s in range(start, end, chunk)]
+
+
+MAX_LAYOUTS = 8  # distinct buffer layouts kept (a changing group size or tensor size makes new ones)
+GENERATIONS = 2  # alternate between two sets, so a late transfer of the previous round never sees new data
+
+
+class BufferCache:
+    """Per-layout buffer sets, handed out alternately; the least recently used layouts are dropped."""
+
+    def __init__(self, max_layouts: int = MAX_LAYOUTS):
+        self.max_layouts = max_layouts
+        self._sets: collections.OrderedDict[Hashable, list[Any]] = collections.OrderedDict()
+        self._turn: dict[Hashable, int] = {}
+
+    def get(self, key: Hashable, make: Callable[[], Any]) -> Any:
+        """The next buffer set for `key`, created with `make()` the first GENERATIONS times."""
+        sets = self._sets.setdefault(key, [])
+        self._sets.move_to_end(key)
+        turn = self._turn.get(key, 0)
+        self._turn[key] = (turn + 1) % GENERATIONS
+        if len(sets) <= turn:
+            sets.append(make())
+        while len(self._sets) > self.max_layouts:
+            dropped, _ = self._sets.popitem(last=False)
+            self._turn.pop(dropped, None)
+        return sets[turn]
+
+
 class _ChunkReduction:
-    """Collects one chunk's copies and resolves, once, with the encoded mean and how many were averaged."""
+    """Collects one chunk's copies and resolves, once, with the encoded aggregate and how many were in it;
+    `excluded` names the senders whose copy was left out (non-finite)."""
 
-    def __init__(self, expected: int, sender_timeout: float):
-        self.expected = expected
-        self.sender_timeout = sender_timeout
+    def __init__(self, expected: int, options: RoundOptions):
+        self.expected, self.options = expected, options
         self.received: dict[PeerID, tuple[float, list[torch.Tensor]]] = {}
+        self.excluded: set[PeerID] = set()
         self.done: asyncio.Future = asyncio.get_running_loop().create_future()
-        self._timer: asyncio.TimerHandle | None = None
+        self._first_at: float | None = None
+        self._timers: list[asyncio.TimerHandle] = []
 
-    def add(self, sender: PeerID, weight: float, payload: list[torch.Tensor], reduce) -> None:
+    def add(self, sender: PeerID, weight: float, payload: list[torch.Tensor], reduce: Callable) -> None:
+        """Take `sender`'s copy; aggregate with `reduce` once all are in, or when the late ones are given up."""
         if self.done.done():
-            raise AllReduceError("this chunk was already averaged without you (you arrived after the sender timeout)")
+            raise AllReduceError("this chunk was already averaged without you (you arrived after the grace window)")
         if sender in self.received:
             raise ProtocolError("duplicate contribution to one chunk")
         self.received[sender] = (weight, payload)
+        loop = asyncio.get_running_loop()
         if len(self.received) >= self.expected:
             self._finish(reduce)
-        elif self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(self.sender_timeout, self._finish, reduce)
+            return
+        if self._first_at is None:
+            self._first_at = loop.time()
+            self._timers.append(loop.call_later(self.options.sender_timeout, self._finish, reduce))
+        if len(self._timers) == 1 and 2 * len(self.received) >= self.expected:
+            grace = max(self.options.late_grace, loop.time() - self._first_at)
+            self._timers.append(loop.call_later(grace, self._finish, reduce))
 
-    def _finish(self, reduce) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
+    def _finish(self, reduce: Callable) -> None:
+        for timer in self._timers:
+            timer.cancel()
         if self.done.done():
             return
         try:
-            # Sum in peer-id order, not arrival order, so every round is reproducible bit for bit.
-            ordered = [self.received[sender] for sender in sorted(self.received)]
-            self.done.set_result((reduce(ordered), len(ordered)))
+            # Aggregate in peer-id order, not arrival order, so every round is reproducible bit for bit.
+            ordered = [(sender, *self.received[sender]) for sender in sorted(self.received)]
+            self.done.set_result(reduce(ordered, self.excluded))
         except Exception as e:
             self.done.set_exception(e)
 
 
 @dataclass
 class _ReducerArena:
-    """Receive slots (one payload per sender per chunk) and fp32 outputs for one part's chunks."""
+    """Receive slots (one payload per sender per chunk), fp32 outputs for one part's chunks, and the rows a
+    robust aggregation decodes each copy into (one chunk at a time: chunks are reduced on the event loop)."""
 
     slots: list[list[list[torch.Tensor]]]
     outputs: list[torch.Tensor]
+    scratch: torch.Tensor | None
 
     @classmethod
-    def create(cls, codec: Codec, chunks, senders: int, device) -> _ReducerArena:
+    def create(cls, codec: Codec, chunks, senders: int, device, robust: bool) -> _ReducerArena:
+        """Buffers for `senders` copies of each of `chunks` (and the decoding rows if `robust`)."""
         slots = [[codec.empty_payload(e - s, device) for _ in range(senders)] for s, e in chunks]
-        return cls(slots, [torch.empty(e - s, dtype=torch.float32, device=device) for s, e in chunks])
+        outputs = [torch.empty(e - s, dtype=torch.float32, device=device) for s, e in chunks]
+        longest = max((e - s for s, e in chunks), default=0)
+        scratch = torch.empty(senders * longest, dtype=torch.float32, device=device) if robust else None
+        return cls(slots, outputs, scratch)
 
 
 class _ReducerRound:
     """This peer's part in one group's round: a _ChunkReduction per chunk, created on first contact."""
 
-    def __init__(self, group: GroupInfo, chunks, codec: Codec, sender_timeout: float, arena: _ReducerArena):
-        self.group, self.codec, self.chunks, self.arena = group, codec, chunks, arena
+    def __init__(self, group: GroupInfo, chunks, codec: Codec, options: RoundOptions, arena: _ReducerArena):
+        self.group, self.codec, self.chunks, self.arena, self.options = group, codec, chunks, arena, options
         self.senders = {m.peer_id for m in group.senders}
-        self.sender_timeout = sender_timeout
         self.reductions: dict[int, _ChunkReduction] = {}
         self._next_slot = [0] * len(chunks)
+        self._reported: set[tuple[str, PeerID]] = set()  # (what, who) already logged in this round
 
     def receive_slot(self, index) -> list[torch.Tensor] | None:
         """A free arena slot for one sender's copy of chunk `index` (None when out of range or used up)."""
@@ -124,18 +262,56 @@ class _ReducerRound:
         return self.arena.slots[index][slot]
 
     def reduction(self, index: int) -> _ChunkReduction:
+        """Chunk `index`'s reduction (made on first contact)."""
         if index not in self.reductions:
-            self.reductions[index] = _ChunkReduction(len(self.senders), self.sender_timeout)
+            self.reductions[index] = _ChunkReduction(len(self.senders), self.options)
         return self.reductions[index]
 
-    def reduce_chunk(self, index: int, contributions) -> list[torch.Tensor]:
-        weights = [w for w, _ in contributions]
-        if sum(weights) <= 0:
-            weights = [1.0] * len(weights)
-        out = self.arena.outputs[index]
-        return self.codec.reduce([p for _, p in contributions], weights, out, requantize=True, name="chunk mean")
+    def reduce_chunk(self, index: int, contributions: list, excluded: set[PeerID]) -> tuple[list[torch.Tensor], int]:
+        """Aggregate chunk `index`'s (sender, weight, payload) copies; a copy holding NaN/Inf is left out (its
+        sender goes into `excluded`) and the others are aggregated without it."""
+        while True:
+            kept = [c for c in contributions if c[0] not in excluded]
+            if not kept:
+                raise AllReduceError(f"every copy of chunk {index} held NaN or Inf")
+            weights = self._bounded_weights([(sender, weight) for sender, weight, _ in kept])
+            try:
+                aggregate = self.codec.reduce(
+                    [payload for _, _, payload in kept],
+                    weights,
+                    self.arena.outputs[index],
+                    requantize=True,
+                    name=f"chunk {index}",
+                    aggregation=self.options.aggregation,
+                    scratch=self.arena.scratch,
+                )
+                return aggregate, len(kept)
+            except NonFiniteError:
+                culprits = {sender for sender, _, payload in kept if not self.codec.finite(payload)}
+                if not culprits:
+                    raise
+                for sender in culprits:
+                    self._report("nonfinite", sender, "peer %s sent NaN/Inf in group %s: its copies are left out")
+                excluded |= culprits
+
+    def _bounded_weights(self, weighted: list[tuple[PeerID, float]]) -> list[float]:
+        """The weights, each at most max_weight_ratio times the (lower) median of the positive ones."""
+        positive = sorted(w for _, w in weighted if w > 0)
+        if not positive:
+            return [1.0] * len(weighted)
+        cap = self.options.max_weight_ratio * positive[(len(positive) - 1) // 2]
+        for sender, w in weighted:
+            if w > cap:
+                self._report("weight", sender, f"peer %s claimed weight {w:.4g} in group %s: clipped to {cap:.4g}")
+        return [min(w, cap) for _, w in weighted]
+
+    def _report(self, what: str, sender: PeerID, message: str) -> None:
+        if (what, sender) not in self._reported:
+            self._reported.add((what, sender))
+            logger.warning(message, sender, self.group.group_id.hex()[:8])
 
     def check_payload(self, index: int, payload: list[torch.Tensor]) -> list[torch.Tensor]:
+        """`payload` on the arena's device, if it has the codec's layout for chunk `index` (else ProtocolError)."""
         if not 0 <= index < len(self.chunks):
             raise ProtocolError(f"chunk {index} is out of range (this part has {len(self.chunks)})")
         expected = self.arena.slots[index][0]  # every slot of a chunk has the codec's payload layout
@@ -146,13 +322,20 @@ class _ReducerRound:
         return [t.to(self.arena.outputs[index].device) for t in payload]
 
     async def contribute(self, sender: PeerID, index: int, weight: float, payload) -> tuple[list[torch.Tensor], int]:
+        """Add `sender`'s copy of chunk `index` and wait for the chunk's aggregate (and how many were in it)."""
         reduction = self.reduction(index)
-        reduction.add(sender, weight, payload, lambda c: self.reduce_chunk(index, c))
-        return await reduction.done
+        reduction.add(sender, weight, payload, functools.partial(self.reduce_chunk, index))
+        result = await reduction.done
+        if sender in reduction.excluded:
+            raise AllReduceError(f"your copy of chunk {index} held NaN or Inf: the group averaged without it")
+        return result
 
 
 class AllReduceService:
-    """Serves the reducer side of all-reduce rounds on a peer; one per peer."""
+    """Serves the reducer side of all-reduce rounds on a peer: one per peer (`AllReduceService.of(peer)`), which
+    several averagers on that peer share."""
+
+    _services: ClassVar[weakref.WeakKeyDictionary[Peer, AllReduceService]] = weakref.WeakKeyDictionary()
 
     def __init__(self, peer: Peer):
         self.peer = peer
@@ -160,6 +343,13 @@ class AllReduceService:
         self._rounds: dict[bytes, _ReducerRound] = {}
         self._waiters: dict[bytes, asyncio.Future] = {}
         peer.register(CHUNK_METHOD, self._on_chunk, allocate=self._receive_buffers)
+        self._services[peer] = self
+
+    @classmethod
+    def of(cls, peer: Peer) -> AllReduceService:
+        """The peer's all-reduce service (made on first use)."""
+        service = cls._services.get(peer)
+        return service if service is not None else cls(peer)
 
     def _receive_buffers(self, header: dict, specs) -> list[torch.Tensor] | None:
         """Land a chunk in its round's arena when the round is open here already (else: fresh memory)."""
@@ -167,12 +357,14 @@ class AllReduceService:
         return None if reducer_round is None else reducer_round.receive_slot(header.get("c"))
 
     def open_round(self, group_id: bytes, reducer_round: _ReducerRound) -> None:
+        """Start serving this peer's part of round `group_id` (and wake the calls that arrived before)."""
         self._rounds[group_id] = reducer_round
         waiter = self._waiters.pop(group_id, None)
         if waiter is not None and not waiter.done():
             waiter.set_result(reducer_round)
 
     def close_round(self, group_id: bytes) -> None:
+        """Stop serving round `group_id`."""
         self._rounds.pop(group_id, None)
 
     async def _round(self, group_id: bytes) -> _ReducerRound:
@@ -201,6 +393,24 @@ class AllReduceService:
         return {"n": count}, mean
 
 
+@dataclass(frozen=True)
+class _Exchange:
+    """What sending one part to its reducer needs: the round, our data, and the reducer's part."""
+
+    service: AllReduceService
+    group: GroupInfo
+    flat: torch.Tensor
+    codec: Codec
+    weight: float
+    residual: torch.Tensor | None
+    options: RoundOptions
+    deadline: float  # monotonic
+    reducer: GroupMember
+    part: int
+    span: tuple[int, int]
+    local_round: _ReducerRound | None  # set when we reduce this part ourselves
+
+
 async def run_allreduce(
     service: AllReduceService,
     group: GroupInfo,
@@ -209,20 +419,21 @@ async def run_allreduce(
     *,
     weight: float = 1.0,
     residual: torch.Tensor | None = None,
-    timeout: float = 60.0,
-    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
-    window: int = DEFAULT_WINDOW,
-    sender_timeout: float = DEFAULT_SENDER_TIMEOUT,
+    options: RoundOptions | None = None,
+    **settings: Any,
 ) -> AllReduceResult:
-    """Average `flat` (1-D, contiguous, float) with `group` in place; parts whose reducer failed stay local."""
+    """Average `flat` (1-D, contiguous, float) with `group` in place; parts whose reducer failed stay local.
+    `options` (or its fields as keywords: timeout, chunk_elements, sender_timeout, late_grace, aggregation,
+    ...) say how the round runs."""
+    options = RoundOptions(**settings) if options is None else options
     me = group.member(service.peer.peer_id)
     if me is None:
         raise ValueError("this peer is not a member of the group it was asked to average with")
     reducers = group.reducers
-    align = getattr(codec, "block", 1)
-    chunk_elements = max(align, chunk_elements // align * align)
     if not reducers:
         raise AllReduceError("no member of this group can reduce (all are client-mode or have no bandwidth)")
+    align = codec.alignment
+    chunk_elements = max(align, options.chunk_elements // align * align)
     owners = tuple((r.bandwidth, r.contributes) for r in reducers)
     min_part = -(-MIN_PART_BYTES // flat.element_size())
     spans = list(_part_spans(owners, len(group.senders), flat.numel(), align, min_part))
@@ -231,35 +442,25 @@ async def run_allreduce(
     local_round = None
     if my_part is not None:
         chunks = chunk_spans(*spans[my_part], chunk_elements)
-        senders = len(group.senders)
-        layout = ("reduce", codec.name, tuple(chunks), senders, flat.device)
-        arena = service.buffers.get(layout, lambda: _ReducerArena.create(codec, chunks, senders, flat.device))
-        local_round = _ReducerRound(group, chunks, codec, sender_timeout, arena)
+        senders, robust = len(group.senders), options.aggregation.robust
+        layout = ("reduce", codec.name, tuple(chunks), senders, flat.device, robust)
+        arena = service.buffers.get(layout, lambda: _ReducerArena.create(codec, chunks, senders, flat.device, robust))
+        local_round = _ReducerRound(group, chunks, codec, options, arena)
         service.open_round(group.group_id, local_round)
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + options.timeout
     parts = [p for p, (start, end) in enumerate(spans) if end > start] if me.contributes else []
     exchanges: dict[int, asyncio.Task] = {}
     outcomes: dict[int, int | BaseException] = {}  # per part: the fewest senders averaged, or what failed it
 
     def exchange(part: int):
-        return _exchange_part(
-            service,
-            group,
-            reducers[part],
-            part,
-            spans[part],
-            flat,
-            codec,
-            weight,
-            residual,
-            chunk_elements,
-            window,
-            deadline,
-            local_round if part == my_part else None,
+        mine = local_round if part == my_part else None
+        plan = _Exchange(
+            service, group, flat, codec, weight, residual, options, deadline, reducers[part], part, spans[part], mine
         )
+        return _exchange_part(plan, chunk_elements)
 
     try:
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(options.timeout):
             if len(parts) == 1:  # a small buffer: one part to send, right now (a task would wait a loop turn)
                 try:
                     outcomes[parts[0]] = await exchange(parts[0])
@@ -267,11 +468,11 @@ async def run_allreduce(
                     outcomes[parts[0]] = e
             elif parts:
                 exchanges = {part: asyncio.ensure_future(exchange(part)) for part in parts}
-                await asyncio.wait(exchanges.values())
+                await _wait_with_grace(list(exchanges.values()), options.late_grace)
             if local_round is not None:
                 await _serve_until_reduced(local_round)
     except TimeoutError:
-        logger.warning("all-reduce round %s hit its %.1f s deadline", group.group_id.hex()[:8], timeout)
+        logger.warning("all-reduce round %s hit its %.1f s deadline", group.group_id.hex()[:8], options.timeout)
     finally:
         service.close_round(group.group_id)
         for task in exchanges.values():
@@ -280,13 +481,29 @@ async def run_allreduce(
         if task.done() and not task.cancelled():
             outcomes[part] = task.exception() or task.result()
     for part in parts:
-        outcome = outcomes.get(part, TimeoutError("round deadline"))
+        outcome = outcomes.get(part, TimeoutError("no reply within the grace window after the other parts"))
         if isinstance(outcome, BaseException):
             result.failed_parts.append(part)
             logger.warning("part %d (reducer %s) failed: %s", part, reducers[part].peer_id, outcome)
         else:
             result.senders_averaged = min(result.senders_averaged, outcome)
     return result
+
+
+async def _wait_with_grace(tasks: list[asyncio.Task], late_grace: float) -> None:
+    """Wait for `tasks`; once half of them are done, the others get the larger of `late_grace` and the time the
+    first half took (those still running then are left to be cancelled)."""
+    loop = asyncio.get_running_loop()
+    started, pending, finished = loop.time(), set(tasks), 0
+    grace_until = None
+    while pending:
+        timeout = None if grace_until is None else max(0.0, grace_until - loop.time())
+        done, pending = await asyncio.wait(pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        if not done:
+            return
+        finished += len(done)
+        if grace_until is None and 2 * finished >= len(tasks):
+            grace_until = loop.time() + max(late_grace, loop.time() - started)
 
 
 @functools.lru_cache(maxsize=64)
@@ -312,17 +529,16 @@ async def _serve_until_reduced(local_round: _ReducerRound) -> None:
         await asyncio.gather(reduction.done, return_exceptions=True)
 
 
-async def _exchange_part(
-    service, group, reducer, part, span, flat, codec, weight, residual, chunk_elements, window, deadline, local_round
-) -> int:
-    """Send every chunk of one part to its reducer and decode the means in place; return the fewest
+async def _exchange_part(plan: _Exchange, chunk_elements: int) -> int:
+    """Send every chunk of one part to its reducer and decode the aggregates in place; return the fewest
     senders any chunk was averaged over."""
-    semaphore = asyncio.Semaphore(window)
-    fewest = len(group.senders)
-    chunks = chunk_spans(*span, chunk_elements)
-    lossless = codec.name == "none"  # the chunk goes as it is and the mean lands straight in `flat`
+    semaphore = asyncio.Semaphore(plan.options.window)
+    fewest = len(plan.group.senders)
+    chunks = chunk_spans(*plan.span, chunk_elements)
+    codec, flat, part = plan.codec, plan.flat, plan.part
+    lossless = codec.lossless  # the chunk goes as it is and the aggregate lands straight in `flat`
     if not lossless:
-        sends, means = service.buffers.get(
+        sends, means = plan.service.buffers.get(
             ("send", codec.name, tuple(chunks), flat.device),
             lambda: tuple([codec.empty_payload(e - s, flat.device) for s, e in chunks] for _ in range(2)),
         )
@@ -331,19 +547,17 @@ async def _exchange_part(
         nonlocal fewest
         async with semaphore:
             piece = flat[start:end]
-            encode_into = None if lossless else sends[index]
-            payload = codec.encode(
-                piece, None if residual is None else residual[start:end], out=encode_into, name=f"part {part}"
-            )
-            if local_round is not None:
-                mean, count = await local_round.contribute(service.peer.peer_id, index, weight, payload)
+            residual = None if plan.residual is None else plan.residual[start:end]
+            payload = codec.encode(piece, residual, out=None if lossless else sends[index], name=f"part {part}")
+            if plan.local_round is not None:
+                mean, count = await plan.local_round.contribute(plan.service.peer.peer_id, index, plan.weight, payload)
                 codec.decode([t.to(flat.device) for t in mean], piece, name=f"mean of part {part}")
             else:
-                header = {"g": group.group_id, "c": index, "w": weight}
-                remaining = max(0.1, deadline - time.monotonic())
+                header = {"g": plan.group.group_id, "c": index, "w": plan.weight}
+                remaining = max(0.1, plan.deadline - time.monotonic())
                 out = [piece] if lossless else means[index]
-                reply, mean = await service.peer.call(
-                    reducer.address, CHUNK_METHOD, header, payload, timeout=remaining, out=out
+                reply, mean = await plan.service.peer.call(
+                    plan.reducer.address, CHUNK_METHOD, header, payload, timeout=remaining, out=out
                 )
                 if not lossless:
                     codec.decode(mean, piece, name=f"mean of part {part}")

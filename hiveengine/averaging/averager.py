@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 import threading
@@ -15,15 +16,19 @@ import torch
 
 from hiveengine.averaging.allreduce import (
     DEFAULT_CHUNK_ELEMENTS,
+    DEFAULT_LATE_GRACE,
     DEFAULT_SENDER_TIMEOUT,
+    MAX_WEIGHT_RATIO,
     AllReduceResult,
     AllReduceService,
+    RoundOptions,
     run_allreduce,
 )
-from hiveengine.averaging.group import GroupInfo, GroupMember, Mode
-from hiveengine.averaging.matchmaking import Matchmaker, MatchmakingConfig, NoReducerError
+from hiveengine.averaging.matchmaking import GroupInfo, GroupMember, Matchmaker, MatchmakingConfig, Mode, NoReducerError
 from hiveengine.averaging.state import StateServer, advertise, download, find_sources, retract
-from hiveengine.codec import get_codec
+from hiveengine.codec import Aggregation, get_codec
+from hiveengine.codec.robust import DEFAULT_CLIP_ITERATIONS, DEFAULT_TAU_FACTOR
+from hiveengine.dht import DHT
 from hiveengine.errors import (
     ConfigurationError,
     HiveEngineError,
@@ -59,16 +64,6 @@ HIVEMIND_SPELLINGS = {
     "start": "nothing: an averager is ready when constructed",
     "shutdown_timeout": "nothing: shutdown() is bounded by its own deadlines",
 }
-SERVICE_ATTRIBUTE = "_hiveengine_allreduce_service"
-
-
-def _service_for(peer) -> AllReduceService:
-    """The peer's one all-reduce service (several averagers on one peer share it)."""
-    service = getattr(peer, SERVICE_ATTRIBUTE, None)
-    if service is None:
-        service = AllReduceService(peer)
-        setattr(peer, SERVICE_ATTRIBUTE, service)
-    return service
 
 
 class DecentralizedAverager:
@@ -79,12 +74,19 @@ class DecentralizedAverager:
     contribute no data. The default codec is lossless ("none"); pass codec="int8" etc. to trade precision
     for bandwidth. With `share_state=False` the tensors are never served to peers that load state (e.g.
     gradient buffers, whose values mean nothing to a newcomer); `allow_state_sharing` toggles it at run time.
+
+    Reducers defend the round against hostile members: `aggregation="centered_clip"` (the default, for open
+    swarms) bounds what any copy can move the result by (clip radius `clip_tau`, or `clip_tau_factor` median
+    distances when None; at most `clip_iterations` steps), "mean" averages exactly (trusted swarms); weights
+    are capped at `max_weight_ratio` times the group's median; a NaN/Inf copy excludes only its sender; a
+    member whose data is `late_grace` seconds (or as long as the first half took) behind the others' is left
+    out of the round, as is a silent reducer's part.
     """
 
     def __init__(
         self,
         tensors: Sequence[torch.Tensor],
-        dht,
+        dht: DHT,
         prefix: str,
         target_group_size: int | None = 16,
         min_group_size: int = 2,
@@ -99,6 +101,12 @@ class DecentralizedAverager:
         chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
         peer: Peer | None = None,
         share_state: bool = True,
+        aggregation: str = "centered_clip",
+        clip_tau: float | None = None,
+        clip_tau_factor: float = DEFAULT_TAU_FACTOR,
+        clip_iterations: int = DEFAULT_CLIP_ITERATIONS,
+        late_grace: float = DEFAULT_LATE_GRACE,
+        max_weight_ratio: float = MAX_WEIGHT_RATIO,
         **unknown,
     ):
         refuse_unknown_options("DecentralizedAverager", unknown, HIVEMIND_SPELLINGS)
@@ -117,7 +125,17 @@ class DecentralizedAverager:
             )
         self.dht, self.prefix = dht, prefix
         self.codec = get_codec(codec)
-        self.sender_timeout, self.chunk_elements = sender_timeout, chunk_elements
+        if not (late_grace > 0 and math.isfinite(late_grace)):
+            raise ConfigurationError(f"late_grace must be a positive number of seconds, got {late_grace}")
+        if not (max_weight_ratio >= 1 and math.isfinite(max_weight_ratio)):
+            raise ConfigurationError(f"max_weight_ratio must be a number ≥ 1, got {max_weight_ratio}")
+        self.options = RoundOptions(
+            chunk_elements=chunk_elements,
+            sender_timeout=sender_timeout,
+            late_grace=late_grace,
+            aggregation=Aggregation(aggregation, clip_tau, clip_tau_factor, clip_iterations),
+            max_weight_ratio=max_weight_ratio,
+        )
         self.flat = torch.cat([t.detach().reshape(-1) for t in tensors]).contiguous()
         self._views = [
             v.view_as(t) for v, t in zip(self.flat.split([t.numel() for t in tensors]), tensors, strict=True)
@@ -130,7 +148,7 @@ class DecentralizedAverager:
         self.me = GroupMember(self.peer.peer_id, str(self.peer.address), 1.0 if bandwidth is None else bandwidth, mode)
         config = MatchmakingConfig(target_group_size, min_group_size, matchmaking_time, expected_swarm_size)
         self.matchmaker = Matchmaker(dht, prefix, self.me, config, self.peer)
-        self.service = _service_for(self.peer)
+        self.service = AllReduceService.of(self.peer)
         self.tensors_lock = threading.Lock()
         self._closed = False
         self.local_epoch = 0  # rounds this peer's tensors have been through (the newest state wins)
@@ -213,9 +231,7 @@ class DecentralizedAverager:
                 self.codec,
                 weight=weight,
                 residual=self.residual,
-                timeout=timeout,
-                chunk_elements=self.chunk_elements,
-                sender_timeout=self.sender_timeout,
+                options=dataclasses.replace(self.options, timeout=timeout),
             )
         finally:
             self.tensors_lock.release()

@@ -1,4 +1,5 @@
-"""Matchmaking through the DHT: the peers that step at the same time gather, then split into grid groups.
+"""Matchmaking through the DHT: the peers that step at the same time gather, then split into grid groups
+(GroupInfo: who takes part in one averaging round, and in what role).
 
 Gatherings. Each peer registers (address, bandwidth, mode, registered_at, gather_until, round, gathered) as
 its own subkey of `{prefix}.matchmaking.{key}`. A gathering is named by its deadline: a peer that sees a
@@ -36,6 +37,7 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import enum
 import hashlib
 import logging
 import math
@@ -46,7 +48,7 @@ from typing import Any, ClassVar
 
 import msgpack
 
-from hiveengine.averaging.group import GroupInfo, GroupMember, Mode
+from hiveengine.dht.dht import DHT
 from hiveengine.dht.node import ReadBack
 from hiveengine.dht.serialization import pack, unpack
 from hiveengine.dht.storage import Entry, Record, get_dht_time
@@ -66,6 +68,61 @@ REGISTRATION_SLACK = 30.0  # registrations outlive their deadline by this long (
 VERSION_STEP = 1e-3  # each write of ours under one key expires at least this much later than the last
 MAX_REMEMBERED_KEYS = 64  # keys whose last write's expiration we remember (to keep the next one later)
 MAX_GATHERED_BYTES = 4096  # the most metadata one peer may attach to its registration (msgpack bytes)
+
+
+class Mode(enum.IntEnum):
+    """NODE sends data and reduces a part; CLIENT sends but reduces nothing; AUX reduces but sends nothing."""
+
+    NODE = 0
+    CLIENT = 1
+    AUX = 2
+
+
+@dataclass(frozen=True)
+class GroupMember:
+    peer_id: PeerID
+    address: str
+    bandwidth: float = 1.0
+    mode: Mode = Mode.NODE
+
+    @property
+    def reduces(self) -> bool:
+        """Whether this member owns and averages a part (not a client, and has bandwidth)."""
+        return self.mode != Mode.CLIENT and self.bandwidth > 0
+
+    @property
+    def contributes(self) -> bool:
+        """Whether this member sends its own data (every mode but auxiliary)."""
+        return self.mode != Mode.AUX
+
+
+@dataclass(frozen=True)
+class GroupInfo:
+    """One round's group: the same members in the same order on every peer, the round's grid number, and
+    the metadata each member attached to its registration (`gathered`, by peer id)."""
+
+    group_id: bytes
+    members: tuple[GroupMember, ...]
+    round: int = 0
+    gathered: dict[PeerID, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self):
+        ordered = tuple(sorted(self.members, key=lambda m: m.peer_id.raw))
+        object.__setattr__(self, "members", ordered)
+
+    @property
+    def reducers(self) -> list[GroupMember]:
+        """The members that own a part, in the group's order (one part each)."""
+        return [m for m in self.members if m.reduces]
+
+    @property
+    def senders(self) -> list[GroupMember]:
+        """The members whose data is averaged."""
+        return [m for m in self.members if m.contributes]
+
+    def member(self, peer_id: PeerID) -> GroupMember | None:
+        """The member with `peer_id`, or None if it is not in this group."""
+        return next((m for m in self.members if m.peer_id == peer_id), None)
 
 
 class NoReducerError(Exception):
@@ -292,7 +349,7 @@ class _Gathering:
 class Matchmaker:
     """Finds this peer's group for one averaging round through the DHT."""
 
-    def __init__(self, dht, prefix: str, me: GroupMember, config: MatchmakingConfig, peer: Peer):
+    def __init__(self, dht: DHT, prefix: str, me: GroupMember, config: MatchmakingConfig, peer: Peer):
         self.dht, self.prefix, self.me, self.config = dht, prefix, me, config
         self.bell = Bell.of(peer)
         self._background: set[asyncio.Task] = set()
@@ -314,8 +371,8 @@ class Matchmaker:
         if gathered is not None and len(msgpack.packb(gathered, use_bin_type=True)) > MAX_GATHERED_BYTES:
             raise ConfigurationError(f"gathered metadata is over MAX_GATHERED_BYTES ({MAX_GATHERED_BYTES})")
         dht_key = matchmaking_key(self.prefix, key)
-        give_up_at = time.time() + deadline - time.monotonic() - SETTLE_SECONDS  # wall clock, like gather_until
-        now = time.time()
+        give_up_at = get_dht_time() + deadline - time.monotonic() - SETTLE_SECONDS  # wall clock, like gather_until
+        now = get_dht_time()
         # Open a gathering of our own; _gather moves us to an earlier one as soon as it sees one.
         gather_until = scheduled if scheduled is not None else self._opening_deadline(now, give_up_at)
         full = self._early_close_at(expected)
@@ -401,13 +458,13 @@ class Matchmaker:
             if g.writing is not None and not g.writing.done() and not g.listener.event.is_set():
                 # Nothing new to look at until our write reads back or a ring comes.
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(max(0.0, min(g.mine.gather_until, give_up_at) - time.time())):
+                    async with asyncio.timeout(max(0.0, min(g.mine.gather_until, give_up_at) - get_dht_time())):
                         await g.listener.event.wait()
             g.listener.event.clear()
             if g.writing is not None and g.writing.done():
                 self._take_write(g)
             registrations = g.registrations()
-            now = time.time()
+            now = get_dht_time()
             earlier = [r.gather_until for r in registrations if now < r.gather_until < g.mine.gather_until]
             if earlier:  # someone opened a gathering just before us: join it
                 g.mine = dataclasses.replace(g.mine, gather_until=min(earlier))
@@ -439,7 +496,7 @@ class Matchmaker:
             except TimeoutError:
                 if g.writing is None:
                     await self._read(g)  # nobody rang for a while: look for ourselves
-        await asyncio.sleep(max(0.0, g.mine.gather_until + SETTLE_SECONDS - time.time()))
+        await asyncio.sleep(max(0.0, g.mine.gather_until + SETTLE_SECONDS - get_dht_time()))
         await self._read(g)
         return _members_of(g.registrations(), g.mine.gather_until)
 
@@ -464,7 +521,7 @@ class Matchmaker:
     def _next_version(self, dht_key: str) -> float:
         """The expiration time of our next write under `dht_key`: each is later than the last (newer wins in the
         DHT and among rings), and a registration outlives its gathering by REGISTRATION_SLACK."""
-        version = time.time() + self.config.matchmaking_time + REGISTRATION_SLACK
+        version = get_dht_time() + self.config.matchmaking_time + REGISTRATION_SLACK
         version = max(version, self._versions.get(dht_key, -math.inf) + VERSION_STEP)
         self._versions[dht_key] = version
         self._versions.move_to_end(dht_key)
@@ -514,7 +571,7 @@ class Matchmaker:
         self._keep(asyncio.ensure_future(self.dht.astore(g.key, None, version, subkey=self.me.peer_id.raw)))
 
 
-async def _store_and_read(dht, key: str, value: Any, expiration: float, subkey: bytes) -> ReadBack | None:
+async def _store_and_read(dht: DHT, key: str, value: Any, expiration: float, subkey: bytes) -> ReadBack | None:
     """Store `value` under `key`/`subkey` and read the key back in the same lookup, which asks every known node
     at once (DHTNode.store with `read` and `wide`); None if no node accepted the write."""
     record = dht.make_record(key, value, expiration, subkey)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from hiveengine.codec import get_codec
+from hiveengine.dht import DHT, get_dht_time
 from hiveengine.errors import PeerBusyError, ProtocolError, TransportError
 from hiveengine.transport import Peer, Request
 
@@ -86,17 +87,17 @@ class StateServer:
         return {}, payload
 
 
-async def advertise(dht, prefix: str, address: str, peer_raw: bytes, epoch: int) -> None:
+async def advertise(dht: DHT, prefix: str, address: str, peer_raw: bytes, epoch: int) -> None:
     """Tell the swarm this peer can serve its state at `epoch`."""
-    await dht.astore(state_key(prefix), [address, epoch], time.time() + STATE_TTL, subkey=peer_raw)
+    await dht.astore(state_key(prefix), [address, epoch], get_dht_time() + STATE_TTL, subkey=peer_raw)
 
 
-async def retract(dht, prefix: str, peer_raw: bytes) -> None:
+async def retract(dht: DHT, prefix: str, peer_raw: bytes) -> None:
     """Stop advertising this peer's state (a newer, empty entry replaces the advertisement)."""
-    await dht.astore(state_key(prefix), None, time.time() + STATE_TTL, subkey=peer_raw)
+    await dht.astore(state_key(prefix), None, get_dht_time() + STATE_TTL, subkey=peer_raw)
 
 
-async def find_sources(dht, prefix: str, exclude: bytes) -> list[tuple[int, str]]:
+async def find_sources(dht: DHT, prefix: str, exclude: bytes) -> list[tuple[int, str]]:
     """(epoch, address) of peers advertising state, newest first."""
     found = await dht.aget(state_key(prefix), latest=True)
     sources = []

@@ -3,7 +3,10 @@
 A payload is a list of contiguous tensors, ready to send as frames: one fp32 or 16-bit tensor for the
 float codecs, (codes, scales) for the blockwise ones. Every codec refuses NaN/Inf (NonFiniteError naming
 the tensor) on encode, decode and reduce, so a bad gradient or a corrupt peer payload never reaches the
-average silently.
+average silently. A codec declares what the all-reduce needs to know of it: `alignment` (parts are cut at
+multiples of it) and `lossless` (the payload is the fp32 values themselves, so a mean can land in place).
+`reduce` takes the mean in one fused pass, or, with a robust Aggregation (see hiveengine.codec.robust), decodes
+each copy to fp32 and aggregates those.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
+from hiveengine.codec.robust import Aggregation, centered_clip
 from hiveengine.errors import ConfigurationError
 from hiveengine.kernels import (
     DEFAULT_BLOCK,
@@ -39,6 +43,8 @@ class Codec(ABC):
     #: Whether encode accepts an error-feedback residual (the blockwise codecs; fp16/bf16 rounding is too
     #: small to be worth a residual buffer).
     supports_error_feedback: bool = False
+    #: Tensors per payload.
+    frames: int = 1
 
     @property
     @abstractmethod
@@ -69,7 +75,20 @@ class Codec(ABC):
     def decode(self, payload: Sequence[torch.Tensor], out: torch.Tensor, *, name: str = "tensor") -> torch.Tensor:
         """Decode a payload into `out` (contiguous, any float dtype; its size gives the length) and return it."""
 
+    @property
+    def alignment(self) -> int:
+        """Parts of a buffer are cut at multiples of this many values (a blockwise codec's block)."""
+        return 1
+
+    @property
+    def lossless(self) -> bool:
+        """Whether the payload is the fp32 values themselves (decoding is the identity)."""
+        return False
+
     @abstractmethod
+    def finite(self, payload: Sequence[torch.Tensor]) -> bool:
+        """Whether `payload` decodes to finite values only (a cheap check: the scales of blockwise codes)."""
+
     def reduce(
         self,
         payloads: Sequence[Sequence[torch.Tensor]],
@@ -78,9 +97,34 @@ class Codec(ABC):
         *,
         requantize: bool = False,
         name: str = "tensor",
+        aggregation: Aggregation | None = None,
+        scratch: torch.Tensor | None = None,
     ) -> Payload | None:
-        """Weighted mean (weights normalized to sum to one) of K payloads into fp32 `out`, in one fused pass;
-        with `requantize`, also return the mean encoded for the return trip."""
+        """Aggregate K payloads into fp32 `out` (weights normalized to sum to one): their weighted mean in one
+        fused pass; with a robust `aggregation`, also each copy decoded into a row of `scratch` (fp32, at least
+        K x n values, any shape, made when None), and the mean replaced by their robust aggregate if it differs.
+        With `requantize`, also return the result encoded for the return trip. Raises NonFiniteError if a
+        payload holds NaN or Inf."""
+        payloads = _check_payloads(payloads, self.frames, name)
+        mean = self._mean(payloads, weights, out, requantize, name)
+        if aggregation is None or not aggregation.robust or len(payloads) <= 2:
+            return mean
+        n = out.numel()
+        if scratch is None:
+            scratch = torch.empty(len(payloads) * n, dtype=torch.float32, device=out.device)
+        rows = scratch.view(-1)[: len(payloads) * n].view(len(payloads), n)
+        for i, payload in enumerate(payloads):
+            self.decode(payload, rows[i], name=f"copy {i} of {name}")
+        weights = [float(w) for w in weights]
+        if not centered_clip(rows, weights, out.view(-1), aggregation, mean_ready=True) or not requantize:
+            return mean
+        return self.encode(out.view(-1), name=f"aggregate of {name}")
+
+    @abstractmethod
+    def _mean(
+        self, payloads: Sequence[Sequence[torch.Tensor]], weights, out: torch.Tensor, requantize: bool, name: str
+    ) -> Payload | None:
+        """The weighted mean of the payloads into `out` in one fused pass (and its payload, with `requantize`)."""
 
     def _refuse_residual(self, residual: torch.Tensor | None) -> None:
         if residual is not None:
@@ -127,18 +171,17 @@ class FloatCodec(Codec):
         (values,) = payload
         return cast(values, out.dtype, out=out, name=f"decoded {name}")
 
-    def reduce(
-        self,
-        payloads: Sequence[Sequence[torch.Tensor]],
-        weights: Sequence[float] | torch.Tensor,
-        out: torch.Tensor,
-        *,
-        requantize: bool = False,
-        name: str = "tensor",
-    ) -> Payload | None:
-        """The weighted mean of several payloads into `out`; with `requantize`, also return the mean encoded for
-        the return trip."""
-        weighted_mean([p[0] for p in _check_payloads(payloads, 1, name)], weights, out=out, name=name)
+    @property
+    def lossless(self) -> bool:
+        """True for `none` (fp32 values on the wire)."""
+        return self.dtype == torch.float32
+
+    def finite(self, payload: Sequence[torch.Tensor]) -> bool:
+        """Whether every value of the payload is finite."""
+        return bool(torch.isfinite(payload[0]).all())
+
+    def _mean(self, payloads, weights, out: torch.Tensor, requantize: bool, name: str) -> Payload | None:
+        weighted_mean([p[0] for p in payloads], weights, out=out, name=name)
         if not requantize:
             return None
         if self.dtype == torch.float32:
@@ -150,6 +193,7 @@ class BlockwiseCodec(Codec):
     """Blockwise absmax int8 or int4 codes plus one fp32 scale per block (see hiveengine.kernels.layout)."""
 
     supports_error_feedback = True
+    frames = 2
 
     def __init__(self, bits: int, block: int = DEFAULT_BLOCK, stochastic: bool = False):
         check_format(bits, block)
@@ -193,18 +237,16 @@ class BlockwiseCodec(Codec):
         codes, scales = payload
         return dequantize_blockwise(codes, scales, self.bits, self.block, out=out, name=name)
 
-    def reduce(
-        self,
-        payloads: Sequence[Sequence[torch.Tensor]],
-        weights: Sequence[float] | torch.Tensor,
-        out: torch.Tensor,
-        *,
-        requantize: bool = False,
-        name: str = "tensor",
-    ) -> Payload | None:
-        """The weighted mean of several (codes, scales) payloads into `out`, with one fused dequantize-and-add
-        kernel; with `requantize`, also return the mean encoded for the return trip."""
-        payloads = _check_payloads(payloads, 2, name)
+    @property
+    def alignment(self) -> int:
+        """One block: a part never splits a block's scale between two reducers."""
+        return self.block
+
+    def finite(self, payload: Sequence[torch.Tensor]) -> bool:
+        """Whether every scale is finite (codes are integers: the scales alone decide)."""
+        return bool(torch.isfinite(payload[1]).all())
+
+    def _mean(self, payloads, weights, out: torch.Tensor, requantize: bool, name: str) -> Payload | None:
         result = reduce_blockwise(
             [p[0] for p in payloads],
             [p[1] for p in payloads],

@@ -83,7 +83,9 @@ class Optimizer:
     `step(batch_size=...)`). In diloco mode, an epoch ends when the swarm has done `inner_steps` steps per
     peer on average, unless `target_batch_size` is given. `scheduler` (an LR scheduler, or a factory taking
     the optimizer) steps once per epoch. Client-mode peers train but accept no connections; auxiliary peers
-    contribute no samples but help average.
+    contribute no samples but help average. `aggregation`: how reducers combine the group's copies,
+    "centered_clip" (the default: a hostile peer moves the result by a bounded amount) or "mean" (exact, for
+    trusted swarms).
     """
 
     def __init__(
@@ -113,6 +115,7 @@ class Optimizer:
         client_mode: bool = False,
         auxiliary: bool = False,
         expected_swarm_size: int | None = None,
+        aggregation: str = "centered_clip",
         load_state: bool = True,
         verbose: bool = False,
         **unknown,
@@ -168,6 +171,7 @@ class Optimizer:
             client_mode=client_mode,
             auxiliary=auxiliary,
             peer=self.peer,
+            aggregation=aggregation,
         )
         if codec != "none":
             logger.info("averaging gradients with the lossy %r codec (codec='none' averages them exactly)", codec)

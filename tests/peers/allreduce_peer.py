@@ -6,12 +6,14 @@ to compare."""
 import asyncio
 import json
 import sys
+import time
 
 import torch
 
-from hiveengine.averaging import AllReduceService, GroupInfo, GroupMember, Mode, run_allreduce
-from hiveengine.codec import get_codec
+from hiveengine.averaging import AllReduceService, GroupInfo, GroupMember, Mode, RoundOptions, run_allreduce
+from hiveengine.codec import Aggregation, get_codec
 from hiveengine.transport import Peer, PeerID
+from tests.peers import byzantine_attacks
 
 
 def seeded_data(seed: int, numel: int) -> torch.Tensor:
@@ -28,26 +30,27 @@ def main() -> None:
         GroupMember(PeerID.from_string(m["id"]), m["address"], m["bandwidth"], Mode[m["mode"]]) for m in plan["members"]
     )
     group = GroupInfo(bytes.fromhex(plan["group_id"]), members)
-    if me.get("stall"):
+    if me.get("stall") or me.get("attack") == "silent":
         print("STALLED", flush=True)
-        sys.stdin.read()  # never takes part; the test kills us
+        sys.stdin.read()  # never takes part (its service answers no call); the test kills us or lets us be
         return
     flat = seeded_data(me["seed"], plan["numel"]).to(plan.get("device", "cpu"))
-    result = peer.runtime.run(
-        run_allreduce(
-            service,
-            group,
-            flat,
-            get_codec(plan["codec"]),
-            weight=me["weight"],
-            timeout=plan["timeout"],
-            chunk_elements=plan["chunk_elements"],
-            sender_timeout=plan["sender_timeout"],
-        ),
-        timeout=plan["timeout"] + 30,
+    codec, flat, weight = byzantine_attacks.apply(me.get("attack"), get_codec(plan["codec"]), flat, me["weight"])
+    options = RoundOptions(
+        timeout=plan["timeout"],
+        chunk_elements=plan["chunk_elements"],
+        sender_timeout=plan["sender_timeout"],
+        late_grace=plan.get("late_grace", 2.0),
+        aggregation=Aggregation(plan.get("aggregation", "mean")),
+        max_weight_ratio=plan.get("max_weight_ratio", 4.0),
     )
+    started = time.monotonic()
+    result = peer.runtime.run(
+        run_allreduce(service, group, flat, codec, weight=weight, options=options), timeout=plan["timeout"] + 30
+    )
+    seconds = time.monotonic() - started
     torch.save(flat.cpu(), me["out"])
-    outcome = {"failed_parts": result.failed_parts, "spans": result.spans, "device": flat.device.type}
+    outcome = {"failed_parts": result.failed_parts, "spans": result.spans, "device": flat.device.type, "s": seconds}
     print("RESULT", json.dumps(outcome), flush=True)
     sys.stdin.read()
     peer.shutdown()

@@ -1,0 +1,141 @@
+"""Robust aggregation of K decoded copies: CenteredClip (Karimireddy et al., 2021; as used by BTARD, Gorbunov
+et al., 2022), so that a few hostile copies move the aggregate by a bounded amount, however large they are.
+
+CenteredClip iterates v <- v + sum_i w_i * (x_i - v) * min(1, tau / ||x_i - v||) (weights summing to one) from a
+robust start: the medoid, the copy whose median distance to the others is smallest (an honest copy while most of
+the copies are honest). tau is either absolute (`tau`) or `tau_factor` times the median distance of the copies to
+that start, so it needs no knowledge of the data's scale: honest copies sit at about that distance and are not
+clipped; a copy far beyond it pulls with at most tau. With a fraction a < 1/2 of the weight hostile, the fixed
+point lies within about a / (1 - a) * tau of the honest copies' mean.
+
+Cost. Every center the iteration visits is a combination sum_j c_j x_j with sum_j c_j = 1, so the whole iteration
+runs on the K x K Gram matrix of the copies' differences to the first copy (one matrix product over the data; the
+differences keep its precision relative to the copies' spread, not their norms), and one more pass writes the
+result. A clean round pays one check more than the plain mean: if every copy lies within tau of the weighted mean
+(tau_factor median distances to it when adaptive), that mean is a fixed point of the iteration (no copy is clipped
+and the weighted deviations sum to zero), and it is returned as it is, bit for bit the plain mean. With K <= 2 no
+copy can be told from the other, so the mean is returned.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from hiveengine.errors import ConfigurationError
+from hiveengine.kernels import weighted_mean
+
+AGGREGATIONS = ("mean", "centered_clip")
+DEFAULT_TAU_FACTOR = 1.5  # the clip radius, in median distances of the copies to the start
+DEFAULT_CLIP_ITERATIONS = 20  # most CenteredClip steps per chunk (it usually settles within a few)
+MEDOID_PASSES = 2  # the medoid is looked for again from the first one found (then the differences are small)
+CLIP_TOLERANCE = 1e-4  # stop once a step moves the center by less than this fraction of tau
+
+
+@dataclass(frozen=True)
+class Aggregation:
+    """How a reducer combines the copies it received: `mean` (trusted swarms) or `centered_clip` (open swarms,
+    with an absolute `tau`, or `tau_factor` median distances when tau is None, and at most `iterations` steps)."""
+
+    kind: str = "centered_clip"
+    tau: float | None = None
+    tau_factor: float = DEFAULT_TAU_FACTOR
+    iterations: int = DEFAULT_CLIP_ITERATIONS
+
+    def __post_init__(self):
+        if self.kind not in AGGREGATIONS:
+            raise ConfigurationError(f"aggregation must be one of {list(AGGREGATIONS)}, got {self.kind!r}")
+        if self.tau is not None and not (self.tau > 0 and math.isfinite(self.tau)):
+            raise ConfigurationError(f"clip_tau must be a positive number or None (adaptive), got {self.tau}")
+        if not (self.tau_factor >= 1 and math.isfinite(self.tau_factor)):
+            raise ConfigurationError(f"clip_tau_factor must be a number ≥ 1, got {self.tau_factor}")
+        if not (isinstance(self.iterations, int) and self.iterations >= 1):
+            raise ConfigurationError(f"clip_iterations must be an integer ≥ 1, got {self.iterations}")
+
+    @property
+    def robust(self) -> bool:
+        """Whether the copies must be decoded one by one (anything but the fused mean)."""
+        return self.kind != "mean"
+
+    @classmethod
+    def of(cls, value: str | Aggregation) -> Aggregation:
+        """`value` as an Aggregation (a name takes the default options)."""
+        return value if isinstance(value, Aggregation) else cls(str(value))
+
+
+def centered_clip(
+    rows: torch.Tensor,
+    weights: Sequence[float],
+    out: torch.Tensor,
+    aggregation: Aggregation,
+    *,
+    mean_ready: bool = False,
+) -> bool:
+    """CenteredClip of the K rows of `rows` (fp32, K x n, rows 1.. are overwritten) with `weights` into fp32 `out`
+    (n values; with `mean_ready` it holds their weighted mean already); see the module docstring. Whether the
+    result differs from the mean (some copy was clipped). Raises NonFiniteError if a row holds NaN or Inf."""
+    count = rows.shape[0]
+    total = float(sum(weights))
+    w = [x / total for x in weights] if total > 0 else [1.0 / count] * count
+    if not mean_ready:
+        weighted_mean(list(rows), w, out=out, name="copies")
+    if count <= 2 or rows.shape[1] == 0:
+        return False
+    base, diffs = rows[0], rows[1:]
+    diffs -= base
+    gram = _gram(diffs)
+    weight = torch.tensor(w, dtype=torch.float64)
+    near_mean = _distances(gram, weight)
+    limit = aggregation.tau if aggregation.tau is not None else aggregation.tau_factor * float(near_mean.median())
+    if float(near_mean.max()) <= limit:
+        return False
+    for _ in range(MEDOID_PASSES):  # measure from the medoid: the Gram matrix keeps its precision (not so
+        start = int(_pairwise(gram).median(dim=1).values.argmin())  # from a huge copy 0), so look again
+        if start == 0:
+            break
+        moved = diffs[start - 1].clone()
+        diffs -= moved
+        base += moved
+        diffs[start - 1] = -moved
+        order = list(range(count))
+        order[0], order[start] = start, 0
+        weight = weight[order]
+        gram = _gram(diffs)
+    tau = aggregation.tau
+    if tau is None:
+        tau = aggregation.tau_factor * float(_pairwise(gram)[0].median())
+    center = torch.zeros(count, dtype=torch.float64)
+    center[0] = 1.0
+    for _ in range(aggregation.iterations):
+        d = _distances(gram, center)
+        pull = weight * torch.where(d > tau, tau / d.clamp_min(1e-300), 1.0)
+        step = pull - pull.sum() * center
+        center += step
+        if float(step @ gram @ step) <= (CLIP_TOLERANCE * tau) ** 2:
+            break
+    out.view(-1).copy_(base).addmv_(diffs.T, center[1:].to(rows.dtype).to(rows.device))
+    return True
+
+
+def _gram(diffs: torch.Tensor) -> torch.Tensor:
+    """The Gram matrix (float64, on the CPU) of the copies' differences to copy 0 (whose own row is zero)."""
+    count = diffs.shape[0] + 1
+    gram = torch.zeros(count, count, dtype=torch.float64)
+    gram[1:, 1:] = (diffs @ diffs.T).double().cpu()
+    return gram
+
+
+def _distances(gram: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Each copy's distance to the combination sum_j c_j x_j (sum c_j = 1), from the Gram matrix."""
+    gc = gram @ c
+    return (gram.diagonal() - 2 * gc + c @ gc).clamp_min(0).sqrt()
+
+
+def _pairwise(gram: torch.Tensor) -> torch.Tensor:
+    """The copies' pairwise distances, infinite on the diagonal (a copy is not its own neighbour)."""
+    diagonal = gram.diagonal()
+    pairwise = (diagonal[:, None] + diagonal[None, :] - 2 * gram).clamp_min(0).sqrt()
+    return pairwise.fill_diagonal_(math.inf)
