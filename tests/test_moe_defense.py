@@ -10,7 +10,15 @@ import time
 import pytest
 import torch
 
-from hiveengine.moe import MoEBeamSearcher, RemoteExpert, get_expert_class, get_experts
+from hiveengine.moe import (
+    MoEBeamSearcher,
+    NonFiniteReplyError,
+    RemoteExpert,
+    RemoteMixtureOfExperts,
+    get_expert_class,
+    get_experts,
+)
+from hiveengine.moe.client.failures import FailedPeers
 from hiveengine.moe.protocol import DHT_TIMEOUT
 from tests.procs import PeerProcess
 from tests.test_moe import HIDDEN, SEED, ExpertServer, local_expert, servers
@@ -242,3 +250,23 @@ def hostile_results(action: str, victim: ExpertServer, *names: str) -> dict[str,
         return attack.results(*names)
     finally:
         attack.close()
+
+
+def test_a_server_answering_nan_is_dropped_and_left_out_by_clients():
+    honest = ["--expert-uids", "ffn.0.0", "--optimizer", "none", "--seed", str(SEED)]
+    poisoned = ["--expert-cls", "poisoned", "--expert-uids", "ffn.0.1", "--optimizer", "none"]
+    with servers(honest, poisoned) as ((good, bad), dht):
+        with pytest.raises(NonFiniteReplyError, match="NaN or Inf"), torch.no_grad():
+            RemoteExpert("ffn.0.1", bad.address)(torch.randn(2, HIDDEN))
+        failed = FailedPeers()
+        moe = RemoteMixtureOfExperts(HIDDEN, (1, 2), k_best=2, k_min=1, dht=dht, failed_peers=failed)
+        x = torch.randn(4, HIDDEN, requires_grad=True)
+        out = moe(x)
+        assert "NonFiniteReplyError" in moe.last_dispatch.failed["ffn.0.1"]
+        assert bad.address in failed and good.address not in failed
+        x_local = x.detach().clone().requires_grad_()
+        expected = local_expert(0)(x_local)  # the only expert that answered: its gating weight is 1
+        assert torch.allclose(out, expected, atol=1e-5)
+        out.sum().backward()
+        expected.sum().backward()
+        assert torch.allclose(x.grad, x_local.grad, atol=1e-5)

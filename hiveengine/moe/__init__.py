@@ -14,6 +14,7 @@ from hiveengine.moe.declarations import adeclare_experts, aget_experts, get_expe
 from hiveengine.moe.errors import (
     ExpertError,
     InvalidExpertUIDError,
+    NonFiniteReplyError,
     NonFiniteRequestError,
     NotEnoughExpertsError,
     UnknownExpertClassError,
@@ -41,6 +42,7 @@ __all__ = [
     "ExpertInfo",
     "InvalidExpertUIDError",
     "MoEBeamSearcher",
+    "NonFiniteReplyError",
     "NonFiniteRequestError",
     "NotEnoughExpertsError",
     "RemoteExpert",

@@ -28,8 +28,8 @@ class NonFiniteRequestError(ExpertError, ProtocolError):
     """A request's inputs or gradients hold NaN or Inf; the server refused it and applied nothing."""
 
 
-class RequestTooLargeError(ExpertError, ProtocolError):
-    """A request is larger than the server's `max_request_bytes`; split it into smaller requests."""
+class NonFiniteReplyError(ExpertError, ProtocolError):
+    """An expert server answered NaN or Inf: it is broken or hostile, and its answer is dropped."""
 
 
-REMOTE_ERROR_TYPES.update({cls.__name__: cls for cls in (NonFiniteRequestError, RequestTooLargeError)})
+REMOTE_ERROR_TYPES[NonFiniteRequestError.__name__] = NonFiniteRequestError

@@ -1,4 +1,5 @@
-"""A real expert server process for the MoE tests: `hiveengine serve` plus a deliberately slow expert class.
+"""A real expert server process for the MoE tests: `hiveengine serve` plus a deliberately slow expert class and a
+broken (or hostile) one that answers NaN.
 
 Takes the `hiveengine serve` arguments. Exits cleanly (as on Ctrl-C) when its stdin closes, so tests can stop it
 without signals; tests SIGKILL it to simulate a crash.
@@ -30,6 +31,18 @@ class SlowLinear(nn.Linear):
 @register_expert_class("slow", lambda hidden: [TensorSchema((hidden,))])
 def make_slow(hidden_dim: int) -> nn.Module:
     return SlowLinear(hidden_dim, hidden_dim)
+
+
+class PoisonedLinear(nn.Linear):
+    """A linear expert whose outputs are all NaN (and so are the input gradients it returns)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * float("nan")
+
+
+@register_expert_class("poisoned", lambda hidden: [TensorSchema((hidden,))])
+def make_poisoned(hidden_dim: int) -> nn.Module:
+    return PoisonedLinear(hidden_dim, hidden_dim)
 
 
 def exit_when_stdin_closes() -> None:

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import torch
 
+from hiveengine.moe.errors import NonFiniteReplyError
 from hiveengine.moe.protocol import BACKWARD, FORWARD, FORWARD_ID, INFO
 from hiveengine.transport import Peer
 
@@ -42,6 +43,17 @@ def new_forward_id() -> int:
     return random.getrandbits(62)
 
 
+def finite_reply(tensors: list[torch.Tensor], uid: str, address: str, what: str) -> list[torch.Tensor]:
+    """`tensors` if none holds NaN or Inf; otherwise NonFiniteReplyError (never let a server poison the model)."""
+    for t in tensors:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise NonFiniteReplyError(
+                f"the {what} of expert {uid!r:.80} at {address} holds NaN or Inf; the answer was dropped (the "
+                "server is broken or hostile: it is left out of routing for a while)"
+            )
+    return tensors
+
+
 def _header(uid: str, fid: int | None) -> dict:
     return {"uid": uid} if fid is None else {"uid": uid, FORWARD_ID: fid}
 
@@ -49,9 +61,10 @@ def _header(uid: str, fid: int | None) -> dict:
 async def acall_forward(
     peer: Peer, uid: str, address: str, inputs: Sequence[torch.Tensor], timeout: float, fid: int | None = None
 ) -> list[torch.Tensor]:
-    """Outputs of expert `uid` at `address` for a batch of `inputs`; with `fid`, a backward call will follow."""
+    """Outputs of expert `uid` at `address` for a batch of `inputs` (NonFiniteReplyError if they hold NaN or
+    Inf); with `fid`, a backward call will follow."""
     _, outputs = await peer.call(address, FORWARD, _header(uid, fid), inputs, timeout=timeout)
-    return outputs
+    return finite_reply(outputs, uid, address, "output")
 
 
 async def acall_backward(
@@ -63,10 +76,10 @@ async def acall_backward(
     timeout: float,
     fid: int | None = None,
 ) -> list[torch.Tensor]:
-    """Input gradients of expert `uid` for `inputs` and the gradients of its outputs (the server updates itself);
-    `fid` names the forward call these inputs went through."""
+    """Input gradients of expert `uid` for `inputs` and the gradients of its outputs (the server updates itself;
+    NonFiniteReplyError if they hold NaN or Inf); `fid` names the forward call these inputs went through."""
     _, grads = await peer.call(address, BACKWARD, _header(uid, fid), [*inputs, *grad_outputs], timeout=timeout)
-    return grads
+    return finite_reply(grads, uid, address, "input gradient")
 
 
 async def acall_info(peer: Peer, uid: str, address: str, timeout: float) -> dict:
