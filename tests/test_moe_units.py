@@ -134,6 +134,28 @@ def test_runtime_batches_queued_requests_up_to_the_limit_and_splits_results():
         runtime.submit(pool, [torch.ones(1, 2)], 1)
 
 
+def test_runtime_bounds_a_batch_in_bytes_too():
+    batches: list[int] = []
+    runtime = BatchingRuntime(max_batch_size=100, batch_wait=0.0, max_batch_bytes=3 * 8)  # three rows of 2 floats
+
+    def double(tensors: list[torch.Tensor], keys: list, sizes: list[int]) -> list[torch.Tensor]:
+        batches.append(tensors[0].shape[0])
+        return [tensors[0] * 2]
+
+    pool = runtime.add_pool("echo", double)
+    futures = [runtime.submit(pool, [torch.ones(1, 2)], 1) for _ in range(5)]
+    futures.append(runtime.submit(pool, [torch.ones(10, 2)], 10))  # larger than the bound: a batch by itself
+    runtime.start()
+    try:
+        for future in futures:
+            future.result(RESULT_TIMEOUT)
+        assert batches == [3, 2, 10]
+    finally:
+        runtime.shutdown()
+    with pytest.raises(ConfigurationError):
+        BatchingRuntime(max_batch_bytes=0)
+
+
 NEVER = 1e6  # a batch_wait no test may sit through: only the active-sender rule can end the wait
 
 

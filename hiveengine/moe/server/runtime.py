@@ -1,12 +1,13 @@
 """The server's batching runtime: requests from many clients queue per (expert, direction) and per sender; one
-compute thread forms batches of up to `max_batch_size` rows and runs them on the device, then splits the results.
+compute thread forms batches of up to `max_batch_size` rows and `max_batch_bytes` bytes (one request larger than
+that is a batch by itself), runs them on the device, then splits the results.
 
 Fairness: a batch starts with the queued request of the sender served least recently (of those with requests
 queued, in any pool; among never-served ones, the oldest request), and fills up round-robin over the senders of
 that pool, so each sender gets an equal share of a batch it shares. A client flooding the server with requests
-(or sending a costly one) therefore delays another client by about one of its own batches, not by its whole
-queue; `max_request_bytes` and the transport's per-sender inbound limit (set by the Server) bound what a batch
-and a queue can hold. A batch waits at most `batch_wait` seconds past its first request's arrival for more, and
+(or sending a costly one) therefore delays another client by about one batch, not by its whole queue, and
+`max_batch_bytes` bounds what one batch holds (the Server also bounds each request and each sender's queued bytes
+at its transport). A batch waits at most `batch_wait` seconds past its first request's arrival for more, and
 only while another recently active sender of that pool has nothing queued: a batch no one else can join is
 computed at once.
 """
@@ -30,6 +31,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_MAX_BATCH_SIZE = 4096  # rows one batch may hold; a larger single request is refused
 DEFAULT_BATCH_WAIT = 0.002  # seconds a batch may wait past its first request's arrival to fill up
 DEFAULT_MAX_QUEUED_ROWS = 1 << 20  # rows queued per pool before new requests are refused as busy
+DEFAULT_MAX_BATCH_BYTES = 64 << 20  # tensor bytes one batch may hold (it bounds one batch's compute time)
 STOP_TIMEOUT = 30.0  # seconds shutdown waits for the batch in progress
 ACTIVE_SENDER_WINDOW = 5.0  # seconds a sender counts as active in a pool after its last request there
 
@@ -48,6 +50,10 @@ class Task:
     sender: Hashable | None = None
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     arrived: float = field(default_factory=time.monotonic)
+    nbytes: int = field(init=False)
+
+    def __post_init__(self):
+        self.nbytes = sum(t.numel() * t.element_size() for t in self.tensors)
 
     @property
     def sample_shapes(self) -> tuple:
@@ -92,13 +98,15 @@ class BatchingRuntime:
         batch_wait: float = DEFAULT_BATCH_WAIT,
         max_queued_rows: int = DEFAULT_MAX_QUEUED_ROWS,
         synchronize: Callable[[], None] | None = None,
+        max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
     ):
-        if max_batch_size < 1 or batch_wait < 0 or max_queued_rows < max_batch_size:
+        if max_batch_size < 1 or batch_wait < 0 or max_queued_rows < max_batch_size or max_batch_bytes < 1:
             raise ConfigurationError(
-                f"need max_batch_size >= 1, batch_wait >= 0, max_queued_rows >= max_batch_size; got "
-                f"{max_batch_size}, {batch_wait}, {max_queued_rows}"
+                f"need max_batch_size >= 1, batch_wait >= 0, max_queued_rows >= max_batch_size, max_batch_bytes >= "
+                f"1; got {max_batch_size}, {batch_wait}, {max_queued_rows}, {max_batch_bytes}"
             )
         self.max_batch_size = max_batch_size
+        self.max_batch_bytes = max_batch_bytes
         self.batch_wait = batch_wait
         self.max_queued_rows = max_queued_rows
         self.synchronize = synchronize
@@ -193,7 +201,7 @@ class BatchingRuntime:
                 pool, first = picked
                 wait = first.arrived + self.batch_wait - time.monotonic()
                 alone = not pool.merge_keyed and first.key is not None
-                fillable = self._fillable_rows(pool, first) < self.max_batch_size and self._others_may_send(pool)
+                fillable = self._fillable(pool, first) and self._others_may_send(pool)
                 if wait > 0 and not alone and fillable:
                     self._cv.wait(wait)
                     continue
@@ -231,8 +239,13 @@ class BatchingRuntime:
         pool.senders = {s: last for s, last in pool.senders.items() if now - last <= ACTIVE_SENDER_WINDOW}
         return any(s not in pool.queues for s in pool.senders)
 
-    def _fillable_rows(self, pool: TaskPool, first: Task) -> int:
-        return sum(t.rows for t in pool.tasks if self._mergeable(pool, first, t))
+    def _fillable(self, pool: TaskPool, first: Task) -> bool:
+        """Whether the requests queued that may join `first` leave room in its batch."""
+        mergeable = [t for t in pool.tasks if self._mergeable(pool, first, t)]
+        return not self._full(sum(t.rows for t in mergeable), sum(t.nbytes for t in mergeable))
+
+    def _full(self, rows: int, nbytes: int) -> bool:
+        return rows >= self.max_batch_size or nbytes >= self.max_batch_bytes
 
     def _take(self, pool: TaskPool, first: Task) -> list[Task]:
         """Take `first`, then, round-robin over the pool's senders (least recently served first), each one's next
@@ -244,21 +257,24 @@ class BatchingRuntime:
             s: iter([t for t in pool.queues[s] if t is not first and self._mergeable(pool, first, t)]) for s in order
         }
         taken: set[int] = set()
-        batch, rows = [], 0
+        batch, rows, nbytes = [], 0, 0
 
         def offer(task: Task) -> None:
-            nonlocal rows
+            nonlocal rows, nbytes
             taken.add(id(task))
             pool.queued_rows -= task.rows
             if task.future.set_running_or_notify_cancel():  # False: its caller gave up while it queued
                 batch.append(task)
-                rows += task.rows
+                rows, nbytes = rows + task.rows, nbytes + task.nbytes
+
+        def fits(task: Task) -> bool:
+            return rows + task.rows <= self.max_batch_size and nbytes + task.nbytes <= self.max_batch_bytes
 
         offer(first)
-        while candidates and rows < self.max_batch_size:
+        while candidates and not self._full(rows, nbytes):
             for sender in list(candidates):
                 task = next(candidates[sender], None)
-                while task is not None and rows + task.rows > self.max_batch_size:
+                while task is not None and not fits(task):
                     task = next(candidates[sender], None)
                 if task is None:
                     del candidates[sender]

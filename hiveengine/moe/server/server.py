@@ -58,9 +58,10 @@ class Server:
     declarations.py) until shut down.
 
     Defences against hostile clients: a request larger than `max_request_bytes` is refused by the transport before
-    its tensors are received; one client's requests queued or in computation hold at most `max_client_bytes`
-    (more are refused as busy); batches are shared fairly between clients (runtime.py); requests holding NaN or
-    Inf are refused (backend.py)."""
+    its tensors are received, and a batch of several requests holds at most that many bytes too (so one batch's
+    compute, which nobody can interrupt, stays bounded); one client's requests queued or in computation hold at
+    most `max_client_bytes` (more are refused as busy); batches are shared fairly between clients (runtime.py);
+    requests holding NaN or Inf are refused (backend.py)."""
 
     def __init__(
         self,
@@ -94,7 +95,9 @@ class Server:
         self.dht = dht
         self.update_period = update_period
         devices = {b.device for b in self.experts.values() if b.device.type == "cuda"}
-        self.runtime = BatchingRuntime(max_batch_size, batch_wait, synchronize=_synchronizer(devices))
+        self.runtime = BatchingRuntime(
+            max_batch_size, batch_wait, synchronize=_synchronizer(devices), max_batch_bytes=max_request_bytes
+        )
         self._pools = {
             uid: (
                 self.runtime.add_pool(f"{uid}.fwd", b.forward, screen=functools.partial(b.screen, "forward")),
