@@ -12,6 +12,8 @@ Links (a design choice, issue 18). A link to another peer runs over one of two w
 Which wire a dial uses: TransportLimits.link ("ucx", "tcp", or "auto": TCP to a peer that accepts it once this peer
 learned it is unreachable (`runtime.reachable` False, set by reachability.py) or once a UCX dial to that peer
 failed). Every peer answers dial-back requests (reachability.py), so others can learn whether they are reachable.
+A peer nobody can dial may also reserve a slot with a relay (relay.py) and announce the relayed address; links to
+it then run as TCP wires spliced by the relay, still authenticated and encrypted end to end.
 No dial blocks the event loop or outlasts TransportLimits.connect_timeout (UCX_TCP_CONN_NB=y, ucx_env.py).
 """
 
@@ -45,6 +47,7 @@ from hiveengine.transport.identity import Identity, PeerID
 from hiveengine.transport.limits import DEFAULT_LIMITS, TransportLimits
 from hiveengine.transport.reachability import DIALBACK_METHOD, dialback_handler
 from hiveengine.transport.reactor import retrieve_outcome
+from hiveengine.transport.relay import connect_through, offer_from_environment
 from hiveengine.transport.resources import ResourceManager
 from hiveengine.transport.runtime import Runtime
 from hiveengine.transport.stream import Chunk, StreamReader, iterate_chunks
@@ -173,11 +176,14 @@ class Peer:
         self._tasks: set[asyncio.Task] = set()
         self.resources = ResourceManager(limits)
         self._eviction: asyncio.TimerHandle | None = None  # a later eviction pass, when one is due
+        self.relayed: PeerAddress | None = None  # our address through a relay (relay.reserve), announced if set
         self._tcp_only: set[PeerID] = set()  # peers a UCX dial failed to reach (link "auto"): dialled over TCP
         self._closed = False
         self.port = self.runtime.run(self.runtime.ensure_listener(port), timeout=30)
         self.runtime.register_peer(self)
         self.register(DIALBACK_METHOD, dialback_handler(self))
+        if self.runtime.relay is None:
+            offer_from_environment(self)
 
     @property
     def peer_id(self) -> PeerID:
@@ -185,6 +191,9 @@ class Peer:
 
     @property
     def address(self) -> PeerAddress:
+        """Where others reach us: through our relay once we reserved a slot, else directly."""
+        if self.relayed is not None:
+            return self.relayed
         return PeerAddress(self.announce_host, self.port, self.peer_id, self.runtime.tcp_port)
 
     def __repr__(self) -> str:
@@ -355,6 +364,8 @@ class Peer:
     def link_for(self, address: PeerAddress) -> str:
         """Which wire a dial to `address` uses now: "ucx" or "tcp" (see the module docstring)."""
         choice = self.limits.link
+        if address.relay:
+            return "tcp"  # a relay splices TCP wires only
         if choice != "auto":
             return choice
         if address.tcp_port and (self.runtime.reachable is False or address.peer_id in self._tcp_only):
@@ -406,7 +417,14 @@ class Peer:
         deadline = self.limits.connect_timeout
         try:
             async with asyncio.timeout(deadline):
-                wire = TcpWire(await open_tcp(address.host, address.tcp_port, deadline), self.limits)
+                sock = await open_tcp(address.host, address.tcp_port, deadline)
+                try:
+                    if address.relay:
+                        await connect_through(sock, address.peer_id)
+                except BaseException:
+                    sock.close()
+                    raise
+                wire = TcpWire(sock, self.limits)
                 auth = await connect_handshake(wire, None, identity, address.peer_id, base, deadline)
         except Exception as e:
             if wire is not None:

@@ -21,9 +21,10 @@ from typing import TypeVar
 
 from hiveengine.errors import ConfigurationError, HandshakeError, RPCTimeoutError
 from hiveengine.transport import local_copy, session, tcp_wire
-from hiveengine.transport.handshake import accept_handshake, confirm_handshake
+from hiveengine.transport.handshake import MAGIC, accept_handshake, confirm_handshake
 from hiveengine.transport.limits import DEFAULT_LIMITS
 from hiveengine.transport.reactor import Reactor
+from hiveengine.transport.relay import PREAMBLE, RELAY_MAGIC
 from hiveengine.transport.tcp_wire import TcpWire
 from hiveengine.transport.ucx_wire import UcxWire
 
@@ -64,6 +65,7 @@ class Runtime:
         # Whether other peers can dial this process (None: not known; reachability.py finds out). Unreachable, its
         # peers open every link themselves over TCP wires and are called back over those.
         self.reachable: bool | None = None
+        self.relay = None  # the relay.Relay this process offers, if any
         self._tcp_accepting: asyncio.Task | None = None
         self.local_copy = local_copy.Service()  # answers same-host direct copy proofs (started with the listener)
         self.peers: dict[bytes, object] = {}
@@ -166,7 +168,44 @@ class Runtime:
                 logger.warning("could not accept a TCP wire: %s", e)
                 await asyncio.sleep(0.1)
                 continue
-            self.loop.create_task(self._admit(TcpWire(sock, self._strictest_limits()), tcp_wire.new_recv_base()))
+            self.loop.create_task(self._accept_tcp(sock))
+
+    async def _accept_tcp(self, sock: socket.socket) -> None:
+        """Tell a handshake (a TCP wire) from a relay request by the first 4 bytes, and hand the socket on."""
+        limits = self._strictest_limits()
+        max_unauthenticated, handshake_timeout = self._accept_limits()
+        if self.unauthenticated >= max_unauthenticated:
+            self.refused_unauthenticated += 1
+            sock.close()
+            return
+        self.unauthenticated += 1
+        sock.setblocking(False)
+        try:
+            async with asyncio.timeout(handshake_timeout):
+                first = await self.loop.sock_recv(sock, len(MAGIC))
+                while len(first) < len(MAGIC) and first:
+                    more = await self.loop.sock_recv(sock, len(MAGIC) - len(first))
+                    first = first + more if more else b""
+                preamble = first
+                if first == RELAY_MAGIC and self.relay is not None:
+                    while len(preamble) < PREAMBLE.size:
+                        more = await self.loop.sock_recv(sock, PREAMBLE.size - len(preamble))
+                        if not more:
+                            raise ConnectionResetError("the relay request was cut short")
+                        preamble += more
+        except (OSError, TimeoutError) as e:
+            logger.debug("an incoming TCP connection said nothing useful: %s", e)
+            sock.close()
+            return
+        finally:
+            self.unauthenticated -= 1
+        if first == RELAY_MAGIC and self.relay is not None:
+            _, op, ident = PREAMBLE.unpack(preamble)
+            await self.relay.handle(sock, op, ident)
+        elif first == MAGIC:
+            await self.admit(TcpWire(sock, limits, prefix=first), tcp_wire.new_recv_base())
+        else:
+            sock.close()
 
     def _strictest_limits(self):
         """The limits a TCP wire accepted for no peer in particular lives under: the first peer's (one per process
@@ -210,9 +249,9 @@ class Runtime:
         except Exception as e:
             logger.warning("could not accept a connection: %s", e)
             return
-        await self._admit(UcxWire(self.reactor, endpoint), None)
+        await self.admit(UcxWire(self.reactor, endpoint), None)
 
-    async def _admit(self, wire, base: int | None) -> None:
+    async def admit(self, wire, base: int | None) -> None:
         """Authenticate an accepted wire and hand it to the peer it asked for (`base`: its receive tag base, None
         for one reserved with the reactor)."""
         max_unauthenticated, handshake_timeout = self._accept_limits()

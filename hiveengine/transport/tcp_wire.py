@@ -68,10 +68,12 @@ class TcpWire:
 
     kind = "tcp"
 
-    def __init__(self, sock: socket.socket, limits: TransportLimits):
+    def __init__(self, sock: socket.socket, limits: TransportLimits, prefix: bytes = b""):
+        """`prefix`: bytes already read off the socket (the listener reads 4 to tell a handshake from a relay
+        request), read again first."""
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._sock, self.limits = sock, limits
+        self._sock, self.limits, self._prefix = sock, limits, prefix
         self._loop = asyncio.get_running_loop()
         self._sendq: deque[tuple[list[memoryview], asyncio.Future, object]] = deque()
         self._sender: asyncio.Task | None = None
@@ -157,6 +159,10 @@ class TcpWire:
         await self._recv_exact(memoryview(_host_view(buf)[0]).cast("B"))
 
     async def _recv_exact(self, view: memoryview) -> None:
+        if self._prefix:
+            n = min(len(self._prefix), view.nbytes)
+            view[:n] = self._prefix[:n]
+            self._prefix, view = self._prefix[n:], view[n:]
         while view.nbytes:
             n = await self._loop.sock_recv_into(self._sock, view)
             if not n:

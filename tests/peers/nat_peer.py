@@ -10,6 +10,7 @@ import torch
 from hiveengine.errors import HiveEngineError
 from hiveengine.transport import Peer, PeerAddress
 from hiveengine.transport.reachability import check_reachability_sync
+from hiveengine.transport.relay import reserve
 
 
 async def echo(request):
@@ -63,6 +64,12 @@ def join(peer: Peer, address: str) -> None:
     serve(peer)
 
 
+def relayed(peer: Peer, relay: str) -> None:
+    """Reserve a slot with the relay at `relay`, then serve at the relayed address."""
+    peer.runtime.run(reserve(peer, relay), timeout=30)
+    serve(peer)
+
+
 def check(peer: Peer, address: str) -> None:
     """Ask the peer at `address` to dial us back; print the verdict and which wire we now dial it with."""
     found = check_reachability_sync(peer, [address], timeout=20)
@@ -100,6 +107,8 @@ if __name__ == "__main__":
         ping(main_peer, sys.argv[2], float(sys.argv[3]))
     elif mode == "join":
         join(main_peer, sys.argv[2])
+    elif mode == "relayed":
+        relayed(main_peer, sys.argv[2])
     elif mode == "check":
         check(main_peer, sys.argv[2])
     elif mode == "ask-dial":

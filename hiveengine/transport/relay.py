@@ -1,0 +1,193 @@
+"""Relays: a public peer forwards the bytes of TCP wires to peers that cannot be dialled (issue 18).
+
+Who does what:
+- A peer that cannot be dialled reserves a slot with a relay (`reserve`): one call over the link it already keeps
+  to the relay. From then on it announces the relayed address `ucx://RELAY:PORT/tcp=PORT/relay=<relay>/<peer>`.
+- A dialler of that address opens a TCP connection to the relay's TCP port and asks for the peer (a CONNECT
+  preamble). The relay tells the peer over its reservation link (an INCOMING call naming a fresh 128-bit circuit
+  id); the peer opens a second TCP connection to the relay and presents the id (ACCEPT); the relay answers the
+  dialler OK and splices the two sockets. The dialler and the peer then run the ordinary handshake (handshake.py)
+  and session (session.py) through the splice: end-to-end authenticated by both identities and encrypted, so the
+  relay forwards ciphertext it cannot read, alter or replay unnoticed.
+- The relay bounds what it gives away: RelayLimits.max_reservations, max_circuits (circuits open at once), and
+  bytes_per_second over all circuits (a token bucket); a circuit the peer does not accept within setup_timeout is
+  dropped. A peer only accepts INCOMING calls from the relay it reserved with, and only ever dials that relay.
+
+Offer relaying with HIVEENGINE_RELAY=1 (HIVEENGINE_RELAY_MBPS, HIVEENGINE_RELAY_CIRCUITS set the caps) or `Relay(peer)`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import struct
+import time
+from dataclasses import dataclass, field
+
+from hiveengine.errors import PeerUnreachableError, ProtocolError, ResourceLimitError
+from hiveengine.transport.address import PeerAddress
+from hiveengine.transport.identity import PeerID
+from hiveengine.transport.tcp_wire import TcpWire, new_recv_base, open_tcp
+
+logger = logging.getLogger(__name__)
+RELAY_MAGIC = b"HREL"
+CONNECT, ACCEPT = 1, 2
+PREAMBLE = struct.Struct("<4sB32s")  # magic, op, target peer id (CONNECT) or circuit id padded to 32 (ACCEPT)
+CIRCUIT_BYTES = 16
+OK, REFUSED = b"\x01", b"\x00"
+RESERVE_METHOD = "hiveengine.relay.reserve"
+INCOMING_METHOD = "hiveengine.relay.incoming"
+RELAY_ENV, RELAY_MBPS_ENV, RELAY_CIRCUITS_ENV = "HIVEENGINE_RELAY", "HIVEENGINE_RELAY_MBPS", "HIVEENGINE_RELAY_CIRCUITS"
+PUMP_BYTES = 1 << 16
+
+
+@dataclass(frozen=True)
+class RelayLimits:
+    """What a relay gives away."""
+
+    max_reservations: int = 128
+    max_circuits: int = field(default_factory=lambda: int(os.environ.get(RELAY_CIRCUITS_ENV, 64)))
+    # All circuits together (bytes each way count); 100 Mbit/s by default.
+    bytes_per_second: float = field(default_factory=lambda: float(os.environ.get(RELAY_MBPS_ENV, 100)) * 125_000)
+    setup_timeout: float = 5.0
+
+
+BURST_SECONDS = 0.05  # the bucket's depth: how far ahead of the rate a burst may run
+
+
+class _Bucket:
+    """A token bucket: `take(n)` waits until n bytes may pass at `rate` bytes/s (BURST_SECONDS of burst)."""
+
+    def __init__(self, rate: float):
+        self.rate, self.depth = rate, max(rate * BURST_SECONDS, PUMP_BYTES)
+        self.tokens, self.stamp = self.depth, time.monotonic()
+
+    async def take(self, nbytes: int) -> None:
+        now = time.monotonic()
+        self.tokens = min(self.depth, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        self.tokens -= nbytes
+        if self.tokens < 0:
+            await asyncio.sleep(-self.tokens / self.rate)  # pacing, not synchronization
+
+
+class Relay:
+    """Relaying offered by `peer` (and the process's TCP listener): see the module docstring."""
+
+    def __init__(self, peer, limits: RelayLimits | None = None):
+        self.peer, self.limits = peer, limits or RelayLimits()
+        self.reservations: set[PeerID] = set()
+        self.circuits = 0
+        self.relayed_bytes = 0
+        self._pending: dict[bytes, asyncio.Future] = {}
+        self._bucket = _Bucket(self.limits.bytes_per_second)
+        peer.register(RESERVE_METHOD, self._reserve)
+        peer.runtime.relay = self
+
+    async def _reserve(self, request) -> dict:
+        if request.sender not in self.reservations and len(self.reservations) >= self.limits.max_reservations:
+            raise ResourceLimitError(
+                f"this relay holds {len(self.reservations)} reservations (RelayLimits.max_reservations); try another",
+                limit="max_reservations",
+            )
+        self.reservations.add(request.sender)
+        logger.info("relay: reserved a slot for %s", request.sender)
+        return {}
+
+    async def handle(self, sock: socket.socket, op: int, ident: bytes) -> None:
+        """A connection to our TCP port that began with a relay preamble."""
+        if op == ACCEPT:
+            waiting = self._pending.pop(ident[:CIRCUIT_BYTES], None)
+            if waiting is None or waiting.done():
+                sock.close()
+            else:
+                waiting.set_result(sock)
+            return
+        try:
+            target = PeerID(ident)
+            other = await self._open_circuit(target)
+        except Exception as e:
+            logger.info("relay: refused a circuit: %s", e)
+            await _send_quietly(sock, REFUSED)
+            sock.close()
+            return
+        self.circuits += 1
+        try:
+            await asyncio.get_running_loop().sock_sendall(sock, OK)
+            await asyncio.gather(self._pump(sock, other), self._pump(other, sock))
+        except OSError as e:
+            logger.debug("relay: a circuit ended: %s", e)
+        finally:
+            self.circuits -= 1
+            sock.close()
+            other.close()
+
+    async def _open_circuit(self, target: PeerID) -> socket.socket:
+        if target not in self.reservations or self.peer.connection_to(target) is None:
+            raise PeerUnreachableError(f"{target} holds no reservation here")
+        if self.circuits >= self.limits.max_circuits:
+            raise ResourceLimitError("RelayLimits.max_circuits reached", limit="max_circuits")
+        circuit = os.urandom(CIRCUIT_BYTES)
+        arrival = self._pending[circuit] = asyncio.get_running_loop().create_future()
+        try:
+            async with asyncio.timeout(self.limits.setup_timeout):
+                await self.peer.call(target, INCOMING_METHOD, {"circuit": circuit}, timeout=self.limits.setup_timeout)
+                return await arrival
+        finally:
+            self._pending.pop(circuit, None)
+
+    async def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        buf = memoryview(bytearray(PUMP_BYTES))
+        while True:
+            n = await loop.sock_recv_into(source, buf)
+            if not n:
+                sink.shutdown(socket.SHUT_WR)
+                return
+            await self._bucket.take(n)
+            await loop.sock_sendall(sink, buf[:n])
+            self.relayed_bytes += n
+
+
+async def _send_quietly(sock: socket.socket, data: bytes) -> None:
+    with contextlib.suppress(OSError):
+        await asyncio.get_running_loop().sock_sendall(sock, data)
+
+
+async def reserve(peer, relay: PeerAddress | str) -> PeerAddress:
+    """Reserve a slot for `peer` with `relay` and make the relayed address its announced one; return it."""
+    relay = PeerAddress.parse(relay)
+    if not relay.tcp_port:
+        raise PeerUnreachableError(f"{relay} accepts no TCP wires, so it cannot relay")
+    await peer.call(relay, RESERVE_METHOD, {}, timeout=peer.limits.connect_timeout * 2)
+
+    async def incoming(request) -> dict:
+        circuit = request.header.get("circuit")
+        if request.sender != relay.peer_id or not (isinstance(circuit, bytes) and len(circuit) == CIRCUIT_BYTES):
+            raise ProtocolError("only our relay may announce circuits, with a 16-byte circuit id")
+        sock = await open_tcp(relay.host, relay.tcp_port, peer.limits.connect_timeout)
+        await asyncio.get_running_loop().sock_sendall(sock, PREAMBLE.pack(RELAY_MAGIC, ACCEPT, circuit))
+        asyncio.get_running_loop().create_task(peer.runtime.admit(TcpWire(sock, peer.limits), new_recv_base()))
+        return {}
+
+    peer.register(INCOMING_METHOD, incoming)
+    peer.relayed = PeerAddress(relay.host, relay.port, peer.peer_id, relay.tcp_port, relay.peer_id)
+    logger.info("reachable through relay %s as %s", relay.peer_id, peer.relayed)
+    return peer.relayed
+
+
+async def connect_through(sock: socket.socket, target: PeerID) -> None:
+    """Ask the relay at the other end of `sock` for a circuit to `target`; PeerUnreachableError if refused."""
+    loop = asyncio.get_running_loop()
+    await loop.sock_sendall(sock, PREAMBLE.pack(RELAY_MAGIC, CONNECT, target.raw))
+    verdict = await loop.sock_recv(sock, 1)
+    if verdict != OK:
+        raise PeerUnreachableError(f"the relay refused a circuit to {target} (no reservation, or it is full)")
+
+
+def offer_from_environment(peer) -> Relay | None:
+    """Offer relaying with `peer` when HIVEENGINE_RELAY=1."""
+    return Relay(peer) if os.environ.get(RELAY_ENV, "0") == "1" else None
