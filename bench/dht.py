@@ -5,6 +5,10 @@ second with many in flight, and extra RSS per node. `--compare hivemind` runs th
 package's DHT (bench/hivemind_dht_worker.py, in its own virtual environment bench/.venv-hivemind, never in
 hiveengine's) with --hivemind-nodes peers, runs hiveengine at that size too, and adds a side-by-side table with
 ratios. Prints the tables and writes bench/results/local/dht.json.
+
+`--id-cost` measures instead what costly node ids (hiveengine/dht/ids.py) cost: an honest node's start (solving
+its proof at DHTConfig.id_difficulty), and choosing ids next to one key, the way key hiding needs them, with
+and without the proof; writes bench/results/local/dht_ids.json.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -214,6 +219,70 @@ def summarize_run(
     }
 
 
+# ---------------------------------------------------------------- the cost of node ids
+
+
+def chosen_id_seconds(prefix_bits: int, ids: int, difficulty: int | None) -> float:
+    """Seconds to make `ids` node ids sharing `prefix_bits` leading bits with a key: by drawing keys until the
+    peer id lands there (difficulty None: how ids were made before ids.py), or by grinding proofs for one key."""
+    import hashlib
+
+    from hiveengine.dht.ids import NONCE_BYTES, PROOF_DOMAIN, id_of_proof
+    from hiveengine.transport import Identity
+
+    target = int.from_bytes(hashlib.sha256(b"the hidden key").digest(), "big")
+    shift = 256 - prefix_bits
+    start = time.perf_counter()
+    for _ in range(ids):
+        if difficulty is None:
+            while (int.from_bytes(Identity.generate().peer_id.raw, "big") ^ target) >> shift:
+                pass
+            continue
+        prefix, limit, nonce = hashlib.sha256(PROOF_DOMAIN + Identity.generate().peer_id.raw), 1 << 256 - difficulty, 0
+        while True:  # the loop of ids.solve, plus the neighbourhood test: the fastest grinding in Python
+            attempt = prefix.copy()
+            attempt.update(nonce.to_bytes(NONCE_BYTES, "big"))
+            digest = attempt.digest()
+            if int.from_bytes(digest, "big") < limit and (id_of_proof(digest) ^ target) >> shift == 0:
+                break
+            nonce += 1
+    return time.perf_counter() - start
+
+
+def id_cost(samples: int, prefix_bits: int) -> dict:
+    """An honest node's proof time over `samples` keys, and the cost of 20 chosen ids before and after, both
+    measured at `prefix_bits` and scaled (x 2**bits) to the neighbourhood the issue's attack needed."""
+    from hiveengine.dht import DHTConfig
+    from hiveengine.dht.ids import solve
+    from hiveengine.transport import Identity
+
+    difficulty = DHTConfig.id_difficulty
+    honest = []
+    for _ in range(samples):
+        peer = Identity.generate().peer_id.raw
+        start = time.perf_counter()
+        solve(peer, difficulty)
+        honest.append(time.perf_counter() - start)
+    before = chosen_id_seconds(prefix_bits + 8, 20, None) / 2**8  # scaled down to prefix_bits
+    after = chosen_id_seconds(prefix_bits, 5, difficulty) * 4  # 5 ids measured, 20 reported
+    # the issue: 20 chosen ids in 16 s from one process; the neighbourhood that costs that today, in bits
+    issue_bits = prefix_bits + math.log2(16.0 / before)
+    return {
+        "load_1min": os.getloadavg()[0],
+        "id_difficulty": difficulty,
+        "honest_start_mean_ms": 1e3 * statistics.fmean(honest),
+        "honest_start_max_ms": 1e3 * max(honest),
+        "honest_samples": samples,
+        "measured_prefix_bits": prefix_bits,
+        "before_20_ids_s": before,
+        "after_20_ids_s": after,
+        "times_costlier": after / before,
+        "issue_prefix_bits": issue_bits,
+        "issue_20_ids_before_s": 16.0,
+        "issue_20_ids_after_s": 16.0 * after / before,
+    }
+
+
 # ---------------------------------------------------------------- hivemind, in its own virtual environment
 
 
@@ -282,11 +351,17 @@ def main(argv: list[str] | None = None) -> int:
         default=HIVEMIND_NODES,
         help=f"hivemind swarm size; hiveengine also runs at it for a like-for-like ratio (default {HIVEMIND_NODES})",
     )
+    parser.add_argument("--id-cost", action="store_true", help="measure the cost of node ids instead")
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--initial-peers", nargs="*", default=[], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         worker(args.worker, args.initial_peers)
+        return 0
+    if args.id_cost:
+        result = id_cost(samples=20, prefix_bits=2)
+        print(format_table([result], list(result)))
+        print(f"wrote {write_results('dht_ids', {'id_cost': result})}")
         return 0
     sizes = list(args.nodes)
     if args.compare == "hivemind" and args.hivemind_nodes not in sizes:

@@ -7,6 +7,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from hiveengine.dht import protocol
+from hiveengine.dht.ids import solve
 from hiveengine.dht.node import DHTConfig, DHTNode
 from hiveengine.dht.serialization import pack as _pack
 from hiveengine.dht.serialization import unpack as _unpack
@@ -71,11 +72,13 @@ class DHT:
         """Start the node and join the swarm (blocking); a no-op if already started."""
         if self.node is not None:
             return
+        # the id's proof of work runs here, in the caller's thread, not on the loop other nodes share
+        nonce = None if self.client_mode else solve(self.identity.peer_id.raw, self.config.id_difficulty)
         self.peer = Peer(self.identity, port=self._port, announce_host=self._announce_host, limits=DHT_LIMITS)
-        self.peer.runtime.run(self._start(), timeout)
+        self.peer.runtime.run(self._start(nonce), timeout)
 
-    async def _start(self) -> None:
-        node = DHTNode(self.peer, self._validator, self.config, self.client_mode)
+    async def _start(self, nonce: int | None) -> None:
+        node = DHTNode(self.peer, self._validator, self.config, self.client_mode, id_nonce=nonce)
         try:
             await node.start(self.initial_peers)
         except BaseException:

@@ -17,7 +17,8 @@ from typing import NamedTuple
 import torch
 
 from hiveengine.dht import protocol
-from hiveengine.dht.routing import Contact, RoutingTable, key_id, node_id, random_id_in_bucket
+from hiveengine.dht.ids import DEFAULT_DIFFICULTY, proven_id, solve
+from hiveengine.dht.routing import Contact, RoutingTable, key_id, random_id_in_bucket
 from hiveengine.dht.serialization import record_problem
 from hiveengine.dht.storage import Entry, Record, Storage, get_dht_time
 from hiveengine.dht.validation import RecordValidator
@@ -51,6 +52,15 @@ class DHTConfig:
     # A get first asks only the closest known node (it usually holds the value; alpha requests would waste the
     # other alpha - 1), and widens to alpha once that one has no value, fails, or is silent for this many seconds.
     solo_wait: float = 0.05
+    # Leading zero bits of a node id's proof of work (ids.py): ~65 ms per node start at 16, and choosing ids near
+    # a key costs 2**id_difficulty times more tries. Every node of a swarm must use the same value.
+    id_difficulty: int = DEFAULT_DIFFICULTY
+    # A get walks this many disjoint paths (S/Kademlia): no node is asked by two paths, so one path free of
+    # adversaries finds the value while a minority of the key's closest nodes lie, hide it or stall.
+    disjoint_paths: int = 3
+    # A lookup request still unanswered after this many seconds no longer holds its path's slot: a node that
+    # stalls its replies costs a lookup this long, not rpc_timeout (a late reply is still taken).
+    stall_after: float = 0.5
 
 
 class Offer(NamedTuple):
@@ -71,7 +81,7 @@ class ReadBack:
     entry: Entry
     takers: int = 0
     holders: collections.Counter = field(default_factory=collections.Counter)
-    taker_ids: set[int] = field(default_factory=set)  # the node ids of the takers
+    taker_ids: set[int] = field(default_factory=set)  # the peer ids of the takers, as big-endian integers
 
     def took(self, taker: int, records: Iterable[Record]) -> None:
         """A taker's records (after they were merged into `entry`: those that did not merge are not counted)."""
@@ -90,16 +100,32 @@ class ReadBack:
 class DHTNode:
     """A Kademlia node: routing table, local storage and cache, RPC handlers, iterative lookups."""
 
-    def __init__(self, peer: Peer, validator: RecordValidator, config: DHTConfig, client_mode: bool = False):
+    def __init__(
+        self,
+        peer: Peer,
+        validator: RecordValidator,
+        config: DHTConfig,
+        client_mode: bool = False,
+        id_nonce: int | None = None,
+    ):
+        """`id_nonce` proves this node's id (ids.solve for the peer's key at config.id_difficulty; solved here,
+        blocking, when not given). A client-mode node is never in routing tables and proves nothing."""
         self.peer = peer
         self.validator = validator
         self.config = config
         self.client_mode = client_mode
-        self.id = node_id(peer.peer_id)
+        self.peer_int = int.from_bytes(peer.peer_id.raw, "big")
+        self.nonce, self.id = None, self.peer_int  # a client's id only orders its own lookups
+        if not client_mode:
+            self.nonce = solve(peer.peer_id.raw, config.id_difficulty) if id_nonce is None else id_nonce
+            self.id = proven_id(peer.peer_id.raw, self.nonce, config.id_difficulty)
+            if self.id is None:
+                raise ValueError(f"id_nonce {id_nonce} does not prove a node id at difficulty {config.id_difficulty}")
         self.table = RoutingTable(self.id, config.k)
         self.storage = Storage(config.max_stored_bytes, max_bytes_per_sender=config.max_stored_bytes_per_peer)
         self.cache = Storage(config.cache_bytes, evict=True)
         self.my_address = None if client_mode else str(peer.address)
+        self._sender = {"s": None} if client_mode else {"s": self.my_address, "n": self.nonce}  # in every request
         self._pinging: set[int] = set()
         self._tasks: set[asyncio.Task] = set()
         self._watchers: dict[bytes, list[Callable[[Record], None]]] = {}
@@ -115,16 +141,13 @@ class DHTNode:
 
     async def start(self, initial_peers: Iterable[PeerAddress | str]) -> None:
         """Join the swarm through `initial_peers`: ping them, look up our own id, start maintenance."""
-        contacts = []
-        for text in initial_peers:
-            address = PeerAddress.parse(text)
-            if address.peer_id != self.peer.peer_id:
-                contacts.append(Contact(address))
-        if contacts:
-            answered = await asyncio.gather(*[self._ping(c) for c in contacts])
+        addresses = [PeerAddress.parse(text) for text in initial_peers]
+        addresses = [a for a in addresses if a.peer_id != self.peer.peer_id]
+        if addresses:
+            answered = await asyncio.gather(*[self._hello(a) for a in addresses])
             if not any(answered):
                 raise BootstrapError(
-                    f"none of the {len(contacts)} initial peers answered within {self.config.rpc_timeout} s "
+                    f"none of the {len(addresses)} initial peers answered within {self.config.rpc_timeout} s "
                     f"(last: {self._last_failure}); check the addresses, that those DHT nodes are running, and "
                     "for a private swarm this process's membership (HIVEENGINE_SWARM)"
                 )
@@ -178,13 +201,30 @@ class DHTNode:
         return reply
 
     async def _ping(self, contact: Contact) -> bool:
-        return await self._rpc(contact, protocol.PING, {"s": self.my_address}) is not None
+        return await self._rpc(contact, protocol.PING, self._sender) is not None
+
+    async def _hello(self, address: PeerAddress) -> bool:
+        """Ping an initial peer, whose node id we learn from the nonce it answers with; True if it proved it."""
+        try:
+            reply, _ = await self.peer.call(address, protocol.PING, self._sender, timeout=self.config.rpc_timeout)
+        except (TransportError, TimeoutError) as e:
+            self._last_failure = f"{type(e).__name__}: {e}"
+            return False
+        contact = protocol.proven_contact(address, reply.get("n"), self.config.id_difficulty)
+        if contact is None:
+            self._last_failure = (
+                f"{address} did not prove a node id at DHTConfig.id_difficulty = {self.config.id_difficulty} "
+                "(every node of a swarm must use the same id_difficulty)"
+            )
+            return False
+        self._seen(contact)
+        return True
 
     # ---- lookups
 
     async def _find(self, contact: Contact, target: int, key: bytes | None, offer: Offer | None):
         fields, tensors = offer.blob if offer is not None else (None, [])
-        header = protocol.find_request(self.my_address, target, key is not None, fields)
+        header = protocol.find_request(self._sender, target, key is not None, fields)
         reply = await self._rpc(contact, protocol.FIND, header, tensors)
         if reply is None:
             return None
@@ -204,57 +244,77 @@ class DHTNode:
         offer: Offer | None = None,
         readback: ReadBack | None = None,
         wide: bool = False,
+        paths: int = 1,
     ) -> tuple[list[Contact], dict[int, list[bool]]]:
         """Iterative Kademlia lookup of `target` with `alpha` RPCs in flight (`wide`: k, so a swarm whose nodes
-        we all know is asked in one round trip, not k / alpha). Returns the k closest nodes that answered, and
-        what each node that took the `offer`ed records said about each. With `key`, every valid record found is
-        merged into `found`; `stop_early` ends the lookup at the first one (and starts with one request in
-        flight, see DHTConfig.solo_wait). Dead nodes cost one rpc_timeout each and are skipped; the lookup never
-        hangs."""
-        k = self.config.k
+        we all know is asked in one round trip, not k / alpha), over `paths` disjoint paths (S/Kademlia): the
+        closest known nodes are dealt round-robin to the paths, each path follows only the contacts its own
+        replies name, and a node belongs to the first path that learns of it, so no node is asked twice and a
+        liar steers only its own path. Each path runs until the k closest nodes it knows have answered or
+        failed. Returns the k closest nodes that answered, and what each node that took the `offer`ed records
+        said about each. With `key`, every valid record found is merged into `found`; `stop_early` ends the
+        lookup at the first one (and starts with one request in flight, see DHTConfig.solo_wait). Dead nodes
+        cost one rpc_timeout each and are skipped, a stalled reply frees its slot after stall_after; the lookup
+        never hangs."""
+        k, difficulty = self.config.k, self.config.id_difficulty
         alpha = k if wide else self.config.alpha
-        width = 1 if stop_early else alpha
+        per_path = -(-alpha // paths)
+        solo = stop_early
         self.table.mark_lookup(target)
-        candidates = {c.id: c for c in self.table.nearest(target, k)}
-        seen = {c.text for c in candidates.values()}
+        start = self.table.nearest(target, k)
+        pools: list[dict[int, Contact]] = [{} for _ in range(paths)]  # each path's live candidates
+        for i, contact in enumerate(start):
+            pools[i % paths][contact.id] = contact
+        seen = {c.text for c in start}
+        peers = {c.peer for c in start} | {self.peer.peer_id.raw}  # one node id per key (routing.RoutingTable)
         asked: set[int] = set()
-        failed: set[int] = set()
         answered: list[Contact] = []
         stored: dict[int, list[bool]] = {}
-        pending: dict[asyncio.Task, Contact] = {}
+        pending: dict[asyncio.Task, tuple[Contact, int, float]] = {}  # -> contact, path, when its slot frees
+        loop = asyncio.get_running_loop()
         try:
             while True:
-                closest = sorted((c for c in candidates.values() if c.id not in failed), key=lambda c: c.id ^ target)
-                for contact in closest[:k]:
-                    if len(pending) >= width:
-                        break
-                    if contact.id not in asked:
-                        asked.add(contact.id)
-                        pending[asyncio.ensure_future(self._find(contact, target, key, offer))] = contact
+                now = loop.time()
+                busy = [0] * paths
+                for _, path, frees in pending.values():
+                    busy[path] += frees > now
+                for path, pool in enumerate(pools[:1] if solo else pools):
+                    width = 1 if solo else per_path
+                    for contact in sorted(pool.values(), key=lambda c: c.id ^ target)[:k]:
+                        if busy[path] >= width:
+                            break
+                        if contact.id not in asked:
+                            asked.add(contact.id)
+                            busy[path] += 1
+                            task = asyncio.ensure_future(self._find(contact, target, key, offer))
+                            pending[task] = contact, path, now + self.config.stall_after
                 if not pending:
                     break
-                wait = self.config.solo_wait if width < alpha else None
+                frees = [f for _, _, f in pending.values() if f > now]
+                wait = self.config.solo_wait if solo else (min(frees) - now if frees else None)
                 done, _ = await asyncio.wait(pending, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
-                width = alpha
+                solo = False
                 for task in done:
-                    contact, result = pending.pop(task), task.result()
+                    (contact, path, _), result = pending.pop(task), task.result()
                     if result is None:
-                        failed.add(contact.id)
+                        del pools[path][contact.id]
                         continue
                     answered.append(contact)
-                    addresses, records, accepted = result
+                    items, records, accepted = result
                     if accepted is not None:
                         stored[contact.id] = accepted
-                    for text in addresses:
-                        if text not in seen:  # replies overlap a lot: parse each address once per lookup
-                            seen.add(text)
-                            new = protocol.contact_from_text(text)
-                            if new is not None and new.id != self.id and new.id not in candidates:
-                                candidates[new.id] = new
+                    for item in items:
+                        if item[0] in seen:  # replies overlap a lot: parse and check each address once per lookup
+                            continue
+                        seen.add(item[0])
+                        new = protocol.contact_from_wire(item, difficulty)
+                        if new is not None and new.peer not in peers:
+                            peers.add(new.peer)
+                            pools[path][new.id] = new
                     for record in records or ():
                         self._merge_found(found, record)
                     if readback is not None and accepted is not None and all(accepted):
-                        readback.took(contact.id, records or ())
+                        readback.took(int.from_bytes(contact.peer, "big"), records or ())
                 if stop_early and found is not None and not found.empty():
                     break
         finally:
@@ -319,7 +379,7 @@ class DHTNode:
             for record in found:
                 read.entry.merge(record)
             if all(early):
-                read.took(self.id, found)
+                read.took(self.peer_int, found)
         key, found = (None, None) if read is None else (records[0].key, read.entry)
         closest, stored = await self._lookup(target, key, found, offer=Offer(records, blob), readback=read, wide=wide)
         accepted = [False] * len(records)
@@ -332,7 +392,7 @@ class DHTNode:
         for contact in closest:  # copies taken by farther nodes are harmless extras, not successes
             if contact.id in stored:
                 accepted = [a or b for a, b in zip(accepted, stored[contact.id], strict=True)]
-        header, tensors = {"s": self.my_address, **blob[0]}, blob[1]
+        header, tensors = {**self._sender, **blob[0]}, blob[1]
 
         async def send(contact: Contact) -> list[bool]:
             reply = await self._rpc(contact, protocol.STORE, header, tensors)
@@ -359,7 +419,7 @@ class DHTNode:
                         found.merge(record)
                 if not latest and not found.empty():
                     return found
-        await self._lookup(target, key, found, stop_early=not latest)
+        await self._lookup(target, key, found, stop_early=not latest, paths=self.config.disjoint_paths)
         now = get_dht_time()
         found.drop_expired(now)
         if found.empty():
@@ -399,14 +459,16 @@ class DHTNode:
 
     # ---- RPC handlers
 
-    def _note_sender(self, request: Request) -> None:
-        contact = protocol.sender_contact(request)
+    def _note_sender(self, request: Request) -> Contact | None:
+        """The requester, refreshed in the table if it sent its address and a nonce proving its node id."""
+        contact = protocol.sender_contact(request, self.config.id_difficulty)
         if contact is not None:
             self._seen(contact)
+        return contact
 
     async def _on_ping(self, request: Request) -> dict:
         self._note_sender(request)
-        return {}
+        return {"n": self.nonce}
 
     async def _on_store(self, request: Request) -> dict:
         records = protocol.parse_store(request)
@@ -415,8 +477,8 @@ class DHTNode:
 
     async def _on_find(self, request: Request):
         target, want_values, offered = protocol.parse_find(request)
-        self._note_sender(request)
-        nearest = self.table.nearest(target, self.config.k, exclude=node_id(request.sender))
+        requester = self._note_sender(request)
+        nearest = self.table.nearest(target, self.config.k, exclude=None if requester is None else requester.id)
         stored = None
         watched = self._watched
         if offered is not None and self._closer_than_all(target, nearest):
@@ -425,7 +487,7 @@ class DHTNode:
         if want_values:
             entry = self.storage.get(target) or self.cache.get(target)
             records = entry.records() if entry is not None else None
-        reply = protocol.find_reply([c.text for c in nearest], records, stored)
+        reply = protocol.find_reply(nearest, records, stored)
         if self._watched != watched:  # let whoever a watcher woke run before this reply goes out
             await asyncio.sleep(0)
         return reply

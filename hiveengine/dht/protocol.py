@@ -1,13 +1,18 @@
 """The DHT's wire protocol over the transport: method names, limits, and how requests and replies are encoded.
 
 Every request header carries "s", the sender's address, or None for a node in client mode (which must not be
-added to routing tables because nobody can dial it). Records and found values travel as one msgpack blob: a small
-blob (at most HEADER_BLOB_BYTES) as bytes under "b" in the header, which spares both sides any tensor handling; a
-larger one as a uint8 tensor, so values are not bound by the transport's 64 KiB header limit.
+added to routing tables because nobody can dial it), and "n", the nonce that proves the sender's node id (ids.py;
+absent in client mode). A contact enters a routing table or a lookup only with a valid proof for the peer id the
+transport authenticated (the sender) or that its address names (a contact in a reply).
 
-- dht.ping   header {s}                 -> {}
-- dht.store  header {s}, blob [record…] -> {ok: [bool…]}      record = [key, subkey, value, expiration, signature]
-- dht.find   header {s, id, v}          -> {}, blob [[address…], values]   values = None | [[subkey, value, exp, sig]…]
+Records and found values travel as one msgpack blob: a small blob (at most HEADER_BLOB_BYTES) as bytes under "b"
+in the header, which spares both sides any tensor handling; a larger one as a uint8 tensor, so values are not
+bound by the transport's 64 KiB header limit.
+
+- dht.ping   header {s, n}                 -> {n}
+- dht.store  header {s, n}, blob [record…] -> {ok: [bool…]}   record = [key, subkey, value, expiration, signature]
+- dht.find   header {s, n, id, v}          -> {}, blob [[[address, nonce]…], values]
+                                              values = None | [[subkey, value, exp, sig]…]
 
 A find made while storing may carry the records as a blob: a node that counts itself among the k closest to the
 id stores them at once and adds {ok: [bool…]} to its reply, which saves the store round trip to it.
@@ -18,6 +23,7 @@ from __future__ import annotations
 import msgpack
 import torch
 
+from hiveengine.dht.ids import proven_id
 from hiveengine.dht.routing import ID_BYTES, Contact, id_from_bytes
 from hiveengine.dht.storage import Record
 from hiveengine.errors import ProtocolError
@@ -79,8 +85,15 @@ def record_size_error(record: Record) -> str | None:
     return None
 
 
-def sender_contact(request: Request) -> Contact | None:
-    """The requester as a contact, if it sent an address that is well formed and really its own."""
+def proven_contact(address: PeerAddress, nonce, difficulty: int, text: str | None = None) -> Contact | None:
+    """A contact for `address` if `nonce` proves a node id for its peer id at `difficulty`, else None."""
+    node = proven_id(address.peer_id.raw, nonce, difficulty)
+    return None if node is None else Contact(address, node, nonce, text)
+
+
+def sender_contact(request: Request, difficulty: int) -> Contact | None:
+    """The requester as a contact, if it sent an address that is well formed and really its own, and a nonce
+    that proves its node id."""
     text = request.header.get("s")
     if not isinstance(text, str) or len(text) > MAX_ADDRESS_CHARS:
         return None
@@ -88,7 +101,9 @@ def sender_contact(request: Request) -> Contact | None:
         address = PeerAddress.parse(text)
     except ValueError:
         return None
-    return Contact(address, text) if address.peer_id == request.sender else None
+    if address.peer_id != request.sender:
+        return None
+    return proven_contact(address, request.header.get("n"), difficulty, text)
 
 
 # ---- the serving side
@@ -115,10 +130,10 @@ def parse_find(request: Request) -> tuple[int, bool, list[Record | None] | None]
 
 
 def find_reply(
-    addresses: list[str], records: list[Record] | None, stored: list[bool] | None
+    contacts: list[Contact], records: list[Record] | None, stored: list[bool] | None
 ) -> tuple[dict, list[torch.Tensor]]:
     values = None if records is None else [r.to_wire_without_key() for r in records]
-    header, tensors = encode_blob([addresses, values])
+    header, tensors = encode_blob([[c.to_wire() for c in contacts], values])
     if stored is not None:
         header["ok"] = stored
     return header, tensors
@@ -132,9 +147,10 @@ def records_blob(records: list[Record]) -> tuple[dict, list[torch.Tensor]]:
     return encode_blob([r.to_wire() for r in records])
 
 
-def find_request(sender: str | None, target: int, want_values: bool, offer: dict | None = None) -> dict:
-    """A find request's header; `offer` holds the header fields of records offered for storing."""
-    return {"s": sender, "id": target.to_bytes(ID_BYTES, "big"), "v": want_values, **(offer or {})}
+def find_request(sender: dict, target: int, want_values: bool, offer: dict | None = None) -> dict:
+    """A find request's header; `sender` holds the sender fields (s, n), `offer` the header fields of records
+    offered for storing."""
+    return {**sender, "id": target.to_bytes(ID_BYTES, "big"), "v": want_values, **(offer or {})}
 
 
 def parse_store_reply(header: dict, count: int) -> list[bool]:
@@ -145,24 +161,30 @@ def parse_store_reply(header: dict, count: int) -> list[bool]:
 
 
 def parse_find_reply(header: dict, tensors: list[torch.Tensor], key: bytes | None, max_nodes: int, offered: int):
-    """(address strings, records or None, stored or None) from a find reply; malformed entries are skipped (the
-    addresses are parsed by the caller, which skips those it has seen already)."""
+    """([address, nonce] pairs, records or None, stored or None) from a find reply; malformed entries are skipped
+    (the contacts are parsed and their proofs checked by the caller, which skips those it has seen already)."""
     stored = header.get("ok")
     if stored is not None:
         stored = parse_store_reply(header, offered)
     reply = decode_blob(header, tensors, f"{FIND} reply")
     if not isinstance(reply, list) or len(reply) != 2 or not isinstance(reply[0], list):
         raise ProtocolError(f"{FIND} reply must be [addresses, values]")
-    addresses = [text for text in reply[0][:max_nodes] if isinstance(text, str) and len(text) <= MAX_ADDRESS_CHARS]
+    addresses = [item for item in reply[0][:max_nodes] if _contact_item(item)]
     records = None
     if key is not None and isinstance(reply[1], list):
         records = [r for r in (Record.from_wire_with_key(key, item) for item in reply[1]) if r is not None]
     return addresses, records, stored
 
 
-def contact_from_text(text: str) -> Contact | None:
-    """The contact an address from a find reply names, or None when it is malformed."""
+def _contact_item(item) -> bool:
+    return isinstance(item, list) and len(item) == 2 and isinstance(item[0], str) and len(item[0]) <= MAX_ADDRESS_CHARS
+
+
+def contact_from_wire(item: list, difficulty: int) -> Contact | None:
+    """The contact an [address, nonce] pair from a find reply names, or None when it is malformed or its nonce
+    does not prove its node id."""
     try:
-        return Contact(PeerAddress.parse(text), text)
+        address = PeerAddress.parse(item[0])
     except ValueError:
         return None
+    return proven_contact(address, item[1], difficulty, item[0])

@@ -7,15 +7,10 @@ import random
 import time
 from collections import OrderedDict
 
-from hiveengine.transport import PeerAddress, PeerID
+from hiveengine.transport import PeerAddress
 
 ID_BITS = 256
 ID_BYTES = ID_BITS // 8
-
-
-def node_id(peer_id: PeerID) -> int:
-    """A node's Kademlia id: its peer id (the SHA-256 of its Ed25519 public key) as an integer."""
-    return int.from_bytes(peer_id.raw, "big")
 
 
 def key_id(serialized_key: bytes) -> int:
@@ -45,15 +40,26 @@ def random_id_in_bucket(local: int, index: int) -> int:
 
 
 class Contact:
-    """A remote DHT node: how to reach it and when we last heard from it."""
+    """A remote DHT node: how to reach it, its node id and the nonce that proves it (ids.py), when we last heard
+    from it. Build contacts from the network with protocol.proven_contact, which checks the proof."""
 
-    __slots__ = ("address", "id", "last_seen", "text")
+    __slots__ = ("address", "id", "last_seen", "nonce", "text")
 
-    def __init__(self, address: PeerAddress, text: str | None = None):
+    def __init__(self, address: PeerAddress, node_id: int, nonce: int, text: str | None = None):
         self.address = address
-        self.id = node_id(address.peer_id)
+        self.id = node_id
+        self.nonce = nonce
         self.text = text or str(address)  # the address as sent on the wire (formatting it is not free)
         self.last_seen = time.monotonic()
+
+    @property
+    def peer(self) -> bytes:
+        """The raw peer id (the hash of the key the transport authenticates)."""
+        return self.address.peer_id.raw
+
+    def to_wire(self) -> list:
+        """[address, nonce], as find replies list contacts."""
+        return [self.text, self.nonce]
 
     def __repr__(self) -> str:
         return f"Contact({self.text})"
@@ -102,13 +108,15 @@ class KBucket:
 
 
 class RoutingTable:
-    """The k-buckets of one node: bucket i holds contacts at XOR distance in [2**i, 2**(i+1))."""
+    """The k-buckets of one node: bucket i holds contacts at XOR distance in [2**i, 2**(i+1)). One key may prove
+    several node ids (ids.py), each at full price; the table still holds at most one of them per peer id."""
 
     def __init__(self, local_id: int, k: int):
         self.local_id = local_id
         self.k = k
         self.buckets = [KBucket(k) for _ in range(ID_BITS)]
         self._contacts: dict[int, Contact] = {}  # every bucket's contacts (not replacements), for nearest()
+        self._ids: dict[bytes, int] = {}  # peer id -> the node id it holds here
 
     def __len__(self) -> int:
         return len(self._contacts)
@@ -119,24 +127,42 @@ class RoutingTable:
     def get(self, contact_id: int) -> Contact | None:
         return self._contacts.get(contact_id)
 
+    def has_peer(self, peer: bytes) -> bool:
+        """Whether a contact of this raw peer id is in the table (under whichever node id it proved)."""
+        return peer in self._ids
+
     def touch(self, contact: Contact) -> Contact | None:
-        """Add or refresh a contact; returns a contact to ping when its bucket is full (see KBucket.touch)."""
+        """Add or refresh a contact; returns a contact to ping when its bucket is full (see KBucket.touch). A
+        contact whose peer id is held under another node id is ignored."""
         index = bucket_index(self.local_id, contact.id)
-        if index < 0:
+        if index < 0 or self._ids.get(contact.peer, contact.id) != contact.id:
             return None
         bucket = self.buckets[index]
         stale = bucket.touch(contact)
         if contact.id not in self._contacts and contact.id in bucket.contacts:
             self._contacts[contact.id] = contact
+            self._ids[contact.peer] = contact.id
         return stale
 
     def remove(self, contact_id: int) -> bool:
         index = bucket_index(self.local_id, contact_id)
         if index < 0 or not self.buckets[index].remove(contact_id):
             return False
-        del self._contacts[contact_id]
-        self._contacts.update(self.buckets[index].contacts)  # a replacement may have been promoted
+        contact = self._contacts.pop(contact_id)
+        del self._ids[contact.peer]
+        self._admit(self.buckets[index])  # a replacement may have been promoted
         return True
+
+    def _admit(self, bucket: KBucket) -> None:
+        """Index a promoted replacement; drop one whose peer id is held under another node id (and retry)."""
+        while True:
+            new = next((c for c in bucket.contacts.values() if c.id not in self._contacts), None)
+            if new is None:
+                return
+            if self._ids.setdefault(new.peer, new.id) == new.id:
+                self._contacts[new.id] = new
+            else:
+                bucket.remove(new.id)
 
     def nearest(self, target: int, count: int, exclude: int | None = None) -> list[Contact]:
         """The `count` known contacts closest to `target` by XOR distance, closest first."""

@@ -15,6 +15,8 @@ def main() -> None:
     parser.add_argument("--rpc-timeout", type=float, default=DHTConfig.rpc_timeout)
     parser.add_argument("--max-stored-bytes", type=int, default=DHTConfig.max_stored_bytes)
     parser.add_argument("--max-stored-bytes-per-peer", type=int, default=DHTConfig.max_stored_bytes_per_peer)
+    parser.add_argument("--k", type=int, default=DHTConfig.k)
+    parser.add_argument("--id-difficulty", type=int, default=DHTConfig.id_difficulty)
     parser.add_argument("--swarm", default=None, help="swarm key or membership file (default: an open swarm)")
     args = parser.parse_args()
     if args.swarm:
@@ -23,6 +25,8 @@ def main() -> None:
         rpc_timeout=args.rpc_timeout,
         max_stored_bytes=args.max_stored_bytes,
         max_stored_bytes_per_peer=args.max_stored_bytes_per_peer,
+        k=args.k,
+        id_difficulty=args.id_difficulty,
     )
     nodes = []
     for _ in range(args.nodes):

@@ -1,0 +1,72 @@
+"""Disjoint lookups (S/Kademlia) against adversaries placed among a key's closest nodes, in real processes.
+
+Ten honest nodes run in one process; three adversaries (tests/peers/dht_adversary.py) in another pay the id proof
+for ids next to the key, so they are the key's three closest nodes (a minority of its k = 8 closest). They accept
+stores and keep nothing, and answer finds with nothing, with only each other, with forged contacts and records,
+or not at all. A writer stores the key and fresh readers, each joining through a different honest node, must
+still read it back in bounded time; no forged contact is ever called.
+"""
+
+import time
+
+import pytest
+
+from hiveengine.dht import DHT, DHTConfig, get_dht_time
+from hiveengine.dht.protocol import proven_contact
+from hiveengine.dht.routing import key_id
+from hiveengine.dht.serialization import pack
+from hiveengine.transport import PeerAddress
+from tests.procs import PeerProcess
+
+pytestmark = pytest.mark.timeout(240)
+
+K, DIFFICULTY, HONEST, ADVERSARIES = 8, 6, 10, 3
+CONFIG = DHTConfig(k=K, id_difficulty=DIFFICULTY, rpc_timeout=3.0)
+READ_SECONDS = 4.0  # a reader's get must end within this (the adversaries' stall would cost rpc_timeout per node)
+
+
+@pytest.fixture(scope="module")
+def honest():
+    proc = PeerProcess("dht_nodes.py", "--nodes", str(HONEST), "--k", str(K), "--id-difficulty", str(DIFFICULTY))
+    try:
+        addresses = [proc.expect("ADDRESS") for _ in range(HONEST)]
+        proc.expect("READY")
+        yield addresses
+    finally:
+        proc.close()
+
+
+@pytest.mark.parametrize("mode", ["empty", "sybil", "junk", "stall"])
+def test_readers_find_a_key_whose_closest_nodes_include_adversaries(honest, mode):
+    key = f"hidden-{mode}"
+    args = ["--initial-peers", *honest[:2], "--key", key, "--mode", mode, "--k", str(K)]
+    adversary = PeerProcess("dht_adversary.py", *args, "--difficulty", str(DIFFICULTY), "--nodes", str(ADVERSARIES))
+    writer = None
+    readers = []
+    try:
+        announced = [adversary.expect("ADDRESS").split() for _ in range(ADVERSARIES)]
+        adversary.expect("READY")
+        hostile = [address for address, _ in announced]
+        writer = DHT(initial_peers=[*honest[:1], *hostile], config=CONFIG)
+        assert writer.store(key, "found anyway", get_dht_time() + 120, timeout=60)
+        target = key_id(pack(key, "key"))
+        adversaries = [proven_contact(PeerAddress.parse(a), int(n), DIFFICULTY).id ^ target for a, n in announced]
+        honest_known = [c.id ^ target for c in writer.node.table.nearest(target, 64) if c.text not in hostile]
+        assert max(adversaries) < min(honest_known), "the adversaries must be the key's closest nodes"
+        for i in range(3):
+            readers.append(DHT(initial_peers=[honest[2 + i], *hostile], config=CONFIG))
+            start = time.monotonic()
+            found = readers[-1].get(key, timeout=30)
+            seconds = time.monotonic() - start
+            assert found is not None and found.value == "found anyway", f"reader {i} lost the key ({mode})"
+            assert seconds < READ_SECONDS, f"reader {i} took {seconds:.1f} s ({mode})"
+            latest = readers[-1].get(key, latest=True, timeout=30)
+            assert latest is not None and latest.value == "found anyway"
+        adversary.proc.stdin.write("bait\n")
+        adversary.proc.stdin.flush()
+        assert adversary.expect("BAIT") == "0", "a contact with a forged id proof was called"
+    finally:
+        for node in [*readers, writer]:
+            if node is not None:
+                node.shutdown()
+        adversary.close()
