@@ -255,7 +255,8 @@ def hostile_results(action: str, victim: ExpertServer, *names: str) -> dict[str,
 def test_a_server_answering_nan_is_dropped_and_left_out_by_clients():
     honest = ["--expert-uids", "ffn.0.0", "--optimizer", "none", "--seed", str(SEED)]
     poisoned = ["--expert-cls", "poisoned", "--expert-uids", "ffn.0.1", "--optimizer", "none"]
-    with servers(honest, poisoned) as ((good, bad), dht):
+    poisoned_grad = ["--expert-cls", "poisoned_grad", "--expert-uids", "ffn.0.2", "--optimizer", "none"]
+    with servers(honest, poisoned, poisoned_grad) as ((good, bad, bad_grad), dht):
         with pytest.raises(NonFiniteReplyError, match="NaN or Inf"), torch.no_grad():
             RemoteExpert("ffn.0.1", bad.address)(torch.randn(2, HIDDEN))
         failed = FailedPeers()
@@ -270,3 +271,11 @@ def test_a_server_answering_nan_is_dropped_and_left_out_by_clients():
         out.sum().backward()
         expected.sum().backward()
         assert torch.allclose(x.grad, x_local.grad, atol=1e-5)
+        # Finite outputs but NaN input gradients: dropped in backward, and its server is left out as well.
+        moe = RemoteMixtureOfExperts(HIDDEN, (1, 3), k_best=3, k_min=1, dht=dht, failed_peers=failed)
+        x.grad = None
+        moe(x).sum().backward()
+        assert torch.isfinite(x.grad).all()
+        assert moe.last_dispatch.responded == {"ffn.0.0", "ffn.0.2"}  # the NaN server stays left out
+        assert "NonFiniteReplyError" in moe.last_dispatch.backward_failed["ffn.0.2"]
+        assert bad_grad.address in failed

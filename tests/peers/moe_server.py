@@ -1,5 +1,5 @@
 """A real expert server process for the MoE tests: `hiveengine serve` plus a deliberately slow expert class and a
-broken (or hostile) one that answers NaN.
+broken (or hostile) ones that answer NaN outputs or NaN input gradients.
 
 Takes the `hiveengine serve` arguments. Exits cleanly (as on Ctrl-C) when its stdin closes, so tests can stop it
 without signals; tests SIGKILL it to simulate a crash.
@@ -43,6 +43,21 @@ class PoisonedLinear(nn.Linear):
 @register_expert_class("poisoned", lambda hidden: [TensorSchema((hidden,))])
 def make_poisoned(hidden_dim: int) -> nn.Module:
     return PoisonedLinear(hidden_dim, hidden_dim)
+
+
+class PoisonedGradientLinear(nn.Linear):
+    """A linear expert with finite outputs whose input gradients are all NaN."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad:
+            x = x.clone()
+            x.register_hook(lambda grad: grad * float("nan"))
+        return super().forward(x)
+
+
+@register_expert_class("poisoned_grad", lambda hidden: [TensorSchema((hidden,))])
+def make_poisoned_grad(hidden_dim: int) -> nn.Module:
+    return PoisonedGradientLinear(hidden_dim, hidden_dim)
 
 
 def exit_when_stdin_closes() -> None:

@@ -44,7 +44,8 @@ def new_forward_id() -> int:
 
 
 def finite_reply(tensors: list[torch.Tensor], uid: str, address: str, what: str) -> list[torch.Tensor]:
-    """`tensors` if none holds NaN or Inf; otherwise NonFiniteReplyError (never let a server poison the model)."""
+    """`tensors` if none holds NaN or Inf; otherwise NonFiniteReplyError (never let a server poison the model).
+    Called in the caller's thread, not on the transport loop: a CUDA reply's check waits for the device."""
     for t in tensors:
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise NonFiniteReplyError(
@@ -61,10 +62,9 @@ def _header(uid: str, fid: int | None) -> dict:
 async def acall_forward(
     peer: Peer, uid: str, address: str, inputs: Sequence[torch.Tensor], timeout: float, fid: int | None = None
 ) -> list[torch.Tensor]:
-    """Outputs of expert `uid` at `address` for a batch of `inputs` (NonFiniteReplyError if they hold NaN or
-    Inf); with `fid`, a backward call will follow."""
+    """Outputs of expert `uid` at `address` for a batch of `inputs`; with `fid`, a backward call will follow."""
     _, outputs = await peer.call(address, FORWARD, _header(uid, fid), inputs, timeout=timeout)
-    return finite_reply(outputs, uid, address, "output")
+    return outputs
 
 
 async def acall_backward(
@@ -76,10 +76,10 @@ async def acall_backward(
     timeout: float,
     fid: int | None = None,
 ) -> list[torch.Tensor]:
-    """Input gradients of expert `uid` for `inputs` and the gradients of its outputs (the server updates itself;
-    NonFiniteReplyError if they hold NaN or Inf); `fid` names the forward call these inputs went through."""
+    """Input gradients of expert `uid` for `inputs` and the gradients of its outputs (the server updates itself);
+    `fid` names the forward call these inputs went through."""
     _, grads = await peer.call(address, BACKWARD, _header(uid, fid), [*inputs, *grad_outputs], timeout=timeout)
-    return finite_reply(grads, uid, address, "input gradient")
+    return grads
 
 
 async def acall_info(peer: Peer, uid: str, address: str, timeout: float) -> dict:

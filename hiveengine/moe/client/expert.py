@@ -16,6 +16,7 @@ from hiveengine.moe.client.calls import (
     acall_forward,
     acall_info,
     client_peer,
+    finite_reply,
     new_forward_id,
     wire_tensors,
 )
@@ -69,18 +70,22 @@ class RemoteExpert(nn.Module):
         return self.peer.runtime.run(coro, self.forward_timeout + SYNC_SLACK)
 
     def call_forward(self, inputs: Sequence[torch.Tensor], fid: int | None = None) -> list[torch.Tensor]:
-        """Blocking forward call without autograd; with `fid`, a backward call with the same id will follow."""
+        """Blocking forward call without autograd; with `fid`, a backward call with the same id will follow.
+        Raises NonFiniteReplyError if the server answers NaN or Inf."""
         coro = acall_forward(self.peer, self.uid, self.address, wire_tensors(inputs), self.forward_timeout, fid)
-        return self.peer.runtime.run(coro, self.forward_timeout + SYNC_SLACK)
+        outputs = self.peer.runtime.run(coro, self.forward_timeout + SYNC_SLACK)
+        return finite_reply(outputs, self.uid, self.address, "output")
 
     def call_backward(
         self, inputs: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], fid: int | None = None
     ) -> list[torch.Tensor]:
-        """Blocking backward call: input gradients for `inputs` given the output gradients `grads`."""
+        """Blocking backward call: input gradients for `inputs` given the output gradients `grads` (raises
+        NonFiniteReplyError if the server answers NaN or Inf)."""
         coro = acall_backward(
             self.peer, self.uid, self.address, wire_tensors(inputs), wire_tensors(grads), self.backward_timeout, fid
         )
-        return self.peer.runtime.run(coro, self.backward_timeout + SYNC_SLACK)
+        grads = self.peer.runtime.run(coro, self.backward_timeout + SYNC_SLACK)
+        return finite_reply(grads, self.uid, self.address, "input gradient")
 
 
 class _RemoteCall(torch.autograd.Function):

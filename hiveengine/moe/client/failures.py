@@ -2,9 +2,9 @@
 
 A server that is dead (or too slow) stays declared in the DHT until its declarations expire, up to two update
 periods later. Without this record every batch would choose it again and wait for it. A peer is marked when a call
-to it fails at the transport level (it could not be reached, the connection broke, or the deadline passed) or when
-it answers NaN or Inf (it is broken or hostile); an error reply from a live server (an unknown uid, a malformed
-request, a busy server) does not mark it.
+to it fails at the transport level (it could not be reached, the connection broke, or the deadline passed), and
+when it answers NaN or Inf (RemoteMixtureOfExperts: it is broken or hostile); an error reply from a live server
+(an unknown uid, a malformed request, a busy server) does not mark it.
 """
 
 from __future__ import annotations
@@ -14,22 +14,13 @@ import time
 from collections.abc import Callable
 
 from hiveengine.errors import ConnectionLostError, HandshakeError, PeerUnreachableError, RPCTimeoutError
-from hiveengine.moe.errors import NonFiniteReplyError
 
 FAILED_PEER_EXPIRY = 30.0  # seconds a peer whose call failed is left out of routing; then it gets another chance
-PEER_FAILURES = (
-    PeerUnreachableError,
-    ConnectionLostError,
-    HandshakeError,
-    RPCTimeoutError,
-    TimeoutError,
-    NonFiniteReplyError,
-)
+PEER_FAILURES = (PeerUnreachableError, ConnectionLostError, HandshakeError, RPCTimeoutError, TimeoutError)
 
 
 def is_peer_failure(error: BaseException) -> bool:
-    """Whether `error` says the peer itself is unreachable, gone, too slow or answering garbage (not that it
-    refused the request)."""
+    """Whether `error` says the peer itself is unreachable, gone or too slow (not that it refused the request)."""
     return isinstance(error, PEER_FAILURES)
 
 

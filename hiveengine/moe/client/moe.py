@@ -29,11 +29,12 @@ from hiveengine.moe.client.calls import (
     acall_backward,
     acall_forward,
     client_peer,
+    finite_reply,
     new_forward_id,
     wire_tensors,
 )
 from hiveengine.moe.client.failures import FAILED_PEERS, FailedPeers, is_peer_failure
-from hiveengine.moe.errors import NotEnoughExpertsError
+from hiveengine.moe.errors import NonFiniteReplyError, NotEnoughExpertsError
 from hiveengine.moe.protocol import DHT_TIMEOUT
 from hiveengine.transport import Peer
 
@@ -228,6 +229,8 @@ class RemoteMixtureOfExperts(nn.Module):
                 outputs = ok[uid]
                 if len(outputs) != 1 or tuple(outputs[0].shape) != (len(held), *expected):
                     error = f"answered shapes {[tuple(o.shape) for o in outputs]}, expected [{(len(held), *expected)}]"
+                else:
+                    error = self._nonfinite(outputs, dispatch.experts[uid], "output")
             if error is None:
                 answered.setdefault(uid, []).append((held, outputs[0]))
             else:
@@ -316,8 +319,22 @@ class RemoteMixtureOfExperts(nn.Module):
             return await self._gather(calls, dispatch, "backward")
 
         ok, dispatch.backward_failed = self.peer.runtime.run(call_all(), self.backward_timeout + SYNC_SLACK)
+        for uid in list(ok):
+            error = self._nonfinite(ok[uid], dispatch.experts[uid], "input gradient")
+            if error is not None:
+                dispatch.backward_failed[uid] = error
+                del ok[uid]
         dispatch.backward_responded = set(ok)
         return {uid: g[0] for uid, g in ok.items()}
+
+    def _nonfinite(self, tensors: list[torch.Tensor], expert: ExpertInfo, what: str) -> str | None:
+        """Why an answer must be dropped, if it holds NaN or Inf (its server is then left out of routing)."""
+        try:
+            finite_reply(tensors, expert.uid, expert.address, what)
+        except NonFiniteReplyError as e:
+            self.failed_peers.add(expert.address)
+            return _describe(e)
+        return None
 
     def check_answers(self, dispatch: Dispatch, answered: set[str], what: str) -> torch.Tensor:
         """(batch,) bool: the samples with at least k_min answers; raises when one lacks them and zeros are not

@@ -371,6 +371,7 @@ def _nonfinite_error(tensors: Sequence[torch.Tensor], what: str) -> NonFiniteReq
                 f"{what}: tensor {i} holds NaN or Inf; the request was refused and nothing was applied (find the "
                 "overflow upstream: lower the learning rate, clip gradients, or use a wider dtype)"
             )
+    return None
 
 
 def _count_storage(storages: dict[int, int], t: torch.Tensor) -> torch.Tensor:
