@@ -91,12 +91,12 @@ def test_doctor_says_whether_others_can_dial_us_and_what_to_do(rig):
         helper.close()
 
 
-def test_an_engine_at_home_switches_to_client_mode_by_itself_and_its_dht_works(rig):
+def test_an_engine_at_home_switches_to_client_mode_by_itself_reserves_a_relay_and_its_dht_works(rig):
     env = {"UCX_TLS": "tcp", "HIVEENGINE_LOCAL_COPY": "0"}
     bootstrap = PeerProcess(
         "nat_engine.py",
         "bootstrap",
-        env={**env, "HIVEENGINE_ANNOUNCE_HOST": rig.host("pub0")},
+        env={**env, "HIVEENGINE_ANNOUNCE_HOST": rig.host("pub0"), "HIVEENGINE_RELAY": "1"},
         wrap=rig.command("pub0", []),
     )
     procs = [bootstrap]
@@ -111,7 +111,8 @@ def test_an_engine_at_home_switches_to_client_mode_by_itself_and_its_dht_works(r
                 wrap=rig.command(name, []),
             )
             procs.append(joiner)
-            assert json.loads(joiner.expect("RESULT", 90)) == {"client_mode": client_mode, "value": "from-home"}
+            expected = {"client_mode": client_mode, "value": "from-home", "relayed": client_mode}
+            assert json.loads(joiner.expect("RESULT", 90)) == expected
     finally:
         for proc in procs:
             proc.close()

@@ -15,6 +15,7 @@ from hiveengine.errors import ConfigurationError
 from hiveengine.optim import Optimizer
 from hiveengine.transport import Identity, Peer, membership
 from hiveengine.transport.reachability import check_reachability_sync
+from hiveengine.transport.relay import reserve_any
 
 logger = logging.getLogger(__name__)
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # as the hiveengine command's own
@@ -33,6 +34,8 @@ class Engine:
         # A peer that others cannot dial (behind a NAT) runs as a client: reachability.py logs why.
         self.client_mode = env.client_mode or _unreachable(env.initial_peers, identity)
         self.dht = DHT(initial_peers=env.initial_peers, identity=identity, client_mode=self.client_mode)
+        if self.dht.peer.runtime.reachable is False:  # others reach us through a relay, if an initial peer is one
+            self.dht.peer.runtime.run(reserve_any(self.dht.peer, env.initial_peers), timeout=60)
         logger.info(
             "worker %d/%d of run %r at %s (%s)",
             env.local_rank,

@@ -27,7 +27,7 @@ import struct
 import time
 from dataclasses import dataclass, field
 
-from hiveengine.errors import PeerUnreachableError, ProtocolError, ResourceLimitError
+from hiveengine.errors import HiveEngineError, PeerUnreachableError, ProtocolError, ResourceLimitError
 from hiveengine.transport.address import PeerAddress
 from hiveengine.transport.identity import PeerID
 from hiveengine.transport.tcp_wire import TcpWire, new_recv_base, open_tcp
@@ -177,6 +177,19 @@ async def reserve(peer, relay: PeerAddress | str) -> PeerAddress:
     peer.relayed = PeerAddress(relay.host, relay.port, peer.peer_id, relay.tcp_port, relay.peer_id)
     logger.info("reachable through relay %s as %s", relay.peer_id, peer.relayed)
     return peer.relayed
+
+
+async def reserve_any(peer, candidates) -> PeerAddress | None:
+    """Reserve with the first of `candidates` that relays for us; None (logged) if none does."""
+    for candidate in candidates:
+        try:
+            return await reserve(peer, candidate)
+        except (HiveEngineError, OSError) as e:
+            logger.info("no relay slot at %s: %s", candidate, e)
+    logger.warning(
+        "no initial peer relays for us (start one with HIVEENGINE_RELAY=1): peers we did not dial cannot reach us"
+    )
+    return None
 
 
 async def connect_through(sock: socket.socket, target: PeerID) -> None:

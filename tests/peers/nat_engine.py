@@ -19,6 +19,7 @@ if __name__ == "__main__":
         engine = hiveengine.init(initial_peers=[sys.argv[2]])
         engine.dht.store("nat-key", "from-home", get_dht_time() + 60)
         found = engine.dht.get("nat-key")
-        result = {"client_mode": engine.client_mode, "value": found.value if found else None}
+        relayed = engine.dht.peer.relayed
+        result = {"client_mode": engine.client_mode, "value": found.value if found else None, "relayed": bool(relayed)}
         print("RESULT", json.dumps(result), flush=True)
         engine.shutdown()
