@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import format_table, hivemind_python, kill_worker, read_prefixed, write_results
-from tools.netns import INNER_IFACE, ShapedNetwork
+from tools.netns import INNER_IFACE, ShapedNetwork, WanNetwork
 from tools.netns import available as netns_available
 
 MiB = 1 << 20
@@ -106,7 +106,7 @@ def gloo_worker(rank: int, world: int, store: str, numel: int, rounds: int) -> N
 # ---------------------------------------------------------------- orchestration
 
 
-def _spawn(*args: str, peers: int, rank: int, net: ShapedNetwork | None) -> subprocess.Popen:
+def _spawn(*args: str, peers: int, rank: int, net: ShapedNetwork | WanNetwork | None) -> subprocess.Popen:
     """A worker process; peers on one host split its cores (as torchrun does with OMP_NUM_THREADS):
     oversubscribed OpenMP kernels run many times slower. With `net`, it runs in namespace `rank`."""
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // peers))}
@@ -123,7 +123,7 @@ def _spawn(*args: str, peers: int, rank: int, net: ShapedNetwork | None) -> subp
     return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
 
 
-def run_hive(peers: int, numel: int, codec: str, rounds: int, net: ShapedNetwork | None) -> dict:
+def run_hive(peers: int, numel: int, codec: str, rounds: int, net: ShapedNetwork | WanNetwork | None) -> dict:
     procs = [_spawn("--role", "hive", peers=peers, rank=r, net=net) for r in range(peers)]
     try:
         addresses = [read_prefixed(p, "ADDRESS", LINE_TIMEOUT) for p in procs]
@@ -137,7 +137,7 @@ def run_hive(peers: int, numel: int, codec: str, rounds: int, net: ShapedNetwork
             p.kill()
 
 
-def run_gloo(peers: int, numel: int, rounds: int, net: ShapedNetwork | None) -> dict:
+def run_gloo(peers: int, numel: int, rounds: int, net: ShapedNetwork | WanNetwork | None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         store = os.path.join(tmp, "store")
         procs = [
@@ -219,6 +219,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=ROUNDS)
     parser.add_argument("--compare", choices=["hivemind"], help="also run hivemind (in its own venv)")
     parser.add_argument(
+        "--wan",
+        metavar="PROFILE",
+        help="run each peer in its own namespace behind an emulated WAN link (tools/wanlink.py), e.g. "
+        "100mbit-50ms, 1gbit-20ms, 1gbit-20ms-1pct-loss (round trip and loss between two peers; root)",
+    )
+    parser.add_argument(
         "--netns",
         metavar="RATE",
         help="run each peer in its own network namespace on a link shaped to RATE (e.g. 1gbit; root)",
@@ -231,25 +237,35 @@ def main(argv: list[str] | None = None) -> int:
         gloo_worker(args.rank, args.world, args.store, args.numel, args.rounds)
         return 0
 
-    if args.netns and args.compare:
-        parser.error("--compare runs hivemind on loopback only: use it without --netns")
-    if args.netns and not netns_available():
+    if (args.netns or args.wan) and args.compare:
+        parser.error("--compare runs hivemind on loopback only: use it without --netns or --wan")
+    if args.netns and args.wan:
+        parser.error("choose one of --netns (a shaped link) and --wan (delay and loss too)")
+    if (args.netns or args.wan) and not netns_available():
         print("--netns needs root, ip and tc; skipping the shaped-link run", file=sys.stderr)
         return 0
     rows, records = [], []
     for peers in args.peers:
-        with ShapedNetwork(peers, args.netns) if args.netns else contextlib.nullcontext() as net:
+        with _network(args, peers) as net:
             measure_peers(args, peers, net, rows, records)
     columns = ["peers", "mbytes", "system", "s/round", "algbw_gbs", "wire MB/peer", "vs_gloo"]
     print(format_table(rows, columns))
     print("vs_gloo > 1 means faster than gloo; every system's rounds start from a formed group")
-    name = f"allreduce-{args.netns}" if args.netns else "allreduce"
+    link = args.wan or args.netns
+    name = f"allreduce-{link}" if link else "allreduce"
     path = write_results(f"{name}-vs-hivemind" if args.compare else name, {"records": records})
     print(f"wrote {path}")
     return 0
 
 
-def measure_peers(args, peers: int, net: ShapedNetwork | None, rows: list, records: list) -> None:
+def _network(args, peers: int):
+    """The network the peers run in: a WAN emulation, a shaped link, or none (loopback)."""
+    if args.wan:
+        return WanNetwork(peers, args.wan)
+    return ShapedNetwork(peers, args.netns) if args.netns else contextlib.nullcontext()
+
+
+def measure_peers(args, peers: int, net: ShapedNetwork | WanNetwork | None, rows: list, records: list) -> None:
     """Every size and system for one group size, appending table rows and JSON records."""
     for numel in args.sizes:
         print(f"measuring gloo, {peers} peers, {numel * 4 // MiB} MB ...", file=sys.stderr, flush=True)
@@ -273,7 +289,7 @@ def measure_peers(args, peers: int, net: ShapedNetwork | None, rows: list, recor
                 "peers": peers,
                 "mbytes": numel * 4 // MiB,
                 "system": name,
-                "link": args.netns or "loopback",
+                "link": args.wan or args.netns or "loopback",
                 **r,
             }
             record["algbw_gbs"] = numel * 4 / r["seconds"] / 1e9

@@ -51,3 +51,50 @@ def test_peers_in_namespaces_reach_each_other_over_the_shaped_link():
             server.kill()
             server.wait(10)
     assert "hetest-ns" not in _namespaces()
+
+
+PING_SERVER = """
+import socket, sys
+s = socket.create_server((sys.argv[1], 0)); print(s.getsockname()[1], flush=True)
+c, _ = s.accept()
+while (b := c.recv(1)):
+    c.sendall(b)
+"""
+PING_CLIENT = """
+import socket, sys, time
+c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+rtts = []
+for _ in range(5):
+    start = time.monotonic(); c.sendall(b"x"); c.recv(1); rtts.append(time.monotonic() - start)
+print(min(rtts))
+"""
+
+
+def test_a_wan_link_adds_the_profiles_round_trip():
+    from tools.netns import WanNetwork
+
+    net = WanNetwork(2, "100mbit-40ms", prefix="hwtest")
+    with net:
+        server = subprocess.Popen(
+            net.command(1, [sys.executable, "-c", PING_SERVER, net.host(1)]), stdout=subprocess.PIPE, text=True
+        )
+        try:
+            port = server.stdout.readline().strip()
+            argv = [sys.executable, "-c", PING_CLIENT, net.host(1), port]
+            client = subprocess.run(net.command(0, argv), capture_output=True, text=True, timeout=30)
+            assert 0.035 <= float(client.stdout) <= 0.15, client.stdout + client.stderr
+        finally:
+            server.kill()
+            server.wait(10)
+    assert "hwtest-" not in _namespaces()
+
+
+def test_link_profiles_are_parsed_and_checked():
+    from tools.wanlink import Profile
+
+    assert Profile.parse("100mbit-50ms") == Profile(12.5e6, 0.0125, 0.0)
+    lossy = Profile.parse("1gbit-20ms-1pct-loss")
+    assert lossy.rate == 125e6 and lossy.delay == 0.005 and abs((1 - lossy.loss) ** 2 - 0.99) < 1e-12
+    with pytest.raises(ValueError, match="not a link profile"):
+        Profile.parse("fast")

@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 SUBNET = "10.77.0"
 INNER_IFACE = "he0"
@@ -184,4 +186,66 @@ class NatRig:
             *(self.namespace(f"rt{j}") for j in range(self.home)),
         ]
         for ns in names:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+WAN_SUBNET = "10.78.0"
+
+
+class WanNetwork:
+    """Peers in namespaces joined by WAN links with delay and loss (tools/wanlink.py, one process per link).
+
+    `with WanNetwork(4, "100mbit-50ms") as net:` then run peer i with `net.command(i, argv)` at `net.host(i)`.
+    Between any two peers the round trip is the profile's and each direction gets its rate.
+    """
+
+    def __init__(self, peers: int, profile: str, prefix: str = "hw"):
+        from tools.wanlink import Profile
+
+        Profile.parse(profile)  # a bad profile fails before anything is created
+        self.peers, self.profile, self.prefix = peers, profile, prefix
+        self.net = f"{prefix}-net"
+        self._links: list[subprocess.Popen] = []
+
+    def namespace(self, i: int) -> str:
+        return f"{self.prefix}-ns{i}"
+
+    def host(self, i: int) -> str:
+        return f"{WAN_SUBNET}.{i + 1}"
+
+    def command(self, i: int, argv: list[str]) -> list[str]:
+        return ["ip", "netns", "exec", self.namespace(i), *argv]
+
+    def __enter__(self) -> WanNetwork:
+        from tools.wanlink import WAN_MTU
+
+        self.close()
+        _ip("netns", "add", self.net)
+        _ip("-n", self.net, "link", "add", "inet", "type", "bridge")
+        _ip("-n", self.net, "link", "set", "inet", "up")
+        root = str(Path(__file__).resolve().parent.parent)
+        for i in range(self.peers):
+            ns = self.namespace(i)
+            _ip("netns", "add", ns)
+            _ip("-n", ns, "link", "set", "lo", "up")
+            argv = [sys.executable, "-m", "tools.wanlink", f"{ns}:{INNER_IFACE}", f"{self.net}:t{i}", self.profile]
+            link = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, cwd=root)
+            self._links.append(link)
+            if link.stdout.readline().strip() != "READY":
+                raise RuntimeError(f"the WAN link of peer {i} did not start ({link.wait()})")
+            _ip("-n", ns, "addr", "add", f"{self.host(i)}/24", "dev", INNER_IFACE)
+            _ip("-n", ns, "link", "set", INNER_IFACE, "mtu", str(WAN_MTU), "up")
+            _ip("-n", self.net, "link", "set", f"t{i}", "mtu", str(WAN_MTU), "master", "inet", "up")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the links and remove the namespaces (idempotent)."""
+        for link in self._links:
+            link.kill()
+            link.wait(10)
+        self._links.clear()
+        for ns in [self.net, *(self.namespace(i) for i in range(self.peers))]:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
