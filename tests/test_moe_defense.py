@@ -27,8 +27,8 @@ pytestmark = pytest.mark.timeout(180)
 
 RESULT_TIMEOUT = 120.0  # seconds a hostile process may take to report its next result
 SLOW_SECONDS = 0.1  # each batch of the slow expert sleeps this long: a deterministic compute cost
-FLOOD_REQUESTS = 40  # concurrent flood requests, each one batch: about 4 s of work queued at once
-LOADED_FACTOR = 5  # an honest call under the flood may take this many times its unloaded time
+FLOOD_REQUESTS = 80  # concurrent flood requests, each one batch: about 8 s of work queued at once
+LOADED_FACTOR = 10  # an honest call under the flood may take this many times its unloaded time (~0.1 s; FIFO: 80x)
 SLOW_ENV = {"TEST_SLOW_EXPERT_SECONDS": str(SLOW_SECONDS)}
 
 
@@ -164,13 +164,13 @@ def test_one_client_holds_at_most_max_client_bytes_of_requests_at_once():
     rows = BURST_REQUEST_BYTES // (4 * HIDDEN)
     args = f"--expert-cls slow --expert-uids slow.0 --optimizer none --max-batch-size {rows} --batch-wait 0"
     limits = f"--max-request-bytes {2 * BURST_REQUEST_BYTES} --max-client-bytes {MAX_CLIENT_BYTES}"
-    with serving(*args.split(), *limits.split(), env=SLOW_ENV) as server:
+    with serving(*args.split(), *limits.split(), env={"TEST_SLOW_EXPERT_SECONDS": "1"}) as server:
         attack = hostile("burst", server.address, "slow.0", HIDDEN, "--rows", rows, "--count", 12)
         try:
             served, refused = attack.results("burst_ok", "burst_refused").values()
         finally:
             attack.close()
-        # Each request is one 0.1 s batch, and all 12 arrive within it: at most 4 fit in the client's bytes at once.
+        # Each request is one 1 s batch, and all 12 arrive within it: at most 4 fit in the client's bytes at once.
         assert 1 <= int(served) <= 8 and refused == "['ResourceLimitError']"
         with torch.no_grad():
             y = RemoteExpert("slow.0", server.address)(torch.randn(rows, HIDDEN))  # another client: served
