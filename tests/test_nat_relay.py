@@ -156,3 +156,18 @@ def test_two_home_peers_reach_each_other_only_through_a_public_relay():
             for proc in procs:
                 proc.close()
     assert prefix not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+
+
+def test_hiveengine_dht_relay_offers_relaying():
+    node = PeerProcess("hiveengine.cli", "dht", "--relay", "--relay-circuits", "2", "--status-interval", "0")
+    home = Peer(limits=TransportLimits(local_copy=False, link="tcp"))
+    other = Peer(limits=TransportLimits(local_copy=False))
+    try:
+        address = node.expect("hiveengine dht node at")
+        home.register("echo", _echo)
+        relayed = home.runtime.run(reserve(home, address), 20)
+        assert other.call_sync(relayed, "echo", {"via": "dht"}, timeout=20)[0] == {"via": "dht"}
+    finally:
+        other.shutdown()
+        home.shutdown()
+        node.close()

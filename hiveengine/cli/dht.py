@@ -11,6 +11,7 @@ import time
 from hiveengine.cli.common import add_initial_peers, initial_peers
 from hiveengine.dht import DHT
 from hiveengine.transport import Identity
+from hiveengine.transport.relay import Relay, RelayLimits
 
 READY_PREFIX = "hiveengine dht node at"
 STATUS_PREFIX = "dht status:"
@@ -29,6 +30,19 @@ def add_commands(sub) -> None:
         default=DEFAULT_STATUS_INTERVAL,
         help="seconds between status lines (0: none); a status line counts the peers that answered within the "
         "last interval, after pinging the quiet ones (those that do not answer are dropped)",
+    )
+    dht.add_argument("--relay", action="store_true", help="relay for peers that cannot be dialled (behind a NAT)")
+    dht.add_argument(
+        "--relay-mbps",
+        type=float,
+        default=RelayLimits().bytes_per_second / 125_000,
+        help="the relay's bandwidth cap over all circuits, Mbit/s (env HIVEENGINE_RELAY_MBPS)",
+    )
+    dht.add_argument(
+        "--relay-circuits",
+        type=int,
+        default=RelayLimits().max_circuits,
+        help="circuits relayed at once (env HIVEENGINE_RELAY_CIRCUITS)",
     )
     dht.set_defaults(handler=cmd_dht)
 
@@ -62,6 +76,8 @@ def cmd_dht(args: argparse.Namespace) -> int:
     peers = initial_peers(args)
     identity = Identity.load_or_create(args.identity) if args.identity else None
     dht = DHT(initial_peers=peers, identity=identity, port=args.port)
+    if args.relay:
+        Relay(dht.peer, RelayLimits(max_circuits=args.relay_circuits, bytes_per_second=args.relay_mbps * 125_000))
     print(READY_PREFIX, dht.address, flush=True)
     print(f"join it with: hiveengine dht --initial-peers {dht.address}", flush=True)
     stop = threading.Event()
