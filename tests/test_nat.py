@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -121,7 +122,7 @@ def test_a_dial_that_cannot_succeed_costs_nobody_else_anything(rig, target):
             procs.append(home)
             assert _result(home)["error"] == "PeerUnreachableError"
         pings = _result(pinger)
-        assert not pings["failures"], pings
+        assert not pings["failures"] and all(pings["recovered"]), pings
         assert pings["max"] < 1.0, pings
     finally:
         for proc in procs:
@@ -143,6 +144,27 @@ def test_a_home_peer_links_over_its_own_tcp_socket_and_is_called_back_over_it(ri
         asker = _peer(rig, "pub1", "ask-dial", address, home_address, str(CONNECT_TIMEOUT))
         procs.append(asker)
         assert _result(asker)["error"] is None
+    finally:
+        for proc in procs:
+            proc.close()
+
+
+def test_a_home_peer_whose_uplink_is_cut_for_10_s_is_served_again_after(rig):
+    server = _peer(rig, "pub0", "serve")
+    procs = [server]
+    try:
+        address = server.expect("ADDRESS")
+        home = _peer(rig, "home1", "ping", address, "30")
+        procs.append(home)
+        home.expect("PINGING")
+        rig.cut(1)
+        try:
+            time.sleep(10)  # the outage itself: what is tested is what happens after it
+        finally:
+            rig.cut(1, down=False)
+        pings = _result(home, 90)
+        assert pings["failures"], "the cut was not felt"
+        assert pings["recovered"] == [True, True, True], pings
     finally:
         for proc in procs:
             proc.close()

@@ -42,7 +42,7 @@ def ping(peer: Peer, address: str, seconds: float) -> None:
     """Echo calls back to back for `seconds`: the slowest answer and the failures."""
 
     async def run() -> dict:
-        latencies, failures = [], []
+        latencies, failures, outcomes = [], [], []
         await peer.call(address, "echo", {}, timeout=10)
         print("PINGING", flush=True)
         end = time.monotonic() + seconds
@@ -51,9 +51,12 @@ def ping(peer: Peer, address: str, seconds: float) -> None:
             try:
                 await peer.call(address, "echo", {}, timeout=5)
                 latencies.append(time.monotonic() - start)
+                outcomes.append(True)
             except HiveEngineError as e:
                 failures.append(type(e).__name__)
-        return {"calls": len(latencies), "max": max(latencies, default=None), "failures": failures}
+                outcomes.append(False)
+        last = outcomes[-3:]
+        return {"calls": len(latencies), "max": max(latencies, default=None), "failures": failures, "recovered": last}
 
     print("RESULT", json.dumps(peer.runtime.run(run(), timeout=seconds + 30)), flush=True)
 
