@@ -91,6 +91,23 @@ def test_non_finite_inputs_and_gradients_are_refused_and_never_applied():
         assert expert.info()["updates"] == 1
 
 
+MAX_SAMPLE = 64 << 10  # a sequence of 1024 positions of HIDDEN float32s
+
+
+def test_a_sample_over_max_sample_bytes_is_refused():
+    args = f"--expert-cls transformer --expert-uids tf.0 --optimizer none --seed {SEED} --max-sample-bytes {MAX_SAMPLE}"
+    with serving(*args.split()) as server:
+        attack = hostile("long", server.address, "tf.0", HIDDEN, "--rows", 16 * 1024)
+        try:
+            assert attack.result("long_forward") == "SampleTooLargeError"
+        finally:
+            attack.close()
+        x = torch.randn(2, 1024, HIDDEN)  # at the limit: served
+        with torch.no_grad():
+            y = RemoteExpert("tf.0", server.address)(x)
+            assert torch.allclose(y, get_expert_class("transformer").build(HIDDEN, SEED)(x), atol=1e-5)
+
+
 CLIP = 0.01
 SCALE = 1e6
 

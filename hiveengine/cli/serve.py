@@ -19,6 +19,7 @@ from hiveengine.moe.server import (
     DEFAULT_MAX_CLIENT_BYTES,
     DEFAULT_MAX_KEPT_BYTES,
     DEFAULT_MAX_REQUEST_BYTES,
+    DEFAULT_MAX_SAMPLE_BYTES,
     DEFAULT_UPDATE_PERIOD,
 )
 from hiveengine.moe.server.backend import OPTIMIZERS, optimizer_factory
@@ -58,6 +59,12 @@ def add_commands(sub) -> None:
         type=int,
         default=DEFAULT_MAX_CLIENT_BYTES,
         help="request bytes one client may have queued or computing",
+    )
+    serve.add_argument(
+        "--max-sample-bytes",
+        type=int,
+        default=DEFAULT_MAX_SAMPLE_BYTES,
+        help="input bytes per sample (e.g. a sequence) beyond which requests are refused",
     )
     serve.add_argument(
         "--max-kept-bytes",
@@ -106,6 +113,7 @@ def build_server(args: argparse.Namespace) -> tuple[Server, DHT | None]:
             max_kept_bytes=args.max_kept_bytes,
             max_request_bytes=args.max_request_bytes,
             max_client_bytes=args.max_client_bytes,
+            max_sample_bytes=args.max_sample_bytes,
             seed=args.seed,
             checkpoint_dir=args.checkpoint_dir,
             dht=dht,

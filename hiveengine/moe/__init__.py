@@ -17,6 +17,7 @@ from hiveengine.moe.errors import (
     NonFiniteReplyError,
     NonFiniteRequestError,
     NotEnoughExpertsError,
+    SampleTooLargeError,
     UnknownExpertClassError,
 )
 from hiveengine.moe.protocol import TensorSchema
@@ -48,6 +49,7 @@ __all__ = [
     "RemoteExpert",
     "RemoteMixtureOfExperts",
     "RemoteSwitchMixtureOfExperts",
+    "SampleTooLargeError",
     "Server",
     "TensorSchema",
     "UnknownExpertClassError",

@@ -28,8 +28,12 @@ class NonFiniteRequestError(ExpertError, ProtocolError):
     """A request's inputs or gradients hold NaN or Inf; the server refused it and applied nothing."""
 
 
+class SampleTooLargeError(ExpertError, ProtocolError):
+    """A request's samples are larger than the server's `max_sample_bytes` (e.g. sequences too long for it)."""
+
+
 class NonFiniteReplyError(ExpertError, ProtocolError):
     """An expert server answered NaN or Inf: it is broken or hostile, and its answer is dropped."""
 
 
-REMOTE_ERROR_TYPES[NonFiniteRequestError.__name__] = NonFiniteRequestError
+REMOTE_ERROR_TYPES.update({cls.__name__: cls for cls in (NonFiniteRequestError, SampleTooLargeError)})

@@ -48,6 +48,12 @@ def nonfinite(peer: Peer, args) -> None:
     report("overflow_backward", outcome(peer, args.address, BACKWARD, header, [x * 1e6, torch.full_like(x, 3e38)]))
 
 
+def long(peer: Peer, args) -> None:
+    """One sample that is a sequence of --rows positions (a transformer expert's quadratic cost)."""
+    row = torch.randn(1, args.rows, args.hidden)
+    report("long_forward", outcome(peer, args.address, FORWARD, {"uid": args.uid}, [row]))
+
+
 def scaled(peer: Peer, args) -> None:
     """One backward call with finite gradients scaled by --scale."""
     x = torch.randn(4, args.hidden)
@@ -133,7 +139,7 @@ def squat(dht: DHT, args) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("action", choices=["nonfinite", "scaled", "flood", "burst", "keep", "forge", "squat"])
+    parser.add_argument("action", choices=["nonfinite", "long", "scaled", "flood", "burst", "keep", "forge", "squat"])
     parser.add_argument("address", help="the server's address (forge: the victim's)")
     parser.add_argument("uid")
     parser.add_argument("hidden", type=int)
@@ -153,7 +159,7 @@ def main() -> int:
             dht.shutdown()
     else:
         peer = Peer()
-        actions = {"nonfinite": nonfinite, "scaled": scaled, "flood": flood, "burst": burst, "keep": keep}
+        actions = {"nonfinite": nonfinite, "long": long, "scaled": scaled, "flood": flood, "burst": burst, "keep": keep}
         actions[args.action](peer, args)
         peer.shutdown()
     report("exit", 0)

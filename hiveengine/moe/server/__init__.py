@@ -7,6 +7,7 @@ from hiveengine.moe.server.runtime import DEFAULT_BATCH_WAIT, DEFAULT_MAX_BATCH_
 from hiveengine.moe.server.server import (
     DEFAULT_MAX_CLIENT_BYTES,
     DEFAULT_MAX_REQUEST_BYTES,
+    DEFAULT_MAX_SAMPLE_BYTES,
     DEFAULT_UPDATE_PERIOD,
     Server,
 )
@@ -17,6 +18,7 @@ __all__ = [
     "DEFAULT_MAX_CLIENT_BYTES",
     "DEFAULT_MAX_KEPT_BYTES",
     "DEFAULT_MAX_REQUEST_BYTES",
+    "DEFAULT_MAX_SAMPLE_BYTES",
     "DEFAULT_UPDATE_PERIOD",
     "EXPERT_CLASSES",
     "BackgroundServerInfo",

@@ -17,6 +17,7 @@ import torch
 from hiveengine.dht import DHT, get_dht_time
 from hiveengine.errors import ConfigurationError, ProtocolError, refuse_unknown_options
 from hiveengine.moe.declarations import adeclare_experts
+from hiveengine.moe.errors import SampleTooLargeError
 from hiveengine.moe.protocol import BACKWARD, DHT_TIMEOUT, FORWARD, FORWARD_ID, INFO
 from hiveengine.moe.server.backend import DEFAULT_MAX_KEPT_BYTES, ExpertBackend, SchedulerFactory
 from hiveengine.moe.server.experts import get_expert_class
@@ -44,6 +45,7 @@ HIVEMIND_SPELLINGS = {
 DEFAULT_UPDATE_PERIOD = 30.0  # seconds between re-declarations of the experts in the DHT
 DEFAULT_MAX_REQUEST_BYTES = 64 << 20  # tensor bytes one request may carry; larger ones are refused unread
 DEFAULT_MAX_CLIENT_BYTES = 256 << 20  # request bytes one client may have queued or in computation at once
+DEFAULT_MAX_SAMPLE_BYTES = 4 << 20  # input bytes per sample (row): a transformer expert's 1024 x 1024 fp32 sequence
 EXPIRATION_PERIODS = 2  # a declaration lives this many update periods, so one missed refresh does not hide them
 CHECKPOINT_SUFFIX = ".pt"
 MAX_CHECKPOINT_STEM = 200  # characters of a checkpoint's file name before its suffix; longer ones are hashed
@@ -59,9 +61,10 @@ class Server:
 
     Defences against hostile clients: a request larger than `max_request_bytes` is refused by the transport before
     its tensors are received, and a batch of several requests holds at most that many bytes too (so one batch's
-    compute, which nobody can interrupt, stays bounded); one client's requests queued or in computation hold at
-    most `max_client_bytes` (more are refused as busy); batches are shared fairly between clients (runtime.py);
-    requests holding NaN or Inf are refused (backend.py)."""
+    compute, which nobody can interrupt, stays bounded); a request whose samples hold more than `max_sample_bytes`
+    of inputs each is refused (one very long sequence costs quadratic time in attention); one client's requests
+    queued or in computation hold at most `max_client_bytes` (more are refused as busy); batches are shared fairly
+    between clients (runtime.py); requests holding NaN or Inf are refused (backend.py)."""
 
     def __init__(
         self,
@@ -73,6 +76,7 @@ class Server:
         update_period: float = DEFAULT_UPDATE_PERIOD,
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
         max_client_bytes: int = DEFAULT_MAX_CLIENT_BYTES,
+        max_sample_bytes: int = DEFAULT_MAX_SAMPLE_BYTES,
         port: int | None = None,
         start: bool = True,
     ):
@@ -80,10 +84,12 @@ class Server:
             raise ConfigurationError("a Server needs at least one expert")
         if update_period <= 0:
             raise ConfigurationError(f"update_period must be positive, got {update_period}")
-        if not 0 < max_request_bytes <= max_client_bytes:
+        if not 0 < max_request_bytes <= max_client_bytes or max_sample_bytes <= 0:
             raise ConfigurationError(
-                f"need 0 < max_request_bytes <= max_client_bytes, got {max_request_bytes} and {max_client_bytes}"
+                f"need 0 < max_request_bytes <= max_client_bytes and max_sample_bytes > 0, got {max_request_bytes}, "
+                f"{max_client_bytes} and {max_sample_bytes}"
             )
+        self.max_sample_bytes = max_sample_bytes
         self.limits = dataclasses.replace(
             DEFAULT_LIMITS,
             max_message_bytes=max_request_bytes,
@@ -274,6 +280,13 @@ class Server:
         """Check the request against the expert's schema and queue it in the expert's forward or backward pool."""
         backend = self._backend(request)
         rows = (backend.check_backward if backward else backend.check_forward)(request.tensors)
+        inputs = sum(t.numel() * t.element_size() for t in request.tensors[: len(backend.input_schema)])
+        per_sample = inputs / max(rows, 1)
+        if per_sample > self.max_sample_bytes:
+            raise SampleTooLargeError(
+                f"{backend.uid}: samples of {per_sample:.0f} input bytes exceed this server's max_sample_bytes of "
+                f"{self.max_sample_bytes} (e.g. shorter sequences, or a server started with a larger limit)"
+            )
         pool = self._pools[backend.uid][int(backward)]
         future = self.runtime.submit(pool, request.tensors, rows, _forward_key(request), request.sender)
         return {}, await asyncio.wrap_future(future)
