@@ -469,6 +469,19 @@ def flooded_runtime_batches(honest_pool: str) -> list[tuple[str, list]]:
     return batches
 
 
+def test_a_flooding_client_evicts_its_own_kept_activations_not_the_others():
+    klass = get_expert_class("ffn")
+    x = torch.randn(32, 16)
+    backend = ExpertBackend("ffn.0", klass.build(16, seed=0), klass.input_schema(16))
+    backend.forward([x], keys=[("honest", 1)])
+    backend.max_kept_bytes = 3 * backend.kept_bytes
+    for fid in range(MAX_KEPT_FORWARDS + 4):  # over the byte bound, and the count bound
+        backend.forward([x], keys=[("flooder", fid)])
+    assert backend.kept_requests == 3
+    backend.backward([x, torch.randn(32, 16)], keys=[("honest", 1)])  # still kept: no recompute
+    assert backend.recomputed == 0
+
+
 def test_runtime_serves_the_least_recently_served_sender_first_and_shares_batches():
     # Another pool: the honest request goes right after the batch in progress, not after the flooder's queue.
     assert flooded_runtime_batches("other") == [

@@ -88,11 +88,11 @@ class ExpertBackend:
 
     A forward batch with requests that carry keys (clients' forward ids) is recorded with autograd and kept under
     each key (at most MAX_KEPT_FORWARDS keys, for KEPT_FORWARD_TTL seconds, and at most `max_kept_bytes` of
-    activations: the oldest are dropped first, and a batch larger than that is not kept). A backward batch that
-    holds every keyed request of a kept forward batch runs backward through it once, with zero gradients for its
-    unkeyed rows, and skips recomputing it, unless the parameters changed in between. Otherwise backward recomputes
-    the forward pass, as hivemind does: so many clients' forward requests share one batched forward and, usually,
-    one batched backward.
+    activations: the owner holding the most loses its oldest first, and a batch larger than that is not kept). A
+    backward batch that holds every keyed request of a kept forward batch runs backward through it once, with zero
+    gradients for its unkeyed rows, and skips recomputing it, unless the parameters changed in between. Otherwise
+    backward recomputes the forward pass, as hivemind does: so many clients' forward requests share one batched
+    forward and, usually, one batched backward.
     """
 
     def __init__(
@@ -192,16 +192,24 @@ class ExpertBackend:
             return [t.detach().contiguous() for t in outputs]
 
     def _keep(self, key: Hashable, kept: KeptForward) -> None:
-        """Keep `kept` under `key`, then drop the oldest kept passes while any bound is exceeded."""
+        """Keep `kept` under `key`; drop expired passes, then, while a bound is exceeded, the oldest pass of the
+        owner that holds the most bytes (so one client's flood evicts its own passes, not the others')."""
         now = time.monotonic()
         self._kept.pop(key, None)
         self._kept[key] = kept
-        while self._kept and (
-            len(self._kept) > MAX_KEPT_FORWARDS
-            or now - next(iter(self._kept.values())).created > KEPT_FORWARD_TTL
-            or self.kept_bytes > self.max_kept_bytes
-        ):
+        while self._kept and now - next(iter(self._kept.values())).created > KEPT_FORWARD_TTL:
             self._kept.popitem(last=False)
+        while len(self._kept) > MAX_KEPT_FORWARDS or self.kept_bytes > self.max_kept_bytes:
+            del self._kept[self._eviction_victim()]
+
+    def _eviction_victim(self) -> Hashable:
+        """The oldest key of the owner holding the most kept bytes (keys that are (owner, id) pairs, as the
+        Server's (client, forward id) are, group by owner; any other key is its own owner)."""
+        held: dict[Hashable, dict[int, int]] = {}
+        for key, kept in self._kept.items():
+            held.setdefault(_owner(key), {})[id(kept)] = kept.nbytes
+        heaviest = max(held, key=lambda owner: sum(held[owner].values()))
+        return next(key for key in self._kept if _owner(key) == heaviest)
 
     def _reusable(self, kept: KeptForward, members: dict[Hashable, int], sizes: Sequence[int], inputs) -> bool:
         """Whether a backward batch may run through `kept`: it holds every keyed request of it (`members`: key ->
@@ -361,6 +369,10 @@ def _padded_grads(
         ]
         padded.append(torch.cat(parts) if len(parts) > 1 else parts[0])
     return padded
+
+
+def _owner(key: Hashable) -> Hashable:
+    return key[0] if isinstance(key, tuple) and len(key) == 2 else key
 
 
 def _nonfinite_error(tensors: Sequence[torch.Tensor], what: str) -> NonFiniteRequestError | None:
