@@ -16,6 +16,7 @@ import torch
 
 from hiveengine.averaging import DecentralizedAverager, GroupMember
 from hiveengine.averaging.matchmaking import GATHER_GRID_SECONDS, SETTLE_SECONDS, matchmaking_key
+from hiveengine.averaging.records import record_signer, signer_of
 from hiveengine.dht import DHT, get_dht_time
 
 pytestmark = pytest.mark.timeout(180)
@@ -71,8 +72,10 @@ def wait_for(condition, what: str):
 
 
 def registrations(averager, key: str = "rounds") -> dict:
+    """{raw peer id of the signer: registration} (signed registrations only)."""
     found = averager.dht.get(matchmaking_key(averager.prefix, key), latest=True)
-    return {} if found is None else {k: v.value for k, v in found.value.items()}
+    signed = {} if found is None else {signer_of(k): v.value for k, v in found.value.items()}
+    return {peer_id.raw: value for peer_id, value in signed.items() if peer_id is not None}
 
 
 def test_step_keeps_looking_until_its_timeout():
@@ -247,7 +250,7 @@ def test_concurrent_store_and_reads_see_each_other():
             key = f"concurrent-{attempt}"
 
             async def all_writes(key=key):
-                writes = [_store_and_read(d, key, [1], get_dht_time() + 30, d.peer_id.raw) for d in dhts]
+                writes = [_store_and_read(d, d.identity, key, [1], get_dht_time() + 30) for d in dhts]
                 return await asyncio.gather(*writes)
 
             reads = [_summary(read) for read in runtime.run(all_writes(), WAIT_LIMIT)]
@@ -306,11 +309,9 @@ async def _call(function):
 
 def _summary(read) -> tuple[set, set, set]:
     """Who a write read back, whose record every node that took it held before, and which nodes took it."""
-    from hiveengine.dht.serialization import unpack
-
     records = read.entry.subkeys.values()
-    found = {unpack(r.subkey, hashable=True) for r in records}
-    before = {unpack(r.subkey, hashable=True) for r in records if read.everywhere(r)}
+    found = {record_signer(r).raw for r in records}
+    before = {record_signer(r).raw for r in records if read.everywhere(r)}
     return found, before, read.taker_ids
 
 

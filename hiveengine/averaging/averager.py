@@ -9,7 +9,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -25,7 +25,15 @@ from hiveengine.averaging.allreduce import (
     run_allreduce,
 )
 from hiveengine.averaging.matchmaking import GroupInfo, GroupMember, Matchmaker, MatchmakingConfig, Mode, NoReducerError
-from hiveengine.averaging.state import StateServer, advertise, download, find_sources, retract
+from hiveengine.averaging.state import (
+    StateServer,
+    advertise,
+    corroborated,
+    download,
+    find_sources,
+    retract,
+    state_digest,
+)
 from hiveengine.codec import Aggregation, get_codec
 from hiveengine.codec.robust import DEFAULT_CLIP_ITERATIONS, DEFAULT_TAU_FACTOR
 from hiveengine.dht import DHT
@@ -74,6 +82,8 @@ class DecentralizedAverager:
     contribute no data. The default codec is lossless ("none"); pass codec="int8" etc. to trade precision
     for bandwidth. With `share_state=False` the tensors are never served to peers that load state (e.g.
     gradient buffers, whose values mean nothing to a newcomer); `allow_state_sharing` toggles it at run time.
+    Shared state is advertised with its hash, `state_digest(flat, metadata)` (by default of everything; pass
+    one that hashes only what must agree between peers), and newcomers load only a hash a quorum attests.
 
     Reducers defend the round against hostile members: `aggregation="centered_clip"` (the default, for open
     swarms) bounds what any copy can move the result by (clip radius `clip_tau`, or `clip_tau_factor` median
@@ -107,6 +117,7 @@ class DecentralizedAverager:
         clip_iterations: int = DEFAULT_CLIP_ITERATIONS,
         late_grace: float = DEFAULT_LATE_GRACE,
         max_weight_ratio: float = MAX_WEIGHT_RATIO,
+        state_digest: Callable[[torch.Tensor, dict], bytes] = state_digest,
         **unknown,
     ):
         refuse_unknown_options("DecentralizedAverager", unknown, HIVEMIND_SPELLINGS)
@@ -123,7 +134,7 @@ class DecentralizedAverager:
                 f"averaged tensors must share one floating dtype and device, got {sorted(map(str, dtypes))} "
                 f"on {sorted(map(str, devices))}"
             )
-        self.dht, self.prefix = dht, prefix
+        self.dht, self.prefix, self.state_digest = dht, prefix, state_digest
         self.codec = get_codec(codec)
         if not (late_grace > 0 and math.isfinite(late_grace)):
             raise ConfigurationError(f"late_grace must be a positive number of seconds, got {late_grace}")
@@ -291,10 +302,16 @@ class DecentralizedAverager:
 
     async def _advertise(self) -> None:
         if self._sharing:
-            await advertise(self.dht, self.prefix, self.me.address, self.me.peer_id.raw, self.local_epoch)
+            digest = await asyncio.to_thread(self._digest)  # hashing a large state would stall the loop
+            identity = self.peer.identity
+            await advertise(self.dht, identity, self.prefix, self.me.address, self.local_epoch, digest)
+
+    def _digest(self) -> bytes:
+        with self.tensors_lock:
+            return self.state_digest(self.flat, self.state_metadata)
 
     async def _retract(self) -> None:
-        await retract(self.dht, self.prefix, self.me.peer_id.raw)
+        await retract(self.dht, self.peer.identity, self.prefix)
 
     def publish_state(self, epoch: int, metadata: dict | None = None, timeout: float = DEFAULT_STEP_TIMEOUT) -> None:
         """Declare our tensors to be the state of `epoch` (with `metadata`) and advertise them to newcomers."""
@@ -303,30 +320,50 @@ class DecentralizedAverager:
             self.state_metadata = metadata
         self.peer.runtime.run(self._advertise(), timeout)
 
-    async def aload_state_from_peers(self, timeout: float = DEFAULT_STEP_TIMEOUT, codec: str = "none") -> dict | None:
-        """Replace our tensors with the newest state a peer advertises; return its metadata (None: no peer
-        could serve it). With codec="none" the copy is exact; a lossy codec makes the download smaller."""
+    async def aload_state_from_peers(
+        self, timeout: float = DEFAULT_STEP_TIMEOUT, codec: str = "none", max_epoch: int | None = None
+    ) -> dict | None:
+        """Replace our tensors with the state a quorum of peers attests (state.py), downloaded from any of them
+        and checked against its hash; return its metadata (None: no attested state could be had). `max_epoch`:
+        ignore advertisements of later epochs (the Optimizer passes the epoch its progress corroborates). With
+        codec="none" the copy is exact and verified; a lossy codec makes the download smaller, but cannot be
+        checked against the hash (its donor is still one of the attesting peers)."""
         deadline = time.monotonic() + timeout
-        for epoch, address in await find_sources(self.dht, self.prefix, self.me.peer_id.raw):
-            await self._lock_tensors()
-            try:
-                state = await download(self.peer, address, self.flat, codec, deadline)
-            except (TransportError, ProtocolError, TimeoutError) as e:
-                logger.warning("could not load state (epoch %d) from %s: %s", epoch, address, e)
-                continue
-            finally:
-                self.tensors_lock.release()
-            if self.residual is not None:
-                self.residual.zero_()
-            self.local_epoch, self.state_metadata = state["epoch"], state["metadata"]
-            await self._advertise()
-            logger.info("loaded state of epoch %d from %s", self.local_epoch, address)
-            return self.state_metadata
+        verify = get_codec(codec).name == "none"
+        scratch = torch.empty_like(self.flat)  # a state is verified before it replaces ours
+        for sources in corroborated(await find_sources(self.dht, self.prefix, self.me.peer_id), max_epoch=max_epoch):
+            for source in sources:
+                try:
+                    state = await download(self.peer, source.address, scratch, codec, deadline)
+                except (TransportError, ProtocolError, TimeoutError) as e:
+                    logger.warning("could not load state (epoch %d) from %s: %s", source.epoch, source.address, e)
+                    continue
+                if verify and await asyncio.to_thread(self.state_digest, scratch, state["metadata"]) != source.digest:
+                    logger.warning(
+                        "%s sent a state whose hash is not the one %d peers attest for epoch %d; trying another",
+                        source.peer_id,
+                        len(sources),
+                        source.epoch,
+                    )
+                    continue
+                await self._lock_tensors()
+                try:
+                    self.flat.copy_(scratch)
+                finally:
+                    self.tensors_lock.release()
+                if self.residual is not None:
+                    self.residual.zero_()
+                self.local_epoch, self.state_metadata = source.epoch, state["metadata"]
+                await self._advertise()
+                logger.info("loaded state of epoch %d from %s", self.local_epoch, source.address)
+                return self.state_metadata
         return None
 
-    def load_state_from_peers(self, timeout: float = DEFAULT_STEP_TIMEOUT, codec: str = "none") -> dict | None:
+    def load_state_from_peers(
+        self, timeout: float = DEFAULT_STEP_TIMEOUT, codec: str = "none", max_epoch: int | None = None
+    ) -> dict | None:
         """Blocking twin of `aload_state_from_peers`."""
-        return self.peer.runtime.run(self.aload_state_from_peers(timeout, codec), timeout + 5)
+        return self.peer.runtime.run(self.aload_state_from_peers(timeout, codec, max_epoch), timeout + 5)
 
     def shutdown(self) -> None:
         """Stop averaging and withdraw our state advertisement; idempotent. The DHT stays up (it is the caller's)."""

@@ -2,7 +2,11 @@
 (GroupInfo: who takes part in one averaging round, and in what role).
 
 Gatherings. Each peer registers (address, bandwidth, mode, registered_at, gather_until, round, gathered) as
-its own subkey of `{prefix}.matchmaking.{key}`. A gathering is named by its deadline: a peer that sees a
+its own subkey of `{prefix}.matchmaking.{key}`, signed by the transport key that will take part in the all-reduce
+(records.py: the subkey is that key's owner marker, and every DHT node and reader checks the signature), so
+nobody can register, rewrite or withdraw another peer; a registration's address must name its signer.
+Registrations that are unsigned, malformed or expired (a deadline already past) are skipped, with a log line
+naming the peer once per gathering, and never raise. A gathering is named by its deadline: a peer that sees a
 registration whose deadline is still ahead joins the earliest such gathering; otherwise it opens one that ends
 matchmaking_time from now, rounded up to a grid of GATHER_GRID_SECONDS (so peers that open one at once open the
 same one), or at the caller's scheduled time. Two peers that opened different gatherings move to the earlier as
@@ -48,12 +52,13 @@ from typing import Any, ClassVar
 
 import msgpack
 
+from hiveengine.averaging.records import record_signer, signed_record, signer_of, store_signed
 from hiveengine.dht.dht import DHT
 from hiveengine.dht.node import ReadBack
 from hiveengine.dht.serialization import pack, unpack
 from hiveengine.dht.storage import Entry, Record, get_dht_time
 from hiveengine.errors import ConfigurationError, HiveEngineError, ProtocolError
-from hiveengine.transport import Peer, PeerID, Request
+from hiveengine.transport import Identity, Peer, PeerID, Request
 
 logger = logging.getLogger(__name__)
 
@@ -226,14 +231,6 @@ class Bell:
         task.add_done_callback(lambda t: t.cancelled() or _log_ring_failure(t.exception()))
 
 
-def _peer_id(raw) -> PeerID | None:
-    """The peer id a DHT subkey names (None when it names none)."""
-    try:
-        return PeerID(raw) if isinstance(raw, bytes) else None
-    except (TypeError, ValueError):
-        return None
-
-
 def _is_version(value) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -281,6 +278,7 @@ class _Gathering:
     told: set[PeerID] = field(default_factory=set)
     aware: set[PeerID] = field(default_factory=set)  # peers that will see our registration without a ring
     takers: set[int] = field(default_factory=set)  # the DHT nodes that stored our registration as they read
+    skipped: set[PeerID] = field(default_factory=set)  # peers whose malformed or expired registration we logged
     writing: asyncio.Task | None = None  # our registration's write (and read), while under way
 
     def learn_record(self, record: Record, peer_id: PeerID | None = None) -> bool:
@@ -288,7 +286,7 @@ class _Gathering:
         hold); whether it was news."""
         try:
             if peer_id is None:
-                peer_id = _peer_id(unpack(record.subkey, hashable=True)) if record.subkey is not None else None
+                peer_id = record_signer(record)
             if peer_id is None or peer_id == self.mine.member.peer_id:
                 return False
             held = self.known.get(peer_id)
@@ -297,7 +295,7 @@ class _Gathering:
             value = unpack(record.value)
         except ProtocolError:
             return False
-        registration = None if value is None else _registration(peer_id, value)
+        registration = None if value is None else self.check(peer_id, value)
         if value is not None and registration is None:
             return False
         self.learn(peer_id, record.expiration_time, registration)
@@ -311,10 +309,7 @@ class _Gathering:
             return
         now = get_dht_time()
         for record in read.entry.subkeys.values():
-            try:
-                peer_id = _peer_id(unpack(record.subkey, hashable=True))
-            except ProtocolError:
-                continue
+            peer_id = record_signer(record)
             if peer_id is not None and record.expiration_time > now:
                 if not read.everywhere(record):
                     self.aware.add(peer_id)
@@ -329,13 +324,25 @@ class _Gathering:
         """Take what a DHT read found (a dict of subkeys; anything else finds nothing)."""
         if not isinstance(subkeys, dict):
             return
-        for raw_id, entry in subkeys.items():
-            peer_id = _peer_id(raw_id)
-            if peer_id is not None and _is_version(entry.expiration_time):
+        for subkey, entry in subkeys.items():
+            peer_id = signer_of(subkey)
+            if peer_id is not None and peer_id != self.mine.member.peer_id and _is_version(entry.expiration_time):
                 withdrawn = entry.value is None
-                registration = None if withdrawn else _registration(peer_id, entry.value)
+                registration = None if withdrawn else self.check(peer_id, entry.value)
                 if withdrawn or registration is not None:
                     self.learn(peer_id, float(entry.expiration_time), registration)
+
+    def check(self, peer_id: PeerID, value) -> Registration | None:
+        """`peer_id`'s registration from a signed record's value; None (logged once per peer) when malformed or
+        for a gathering that ended already."""
+        registration = _registration(peer_id, value)
+        if registration is not None and registration.gather_until >= self.mine.registered_at:
+            return registration
+        if peer_id not in self.skipped and len(self.skipped) < MAX_RING_RECORDS:
+            self.skipped.add(peer_id)
+            problem = "a malformed" if registration is None else "an expired"
+            logger.info("%s: skipping %s registration of %s", self.key, problem, peer_id)
+        return None
 
     def registrations(self) -> list[Registration]:
         """Everyone's newest live registration (rings merged in), ours as it is now."""
@@ -352,6 +359,7 @@ class Matchmaker:
     def __init__(self, dht: DHT, prefix: str, me: GroupMember, config: MatchmakingConfig, peer: Peer):
         self.dht, self.prefix, self.me, self.config = dht, prefix, me, config
         self.bell = Bell.of(peer)
+        self.identity: Identity = peer.identity  # signs our registrations: the key that takes part in the round
         self._background: set[asyncio.Task] = set()
         self._versions: collections.OrderedDict[str, float] = collections.OrderedDict()
 
@@ -535,9 +543,7 @@ class Matchmaker:
         g.version = self._next_version(g.key)
         g.told.clear()
         g.aware.clear()
-        g.writing = asyncio.ensure_future(
-            _store_and_read(self.dht, g.key, g.mine.record(), g.version, self.me.peer_id.raw)
-        )
+        g.writing = asyncio.ensure_future(_store_and_read(self.dht, self.identity, g.key, g.mine.record(), g.version))
         g.writing.add_done_callback(lambda _: g.listener.event.set())
 
     def _take_write(self, g: _Gathering) -> _Gathering:
@@ -568,13 +574,13 @@ class Matchmaker:
     def _withdraw_in_background(self, g: _Gathering) -> None:
         """Replace our registration with a tombstone, so peers still gathering do not count on us."""
         version = self._next_version(g.key)
-        self._keep(asyncio.ensure_future(self.dht.astore(g.key, None, version, subkey=self.me.peer_id.raw)))
+        self._keep(asyncio.ensure_future(store_signed(self.dht, self.identity, g.key, None, version)))
 
 
-async def _store_and_read(dht: DHT, key: str, value: Any, expiration: float, subkey: bytes) -> ReadBack | None:
-    """Store `value` under `key`/`subkey` and read the key back in the same lookup, which asks every known node
-    at once (DHTNode.store with `read` and `wide`); None if no node accepted the write."""
-    record = dht.make_record(key, value, expiration, subkey)
+async def _store_and_read(dht: DHT, identity: Identity, key: str, value: Any, expiration: float) -> ReadBack | None:
+    """Store `value` under `key`, signed by `identity` (records.py), and read the key back in the same lookup,
+    which asks every known node at once (DHTNode.store with `read` and `wide`); None if no node accepted it."""
+    record = signed_record(dht, identity, key, value, expiration)
     read = ReadBack(Entry(record.key))
     (accepted,) = await dht.node.store([record], read=read, wide=True)
     return read if accepted else None
@@ -596,7 +602,7 @@ def _registration(peer_id: PeerID, value) -> Registration | None:
         times = (float(registered_at), float(gather_until))
         if not isinstance(address, str) or address.rsplit("/", 1)[1] != str(peer_id):
             return None
-        if dht_node is not None and _peer_id(dht_node) is None:
+        if dht_node is not None and not (isinstance(dht_node, bytes) and len(dht_node) == len(peer_id.raw)):
             return None
         if not (bandwidth >= 0 and math.isfinite(bandwidth)) or not all(math.isfinite(t) for t in times):
             return None

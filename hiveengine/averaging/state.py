@@ -1,26 +1,40 @@
-"""Sharing state between averagers: a newcomer downloads the newest tensors and metadata from a peer.
+"""Sharing state between averagers: a newcomer downloads tensors and metadata whose hash a quorum attests.
 
-Each averager advertises (address, epoch) in the DHT. A downloader asks the peer with the newest epoch
-for a snapshot (the server copies its tensors while no averaging round is writing them), then pulls it
-in chunks, each encoded with the codec it asked for, straight into its own flat buffer.
+Each averager advertises (address, epoch, digest) in the DHT, signed by its transport key (records.py: the
+subkey is its owner marker), where digest is the hash of the state it holds (`state_digest`, or the averager's
+own function when only part of its state must agree between peers). Peers that averaged together hold the same
+state, so an advertisement is also an attestation: "the state of epoch e hashes to d". A newcomer counts, for
+each (epoch, digest), the distinct signed peers that advertise it, ignores those above the epoch it was told to
+trust (the Optimizer passes the epoch its progress records corroborate), and takes only a state that at least
+STATE_QUORUM peers attest (or all of them, when fewer advertise): the most attested first, the newer on a tie.
+It downloads from any peer advertising that digest, into a scratch buffer, hashes what it received, and copies
+it into its tensors only if the hash matches; on a mismatch it tries the next donor. So one peer advertising its
+own state under a huge epoch, or serving other bytes than it advertised, never gets its tensors loaded.
+
+Download: the donor copies its tensors into a snapshot while no averaging round is writing them; the newcomer
+pulls it in chunks, each encoded with the codec it asked for. A lossy codec cannot reproduce the attested bytes:
+such a download comes from a peer that attests the chosen state, but is not verified.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import hashlib
 import logging
 import math
 import os
 import time
 from dataclasses import dataclass
 
+import msgpack
 import torch
 
+from hiveengine.averaging.records import signer_of, store_signed
 from hiveengine.codec import get_codec
 from hiveengine.dht import DHT, get_dht_time
 from hiveengine.errors import PeerBusyError, ProtocolError, TransportError
-from hiveengine.transport import Peer, Request
+from hiveengine.transport import Identity, Peer, PeerID, Request
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +45,9 @@ STATE_CHUNK_ELEMENTS = 1 << 22
 STATE_WINDOW = 4  # chunks in flight during a download
 MAX_SNAPSHOTS = 2  # concurrent downloads a peer serves (each holds one copy of the tensors)
 BUSY_RETRY_SECONDS = 0.2
+STATE_QUORUM = 2  # distinct signed peers that must attest a state's digest (all advertisers, when fewer)
+DIGEST_DOMAIN = b"hiveengine-state-digest-v1"
+DIGEST_BYTES = 32
 
 
 def state_key(prefix: str) -> str:
@@ -87,28 +104,79 @@ class StateServer:
         return {}, payload
 
 
-async def advertise(dht: DHT, prefix: str, address: str, peer_raw: bytes, epoch: int) -> None:
-    """Tell the swarm this peer can serve its state at `epoch`."""
-    await dht.astore(state_key(prefix), [address, epoch], get_dht_time() + STATE_TTL, subkey=peer_raw)
+@dataclass(frozen=True)
+class Source:
+    """One signed state advertisement: who serves which state (its epoch and digest), and where."""
+
+    peer_id: PeerID
+    address: str
+    epoch: int
+    digest: bytes
 
 
-async def retract(dht: DHT, prefix: str, peer_raw: bytes) -> None:
+def state_digest(flat: torch.Tensor, metadata: dict) -> bytes:
+    """SHA-256 of the whole state: DIGEST_DOMAIN, the metadata (msgpack) and the flat buffer's bytes."""
+    digest = hashlib.sha256(DIGEST_DOMAIN)
+    digest.update(msgpack.packb(metadata, use_bin_type=True))
+    digest.update(flat.detach().contiguous().cpu().view(torch.uint8).numpy())
+    return digest.digest()
+
+
+async def advertise(dht: DHT, identity: Identity, prefix: str, address: str, epoch: int, digest: bytes) -> bool:
+    """Tell the swarm this peer serves the state of `epoch` whose hash is `digest` (signed by `identity`)."""
+    return await store_signed(dht, identity, state_key(prefix), [address, epoch, digest], get_dht_time() + STATE_TTL)
+
+
+async def retract(dht: DHT, identity: Identity, prefix: str) -> None:
     """Stop advertising this peer's state (a newer, empty entry replaces the advertisement)."""
-    await dht.astore(state_key(prefix), None, get_dht_time() + STATE_TTL, subkey=peer_raw)
+    await store_signed(dht, identity, state_key(prefix), None, get_dht_time() + STATE_TTL)
 
 
-async def find_sources(dht: DHT, prefix: str, exclude: bytes) -> list[tuple[int, str]]:
-    """(epoch, address) of peers advertising state, newest first."""
+async def find_sources(dht: DHT, prefix: str, exclude: PeerID) -> list[Source]:
+    """The well-formed, signed state advertisements of `prefix` but `exclude`'s (others are skipped, logged)."""
     found = await dht.aget(state_key(prefix), latest=True)
     sources = []
-    for raw, entry in (found.value if found is not None and isinstance(found.value, dict) else {}).items():
-        try:
-            address, epoch = entry.value
-            if raw != exclude and isinstance(address, str) and isinstance(epoch, int):
-                sources.append((epoch, address))
-        except (TypeError, ValueError, AttributeError):
+    for subkey, entry in (found.value if found is not None and isinstance(found.value, dict) else {}).items():
+        peer_id = signer_of(subkey)
+        if peer_id is None or peer_id == exclude or entry.value is None:
             continue
-    return sorted(sources, reverse=True)
+        source = _source(peer_id, entry.value)
+        if source is None:
+            logger.info("skipping a malformed state advertisement of %s", peer_id)
+        else:
+            sources.append(source)
+    return sources
+
+
+def corroborated(sources: list[Source], quorum: int = STATE_QUORUM, max_epoch: int | None = None) -> list[list[Source]]:
+    """The states a newcomer may load, best first, each as the sources that serve it: (epoch, digest) pairs no
+    newer than `max_epoch`, attested by at least `quorum` distinct peers (or by every advertiser, when fewer
+    advertise); the most attested first, the newer epoch on a tie."""
+    kept = [s for s in sources if max_epoch is None or s.epoch <= max_epoch]
+    if len(kept) < len(sources):
+        logger.info("ignoring %d state advertisement(s) above epoch %s", len(sources) - len(kept), max_epoch)
+    states: dict[tuple[int, bytes], list[Source]] = {}
+    for source in kept:
+        states.setdefault((source.epoch, source.digest), []).append(source)
+    needed = min(quorum, len({s.peer_id for s in kept}))
+    candidates = [group for group in states.values() if len(group) >= needed]
+    if len(candidates) < len(states):
+        logger.info("ignoring %d state(s) attested by fewer than %d peers", len(states) - len(candidates), needed)
+    return sorted(candidates, key=lambda group: (len(group), group[0].epoch), reverse=True)
+
+
+def _source(peer_id: PeerID, value) -> Source | None:
+    """`peer_id`'s advertisement from a record's value; None when malformed or its address names another peer."""
+    if not isinstance(value, list | tuple) or len(value) != 3:
+        return None
+    address, epoch, digest = value
+    if not (isinstance(address, str) and address.rsplit("/", 1)[-1] == str(peer_id)):
+        return None
+    if not (isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 0):
+        return None
+    if not (isinstance(digest, bytes) and len(digest) == DIGEST_BYTES):
+        return None
+    return Source(peer_id, address, epoch, digest)
 
 
 async def download(peer: Peer, address: str, flat: torch.Tensor, codec_name: str, deadline: float) -> dict:
@@ -141,7 +209,10 @@ async def download(peer: Peer, address: str, flat: torch.Tensor, codec_name: str
 
     spans = [(s, min(s + STATE_CHUNK_ELEMENTS, flat.numel())) for s in range(0, flat.numel(), STATE_CHUNK_ELEMENTS)]
     await asyncio.gather(*(pull(s, e) for s, e in spans))
-    return {"epoch": meta.get("epoch", 0), "metadata": meta.get("metadata", {})}
+    metadata = meta.get("metadata", {})
+    if not isinstance(metadata, dict):
+        raise ProtocolError(f"{address} sent state metadata that is not a dictionary")
+    return {"epoch": meta.get("epoch", 0), "metadata": metadata}
 
 
 def _remaining(deadline: float) -> float:

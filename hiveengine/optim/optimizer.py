@@ -11,8 +11,10 @@ Every registration carries a fingerprint of the state that must agree (sync: par
 state; DiLoCo: the outer state). When a group's fingerprints differ — peers started from different
 initializations, or one missed a round — the same group averages its whole training state right after the
 update, so peers end identical whatever their start. `average_state_every=k` also does it every k epochs.
-A peer whose epoch is behind the swarm's newest loads parameters, optimizer state and epoch from a peer that
-has them; peers that die are simply missing from later rounds.
+A peer whose epoch is behind the swarm's newest loads parameters, optimizer state and epoch: the state whose
+hash a quorum of peers attests, no later than the epoch the progress records corroborate, verified after the
+download (averaging/state.py; in DiLoCo the outer state, see optim/state.py). Peers that die are simply
+missing from later rounds.
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ import torch
 from hiveengine.averaging import DecentralizedAverager, GroupInfo, Mode
 from hiveengine.dht import get_dht_time
 from hiveengine.errors import ConfigurationError, HiveEngineError, refuse_unknown_options
-from hiveengine.optim.progress import PeerProgress, ProgressTracker, SwarmProgress
-from hiveengine.optim.state import TrainingState
+from hiveengine.optim.progress import EPOCH_LEAD, PeerProgress, ProgressTracker, SwarmProgress
+from hiveengine.optim.state import AgreedDigest, TrainingState
 from hiveengine.optim.updates import DiLoCoUpdate, SyncUpdate
 from hiveengine.transport import Peer
 
@@ -184,12 +186,16 @@ class Optimizer:
             dht,
             f"{run_id}.state",
             codec="none",
-            share_state=not (client_mode or auxiliary),  # an auxiliary peer's state is never updated
+            share_state=False,  # shared below, once the rule's tensors are bound and can be hashed
             **averaging,
         )
         with self.state_averager.get_tensors() as views:
             self.rule.bind(self.state.bind(views))
             self._agreed = self.rule.agreed_tensors(views)
+        if mode == "diloco":
+            self.state_averager.state_digest = AgreedDigest(self.state_averager.flat, self._agreed)
+        if not (client_mode or auxiliary):  # an auxiliary peer's state is never updated
+            self.state_averager.allow_state_sharing = True
         self.tracker = ProgressTracker(dht, run_id, client_mode, auxiliary)
         self._me = dht.peer_id.raw.hex()  # how progress records name this peer
         self.swarm = SwarmProgress(0, 0, [])
@@ -240,7 +246,7 @@ class Optimizer:
     def load_state_from_peers(self, timeout: float | None = None) -> bool:
         """Replace our parameters, optimizer state and epoch with those of the peer with the newest state
         (hivemind's quickstart calls this on joining); False if no peer could send it."""
-        return self._catch_up(timeout)
+        return self._catch_up(timeout, bounded=False)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the wrapped optimizer's gradients, as torch.optim.Optimizer.zero_grad does."""
@@ -422,11 +428,13 @@ class Optimizer:
         self.state_averager.publish_state(self.epoch, self._metadata(), DHT_TIMEOUT)
         self._check()
 
-    def _catch_up(self, timeout: float | None = None) -> bool:
-        """Load parameters, optimizer state and epoch from the peer with the newest state."""
+    def _catch_up(self, timeout: float | None = None, bounded: bool = True) -> bool:
+        """Load parameters, optimizer state and epoch: the state a quorum attests; when `bounded` (we fell
+        behind the swarm), at most EPOCH_LEAD past the epoch our progress reads corroborate."""
         behind = self.swarm.epoch
         timeout = self.load_state_timeout if timeout is None else timeout
-        metadata = self.state_averager.load_state_from_peers(timeout, codec=self.state_codec)
+        max_epoch = max(behind, self.epoch) + EPOCH_LEAD if bounded else None
+        metadata = self.state_averager.load_state_from_peers(timeout, codec=self.state_codec, max_epoch=max_epoch)
         if metadata is None:
             self._next_catch_up = time.monotonic() + CATCH_UP_RETRY
             logger.warning(
@@ -436,7 +444,11 @@ class Optimizer:
                 CATCH_UP_RETRY,
             )
             return False
-        self.state.apply_metadata(metadata.get("optimizer", {}))
+        optimizer_metadata = metadata.get("optimizer")
+        self.state.apply_metadata(optimizer_metadata if isinstance(optimizer_metadata, dict) else {})
+        if self.mode == "diloco":  # only the outer state was verified: start the inner phase from it
+            with self.state_averager.get_tensors():
+                self.state.restart_inner(self.rule.anchor)
         with self.grad_averager.get_tensors() as buffers:
             for buffer in buffers:
                 buffer.zero_()

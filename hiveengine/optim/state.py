@@ -4,14 +4,23 @@ Parameters and the optimizer's state tensors are rebound as views into the flat 
 so serving, downloading and checkpointing the whole state is one contiguous copy. State that cannot live
 there (non-tensors, tensors of another dtype or device such as Adam's step counter on a GPU peer) travels
 as msgpack metadata.
+
+What a newcomer loads is checked against a hash that a quorum of peers attests (averaging/state.py); the hash
+covers what must agree between peers (`AgreedDigest`): all of it in sync mode, only the outer state and the
+hyperparameters in DiLoCo, where parameters and inner optimizer state drift apart between syncs. A DiLoCo peer
+that loaded state therefore restarts its inner phase from verified bytes only (`restart_inner`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Iterator, Sequence
 
+import msgpack
 import torch
+
+from hiveengine.averaging.state import DIGEST_DOMAIN
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +100,13 @@ class TrainingState:
             start += size
         return groups
 
+    def restart_inner(self, anchor: Sequence[torch.Tensor]) -> None:
+        """Set the parameters to `anchor` and zero the optimizer's tensor state (a fresh inner phase, DiLoCo)."""
+        for p, a in zip(self.params, anchor, strict=True):
+            p.data.copy_(a)
+        for i, key in self.shared:
+            self.optimizer.state[self.params[i]][key].zero_()
+
     def metadata(self) -> dict:
         """What the flat buffer cannot hold: scalar state and the numeric hyperparameters of each group."""
         scalars = []
@@ -123,6 +139,28 @@ class TrainingState:
             for k, v in hyper.items() if isinstance(hyper, dict) else ():
                 if k in group and isinstance(group[k], int | float) and isinstance(v, int | float):
                     group[k] = type(group[k])(v)
+
+
+class AgreedDigest:
+    """The hash of the part of a state that must agree between peers: `views` (views of a flat buffer `flat`, by
+    their element offsets, so the same parts of a downloaded copy hash alike) and the metadata's
+    hyperparameters and mode; SHA-256 with averaging.state's DIGEST_DOMAIN."""
+
+    def __init__(self, flat: torch.Tensor, views: Sequence[torch.Tensor]):
+        base, size = flat.data_ptr(), flat.element_size()
+        self.spans = [((v.data_ptr() - base) // size, (v.data_ptr() - base) // size + v.numel()) for v in views]
+        if any(start < 0 or end > flat.numel() for start, end in self.spans):
+            raise ValueError("the agreed tensors must be views of the flat buffer")
+
+    def __call__(self, flat: torch.Tensor, metadata: dict) -> bytes:
+        optimizer = metadata.get("optimizer")
+        hyper = optimizer.get("hyper") if isinstance(optimizer, dict) else None
+        digest = hashlib.sha256(DIGEST_DOMAIN)
+        digest.update(msgpack.packb([hyper, metadata.get("mode")], use_bin_type=True))
+        host = flat.detach().cpu()
+        for start, end in self.spans:
+            digest.update(host[start:end].contiguous().view(torch.uint8).numpy())
+        return digest.digest()
 
 
 def _is_tensor_of(value: object, kind: tuple[torch.dtype, torch.device]) -> bool:
