@@ -163,6 +163,25 @@ def test_grid_groups_cross_every_earlier_group_and_ignore_order():
     assert grid_groups(members, None, round_number=0) == [tuple(sorted(members, key=lambda m: m.peer_id.raw))]
 
 
+def test_an_absurd_bandwidth_claim_is_capped_relative_to_the_group():
+    from hiveengine.averaging import GroupMember, Mode, balanced_shares
+    from hiveengine.averaging.matchmaking import MAX_BANDWIDTH_RATIO, bounded_bandwidths
+    from hiveengine.transport import Identity
+
+    members = tuple(
+        GroupMember(Identity.generate().peer_id, f"ucx://h:1/{i}", bw) for i, bw in enumerate([1.0, 2.0, 1e300])
+    )
+    client = GroupMember(
+        Identity.generate().peer_id, "ucx://h:1/c", 1e300, Mode.CLIENT
+    )  # reduces nothing: not a reducer
+    bounded = bounded_bandwidths((*members, client))
+    assert [m.bandwidth for m in bounded[:2]] == [1.0, 2.0]  # honest claims untouched
+    assert bounded[2].bandwidth == MAX_BANDWIDTH_RATIO * 2.0  # the lower median of (1, 2, 1e300) is 2
+    assert bounded[2].peer_id == members[2].peer_id and bounded[3] == client
+    shares = balanced_shares([m.bandwidth for m in bounded[:3]], [True] * 3, senders=3)
+    assert max(shares) < 0.9  # the claimant no longer reduces (almost) the whole buffer
+
+
 def test_state_download_matches_the_source_bit_for_bit():
     source_dht = DHT()
     newcomer_dht = DHT(initial_peers=[source_dht.address])

@@ -73,6 +73,9 @@ REGISTRATION_SLACK = 30.0  # registrations outlive their deadline by this long (
 VERSION_STEP = 1e-3  # each write of ours under one key expires at least this much later than the last
 MAX_REMEMBERED_KEYS = 64  # keys whose last write's expiration we remember (to keep the next one later)
 MAX_GATHERED_BYTES = 4096  # the most metadata one peer may attach to its registration (msgpack bytes)
+# A member's claimed bandwidth counts at most this many times the group's median (parts are sized by bandwidth,
+# so a claim of 1e300 would otherwise hand one peer, maybe a hostile one, the whole buffer to reduce).
+MAX_BANDWIDTH_RATIO = 8.0
 
 
 class Mode(enum.IntEnum):
@@ -353,6 +356,28 @@ class _Gathering:
         return [*others, self.mine]
 
 
+def bounded_bandwidths(members: tuple[GroupMember, ...]) -> tuple[GroupMember, ...]:
+    """`members` with each reducer's bandwidth capped at MAX_BANDWIDTH_RATIO x the reducers' lower median,
+    logged with the peer id (every member computes the same caps from the same registrations)."""
+    claims = sorted(m.bandwidth for m in members if m.reduces)
+    if not claims:
+        return members
+    cap = MAX_BANDWIDTH_RATIO * claims[(len(claims) - 1) // 2]
+    bounded = []
+    for m in members:
+        if m.reduces and m.bandwidth > cap:
+            logger.warning(
+                "peer %s claims bandwidth %g; counted as %g (%gx the group median)",
+                m.peer_id,
+                m.bandwidth,
+                cap,
+                MAX_BANDWIDTH_RATIO,
+            )
+            m = dataclasses.replace(m, bandwidth=cap)
+        bounded.append(m)
+    return tuple(bounded)
+
+
 class Matchmaker:
     """Finds this peer's group for one averaging round through the DHT."""
 
@@ -432,6 +457,7 @@ class Matchmaker:
         if len(chosen) < cfg.min_group_size:
             logger.info("%s: only %d peer(s) in our group, below min_group_size", dht_key, len(chosen))
             return None
+        chosen = bounded_bandwidths(chosen)
         ids = sorted(m.peer_id.raw for m in chosen)
         digest = hashlib.sha256(
             dht_key.encode() + repr(registrations[0].gather_until).encode() + round_number.to_bytes(8, "big")
