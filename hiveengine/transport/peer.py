@@ -47,7 +47,7 @@ from hiveengine.transport.identity import Identity, PeerID
 from hiveengine.transport.limits import DEFAULT_LIMITS, TransportLimits
 from hiveengine.transport.reachability import DIALBACK_METHOD, dialback_handler
 from hiveengine.transport.reactor import retrieve_outcome
-from hiveengine.transport.relay import connect_through, offer_from_environment
+from hiveengine.transport.relay import connect_through, offer_from_environment, reserve
 from hiveengine.transport.resources import ResourceManager
 from hiveengine.transport.runtime import Runtime
 from hiveengine.transport.stream import Chunk, StreamReader, iterate_chunks
@@ -184,6 +184,16 @@ class Peer:
         self.register(DIALBACK_METHOD, dialback_handler(self))
         if self.runtime.relay is None:
             offer_from_environment(self)
+        if self.runtime.reachable is False and self.runtime.reserved_relay is not None:
+            self._reserve_like_the_others()
+
+    def _reserve_like_the_others(self) -> None:
+        """Reserve with the relay another peer of this process reserved with (logged if it refuses: we are then
+        reachable only over links we open ourselves)."""
+        try:
+            self.runtime.run(reserve(self, self.runtime.reserved_relay), timeout=self.limits.connect_timeout * 3)
+        except (HiveEngineError, OSError, TimeoutError) as e:
+            logger.warning("no relay slot for %s at %s: %s", self.peer_id, self.runtime.reserved_relay, e)
 
     @property
     def peer_id(self) -> PeerID:

@@ -175,6 +175,7 @@ async def reserve(peer, relay: PeerAddress | str) -> PeerAddress:
 
     peer.register(INCOMING_METHOD, incoming)
     peer.relayed = PeerAddress(relay.host, relay.port, peer.peer_id, relay.tcp_port, relay.peer_id)
+    peer.runtime.reserved_relay = relay
     logger.info("reachable through relay %s as %s", relay.peer_id, peer.relayed)
     return peer.relayed
 

@@ -66,6 +66,7 @@ class Runtime:
         # peers open every link themselves over TCP wires and are called back over those.
         self.reachable: bool | None = None
         self.relay = None  # the relay.Relay this process offers, if any
+        self.reserved_relay = None  # the relay (a PeerAddress) this process's peers reserve with, once one did
         self._tcp_accepting: asyncio.Task | None = None
         self.local_copy = local_copy.Service()  # answers same-host direct copy proofs (started with the listener)
         self.peers: dict[bytes, object] = {}
