@@ -12,6 +12,8 @@ Who does what:
 - The relay bounds what it gives away: RelayLimits.max_reservations, max_circuits (circuits open at once), and
   bytes_per_second over all circuits (a token bucket); a circuit the peer does not accept within setup_timeout is
   dropped. A peer only accepts INCOMING calls from the relay it reserved with, and only ever dials that relay.
+- Every later Peer of a process whose peer reserved (an averager's, an expert server's) reserves with the same
+  relay as it starts (Peer.__init__), so all of the process's services are reachable, not only its DHT node.
 
 Offer relaying with HIVEENGINE_RELAY=1 (HIVEENGINE_RELAY_MBPS, HIVEENGINE_RELAY_CIRCUITS set the caps) or `Relay(peer)`.
 """
