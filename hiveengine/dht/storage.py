@@ -5,7 +5,9 @@ Two rules protect what honest peers store from anyone who can write a key:
   otherwise win every newer-wins contest, forever), and
 - a plain value never replaces a live dictionary: a dictionary holds many peers' entries (registrations,
   progress, expert declarations), and one plain value used to wipe them all. It lives until its subkeys
-  expire; a subkey record still replaces an older plain value.
+  expire; a subkey record still replaces an older plain value, and an owner-signed subkey record replaces an
+  unsigned plain value whatever its expiration (otherwise anyone could squat a key that peers sign their
+  entries under, for up to MAX_RECORD_TTL, with one plain value).
 Stored sizes are counted with RECORD_OVERHEAD_BYTES per record, what a record costs in memory beyond its
 payload, so the byte budget bounds real memory; each record is charged to the peer that sent it (Storage).
 """
@@ -112,7 +114,8 @@ class Entry:
     def merge(self, record: Record) -> bool:
         """Apply newer-wins: a record replaces what it competes with only if it expires later. A plain value
         competes with the whole dictionary (its latest subkey), a subkey with the plain value or its own
-        earlier version. Re-storing an identical record counts as accepted (replication is idempotent)."""
+        earlier version; a signed subkey always beats an unsigned plain value (records reach here validated).
+        Re-storing an identical record counts as accepted (replication is idempotent)."""
         if record.subkey is None:
             if self.plain is not None and self.plain.same_content(record):
                 return True
@@ -121,7 +124,8 @@ class Entry:
             self.plain, self.subkeys = record, {}
             return True
         if self.plain is not None:
-            if record.expiration_time <= self.plain.expiration_time:
+            outranks = record.signature is not None and self.plain.signature is None
+            if not outranks and record.expiration_time <= self.plain.expiration_time:
                 return False
             self.plain = None
         current = self.subkeys.get(record.subkey)

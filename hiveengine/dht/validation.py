@@ -81,11 +81,12 @@ class OwnerSignatureValidator(RecordValidator):
         self.identity = identity
 
     def validate(self, record: Record) -> bool:
-        """Whether the record may be stored: records naming no owner are; a record naming one owner needs
-        that owner's valid signature."""
+        """Whether the record may be stored: records naming no owner are, unsigned (a signature there would
+        vouch for nothing, yet storage ranks signed records first); a record naming one owner needs that owner's
+        valid signature."""
         owners = named_owners(record)
         if not owners:
-            return True
+            return record.signature is None
         if len(owners) > 1 or record.signature is None or len(record.signature) != SIGNATURE_BYTES:
             return False
         return verify_signature(next(iter(owners)), record.signature, signed_message(record))
