@@ -25,6 +25,7 @@ from hiveengine.transport.relay import (
     RelayLimits,
     reserve,
 )
+from hiveengine.transport.upgrade import UPGRADE_METHOD, is_relayed
 from tests.procs import PeerProcess
 from tools.netns import NatRig, nat_available
 
@@ -59,7 +60,7 @@ async def _echo(request):
 @pytest.fixture
 def trio():
     """(relay peer, home peer reserved with it and serving echo, another peer)."""
-    limits = TransportLimits(local_copy=False)
+    limits = TransportLimits(local_copy=False, upgrade_relayed=False)  # relayed links stay relayed: we measure them
     relay_peer = Peer(limits=limits)
     home = Peer(limits=TransportLimits(local_copy=False, link="tcp"))
     other = Peer(limits=limits)
@@ -95,7 +96,7 @@ def test_the_relay_refuses_unreserved_peers_forged_circuits_and_circuits_past_it
     assert forged.recv(1) == b""  # closed: no circuit was waiting for that id
     forged.close()
     other.call_sync(address, "echo", {}, timeout=10)  # the one circuit allowed
-    third = Peer(limits=TransportLimits(local_copy=False))
+    third = Peer(limits=TransportLimits(local_copy=False, upgrade_relayed=False))
     try:
         with pytest.raises(PeerUnreachableError, match="refused a circuit"):
             third.call_sync(address, "echo", {}, timeout=10)
@@ -126,10 +127,35 @@ def test_the_relay_caps_its_bandwidth(trio):
     assert achieved >= rate * 0.5, f"only {achieved / rate:.0%} of the cap"  # issue 18's goal is 70%: see the bench
 
 
+def test_a_relayed_link_becomes_direct_when_the_relayed_peer_can_dial_the_caller(trio):
+    relay_peer, home, _ = trio
+    relay = Relay(relay_peer)
+    caller = Peer(limits=TransportLimits(local_copy=False))  # upgrades relayed links (the default)
+    try:
+        address = home.runtime.run(reserve(home, relay_peer.address), 20)
+        x = torch.arange(1000.0)
+        assert torch.equal(caller.call_sync(address, "echo", {}, [x], timeout=20)[1][0], x)
+        assert caller.runtime.run(caller.upgraded(home.peer_id), 20) is True
+        assert not is_relayed(caller.connection_to(home.peer_id))
+        assert not is_relayed(home.connection_to(caller.peer_id))
+        relayed_before = relay.relayed_bytes
+        assert torch.equal(caller.call_sync(address, "echo", {}, [x], timeout=20)[1][0], x)
+        assert relay.relayed_bytes == relayed_before  # the call went straight to the home peer
+        # A hostile asker cannot make the relayed peer dial a third party, nor upgrade a link that is direct.
+        with pytest.raises(ProtocolError, match="needs 'address'"):
+            caller.call_sync(address, UPGRADE_METHOD, {"address": 5}, timeout=10)
+        with pytest.raises(ProtocolError, match="asker's own"):
+            caller.call_sync(address, UPGRADE_METHOD, {"address": str(relay_peer.address)}, timeout=10)
+        header, _ = caller.call_sync(address, UPGRADE_METHOD, {"address": str(caller.address)}, timeout=10)
+        assert header["upgraded"] is False
+    finally:
+        caller.shutdown()
+
+
 @pytest.mark.skipif(not nat_available(), reason="needs root, ip, tc and iptables")
-def test_two_home_peers_reach_each_other_only_through_a_public_relay():
+def test_two_home_peers_reach_each_other_only_through_a_public_relay_and_a_public_caller_gets_a_direct_link():
     prefix = f"hy{os.getpid() % 100000}"
-    with NatRig(1, 2, prefix=prefix) as rig:
+    with NatRig(2, 2, prefix=prefix) as rig:
         env = {"UCX_TLS": "tcp", "HIVEENGINE_LOCAL_COPY": "0"}
 
         def peer(name, *args, **extra):
@@ -151,6 +177,16 @@ def test_two_home_peers_reach_each_other_only_through_a_public_relay():
             home1 = peer("home1", "call", relayed, "20")
             procs.append(home1)
             result = json.loads(home1.expect("RESULT", 60))
+            assert result["ok"], result
+            # A public caller gets a direct link: home0 dials it back; the relay can then die without hurting it.
+            public = peer("pub1", "upgrade", relayed)
+            procs.append(public)
+            assert json.loads(public.expect("RESULT", 60))["ok"]
+            assert json.loads(public.expect("UPGRADED", 60)) is True
+            relay.kill()
+            public.proc.stdin.write("again\n")
+            public.proc.stdin.flush()
+            result = json.loads(public.expect("RESULT", 60))
             assert result["ok"], result
         finally:
             for proc in procs:

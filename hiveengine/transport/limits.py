@@ -59,6 +59,8 @@ class TransportLimits:
     # Which wire this peer dials with: "ucx", "tcp" (a socket we open; works from behind a NAT, tcp_wire.py), or
     # "auto": TCP once this peer is known to be unreachable or a UCX dial to that peer failed, UCX otherwise.
     link: str = field(default_factory=lambda: os.environ.get(LINK_ENV, "auto"))
+    # Ask a peer we reach through a relay to dial us directly, and use that link instead (upgrade.py).
+    upgrade_relayed: bool = True
     # Frames a TCP wire holds for receives not yet posted, per wire and for the whole process (tcp_wire.py); past
     # either the wire stops reading until a receive is posted. Per wire: one full stream window of chunks.
     tcp_unexpected_bytes: int = 80 * MiB

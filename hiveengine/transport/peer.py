@@ -13,7 +13,8 @@ Which wire a dial uses: TransportLimits.link ("ucx", "tcp", or "auto": TCP to a 
 learned it is unreachable (`runtime.reachable` False, set by reachability.py) or once a UCX dial to that peer
 failed). Every peer answers dial-back requests (reachability.py), so others can learn whether they are reachable.
 A peer nobody can dial may also reserve a slot with a relay (relay.py) and announce the relayed address; links to
-it then run as TCP wires spliced by the relay, still authenticated and encrypted end to end.
+it then run as TCP wires spliced by the relay, still authenticated and encrypted end to end. A dialler that others can
+dial asks it to dial back directly, and that link replaces the relayed one (upgrade.py).
 No dial blocks the event loop or outlasts TransportLimits.connect_timeout (UCX_TCP_CONN_NB=y, ucx_env.py).
 """
 
@@ -53,6 +54,7 @@ from hiveengine.transport.runtime import Runtime
 from hiveengine.transport.stream import Chunk, StreamReader, iterate_chunks
 from hiveengine.transport.tcp_wire import TcpWire, new_recv_base, open_tcp
 from hiveengine.transport.ucx_wire import UcxWire
+from hiveengine.transport.upgrade import UPGRADE_METHOD, request_upgrade, upgrade_handler, wants_upgrade
 from hiveengine.transport.wire import FrameSpec, Kind, frame_specs, inline_tensors, restore_requires_grad
 
 logger = logging.getLogger(__name__)
@@ -177,11 +179,13 @@ class Peer:
         self.resources = ResourceManager(limits)
         self._eviction: asyncio.TimerHandle | None = None  # a later eviction pass, when one is due
         self.relayed: PeerAddress | None = None  # our address through a relay (relay.reserve), announced if set
+        self._upgrades: dict[PeerID, asyncio.Task] = {}  # relayed links we asked to be made direct (upgrade.py)
         self._tcp_only: set[PeerID] = set()  # peers a UCX dial failed to reach (link "auto"): dialled over TCP
         self._closed = False
         self.port = self.runtime.run(self.runtime.ensure_listener(port), timeout=30)
         self.runtime.register_peer(self)
         self.register(DIALBACK_METHOD, dialback_handler(self))
+        self.register(UPGRADE_METHOD, upgrade_handler(self))
         if self.runtime.relay is None:
             offer_from_environment(self)
         if self.runtime.reachable is False and self.runtime.reserved_relay is not None:
@@ -387,19 +391,37 @@ class Peer:
             raise ConnectionLostError("this peer is shut down")
         kind = self.link_for(address)
         try:
-            return await (self._dial_tcp(address) if kind == "tcp" else self._dial_ucx(address))
+            conn = await (self.dial_tcp(address) if kind == "tcp" else self._dial_ucx(address))
         except PeerUnreachableError:
             if kind != "ucx" or self.limits.link != "auto" or not address.tcp_port:
                 raise
-        conn = await self._dial_tcp(address)  # UCX could not reach it (a NAT on our side, say): our own socket can
+        else:
+            if wants_upgrade(self, address):
+                self._start_upgrade(address)
+            return conn
+        conn = await self.dial_tcp(address)  # UCX could not reach it (a NAT on our side, say): our own socket can
         self._tcp_only.add(address.peer_id)
         logger.info("%s is reached over TCP: a UCX link to it failed", address.peer_id)
         return conn
 
+    def _start_upgrade(self, address: PeerAddress) -> None:
+        """Ask the peer we reached through a relay to dial us directly (upgrade.py), in the background."""
+        if len(self._upgrades) >= self.limits.max_connections:
+            self._upgrades = {k: t for k, t in self._upgrades.items() if not t.done()}
+        self._upgrades[address.peer_id] = self._spawn(request_upgrade(self, address))
+
+    async def upgraded(self, peer_id: PeerID) -> bool | None:
+        """Whether our relayed link to `peer_id` became direct (upgrade.py), awaited while the upgrade runs; None
+        when no upgrade was tried (the link was never relayed, or we cannot be dialled)."""
+        task = self._upgrades.get(peer_id)
+        return None if task is None else await asyncio.shield(task)
+
     async def _dial_ucx(self, address: PeerAddress) -> Connection:
         return self.adopt(*await self._open_ucx(address, self.identity), inbound=False)
 
-    async def _dial_tcp(self, address: PeerAddress) -> Connection:
+    async def dial_tcp(self, address: PeerAddress) -> Connection:
+        """A fresh TCP wire to `address`, opened by us, authenticated and in service (it replaces any link we hold
+        to that peer for new calls)."""
         return self.adopt(*await self._open_tcp(address, self.identity), inbound=False)
 
     async def _open_ucx(self, address: PeerAddress, identity: Identity) -> tuple:
@@ -434,7 +456,7 @@ class Peer:
                 except BaseException:
                     sock.close()
                     raise
-                wire = TcpWire(sock, self.limits)
+                wire = TcpWire(sock, self.limits, relayed=address.relay is not None)
                 auth = await connect_handshake(wire, None, identity, address.peer_id, base, deadline)
         except Exception as e:
             if wire is not None:

@@ -68,9 +68,10 @@ class TcpWire:
 
     kind = "tcp"
 
-    def __init__(self, sock: socket.socket, limits: TransportLimits, prefix: bytes = b""):
+    def __init__(self, sock: socket.socket, limits: TransportLimits, prefix: bytes = b"", relayed: bool = False):
         """`prefix`: bytes already read off the socket (the listener reads 4 to tell a handshake from a relay
-        request), read again first."""
+        request), read again first; `relayed`: the socket is a relay's circuit (relay.py), not a direct link."""
+        self.relayed = relayed
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._sock, self.limits, self._prefix = sock, limits, prefix

@@ -1,4 +1,5 @@
-"""A peer process for the NAT rig tests: `serve` answers echo and dial-on-request; `ping` and `call` report JSON."""
+"""A peer process for the NAT rig tests: `serve` answers echo and dial-on-request; `ping`, `call` and `upgrade` (a
+call through a relay, whether the link became direct, and a second call) report JSON."""
 
 import json
 import sys
@@ -73,6 +74,16 @@ def relayed(peer: Peer, relay: str) -> None:
     serve(peer)
 
 
+def upgrade(peer: Peer, address: str) -> None:
+    """Call echo at a relayed `address` and report whether our link to it became direct; after a line on stdin
+    (the test killed the relay meanwhile), call again and report."""
+    call(peer, address, 20)
+    direct = peer.runtime.run(peer.upgraded(PeerAddress.parse(address).peer_id), timeout=30)
+    print("UPGRADED", json.dumps(direct), flush=True)
+    sys.stdin.readline()
+    call(peer, address, 20)
+
+
 def check(peer: Peer, address: str) -> None:
     """Ask the peer at `address` to dial us back; print the verdict and which wire we now dial it with."""
     found = check_reachability_sync(peer, [address], timeout=20)
@@ -112,6 +123,8 @@ if __name__ == "__main__":
         join(main_peer, sys.argv[2])
     elif mode == "relayed":
         relayed(main_peer, sys.argv[2])
+    elif mode == "upgrade":
+        upgrade(main_peer, sys.argv[2])
     elif mode == "check":
         check(main_peer, sys.argv[2])
     elif mode == "ask-dial":
