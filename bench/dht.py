@@ -41,6 +41,7 @@ COMPARED = [
     "store_mean_ms",
     "get_mean_ms",
     "get_p99_ms",
+    "get_latest_mean_ms",
     "ops_per_s",
     "cpu_ms_per_op",
     "mb_per_node",
@@ -49,9 +50,12 @@ COMPARED = [
 # operations): unlike ops/s, it barely moves when other jobs share the machine's cores.
 OPS_PER_KEY = 4
 HIGHER_IS_BETTER = {"store_ok", "get_ok", "ops_per_s"}
+LATEST_KEYS = 100  # keys also read with latest=True: a full lookup over every disjoint path
 COLUMNS = [
     "system",
     "nodes",
+    "signed",
+    "disjoint_paths",
     "load_1min",
     "start_ms",
     "store_ok",
@@ -60,6 +64,7 @@ COLUMNS = [
     "store_p99_ms",
     "get_mean_ms",
     "get_p99_ms",
+    "get_latest_mean_ms",
     "ops_per_s",
     "cpu_ms_per_op",
     "mb_per_node",
@@ -133,8 +138,12 @@ class Worker:
             self.proc.wait(10)
 
 
-def run_hiveengine(nodes: int, keys: int, per_process: int, concurrency: int) -> dict:
-    from hiveengine.dht import DHT, get_dht_time
+def run_hiveengine(
+    nodes: int, keys: int, per_process: int, concurrency: int, signed: bool = False, paths: int | None = None
+) -> dict:
+    """One swarm of `nodes`; `signed`: every key is owner-signed by the client (each record signed once and
+    verified by every node that stores or reads it); `paths`: the client's DHTConfig.disjoint_paths."""
+    from hiveengine.dht import DHT, DHTConfig, get_dht_time
 
     load = os.getloadavg()[0]
     counts = [min(per_process, nodes - start) for start in range(0, nodes, per_process)]
@@ -144,20 +153,27 @@ def run_hiveengine(nodes: int, keys: int, per_process: int, concurrency: int) ->
         workers += [Worker(count, first["addresses"][:1]) for count in counts[1:]]
         infos = [first] + [w.read() for w in workers[1:]]
         start_seconds = [s for info in infos for s in info["start_seconds"]]
-        client = DHT(initial_peers=[a for info in infos for a in info["addresses"][:1]], client_mode=True)
+        config = DHTConfig() if paths is None else DHTConfig(disjoint_paths=paths)
+        client = DHT(
+            initial_peers=[a for info in infos for a in info["addresses"][:1]], client_mode=True, config=config
+        )
         processes = [psutil.Process(), *(psutil.Process(w.proc.pid) for w in workers)]
         cpu_before = cpu_seconds(processes)
         try:
-            result = drive(client, keys, concurrency, get_dht_time)
+            suffix = client.owner_marker if signed else ""
+            result = drive(client, keys, concurrency, get_dht_time, suffix)
+            result["cpu_ms_per_op"] = 1e3 * (cpu_seconds(processes) - cpu_before) / (OPS_PER_KEY * keys)
+            result["get_latest_mean_ms"] = read_latest(client, keys, suffix)
         finally:
             client.shutdown()
-        result["cpu_ms_per_op"] = 1e3 * (cpu_seconds(processes) - cpu_before) / (OPS_PER_KEY * keys)
         reports = [w.ask_rss() for w in workers]
         extra = sum(r["extra_rss"] for r in reports)
         peers = [p for r in reports for p in r["peers"]]
         return {
             "system": "hiveengine",
             "nodes": nodes,
+            "signed": signed,
+            "disjoint_paths": getattr(config, "disjoint_paths", 1),
             "load_1min": load,
             "start_ms": 1e3 * statistics.fmean(start_seconds),
             "mb_per_node": extra / nodes / 2**20,
@@ -169,17 +185,18 @@ def run_hiveengine(nodes: int, keys: int, per_process: int, concurrency: int) ->
             w.close()
 
 
-def drive(client, keys: int, concurrency: int, clock) -> dict:
-    """Store and get `keys` keys one at a time (latency), then as many again with `concurrency` in flight."""
+def drive(client, keys: int, concurrency: int, clock, suffix: str = "") -> dict:
+    """Store and get `keys` keys one at a time (latency), then as many again with `concurrency` in flight;
+    `suffix` ends every key (an owner marker makes them signed records)."""
     expiration = clock() + EXPIRATION
     store_lat, get_lat, store_ok, get_ok = [], [], 0, 0
     for i in range(keys):
         start = time.perf_counter()
-        store_ok += bool(client.store(f"key-{i}", {"i": i}, expiration, timeout=60))
+        store_ok += bool(client.store(f"key-{i}{suffix}", {"i": i}, expiration, timeout=60))
         store_lat.append(time.perf_counter() - start)
     for i in range(keys):
         start = time.perf_counter()
-        found = client.get(f"key-{i}", timeout=60)
+        found = client.get(f"key-{i}{suffix}", timeout=60)
         get_lat.append(time.perf_counter() - start)
         get_ok += found is not None and found.value == {"i": i}
 
@@ -188,9 +205,9 @@ def drive(client, keys: int, concurrency: int, clock) -> dict:
 
         async def one(i: int) -> bool:
             async with limit:
-                if not await client.astore(f"burst-{i}", i, expiration):
+                if not await client.astore(f"burst-{i}{suffix}", i, expiration):
                     return False
-                found = await client.aget(f"burst-{i}")
+                found = await client.aget(f"burst-{i}{suffix}")
                 return found is not None and found.value == i
 
         start = time.perf_counter()
@@ -199,6 +216,17 @@ def drive(client, keys: int, concurrency: int, clock) -> dict:
 
     seconds, burst_ok = client.peer.runtime.run(burst(), timeout=600)
     return summarize_run(keys, store_lat, get_lat, store_ok, get_ok, seconds, burst_ok)
+
+
+def read_latest(client, keys: int, suffix: str) -> float:
+    """Mean milliseconds of get(latest=True) over the first LATEST_KEYS keys `drive` stored: a full lookup that
+    asks every path's k closest nodes (outside cpu_ms_per_op, which stays comparable with earlier results)."""
+    latencies = []
+    for i in range(min(keys, LATEST_KEYS)):
+        start = time.perf_counter()
+        client.get(f"key-{i}{suffix}", latest=True, timeout=60)
+        latencies.append(time.perf_counter() - start)
+    return 1e3 * statistics.fmean(latencies)
 
 
 def summarize_run(
@@ -351,6 +379,8 @@ def main(argv: list[str] | None = None) -> int:
         default=HIVEMIND_NODES,
         help=f"hivemind swarm size; hiveengine also runs at it for a like-for-like ratio (default {HIVEMIND_NODES})",
     )
+    parser.add_argument("--signed", action="store_true", help="also run with owner-signed keys")
+    parser.add_argument("--disjoint-paths", type=int, help="the client's DHTConfig.disjoint_paths")
     parser.add_argument("--id-cost", action="store_true", help="measure the cost of node ids instead")
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--initial-peers", nargs="*", default=[], help=argparse.SUPPRESS)
@@ -369,7 +399,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for nodes in sizes:
         print(f"hiveengine: {nodes} nodes ({args.per_process} per process), {args.keys} keys ...", flush=True)
-        rows.append(run_hiveengine(nodes, args.keys, args.per_process, args.concurrency))
+        for signed in [False, True] if args.signed else [False]:
+            rows.append(
+                run_hiveengine(nodes, args.keys, args.per_process, args.concurrency, signed, args.disjoint_paths)
+            )
     payload = {"args": {k: v for k, v in vars(args).items() if k != "worker"}, "rows": rows}
     if args.compare == "hivemind":
         print(f"hivemind: {args.hivemind_nodes} nodes, {args.keys} keys ...", flush=True)

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import threading
 import time
 
 from hiveengine.cli.common import add_initial_peers, initial_peers
 from hiveengine.dht import DHT
-from hiveengine.transport import Identity
+from hiveengine.engine.env import SWARM_ENV
+from hiveengine.transport import Identity, membership
 from hiveengine.transport.relay import Relay, RelayLimits
 
 READY_PREFIX = "hiveengine dht node at"
@@ -30,6 +32,13 @@ def add_commands(sub) -> None:
         default=DEFAULT_STATUS_INTERVAL,
         help="seconds between status lines (0: none); a status line counts the peers that answered within the "
         "last interval, after pinging the quiet ones (those that do not answer are dropped)",
+    )
+    dht.add_argument(
+        "--swarm",
+        default=os.environ.get(SWARM_ENV) or None,
+        metavar="FILE",
+        help="private swarm: the owner's swarm key or a membership file from `hiveengine swarm invite`; the node "
+        f"admits members only. 'open' or none: an open swarm anyone may join (env {SWARM_ENV})",
     )
     dht.add_argument("--relay", action="store_true", help="relay for peers that cannot be dialled (behind a NAT)")
     dht.add_argument(
@@ -74,6 +83,8 @@ def status_line(dht: DHT, quiet_after: float) -> str:
 
 def cmd_dht(args: argparse.Namespace) -> int:
     peers = initial_peers(args)
+    if args.swarm:  # before any connection: the handshake carries this process's membership
+        membership.use(membership.load(args.swarm))
     identity = Identity.load_or_create(args.identity) if args.identity else None
     dht = DHT(initial_peers=peers, identity=identity, port=args.port)
     if args.relay:

@@ -17,12 +17,12 @@ from typing import NamedTuple
 import torch
 
 from hiveengine.dht import protocol
-from hiveengine.dht.ids import DEFAULT_DIFFICULTY, proven_id, solve
+from hiveengine.dht.ids import DEFAULT_DIFFICULTY, MAX_DIFFICULTY, proven_id, solve
 from hiveengine.dht.routing import Contact, RoutingTable, key_id, random_id_in_bucket
 from hiveengine.dht.serialization import record_problem
 from hiveengine.dht.storage import Entry, Record, Storage, get_dht_time
 from hiveengine.dht.validation import RecordValidator
-from hiveengine.errors import BootstrapError, ProtocolError, TransportError
+from hiveengine.errors import BootstrapError, ConfigurationError, ProtocolError, TransportError
 from hiveengine.transport import Peer, PeerAddress, Request
 
 logger = logging.getLogger(__name__)
@@ -61,6 +61,14 @@ class DHTConfig:
     # A lookup request still unanswered after this many seconds no longer holds its path's slot: a node that
     # stalls its replies costs a lookup this long, not rpc_timeout (a late reply is still taken).
     stall_after: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.id_difficulty <= MAX_DIFFICULTY:
+            raise ConfigurationError(
+                f"DHTConfig.id_difficulty must be in [0, {MAX_DIFFICULTY}], got {self.id_difficulty}"
+            )
+        if self.disjoint_paths < 1 or self.stall_after <= 0:
+            raise ConfigurationError("DHTConfig.disjoint_paths must be >= 1 and stall_after > 0 (seconds)")
 
 
 class Offer(NamedTuple):

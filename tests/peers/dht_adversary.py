@@ -1,8 +1,8 @@
 """A process hosting adversarial DHT nodes whose ids are ground next to one key (a key-hiding attack).
 
 Each node pays the proof of work for an id that shares --prefix-bits leading bits with the key's id, so the nodes
-sit among the key's closest. They say yes to every store and keep nothing, never hold a value, and answer finds
-by --mode:
+sit among the key's closest. They say yes to every store and keep nothing. A find for any other id gets an honest
+answer (so they stay in everyone's routing tables); a find for the key is answered by --mode:
 - empty: no contacts at all;
 - sybil: only each other (pulling the lookup toward the adversaries);
 - junk: forged contacts (a bait peer under unproven nonces, garbage entries) and records that do not verify;
@@ -74,16 +74,21 @@ def main() -> None:
             return header, tensors
         return protocol.find_reply([], None, _yes(request))
 
-    async def on_find(request):
-        if args.mode == "stall":
-            await asyncio.sleep(3600)
-        return reply(request)
+    def on_find(node: DHT):
+        async def handle(request):
+            if protocol.parse_find(request)[0] != target:
+                return await node.node._on_find(request)
+            if args.mode == "stall":
+                await asyncio.sleep(3600)
+            return reply(request)
+
+        return handle
 
     async def on_store(request):
         return {"ok": [True] * len(protocol.parse_store(request))}
 
     for node in nodes:
-        node.peer.register(protocol.FIND, on_find)
+        node.peer.register(protocol.FIND, on_find(node))
         node.peer.register(protocol.STORE, on_store)
         print("ADDRESS", node.address, node.node.nonce, flush=True)
     print("READY", flush=True)
