@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import format_table, hivemind_python, kill_worker, read_prefixed, write_results
-from tools.netns import INNER_IFACE, ShapedNetwork, WanNetwork
+from tools.netns import INNER_IFACE, ShapedNetwork, WanNetwork, nat_available
 from tools.netns import available as netns_available
 
 MiB = 1 << 20
@@ -38,12 +38,18 @@ HIVEMIND_CODECS = {"none": "none", "fp16": "fp16", "int8": "int8"}  # ours -> hi
 # ---------------------------------------------------------------- hiveengine worker
 
 
-def hive_worker() -> None:
+def hive_worker(relay: str | None) -> None:
+    """One peer; with `relay`, a peer behind a NAT: it learns so by dial-back and reserves a slot with that relay."""
     from hiveengine.averaging import AllReduceService, GroupInfo, GroupMember, run_allreduce
     from hiveengine.codec import get_codec
     from hiveengine.transport import Peer, PeerID
+    from hiveengine.transport.reachability import check_reachability_sync
+    from hiveengine.transport.relay import reserve
 
     peer = Peer()
+    if relay:
+        assert check_reachability_sync(peer, [relay]).reachable is False, "a peer behind the NAT must be unreachable"
+        peer.runtime.run(reserve(peer, relay), timeout=60)
     service = AllReduceService(peer)
     print("ADDRESS", peer.address, flush=True)
     plan = json.loads(sys.stdin.readline())
@@ -69,8 +75,13 @@ def hive_worker() -> None:
             assert not result.failed_parts, result.failed_parts
         return times[1:]
 
+    offered = peer.runtime.relay
+    relayed_before = offered.relayed_bytes if offered else 0
     times = peer.runtime.run(rounds(), timeout=3600)
-    print("RESULT", json.dumps({"times": times, "wire_bytes": _wire_bytes(codec, plan)}), flush=True)
+    result = {"times": times, "wire_bytes": _wire_bytes(codec, plan)}
+    if offered:  # bytes both ways through our relay per round (the barriers' are negligible)
+        result["relayed_bytes"] = (offered.relayed_bytes - relayed_before) / (len(times) + 1)
+    print("RESULT", json.dumps(result), flush=True)
     sys.stdin.read()
     peer.shutdown()
 
@@ -106,10 +117,12 @@ def gloo_worker(rank: int, world: int, store: str, numel: int, rounds: int) -> N
 # ---------------------------------------------------------------- orchestration
 
 
-def _spawn(*args: str, peers: int, rank: int, net: ShapedNetwork | WanNetwork | None) -> subprocess.Popen:
+def _spawn(
+    *args: str, peers: int, rank: int, net: ShapedNetwork | WanNetwork | None, env: dict | None = None
+) -> subprocess.Popen:
     """A worker process; peers on one host split its cores (as torchrun does with OMP_NUM_THREADS):
     oversubscribed OpenMP kernels run many times slower. With `net`, it runs in namespace `rank`."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // peers))}
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // peers)), **(env or {})}
     argv = [sys.executable, __file__, *args]
     if net is not None:
         # TCP only: shared memory or direct copies between namespaces would bypass the shaped link.
@@ -123,10 +136,19 @@ def _spawn(*args: str, peers: int, rank: int, net: ShapedNetwork | WanNetwork | 
     return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
 
 
-def run_hive(peers: int, numel: int, codec: str, rounds: int, net: ShapedNetwork | WanNetwork | None) -> dict:
-    procs = [_spawn("--role", "hive", peers=peers, rank=r, net=net) for r in range(peers)]
+def run_hive(
+    peers: int, numel: int, codec: str, rounds: int, net: ShapedNetwork | WanNetwork | None, relay_mbps: float = 0
+) -> dict:
+    """Our all-reduce; in a WanNetwork with firewalled peers, peer 0 relays for them (at most `relay_mbps`)."""
+    hidden = set(getattr(net, "firewalled", ()))
+    relay_env = {"HIVEENGINE_RELAY": "1", "HIVEENGINE_RELAY_MBPS": str(relay_mbps)} if hidden else {}
+    procs = [_spawn("--role", "hive", peers=peers, rank=0, net=net, env=relay_env)]
     try:
-        addresses = [read_prefixed(p, "ADDRESS", LINE_TIMEOUT) for p in procs]
+        addresses = [read_prefixed(procs[0], "ADDRESS", LINE_TIMEOUT)]
+        for r in range(1, peers):
+            relay = ["--relay", addresses[0]] if r in hidden else []
+            procs.append(_spawn("--role", "hive", *relay, peers=peers, rank=r, net=net))
+        addresses += [read_prefixed(p, "ADDRESS", LINE_TIMEOUT) for p in procs[1:]]
         for rank, proc in enumerate(procs):
             plan = {"addresses": addresses, "codec": codec, "numel": numel, "rank": rank, "rounds": rounds}
             proc.stdin.write(json.dumps(plan) + "\n")
@@ -203,12 +225,16 @@ def run_hivemind(peers: int, numel: int, codec: str, rounds: int) -> dict:
 
 def _combine(results: list[dict]) -> dict:
     per_round = [max(r["times"][i] for r in results) for i in range(len(results[0]["times"]))]
-    return {"seconds": statistics.median(per_round), "rounds": per_round, "wire_bytes": results[0]["wire_bytes"]}
+    combined = {"seconds": statistics.median(per_round), "rounds": per_round, "wire_bytes": results[0]["wire_bytes"]}
+    if "relayed_bytes" in results[0]:
+        combined["relay_mbps"] = results[0]["relayed_bytes"] * 8 / 1e6 / combined["seconds"]
+    return combined
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--role", choices=["hive", "gloo"])
+    parser.add_argument("--relay", help=argparse.SUPPRESS)  # a worker behind a NAT: the relay to reserve with
     parser.add_argument("--rank", type=int)
     parser.add_argument("--world", type=int)
     parser.add_argument("--store", help="file for the gloo rendezvous")
@@ -225,13 +251,22 @@ def main(argv: list[str] | None = None) -> int:
         "100mbit-50ms, 1gbit-20ms, 1gbit-20ms-1pct-loss (round trip and loss between two peers; root)",
     )
     parser.add_argument(
+        "--nat",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --wan: the last N peers accept no incoming connection (as behind a NAT) and reserve with a relay "
+        "on peer 0; gloo cannot run then",
+    )
+    parser.add_argument("--relay-mbps", type=float, default=100.0, help="with --nat: the relay's bandwidth cap")
+    parser.add_argument(
         "--netns",
         metavar="RATE",
         help="run each peer in its own network namespace on a link shaped to RATE (e.g. 1gbit; root)",
     )
     args = parser.parse_args(argv)
     if args.role == "hive":
-        hive_worker()
+        hive_worker(args.relay)
         return 0
     if args.role == "gloo":
         gloo_worker(args.rank, args.world, args.store, args.numel, args.rounds)
@@ -239,8 +274,13 @@ def main(argv: list[str] | None = None) -> int:
 
     if (args.netns or args.wan) and args.compare:
         parser.error("--compare runs hivemind on loopback only: use it without --netns or --wan")
+    if args.nat and not args.wan:
+        parser.error("--nat needs --wan")
     if args.netns and args.wan:
         parser.error("choose one of --netns (a shaped link) and --wan (delay and loss too)")
+    if args.nat and not nat_available():
+        print("--nat needs root, ip, tc and iptables; skipping the run", file=sys.stderr)
+        return 0
     if (args.netns or args.wan) and not netns_available():
         print("--netns needs root, ip and tc; skipping the shaped-link run", file=sys.stderr)
         return 0
@@ -249,9 +289,10 @@ def main(argv: list[str] | None = None) -> int:
         with _network(args, peers) as net:
             measure_peers(args, peers, net, rows, records)
     columns = ["peers", "mbytes", "system", "s/round", "algbw_gbs", "wire MB/peer", "vs_gloo"]
+    columns += ["relay_mbps"] if args.nat else []
     print(format_table(rows, columns))
     print("vs_gloo > 1 means faster than gloo; every system's rounds start from a formed group")
-    link = args.wan or args.netns
+    link = f"{args.wan}-nat{args.nat}" if args.nat else args.wan or args.netns
     name = f"allreduce-{link}" if link else "allreduce"
     path = write_results(f"{name}-vs-hivemind" if args.compare else name, {"records": records})
     print(f"wrote {path}")
@@ -261,19 +302,22 @@ def main(argv: list[str] | None = None) -> int:
 def _network(args, peers: int):
     """The network the peers run in: a WAN emulation, a shaped link, or none (loopback)."""
     if args.wan:
-        return WanNetwork(peers, args.wan)
+        return WanNetwork(peers, args.wan, firewalled=range(peers - args.nat, peers))
     return ShapedNetwork(peers, args.netns) if args.netns else contextlib.nullcontext()
 
 
 def measure_peers(args, peers: int, net: ShapedNetwork | WanNetwork | None, rows: list, records: list) -> None:
     """Every size and system for one group size, appending table rows and JSON records."""
     for numel in args.sizes:
-        print(f"measuring gloo, {peers} peers, {numel * 4 // MiB} MB ...", file=sys.stderr, flush=True)
-        gloo = run_gloo(peers, numel, args.rounds, net)
-        configs = [("gloo", gloo)]
+        configs, gloo = [], None
+        if not args.nat:  # gloo dials every peer: it cannot run with peers behind a NAT
+            print(f"measuring gloo, {peers} peers, {numel * 4 // MiB} MB ...", file=sys.stderr, flush=True)
+            gloo = run_gloo(peers, numel, args.rounds, net)
+            configs.append(("gloo", gloo))
         for codec in args.codecs:
             print(f"measuring hiveengine {codec}, {peers} peers ...", file=sys.stderr, flush=True)
-            configs.append((f"hiveengine {codec}", run_hive(peers, numel, codec, args.rounds, net)))
+            hive = run_hive(peers, numel, codec, args.rounds, net, args.relay_mbps)
+            configs.append((f"hiveengine {codec}", hive))
         if args.compare == "hivemind":
             for codec in [c for c in args.codecs if c in HIVEMIND_CODECS]:
                 print(f"measuring hivemind {codec}, {peers} peers ...", file=sys.stderr, flush=True)
@@ -290,10 +334,11 @@ def measure_peers(args, peers: int, net: ShapedNetwork | WanNetwork | None, rows
                 "mbytes": numel * 4 // MiB,
                 "system": name,
                 "link": args.wan or args.netns or "loopback",
+                "behind_nat": args.nat,
                 **r,
             }
             record["algbw_gbs"] = numel * 4 / r["seconds"] / 1e9
-            record["vs_gloo"] = gloo["seconds"] / r["seconds"]
+            record["vs_gloo"] = gloo["seconds"] / r["seconds"] if gloo else None
             records.append(record)
             wire = None if r["wire_bytes"] is None else r["wire_bytes"] / 1e6
             rows.append({**record, "wire MB/peer": wire, "s/round": r["seconds"]})

@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 SUBNET = "10.77.0"
@@ -85,6 +86,13 @@ WAN_IFACE, LAN_IFACE = "wan", "lan"
 
 def _in(ns: str, *argv: str) -> None:
     subprocess.run(["ip", "netns", "exec", ns, *argv], check=True, capture_output=True, text=True)
+
+
+def _firewall(ns: str, iface: str) -> None:
+    """Drop every packet that comes in on `iface` in `ns` except replies to connections opened from inside."""
+    established = ["-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"]
+    _in(ns, "iptables", "-A", "INPUT", "-i", iface, *established)
+    _in(ns, "iptables", "-A", "INPUT", "-i", iface, "-j", "DROP")
 
 
 def nat_available() -> bool:
@@ -196,14 +204,17 @@ class WanNetwork:
     """Peers in namespaces joined by WAN links with delay and loss (tools/wanlink.py, one process per link).
 
     `with WanNetwork(4, "100mbit-50ms") as net:` then run peer i with `net.command(i, argv)` at `net.host(i)`.
-    Between any two peers the round trip is the profile's and each direction gets its rate.
+    Between any two peers the round trip is the profile's and each direction gets its rate. Peers in `firewalled`
+    accept no incoming connection (iptables drops all but replies, as a home router does): others cannot dial them,
+    they can dial out. That needs iptables (`nat_available()`).
     """
 
-    def __init__(self, peers: int, profile: str, prefix: str = "hw"):
+    def __init__(self, peers: int, profile: str, prefix: str = "hw", firewalled: Iterable[int] = ()):
         from tools.wanlink import Profile
 
         Profile.parse(profile)  # a bad profile fails before anything is created
         self.peers, self.profile, self.prefix = peers, profile, prefix
+        self.firewalled = sorted(set(firewalled))
         self.net = f"{prefix}-net"
         self._links: list[subprocess.Popen] = []
 
@@ -236,6 +247,8 @@ class WanNetwork:
             _ip("-n", ns, "addr", "add", f"{self.host(i)}/24", "dev", INNER_IFACE)
             _ip("-n", ns, "link", "set", INNER_IFACE, "mtu", str(WAN_MTU), "up")
             _ip("-n", self.net, "link", "set", f"t{i}", "mtu", str(WAN_MTU), "master", "inet", "up")
+        for i in self.firewalled:
+            _firewall(self.namespace(i), INNER_IFACE)
         return self
 
     def __exit__(self, *exc) -> None:
