@@ -12,32 +12,35 @@ crypto puzzle as in S/Kademlia, built only from SHA-256 in hashlib):
 `peer_id` is the SHA-256 of the node's Ed25519 public key, which the transport authenticates at every handshake,
 so an id is bound to that key: every node checks a contact's (peer id, nonce) before the contact enters its
 routing table or a lookup asks it anything, and a contact whose proof fails is ignored. Checking costs two
-SHA-256 calls; finding a nonce costs 2**difficulty of them on average (`solve` counts up from 0, so a key always
-gets the same id back after a restart).
+SHA-256 calls (the last CHECKED_PROOFS results are remembered); finding a nonce costs 2**difficulty of them on
+average (`solve` counts up from 0, so a key always gets the same id back after a restart).
 
 Why the id is the hash of the proof and not H(key) with a separate nonce: each try yields one candidate id that
 is valid with probability 2**-difficulty and lands in a chosen neighbourhood (m leading bits of a key) with
 probability 2**-m, independently, so choosing an id costs 2**(m + difficulty) tries. With a puzzle beside a
-fixed H(key) the costs would add (2**m key generations + 2**difficulty hashes), not multiply. Against today's
-2**m key generations (~72 us each here in Python, a try of the puzzle ~1 us), DEFAULT_DIFFICULTY = 16 makes a
-chosen id 2**16 * 1 / 72 ~ 900x costlier, while an honest node pays ~65 ms once at start (measured on this
-2-core host under load; bench/dht.py reports it in start_ms). A native or GPU attacker speeds up both hashing and
-key generation; the ratio stays in the hundreds. One key can prove several ids (other nonces), each at the full
-price, so a routing table still holds one contact per peer id (routing.RoutingTable).
+fixed H(key) the costs would add (2**m key generations + 2**difficulty hashes), not multiply. Against the 2**m key
+generations ids cost before (~72 us each here in Python, a try of the puzzle ~1 us), DEFAULT_DIFFICULTY = 16
+makes a chosen id 2**16 * 1 / 72 ~ 900x costlier; `python bench/dht.py --id-cost` measured 790x, and an honest
+node's start 89-161 ms on average (660 ms at most of 20) on this 2-core host at load 14-16. A native or GPU
+attacker speeds up both hashing and key generation; the ratio stays in the hundreds. One key can prove several
+ids (other nonces), each at the full price, so a routing table still holds one contact per peer id
+(routing.RoutingTable).
 
 Client-mode nodes are never put in routing tables, so they prove nothing and pay nothing.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 
 PROOF_DOMAIN = b"hiveengine/dht-id-proof/v1"
 ID_DOMAIN = b"hiveengine/dht-id/v1"
-DEFAULT_DIFFICULTY = 16  # leading zero bits of a node's id proof: ~65 ms to start, ~900x the cost of choosing ids
+DEFAULT_DIFFICULTY = 16  # leading zero bits of an id proof: ~0.1 s to start, ~800x the cost of choosing ids
 MAX_DIFFICULTY = 40  # settings beyond this would take an honest node hours to start
 NONCE_BYTES = 8
 MAX_NONCE = (1 << (8 * NONCE_BYTES)) - 1
+CHECKED_PROOFS = 8192  # proofs remembered per process: every lookup meets the same contacts again (~5 us each)
 
 
 def proof_digest(peer_id: bytes, nonce: int) -> bytes:
@@ -60,6 +63,11 @@ def proven_id(peer_id: bytes, nonce, difficulty: int) -> int | None:
     nonce is malformed or the proof has fewer than `difficulty` leading zero bits. Never raises on bad input."""
     if not isinstance(nonce, int) or isinstance(nonce, bool) or not 0 <= nonce <= MAX_NONCE:
         return None
+    return _checked_id(peer_id, nonce, difficulty)
+
+
+@functools.lru_cache(maxsize=CHECKED_PROOFS)
+def _checked_id(peer_id: bytes, nonce: int, difficulty: int) -> int | None:
     digest = proof_digest(peer_id, nonce)
     if leading_zero_bits(digest) < difficulty:
         return None

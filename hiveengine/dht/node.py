@@ -52,7 +52,7 @@ class DHTConfig:
     # A get first asks only the closest known node (it usually holds the value; alpha requests would waste the
     # other alpha - 1), and widens to alpha once that one has no value, fails, or is silent for this many seconds.
     solo_wait: float = 0.05
-    # Leading zero bits of a node id's proof of work (ids.py): ~65 ms per node start at 16, and choosing ids near
+    # Leading zero bits of a node id's proof of work (ids.py): ~0.1 s per node start at 16, and choosing ids near
     # a key costs 2**id_difficulty times more tries. Every node of a swarm must use the same value.
     id_difficulty: int = DEFAULT_DIFFICULTY
     # A get walks this many disjoint paths (S/Kademlia): no node is asked by two paths, so one path free of
