@@ -31,11 +31,12 @@ def average_in_processes(
     timeout: float = 60,
     sender_timeout: float = 3,
     device: str = "cpu",
+    numel: int = NUMEL,
     **options,
 ):
     """Run one round among real processes on `device` buffers; `specs` give each peer's weight, bandwidth,
     mode (and stall: killed once in the group; or an attack from tests/peers/byzantine_attacks.py);
-    `options`: the round's late_grace, aggregation, max_weight_ratio."""
+    `options`: the round's late_grace, aggregation, max_weight_ratio (and `rounds`: how many rounds to run)."""
     procs = [PeerProcess("allreduce_peer.py") for _ in specs]
     try:
         addresses = [p.expect("ADDRESS") for p in procs]
@@ -51,7 +52,7 @@ def average_in_processes(
         plan = {
             "group_id": os.urandom(8).hex(),
             "members": members,
-            "numel": NUMEL,
+            "numel": numel,
             "codec": codec,
             "timeout": timeout,
             "chunk_elements": 1 << 14,
@@ -78,11 +79,11 @@ def average_in_processes(
             proc.close()
 
 
-def exact_mean(members: list[dict], indices: list[int], weights: list[float]) -> torch.Tensor:
+def exact_mean(members: list[dict], indices: list[int], weights: list[float], numel: int = NUMEL) -> torch.Tensor:
     """The weighted mean of the peers `indices`, summed in peer-id order as the reducers do."""
     order = sorted(range(len(indices)), key=lambda k: PeerID.from_string(members[indices[k]]["id"]).raw)
-    inputs = [seeded_data(indices[k], NUMEL) for k in order]
-    return weighted_mean(inputs, [weights[k] for k in order], out=torch.empty(NUMEL))
+    inputs = [seeded_data(indices[k], numel) for k in order]
+    return weighted_mean(inputs, [weights[k] for k in order], out=torch.empty(numel))
 
 
 @pytest.mark.parametrize("n_peers", [2, 3, 4])

@@ -78,3 +78,40 @@ def test_an_absurd_weight_is_capped_at_the_ratio_to_the_median(tmp_path, aggrega
     for i in (0, 1, 2):
         assert results[i]["failed_parts"] == []
         assert torch.equal(results[i]["tensor"], capped)
+
+
+SMALL = 2048  # 8 KiB of fp32: under MIN_PART_BYTES per reducer, so one reducer owns the whole buffer
+
+
+@pytest.mark.parametrize("nan_reduces", [True, False])
+def test_a_peer_with_nan_data_withdraws_so_nobody_waits_for_it(tmp_path, nan_reduces):
+    # The broken peer cannot encode its data: it tells the sole reducer (or itself, when it is the reducer) that
+    # it sends nothing, and the honest copies are averaged at once instead of after the 10 s grace window.
+    bandwidth = 4.0 if nan_reduces else 0.5
+    specs = [{}, {}, {}, {"attack": "nan_data", "bandwidth": bandwidth}]
+    members, results = average_in_processes(
+        tmp_path, specs, "int8", timeout=30, sender_timeout=20, late_grace=10, numel=SMALL
+    )
+    lengths = [end - start for start, end in results[0]["spans"]]
+    assert sum(1 for n in lengths if n) == 1 and bool(lengths[part_of(members, 3)]) == nan_reduces
+    expected = exact_mean(members, HONEST, [1.0] * 3, numel=SMALL)
+    for i in HONEST:
+        assert results[i]["failed_parts"] == []
+        assert results[i]["s"] < 4, f"the round took {results[i]['s']:.1f} s: it waited for the NaN peer"
+        assert float((results[i]["tensor"] - expected).abs().max()) <= TOLERANCE["int8"]
+    assert len(results[3]["failed_parts"]) == 1 and results[3]["s"] < 4
+
+
+def test_a_silent_sole_reducer_costs_its_part_not_the_deadline(tmp_path):
+    # The silent member owns the whole (small) buffer and answers nothing: each sender gives it up after
+    # sender_timeout + late_grace (3 s), not after the round's 40 s deadline (nor the 10 s a peer that never
+    # opens the round takes to refuse).
+    specs = [{}, {}, {}, {"attack": "silent", "bandwidth": 4.0}]
+    members, results = average_in_processes(
+        tmp_path, specs, "none", timeout=40, sender_timeout=2, late_grace=1.0, numel=SMALL
+    )
+    silent_part = part_of(members, 3)
+    for i in HONEST:
+        assert results[i]["failed_parts"] == [silent_part]
+        assert results[i]["s"] < 6, f"the round took {results[i]['s']:.1f} s (bound 3 s, deadline 40 s)"
+        assert torch.equal(results[i]["tensor"], seeded_data(i, SMALL))

@@ -15,6 +15,7 @@ from hiveengine.averaging.allreduce import (
 )
 from hiveengine.averaging.averager import DecentralizedAverager
 from hiveengine.averaging.matchmaking import GroupInfo, GroupMember, Matchmaker, MatchmakingConfig, Mode
+from hiveengine.averaging.verification import ReducerCheatedError
 
 __all__ = [
     "CHUNK_METHOD",
@@ -27,6 +28,7 @@ __all__ = [
     "Matchmaker",
     "MatchmakingConfig",
     "Mode",
+    "ReducerCheatedError",
     "RoundOptions",
     "balanced_shares",
     "chunk_spans",

@@ -13,10 +13,15 @@ One round, as it runs (this file holds all of it: the partition, the buffers, th
    It then aggregates the copies in peer-id order (reproducible bit for bit): weights are bounded to
    `max_weight_ratio` times the median weight, a copy holding NaN/Inf is left out (its sender alone gets an
    error and keeps its local values), and the rest are averaged, or CenteredClipped (hiveengine.codec.robust)
-   when the round's aggregation is robust. It encodes the result once and returns it to every sender.
-4. Decode. Each sender decodes the aggregate of each chunk in place. Once half of the parts are back, the other
-   parts' reducers have the same grace window; a reducer that dies or stays silent costs its part for this
-   round only (senders keep their local values there and report the part as failed), never the whole deadline.
+   when the round's aggregation is robust. It encodes the result once and returns it to every sender, with the
+   claim a sender verifies it by (`verify`: hiveengine.averaging.verification). A sender whose own data is not
+   finite withdraws (one empty message per part), so that nobody waits for it.
+4. Decode. Each sender checks each reply and decodes the aggregate in place. Once half of the parts are back, the
+   other parts' reducers have the same grace window, and no reducer is waited for longer than `sender_timeout +
+   late_grace` per call (what an honest one can take); a reducer that dies, stays silent or fails verification
+   costs its part for this round only (senders keep their local values there and report the part as failed),
+   never the whole deadline. One caught cheating is banned on this peer (`AllReduceService.banned`): we send it
+   nothing more and average none of its copies.
 
 Buffers are reused round after round (BufferCache): fresh memory costs a page fault per 4 KiB on first touch,
 which is slower than the network here.
@@ -39,6 +44,7 @@ from typing import Any, ClassVar
 import torch
 
 from hiveengine.averaging.matchmaking import GroupInfo, GroupMember
+from hiveengine.averaging.verification import Claim, ReducerCheatedError, check_reply, probe, project
 from hiveengine.codec import Aggregation, Codec
 from hiveengine.errors import HiveEngineError, NonFiniteError, ProtocolError, TransportError
 from hiveengine.transport import Peer, PeerID, Request
@@ -55,6 +61,7 @@ MAX_WEIGHT_RATIO = 4.0  # a contribution's weight is capped at this many times t
 # buffer is cut into fewer parts, owned by the fastest reducers; the other reducers own empty parts. Every
 # member must agree on it: it is part of the protocol.
 MIN_PART_BYTES = 16 * 1024
+MAX_BANNED = 1024  # reducers caught cheating that a peer remembers (the oldest are forgotten first)
 ROUND_WAIT_TIMEOUT = 10.0  # how long a reducer waits for its own runner to join a round it is called for
 BALANCE_ITERATIONS = 60  # bisection steps on the round's makespan (2^-60 of the bracket: exact for floats)
 MAX_LAYOUTS = 8  # distinct buffer layouts kept (a changing group size or tensor size makes new ones)
@@ -76,6 +83,7 @@ class RoundOptions:
     late_grace: float = DEFAULT_LATE_GRACE
     aggregation: Aggregation = field(default_factory=lambda: Aggregation("mean"))
     max_weight_ratio: float = MAX_WEIGHT_RATIO
+    verify: bool = True  # check each reducer's reply against its claim (hiveengine.averaging.verification)
 
 
 @dataclass
@@ -179,14 +187,24 @@ class BufferCache:
         return sets[turn]
 
 
+@dataclass(frozen=True)
+class _Reduced:
+    """One chunk's reduction: the encoded aggregate, how many copies it holds, and the claim a verifier checks."""
+
+    aggregate: list[torch.Tensor]
+    count: int
+    claim: Claim | None
+
+
 class _ChunkReduction:
     """Collects one chunk's copies and resolves, once, with the encoded aggregate and how many were in it;
-    `excluded` names the senders whose copy was left out (non-finite)."""
+    `excluded` names the senders whose copy was left out (non-finite), `absent` those that withdrew."""
 
-    def __init__(self, expected: int, options: RoundOptions):
+    def __init__(self, expected: int, options: RoundOptions, absent: set[PeerID]):
         self.expected, self.options = expected, options
         self.received: dict[PeerID, tuple[float, list[torch.Tensor]]] = {}
         self.excluded: set[PeerID] = set()
+        self.absent = set(absent)
         self.done: asyncio.Future = asyncio.get_running_loop().create_future()
         self._first_at: float | None = None
         self._timers: list[asyncio.TimerHandle] = []
@@ -195,17 +213,27 @@ class _ChunkReduction:
         """Take `sender`'s copy; aggregate with `reduce` once all are in, or when the late ones are given up."""
         if self.done.done():
             raise AllReduceError("this chunk was already averaged without you (you arrived after the grace window)")
-        if sender in self.received:
-            raise ProtocolError("duplicate contribution to one chunk")
+        if sender in self.received or sender in self.absent:
+            raise ProtocolError("duplicate contribution to one chunk (or a copy after withdrawing)")
         self.received[sender] = (weight, payload)
+        self._arrived(reduce)
+
+    def withdraw(self, sender: PeerID, reduce: Callable) -> None:
+        """`sender` sends no copy of this chunk (its data is not finite, or it bans us): nobody waits for it."""
+        if not self.done.done() and sender not in self.received and sender not in self.absent:
+            self.absent.add(sender)
+            self._arrived(reduce)
+
+    def _arrived(self, reduce: Callable) -> None:
         loop = asyncio.get_running_loop()
-        if len(self.received) >= self.expected:
+        settled = len(self.received) + len(self.absent)
+        if settled >= self.expected:
             self._finish(reduce)
             return
         if self._first_at is None:
             self._first_at = loop.time()
             self._timers.append(loop.call_later(self.options.sender_timeout, self._finish, reduce))
-        if len(self._timers) == 1 and 2 * len(self.received) >= self.expected:
+        if len(self._timers) == 1 and 2 * settled >= self.expected:
             grace = max(self.options.late_grace, loop.time() - self._first_at)
             self._timers.append(loop.call_later(grace, self._finish, reduce))
 
@@ -232,22 +260,27 @@ class _ReducerArena:
     scratch: torch.Tensor | None
 
     @classmethod
-    def create(cls, codec: Codec, chunks, senders: int, device, robust: bool) -> _ReducerArena:
-        """Buffers for `senders` copies of each of `chunks` (and the decoding rows if `robust`)."""
+    def create(cls, codec: Codec, chunks, senders: int, device, robust: bool, verify: bool) -> _ReducerArena:
+        """Buffers for `senders` copies of each of `chunks` (and the decoding rows if `robust`, or one if `verify`)."""
         slots = [[codec.empty_payload(e - s, device) for _ in range(senders)] for s, e in chunks]
         outputs = [torch.empty(e - s, dtype=torch.float32, device=device) for s, e in chunks]
         longest = max((e - s for s, e in chunks), default=0)
-        scratch = torch.empty(senders * longest, dtype=torch.float32, device=device) if robust else None
+        rows = senders if robust else 1 if verify else 0
+        scratch = torch.empty(rows * longest, dtype=torch.float32, device=device) if rows else None
         return cls(slots, outputs, scratch)
 
 
 class _ReducerRound:
     """This peer's part in one group's round: a _ChunkReduction per chunk, created on first contact."""
 
-    def __init__(self, group: GroupInfo, chunks, codec: Codec, options: RoundOptions, arena: _ReducerArena):
-        self.group, self.codec, self.chunks, self.arena, self.options = group, codec, chunks, arena, options
-        self.senders = {m.peer_id for m in group.senders}
+    def __init__(self, group: GroupInfo, part: int, chunks, codec: Codec, options: RoundOptions, arena: _ReducerArena):
+        self.group, self.part, self.codec, self.chunks, self.arena = group, part, codec, chunks, arena
+        self.options = options
+        self.order = [m.peer_id for m in group.senders]  # peer-id order: the order of a reply's claim
+        self.senders = set(self.order)
         self.reductions: dict[int, _ChunkReduction] = {}
+        self.withdrawn: set[PeerID] = set()
+        self.claims = options.verify  # whether replies carry claims (also when only a sender asks for them)
         self._next_slot = [0] * len(chunks)
         self._reported: set[tuple[str, PeerID]] = set()  # (what, who) already logged in this round
 
@@ -264,10 +297,16 @@ class _ReducerRound:
     def reduction(self, index: int) -> _ChunkReduction:
         """Chunk `index`'s reduction (made on first contact)."""
         if index not in self.reductions:
-            self.reductions[index] = _ChunkReduction(len(self.senders), self.options)
+            self.reductions[index] = _ChunkReduction(len(self.senders), self.options, self.withdrawn)
         return self.reductions[index]
 
-    def reduce_chunk(self, index: int, contributions: list, excluded: set[PeerID]) -> tuple[list[torch.Tensor], int]:
+    def withdraw(self, sender: PeerID) -> None:
+        """`sender` sends no more copies in this round: its chunks not yet sent are reduced without waiting for it."""
+        self.withdrawn.add(sender)
+        for index, reduction in self.reductions.items():
+            reduction.withdraw(sender, functools.partial(self.reduce_chunk, index))
+
+    def reduce_chunk(self, index: int, contributions: list, excluded: set[PeerID]) -> _Reduced:
         """Aggregate chunk `index`'s (sender, weight, payload) copies; a copy holding NaN/Inf is left out (its
         sender goes into `excluded`) and the others are aggregated without it."""
         while True:
@@ -275,6 +314,7 @@ class _ReducerRound:
             if not kept:
                 raise AllReduceError(f"every copy of chunk {index} held NaN or Inf")
             weights = self._bounded_weights([(sender, weight) for sender, weight, _ in kept])
+            coefficients: list[float] = []
             try:
                 aggregate = self.codec.reduce(
                     [payload for _, _, payload in kept],
@@ -284,8 +324,10 @@ class _ReducerRound:
                     name=f"chunk {index}",
                     aggregation=self.options.aggregation,
                     scratch=self.arena.scratch,
+                    coefficients=coefficients,
                 )
-                return aggregate, len(kept)
+                claim = self._claim(index, kept, coefficients, aggregate) if self.claims else None
+                return _Reduced(aggregate, len(kept), claim)
             except NonFiniteError:
                 culprits = {sender for sender, _, payload in kept if not self.codec.finite(payload)}
                 if not culprits:
@@ -293,6 +335,20 @@ class _ReducerRound:
                 for sender in culprits:
                     self._report("nonfinite", sender, "peer %s sent NaN/Inf in group %s: its copies are left out")
                 excluded |= culprits
+
+    def _claim(self, index: int, kept: list, coefficients: list[float], aggregate: list[torch.Tensor]) -> Claim:
+        """What we computed chunk `index`'s aggregate from: each sender's coefficient and the projection of its
+        decoded copy on the reply's probe (zero for senders left out)."""
+        numel = self.arena.outputs[index].numel()
+        r = probe(self.group.group_id, self.part, index, aggregate, numel)
+        scratch = self.arena.scratch  # None when only senders asked for claims: then a fresh row
+        row = torch.empty(numel, device=self.arena.outputs[index].device) if scratch is None else scratch[:numel]
+        coefficient = dict.fromkeys(self.order, 0.0)
+        projection = dict.fromkeys(self.order, 0.0)
+        for (sender, _, payload), c in zip(kept, coefficients, strict=True):
+            coefficient[sender] = c
+            projection[sender] = project(self.codec.decode(payload, row, name=f"copy of chunk {index}"), r)
+        return Claim(list(coefficient.values()), list(projection.values()))
 
     def _bounded_weights(self, weighted: list[tuple[PeerID, float]]) -> list[float]:
         """The weights, each at most max_weight_ratio times the (lower) median of the positive ones."""
@@ -321,7 +377,7 @@ class _ReducerRound:
             raise ProtocolError(f"chunk {index} payload does not match the {self.codec.name} codec's layout")
         return [t.to(self.arena.outputs[index].device) for t in payload]
 
-    async def contribute(self, sender: PeerID, index: int, weight: float, payload) -> tuple[list[torch.Tensor], int]:
+    async def contribute(self, sender: PeerID, index: int, weight: float, payload) -> _Reduced:
         """Add `sender`'s copy of chunk `index` and wait for the chunk's aggregate (and how many were in it)."""
         reduction = self.reduction(index)
         reduction.add(sender, weight, payload, functools.partial(self.reduce_chunk, index))
@@ -342,6 +398,8 @@ class AllReduceService:
         self.buffers = BufferCache()
         self._rounds: dict[bytes, _ReducerRound] = {}
         self._waiters: dict[bytes, asyncio.Future] = {}
+        self.banned: dict[PeerID, str] = {}  # reducers caught cheating (why), in the order they were caught
+        self._background: set[asyncio.Task] = set()
         peer.register(CHUNK_METHOD, self._on_chunk, allocate=self._receive_buffers)
         self._services[peer] = self
 
@@ -363,6 +421,20 @@ class AllReduceService:
         if waiter is not None and not waiter.done():
             waiter.set_result(reducer_round)
 
+    def ban(self, peer_id: PeerID, reason: str) -> None:
+        """Exclude `peer_id` from our rounds from now on: we neither send to it nor average its copies."""
+        if peer_id not in self.banned:
+            logger.warning("banning peer %s from our averaging rounds: %s", peer_id, reason)
+        self.banned[peer_id] = reason
+        while len(self.banned) > MAX_BANNED:
+            self.banned.pop(next(iter(self.banned)))
+
+    def in_background(self, coro) -> None:
+        """Run `coro` as a task nobody waits for (kept referenced until it ends)."""
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     def close_round(self, group_id: bytes) -> None:
         """Stop serving round `group_id`."""
         self._rounds.pop(group_id, None)
@@ -381,6 +453,14 @@ class AllReduceService:
     async def _on_chunk(self, request: Request):
         header = request.header
         group_id, index, weight = header.get("g"), header.get("c"), header.get("w")
+        if request.sender in self.banned:
+            raise AllReduceError(f"this peer banned you from its rounds: {self.banned[request.sender]}")
+        if header.get("x") is True and isinstance(group_id, bytes) and not request.tensors:
+            reducer_round = await self._round(group_id)
+            if request.sender not in reducer_round.senders:
+                raise ProtocolError("the caller is not a contributing member of this group")
+            reducer_round.withdraw(request.sender)
+            return {"n": 0}
         if not isinstance(group_id, bytes) or not isinstance(index, int) or not isinstance(weight, int | float):
             raise ProtocolError("an all-reduce chunk needs bytes 'g', int 'c' and numeric 'w'")
         if not math.isfinite(weight) or weight < 0:
@@ -389,8 +469,10 @@ class AllReduceService:
         if request.sender not in reducer_round.senders:
             raise ProtocolError("the caller is not a contributing member of this group")
         payload = reducer_round.check_payload(index, request.tensors)
-        mean, count = await reducer_round.contribute(request.sender, index, float(weight), payload)
-        return {"n": count}, mean
+        reducer_round.claims |= header.get("v") is True
+        reduced = await reducer_round.contribute(request.sender, index, float(weight), payload)
+        claim = {} if reduced.claim is None else reduced.claim.header()
+        return {"n": reduced.count, **claim}, reduced.aggregate
 
 
 @dataclass(frozen=True)
@@ -442,10 +524,13 @@ async def run_allreduce(
     local_round = None
     if my_part is not None:
         chunks = chunk_spans(*spans[my_part], chunk_elements)
-        senders, robust = len(group.senders), options.aggregation.robust
-        layout = ("reduce", codec.name, tuple(chunks), senders, flat.device, robust)
-        arena = service.buffers.get(layout, lambda: _ReducerArena.create(codec, chunks, senders, flat.device, robust))
-        local_round = _ReducerRound(group, chunks, codec, options, arena)
+        senders, robust, verify = len(group.senders), options.aggregation.robust, options.verify
+        layout = ("reduce", codec.name, tuple(chunks), senders, flat.device, robust, verify)
+        arena = service.buffers.get(
+            layout, lambda: _ReducerArena.create(codec, chunks, senders, flat.device, robust, verify)
+        )
+        local_round = _ReducerRound(group, my_part, chunks, codec, options, arena)
+        local_round.withdrawn.update(service.banned.keys() & local_round.senders)
         service.open_round(group.group_id, local_round)
     deadline = time.monotonic() + options.timeout
     parts = [p for p, (start, end) in enumerate(spans) if end > start] if me.contributes else []
@@ -531,35 +616,56 @@ async def _serve_until_reduced(local_round: _ReducerRound) -> None:
 
 async def _exchange_part(plan: _Exchange, chunk_elements: int) -> int:
     """Send every chunk of one part to its reducer and decode the aggregates in place; return the fewest
-    senders any chunk was averaged over."""
+    senders any chunk was averaged over. With `verify`, a remote reducer's replies are checked and decoded into
+    `flat` only once every chunk passed (else the part fails, `flat` keeps our values and the reducer is banned)."""
+    reducer = plan.reducer.peer_id
+    if plan.local_round is None and reducer in plan.service.banned:
+        plan.service.in_background(_withdraw(plan))  # so that it does not wait for us, if it is honest after all
+        raise AllReduceError(f"we banned reducer {reducer}: {plan.service.banned[reducer]}")
     semaphore = asyncio.Semaphore(plan.options.window)
     fewest = len(plan.group.senders)
     chunks = chunk_spans(*plan.span, chunk_elements)
     codec, flat, part = plan.codec, plan.flat, plan.part
-    lossless = codec.lossless  # the chunk goes as it is and the aggregate lands straight in `flat`
-    if not lossless:
-        sends, means = plan.service.buffers.get(
-            ("send", codec.name, tuple(chunks), flat.device),
-            lambda: tuple([codec.empty_payload(e - s, flat.device) for s, e in chunks] for _ in range(2)),
+    lossless = codec.lossless  # the chunk goes as it is (and, unverified, the aggregate lands straight in `flat`)
+    verify = plan.options.verify and plan.local_round is None
+    if verify or not lossless:
+        sends, means, checks = plan.service.buffers.get(
+            ("send", codec.name, tuple(chunks), flat.device, verify),
+            lambda: (
+                [codec.empty_payload(e - s, flat.device) for s, e in chunks],
+                [codec.empty_payload(e - s, flat.device) for s, e in chunks],
+                [torch.empty(e - s, dtype=torch.float32, device=flat.device) for s, e in chunks] if verify else [],
+            ),
         )
+    me = next(i for i, m in enumerate(plan.group.senders) if m.peer_id == plan.service.peer.peer_id)
+    withdrawn: list[asyncio.Future] = []
 
     async def one_chunk(index: int, start: int, end: int) -> None:
         nonlocal fewest
         async with semaphore:
+            if withdrawn:
+                raise AllReduceError(f"our data for part {part} is not finite: we withdrew from it")
             piece = flat[start:end]
             residual = None if plan.residual is None else plan.residual[start:end]
-            payload = codec.encode(piece, residual, out=None if lossless else sends[index], name=f"part {part}")
+            try:
+                payload = codec.encode(piece, residual, out=None if lossless else sends[index], name=f"part {part}")
+            except NonFiniteError as e:
+                withdrawn.append(asyncio.ensure_future(_withdraw(plan)))
+                await withdrawn[0]
+                raise AllReduceError(f"our data for part {part} is not finite: we withdrew from it ({e})") from None
             if plan.local_round is not None:
-                mean, count = await plan.local_round.contribute(plan.service.peer.peer_id, index, plan.weight, payload)
-                codec.decode([t.to(flat.device) for t in mean], piece, name=f"mean of part {part}")
+                reduced = await plan.local_round.contribute(plan.service.peer.peer_id, index, plan.weight, payload)
+                codec.decode([t.to(flat.device) for t in reduced.aggregate], piece, name=f"mean of part {part}")
+                count = reduced.count
             else:
-                header = {"g": plan.group.group_id, "c": index, "w": plan.weight}
-                remaining = max(0.1, plan.deadline - time.monotonic())
-                out = [piece] if lossless else means[index]
+                header = {"g": plan.group.group_id, "c": index, "w": plan.weight, "v": verify}
+                out = means[index] if verify or not lossless else [piece]
                 reply, mean = await plan.service.peer.call(
-                    plan.reducer.address, CHUNK_METHOD, header, payload, timeout=remaining, out=out
+                    plan.reducer.address, CHUNK_METHOD, header, payload, timeout=_reply_timeout(plan), out=out
                 )
-                if not lossless:
+                if verify:
+                    _verify_chunk(plan, index, me, reply, payload, mean, checks[index])
+                elif not lossless:
                     codec.decode(mean, piece, name=f"mean of part {part}")
                 count = int(reply.get("n", 0))
             fewest = min(fewest, count)
@@ -570,11 +676,52 @@ async def _exchange_part(plan: _Exchange, chunk_elements: int) -> int:
         sending = (one_chunk(i, s, e) for i, (s, e) in enumerate(chunks))
         outcomes = await asyncio.gather(*sending, return_exceptions=True)
     errors = [o for o in outcomes if isinstance(o, BaseException)]
+    cheated = next((e for e in errors if isinstance(e, ReducerCheatedError)), None)
+    if cheated is not None:
+        plan.service.ban(reducer, f"its reply in round {plan.group.group_id.hex()[:8]} failed verification: {cheated}")
+        raise AllReduceError(f"reducer {reducer} of part {part} failed verification: {cheated}")
     if errors:
         if not all(isinstance(e, TransportError | AllReduceError | TimeoutError) for e in errors):
             raise errors[0]
         raise AllReduceError(f"{len(errors)} of {len(chunks)} chunks of part {part} failed: {errors[0]}")
+    if verify:
+        for (start, end), checked in zip(chunks, checks, strict=True):
+            flat[start:end].copy_(checked)
     return fewest
+
+
+def _verify_chunk(plan: _Exchange, index: int, me: int, reply: dict, sent, mean, decoded: torch.Tensor) -> None:
+    """Check one chunk's reply against the reducer's claim (ReducerCheatedError if it does not add up), leaving
+    the aggregate decoded in `decoded`."""
+    codec = plan.codec
+    claim = Claim.parse(reply, len(plan.group.senders))
+    r = probe(plan.group.group_id, plan.part, index, mean, decoded.numel())
+    mine = codec.decode(sent, decoded, name=f"our copy of part {plan.part}")
+    own, own_norm = project(mine, r), float(mine.norm())
+    try:
+        aggregate = codec.decode(mean, decoded, name=f"mean of part {plan.part}")
+    except NonFiniteError as e:
+        raise ReducerCheatedError(f"its aggregate holds NaN or Inf: {e}") from None
+    check_reply(claim, me, plan.weight, own, own_norm, aggregate, codec.error_bound(mean), r)
+
+
+def _reply_timeout(plan: _Exchange) -> float:
+    """How long to wait for a reducer's reply to one call: an honest reducer answers within `sender_timeout` of
+    the first copy it got, so one silent past that (and the grace) is given up, well before the round's deadline."""
+    return max(0.1, min(plan.deadline - time.monotonic(), plan.options.sender_timeout + plan.options.late_grace))
+
+
+async def _withdraw(plan: _Exchange) -> None:
+    """Tell the part's reducer we send it nothing more this round, so it does not wait for us (never raises)."""
+    me = plan.service.peer.peer_id
+    if plan.local_round is not None:
+        plan.local_round.withdraw(me)
+        return
+    header = {"g": plan.group.group_id, "x": True}
+    try:
+        await plan.service.peer.call(plan.reducer.address, CHUNK_METHOD, header, [], timeout=_reply_timeout(plan))
+    except (HiveEngineError, TimeoutError) as e:
+        logger.info("could not withdraw from part %d (reducer %s): %s", plan.part, plan.reducer.peer_id, e)
 
 
 async def _outcome(coro) -> BaseException | None:

@@ -90,7 +90,9 @@ class DecentralizedAverager:
     distances when None; at most `clip_iterations` steps), "mean" averages exactly (trusted swarms); weights
     are capped at `max_weight_ratio` times the group's median; a NaN/Inf copy excludes only its sender; a
     member whose data is `late_grace` seconds (or as long as the first half took) behind the others' is left
-    out of the round, as is a silent reducer's part.
+    out of the round, as is a silent reducer's part. With `verify_reducers` (the default) every reply is checked
+    against what its reducer claims to have combined (hiveengine.averaging.verification); a reducer caught
+    cheating costs its part for that round and lands in `banned`, left out of our later rounds.
     """
 
     def __init__(
@@ -118,6 +120,7 @@ class DecentralizedAverager:
         late_grace: float = DEFAULT_LATE_GRACE,
         max_weight_ratio: float = MAX_WEIGHT_RATIO,
         state_digest: Callable[[torch.Tensor, dict], bytes] = state_digest,
+        verify_reducers: bool = True,
         **unknown,
     ):
         refuse_unknown_options("DecentralizedAverager", unknown, HIVEMIND_SPELLINGS)
@@ -146,6 +149,7 @@ class DecentralizedAverager:
             late_grace=late_grace,
             aggregation=Aggregation(aggregation, clip_tau, clip_tau_factor, clip_iterations),
             max_weight_ratio=max_weight_ratio,
+            verify=verify_reducers,
         )
         self.flat = torch.cat([t.detach().reshape(-1) for t in tensors]).contiguous()
         self._views = [
@@ -168,6 +172,12 @@ class DecentralizedAverager:
         self._sharing = False
         if share_state and not client_mode:
             self.allow_state_sharing = True
+
+    @property
+    def banned(self) -> dict:
+        """Peers this peer caught cheating as reducers (peer id -> why): it neither sends to them nor averages
+        their copies; matchmaking may leave them out of groups."""
+        return self.service.banned
 
     @contextlib.contextmanager
     def get_tensors(self) -> Iterator[list[torch.Tensor]]:

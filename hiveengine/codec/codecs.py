@@ -86,6 +86,11 @@ class Codec(ABC):
         return False
 
     @abstractmethod
+    def error_bound(self, payload: Sequence[torch.Tensor]) -> float:
+        """An upper bound on the L2 norm of decode(payload) - x for the x it was encoded from (without error
+        feedback): what a verifier of a requantized aggregate must tolerate."""
+
+    @abstractmethod
     def finite(self, payload: Sequence[torch.Tensor]) -> bool:
         """Whether `payload` decodes to finite values only (a cheap check: the scales of blockwise codes)."""
 
@@ -99,14 +104,19 @@ class Codec(ABC):
         name: str = "tensor",
         aggregation: Aggregation | None = None,
         scratch: torch.Tensor | None = None,
+        coefficients: list[float] | None = None,
     ) -> Payload | None:
         """Aggregate K payloads into fp32 `out` (weights normalized to sum to one): their weighted mean in one
         fused pass; with a robust `aggregation`, also each copy decoded into a row of `scratch` (fp32, at least
         K x n values, any shape, made when None), and the mean replaced by their robust aggregate if it differs.
-        With `requantize`, also return the result encoded for the return trip. Raises NonFiniteError if a
-        payload holds NaN or Inf."""
+        With `requantize`, also return the result encoded for the return trip. A `coefficients` list receives
+        the result's coefficient of each decoded copy (out = sum_j c_j copy_j, for reducers' verification).
+        Raises NonFiniteError if a payload holds NaN or Inf."""
         payloads = _check_payloads(payloads, self.frames, name)
         mean = self._mean(payloads, weights, out, requantize, name)
+        if coefficients is not None:
+            total = float(sum(float(w) for w in weights))
+            coefficients[:] = [float(w) / total if total > 0 else 1.0 / len(payloads) for w in weights]
         if aggregation is None or not aggregation.robust or len(payloads) <= 2:
             return mean
         n = out.numel()
@@ -115,10 +125,12 @@ class Codec(ABC):
         rows = scratch.view(-1)[: len(payloads) * n].view(len(payloads), n)
         for i, payload in enumerate(payloads):
             self.decode(payload, rows[i], name=f"copy {i} of {name}")
-        weights = [float(w) for w in weights]
-        if not centered_clip(rows, weights, out.view(-1), aggregation, mean_ready=True) or not requantize:
+        clipped = centered_clip(rows, [float(w) for w in weights], out.view(-1), aggregation, mean_ready=True)
+        if clipped is None:
             return mean
-        return self.encode(out.view(-1), name=f"aggregate of {name}")
+        if coefficients is not None:
+            coefficients[:] = clipped
+        return self.encode(out.view(-1), name=f"aggregate of {name}") if requantize else mean
 
     @abstractmethod
     def _mean(
@@ -175,6 +187,16 @@ class FloatCodec(Codec):
     def lossless(self) -> bool:
         """True for `none` (fp32 values on the wire)."""
         return self.dtype == torch.float32
+
+    def error_bound(self, payload: Sequence[torch.Tensor]) -> float:
+        """Rounding to fp16/bf16 moves each value by at most its unit roundoff (2^-11, 2^-8) relative, plus the
+        smallest subnormal step absolute; fp32 (`none`) is sent as it is."""
+        if self.lossless:
+            return 0.0
+        info = torch.finfo(self.dtype)
+        values = payload[0].float()
+        relative = info.eps / 2 * float(values.norm())
+        return relative + float(info.smallest_normal) * info.eps * values.numel() ** 0.5
 
     def finite(self, payload: Sequence[torch.Tensor]) -> bool:
         """Whether every value of the payload is finite."""
@@ -241,6 +263,12 @@ class BlockwiseCodec(Codec):
     def alignment(self) -> int:
         """One block: a part never splits a block's scale between two reducers."""
         return self.block
+
+    def error_bound(self, payload: Sequence[torch.Tensor]) -> float:
+        """Each value is within half a step (a whole step when rounding stochastically) of its source, a step
+        being its block's scale: sqrt(block * sum of squared scales) / 2."""
+        step = 1.0 if self.stochastic else 0.5
+        return step * (self.block * float(payload[1].double().square().sum())) ** 0.5
 
     def finite(self, payload: Sequence[torch.Tensor]) -> bool:
         """Whether every scale is finite (codes are integers: the scales alone decide)."""

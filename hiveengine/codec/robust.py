@@ -73,17 +73,18 @@ def centered_clip(
     aggregation: Aggregation,
     *,
     mean_ready: bool = False,
-) -> bool:
+) -> list[float] | None:
     """CenteredClip of the K rows of `rows` (fp32, K x n, rows 1.. are overwritten) with `weights` into fp32 `out`
-    (n values; with `mean_ready` it holds their weighted mean already); see the module docstring. Whether the
-    result differs from the mean (some copy was clipped). Raises NonFiniteError if a row holds NaN or Inf."""
+    (n values; with `mean_ready` it holds their weighted mean already); see the module docstring. When some copy
+    was clipped (the result differs from the mean): the result's coefficients c (out = sum_j c_j rows_j, c >= 0,
+    sum 1; what a verifier checks it against); None when the mean stands. Raises NonFiniteError on NaN/Inf."""
     count = rows.shape[0]
     total = float(sum(weights))
     w = [x / total for x in weights] if total > 0 else [1.0 / count] * count
     if not mean_ready:
         weighted_mean(list(rows), w, out=out, name="copies")
     if count <= 2 or rows.shape[1] == 0:
-        return False
+        return None
     base, diffs = rows[0], rows[1:]
     diffs -= base
     gram = _gram(diffs)
@@ -91,7 +92,8 @@ def centered_clip(
     near_mean = _distances(gram, weight)
     limit = aggregation.tau if aggregation.tau is not None else aggregation.tau_factor * float(near_mean.median())
     if float(near_mean.max()) <= limit:
-        return False
+        return None
+    position = list(range(count))  # position k (0: the base, k >= 1: diffs[k - 1]) holds copy position[k]
     for _ in range(MEDOID_PASSES):  # measure from the medoid: the Gram matrix keeps its precision (not so
         start = int(_pairwise(gram).median(dim=1).values.argmin())  # from a huge copy 0), so look again
         if start == 0:
@@ -102,6 +104,7 @@ def centered_clip(
         diffs[start - 1] = -moved
         order = list(range(count))
         order[0], order[start] = start, 0
+        position[0], position[start] = position[start], position[0]
         weight = weight[order]
         gram = _gram(diffs)
     tau = aggregation.tau
@@ -116,8 +119,13 @@ def centered_clip(
         center += step
         if float(step @ gram @ step) <= (CLIP_TOLERANCE * tau) ** 2:
             break
-    out.view(-1).copy_(base).addmv_(diffs.T, center[1:].to(rows.dtype).to(rows.device))
-    return True
+    used = center[1:].to(rows.dtype)  # the coefficients as the result is computed with them
+    out.view(-1).copy_(base).addmv_(diffs.T, used.to(rows.device))
+    coefficients = [0.0] * count
+    coefficients[position[0]] = 1.0 - float(used.double().sum())
+    for k, c in enumerate(used.tolist(), start=1):
+        coefficients[position[k]] = c
+    return coefficients
 
 
 def _gram(diffs: torch.Tensor) -> torch.Tensor:

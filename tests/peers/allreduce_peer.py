@@ -34,8 +34,6 @@ def main() -> None:
         print("STALLED", flush=True)
         sys.stdin.read()  # never takes part (its service answers no call); the test kills us or lets us be
         return
-    flat = seeded_data(me["seed"], plan["numel"]).to(plan.get("device", "cpu"))
-    codec, flat, weight = byzantine_attacks.apply(me.get("attack"), get_codec(plan["codec"]), flat, me["weight"])
     options = RoundOptions(
         timeout=plan["timeout"],
         chunk_elements=plan["chunk_elements"],
@@ -43,14 +41,23 @@ def main() -> None:
         late_grace=plan.get("late_grace", 2.0),
         aggregation=Aggregation(plan.get("aggregation", "mean")),
         max_weight_ratio=plan.get("max_weight_ratio", 4.0),
+        verify=me.get("verify", plan.get("verify", True)),
     )
-    started = time.monotonic()
-    result = peer.runtime.run(
-        run_allreduce(service, group, flat, codec, weight=weight, options=options), timeout=plan["timeout"] + 30
-    )
-    seconds = time.monotonic() - started
+    rounds = []
+    for number in range(plan.get("rounds", 1)):  # each round averages the seeded data afresh
+        flat = seeded_data(me["seed"], plan["numel"]).to(plan.get("device", "cpu"))
+        codec, flat, weight = byzantine_attacks.apply(me.get("attack"), get_codec(plan["codec"]), flat, me["weight"])
+        round_group = GroupInfo(group.group_id + bytes([number]), group.members)
+        started = time.monotonic()
+        result = peer.runtime.run(
+            run_allreduce(service, round_group, flat, codec, weight=weight, options=options),
+            timeout=plan["timeout"] + 30,
+        )
+        torch.save(flat.cpu(), f"{me['out']}.{number}")
+        rounds.append({"failed_parts": result.failed_parts, "s": time.monotonic() - started})
     torch.save(flat.cpu(), me["out"])
-    outcome = {"failed_parts": result.failed_parts, "spans": result.spans, "device": flat.device.type, "s": seconds}
+    outcome = {**rounds[-1], "spans": result.spans, "device": flat.device.type, "rounds": rounds}
+    outcome["banned"] = sorted(str(p) for p in service.banned)
     print("RESULT", json.dumps(outcome), flush=True)
     sys.stdin.read()
     peer.shutdown()

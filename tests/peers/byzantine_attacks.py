@@ -1,5 +1,5 @@
-"""What a hostile all-reduce member does, for tests/peers/allreduce_peer.py (`"attack"` in its plan): each attack
-is real misbehaviour on the wire, sent by a real process, through the same code path an honest peer uses."""
+"""What a hostile (or broken) all-reduce member does, for tests/peers/allreduce_peer.py (`"attack"` in its plan):
+each attack is real misbehaviour on the wire, sent by a real process, through the code path an honest peer uses."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 
 from hiveengine.codec import Codec
 
-ATTACKS = ("nan", "scale", "weight", "silent", "garbage_reducer")
+ATTACKS = ("nan", "nan_data", "scale", "weight", "silent", "garbage_reducer")
 SCALE = 1000.0
 HUGE_WEIGHT = 1e30
 
@@ -46,6 +46,10 @@ class _Hostile(Codec):
         """The honest codec's."""
         return self.inner.decode(payload, out, name=name)
 
+    def error_bound(self, payload) -> float:
+        """The honest codec's."""
+        return self.inner.error_bound(payload)
+
     def finite(self, payload) -> bool:
         """The honest codec's."""
         return self.inner.finite(payload)
@@ -73,12 +77,13 @@ class NaNSender(_Hostile):
 
 
 class GarbageReducer(_Hostile):
-    """Reduces honestly for nobody: returns noise of the right layout as the aggregate of its part."""
+    """Reduces honestly (so the coefficients and projections it reports are the true ones), then returns noise of
+    the right layout as the aggregate of its part: what a broken or lazy reducer that pretends does."""
 
     def reduce(self, payloads, weights, out, **options):
-        """Random values (re-encoded, so the layout is right) instead of the aggregate."""
-        garbage = torch.randn(out.numel(), device=out.device) * 1000
-        out.copy_(garbage.view_as(out))
+        """Random values (encoded, so the layout is right) instead of the aggregate."""
+        self.inner.reduce(payloads, weights, out, **options)
+        out.copy_((torch.randn(out.numel(), device=out.device) * 1000).view_as(out))
         return self.inner.encode(out.view(-1).clone(), name="garbage") if options.get("requantize") else None
 
 
@@ -86,6 +91,8 @@ def apply(attack: str | None, codec: Codec, flat: torch.Tensor, weight: float) -
     """The codec, data and weight a peer running `attack` uses (unchanged for None and 'silent')."""
     if attack == "nan":
         return NaNSender(codec), flat, weight
+    if attack == "nan_data":  # our own data went bad: the honest codec refuses to encode it, so we withdraw
+        return codec, torch.full_like(flat, float("nan")), weight
     if attack == "scale":
         return codec, flat * SCALE, weight
     if attack == "weight":
