@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import os
 from dataclasses import dataclass
@@ -42,10 +43,16 @@ class PeerID:
             raise ValueError(f"{text!r} is not a peer id (expected {PEER_ID_BYTES} bytes in base32)") from e
 
     def __str__(self) -> str:
-        return base64.b32encode(self.raw).decode().lower().rstrip("=")
+        return _base32(self.raw)
 
     def __repr__(self) -> str:
         return f"PeerID({str(self)[:12]}…)"
+
+
+@functools.lru_cache(maxsize=4096)
+def _base32(raw: bytes) -> str:
+    """A peer id's printed form, computed once per id: it is printed on the hot path (about twice per RPC)."""
+    return base64.b32encode(raw).decode().lower().rstrip("=")
 
 
 def verify_signature(public_key: bytes, signature: bytes, message: bytes) -> bool:
