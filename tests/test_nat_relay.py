@@ -105,6 +105,20 @@ def test_the_relay_refuses_unreserved_peers_forged_circuits_and_circuits_past_it
     assert relay.circuits == 1
 
 
+def test_a_reservation_is_renewed_when_the_link_to_the_relay_is_lost(trio):
+    relay_peer, home, other = trio
+    Relay(relay_peer)
+    address = home.runtime.run(reserve(home, relay_peer.address), 20)
+    other.call_sync(address, "echo", {}, timeout=10)
+    relay_peer.disconnect(home.peer_id)  # the relay drops our link (as a restart would)
+    home.runtime.run(home.reservation.wait_renewed(1), 20)
+    newcomer = Peer(limits=TransportLimits(local_copy=False, upgrade_relayed=False))
+    try:  # a new circuit: the relay announces it over the renewed link
+        assert newcomer.call_sync(address, "echo", {"again": 1}, timeout=10)[0] == {"again": 1}
+    finally:
+        newcomer.shutdown()
+
+
 def test_only_the_reserved_relay_may_announce_circuits(trio):
     relay_peer, home, other = trio
     Relay(relay_peer)

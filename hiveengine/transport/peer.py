@@ -179,6 +179,8 @@ class Peer:
         self.resources = ResourceManager(limits)
         self._eviction: asyncio.TimerHandle | None = None  # a later eviction pass, when one is due
         self.relayed: PeerAddress | None = None  # our address through a relay (relay.reserve), announced if set
+        self.reservation = None  # our kept slot with that relay (relay.Reservation)
+        self._on_lost: dict[PeerID, list[Callable[[], None]]] = {}  # one-shot: our link to that peer was lost
         self._upgrades: dict[PeerID, asyncio.Task] = {}  # relayed links we asked to be made direct (upgrade.py)
         self._tcp_only: set[PeerID] = set()  # peers a UCX dial failed to reach (link "auto"): dialled over TCP
         self._closed = False
@@ -475,6 +477,11 @@ class Peer:
         self.runtime.release_recv_base(base)
         wire.close()
 
+    def when_lost(self, peer_id: PeerID, callback: Callable[[], None]) -> None:
+        """Call `callback()` (once, on the loop) when our current link to `peer_id` is lost (relay.py keeps its
+        reservation this way)."""
+        self._on_lost.setdefault(peer_id, []).append(callback)
+
     def connection_to(self, peer_id: PeerID) -> Connection | None:
         """Our open connection to `peer_id`, if there is one."""
         conn = self._connections.get(peer_id)
@@ -538,6 +545,8 @@ class Peer:
     def _forget_connection(self, conn: Connection) -> None:
         if self._connections.get(conn.remote) is conn:
             del self._connections[conn.remote]
+            for callback in self._on_lost.pop(conn.remote, ()):
+                callback()
         for task in list(conn.tasks):  # its handlers: nobody is left to answer, and they hold its budgets
             task.cancel()
         for key in [k for k in self._streams if k[0] == id(conn)]:

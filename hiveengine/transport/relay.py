@@ -12,6 +12,8 @@ Who does what:
 - The relay bounds what it gives away: RelayLimits.max_reservations, max_circuits (circuits open at once), and
   bytes_per_second over all circuits (a token bucket); a circuit the peer does not accept within setup_timeout is
   dropped. A peer only accepts INCOMING calls from the relay it reserved with, and only ever dials that relay.
+- A reservation is kept (`Reservation`): when the peer's link to its relay is lost it reserves again, with backoff,
+  so a relay that restarts at the same address, or drops the link, costs the peer only the time until it is back.
 - Every later Peer of a process whose peer reserved (an averager's, an expert server's) reserves with the same
   relay as it starts (Peer.__init__), so all of the process's services are reachable, not only its DHT node.
 
@@ -44,6 +46,7 @@ RESERVE_METHOD = "hiveengine.relay.reserve"
 INCOMING_METHOD = "hiveengine.relay.incoming"
 RELAY_ENV, RELAY_MBPS_ENV, RELAY_CIRCUITS_ENV = "HIVEENGINE_RELAY", "HIVEENGINE_RELAY_MBPS", "HIVEENGINE_RELAY_CIRCUITS"
 PUMP_BYTES = 1 << 16
+RENEW_FIRST, RENEW_MAX = 1.0, 30.0  # seconds between attempts to reserve again after our link to the relay was lost
 
 
 @dataclass(frozen=True)
@@ -179,8 +182,48 @@ async def reserve(peer, relay: PeerAddress | str) -> PeerAddress:
     peer.register(INCOMING_METHOD, incoming)
     peer.relayed = PeerAddress(relay.host, relay.port, peer.peer_id, relay.tcp_port, relay.peer_id)
     peer.runtime.reserved_relay = relay
+    if peer.reservation is None:
+        peer.reservation = Reservation(peer, relay)
     logger.info("reachable through relay %s as %s", relay.peer_id, peer.relayed)
     return peer.relayed
+
+
+class Reservation:
+    """Our slot with a relay, kept: when our link to the relay is lost (the relay restarted, dropped us, or our
+    uplink went down long enough to break it), we reserve again, retrying with backoff from RENEW_FIRST to RENEW_MAX
+    seconds for as long as the peer runs. `renewed` counts the renewals."""
+
+    def __init__(self, peer, relay: PeerAddress):
+        self.peer, self.relay, self.renewed = peer, relay, 0
+        self._changed = asyncio.Condition()
+        peer.when_lost(relay.peer_id, self._lost)
+
+    def _lost(self) -> None:
+        if not self.peer._closed:
+            logger.info("lost our link to relay %s: reserving again", self.relay.peer_id)
+            self.peer._spawn(self._renew())
+
+    async def _renew(self) -> None:
+        delay = RENEW_FIRST
+        while not self.peer._closed:
+            try:
+                await self.peer.call(self.relay, RESERVE_METHOD, {}, timeout=self.peer.limits.connect_timeout * 2)
+            except HiveEngineError as e:
+                logger.info("relay %s: no slot yet (%s); again in %.0f s", self.relay.peer_id, e, delay)
+                await asyncio.sleep(delay)  # backoff pacing, not synchronization
+                delay = min(delay * 2, RENEW_MAX)
+                continue
+            self.peer.when_lost(self.relay.peer_id, self._lost)
+            async with self._changed:
+                self.renewed += 1
+                self._changed.notify_all()
+            logger.info("reserved again with relay %s", self.relay.peer_id)
+            return
+
+    async def wait_renewed(self, count: int) -> None:
+        """Return once the slot has been renewed `count` times."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.renewed >= count)
 
 
 async def reserve_any(peer, candidates) -> PeerAddress | None:
