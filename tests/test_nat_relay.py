@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 
-from hiveengine.errors import PeerUnreachableError, ProtocolError
+from hiveengine.errors import PeerBusyError, PeerUnreachableError, ProtocolError, RemoteError
 from hiveengine.transport import Peer, TransportLimits
 from hiveengine.transport.relay import (
     ACCEPT,
@@ -164,6 +164,24 @@ def test_a_relayed_link_becomes_direct_when_the_relayed_peer_can_dial_the_caller
         assert header["upgraded"] is False
     finally:
         caller.shutdown()
+
+
+def test_an_asker_cannot_aim_a_stream_of_upgrade_dials_at_another_host(trio):
+    relay_peer, home, other = trio  # other keeps its relayed link (upgrade_relayed=False)
+    Relay(relay_peer)
+    address = home.runtime.run(reserve(home, relay_peer.address), 20)
+    other.call_sync(address, "echo", {}, timeout=10)
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    victim = other.address.__class__("127.0.0.1", 9, other.peer_id, closed.getsockname()[1])  # nobody listens
+    closed.close()
+    with pytest.raises(RemoteError, match="cannot connect"):
+        other.call_sync(address, UPGRADE_METHOD, {"address": str(victim)}, timeout=20)
+    for _ in range(3):  # asked again at once: refused without a dial
+        with pytest.raises(PeerBusyError, match="ask again after"):
+            other.call_sync(address, UPGRADE_METHOD, {"address": str(victim)}, timeout=10)
+    assert is_relayed(other.connection_to(home.peer_id))  # and the relayed link still serves
+    assert other.call_sync(address, "echo", {"still": 1}, timeout=10)[0] == {"still": 1}
 
 
 @pytest.mark.skipif(not nat_available(), reason="needs root, ip, tc and iptables")

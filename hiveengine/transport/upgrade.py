@@ -9,15 +9,18 @@ by both identities and replaces the relayed one on both sides, since links are k
 the relayed link once its own calls on it have ended (unless the remote still uses it), which gives the relay its
 circuit and bandwidth back. Two peers that are both behind NATs stay relayed (no hole punching).
 
-Guards on the relayed side: the address must be the asker's own (its peer id), so nobody can make us dial a third
-party; we upgrade only a link that runs through a relay, one at a time per asker; the dial costs at most
-TransportLimits.connect_timeout.
+Guards on the relayed side: the address must be the asker's own (its peer id), so the handshake fails against anyone
+else; we upgrade only a link that runs through a relay; at most UPGRADES_IN_FLIGHT dials at once, and an asker whose
+upgrade failed waits UPGRADE_COOLDOWN seconds before we dial for it again (so nobody can aim a stream of our dials at
+a third party's host); each dial costs at most TransportLimits.connect_timeout.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections import OrderedDict
 
 from hiveengine.errors import ConnectionLostError, HiveEngineError, PeerBusyError, ProtocolError
 from hiveengine.transport.address import PeerAddress
@@ -25,6 +28,9 @@ from hiveengine.transport.identity import PeerID
 
 logger = logging.getLogger(__name__)
 UPGRADE_METHOD = "hiveengine.link.upgrade"
+UPGRADES_IN_FLIGHT = 4
+UPGRADE_COOLDOWN = 60.0  # seconds
+REMEMBERED_FAILURES = 1024  # askers whose failed upgrade we remember (oldest forgotten first)
 
 
 def is_relayed(conn) -> bool:
@@ -36,6 +42,7 @@ def upgrade_handler(peer):
     """The handler of UPGRADE_METHOD for `peer`: dial the asker directly and adopt that link in place of the relayed
     one; {"upgraded": True} once the direct link is up."""
     busy: set[PeerID] = set()
+    failed: OrderedDict[PeerID, float] = OrderedDict()  # asker -> when its last upgrade failed
 
     async def upgrade(request) -> dict:
         try:
@@ -47,11 +54,20 @@ def upgrade_handler(peer):
         current = peer.connection_to(request.sender)
         if current is None or not is_relayed(current):
             return {"upgraded": False, "reason": "our link to you does not run through a relay"}
-        if request.sender in busy:
-            raise PeerBusyError("an upgrade of this link is running already")
+        now = time.monotonic()
+        if now - failed.get(request.sender, -UPGRADE_COOLDOWN) < UPGRADE_COOLDOWN:
+            raise PeerBusyError(f"your last upgrade failed: ask again after {UPGRADE_COOLDOWN:.0f} s")
+        if request.sender in busy or len(busy) >= UPGRADES_IN_FLIGHT:
+            raise PeerBusyError("upgrades are running here already (UPGRADES_IN_FLIGHT); ask later")
         busy.add(request.sender)
         try:
             await peer.dial_tcp(address)
+        except HiveEngineError:
+            failed[request.sender] = now
+            failed.move_to_end(request.sender)
+            while len(failed) > REMEMBERED_FAILURES:
+                failed.popitem(last=False)
+            raise
         finally:
             busy.discard(request.sender)
         logger.info("the link to %s no longer runs through a relay: we dialled it at %s", request.sender, address.host)
