@@ -254,3 +254,41 @@ def test_malformed_direct_copy_messages_are_ignored_and_the_connection_serves_on
     finally:
         peer.shutdown()
         server.shutdown()
+
+
+def test_a_proof_connection_open_at_shutdown_ends_quietly():
+    """A locality proof still waiting for its binding when the process shuts down (its task is cancelled) must not
+    make asyncio report "Exception in callback ... CancelledError" on the way out."""
+    if not local_copy.available():
+        pytest.skip("no same-host direct copy on this machine")
+    reported = []
+
+    async def scenario() -> None:
+        asyncio.get_running_loop().set_exception_handler(lambda _loop, context: reported.append(context))
+        service = local_copy.Service()
+        await service.start()
+        # Another process connects and never sends its binding (we never prove ourselves to our own process).
+        client = subprocess.Popen([sys.executable, "-c", HALF_OPEN_PROOF, service.name.hex()], stdin=subprocess.PIPE)
+        try:
+            async with asyncio.timeout(30):
+                while service._pending == 0:
+                    await asyncio.sleep(0.001)
+            for task in asyncio.all_tasks() - {asyncio.current_task()}:
+                task.cancel()  # what the runtime's shutdown does to the tasks still running
+            while service._pending:
+                await asyncio.sleep(0.001)
+        finally:
+            client.stdin.close()
+            client.wait(timeout=30)
+            service.close()
+
+    asyncio.run(scenario())
+    assert reported == []
+
+
+HALF_OPEN_PROOF = """
+import socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.connect(bytes.fromhex(sys.argv[1]))
+sys.stdin.read()
+"""

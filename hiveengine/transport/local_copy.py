@@ -233,6 +233,10 @@ class Service:
                 await writer.drain()
         except (OSError, TimeoutError, asyncio.IncompleteReadError) as e:
             logger.debug("local proof connection: %s", e)
+        except asyncio.CancelledError:
+            # The runtime is shutting down; nobody awaits this task, and asyncio's server logs a cancelled
+            # connection task as an error ("Exception in callback ... CancelledError"), so it ends quietly.
+            logger.debug("local proof connection cancelled at shutdown")
         finally:
             self._pending -= 1
             writer.close()
