@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from hiveengine.errors import PeerBusyError, PeerUnreachableError, ProtocolError, RemoteError
-from hiveengine.transport import Peer, TransportLimits
+from hiveengine.transport import Peer, PeerAddress, TransportLimits
 from hiveengine.transport.relay import (
     ACCEPT,
     INCOMING_METHOD,
@@ -24,6 +24,7 @@ from hiveengine.transport.relay import (
     Relay,
     RelayLimits,
     reserve,
+    reserve_any,
 )
 from hiveengine.transport.upgrade import UPGRADE_METHOD, is_relayed
 from tests.procs import PeerProcess
@@ -117,6 +118,27 @@ def test_a_reservation_is_renewed_when_the_link_to_the_relay_is_lost(trio):
         assert newcomer.call_sync(address, "echo", {"again": 1}, timeout=10)[0] == {"again": 1}
     finally:
         newcomer.shutdown()
+
+
+def test_a_peer_whose_relay_dies_reserves_with_another():
+    relays = [PeerProcess("nat_peer.py", "serve", env={"HIVEENGINE_RELAY": "1"}) for _ in range(2)]
+    home = Peer(limits=TransportLimits(local_copy=False, link="tcp"))
+    other = Peer(limits=TransportLimits(local_copy=False, upgrade_relayed=False))
+    try:
+        addresses = [PeerAddress.parse(relay.expect("ADDRESS")) for relay in relays]
+        home.register("echo", _echo)
+        first = home.runtime.run(reserve_any(home, addresses), 30)
+        assert first.relay == addresses[0].peer_id
+        assert other.call_sync(first, "echo", {"n": 1}, timeout=20)[0] == {"n": 1}
+        relays[0].kill()
+        home.runtime.run(home.reservation.wait_renewed(1), 30)
+        assert home.address.relay == addresses[1].peer_id  # our announced address follows the new relay
+        assert other.call_sync(home.address, "echo", {"n": 2}, timeout=20)[0] == {"n": 2}
+    finally:
+        other.shutdown()
+        home.shutdown()
+        for relay in relays:
+            relay.close()
 
 
 def test_only_the_reserved_relay_may_announce_circuits(trio):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import socket
@@ -190,11 +191,14 @@ async def reserve(peer, relay: PeerAddress | str) -> PeerAddress:
 
 class Reservation:
     """Our slot with a relay, kept: when our link to the relay is lost (the relay restarted, dropped us, or our
-    uplink went down long enough to break it), we reserve again, retrying with backoff from RENEW_FIRST to RENEW_MAX
-    seconds for as long as the peer runs. `renewed` counts the renewals."""
+    uplink went down long enough to break it), we reserve again, with that relay or else with one of `alternatives`
+    (each try goes to the next; our relayed address changes with the relay, and services that announce
+    `peer.address` again, like expert declarations, follow), waiting from RENEW_FIRST to RENEW_MAX seconds after
+    each full turn that failed, for as long as the peer runs. `renewed` counts the renewals."""
 
     def __init__(self, peer, relay: PeerAddress):
         self.peer, self.relay, self.renewed = peer, relay, 0
+        self.alternatives: list[PeerAddress] = []
         self._changed = asyncio.Condition()
         peer.when_lost(relay.peer_id, self._lost)
 
@@ -204,20 +208,28 @@ class Reservation:
             self.peer._spawn(self._renew())
 
     async def _renew(self) -> None:
-        delay = RENEW_FIRST
-        while not self.peer._closed:
+        delay, candidates = RENEW_FIRST, [self.relay, *self.alternatives]
+        for attempt in itertools.count():
+            if self.peer._closed:
+                return
+            relay = candidates[attempt % len(candidates)]
             try:
-                await self.peer.call(self.relay, RESERVE_METHOD, {}, timeout=self.peer.limits.connect_timeout * 2)
-            except HiveEngineError as e:
-                logger.info("relay %s: no slot yet (%s); again in %.0f s", self.relay.peer_id, e, delay)
-                await asyncio.sleep(delay)  # backoff pacing, not synchronization
-                delay = min(delay * 2, RENEW_MAX)
+                if relay == self.relay:
+                    await self.peer.call(relay, RESERVE_METHOD, {}, timeout=self.peer.limits.connect_timeout * 2)
+                else:
+                    await reserve(self.peer, relay)
+            except (HiveEngineError, OSError) as e:
+                logger.info("relay %s: no slot (%s)", relay.peer_id, e)
+                if attempt % len(candidates) == len(candidates) - 1:
+                    await asyncio.sleep(delay)  # backoff pacing, not synchronization
+                    delay = min(delay * 2, RENEW_MAX)
                 continue
-            self.peer.when_lost(self.relay.peer_id, self._lost)
+            self.relay = relay
+            self.peer.when_lost(relay.peer_id, self._lost)
             async with self._changed:
                 self.renewed += 1
                 self._changed.notify_all()
-            logger.info("reserved again with relay %s", self.relay.peer_id)
+            logger.info("reserved again with relay %s: we are %s", relay.peer_id, self.peer.address)
             return
 
     async def wait_renewed(self, count: int) -> None:
@@ -227,10 +239,14 @@ class Reservation:
 
 
 async def reserve_any(peer, candidates) -> PeerAddress | None:
-    """Reserve with the first of `candidates` that relays for us; None (logged) if none does."""
-    for candidate in candidates:
+    """Reserve with the first of `candidates` that relays for us (the others become its alternatives, should it be
+    lost); None (logged) if none does."""
+    candidates = [PeerAddress.parse(c) for c in candidates]
+    for i, candidate in enumerate(candidates):
         try:
-            return await reserve(peer, candidate)
+            address = await reserve(peer, candidate)
+            peer.reservation.alternatives = [c for c in candidates[i + 1 :] + candidates[:i] if c.tcp_port]
+            return address
         except (HiveEngineError, OSError) as e:
             logger.info("no relay slot at %s: %s", candidate, e)
     logger.warning(
