@@ -383,6 +383,7 @@ class Matchmaker:
 
     def __init__(self, dht: DHT, prefix: str, me: GroupMember, config: MatchmakingConfig, peer: Peer):
         self.dht, self.prefix, self.me, self.config = dht, prefix, me, config
+        self.peer = peer
         self.bell = Bell.of(peer)
         self.identity: Identity = peer.identity  # signs our registrations: the key that takes part in the round
         self._background: set[asyncio.Task] = set()
@@ -414,6 +415,9 @@ class Matchmaker:
             return None
         listener = self.bell.listeners.setdefault(dht_key, _Listener())
         dht_node = None if self.dht.client_mode else self.dht.peer_id.raw  # a client-mode node stores nothing
+        address = str(self.peer.address)  # it changes when a peer behind a NAT moves to another relay
+        if address != self.me.address:
+            self.me = dataclasses.replace(self.me, address=address)
         mine = Registration(self.me, now, gather_until, round_number, gathered, dht_node)
         gathering = _Gathering(dht_key, mine, listener)
 

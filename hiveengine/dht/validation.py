@@ -14,6 +14,7 @@ a reader checks it again on everything it is sent.
 from __future__ import annotations
 
 import base64
+import functools
 import logging
 import re
 from collections.abc import Iterable
@@ -30,6 +31,7 @@ SIGNATURE_DOMAIN = b"hiveengine-dht-record-v1"
 OWNER_PATTERN = re.compile(rb"\[owner:([a-z2-7]{52})\]")
 
 
+@functools.lru_cache(maxsize=1024)
 def owner_marker(public_key: bytes) -> str:
     """The text that, put in a key or subkey, reserves it for the holder of `public_key`."""
     return f"[owner:{base64.b32encode(public_key).decode().lower().rstrip('=')}]"
@@ -37,21 +39,27 @@ def owner_marker(public_key: bytes) -> str:
 
 def named_owners(record: Record) -> set[bytes]:
     """The public keys named by `[owner:...]` markers in the record's key and subkey."""
-    return _owners_in(record.key) | _owners_in(record.subkey or b"")
+    return set(_owners_in(record.key) | _owners_in(record.subkey or b""))
 
 
 def named_owners_of(field: object) -> set[bytes]:
     """The public keys named by `[owner:...]` markers in a key or subkey as the DHT returns it (str or bytes)."""
-    return _owners_in(field.encode() if isinstance(field, str) else field if isinstance(field, bytes) else b"")
+    return set(_owners_in(field.encode() if isinstance(field, str) else field if isinstance(field, bytes) else b""))
 
 
-def _owners_in(field: bytes) -> set[bytes]:
+def _owners_in(field: bytes) -> frozenset[bytes]:
+    return _owners_in_cached(bytes(field))
+
+
+@functools.lru_cache(maxsize=4096)
+def _owners_in_cached(field: bytes) -> frozenset[bytes]:
+    """The owners a key or subkey names, found once per distinct field (records are checked on every hop)."""
     owners = set()
     for match in OWNER_PATTERN.finditer(field):
         raw = base64.b32decode(match.group(1).upper() + b"====")
         if len(raw) == PUBLIC_KEY_BYTES:
             owners.add(raw)
-    return owners
+    return frozenset(owners)
 
 
 def signed_message(record: Record) -> bytes:

@@ -6,6 +6,7 @@ import base64
 import functools
 import hashlib
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,8 +38,7 @@ class PeerID:
     @classmethod
     def from_string(cls, text: str) -> PeerID:
         try:
-            padded = text.upper() + "=" * (-len(text) % 8)
-            return cls(base64.b32decode(padded))
+            return cls(_unbase32(text))
         except (ValueError, TypeError) as e:
             raise ValueError(f"{text!r} is not a peer id (expected {PEER_ID_BYTES} bytes in base32)") from e
 
@@ -50,18 +50,39 @@ class PeerID:
 
 
 @functools.lru_cache(maxsize=4096)
+def _unbase32(text: str) -> bytes:
+    """A printed peer id's bytes, decoded once per text: addresses are parsed several times per round."""
+    return base64.b32decode(text.upper() + "=" * (-len(text) % 8))
+
+
+@functools.lru_cache(maxsize=4096)
 def _base32(raw: bytes) -> str:
     """A peer id's printed form, computed once per id: it is printed on the hot path (about twice per RPC)."""
     return base64.b32encode(raw).decode().lower().rstrip("=")
 
 
+VERIFIED_CACHE_SIZE = 4096  # signatures remembered as checked (a DHT record is checked by its node and its readers)
+_verified: OrderedDict[tuple[bytes, bytes, bytes], None] = OrderedDict()
+
+
 def verify_signature(public_key: bytes, signature: bytes, message: bytes) -> bool:
-    """True when `signature` is `public_key`'s Ed25519 signature of `message`; never raises on bad input."""
+    """True when `signature` is `public_key`'s Ed25519 signature of `message`; never raises on bad input. A good
+    signature is remembered (by the message's SHA-256), so checking the same record again costs a hash, not ~0.15 ms."""
+    try:
+        seen = (bytes(public_key), bytes(signature), hashlib.sha256(message).digest())
+    except TypeError:
+        return False
+    if seen in _verified:
+        _verified.move_to_end(seen)
+        return True
     try:
         Ed25519PublicKey.from_public_bytes(public_key).verify(signature, message)
-        return True
-    except (InvalidSignature, ValueError):
+    except (InvalidSignature, ValueError, TypeError):
         return False
+    _verified[seen] = None
+    if len(_verified) > VERIFIED_CACHE_SIZE:
+        _verified.popitem(last=False)
+    return True
 
 
 class Identity:
