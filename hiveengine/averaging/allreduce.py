@@ -83,7 +83,9 @@ class RoundOptions:
     late_grace: float = DEFAULT_LATE_GRACE
     aggregation: Aggregation = field(default_factory=lambda: Aggregation("mean"))
     max_weight_ratio: float = MAX_WEIGHT_RATIO
-    verify: bool = True  # check each reducer's reply against its claim (hiveengine.averaging.verification)
+    # check each reducer's reply against its claim (hiveengine.averaging.verification); off by default: on the
+    # round's critical path it costs ~0.5 ms on 4 KB and made a 4 MB int8 round 2.5-3x slower (8-15 -> 35-40 ms)
+    verify: bool = False
 
 
 @dataclass
