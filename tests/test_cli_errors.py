@@ -23,9 +23,10 @@ VALID_ID = str(Identity.generate().peer_id)
         (["serve", "--no-dht", "--expert-pattern", "xx"], 2, "malformed expert pattern 'xx'"),
         (["bench", "kernels", "--out"], 2, "--out needs a directory"),
         (["status", "--once", "--initial-peers", f"ucx://127.0.0.1:1/{VALID_ID}"], 1, "initial peers answered"),
+        (["dht", "--relay", "--relay-circuits", "-3"], 2, "relay limits must be positive"),
     ],
     ids=["status-address", "status-no-peers", "dht-peer-id", "dht-port", "peer-send", "serve-pattern", "bench-out",
-         "status-unreachable"],
+         "status-unreachable", "relay-circuits-negative"],
 )  # fmt: skip
 def test_mistakes_print_one_line_without_traceback(args, code, message):
     env = {"HIVEENGINE_INITIAL_PEERS": ""}  # a caller's environment must not fill in the missing option

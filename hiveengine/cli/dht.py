@@ -13,7 +13,14 @@ from hiveengine.cli.common import add_initial_peers, initial_peers
 from hiveengine.dht import DHT
 from hiveengine.engine.env import SWARM_ENV
 from hiveengine.transport import Identity, membership
-from hiveengine.transport.relay import Relay, RelayLimits
+from hiveengine.transport.relay import (
+    DEFAULT_RELAY_CIRCUITS,
+    DEFAULT_RELAY_MBPS,
+    RELAY_CIRCUITS_ENV,
+    RELAY_MBPS_ENV,
+    Relay,
+    RelayLimits,
+)
 
 READY_PREFIX = "hiveengine dht node at"
 STATUS_PREFIX = "dht status:"
@@ -44,13 +51,13 @@ def add_commands(sub) -> None:
     dht.add_argument(
         "--relay-mbps",
         type=float,
-        default=RelayLimits().bytes_per_second / 125_000,
+        default=os.environ.get(RELAY_MBPS_ENV, str(DEFAULT_RELAY_MBPS)),  # argparse converts (and checks) it
         help="the relay's bandwidth cap over all circuits, Mbit/s (env HIVEENGINE_RELAY_MBPS)",
     )
     dht.add_argument(
         "--relay-circuits",
         type=int,
-        default=RelayLimits().max_circuits,
+        default=os.environ.get(RELAY_CIRCUITS_ENV, str(DEFAULT_RELAY_CIRCUITS)),
         help="circuits relayed at once (env HIVEENGINE_RELAY_CIRCUITS)",
     )
     dht.set_defaults(handler=cmd_dht)

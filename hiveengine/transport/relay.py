@@ -32,7 +32,13 @@ import struct
 import time
 from dataclasses import dataclass, field
 
-from hiveengine.errors import HiveEngineError, PeerUnreachableError, ProtocolError, ResourceLimitError
+from hiveengine.errors import (
+    ConfigurationError,
+    HiveEngineError,
+    PeerUnreachableError,
+    ProtocolError,
+    ResourceLimitError,
+)
 from hiveengine.transport.address import PeerAddress
 from hiveengine.transport.identity import PeerID
 from hiveengine.transport.tcp_wire import TcpWire, new_recv_base, open_tcp
@@ -47,7 +53,22 @@ RESERVE_METHOD = "hiveengine.relay.reserve"
 INCOMING_METHOD = "hiveengine.relay.incoming"
 RELAY_ENV, RELAY_MBPS_ENV, RELAY_CIRCUITS_ENV = "HIVEENGINE_RELAY", "HIVEENGINE_RELAY_MBPS", "HIVEENGINE_RELAY_CIRCUITS"
 PUMP_BYTES = 1 << 16
+DEFAULT_RELAY_CIRCUITS, DEFAULT_RELAY_MBPS = 64, 100.0
 RENEW_FIRST, RENEW_MAX = 1.0, 30.0  # seconds between attempts to reserve again after our link to the relay was lost
+
+
+def _positive_env(name: str, default: float, kind: type) -> float:
+    """A positive number from environment variable `name` (default when unset); a clear error otherwise."""
+    raw = os.environ.get(name)
+    if raw is None:
+        return kind(default)
+    try:
+        value = kind(raw)
+    except ValueError:
+        value = 0
+    if not value > 0:
+        raise ConfigurationError(f"{name}={raw!r}: expected a positive {kind.__name__}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -55,10 +76,16 @@ class RelayLimits:
     """What a relay gives away."""
 
     max_reservations: int = 128
-    max_circuits: int = field(default_factory=lambda: int(os.environ.get(RELAY_CIRCUITS_ENV, 64)))
+    max_circuits: int = field(default_factory=lambda: _positive_env(RELAY_CIRCUITS_ENV, DEFAULT_RELAY_CIRCUITS, int))
     # All circuits together (bytes each way count); 100 Mbit/s by default.
-    bytes_per_second: float = field(default_factory=lambda: float(os.environ.get(RELAY_MBPS_ENV, 100)) * 125_000)
+    bytes_per_second: float = field(
+        default_factory=lambda: _positive_env(RELAY_MBPS_ENV, DEFAULT_RELAY_MBPS, float) * 125_000
+    )
     setup_timeout: float = 5.0
+
+    def __post_init__(self):
+        if not (self.max_circuits > 0 and self.bytes_per_second > 0 and self.max_reservations > 0):
+            raise ConfigurationError(f"relay limits must be positive: {self}")
 
 
 BURST_SECONDS = 0.05  # the bucket's depth: how far ahead of the rate a burst may run
