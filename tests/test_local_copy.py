@@ -273,10 +273,10 @@ def test_a_proof_connection_open_at_shutdown_ends_quietly():
             async with asyncio.timeout(30):
                 while service._pending == 0:
                     await asyncio.sleep(0.001)
-            for task in asyncio.all_tasks() - {asyncio.current_task()}:
-                task.cancel()  # what the runtime's shutdown does to the tasks still running
-            while service._pending:
-                await asyncio.sleep(0.001)
+                for task in asyncio.all_tasks() - {asyncio.current_task()}:
+                    task.cancel()  # what the runtime's shutdown does to the tasks still running
+                while service._pending:
+                    await asyncio.sleep(0.001)
         finally:
             client.stdin.close()
             client.wait(timeout=30)
