@@ -9,7 +9,7 @@ decodes them in arrival order and passes them to its handler (the Peer).
 
 Between processes on one host, large host frames skip UCX: once the receiver proved, through the OS, that
 the sender is the other end of this session and a process it may read (local_copy.py), a message announces
-their addresses ("a") instead, the receiver copies exactly the announced frames and acknowledges with
+their addresses (KEY_ADDRESSES) instead, the receiver copies exactly the announced frames and acknowledges with
 FRAMES_READ, which completes the sender's send.
 """
 
@@ -34,6 +34,15 @@ from hiveengine.transport.reactor import retrieve_outcome
 from hiveengine.transport.resources import ResourceManager
 from hiveengine.transport.session import SCRATCH, TAG_BYTES
 from hiveengine.transport.wire import (
+    KEY_ADDRESSES,
+    KEY_COUNTER,
+    KEY_FRAMES,
+    KEY_ID,
+    KEY_INLINE,
+    KEY_KIND,
+    KEY_SEALED,
+    KEY_SEQ,
+    KEY_TAGS,
     FrameSpec,
     Kind,
     allocate,
@@ -203,20 +212,20 @@ class Connection:
         tail: list[np.ndarray] = []
         by_address = False
         if tensors:
-            body["f"] = [FrameSpec.wire_of(t) for t in tensors]
+            body[KEY_FRAMES] = [FrameSpec.wire_of(t) for t in tensors]
             frames = [as_frame(t) for t in tensors]
             if self._inlinable(frames):
-                body["x"] = True
+                body[KEY_INLINE] = True
                 tail, frames = [frame.numpy() for frame in frames], []
             else:
-                body["s"] = self._reserve_seqs(len(frames))
+                body[KEY_SEQ] = self._reserve_seqs(len(frames))
                 by_address = self._by_address(frames)
                 if by_address:
-                    body["a"] = [frame.data_ptr() for frame in frames]
+                    body[KEY_ADDRESSES] = [frame.data_ptr() for frame in frames]
         encrypt = self.limits.encrypt and not self.same_host
         wire_frames = [] if by_address else self._protect_frames(body, frames, encrypt)
         message = encode_control(body, self.limits, tail)
-        read = self._await_read(body["s"], frames) if by_address else None
+        read = self._await_read(body[KEY_SEQ], frames) if by_address else None
         _, sealed = self.session.seal_control(message, encrypt)
         pending = self.wire.send_now(sealed, _tag(self.send_base, CONTROL_SEQ))
         futures = [] if pending is None else [pending]
@@ -225,12 +234,12 @@ class Connection:
         for i, frame in enumerate(wire_frames):
             if frame is None:
                 continue
-            tag = _tag(self.send_base, _frame_seq(body["s"], i))
+            tag = _tag(self.send_base, _frame_seq(body[KEY_SEQ], i))
             if isinstance(frame, asyncio.Future):  # being sealed on a crypto thread: send it once sealed
                 futures.append(asyncio.ensure_future(self._send_sealed(frame, tag)))
                 continue
             future = self.wire.tag_send(frame, tag)
-            if body.get("z") == 1:
+            if body.get(KEY_SEALED) == 1:
                 future.add_done_callback(lambda f, buf=frame: f.cancelled() or f.exception() or SCRATCH.give(buf))
             futures.append(future)
         return futures
@@ -249,14 +258,14 @@ class Connection:
 
     def _protect_frames(self, body: dict, frames: Sequence[torch.Tensor], encrypt: bool) -> list:
         """The buffers UCX sends for `frames` of the message about to be sealed (None: nothing to send):
-        encrypted ("z") or readable with their tags in the header ("t"); see session.py."""
+        encrypted (KEY_SEALED) or readable with their tags in the header (KEY_TAGS); see session.py."""
         if not frames:
             return []
         counter = self.session.sent  # the counter seal_control gives this message next
         if encrypt:
-            body["z"] = 1
+            body[KEY_SEALED] = 1
             return [self._seal(counter, i, f) if f.numel() else None for i, f in enumerate(frames)]
-        body["t"] = [self.session.frame_tag(counter, i, _host_bytes(f)) for i, f in enumerate(frames)]
+        body[KEY_TAGS] = [self.session.frame_tag(counter, i, _host_bytes(f)) for i, f in enumerate(frames)]
         return [wire_buffer(f) if f.numel() else None for f in frames]
 
     def _seal(self, counter: int, index: int, frame: torch.Tensor):
@@ -307,7 +316,7 @@ class Connection:
             raise self.lost(e) from e
 
     def frame_tag(self, body: dict, index: int) -> int:
-        return _tag(self.recv_base, _frame_seq(body.get("s", 0), index))
+        return _tag(self.recv_base, _frame_seq(body.get(KEY_SEQ, 0), index))
 
     async def receive_frames(
         self, body: dict, specs: Sequence[FrameSpec], out: Sequence[torch.Tensor] | None = None
@@ -319,8 +328,8 @@ class Connection:
             except ProtocolError:
                 self.discard_frames(body, len(specs))
                 raise
-        if "x" in body:
-            tensors = inline_tensors(body["x"], specs)
+        if KEY_INLINE in body:
+            tensors = inline_tensors(body[KEY_INLINE], specs)
             if out is None:
                 return restore_requires_grad(tensors, specs)
             for dst, src in zip(out, tensors, strict=True):
@@ -337,13 +346,13 @@ class Connection:
         """Receive announced frames straight into the given contiguous tensors (sizes already checked). Frames
         that do not arrive in time (TransportLimits.frame_deadline), or a receive abandoned before its frames came
         (a timed-out call), close the connection: UCX cannot cancel one receive, only all of an endpoint's."""
-        if "a" in body:
+        if KEY_ADDRESSES in body:
             await self._read_local(body, tensors, first_index)
             return
         frames = [as_frame(t) for t in tensors]
-        sealed = body.get("z") == 1
-        tags = None if sealed else body.get("t")
-        if not sealed and not (isinstance(tags, list) and len(tags) == len(body.get("f", ()))):
+        sealed = body.get(KEY_SEALED) == 1
+        tags = None if sealed else body.get(KEY_TAGS)
+        if not sealed and not (isinstance(tags, list) and len(tags) == len(body.get(KEY_FRAMES, ()))):
             raise self.lost(ForgedMessageError(f"{self.remote} sent frames without their authentication tags"))
         posting = [(i, f) for i, f in enumerate(frames) if f.numel()]
         if sealed:  # encrypted: land in scratch buffers, then decrypt into the frames
@@ -358,7 +367,7 @@ class Connection:
         try:
             async with asyncio.timeout(deadline):
                 await self.wait(futures)
-            counter = body["_n"]
+            counter = body[KEY_COUNTER]
             for buf, (i, frame) in zip(buffers, posting, strict=True):
                 if sealed:
                     if frame.numel() < session.OFFLOAD_BYTES:
@@ -418,15 +427,15 @@ class Connection:
             self._frames_read(body)
 
     def _frames_read(self, body: dict) -> None:
-        self.post_quietly({"k": Kind.FRAMES_READ, "i": 0, "s": body.get("s")})
+        self.post_quietly({KEY_KIND: Kind.FRAMES_READ, KEY_ID: 0, KEY_SEQ: body.get(KEY_SEQ)})
 
     def discard_frames(self, body: dict, count: int) -> None:
         """Drop frames we will not read: a 1-byte receive truncates each and frees the sender. Inline
         tensors came inside the control message: nothing is left on the wire for them; frames announced
         by address are only acknowledged."""
-        if "x" in body:
+        if KEY_INLINE in body:
             return
-        if "a" in body:
+        if KEY_ADDRESSES in body:
             self._frames_read(body)
             return
         if self.closed or not count:
@@ -499,13 +508,13 @@ class Connection:
         except ProtocolError as e:
             self._handler.on_bad_message(self, e)
             return
-        body["_n"] = counter  # which nonces its frames were sealed with (never taken from the wire)
-        if body["k"] == Kind.FRAMES_READ:
-            seq = body.get("s")
+        body[KEY_COUNTER] = counter  # which nonces its frames were sealed with (never taken from the wire)
+        if body[KEY_KIND] == Kind.FRAMES_READ:
+            seq = body.get(KEY_SEQ)
             future = self._local_sends.pop(seq, None) if isinstance(seq, int) else None
             if future is not None and not future.done():
                 future.set_result(None)
-        elif body["k"] >= Kind.LOCAL_OFFER:
+        elif body[KEY_KIND] >= Kind.LOCAL_OFFER:
             self.link.on_message(body)
         else:
             self._handler.on_message(self, body)
@@ -515,7 +524,7 @@ class Connection:
         try:
             futures = self.post(body)
         except (ConnectionLostError, ProtocolError) as e:
-            logger.debug("%r: could not send %s: %s", self, Kind(body["k"]).name, e)
+            logger.debug("%r: could not send %s: %s", self, Kind(body[KEY_KIND]).name, e)
             return
         for future in futures:
             retrieve_outcome(future)

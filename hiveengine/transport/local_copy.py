@@ -39,7 +39,7 @@ from collections.abc import Sequence
 import torch
 
 from hiveengine.errors import ConnectionLostError, ProtocolError
-from hiveengine.transport.wire import DTYPES, Kind
+from hiveengine.transport.wire import DTYPES, KEY_ADDRESSES, KEY_FRAMES, KEY_ID, KEY_KIND, KEY_SOCKET, Kind
 
 logger = logging.getLogger(__name__)
 
@@ -157,10 +157,10 @@ def _announced_bytes(item) -> int:
 def announced_regions(body: dict, first_index: int, targets: Sequence[torch.Tensor]) -> list[int]:
     """The addresses to read `targets` from: frames first_index.. of the message `body`, each target exactly as
     long as the frame its sender announced; anything else is a ProtocolError and nothing is read."""
-    items = body.get("f")
+    items = body.get(KEY_FRAMES)
     if not isinstance(items, list):
         raise ProtocolError("frames announced by address without descriptors")
-    addresses = check_addresses(body.get("a"), len(items))
+    addresses = check_addresses(body.get(KEY_ADDRESSES), len(items))
     if first_index < 0 or first_index + len(targets) > len(items):
         raise ProtocolError("more frames read by address than the message announced")
     chosen = []
@@ -284,7 +284,7 @@ class Link:
             self.settled.set()
         else:
             self._service.register(self._conn.serve_binding, self)
-            self._conn.post_quietly({"k": Kind.LOCAL_OFFER, "i": 0, "u": self._service.name})
+            self._conn.post_quietly({KEY_KIND: Kind.LOCAL_OFFER, KEY_ID: 0, KEY_SOCKET: self._service.name})
 
     def close(self) -> None:
         if self.enabled:
@@ -293,10 +293,10 @@ class Link:
             self._proving.cancel()
 
     def on_message(self, body: dict) -> None:
-        kind = body["k"]
+        kind = body[KEY_KIND]
         if kind == Kind.LOCAL_OFFER:
             if self.enabled and self._proving is None and self.pid is None:
-                self._proving = asyncio.get_running_loop().create_task(self._prove(body.get("u")))
+                self._proving = asyncio.get_running_loop().create_task(self._prove(body.get(KEY_SOCKET)))
         elif kind == Kind.LOCAL_READY and self.reader_proven:
             self.remote_reads_us = True
             self.remote_ready.set()
@@ -311,7 +311,7 @@ class Link:
         finally:
             self.settled.set()
         self.pid = pid
-        self._conn.post_quietly({"k": Kind.LOCAL_READY, "i": 0})
+        self._conn.post_quietly({KEY_KIND: Kind.LOCAL_READY, KEY_ID: 0})
         logger.debug("%r: large frames are read directly from process %d", self._conn, pid)
 
     async def read(self, body: dict, targets: Sequence[torch.Tensor], first_index: int) -> None:

@@ -55,7 +55,23 @@ from hiveengine.transport.stream import Chunk, StreamReader, iterate_chunks
 from hiveengine.transport.tcp_wire import TcpWire, new_recv_base, open_tcp
 from hiveengine.transport.ucx_wire import UcxWire
 from hiveengine.transport.upgrade import UPGRADE_METHOD, request_upgrade, upgrade_handler, wants_upgrade
-from hiveengine.transport.wire import FrameSpec, Kind, frame_specs, inline_tensors, restore_requires_grad
+from hiveengine.transport.wire import (
+    KEY_DEADLINE,
+    KEY_ERROR,
+    KEY_FRAMES,
+    KEY_HEADER,
+    KEY_ID,
+    KEY_INLINE,
+    KEY_KIND,
+    KEY_LAST,
+    KEY_METHOD,
+    KEY_SEQ,
+    FrameSpec,
+    Kind,
+    frame_specs,
+    inline_tensors,
+    restore_requires_grad,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -128,12 +144,12 @@ def _error_reply(request_id: int, error: BaseException) -> dict:
         kind, message = "RPCTimeoutError", "the handler did not finish before the call's deadline"
     else:
         kind, message = "RemoteHandlerError", f"{type(error).__name__}: {error}"
-    return {"k": Kind.ERROR, "i": request_id, "e": [kind, message]}
+    return {KEY_KIND: Kind.ERROR, KEY_ID: request_id, KEY_ERROR: [kind, message]}
 
 
 def _remote_error(body: dict, remote: PeerID) -> Exception:
     kind, message = "RemoteError", "malformed error reply"
-    info = body.get("e")
+    info = body.get(KEY_ERROR)
     if isinstance(info, list) and len(info) == 2 and all(isinstance(x, str) for x in info):
         kind, message = info
     cls = REMOTE_ERROR_TYPES.get(kind, RemoteError)
@@ -258,7 +274,16 @@ class Peer:
         if out is not None:
             conn.reply_buffers[request_id] = out
         try:
-            await conn.send({"k": Kind.REQUEST, "i": request_id, "m": method, "h": header, "d": timeout}, tensors)
+            await conn.send(
+                {
+                    KEY_KIND: Kind.REQUEST,
+                    KEY_ID: request_id,
+                    KEY_METHOD: method,
+                    KEY_HEADER: header,
+                    KEY_DEADLINE: timeout,
+                },
+                tensors,
+            )
             return await reply
         finally:
             _forget_reply(conn, request_id)
@@ -290,7 +315,15 @@ class Peer:
         reply = conn.pending[request_id] = asyncio.get_running_loop().create_future()
         in_flight: deque[list[asyncio.Future]] = deque()  # the sends of each chunk not yet complete
         try:
-            await conn.send({"k": Kind.STREAM_OPEN, "i": request_id, "m": method, "h": header, "d": timeout})
+            await conn.send(
+                {
+                    KEY_KIND: Kind.STREAM_OPEN,
+                    KEY_ID: request_id,
+                    KEY_METHOD: method,
+                    KEY_HEADER: header,
+                    KEY_DEADLINE: timeout,
+                }
+            )
             ended = False
             async for chunk, last in _marked(chunks):
                 if reply.done():
@@ -299,7 +332,7 @@ class Peer:
                 ended = last
             else:
                 if not ended and not reply.done():
-                    await conn.send({"k": Kind.STREAM_END, "i": request_id})
+                    await conn.send({KEY_KIND: Kind.STREAM_END, KEY_ID: request_id})
             while in_flight:
                 await conn.wait(in_flight.popleft())
             result, _ = await reply
@@ -313,9 +346,9 @@ class Peer:
     async def _post_chunk(self, conn: Connection, request_id: int, chunk, in_flight: deque, last: bool) -> None:
         """Send one stream chunk (marked as the last, or not); wait while `stream_window` chunks are in flight."""
         chunk_header, tensor = chunk
-        message = {"k": Kind.STREAM_CHUNK, "i": request_id, "h": chunk_header}
+        message = {KEY_KIND: Kind.STREAM_CHUNK, KEY_ID: request_id, KEY_HEADER: chunk_header}
         if last:
-            message["e"] = True
+            message[KEY_LAST] = True
         in_flight.append(conn.post(message, [tensor]))
         if len(in_flight) >= self.limits.stream_window:
             await conn.wait(in_flight.popleft())
@@ -553,7 +586,7 @@ class Peer:
             self._streams.pop(key).fail(conn.error or ConnectionLostError("connection closed"))
 
     def _dispatch(self, conn: Connection, body: dict) -> None:
-        kind, request_id = body["k"], body["i"]
+        kind, request_id = body[KEY_KIND], body[KEY_ID]
         try:
             specs = frame_specs(body, self.limits)
         except ProtocolError as e:
@@ -573,7 +606,7 @@ class Peer:
                 conn.discard_frames(body, len(specs))
             else:
                 reader.push(Chunk(conn, body, specs[0]))
-                if body.get("e") is True:  # the last chunk carries the end of the stream
+                if body.get(KEY_LAST) is True:  # the last chunk carries the end of the stream
                     reader.end()
         elif kind == Kind.STREAM_END:
             reader = self._streams.get((id(conn), request_id))
@@ -582,20 +615,20 @@ class Peer:
 
     def _reject(self, conn: Connection, body: dict, error: ProtocolError) -> None:
         """Answer a message we will not process and drop its frames; close if we cannot tell how many."""
-        frames, first = body.get("f"), body.get("s", 0)
+        frames, first = body.get(KEY_FRAMES), body.get(KEY_SEQ, 0)
         countable = isinstance(frames, list) and len(frames) <= self.limits.max_frames
         if not countable or not (isinstance(first, int) and 0 <= first < 1 << 32):
             self._spawn(self._reply(conn, _error_reply(CONNECTION_ERROR_ID, error)))
             conn.protocol_violation(error)
             return
         conn.discard_frames(body, len(frames))
-        if body["k"] in (Kind.REQUEST, Kind.STREAM_OPEN, Kind.STREAM_CHUNK):
-            self._spawn(self._reply(conn, _error_reply(body["i"], error)))
-        elif body["k"] == Kind.RESPONSE and body["i"] in conn.pending:
-            conn.pending[body["i"]].set_exception(ProtocolError(f"{conn.remote} sent a malformed reply: {error}"))
+        if body[KEY_KIND] in (Kind.REQUEST, Kind.STREAM_OPEN, Kind.STREAM_CHUNK):
+            self._spawn(self._reply(conn, _error_reply(body[KEY_ID], error)))
+        elif body[KEY_KIND] == Kind.RESPONSE and body[KEY_ID] in conn.pending:
+            conn.pending[body[KEY_ID]].set_exception(ProtocolError(f"{conn.remote} sent a malformed reply: {error}"))
 
     def _on_request(self, conn: Connection, body: dict, specs) -> None:
-        method, header = body.get("m"), body.get("h", {})
+        method, header = body.get(KEY_METHOD), body.get(KEY_HEADER, {})
         handler = self._handlers.get(method) if isinstance(method, str) else None
         if not isinstance(header, dict):
             self._reject(conn, body, ProtocolError("the request header must be a dict"))
@@ -605,14 +638,14 @@ class Peer:
             error = errors.UnknownMethodError(
                 f"unknown method {method!r:.80}; this peer serves {sorted(self._handlers)}"
             )
-            conn.post_quietly(_error_reply(body["i"], error))
+            conn.post_quietly(_error_reply(body[KEY_ID], error))
             return
-        nbytes = sum(spec.nbytes for spec in specs) if "x" not in body else 0
+        nbytes = sum(spec.nbytes for spec in specs) if KEY_INLINE not in body else 0
         try:
             self._admit(conn, nbytes)
         except errors.ResourceLimitError as error:
             conn.discard_frames(body, len(specs))
-            conn.post_quietly(_error_reply(body["i"], error))  # no task: a flood of refusals costs no tasks
+            conn.post_quietly(_error_reply(body[KEY_ID], error))  # no task: a flood of refusals costs no tasks
             return
         self._spawn(self._handle_request(conn, body, specs, handler, nbytes), conn)
 
@@ -634,24 +667,24 @@ class Peer:
     async def _handle_request(self, conn: Connection, body: dict, specs, handler: Handler, nbytes: int) -> None:
         try:
             async with asyncio.timeout(self._handler_deadline(body)):
-                allocator = self._allocators.get(body["m"])
-                buffers = allocator(body.get("h", {}), specs) if allocator is not None and specs else None
+                allocator = self._allocators.get(body[KEY_METHOD])
+                buffers = allocator(body.get(KEY_HEADER, {}), specs) if allocator is not None and specs else None
                 tensors = await conn.receive_frames(body, specs, buffers) if specs else []
-                result = await handler(Request(body["m"], body.get("h", {}), tensors, conn.remote))
+                result = await handler(Request(body[KEY_METHOD], body.get(KEY_HEADER, {}), tensors, conn.remote))
             header, out = _normalize_result(result)
-            reply = {"k": Kind.RESPONSE, "i": body["i"], "h": header}
+            reply = {KEY_KIND: Kind.RESPONSE, KEY_ID: body[KEY_ID], KEY_HEADER: header}
             await conn.send(reply, out)
         except ConnectionLostError:
             return
         except Exception as e:
             if not isinstance(e, HiveEngineError):
-                logger.exception("handler of %r failed", body["m"])
-            await self._reply(conn, _error_reply(body["i"], e))
+                logger.exception("handler of %r failed", body[KEY_METHOD])
+            await self._reply(conn, _error_reply(body[KEY_ID], e))
         finally:
             self._discharge(conn, nbytes)
 
     def _handler_deadline(self, body: dict) -> float:
-        deadline = body.get("d")
+        deadline = body.get(KEY_DEADLINE)
         if isinstance(deadline, int | float) and deadline > 0:
             return min(float(deadline), self.limits.max_handler_seconds)
         return self.limits.max_handler_seconds
@@ -663,17 +696,17 @@ class Peer:
             logger.debug("could not reply to %s: %s", conn.remote, e)
 
     def _on_response(self, conn: Connection, body: dict, specs) -> None:
-        reply = conn.pending.get(body["i"])
+        reply = conn.pending.get(body[KEY_ID])
         if reply is None or reply.done():
             conn.discard_frames(body, len(specs))  # the caller gave up already
             return
-        header = body.get("h", {})
+        header = body.get(KEY_HEADER, {})
         header = header if isinstance(header, dict) else {}
-        out = conn.reply_buffers.get(body["i"])
-        if out is None and (not specs or "x" in body):  # nothing left on the wire: answer without a task hop
+        out = conn.reply_buffers.get(body[KEY_ID])
+        if out is None and (not specs or KEY_INLINE in body):  # nothing left on the wire: answer without a task hop
             try:
                 reply.set_result(
-                    (header, restore_requires_grad(inline_tensors(body["x"], specs), specs) if specs else [])
+                    (header, restore_requires_grad(inline_tensors(body[KEY_INLINE], specs), specs) if specs else [])
                 )
             except ProtocolError as e:
                 reply.set_exception(e)
@@ -689,35 +722,35 @@ class Peer:
             if not reply.done():
                 reply.set_result((header, tensors))
 
-        task = conn.reply_tasks[body["i"]] = self._spawn(receive())
-        task.add_done_callback(lambda _: conn.reply_tasks.pop(body["i"], None))
+        task = conn.reply_tasks[body[KEY_ID]] = self._spawn(receive())
+        task.add_done_callback(lambda _: conn.reply_tasks.pop(body[KEY_ID], None))
 
     def _on_error(self, conn: Connection, body: dict) -> None:
         error = _remote_error(body, conn.remote)
-        if body["i"] == CONNECTION_ERROR_ID:  # the remote is closing this connection
+        if body[KEY_ID] == CONNECTION_ERROR_ID:  # the remote is closing this connection
             for reply in conn.pending.values():
                 if not reply.done():
                     reply.set_exception(error)
             conn.lost(error)
             return
-        reply = conn.pending.get(body["i"])
+        reply = conn.pending.get(body[KEY_ID])
         if reply is not None and not reply.done():
             reply.set_exception(error)
-        reader = self._streams.get((id(conn), body["i"]))
+        reader = self._streams.get((id(conn), body[KEY_ID]))
         if reader is not None:
             reader.fail(error)
 
     # ---- streams (receiving side)
 
     def _on_stream_open(self, conn: Connection, body: dict) -> None:
-        method, header = body.get("m"), body.get("h", {})
+        method, header = body.get(KEY_METHOD), body.get(KEY_HEADER, {})
         handler = self._stream_handlers.get(method) if isinstance(method, str) else None
-        key = (id(conn), body["i"])
+        key = (id(conn), body[KEY_ID])
         if handler is None or not isinstance(header, dict):
             error = errors.UnknownMethodError(
                 f"unknown stream method {method!r:.80}; this peer serves {sorted(self._stream_handlers)}"
             )
-            conn.post_quietly(_error_reply(body["i"], error))  # its chunks find no reader and are dropped
+            conn.post_quietly(_error_reply(body[KEY_ID], error))  # its chunks find no reader and are dropped
             return
         if key in self._streams:
             conn.protocol_violation(ProtocolError(f"stream {body['i']} opened twice"))
@@ -725,7 +758,7 @@ class Peer:
         try:
             self.resources.acquire(conn.remote, "streams")
         except errors.ResourceLimitError as error:
-            conn.post_quietly(_error_reply(body["i"], error))
+            conn.post_quietly(_error_reply(body[KEY_ID], error))
             return
         conn.inbound_calls += 1
         reader = StreamReader(key, self.limits.stream_window * 64)
@@ -746,14 +779,14 @@ class Peer:
                 async with asyncio.timeout(self._handler_deadline(body)):
                     result = await handler(request)
                 reader.reject()
-                await conn.send({"k": Kind.RESPONSE, "i": body["i"], "h": result or {}})
+                await conn.send({KEY_KIND: Kind.RESPONSE, KEY_ID: body[KEY_ID], KEY_HEADER: result or {}})
             except ConnectionLostError:
                 return
             except Exception as e:
                 reader.reject()
                 if not isinstance(e, HiveEngineError):
-                    logger.exception("stream handler of %r failed", body["m"])
-                await self._reply(conn, _error_reply(body["i"], e))
+                    logger.exception("stream handler of %r failed", body[KEY_METHOD])
+                await self._reply(conn, _error_reply(body[KEY_ID], e))
             finally:
                 self.resources.release(conn.remote, "inbound_bytes", reserved[0])
                 reserved[0] = 0

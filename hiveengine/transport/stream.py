@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import torch
 
 from hiveengine.errors import ProtocolError
-from hiveengine.transport.wire import FrameSpec, allocate, inline_tensors
+from hiveengine.transport.wire import KEY_HEADER, KEY_INLINE, FrameSpec, allocate, inline_tensors
 
 
 class Chunk:
@@ -21,7 +21,7 @@ class Chunk:
 
     def __init__(self, conn, body: dict, spec: FrameSpec):
         self._conn, self._body, self.spec = conn, body, spec
-        header = body.get("h", {})
+        header = body.get(KEY_HEADER, {})
         self.header: dict = header if isinstance(header, dict) else {}
         self.consumed = False
 
@@ -38,8 +38,8 @@ class Chunk:
                 f"{'non-contiguous ' if not out.is_contiguous() else ''}{out.dtype} tensor of {out.numel()}"
             )
         self.consumed = True
-        if "x" in self._body:  # a small chunk travelled inside its control message
-            (inline,) = inline_tensors(self._body["x"], [self.spec])
+        if KEY_INLINE in self._body:  # a small chunk travelled inside its control message
+            (inline,) = inline_tensors(self._body[KEY_INLINE], [self.spec])
             out.view(-1).copy_(inline.view(-1))
             return out
         await self._conn.receive_into(self._body, [out])

@@ -2,7 +2,7 @@
 
 Control message layout: 4-byte little-endian body length, 1 flag byte (bit 0: zstd), msgpack body,
 then (when the body has "x") the raw bytes of small host tensors sent inline, each starting at a
-multiple of TAIL_ALIGN. The body is a dict with short keys (see `Kind` and `encode_control`). Tensor
+multiple of TAIL_ALIGN. The body is a dict with one-letter keys (the KEY_* table below) and a `Kind`. Tensor
 descriptors are [dtype, shape, device], with a fourth item `true` when the tensor requires grad; receivers
 validate them against `TransportLimits` before allocating. Every frame travels as the tensor's raw bytes,
 whatever its dtype (bf16 and complex included), so the descriptor alone says how to read them back. Inline
@@ -51,24 +51,34 @@ _zstd_c = zstandard.ZstdCompressor(level=3)
 _zstd_d = zstandard.ZstdDecompressor()
 
 
-# Every key a control message's body may hold: one place that names them (the body is a msgpack map with
-# one-letter keys, because small calls are latency-bound). Receivers validate each before use.
-WIRE_KEYS: dict[str, str] = {
-    "k": "message kind (Kind)",
-    "i": "request id: a caller's call, or 0 for connection-level messages",
-    "m": "method name (REQUEST, STREAM_OPEN)",
-    "h": "user header: a dict (REQUEST, RESPONSE, STREAM_OPEN, STREAM_CHUNK)",
-    "d": "the caller's deadline in seconds (REQUEST, STREAM_OPEN); the server caps it",
-    "f": "tensor descriptors, one per tensor: [dtype, shape, device(, requires_grad)]",
-    "s": "sequence number of the first frame's tag (FRAMES_READ: the message whose frames were read)",
-    "x": "the tensors travel inline, after the body, in the control message itself",
-    "a": "same-host direct copy: one address per frame, in the sender's memory (local_copy.py)",
-    "z": "the frames travel encrypted (session.py)",
-    "t": "the frames travel readable: their GMAC tags, one per frame (session.py)",
-    "e": "STREAM_CHUNK: true on the last chunk; ERROR: [error class name, message]",
-    "u": "LOCAL_OFFER: the name of the sender's Unix socket for the locality proof (local_copy.py)",
-}
-LOCAL_KEYS = ("_n",)  # set by the receiver after decoding (the message's session counter), never read off the wire
+# The keys of a control message's body: the one table of the transport's envelope (the body is a msgpack map with
+# one-letter keys, because small calls are latency-bound). Receivers validate each before use. The letters are the
+# protocol: renaming a constant is free, changing its letter breaks compatibility with every deployed peer.
+
+# Every message.
+KEY_KIND = "k"  # message kind (Kind)
+KEY_ID = "i"  # request id: a caller's call or stream, or 0 for connection-level messages
+
+# Calls and streams (REQUEST, RESPONSE, ERROR, STREAM_OPEN, STREAM_CHUNK).
+KEY_METHOD = "m"  # method name (REQUEST, STREAM_OPEN)
+KEY_HEADER = "h"  # user header, a dict (REQUEST, RESPONSE, STREAM_OPEN, STREAM_CHUNK)
+KEY_DEADLINE = "d"  # the caller's deadline in seconds (REQUEST, STREAM_OPEN); the server caps it
+KEY_LAST = "e"  # STREAM_CHUNK: true on the stream's last chunk (no STREAM_END follows)
+KEY_ERROR = "e"  # ERROR: [error class name, message] (the same letter as KEY_LAST, in another kind)
+
+# Tensor frames (any message that carries tensors).
+KEY_FRAMES = "f"  # tensor descriptors, one per tensor: [dtype, shape, device(, requires_grad)]
+KEY_SEQ = "s"  # sequence number of the first frame's tag (FRAMES_READ: the message whose frames were read)
+KEY_INLINE = "x"  # the tensors travel inline, after the body, in the control message itself
+KEY_SEALED = "z"  # 1: the frames travel encrypted (session.py)
+KEY_TAGS = "t"  # the frames travel readable: their GMAC tags, one per frame (session.py)
+
+# Same-host direct copy (local_copy.py).
+KEY_ADDRESSES = "a"  # one address per frame, in the sender's memory, instead of the frames
+KEY_SOCKET = "u"  # LOCAL_OFFER: the name of the sender's Unix socket for the locality proof
+
+# Set by the receiver after decoding, never read off the wire.
+KEY_COUNTER = "_n"  # the message's session counter: which nonces its frames were sealed with
 
 
 class Kind(enum.IntEnum):
@@ -79,9 +89,9 @@ class Kind(enum.IntEnum):
     STREAM_CHUNK = 4
     STREAM_END = 5
     # Connection-level messages of the same-host direct copy (local_copy.py), never seen by handlers.
-    LOCAL_OFFER = 6  # sender -> reader: "u", the name of the Unix socket where the reader proves it is local
+    LOCAL_OFFER = 6  # sender -> reader: KEY_SOCKET, the name of the Unix socket where the reader proves it is local
     LOCAL_READY = 7  # reader -> sender: proven; announce large host frames by address from now on
-    FRAMES_READ = 8  # reader -> sender: the frames of message "s" are read (or dropped); free to reuse
+    FRAMES_READ = 8  # reader -> sender: the frames of message KEY_SEQ are read (or dropped); free to reuse
 
 
 @dataclass(frozen=True)
@@ -190,32 +200,32 @@ def decode_control(buf: memoryview, limits: TransportLimits) -> dict:
         body = msgpack.unpackb(payload, raw=False, strict_map_key=False)
     except Exception as e:
         raise ProtocolError(f"undecodable control message: {e}") from None
-    if not isinstance(body, dict) or not isinstance(body.get("k"), int) or not isinstance(body.get("i"), int):
+    if not isinstance(body, dict) or not isinstance(body.get(KEY_KIND), int) or not isinstance(body.get(KEY_ID), int):
         raise ProtocolError("control message lacks its kind or id")
-    if body["k"] not in Kind._value2member_map_:
-        raise ProtocolError(f"unknown message kind {body['k']}")
+    if body[KEY_KIND] not in Kind._value2member_map_:
+        raise ProtocolError(f"unknown message kind {body[KEY_KIND]}")
     return body
 
 
 def decode_message(buf: np.ndarray, limits: TransportLimits) -> dict:
     """`decode_control` of a received message; its inline tensor bytes, if any, become
-    `body["x"] = (buf, offset where they start)` for `inline_tensors`."""
+    `body[KEY_INLINE] = (buf, offset where they start)` for `inline_tensors`."""
     body = decode_control(memoryview(buf), limits)
-    if "x" in body:
-        if body["x"] is not True:
+    if KEY_INLINE in body:
+        if body[KEY_INLINE] is not True:
             raise ProtocolError("malformed inline tensor marker")
-        body["x"] = (buf, PREFIX.size + PREFIX.unpack_from(buf)[0])
+        body[KEY_INLINE] = (buf, PREFIX.size + PREFIX.unpack_from(buf)[0])
     return body
 
 
 def frame_specs(body: dict, limits: TransportLimits) -> list[FrameSpec]:
     """Validated descriptors of the frames that follow a control message."""
-    items = body.get("f", [])
+    items = body.get(KEY_FRAMES, [])
     if not isinstance(items, list):
         raise ProtocolError("tensor descriptors must be a list")
     if len(items) > limits.max_frames:
         raise ProtocolError(f"{len(items)} tensor frames exceed the limit of {limits.max_frames}")
-    first = body.get("s", 0)
+    first = body.get(KEY_SEQ, 0)
     if not isinstance(first, int) or not 0 <= first < 1 << 32:
         raise ProtocolError(f"malformed frame sequence number {first!r:.40}")
     specs = [FrameSpec.from_wire(item, limits) for item in items]
