@@ -52,7 +52,7 @@ def _inbound(peer: Peer, peer_id: PeerID, timeout: float = 20.0):
 
     async def find():
         deadline = time.monotonic() + timeout
-        while (conn := peer._connections.get(peer_id)) is None:
+        while (conn := peer.pool.connections.get(peer_id)) is None:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{peer_id} never connected")
             await asyncio.sleep(0.005)

@@ -171,7 +171,7 @@ def test_a_relayed_link_becomes_direct_when_the_relayed_peer_can_dial_the_caller
         address = home.runtime.run(reserve(home, relay_peer.address), 20)
         x = torch.arange(1000.0)
         assert torch.equal(caller.call_sync(address, "echo", {}, [x], timeout=20)[1][0], x)
-        assert caller.runtime.run(caller.upgraded(home.peer_id), 20) is True
+        assert caller.runtime.run(caller.pool.upgraded(home.peer_id), 20) is True
         assert not is_relayed(caller.connection_to(home.peer_id))
         assert not is_relayed(home.connection_to(caller.peer_id))
         relayed_before = relay.relayed_bytes

@@ -62,7 +62,7 @@ def test_the_listener_calls_back_over_the_link_the_dialler_opened():
         x = torch.randn(300_000)
         header, (y,) = listener.call_sync(unreachable, "echo", {"back": 1}, [x], timeout=10)
         assert header == {"back": 1} and torch.equal(x, y)
-        assert listener._connections[dialler.peer_id].kind == "tcp"
+        assert listener.pool.connections[dialler.peer_id].kind == "tcp"
     finally:
         dialler.shutdown()
         listener.shutdown()
@@ -111,7 +111,7 @@ def test_stray_frames_are_held_up_to_the_limit_then_the_link_is_closed():
     try:
         # 12 frames of 1 MiB for tags nobody announced: 4 are held, then the wire waits and closes
         attacker = _attack(victim, lambda conn: [((conn.send_base << 32) | (1000 + i), stray) for i in range(12)])
-        _until(victim, lambda: _Budget.held <= 4 << 20 and attacker.peer_id not in victim._connections, 10, "close")
+        _until(victim, lambda: _Budget.held <= 4 << 20 and attacker.peer_id not in victim.pool.connections, 10, "close")
         assert _Budget.held == 0
         _legit_call_works(victim)
     finally:
@@ -133,9 +133,9 @@ def test_a_malformed_record_closes_only_its_own_link(how):
 
         attacker = _attack(victim, records)
         if how == "oversized-control":
-            conn = attacker._connections[victim.peer_id]
+            conn = attacker.pool.connections[victim.peer_id]
             conn.wire._sock.send(RECORD.pack(conn.send_base << 32, 1 << 40))
-        _until(victim, lambda: attacker.peer_id not in victim._connections, 10, "the hostile link's close")
+        _until(victim, lambda: attacker.peer_id not in victim.pool.connections, 10, "the hostile link's close")
         _legit_call_works(victim)
     finally:
         for peer in (attacker, victim):

@@ -333,11 +333,11 @@ def test_idle_connections_beyond_the_limit_are_closed_and_redialed():
             server.register("hello", hello)
         for server in servers:
             assert caller.call_sync(server.address, "hello", timeout=10) == ({"from": str(caller.peer_id)}, [])
-        assert len(caller._connections) == 2
-        assert servers[0].peer_id not in caller._connections  # the least recently used one went
+        assert len(caller.pool.connections) == 2
+        assert servers[0].peer_id not in caller.pool.connections  # the least recently used one went
         assert caller.call_sync(servers[0].address, "hello", timeout=10)[0] == {"from": str(caller.peer_id)}
         caller.disconnect(servers[0].peer_id)
-        assert servers[0].peer_id not in caller._connections
+        assert servers[0].peer_id not in caller.pool.connections
         assert caller.call_sync(servers[0].address, "hello", timeout=10)[0] == {"from": str(caller.peer_id)}
     finally:
         for peer in (caller, *servers):

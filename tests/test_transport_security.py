@@ -101,7 +101,7 @@ def test_frames_that_never_come_hold_memory_only_until_their_deadline():
         assert victim.resources.peak_per_peer.inbound_bytes <= cap
         _legit_call(victim, legit)
         _until(victim, lambda: _baseline(victim) == Usage(), 15, "the phantom frames' release")
-        assert not [c for c in victim._connections.values() if c.remote != legit.peer_id]  # the flooder is gone
+        assert not [c for c in victim.pool.connections.values() if c.remote != legit.peer_id]  # the flooder is gone
         _legit_call(victim, legit)
         hostile.close()
     finally:
@@ -176,8 +176,8 @@ def test_connection_limit_eviction_never_closes_a_connection_with_a_call_in_flig
         hostile, summary = _flood("identities", victim, 12)  # 12 fresh identities, one call each
         assert summary["kinds"] == {"ok": 12}, summary  # new connections are not evicted in their grace period
         grace = victim.limits.connection_grace_seconds
-        _until(victim, lambda: len(victim._connections) <= 4, grace + 10, "the idle connections' eviction")
-        assert legit.peer_id in victim._connections
+        _until(victim, lambda: len(victim.pool.connections) <= 4, grace + 10, "the idle connections' eviction")
+        assert legit.peer_id in victim.pool.connections
         victim.runtime.call_soon(gate.set)
         assert pending.result(20) == ({}, [])
         hostile.close()
@@ -269,7 +269,7 @@ def test_a_forged_replayed_reordered_or_altered_message_closes_the_connection(ho
                 await conn.reactor.tag_send(conn.endpoint, np.frombuffer(message, dtype=np.uint8), conn.send_base << 32)
 
         attacker.runtime.run(send(), 10)
-        _until(victim, lambda: attacker.peer_id not in victim._connections, 10, "the tampered connection's close")
+        _until(victim, lambda: attacker.peer_id not in victim.pool.connections, 10, "the tampered connection's close")
         assert served == ([(attacker.peer_id, request_id)] if how == "replay" else [])
         assert legit.call_sync(victim.address, "record", {"n": -1}, timeout=10) == ({}, [])
         assert attacker.call_sync(victim.address, "record", {"n": -2}, timeout=10) == ({}, [])  # a new session
@@ -306,7 +306,7 @@ def test_an_altered_frame_closes_the_connection_before_its_handler_runs():
             await conn.reactor.tag_send(conn.endpoint, sealed_frame, conn.send_base << 32 | (body["s"] + 1))
 
         attacker.runtime.run(send(), 10)
-        _until(victim, lambda: attacker.peer_id not in victim._connections, 10, "the tampered connection's close")
+        _until(victim, lambda: attacker.peer_id not in victim.pool.connections, 10, "the tampered connection's close")
         assert served == [] and victim.resources.held() == Usage()
     finally:
         attacker.shutdown()

@@ -5,7 +5,7 @@ clients keep routing to it) and are registered with the transport, so the caller
 """
 
 from hiveengine.errors import ConfigurationError, HiveEngineError, ProtocolError
-from hiveengine.transport.peer import REMOTE_ERROR_TYPES
+from hiveengine.transport.dispatch import REMOTE_ERROR_TYPES
 
 
 class ExpertError(HiveEngineError):

@@ -1,9 +1,10 @@
 """UCX transport: authenticated peers exchanging msgpack headers and raw tensor frames."""
 
 from hiveengine.transport.address import PeerAddress
+from hiveengine.transport.dispatch import Request, StreamRequest
 from hiveengine.transport.identity import Identity, PeerID
 from hiveengine.transport.limits import DEFAULT_LIMITS, TransportLimits
-from hiveengine.transport.peer import Peer, Request, StreamRequest
+from hiveengine.transport.peer import Peer
 from hiveengine.transport.runtime import Runtime
 from hiveengine.transport.services import SINK_METHOD, serve_sink
 from hiveengine.transport.stream import Chunk, iterate_chunks

@@ -5,7 +5,7 @@ it opened itself (tcp_wire.py); both offer the same tagged sends and receives. T
 each connection receives on its own 32-bit tag base:
 tag = base << 32 | 0 for control messages, base << 32 | seq for tensor frames (seq ≥ 1, one per frame).
 The reactor receives control messages for all connections and hands each to its connection, which
-decodes them in arrival order and passes them to its handler (the Peer).
+decodes them in arrival order and passes them to its handler (the Peer's Dispatcher, dispatch.py).
 
 Between processes on one host, large host frames skip UCX: once the receiver proved, through the OS, that
 the sender is the other end of this session and a process it may read (local_copy.py), a message announces
@@ -63,7 +63,7 @@ FRAME_SEQS = (1 << 32) - 1
 
 
 class MessageHandler(Protocol):
-    """Who a connection hands its messages to (the Peer that owns it)."""
+    """Who a connection hands its messages to (the Dispatcher of the Peer that owns it)."""
 
     def on_message(self, conn: Connection, body: dict) -> None: ...
 
@@ -108,6 +108,8 @@ class Wire(Protocol):
     def listen(self, base: int, handler, max_control_bytes: int) -> None: ...
 
     def release_base(self, base: int) -> None: ...
+
+    def set_close_callback(self, callback, args: tuple) -> None: ...
 
     def close(self) -> None: ...
 
@@ -180,6 +182,25 @@ class Connection:
 
     def new_request_id(self) -> int:
         return next(self._request_ids)
+
+    def expect_reply(self, request_id: int, out: Sequence[torch.Tensor] | None = None) -> asyncio.Future:
+        """A reply slot for our call `request_id`: the future its RESPONSE (header, tensors) or ERROR completes;
+        with `out`, the buffers the reply's tensors are received into. Free it with `forget_reply`."""
+        reply = self.pending[request_id] = asyncio.get_running_loop().create_future()
+        if out is not None:
+            self.reply_buffers[request_id] = out
+        return reply
+
+    def forget_reply(self, request_id: int) -> None:
+        """Drop a call's reply slot; an error that arrived after the caller stopped waiting is not an error. A reply
+        still arriving is abandoned (which closes the connection: its frames must not land in buffers given back)."""
+        task = self.reply_tasks.pop(request_id, None)
+        if task is not None and not task.done():
+            task.cancel()
+        self.reply_buffers.pop(request_id, None)
+        reply = self.pending.pop(request_id, None)
+        if reply is not None and reply.done() and not reply.cancelled():
+            reply.exception()
 
     def _reserve_seqs(self, n: int) -> int:
         first = next(self._seq)

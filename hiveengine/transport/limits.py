@@ -12,7 +12,7 @@ MiB = 1 << 20
 GiB = 1 << 30
 LOCAL_COPY_ENV = "HIVEENGINE_LOCAL_COPY"  # "0" turns the same-host direct copy off (e.g. to test a network)
 ENCRYPT_ENV = "HIVEENGINE_ENCRYPT"  # "0": messages between hosts are authenticated but readable (trusted clusters)
-LINK_ENV = "HIVEENGINE_LINK"  # which wire this peer dials with: "auto" (default), "ucx" or "tcp" (see peer.py)
+LINK_ENV = "HIVEENGINE_LINK"  # which wire this peer dials with: "auto" (default), "ucx" or "tcp" (see pool.py)
 LINKS = ("auto", "ucx", "tcp")
 
 

@@ -5,7 +5,7 @@ helper opens a fresh UCX link to that address under a throwaway identity (so nei
 completes the handshake, closes it, and answers {"reachable": bool, "reason": str, "observed": host or None}, where
 "observed" is the address the asker's own link came from, when the helper can see it (TCP wires). The asker is
 reachable if any helper reached it, unreachable if helpers answered and none did, and unknown if none answered.
-Unreachable, it dials over TCP wires and serves only over the links it opened (peer.py); its Engine runs in client
+Unreachable, it dials over TCP wires and serves only over the links it opened (pool.py); its Engine runs in client
 mode.
 
 A helper is not a free port scanner: it dials only the asker's own peer id (the handshake proves that very peer
@@ -55,7 +55,7 @@ def dialback_handler(peer):
         observed = getattr(conn.wire, "remote_host", None) if conn is not None else None
         async with slots:
             try:
-                await peer.probe(address)
+                await peer.pool.probe(address)
             except TransportError as e:
                 return {"reachable": False, "reason": str(e), "observed": observed}
         return {"reachable": True, "reason": f"dialled back at {address.host}:{address.port}", "observed": observed}

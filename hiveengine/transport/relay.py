@@ -227,7 +227,7 @@ class Reservation:
         self.peer, self.relay, self.renewed = peer, relay, 0
         self.alternatives: list[PeerAddress] = []
         self._changed = asyncio.Condition()
-        peer.when_lost(relay.peer_id, self._lost)
+        peer.pool.when_lost(relay.peer_id, self._lost)
 
     def _lost(self) -> None:
         if not self.peer._closed:
@@ -252,7 +252,7 @@ class Reservation:
                     delay = min(delay * 2, RENEW_MAX)
                 continue
             self.relay = relay
-            self.peer.when_lost(relay.peer_id, self._lost)
+            self.peer.pool.when_lost(relay.peer_id, self._lost)
             async with self._changed:
                 self.renewed += 1
                 self._changed.notify_all()

@@ -287,7 +287,7 @@ class Runtime:
             wire.release_base(base)
             wire.close()
             return
-        peer.adopt(wire, auth, base, inbound=True)
+        peer.pool.adopt(wire, auth, base, inbound=True)
 
     def shutdown(self) -> None:
         """Stop the transport, in order and silently; idempotent (runs at exit too).

@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 
 from hiveengine.errors import ProtocolError
-from hiveengine.transport.peer import Peer, StreamRequest
+from hiveengine.transport.dispatch import StreamRequest
+from hiveengine.transport.peer import Peer
 
 SINK_METHOD = "hiveengine.sink"
 MAX_SINK_ELEMENTS = 1 << 30

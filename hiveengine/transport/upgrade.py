@@ -61,7 +61,7 @@ def upgrade_handler(peer):
             raise PeerBusyError("upgrades are running here already (UPGRADES_IN_FLIGHT); ask later")
         busy.add(request.sender)
         try:
-            await peer.dial_tcp(address)
+            await peer.pool.dial_tcp(address)
         except HiveEngineError:
             failed[request.sender] = now
             failed.move_to_end(request.sender)

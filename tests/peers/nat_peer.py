@@ -78,7 +78,7 @@ def upgrade(peer: Peer, address: str) -> None:
     """Call echo at a relayed `address` and report whether our link to it became direct; after a line on stdin
     (the test killed the relay meanwhile), call again and report."""
     call(peer, address, 20)
-    direct = peer.runtime.run(peer.upgraded(PeerAddress.parse(address).peer_id), timeout=30)
+    direct = peer.runtime.run(peer.pool.upgraded(PeerAddress.parse(address).peer_id), timeout=30)
     print("UPGRADED", json.dumps(direct), flush=True)
     sys.stdin.readline()
     call(peer, address, 20)
@@ -87,7 +87,7 @@ def upgrade(peer: Peer, address: str) -> None:
 def check(peer: Peer, address: str) -> None:
     """Ask the peer at `address` to dial us back; print the verdict and which wire we now dial it with."""
     found = check_reachability_sync(peer, [address], timeout=20)
-    link = peer.link_for(PeerAddress.parse(address))
+    link = peer.pool.link_for(PeerAddress.parse(address))
     result = {"reachable": found.reachable, "reason": found.reason, "observed": found.observed_host, "link": link}
     print("RESULT", json.dumps(result), flush=True)
 

@@ -70,7 +70,7 @@ def client(address: str) -> None:
         peer.send_tensor(address, "sink", x, {"numel": x.numel(), "dtype": "float32"}, timeout=30), timeout=60
     )
     result = {
-        "link": peer._connections[PeerAddress.parse(address).peer_id].kind,
+        "link": peer.pool.connections[PeerAddress.parse(address).peer_id].kind,
         "echo_equal": bool(torch.equal(x, y)),
         "header": header,
         "sum_ok": stream_reply["sum"] == float(x.double().sum()),
