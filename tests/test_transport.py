@@ -220,7 +220,7 @@ def test_malformed_messages_get_errors_and_the_server_keeps_serving(client, serv
     async def send_raw(make_payload):
         conn = await client.connect(address)
         request_id = conn.new_request_id()
-        reply = conn.pending[request_id] = asyncio.get_running_loop().create_future()
+        reply = conn.expect_reply(request_id)
         payload = make_payload(request_id)
         buf = np.frombuffer(PREFIX.pack(len(payload), 0) + payload, dtype=np.uint8)
         await conn.send_message(buf.tobytes())

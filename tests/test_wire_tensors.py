@@ -227,7 +227,7 @@ def _raw_request(peer: Peer, address: str, frames: list, tail: bytes | None = No
     async def send():
         conn = await peer.connect(PeerAddress.parse(address))
         request_id = conn.new_request_id()
-        reply = conn.pending[request_id] = asyncio.get_running_loop().create_future()
+        reply = conn.expect_reply(request_id)
         body = {"k": Kind.REQUEST, "i": request_id, "m": "echo", "h": {}, "f": frames}
         if tail is None:
             body["s"] = 7

@@ -99,7 +99,7 @@ class DHT:
 
     def shutdown(self) -> None:
         """Blocking twin of `ashutdown`; safe to call twice and after the process's runtime stopped."""
-        if self._shut_down or self.peer is None or self.peer.runtime._closed:
+        if self._shut_down or self.peer is None or self.peer.runtime.closed:
             self._shut_down = True
             return
         self.peer.runtime.run(self.ashutdown(), timeout=30)

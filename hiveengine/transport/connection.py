@@ -141,8 +141,11 @@ class Connection:
         self._inbox: deque[tuple[asyncio.Future, np.ndarray, int]] = deque()
         self._handler: MessageHandler | None = None
         self._on_lost: Callable[[Connection], None] | None = None
-        self.pending: dict[int, asyncio.Future] = {}
-        self.reply_buffers: dict[int, Sequence[torch.Tensor]] = {}
+        # Reply slots of our calls, by request id (only the methods below touch them): the future its RESPONSE or
+        # ERROR completes, the caller's buffers for its tensors, the task receiving its frames.
+        self._replies: dict[int, asyncio.Future] = {}
+        self._reply_buffers: dict[int, Sequence[torch.Tensor]] = {}
+        self._reply_tasks: dict[int, asyncio.Task] = {}
         self.closed = False
         self.reading = True  # False once the peer broke the protocol: nothing more of it is processed
         self.last_used = self.opened = time.monotonic()
@@ -153,7 +156,6 @@ class Connection:
         self.resources = resources or ResourceManager(limits)
         self.inbound_calls = 0  # calls and streams of the remote's that we are receiving or handling
         self.tasks: set[asyncio.Task] = set()  # handlers of the remote's calls, cancelled when the connection goes
-        self.reply_tasks: dict[int, asyncio.Task] = {}  # request id -> the task receiving that reply's frames
         self._receives: set[asyncio.Future] = set()  # posted frame receives, each holding one "receives" unit
         self._local_sends: dict[int, asyncio.Future] = {}  # frame seq -> done when the remote read them
 
@@ -186,19 +188,49 @@ class Connection:
     def expect_reply(self, request_id: int, out: Sequence[torch.Tensor] | None = None) -> asyncio.Future:
         """A reply slot for our call `request_id`: the future its RESPONSE (header, tensors) or ERROR completes;
         with `out`, the buffers the reply's tensors are received into. Free it with `forget_reply`."""
-        reply = self.pending[request_id] = asyncio.get_running_loop().create_future()
+        reply = self._replies[request_id] = asyncio.get_running_loop().create_future()
         if out is not None:
-            self.reply_buffers[request_id] = out
+            self._reply_buffers[request_id] = out
         return reply
+
+    def reply_slot(self, request_id: int) -> tuple[asyncio.Future, Sequence[torch.Tensor] | None] | None:
+        """For an arriving RESPONSE to `request_id`: the future to complete and the buffers its tensors go into
+        (None: fresh tensors), or None if nobody waits for it any more (unknown id, or answered already)."""
+        reply = self._replies.get(request_id)
+        if reply is None or reply.done():
+            return None
+        return reply, self._reply_buffers.get(request_id)
+
+    def receiving_reply(self, request_id: int, task: asyncio.Task) -> None:
+        """`task` receives the frames of the reply to `request_id`; `forget_reply` and `lost` cancel it."""
+        self._reply_tasks[request_id] = task
+        task.add_done_callback(lambda _: self._reply_tasks.pop(request_id, None))
+
+    def fail_reply(self, request_id: int, error: Exception) -> None:
+        """Fail our call `request_id` with `error`, if it still waits for its reply."""
+        reply = self._replies.get(request_id)
+        if reply is not None and not reply.done():
+            reply.set_exception(error)
+
+    def fail_replies(self, error: Exception) -> None:
+        """Fail every call still waiting for its reply on this connection with `error`."""
+        for reply in self._replies.values():
+            if not reply.done():
+                reply.set_exception(error)
+                reply.add_done_callback(retrieve_outcome)  # its caller may have stopped waiting already
+
+    async def replies_settled(self) -> None:
+        """Wait until every reply expected now has come or failed (each call's deadline bounds the wait)."""
+        await asyncio.gather(*self._replies.values(), return_exceptions=True)
 
     def forget_reply(self, request_id: int) -> None:
         """Drop a call's reply slot; an error that arrived after the caller stopped waiting is not an error. A reply
         still arriving is abandoned (which closes the connection: its frames must not land in buffers given back)."""
-        task = self.reply_tasks.pop(request_id, None)
+        task = self._reply_tasks.pop(request_id, None)
         if task is not None and not task.done():
             task.cancel()
-        self.reply_buffers.pop(request_id, None)
-        reply = self.pending.pop(request_id, None)
+        self._reply_buffers.pop(request_id, None)
+        reply = self._replies.pop(request_id, None)
         if reply is not None and reply.done() and not reply.cancelled():
             reply.exception()
 
@@ -215,7 +247,7 @@ class Connection:
     @property
     def idle(self) -> bool:
         """No call is in flight on this connection, ours or the remote's (only idle ones are ever evicted)."""
-        return not self.pending and not self.inbound_calls and not self._receives
+        return not self._replies and not self.inbound_calls and not self._receives
 
     async def send(self, body: dict, tensors: Sequence[torch.Tensor] = ()) -> None:
         """Send one control message and its tensor frames; returns when UCX has sent them all."""
@@ -559,11 +591,8 @@ class Connection:
         if not self.closed:
             self.closed, self.error = True, error
             logger.info("%r closed: %s", self, error)
-            for future in self.pending.values():
-                if not future.done():
-                    future.set_exception(error)
-                    future.add_done_callback(retrieve_outcome)  # its caller may have stopped waiting already
-            self.pending.clear()
+            self.fail_replies(error)
+            self._replies.clear()
             for future in list(self._local_sends.values()):
                 if not future.done():
                     future.set_exception(error)
@@ -571,7 +600,7 @@ class Connection:
             self._local_sends.clear()
             receives, self._receives = self._receives, set()
             self.resources.release(self.remote, "receives", len(receives))  # the endpoint's close cancels them
-            for task in self.reply_tasks.values():
+            for task in self._reply_tasks.values():
                 task.cancel()
             for future, _, _ in self._inbox:
                 retrieve_outcome(future)

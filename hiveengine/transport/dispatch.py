@@ -48,7 +48,7 @@ HandlerResult = dict | tuple[dict, Sequence[torch.Tensor]] | None
 Handler = Callable[["Request"], Awaitable[HandlerResult]]
 StreamHandler = Callable[["StreamRequest"], Awaitable[dict | None]]
 Allocator = Callable[[dict, list[FrameSpec]], Sequence[torch.Tensor] | None]
-Spawn = Callable[..., asyncio.Task]  # Peer._spawn: run a coroutine as a task, cancelled with a connection if given
+Spawn = Callable[..., asyncio.Task]  # Peer.spawn: run a coroutine as a task, cancelled with a connection if given
 CONNECTION_ERROR_ID = 0  # an ERROR with this id concerns the whole connection, not one call
 
 # Errors a remote peer may name in a reply, mapped to the class the caller raises.
@@ -216,8 +216,8 @@ class Dispatcher:
         conn.discard_frames(body, len(frames))
         if body[KEY_KIND] in (Kind.REQUEST, Kind.STREAM_OPEN, Kind.STREAM_CHUNK):
             self._spawn(self._reply(conn, _error_reply(body[KEY_ID], error)))
-        elif body[KEY_KIND] == Kind.RESPONSE and body[KEY_ID] in conn.pending:
-            conn.pending[body[KEY_ID]].set_exception(ProtocolError(f"{conn.remote} sent a malformed reply: {error}"))
+        elif body[KEY_KIND] == Kind.RESPONSE:
+            conn.fail_reply(body[KEY_ID], ProtocolError(f"{conn.remote} sent a malformed reply: {error}"))
 
     def _on_request(self, conn: Connection, body: dict, specs) -> None:
         method, header = body.get(KEY_METHOD), body.get(KEY_HEADER, {})
@@ -288,13 +288,13 @@ class Dispatcher:
             logger.debug("could not reply to %s: %s", conn.remote, e)
 
     def _on_response(self, conn: Connection, body: dict, specs) -> None:
-        reply = conn.pending.get(body[KEY_ID])
-        if reply is None or reply.done():
+        slot = conn.reply_slot(body[KEY_ID])
+        if slot is None:
             conn.discard_frames(body, len(specs))  # the caller gave up already
             return
+        reply, out = slot
         header = body.get(KEY_HEADER, {})
         header = header if isinstance(header, dict) else {}
-        out = conn.reply_buffers.get(body[KEY_ID])
         if out is None and (not specs or KEY_INLINE in body):  # nothing left on the wire: answer without a task hop
             try:
                 reply.set_result(
@@ -314,20 +314,15 @@ class Dispatcher:
             if not reply.done():
                 reply.set_result((header, tensors))
 
-        task = conn.reply_tasks[body[KEY_ID]] = self._spawn(receive())
-        task.add_done_callback(lambda _: conn.reply_tasks.pop(body[KEY_ID], None))
+        conn.receiving_reply(body[KEY_ID], self._spawn(receive()))
 
     def _on_error(self, conn: Connection, body: dict) -> None:
         error = _remote_error(body, conn.remote)
         if body[KEY_ID] == CONNECTION_ERROR_ID:  # the remote is closing this connection
-            for reply in conn.pending.values():
-                if not reply.done():
-                    reply.set_exception(error)
+            conn.fail_replies(error)
             conn.lost(error)
             return
-        reply = conn.pending.get(body[KEY_ID])
-        if reply is not None and not reply.done():
-            reply.set_exception(error)
+        conn.fail_reply(body[KEY_ID], error)
         reader = self._streams.get((id(conn), body[KEY_ID]))
         if reader is not None:
             reader.fail(error)

@@ -65,8 +65,8 @@ class Peer:
         self._handlers = Handlers()
         self._tasks: set[asyncio.Task] = set()
         self.resources = ResourceManager(limits)
-        self.dispatcher = Dispatcher(self._handlers, limits, self.resources, self._spawn)
-        self.pool = ConnectionPool(self, self.dispatcher, self._spawn)
+        self.dispatcher = Dispatcher(self._handlers, limits, self.resources, self.spawn)
+        self.pool = ConnectionPool(self, self.dispatcher, self.spawn)
         self.relayed: PeerAddress | None = None  # our address through a relay (relay.reserve), announced if set
         self.reservation = None  # our kept slot with that relay (relay.Reservation)
         self._closed = False
@@ -97,6 +97,11 @@ class Peer:
         if self.relayed is not None:
             return self.relayed
         return PeerAddress(self.announce_host, self.port, self.peer_id, self.runtime.tcp_port)
+
+    @property
+    def closed(self) -> bool:
+        """Whether `aclose` ran: the peer serves and calls no more."""
+        return self._closed
 
     def __repr__(self) -> str:
         return f"Peer({self.address})"
@@ -247,7 +252,7 @@ class Peer:
         """Blocking twin of `adisconnect`."""
         self.runtime.run(self.adisconnect(peer_id), timeout=10)
 
-    def _spawn(self, coro, conn: Connection | None = None) -> asyncio.Task:
+    def spawn(self, coro, conn: Connection | None = None) -> asyncio.Task:
         """Run `coro` as a task of this peer; with `conn`, it is cancelled when that connection goes."""
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
@@ -272,7 +277,7 @@ class Peer:
 
     def shutdown(self) -> None:
         """Blocking twin of `aclose`."""
-        if not self._closed and not self.runtime._closed:
+        if not self._closed and not self.runtime.closed:
             self.runtime.run(self.aclose(), timeout=30)
 
 

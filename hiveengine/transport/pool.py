@@ -249,7 +249,7 @@ class ConnectionPool:
         so it only hands the loss to the loop, where the message is formatted, and never while shutting down."""
         try:
             runtime = self.runtime
-            if runtime._closed:
+            if runtime.closed:
                 return
             runtime.call_soon(self._endpoint_failed, conn)
         except (AttributeError, RuntimeError):

@@ -230,14 +230,14 @@ class Reservation:
         peer.pool.when_lost(relay.peer_id, self._lost)
 
     def _lost(self) -> None:
-        if not self.peer._closed:
+        if not self.peer.closed:
             logger.info("lost our link to relay %s: reserving again", self.relay.peer_id)
-            self.peer._spawn(self._renew())
+            self.peer.spawn(self._renew())
 
     async def _renew(self) -> None:
         delay, candidates = RENEW_FIRST, [self.relay, *self.alternatives]
         for attempt in itertools.count():
-            if self.peer._closed:
+            if self.peer.closed:
                 return
             relay = candidates[attempt % len(candidates)]
             try:

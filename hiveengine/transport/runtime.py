@@ -91,6 +91,11 @@ class Runtime:
         _bind_cuda_context()
         return Reactor(asyncio.get_running_loop())
 
+    @property
+    def closed(self) -> bool:
+        """Whether `shutdown` began: the runtime runs nothing more (Runtime.get makes a new one)."""
+        return self._closed
+
     def in_loop_thread(self) -> bool:
         return threading.current_thread() is self._thread
 

@@ -17,7 +17,6 @@ a third party's host); each dial costs at most TransportLimits.connect_timeout.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections import OrderedDict
@@ -89,7 +88,7 @@ async def request_upgrade(peer, relayed_address: PeerAddress) -> bool:
     if not header.get("upgraded") or current is None or is_relayed(current):
         return False
     if relayed is not None and relayed is not current:
-        await asyncio.gather(*relayed.pending.values(), return_exceptions=True)  # our calls on it end (deadlines)
+        await relayed.replies_settled()  # our calls on it end (deadlines)
     if relayed is not None and relayed is not current and relayed.idle:
         relayed.lost(ConnectionLostError(f"the relayed link to {relayed.remote} was replaced by a direct one"))
     logger.info("the link to %s is direct now (it dialled us)", relayed_address.peer_id)

@@ -40,7 +40,7 @@ async def _attack(peer: Peer, address: str, offer: bytes, secret_address: int, g
     await go.wait()
     conn.post_quietly({"k": Kind.LOCAL_READY, "i": 0})
     request_id = conn.new_request_id()
-    reply = conn.pending[request_id] = asyncio.get_running_loop().create_future()
+    reply = conn.expect_reply(request_id)
     body = {
         "k": Kind.REQUEST,
         "i": request_id,
@@ -93,7 +93,7 @@ async def _raw_requests(peer: Peer, address: str, count: int, method: str, frame
         if conn.closed:
             break
         request_id = conn.new_request_id()
-        reply = conn.pending[request_id] = asyncio.get_running_loop().create_future()
+        reply = conn.expect_reply(request_id)
         body = {"k": Kind.REQUEST, "i": request_id, "m": method, "h": {}, "d": 60, "f": frames, "z": 1}
         body["s"] = conn._reserve_seqs(len(frames))
         conn.post_quietly(body)

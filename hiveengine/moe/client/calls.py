@@ -24,7 +24,7 @@ def client_peer() -> Peer:
     """The Peer this process uses to call experts (created on first use; it shares the process's runtime)."""
     global _client_peer
     with _client_lock:
-        if _client_peer is None or _client_peer._closed:
+        if _client_peer is None or _client_peer.closed:
             _client_peer = Peer()
         return _client_peer
 

@@ -199,7 +199,7 @@ class Server:
         if self.peer is None:
             return
         peer, self.peer = self.peer, None
-        if not peer.runtime._closed:
+        if not peer.runtime.closed:
             peer.runtime.run(self._stop_declaring(), DHT_TIMEOUT)
             peer.shutdown()
         self.runtime.shutdown()
