@@ -339,6 +339,19 @@ def test_peers_that_start_together_open_the_same_gathering():
         assert abs(deadline / GATHER_GRID_SECONDS - round(deadline / GATHER_GRID_SECONDS)) < 1e-6
 
 
+def test_a_gathering_that_filled_up_is_over_for_its_members():
+    """A gathering that fills up closes before its deadline, so its registrations still look open: a member that
+    steps again must not make a group of the others' old registrations (they are not stepping), and members that
+    step again together meet in a new gathering (not, each alone, in the one that is over)."""
+    with swarm(3) as averagers:
+        assert all(r is not None for r in together(averagers, expected_peers=3, key="filled"))
+        a = averagers[0]
+        alone = a.peer.runtime.run(a.matchmaker.find_group("filled", 1, time.monotonic() + 1.0, 3), WAIT_LIMIT)
+        assert alone is None
+        again = together(averagers, expected_peers=3, key="filled", timeout=20)
+        assert [None if r is None else len(r.group.members) for r in again] == [3, 3, 3]
+
+
 def test_small_buffers_are_cut_into_fewer_parts():
     """Below MIN_PART_BYTES per reducer, parts go to the fastest reducers (ties: in group order); the rest own
     empty parts. Every member computes the same spans."""

@@ -23,9 +23,9 @@ from tests.procs import PeerProcess
 pytestmark = pytest.mark.timeout(240)
 
 K, DIFFICULTY, HONEST, ADVERSARIES = 8, 6, 10, 3
-CONFIG = DHTConfig(k=K, id_difficulty=DIFFICULTY, rpc_timeout=5.0)
-ONE_PATH = DHTConfig(k=K, id_difficulty=DIFFICULTY, rpc_timeout=5.0, disjoint_paths=1, stall_after=5.0)
-READ_SECONDS = 2.5  # a reader's get must end within this (stall_after is 0.5 s; rpc_timeout is 5 s)
+CONFIG = DHTConfig(k=K, id_difficulty=DIFFICULTY, rpc_timeout=3.0)
+ONE_PATH = DHTConfig(k=K, id_difficulty=DIFFICULTY, rpc_timeout=3.0, disjoint_paths=1, stall_after=3.0)
+READ_SECONDS = 2.5  # a reader's get must end within this (stall_after is 0.5 s; rpc_timeout is 3 s)
 
 
 @pytest.fixture(scope="module")

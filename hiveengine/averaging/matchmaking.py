@@ -12,7 +12,9 @@ matchmaking_time from now, rounded up to a grid of GATHER_GRID_SECONDS (so peers
 same one), or at the caller's scheduled time. Two peers that opened different gatherings move to the earlier as
 soon as they see it. At the deadline every member reads the same registrations and makes the same cut. When
 the caller says how many peers to expect, the gathering closes as soon as that many registered. A peer that
-gives up or is cancelled before the cut withdraws its registration, so nobody waits for it.
+gives up or is cancelled before the cut withdraws its registration, so nobody waits for it. A gathering that filled
+up closes before its deadline, so its registrations still look open until then: its members ignore them and open
+their next gathering on the next grid point (everyone else may still walk into it, find it full, and move on).
 
 How registrants learn of each other without waiting. A registration is written and the key read back in one
 DHT lookup that asks every known node at once (DHTNode.store with `read`): each node stores it and answers with
@@ -71,7 +73,7 @@ RING_TIMEOUT = 1.0  # a ring that takes longer than this is dropped (the poll st
 MAX_RING_RECORDS = 1024  # ringers one open gathering remembers (more are left to the DHT reads)
 REGISTRATION_SLACK = 30.0  # registrations outlive their deadline by this long (then expire everywhere)
 VERSION_STEP = 1e-3  # each write of ours under one key expires at least this much later than the last
-MAX_REMEMBERED_KEYS = 64  # keys whose last write's expiration we remember (to keep the next one later)
+MAX_REMEMBERED_KEYS = 64  # keys whose last write's expiration (and last cut) we remember
 MAX_GATHERED_BYTES = 4096  # the most metadata one peer may attach to its registration (msgpack bytes)
 # A member's claimed bandwidth counts at most this many times the group's median (parts are sized by bandwidth,
 # so a claim of 1e300 would otherwise hand one peer, maybe a hostile one, the whole buffer to reduce).
@@ -282,6 +284,7 @@ class _Gathering:
     aware: set[PeerID] = field(default_factory=set)  # peers that will see our registration without a ring
     takers: set[int] = field(default_factory=set)  # the DHT nodes that stored our registration as they read
     skipped: set[PeerID] = field(default_factory=set)  # peers whose malformed or expired registration we logged
+    over: float | None = None  # the deadline of our last gathering under this key that we were cut from
     writing: asyncio.Task | None = None  # our registration's write (and read), while under way
 
     def learn_record(self, record: Record, peer_id: PeerID | None = None) -> bool:
@@ -339,7 +342,11 @@ class _Gathering:
         """`peer_id`'s registration from a signed record's value; None (logged once per peer) when malformed or
         for a gathering that ended already."""
         registration = _registration(peer_id, value)
-        if registration is not None and registration.gather_until >= self.mine.registered_at:
+        if (
+            registration is not None
+            and registration.gather_until >= self.mine.registered_at
+            and registration.gather_until != self.over
+        ):
             return registration
         if peer_id not in self.skipped and len(self.skipped) < MAX_RING_RECORDS:
             self.skipped.add(peer_id)
@@ -352,7 +359,11 @@ class _Gathering:
         for peer_id, (version, registration) in self.listener.records.items():
             self.learn(peer_id, version, registration)
         me = self.mine.member.peer_id
-        others = [r for peer_id, (_, r) in self.known.items() if r is not None and peer_id != me]
+        others = [
+            r
+            for peer_id, (_, r) in self.known.items()
+            if r is not None and peer_id != me and r.gather_until != self.over  # rings are not check()ed
+        ]
         return [*others, self.mine]
 
 
@@ -388,6 +399,9 @@ class Matchmaker:
         self.identity: Identity = peer.identity  # signs our registrations: the key that takes part in the round
         self._background: set[asyncio.Task] = set()
         self._versions: collections.OrderedDict[str, float] = collections.OrderedDict()
+        # The deadline of each key's last gathering we were cut from. A gathering that filled up closes before its
+        # deadline, so its registrations still look open: whoever saw them would join a gathering that is over.
+        self._cuts: collections.OrderedDict[str, float] = collections.OrderedDict()
 
     async def find_group(
         self,
@@ -408,7 +422,8 @@ class Matchmaker:
         give_up_at = get_dht_time() + deadline - time.monotonic() - SETTLE_SECONDS  # wall clock, like gather_until
         now = get_dht_time()
         # Open a gathering of our own; _gather moves us to an earlier one as soon as it sees one.
-        gather_until = scheduled if scheduled is not None else self._opening_deadline(now, give_up_at)
+        over = self._cuts.get(dht_key)
+        gather_until = scheduled if scheduled is not None else self._opening_deadline(now, give_up_at, over)
         full = self._early_close_at(expected)
         if gather_until > give_up_at and full is None:
             logger.info("a gathering for %s would end after our deadline", dht_key)
@@ -419,7 +434,7 @@ class Matchmaker:
         if address != self.me.address:
             self.me = dataclasses.replace(self.me, address=address)
         mine = Registration(self.me, now, gather_until, round_number, gathered, dht_node)
-        gathering = _Gathering(dht_key, mine, listener)
+        gathering = _Gathering(dht_key, mine, listener, over=over)
 
         def stored(record) -> None:  # another registrant's write reached our DHT node
             if gathering.learn_record(record):
@@ -441,16 +456,21 @@ class Matchmaker:
         if registrations is None:
             self._withdraw_in_background(gathering)
             return None
+        _remember(self._cuts, dht_key, gathering.mine.gather_until)
         if gathering.writing is not None:  # and then ring whoever still needs our registration
             gathering.writing.add_done_callback(lambda _: self._ring_after_write(gathering, registrations))
         return self._our_group(dht_key, registrations)
 
-    def _opening_deadline(self, now: float, give_up_at: float) -> float:
+    def _opening_deadline(self, now: float, give_up_at: float, over: float | None) -> float:
         """The deadline of a gathering we open: matchmaking_time from now, rounded up to the grid (peers that
-        open gatherings at once thus open the same one, and nobody has to move), unless that ends too late."""
+        open gatherings at once thus open the same one, and nobody has to move), unless that ends too late;
+        never the deadline of the last gathering we were cut from (`over`: it filled up early and is over,
+        but the peers that were cut from it with us open the next grid point, as we do)."""
         raw = now + self.config.matchmaking_time
         grid = min(GATHER_GRID_SECONDS, self.config.matchmaking_time / 4)
         aligned = math.ceil(raw / grid) * grid
+        if over is not None and abs(aligned - over) < grid / 2:
+            aligned = math.floor(over / grid + 1.5) * grid  # the grid point after `over`
         return aligned if aligned <= give_up_at else raw
 
     def _our_group(self, dht_key: str, registrations: list[Registration]) -> GroupInfo | None:
@@ -561,10 +581,7 @@ class Matchmaker:
         DHT and among rings), and a registration outlives its gathering by REGISTRATION_SLACK."""
         version = get_dht_time() + self.config.matchmaking_time + REGISTRATION_SLACK
         version = max(version, self._versions.get(dht_key, -math.inf) + VERSION_STEP)
-        self._versions[dht_key] = version
-        self._versions.move_to_end(dht_key)
-        while len(self._versions) > MAX_REMEMBERED_KEYS:
-            self._versions.popitem(last=False)
+        _remember(self._versions, dht_key, version)
         return version
 
     def _register(self, g: _Gathering) -> None:
@@ -614,6 +631,14 @@ async def _store_and_read(dht: DHT, identity: Identity, key: str, value: Any, ex
     read = ReadBack(Entry(record.key))
     (accepted,) = await dht.node.store([record], read=read, wide=True)
     return read if accepted else None
+
+
+def _remember(memory: collections.OrderedDict[str, float], key: str, value: float) -> None:
+    """Note `value` for `key` in a per-key memory that keeps the MAX_REMEMBERED_KEYS most recent keys."""
+    memory[key] = value
+    memory.move_to_end(key)
+    while len(memory) > MAX_REMEMBERED_KEYS:
+        memory.popitem(last=False)
 
 
 def _members_of(registrations: list[Registration], gather_until: float) -> list[Registration]:
