@@ -13,8 +13,9 @@ same one), or at the caller's scheduled time. Two peers that opened different ga
 soon as they see it. At the deadline every member reads the same registrations and makes the same cut. When
 the caller says how many peers to expect, the gathering closes as soon as that many registered. A peer that
 gives up or is cancelled before the cut withdraws its registration, so nobody waits for it. A gathering that filled
-up closes before its deadline, so its registrations still look open until then: its members ignore them and open
-their next gathering on the next grid point (everyone else may still walk into it, find it full, and move on).
+up closes before its deadline, so its registrations still look open until then: its members ignore the registrations
+their cut took and open their next gathering on the next grid point (a new registration for the old deadline, from a
+newcomer, is news like any other).
 
 How registrants learn of each other without waiting. A registration is written and the key read back in one
 DHT lookup that asks every known node at once (DHTNode.store with `read`): each node stores it and answers with
@@ -284,7 +285,7 @@ class _Gathering:
     aware: set[PeerID] = field(default_factory=set)  # peers that will see our registration without a ring
     takers: set[int] = field(default_factory=set)  # the DHT nodes that stored our registration as they read
     skipped: set[PeerID] = field(default_factory=set)  # peers whose malformed or expired registration we logged
-    over: float | None = None  # the deadline of our last gathering under this key that we were cut from
+    spent: frozenset = frozenset()  # (peer id, registered_at, gather_until) of the registrations our last cut took
     writing: asyncio.Task | None = None  # our registration's write (and read), while under way
 
     def learn_record(self, record: Record, peer_id: PeerID | None = None) -> bool:
@@ -345,7 +346,7 @@ class _Gathering:
         if (
             registration is not None
             and registration.gather_until >= self.mine.registered_at
-            and registration.gather_until != self.over
+            and not self.is_spent(peer_id, registration)
         ):
             return registration
         if peer_id not in self.skipped and len(self.skipped) < MAX_RING_RECORDS:
@@ -362,9 +363,13 @@ class _Gathering:
         others = [
             r
             for peer_id, (_, r) in self.known.items()
-            if r is not None and peer_id != me and r.gather_until != self.over  # rings are not check()ed
+            if r is not None and peer_id != me and not self.is_spent(peer_id, r)  # rings are not check()ed
         ]
         return [*others, self.mine]
+
+    def is_spent(self, peer_id: PeerID, registration: Registration) -> bool:
+        """Whether `registration` is one our last cut under this key took (that round is over for its peer)."""
+        return (peer_id, registration.registered_at, registration.gather_until) in self.spent
 
 
 def bounded_bandwidths(members: tuple[GroupMember, ...]) -> tuple[GroupMember, ...]:
@@ -399,9 +404,9 @@ class Matchmaker:
         self.identity: Identity = peer.identity  # signs our registrations: the key that takes part in the round
         self._background: set[asyncio.Task] = set()
         self._versions: collections.OrderedDict[str, float] = collections.OrderedDict()
-        # The deadline of each key's last gathering we were cut from. A gathering that filled up closes before its
-        # deadline, so its registrations still look open: whoever saw them would join a gathering that is over.
-        self._cuts: collections.OrderedDict[str, float] = collections.OrderedDict()
+        # Each key's last cut: its deadline and the registrations it took. A gathering that filled up closes before
+        # its deadline, so those registrations still look open: whoever saw them would join a gathering that is over.
+        self._cuts: collections.OrderedDict[str, tuple[float, frozenset]] = collections.OrderedDict()
 
     async def find_group(
         self,
@@ -422,7 +427,7 @@ class Matchmaker:
         give_up_at = get_dht_time() + deadline - time.monotonic() - SETTLE_SECONDS  # wall clock, like gather_until
         now = get_dht_time()
         # Open a gathering of our own; _gather moves us to an earlier one as soon as it sees one.
-        over = self._cuts.get(dht_key)
+        over, spent = self._cuts.get(dht_key, (None, frozenset()))
         gather_until = scheduled if scheduled is not None else self._opening_deadline(now, give_up_at, over)
         full = self._early_close_at(expected)
         if gather_until > give_up_at and full is None:
@@ -434,7 +439,7 @@ class Matchmaker:
         if address != self.me.address:
             self.me = dataclasses.replace(self.me, address=address)
         mine = Registration(self.me, now, gather_until, round_number, gathered, dht_node)
-        gathering = _Gathering(dht_key, mine, listener, over=over)
+        gathering = _Gathering(dht_key, mine, listener, spent=spent)
 
         def stored(record) -> None:  # another registrant's write reached our DHT node
             if gathering.learn_record(record):
@@ -456,7 +461,8 @@ class Matchmaker:
         if registrations is None:
             self._withdraw_in_background(gathering)
             return None
-        _remember(self._cuts, dht_key, gathering.mine.gather_until)
+        taken = frozenset((r.member.peer_id, r.registered_at, r.gather_until) for r in registrations)
+        _remember(self._cuts, dht_key, (gathering.mine.gather_until, taken))
         if gathering.writing is not None:  # and then ring whoever still needs our registration
             gathering.writing.add_done_callback(lambda _: self._ring_after_write(gathering, registrations))
         return self._our_group(dht_key, registrations)
@@ -633,7 +639,7 @@ async def _store_and_read(dht: DHT, identity: Identity, key: str, value: Any, ex
     return read if accepted else None
 
 
-def _remember(memory: collections.OrderedDict[str, float], key: str, value: float) -> None:
+def _remember(memory: collections.OrderedDict, key: str, value) -> None:
     """Note `value` for `key` in a per-key memory that keeps the MAX_REMEMBERED_KEYS most recent keys."""
     memory[key] = value
     memory.move_to_end(key)
