@@ -79,10 +79,14 @@ def verify_signature(public_key: bytes, signature: bytes, message: bytes) -> boo
         Ed25519PublicKey.from_public_bytes(public_key).verify(signature, message)
     except (InvalidSignature, ValueError, TypeError):
         return False
+    _remember_verified(seen)
+    return True
+
+
+def _remember_verified(seen: tuple[bytes, bytes, bytes]) -> None:
     _verified[seen] = None
     if len(_verified) > VERIFIED_CACHE_SIZE:
         _verified.popitem(last=False)
-    return True
 
 
 class Identity:
@@ -121,4 +125,8 @@ class Identity:
         )
 
     def sign(self, message: bytes) -> bytes:
-        return self._key.sign(message)
+        """Our signature of `message`, remembered as good: checking our own record (its DHT node stores it as it
+        stores anyone's) then costs a hash, not ~0.15 ms on a round's critical path."""
+        signature = self._key.sign(message)
+        _remember_verified((self.public_key, signature, hashlib.sha256(message).digest()))
+        return signature
