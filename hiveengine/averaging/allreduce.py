@@ -401,6 +401,7 @@ class AllReduceService:
         self._rounds: dict[bytes, _ReducerRound] = {}
         self._waiters: dict[bytes, asyncio.Future] = {}
         self.banned: dict[PeerID, str] = {}  # reducers caught cheating (why), in the order they were caught
+        self._caught_in: dict[PeerID, bytes | None] = {}  # the round each banned reducer was caught in
         self._background: set[asyncio.Task] = set()
         peer.register(CHUNK_METHOD, self._on_chunk, allocate=self._receive_buffers)
         self._services[peer] = self
@@ -423,13 +424,18 @@ class AllReduceService:
         if waiter is not None and not waiter.done():
             waiter.set_result(reducer_round)
 
-    def ban(self, peer_id: PeerID, reason: str) -> None:
-        """Exclude `peer_id` from our rounds from now on: we neither send to it nor average its copies."""
+    def ban(self, peer_id: PeerID, reason: str, caught_in: bytes | None = None) -> None:
+        """Exclude `peer_id` from our later rounds: we neither send to it nor average its copies. The round it was
+        caught in (`caught_in`, a group id) still averages the copies it sends us: whether one arrives before or
+        after its bad reply is chance, and the senders of our part must all get the same aggregate for it."""
         if peer_id not in self.banned:
             logger.warning("banning peer %s from our averaging rounds: %s", peer_id, reason)
         self.banned[peer_id] = reason
+        self._caught_in[peer_id] = caught_in
         while len(self.banned) > MAX_BANNED:
-            self.banned.pop(next(iter(self.banned)))
+            oldest = next(iter(self.banned))
+            self.banned.pop(oldest)
+            self._caught_in.pop(oldest, None)
 
     def in_background(self, coro) -> None:
         """Run `coro` as a task nobody waits for (kept referenced until it ends)."""
@@ -455,7 +461,7 @@ class AllReduceService:
     async def _on_chunk(self, request: Request):
         header = request.header
         group_id, index, weight = header.get("g"), header.get("c"), header.get("w")
-        if request.sender in self.banned:
+        if request.sender in self.banned and self._caught_in.get(request.sender) != group_id:
             raise AllReduceError(f"this peer banned you from its rounds: {self.banned[request.sender]}")
         if header.get("x") is True and isinstance(group_id, bytes) and not request.tensors:
             reducer_round = await self._round(group_id)
@@ -680,7 +686,11 @@ async def _exchange_part(plan: _Exchange, chunk_elements: int) -> int:
     errors = [o for o in outcomes if isinstance(o, BaseException)]
     cheated = next((e for e in errors if isinstance(e, ReducerCheatedError)), None)
     if cheated is not None:
-        plan.service.ban(reducer, f"its reply in round {plan.group.group_id.hex()[:8]} failed verification: {cheated}")
+        plan.service.ban(
+            reducer,
+            f"its reply in round {plan.group.group_id.hex()[:8]} failed verification: {cheated}",
+            plan.group.group_id,
+        )
         raise AllReduceError(f"reducer {reducer} of part {part} failed verification: {cheated}")
     if errors:
         if not all(isinstance(e, TransportError | AllReduceError | TimeoutError) for e in errors):
