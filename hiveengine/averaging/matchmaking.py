@@ -470,8 +470,8 @@ class Matchmaker:
     def _opening_deadline(self, now: float, give_up_at: float, over: float | None) -> float:
         """The deadline of a gathering we open: matchmaking_time from now, rounded up to the grid (peers that
         open gatherings at once thus open the same one, and nobody has to move), unless that ends too late;
-        never the deadline of the last gathering we were cut from (`over`: it filled up early and is over,
-        but the peers that were cut from it with us open the next grid point, as we do)."""
+        never `over`, the deadline of our last cut under this key (a gathering that filled up early is over before
+        its deadline; the peers cut with us open the next grid point, as we do)."""
         raw = now + self.config.matchmaking_time
         grid = min(GATHER_GRID_SECONDS, self.config.matchmaking_time / 4)
         aligned = math.ceil(raw / grid) * grid

@@ -72,9 +72,11 @@ def verify_signature(public_key: bytes, signature: bytes, message: bytes) -> boo
         seen = (bytes(public_key), bytes(signature), hashlib.sha256(message).digest())
     except TypeError:
         return False
-    if seen in _verified:
-        _verified.move_to_end(seen)
+    try:
+        _verified.move_to_end(seen)  # one step: another thread may evict between a membership test and a move
         return True
+    except KeyError:
+        pass
     try:
         Ed25519PublicKey.from_public_bytes(public_key).verify(signature, message)
     except (InvalidSignature, ValueError, TypeError):
