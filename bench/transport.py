@@ -49,6 +49,11 @@ CONFIGS = {
         "role": "ucx",
         "env": {"UCX_TLS": "tcp,self", "HIVEENGINE_LOCAL_COPY": "0", "HIVEENGINE_ENCRYPT": "0"},
     },
+    "tcp-wire": {"role": "ucx", "env": {"HIVEENGINE_LINK": "tcp", "HIVEENGINE_LOCAL_COPY": "0"}},
+    "tcp-wire-plain": {
+        "role": "ucx",
+        "env": {"HIVEENGINE_LINK": "tcp", "HIVEENGINE_LOCAL_COPY": "0", "HIVEENGINE_ENCRYPT": "0"},
+    },
     "asyncio-streams": {"role": "streams", "env": {}},
     "asyncio-sockets": {"role": "tcp", "env": {}},
 }
