@@ -252,7 +252,7 @@ def test_an_owner_signed_subkey_replaces_an_unsigned_plain_value_whatever_its_ex
 
 def test_signed_entries_land_under_a_key_squatted_with_a_plain_value(pair):
     squatter, honest = pair
-    key = "run.progress"
+    key = "run.squatted"  # not a reserved key (hiveengine.dht.schemas): any value may be stored under it
     assert squatter.store(key, "mine for a day", get_dht_time() + MAX_RECORD_TTL - 60, timeout=30)
     assert honest.get(key, latest=True, timeout=30).value == "mine for a day"
     subkey = honest.owner_marker

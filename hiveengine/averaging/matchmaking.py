@@ -58,6 +58,7 @@ import msgpack
 from hiveengine.averaging.records import record_signer, signed_record, signer_of, store_signed
 from hiveengine.dht.dht import DHT
 from hiveengine.dht.node import ReadBack
+from hiveengine.dht.schemas import registration_problem
 from hiveengine.dht.serialization import pack, unpack
 from hiveengine.dht.storage import Entry, Record, get_dht_time
 from hiveengine.errors import ConfigurationError, HiveEngineError, ProtocolError
@@ -351,8 +352,8 @@ class _Gathering:
             return registration
         if peer_id not in self.skipped and len(self.skipped) < MAX_RING_RECORDS:
             self.skipped.add(peer_id)
-            problem = "a malformed" if registration is None else "an expired"
-            logger.info("%s: skipping %s registration of %s", self.key, problem, peer_id)
+            problem = "its gathering is over" if registration is not None else registration_problem(peer_id, value)
+            logger.info("%s: skipping the registration of %s: %s", self.key, peer_id, problem)
         return None
 
     def registrations(self) -> list[Registration]:
@@ -654,22 +655,10 @@ def _members_of(registrations: list[Registration], gather_until: float) -> list[
 
 def _registration(peer_id: PeerID, value) -> Registration | None:
     """`peer_id`'s registration from a record (from the DHT or a ring); None when malformed (from buggy or
-    hostile peers) or when its address names another peer."""
-    if not isinstance(value, list | tuple) or len(value) not in (7, 8):
+    hostile peers: see hiveengine.dht.schemas) or when its address names another peer."""
+    if registration_problem(peer_id, value) is not None:
         return None
-    try:
-        address, bandwidth, mode, registered_at, gather_until, round_number, gathered, *dht_node = value
-        dht_node = dht_node[0] if dht_node else None
-        times = (float(registered_at), float(gather_until))
-        if not isinstance(address, str) or address.rsplit("/", 1)[1] != str(peer_id):
-            return None
-        if dht_node is not None and not (isinstance(dht_node, bytes) and len(dht_node) == len(peer_id.raw)):
-            return None
-        if not (bandwidth >= 0 and math.isfinite(bandwidth)) or not all(math.isfinite(t) for t in times):
-            return None
-        if not (isinstance(round_number, int) and round_number >= 0):
-            return None
-        member = GroupMember(peer_id, address, float(bandwidth), Mode(int(mode)))
-        return Registration(member, *times, round_number, gathered, dht_node)
-    except (TypeError, ValueError, AttributeError, IndexError):
-        return None
+    address, bandwidth, mode, registered_at, gather_until, round_number, gathered, *dht_node = value
+    member = GroupMember(peer_id, address, float(bandwidth), Mode(mode))
+    dht_node = dht_node[0] if dht_node else None
+    return Registration(member, float(registered_at), float(gather_until), round_number, gathered, dht_node)

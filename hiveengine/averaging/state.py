@@ -33,6 +33,7 @@ import torch
 from hiveengine.averaging.records import signer_of, store_signed
 from hiveengine.codec import get_codec
 from hiveengine.dht import DHT, get_dht_time
+from hiveengine.dht.schemas import state_ad_problem
 from hiveengine.errors import PeerBusyError, ProtocolError, TransportError
 from hiveengine.transport import Identity, Peer, PeerID, Request
 
@@ -47,7 +48,6 @@ MAX_SNAPSHOTS = 2  # concurrent downloads a peer serves (each holds one copy of 
 BUSY_RETRY_SECONDS = 0.2
 STATE_QUORUM = 2  # distinct signed peers that must attest a state's digest (all advertisers, when fewer)
 DIGEST_DOMAIN = b"hiveengine-state-digest-v1"
-DIGEST_BYTES = 32
 
 
 def state_key(prefix: str) -> str:
@@ -140,11 +140,11 @@ async def find_sources(dht: DHT, prefix: str, exclude: PeerID) -> list[Source]:
         peer_id = signer_of(subkey)
         if peer_id is None or peer_id == exclude or entry.value is None:
             continue
-        source = _source(peer_id, entry.value)
-        if source is None:
-            logger.info("skipping a malformed state advertisement of %s", peer_id)
+        problem = state_ad_problem(peer_id, entry.value)
+        if problem is not None:
+            logger.info("skipping the state advertisement of %s: %s", peer_id, problem)
         else:
-            sources.append(source)
+            sources.append(Source(peer_id, *entry.value))
     return sources
 
 
@@ -163,20 +163,6 @@ def corroborated(sources: list[Source], quorum: int = STATE_QUORUM, max_epoch: i
     if len(candidates) < len(states):
         logger.info("ignoring %d state(s) attested by fewer than %d peers", len(states) - len(candidates), needed)
     return sorted(candidates, key=lambda group: (len(group), group[0].epoch), reverse=True)
-
-
-def _source(peer_id: PeerID, value) -> Source | None:
-    """`peer_id`'s advertisement from a record's value; None when malformed or its address names another peer."""
-    if not isinstance(value, list | tuple) or len(value) != 3:
-        return None
-    address, epoch, digest = value
-    if not (isinstance(address, str) and address.rsplit("/", 1)[-1] == str(peer_id)):
-        return None
-    if not (isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 0):
-        return None
-    if not (isinstance(digest, bytes) and len(digest) == DIGEST_BYTES):
-        return None
-    return Source(peer_id, address, epoch, digest)
 
 
 async def download(peer: Peer, address: str, flat: torch.Tensor, codec_name: str, deadline: float) -> dict:

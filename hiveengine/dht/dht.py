@@ -9,6 +9,7 @@ from typing import Any
 from hiveengine.dht import protocol
 from hiveengine.dht.ids import solve
 from hiveengine.dht.node import DHTConfig, DHTNode
+from hiveengine.dht.schemas import SchemaValidator
 from hiveengine.dht.serialization import pack as _pack
 from hiveengine.dht.serialization import unpack as _unpack
 from hiveengine.dht.storage import Entry, Record, ValueWithExpiration, get_dht_time
@@ -59,7 +60,9 @@ class DHT:
         self.identity = identity or Identity.generate()
         self.client_mode = client_mode
         self._port, self._announce_host = port, announce_host
-        self._validator = CompositeValidator([OwnerSignatureValidator(self.identity), *record_validators])
+        self._validator = CompositeValidator(
+            [SchemaValidator(), OwnerSignatureValidator(self.identity), *record_validators]
+        )
         self.peer: Peer | None = None
         self.node: DHTNode | None = None
         self._shut_down = False

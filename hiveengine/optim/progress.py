@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass
 
 from hiveengine.dht import get_dht_time
+from hiveengine.dht.schemas import progress_problem
 from hiveengine.dht.validation import named_owners_of
 from hiveengine.transport import PeerID
 
@@ -64,11 +65,11 @@ class PeerProgress:
             self.samples,
             self.samples_per_second,
             self.time,
-            self.loss,
-            self.client_mode,
+            self.loss if self.loss is not None and math.isfinite(self.loss) else None,  # a NaN loss is no news
+            bool(self.client_mode),
             self.target,
-            self.waiting,
-            self.auxiliary,
+            bool(self.waiting),
+            bool(self.auxiliary),
         ]
 
 
@@ -106,26 +107,15 @@ def parse_progress(found) -> SwarmProgress:
     peers = []
     subkeys = found.value if found is not None and isinstance(found.value, dict) else {}
     for subkey, entry in subkeys.items():
-        try:
-            owners = named_owners_of(subkey)
-            if len(owners) != 1:
-                continue  # not a signed record (anyone could have written it)
-            epoch, samples, speed, reported, loss, client, target, waiting, auxiliary = entry.value
-            peer = PeerID.from_public_key(owners.pop()).raw.hex()
-            counts = (epoch, samples, target)
-            if not all(isinstance(c, int) and c >= 0 for c in counts):
-                continue
-            speed, reported = float(speed), float(reported)
-            if not (math.isfinite(speed) and speed >= 0):
-                continue
-            loss = float(loss) if isinstance(loss, int | float) and math.isfinite(loss) else None
-            peers.append(
-                PeerProgress(
-                    peer, epoch, samples, speed, reported, loss, bool(client), target, bool(waiting), bool(auxiliary)
-                )
-            )
-        except (TypeError, ValueError, AttributeError):
-            continue
+        owners = named_owners_of(subkey)
+        if len(owners) != 1 or progress_problem(entry.value) is not None:
+            continue  # unsigned (anyone could have written it) or malformed
+        epoch, samples, speed, reported, loss, client, target, waiting, auxiliary = entry.value
+        peer = PeerID.from_public_key(owners.pop()).raw.hex()
+        loss = None if loss is None else float(loss)
+        peers.append(
+            PeerProgress(peer, epoch, samples, float(speed), float(reported), loss, client, target, waiting, auxiliary)
+        )
     peers = corroborated(peers)
     epoch = max((p.epoch for p in peers), default=0)
     samples = sum(p.samples for p in peers if p.epoch == epoch)

@@ -1,0 +1,93 @@
+"""Swarm records with absurd fields are refused on store (issue 16 item 2): hiveengine.dht.schemas.
+
+A hostile process (tests/peers/absurd_records.py) signs registrations, progress reports and state advertisements
+with its own keys, so every signature is good, but fills them with NaN, infinities, negative or oversized counts,
+wrong types or another peer's address. The honest node, a real DHT node over UCX on 127.0.0.1, refuses every one
+and keeps the well-formed ones; a reader sees only those.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from hiveengine.averaging.matchmaking import Mode, matchmaking_key
+from hiveengine.averaging.state import state_key
+from hiveengine.dht import DHT, get_dht_time
+from hiveengine.dht.schemas import MODES, SchemaValidator, progress_problem, registration_problem, shape_problem
+from hiveengine.dht.serialization import pack
+from hiveengine.dht.storage import Record
+from hiveengine.dht.validation import owner_marker
+from hiveengine.optim.progress import PeerProgress, parse_progress, progress_key
+from hiveengine.transport import Identity
+from tests.procs import PeerProcess
+
+PREFIX = "shapes-test"
+
+
+def test_the_schema_knows_every_matchmaking_mode():
+    assert tuple(int(m) for m in Mode) == MODES
+
+
+@pytest.mark.parametrize(
+    "change, problem",
+    [
+        ({1: math.nan}, "bandwidth"),
+        ({4: math.inf}, "times"),
+        ({2: True}, "mode"),
+        ({5: 2**64 - 1}, "round"),
+        ({7: b"short"}, "DHT node id"),
+        ({0: "ucx://127.0.0.1:9/someoneelse"}, "another peer"),
+    ],
+)
+def test_a_malformed_registration_is_named(change, problem):
+    peer_id = Identity.generate().peer_id
+    good = [f"ucx://127.0.0.1:9/{peer_id}", 1.0, 0, 1.0, 2.0, 0, {"any": "metadata"}, peer_id.raw]
+    assert registration_problem(peer_id, good) is None
+    assert registration_problem(peer_id, [*good[:7], None]) is None  # a client-mode registrant stores nothing
+    bad = [change.get(i, field) for i, field in enumerate(good)]
+    assert problem in registration_problem(peer_id, bad)
+    assert "list of" in registration_problem(peer_id, {"a": 1})
+
+
+def test_progress_a_peer_publishes_has_the_shape_nodes_accept():
+    nan_loss = PeerProgress("ab", 3, 10, 2.5, get_dht_time(), math.nan, 1, 64, 0, 0)  # flags as ints, NaN loss
+    assert progress_problem(nan_loss.record()) is None
+    assert "loss" in progress_problem([3, 10, 2.5, 1.0, math.nan, False, 64, False, False])
+    assert "flags" in progress_problem([3, 10, 2.5, 1.0, None, 1, 64, False, False])
+
+
+def test_records_under_other_keys_are_not_judged_by_shape():
+    owner = Identity.generate()
+    record = Record(pack("my.own.key", "key"), pack(owner_marker(owner.public_key), "subkey"), pack([math.inf]), 1.0)
+    assert shape_problem(record) is None
+    reserved = Record(pack(progress_key("run"), "key"), pack("not-a-marker", "subkey"), pack(None), 1.0)
+    assert "owner's marker" in shape_problem(reserved)
+    assert not SchemaValidator().validate(reserved)
+
+
+@pytest.mark.timeout(120)
+def test_a_node_refuses_absurd_swarm_records_signed_by_their_writers():
+    node = DHT()
+    writer = PeerProcess("absurd_records.py", str(node.address), PREFIX)
+    try:
+        verdicts = {}
+        while (line := writer.expect("")) != "DONE":
+            if line.startswith("STORED"):
+                _, name, accepted = line.split()
+                verdicts[name] = accepted == "1"
+        good = {name for name in verdicts if name.startswith("good-")}
+        assert good == {"good-registration", "good-progress", "good-state"}
+        assert all(verdicts[name] for name in good), verdicts
+        refused = [name for name, accepted in verdicts.items() if not accepted]
+        assert sorted(refused) == sorted(set(verdicts) - good), verdicts
+
+        for key in (matchmaking_key(PREFIX, "rounds"), state_key(PREFIX)):
+            found = node.get(key, latest=True)
+            assert found is not None and len(found.value) == 1  # the well-formed record only
+        progress = parse_progress(node.get(progress_key(PREFIX), latest=True))
+        assert [(p.epoch, p.samples) for p in progress.peers] == [(4, 100)]
+    finally:
+        writer.close()
+        node.shutdown()
