@@ -3,7 +3,7 @@ proven for its authenticated key never enters a routing table."""
 
 import pytest
 
-from hiveengine.dht import DHT, DHTConfig
+from hiveengine.dht import DHT, DHTConfig, protocol
 from hiveengine.dht.ids import MAX_NONCE, leading_zero_bits, proof_digest, proven_id, solve
 from hiveengine.errors import BootstrapError
 from hiveengine.transport import Identity, Peer
@@ -46,13 +46,14 @@ def test_a_peer_with_a_forged_or_unproven_id_is_not_admitted():
             {"s": address, "n": "0"},
             {"s": str(honest.address), "n": honest.node.nonce},  # another node's address and proof
         ]
-        for header in forged:
-            assert raw.call_sync(target.address, "dht.ping", header, timeout=10)[0] == {"n": target.node.nonce}
+        for header in map(protocol.versioned, forged):
+            reply = raw.call_sync(target.address, "dht.ping", header, timeout=10)[0]
+            assert reply == protocol.versioned({"n": target.node.nonce})
             assert raw.call_sync(target.address, "dht.find", {**header, "id": bytes(32), "v": False}, timeout=10)
             assert not target.node.table.has_peer(me), header
         # the same peer with a valid proof is admitted, under the id it proved
         nonce = solve(me, 12)
-        raw.call_sync(target.address, "dht.ping", {"s": address, "n": nonce}, timeout=10)
+        raw.call_sync(target.address, "dht.ping", protocol.versioned({"s": address, "n": nonce}), timeout=10)
         assert target.node.table.has_peer(me)
         assert target.node.table.get(proven_id(me, nonce, 12)).address.peer_id == raw.peer_id
         assert target.node.table.has_peer(honest.peer_id.raw)

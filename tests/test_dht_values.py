@@ -172,7 +172,8 @@ def pair():
 def raw_store(peer_dht: DHT, target: DHT, records: list[Record]) -> list[bool]:
     """Store records on `target` directly, as any peer on the network could (no client-side encoding)."""
     fields, tensors = protocol.records_blob(records)
-    header, _ = peer_dht.peer.call_sync(target.address, protocol.STORE, {"s": None, **fields}, tensors, timeout=10)
+    request = protocol.versioned({"s": None, **fields})
+    header, _ = peer_dht.peer.call_sync(target.address, protocol.STORE, request, tensors, timeout=10)
     return header["ok"]
 
 

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from hiveengine.cli.launch import BOOTSTRAP_PREFIX
-from hiveengine.dht import DHT, DHTConfig, get_dht_time
+from hiveengine.dht import DHT, DHTConfig, get_dht_time, protocol
 from hiveengine.errors import BootstrapError, ConfigurationError, HandshakeError, MembershipError
 from hiveengine.transport import Identity, Peer, handshake, membership
 from tests.procs import PEERS, PeerProcess
@@ -109,7 +109,7 @@ def test_expired_forged_and_foreign_certificates_are_refused_by_the_member(files
     membership.use(files["owner"])  # the node served nobody else meanwhile, and still serves members
     member = Peer()
     try:
-        member.call_sync(private_node, "dht.ping", {"s": None}, timeout=10)
+        member.call_sync(private_node, "dht.ping", protocol.versioned({"s": None}), timeout=10)
     finally:
         member.shutdown()
 

@@ -133,7 +133,8 @@ class DHTNode:
         self.storage = Storage(config.max_stored_bytes, max_bytes_per_sender=config.max_stored_bytes_per_peer)
         self.cache = Storage(config.cache_bytes, evict=True)
         self.my_address = None if client_mode else str(peer.address)
-        self._sender = {"s": None} if client_mode else {"s": self.my_address, "n": self.nonce}  # in every request
+        sender = {"s": None} if client_mode else {"s": self.my_address, "n": self.nonce}
+        self._sender = protocol.versioned(sender)  # in every request
         self._pinging: set[int] = set()
         self._tasks: set[asyncio.Task] = set()
         self._watchers: dict[bytes, list[Callable[[Record], None]]] = {}
@@ -199,11 +200,16 @@ class DHTNode:
         self.table.remove(contact.id)
 
     async def _rpc(self, contact: Contact, method: str, header: dict, tensors=()) -> tuple[dict, list] | None:
-        """Call a node; on success refresh it, on any failure drop it from the table and return None."""
+        """Call a node; on success refresh it, on any failure (a reply of another protocol version included) drop
+        it from the table and return None."""
         try:
             reply = await self.peer.call(contact.address, method, header, tensors, timeout=self.config.rpc_timeout)
         except (TransportError, TimeoutError) as e:
             self._failed(contact, e)
+            return None
+        problem = protocol.reply_version_problem(contact.address, reply[0])
+        if problem is not None:
+            self._failed(contact, ProtocolError(problem))
             return None
         self._seen(contact)
         return reply
@@ -212,11 +218,16 @@ class DHTNode:
         return await self._rpc(contact, protocol.PING, self._sender) is not None
 
     async def _hello(self, address: PeerAddress) -> bool:
-        """Ping an initial peer, whose node id we learn from the nonce it answers with; True if it proved it."""
+        """Ping an initial peer, whose node id we learn from the nonce it answers with; True if it speaks our
+        protocol version and proved its id."""
         try:
             reply, _ = await self.peer.call(address, protocol.PING, self._sender, timeout=self.config.rpc_timeout)
         except (TransportError, TimeoutError) as e:
             self._last_failure = f"{type(e).__name__}: {e}"
+            return False
+        problem = protocol.reply_version_problem(address, reply)
+        if problem is not None:
+            self._last_failure = problem
             return False
         contact = protocol.proven_contact(address, reply.get("n"), self.config.id_difficulty)
         if contact is None:
@@ -475,15 +486,18 @@ class DHTNode:
         return contact
 
     async def _on_ping(self, request: Request) -> dict:
+        protocol.check_version(request)
         self._note_sender(request)
-        return {"n": self.nonce}
+        return protocol.versioned({"n": self.nonce})
 
     async def _on_store(self, request: Request) -> dict:
+        protocol.check_version(request)
         records = protocol.parse_store(request)
         self._note_sender(request)
-        return {"ok": [self._store_local(r, request.sender.raw) for r in records]}
+        return protocol.versioned({"ok": [self._store_local(r, request.sender.raw) for r in records]})
 
     async def _on_find(self, request: Request):
+        protocol.check_version(request)
         target, want_values, offered = protocol.parse_find(request)
         requester = self._note_sender(request)
         nearest = self.table.nearest(target, self.config.k, exclude=None if requester is None else requester.id)

@@ -1,6 +1,12 @@
 """The DHT's wire protocol over the transport: method names, limits, and how requests and replies are encoded.
 
-Every request header carries "s", the sender's address, or None for a node in client mode (which must not be
+Every request and every reply header carries "pv", the DHT protocol version (PROTOCOL_VERSION, bumped by any
+change that older nodes cannot follow). A node refuses a request of another version, or of none, before reading
+anything else in it, with a ProtocolError that names both versions; a caller treats a reply of another version as
+a failed call. So nodes of different versions never enter each other's routing tables or store each other's
+records, and bootstrapping from such a node fails with a BootstrapError that names both versions.
+
+Every request header also carries "s", the sender's address, or None for a node in client mode (which must not be
 added to routing tables because nobody can dial it), and "n", the nonce that proves the sender's node id (ids.py;
 absent in client mode). A contact enters a routing table or a lookup only with a valid proof for the peer id the
 transport authenticated (the sender) or that its address names (a contact in a reply).
@@ -9,10 +15,11 @@ Records and found values travel as one msgpack blob: a small blob (at most HEADE
 in the header, which spares both sides any tensor handling; a larger one as a uint8 tensor, so values are not
 bound by the transport's 64 KiB header limit.
 
-- dht.ping   header {s, n}                 -> {n}
-- dht.store  header {s, n}, blob [record…] -> {ok: [bool…]}   record = [key, subkey, value, expiration, signature]
-- dht.find   header {s, n, id, v}          -> {}, blob [[[address, nonce]…], values]
-                                              values = None | [[subkey, value, exp, sig]…]
+- dht.ping   header {pv, s, n}                 -> {pv, n}
+- dht.store  header {pv, s, n}, blob [record…] -> {pv, ok: [bool…]}
+                                                  record = [key, subkey, value, expiration, signature]
+- dht.find   header {pv, s, n, id, v}          -> {pv}, blob [[[address, nonce]…], values]
+                                                  values = None | [[subkey, value, exp, sig]…]
 
 A find made while storing may carry the records as a blob: a node that counts itself among the k closest to the
 id stores them at once and adds {ok: [bool…]} to its reply, which saves the store round trip to it.
@@ -33,6 +40,10 @@ KiB, MiB = 1 << 10, 1 << 20
 
 PING, STORE, FIND = "dht.ping", "dht.store", "dht.find"
 METHODS = (PING, STORE, FIND)
+
+# The version of this protocol that every request and reply carries under VERSION_FIELD (see the docstring).
+PROTOCOL_VERSION = 1
+VERSION_FIELD = "pv"
 
 # A serialized value may hold at most this many bytes; larger ones are refused by the writer and by every node.
 MAX_VALUE_BYTES = 256 * KiB
@@ -76,6 +87,28 @@ def decode_blob(header: dict, tensors: list[torch.Tensor], what: str):
         raise ProtocolError(f"{what}: undecodable blob ({type(e).__name__})") from None
 
 
+def versioned(header: dict) -> dict:
+    """`header` with this node's protocol version added: every DHT request and reply carries it."""
+    return {**header, VERSION_FIELD: PROTOCOL_VERSION}
+
+
+def foreign_version(header: dict) -> str | None:
+    """The protocol version a message carries, as text ("v2", "unversioned"), when it is not ours; None when it is."""
+    version = header.get(VERSION_FIELD)
+    if type(version) is int and version == PROTOCOL_VERSION:
+        return None
+    return "unversioned" if version is None else f"v{version!r:.40}"
+
+
+def version_mismatch(what: str, theirs: str) -> str:
+    """The one-line explanation of a message (`what`: "the request", "the reply from ADDRESS") of version
+    `theirs`."""
+    return (
+        f"this DHT node speaks DHT protocol v{PROTOCOL_VERSION}; {what} is {theirs} (nodes of different DHT protocol "
+        "versions never mix: every node of a swarm must run a hiveengine release of the same DHT protocol version)"
+    )
+
+
 def record_size_error(record: Record) -> str | None:
     """Why a record breaks the size limits, or None when it fits."""
     if len(record.value) > MAX_VALUE_BYTES:
@@ -109,6 +142,14 @@ def sender_contact(request: Request, difficulty: int) -> Contact | None:
 # ---- the serving side
 
 
+def check_version(request: Request) -> None:
+    """Refuse a request of another protocol version (ProtocolError, which its caller sees): a handler calls this
+    first, so neither the sender nor its records get in."""
+    theirs = foreign_version(request.header)
+    if theirs is not None:
+        raise ProtocolError(version_mismatch("the request", theirs))
+
+
 def parse_store(request: Request) -> list[Record | None]:
     """The records a request carries (None for each malformed one); ProtocolError if the request is malformed."""
     items = decode_blob(request.header, request.tensors, request.method)
@@ -132,14 +173,22 @@ def parse_find(request: Request) -> tuple[int, bool, list[Record | None] | None]
 def find_reply(
     contacts: list[Contact], records: list[Record] | None, stored: list[bool] | None
 ) -> tuple[dict, list[torch.Tensor]]:
+    """A find's reply: the nearest `contacts`, the target's `records` if values were wanted, and which offered
+    records were `stored` if any were offered."""
     values = None if records is None else [r.to_wire_without_key() for r in records]
     header, tensors = encode_blob([[c.to_wire() for c in contacts], values])
     if stored is not None:
         header["ok"] = stored
-    return header, tensors
+    return versioned(header), tensors
 
 
 # ---- the calling side
+
+
+def reply_version_problem(address: PeerAddress, header: dict) -> str | None:
+    """Why a reply from `address` must not be used (it is of another protocol version), or None."""
+    theirs = foreign_version(header)
+    return None if theirs is None else version_mismatch(f"the reply from {address}", theirs)
 
 
 def records_blob(records: list[Record]) -> tuple[dict, list[torch.Tensor]]:
@@ -148,7 +197,7 @@ def records_blob(records: list[Record]) -> tuple[dict, list[torch.Tensor]]:
 
 
 def find_request(sender: dict, target: int, want_values: bool, offer: dict | None = None) -> dict:
-    """A find request's header; `sender` holds the sender fields (s, n), `offer` the header fields of records
+    """A find request's header; `sender` holds the sender fields (pv, s, n), `offer` the header fields of records
     offered for storing."""
     return {**sender, "id": target.to_bytes(ID_BYTES, "big"), "v": want_values, **(offer or {})}
 

@@ -71,7 +71,7 @@ def main() -> None:
             stored = _yes(request)
             if stored is not None:
                 header["ok"] = stored
-            return header, tensors
+            return protocol.versioned(header), tensors
         return protocol.find_reply([], None, _yes(request))
 
     def on_find(node: DHT):
@@ -85,7 +85,7 @@ def main() -> None:
         return handle
 
     async def on_store(request):
-        return {"ok": [True] * len(protocol.parse_store(request))}
+        return protocol.versioned({"ok": [True] * len(protocol.parse_store(request))})
 
     for node in nodes:
         node.peer.register(protocol.FIND, on_find(node))

@@ -4,7 +4,7 @@ until its stdin closes (or it is killed)."""
 import argparse
 import sys
 
-from hiveengine.dht import DHT, DHTConfig
+from hiveengine.dht import DHT, DHTConfig, protocol
 from hiveengine.transport import membership
 
 
@@ -18,7 +18,9 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=DHTConfig.k)
     parser.add_argument("--id-difficulty", type=int, default=DHTConfig.id_difficulty)
     parser.add_argument("--swarm", default=None, help="swarm key or membership file (default: an open swarm)")
+    parser.add_argument("--protocol-version", type=int, default=protocol.PROTOCOL_VERSION, help="as another release")
     args = parser.parse_args()
+    protocol.PROTOCOL_VERSION = args.protocol_version
     if args.swarm:
         membership.use(membership.load(args.swarm))
     config = DHTConfig(

@@ -29,7 +29,8 @@ def main() -> None:
                 for i in range(count)
             ]
             header, tensors = protocol.records_blob(records)
-            reply, _ = peer.call_sync(args.target, protocol.STORE, {"s": None, **header}, tensors, timeout=30)
+            request = protocol.versioned({"s": None, **header})
+            reply, _ = peer.call_sync(args.target, protocol.STORE, request, tensors, timeout=30)
             ok = protocol.parse_store_reply(reply, count)
             accepted += sum(ok)
             charged += sum(r.nbytes for r, o in zip(records, ok, strict=True) if o)
