@@ -45,6 +45,9 @@ def main() -> None:
     config = DHTConfig(k=args.k, id_difficulty=args.difficulty)
     target = key_id(pack(args.key, "key"))
     bait = Peer(Identity.generate())
+    # Nonces that do not prove an id for the bait's key (about 1 in 10 small nonces would at a low difficulty, and a
+    # contact under it is a real one that lookups may call).
+    unproven = [n for n in range(64) if proven_id(bait.peer_id.raw, n, args.difficulty) is None][:8]
     bait_calls = [0]
 
     async def count(request):
@@ -66,7 +69,7 @@ def main() -> None:
         if args.mode == "sybil":
             return protocol.find_reply([_me(other) for other in nodes], None, _yes(request))
         if args.mode == "junk":
-            forged = [[str(bait.address), nonce] for nonce in range(8)] + [["ucx://x", "y"], 5, [None, None]]
+            forged = [[str(bait.address), nonce] for nonce in unproven] + [["ucx://x", "y"], 5, [None, None]]
             header, tensors = protocol.encode_blob([forged, [[None, b"\xc1", 1e12, None], "junk"]])
             stored = _yes(request)
             if stored is not None:
