@@ -8,10 +8,19 @@ import sys
 import time
 
 import pytest
+import torch
 
+from hiveengine.averaging import DecentralizedAverager
+from hiveengine.averaging.matchmaking import Mode
 from hiveengine.cli.launch import BOOTSTRAP_PREFIX
 from hiveengine.dht import DHT, DHTConfig, get_dht_time, protocol
+from hiveengine.engine.engine import Engine
+from hiveengine.engine.env import LaunchEnv
 from hiveengine.errors import BootstrapError, ConfigurationError, HandshakeError, MembershipError
+from hiveengine.moe.client.calls import acall_forward
+from hiveengine.moe.protocol import TensorSchema
+from hiveengine.moe.server.backend import ExpertBackend
+from hiveengine.moe.server.server import Server
 from hiveengine.transport import Identity, Peer, handshake, membership
 from tests.procs import PEERS, PeerProcess
 
@@ -189,3 +198,70 @@ def test_cli_errors_are_one_line(files, tmp_path):
         assert result.returncode == 2, (args, result)
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("hiveengine ") and "Traceback" not in result.stderr, lines
+
+
+def test_a_client_only_member_calls_members_but_nobody_dials_it(files, private_node):
+    invited = cli(
+        "swarm", "invite", "--swarm-key", str(files["root"] / "owner.key"), "--role", "client-only",
+        "-o", str(files["root"] / "client.swarm"),
+    )  # fmt: skip
+    assert invited.returncode == 0, invited
+    client_only = membership.load(files["root"] / "client.swarm")
+    assert client_only.roles & membership.ROLE_CLIENT_ONLY
+    membership.use(client_only)
+    caller = Peer()
+    try:  # it may call a member
+        caller.call_sync(private_node, "dht.ping", protocol.versioned({"s": None}), timeout=10)
+    finally:
+        caller.shutdown()
+    engine = Engine(LaunchEnv(swarm=str(files["root"] / "client.swarm")))
+    try:  # and runs as a client, since nobody will dial it
+        assert engine.client_mode and engine.dht.client_mode
+        averager = DecentralizedAverager([torch.zeros(3)], engine.dht, "client-only-test")
+        assert averager.me.mode == Mode.CLIENT
+        averager.shutdown()
+    finally:
+        engine.shutdown()
+
+    listener = PeerProcess("dht_nodes.py", "--swarm", str(files["root"] / "client.swarm"))
+    try:
+        address = listener.expect("ADDRESS")
+        listener.expect("READY")
+        membership.use(files["owner"])
+        member = Peer()
+        try:
+            with pytest.raises(MembershipError, match="client-only member of this swarm"):
+                member.call_sync(address, "dht.ping", protocol.versioned({"s": None}), timeout=10)
+        finally:
+            member.shutdown()
+    finally:
+        listener.close()
+
+
+def test_only_members_with_the_host_experts_role_serve_experts(files):
+    owner = files["owner"]
+    key = membership.generate_swarm_key()
+    chain = owner.chain_for_key(membership.public_bytes(key), time.time() + 3600, 0)  # a member with no role
+    (files["root"] / "plain.swarm").write_bytes(membership.membership_file(owner.swarm, chain, key))
+    membership.use(membership.load(files["root"] / "plain.swarm"))
+    with pytest.raises(MembershipError, match="does not allow hosting experts"):
+        Server({"ffn.0": ExpertBackend("ffn.0", torch.nn.Linear(2, 2), [TensorSchema((2,))])}, start=False)
+
+    membership.use(owner)
+    caller = Peer()
+    servers = {
+        "plain": PeerProcess("unlicensed_expert.py", str(files["root"] / "plain.swarm")),
+        "licensed": PeerProcess("unlicensed_expert.py", str(files["root"] / "member.swarm")),
+    }
+    try:
+        x = torch.randn(3, 2)
+        address = servers["plain"].expect("ADDRESS")
+        with pytest.raises(MembershipError, match="may not host experts in this swarm"):
+            caller.runtime.run(acall_forward(caller, "ffn.0", address, [x], timeout=10), 20)
+        address = servers["licensed"].expect("ADDRESS")  # an invite's default role is host-experts
+        (echoed,) = caller.runtime.run(acall_forward(caller, "ffn.0", address, [x], timeout=10), 20)
+        assert torch.equal(echoed, x)
+    finally:
+        caller.shutdown()
+        for server in servers.values():
+            server.close()

@@ -44,7 +44,7 @@ from hiveengine.errors import (
     TransportError,
     refuse_unknown_options,
 )
-from hiveengine.transport import Peer
+from hiveengine.transport import Peer, membership
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +125,7 @@ class DecentralizedAverager:
         **unknown,
     ):
         refuse_unknown_options("DecentralizedAverager", unknown, HIVEMIND_SPELLINGS)
+        client_mode = client_mode or membership.client_only()  # a client-only member: nobody may dial it
         if client_mode and auxiliary:
             raise ConfigurationError("a peer cannot be both a client (reduces nothing) and auxiliary (sends nothing)")
         if not tensors:

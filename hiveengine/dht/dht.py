@@ -15,7 +15,7 @@ from hiveengine.dht.serialization import unpack as _unpack
 from hiveengine.dht.storage import Entry, Record, ValueWithExpiration, get_dht_time
 from hiveengine.dht.validation import CompositeValidator, OwnerSignatureValidator, RecordValidator, owner_marker
 from hiveengine.errors import ValueTooLargeError
-from hiveengine.transport import Identity, Peer, PeerAddress, TransportLimits
+from hiveengine.transport import Identity, Peer, PeerAddress, TransportLimits, membership
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,9 @@ class DHT:
         self.initial_peers = [str(PeerAddress.parse(p)) for p in initial_peers]
         self.config = config or DHTConfig()
         self.identity = identity or Identity.generate()
-        self.client_mode = client_mode
+        if not client_mode and membership.client_only():
+            logger.info("this process's membership certificate is client-only: its DHT node runs in client mode")
+        self.client_mode = client_mode or membership.client_only()
         self._port, self._announce_host = port, announce_host
         self._validator = CompositeValidator(
             [SchemaValidator(), OwnerSignatureValidator(self.identity), *record_validators]

@@ -31,8 +31,9 @@ class Engine:
         identity = Identity.load_or_create(env.identity_path) if env.identity_path else Identity.generate()
         if env.swarm:  # unset: whatever the process chose (an open swarm unless it called membership.use)
             membership.use(membership.load(env.swarm))
-        # A peer that others cannot dial (behind a NAT) runs as a client: reachability.py logs why.
-        self.client_mode = env.client_mode or _unreachable(env.initial_peers, identity)
+        # A peer that others cannot dial (behind a NAT) runs as a client: reachability.py logs why. So does a member
+        # whose certificate makes it client-only (others refuse to dial it).
+        self.client_mode = env.client_mode or membership.client_only() or _unreachable(env.initial_peers, identity)
         self.dht = DHT(initial_peers=env.initial_peers, identity=identity, client_mode=self.client_mode)
         if self.dht.peer.runtime.reachable is False:  # others reach us through a relay, if an initial peer is one
             self.dht.peer.runtime.run(reserve_any(self.dht.peer, env.initial_peers), timeout=60)

@@ -131,6 +131,7 @@ class Connection:
         self.reactor = reactor
         self.wire = wire
         self.remote = auth.peer_id
+        self.roles = auth.roles  # what the remote's membership certificate grants (membership.ROLE_*)
         self.local = auth.local
         self.send_base = auth.remote_recv_base
         self.recv_base = recv_base

@@ -183,6 +183,11 @@ async def connect_handshake(
         if theirs.flags & FLAG_NOT_HERE or (expected is not None and peer_id != expected):
             raise PeerIdMismatch(expected, peer_id)
         roles = _admit(theirs)
+        if roles & membership.ROLE_CLIENT_ONLY:
+            raise MembershipError(
+                f"{peer_id} is a client-only member of this swarm (its certificate's role): it calls others and "
+                "serves nothing, so nobody dials it"
+            )
         keys = _derive(ephemeral, theirs.ephemeral, transcript)
         await _send(reactor, endpoint, identity.sign(DIALER_ROLE + transcript))
         try:

@@ -241,6 +241,22 @@ def refusal_reason(identity: Identity) -> str:
     return "our certificate checks here: the peer may be in another swarm, or its clock is off"
 
 
+def client_only() -> bool:
+    """Whether this process's certificate restricts it to calling others (ROLE_CLIENT_ONLY): nobody dials it, so
+    its DHT nodes and averagers run in client mode."""
+    credentials = current()
+    return credentials is not None and bool(credentials.roles & ROLE_CLIENT_ONLY)
+
+
+def may_host_experts(roles: int | None = None) -> bool:
+    """Whether a peer whose certificate grants `roles` (None: this process) may serve experts: anyone in an open
+    swarm, in a private one only a member with ROLE_HOST_EXPERTS."""
+    credentials = current()
+    if credentials is None:
+        return True
+    return bool((credentials.roles if roles is None else roles) & ROLE_HOST_EXPERTS)
+
+
 def admit(swarm: bytes, public_key: bytes, chain: tuple[Certificate, ...]) -> int:
     """Check a remote peer against this process's swarm: its roles, or MembershipError with what to do."""
     ours = swarm_id()

@@ -8,9 +8,11 @@ from collections.abc import Sequence
 
 import torch
 
+from hiveengine.errors import MembershipError
 from hiveengine.moe.errors import NonFiniteReplyError
 from hiveengine.moe.protocol import BACKWARD, FORWARD, FORWARD_ID, INFO
 from hiveengine.transport import Peer
+from hiveengine.transport.membership import may_host_experts
 
 DEFAULT_FORWARD_TIMEOUT = 30.0  # seconds an expert's forward call may take
 DEFAULT_BACKWARD_TIMEOUT = 60.0  # seconds an expert's backward call may take
@@ -55,6 +57,16 @@ def finite_reply(tensors: list[torch.Tensor], uid: str, address: str, what: str)
     return tensors
 
 
+async def _check_host(peer: Peer, address: str) -> None:
+    """MembershipError unless the server at `address` may host experts in this swarm (its certificate's role)."""
+    conn = await peer.connect(address)
+    if not may_host_experts(conn.roles):
+        raise MembershipError(
+            f"{conn.remote} at {address} may not host experts in this swarm: its certificate lacks the host-experts "
+            "role"
+        )
+
+
 def _header(uid: str, fid: int | None) -> dict:
     return {"uid": uid} if fid is None else {"uid": uid, FORWARD_ID: fid}
 
@@ -63,6 +75,7 @@ async def acall_forward(
     peer: Peer, uid: str, address: str, inputs: Sequence[torch.Tensor], timeout: float, fid: int | None = None
 ) -> list[torch.Tensor]:
     """Outputs of expert `uid` at `address` for a batch of `inputs`; with `fid`, a backward call will follow."""
+    await _check_host(peer, address)
     _, outputs = await peer.call(address, FORWARD, _header(uid, fid), inputs, timeout=timeout)
     return outputs
 
@@ -78,11 +91,13 @@ async def acall_backward(
 ) -> list[torch.Tensor]:
     """Input gradients of expert `uid` for `inputs` and the gradients of its outputs (the server updates itself);
     `fid` names the forward call these inputs went through."""
+    await _check_host(peer, address)
     _, grads = await peer.call(address, BACKWARD, _header(uid, fid), [*inputs, *grad_outputs], timeout=timeout)
     return grads
 
 
 async def acall_info(peer: Peer, uid: str, address: str, timeout: float) -> dict:
     """What the server says about expert `uid` (input schema, parameter count, updates so far)."""
+    await _check_host(peer, address)
     header, _ = await peer.call(address, INFO, {"uid": uid}, timeout=timeout)
     return header

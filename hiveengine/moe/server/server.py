@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from hiveengine.dht import DHT, get_dht_time
-from hiveengine.errors import ConfigurationError, ProtocolError, refuse_unknown_options
+from hiveengine.errors import ConfigurationError, MembershipError, ProtocolError, refuse_unknown_options
 from hiveengine.moe.declarations import adeclare_experts
 from hiveengine.moe.errors import SampleTooLargeError
 from hiveengine.moe.protocol import BACKWARD, DHT_TIMEOUT, FORWARD, FORWARD_ID, INFO
@@ -23,6 +23,7 @@ from hiveengine.moe.server.backend import DEFAULT_MAX_KEPT_BYTES, ExpertBackend,
 from hiveengine.moe.server.experts import get_expert_class
 from hiveengine.moe.server.runtime import DEFAULT_BATCH_WAIT, DEFAULT_MAX_BATCH_SIZE, BatchingRuntime, RuntimeStats
 from hiveengine.transport import DEFAULT_LIMITS, Peer, Request
+from hiveengine.transport.membership import may_host_experts
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +83,11 @@ class Server:
     ):
         if not experts:
             raise ConfigurationError("a Server needs at least one expert")
+        if not may_host_experts():
+            raise MembershipError(
+                "this process's membership certificate does not allow hosting experts: ask the swarm's owner for "
+                "an invite with `--role host-experts`"
+            )
         if update_period <= 0:
             raise ConfigurationError(f"update_period must be positive, got {update_period}")
         if not 0 < max_request_bytes <= max_client_bytes or max_sample_bytes <= 0:
