@@ -16,8 +16,9 @@ import torch
 
 from hiveengine.averaging import DecentralizedAverager, GroupMember
 from hiveengine.averaging.matchmaking import GATHER_GRID_SECONDS, SETTLE_SECONDS, matchmaking_key
-from hiveengine.averaging.records import record_signer, signer_of
+from hiveengine.averaging.records import record_signer
 from hiveengine.dht import DHT, get_dht_time
+from hiveengine.dht.validation import signer_of
 
 pytestmark = pytest.mark.timeout(180)
 WAIT_LIMIT = 30.0

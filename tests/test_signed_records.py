@@ -17,9 +17,9 @@ import torch
 
 from hiveengine.averaging import DecentralizedAverager
 from hiveengine.averaging.matchmaking import matchmaking_key
-from hiveengine.averaging.records import signer_of
 from hiveengine.averaging.state import state_key
 from hiveengine.dht import DHT
+from hiveengine.dht.validation import signer_of
 from tests.procs import PeerProcess
 
 pytestmark = pytest.mark.timeout(240)

@@ -55,12 +55,13 @@ from typing import Any, ClassVar
 
 import msgpack
 
-from hiveengine.averaging.records import record_signer, signed_record, signer_of, store_signed
+from hiveengine.averaging.records import record_signer, signed_record, store_signed
 from hiveengine.dht.dht import DHT
 from hiveengine.dht.node import ReadBack
 from hiveengine.dht.schemas import registration_problem
 from hiveengine.dht.serialization import pack, unpack
 from hiveengine.dht.storage import Entry, Record, get_dht_time
+from hiveengine.dht.validation import signer_of
 from hiveengine.errors import ConfigurationError, HiveEngineError, ProtocolError
 from hiveengine.transport import Identity, Peer, PeerID, Request
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from hiveengine.dht import DHT, Record, owner_marker
 from hiveengine.dht.serialization import unpack
-from hiveengine.dht.validation import named_owners_of, signed_message
+from hiveengine.dht.validation import signed_message, signer_of
 from hiveengine.errors import ProtocolError
 from hiveengine.transport import Identity, PeerID
 
@@ -38,15 +38,6 @@ async def store_signed(dht: DHT, identity: Identity, key: str, value: Any, expir
     """Store a signed record of `value` under `key` (see `signed_record`); whether any node accepted it."""
     (accepted,) = await dht.node.store([signed_record(dht, identity, key, value, expiration_time)])
     return accepted
-
-
-def signer_of(subkey: object) -> PeerID | None:
-    """The peer a subkey (as DHT reads return it) speaks for: the one whose owner marker it is, exactly."""
-    owners = named_owners_of(subkey) if isinstance(subkey, str) else set()
-    if len(owners) != 1:
-        return None
-    public_key = next(iter(owners))
-    return PeerID.from_public_key(public_key) if subkey == owner_marker(public_key) else None
 
 
 def record_signer(record: Record) -> PeerID | None:

@@ -30,10 +30,11 @@ from dataclasses import dataclass
 import msgpack
 import torch
 
-from hiveengine.averaging.records import signer_of, store_signed
+from hiveengine.averaging.records import store_signed
 from hiveengine.codec import get_codec
 from hiveengine.dht import DHT, get_dht_time
 from hiveengine.dht.schemas import state_ad_problem
+from hiveengine.dht.validation import signer_of
 from hiveengine.errors import PeerBusyError, ProtocolError, TransportError
 from hiveengine.transport import Identity, Peer, PeerID, Request
 

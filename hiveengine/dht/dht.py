@@ -58,9 +58,10 @@ class DHT:
         self.initial_peers = [str(PeerAddress.parse(p)) for p in initial_peers]
         self.config = config or DHTConfig()
         self.identity = identity or Identity.generate()
-        if not client_mode and membership.client_only():
+        forced = not client_mode and membership.client_only()
+        if forced:
             logger.info("this process's membership certificate is client-only: its DHT node runs in client mode")
-        self.client_mode = client_mode or membership.client_only()
+        self.client_mode = client_mode or forced
         self._port, self._announce_host = port, announce_host
         self._validator = CompositeValidator(
             [SchemaValidator(), OwnerSignatureValidator(self.identity), *record_validators]

@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 from hiveengine.dht.serialization import unpack
 from hiveengine.dht.storage import Record
-from hiveengine.dht.validation import RecordValidator, named_owners_of, owner_marker
+from hiveengine.dht.validation import RecordValidator, signer_of
 from hiveengine.errors import ProtocolError
 from hiveengine.transport import PeerID
 
@@ -140,12 +140,12 @@ def shape_problem(record: Record) -> str | None:
         value = unpack(record.value)
     except ProtocolError as e:
         return f"a {kind} record that does not decode: {e}"
-    owners = named_owners_of(subkey) if isinstance(subkey, str) else set()
-    if len(owners) != 1 or subkey != owner_marker(next(iter(owners))):
+    owner = signer_of(subkey)
+    if owner is None:
         return f"a {kind} record's subkey must be exactly its owner's marker"
     if value is None:
         return None
-    problem = CHECKS[kind](PeerID.from_public_key(next(iter(owners))), value)
+    problem = CHECKS[kind](owner, value)
     return None if problem is None else f"a malformed {kind} record: {problem}"
 
 

@@ -22,7 +22,7 @@ from collections.abc import Iterable
 import msgpack
 
 from hiveengine.dht.storage import Record
-from hiveengine.transport import Identity
+from hiveengine.transport import Identity, PeerID
 from hiveengine.transport.identity import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, verify_signature
 
 logger = logging.getLogger(__name__)
@@ -60,6 +60,15 @@ def _owners_in_cached(field: bytes) -> frozenset[bytes]:
         if len(raw) == PUBLIC_KEY_BYTES:
             owners.add(raw)
     return frozenset(owners)
+
+
+def signer_of(subkey: object) -> PeerID | None:
+    """The peer a subkey (as DHT reads return it) speaks for: the one whose owner marker it is, exactly."""
+    owners = named_owners_of(subkey) if isinstance(subkey, str) else set()
+    if len(owners) != 1:
+        return None
+    public_key = next(iter(owners))
+    return PeerID.from_public_key(public_key) if subkey == owner_marker(public_key) else None
 
 
 def signed_message(record: Record) -> bytes:

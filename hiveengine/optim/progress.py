@@ -27,8 +27,7 @@ from dataclasses import dataclass
 
 from hiveengine.dht import get_dht_time
 from hiveengine.dht.schemas import progress_problem
-from hiveengine.dht.validation import named_owners_of
-from hiveengine.transport import PeerID
+from hiveengine.dht.validation import signer_of
 
 logger = logging.getLogger(__name__)
 
@@ -107,11 +106,11 @@ def parse_progress(found) -> SwarmProgress:
     peers = []
     subkeys = found.value if found is not None and isinstance(found.value, dict) else {}
     for subkey, entry in subkeys.items():
-        owners = named_owners_of(subkey)
-        if len(owners) != 1 or progress_problem(entry.value) is not None:
+        signer = signer_of(subkey)
+        if signer is None or progress_problem(entry.value) is not None:
             continue  # unsigned (anyone could have written it) or malformed
         epoch, samples, speed, reported, loss, client, target, waiting, auxiliary = entry.value
-        peer = PeerID.from_public_key(owners.pop()).raw.hex()
+        peer = signer.raw.hex()
         loss = None if loss is None else float(loss)
         peers.append(
             PeerProgress(peer, epoch, samples, float(speed), float(reported), loss, client, target, waiting, auxiliary)

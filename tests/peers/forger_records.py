@@ -15,9 +15,9 @@ After each pass prints "FORGED <victims> REFUSED <refused> ACCEPTED <accepted fo
 import sys
 import threading
 
-from hiveengine.averaging.records import signed_record, signer_of
+from hiveengine.averaging.records import signed_record
 from hiveengine.dht import DHT, Record, get_dht_time, owner_marker
-from hiveengine.dht.validation import named_owners_of, signed_message
+from hiveengine.dht.validation import named_owners_of, signed_message, signer_of
 from hiveengine.transport import Identity
 
 PACE_SECONDS = 0.05  # between passes (pacing the attack, not synchronizing with anyone)
