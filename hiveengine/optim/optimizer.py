@@ -32,6 +32,7 @@ import torch
 from hiveengine.averaging import DecentralizedAverager, GroupInfo, Mode
 from hiveengine.dht import get_dht_time
 from hiveengine.errors import ConfigurationError, HiveEngineError, refuse_unknown_options
+from hiveengine.optim.attendance import PROGRESS_FIELD, Attendance
 from hiveengine.optim.progress import EPOCH_LEAD, PeerProgress, ProgressTracker, SwarmProgress
 from hiveengine.optim.state import AgreedDigest, TrainingState
 from hiveengine.optim.updates import DiLoCoUpdate, SyncUpdate
@@ -198,6 +199,7 @@ class Optimizer:
             self.state_averager.allow_state_sharing = True
         self.tracker = ProgressTracker(dht, run_id, client_mode, auxiliary)
         self._me = dht.peer_id.raw.hex()  # how progress records name this peer
+        self.attendance = Attendance(self._me)
         self.swarm = SwarmProgress(0, 0, [])
         self._quota_extra = 0  # samples added to our share when the swarm re-split an unreached target
         self._waiting = False
@@ -353,14 +355,14 @@ class Optimizer:
         with self.grad_averager.get_tensors() as buffers, self.state_averager.get_tensors():
             self.rule.contribution(buffers, self.samples)
             fingerprint = _fingerprint(self._agreed)
-        expected = len(here) or None
+        counted = self.attendance.expected(here, self.epoch)
         result = None
         for _ in range(ROUND_ATTEMPTS if len(here) > 1 else 0):
             result = self.grad_averager.step(
                 float(0 if self.auxiliary else self.samples),
                 self.averaging_timeout,
-                expected_peers=expected,
-                gather={"fp": None if self.auxiliary else fingerprint},
+                expected_peers=len(counted) or None,
+                gather={"fp": None if self.auxiliary else fingerprint, PROGRESS_FIELD: self._me},
                 key=str(self.epoch),
                 matchmaking_timeout=self.matchmaking_time + 1.0,
             )
@@ -369,9 +371,13 @@ class Optimizer:
             swarm = self._check()
             if swarm.epoch > self.epoch and self._catch_up():
                 return  # they averaged without us: copy the result rather than diverge
-            expected = sum(1 for p in swarm.peers if p.epoch == self.epoch and not self._stale(p)) or None
-            if (expected or 0) < 2:
+            here = [p for p in swarm.peers if p.epoch == self.epoch and not self._stale(p)]
+            counted = self.attendance.expected(here, self.epoch)
+            if len(counted) < 2:
                 break
+        if result is not None:
+            alive = [p.peer for p in self.swarm.peers]
+            self.attendance.settle(counted, result.group.gathered.values(), self.epoch, alive)
         self._apply(result)
         disagree = result is not None and states_disagree(result.group.gathered.values())
         periodic = self.average_state_every and (self.epoch + 1) % self.average_state_every == 0

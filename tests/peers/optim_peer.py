@@ -4,13 +4,15 @@ Usage: optim_peer.py MODE CODEC DATA_SEED EPOCHS [INITIAL_PEER]. Every peer buil
 and draws its own batches (DATA_SEED). Prints "DHT <address>", "READY" once its optimizer is up, then waits
 for a line on stdin before training (so peers start together), prints "EPOCH <n> <sha256 of the parameters>"
 on reaching each epoch, "DONE <json>" after EPOCHS, then serves its state until stdin closes.
-EPOCHS=0: only load state and report.
+EPOCHS=0: only load state and report. STEP_SECONDS (environment, default 0): seconds each step takes on top of
+its computation, standing in for a larger model (bench/swarm_attacks.py).
 """
 
 import hashlib
 import json
 import os
 import sys
+import time
 
 import torch
 
@@ -55,12 +57,14 @@ def main() -> None:
     sys.stdin.readline()
     gen = torch.Generator().manual_seed(data_seed)
     seen, losses = opt.epoch, []
+    step_seconds = float(os.environ.get("STEP_SECONDS", "0"))
     print("EPOCH", opt.epoch, digest(model.parameters()), flush=True)
     while opt.epoch < epochs:
         x = torch.randn(BATCH, 8, generator=gen)
         y = (x @ TRUE_WEIGHTS).tanh().unsqueeze(-1)
         loss = torch.nn.functional.mse_loss(model(x), y)
         loss.backward()
+        time.sleep(step_seconds)  # the compute of a larger model
         opt.step(loss=loss)
         opt.zero_grad()
         losses.append(loss.item())
@@ -68,6 +72,7 @@ def main() -> None:
             seen = opt.epoch
             print("EPOCH", seen, digest(model.parameters()), flush=True)
     done = {"rounds": opt.rounds, "first_loss": losses[:10], "last_loss": losses[-10:], "epoch": opt.epoch}
+    done["suspects"] = sorted(opt.attendance.suspects())
     print("DONE", json.dumps(done), flush=True)
     sys.stdin.read()
     opt.shutdown()
