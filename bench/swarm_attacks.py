@@ -11,19 +11,22 @@ hostile processes:
   advertisements at every epoch (tests/peers/swarm_attacker.py, reusing tests/peers/forger_records.py);
 - overwrite: plain values with infinite or far-future expirations over the run's signed dictionaries;
 - absurd: signed records with non-finite or absurd fields under the run's keys;
-- flood: 4 identities filling the bootstrap node's store (tests/peers/swarm_dht_flooder.py).
+- flood: fresh identities, one after another for the whole run, each filling its quota of the bootstrap node's
+  store with 4 KiB records (tests/peers/swarm_dht_flooder.py).
 (Key hiding is left to tests/test_dht_lookup.py: grinding ids next to a key at the default id difficulty costs
 minutes per id by design, which is the defence.)
 
 The table gives epochs per minute for each run (until every honest peer reached EPOCHS), its ratio to the mean of
-the clean runs (the goal: within 20%), whether the honest peers ended with identical parameters, and how many
-times any of them loaded another peer's state (0 expected: they start together). Writes
+the clean runs (the goal: within 20%), whether the honest peers ended with identical parameters, how many
+times any of them loaded another peer's state (0 expected: they start together), and the CPU seconds the honest
+peers and the attackers used (they share this machine's cores). Writes
 bench/results/local/swarm_attacks.json (see bench/common.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import queue
@@ -31,6 +34,8 @@ import statistics
 import sys
 import time
 from pathlib import Path
+
+import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import format_table, write_results
@@ -48,7 +53,7 @@ ATTACKS = {  # name -> [(script under tests/peers, its arguments after the boots
     "registrations": [(ATTACKER, ["registrations"], "READY")],
     "overwrite": [(ATTACKER, ["overwrite"], "READY")],
     "absurd": [(ATTACKER, ["absurd"], "READY")],
-    "flood": [("swarm_dht_flooder.py", ["--identities", "4", "--records", "20000", "--value-bytes", "4096"], None)],
+    "flood": [("swarm_dht_flooder.py", ["--identities", "0", "--records", "20000", "--value-bytes", "4096"], "READY")],
 }
 
 
@@ -77,6 +82,17 @@ def finish(peer: PeerProcess, epochs: int, deadline: float) -> tuple[int, str | 
             return reached, digest, json.loads(line[5:])
 
 
+def cpu_seconds(procs: list[PeerProcess]) -> float:
+    """CPU time (user + system) the processes used so far: on a shared 2-core machine, an attacker's own work
+    slows the honest peers too, which a remote attacker's would not."""
+    total = 0.0
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            times = psutil.Process(proc.proc.pid).cpu_times()
+            total += times.user + times.system
+    return total
+
+
 def run(name: str, epochs: int, step_seconds: float) -> dict:
     """One run of HONEST peers training to `epochs` under attack `name` ("clean": none)."""
     honest, attackers, bootstrap = [], [], []
@@ -96,6 +112,7 @@ def run(name: str, epochs: int, step_seconds: float) -> dict:
             peer.proc.stdin.flush()
         results = [finish(peer, epochs, started + RUN_TIMEOUT) for peer in honest]
         elapsed = time.monotonic() - started
+        honest_cpu, attacker_cpu = cpu_seconds(honest), cpu_seconds(attackers)
     finally:
         for proc in attackers + honest:
             proc.close()
@@ -108,6 +125,8 @@ def run(name: str, epochs: int, step_seconds: float) -> dict:
         "epochs_per_min": round(reached * 60 / elapsed, 1),
         "finished": all(r[2] is not None for r in results),
         "identical": len(digests) == 1 and None not in digests,
+        "honest_cpu_s": round(honest_cpu, 1),
+        "attacker_cpu_s": round(attacker_cpu, 1),
         "state_loads": sum(r[2]["rounds"]["caught_up"] for r in results if r[2] is not None),
         "averaged": [r[2]["rounds"]["averaged"] for r in results if r[2] is not None],
     }
@@ -134,7 +153,8 @@ def main() -> None:
     for row in rows:
         row["vs_clean"] = round(row["epochs_per_min"] / clean, 3) if clean else None
         row["within_20pct"] = row["finished"] and row["vs_clean"] is not None and row["vs_clean"] >= 0.8
-    columns = ["attack", "epochs", "seconds", "epochs_per_min", "vs_clean", "within_20pct", "identical", "state_loads"]
+    columns = ["attack", "epochs", "seconds", "epochs_per_min", "vs_clean", "within_20pct", "identical"]
+    columns += ["state_loads", "honest_cpu_s", "attacker_cpu_s"]
     print(format_table(rows, columns))
     setup = {"honest": HONEST, "epochs": args.epochs, "step_seconds": args.step_seconds, "load": load}
     path = write_results("swarm_attacks", {**setup, "rows": rows})

@@ -1,8 +1,12 @@
-"""A hostile DHT client for the quota tests: from IDENTITIES fresh identities, sends dht.store requests of BATCH
-records (values of VALUE_BYTES, keys of its own) straight to one node until it refuses a whole batch or RECORDS
-were sent per identity. Prints `ACCEPTED <identity index> <records accepted> <bytes charged>`, then `DONE`."""
+"""A hostile DHT client for the quota tests and bench/swarm_attacks.py: from IDENTITIES fresh identities (0: new
+ones until stdin closes), sends dht.store requests of BATCH records (values of VALUE_BYTES, keys of its own)
+straight to one node until it refuses a whole batch or RECORDS were sent per identity. Prints `READY` once it
+starts, `ACCEPTED <identity index> <records accepted> <bytes charged>` per identity, then `DONE`."""
 
 import argparse
+import itertools
+import sys
+import threading
 
 from hiveengine.dht import protocol
 from hiveengine.dht.serialization import pack
@@ -19,7 +23,13 @@ def main() -> None:
     parser.add_argument("--value-bytes", type=int, default=1024)
     args = parser.parse_args()
     expiration = get_dht_time() + 600
-    for index in range(args.identities):
+    stop = threading.Event()
+    if args.identities == 0:
+        threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+    print("READY", flush=True)
+    for index in range(args.identities) if args.identities else itertools.count():
+        if stop.is_set():
+            break
         peer = Peer()
         accepted = charged = 0
         for start in range(0, args.records, args.batch):
