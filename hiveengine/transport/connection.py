@@ -102,7 +102,7 @@ class Wire(Protocol):
 
     kind: str
 
-    def send_now(self, buf, tag: int) -> asyncio.Future | None: ...
+    def send_now(self, buf, tag: int, more: bool = False) -> asyncio.Future | None: ...
 
     def send_sealed(self, buf, tag: int, blocks: session.FrameBlocks) -> asyncio.Future | None: ...  # TCP only
 
@@ -286,7 +286,8 @@ class Connection:
         message = encode_control(body, self.limits, tail)
         read = self._await_read(body[KEY_SEQ], frames) if by_address else None
         _, sealed = self.session.seal_control(message, encrypt)
-        pending = self.wire.send_now(sealed, _tag(self.send_base, CONTROL_SEQ))
+        more = any(frame is not None for frame in wire_frames)  # its frames follow at once
+        pending = self.wire.send_now(sealed, _tag(self.send_base, CONTROL_SEQ), more)
         futures = [] if pending is None else [pending]
         if read is not None:
             return [*futures, read]

@@ -113,10 +113,12 @@ class TcpWire:
 
     # ---- sending
 
-    def send_now(self, buf, tag: int) -> asyncio.Future | None:
-        """Send one record; None if the kernel took it all at once, else a future done when it has."""
+    def send_now(self, buf, tag: int, more: bool = False) -> asyncio.Future | None:
+        """Send one record; None if the kernel took it all at once, else a future done when it has. `more`: another
+        record follows at once (MSG_MORE: they leave in the same segments, and wake the receiver once)."""
         data, _ = _host_view(buf.cpu() if isinstance(buf, torch.Tensor) else buf)
-        return self._send(([memoryview(RECORD.pack(tag, data.nbytes)), memoryview(data).cast("B")],), data)
+        pieces = [memoryview(RECORD.pack(tag, data.nbytes)), memoryview(data).cast("B")]
+        return self._send((pieces,), data, socket.MSG_MORE if more else 0)
 
     def send_sealed(self, buf, tag: int, blocks: FrameBlocks) -> asyncio.Future | None:
         """Send one frame sealed in `blocks` (session.py), each block sealed as the kernel takes the one before;
@@ -140,16 +142,17 @@ class TcpWire:
             yield [head, memoryview(sealed)] if j == 0 else [memoryview(sealed)]
         SCRATCH.give(buf)
 
-    def _send(self, steps: Iterable[list[memoryview]], keep: object) -> asyncio.Future | None:
-        """Send `steps` in order after what is queued: on the spot while the kernel takes everything, the rest
-        through the sender task; None if all went out at once, else a future done when it has."""
+    def _send(self, steps: Iterable[list[memoryview]], keep: object, flags: int = 0) -> asyncio.Future | None:
+        """Send `steps` in order after what is queued: on the spot while the kernel takes everything (with
+        sendmsg `flags`), the rest through the sender task; None if all went out at once, else a future done when
+        it has."""
         if self.closed:
             return self._failed()
         steps = iter(steps)
         if not self._sendq:
             for pieces in steps:
                 try:
-                    sent = self._sock.sendmsg(pieces)
+                    sent = self._sock.sendmsg(pieces, (), flags)
                 except BlockingIOError:
                     sent = 0
                 except OSError as e:
