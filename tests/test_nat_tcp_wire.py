@@ -16,6 +16,8 @@ import torch
 
 from hiveengine.errors import ConfigurationError
 from hiveengine.transport import Peer, PeerAddress, TransportLimits
+from hiveengine.transport.resources import Usage
+from hiveengine.transport.session import BLOCK_BYTES, TAG_BYTES
 from hiveengine.transport.tcp_wire import RECORD, _Budget
 from tests.procs import PeerProcess, start_server
 
@@ -160,3 +162,93 @@ def test_connections_that_never_handshake_cost_nothing_after_the_handshake_timeo
             s.close()
         legit.shutdown()
         victim.shutdown()
+
+
+# ---- encrypted frames sealed in blocks (session.py): each block is bound to its message and position
+
+
+def test_frames_sealed_in_blocks_arrive_intact_whether_their_receive_is_posted_or_not():
+    victim = _victim()
+    caller = Peer(limits=TransportLimits(local_copy=False, link="tcp"))
+    landed = []
+
+    async def slow_sink(request):  # each chunk's frame arrives (and is held) before its receive is posted
+        async for chunk in request.chunks:
+            await asyncio.sleep(0.2)
+            landed.append(await chunk.read())
+        return {}
+
+    victim.register_stream("slow_sink", slow_sink)
+    try:
+        frames = [torch.randn((BLOCK_BYTES * 5 // 2 + 12) // 4), torch.arange(7, dtype=torch.uint8), torch.randn(3)]
+        frames.append(torch.randint(0, 255, (BLOCK_BYTES,), dtype=torch.uint8))  # exactly one block
+        _, echoed = caller.call_sync(victim.address, "echo", {}, frames, timeout=20)
+        assert all(torch.equal(a, b) for a, b in zip(frames, echoed, strict=True))
+        assert caller.pool.connections[victim.peer_id].kind == "tcp"
+        big = torch.randn(BLOCK_BYTES * 3 // 4)  # 3 MiB in 1 MiB chunks
+        caller.runtime.run(caller.send_tensor(victim.address, "slow_sink", big, timeout=20), 30)
+        assert torch.equal(torch.cat([t.view(torch.uint8) for t in landed]), big.view(-1).view(torch.uint8))
+    finally:
+        caller.shutdown()
+        victim.shutdown()
+
+
+def _sealed_blocks(conn, frame: np.ndarray, counter: int) -> list[np.ndarray]:
+    """`frame` sealed in blocks as frame 0 of message `counter` of `conn`'s session (what an honest sender sends)."""
+    (blocks,) = conn.session.frame_blocks(counter, [frame.nbytes])
+    out = []
+    for j, start in enumerate(range(0, frame.nbytes, BLOCK_BYTES)):
+        block = frame[start : start + BLOCK_BYTES]
+        sealed = np.empty(block.nbytes + TAG_BYTES, dtype=np.uint8)
+        blocks.seal(j, block, sealed)
+        out.append(sealed)
+    return out
+
+
+@pytest.mark.parametrize("how", ["intact", "flip", "reorder", "repeat", "truncate", "extend", "other-message"])
+def test_a_block_altered_moved_repeated_or_cut_closes_the_connection_before_its_handler_runs(how):
+    from hiveengine.transport.wire import Kind, encode_control
+
+    victim = _victim()
+    served = []
+
+    async def record(request):
+        served.append(request.tensors[0].clone())
+        return {}
+
+    victim.register("record", record)
+    frame = np.random.default_rng(0).integers(0, 255, BLOCK_BYTES * 2 + 1000, dtype=np.uint8)  # 3 blocks
+
+    def records(conn):
+        body = {"k": Kind.REQUEST, "i": conn.new_request_id(), "m": "record", "h": {}, "d": 10}
+        body.update(f=[["uint8", [frame.nbytes], "cpu"]], s=conn._reserve_seqs(1), z=2)
+        counter = conn.session.sent
+        blocks = _sealed_blocks(conn, frame, counter + 1 if how == "other-message" else counter)
+        if how == "flip":
+            blocks[1][1000] ^= 1
+        elif how == "reorder":
+            blocks[0], blocks[1] = blocks[1], blocks[0]
+        elif how == "repeat":
+            blocks[1] = blocks[0]
+        elif how == "truncate":
+            blocks = blocks[:-1]  # a shorter record: the last block is missing
+        elif how == "extend":
+            blocks.append(blocks[-1])
+        _, message = conn.session.seal_control(encode_control(body, conn.limits), True)
+        tag = conn.send_base << 32
+        return [(tag, np.frombuffer(message, dtype=np.uint8)), (tag | (body["s"] + 1), np.concatenate(blocks))]
+
+    attacker = None
+    try:
+        attacker = _attack(victim, records)
+        if how == "intact":
+            _until(victim, lambda: served, 10, "the intact call")
+            assert np.array_equal(served[0].numpy(), frame) and attacker.peer_id in victim.pool.connections
+            return
+        _until(victim, lambda: attacker.peer_id not in victim.pool.connections, 10, "the tampered link's close")
+        assert served == [] and victim.resources.held() == Usage()
+        _legit_call_works(victim)
+    finally:
+        for peer in (attacker, victim):
+            if peer is not None:
+                peer.shutdown()

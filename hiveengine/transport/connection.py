@@ -43,6 +43,8 @@ from hiveengine.transport.wire import (
     KEY_SEALED,
     KEY_SEQ,
     KEY_TAGS,
+    SEALED_BLOCKS,
+    SEALED_FRAMES,
     FrameSpec,
     Kind,
     allocate,
@@ -50,6 +52,7 @@ from hiveengine.transport.wire import (
     check_buffers,
     decode_message,
     encode_control,
+    frame_specs,
     inline_tensors,
     restore_requires_grad,
     wire_buffer,
@@ -99,11 +102,13 @@ class Wire(Protocol):
 
     kind: str
 
-    def send_now(self, buf, tag: int) -> asyncio.Future | None: ...
+    def send_now(self, buf, tag: int, more: bool = False) -> asyncio.Future | None: ...
+
+    def send_sealed(self, buf, tag: int, blocks: session.FrameBlocks) -> asyncio.Future | None: ...  # TCP only
 
     def tag_send(self, buf, tag: int) -> asyncio.Future: ...
 
-    def tag_recv(self, buf, tag: int) -> asyncio.Future: ...
+    def tag_recv(self, buf, tag: int, blocks: session.FrameBlocks | None = None) -> asyncio.Future: ...  # blocks: TCP
 
     def listen(self, base: int, handler, max_control_bytes: int) -> None: ...
 
@@ -281,7 +286,8 @@ class Connection:
         message = encode_control(body, self.limits, tail)
         read = self._await_read(body[KEY_SEQ], frames) if by_address else None
         _, sealed = self.session.seal_control(message, encrypt)
-        pending = self.wire.send_now(sealed, _tag(self.send_base, CONTROL_SEQ))
+        more = any(frame is not None for frame in wire_frames)  # its frames follow at once
+        pending = self.wire.send_now(sealed, _tag(self.send_base, CONTROL_SEQ), more)
         futures = [] if pending is None else [pending]
         if read is not None:
             return [*futures, read]
@@ -292,8 +298,14 @@ class Connection:
             if isinstance(frame, asyncio.Future):  # being sealed on a crypto thread: send it once sealed
                 futures.append(asyncio.ensure_future(self._send_sealed(frame, tag)))
                 continue
+            if isinstance(frame, tuple):  # (data, its blocks): the TCP wire seals each block as it sends it
+                data, blocks = frame
+                pending = self.wire.send_sealed(data, tag, blocks)
+                if pending is not None:
+                    futures.append(pending)
+                continue
             future = self.wire.tag_send(frame, tag)
-            if body.get(KEY_SEALED) == 1:
+            if body.get(KEY_SEALED) == SEALED_FRAMES:
                 future.add_done_callback(lambda f, buf=frame: f.cancelled() or f.exception() or SCRATCH.give(buf))
             futures.append(future)
         return futures
@@ -311,13 +323,19 @@ class Connection:
         return self.link.pid is not None or self.link.remote_reads_us
 
     def _protect_frames(self, body: dict, frames: Sequence[torch.Tensor], encrypt: bool) -> list:
-        """The buffers UCX sends for `frames` of the message about to be sealed (None: nothing to send):
-        encrypted (KEY_SEALED) or readable with their tags in the header (KEY_TAGS); see session.py."""
+        """What the wire sends for `frames` of the message about to be sealed (None: nothing to send): over UCX,
+        encrypted whole (KEY_SEALED 1) or readable with their tags in the header (KEY_TAGS); over TCP, encrypted
+        frames are (data, its blocks) pairs, sealed in blocks by the wire as it sends them (KEY_SEALED 2); see
+        session.py."""
         if not frames:
             return []
         counter = self.session.sent  # the counter seal_control gives this message next
+        if encrypt and self.wire.kind == "tcp":
+            body[KEY_SEALED] = SEALED_BLOCKS
+            blocks = self.session.frame_blocks(counter, [f.numel() for f in frames])
+            return [(_host_bytes(f), b) if f.numel() else None for f, b in zip(frames, blocks, strict=True)]
         if encrypt:
-            body[KEY_SEALED] = 1
+            body[KEY_SEALED] = SEALED_FRAMES
             return [self._seal(counter, i, f) if f.numel() else None for i, f in enumerate(frames)]
         body[KEY_TAGS] = [self.session.frame_tag(counter, i, _host_bytes(f)) for i, f in enumerate(frames)]
         return [wire_buffer(f) if f.numel() else None for f in frames]
@@ -404,26 +422,33 @@ class Connection:
             await self._read_local(body, tensors, first_index)
             return
         frames = [as_frame(t) for t in tensors]
-        sealed = body.get(KEY_SEALED) == 1
-        tags = None if sealed else body.get(KEY_TAGS)
-        if not sealed and not (isinstance(tags, list) and len(tags) == len(body.get(KEY_FRAMES, ()))):
-            raise self.lost(ForgedMessageError(f"{self.remote} sent frames without their authentication tags"))
+        mode = body.get(KEY_SEALED)
+        sealed = mode == SEALED_FRAMES
+        tags = None if mode else body.get(KEY_TAGS)
+        if mode not in (None, SEALED_FRAMES, SEALED_BLOCKS) or (
+            not mode and not (isinstance(tags, list) and len(tags) == len(body.get(KEY_FRAMES, ())))
+        ):
+            raise self.lost(ForgedMessageError(f"{self.remote} sent frames without a known seal or their tags"))
         posting = [(i, f) for i, f in enumerate(frames) if f.numel()]
-        if sealed:  # encrypted: land in scratch buffers, then decrypt into the frames
-            buffers = [SCRATCH.take(f.numel() + TAG_BYTES) for _, f in posting]
+        buffers = []
+        if mode == SEALED_BLOCKS:  # opened by the TCP wire as the blocks land: nothing left to do once they have
+            futures = self._post_receives(self._block_receives(body, posting, first_index))
         else:
-            buffers = [wire_buffer(f) for _, f in posting]
-        futures = self._post_receives(
-            [(buf, self.frame_tag(body, first_index + i)) for buf, (i, _) in zip(buffers, posting, strict=True)]
-        )
+            if sealed:  # encrypted whole: land in scratch buffers, then decrypt into the frames
+                buffers = [SCRATCH.take(f.numel() + TAG_BYTES) for _, f in posting]
+            else:
+                buffers = [wire_buffer(f) for _, f in posting]
+            futures = self._post_receives(
+                [(buf, self.frame_tag(body, first_index + i)) for buf, (i, _) in zip(buffers, posting, strict=True)]
+            )
         nbytes = sum(f.numel() for _, f in posting)
         deadline = self.limits.frame_deadline(nbytes)
         try:
             async with asyncio.timeout(deadline):
                 await self.wait(futures)
             counter = body[KEY_COUNTER]
-            for buf, (i, frame) in zip(buffers, posting, strict=True):
-                if sealed:
+            if sealed:
+                for buf, (i, frame) in zip(buffers, posting, strict=True):
                     if frame.numel() < session.OFFLOAD_BYTES:
                         _open_into(self.session, counter, first_index + i, buf, frame)
                     else:  # off the loop, which keeps progressing other transfers meanwhile
@@ -431,12 +456,9 @@ class Connection:
                         pool = session.crypto_pool()
                         await loop.run_in_executor(pool, _open_into, self.session, counter, first_index + i, buf, frame)
                     SCRATCH.give(buf)
-                else:
-                    self.session.check_frame(counter, first_index + i, _host_bytes(frame), tags[first_index + i])
-            if not sealed:
+            elif not mode:
                 for i, frame in enumerate(frames):
-                    if not frame.numel():
-                        self.session.check_frame(counter, first_index + i, _host_bytes(frame), tags[first_index + i])
+                    self.session.check_frame(counter, first_index + i, _host_bytes(frame), tags[first_index + i])
         except ForgedMessageError as e:
             raise self.lost(e) from None
         except TimeoutError:
@@ -451,16 +473,29 @@ class Connection:
                 self.lost(ConnectionLostError(f"a receive from {self.remote} was abandoned before its frames came"))
             raise
 
-    def _post_receives(self, posts: Sequence[tuple[object, int]]) -> list[asyncio.Future]:
-        """Post one UCX receive per (buffer, tag), each holding a "receives" unit until it completes; past the
-        limit the connection is closed (its frames could never be drained)."""
+    def _block_receives(self, body: dict, posting: Sequence[tuple[int, torch.Tensor]], first_index: int) -> list:
+        """(buffer, tag, the frame's blocks) for each frame to receive of a message whose frames are sealed in
+        blocks (session.py): only a TCP wire carries those."""
+        if self.wire.kind != "tcp":
+            raise self.lost(ProtocolError(f"{self.remote} sent frames sealed in blocks over a {self.kind} link"))
+        sizes = [spec.nbytes for spec in frame_specs(body, self.limits)]
+        try:
+            blocks = self.session.frame_blocks(body[KEY_COUNTER], sizes)
+        except ProtocolError as e:
+            raise self.lost(e) from None
+        return [(wire_buffer(f), self.frame_tag(body, first_index + i), blocks[first_index + i]) for i, f in posting]
+
+    def _post_receives(self, posts: Sequence[tuple]) -> list[asyncio.Future]:
+        """Post one UCX receive per (buffer, tag) or, on a TCP wire, (buffer, tag, its sealed blocks), each holding
+        a "receives" unit until it completes; past the limit the connection is closed (its frames could never be
+        drained)."""
         try:
             self.resources.acquire(self.remote, "receives", len(posts))
         except ResourceLimitError as e:
             raise self.lost(ProtocolError(f"closing the connection: {e}")) from None
         futures = []
-        for buf, tag in posts:
-            future = self.wire.tag_recv(buf, tag)
+        for post in posts:
+            future = self.wire.tag_recv(*post)
             self._receives.add(future)
             future.add_done_callback(self._received)
             futures.append(future)

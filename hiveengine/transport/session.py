@@ -14,8 +14,18 @@ AES-GCM key per direction):
 - Tensor frames that travel through UCX: encrypted, frame i is AESGCM.encrypt(nonce(c, i + 1), frame, None)
   (ciphertext | tag; the header says so with "z": 1); authenticated only, the frame travels as it is and its
   GMAC tag AESGCM.encrypt(nonce(c, i + 1), b"", aad=frame) goes in the (authenticated) header's "t" list.
+- Tensor frames that travel encrypted through a TCP wire are sealed in blocks ("z": 2), so that a sender seals
+  block k + 1 while the kernel sends block k, and a receiver opens each block as it lands. Each frame is cut into
+  blocks of BLOCK_BYTES (the last one of a frame may be shorter, an empty frame has none); the blocks of all the
+  message's frames are numbered k = 1, 2, ... in frame order, and block k travels as
+  AESGCM.encrypt(nonce(c, k), block, None) (ciphertext | tag), so a frame of n bytes takes
+  n + ceil(n / BLOCK_BYTES) * TAG_BYTES bytes. A message's frames are sealed either whole or in blocks, never
+  both, so no (c, j) is used twice. Each block is bound to its message (c) and its position (k) by its nonce; the
+  authenticated header gives every frame's length, hence how many blocks each frame has and how long each is: a
+  block altered, moved (within or across frames or messages), dropped, repeated or cut short fails to open, and
+  so does a frame whose record is longer or shorter than its blocks (truncation).
 - The receiver opens each control message with its own counter for that direction, in arrival order, and each
-  frame with the counter of the message that announced it. A message or frame that fails to open (forged,
+  frame (or block) with the counter of the message that announced it. A message or frame that fails to open (forged,
   altered, replayed, reordered, from another session, or of the wrong mode for its bytes) closes the connection.
 - Which mode a sender uses: encrypted between hosts when `TransportLimits.encrypt` (HIVEENGINE_ENCRYPT, default
   1); authenticated only when encryption is off, or when the remote is proven to run on this host (local_copy.py:
@@ -27,13 +37,15 @@ AES-GCM key per direction):
 from __future__ import annotations
 
 import concurrent.futures
+import itertools
 import struct
+from collections.abc import Sequence
 
 import numpy as np
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from hiveengine.errors import ForgedMessageError
+from hiveengine.errors import ForgedMessageError, ProtocolError
 
 TAG_BYTES = 16
 MODE_CLEAR, MODE_SEALED = 0, 1
@@ -80,8 +92,38 @@ def crypto_pool() -> concurrent.futures.ThreadPoolExecutor:
     return _crypto_pool
 
 
+BLOCK_BYTES = 1 << 20  # plaintext bytes of a sealed block (frames sealed in blocks: TCP wires)
+MAX_BLOCKS = (1 << 32) - 1  # blocks one message may have: the nonce's index is 32 bits, 0 is the control message
+
+
 def nonce(counter: int, index: int) -> bytes:
     return _NONCE.pack(counter, index)
+
+
+def block_count(nbytes: int) -> int:
+    """How many blocks a frame of `nbytes` is sealed in."""
+    return -(-nbytes // BLOCK_BYTES)
+
+
+def sealed_bytes(nbytes: int) -> int:
+    """The length of a frame of `nbytes` sealed in blocks (each block grows by its tag)."""
+    return nbytes + block_count(nbytes) * TAG_BYTES
+
+
+class FrameBlocks:
+    """The blocks of one frame of message `counter` whose first block has number `first`: block j of the frame is
+    block first + j of the message (seals with our key, opens with the remote's)."""
+
+    __slots__ = ("counter", "first", "session")
+
+    def __init__(self, session: Session, counter: int, first: int):
+        self.session, self.counter, self.first = session, counter, first
+
+    def seal(self, j: int, data: np.ndarray, out: np.ndarray) -> None:
+        self.session.seal_block(self.counter, self.first + j, data, out)
+
+    def open(self, j: int, sealed: np.ndarray, out: np.ndarray) -> None:
+        self.session.open_block(self.counter, self.first + j, sealed, out)
 
 
 class Session:
@@ -109,9 +151,22 @@ class Session:
         self._send.encrypt_into(nonce(counter, index + 1), frame, None, out)
         return out
 
+    def seal_block(self, counter: int, block: int, data: np.ndarray, out: np.ndarray) -> None:
+        """Block `block` (numbered from 1 across the message's frames) of message `counter`, encrypted
+        (ciphertext | tag) into `out` (data.nbytes + TAG_BYTES)."""
+        self._send.encrypt_into(nonce(counter, block), data, None, out)
+
     def frame_tag(self, counter: int, index: int, frame: np.ndarray) -> bytes:
         """The GMAC tag of readable frame `index` of message `counter`."""
         return self._send.encrypt(nonce(counter, index + 1), b"", frame)
+
+    def frame_blocks(self, counter: int, sizes: Sequence[int]) -> list[FrameBlocks]:
+        """The blocks of each frame of message `counter`, given every frame's length; ProtocolError if the message
+        needs more blocks than a nonce can number."""
+        firsts = list(itertools.accumulate((block_count(n) for n in sizes), initial=1))
+        if firsts[-1] - 1 > MAX_BLOCKS:
+            raise ProtocolError(f"a message of {sum(sizes)} bytes needs more than {MAX_BLOCKS} sealed blocks")
+        return [FrameBlocks(self, counter, first) for first in firsts[:-1]]
 
     # ---- receiving
 
@@ -142,6 +197,13 @@ class Session:
             self._recv.decrypt_into(nonce(counter, index + 1), sealed, None, out)
         except (InvalidTag, ValueError):
             raise ForgedMessageError(f"frame {index} of message {counter} failed authentication") from None
+
+    def open_block(self, counter: int, block: int, sealed: np.ndarray, out: np.ndarray) -> None:
+        """Decrypt block `block` of message `counter` into `out` (its exact length)."""
+        try:
+            self._recv.decrypt_into(nonce(counter, block), sealed, None, out)
+        except (InvalidTag, ValueError):
+            raise ForgedMessageError(f"block {block} of message {counter} failed authentication") from None
 
     def check_frame(self, counter: int, index: int, frame: np.ndarray, tag) -> None:
         """Verify the GMAC tag of readable frame `index` of message `counter`."""

@@ -17,22 +17,31 @@ posted. A frame held, or waited for, longer than TransportLimits.frame_timeout w
 (it was never announced, or its receiver is gone): a hostile peer's stray frames cost bounded memory and time.
 A frame longer than its receive is truncated (the 1-byte receives that drop unwanted frames), and the receive
 fails, as UCX's would.
+
+Encrypted frames travel sealed in blocks (session.py): a sender seals each block only once the kernel took the
+previous one, into one reused buffer, and a receive given the frame's blocks lands each block in one reused buffer
+and opens it straight into the receive's memory. Sealing block k + 1 thus overlaps the receiver's reading and
+opening of block k, with no thread hops (block buffers come from session.SCRATCH). A frame record whose
+length is not its blocks' exact length, or a block that fails to open, fails its receive (the connection closes).
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import socket
 import struct
 from collections import deque
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import torch
 
-from hiveengine.errors import ProtocolError
+from hiveengine.errors import ForgedMessageError, ProtocolError
 from hiveengine.transport.limits import TransportLimits
+from hiveengine.transport.session import BLOCK_BYTES, SCRATCH, TAG_BYTES, FrameBlocks, sealed_bytes
 
 logger = logging.getLogger(__name__)
 RECORD = struct.Struct("<QQ")  # tag, payload length
@@ -76,10 +85,12 @@ class TcpWire:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._sock, self.limits, self._prefix = sock, limits, prefix
         self._loop = asyncio.get_running_loop()
-        self._sendq: deque[tuple[list[memoryview], asyncio.Future, object]] = deque()
+        # Records being sent: the pieces still to send, one list per step (a sealed frame's steps are its blocks,
+        # sealed as they are reached), the future done once all went out, what must stay alive until then.
+        self._sendq: deque[tuple[Iterator[list[memoryview]], asyncio.Future, object]] = deque()
         self._sender: asyncio.Task | None = None
         self._reader: asyncio.Task | None = None
-        self._posted: dict[int, tuple[np.ndarray, torch.Tensor | None, asyncio.Future]] = {}
+        self._posted: dict[int, tuple[np.ndarray, torch.Tensor | None, asyncio.Future, FrameBlocks | None]] = {}
         self._posted_event = asyncio.Event()
         self._unexpected: dict[int, np.ndarray] = {}
         self._unexpected_bytes = 0
@@ -102,25 +113,59 @@ class TcpWire:
 
     # ---- sending
 
-    def send_now(self, buf, tag: int) -> asyncio.Future | None:
-        """Send one record; None if the kernel took it all at once, else a future done when it has."""
+    def send_now(self, buf, tag: int, more: bool = False) -> asyncio.Future | None:
+        """Send one record; None if the kernel took it all at once, else a future done when it has. `more`: another
+        record follows at once (MSG_MORE: they leave in the same segments, and wake the receiver once)."""
         data, _ = _host_view(buf.cpu() if isinstance(buf, torch.Tensor) else buf)
         pieces = [memoryview(RECORD.pack(tag, data.nbytes)), memoryview(data).cast("B")]
+        return self._send((pieces,), data, socket.MSG_MORE if more else 0)
+
+    def send_sealed(self, buf, tag: int, blocks: FrameBlocks) -> asyncio.Future | None:
+        """Send one frame sealed in `blocks` (session.py), each block sealed as the kernel takes the one before;
+        None if the kernel took it all at once, else a future done when it has. `buf` must not change until then."""
+        data, _ = _host_view(buf.cpu() if isinstance(buf, torch.Tensor) else buf)
+        return self._send(self._sealed_steps(data, tag, blocks), data)
+
+    @staticmethod
+    def _sealed_steps(data: np.ndarray, tag: int, blocks: FrameBlocks) -> Iterator[list[memoryview]]:
+        """The record of a frame sealed in blocks, a block at a time, each sealed into the same buffer (the next
+        step is taken only once the kernel has all of this one)."""
+        head = memoryview(RECORD.pack(tag, sealed_bytes(data.nbytes)))
+        if not data.nbytes:
+            yield [head]
+            return
+        buf = SCRATCH.take(min(data.nbytes, BLOCK_BYTES) + TAG_BYTES)
+        for j, start in enumerate(range(0, data.nbytes, BLOCK_BYTES)):
+            block = data[start : start + BLOCK_BYTES]
+            sealed = buf[: block.nbytes + TAG_BYTES]
+            blocks.seal(j, block, sealed)
+            yield [head, memoryview(sealed)] if j == 0 else [memoryview(sealed)]
+        SCRATCH.give(buf)
+
+    def _send(self, steps: Iterable[list[memoryview]], keep: object, flags: int = 0) -> asyncio.Future | None:
+        """Send `steps` in order after what is queued: on the spot while the kernel takes everything (with
+        sendmsg `flags`), the rest through the sender task; None if all went out at once, else a future done when
+        it has."""
         if self.closed:
             return self._failed()
+        steps = iter(steps)
         if not self._sendq:
-            try:
-                sent = self._sock.sendmsg(pieces)
-            except BlockingIOError:
-                sent = 0
-            except OSError as e:
-                self._fail(e)
-                return self._failed()
-            pieces = _advance(pieces, sent)
-            if not pieces:
+            for pieces in steps:
+                try:
+                    sent = self._sock.sendmsg(pieces, (), flags)
+                except BlockingIOError:
+                    sent = 0
+                except OSError as e:
+                    self._fail(e)
+                    return self._failed()
+                pieces = _advance(pieces, sent)
+                if pieces:
+                    steps = itertools.chain((pieces,), steps)
+                    break
+            else:
                 return None
         future = self._loop.create_future()
-        self._sendq.append((pieces, future, data))  # data: kept alive until the kernel has it
+        self._sendq.append((steps, future, keep))  # keep: the data stays alive until the kernel has it
         if self._sender is None:
             self._sender = self._loop.create_task(self._send_queued())
         return future
@@ -135,9 +180,10 @@ class TcpWire:
     async def _send_queued(self) -> None:
         try:
             while self._sendq:
-                pieces, future, _ = self._sendq[0]
-                for piece in pieces:
-                    await self._loop.sock_sendall(self._sock, piece)
+                steps, future, _ = self._sendq[0]
+                for pieces in steps:
+                    for piece in pieces:
+                        await self._loop.sock_sendall(self._sock, piece)
                 self._sendq.popleft()
                 if not future.done():
                     future.set_result(None)
@@ -172,8 +218,9 @@ class TcpWire:
 
     # ---- receiving
 
-    def tag_recv(self, buf, tag: int) -> asyncio.Future:
-        """A future done when the frame with `tag` has landed in `buf` (failed if it did not fit exactly)."""
+    def tag_recv(self, buf, tag: int, blocks: FrameBlocks | None = None) -> asyncio.Future:
+        """A future done when the frame with `tag` has landed in `buf` (failed if it did not fit exactly); with
+        `blocks`, the frame travels sealed in those blocks and is opened into `buf` as it lands."""
         future = self._loop.create_future()
         if self.closed:
             return self._failed()
@@ -181,11 +228,9 @@ class TcpWire:
         held = self._unexpected.pop(tag, None)
         if held is not None:
             self._release(held.nbytes)
-            n = min(held.nbytes, host.nbytes)
-            host[:n] = held[:n]
-            self._complete(future, host, device, held.nbytes)
+            self._deliver(held, (host, device, future, blocks))
             return future
-        self._posted[tag] = (host, device, future)
+        self._posted[tag] = (host, device, future, blocks)
         self._posted_event.set()
         return future
 
@@ -239,10 +284,7 @@ class TcpWire:
                 self._loop.call_later(self.limits.frame_timeout, self._expire, tag, held)
                 return
             self._release(length)
-            host, device, future = posted
-            n = min(length, host.nbytes)
-            host[:n] = held[:n]
-            self._complete(future, host, device, length)
+            self._deliver(held, posted)
             return
         if tag not in self._posted:
             deadline = self.limits.frame_timeout
@@ -256,11 +298,57 @@ class TcpWire:
                     f"{self.remote_host} sent a frame of {length} bytes nobody received within {deadline:.1f} s "
                     "(TransportLimits.tcp_unexpected_bytes, frame_timeout)"
                 ) from None
-        host, device, future = self._posted.pop(tag)
+        host, device, future, blocks = self._posted.pop(tag)
+        if blocks is not None:
+            await self._recv_sealed(length, host, device, future, blocks)
+            return
         n = min(length, host.nbytes)
         await self._recv_exact(memoryview(host)[:n])
         await self._skip(length - n)
         self._complete(future, host, device, length)
+
+    async def _recv_sealed(self, length: int, host: np.ndarray, device, future: asyncio.Future, blocks) -> None:
+        """Receive a frame sealed in `blocks`, opening each block into `host` as it lands."""
+        if length != sealed_bytes(host.nbytes):
+            await self._skip(length)
+            _fail_receive(future, _sealed_length_error(length, host.nbytes))
+            return
+        buf = SCRATCH.take(min(host.nbytes, BLOCK_BYTES) + TAG_BYTES)
+        for j, start in enumerate(range(0, host.nbytes, BLOCK_BYTES)):
+            out = host[start : start + BLOCK_BYTES]
+            sealed = buf[: out.nbytes + TAG_BYTES]
+            await self._recv_exact(memoryview(sealed))
+            try:
+                blocks.open(j, sealed, out)
+            except ForgedMessageError as e:
+                await self._skip(sealed_bytes(host.nbytes - start - out.nbytes))  # the record's other blocks
+                _fail_receive(future, e)
+                break
+        else:
+            self._complete(future, host, device, host.nbytes)
+        SCRATCH.give(buf)
+
+    def _deliver(self, held: np.ndarray, posted: tuple) -> None:
+        """Complete a posted receive from a frame that arrived before it (held whole)."""
+        host, device, future, blocks = posted
+        if blocks is None:
+            n = min(held.nbytes, host.nbytes)
+            host[:n] = held[:n]
+            self._complete(future, host, device, held.nbytes)
+            return
+        if held.nbytes != sealed_bytes(host.nbytes):
+            _fail_receive(future, _sealed_length_error(held.nbytes, host.nbytes))
+            return
+        offset = 0
+        for j, start in enumerate(range(0, host.nbytes, BLOCK_BYTES)):
+            out = host[start : start + BLOCK_BYTES]
+            try:
+                blocks.open(j, held[offset : offset + out.nbytes + TAG_BYTES], out)
+            except ForgedMessageError as e:
+                _fail_receive(future, e)
+                return
+            offset += out.nbytes + TAG_BYTES
+        self._complete(future, host, device, host.nbytes)
 
     def _expire(self, tag: int, held: np.ndarray) -> None:
         """A held frame nobody received within frame_timeout was never announced, or its receiver is gone."""
@@ -324,7 +412,7 @@ class TcpWire:
                 task.cancel()
         self._sock.close()
         error = ConnectionResetError(f"the TCP link to {self.remote_host} closed")
-        for _, _, future in self._posted.values():
+        for _, _, future, _ in self._posted.values():
             if not future.done():
                 future.set_exception(error)
         for _, future, _ in self._sendq:
@@ -335,6 +423,15 @@ class TcpWire:
         for held in self._unexpected.values():
             self._release(held.nbytes)
         self._unexpected.clear()
+
+
+def _fail_receive(future: asyncio.Future, error: Exception) -> None:
+    if not future.done():
+        future.set_exception(error)
+
+
+def _sealed_length_error(length: int, nbytes: int) -> ProtocolError:
+    return ProtocolError(f"a sealed frame of {length} bytes arrived for a receive of {nbytes} ({sealed_bytes(nbytes)})")
 
 
 def _advance(pieces: list[memoryview], sent: int) -> list[memoryview]:

@@ -22,7 +22,8 @@ class UcxWire:
     def alive(self) -> bool:
         return self.endpoint is not None and self.endpoint.alive
 
-    def send_now(self, buf, tag: int) -> asyncio.Future | None:
+    def send_now(self, buf, tag: int, more: bool = False) -> asyncio.Future | None:
+        """`more` (another message follows at once) only matters to a byte stream: UCX sends each message alone."""
         return self.reactor.send_now(self.endpoint, buf, tag)
 
     def tag_send(self, buf, tag: int) -> asyncio.Future:

@@ -70,8 +70,10 @@ KEY_ERROR = "e"  # ERROR: [error class name, message] (the same letter as KEY_LA
 KEY_FRAMES = "f"  # tensor descriptors, one per tensor: [dtype, shape, device(, requires_grad)]
 KEY_SEQ = "s"  # sequence number of the first frame's tag (FRAMES_READ: the message whose frames were read)
 KEY_INLINE = "x"  # the tensors travel inline, after the body, in the control message itself
-KEY_SEALED = "z"  # 1: the frames travel encrypted (session.py)
+KEY_SEALED = "z"  # the frames travel encrypted (session.py): SEALED_FRAMES each whole, SEALED_BLOCKS in blocks
 KEY_TAGS = "t"  # the frames travel readable: their GMAC tags, one per frame (session.py)
+
+SEALED_FRAMES, SEALED_BLOCKS = 1, 2  # values of KEY_SEALED
 
 # Same-host direct copy (local_copy.py).
 KEY_ADDRESSES = "a"  # one address per frame, in the sender's memory, instead of the frames
