@@ -1,12 +1,14 @@
 """A hostile DHT client for the quota tests and bench/swarm_attacks.py: from IDENTITIES fresh identities (0: new
 ones until stdin closes), sends dht.store requests of BATCH records (values of VALUE_BYTES, keys of its own)
-straight to one node until it refuses a whole batch or RECORDS were sent per identity. Prints `READY` once it
-starts, `ACCEPTED <identity index> <records accepted> <bytes charged>` per identity, then `DONE`."""
+straight to one node until it refuses a whole batch or RECORDS were sent per identity, at most MBIT megabits of
+values per second if given (an attacker's uplink). Prints `READY` once it starts, then `ACCEPTED <identity index>
+<records accepted> <bytes charged>` per identity, then `DONE`."""
 
 import argparse
 import itertools
 import sys
 import threading
+import time
 
 from hiveengine.dht import protocol
 from hiveengine.dht.serialization import pack
@@ -21,7 +23,9 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=1000)
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--value-bytes", type=int, default=1024)
+    parser.add_argument("--mbit", type=float, default=None, help="pace the flood to this rate (default: flat out)")
     args = parser.parse_args()
+    started, sent = time.monotonic(), 0
     expiration = get_dht_time() + 600
     stop = threading.Event()
     if args.identities == 0:
@@ -41,6 +45,9 @@ def main() -> None:
             header, tensors = protocol.records_blob(records)
             request = protocol.versioned({"s": None, **header})
             reply, _ = peer.call_sync(args.target, protocol.STORE, request, tensors, timeout=30)
+            sent += count * args.value_bytes
+            if args.mbit:  # pacing to the uplink's rate, not synchronizing with anyone
+                time.sleep(max(0.0, started + sent * 8 / (args.mbit * 1e6) - time.monotonic()))
             ok = protocol.parse_store_reply(reply, count)
             accepted += sum(ok)
             charged += sum(r.nbytes for r, o in zip(records, ok, strict=True) if o)
