@@ -34,6 +34,13 @@ def _peer(rig: NatRig, name: str, script: str, *args: str, **extra: str) -> Peer
     return PeerProcess(script, *args, env=env, wrap=rig.command(name, []))
 
 
+def _go(peers: list[PeerProcess]) -> None:
+    """Start the averagers' rounds together, once each has printed its address (tests/peers/nat_averager.py)."""
+    for peer in peers:
+        peer.proc.stdin.write("go\n")
+        peer.proc.stdin.flush()
+
+
 def test_two_home_peers_average_through_a_relay_and_a_late_joiner_loads_their_state(rig, tmp_path):
     relay = _peer(rig, "pub0", "nat_engine.py", "bootstrap", HIVEENGINE_RELAY="1")
     procs = [relay]
@@ -46,6 +53,7 @@ def test_two_home_peers_average_through_a_relay_and_a_late_joiner_loads_their_st
         procs += homes
         for home in homes:
             assert "/relay=" in home.expect("ADDRESS", 90)  # the averager's own peer reserved too
+        _go(homes)
         for home in homes:
             steps = [json.loads(home.expect("STEP", 90)) for _ in range(2)]
             assert steps == [{"size": 2, "failed": []}] * 2, steps
@@ -105,6 +113,7 @@ def test_a_relay_killed_mid_training_costs_at_most_one_round(rig, tmp_path):
         procs += peers
         for peer in peers:
             peer.expect("ADDRESS", 90)
+        _go(peers)
         first = [json.loads(peer.expect("STEP", 90)) for peer in peers]
         assert first == [{"size": 3, "failed": []}] * 3, first
         relay.kill()
@@ -147,7 +156,10 @@ def test_a_reducer_nobody_can_dial_never_yields_unreported_wrong_values(rig, tmp
             for i, name in enumerate(names)
         ]
         procs += peers
+        for peer in peers[:2]:
+            peer.expect("ADDRESS", 90)
         assert "/relay=" not in peers[2].expect("ADDRESS", 90)  # no relay: its private address is all it has
+        _go(peers)
         steps = [json.loads(peer.expect("STEP", 120)) for peer in peers]
         for peer in peers:
             peer.expect("SAVED", 30)

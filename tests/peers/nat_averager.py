@@ -7,8 +7,9 @@ aggregation "mean" and codec none, print "STEP <json: size, failed parts>" per r
 "SAVED", then serve its state until stdin closes. `client-avg`: the same, in client mode where the engine chose it
 (a home peer then sends and receives over links it opens itself, and reduces nothing).
 nat_averager.py load OUT INITIAL_PEER: load the state from peers, save it to OUT, print "LOADED <json: epoch>".
-Both print "ADDRESS <averager's address>" first. NAT_SWARM: how many averagers the swarm holds (2);
-NAT_REPORT=senders adds each round's fewest senders averaged in a part to STEP.
+Both print "ADDRESS <averager's address>" first; `avg` and `client-avg` then wait for a line on stdin (the test
+sends it once every peer is up, so that their first gatherings overlap). NAT_SWARM: how many averagers the swarm
+holds (2); NAT_REPORT=senders adds each round's fewest senders averaged in a part to STEP.
 """
 
 import json
@@ -44,6 +45,7 @@ def main() -> None:
     )
     print("ADDRESS", averager.peer.address, flush=True)
     if averaging:
+        sys.stdin.readline()
         for _ in range(int(sys.argv[3])):
             result = averager.step(timeout=40)
             summary = None if result is None else {"size": len(result.group.members), "failed": result.failed_parts}
