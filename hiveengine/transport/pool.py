@@ -210,7 +210,8 @@ class ConnectionPool:
                 except BaseException:
                     sock.close()
                     raise
-                wire = TcpWire(sock, self.limits, relayed=address.relay is not None)
+                relayed = address.relay is not None
+                wire = TcpWire(sock, self.limits, relayed=relayed, on_activity=self.runtime.reactor.active)
                 auth = await connect_handshake(wire, None, identity, address.peer_id, base, deadline)
         except Exception as e:
             if wire is not None:

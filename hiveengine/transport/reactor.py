@@ -201,12 +201,14 @@ class Reactor:
         else:
             self._pending[req] = (future, keepalive)
             self.kick()
-        self._active()
+        self.active()
         return future
 
-    def _active(self) -> None:
-        """We just posted a request: its answer (or its next step) is likely close, so poll for a while
-        (with spinning off, a request UCX already completed needs no progress pass)."""
+    def active(self) -> None:
+        """Something was just sent or received (a UCX request posted, or a TCP wire's record): its answer (or its
+        next step) is likely close, so poll for a while: the loop then never sleeps in epoll, and a socket that
+        turns readable is served on the next turn (with spinning off, a request UCX already completed needs no
+        progress pass)."""
         if self._spin_seconds:
             self._spin_until = time.monotonic() + self._spin_seconds
             self.kick()
@@ -240,7 +242,7 @@ class Reactor:
         """Post a send; None if UCX completed it on the spot (small messages), else its future."""
         req = endpoint.tag_send(self._array(buf), self._tag(tag))
         if req.completed and _succeeded(req):
-            self._active()
+            self.active()
             return None
         return self.track(req, buf)
 

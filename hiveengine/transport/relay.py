@@ -203,7 +203,7 @@ async def reserve(peer, relay: PeerAddress | str) -> PeerAddress:
             raise ProtocolError("only our relay may announce circuits, with a 16-byte circuit id")
         sock = await open_tcp(relay.host, relay.tcp_port, peer.limits.connect_timeout)
         await asyncio.get_running_loop().sock_sendall(sock, PREAMBLE.pack(RELAY_MAGIC, ACCEPT, circuit))
-        wire = TcpWire(sock, peer.limits, relayed=True)
+        wire = TcpWire(sock, peer.limits, relayed=True, on_activity=peer.runtime.reactor.active)
         asyncio.get_running_loop().create_task(peer.runtime.admit(wire, new_recv_base()))
         return {}
 

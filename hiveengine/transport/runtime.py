@@ -209,7 +209,8 @@ class Runtime:
             _, op, ident = PREAMBLE.unpack(preamble)
             await self.relay.handle(sock, op, ident)
         elif first == MAGIC:
-            await self.admit(TcpWire(sock, limits, prefix=first), tcp_wire.new_recv_base())
+            wire = TcpWire(sock, limits, prefix=first, on_activity=self.reactor.active)
+            await self.admit(wire, tcp_wire.new_recv_base())
         else:
             sock.close()
 

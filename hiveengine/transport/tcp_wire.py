@@ -34,7 +34,7 @@ import os
 import socket
 import struct
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -48,6 +48,10 @@ RECORD = struct.Struct("<QQ")  # tag, payload length
 CONTROL_MASK = (1 << 32) - 1
 POST_YIELDS = 2  # loop turns a frame waits for its receive before it is buffered
 SKIP_BYTES = 1 << 16  # scratch for the part of a frame its receive had no room for
+
+
+def _nothing() -> None:
+    """No activity hook."""
 
 
 class _Budget:
@@ -77,10 +81,21 @@ class TcpWire:
 
     kind = "tcp"
 
-    def __init__(self, sock: socket.socket, limits: TransportLimits, prefix: bytes = b"", relayed: bool = False):
+    def __init__(
+        self,
+        sock: socket.socket,
+        limits: TransportLimits,
+        prefix: bytes = b"",
+        relayed: bool = False,
+        on_activity: Callable[[], None] | None = None,
+    ):
         """`prefix`: bytes already read off the socket (the listener reads 4 to tell a handshake from a relay
-        request), read again first; `relayed`: the socket is a relay's circuit (relay.py), not a direct link."""
+        request), read again first; `relayed`: the socket is a relay's circuit (relay.py), not a direct link;
+        `on_activity`: called when a record is sent or a control message arrives (the reactor's adaptive polling,
+        reactor.Reactor.active: the reply usually follows within microseconds, and the loop then catches it
+        without sleeping in epoll)."""
         self.relayed = relayed
+        self._on_activity = on_activity or _nothing
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._sock, self.limits, self._prefix = sock, limits, prefix
@@ -117,6 +132,7 @@ class TcpWire:
         """Send one record; None if the kernel took it all at once, else a future done when it has. `more`: another
         record follows at once (MSG_MORE: they leave in the same segments, and wake the receiver once)."""
         data, _ = _host_view(buf.cpu() if isinstance(buf, torch.Tensor) else buf)
+        self._on_activity()
         pieces = [memoryview(RECORD.pack(tag, data.nbytes)), memoryview(data).cast("B")]
         return self._send((pieces,), data, socket.MSG_MORE if more else 0)
 
@@ -258,6 +274,7 @@ class TcpWire:
                     return
                 buf = np.empty(length, dtype=np.uint8)
                 await self._recv_exact(memoryview(buf))
+                self._on_activity()
                 self._handler(None, buf, length)
         except asyncio.CancelledError:
             raise
