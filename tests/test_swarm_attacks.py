@@ -50,6 +50,15 @@ def test_a_known_peer_is_forgiven_its_first_miss_and_a_peer_that_comes_is_cleare
     assert attendance.suspects() == set()  # a member's junk metadata names nobody
 
 
+def test_nobody_is_struck_when_the_expected_peers_are_more_than_one_group():
+    attendance = Attendance("me", group_limit=2)
+    peers = [at("me", 0), at("a", 0), at("b", 0)]
+    attendance.settle(attendance.expected(peers, 0), came("me", "a"), 0, ["me", "a", "b"])  # b: another group
+    assert attendance.suspects() == set()
+    attendance.settle(attendance.expected(peers[:2], 1), came("me"), 1, ["me", "a", "b"])  # one group: a missed
+    assert attendance.suspects() == {"a"}
+
+
 def test_gone_peers_are_forgotten():
     attendance = Attendance("me")
     attendance.settle([at("me", 0), at("gone", 0)], came("me"), 0, ["me", "gone"])

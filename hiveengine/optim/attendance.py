@@ -9,7 +9,8 @@ keeps away costs a slow gathering at exponentially spaced epochs only. A peer we
 forgiven its first miss (2^(strikes-1) - 1 epochs: 0, 1, 3, ...); one never seen in our groups is left out for
 2^(strikes+3) - 1 epochs (15, 31, ...), so a lie from a fresh identity costs one slow gathering, then one more
 only after UNPROVEN_SHIFT doublings. A peer seen in a group is forgiven. Members name their progress peer in their
-registration's gathered metadata (PROGRESS_FIELD).
+registration's gathered metadata (PROGRESS_FIELD). Strikes are given only while the expected peers fit one group
+(target_group_size): a larger swarm is cut into several groups.
 """
 
 from __future__ import annotations
@@ -28,8 +29,12 @@ UNPROVEN_SHIFT = 4  # doublings of the first exclusion for a peer never seen in 
 class Attendance:
     """Strikes for peers that were expected at a gathering and did not come."""
 
-    def __init__(self, me: str):
+    def __init__(self, me: str, group_limit: int | None = None):
+        """`group_limit`: the averager's target_group_size. Strikes are given only when the expected peers fit one
+        group: a larger swarm's gathering never closes early (it is cut into grid groups at its deadline), so its
+        count needs no protection, and the peers of the other groups did come."""
         self._me = me
+        self._group_limit = group_limit
         self._strikes: dict[str, tuple[int, int]] = {}  # progress peer -> (strikes, epoch it is counted again)
         self._seen: set[str] = set()  # progress peers that were in one of our groups (and still report progress)
 
@@ -41,10 +46,13 @@ class Attendance:
         """The peers that stayed out of a gathering they were expected at, since last seen in one of our groups."""
         return set(self._strikes)
 
-    def settle(self, expected: Iterable[PeerProgress], gathered: Iterable, epoch: int, alive: Iterable[str]) -> None:
-        """After the round of `epoch`: strike each expected peer the group's `gathered` metadata does not name,
-        forgive those it names, and forget peers no longer `alive` (reporting progress)."""
+    def settle(self, expected: list[PeerProgress], gathered: Iterable, epoch: int, alive: Iterable[str]) -> None:
+        """After the round of `epoch`: strike each expected peer the group's `gathered` metadata does not name
+        (when the expected peers fit one group), forgive those it names, and forget peers no longer `alive`
+        (reporting progress)."""
         came = {meta[PROGRESS_FIELD] for meta in gathered if isinstance(meta, dict) and _named(meta)}
+        if self._group_limit is not None and len(expected) > self._group_limit:
+            expected = []  # several groups: who was not in ours may well have been in another
         alive = set(alive)
         for peer in came & alive:
             self._strikes.pop(peer, None)

@@ -199,7 +199,7 @@ class Optimizer:
             self.state_averager.allow_state_sharing = True
         self.tracker = ProgressTracker(dht, run_id, client_mode, auxiliary)
         self._me = dht.peer_id.raw.hex()  # how progress records name this peer
-        self.attendance = Attendance(self._me)
+        self.attendance = Attendance(self._me, target_group_size)
         self.swarm = SwarmProgress(0, 0, [])
         self._quota_extra = 0  # samples added to our share when the swarm re-split an unreached target
         self._waiting = False
