@@ -326,9 +326,9 @@ class TcpWire:
 
     async def _recv_sealed(self, length: int, host: np.ndarray, device, future: asyncio.Future, blocks) -> None:
         """Receive a frame sealed in `blocks`, opening each block into `host` as it lands."""
-        if length != sealed_bytes(host.nbytes):
-            await self._skip(length)
+        if length != sealed_bytes(host.nbytes):  # fail at once: a peer's length may be huge, or trickle in
             _fail_receive(future, _sealed_length_error(length, host.nbytes))
+            await self._skip(length)
             return
         buf = SCRATCH.take(min(host.nbytes, BLOCK_BYTES) + TAG_BYTES)
         for j, start in enumerate(range(0, host.nbytes, BLOCK_BYTES)):
@@ -338,8 +338,8 @@ class TcpWire:
             try:
                 blocks.open(j, sealed, out)
             except ForgedMessageError as e:
-                await self._skip(sealed_bytes(host.nbytes - start - out.nbytes))  # the record's other blocks
                 _fail_receive(future, e)
+                await self._skip(sealed_bytes(host.nbytes - start - out.nbytes))  # the record's other blocks
                 break
         else:
             self._complete(future, host, device, host.nbytes)
