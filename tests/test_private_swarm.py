@@ -123,20 +123,26 @@ def test_expired_forged_and_foreign_certificates_are_refused_by_the_member(files
         member.shutdown()
 
 
-def test_a_member_refuses_a_listener_outside_its_swarm(files):
-    proc = PeerProcess("dht_nodes.py")  # an open-swarm node
+def assert_member_cannot_dial(files, match: str, *node_args: str) -> None:
+    """A member of the owner's swarm dialling a DHT node started with `node_args` is refused after the handshake
+    with a MembershipError matching `match`."""
+    proc = PeerProcess("dht_nodes.py", *node_args)
     try:
         address = proc.expect("ADDRESS")
         proc.expect("READY")
         membership.use(files["owner"])
         member = Peer()
         try:
-            with pytest.raises(MembershipError, match="belongs to an open swarm"):
-                member.call_sync(address, "dht.ping", {"s": None}, timeout=10)
+            with pytest.raises(MembershipError, match=match):
+                member.call_sync(address, "dht.ping", protocol.versioned({"s": None}), timeout=10)
         finally:
             member.shutdown()
     finally:
         proc.close()
+
+
+def test_a_member_refuses_a_listener_outside_its_swarm(files):
+    assert_member_cannot_dial(files, "belongs to an open swarm")  # an open-swarm node
 
 
 def test_a_hello_announcing_too_many_certificates_is_refused_before_reading_them():
@@ -223,19 +229,7 @@ def test_a_client_only_member_calls_members_but_nobody_dials_it(files, private_n
     finally:
         engine.shutdown()
 
-    listener = PeerProcess("dht_nodes.py", "--swarm", str(files["root"] / "client.swarm"))
-    try:
-        address = listener.expect("ADDRESS")
-        listener.expect("READY")
-        membership.use(files["owner"])
-        member = Peer()
-        try:
-            with pytest.raises(MembershipError, match="client-only member of this swarm"):
-                member.call_sync(address, "dht.ping", protocol.versioned({"s": None}), timeout=10)
-        finally:
-            member.shutdown()
-    finally:
-        listener.close()
+    assert_member_cannot_dial(files, "client-only member of this swarm", "--swarm", str(files["root"] / "client.swarm"))
 
 
 def test_only_members_with_the_host_experts_role_serve_experts(files):
