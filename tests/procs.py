@@ -7,11 +7,13 @@ import queue
 import subprocess
 import sys
 import threading
+from collections import deque
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 PEERS = HERE / "peers"  # the scripts tests start as processes
 LINE_TIMEOUT = 60.0
+TAIL_LINES = 200  # stdout lines a process keeps for failure messages
 
 
 class PeerProcess:
@@ -27,14 +29,16 @@ class PeerProcess:
             stdout=subprocess.PIPE,
             stderr=None,
             text=True,
-            env={**os.environ, **(env or {})},
+            env={"PYTHONFAULTHANDLER": "1", **os.environ, **(env or {})},  # a crash prints its Python stacks
         )
         self.lines: queue.Queue[str | None] = queue.Queue()
+        self.recent: deque[str] = deque(maxlen=TAIL_LINES)
         threading.Thread(target=self._pump, daemon=True).start()
 
     def _pump(self) -> None:
         for line in self.proc.stdout:
-            self.lines.put(line.rstrip("\n"))
+            self.recent.append(line.rstrip("\n"))
+            self.lines.put(self.recent[-1])
         self.lines.put(None)
 
     def expect(self, prefix: str, timeout: float = LINE_TIMEOUT) -> str:
@@ -45,6 +49,10 @@ class PeerProcess:
                 raise RuntimeError(f"{self.proc.args} exited ({self.proc.wait()}) before printing {prefix!r}")
             if line.startswith(prefix):
                 return line[len(prefix) :].strip()
+
+    def tail(self) -> str:
+        """Its last stdout lines, read or not, for a failure message."""
+        return "\n".join(self.recent)
 
     def kill(self) -> None:
         if self.proc.poll() is None:

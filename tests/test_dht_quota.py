@@ -68,7 +68,7 @@ def flood(address: str, identities: int, records: int) -> list[tuple[int, int]]:
     try:
         results = [tuple(map(int, proc.expect("ACCEPTED", timeout=60).split())) for _ in range(identities)]
         proc.expect("DONE")
-        assert proc.proc.wait(30) == 0
+        assert proc.proc.wait(30) == 0, proc.tail()
     finally:
         proc.close()
     return [r[1:] for r in results]

@@ -86,7 +86,7 @@ def test_remote_mixture_of_experts_served_by_hiveengine_serve():
         finally:
             launcher.kill()
         server.proc.send_signal(signal.SIGINT)  # Ctrl-C: the server withdraws its experts and exits 0
-        assert server.proc.wait(30) == 0
+        assert server.proc.wait(30) == 0, server.tail()
     finally:
         server.kill()
 

@@ -37,7 +37,7 @@ def test_three_workers_from_different_models_train_together_and_end_identical():
     try:
         assert launcher.expect(BOOTSTRAP_PREFIX).startswith("ucx://")
         done = worker_lines(launcher, "DONE", 3)
-        assert launcher.proc.wait(60) == 0
+        assert launcher.proc.wait(60) == 0, launcher.tail()
     finally:
         launcher.kill()
     assert {d[0] for d in done.values()} == {"3"}
@@ -84,7 +84,7 @@ def test_status_shows_the_swarms_progress():
             assert "epoch 4, 1 peer(s)" in summary and "96/256 samples" in summary
             row = status.expect(str(dht.peer_id)[:12]).split()  # base32, as in addresses
             assert row[:2] == ["4", "96"] and row[3] == "1.2500"
-            assert status.proc.wait(30) == 0
+            assert status.proc.wait(30) == 0, status.tail()
         finally:
             status.kill()
     finally:

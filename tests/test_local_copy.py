@@ -6,12 +6,16 @@ Real processes over UCX on 127.0.0.1, including a hostile one that speaks the pr
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import gc
 import json
 import logging
 import os
 import subprocess
 import sys
+import threading
 import time
+import weakref
 
 import msgpack
 import numpy as np
@@ -178,6 +182,44 @@ def test_reads_are_refused_from_ourselves_dead_processes_and_unmapped_memory():
     finally:
         live.kill()
         live.wait(10)
+
+
+def test_a_cancelled_large_read_keeps_its_target_alive_until_the_reader_threads_end():
+    """Reader threads write through a raw pointer: a read cancelled (a deadline, a shutdown) while its slices are
+    queued or running must not let the target be freed under them."""
+    nbytes = 2 * local_copy.INLINE_READ_BYTES
+    script = f"import ctypes, sys; b = ctypes.create_string_buffer({nbytes}); print(ctypes.addressof(b), flush=True)"
+    source = subprocess.Popen(
+        [sys.executable, "-c", script + "; sys.stdin.read()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    hold = threading.Event()
+    blockers = [local_copy._reader_pool().submit(hold.wait, 30) for _ in range(local_copy.READ_THREADS)]
+
+    async def cancelled_read() -> weakref.ref:
+        target = torch.empty(nbytes, dtype=torch.uint8)
+        read = asyncio.ensure_future(local_copy.read_into(source.pid, [target], [int(source.stdout.readline())]))
+        await asyncio.sleep(0)  # the read submits its slices, which wait behind the blockers
+        read.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await read
+        return weakref.ref(target)
+
+    try:
+        kept = asyncio.run(cancelled_read())
+        gc.collect()
+        assert kept() is not None  # its slices are still queued
+        hold.set()
+        concurrent.futures.wait(blockers)
+        drained = threading.Barrier(local_copy.READ_THREADS + 1)  # every reader thread free: the slices have ended
+        for _ in range(local_copy.READ_THREADS):
+            local_copy._reader_pool().submit(drained.wait, 30)
+        drained.wait(30)
+        gc.collect()
+        assert kept() is None
+    finally:
+        hold.set()
+        source.kill()
+        source.wait(10)
 
 
 def test_only_the_announced_frames_are_read():

@@ -184,7 +184,7 @@ def test_workers_launched_with_the_swarm_key_train_together(files):
             rank, _, rest = launcher.expect("[worker ").partition("] ")
             if rest.startswith("DONE"):
                 done[rank] = rest.split()[1:]
-        assert launcher.proc.wait(60) == 0
+        assert launcher.proc.wait(60) == 0, launcher.tail()
     finally:
         launcher.kill()
     assert {d[0] for d in done.values()} == {"3"} and len({d[1] for d in done.values()}) == 1, done

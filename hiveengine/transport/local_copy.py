@@ -128,10 +128,13 @@ async def read_into(pid: int, targets: Sequence[torch.Tensor], addresses: Sequen
             _read_span(pid, base, address, nbytes)
         else:
             step = -(-nbytes // READ_THREADS)
-            slices = [(start, min(step, nbytes - start)) for start in range(0, nbytes, step)]
-            await asyncio.gather(
-                *(loop.run_in_executor(_reader_pool(), _read_span, pid, base + s, address + s, n) for s, n in slices)
-            )
+            reads = [
+                _reader_pool().submit(_read_span, pid, base + start, address + start, min(step, nbytes - start))
+                for start in range(0, nbytes, step)
+            ]
+            for read in reads:  # a slice still being read when this is cancelled or fails writes into `staging`
+                read.add_done_callback(lambda _, kept=staging: kept)  # until it ends: its memory must outlive it
+            await asyncio.gather(*(asyncio.wrap_future(read, loop=loop) for read in reads))
         if staging is not target:
             target.copy_(staging)
 
