@@ -94,6 +94,7 @@ class Reactor:
         self.worker.init_blocking_progress_mode()
         self._fd = self.worker.epoll_file_descriptor
         self._pending: dict[Any, tuple[asyncio.Future, Any]] = {}
+        self._in_flight_at_close: list[Any] = []
         self._control_tag, self._control_mask = Tag(0), self._tag_mask_type(CONTROL_MASK)
         # base -> (handler or None while its connection is being set up, largest control message it takes)
         self._bases: dict[int, tuple[ControlHandler | None, int]] = {}
@@ -256,7 +257,8 @@ class Reactor:
         return self.track(endpoint.stream_recv(self._array(buf)), buf)
 
     def close(self) -> None:
-        """Stop progressing; fail what is still pending."""
+        """Stop progressing; fail what is still pending. Its buffers stay referenced as long as the reactor: UCX
+        may still write into a receive in flight until the worker is destroyed (Runtime._release_ucx)."""
         if self._closed:
             return
         self._closed = True
@@ -266,6 +268,7 @@ class Reactor:
         for future, _ in self._pending.values():
             if not future.done():
                 future.cancel()
+        self._in_flight_at_close = [buf for _, buf in self._pending.values()]
         self._pending.clear()
         self._bases.clear()
         self._early.clear()
