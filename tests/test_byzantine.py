@@ -80,6 +80,18 @@ def test_an_absurd_weight_is_capped_at_the_ratio_to_the_median(tmp_path, aggrega
         assert torch.equal(results[i]["tensor"], capped)
 
 
+def test_a_weight_above_what_its_sender_plausibly_processed_is_clipped_to_that(tmp_path):
+    # The attacker's gathered metadata (in the Optimizer: its signed progress) allows it a weight of 2, under the
+    # median cap of 4: every reducer clips its weight to 2; the honest peers' limits are above their weights.
+    specs = [{}, {}, {"attack": "weight"}]
+    limits = {"0": 1.5, "1": 1.5, "2": 2.0}
+    members, results = average_in_processes(tmp_path, specs, "none", aggregation="mean", weight_limits=limits)
+    clipped = exact_mean(members, [0, 1, 2], [1.0, 1.0, 2.0])
+    for i in (0, 1, 2):
+        assert results[i]["failed_parts"] == []
+        assert torch.equal(results[i]["tensor"], clipped)
+
+
 SMALL = 2048  # 8 KiB of fp32: under MIN_PART_BYTES per reducer, so one reducer owns the whole buffer
 
 

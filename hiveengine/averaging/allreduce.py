@@ -83,6 +83,9 @@ class RoundOptions:
     late_grace: float = DEFAULT_LATE_GRACE
     aggregation: Aggregation = field(default_factory=lambda: Aggregation("mean"))
     max_weight_ratio: float = MAX_WEIGHT_RATIO
+    # The most a sender's weight can plausibly be, from the metadata it gathered (None: no bound but the median
+    # cap). The Optimizer bounds it by the samples the sender's signed progress record says it has processed.
+    weight_limit: Callable[[Any], float | None] | None = None
     # check each reducer's reply against its claim (hiveengine.averaging.verification); off by default: on the
     # round's critical path it costs ~0.5 ms on 4 KB and made a 4 MB int8 round 2.5-3x slower (8-15 -> 35-40 ms)
     verify: bool = False
@@ -285,6 +288,7 @@ class _ReducerRound:
         self.claims = options.verify  # whether replies carry claims (also when only a sender asks for them)
         self._next_slot = [0] * len(chunks)
         self._reported: set[tuple[str, PeerID]] = set()  # (what, who) already logged in this round
+        self._limits: dict[PeerID, float | None] = {}  # each sender's weight limit this round
 
     def receive_slot(self, index) -> list[torch.Tensor] | None:
         """A free arena slot for one sender's copy of chunk `index` (None when out of range or used up)."""
@@ -353,15 +357,34 @@ class _ReducerRound:
         return Claim(list(coefficient.values()), list(projection.values()))
 
     def _bounded_weights(self, weighted: list[tuple[PeerID, float]]) -> list[float]:
-        """The weights, each at most max_weight_ratio times the (lower) median of the positive ones."""
+        """The weights, each at most max_weight_ratio times the (lower) median of the positive ones and at most
+        what options.weight_limit allows its sender."""
         positive = sorted(w for _, w in weighted if w > 0)
         if not positive:
             return [1.0] * len(weighted)
         cap = self.options.max_weight_ratio * positive[(len(positive) - 1) // 2]
+        bounded = []
         for sender, w in weighted:
-            if w > cap:
-                self._report("weight", sender, f"peer %s claimed weight {w:.4g} in group %s: clipped to {cap:.4g}")
-        return [min(w, cap) for _, w in weighted]
+            limit = self._weight_limit(sender)
+            bound = cap if limit is None else min(cap, limit)
+            if w > bound:
+                why = "the median cap" if bound == cap else "what its signed progress allows"
+                self._report(
+                    "weight", sender, f"peer %s claimed weight {w:.4g} in group %s: clipped to {bound:.4g} ({why})"
+                )
+            bounded.append(min(w, bound))
+        if not any(bounded):  # every sender clipped to nothing: no one's claim is believed more than another's
+            return [1.0] * len(weighted)
+        return bounded
+
+    def _weight_limit(self, sender: PeerID) -> float | None:
+        """options.weight_limit for `sender`'s gathered metadata, asked once per round (a non-negative number)."""
+        if self.options.weight_limit is None:
+            return None
+        if sender not in self._limits:
+            limit = self.options.weight_limit(self.group.gathered.get(sender))
+            self._limits[sender] = None if limit is None or not limit >= 0 else float(limit)
+        return self._limits[sender]
 
     def _report(self, what: str, sender: PeerID, message: str) -> None:
         if (what, sender) not in self._reported:

@@ -88,8 +88,9 @@ class DecentralizedAverager:
     Reducers defend the round against hostile members: `aggregation="centered_clip"` (the default, for open
     swarms) bounds what any copy can move the result by (clip radius `clip_tau`, or `clip_tau_factor` median
     distances when None; at most `clip_iterations` steps), "mean" averages exactly (trusted swarms); weights
-    are capped at `max_weight_ratio` times the group's median; a NaN/Inf copy excludes only its sender; a
-    member whose data is `late_grace` seconds (or as long as the first half took) behind the others' is left
+    are capped at `max_weight_ratio` times the group's median, and at `weight_limit(gathered)` of the sender's
+    gathered metadata where that is lower (the Optimizer: its signed progress); a NaN/Inf copy excludes only its
+    sender; a member whose data is `late_grace` seconds (or as long as the first half took) behind the others' is left
     out of the round, as is a silent reducer's part. With `verify_reducers=True` every reply is checked against
     what its reducer claims to have combined (hiveengine.averaging.verification); a reducer caught cheating costs
     its part for that round and lands in `banned`, left out of our later rounds. It is off by default because it
@@ -120,6 +121,7 @@ class DecentralizedAverager:
         clip_iterations: int = DEFAULT_CLIP_ITERATIONS,
         late_grace: float = DEFAULT_LATE_GRACE,
         max_weight_ratio: float = MAX_WEIGHT_RATIO,
+        weight_limit: Callable[[Any], float | None] | None = None,
         state_digest: Callable[[torch.Tensor, dict], bytes] = state_digest,
         verify_reducers: bool = False,
         **unknown,
@@ -151,6 +153,7 @@ class DecentralizedAverager:
             late_grace=late_grace,
             aggregation=Aggregation(aggregation, clip_tau, clip_tau_factor, clip_iterations),
             max_weight_ratio=max_weight_ratio,
+            weight_limit=weight_limit,
             verify=verify_reducers,
         )
         self.flat = torch.cat([t.detach().reshape(-1) for t in tensors]).contiguous()

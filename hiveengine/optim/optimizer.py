@@ -26,6 +26,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 
@@ -56,6 +57,9 @@ PEER_WAIT_POLL = 0.2  # seconds between swarm reads in wait_for_peers()
 BOUNDARY_POLL = 0.01  # seconds between swarm reads while waiting at the epoch boundary
 STALE_HEARTBEATS = 4  # a peer silent for this many heartbeats (and STALE_MIN_SECONDS) counts as gone
 STALE_MIN_SECONDS = 3.0
+# A group member's gradient weight (its samples) may exceed what its signed progress allows by this factor: reports
+# lag the last steps, and the rate they are extrapolated with is itself an estimate.
+WEIGHT_SLACK = 1.5
 
 OptimizerFactory = Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]
 
@@ -180,7 +184,13 @@ class Optimizer:
             logger.info("averaging gradients with the lossy %r codec (codec='none' averages them exactly)", codec)
         buffers = [torch.zeros_like(p) for p in self.params]
         self.grad_averager = DecentralizedAverager(
-            buffers, dht, f"{run_id}.grads", codec=codec, share_state=False, **averaging
+            buffers,
+            dht,
+            f"{run_id}.grads",
+            codec=codec,
+            share_state=False,
+            weight_limit=self._weight_limit,
+            **averaging,
         )
         self.state_averager = DecentralizedAverager(
             self.state.tensors,
@@ -326,6 +336,13 @@ class Optimizer:
             and (p.epoch < self.epoch or (p.epoch == self.epoch and not p.waiting))
             for p in swarm.peers
         )
+
+    def _weight_limit(self, gathered: Any) -> float | None:
+        """The most a group member's gradient weight can be: WEIGHT_SLACK times the samples its signed progress
+        record at this epoch (as we count it) allows by now; None for a member whose record we have not seen."""
+        name = gathered.get(PROGRESS_FIELD) if isinstance(gathered, dict) else None
+        progress = next((p for p in self.swarm.peers if p.peer == name and p.epoch == self.epoch), None)
+        return None if progress is None else WEIGHT_SLACK * self.tracker.samples_by_now(progress)
 
     def _stale(self, progress: PeerProgress) -> bool:
         silent = max(STALE_HEARTBEATS * self.progress_interval, STALE_MIN_SECONDS)

@@ -151,6 +151,7 @@ class ProgressTracker:
         self._mine = (0, 0)  # our last reported (epoch, samples)
         self._allowed: dict[str, tuple[int, float]] = {}  # peer -> (epoch, samples we count for it)
         self._last_fetch = time.monotonic()
+        self.rate = 0.0  # samples/s another peer plausibly processes (from the last fetch)
 
     def count(self, samples: int) -> None:
         """Record that `samples` were just processed locally (updates the samples/s moving average)."""
@@ -190,13 +191,19 @@ class ProgressTracker:
         """Read every peer's progress record of the run and summarize the swarm (claims checked)."""
         return self.plausible(parse_progress(await self.dht.aget(self.key, latest=True)))
 
+    def samples_by_now(self, progress: PeerProgress, now: float | None = None) -> float:
+        """The most samples the peer of `progress` (as counted) can have processed by DHT time `now`: what it
+        reported, plus the plausible rate since its report."""
+        now = get_dht_time() if now is None else now
+        return progress.samples + self.rate * max(0.0, now - progress.time)
+
     def plausible(self, swarm: SwarmProgress, now: float | None = None) -> SwarmProgress:
         """`swarm` with each other peer's samples cut to what a plausible rate allows since our last read."""
         now = time.monotonic() if now is None else now
         elapsed, self._last_fetch = max(0.0, now - self._last_fetch), now
         me = self.dht.peer_id.raw.hex()
         speeds = [p.samples_per_second for p in swarm.peers if not p.auxiliary and p.peer != me]
-        rate = PLAUSIBLE_SPEEDUP * max(lower_median(speeds), self.samples_per_second)
+        rate = self.rate = PLAUSIBLE_SPEEDUP * max(lower_median(speeds), self.samples_per_second)
         by_epoch: dict[int, list[float]] = {}
         for p in swarm.peers:
             if not p.auxiliary:

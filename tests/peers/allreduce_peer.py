@@ -29,7 +29,9 @@ def main() -> None:
     members = tuple(
         GroupMember(PeerID.from_string(m["id"]), m["address"], m["bandwidth"], Mode[m["mode"]]) for m in plan["members"]
     )
-    group = GroupInfo(bytes.fromhex(plan["group_id"]), members)
+    # "weight_limits": {member index: the most weight its gathered metadata allows}, as the Optimizer's progress
+    limits = {PeerID.from_string(plan["members"][int(i)]["id"]): v for i, v in plan.get("weight_limits", {}).items()}
+    group = GroupInfo(bytes.fromhex(plan["group_id"]), members, 0, {p: {"limit": v} for p, v in limits.items()})
     if me.get("stall") or me.get("attack") == "silent":
         print("STALLED", flush=True)
         sys.stdin.read()  # never takes part (its service answers no call); the test kills us or lets us be
@@ -42,12 +44,13 @@ def main() -> None:
         aggregation=Aggregation(plan.get("aggregation", "mean")),
         max_weight_ratio=plan.get("max_weight_ratio", 4.0),
         verify=me.get("verify", plan.get("verify", True)),
+        weight_limit=lambda gathered: gathered["limit"] if gathered else None,
     )
     rounds = []
     for number in range(plan.get("rounds", 1)):  # each round averages the seeded data afresh
         flat = seeded_data(me["seed"], plan["numel"]).to(plan.get("device", "cpu"))
         codec, flat, weight = byzantine_attacks.apply(me.get("attack"), get_codec(plan["codec"]), flat, me["weight"])
-        round_group = GroupInfo(group.group_id + bytes([number]), group.members)
+        round_group = GroupInfo(group.group_id + bytes([number]), group.members, 0, group.gathered)
         started = time.monotonic()
         result = peer.runtime.run(
             run_allreduce(service, round_group, flat, codec, weight=weight, options=options),
