@@ -4,7 +4,9 @@ hiveengine.Optimizer (sync and DiLoCo) and end with identical parameters (codec 
 
 import json
 import os
+import queue
 import subprocess
+import time
 
 import pytest
 
@@ -27,11 +29,43 @@ def rig():
     assert PREFIX not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
 
 
-def _trainer(rig: NatRig, name: str, mode: str, *initial: str) -> PeerProcess:
+def _trainer(rig: NatRig, name: str, mode: str, *initial: str, epochs: int = EPOCHS) -> PeerProcess:
     env = {"UCX_TLS": "tcp", "HIVEENGINE_LOCAL_COPY": "0", "HIVEENGINE_ANNOUNCE_HOST": rig.host(name)}
     if name == "pub0":
         env["HIVEENGINE_RELAY"] = "1"
-    return PeerProcess("nat_trainer.py", mode, str(EPOCHS), *initial, env=env, wrap=rig.command(name, []))
+    return PeerProcess("nat_trainer.py", mode, str(epochs), *initial, env=env, wrap=rig.command(name, []))
+
+
+def _go(procs: list[PeerProcess]) -> None:
+    for proc in procs:
+        proc.expect("READY", 60)
+    for proc in procs:
+        proc.proc.stdin.write("go\n")
+        proc.proc.stdin.flush()
+
+
+def _note(line: str | None, seen: dict[int, str]) -> None:
+    if line is not None and line.startswith("EPOCH"):
+        _, number, digest = line.split()
+        seen[int(number)] = digest
+
+
+def _until_epoch(proc: PeerProcess, epoch: int, seen: dict[int, str], timeout: float = 180) -> int:
+    """Read `proc`'s EPOCH lines into `seen` ({epoch: digest}) until it reports `epoch` or a later one (a peer that
+    catches up skips epochs); the first such epoch."""
+    deadline = time.monotonic() + timeout
+    while not (reached := [e for e in seen if e >= epoch]):
+        _note(proc.expect("", max(1.0, deadline - time.monotonic())), seen)
+    return min(reached)
+
+
+def _latest(proc: PeerProcess, seen: dict[int, str]) -> int:
+    """Take the EPOCH lines `proc` printed so far (no waiting); the latest epoch among them."""
+    while True:
+        try:
+            _note(proc.lines.get_nowait(), seen)
+        except queue.Empty:
+            return max(seen)
 
 
 @pytest.mark.parametrize("mode", ["sync", "diloco"])
@@ -45,11 +79,7 @@ def test_two_public_and_two_home_peers_train_one_model(rig, mode):
         engines = [json.loads(proc.expect("ENGINE", 90)) for proc in procs]
         home = [{"client_mode": True, "relayed": True}] * 2
         assert engines == [{"client_mode": False, "relayed": False}] * 2 + home, engines
-        for proc in procs:
-            proc.expect("READY", 60)
-        for proc in procs:
-            proc.proc.stdin.write("go\n")
-            proc.proc.stdin.flush()
+        _go(procs)
         epochs, summaries = [], []
         for proc in procs:
             seen = {}
@@ -71,3 +101,40 @@ def test_two_public_and_two_home_peers_train_one_model(rig, mode):
     for summary in summaries:
         assert summary["rounds"]["averaged"] >= EPOCHS - 1, summary["rounds"]
         assert summary["loss_after"] < 0.7 * summary["loss_before"], summary
+
+
+def test_a_home_peer_whose_uplink_is_cut_mid_training_rejoins_without_a_restart(rig):
+    # home1's router loses its uplink for 10 s at epoch 2. Meanwhile the public peers train on, and home1, alone,
+    # steps alone (far past their epoch, on a fast loop). Once the link is back, home1 (the same process) rejoins
+    # the DHT, gives up what it trained alone for the swarm's state, and steps with the others again.
+    bootstrap = _trainer(rig, "pub0", "sync", epochs=1000)
+    procs = [bootstrap]
+    try:
+        address = bootstrap.expect("DHT")
+        procs += [_trainer(rig, name, "sync", address, epochs=1000) for name in ("pub1", "home1")]
+        _go(procs)
+        public, home = {}, {}
+        _until_epoch(procs[2], 2, home)
+        rig.cut(1)
+        try:
+            time.sleep(10)  # the outage itself: what is tested is what happens after it
+        finally:
+            rig.cut(1, down=False)
+        _until_epoch(procs[0], 6, public, timeout=30)  # the public peers trained on without home1
+        # home1's epochs from now on: it may have passed the same numbers alone, with other parameters, and may still
+        # run ahead alone until it rejoins, so the epoch compared is one it reaches in step with the public peers.
+        back, start, deadline = {}, _latest(procs[0], public) + 5, time.monotonic() + 180
+        while True:
+            line = procs[2].expect("EPOCH", max(1.0, deadline - time.monotonic()))
+            common = int(line.split()[0])
+            if start <= common <= _latest(procs[0], public) + 1:
+                back[common] = line.split()[1]
+                break
+        seen = [public, {}, back]
+        for proc, epochs in zip(procs[:2], seen[:2], strict=True):
+            _until_epoch(proc, common, epochs)
+    finally:
+        for proc in reversed(procs):
+            proc.close()
+    digests = [epochs.get(common) for epochs in seen]
+    assert len(set(digests)) == 1 and None not in digests, (common, digests)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import math
 import random
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -61,6 +62,9 @@ class DHTConfig:
     # A lookup request still unanswered after this many seconds no longer holds its path's slot: a node that
     # stalls its replies costs a lookup this long, not rpc_timeout (a late reply is still taken).
     stall_after: float = 0.5
+    # A node that lost every contact (each failed an RPC: an outage of its own uplink, say) joins again through
+    # its initial peers, at most this often, from maintenance and from any lookup that finds its table empty.
+    rejoin_interval: float = 2.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.id_difficulty <= MAX_DIFFICULTY:
@@ -140,6 +144,8 @@ class DHTNode:
         self._watchers: dict[bytes, list[Callable[[Record], None]]] = {}
         self._watched = 0  # records handed to watchers so far
         self._last_failure = "no reply"  # why the latest failed RPC failed (a refused handshake names the swarm)
+        self._initial: list[PeerAddress] = []  # the initial peers, to rejoin through (see _rejoin)
+        self._last_rejoin = -math.inf
         self._closed = False
         if not client_mode:
             peer.register(protocol.PING, self._on_ping)
@@ -152,6 +158,7 @@ class DHTNode:
         """Join the swarm through `initial_peers`: ping them, look up our own id, start maintenance."""
         addresses = [PeerAddress.parse(text) for text in initial_peers]
         addresses = [a for a in addresses if a.peer_id != self.peer.peer_id]
+        self._initial = addresses
         if addresses:
             answered = await asyncio.gather(*[self._hello(a) for a in addresses])
             if not any(answered):
@@ -162,6 +169,20 @@ class DHTNode:
                 )
             await self.find_nodes(self.id)
         self._spawn(self._maintain())
+
+    async def _rejoin(self) -> None:
+        """With an empty routing table, join again through the initial peers (at most once per rejoin_interval):
+        a node whose every contact failed would otherwise stay alone for good."""
+        now = time.monotonic()
+        if len(self.table) or not self._initial or now - self._last_rejoin < self.config.rejoin_interval:
+            return
+        self._last_rejoin = now
+        answered = sum(await asyncio.gather(*[self._hello(a) for a in self._initial]))
+        if answered:
+            logger.info("rejoined the DHT through %d initial peer(s) after losing every contact", answered)
+            await self.find_nodes(self.id)
+        else:
+            logger.debug("no initial peer answered a rejoin (%s)", self._last_failure)
 
     async def aclose(self) -> None:
         """Stop maintenance and background work (the Peer is closed by its owner); idempotent."""
@@ -275,6 +296,8 @@ class DHTNode:
         lookup at the first one (and starts with one request in flight, see DHTConfig.solo_wait). Dead nodes
         cost one rpc_timeout each and are skipped, a stalled reply frees its slot after stall_after; the lookup
         never hangs."""
+        if not len(self.table):
+            await self._rejoin()
         k, difficulty = self.config.k, self.config.id_difficulty
         alpha = k if wide else self.config.alpha
         per_path = -(-alpha // paths)
@@ -521,6 +544,7 @@ class DHTNode:
         while True:
             await asyncio.sleep(self.config.maintenance_period * random.uniform(0.5, 1.5))
             try:
+                await self._rejoin()
                 self.storage.drop_expired()
                 self.cache.drop_expired()
                 for index in self.table.stale_buckets(self.config.refresh_interval):

@@ -238,7 +238,7 @@ class Optimizer:
         with self.grad_averager.get_tensors() as accumulated, self.state_averager.get_tensors():
             self.rule.on_batch(accumulated, batch_size)
         self.samples += batch_size
-        if self.swarm.epoch > self.epoch and time.monotonic() >= self._next_catch_up:
+        if self._out_of_step() and time.monotonic() >= self._next_catch_up:
             self._catch_up()
         elif self.samples >= self._share(self.swarm):
             self._wait_at_boundary()
@@ -295,7 +295,7 @@ class Optimizer:
             while True:
                 swarm = self._check(report=not reported)  # say once that we wait; then only read
                 reported = True
-                if swarm.epoch > self.epoch:
+                if self._out_of_step():
                     if time.monotonic() >= self._next_catch_up and self._catch_up():
                         return
                     swarm = _at_epoch(swarm, self.epoch)
@@ -451,19 +451,37 @@ class Optimizer:
         self.state_averager.publish_state(self.epoch, self._metadata(), DHT_TIMEOUT)
         self._check()
 
+    def _out_of_step(self) -> bool:
+        """Whether we must load the swarm's state: it is at a newer epoch, or ours runs more than EPOCH_LEAD ahead
+        of the epoch the other live peers corroborate (we stepped alone, e.g. while our uplink was down: once back,
+        the swarm's state wins over what we trained alone)."""
+        if self.swarm.epoch > self.epoch:
+            return True
+        others = [p for p in self.swarm.peers if p.peer != self._me and not self._stale(p)]
+        return bool(others) and self.epoch > self.swarm.epoch + EPOCH_LEAD
+
     def _catch_up(self, timeout: float | None = None, bounded: bool = True) -> bool:
-        """Load parameters, optimizer state and epoch: the state a quorum attests; when `bounded` (we fell
-        behind the swarm), at most EPOCH_LEAD past the epoch our progress reads corroborate."""
-        behind = self.swarm.epoch
+        """Load parameters, optimizer state and epoch: the state a quorum attests; when `bounded` (we are out of
+        step with the swarm), at most EPOCH_LEAD past the epoch our progress reads corroborate."""
+        if bounded:
+            self._check(report=False)  # the swarm may have moved on since our last read: bound the donor by now
+        swarm_epoch = self.swarm.epoch
         timeout = self.load_state_timeout if timeout is None else timeout
-        max_epoch = max(behind, self.epoch) + EPOCH_LEAD if bounded else None
+        max_epoch = swarm_epoch + EPOCH_LEAD if bounded else None
+        if bounded and self.epoch > swarm_epoch:
+            logger.warning(
+                "epoch %d is ahead of what the swarm corroborates (%d): we stepped alone; loading the swarm's state",
+                self.epoch,
+                swarm_epoch,
+            )
         metadata = self.state_averager.load_state_from_peers(timeout, codec=self.state_codec, max_epoch=max_epoch)
         if metadata is None:
             self._next_catch_up = time.monotonic() + CATCH_UP_RETRY
             logger.warning(
-                "behind the swarm (epoch %d < %d) but no peer could send its state; retrying in %.0f s",
+                "out of step with the swarm (epoch %d, the swarm's %d) but no peer could send its state; "
+                "retrying in %.0f s",
                 self.epoch,
-                behind,
+                swarm_epoch,
                 CATCH_UP_RETRY,
             )
             return False
