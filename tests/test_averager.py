@@ -21,17 +21,19 @@ def seeded(seed: int) -> list[torch.Tensor]:
     return [torch.randn(50_000, generator=gen), torch.randn(17, 3, generator=gen)]
 
 
-def run_swarm(tmp_path, peers: int, rounds: int, codec: str) -> tuple[list[list], list[list[torch.Tensor]]]:
-    first = PeerProcess("decentralized_averager_peer.py", str(tmp_path / "0.pt"), "0", str(rounds), codec)
+def run_swarm(
+    tmp_path, peers: int, rounds: int, codec: str, envs: list[dict] | None = None
+) -> tuple[list[list], list[list[torch.Tensor]]]:
+    """`peers` averager processes (each with its env from `envs`) step `rounds` times: their STEP summaries and
+    saved tensors."""
+    envs = envs or [{}] * peers
+    first = PeerProcess("decentralized_averager_peer.py", str(tmp_path / "0.pt"), "0", str(rounds), codec, env=envs[0])
     procs = [first]
     try:
         bootstrap = first.expect("DHT")
         for i in range(1, peers):
-            procs.append(
-                PeerProcess(
-                    "decentralized_averager_peer.py", str(tmp_path / f"{i}.pt"), str(i), str(rounds), codec, bootstrap
-                )
-            )
+            args = [str(tmp_path / f"{i}.pt"), str(i), str(rounds), codec, bootstrap]
+            procs.append(PeerProcess("decentralized_averager_peer.py", *args, env=envs[i]))
         for proc in procs[1:]:
             proc.expect("DHT")
         for proc in procs:
@@ -54,6 +56,19 @@ def test_three_processes_average_to_the_exact_mean(tmp_path):
         for r in results:
             assert torch.allclose(r[i], expected, atol=1e-6, rtol=0)
             assert torch.equal(r[i], results[0][i])
+
+
+def test_a_reducer_caught_cheating_is_left_out_of_every_later_group(tmp_path):
+    # Peer 3 returns noise for the part it reduces. In round 1 every honest peer catches it (verified replies) and
+    # that part fails for them; from round 2 on their registrations name it, a majority bans it, and every member
+    # leaves it out of the cut: groups of the 3 honest peers, no failed part. The cheater finds no group.
+    envs = [{"VERIFY": "1"}] * 3 + [{"VERIFY": "1", "ATTACK": "garbage_reducer"}]
+    steps, results = run_swarm(tmp_path, peers=4, rounds=3, codec="none", envs=envs)
+    for honest in steps[:3]:
+        assert honest[0]["size"] == 4 and len(honest[0]["failed"]) == 1, honest
+        assert honest[1:] == [{"size": 3, "failed": []}] * 2, honest
+    assert steps[3][1:] == [None, None]
+    assert all(torch.equal(r[0], results[0][0]) for r in results[:3])
 
 
 def test_int8_rounds_converge_with_error_feedback(tmp_path):

@@ -15,10 +15,17 @@ import pytest
 import torch
 
 from hiveengine.averaging import DecentralizedAverager, GroupMember
-from hiveengine.averaging.matchmaking import GATHER_GRID_SECONDS, SETTLE_SECONDS, matchmaking_key
+from hiveengine.averaging.matchmaking import (
+    GATHER_GRID_SECONDS,
+    SETTLE_SECONDS,
+    Registration,
+    matchmaking_key,
+    without_outvoted,
+)
 from hiveengine.averaging.records import record_signer
 from hiveengine.dht import DHT, get_dht_time
 from hiveengine.dht.validation import signer_of
+from hiveengine.transport import Identity
 
 pytestmark = pytest.mark.timeout(180)
 WAIT_LIMIT = 30.0
@@ -168,6 +175,19 @@ def test_an_averager_that_missed_rounds_meets_the_others_again():
         results = together([a, b, late], expected_peers=3)
         assert all(r is not None and len(r.group.members) == 3 for r in results)
         assert a.local_epoch == late.local_epoch == 2
+
+
+def test_a_peer_is_left_out_only_when_a_strict_majority_of_the_registrants_bans_it():
+    ids = [Identity.generate().peer_id for _ in range(5)]
+
+    def registration(i: int, *bans: int) -> Registration:
+        member = GroupMember(ids[i], f"ucx://127.0.0.1:9/{ids[i]}", 1.0)
+        return Registration(member, 1.0, 2.0, bans=tuple(ids[b].raw for b in bans))
+
+    liars = [registration(0, 4), registration(1, 4), registration(2), registration(3), registration(4, 4)]
+    assert without_outvoted(liars) == liars  # 2 of 5 (its own vote does not count): not a majority
+    honest = [registration(0, 4), registration(1, 4), registration(2, 4), registration(3), registration(4, 0, 1, 2)]
+    assert [r.member.peer_id for r in without_outvoted(honest)] == ids[:4]
 
 
 def test_a_hostile_registration_is_skipped():

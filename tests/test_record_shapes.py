@@ -15,7 +15,14 @@ import pytest
 from hiveengine.averaging.matchmaking import Mode, matchmaking_key
 from hiveengine.averaging.state import state_key
 from hiveengine.dht import DHT, get_dht_time
-from hiveengine.dht.schemas import MODES, SchemaValidator, progress_problem, registration_problem, shape_problem
+from hiveengine.dht.schemas import (
+    MAX_VOTED_BANS,
+    MODES,
+    SchemaValidator,
+    progress_problem,
+    registration_problem,
+    shape_problem,
+)
 from hiveengine.dht.serialization import pack
 from hiveengine.dht.storage import Record
 from hiveengine.dht.validation import owner_marker
@@ -39,13 +46,17 @@ def test_the_schema_knows_every_matchmaking_mode():
         ({5: 2**64 - 1}, "round"),
         ({7: b"short"}, "DHT node id"),
         ({0: "ucx://127.0.0.1:9/someoneelse"}, "another peer"),
+        ({8: [b"short"]}, "bans are not peer ids"),
+        ({8: [bytes(32)] * (MAX_VOTED_BANS + 1)}, "at most"),
+        ({8: "everyone"}, "at most"),
     ],
 )
 def test_a_malformed_registration_is_named(change, problem):
     peer_id = Identity.generate().peer_id
-    good = [f"ucx://127.0.0.1:9/{peer_id}", 1.0, 0, 1.0, 2.0, 0, {"any": "metadata"}, peer_id.raw]
+    good = [f"ucx://127.0.0.1:9/{peer_id}", 1.0, 0, 1.0, 2.0, 0, {"any": "metadata"}, peer_id.raw, [bytes(32)]]
     assert registration_problem(peer_id, good) is None
     assert registration_problem(peer_id, [*good[:7], None]) is None  # a client-mode registrant stores nothing
+    assert registration_problem(peer_id, good[:8]) is None  # one that names no bans
     bad = [change.get(i, field) for i, field in enumerate(good)]
     assert problem in registration_problem(peer_id, bad)
     assert "list of" in registration_problem(peer_id, {"a": 1})

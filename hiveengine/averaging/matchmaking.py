@@ -32,6 +32,12 @@ newer than the one held; junk is dropped and wakes nothing. A gathering that hea
 GATHER_POLL_SECONDS reads the DHT. So when all expected peers are present in a swarm of at most k DHT nodes,
 a round's matchmaking costs each peer one DHT lookup (one round trip) and no other message.
 
+Bans. A registration also names the peers its registrant caught cheating as reducers (verified replies, see
+allreduce.py; at most MAX_VOTED_BANS). A peer that a strict majority of a gathering's registrants name is left out
+of the cut (`without_outvoted`): every member reads the same registrations, so every member leaves out the same
+peers and the groups still agree, and a minority that names honest peers changes nothing. The votes are signed
+(they are part of the registrations) but not proven: a majority is trusted to report what it saw.
+
 The grid (Moshpit SGD, Ryabinin et al., 2021). The members, ranked by peer id, sit on a d-dimensional grid
 whose side is at most target_group_size. Round r groups the peers that share every coordinate but coordinate
 r mod d, where r is the largest round count among the members. With N = M^d peers and no failures, d
@@ -50,6 +56,7 @@ import logging
 import math
 import time
 import weakref
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -58,7 +65,7 @@ import msgpack
 from hiveengine.averaging.records import record_signer, signed_record, store_signed
 from hiveengine.dht.dht import DHT
 from hiveengine.dht.node import ReadBack
-from hiveengine.dht.schemas import registration_problem
+from hiveengine.dht.schemas import MAX_VOTED_BANS, registration_problem
 from hiveengine.dht.serialization import pack, unpack
 from hiveengine.dht.storage import Entry, Record, get_dht_time
 from hiveengine.dht.validation import signer_of
@@ -166,6 +173,7 @@ class Registration:
     round: int = 0
     gathered: Any = None
     dht_node: bytes | None = None  # the peer id of the registrant's DHT node, if it stores records
+    bans: tuple[bytes, ...] = ()  # the raw ids of the peers the registrant banned (caught cheating as reducers)
 
     def record(self) -> list:
         m = self.member
@@ -178,6 +186,7 @@ class Registration:
             self.round,
             self.gathered,
             self.dht_node,
+            list(self.bans),
         ]
 
 
@@ -399,9 +408,19 @@ def bounded_bandwidths(members: tuple[GroupMember, ...]) -> tuple[GroupMember, .
 class Matchmaker:
     """Finds this peer's group for one averaging round through the DHT."""
 
-    def __init__(self, dht: DHT, prefix: str, me: GroupMember, config: MatchmakingConfig, peer: Peer):
+    def __init__(
+        self,
+        dht: DHT,
+        prefix: str,
+        me: GroupMember,
+        config: MatchmakingConfig,
+        peer: Peer,
+        banned: Callable[[], Iterable[PeerID]] = tuple,
+    ):
+        """`banned`: the peers we caught cheating, oldest first; our registrations name the newest MAX_VOTED_BANS,
+        and a peer that a strict majority of a gathering's registrants name is left out of its groups."""
         self.dht, self.prefix, self.me, self.config = dht, prefix, me, config
-        self.peer = peer
+        self.peer, self.banned = peer, banned
         self.bell = Bell.of(peer)
         self.identity: Identity = peer.identity  # signs our registrations: the key that takes part in the round
         self._background: set[asyncio.Task] = set()
@@ -440,7 +459,8 @@ class Matchmaker:
         address = str(self.peer.address)  # it changes when a peer behind a NAT moves to another relay
         if address != self.me.address:
             self.me = dataclasses.replace(self.me, address=address)
-        mine = Registration(self.me, now, gather_until, round_number, gathered, dht_node)
+        bans = tuple(p.raw for p in list(self.banned())[-MAX_VOTED_BANS:])
+        mine = Registration(self.me, now, gather_until, round_number, gathered, dht_node, bans)
         gathering = _Gathering(dht_key, mine, listener, spent=spent)
 
         def stored(record) -> None:  # another registrant's write reached our DHT node
@@ -483,6 +503,10 @@ class Matchmaker:
 
     def _our_group(self, dht_key: str, registrations: list[Registration]) -> GroupInfo | None:
         cfg = self.config
+        registrations = without_outvoted(registrations)
+        if not any(r.member.peer_id == self.me.peer_id for r in registrations):
+            logger.warning("%s: a majority of the registrants banned this peer from their groups", dht_key)
+            return None
         round_number = max(r.round for r in registrations)
         members = [r.member for r in registrations]
         chosen = next(g for g in grid_groups(members, cfg.target_group_size, round_number) if self.me in g)
@@ -659,7 +683,25 @@ def _registration(peer_id: PeerID, value) -> Registration | None:
     hostile peers: see hiveengine.dht.schemas) or when its address names another peer."""
     if registration_problem(peer_id, value) is not None:
         return None
-    address, bandwidth, mode, registered_at, gather_until, round_number, gathered, *dht_node = value
+    address, bandwidth, mode, registered_at, gather_until, round_number, gathered, *rest = value
     member = GroupMember(peer_id, address, float(bandwidth), Mode(mode))
-    dht_node = dht_node[0] if dht_node else None
-    return Registration(member, float(registered_at), float(gather_until), round_number, gathered, dht_node)
+    dht_node = rest[0] if rest else None
+    bans = tuple(rest[1]) if len(rest) > 1 else ()
+    return Registration(member, float(registered_at), float(gather_until), round_number, gathered, dht_node, bans)
+
+
+def without_outvoted(registrations: list[Registration]) -> list[Registration]:
+    """The registrations whose peer no strict majority of the registrants bans. Every member cuts the same
+    registrations, so every member leaves out the same peers; a minority of liars cannot push anyone out."""
+    votes = collections.Counter(b for r in registrations for b in set(r.bans) if b != r.member.peer_id.raw)
+    majority = len(registrations) // 2 + 1
+    kept = [r for r in registrations if votes[r.member.peer_id.raw] < majority]
+    for r in registrations:
+        if votes[r.member.peer_id.raw] >= majority:
+            logger.info(
+                "leaving out %s: %d of %d registrants banned it",
+                r.member.peer_id,
+                votes[r.member.peer_id.raw],
+                len(registrations),
+            )
+    return kept

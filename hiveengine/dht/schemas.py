@@ -28,7 +28,8 @@ from hiveengine.transport import PeerID
 
 MAX_COUNT = 2**63 - 1  # epochs, samples and round numbers above this are absurd (and overflow int64 readers)
 DIGEST_BYTES = 32  # a state advertisement's SHA-256
-REGISTRATION_FIELDS = (7, 8)  # without and with the registrant's DHT node id
+REGISTRATION_FIELDS = (7, 8, 9)  # without and with the registrant's DHT node id, then the peers it bans
+MAX_VOTED_BANS = 32  # peers one registration may name as banned (the most recently caught)
 MODES = (0, 1, 2)  # averaging.matchmaking.Mode: NODE, CLIENT, AUX
 PROGRESS_FIELDS = 9
 
@@ -52,7 +53,8 @@ def registration_problem(peer_id: PeerID, value: object) -> str | None:
     """What is wrong with `peer_id`'s matchmaking registration `value`, or None if it has the right shape."""
     if not isinstance(value, list | tuple) or len(value) not in REGISTRATION_FIELDS:
         return f"a registration is a list of {' or '.join(map(str, REGISTRATION_FIELDS))} fields"
-    address, bandwidth, mode, registered_at, gather_until, round_number, _, *dht_node = value
+    address, bandwidth, mode, registered_at, gather_until, round_number, _, *rest = value
+    dht_node, bans = rest[:1], rest[1] if len(rest) > 1 else []
     if not names_peer(address, peer_id):
         return "its address names another peer"
     if not (is_finite(bandwidth) and bandwidth >= 0):
@@ -66,6 +68,10 @@ def registration_problem(peer_id: PeerID, value: object) -> str | None:
     node = dht_node[0] if dht_node else None
     if node is not None and not (isinstance(node, bytes) and len(node) == len(peer_id.raw)):
         return "its DHT node id is not a peer id"
+    if not (isinstance(bans, list | tuple) and len(bans) <= MAX_VOTED_BANS):
+        return f"its bans are not a list of at most {MAX_VOTED_BANS}"
+    if not all(isinstance(b, bytes) and len(b) == len(peer_id.raw) for b in bans):
+        return "its bans are not peer ids"
     return None
 
 
