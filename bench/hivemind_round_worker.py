@@ -16,13 +16,17 @@ import torch
 from hivemind.compression import NoCompression
 
 PREFIX = "bench-rounds"
+START_SPIN = 0.002  # as bench/rounds.py
 
 
 def wait_for_go() -> float:
-    """Print READY, read "go T" and sleep until wall-clock time T; return T (bench/rounds.py's protocol)."""
+    """Print READY, read "go T" and wait until wall-clock time T, spinning the last START_SPIN seconds; return T
+    (bench/rounds.py's protocol)."""
     print("READY", flush=True)
     start_at = float(sys.stdin.readline().split()[1])
-    time.sleep(max(0.0, start_at - time.time()))
+    time.sleep(max(0.0, start_at - START_SPIN - time.time()))
+    while time.time() < start_at:
+        pass
     return start_at
 
 

@@ -40,6 +40,7 @@ HIVEMIND_REQUEST_TIMEOUT = 0.5  # hivemind warns matchmaking can deadlock unless
 STEP_TIMEOUT = 120.0  # one step's deadline (either system)
 START_TIMEOUT = 300.0  # for a worker's first line (DHT up; hivemind's p2pd daemon can be slow to start)
 GO_LEAD = 0.05  # seconds between sending "go T" and T
+START_SPIN = 0.002  # the last seconds before T a worker spins instead of sleeping (see wait_for_go)
 PREFIX = "bench-rounds"
 
 
@@ -81,11 +82,15 @@ def ours_worker() -> None:
 
 
 def wait_for_go() -> float:
-    """Print READY, read "go T" and sleep until wall-clock time T; return T. (Shared with the hivemind worker's
-    protocol: bench/hivemind_round_worker.py has its own copy, as it runs in hivemind's venv.)"""
+    """Print READY, read "go T" and wait until wall-clock time T; return T. (Shared with the hivemind worker's
+    protocol: bench/hivemind_round_worker.py has its own copy, as it runs in hivemind's venv.) The last
+    START_SPIN seconds are spun, not slept: a sleep's wake-up comes 0.1-0.5 ms late on a busy VM, and that
+    lateness would be counted in the round (the same for both systems, 10x more of ours)."""
     print("READY", flush=True)
     start_at = float(sys.stdin.readline().split()[1])
-    time.sleep(max(0.0, start_at - time.time()))
+    time.sleep(max(0.0, start_at - START_SPIN - time.time()))
+    while time.time() < start_at:
+        pass
     return start_at
 
 
