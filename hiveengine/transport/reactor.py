@@ -19,6 +19,8 @@ messages, and each one found is received and handed to the connection its base n
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import gc
 import logging
 import os
 import random
@@ -69,13 +71,25 @@ ControlHandler = Callable[[asyncio.Future | None, np.ndarray, int], None]
 
 
 def close_endpoint(endpoint) -> None:
-    """Close an endpoint we are done with. One that UCX already failed is only released: closing it
-    again crashes ucxx 0.52."""
+    """Close an endpoint we are done with. Its close callback is taken back first: ucxx hands the C++ endpoint a
+    raw pointer to the callback's data, which the Python object frees when it is collected. One that UCX already
+    failed is only released: closing it again crashes ucxx 0.52."""
     try:
+        endpoint.remove_close_callback()
         if endpoint.alive:
             endpoint.close()
     except Exception as e:
         logger.debug("closing endpoint: %s", e)
+
+
+def keep_endpoints_until_exit() -> int:
+    """Make every UCX endpoint still in memory outlive the process (one reference more that nothing releases; the
+    OS reclaims them): at shutdown, endpoints that failed and are held only by an error's traceback were destroyed
+    by the garbage collection, and destroying them crashed libucxx now and then (SIGSEGV at exit). How many."""
+    endpoints = [o for o in gc.get_objects() if type(o).__name__ == "UCXEndpoint"]
+    for endpoint in endpoints:
+        ctypes.pythonapi.Py_IncRef(ctypes.py_object(endpoint))
+    return len(endpoints)
 
 
 class Reactor:

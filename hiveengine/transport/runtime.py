@@ -23,7 +23,7 @@ from hiveengine.errors import ConfigurationError, HandshakeError, RPCTimeoutErro
 from hiveengine.transport import local_copy, session, tcp_wire
 from hiveengine.transport.handshake import MAGIC, accept_handshake, confirm_handshake
 from hiveengine.transport.limits import DEFAULT_LIMITS
-from hiveengine.transport.reactor import Reactor
+from hiveengine.transport.reactor import Reactor, keep_endpoints_until_exit
 from hiveengine.transport.relay import PREAMBLE, RELAY_MAGIC
 from hiveengine.transport.tcp_wire import TcpWire
 from hiveengine.transport.ucx_wire import UcxWire
@@ -320,6 +320,16 @@ class Runtime:
                 self.loop.close()
 
     async def _close_all(self) -> None:
+        # No automatic collection until _release_ucx has kept the endpoints: it could destroy one at any moment.
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            await self._close_all_in_order()
+        finally:
+            if collecting:
+                gc.enable()
+
+    async def _close_all_in_order(self) -> None:
         await _cancel_other_tasks()  # first, so that no background work fails for want of its peer
         for peer in list(self.peers.values()):
             try:
@@ -359,6 +369,9 @@ class Runtime:
         reactor = self.reactor
         worker, context = reactor.worker, reactor.context
         reactor.worker = reactor.context = None
+        kept = keep_endpoints_until_exit()  # they hold the worker (and it the context): then those stay too
+        if kept:
+            logger.debug("%d UCX endpoint(s) left to the process's exit", kept)
         gc.collect()
         del worker
         del context
