@@ -695,13 +695,11 @@ def without_outvoted(registrations: list[Registration]) -> list[Registration]:
     registrations, so every member leaves out the same peers; a minority of liars cannot push anyone out."""
     votes = collections.Counter(b for r in registrations for b in set(r.bans) if b != r.member.peer_id.raw)
     majority = len(registrations) // 2 + 1
-    kept = [r for r in registrations if votes[r.member.peer_id.raw] < majority]
+    kept = []
     for r in registrations:
-        if votes[r.member.peer_id.raw] >= majority:
-            logger.info(
-                "leaving out %s: %d of %d registrants banned it",
-                r.member.peer_id,
-                votes[r.member.peer_id.raw],
-                len(registrations),
-            )
+        against = votes[r.member.peer_id.raw]
+        if against < majority:
+            kept.append(r)
+        else:
+            logger.info("leaving out %s: %d of %d registrants banned it", r.member.peer_id, against, len(registrations))
     return kept

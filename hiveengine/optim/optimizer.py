@@ -457,14 +457,17 @@ class Optimizer:
         the swarm's state wins over what we trained alone)."""
         if self.swarm.epoch > self.epoch:
             return True
-        others = [p for p in self.swarm.peers if p.peer != self._me and not self._stale(p)]
-        return bool(others) and self.epoch > self.swarm.epoch + EPOCH_LEAD
+        if self.epoch <= self.swarm.epoch + EPOCH_LEAD:  # the usual case, on every step: no need to look further
+            return False
+        return any(p.peer != self._me and not self._stale(p) for p in self.swarm.peers)
 
     def _catch_up(self, timeout: float | None = None, bounded: bool = True) -> bool:
         """Load parameters, optimizer state and epoch: the state a quorum attests; when `bounded` (we are out of
         step with the swarm), at most EPOCH_LEAD past the epoch our progress reads corroborate."""
         if bounded:
             self._check(report=False)  # the swarm may have moved on since our last read: bound the donor by now
+            if not self._out_of_step():
+                return False  # in step after all: nothing to load
         swarm_epoch = self.swarm.epoch
         timeout = self.load_state_timeout if timeout is None else timeout
         max_epoch = swarm_epoch + EPOCH_LEAD if bounded else None

@@ -82,11 +82,12 @@ def close_endpoint(endpoint) -> None:
         logger.debug("closing endpoint: %s", e)
 
 
-def keep_endpoints_until_exit() -> int:
+def keep_endpoints_until_exit(endpoint_type: type) -> int:
     """Make every UCX endpoint still in memory outlive the process (one reference more that nothing releases; the
     OS reclaims them): at shutdown, endpoints that failed and are held only by an error's traceback were destroyed
-    by the garbage collection, and destroying them crashed libucxx now and then (SIGSEGV at exit). How many."""
-    endpoints = [o for o in gc.get_objects() if type(o).__name__ == "UCXEndpoint"]
+    by the garbage collection, and destroying them crashed libucxx now and then (SIGSEGV at exit). `endpoint_type`:
+    ucxx's UCXEndpoint (Reactor.lib). How many."""
+    endpoints = [o for o in gc.get_objects() if type(o) is endpoint_type]
     for endpoint in endpoints:
         ctypes.pythonapi.Py_IncRef(ctypes.py_object(endpoint))
     return len(endpoints)

@@ -369,7 +369,8 @@ class Runtime:
         reactor = self.reactor
         worker, context = reactor.worker, reactor.context
         reactor.worker = reactor.context = None
-        kept = keep_endpoints_until_exit()  # they hold the worker (and it the context): then those stay too
+        # Endpoints hold the worker (and it the context): when any is kept, those stay too.
+        kept = keep_endpoints_until_exit(reactor.lib.UCXEndpoint)
         if kept:
             logger.debug("%d UCX endpoint(s) left to the process's exit", kept)
         gc.collect()
