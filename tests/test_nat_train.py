@@ -1,6 +1,8 @@
 """Training across the NAT rig: 2 public and 2 home peers, each joined with `hiveengine.init` (the home peers learn
-they cannot be dialled, switch to client mode and reserve a relay slot by themselves), train one model with
-hiveengine.Optimizer (sync and DiLoCo) and end with identical parameters (codec none: exactly)."""
+they cannot be dialled, run their DHT nodes as clients and reserve a relay slot by themselves), train one model with
+hiveengine.Optimizer (sync and DiLoCo) and end with identical parameters (codec none: exactly). The home peers'
+optimizers serve state and may reduce through the relay: with public peers about, those take the parts; two home
+peers alone, with only a relay public, average with each other."""
 
 import json
 import os
@@ -68,6 +70,36 @@ def _latest(proc: PeerProcess, seen: dict[int, str]) -> int:
             return max(seen)
 
 
+PUBLIC = {"client_mode": False, "relayed": False, "averaging_client_mode": False}
+# A home peer's DHT node is a client, but with a relay slot its optimizer reduces and serves state through the relay.
+HOME = {"client_mode": True, "relayed": True, "averaging_client_mode": False}
+
+
+def _train(procs: list[PeerProcess], names: list[str]) -> list[dict]:
+    """Start the trainers together, read each one's EPOCH lines until its DONE, and check that they trained one model
+    (the same parameters after every epoch, every epoch averaged, the loss down); each one's DONE summary."""
+    _go(procs)
+    epochs, summaries = [], []
+    for proc in procs:
+        seen = {}
+        while True:
+            line = proc.expect("", 180)
+            if line.startswith("EPOCH"):
+                _, epoch, digest = line.split()
+                seen[int(epoch)] = digest
+            elif line.startswith("DONE"):
+                summaries.append(json.loads(line.removeprefix("DONE")))
+                break
+        epochs.append(seen)
+    for epoch in range(1, EPOCHS + 1):
+        digests = [seen.get(epoch) for seen in epochs]
+        assert len(set(digests)) == 1, f"after epoch {epoch} the peers differ ({', '.join(names)}): {digests}"
+    for summary in summaries:
+        assert summary["rounds"]["averaged"] >= EPOCHS - 1, summary["rounds"]
+        assert summary["loss_after"] < 0.7 * summary["loss_before"], summary
+    return summaries
+
+
 @pytest.mark.parametrize("mode", ["sync", "diloco"])
 def test_two_public_and_two_home_peers_train_one_model(rig, mode):
     bootstrap = _trainer(rig, "pub0", mode)
@@ -77,30 +109,36 @@ def test_two_public_and_two_home_peers_train_one_model(rig, mode):
         for name in ("pub1", "home0", "home1"):
             procs.append(_trainer(rig, name, mode, address))
         engines = [json.loads(proc.expect("ENGINE", 90)) for proc in procs]
-        home = [{"client_mode": True, "relayed": True}] * 2
-        assert engines == [{"client_mode": False, "relayed": False}] * 2 + home, engines
-        _go(procs)
-        epochs, summaries = [], []
-        for proc in procs:
-            seen = {}
-            while True:
-                line = proc.expect("", 180)
-                if line.startswith("EPOCH"):
-                    _, epoch, digest = line.split()
-                    seen[int(epoch)] = digest
-                elif line.startswith("DONE"):
-                    summaries.append(json.loads(line.removeprefix("DONE")))
-                    break
-            epochs.append(seen)
+        assert engines == [PUBLIC] * 2 + [HOME] * 2, engines
+        summaries = _train(procs, ["pub0", "pub1", "home0", "home1"])
     finally:
         for proc in reversed(procs):  # the bootstrap last: the others keep stepping until they are closed
             proc.close()
-    for epoch in range(1, EPOCHS + 1):
-        digests = [seen.get(epoch) for seen in epochs]
-        assert len(set(digests)) == 1, f"after epoch {epoch} the peers differ (pub0, pub1, home0, home1): {digests}"
-    for summary in summaries:
-        assert summary["rounds"]["averaged"] >= EPOCHS - 1, summary["rounds"]
-        assert summary["loss_after"] < 0.7 * summary["loss_before"], summary
+    assert all(summary["shares_state"] for summary in summaries), summaries
+    # The model is one part: a peer dialled directly reduces it (relayed peers register a quarter of their bandwidth).
+    reduced = [summary["parts_reduced"] for summary in summaries]
+    assert reduced[2:] == [0, 0] and sum(reduced[:2]) >= EPOCHS - 1, reduced
+
+
+def test_two_home_peers_train_alone_through_a_relay(rig):
+    # The only public peer is a relay (and the DHT's bootstrap) that does not train: the home peers must reduce and
+    # serve state themselves, through it.
+    env = {"UCX_TLS": "tcp", "HIVEENGINE_LOCAL_COPY": "0", "HIVEENGINE_ANNOUNCE_HOST": rig.host("pub0")}
+    relay = PeerProcess(
+        "hiveengine.cli", "dht", "--relay", "--status-interval", "0", env=env, wrap=rig.command("pub0", [])
+    )
+    procs = []
+    try:
+        address = relay.expect("hiveengine dht node at", 60)
+        procs = [_trainer(rig, name, "sync", address) for name in ("home0", "home1")]
+        engines = [json.loads(proc.expect("ENGINE", 90)) for proc in procs]
+        assert engines == [HOME] * 2, engines
+        summaries = _train(procs, ["home0", "home1"])
+    finally:
+        for proc in [*procs, relay]:
+            proc.close()
+    assert all(summary["shares_state"] for summary in summaries), summaries
+    assert sum(summary["parts_reduced"] for summary in summaries) >= EPOCHS - 1, summaries
 
 
 def test_a_home_peer_whose_uplink_is_cut_mid_training_rejoins_without_a_restart(rig):

@@ -222,7 +222,7 @@ def test_a_client_only_member_calls_members_but_nobody_dials_it(files, private_n
         caller.shutdown()
     engine = Engine(LaunchEnv(swarm=str(files["root"] / "client.swarm")))
     try:  # and runs as a client, since nobody will dial it
-        assert engine.client_mode and engine.dht.client_mode
+        assert engine.client_mode and engine.dht.client_mode and engine.averaging_client_mode
         averager = DecentralizedAverager([torch.zeros(3)], engine.dht, "client-only-test")
         assert averager.me.mode == Mode.CLIENT
         averager.shutdown()

@@ -426,6 +426,7 @@ class AllReduceService:
         self.banned: dict[PeerID, str] = {}  # reducers caught cheating (why), in the order they were caught
         self._caught_in: dict[PeerID, bytes | None] = {}  # the round each banned reducer was caught in
         self._background: set[asyncio.Task] = set()
+        self.parts_reduced = 0  # rounds in which this peer reduced a (non-empty) part
         peer.register(CHUNK_METHOD, self._on_chunk, allocate=self._receive_buffers)
         self._services[peer] = self
 
@@ -561,6 +562,7 @@ async def run_allreduce(
             layout, lambda: _ReducerArena.create(codec, chunks, senders, flat.device, robust, verify)
         )
         local_round = _ReducerRound(group, my_part, chunks, codec, options, arena)
+        service.parts_reduced += spans[my_part][1] > spans[my_part][0]
         local_round.withdrawn.update(service.banned.keys() & local_round.senders)
         service.open_round(group.group_id, local_round)
     deadline = time.monotonic() + options.timeout

@@ -38,6 +38,10 @@ of the cut (`without_outvoted`): every member reads the same registrations, so e
 peers and the groups still agree, and a minority that names honest peers changes nothing. The votes are signed
 (they are part of the registrations) but not proven: a majority is trusted to report what it saw.
 
+Relayed peers. A peer others reach only through a relay (behind a NAT) registers RELAYED_BANDWIDTH_SHARE of its
+bandwidth, so the parts go to peers others dial directly while they can take them, and a relayed reducer (in a swarm
+of home peers, say) gets a part its relay can carry.
+
 The grid (Moshpit SGD, Ryabinin et al., 2021). The members, ranked by peer id, sit on a d-dimensional grid
 whose side is at most target_group_size. Round r groups the peers that share every coordinate but coordinate
 r mod d, where r is the largest round count among the members. With N = M^d peers and no failures, d
@@ -88,6 +92,10 @@ MAX_GATHERED_BYTES = 4096  # the most metadata one peer may attach to its regist
 # A member's claimed bandwidth counts at most this many times the group's median (parts are sized by bandwidth,
 # so a claim of 1e300 would otherwise hand one peer, maybe a hostile one, the whole buffer to reduce).
 MAX_BANDWIDTH_RATIO = 8.0
+# A peer reached through a relay registers this share of its bandwidth: what its part carries crosses the relay
+# twice (in and out), over a link the relay caps and shares among its circuits. So parts go to peers others dial
+# directly while they can take them (allreduce.balanced_shares), and a relayed reducer gets a smaller part.
+RELAYED_BANDWIDTH_SHARE = 0.25
 
 
 class Mode(enum.IntEnum):
@@ -383,6 +391,12 @@ class _Gathering:
         return (peer_id, registration.registered_at, registration.gather_until) in self.spent
 
 
+def registered_bandwidth(bandwidth: float, relayed: bool) -> float:
+    """The bandwidth a peer registers: its own, or RELAYED_BANDWIDTH_SHARE of it while others reach it through a
+    relay."""
+    return bandwidth * RELAYED_BANDWIDTH_SHARE if relayed else bandwidth
+
+
 def bounded_bandwidths(members: tuple[GroupMember, ...]) -> tuple[GroupMember, ...]:
     """`members` with each reducer's bandwidth capped at MAX_BANDWIDTH_RATIO x the reducers' lower median,
     logged with the peer id (every member computes the same caps from the same registrations)."""
@@ -420,6 +434,7 @@ class Matchmaker:
         """`banned`: the peers we caught cheating, oldest first; our registrations name the newest MAX_VOTED_BANS,
         and a peer that a strict majority of a gathering's registrants name is left out of its groups."""
         self.dht, self.prefix, self.me, self.config = dht, prefix, me, config
+        self.bandwidth = me.bandwidth  # as configured; registered at RELAYED_BANDWIDTH_SHARE while we are relayed
         self.peer, self.banned = peer, banned
         self.bell = Bell.of(peer)
         self.identity: Identity = peer.identity  # signs our registrations: the key that takes part in the round
@@ -456,9 +471,10 @@ class Matchmaker:
             return None
         listener = self.bell.listeners.setdefault(dht_key, _Listener())
         dht_node = None if self.dht.client_mode else self.dht.peer_id.raw  # a client-mode node stores nothing
-        address = str(self.peer.address)  # it changes when a peer behind a NAT moves to another relay
-        if address != self.me.address:
-            self.me = dataclasses.replace(self.me, address=address)
+        address = self.peer.address  # it changes when a peer behind a NAT moves to another relay (or dials direct)
+        bandwidth = registered_bandwidth(self.bandwidth, address.relay is not None)
+        if str(address) != self.me.address or bandwidth != self.me.bandwidth:
+            self.me = dataclasses.replace(self.me, address=str(address), bandwidth=bandwidth)
         bans = tuple(p.raw for p in list(self.banned())[-MAX_VOTED_BANS:])
         mine = Registration(self.me, now, gather_until, round_number, gathered, dht_node, bans)
         gathering = _Gathering(dht_key, mine, listener, spent=spent)

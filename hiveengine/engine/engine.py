@@ -31,12 +31,16 @@ class Engine:
         identity = Identity.load_or_create(env.identity_path) if env.identity_path else Identity.generate()
         if env.swarm:  # unset: whatever the process chose (an open swarm unless it called membership.use)
             membership.use(membership.load(env.swarm))
-        # A peer that others cannot dial (behind a NAT) runs as a client: reachability.py logs why. So does a member
-        # whose certificate makes it client-only (others refuse to dial it).
-        self.client_mode = env.client_mode or membership.client_only() or _unreachable(env.initial_peers, identity)
+        # A peer that others cannot dial (behind a NAT) runs its DHT node as a client: reachability.py logs why. So
+        # does a member whose certificate makes it client-only (others refuse to dial it).
+        forced = env.client_mode or membership.client_only()
+        self.client_mode = forced or _unreachable(env.initial_peers, identity)
         self.dht = DHT(initial_peers=env.initial_peers, identity=identity, client_mode=self.client_mode)
         if self.dht.peer.runtime.reachable is False:  # others reach us through a relay, if an initial peer is one
             self.dht.peer.runtime.run(reserve_any(self.dht.peer, env.initial_peers), timeout=60)
+        # Its optimizers still reduce and serve state if others reach it through a relay (they register a smaller
+        # bandwidth, so peers dialled directly take the parts first; a swarm of home peers averages through relays).
+        self.averaging_client_mode = forced or (self.client_mode and self.dht.peer.relayed is None)
         logger.info(
             "worker %d/%d of run %r at %s (%s)",
             env.local_rank,
@@ -68,7 +72,7 @@ class Engine:
 
     def optimizer(self, optimizer, params: Iterable[torch.nn.Parameter] | None = None, **options) -> Optimizer:
         """A hiveengine.Optimizer on this engine's DHT and run (options as for hiveengine.Optimizer)."""
-        options.setdefault("client_mode", self.client_mode)
+        options.setdefault("client_mode", self.averaging_client_mode)
         opt = Optimizer(dht=self.dht, run_id=self.run_id, optimizer=optimizer, params=params, **options)
         self._optimizers.append(opt)
         return opt

@@ -1,10 +1,10 @@
 """A training peer for the NAT rig, joined the way a volunteer joins: `hiveengine.init` (reachability, client
 mode and a relay slot chosen by the engine) and `engine.optimizer(...)`, fitting Linear(32, 1).
 
-Usage: nat_trainer.py MODE EPOCHS [INITIAL_PEER]. Prints "DHT <address>", "ENGINE <json: client_mode, relayed>",
-"READY", waits for a line on stdin, trains until EPOCHS printing "EPOCH <n> <digest>" on each new epoch and
-"DONE <json: rounds, held-out loss before and after>" at the end, then keeps stepping (so the others can
-finish) until stdin closes.
+Usage: nat_trainer.py MODE EPOCHS [INITIAL_PEER]. Prints "DHT <address>", "ENGINE <json: client_mode, relayed,
+averaging_client_mode>", "READY", waits for a line on stdin, trains until EPOCHS printing "EPOCH <n> <digest>" on each
+new epoch and "DONE <json: rounds, held-out loss before and after, parts reduced, whether it shares state>" at the
+end, then keeps stepping (so the others can finish) until stdin closes.
 """
 
 import hashlib
@@ -29,7 +29,11 @@ def main() -> None:
     mode, epochs = sys.argv[1], int(sys.argv[2])
     engine = hiveengine.init(initial_peers=sys.argv[3:4])
     print("DHT", engine.address, flush=True)
-    found = {"client_mode": engine.client_mode, "relayed": bool(engine.dht.peer.relayed)}
+    found = {
+        "client_mode": engine.client_mode,
+        "relayed": bool(engine.dht.peer.relayed),
+        "averaging_client_mode": engine.averaging_client_mode,
+    }
     print("ENGINE", json.dumps(found), flush=True)
     torch.manual_seed(0)
     model = torch.nn.Linear(FEATURES, 1)
@@ -68,7 +72,14 @@ def main() -> None:
             print("EPOCH", epoch, digest(model.parameters()), flush=True)
         if epoch >= epochs and not done:
             done = True
-            summary = {"rounds": opt.rounds, "loss_before": before, "loss_after": evaluate(), "epoch": epoch}
+            summary = {
+                "rounds": opt.rounds,
+                "loss_before": before,
+                "loss_after": evaluate(),
+                "epoch": epoch,
+                "parts_reduced": opt.grad_averager.service.parts_reduced,
+                "shares_state": opt.state_averager.allow_state_sharing,
+            }
             print("DONE", json.dumps(summary), flush=True)
     engine.shutdown()
 
