@@ -66,7 +66,8 @@ def diagnose(peer: Peer, helpers: list[str], timeout: float) -> list[tuple[str, 
             rows.append(("reachability", f"reachable: {found.reason}{observed}", None))
         elif found.reachable is False:
             fix = (
-                f"this peer works as a client (it opens its own links, over TCP): to serve others, forward ports "
+                f"this peer opens its own links (over TCP) and others reach it only through a relay (an initial "
+                f"peer that relays; without one it trains as a client): to be dialled directly, forward ports "
                 f"{peer.port} and {peer.runtime.tcp_port} to this host (fix them with {PORT_ENV} and {TCP_PORT_ENV}) "
                 f"and announce the public address with {ANNOUNCE_HOST_ENV}"
             )
