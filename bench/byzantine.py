@@ -117,8 +117,8 @@ def worker() -> None:
         if plan["attack"] == "absent":  # the reference: the honest peers train alone, the others do nothing
             members = [m for i, m in enumerate(members) if i not in plan["byzantine"]]
             if attack is not None:
-                print("RESULT", json.dumps({"loss": None, "averaging_s": 0.0, "failed_steps": 0, "banned": 0}))
-                sys.stdout.flush()
+                nothing = {"loss": None, "averaging_s": 0.0, "failed_steps": 0, "banned": 0}
+                print("RESULT", json.dumps(nothing), flush=True)
                 continue
         codec = GarbageReducer(get_codec("int8")) if attack == "garbage" else get_codec("int8")
         options = RoundOptions(timeout=30, aggregation=Aggregation(plan["aggregation"]), verify=plan["verify"])
@@ -209,7 +209,7 @@ def main() -> None:
                 "loss": loss,
                 "vs clean %": versus,
                 "goal (5%)": "met" if versus <= 5 else "missed",
-                "vs honest alone %": 100 * (loss / reference - 1) if reference else None,
+                "vs honest alone %": 100 * (loss / reference - 1) if reference is not None else None,
                 "round ms": 1e3 * max(r["averaging_s"] for r in honest) / args.steps,
                 "failed steps": results[0]["failed_steps"],
                 "banned": results[0]["banned"],

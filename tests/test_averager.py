@@ -197,6 +197,31 @@ def test_an_absurd_bandwidth_claim_is_capped_relative_to_the_group():
     assert max(shares) < 0.9  # the claimant no longer reduces (almost) the whole buffer
 
 
+def test_a_peer_nobody_can_dial_registers_as_a_client_and_a_relayed_one_with_less_bandwidth():
+    from hiveengine.averaging import Mode
+    from hiveengine.averaging.matchmaking import RELAYED_BANDWIDTH_SHARE
+    from hiveengine.transport import Identity, PeerAddress
+
+    dht = DHT()
+    averager = DecentralizedAverager([torch.ones(4)], dht, "roles", bandwidth=2.0, share_state=False)
+    peer, runtime = averager.peer, averager.peer.runtime
+    reachable = runtime.reachable
+    try:
+        me = averager.matchmaker._member_now()
+        assert (me.mode, me.bandwidth, me.address) == (Mode.NODE, 2.0, str(peer.address))
+        runtime.reachable = False  # as reachability.py finds behind a NAT
+        assert averager.matchmaker._member_now().mode == Mode.CLIENT  # no relay slot: a part given to it would fail
+        relay = Identity.generate().peer_id
+        peer.relayed = PeerAddress("203.0.113.7", 41000, peer.peer_id, 41001, relay)  # as relay.reserve sets it
+        me = averager.matchmaker._member_now()
+        assert (me.mode, me.bandwidth) == (Mode.NODE, 2.0 * RELAYED_BANDWIDTH_SHARE)
+        assert me.address == str(peer.relayed) and f"relay={relay}" in me.address
+    finally:
+        runtime.reachable, peer.relayed = reachable, None
+        averager.shutdown()
+        dht.shutdown()
+
+
 def test_state_download_matches_the_source_bit_for_bit():
     source_dht = DHT()
     newcomer_dht = DHT(initial_peers=[source_dht.address])

@@ -40,7 +40,8 @@ peers and the groups still agree, and a minority that names honest peers changes
 
 Relayed peers. A peer others reach only through a relay (behind a NAT) registers RELAYED_BANDWIDTH_SHARE of its
 bandwidth, so the parts go to peers others dial directly while they can take them, and a relayed reducer (in a swarm
-of home peers, say) gets a part its relay can carry.
+of home peers, say) gets a part its relay can carry. One that nobody can dial (unreachable, and no relay slot)
+registers as a client, whatever it was made as.
 
 The grid (Moshpit SGD, Ryabinin et al., 2021). The members, ranked by peer id, sit on a d-dimensional grid
 whose side is at most target_group_size. Round r groups the peers that share every coordinate but coordinate
@@ -434,7 +435,7 @@ class Matchmaker:
         """`banned`: the peers we caught cheating, oldest first; our registrations name the newest MAX_VOTED_BANS,
         and a peer that a strict majority of a gathering's registrants name is left out of its groups."""
         self.dht, self.prefix, self.me, self.config = dht, prefix, me, config
-        self.bandwidth = me.bandwidth  # as configured; registered at RELAYED_BANDWIDTH_SHARE while we are relayed
+        self.bandwidth, self.mode = me.bandwidth, me.mode  # as configured (what we register may differ: _member_now)
         self.peer, self.banned = peer, banned
         self.bell = Bell.of(peer)
         self.identity: Identity = peer.identity  # signs our registrations: the key that takes part in the round
@@ -471,10 +472,7 @@ class Matchmaker:
             return None
         listener = self.bell.listeners.setdefault(dht_key, _Listener())
         dht_node = None if self.dht.client_mode else self.dht.peer_id.raw  # a client-mode node stores nothing
-        address = self.peer.address  # it changes when a peer behind a NAT moves to another relay (or dials direct)
-        bandwidth = registered_bandwidth(self.bandwidth, address.relay is not None)
-        if str(address) != self.me.address or bandwidth != self.me.bandwidth:
-            self.me = dataclasses.replace(self.me, address=str(address), bandwidth=bandwidth)
+        self.me = self._member_now()
         bans = tuple(p.raw for p in list(self.banned())[-MAX_VOTED_BANS:])
         mine = Registration(self.me, now, gather_until, round_number, gathered, dht_node, bans)
         gathering = _Gathering(dht_key, mine, listener, spent=spent)
@@ -504,6 +502,21 @@ class Matchmaker:
         if gathering.writing is not None:  # and then ring whoever still needs our registration
             gathering.writing.add_done_callback(lambda _: self._ring_after_write(gathering, registrations))
         return self._our_group(dht_key, registrations)
+
+    def _member_now(self) -> GroupMember:
+        """Who we register as now: at our address now (it changes when a peer behind a NAT moves to another relay, or
+        is dialled direct), with RELAYED_BANDWIDTH_SHARE of our bandwidth while relayed, and as a client while nobody
+        can dial us at all (unreachable with no relay slot: a part given to us would fail)."""
+        address = self.peer.address
+        relayed = address.relay is not None
+        undialable = self.mode == Mode.NODE and self.peer.runtime.reachable is False and not relayed
+        mode = Mode.CLIENT if undialable else self.mode
+        bandwidth = registered_bandwidth(self.bandwidth, relayed)
+        if (str(address), bandwidth, mode) == (self.me.address, self.me.bandwidth, self.me.mode):
+            return self.me
+        if undialable and self.me.mode != Mode.CLIENT:
+            logger.info("nobody can dial %s (unreachable, no relay slot): registering as a client", address)
+        return dataclasses.replace(self.me, address=str(address), bandwidth=bandwidth, mode=mode)
 
     def _opening_deadline(self, now: float, give_up_at: float, over: float | None) -> float:
         """The deadline of a gathering we open: matchmaking_time from now, rounded up to the grid (peers that
