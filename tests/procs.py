@@ -14,6 +14,7 @@ HERE = Path(__file__).resolve().parent
 PEERS = HERE / "peers"  # the scripts tests start as processes
 LINE_TIMEOUT = 60.0
 TAIL_LINES = 200  # stdout lines a process keeps for failure messages
+TAIL_WAIT = 5.0  # seconds tail() waits for an exited process's last lines
 
 
 class PeerProcess:
@@ -33,12 +34,14 @@ class PeerProcess:
         )
         self.lines: queue.Queue[str | None] = queue.Queue()
         self.recent: deque[str] = deque(maxlen=TAIL_LINES)
+        self._read_all = threading.Event()  # set once stdout reached its end
         threading.Thread(target=self._pump, daemon=True).start()
 
     def _pump(self) -> None:
         for line in self.proc.stdout:
             self.recent.append(line.rstrip("\n"))
             self.lines.put(self.recent[-1])
+        self._read_all.set()
         self.lines.put(None)
 
     def expect(self, prefix: str, timeout: float = LINE_TIMEOUT) -> str:
@@ -51,7 +54,10 @@ class PeerProcess:
                 return line[len(prefix) :].strip()
 
     def tail(self) -> str:
-        """Its last stdout lines, read or not, for a failure message."""
+        """Its last stdout lines, read or not, for a failure message; once it has exited, up to its very last
+        line (a crash's Python stacks come last)."""
+        if self.proc.poll() is not None:
+            self._read_all.wait(TAIL_WAIT)
         return "\n".join(self.recent)
 
     def kill(self) -> None:

@@ -30,20 +30,19 @@ def launch(example: str, *args: str, nproc: int = 2, launch_args: tuple[str, ...
     return cli("launch", "--nproc", str(nproc), *launch_args, script, *args)
 
 
-def results(launcher: PeerProcess, workers: int, seen: list[str], timeout: float = RUN_SECONDS) -> dict[int, tuple]:
+def results(launcher: PeerProcess, workers: int, timeout: float = RUN_SECONDS) -> dict[int, tuple]:
     """{worker: (held-out loss at start, at end)} from each worker's `done` line; the launcher must exit 0."""
     found, deadline = {}, time.monotonic() + timeout
     while len(found) < workers:
         try:
             line = launcher.lines.get(timeout=max(0.1, deadline - time.monotonic()))
         except queue.Empty:
-            pytest.fail("no result in time:\n" + "\n".join(seen[-40:]))
+            pytest.fail("no result in time:\n" + launcher.tail())
         if line is None:
-            pytest.fail(f"the launcher exited ({launcher.proc.wait()}) early:\n" + "\n".join(seen[-40:]))
-        seen.append(line)
+            pytest.fail(f"the launcher exited ({launcher.proc.wait()}) early:\n" + launcher.tail())
         if match := DONE.match(line):
             found[int(match[1])] = (float(match[2]), float(match[3]))
-    assert launcher.proc.wait(60) == 0, "\n".join(seen[-40:])
+    assert launcher.proc.wait(60) == 0, launcher.tail()
     return found
 
 
@@ -57,9 +56,9 @@ def assert_learned(found: dict[int, tuple], identical: bool) -> None:
 def test_collaborative_lm():
     tiny = ["--dim", "32", "--layers", "1", "--heads", "2", "--seq", "32", "--batch", "8"]
     tiny += ["--target-batch-size", "32", "--epochs", "15", "--corpus-mib", "0.5"]
-    launcher, seen = launch("collaborative_lm", *tiny), []
+    launcher = launch("collaborative_lm", *tiny)
     try:
-        assert_learned(results(launcher, 2, seen), identical=True)
+        assert_learned(results(launcher, 2), identical=True)
     finally:
         launcher.kill()
 
@@ -67,9 +66,9 @@ def test_collaborative_lm():
 def test_vision_on_a_bundled_data_set():
     pytest.importorskip("sklearn", reason="the vision example needs scikit-learn (the dev extra installs it)")
     tiny = ["--width", "8", "--batch", "16", "--target-batch-size", "64", "--epochs", "20"]
-    launcher, seen = launch("vision", *tiny), []
+    launcher = launch("vision", *tiny)
     try:
-        assert_learned(results(launcher, 2, seen), identical=True)
+        assert_learned(results(launcher, 2), identical=True)
     finally:
         launcher.kill()
 
@@ -80,9 +79,9 @@ def test_remote_mixture_of_experts_served_by_hiveengine_serve():
     try:
         address = server.expect(DHT_PREFIX)
         tiny = ["--grid", "2", "2", "--hidden-dim", "32", "--k-best", "2", "--steps", "60", "--batch", "32"]
-        launcher, seen = launch("moe", *tiny, nproc=1, launch_args=("--initial-peers", address)), []
+        launcher = launch("moe", *tiny, nproc=1, launch_args=("--initial-peers", address))
         try:
-            assert_learned(results(launcher, 1, seen), identical=False)
+            assert_learned(results(launcher, 1), identical=False)
         finally:
             launcher.kill()
         server.proc.send_signal(signal.SIGINT)  # Ctrl-C: the server withdraws its experts and exits 0
@@ -94,15 +93,15 @@ def test_remote_mixture_of_experts_served_by_hiveengine_serve():
 def test_diloco_across_two_sites():
     tiny = ["--wait-for-peers", "2", "--inner-steps", "10", "--outer-steps", "4", "--hidden", "64"]
     tiny += ["--corpus-mib", "0.5"]
-    site_a, seen_a = launch("diloco_two_sites", *tiny, nproc=1), []
+    site_a = launch("diloco_two_sites", *tiny, nproc=1)
     try:
         address = site_a.expect(BOOTSTRAP_PREFIX)
-        site_b, seen_b = launch("diloco_two_sites", *tiny, nproc=1, launch_args=("--initial-peers", address)), []
+        site_b = launch("diloco_two_sites", *tiny, nproc=1, launch_args=("--initial-peers", address))
         try:
-            found_b = results(site_b, 1, seen_b)
+            found_b = results(site_b, 1)
         finally:
             site_b.kill()
-        found_a = results(site_a, 1, seen_a)
+        found_a = results(site_a, 1)
     finally:
         site_a.kill()
     assert_learned({0: found_a[0], 1: found_b[0]}, identical=False)

@@ -20,6 +20,7 @@ from hiveengine.errors import (
     ProtocolError,
     RemoteHandlerError,
     RPCTimeoutError,
+    TransportError,
     UnknownMethodError,
 )
 from hiveengine.transport import Identity, Peer, PeerAddress, TransportLimits
@@ -253,6 +254,25 @@ def test_peer_killed_mid_transfer_fails_the_call_promptly(client):
             client.call_sync(address, "echo", timeout=10)
     finally:
         proc.kill()
+
+
+def test_no_endpoint_outlives_its_connection(client):
+    """The reactor holds each UCX endpoint until its connection closes it on the loop thread (Reactor.hold), so
+    none is left to the garbage collector unclosed: once a server has exited, or was killed, and a call found it
+    gone, the endpoints of that connection and of the failed dial are closed and let go."""
+    reactor = client.runtime.reactor
+    for end in ("exit", "kill"):
+        before = reactor.held
+        proc, address = start_server()
+        try:
+            client.call_sync(address, "echo", timeout=10)
+            assert reactor.held == before + 1
+            proc.close() if end == "exit" else proc.kill()
+            with pytest.raises(TransportError):
+                client.call_sync(address, "echo", timeout=10)
+            assert reactor.held == before, end
+        finally:
+            proc.kill()
 
 
 def test_connecting_to_a_closed_port_fails_fast():

@@ -188,10 +188,12 @@ class ConnectionPool:
             wire = UcxWire(self.runtime.reactor, endpoint)
             timeout = self.limits.connect_timeout
             auth = await connect_handshake(wire, None, identity, address.peer_id, base, timeout)
-        except Exception as e:
+        except BaseException as e:  # cancelled too: the endpoint is closed here, on the loop thread
             self.runtime.release_recv_base(base)
             if wire is not None:
                 wire.close()
+            if not isinstance(e, Exception):
+                raise
             raise _dial_error(e, address) from None
         return wire, auth, base
 

@@ -118,6 +118,8 @@ class Reactor:
         self._scheduled = False
         self._spin_until = 0.0
         self._spin_seconds = spin_seconds()
+        # Every endpoint in use, by id, until its wire closes it here on the loop thread (`hold`, `close_held`).
+        self._endpoints: dict[int, Any] = {}
         self._closed = False
         loop.add_reader(self._fd, self._on_fd)
         self.kick()
@@ -125,6 +127,30 @@ class Reactor:
     @property
     def lib(self):
         return self._lib
+
+    def hold(self, endpoint) -> None:
+        """Keep `endpoint` referenced until `close_held` closes it. ucxx closes an endpoint that nobody closed when it
+        is destroyed (a blocking close that progresses the worker) on whichever thread drops it last: the garbage
+        collector's, on a thread of the user's, while this loop progresses the same worker; a dial or handshake
+        cancelled mid-way used to leave its endpoint to that."""
+        self._endpoints[id(endpoint)] = endpoint
+
+    def close_held(self, endpoint) -> None:
+        """Close a held endpoint (on the loop thread) and let it go: destroying a closed endpoint does nothing more."""
+        self._endpoints.pop(id(endpoint), None)
+        close_endpoint(endpoint)
+
+    def close_all_held(self) -> int:
+        """Close every endpoint still held (at shutdown, while the worker still progresses); how many."""
+        endpoints, self._endpoints = list(self._endpoints.values()), {}
+        for endpoint in endpoints:
+            close_endpoint(endpoint)
+        return len(endpoints)
+
+    @property
+    def held(self) -> int:
+        """How many endpoints are open (held and not yet closed)."""
+        return len(self._endpoints)
 
     def kick(self) -> None:
         """Schedule one progress pass on the loop (coalesced)."""

@@ -274,10 +274,12 @@ class Runtime:
         base = self.new_recv_base() if base is None else base
         try:
             auth = await accept_handshake(wire, None, self._find_identity, base, handshake_timeout)
-        except Exception as e:
+        except BaseException as e:  # cancelled too (at shutdown): the wire is closed here, on the loop thread
             wire.release_base(base)
-            logger.info("rejected an incoming connection: %s: %s", type(e).__name__, e or "handshake timed out")
             wire.close()
+            if not isinstance(e, Exception):
+                raise
+            logger.info("rejected an incoming connection: %s: %s", type(e).__name__, e or "handshake timed out")
             return
         finally:
             self.unauthenticated -= 1
@@ -288,10 +290,12 @@ class Runtime:
             # Confirmed before the connection sends anything: on a TCP wire its messages follow on the same bytes
             # (a UCX wire holds the dialer's first messages for the reserved base meanwhile).
             await confirm_handshake(wire, None)
-        except Exception as e:
-            logger.debug("an incoming connection ended before its confirmation: %s", e)
+        except BaseException as e:
             wire.release_base(base)
             wire.close()
+            if not isinstance(e, Exception):
+                raise
+            logger.debug("an incoming connection ended before its confirmation: %s", e)
             return
         peer.pool.adopt(wire, auth, base, inbound=True)
 
@@ -343,6 +347,9 @@ class Runtime:
             self.tcp_listener.close()
             self.tcp_listener = None
         self.local_copy.close()
+        unclosed = self.reactor.close_all_held()
+        if unclosed:
+            logger.debug("closed %d UCX endpoint(s) that no connection had closed", unclosed)
         await self._drain(ENDPOINT_CLOSE_TIMEOUT)
         self.reactor.close()  # no more progress; pending requests are cancelled and dropped
         await self.loop.shutdown_asyncgens()
