@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
 import subprocess
 import sys
 import sysconfig
@@ -26,6 +27,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import format_table, results_dir, write_results
+from hiveengine.cli.launch import BOOTSTRAP_PREFIX
 from hiveengine.optim import DILOCO_OUTER_LR, DILOCO_OUTER_MOMENTUM
 
 RESULT_PREFIX = "RESULT"
@@ -149,7 +151,9 @@ def run_worker(args) -> dict:
     import hiveengine
 
     engine = hiveengine.init()
-    peers = engine.local_world_size
+    # Under its own launcher (--wan), a worker is the swarm's peer `--rank` of `--peers`.
+    rank = engine.local_rank if args.rank is None else args.rank
+    peers = engine.local_world_size if args.rank is None else args.peers
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // peers))
     train, heldout = split_corpus()
     model = make_model(args)
@@ -163,8 +167,8 @@ def run_worker(args) -> dict:
         epochs = max(1, args.samples // (args.inner_steps * args.batch * peers))
     opt = engine.optimizer(torch.optim.AdamW(model.parameters(), lr=args.lr), mode=args.mode, **options)
     opt.wait_for_peers(peers, timeout=120)
-    metrics = Metrics(args.metrics and f"{args.metrics}-worker{engine.local_rank}.jsonl")
-    gen = data_stream(args, engine.local_rank)
+    metrics = Metrics(args.metrics and f"{args.metrics}-worker{rank}.jsonl")
+    gen = data_stream(args, rank)
     start = last_print = time.monotonic()
     samples = 0
     while opt.epoch < epochs:
@@ -177,14 +181,14 @@ def run_worker(args) -> dict:
         speed = opt.swarm.samples_per_second
         row = dict(t=now - start, samples=samples * peers, epoch=opt.epoch, loss=loss.item())
         metrics.write(**row, swarm_samples_per_s=speed)
-        if now - last_print >= PROGRESS_SECONDS and engine.local_rank == 0:
+        if now - last_print >= PROGRESS_SECONDS and rank == 0:
             last_print = now
             print(progress_line(opt.epoch / epochs, loss.item(), speed, opt.swarm.size, opt.epoch), flush=True)
     wall = time.monotonic() - start
     result = {
         "mode": args.mode,
         "codec": args.codec,
-        "rank": engine.local_rank,
+        "rank": rank,
         "peers": peers,
         "epochs": opt.epoch,
         "eval_loss": evaluate(model, heldout, args.seq),
@@ -284,6 +288,111 @@ def compare(args) -> int:
     return 0
 
 
+def compare_wan(args) -> int:
+    """Issue 18's WAN goal, in one run: DiLoCo throughput with each peer behind an emulated WAN link against the same
+    swarm on loopback. Each peer runs under its own launcher in both, so that only the links differ."""
+    from tools.netns import WanNetwork
+    from tools.netns import available as netns_available
+
+    if not netns_available():
+        raise SystemExit("--wan needs root and `ip netns` (network namespaces)")
+    here = str(Path(__file__).resolve())
+    worker = [here, *model_args(args), "--mode", "diloco", "--codec", args.diloco_codec, "--peers", str(args.peers)]
+    worker += ["--matchmaking-time", str(args.matchmaking_time)]
+    runs = {"loopback": run_spread(worker, args.peers, None, "diloco-loopback")}
+    with WanNetwork(args.peers, args.wan) as net:
+        runs[args.wan] = run_spread(worker, args.peers, net, "diloco-wan")
+    rows = []
+    for link, results in runs.items():
+        samples, wall = sum(r["local_samples"] for r in results), max(r["wall_s"] for r in results)
+        rows.append(
+            {
+                "link": link,
+                "codec": args.diloco_codec,
+                "peers": args.peers,
+                "rounds": results[0]["rounds"].get("averaged", 0),
+                "eval_loss": round(sum(r["eval_loss"] for r in results) / len(results), 4),
+                "samples_per_s": round(samples / wall, 1),
+            }
+        )
+    for row in rows:
+        row["vs_loopback"] = round(row["samples_per_s"] / rows[0]["samples_per_s"], 3)
+    print(format_table(rows, list(rows[0])))
+    write_results(f"train-wan-{args.wan}", {"args": vars(args), "rows": rows})
+    return 0
+
+
+def run_spread(worker: list[str], peers: int, net, run_id: str, timeout: float = 3600) -> list[dict]:
+    """The swarm with each peer under its own launcher, peer 0's bootstrapping the others; with `net` (a
+    tools.netns.WanNetwork), peer r runs in namespace r over TCP only (shared memory or a direct copy would bypass
+    the link). Echoes their output and returns their RESULT objects."""
+    output = _MergedOutput()
+    watchdog = threading.Timer(timeout, output.kill)  # ends the run even if it hangs without printing
+    watchdog.start()
+    try:
+        for rank in range(peers):
+            launch = [sys.executable, "-m", "hiveengine.cli", "launch", "--nproc", "1", "--run-id", run_id]
+            initial = ["--initial-peers", output.address] if rank else []
+            argv, env = [*launch, *initial, *worker, "--rank", str(rank)], dict(os.environ)
+            if net is not None:
+                env.update(UCX_TLS="tcp,self", HIVEENGINE_LOCAL_COPY="0", HIVEENGINE_ANNOUNCE_HOST=net.host(rank))
+                argv = net.command(rank, argv)
+            proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+            output.add(rank, proc)
+            while output.address is None and output.running:
+                output.read_line()
+            if output.address is None:
+                raise SystemExit(f"peer 0's launcher exited ({proc.wait()}) before printing its bootstrap address")
+        while output.running:
+            output.read_line()
+    finally:
+        watchdog.cancel()
+        output.kill()
+    codes = [proc.wait() for proc in output.procs]
+    if any(codes) or len(output.results) < peers:
+        raise SystemExit(f"the {run_id} swarm failed: exit codes {codes} (killed after {timeout:.0f} s?)")
+    return output.results
+
+
+class _MergedOutput:
+    """Several peers' output on one queue: each line echoed with its peer's rank; RESULT objects and the first
+    launcher's bootstrap address kept."""
+
+    def __init__(self):
+        self.lines: queue.Queue[tuple[int, str | None]] = queue.Queue()
+        self.procs: list[subprocess.Popen] = []
+        self.results: list[dict] = []
+        self.address: str | None = None
+        self.running = 0
+
+    def add(self, rank: int, proc: subprocess.Popen) -> None:
+        self.procs.append(proc)
+        self.running += 1
+        threading.Thread(target=self._pump, args=(rank, proc), daemon=True).start()
+
+    def _pump(self, rank: int, proc: subprocess.Popen) -> None:
+        for line in proc.stdout:
+            self.lines.put((rank, line))
+        self.lines.put((rank, None))
+
+    def read_line(self) -> None:
+        rank, line = self.lines.get()
+        if line is None:
+            self.running -= 1
+            return
+        sys.stdout.write(f"[peer {rank}] {line}")
+        _, found, rest = line.partition(RESULT_PREFIX + " ")
+        if found:
+            self.results.append(json.loads(rest))
+        elif line.startswith(BOOTSTRAP_PREFIX) and self.address is None:
+            self.address = line[len(BOOTSTRAP_PREFIX) :].strip()
+
+    def kill(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+
+
 def warm_start(args, here: str) -> str:
     """Train the single-process baseline for `--warmup-samples` and return the checkpoint every compared run
     starts from (the DiLoCo paper's protocol: the methods are compared from a pretrained model, not from
@@ -340,6 +449,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--matchmaking-time", type=float, default=0.5, help="seconds peers gather for a round")
     parser.add_argument("--metrics", default=None, help="write JSON-lines metrics to PREFIX-*.jsonl")
     parser.add_argument("--plot", default=None, help="comparison: also draw the metrics into this PNG")
+    parser.add_argument(
+        "--wan",
+        metavar="PROFILE",
+        help="instead: the DiLoCo swarm on loopback and with each peer in its own namespace behind an emulated WAN "
+        "link (tools/wanlink.py, e.g. 100mbit-50ms; root), side by side: samples/s and their ratio",
+    )
+    parser.add_argument("--rank", type=int, default=None, help=argparse.SUPPRESS)  # a worker under its own launcher
     return parser.parse_args(argv)
 
 
@@ -351,6 +467,8 @@ def main(argv: list[str] | None = None) -> int:
         run_worker(args)
     elif args.baseline:
         run_baseline(args)
+    elif args.wan:
+        return compare_wan(args)
     else:
         return compare(args)
     return 0
