@@ -163,7 +163,7 @@ class DHTNode:
             answered = await asyncio.gather(*[self._hello(a) for a in addresses])
             if not any(answered):
                 raise BootstrapError(
-                    f"none of the {len(addresses)} initial peers answered within {self.config.rpc_timeout} s "
+                    f"none of the {len(addresses)} initial peers answered in time "
                     f"(last: {self._last_failure}); check the addresses, that those DHT nodes are running, and "
                     "for a private swarm this process's membership (HIVEENGINE_SWARM)"
                 )
@@ -220,11 +220,20 @@ class DHTNode:
         self._last_failure = f"{type(error).__name__}: {error}"
         self.table.remove(contact.id)
 
+    def _rpc_timeout(self, address: PeerAddress) -> float:
+        """rpc_timeout, plus the transport's connect_timeout when the call must dial first: over a long link,
+        setting up the link and its handshake take several round trips (a 600 ms satellite link: about 4 s), which
+        left a joining node's first ping no time at all."""
+        if self.peer.connection_to(address.peer_id) is not None:
+            return self.config.rpc_timeout
+        return self.config.rpc_timeout + self.peer.limits.connect_timeout
+
     async def _rpc(self, contact: Contact, method: str, header: dict, tensors=()) -> tuple[dict, list] | None:
         """Call a node; on success refresh it, on any failure (a reply of another protocol version included) drop
         it from the table and return None."""
         try:
-            reply = await self.peer.call(contact.address, method, header, tensors, timeout=self.config.rpc_timeout)
+            timeout = self._rpc_timeout(contact.address)
+            reply = await self.peer.call(contact.address, method, header, tensors, timeout=timeout)
         except (TransportError, TimeoutError) as e:
             self._failed(contact, e)
             return None
@@ -242,7 +251,7 @@ class DHTNode:
         """Ping an initial peer, whose node id we learn from the nonce it answers with; True if it speaks our
         protocol version and proved its id."""
         try:
-            reply, _ = await self.peer.call(address, protocol.PING, self._sender, timeout=self.config.rpc_timeout)
+            reply, _ = await self.peer.call(address, protocol.PING, self._sender, timeout=self._rpc_timeout(address))
         except (TransportError, TimeoutError) as e:
             self._last_failure = f"{type(e).__name__}: {e}"
             return False
