@@ -1,7 +1,7 @@
 """A peer on a long link joins the DHT: over a 600 ms round trip (a satellite link, emulated by tools/wanlink.py),
 setting up a UCX link and the handshake take several round trips. They used to count against the first RPC's
-3 s deadline, so no such peer could join; an RPC that must dial first now also gets the dial's connect timeout
-(DHTNode._rpc_timeout)."""
+3 s deadline, so no such peer could join; the ping to an initial peer now also gets the connect timeout
+(DHTNode._hello)."""
 
 import pytest
 

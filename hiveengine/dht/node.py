@@ -220,20 +220,11 @@ class DHTNode:
         self._last_failure = f"{type(error).__name__}: {error}"
         self.table.remove(contact.id)
 
-    def _rpc_timeout(self, address: PeerAddress) -> float:
-        """rpc_timeout, plus the transport's connect_timeout when the call must dial first: over a long link,
-        setting up the link and its handshake take several round trips (a 600 ms satellite link: about 4 s), which
-        left a joining node's first ping no time at all."""
-        if self.peer.connection_to(address.peer_id) is not None:
-            return self.config.rpc_timeout
-        return self.config.rpc_timeout + self.peer.limits.connect_timeout
-
     async def _rpc(self, contact: Contact, method: str, header: dict, tensors=()) -> tuple[dict, list] | None:
         """Call a node; on success refresh it, on any failure (a reply of another protocol version included) drop
         it from the table and return None."""
         try:
-            timeout = self._rpc_timeout(contact.address)
-            reply = await self.peer.call(contact.address, method, header, tensors, timeout=timeout)
+            reply = await self.peer.call(contact.address, method, header, tensors, timeout=self.config.rpc_timeout)
         except (TransportError, TimeoutError) as e:
             self._failed(contact, e)
             return None
@@ -249,9 +240,13 @@ class DHTNode:
 
     async def _hello(self, address: PeerAddress) -> bool:
         """Ping an initial peer, whose node id we learn from the nonce it answers with; True if it speaks our
-        protocol version and proved its id."""
+        protocol version and proved its id. The ping gets the transport's connect_timeout on top of rpc_timeout:
+        over a long link, setting up the link and its handshake take several round trips (a 600 ms satellite link:
+        about 4 s), which left a joining node's first ping no time at all. Only here: a lookup waits for its
+        slowest RPC, so contacts others hand us (stale, or a hostile peer's unreachable ones) keep rpc_timeout."""
+        timeout = self.config.rpc_timeout + self.peer.limits.connect_timeout
         try:
-            reply, _ = await self.peer.call(address, protocol.PING, self._sender, timeout=self._rpc_timeout(address))
+            reply, _ = await self.peer.call(address, protocol.PING, self._sender, timeout=timeout)
         except (TransportError, TimeoutError) as e:
             self._last_failure = f"{type(e).__name__}: {e}"
             return False

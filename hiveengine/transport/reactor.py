@@ -142,9 +142,9 @@ class Reactor:
 
     def close_all_held(self) -> int:
         """Close every endpoint still held (at shutdown, while the worker still progresses); how many."""
-        endpoints, self._endpoints = list(self._endpoints.values()), {}
+        endpoints = list(self._endpoints.values())
         for endpoint in endpoints:
-            close_endpoint(endpoint)
+            self.close_held(endpoint)
         return len(endpoints)
 
     @property
