@@ -47,7 +47,9 @@ def test_a_process_dialling_over_tcp_calls_and_streams_with_the_same_results():
         while line is not None and not line.startswith("{"):
             line = client.lines.get(timeout=90)
         result = json.loads(line)
+        rtts = result.pop("rtt"), result.pop("their_rtt")
         assert result == {"link": "tcp", "echo_equal": True, "header": {"k": "v"}, "sum_ok": True}
+        assert all(0 < rtt < 1.0 for rtt in rtts), rtts
         client.close()
     finally:
         server.close()

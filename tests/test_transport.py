@@ -168,6 +168,20 @@ def test_handler_allocator_provides_receive_buffers():
         server.shutdown()
 
 
+def test_round_trips_are_measured_per_link_and_estimated_for_peers_without_one(server):
+    _, address = server
+    server_id = PeerAddress.parse(address).peer_id
+    caller = Peer()
+    try:
+        assert caller.round_trip(server_id) is None  # no link has measured anything yet
+        caller.call_sync(address, "echo", {}, timeout=30)
+        measured = caller.round_trip(server_id)
+        assert measured == caller.connection_to(server_id).rtt and 0 < measured < 1.0
+        assert caller.round_trip(Identity.generate().peer_id) == measured  # no link to it: what our links measure
+    finally:
+        caller.shutdown()
+
+
 def test_unknown_method_is_a_typed_error(client, server):
     _, address = server
     with pytest.raises(UnknownMethodError, match="nope"):
@@ -336,7 +350,9 @@ def test_two_processes_over_tcp_only():
         client_proc = PeerProcess("transport_peer.py", "client", address, env=env)
         result = json.loads("{" + client_proc.expect("{"))
         client_proc.close()
+        rtts = result.pop("rtt"), result.pop("their_rtt")
         assert result == {"link": "ucx", "echo_equal": True, "header": {"k": "v"}, "sum_ok": True}
+        assert all(0 < rtt < 1.0 for rtt in rtts), rtts  # each side measured its link's round trip
     finally:
         proc.close()
 

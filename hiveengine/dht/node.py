@@ -27,6 +27,10 @@ from hiveengine.errors import BootstrapError, ConfigurationError, ProtocolError,
 from hiveengine.transport import Peer, PeerAddress, Request
 
 logger = logging.getLogger(__name__)
+# Deadlines adapt to long links through each link's measured round trip (Peer.round_trip), on top of the
+# configured ones, which cover the remote's own work (so on a LAN, where a round trip is ~0, only those apply):
+DIAL_ROUND_TRIPS = 7  # setting up a link and its handshake (a 600 ms satellite link: about 4 s)
+REPLY_ROUND_TRIPS = 2  # an honest reply over an open link: one round trip, and one of slack
 MiB = 1 << 20
 
 
@@ -36,7 +40,9 @@ class DHTConfig:
 
     k: int = 20  # bucket size and replication factor
     alpha: int = 3  # lookup RPCs in flight at once
-    rpc_timeout: float = 3.0  # seconds one DHT RPC may take before its node counts as failed
+    # Seconds one DHT RPC may take before its node counts as failed. This, solo_wait and stall_after cover the
+    # remote's work; what the link adds, from its measured round trip (DHTNode._link_time), comes on top.
+    rpc_timeout: float = 3.0
     refresh_interval: float = 600.0  # a bucket without a lookup for this long is refreshed
     republish_interval: float = 300.0  # held records are re-replicated to the k closest nodes this often
     republish_margin: float = 1.0  # records expiring sooner than this are not worth republishing
@@ -224,7 +230,8 @@ class DHTNode:
         """Call a node; on success refresh it, on any failure (a reply of another protocol version included) drop
         it from the table and return None."""
         try:
-            reply = await self.peer.call(contact.address, method, header, tensors, timeout=self.config.rpc_timeout)
+            timeout = self.config.rpc_timeout + self._link_time(contact.address)
+            reply = await self.peer.call(contact.address, method, header, tensors, timeout=timeout)
         except (TransportError, TimeoutError) as e:
             self._failed(contact, e)
             return None
@@ -235,16 +242,25 @@ class DHTNode:
         self._seen(contact)
         return reply
 
+    def _link_time(self, address: PeerAddress) -> float:
+        """Seconds the link itself adds to an RPC to `address`: REPLY_ROUND_TRIPS of its round trip, plus a dial's
+        DIAL_ROUND_TRIPS (at most connect_timeout) when no link to it is open; before any link measured a round
+        trip (joining), the whole connect_timeout. Without this, a node behind a long link could neither join
+        nor reach the contacts that lookups hand it (their dial alone outlasted rpc_timeout)."""
+        rtt = self.peer.round_trip(address.peer_id)
+        connect = self.peer.limits.connect_timeout
+        if rtt is None:
+            return connect
+        dial = 0.0 if self.peer.connection_to(address.peer_id) is not None else min(connect, DIAL_ROUND_TRIPS * rtt)
+        return dial + REPLY_ROUND_TRIPS * rtt
+
     async def _ping(self, contact: Contact) -> bool:
         return await self._rpc(contact, protocol.PING, self._sender) is not None
 
     async def _hello(self, address: PeerAddress) -> bool:
         """Ping an initial peer, whose node id we learn from the nonce it answers with; True if it speaks our
-        protocol version and proved its id. The ping gets the transport's connect_timeout on top of rpc_timeout:
-        over a long link, setting up the link and its handshake take several round trips (a 600 ms satellite link:
-        about 4 s), which left a joining node's first ping no time at all. Only here: a lookup waits for its
-        slowest RPC, so contacts others hand us (stale, or a hostile peer's unreachable ones) keep rpc_timeout."""
-        timeout = self.config.rpc_timeout + self.peer.limits.connect_timeout
+        protocol version and proved its id."""
+        timeout = self.config.rpc_timeout + self._link_time(address)
         try:
             reply, _ = await self.peer.call(address, protocol.PING, self._sender, timeout=timeout)
         except (TransportError, TimeoutError) as e:
@@ -298,8 +314,8 @@ class DHTNode:
         failed. Returns the k closest nodes that answered, and what each node that took the `offer`ed records
         said about each. With `key`, every valid record found is merged into `found`; `stop_early` ends the
         lookup at the first one (and starts with one request in flight, see DHTConfig.solo_wait). Dead nodes
-        cost one rpc_timeout each and are skipped, a stalled reply frees its slot after stall_after; the lookup
-        never hangs."""
+        cost one rpc_timeout each and are skipped, a stalled reply frees its slot after stall_after (each plus what
+        the link adds, see _link_time); the lookup never hangs."""
         if not len(self.table):
             await self._rejoin()
         k, difficulty = self.config.k, self.config.id_difficulty
@@ -317,6 +333,7 @@ class DHTNode:
         answered: list[Contact] = []
         stored: dict[int, list[bool]] = {}
         pending: dict[asyncio.Task, tuple[Contact, int, float]] = {}  # -> contact, path, when its slot frees
+        solo_wait = self.config.solo_wait
         loop = asyncio.get_running_loop()
         try:
             while True:
@@ -333,11 +350,13 @@ class DHTNode:
                             asked.add(contact.id)
                             busy[path] += 1
                             task = asyncio.ensure_future(self._find(contact, target, key, offer))
-                            pending[task] = contact, path, now + self.config.stall_after
+                            link = self._link_time(contact.address)
+                            pending[task] = contact, path, now + self.config.stall_after + link
+                            solo_wait = self.config.solo_wait + link
                 if not pending:
                     break
                 frees = [f for _, _, f in pending.values() if f > now]
-                wait = self.config.solo_wait if solo else (min(frees) - now if frees else None)
+                wait = solo_wait if solo else (min(frees) - now if frees else None)
                 done, _ = await asyncio.wait(pending, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
                 solo = False
                 for task in done:

@@ -137,6 +137,7 @@ class Connection:
         self.wire = wire
         self.remote = auth.peer_id
         self.roles = auth.roles  # what the remote's membership certificate grants (membership.ROLE_*)
+        self.rtt = auth.rtt  # seconds of one round trip, measured in the handshake (deadlines adapt to it)
         self.local = auth.local
         self.send_base = auth.remote_recv_base
         self.recv_base = recv_base

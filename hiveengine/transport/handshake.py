@@ -25,6 +25,10 @@ key, the listener->dialer key (32 bytes each), and two 32-byte values that bind 
 session (local_copy.py): one presented when the dialer reads the listener's memory, one for the other direction.
 Ephemeral keys make the session keys forward-secret: a stolen identity key does not open recorded traffic.
 
+Each side also times one clean round trip of the exchange, after the link's own setup: the dialer from sending its
+signature to the verdict, the listener from sending its HELLO to the dialer's signature. `Authenticated.rtt` holds
+it, so deadlines can adapt to long links (Connection.rtt).
+
 A listener that hosts no peer with the requested id answers with the HELLO of the peer it does host, flagged
 NOT_HERE and signed as usual, so the dialer can say which peer lives at that address (PeerIdMismatch).
 """
@@ -37,6 +41,7 @@ import dataclasses
 import hashlib
 import os
 import struct
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -108,6 +113,7 @@ class Authenticated:
     read_binding: bytes = field(default=b"", repr=False)  # we present it to read the remote's memory
     serve_binding: bytes = field(default=b"", repr=False)  # the remote presents it to read ours
     roles: int = 0  # what the remote's membership certificate grants (membership.ROLE_*; 0 in an open swarm)
+    rtt: float = 0.0  # seconds of one round trip of the handshake (an upper bound: it includes the other's checks)
 
 
 def _transcript(first: bytes, second: bytes) -> bytes:
@@ -190,6 +196,7 @@ async def connect_handshake(
             )
         keys = _derive(ephemeral, theirs.ephemeral, transcript)
         await _send(reactor, endpoint, identity.sign(DIALER_ROLE + transcript))
+        sent = time.monotonic()
         try:
             verdict = await _recv_exact(reactor, endpoint, len(ACCEPTED))
         except Exception as e:
@@ -202,7 +209,8 @@ async def connect_handshake(
             raise MembershipError(f"{peer_id} refused us: this process is not a member of its swarm ({reason})")
         if verdict != ACCEPTED:
             raise HandshakeError(f"{peer_id} sent a malformed handshake confirmation")
-        return Authenticated(peer_id, theirs.public_key, theirs.recv_base, identity, True, *keys, roles=roles)
+        rtt = time.monotonic() - sent
+        return Authenticated(peer_id, theirs.public_key, theirs.recv_base, identity, True, *keys, roles=roles, rtt=rtt)
 
     async with asyncio.timeout(timeout):
         return await run()
@@ -225,9 +233,11 @@ async def accept_handshake(reactor, endpoint, find_identity, recv_base: int, tim
         my_bytes = _my_hello(identity, recv_base, NO_TARGET, ephemeral_public, flags)
         transcript = _transcript(their_bytes, my_bytes)
         await _send(reactor, endpoint, my_bytes + identity.sign(LISTENER_ROLE + transcript))
+        sent = time.monotonic()
         if not found:
             raise HandshakeError(f"a peer asked for {PeerID(theirs.target)}, which does not live here")
         signature = await _recv_exact(reactor, endpoint, SIGNATURE_BYTES)
+        rtt = time.monotonic() - sent
         peer_id = _verify(theirs, signature, DIALER_ROLE, transcript)
         try:
             roles = _admit(theirs)
@@ -249,6 +259,7 @@ async def accept_handshake(reactor, endpoint, find_identity, recv_base: int, tim
             listener_reads,
             dialer_reads,
             roles=roles,
+            rtt=rtt,
         )
 
     async with asyncio.timeout(timeout):

@@ -244,6 +244,11 @@ class Peer:
         """Our open connection to `peer_id`, if there is one."""
         return self.pool.connection_to(peer_id)
 
+    def round_trip(self, peer_id: PeerID) -> float | None:
+        """Seconds of one round trip to `peer_id` (measured when its link opened; without a link, what our other
+        links measure), so that deadlines can adapt to long links; None before we have any link."""
+        return self.pool.round_trip(peer_id)
+
     async def adisconnect(self, peer_id: PeerID) -> None:
         """Close our connection to `peer_id` (calls waiting on it fail); the next call dials anew."""
         self.pool.disconnect(peer_id)

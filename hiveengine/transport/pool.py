@@ -103,6 +103,15 @@ class ConnectionPool:
         conn = self.connections.get(peer_id)
         return conn if conn is not None and not conn.closed else None
 
+    def round_trip(self, peer_id: PeerID) -> float | None:
+        """Seconds of one round trip to `peer_id`, as its link's handshake measured it; without a link, the median
+        over our open links (our own access link, a satellite uplink say, is on every path); None with no links."""
+        conn = self.connection_to(peer_id)
+        if conn is not None:
+            return conn.rtt
+        measured = sorted(c.rtt for c in self.connections.values() if not c.closed)
+        return measured[len(measured) // 2] if measured else None
+
     def disconnect(self, peer_id: PeerID) -> None:
         """Close our connection to `peer_id` (calls waiting on it fail); the next call dials anew."""
         conn = self.connections.pop(peer_id, None)

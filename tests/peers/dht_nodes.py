@@ -1,5 +1,5 @@
-"""A process hosting several DHT nodes for the tests: prints `ADDRESS <addr>` per node, then `READY`, and serves
-until its stdin closes (or it is killed)."""
+"""A process hosting several DHT nodes for the tests: prints `ADDRESS <addr>` per node, then `PEERS <n>...` (how
+many nodes each knows once started), then `READY`, and serves until its stdin closes (or it is killed)."""
 
 import argparse
 import sys
@@ -35,6 +35,7 @@ def main() -> None:
         initial = args.initial_peers or [str(n.address) for n in nodes[:1]]
         nodes.append(DHT(initial_peers=initial, config=config))
         print("ADDRESS", nodes[-1].address, flush=True)
+    print("PEERS", *(node.num_peers for node in nodes), flush=True)
     print("READY", flush=True)
     sys.stdin.read()
     for node in nodes:

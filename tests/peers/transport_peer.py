@@ -53,6 +53,11 @@ def serve() -> None:
     peer = Peer(limits=limits)
     for name, handler in [("echo", echo), ("sleep", sleep), ("fail", fail), ("matmul", matmul)]:
         peer.register(name, handler)
+
+    async def round_trip(request):
+        return {"rtt": peer.round_trip(request.sender)}
+
+    peer.register("round_trip", round_trip)
     peer.register_stream("sink", sink)
     print("ADDRESS", peer.address, flush=True)
     name = peer.runtime.local_copy.name
@@ -62,15 +67,19 @@ def serve() -> None:
 
 
 def client(address: str) -> None:
-    """Run a small exchange against `address` and print what came back as JSON."""
+    """Run a small exchange against `address` and print what came back, and both sides' round trips, as JSON."""
     peer = Peer()
     x = torch.randn(1 << 20)
     header, (y,) = peer.call_sync(address, "echo", {"k": "v"}, [x], timeout=30)
     stream_reply = peer.runtime.run(
         peer.send_tensor(address, "sink", x, {"numel": x.numel(), "dtype": "float32"}, timeout=30), timeout=60
     )
+    server_id = PeerAddress.parse(address).peer_id
+    their_view, _ = peer.call_sync(address, "round_trip", timeout=30)
     result = {
-        "link": peer.pool.connections[PeerAddress.parse(address).peer_id].kind,
+        "rtt": peer.round_trip(server_id),
+        "their_rtt": their_view["rtt"],
+        "link": peer.pool.connections[server_id].kind,
         "echo_equal": bool(torch.equal(x, y)),
         "header": header,
         "sum_ok": stream_reply["sum"] == float(x.double().sum()),
