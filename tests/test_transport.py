@@ -178,6 +178,9 @@ def test_round_trips_are_measured_per_link_and_estimated_for_peers_without_one(s
         measured = caller.round_trip(server_id)
         assert measured == caller.connection_to(server_id).rtt and 0 < measured < 1.0
         assert caller.round_trip(Identity.generate().peer_id) == measured  # no link to it: what our links measure
+        caller.disconnect(server_id)
+        assert caller.connection_to(server_id) is None
+        assert caller.round_trip(server_id) == measured  # no link open at all: what the last one measured
     finally:
         caller.shutdown()
 

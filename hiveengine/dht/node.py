@@ -244,8 +244,8 @@ class DHTNode:
 
     def _link_time(self, address: PeerAddress) -> float:
         """Seconds the link itself adds to an RPC to `address`: REPLY_ROUND_TRIPS of its round trip, plus a dial's
-        DIAL_ROUND_TRIPS (at most connect_timeout) when no link to it is open; before any link measured a round
-        trip (joining), the whole connect_timeout. Without this, a node behind a long link could neither join
+        DIAL_ROUND_TRIPS (at most connect_timeout) when no link to it is open; before any link ever measured a
+        round trip (joining), the whole connect_timeout. Without this, a node behind a long link could neither join
         nor reach the contacts that lookups hand it (their dial alone outlasted rpc_timeout)."""
         rtt = self.peer.round_trip(address.peer_id)
         connect = self.peer.limits.connect_timeout

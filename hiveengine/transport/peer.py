@@ -246,7 +246,7 @@ class Peer:
 
     def round_trip(self, peer_id: PeerID) -> float | None:
         """Seconds of one round trip to `peer_id` (measured when its link opened; without a link, what our other
-        links measure), so that deadlines can adapt to long links; None before we have any link."""
+        links measure), so that deadlines can adapt to long links; None before we ever had a link."""
         return self.pool.round_trip(peer_id)
 
     async def adisconnect(self, peer_id: PeerID) -> None:

@@ -66,6 +66,7 @@ class ConnectionPool:
         self._on_lost: dict[PeerID, list[Callable[[], None]]] = {}  # one-shot: our link to that peer was lost
         self._upgrades: dict[PeerID, asyncio.Task] = {}  # relayed links we asked to be made direct (upgrade.py)
         self._tcp_only: set[PeerID] = set()  # peers a UCX dial failed to reach (link "auto"): dialled over TCP
+        self._last_rtt: float | None = None  # what the last link we took into service measured (round_trip)
         self.closed = False
 
     @property
@@ -105,12 +106,13 @@ class ConnectionPool:
 
     def round_trip(self, peer_id: PeerID) -> float | None:
         """Seconds of one round trip to `peer_id`, as its link's handshake measured it; without a link, the median
-        over our open links (our own access link, a satellite uplink say, is on every path); None with no links."""
+        over our open links (our own access link, a satellite uplink say, is on every path), or with none open,
+        what the last link we opened measured; None before any link opened."""
         conn = self.connection_to(peer_id)
         if conn is not None:
             return conn.rtt
         measured = sorted(c.rtt for c in self.connections.values() if not c.closed)
-        return measured[len(measured) // 2] if measured else None
+        return measured[len(measured) // 2] if measured else self._last_rtt
 
     def disconnect(self, peer_id: PeerID) -> None:
         """Close our connection to `peer_id` (calls waiting on it fail); the next call dials anew."""
@@ -250,6 +252,7 @@ class ConnectionPool:
             return conn
         wire.set_close_callback(self._on_endpoint_closed, (conn,))
         self.connections[conn.remote] = conn
+        self._last_rtt = conn.rtt
         self._evict_idle()
         conn.start(self._dispatcher, self._forget_connection)
         logger.debug("connection %r open over %s", conn, wire.kind)
