@@ -244,15 +244,16 @@ class DHTNode:
 
     def _link_time(self, address: PeerAddress) -> float:
         """Seconds the link itself adds to an RPC to `address`: REPLY_ROUND_TRIPS of its round trip, plus a dial's
-        DIAL_ROUND_TRIPS (at most connect_timeout) when no link to it is open; before any link ever measured a
-        round trip (joining), the whole connect_timeout. Without this, a node behind a long link could neither join
-        nor reach the contacts that lookups hand it (their dial alone outlasted rpc_timeout)."""
+        DIAL_ROUND_TRIPS when no link to it is open; before any link ever measured a round trip (joining), the
+        whole connect_timeout. Without this, a node behind a long link could neither join nor reach the contacts
+        that lookups hand it (their dial alone outlasted rpc_timeout). Never more than connect_timeout: a peer
+        that drags out its handshake to look far away costs a lookup at most that much more."""
         rtt = self.peer.round_trip(address.peer_id)
         connect = self.peer.limits.connect_timeout
         if rtt is None:
             return connect
-        dial = 0.0 if self.peer.connection_to(address.peer_id) is not None else min(connect, DIAL_ROUND_TRIPS * rtt)
-        return dial + REPLY_ROUND_TRIPS * rtt
+        dial = 0.0 if self.peer.connection_to(address.peer_id) is not None else DIAL_ROUND_TRIPS * rtt
+        return min(connect, dial + REPLY_ROUND_TRIPS * rtt)
 
     async def _ping(self, contact: Contact) -> bool:
         return await self._rpc(contact, protocol.PING, self._sender) is not None
