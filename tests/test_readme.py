@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -32,11 +33,17 @@ def test_the_using_it_snippet_runs_as_written_by_two_peers():
     try:
         address = bootstrap.expect(READY_PREFIX)
         code = snippet.replace(PLACEHOLDER, address)
-        peers = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) for _ in range(2)]
-        outputs = [p.communicate(timeout=SNIPPET_TIMEOUT)[0] for p in peers]
+        env = {**os.environ, "PYTHONFAULTHANDLER": "1"}  # a crash prints its Python stacks
+        peers = [
+            subprocess.Popen(
+                [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+            )
+            for _ in range(2)
+        ]
+        outputs = [p.communicate(timeout=SNIPPET_TIMEOUT) for p in peers]
     finally:
         bootstrap.close()
-    for peer, out in zip(peers, outputs, strict=True):
-        assert peer.returncode == 0, out
+    for peer, (out, err) in zip(peers, outputs, strict=True):
+        assert peer.returncode == 0, f"{out}\n{err[-8000:]}"
         assert "ValueWithExpiration(value='hello'" in out
         assert out.strip().splitlines()[-1].startswith("tensor(")  # the averaged values were printed

@@ -384,3 +384,13 @@ def test_a_proven_same_host_peer_is_authenticated_but_not_encrypted(server):
         assert any(x.numpy().tobytes() == buf for buf in spy.seen)  # sent as it is, with its tag in the header
     finally:
         peer.shutdown()
+
+
+def test_a_listener_that_drags_its_hello_out_stretches_a_dial_to_at_most_twice_connect_timeout():
+    from hiveengine.transport.handshake import stretch_deadline
+
+    timeout, started = 5.0, 100.0
+    assert stretch_deadline(started + timeout, started, started + 0.01) == started + timeout  # a short link: as set
+    assert stretch_deadline(started + timeout, started, started + 4.0) == started + 8.0  # a long link: 4 s more
+    # the worst a listener can do, answer just before the deadline, gains one connect_timeout
+    assert stretch_deadline(started + timeout, started, started + timeout) == started + 2 * timeout

@@ -172,17 +172,28 @@ def _verify(hello: Hello, signature: bytes, role: bytes, transcript: bytes) -> P
 
 
 async def connect_handshake(
-    reactor, endpoint, identity: Identity, expected: PeerID | None, recv_base: int, timeout: float
+    reactor,
+    endpoint,
+    identity: Identity,
+    expected: PeerID | None,
+    recv_base: int,
+    timeout: float,
+    dial_started: float | None = None,
 ) -> Authenticated:
-    """Run the dialer's side; raise PeerIdMismatch if the listener is not `expected`, HandshakeError if it cannot
-    prove who it is."""
+    """Run the dialer's side within `timeout` seconds, stretched once the listener's HELLO is in (`stretch_deadline`:
+    a long link needs more than a short one); raise PeerIdMismatch if the listener is not `expected`,
+    HandshakeError if it cannot prove who it is. `dial_started`: when the dial began (the loop's clock), if the
+    link's own setup came first."""
+    loop = asyncio.get_running_loop()
+    started = loop.time() if dial_started is None else dial_started
 
-    async def run() -> Authenticated:
+    async def run(scope: asyncio.Timeout) -> Authenticated:
         ephemeral, ephemeral_public = _ephemeral()
         target = expected.raw if expected else NO_TARGET
         my_bytes = _my_hello(identity, recv_base, target, ephemeral_public)
         await _send(reactor, endpoint, my_bytes)
         theirs, their_bytes = await _recv_hello(reactor, endpoint)
+        scope.reschedule(stretch_deadline(scope.when(), started, loop.time()))
         signature = await _recv_exact(reactor, endpoint, SIGNATURE_BYTES)
         transcript = _transcript(my_bytes, their_bytes)
         peer_id = _verify(theirs, signature, LISTENER_ROLE, transcript)
@@ -212,8 +223,16 @@ async def connect_handshake(
         rtt = time.monotonic() - sent
         return Authenticated(peer_id, theirs.public_key, theirs.recv_base, identity, True, *keys, roles=roles, rtt=rtt)
 
-    async with asyncio.timeout(timeout):
-        return await run()
+    async with asyncio.timeout(timeout) as scope:
+        return await run(scope)
+
+
+def stretch_deadline(deadline: float, started: float, now: float) -> float:
+    """The dialer's deadline once the listener's HELLO is in, `now`: what is left of the handshake (one round trip,
+    and the first call's) may take as long as the dial took so far, a link's setup and one round trip. So a link
+    with a round trip over a second, whose setup alone takes most of connect_timeout, still opens, and a listener
+    that drags its HELLO out gains at most connect_timeout more."""
+    return max(deadline, now + (now - started))
 
 
 async def confirm_handshake(reactor, endpoint) -> None:

@@ -214,6 +214,8 @@ class ConnectionPool:
             raise PeerUnreachableError(f"{address} accepts no TCP wires (its address has no tcp=PORT)")
         base, wire = new_recv_base(), None
         deadline = self.limits.connect_timeout
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         try:
             async with asyncio.timeout(deadline):
                 sock = await open_tcp(address.host, address.tcp_port, deadline)
@@ -223,9 +225,10 @@ class ConnectionPool:
                 except BaseException:
                     sock.close()
                     raise
-                relayed = address.relay is not None
-                wire = TcpWire(sock, self.limits, relayed=relayed, on_activity=self.runtime.reactor.active)
-                auth = await connect_handshake(wire, None, identity, address.peer_id, base, deadline)
+            relayed = address.relay is not None
+            wire = TcpWire(sock, self.limits, relayed=relayed, on_activity=self.runtime.reactor.active)
+            remaining = started + deadline - loop.time()
+            auth = await connect_handshake(wire, None, identity, address.peer_id, base, remaining, started)
         except Exception as e:
             if wire is not None:
                 wire.close()

@@ -88,6 +88,16 @@ def client(address: str) -> None:
     peer.shutdown()
 
 
+def ping(address: str) -> None:
+    """Only dial `address` and ask for its view of the round trip; print both sides' round trips as JSON."""
+    peer = Peer()
+    their_view, _ = peer.call_sync(address, "round_trip", timeout=60)
+    server_id = PeerAddress.parse(address).peer_id
+    result = {"rtt": peer.round_trip(server_id), "their_rtt": their_view["rtt"]}
+    print(json.dumps({**result, "link": peer.pool.connections[server_id].kind}), flush=True)
+    peer.shutdown()
+
+
 if __name__ == "__main__":
     threading.current_thread().name = "peer-main"
-    serve() if sys.argv[1] == "serve" else client(sys.argv[2])
+    {"serve": serve, "client": client, "ping": ping}[sys.argv[1]](*sys.argv[2:])
