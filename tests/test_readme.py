@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -29,21 +30,21 @@ def python_block_after(heading: str) -> str:
 def test_the_using_it_snippet_runs_as_written_by_two_peers():
     snippet = python_block_after("## Using it")
     assert PLACEHOLDER in snippet
-    bootstrap = PeerProcess("hiveengine.cli", "dht")
-    try:
-        address = bootstrap.expect(READY_PREFIX)
-        code = snippet.replace(PLACEHOLDER, address)
-        env = {**os.environ, "PYTHONFAULTHANDLER": "1"}  # a crash prints its Python stacks
-        peers = [
-            subprocess.Popen(
-                [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
-            )
-            for _ in range(2)
-        ]
-        outputs = [p.communicate(timeout=SNIPPET_TIMEOUT) for p in peers]
-    finally:
-        bootstrap.close()
-    for peer, (out, err) in zip(peers, outputs, strict=True):
-        assert peer.returncode == 0, f"{out}\n{err[-8000:]}"
-        assert "ValueWithExpiration(value='hello'" in out
-        assert out.strip().splitlines()[-1].startswith("tensor(")  # the averaged values were printed
+    env = {**os.environ, "PYTHONFAULTHANDLER": "1"}  # a crash prints its Python stacks
+    # stderr to files, not pipes: a peer whose stderr pipe filled while we wait on the other would stall both
+    with tempfile.TemporaryFile("w+") as err0, tempfile.TemporaryFile("w+") as err1:
+        bootstrap = PeerProcess("hiveengine.cli", "dht")
+        try:
+            code = snippet.replace(PLACEHOLDER, bootstrap.expect(READY_PREFIX))
+            peers = [
+                subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+                for err in (err0, err1)
+            ]
+            outputs = [p.communicate(timeout=SNIPPET_TIMEOUT)[0] for p in peers]
+        finally:
+            bootstrap.close()
+        for peer, out, err in zip(peers, outputs, (err0, err1), strict=True):
+            err.seek(0)
+            assert peer.returncode == 0, f"{out}\n{err.read()[-8000:]}"
+            assert "ValueWithExpiration(value='hello'" in out
+            assert out.strip().splitlines()[-1].startswith("tensor(")  # the averaged values were printed

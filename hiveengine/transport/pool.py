@@ -229,9 +229,11 @@ class ConnectionPool:
             wire = TcpWire(sock, self.limits, relayed=relayed, on_activity=self.runtime.reactor.active)
             remaining = started + deadline - loop.time()
             auth = await connect_handshake(wire, None, identity, address.peer_id, base, remaining, started)
-        except Exception as e:
+        except BaseException as e:  # cancelled too: the socket is closed here, as a UCX dial closes its endpoint
             if wire is not None:
                 wire.close()
+            if not isinstance(e, Exception):
+                raise
             raise _dial_error(e, address) from None
         return wire, auth, base
 

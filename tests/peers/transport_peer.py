@@ -93,8 +93,12 @@ def ping(address: str) -> None:
     peer = Peer()
     their_view, _ = peer.call_sync(address, "round_trip", timeout=60)
     server_id = PeerAddress.parse(address).peer_id
-    result = {"rtt": peer.round_trip(server_id), "their_rtt": their_view["rtt"]}
-    print(json.dumps({**result, "link": peer.pool.connections[server_id].kind}), flush=True)
+    result = {
+        "rtt": peer.round_trip(server_id),
+        "their_rtt": their_view["rtt"],
+        "link": peer.pool.connections[server_id].kind,
+    }
+    print(json.dumps(result), flush=True)
     peer.shutdown()
 
 
