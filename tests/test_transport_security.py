@@ -14,6 +14,7 @@ import torch
 
 from hiveengine.errors import HandshakeError, PeerIdMismatch
 from hiveengine.transport import SINK_METHOD, Identity, Peer, PeerAddress, TransportLimits, serve_sink
+from hiveengine.transport.limits import INITIAL_WINDOW_BYTES, slow_start_round_trips
 from hiveengine.transport.resources import Usage
 from tests.procs import PeerProcess
 
@@ -107,6 +108,28 @@ def test_frames_that_never_come_hold_memory_only_until_their_deadline():
     finally:
         legit.shutdown()
         victim.shutdown()
+
+
+def _windows_until_delivered(nbytes: int) -> int:
+    """Reference: round trips of a TCP window that starts at INITIAL_WINDOW_BYTES and doubles until `nbytes` are
+    through, plus the round trip of the request that announced them."""
+    delivered, window, rounds = 0, INITIAL_WINDOW_BYTES, 1
+    while delivered < nbytes:
+        delivered, window, rounds = delivered + window, window * 2, rounds + 1
+    return rounds
+
+
+def test_a_frame_deadline_adds_the_slow_start_round_trips_of_the_link_up_to_max_deadline_rtt():
+    rng = np.random.default_rng()
+    for nbytes in [1, INITIAL_WINDOW_BYTES, INITIAL_WINDOW_BYTES + 1, *rng.integers(1, 1 << 34, 50).tolist()]:
+        assert slow_start_round_trips(nbytes) == _windows_until_delivered(nbytes), nbytes
+    limits = TransportLimits()
+    flat = limits.frame_timeout + (4 << 20) / limits.min_frame_bytes_per_second
+    assert limits.frame_deadline(4 << 20) == flat  # no round trip measured: as before
+    assert limits.frame_deadline(4 << 20, 0.001) < flat + 0.02  # a LAN adds next to nothing
+    assert limits.frame_deadline(4 << 20, 1.5) >= flat + 13.0  # ~9 doublings of the window at 1.5 s
+    # A peer that dragged its handshake out to a long "round trip" gains at most max_deadline_rtt's worth.
+    assert limits.frame_deadline(4 << 20, 60.0) == limits.frame_deadline(4 << 20, limits.max_deadline_rtt)
 
 
 def test_frames_for_an_unknown_method_cannot_pile_up_posted_receives():

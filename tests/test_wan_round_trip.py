@@ -1,7 +1,8 @@
 """Each side of a link measures its round trip in the handshake (Connection.rtt, Peer.round_trip), which the DHT's
 deadlines adapt to: over an emulated 200 ms link (tools/wanlink.py), in network namespaces, both the dialler and
 the listener measure about 200 ms, over UCX and over the TCP wire. A TCP wire with a 1.5 s round trip opens too:
-the dial's deadline stretches once the listener answers."""
+the dial's deadline stretches once the listener answers; and 4 MiB tensors cross it, as their frames' deadline
+adds the round trips a fresh TCP window needs to grow to their size."""
 
 import json
 
@@ -19,8 +20,9 @@ LONG_RTT = 1.5  # a link whose setup and handshake take longer than connect_time
 SLACK = 0.15  # what the userspace link emulator and the handshake's own checks may add
 
 
-def run_client(net: WanNetwork, env: dict, mode: str) -> dict:
-    """Start a transport_peer server in namespace 0 and a client in `mode` in namespace 1; the client's JSON line."""
+def run_client(net: WanNetwork, env: dict, mode: str, *args: str, wait: float = 90) -> dict:
+    """Start a transport_peer server in namespace 0 and a client in `mode` (with `args`) in namespace 1; the client's
+    JSON line, within `wait` seconds."""
     server = PeerProcess(
         "transport_peer.py", "serve", env={**env, "HIVEENGINE_ANNOUNCE_HOST": net.host(0)}, wrap=net.command(0, [])
     )
@@ -31,11 +33,12 @@ def run_client(net: WanNetwork, env: dict, mode: str) -> dict:
             "transport_peer.py",
             mode,
             address,
+            *args,
             env={**env, "HIVEENGINE_ANNOUNCE_HOST": net.host(1)},
             wrap=net.command(1, []),
         )
         procs.append(client)
-        return json.loads("{" + client.expect("{", timeout=90))
+        return json.loads("{" + client.expect("{", timeout=wait))
     finally:
         for proc in procs:
             proc.close()
@@ -61,3 +64,13 @@ def test_a_tcp_wire_with_a_round_trip_of_1_5_s_opens():
     assert result["link"] == "tcp"
     for side in ("rtt", "their_rtt"):
         assert LONG_RTT <= result[side] < LONG_RTT + SLACK, result
+
+
+@pytest.mark.timeout(240)
+def test_4_mib_tensors_cross_a_tcp_wire_with_a_round_trip_of_1_5_s():
+    # Each direction's window starts at 10 segments and doubles per round trip: about 13 s before 4 MiB are through,
+    # at any bandwidth. The frames' deadline was 10.4 s (frame_timeout + size / min_frame_bytes_per_second), so the
+    # echo failed ("announced 1 frames of 4194304 bytes that did not arrive within 10.4 s").
+    with WanNetwork(2, "100mbit-1500ms", prefix="hwbig") as net:
+        result = run_client(net, {**ENV, "HIVEENGINE_LINK": "tcp"}, "client", "90", wait=210)
+    assert result["link"] == "tcp" and result["echo_equal"] and result["sum_ok"], result

@@ -443,7 +443,7 @@ class Connection:
                 [(buf, self.frame_tag(body, first_index + i)) for buf, (i, _) in zip(buffers, posting, strict=True)]
             )
         nbytes = sum(f.numel() for _, f in posting)
-        deadline = self.limits.frame_deadline(nbytes)
+        deadline = self.limits.frame_deadline(nbytes, self.rtt)
         try:
             async with asyncio.timeout(deadline):
                 await self.wait(futures)
@@ -466,7 +466,8 @@ class Connection:
             raise self.lost(
                 ProtocolError(
                     f"{self.remote} announced {len(futures)} frames of {nbytes} bytes that did not arrive within "
-                    f"{deadline:.1f} s (TransportLimits.frame_timeout, min_frame_bytes_per_second)"
+                    f"{deadline:.1f} s (TransportLimits.frame_deadline: frame_timeout, min_frame_bytes_per_second, "
+                    "and the link's round trip)"
                 )
             ) from None
         except asyncio.CancelledError:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -40,11 +41,13 @@ class TransportLimits:
     # UCX receives posted for announced frames (including 1-byte receives that drop unwanted frames).
     max_posted_receives: int = 65536
     max_posted_receives_per_peer: int = 8192
-    # Announced frames must have arrived within frame_timeout + their size / min_frame_bytes_per_second of
-    # being expected; otherwise the sender is broken or hostile, and the connection is closed (which is also
-    # the only way to cancel UCX receives: their reservations go with it).
+    # Announced frames must have arrived within frame_timeout + their size / min_frame_bytes_per_second, plus the
+    # round trips TCP's slow start needs for that size (of the link's measured round trip, counted up to
+    # max_deadline_rtt), of being expected; otherwise the sender is broken or hostile, and the connection is
+    # closed (which is also the only way to cancel UCX receives: their reservations go with it).
     frame_timeout: float = 10.0
     min_frame_bytes_per_second: float = 10e6
+    max_deadline_rtt: float = 3.0
     # Connections accepted but not yet authenticated; more are closed at once (each holds sockets).
     max_unauthenticated: int = 64
     # Host tensors totalling at most this many bytes travel inside the control message (one UCX message
@@ -87,9 +90,22 @@ class TransportLimits:
         if self.link not in LINKS:
             raise ConfigurationError(f"{LINK_ENV} / TransportLimits.link={self.link!r}: expected one of {LINKS}")
 
-    def frame_deadline(self, nbytes: int) -> float:
-        """Seconds announced frames of `nbytes` in all may take to arrive."""
-        return self.frame_timeout + nbytes / self.min_frame_bytes_per_second
+    def frame_deadline(self, nbytes: int, rtt: float = 0.0) -> float:
+        """Seconds announced frames of `nbytes` in all may take to arrive over a link with round trip `rtt`: on a
+        long link a fresh TCP window grows for several round trips before it carries that much (4 MiB over a
+        1.5 s round trip: about 13 s), whatever the bandwidth. The handshake measures `rtt`, which a hostile peer
+        can drag out, so at most max_deadline_rtt of it counts."""
+        rounds = slow_start_round_trips(nbytes)
+        return self.frame_timeout + nbytes / self.min_frame_bytes_per_second + min(rtt, self.max_deadline_rtt) * rounds
+
+
+INITIAL_WINDOW_BYTES = 10 * 1448  # TCP's initial congestion window (RFC 6928: 10 segments)
+
+
+def slow_start_round_trips(nbytes: int) -> int:
+    """Round trips a fresh TCP connection takes to deliver `nbytes`: its window starts at INITIAL_WINDOW_BYTES and
+    doubles each round trip, plus one for the request that announced them."""
+    return 1 + math.ceil(math.log2(1 + nbytes / INITIAL_WINDOW_BYTES))
 
 
 DEFAULT_LIMITS = TransportLimits()

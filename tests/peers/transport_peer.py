@@ -66,16 +66,18 @@ def serve() -> None:
     peer.shutdown()
 
 
-def client(address: str) -> None:
-    """Run a small exchange against `address` and print what came back, and both sides' round trips, as JSON."""
+def client(address: str, timeout: str = "30") -> None:
+    """Echo 4 MiB to `address`, stream it 4 MiB, and print what came back, and both sides' round trips, as JSON;
+    each call within `timeout` seconds."""
     peer = Peer()
+    seconds = float(timeout)
     x = torch.randn(1 << 20)
-    header, (y,) = peer.call_sync(address, "echo", {"k": "v"}, [x], timeout=30)
+    header, (y,) = peer.call_sync(address, "echo", {"k": "v"}, [x], timeout=seconds)
     stream_reply = peer.runtime.run(
-        peer.send_tensor(address, "sink", x, {"numel": x.numel(), "dtype": "float32"}, timeout=30), timeout=60
+        peer.send_tensor(address, "sink", x, {"numel": x.numel(), "dtype": "float32"}, timeout=seconds), seconds * 2
     )
     server_id = PeerAddress.parse(address).peer_id
-    their_view, _ = peer.call_sync(address, "round_trip", timeout=30)
+    their_view, _ = peer.call_sync(address, "round_trip", timeout=seconds)
     result = {
         "rtt": peer.round_trip(server_id),
         "their_rtt": their_view["rtt"],
