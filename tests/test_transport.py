@@ -25,6 +25,7 @@ from hiveengine.errors import (
 )
 from hiveengine.transport import Identity, Peer, PeerAddress, TransportLimits
 from hiveengine.transport.limits import LOCAL_COPY_ENV
+from hiveengine.transport.pool import DIAL_ROUND_TRIPS, REPLY_ROUND_TRIPS
 from hiveengine.transport.wire import DTYPES, PREFIX, Kind
 from tests.procs import PeerProcess, start_server
 
@@ -168,16 +169,21 @@ def test_handler_allocator_provides_receive_buffers():
         server.shutdown()
 
 
-def test_round_trips_are_measured_per_link_and_estimated_for_peers_without_one(server):
+def test_round_trips_and_link_times_are_measured_per_link_and_estimated_for_peers_without_one(server):
     _, address = server
     server_id = PeerAddress.parse(address).peer_id
     caller = Peer()
     try:
         assert caller.round_trip(server_id) is None  # no link has measured anything yet
+        connect = caller.limits.connect_timeout
+        assert caller.link_time(server_id) == connect  # so a call's link allowance is a whole dial's deadline
         caller.call_sync(address, "echo", {}, timeout=30)
         measured = caller.round_trip(server_id)
         assert measured == caller.connection_to(server_id).rtt and 0 < measured < 1.0
-        assert caller.round_trip(Identity.generate().peer_id) == measured  # no link to it: what our links measure
+        assert caller.link_time(server_id) == min(connect, REPLY_ROUND_TRIPS * measured)  # over the open link
+        stranger = Identity.generate().peer_id
+        assert caller.round_trip(stranger) == measured  # no link to it: what our links measure
+        assert caller.link_time(stranger) == min(connect, (DIAL_ROUND_TRIPS + REPLY_ROUND_TRIPS) * measured)
         caller.disconnect(server_id)
         assert caller.connection_to(server_id) is None
         assert caller.round_trip(server_id) == measured  # no link open at all: what the last one measured

@@ -2,7 +2,7 @@
 satellite link, emulated by tools/wanlink.py), setting up a UCX link and the handshake take about 4 s. They used
 to count against each RPC's 3 s deadline, so such a node could not join, and later could not reach any node it had
 no link to yet. The DHT's deadlines now add what the link takes, from the round trip measured when each link opened
-(DHTNode._link_time)."""
+(Peer.link_time)."""
 
 import pytest
 

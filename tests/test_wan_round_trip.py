@@ -2,7 +2,8 @@
 deadlines adapt to: over an emulated 200 ms link (tools/wanlink.py), in network namespaces, both the dialler and
 the listener measure about 200 ms, over UCX and over the TCP wire. A TCP wire with a 1.5 s round trip opens too:
 the dial's deadline stretches once the listener answers; and 4 MiB tensors cross it, as their frames' deadline
-adds the round trips a fresh TCP window needs to grow to their size."""
+adds the round trips a fresh TCP window needs to grow to their size. A matchmaking ring reaches a registrant over a
+600 ms link that it has to dial first: its deadline adds what the link takes (Peer.link_time)."""
 
 import json
 
@@ -74,3 +75,31 @@ def test_4_mib_tensors_cross_a_tcp_wire_with_a_round_trip_of_1_5_s():
     with WanNetwork(2, "100mbit-1500ms", prefix="hwbig") as net:
         result = run_client(net, {**ENV, "HIVEENGINE_LINK": "tcp"}, "client", "90", wait=210)
     assert result["link"] == "tcp" and result["echo_equal"] and result["sum_ok"], result
+
+
+def test_a_ring_reaches_a_registrant_behind_a_600ms_link_that_needs_a_dial_first():
+    # The UCX dial and handshake take about 4 s over this link; a ring's deadline was a flat RING_TIMEOUT (1 s), so
+    # it failed with RPCTimeoutError and the registrant had to find us by polling the DHT.
+    key = "wan.matchmaking.rung"
+    with WanNetwork(2, "100mbit-600ms", prefix="hwring") as net:
+        server = PeerProcess(
+            "ring_peer.py", "serve", key, env={**ENV, "HIVEENGINE_ANNOUNCE_HOST": net.host(0)}, wrap=net.command(0, [])
+        )
+        procs = [server]
+        try:
+            address = server.expect("ADDRESS")
+            ringer = PeerProcess(
+                "ring_peer.py",
+                "ring",
+                address,
+                key,
+                env={**ENV, "HIVEENGINE_ANNOUNCE_HOST": net.host(1)},
+                wrap=net.command(1, []),
+            )
+            procs.append(ringer)
+            outcome, ringer_id = ringer.expect("RING", timeout=60).split()
+            assert outcome == "ok"
+            assert server.expect("RUNG", timeout=30) == ringer_id
+        finally:
+            for proc in procs:
+                proc.close()

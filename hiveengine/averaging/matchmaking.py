@@ -84,7 +84,9 @@ EARLY_SETTLE_SECONDS = 0.05  # when more than the expected peers registered, wai
 GATHER_POLL_SECONDS = 0.02  # while gathering, read the registrations when nobody rang for this long
 GATHER_GRID_SECONDS = 0.1  # a gathering we open ends on this grid (or on a quarter of matchmaking_time)
 RING_METHOD = "hiveengine.averaging.ring"
-RING_TIMEOUT = 1.0  # a ring that takes longer than this is dropped (the poll still finds the registration)
+# A ring that takes longer than this, plus what its link adds (Peer.link_time), is dropped (the poll still finds the
+# registration).
+RING_TIMEOUT = 1.0
 MAX_RING_RECORDS = 1024  # ringers one open gathering remembers (more are left to the DHT reads)
 REGISTRATION_SLACK = 30.0  # registrations outlive their deadline by this long (then expire everywhere)
 VERSION_STEP = 1e-3  # each write of ours under one key expires at least this much later than the last
@@ -248,10 +250,11 @@ class Bell:
             listener.event.set()
         return {}
 
-    def ring(self, address: str, dht_key: str, registration: Registration, version: float) -> None:
-        """Hand `address` our registration under `dht_key` (in the background; a lost ring costs a poll)."""
+    def ring(self, member: GroupMember, dht_key: str, registration: Registration, version: float) -> None:
+        """Hand `member` our registration under `dht_key` (in the background; a lost ring costs a poll)."""
         header = {"k": dht_key, "r": registration.record(), "e": version}
-        task = asyncio.ensure_future(self.peer.call(address, RING_METHOD, header, timeout=RING_TIMEOUT))
+        timeout = RING_TIMEOUT + self.peer.link_time(member.peer_id)
+        task = asyncio.ensure_future(self.peer.call(member.address, RING_METHOD, header, timeout=timeout))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         task.add_done_callback(lambda t: t.cancelled() or _log_ring_failure(t.exception()))
@@ -635,7 +638,7 @@ class Matchmaker:
                 continue
             heard = g.listener.records.get(peer_id)
             if heard is None or heard[1].gather_until != g.mine.gather_until:
-                self.bell.ring(r.member.address, g.key, g.mine, g.version)
+                self.bell.ring(r.member, g.key, g.mine, g.version)
 
     def _next_version(self, dht_key: str) -> float:
         """The expiration time of our next write under `dht_key`: each is later than the last (newer wins in the

@@ -27,10 +27,8 @@ from hiveengine.errors import BootstrapError, ConfigurationError, ProtocolError,
 from hiveengine.transport import Peer, PeerAddress, Request
 
 logger = logging.getLogger(__name__)
-# Deadlines adapt to long links through each link's measured round trip (Peer.round_trip), on top of the
-# configured ones, which cover the remote's own work (so on a LAN, where a round trip is ~0, only those apply):
-DIAL_ROUND_TRIPS = 7  # setting up a link and its handshake (a 600 ms satellite link: about 4 s)
-REPLY_ROUND_TRIPS = 2  # an honest reply over an open link: one round trip, and one of slack
+# Deadlines adapt to long links: what a link adds (Peer.link_time, from its measured round trip) comes on top of
+# the configured ones, which cover the remote's own work (so on a LAN, where a round trip is ~0, only those apply).
 MiB = 1 << 20
 
 
@@ -41,7 +39,7 @@ class DHTConfig:
     k: int = 20  # bucket size and replication factor
     alpha: int = 3  # lookup RPCs in flight at once
     # Seconds one DHT RPC may take before its node counts as failed. This, solo_wait and stall_after cover the
-    # remote's work; what the link adds, from its measured round trip (DHTNode._link_time), comes on top.
+    # remote's work; what the link adds, from its measured round trip (Peer.link_time), comes on top.
     rpc_timeout: float = 3.0
     refresh_interval: float = 600.0  # a bucket without a lookup for this long is refreshed
     republish_interval: float = 300.0  # held records are re-replicated to the k closest nodes this often
@@ -230,7 +228,7 @@ class DHTNode:
         """Call a node; on success refresh it, on any failure (a reply of another protocol version included) drop
         it from the table and return None."""
         try:
-            timeout = self.config.rpc_timeout + self._link_time(contact.address)
+            timeout = self.config.rpc_timeout + self.peer.link_time(contact.address.peer_id)
             reply = await self.peer.call(contact.address, method, header, tensors, timeout=timeout)
         except (TransportError, TimeoutError) as e:
             self._failed(contact, e)
@@ -242,26 +240,13 @@ class DHTNode:
         self._seen(contact)
         return reply
 
-    def _link_time(self, address: PeerAddress) -> float:
-        """Seconds the link itself adds to an RPC to `address`: REPLY_ROUND_TRIPS of its round trip, plus a dial's
-        DIAL_ROUND_TRIPS when no link to it is open; before any link ever measured a round trip (joining), the
-        whole connect_timeout. Without this, a node behind a long link could neither join nor reach the contacts
-        that lookups hand it (their dial alone outlasted rpc_timeout). Never more than connect_timeout: a peer
-        that drags out its handshake to look far away costs a lookup at most that much more."""
-        rtt = self.peer.round_trip(address.peer_id)
-        connect = self.peer.limits.connect_timeout
-        if rtt is None:
-            return connect
-        dial = 0.0 if self.peer.connection_to(address.peer_id) is not None else DIAL_ROUND_TRIPS * rtt
-        return min(connect, dial + REPLY_ROUND_TRIPS * rtt)
-
     async def _ping(self, contact: Contact) -> bool:
         return await self._rpc(contact, protocol.PING, self._sender) is not None
 
     async def _hello(self, address: PeerAddress) -> bool:
         """Ping an initial peer, whose node id we learn from the nonce it answers with; True if it speaks our
         protocol version and proved its id."""
-        timeout = self.config.rpc_timeout + self._link_time(address)
+        timeout = self.config.rpc_timeout + self.peer.link_time(address.peer_id)
         try:
             reply, _ = await self.peer.call(address, protocol.PING, self._sender, timeout=timeout)
         except (TransportError, TimeoutError) as e:
@@ -316,7 +301,7 @@ class DHTNode:
         said about each. With `key`, every valid record found is merged into `found`; `stop_early` ends the
         lookup at the first one (and starts with one request in flight, see DHTConfig.solo_wait). Dead nodes
         cost one rpc_timeout each and are skipped, a stalled reply frees its slot after stall_after (each plus what
-        the link adds, see _link_time); the lookup never hangs."""
+        the link adds, see Peer.link_time); the lookup never hangs."""
         if not len(self.table):
             await self._rejoin()
         k, difficulty = self.config.k, self.config.id_difficulty
@@ -351,7 +336,7 @@ class DHTNode:
                             asked.add(contact.id)
                             busy[path] += 1
                             task = asyncio.ensure_future(self._find(contact, target, key, offer))
-                            link = self._link_time(contact.address)
+                            link = self.peer.link_time(contact.address.peer_id)
                             pending[task] = contact, path, now + self.config.stall_after + link
                             solo_wait = self.config.solo_wait + link
                 if not pending:

@@ -249,6 +249,11 @@ class Peer:
         links measure), so that deadlines can adapt to long links; None before we ever had a link."""
         return self.pool.round_trip(peer_id)
 
+    def link_time(self, peer_id: PeerID) -> float:
+        """Seconds the link to `peer_id` adds to a call whose deadline covers only the remote's work (a dial's
+        round trips when no link is open, a reply's), at most connect_timeout (ConnectionPool.link_time)."""
+        return self.pool.link_time(peer_id)
+
     async def adisconnect(self, peer_id: PeerID) -> None:
         """Close our connection to `peer_id` (calls waiting on it fail); the next call dials anew."""
         self.pool.disconnect(peer_id)

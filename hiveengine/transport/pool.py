@@ -41,6 +41,9 @@ from hiveengine.transport.ucx_wire import UcxWire
 from hiveengine.transport.upgrade import request_upgrade, wants_upgrade
 
 logger = logging.getLogger(__name__)
+# Deadlines that cover a remote's work adapt to long links through each link's measured round trip (link_time):
+DIAL_ROUND_TRIPS = 7  # setting up a link and its handshake (a 600 ms satellite link: about 4 s)
+REPLY_ROUND_TRIPS = 2  # an honest reply over an open link: one round trip, and one of slack
 
 
 class Owner(Protocol):
@@ -113,6 +116,18 @@ class ConnectionPool:
             return conn.rtt
         measured = sorted(c.rtt for c in self.connections.values() if not c.closed)
         return measured[len(measured) // 2] if measured else self._last_rtt
+
+    def link_time(self, peer_id: PeerID) -> float:
+        """Seconds the link itself adds to a call to `peer_id`, for deadlines that cover only the remote's work:
+        REPLY_ROUND_TRIPS of its round trip, plus a dial's DIAL_ROUND_TRIPS when no link to it is open; before any
+        link ever measured a round trip (joining), the whole connect_timeout. Never more than connect_timeout: a peer
+        that drags out its handshake to look far away gains at most that much."""
+        rtt = self.round_trip(peer_id)
+        connect = self.limits.connect_timeout
+        if rtt is None:
+            return connect
+        dial = 0.0 if self.connection_to(peer_id) is not None else DIAL_ROUND_TRIPS * rtt
+        return min(connect, dial + REPLY_ROUND_TRIPS * rtt)
 
     def disconnect(self, peer_id: PeerID) -> None:
         """Close our connection to `peer_id` (calls waiting on it fail); the next call dials anew."""
