@@ -21,25 +21,19 @@ LONG_RTT = 1.5  # a link whose setup and handshake take longer than connect_time
 SLACK = 0.15  # what the userspace link emulator and the handshake's own checks may add
 
 
+def start(net: WanNetwork, i: int, env: dict, script: str, *args: str) -> PeerProcess:
+    """`script` (tests/peers) with `args` in namespace `i`, announcing that namespace's host."""
+    return PeerProcess(script, *args, env={**env, "HIVEENGINE_ANNOUNCE_HOST": net.host(i)}, wrap=net.command(i, []))
+
+
 def run_client(net: WanNetwork, env: dict, mode: str, *args: str, wait: float = 90) -> dict:
     """Start a transport_peer server in namespace 0 and a client in `mode` (with `args`) in namespace 1; the client's
     JSON line, within `wait` seconds."""
-    server = PeerProcess(
-        "transport_peer.py", "serve", env={**env, "HIVEENGINE_ANNOUNCE_HOST": net.host(0)}, wrap=net.command(0, [])
-    )
-    procs = [server]
+    procs = [start(net, 0, env, "transport_peer.py", "serve")]
     try:
-        address = server.expect("ADDRESS")
-        client = PeerProcess(
-            "transport_peer.py",
-            mode,
-            address,
-            *args,
-            env={**env, "HIVEENGINE_ANNOUNCE_HOST": net.host(1)},
-            wrap=net.command(1, []),
-        )
-        procs.append(client)
-        return json.loads("{" + client.expect("{", timeout=wait))
+        address = procs[0].expect("ADDRESS")
+        procs.append(start(net, 1, env, "transport_peer.py", mode, address, *args))
+        return json.loads("{" + procs[1].expect("{", timeout=wait))
     finally:
         for proc in procs:
             proc.close()
@@ -82,20 +76,10 @@ def test_a_ring_reaches_a_registrant_behind_a_600ms_link_that_needs_a_dial_first
     # it failed with RPCTimeoutError and the registrant had to find us by polling the DHT.
     key = "wan.matchmaking.rung"
     with WanNetwork(2, "100mbit-600ms", prefix="hwring") as net:
-        server = PeerProcess(
-            "ring_peer.py", "serve", key, env={**ENV, "HIVEENGINE_ANNOUNCE_HOST": net.host(0)}, wrap=net.command(0, [])
-        )
+        server = start(net, 0, ENV, "ring_peer.py", "serve", key)
         procs = [server]
         try:
-            address = server.expect("ADDRESS")
-            ringer = PeerProcess(
-                "ring_peer.py",
-                "ring",
-                address,
-                key,
-                env={**ENV, "HIVEENGINE_ANNOUNCE_HOST": net.host(1)},
-                wrap=net.command(1, []),
-            )
+            ringer = start(net, 1, ENV, "ring_peer.py", "ring", server.expect("ADDRESS"), key)
             procs.append(ringer)
             outcome, ringer_id = ringer.expect("RING", timeout=60).split()
             assert outcome == "ok"
