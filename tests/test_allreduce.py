@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import json
 import os
+from collections.abc import Callable
 
 import psutil
 import pytest
@@ -32,12 +33,14 @@ def average_in_processes(
     sender_timeout: float = 3,
     device: str = "cpu",
     numel: int = NUMEL,
+    spawn: Callable[[int], PeerProcess] = lambda i: PeerProcess("allreduce_peer.py"),
     **options,
 ):
     """Run one round among real processes on `device` buffers; `specs` give each peer's weight, bandwidth,
     mode (and stall: killed once in the group; or an attack from tests/peers/byzantine_attacks.py);
-    `options`: the round's late_grace, aggregation, max_weight_ratio (and `rounds`: how many rounds to run)."""
-    procs = [PeerProcess("allreduce_peer.py") for _ in specs]
+    `options`: the round's late_grace, aggregation, max_weight_ratio (and `rounds`: how many rounds to run).
+    `spawn(i)` starts peer i's allreduce_peer.py (in a network namespace, say)."""
+    procs = [spawn(i) for i in range(len(specs))]
     try:
         addresses = [p.expect("ADDRESS") for p in procs]
         members = [

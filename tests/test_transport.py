@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import socket
 import time
 
@@ -25,7 +26,7 @@ from hiveengine.errors import (
 )
 from hiveengine.transport import Identity, Peer, PeerAddress, TransportLimits
 from hiveengine.transport.limits import LOCAL_COPY_ENV
-from hiveengine.transport.pool import DIAL_ROUND_TRIPS, REPLY_ROUND_TRIPS
+from hiveengine.transport.pool import DIAL_ROUND_TRIPS, LANE_ROUND_TRIPS, REPLY_ROUND_TRIPS
 from hiveengine.transport.wire import DTYPES, PREFIX, Kind
 from tests.procs import PeerProcess, start_server
 
@@ -184,6 +185,19 @@ def test_round_trips_and_link_times_are_measured_per_link_and_estimated_for_peer
         stranger = Identity.generate().peer_id
         assert caller.round_trip(stranger) == measured  # no link to it: what our links measure
         assert caller.link_time(stranger) == min(connect, (DIAL_ROUND_TRIPS + REPLY_ROUND_TRIPS) * measured)
+        # A transfer adds each direction's bytes; a wait that began before the link opened also counts its dial and
+        # the round trips UCX takes to wire up its data lanes after it.
+        opened = caller.connection_to(server_id).opened
+        sent, received = random.randrange(1, 1 << 30), random.randrange(1 << 30)
+        moving = caller.limits.transfer_time(sent, measured) + caller.limits.transfer_time(received, measured)
+        settled = caller.transfer_time(server_id, sent, received, since=opened)
+        assert settled == caller.link_time(server_id) + moving
+        fresh = caller.transfer_time(server_id, sent, received, since=opened - 1)
+        lanes = LANE_ROUND_TRIPS * measured
+        assert fresh == pytest.approx(caller.link_time(server_id, since=opened - 1) + moving + lanes)
+        assert caller.link_time(server_id, since=opened - 1) == min(
+            connect, (DIAL_ROUND_TRIPS + REPLY_ROUND_TRIPS) * measured
+        )
         caller.disconnect(server_id)
         assert caller.connection_to(server_id) is None
         assert caller.round_trip(server_id) == measured  # no link open at all: what the last one measured

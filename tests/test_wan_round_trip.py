@@ -3,13 +3,17 @@ deadlines adapt to: over an emulated 200 ms link (tools/wanlink.py), in network 
 the listener measure about 200 ms, over UCX and over the TCP wire. A TCP wire with a 1.5 s round trip opens too:
 the dial's deadline stretches once the listener answers; and 4 MiB tensors cross it, as their frames' deadline
 adds the round trips a fresh TCP window needs to grow to their size. A matchmaking ring reaches a registrant over a
-600 ms link that it has to dial first: its deadline adds what the link takes (Peer.link_time)."""
+600 ms link that it has to dial first: its deadline adds what the link takes (Peer.link_time). Two peers average
+4 MB over such a link without losing a part: the all-reduce's waits add what moving a part takes over it
+(Peer.transfer_time)."""
 
 import json
 
 import pytest
+import torch
 
 from tests.procs import PeerProcess
+from tests.test_allreduce import average_in_processes, exact_mean
 from tools.netns import WanNetwork, available
 
 pytestmark = [
@@ -87,3 +91,27 @@ def test_a_ring_reaches_a_registrant_behind_a_600ms_link_that_needs_a_dial_first
         finally:
             for proc in procs:
                 proc.close()
+
+
+@pytest.mark.timeout(240)
+def test_two_peers_average_4_mb_over_a_600ms_link_they_first_dial(tmp_path):
+    # Each peer's own part is reduced at once, and the remote part had only late_grace (2 s) more; the reducer gave a
+    # remote copy sender_timeout (5 s) after its own. The dial alone takes about 4 s over this link, the first copy
+    # over a fresh UCX link 8-10 s more: every round failed the remote part, on both peers. Now both waits add what
+    # the link takes (Peer.transfer_time), read again when they run out.
+    numel = 1 << 20
+    with WanNetwork(2, "100mbit-600ms", prefix="hwavg") as net:
+        members, results = average_in_processes(
+            tmp_path,
+            [{}, {}],
+            "none",
+            numel=numel,
+            chunk_elements=numel,
+            rounds=2,
+            spawn=lambda i: start(net, i, ENV, "allreduce_peer.py"),
+            timeout=90,
+        )
+    expected = exact_mean(members, [0, 1], [1.0, 1.0], numel)
+    for result in results.values():
+        assert [r["failed_parts"] for r in result["rounds"]] == [[], []], result["rounds"]
+        assert torch.equal(result["tensor"], expected)

@@ -9,7 +9,8 @@ One round, as it runs (this file holds all of it: the partition, the buffers, th
    weight, to p's reducer in one call (`_exchange_part`, at most `window` chunks in flight per reducer).
 3. Reduce. The reducer collects the chunk's copies (`_ChunkReduction`) until all senders' copies are there, or
    the late ones are given up: once half of them arrived, the rest have a grace window (the larger of
-   `late_grace` and the time the first half took), and never more than `sender_timeout` after the first copy.
+   `late_grace` and the time the first half took), and never more than `sender_timeout` after the first copy;
+   each of these waits adds what the missing senders' links take (link allowance, below).
    It then aggregates the copies in peer-id order (reproducible bit for bit): weights are bounded to
    `max_weight_ratio` times the median weight, a copy holding NaN/Inf is left out (its sender alone gets an
    error and keeps its local values), and the rest are averaged, or CenteredClipped (hiveengine.codec.robust)
@@ -22,6 +23,12 @@ One round, as it runs (this file holds all of it: the partition, the buffers, th
    costs its part for this round only (senders keep their local values there and report the part as failed),
    never the whole deadline. One caught cheating is banned on this peer (`AllReduceService.banned`): we send it
    nothing more and average none of its copies.
+
+Link allowance: over a long link the first copy of a part can trail a local one by many round trips (a dial, UCX
+wiring up its data lanes, TCP's window growing to the part's size: about 10 s for 2 MB over a 600 ms round trip),
+so every wait above adds `Peer.transfer_time` for the part's bytes, at the link's measured round trip (counted up
+to `TransportLimits.max_deadline_rtt`: a peer that drags out its handshake gains little). A timer reads it again
+when it runs out, as a link that opened during the wait has only then measured its round trip.
 
 Buffers are reused round after round (BufferCache): fresh memory costs a page fault per 4 KiB on first touch,
 which is slower than the network here.
@@ -37,7 +44,7 @@ import logging
 import math
 import time
 import weakref
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Collection, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -205,13 +212,21 @@ class _ChunkReduction:
     """Collects one chunk's copies and resolves, once, with the encoded aggregate and how many were in it;
     `excluded` names the senders whose copy was left out (non-finite), `absent` those that withdrew."""
 
-    def __init__(self, expected: int, options: RoundOptions, absent: set[PeerID]):
+    def __init__(
+        self,
+        expected: int,
+        options: RoundOptions,
+        absent: set[PeerID],
+        allowance: Callable[[set[PeerID], float], float],
+    ):
         self.expected, self.options = expected, options
         self.received: dict[PeerID, tuple[float, list[torch.Tensor]]] = {}
         self.excluded: set[PeerID] = set()
         self.absent = set(absent)
         self.done: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._allowance = allowance  # seconds the links of the senders not yet settled add to a wait for them
         self._first_at: float | None = None
+        self._graced = False
         self._timers: list[asyncio.TimerHandle] = []
 
     def add(self, sender: PeerID, weight: float, payload: list[torch.Tensor], reduce: Callable) -> None:
@@ -230,17 +245,33 @@ class _ChunkReduction:
             self._arrived(reduce)
 
     def _arrived(self, reduce: Callable) -> None:
-        loop = asyncio.get_running_loop()
         settled = len(self.received) + len(self.absent)
         if settled >= self.expected:
             self._finish(reduce)
             return
+        now = asyncio.get_running_loop().time()
         if self._first_at is None:
-            self._first_at = loop.time()
-            self._timers.append(loop.call_later(self.options.sender_timeout, self._finish, reduce))
-        if len(self._timers) == 1 and 2 * settled >= self.expected:
-            grace = max(self.options.late_grace, loop.time() - self._first_at)
-            self._timers.append(loop.call_later(grace, self._finish, reduce))
+            self._first_at = now
+            self._give_up_at(now + self.options.sender_timeout, reduce)
+        if not self._graced and 2 * settled >= self.expected:
+            self._graced = True
+            self._give_up_at(now + max(self.options.late_grace, now - self._first_at), reduce)
+
+    def _give_up_at(self, base: float, reduce: Callable) -> None:
+        """Reduce without the missing copies at loop time `base` plus what their senders' links add."""
+        self._timers.append(asyncio.get_running_loop().call_at(base, self._expire, base, reduce))
+
+    def _expire(self, base: float, reduce: Callable) -> None:
+        """Give the missing copies up, unless their links' allowance (read now, not when the wait began: a link
+        that opened since has measured its round trip) says they may still come; it is bounded, so this ends."""
+        if self.done.done():
+            return
+        loop = asyncio.get_running_loop()
+        until = base + self._allowance(self.received.keys() | self.absent, self._first_at)
+        if loop.time() < until:
+            self._timers.append(loop.call_at(until, self._expire, base, reduce))
+        else:
+            self._finish(reduce)
 
     def _finish(self, reduce: Callable) -> None:
         for timer in self._timers:
@@ -278,9 +309,12 @@ class _ReducerArena:
 class _ReducerRound:
     """This peer's part in one group's round: a _ChunkReduction per chunk, created on first contact."""
 
-    def __init__(self, group: GroupInfo, part: int, chunks, codec: Codec, options: RoundOptions, arena: _ReducerArena):
+    def __init__(
+        self, group: GroupInfo, part: int, chunks, codec: Codec, options: RoundOptions, arena: _ReducerArena, peer: Peer
+    ):
         self.group, self.part, self.codec, self.chunks, self.arena = group, part, codec, chunks, arena
-        self.options = options
+        self.options, self.peer = options, peer
+        self.part_bytes = codec.payload_nbytes(sum(end - start for start, end in chunks))
         self.order = [m.peer_id for m in group.senders]  # peer-id order: the order of a reply's claim
         self.senders = set(self.order)
         self.reductions: dict[int, _ChunkReduction] = {}
@@ -303,8 +337,17 @@ class _ReducerRound:
     def reduction(self, index: int) -> _ChunkReduction:
         """Chunk `index`'s reduction (made on first contact)."""
         if index not in self.reductions:
-            self.reductions[index] = _ChunkReduction(len(self.senders), self.options, self.withdrawn)
+            reduction = _ChunkReduction(len(self.senders), self.options, self.withdrawn, self.link_allowance)
+            self.reductions[index] = reduction
         return self.reductions[index]
+
+    def link_allowance(self, settled: Collection[PeerID], since: float) -> float:
+        """Seconds the links of the senders not yet `settled` add to a wait for their copies that began at `since`
+        (loop time: time.monotonic()): the most any adds to sending us the whole part (a chunk's copy may come after
+        the part's earlier chunks), with its dial if its link opened during the wait."""
+        waiting = self.senders.difference(settled, (self.peer.peer_id,))
+        allowances = (self.peer.transfer_time(sender, self.part_bytes, since=since) for sender in waiting)
+        return max(allowances, default=0.0)
 
     def withdraw(self, sender: PeerID) -> None:
         """`sender` sends no more copies in this round: its chunks not yet sent are reduced without waiting for it."""
@@ -561,32 +604,46 @@ async def run_allreduce(
         arena = service.buffers.get(
             layout, lambda: _ReducerArena.create(codec, chunks, senders, flat.device, robust, verify)
         )
-        local_round = _ReducerRound(group, my_part, chunks, codec, options, arena)
+        local_round = _ReducerRound(group, my_part, chunks, codec, options, arena, service.peer)
         service.parts_reduced += spans[my_part][1] > spans[my_part][0]
         local_round.withdrawn.update(service.banned.keys() & local_round.senders)
         service.open_round(group.group_id, local_round)
-    deadline = time.monotonic() + options.timeout
+    started = time.monotonic()
+    deadline = started + options.timeout
     parts = [p for p, (start, end) in enumerate(spans) if end > start] if me.contributes else []
     exchanges: dict[int, asyncio.Task] = {}
     outcomes: dict[int, int | BaseException] = {}  # per part: the fewest senders averaged, or what failed it
-
-    def exchange(part: int):
-        mine = local_round if part == my_part else None
-        plan = _Exchange(
-            service, group, flat, codec, weight, residual, options, deadline, reducers[part], part, spans[part], mine
+    plans = {
+        part: _Exchange(
+            service,
+            group,
+            flat,
+            codec,
+            weight,
+            residual,
+            options,
+            deadline,
+            reducers[part],
+            part,
+            spans[part],
+            local_round if part == my_part else None,
         )
-        return _exchange_part(plan, chunk_elements)
+        for part in parts
+    }
+
+    def allowance(pending: set[asyncio.Task]) -> float:
+        return max(_link_allowance(plans[part], started) for part, task in exchanges.items() if task in pending)
 
     try:
         async with asyncio.timeout(options.timeout):
             if len(parts) == 1:  # a small buffer: one part to send, right now (a task would wait a loop turn)
                 try:
-                    outcomes[parts[0]] = await exchange(parts[0])
+                    outcomes[parts[0]] = await _exchange_part(plans[parts[0]], chunk_elements)
                 except Exception as e:
                     outcomes[parts[0]] = e
             elif parts:
-                exchanges = {part: asyncio.ensure_future(exchange(part)) for part in parts}
-                await _wait_with_grace(list(exchanges.values()), options.late_grace)
+                exchanges = {part: asyncio.ensure_future(_exchange_part(plans[part], chunk_elements)) for part in parts}
+                await _wait_with_grace(list(exchanges.values()), options.late_grace, allowance)
             if local_round is not None:
                 await _serve_until_reduced(local_round)
     except TimeoutError:
@@ -608,20 +665,24 @@ async def run_allreduce(
     return result
 
 
-async def _wait_with_grace(tasks: list[asyncio.Task], late_grace: float) -> None:
+async def _wait_with_grace(
+    tasks: list[asyncio.Task], late_grace: float, allowance: Callable[[set[asyncio.Task]], float]
+) -> None:
     """Wait for `tasks`; once half of them are done, the others get the larger of `late_grace` and the time the
-    first half took (those still running then are left to be cancelled)."""
+    first half took, plus what their links add (`allowance(pending)`, read again when the grace runs out: a link
+    that opened since has measured its round trip). Those still running then are left to be cancelled."""
     loop = asyncio.get_running_loop()
     started, pending, finished = loop.time(), set(tasks), 0
     grace_until = None
     while pending:
-        timeout = None if grace_until is None else max(0.0, grace_until - loop.time())
-        done, pending = await asyncio.wait(pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        if not done:
+        timeout = None if grace_until is None else grace_until + allowance(pending) - loop.time()
+        if timeout is not None and timeout <= 0:
             return
+        done, pending = await asyncio.wait(pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finished += len(done)
-        if grace_until is None and 2 * finished >= len(tasks):
-            grace_until = loop.time() + max(late_grace, loop.time() - started)
+        if done and grace_until is None and 2 * finished >= len(tasks):
+            now = loop.time()
+            grace_until = now + max(late_grace, now - started)
 
 
 @functools.lru_cache(maxsize=64)
@@ -655,6 +716,14 @@ async def _exchange_part(plan: _Exchange, chunk_elements: int) -> int:
     if plan.local_round is None and reducer in plan.service.banned:
         plan.service.in_background(_withdraw(plan))  # so that it does not wait for us, if it is honest after all
         raise AllReduceError(f"we banned reducer {reducer}: {plan.service.banned[reducer]}")
+    peer = plan.service.peer
+    if plan.local_round is None and peer.connection_to(reducer) is None:
+        # Open the link first: its handshake measures the round trip that the reply deadlines below adapt to.
+        try:
+            async with asyncio.timeout(_reply_timeout(plan)):
+                await peer.connect(plan.reducer.address)
+        except TimeoutError:
+            raise AllReduceError(f"could not reach reducer {reducer} of part {plan.part} in time") from None
     semaphore = asyncio.Semaphore(plan.options.window)
     fewest = len(plan.group.senders)
     chunks = chunk_spans(*plan.span, chunk_elements)
@@ -744,8 +813,21 @@ def _verify_chunk(plan: _Exchange, index: int, me: int, reply: dict, sent, mean,
 
 def _reply_timeout(plan: _Exchange) -> float:
     """How long to wait for a reducer's reply to one call: an honest reducer answers within `sender_timeout` of
-    the first copy it got, so one silent past that (and the grace) is given up, well before the round's deadline."""
-    return max(0.1, min(plan.deadline - time.monotonic(), plan.options.sender_timeout + plan.options.late_grace))
+    the first copy it got, plus what the links add (ours, and its links to the other senders, taken to be like
+    ours), so one silent past that (and the grace) is given up, well before the round's deadline."""
+    started = plan.deadline - plan.options.timeout
+    wait = plan.options.sender_timeout + plan.options.late_grace + _link_allowance(plan, started)
+    return max(0.1, min(plan.deadline - time.monotonic(), wait))
+
+
+def _link_allowance(plan: _Exchange, since: float) -> float:
+    """Seconds the links add to a wait for one part that began at `since` (time.monotonic()): for a remote reducer,
+    our link to it (the part sent there, its aggregate back, and the dial if the link opened since); for our own
+    part, the links of the other senders (_ReducerRound.link_allowance)."""
+    if plan.local_round is not None:
+        return plan.local_round.link_allowance((), since)
+    nbytes = plan.codec.payload_nbytes(plan.span[1] - plan.span[0])
+    return plan.service.peer.transfer_time(plan.reducer.peer_id, nbytes, nbytes, since)
 
 
 async def _withdraw(plan: _Exchange) -> None:

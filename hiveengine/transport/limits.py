@@ -95,8 +95,13 @@ class TransportLimits:
         long link a fresh TCP window grows for several round trips before it carries that much (4 MiB over a
         1.5 s round trip: about 13 s), whatever the bandwidth. The handshake measures `rtt`, which a hostile peer
         can drag out, so at most max_deadline_rtt of it counts."""
+        return self.frame_timeout + self.transfer_time(nbytes, rtt)
+
+    def transfer_time(self, nbytes: int, rtt: float = 0.0) -> float:
+        """Seconds `nbytes` may take to cross a fresh link with round trip `rtt` (at most max_deadline_rtt of it): at
+        min_frame_bytes_per_second, plus the round trips TCP's slow start needs for that size."""
         rounds = slow_start_round_trips(nbytes)
-        return self.frame_timeout + nbytes / self.min_frame_bytes_per_second + min(rtt, self.max_deadline_rtt) * rounds
+        return nbytes / self.min_frame_bytes_per_second + min(rtt, self.max_deadline_rtt) * rounds
 
 
 INITIAL_WINDOW_BYTES = 10 * 1448  # TCP's initial congestion window (RFC 6928: 10 segments)

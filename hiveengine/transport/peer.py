@@ -249,10 +249,17 @@ class Peer:
         links measure), so that deadlines can adapt to long links; None before we ever had a link."""
         return self.pool.round_trip(peer_id)
 
-    def link_time(self, peer_id: PeerID) -> float:
+    def link_time(self, peer_id: PeerID, since: float | None = None) -> float:
         """Seconds the link to `peer_id` adds to a call whose deadline covers only the remote's work (a dial's
-        round trips when no link is open, a reply's), at most connect_timeout (ConnectionPool.link_time)."""
-        return self.pool.link_time(peer_id)
+        round trips when no link is open, or none was at `since`; a reply's), at most connect_timeout
+        (ConnectionPool.link_time)."""
+        return self.pool.link_time(peer_id, since)
+
+    def transfer_time(self, peer_id: PeerID, sent: int, received: int = 0, since: float | None = None) -> float:
+        """Seconds the link to `peer_id` adds to a call that moves `sent` bytes there and `received` back, for
+        deadlines that cover the remote's work; with `since` (time.monotonic()), a dial counts if the link is
+        younger than that (ConnectionPool.transfer_time)."""
+        return self.pool.transfer_time(peer_id, sent, received, since)
 
     async def adisconnect(self, peer_id: PeerID) -> None:
         """Close our connection to `peer_id` (calls waiting on it fail); the next call dials anew."""

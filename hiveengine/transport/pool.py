@@ -44,6 +44,9 @@ logger = logging.getLogger(__name__)
 # Deadlines that cover a remote's work adapt to long links through each link's measured round trip (link_time):
 DIAL_ROUND_TRIPS = 7  # setting up a link and its handshake (a 600 ms satellite link: about 4 s)
 REPLY_ROUND_TRIPS = 2  # an honest reply over an open link: one round trip, and one of slack
+# The first large transfer over a fresh link waits for UCX to wire up its data lanes after our handshake: over a
+# 600 ms round trip, the first 256 KB echo took 5.5 s, a later 2 MB one 2.0 s.
+LANE_ROUND_TRIPS = DIAL_ROUND_TRIPS
 
 
 class Owner(Protocol):
@@ -117,17 +120,32 @@ class ConnectionPool:
         measured = sorted(c.rtt for c in self.connections.values() if not c.closed)
         return measured[len(measured) // 2] if measured else self._last_rtt
 
-    def link_time(self, peer_id: PeerID) -> float:
+    def link_time(self, peer_id: PeerID, since: float | None = None) -> float:
         """Seconds the link itself adds to a call to `peer_id`, for deadlines that cover only the remote's work:
-        REPLY_ROUND_TRIPS of its round trip, plus a dial's DIAL_ROUND_TRIPS when no link to it is open; before any
-        link ever measured a round trip (joining), the whole connect_timeout. Never more than connect_timeout: a peer
-        that drags out its handshake to look far away gains at most that much."""
+        REPLY_ROUND_TRIPS of its round trip, plus a dial's DIAL_ROUND_TRIPS when no link to it is open (or, for a
+        wait that began at `since`, a time.monotonic(), none was open then); before any link ever measured a round
+        trip (joining), the whole connect_timeout. Never more than connect_timeout: a peer that drags out its
+        handshake to look far away gains at most that much."""
         rtt = self.round_trip(peer_id)
         connect = self.limits.connect_timeout
         if rtt is None:
             return connect
-        dial = 0.0 if self.connection_to(peer_id) is not None else DIAL_ROUND_TRIPS * rtt
+        conn = self.connection_to(peer_id)
+        dialled = conn is not None and (since is None or conn.opened <= since)
+        dial = 0.0 if dialled else DIAL_ROUND_TRIPS * rtt
         return min(connect, dial + REPLY_ROUND_TRIPS * rtt)
+
+    def transfer_time(self, peer_id: PeerID, sent: int, received: int = 0, since: float | None = None) -> float:
+        """Seconds the link to `peer_id` adds to a call that sends `sent` bytes and receives `received`: link_time
+        (`since` as there), each direction's TransportLimits.transfer_time at the link's round trip (each ramps up
+        its own window), and, on a link that is not open or opened after `since`, LANE_ROUND_TRIPS (at most
+        max_deadline_rtt each)."""
+        rtt = self.round_trip(peer_id) or 0.0
+        moving = self.limits.transfer_time(sent, rtt) + self.limits.transfer_time(received, rtt)
+        conn = self.connection_to(peer_id)
+        if conn is None or (since is not None and conn.opened > since):
+            moving += LANE_ROUND_TRIPS * min(rtt, self.limits.max_deadline_rtt)
+        return self.link_time(peer_id, since) + moving
 
     def disconnect(self, peer_id: PeerID) -> None:
         """Close our connection to `peer_id` (calls waiting on it fail); the next call dials anew."""
