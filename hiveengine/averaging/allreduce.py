@@ -718,12 +718,9 @@ async def _exchange_part(plan: _Exchange, chunk_elements: int) -> int:
         raise AllReduceError(f"we banned reducer {reducer}: {plan.service.banned[reducer]}")
     peer = plan.service.peer
     if plan.local_round is None and peer.connection_to(reducer) is None:
-        # Open the link first: its handshake measures the round trip that the reply deadlines below adapt to.
-        try:
-            async with asyncio.timeout(_reply_timeout(plan)):
-                await peer.connect(plan.reducer.address)
-        except TimeoutError:
-            raise AllReduceError(f"could not reach reducer {reducer} of part {plan.part} in time") from None
+        # Open the link first, under the dial's own deadlines: its handshake measures the round trip that the reply
+        # deadlines below adapt to.
+        await peer.connect(plan.reducer.address)
     semaphore = asyncio.Semaphore(plan.options.window)
     fewest = len(plan.group.senders)
     chunks = chunk_spans(*plan.span, chunk_elements)

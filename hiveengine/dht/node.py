@@ -245,9 +245,11 @@ class DHTNode:
 
     async def _hello(self, address: PeerAddress) -> bool:
         """Ping an initial peer, whose node id we learn from the nonce it answers with; True if it speaks our
-        protocol version and proved its id."""
-        timeout = self.config.rpc_timeout + self.peer.link_time(address.peer_id)
+        protocol version and proved its id. The link is opened first, under the dial's own deadlines (a UCX attempt,
+        then the TCP wire, which stretches over long links), so that the ping's deadline knows its round trip."""
         try:
+            await self.peer.connect(address)
+            timeout = self.config.rpc_timeout + self.peer.link_time(address.peer_id)
             reply, _ = await self.peer.call(address, protocol.PING, self._sender, timeout=timeout)
         except (TransportError, TimeoutError) as e:
             self._last_failure = f"{type(e).__name__}: {e}"
