@@ -150,17 +150,22 @@ def test_reply_lands_in_caller_buffers(client, server, numel):
 def test_handler_allocator_provides_receive_buffers():
     server, caller = Peer(), Peer()
     landing = torch.empty(1 << 20)
-    seen = []
+    seen, senders = [], []
 
     async def record(request):
         seen.append(request.tensors[0].data_ptr())
         return {"sum": float(request.tensors[0].sum())}
 
-    server.register("record", record, allocate=lambda header, specs: [landing] if header.get("mine") else None)
+    def allocate(header, specs, sender):
+        senders.append(sender)  # called before the frames arrive, with who sends them
+        return [landing] if header.get("mine") else None
+
+    server.register("record", record, allocate=allocate)
     try:
         x = torch.randn(1 << 20, generator=torch.Generator().manual_seed(5))
         assert caller.call_sync(server.address, "record", {"mine": True}, [x], timeout=30)[0] == {"sum": float(x.sum())}
         assert seen[-1] == landing.data_ptr() and torch.equal(landing, x)
+        assert senders == [caller.peer_id]
         caller.call_sync(server.address, "record", {}, [x], timeout=30)
         assert seen[-1] != landing.data_ptr()
         with pytest.raises(ProtocolError, match="do not fit"):

@@ -96,12 +96,15 @@ def test_a_ring_reaches_a_registrant_behind_a_600ms_link_that_needs_a_dial_first
 
 
 @pytest.mark.timeout(240)
-def test_two_peers_average_4_mb_over_a_600ms_link_they_first_dial(tmp_path):
+@pytest.mark.parametrize("max_link_allowance", [None, 0.0])
+def test_two_peers_average_4_mb_over_a_600ms_link_they_first_dial(tmp_path, max_link_allowance):
     # Each peer's own part is reduced at once, and the remote part had only late_grace (2 s) more; the reducer gave a
     # remote copy sender_timeout (5 s) after its own. The dial alone takes about 4 s over this link, the first copy
     # over a fresh UCX link 8-10 s more: every round failed the remote part, on both peers. Now both waits add what
-    # the link takes (Peer.transfer_time), read again when they run out.
+    # the link takes (Peer.transfer_time), read again when they run out, up to max_link_allowance: at 0 (what a peer
+    # that fakes a long link gains at most) the first round loses the remote part as before.
     numel = 1 << 20
+    options = {"rounds": 2} if max_link_allowance is None else {"max_link_allowance": max_link_allowance, "rounds": 1}
     with WanNetwork(2, "100mbit-600ms", prefix="hwavg") as net:
         members, results = average_in_processes(
             tmp_path,
@@ -109,11 +112,14 @@ def test_two_peers_average_4_mb_over_a_600ms_link_they_first_dial(tmp_path):
             "none",
             numel=numel,
             chunk_elements=numel,
-            rounds=2,
             spawn=lambda i: start(net, i, ENV, "allreduce_peer.py"),
             timeout=90,
+            **options,
         )
     expected = exact_mean(members, [0, 1], [1.0, 1.0], numel)
     for result in results.values():
-        assert [r["failed_parts"] for r in result["rounds"]] == [[], []], result["rounds"]
-        assert torch.equal(result["tensor"], expected)
+        if max_link_allowance is None:
+            assert [r["failed_parts"] for r in result["rounds"]] == [[], []], result["rounds"]
+            assert torch.equal(result["tensor"], expected)
+        else:
+            assert len(result["failed_parts"]) == 1, result["rounds"]

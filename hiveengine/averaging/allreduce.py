@@ -26,9 +26,11 @@ One round, as it runs (this file holds all of it: the partition, the buffers, th
 
 Link allowance: over a long link the first copy of a part can trail a local one by many round trips (a dial, UCX
 wiring up its data lanes, TCP's window growing to the part's size: about 10 s for 2 MB over a 600 ms round trip),
-so every wait above adds `Peer.transfer_time` for the part's bytes, at the link's measured round trip (counted up
-to `TransportLimits.max_deadline_rtt`: a peer that drags out its handshake gains little). A timer reads it again
-when it runs out, as a link that opened during the wait has only then measured its round trip.
+so every wait above adds `Peer.transfer_time` for the part's bytes, at the link's measured round trip, and a
+reducer waits for a copy whose request arrived already for as long as the transport waits for its frames; never
+more than `max_link_allowance` (a peer that drags out its handshake to look far away, or trickles its frames,
+gains at most that). A timer reads these again when it runs out, as a link that opened during the wait has only
+then measured its round trip.
 
 Buffers are reused round after round (BufferCache): fresh memory costs a page fault per 4 KiB on first touch,
 which is slower than the network here.
@@ -63,6 +65,9 @@ DEFAULT_CHUNK_ELEMENTS = 1 << 20
 DEFAULT_WINDOW = 4  # chunks in flight per reducer
 DEFAULT_SENDER_TIMEOUT = 5.0  # the longest a reducer waits for a chunk's copies after the first arrived
 DEFAULT_LATE_GRACE = 2.0  # once half the copies (or parts) are in, the rest get this long (or what the half took)
+# The most a wait adds for what links take (a part over 600 ms: ~15 s): a member that fakes a long link (drags out its
+# handshake) delays a round by at most this much more than a silent one.
+DEFAULT_MAX_LINK_ALLOWANCE = 20.0
 MAX_WEIGHT_RATIO = 4.0  # a contribution's weight is capped at this many times the median weight of its chunk
 # A part this small costs more in per-message work (a few tens of us a message) than in bytes, so a smaller
 # buffer is cut into fewer parts, owned by the fastest reducers; the other reducers own empty parts. Every
@@ -88,6 +93,7 @@ class RoundOptions:
     window: int = DEFAULT_WINDOW
     sender_timeout: float = DEFAULT_SENDER_TIMEOUT
     late_grace: float = DEFAULT_LATE_GRACE
+    max_link_allowance: float = DEFAULT_MAX_LINK_ALLOWANCE
     aggregation: Aggregation = field(default_factory=lambda: Aggregation("mean"))
     max_weight_ratio: float = MAX_WEIGHT_RATIO
     # The most a sender's weight can plausibly be, from the metadata it gathered (None: no bound but the median
@@ -217,14 +223,14 @@ class _ChunkReduction:
         expected: int,
         options: RoundOptions,
         absent: set[PeerID],
-        allowance: Callable[[set[PeerID], float], float],
+        deadline: Callable[[float, set[PeerID], float], float],
     ):
         self.expected, self.options = expected, options
         self.received: dict[PeerID, tuple[float, list[torch.Tensor]]] = {}
         self.excluded: set[PeerID] = set()
         self.absent = set(absent)
         self.done: asyncio.Future = asyncio.get_running_loop().create_future()
-        self._allowance = allowance  # seconds the links of the senders not yet settled add to a wait for them
+        self._deadline = deadline  # when a wait due at `base` gives up the copies still missing (give_up_at)
         self._first_at: float | None = None
         self._graced = False
         self._timers: list[asyncio.TimerHandle] = []
@@ -262,12 +268,13 @@ class _ChunkReduction:
         self._timers.append(asyncio.get_running_loop().call_at(base, self._expire, base, reduce))
 
     def _expire(self, base: float, reduce: Callable) -> None:
-        """Give the missing copies up, unless their links' allowance (read now, not when the wait began: a link
-        that opened since has measured its round trip) says they may still come; it is bounded, so this ends."""
+        """Give the missing copies up, unless what their links take (read now, not when the wait began: a link
+        that opened since has measured its round trip, a copy may be on its way) says they may still come; it is
+        bounded, so this ends."""
         if self.done.done():
             return
         loop = asyncio.get_running_loop()
-        until = base + self._allowance(self.received.keys() | self.absent, self._first_at)
+        until = self._deadline(base, self.received.keys() | self.absent, self._first_at)
         if loop.time() < until:
             self._timers.append(loop.call_at(until, self._expire, base, reduce))
         else:
@@ -318,6 +325,7 @@ class _ReducerRound:
         self.order = [m.peer_id for m in group.senders]  # peer-id order: the order of a reply's claim
         self.senders = set(self.order)
         self.reductions: dict[int, _ChunkReduction] = {}
+        self.arriving: dict[int, dict[PeerID, float]] = {}  # chunk -> sender -> when its announced copy is due
         self.withdrawn: set[PeerID] = set()
         self.claims = options.verify  # whether replies carry claims (also when only a sender asks for them)
         self._next_slot = [0] * len(chunks)
@@ -337,7 +345,8 @@ class _ReducerRound:
     def reduction(self, index: int) -> _ChunkReduction:
         """Chunk `index`'s reduction (made on first contact)."""
         if index not in self.reductions:
-            reduction = _ChunkReduction(len(self.senders), self.options, self.withdrawn, self.link_allowance)
+            deadline = functools.partial(self.give_up_at, index)
+            reduction = _ChunkReduction(len(self.senders), self.options, self.withdrawn, deadline)
             self.reductions[index] = reduction
         return self.reductions[index]
 
@@ -347,7 +356,24 @@ class _ReducerRound:
         the part's earlier chunks), with its dial if its link opened during the wait."""
         waiting = self.senders.difference(settled, (self.peer.peer_id,))
         allowances = (self.peer.transfer_time(sender, self.part_bytes, since=since) for sender in waiting)
-        return max(allowances, default=0.0)
+        return min(self.options.max_link_allowance, max(allowances, default=0.0))
+
+    def give_up_at(self, index: int, base: float, settled: Collection[PeerID], since: float) -> float:
+        """When chunk `index`'s copies not yet `settled` are given up, for a wait due at `base` that began at `since`
+        (loop times): `base` plus what their links add (link_allowance), or later for a copy whose request arrived
+        already, as long as the transport waits for its frames (on_its_way); at most max_link_allowance past `base`."""
+        announced = self.arriving.get(index, {})
+        due = [announced[sender] for sender in self.senders.difference(settled) if sender in announced]
+        until = max([base + self.link_allowance(settled, since), *due])
+        return min(until, base + self.options.max_link_allowance)
+
+    def on_its_way(self, sender: PeerID, index: object, nbytes: int) -> None:
+        """`sender`'s request with its copy of chunk `index` (`nbytes` of frames) arrived: the copy is due when the
+        transport gives up on its frames (TransportLimits.frame_deadline at the link's round trip)."""
+        if sender in self.senders and isinstance(index, int) and 0 <= index < len(self.chunks):
+            rtt = self.peer.round_trip(sender) or 0.0
+            due = asyncio.get_running_loop().time() + self.peer.limits.frame_deadline(nbytes, rtt)
+            self.arriving.setdefault(index, {})[sender] = due
 
     def withdraw(self, sender: PeerID) -> None:
         """`sender` sends no more copies in this round: its chunks not yet sent are reduced without waiting for it."""
@@ -479,10 +505,14 @@ class AllReduceService:
         service = cls._services.get(peer)
         return service if service is not None else cls(peer)
 
-    def _receive_buffers(self, header: dict, specs) -> list[torch.Tensor] | None:
-        """Land a chunk in its round's arena when the round is open here already (else: fresh memory)."""
+    def _receive_buffers(self, header: dict, specs, sender: PeerID) -> list[torch.Tensor] | None:
+        """Land a chunk in its round's arena when the round is open here already (else: fresh memory), and note that
+        `sender`'s copy is on its way (its frames follow)."""
         reducer_round = self._rounds.get(header.get("g")) if isinstance(header.get("g"), bytes) else None
-        return None if reducer_round is None else reducer_round.receive_slot(header.get("c"))
+        if reducer_round is None:
+            return None
+        reducer_round.on_its_way(sender, header.get("c"), sum(s.numel * s.dtype.itemsize for s in specs))
+        return reducer_round.receive_slot(header.get("c"))
 
     def open_round(self, group_id: bytes, reducer_round: _ReducerRound) -> None:
         """Start serving this peer's part of round `group_id` (and wake the calls that arrived before)."""
@@ -824,7 +854,8 @@ def _link_allowance(plan: _Exchange, since: float) -> float:
     if plan.local_round is not None:
         return plan.local_round.link_allowance((), since)
     nbytes = plan.codec.payload_nbytes(plan.span[1] - plan.span[0])
-    return plan.service.peer.transfer_time(plan.reducer.peer_id, nbytes, nbytes, since)
+    allowance = plan.service.peer.transfer_time(plan.reducer.peer_id, nbytes, nbytes, since)
+    return min(plan.options.max_link_allowance, allowance)
 
 
 async def _withdraw(plan: _Exchange) -> None:

@@ -17,6 +17,7 @@ import torch
 from hiveengine.averaging.allreduce import (
     DEFAULT_CHUNK_ELEMENTS,
     DEFAULT_LATE_GRACE,
+    DEFAULT_MAX_LINK_ALLOWANCE,
     DEFAULT_SENDER_TIMEOUT,
     MAX_WEIGHT_RATIO,
     AllReduceResult,
@@ -90,10 +91,12 @@ class DecentralizedAverager:
     distances when None; at most `clip_iterations` steps), "mean" averages exactly (trusted swarms); weights
     are capped at `max_weight_ratio` times the group's median, and at `weight_limit(gathered)` of the sender's
     gathered metadata where that is lower (the Optimizer: its signed progress); a NaN/Inf copy excludes only its
-    sender; a member whose data is `late_grace` seconds (or as long as the first half took) behind the others' is left
-    out of the round, as is a silent reducer's part. With `verify_reducers=True` every reply is checked against
-    what its reducer claims to have combined (hiveengine.averaging.verification); a reducer caught cheating costs
-    its part for that round and lands in `banned`, left out of our later rounds. It is off by default because it
+    sender; a member whose data is `late_grace` seconds (or as long as the first half took) behind the others' is
+    left out of the round, as is a silent reducer's part; both waits add what the links take to move a part (up to
+    `max_link_allowance` seconds: long links, such as a satellite's, need several round trips). With
+    `verify_reducers=True` every reply is checked against what its reducer claims to have combined
+    (hiveengine.averaging.verification); a reducer caught cheating costs its part for that round and lands in
+    `banned`, left out of our later rounds. It is off by default because it
     sits on the round's critical path (a 4 MB int8 round took 2.5-3x as long); turn it on in open swarms.
     """
 
@@ -120,6 +123,7 @@ class DecentralizedAverager:
         clip_tau_factor: float = DEFAULT_TAU_FACTOR,
         clip_iterations: int = DEFAULT_CLIP_ITERATIONS,
         late_grace: float = DEFAULT_LATE_GRACE,
+        max_link_allowance: float = DEFAULT_MAX_LINK_ALLOWANCE,
         max_weight_ratio: float = MAX_WEIGHT_RATIO,
         weight_limit: Callable[[Any], float | None] | None = None,
         state_digest: Callable[[torch.Tensor, dict], bytes] = state_digest,
@@ -145,12 +149,15 @@ class DecentralizedAverager:
         self.codec = get_codec(codec)
         if not (late_grace > 0 and math.isfinite(late_grace)):
             raise ConfigurationError(f"late_grace must be a positive number of seconds, got {late_grace}")
+        if not (max_link_allowance >= 0 and math.isfinite(max_link_allowance)):
+            raise ConfigurationError(f"max_link_allowance must be a number of seconds ≥ 0, got {max_link_allowance}")
         if not (max_weight_ratio >= 1 and math.isfinite(max_weight_ratio)):
             raise ConfigurationError(f"max_weight_ratio must be a number ≥ 1, got {max_weight_ratio}")
         self.options = RoundOptions(
             chunk_elements=chunk_elements,
             sender_timeout=sender_timeout,
             late_grace=late_grace,
+            max_link_allowance=max_link_allowance,
             aggregation=Aggregation(aggregation, clip_tau, clip_tau_factor, clip_iterations),
             max_weight_ratio=max_weight_ratio,
             weight_limit=weight_limit,

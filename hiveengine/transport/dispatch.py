@@ -47,7 +47,7 @@ logger = logging.getLogger(__name__)
 HandlerResult = dict | tuple[dict, Sequence[torch.Tensor]] | None
 Handler = Callable[["Request"], Awaitable[HandlerResult]]
 StreamHandler = Callable[["StreamRequest"], Awaitable[dict | None]]
-Allocator = Callable[[dict, list[FrameSpec]], Sequence[torch.Tensor] | None]
+Allocator = Callable[[dict, list[FrameSpec], PeerID], Sequence[torch.Tensor] | None]
 Spawn = Callable[..., asyncio.Task]  # Peer.spawn: run a coroutine as a task, cancelled with a connection if given
 CONNECTION_ERROR_ID = 0  # an ERROR with this id concerns the whole connection, not one call
 
@@ -260,9 +260,10 @@ class Dispatcher:
         try:
             async with asyncio.timeout(self._handler_deadline(body)):
                 allocator = self._handlers.allocators.get(body[KEY_METHOD])
-                buffers = allocator(body.get(KEY_HEADER, {}), specs) if allocator is not None and specs else None
+                request = body.get(KEY_HEADER, {})
+                buffers = allocator(request, specs, conn.remote) if allocator is not None and specs else None
                 tensors = await conn.receive_frames(body, specs, buffers) if specs else []
-                result = await handler(Request(body[KEY_METHOD], body.get(KEY_HEADER, {}), tensors, conn.remote))
+                result = await handler(Request(body[KEY_METHOD], request, tensors, conn.remote))
             header, out = _normalize_result(result)
             reply = {KEY_KIND: Kind.RESPONSE, KEY_ID: body[KEY_ID], KEY_HEADER: header}
             await conn.send(reply, out)

@@ -110,7 +110,8 @@ class Peer:
 
     def register(self, method: str, handler: Handler, allocate: Allocator | None = None) -> None:
         """Serve `method` with `async handler(Request) -> dict | (dict, tensors) | None`. With `allocate`,
-        `allocate(header, specs)` may return buffers for the incoming tensors (None: fresh ones)."""
+        `allocate(header, specs, sender)` may return buffers for the incoming tensors (None: fresh ones); it is called
+        when the request arrives, before its tensors."""
         self._handlers.calls[method] = handler
         if allocate is None:
             self._handlers.allocators.pop(method, None)

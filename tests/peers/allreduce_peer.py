@@ -11,6 +11,7 @@ import time
 import torch
 
 from hiveengine.averaging import AllReduceService, GroupInfo, GroupMember, Mode, RoundOptions, run_allreduce
+from hiveengine.averaging.allreduce import DEFAULT_MAX_LINK_ALLOWANCE
 from hiveengine.codec import Aggregation, get_codec
 from hiveengine.transport import Peer, PeerID
 from tests.peers import byzantine_attacks
@@ -41,6 +42,7 @@ def main() -> None:
         chunk_elements=plan["chunk_elements"],
         sender_timeout=plan["sender_timeout"],
         late_grace=plan.get("late_grace", 2.0),
+        max_link_allowance=plan.get("max_link_allowance", DEFAULT_MAX_LINK_ALLOWANCE),
         aggregation=Aggregation(plan.get("aggregation", "mean")),
         max_weight_ratio=plan.get("max_weight_ratio", 4.0),
         verify=me.get("verify", plan.get("verify", True)),
