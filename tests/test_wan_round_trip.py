@@ -102,9 +102,10 @@ def test_two_peers_average_4_mb_over_a_600ms_link_they_first_dial(tmp_path, max_
     # remote copy sender_timeout (5 s) after its own. The dial alone takes about 4 s over this link, the first copy
     # over a fresh UCX link 8-10 s more: every round failed the remote part, on both peers. Now both waits add what
     # the link takes (Peer.transfer_time), read again when they run out, up to max_link_allowance: at 0 (what a peer
-    # that fakes a long link gains at most) the first round loses the remote part as before.
+    # that fakes a long link gains at most) the round loses the remote part as before. One round: these peers have
+    # no matchmaking to start a second one together, and one that starts it seconds late is rightly left out.
     numel = 1 << 20
-    options = {"rounds": 2} if max_link_allowance is None else {"max_link_allowance": max_link_allowance, "rounds": 1}
+    options = {} if max_link_allowance is None else {"max_link_allowance": max_link_allowance}
     with WanNetwork(2, "100mbit-600ms", prefix="hwavg") as net:
         members, results = average_in_processes(
             tmp_path,
@@ -119,7 +120,7 @@ def test_two_peers_average_4_mb_over_a_600ms_link_they_first_dial(tmp_path, max_
     expected = exact_mean(members, [0, 1], [1.0, 1.0], numel)
     for result in results.values():
         if max_link_allowance is None:
-            assert [r["failed_parts"] for r in result["rounds"]] == [[], []], result["rounds"]
+            assert result["failed_parts"] == [], result["rounds"]
             assert torch.equal(result["tensor"], expected)
         else:
             assert len(result["failed_parts"]) == 1, result["rounds"]
