@@ -130,10 +130,13 @@ class ConnectionPool:
         connect = self.limits.connect_timeout
         if rtt is None:
             return connect
-        conn = self.connection_to(peer_id)
-        dialled = conn is not None and (since is None or conn.opened <= since)
-        dial = 0.0 if dialled else DIAL_ROUND_TRIPS * rtt
+        dial = DIAL_ROUND_TRIPS * rtt if self._fresh(peer_id, since) else 0.0
         return min(connect, dial + REPLY_ROUND_TRIPS * rtt)
+
+    def _fresh(self, peer_id: PeerID, since: float | None) -> bool:
+        """Whether a call to `peer_id` has a link to set up: none is open, or it opened after `since`."""
+        conn = self.connection_to(peer_id)
+        return conn is None or (since is not None and conn.opened > since)
 
     def transfer_time(self, peer_id: PeerID, sent: int, received: int = 0, since: float | None = None) -> float:
         """Seconds the link to `peer_id` adds to a call that sends `sent` bytes and receives `received`: link_time
@@ -142,8 +145,7 @@ class ConnectionPool:
         max_deadline_rtt each)."""
         rtt = self.round_trip(peer_id) or 0.0
         moving = self.limits.transfer_time(sent, rtt) + self.limits.transfer_time(received, rtt)
-        conn = self.connection_to(peer_id)
-        if conn is None or (since is not None and conn.opened > since):
+        if self._fresh(peer_id, since):
             moving += LANE_ROUND_TRIPS * min(rtt, self.limits.max_deadline_rtt)
         return self.link_time(peer_id, since) + moving
 
