@@ -82,15 +82,21 @@ def close_endpoint(endpoint) -> None:
         logger.debug("closing endpoint: %s", e)
 
 
-def keep_endpoints_until_exit(endpoint_type: type) -> int:
-    """Make every UCX endpoint still in memory outlive the process (one reference more that nothing releases; the
-    OS reclaims them): at shutdown, endpoints that failed and are held only by an error's traceback were destroyed
-    by the garbage collection, and destroying them crashed libucxx now and then (SIGSEGV at exit). `endpoint_type`:
-    ucxx's UCXEndpoint (Reactor.lib). How many."""
-    endpoints = [o for o in gc.get_objects() if type(o) is endpoint_type]
-    for endpoint in endpoints:
-        ctypes.pythonapi.Py_IncRef(ctypes.py_object(endpoint))
-    return len(endpoints)
+def keep_until_exit(obj) -> None:
+    """Give `obj` one reference more that nothing releases: it outlives the process (the OS reclaims it)."""
+    ctypes.pythonapi.Py_IncRef(ctypes.py_object(obj))
+
+
+def keep_worker_holders_until_exit(lib) -> int:
+    """Make every ucxx object still in memory that holds the UCX worker (an endpoint, request or address: their
+    C++ side keeps the worker) outlive the process. At shutdown, endpoints that failed and are held only by an
+    error's traceback were destroyed by the garbage collection, and destroying them crashed libucxx now and then
+    (SIGSEGV at exit). `lib`: ucxx's module (Reactor.lib). How many."""
+    kinds = {lib.UCXEndpoint, lib.UCXRequest, lib.UCXBufferRequest, lib.UCXBufferRequests, lib.UCXAddress}
+    holders = [o for o in gc.get_objects() if type(o) in kinds]
+    for holder in holders:
+        keep_until_exit(holder)
+    return len(holders)
 
 
 class Reactor:

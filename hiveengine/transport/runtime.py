@@ -14,6 +14,7 @@ import gc
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -23,7 +24,7 @@ from hiveengine.errors import ConfigurationError, HandshakeError, RPCTimeoutErro
 from hiveengine.transport import local_copy, session, tcp_wire
 from hiveengine.transport.handshake import MAGIC, accept_handshake, confirm_handshake
 from hiveengine.transport.limits import DEFAULT_LIMITS
-from hiveengine.transport.reactor import Reactor, keep_endpoints_until_exit
+from hiveengine.transport.reactor import Reactor, close_endpoint, keep_until_exit, keep_worker_holders_until_exit
 from hiveengine.transport.relay import PREAMBLE, RELAY_MAGIC
 from hiveengine.transport.tcp_wire import TcpWire
 from hiveengine.transport.ucx_wire import UcxWire
@@ -256,6 +257,9 @@ class Runtime:
         except Exception as e:
             logger.warning("could not accept a connection: %s", e)
             return
+        if self._closed:  # shutting down: closed at once, so the dialer learns now and UCX holds no request
+            close_endpoint(endpoint)
+            return
         await self.admit(UcxWire(self.reactor, endpoint), None)
 
     async def admit(self, wire, base: int | None) -> None:
@@ -303,11 +307,11 @@ class Runtime:
         """Stop the transport, in order and silently; idempotent (runs at exit too).
 
         On the loop thread: close every peer (its connections close their endpoints), cancel and await every
-        task still on the loop (e.g. a DHT node's maintenance that its owner never shut down), release the
-        listener, let UCX finish the endpoint closes, stop progressing, then drop the worker and only then the
-        context. Then stop and close the loop. Left to the interpreter's exit instead, these objects were
-        destroyed in no particular order while UCX's threads still ran (a rare segfault in libucp), and pending
-        tasks were reported as destroyed."""
+        task still on the loop (e.g. a DHT node's maintenance that its owner never shut down), refuse new
+        connections, let UCX finish the endpoint closes, stop progressing, then drop the worker with its listener
+        and only then the context. Then stop and close the loop. Left to the interpreter's exit instead, these
+        objects were destroyed in no particular order while UCX's threads still ran (a rare segfault in libucp),
+        and pending tasks were reported as destroyed."""
         if self._closed:
             return
         self._closed = True
@@ -324,7 +328,7 @@ class Runtime:
                 self.loop.close()
 
     async def _close_all(self) -> None:
-        # No automatic collection until _release_ucx has kept the endpoints: it could destroy one at any moment.
+        # No automatic collection until _release_ucx has kept the worker's holders: it could destroy one at any moment.
         collecting = gc.isenabled()
         gc.disable()
         try:
@@ -341,7 +345,6 @@ class Runtime:
             except Exception as e:
                 logger.debug("closing %r: %s: %s", peer, type(e).__name__, e)
         await _cancel_other_tasks()  # whatever closing the peers started
-        self.listener = None  # destroys the UCP listener: no new connection requests
         if self.tcp_listener is not None:
             self._tcp_accepting.cancel()
             self.tcp_listener.close()
@@ -369,19 +372,29 @@ class Runtime:
             await asyncio.sleep(0)
 
     def _release_ucx(self) -> None:
-        """Drop the last references to the UCX worker, then to its context, here on the loop thread while the
-        interpreter is whole. Endpoints and requests hold the C++ worker (and it the context), so any kept alive
-        by a reference cycle are collected first (one full collection, ~0.2 s with torch loaded): otherwise they
-        would be destroyed during the interpreter's exit, with their close callbacks into Python."""
+        """Drop the last references to the UCX listener and worker, then to its context, here on the loop thread
+        while the interpreter is whole.
+
+        The listener must live as long as the worker: UCX hands a connection it accepted a raw pointer to its
+        listener, and when the dialer's request completes after the listener was destroyed, UCX's own thread
+        calls into freed memory (SIGSEGV; CI saw it when a peer dialed one that was shutting down). So the
+        worker is dropped first and the listener last: the listener holds the worker, and releasing it destroys
+        both in one native call. Anything else that holds the worker (an endpoint, request or address; kept, see
+        keep_worker_holders_until_exit) keeps it to the process's exit, and then the listener is kept too: its
+        port accepts until then, but nothing answers."""
         reactor = self.reactor
-        worker, context = reactor.worker, reactor.context
-        reactor.worker = reactor.context = None
-        # Endpoints hold the worker (and it the context): when any is kept, those stay too.
-        kept = keep_endpoints_until_exit(reactor.lib.UCXEndpoint)
-        if kept:
-            logger.debug("%d UCX endpoint(s) left to the process's exit", kept)
+        worker, context, listener = reactor.worker, reactor.context, self.listener
+        reactor.worker = reactor.context = self.listener = None
+        kept = keep_worker_holders_until_exit(reactor.lib)
+        # Any other holder kept alive by a reference cycle is collected now (~0.2 s with torch loaded), not during
+        # the interpreter's exit with its close callbacks into Python.
         gc.collect()
+        others = sys.getrefcount(worker) - 2  # beyond `worker` and getrefcount's own argument
+        if listener is not None and (kept or others):
+            keep_until_exit(listener)
+            logger.debug("UCX worker and listener kept to the exit: %d holder(s), %d reference(s)", kept, others)
         del worker
+        del listener
         del context
 
 

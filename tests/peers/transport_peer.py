@@ -66,6 +66,19 @@ def serve() -> None:
     peer.shutdown()
 
 
+def shut_down_on_request(keep_worker: str) -> None:
+    """Serve until a line on stdin, shut the process's transport down and print SHUT, then exit after a second
+    line. `keep_worker` "yes": hold the UCX worker past the shutdown, as an endpoint kept to the exit does."""
+    peer = Peer()
+    print("ADDRESS", peer.address, flush=True)
+    sys.stdin.readline()
+    held = peer.runtime.reactor.worker if keep_worker == "yes" else None
+    peer.runtime.shutdown()
+    print("SHUT", flush=True)
+    sys.stdin.readline()
+    print("BYE", held is not None, flush=True)
+
+
 def client(address: str, timeout: str = "30") -> None:
     """Echo 4 MiB to `address`, stream it 4 MiB, and print what came back, and both sides' round trips, as JSON;
     each call within `timeout` seconds."""
@@ -106,4 +119,5 @@ def ping(address: str) -> None:
 
 if __name__ == "__main__":
     threading.current_thread().name = "peer-main"
-    {"serve": serve, "client": client, "ping": ping}[sys.argv[1]](*sys.argv[2:])
+    modes = {"serve": serve, "client": client, "ping": ping, "shut_down_on_request": shut_down_on_request}
+    modes[sys.argv[1]](*sys.argv[2:])
