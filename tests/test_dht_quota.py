@@ -4,6 +4,9 @@ record out. Flooders are real processes sending raw dht.store requests."""
 
 from __future__ import annotations
 
+import random
+import time
+
 import pytest
 
 from hiveengine.dht import DHT, DHTConfig, get_dht_time
@@ -48,6 +51,44 @@ def test_replaced_and_expired_records_release_their_charge():
     assert b"a" not in storage.usage and storage.usage[b"b"] == storage.nbytes
     storage.drop_expired(now + 30)
     assert storage.nbytes == 0 and storage.usage == {} and len(storage) == 0
+
+
+def test_random_stores_evict_and_expire_as_a_full_scan_would():
+    """The heaps that index senders by usage and keys by expiration (stale items and all) against a full scan:
+    thousands of random stores, replacements, evictions and expiries from many senders, with fresh random data."""
+    rng = random.Random()
+    storage = Storage(64 * KiB, max_bytes_per_sender=16 * KiB)
+    now = get_dht_time()
+    senders = [b"s%d" % i for i in range(40)]
+    for step in range(4000):
+        sender = rng.choice(senders[: rng.choice([3, 40])])  # a few heavy senders among many light ones
+        key = rng.randrange(300)
+        subkey = rng.choice([None, b"a", b"b"])
+        stored = Record(b"k%d" % key, subkey, b"v" * rng.randrange(4 * KiB), now + rng.uniform(1, 100))
+        if storage.usage and storage.nbytes > 48 * KiB:
+            assert storage.usage[storage._heaviest_sender()] == max(storage.usage.values())
+        storage.store(key, stored, now, sender=sender)
+        if step % 50 == 0:
+            now += rng.uniform(0, 5)
+            storage.drop_expired(now)
+            held = [r for _, entry in storage._entries.items() for r in entry.records()]
+            assert all(r.expiration_time > now for r in held)
+            assert storage.nbytes == sum(r.nbytes for r in held) == sum(storage.usage.values())
+        assert storage.nbytes <= storage.max_bytes
+        assert all(usage <= storage.max_bytes_per_sender for usage in storage.usage.values())
+    storage.drop_expired(now + 100)
+    assert storage.nbytes == 0 and storage.usage == {} and len(storage) == 0
+
+
+def test_republishing_reads_only_the_keys_stored_before_the_cut():
+    storage = Storage(64 * KiB)
+    for i in range(5):
+        storage.store(i, record(i))
+    cut = time.monotonic()
+    storage.store(5, record(5))
+    storage.refreshed(1)  # republished after the cut
+    assert [e.key for e in storage.due(cut)] == [b"k0", b"k2", b"k3", b"k4"]
+    assert storage.due(time.monotonic() + 1)[-2:] == [storage.get(5), storage.get(1)]
 
 
 @pytest.fixture

@@ -570,15 +570,14 @@ class DHTNode:
         """Re-replicate keys nobody re-stored here for a republish interval: each node that holds a key does so
         unless another holder did it first (their store resets our timer), so copies lost to churn come back
         on the current k closest nodes while the record lives."""
-        now = time.monotonic()
-        due = [e for _, e in self.storage.items() if now - e.refreshed_at >= self.config.republish_interval]
+        due = self.storage.due(time.monotonic() - self.config.republish_interval)
         if not due:
             return
         limit = asyncio.Semaphore(self.config.republish_concurrency)
 
         async def republish(entry: Entry) -> None:
             async with limit:
-                entry.refreshed_at = time.monotonic()
+                self.storage.refreshed(key_id(entry.key))
                 horizon = get_dht_time() + self.config.republish_margin
                 records = [r for r in entry.records() if r.expiration_time > horizon]
                 if records:

@@ -14,6 +14,8 @@ payload, so the byte budget bounds real memory; each record is charged to the pe
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -23,6 +25,7 @@ SIGNATURE_FIELD_MAX = 256  # bytes a record's signature field may hold on the wi
 FLOAT_TYPES = (int, float)
 MAX_RECORD_TTL = 24 * 3600.0  # seconds from now a stored record may live at most
 RECORD_OVERHEAD_BYTES = 512  # memory a stored record costs beyond its bytes (objects, dict slots; measured ~500)
+HEAP_SLACK = 4  # a Storage heap is rebuilt when it holds this many times more items than it indexes
 
 
 def get_dht_time() -> float:
@@ -101,9 +104,16 @@ class Entry:
         self.refreshed_at = time.monotonic()
 
     def expiration_time(self) -> float:
+        """When the last of its records expires."""
         if self.plain is not None:
             return self.plain.expiration_time
         return max((r.expiration_time for r in self.subkeys.values()), default=float("-inf"))
+
+    def first_expiration(self) -> float:
+        """When the first of its records expires."""
+        if self.plain is not None:
+            return self.plain.expiration_time
+        return min((r.expiration_time for r in self.subkeys.values()), default=float("inf"))
 
     def records(self) -> list[Record]:
         return [self.plain] if self.plain is not None else list(self.subkeys.values())
@@ -156,7 +166,12 @@ class Storage:
     Every stored record is charged, in `Record.nbytes`, to the peer that sent it (the authenticated transport
     sender; None: this node itself). A sender may hold at most `max_bytes_per_sender`, so one identity fills at
     most that, and a full store gives way to the lighter senders: the heaviest sender's oldest records go first
-    (O(senders) per eviction), so no one starves others without holding more than they do."""
+    (O(log senders) per eviction), so no one starves others without holding more than they do.
+
+    Every operation costs O(log n) or less, so a flood of stores costs its records and no more: senders by
+    usage and keys by first expiration sit in heaps whose stale items are skipped when met and dropped when the
+    heap outgrows what it indexes (HEAP_SLACK), each sender's slots in an OrderedDict (oldest first, O(1) either
+    end), and a store's keys in the order they were last stored (the republish order)."""
 
     def __init__(
         self,
@@ -173,7 +188,11 @@ class Storage:
         self.usage: dict[bytes | None, int] = {}  # bytes charged to each sender
         self._entries: OrderedDict[int, Entry] = OrderedDict()
         self._charges: dict[int, dict[bytes | None, tuple[bytes | None, int]]] = {}  # key id -> subkey -> charge
-        self._by_sender: dict[bytes | None, dict[tuple[int, bytes | None], None]] = {}  # oldest first
+        self._by_sender: dict[bytes | None, OrderedDict[tuple[int, bytes | None], None]] = {}  # oldest first
+        self._heaviest: list[tuple[int, int, bytes | None]] = []  # (-usage, tie-break, sender), stale ones too
+        self._pushed: dict[bytes | None, int] = {}  # each sender's usage as last pushed on that heap
+        self._expiries: list[tuple[float, int]] = []  # (expiration, key id) per store, stale ones too
+        self._order = itertools.count()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -195,9 +214,26 @@ class Storage:
             return False
         self._entries[key_id] = entry
         self._recharge(key_id, entry, record, sender)
-        entry.refreshed_at = time.monotonic()
-        self._entries.move_to_end(key_id)
+        self.refreshed(key_id)
+        self._push(self._expiries, (record.expiration_time, key_id), self._reindex_expiries)
         return True
+
+    def refreshed(self, key_id: int) -> None:
+        """Note that `key_id`'s records were stored or republished just now (if it still holds any)."""
+        entry = self._entries.get(key_id)
+        if entry is not None:
+            entry.refreshed_at = time.monotonic()
+            self._entries.move_to_end(key_id)
+
+    def due(self, refreshed_before: float) -> list[Entry]:
+        """The entries last stored or republished before `refreshed_before` (time.monotonic()), oldest first: a
+        store keeps its keys in that order, so this reads just them."""
+        found = []
+        for entry in self._entries.values():
+            if entry.refreshed_at >= refreshed_before:
+                break
+            found.append(entry)
+        return found
 
     def get(self, key_id: int, now: float | None = None) -> Entry | None:
         """The live records under `key_id`, or None."""
@@ -233,7 +269,9 @@ class Storage:
     def _charge(self, sender: bytes | None, nbytes: int, key_id: int, subkey: bytes | None) -> None:
         self.nbytes += nbytes
         usage = self.usage[sender] = self.usage.get(sender, 0) + nbytes
-        slots = self._by_sender.setdefault(sender, {})
+        slots = self._by_sender.get(sender)
+        if slots is None:
+            slots = self._by_sender[sender] = OrderedDict()
         if nbytes > 0:
             slots[key_id, subkey] = None
         else:
@@ -241,6 +279,39 @@ class Storage:
         if usage <= 0:
             del self.usage[sender]
             del self._by_sender[sender]
+            self._pushed.pop(sender, None)
+        elif nbytes > 0:  # a decrease is pushed when its stale item comes up (_heaviest_sender)
+            self._push_usage(sender, usage)
+
+    def _push_usage(self, sender: bytes | None, usage: int) -> None:
+        self._pushed[sender] = usage
+        self._push(self._heaviest, (-usage, next(self._order), sender), self._reindex_heaviest)
+
+    def _push(self, heap: list, item: tuple, reindex) -> None:
+        """Push `item`; rebuild the heap with `reindex` once stale items make it HEAP_SLACK times what it indexes."""
+        heapq.heappush(heap, item)
+        if len(heap) > HEAP_SLACK * (len(self.usage) + len(self._entries)) + HEAP_SLACK:
+            reindex()
+
+    def _reindex_heaviest(self) -> None:
+        self._heaviest = [(-usage, next(self._order), sender) for sender, usage in self.usage.items()]
+        heapq.heapify(self._heaviest)
+        self._pushed = dict(self.usage)
+
+    def _reindex_expiries(self) -> None:
+        self._expiries = [(entry.first_expiration(), key_id) for key_id, entry in self._entries.items()]
+        heapq.heapify(self._expiries)
+
+    def _heaviest_sender(self) -> bytes | None:
+        """The sender charged the most (self.usage must not be empty)."""
+        while True:
+            negative_usage, _, sender = self._heaviest[0]
+            usage = self.usage.get(sender)
+            if usage == -negative_usage:
+                return sender
+            heapq.heappop(self._heaviest)  # stale: that sender's usage fell since
+            if usage is not None and self._pushed[sender] != usage:
+                self._push_usage(sender, usage)
 
     def _make_room(self, needed: int, keep: int, sender: bytes | None) -> bool:
         """Whether `needed` more bytes from `sender` fit, after evicting what the policy allows."""
@@ -255,7 +326,7 @@ class Storage:
                 continue
             if not self.usage:
                 return False
-            heaviest = max(self.usage, key=self.usage.__getitem__)
+            heaviest = self._heaviest_sender()
             if heaviest == sender or self.usage[heaviest] <= self.usage.get(sender, 0) + needed:
                 return False  # the store is full of peers that hold no more than this sender would
             key_id, subkey = next(iter(self._by_sender[heaviest]))
@@ -273,11 +344,11 @@ class Storage:
         self._recharge(key_id, entry)
 
     def drop_expired(self, now: float | None = None) -> int:
-        """Forget every expired record; returns how many keys are left."""
+        """Forget every expired record (reading only the keys that have one); returns how many keys are left."""
         now = get_dht_time() if now is None else now
-        for key_id in list(self._entries):
-            self._live_entry(key_id, now)
+        while self._expiries and self._expiries[0][0] <= now:
+            _, key_id = heapq.heappop(self._expiries)
+            entry = self._live_entry(key_id, now)
+            if entry is not None:  # a later record replaced the one that expired, or others remain
+                self._push(self._expiries, (entry.first_expiration(), key_id), self._reindex_expiries)
         return len(self._entries)
-
-    def items(self) -> list[tuple[int, Entry]]:
-        return list(self._entries.items())
