@@ -18,6 +18,7 @@ import heapq
 import itertools
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -215,7 +216,7 @@ class Storage:
         self._entries[key_id] = entry
         self._recharge(key_id, entry, record, sender)
         self.refreshed(key_id)
-        self._push(self._expiries, (record.expiration_time, key_id), self._reindex_expiries)
+        self._push(self._expiries, (record.expiration_time, key_id), self._reindex_expiries, len(self._entries))
         return True
 
     def refreshed(self, key_id: int) -> None:
@@ -285,12 +286,14 @@ class Storage:
 
     def _push_usage(self, sender: bytes | None, usage: int) -> None:
         self._pushed[sender] = usage
-        self._push(self._heaviest, (-usage, next(self._order), sender), self._reindex_heaviest)
+        self._push(self._heaviest, (-usage, next(self._order), sender), self._reindex_heaviest, len(self.usage))
 
-    def _push(self, heap: list, item: tuple, reindex) -> None:
-        """Push `item`; rebuild the heap with `reindex` once stale items make it HEAP_SLACK times what it indexes."""
+    @staticmethod
+    def _push(heap: list, item: tuple, reindex: Callable[[], None], indexed: int) -> None:
+        """Push `item`; rebuild the heap with `reindex` once stale items make it HEAP_SLACK times the `indexed`
+        items it is for."""
         heapq.heappush(heap, item)
-        if len(heap) > HEAP_SLACK * (len(self.usage) + len(self._entries)) + HEAP_SLACK:
+        if len(heap) > HEAP_SLACK * (indexed + 1):
             reindex()
 
     def _reindex_heaviest(self) -> None:
@@ -350,5 +353,5 @@ class Storage:
             _, key_id = heapq.heappop(self._expiries)
             entry = self._live_entry(key_id, now)
             if entry is not None:  # a later record replaced the one that expired, or others remain
-                self._push(self._expiries, (entry.first_expiration(), key_id), self._reindex_expiries)
+                self._push(self._expiries, (entry.first_expiration(), key_id), self._reindex_expiries, len(self))
         return len(self._entries)
