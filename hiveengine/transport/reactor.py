@@ -25,6 +25,7 @@ import logging
 import os
 import random
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -87,16 +88,16 @@ def keep_until_exit(obj) -> None:
     ctypes.pythonapi.Py_IncRef(ctypes.py_object(obj))
 
 
-def keep_worker_holders_until_exit(lib) -> int:
+def keep_worker_holders_until_exit(lib) -> Counter[str]:
     """Make every ucxx object still in memory that holds the UCX worker (an endpoint, request or address: their
     C++ side keeps the worker) outlive the process. At shutdown, endpoints that failed and are held only by an
     error's traceback were destroyed by the garbage collection, and destroying them crashed libucxx now and then
-    (SIGSEGV at exit). `lib`: ucxx's module (Reactor.lib). How many."""
+    (SIGSEGV at exit). `lib`: ucxx's module (Reactor.lib). How many of each kind, by name."""
     kinds = {lib.UCXEndpoint, lib.UCXRequest, lib.UCXBufferRequest, lib.UCXBufferRequests, lib.UCXAddress}
     holders = [o for o in gc.get_objects() if type(o) in kinds]
     for holder in holders:
         keep_until_exit(holder)
-    return len(holders)
+    return Counter(type(holder).__name__ for holder in holders)
 
 
 class Reactor:
@@ -124,8 +125,8 @@ class Reactor:
         self._scheduled = False
         self._spin_until = 0.0
         self._spin_seconds = spin_seconds()
-        # Every endpoint in use, by id, until its wire closes it here on the loop thread (`hold`, `close_held`).
-        self._endpoints: dict[int, Any] = {}
+        # Every wire whose endpoint is in use, by id, until it closes that endpoint here on the loop thread.
+        self._wires: dict[int, Any] = {}
         self._closed = False
         loop.add_reader(self._fd, self._on_fd)
         self.kick()
@@ -134,29 +135,29 @@ class Reactor:
     def lib(self):
         return self._lib
 
-    def hold(self, endpoint) -> None:
-        """Keep `endpoint` referenced until `close_held` closes it. ucxx closes an endpoint that nobody closed when it
-        is destroyed (a blocking close that progresses the worker) on whichever thread drops it last: the garbage
-        collector's, on a thread of the user's, while this loop progresses the same worker; a dial or handshake
-        cancelled mid-way used to leave its endpoint to that."""
-        self._endpoints[id(endpoint)] = endpoint
+    def hold(self, wire) -> None:
+        """Keep `wire` (a UcxWire) referenced until it closes its endpoint (`release`). ucxx closes an endpoint that
+        nobody closed when it is destroyed (a blocking close that progresses the worker) on whichever thread drops
+        it last: the garbage collector's, on a thread of the user's, while this loop progresses the same worker; a
+        dial or handshake cancelled mid-way used to leave its endpoint to that."""
+        self._wires[id(wire)] = wire
 
-    def close_held(self, endpoint) -> None:
-        """Close a held endpoint (on the loop thread) and let it go: destroying a closed endpoint does nothing more."""
-        self._endpoints.pop(id(endpoint), None)
-        close_endpoint(endpoint)
+    def release(self, wire) -> None:
+        """`wire` closed its endpoint (on the loop thread)."""
+        self._wires.pop(id(wire), None)
 
     def close_all_held(self) -> int:
-        """Close every endpoint still held (at shutdown, while the worker still progresses); how many."""
-        endpoints = list(self._endpoints.values())
-        for endpoint in endpoints:
-            self.close_held(endpoint)
-        return len(endpoints)
+        """Close every wire still held (at shutdown, while the worker still progresses); how many. Each lets go of
+        its endpoint, so none is left for the shutdown to keep (a closed endpoint is destroyed at no cost)."""
+        wires = list(self._wires.values())
+        for wire in wires:
+            wire.close()
+        return len(wires)
 
     @property
     def held(self) -> int:
         """How many endpoints are open (held and not yet closed)."""
-        return len(self._endpoints)
+        return len(self._wires)
 
     def kick(self) -> None:
         """Schedule one progress pass on the loop (coalesced)."""

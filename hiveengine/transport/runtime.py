@@ -392,7 +392,7 @@ class Runtime:
         others = sys.getrefcount(worker) - 2  # beyond `worker` and getrefcount's own argument
         if listener is not None and (kept or others):
             keep_until_exit(listener)
-            logger.debug("UCX worker and listener kept to the exit: %d holder(s), %d reference(s)", kept, others)
+            logger.debug("UCX worker and listener kept to the exit: held by %s, %d reference(s)", dict(kept), others)
         del worker
         del listener
         del context

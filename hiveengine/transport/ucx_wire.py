@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from hiveengine.transport.reactor import Reactor
+from hiveengine.transport.reactor import Reactor, close_endpoint
 
 
 class UcxWire:
@@ -14,7 +14,7 @@ class UcxWire:
 
     def __init__(self, reactor: Reactor, endpoint):
         self.reactor, self.endpoint = reactor, endpoint
-        reactor.hold(endpoint)  # until close(): never left to the garbage collector unclosed
+        reactor.hold(self)  # until close(): its endpoint is never left to the garbage collector unclosed
 
     def __repr__(self) -> str:
         return "UcxWire()"
@@ -51,4 +51,5 @@ class UcxWire:
     def close(self) -> None:
         endpoint, self.endpoint = self.endpoint, None
         if endpoint is not None:
-            self.reactor.close_held(endpoint)
+            self.reactor.release(self)
+            close_endpoint(endpoint)
