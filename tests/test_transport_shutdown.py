@@ -66,17 +66,19 @@ def test_a_connection_request_completed_after_shutdown_does_no_harm(keep_worker)
     victim = PeerProcess("transport_peer.py", "shut_down_on_request", keep_worker)
     relay = socket.create_server(("127.0.0.1", 0))
     relay.settimeout(DEADLINE)
-    dialer = None
+    sockets, dialer = [relay], None  # closed at the end, whatever happens
     try:
         address = PeerAddress.parse(victim.expect("ADDRESS"))
         dialer = PeerProcess("transport_peer.py", "ping", f"ucx://127.0.0.1:{relay.getsockname()[1]}/{address.peer_id}")
         incoming, _ = relay.accept()
+        sockets.append(incoming)
         incoming.settimeout(DEADLINE)
         header = recv_exactly(incoming, SOCKCM_HEADER)
         length = int.from_bytes(header[:8], "little")
         assert 0 < length <= MAX_PRIVATE_DATA
         request = header + recv_exactly(incoming, length)
         upstream = socket.create_connection((address.host, address.port), timeout=DEADLINE)
+        sockets.append(upstream)
         ports = (address.port, upstream.getsockname()[1])
         wait_for(
             lambda: (row := tcp_row(*ports)) is not None and owns_socket(victim.proc.pid, row[1]),
@@ -95,7 +97,8 @@ def test_a_connection_request_completed_after_shutdown_does_no_harm(keep_worker)
         assert victim.expect("BYE") == str(keep_worker == "yes")
         assert victim.proc.wait(DEADLINE) == 0, victim.tail()
     finally:
-        relay.close()
+        for sock in sockets:
+            sock.close()
         victim.kill()
         if dialer is not None:
             dialer.kill()
