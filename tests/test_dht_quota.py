@@ -1,6 +1,7 @@
 """DHT storage quotas: every record is charged in real bytes to the peer that sent it, one identity holds at most
 its quota, and a full node gives way to lighter senders, so floods (one identity or many) never keep an honest
-record out. Flooders are real processes sending raw dht.store requests."""
+record out; stores are paced per sender and in all, so a flood costs the node a bounded share of its CPU. Flooders
+are real processes sending raw dht.store requests."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import time
 import pytest
 
 from hiveengine.dht import DHT, DHTConfig, get_dht_time
+from hiveengine.dht.pacing import MAX_PACED_SENDERS, StorePacer
 from hiveengine.dht.storage import RECORD_OVERHEAD_BYTES, Record, Storage
+from hiveengine.errors import PeerBusyError
 from tests.procs import PeerProcess
 
 KiB = 1 << 10
@@ -89,6 +92,60 @@ def test_republishing_reads_only_the_keys_stored_before_the_cut():
     storage.refreshed(1)  # republished after the cut
     assert [e.key for e in storage.due(cut)] == [b"k0", b"k2", b"k3", b"k4"]
     assert storage.due(time.monotonic() + 1)[-2:] == [storage.get(5), storage.get(1)]
+
+
+def test_store_pacing_admits_no_more_than_the_burst_plus_the_rate_and_refuses_long_waits():
+    """Random stores from a few senders on a simulated clock, against the token buckets' bound: whatever a sender
+    (or all of them) got admitted by time t is at most burst + rate * (t + max_wait), each admitted store waits what
+    its debt says, and a store that would wait longer than max_wait is refused and charged nothing."""
+    rng = random.Random()
+    now = [0.0]
+    rate, burst, total_rate, total_burst, max_wait = 100.0, 400.0, 250.0, 600.0, 2.0
+    pacer = StorePacer(rate, burst, total_rate, total_burst, max_wait, clock=lambda: now[0])
+    paid_until = {}  # sender -> when its last admitted store could go (a paced sender sends its next one then)
+    for _ in range(3000):
+        sender = rng.choice([b"a", b"b", b"c"])
+        now[0] = max(now[0], paid_until.get(sender, 0.0)) + rng.expovariate(5.0)
+        nbytes = rng.randrange(1, 300)
+        before = dict(pacer.admitted)
+        try:
+            wait = pacer.admit(sender, nbytes)
+        except PeerBusyError:
+            assert pacer.admitted == before  # refused stores take nothing
+            continue
+        assert 0 <= wait <= max_wait
+        paid_until[sender] = now[0] + wait
+        assert pacer.admitted[sender] <= burst + rate * (now[0] + max_wait)
+        assert sum(pacer.admitted.values()) <= total_burst + total_rate * (now[0] + max_wait)
+    assert pacer.refused > 0  # three senders at full speed overran the total rate now and then
+    quiet = StorePacer(rate, burst, total_rate, total_burst, max_wait, clock=lambda: now[0])
+    assert quiet.admit(b"honest", 300) == 0  # within the burst: no wait at all
+    for i in range(MAX_PACED_SENDERS + 10):
+        quiet.admit(b"s%d" % i, 0)
+    assert len(quiet.senders) == MAX_PACED_SENDERS and b"honest" not in quiet.admitted  # bounded memory
+
+
+@pytest.mark.timeout(120)
+def test_a_flooding_sender_is_paced_to_its_store_rate_while_an_honest_store_goes_through():
+    rate, burst, records, value_bytes = 256 * KiB, 512 * KiB, 2000, KiB
+    config = DHTConfig(store_bytes_per_second=rate, store_burst_bytes=burst)
+    with DHT(config=config) as node:
+        started = time.monotonic()
+        args = ["--identities", "1", "--records", str(records), "--batch", "50", "--value-bytes", str(value_bytes)]
+        proc = PeerProcess("swarm_dht_flooder.py", str(node.address), *args)
+        try:
+            proc.expect("READY")
+            honest_round_trip(str(node.address), "during-a-paced-flood")
+            assert proc.proc.poll() is None  # the honest store went through while the flood was still going
+            accepted = int(proc.expect("ACCEPTED", timeout=60).split()[1])
+            elapsed = time.monotonic() - started
+            proc.expect("DONE")
+        finally:
+            proc.close()
+    assert accepted == records  # paced, not refused
+    # What the node took from the flooder (at least its values' bytes) is bounded by its bucket. Unpaced, the 2 MB
+    # go in about a second, far over the bound; paced, they take over 6 s.
+    assert accepted * value_bytes <= burst + rate * (elapsed + config.max_store_wait)
 
 
 @pytest.fixture

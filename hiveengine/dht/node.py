@@ -19,11 +19,12 @@ import torch
 
 from hiveengine.dht import protocol
 from hiveengine.dht.ids import DEFAULT_DIFFICULTY, MAX_DIFFICULTY, proven_id, solve
+from hiveengine.dht.pacing import StorePacer
 from hiveengine.dht.routing import Contact, RoutingTable, key_id, random_id_in_bucket
 from hiveengine.dht.serialization import record_problem
 from hiveengine.dht.storage import Entry, Record, Storage, get_dht_time
 from hiveengine.dht.validation import RecordValidator
-from hiveengine.errors import BootstrapError, ConfigurationError, ProtocolError, TransportError
+from hiveengine.errors import BootstrapError, ConfigurationError, PeerBusyError, ProtocolError, TransportError
 from hiveengine.transport import Peer, PeerAddress, Request
 
 logger = logging.getLogger(__name__)
@@ -49,6 +50,17 @@ class DHTConfig:
     # Of those, what one sending peer may hold (Record.nbytes, overhead included); a full store also gives way to
     # lighter senders (storage.Storage), so one identity can neither fill the node nor starve the others.
     max_stored_bytes_per_peer: int = 16 * MiB
+    # Store pacing (pacing.py): the bytes of stores this node takes per second from one sender (up to a burst of
+    # store_burst_bytes at once) and from all senders together; a faster sender's stores wait, before they are
+    # decoded, and one that would wait over max_store_wait seconds is refused. A flood thus costs a bounded share of
+    # the node's CPU; honest writes are far below these rates.
+    # A node takes far fewer honest stores than this: each of k replicas gets ~k/N of a swarm's writes (about 20 KB/s
+    # for 1000 peers writing 1 KB/s each), and republishing a full store is 256 MiB per republish_interval.
+    store_bytes_per_second: float = 2 * MiB
+    store_burst_bytes: int = 4 * MiB
+    total_store_bytes_per_second: float = 8 * MiB
+    total_store_burst_bytes: int = 32 * MiB
+    max_store_wait: float = 1.0
     cache_bytes: int = 16 * MiB  # recently fetched values
     republish_concurrency: int = 8
     # A full bucket's least recently seen contact is pinged (so a newcomer may replace it if it is dead) only when
@@ -77,6 +89,11 @@ class DHTConfig:
             )
         if self.disjoint_paths < 1 or self.stall_after <= 0:
             raise ConfigurationError("DHTConfig.disjoint_paths must be >= 1 and stall_after > 0 (seconds)")
+        pacing = ("store_bytes_per_second", "store_burst_bytes", "total_store_bytes_per_second")
+        for name in (*pacing, "total_store_burst_bytes", "max_store_wait"):
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                raise ConfigurationError(f"DHTConfig.{name} must be a positive number, got {value!r}")
 
 
 class Offer(NamedTuple):
@@ -140,6 +157,13 @@ class DHTNode:
         self.table = RoutingTable(self.id, config.k)
         self.storage = Storage(config.max_stored_bytes, max_bytes_per_sender=config.max_stored_bytes_per_peer)
         self.cache = Storage(config.cache_bytes, evict=True)
+        self.pacer = StorePacer(
+            config.store_bytes_per_second,
+            config.store_burst_bytes,
+            config.total_store_bytes_per_second,
+            config.total_store_burst_bytes,
+            config.max_store_wait,
+        )
         self.my_address = None if client_mode else str(peer.address)
         sender = {"s": None} if client_mode else {"s": self.my_address, "n": self.nonce}
         self._sender = protocol.versioned(sender)  # in every request
@@ -230,6 +254,9 @@ class DHTNode:
         try:
             timeout = self.config.rpc_timeout + self.peer.link_time(contact.address.peer_id)
             reply = await self.peer.call(contact.address, method, header, tensors, timeout=timeout)
+        except PeerBusyError as e:  # alive, but pacing our stores (pacing.py) or out of room: keep it
+            logger.debug("%s is busy: %s", contact.address, e)
+            return None
         except (TransportError, TimeoutError) as e:
             self._failed(contact, e)
             return None
@@ -524,14 +551,23 @@ class DHTNode:
         self._note_sender(request)
         return protocol.versioned({"n": self.nonce})
 
+    async def _paced(self, request: Request) -> None:
+        """Wait until the records `request` offers may be decoded (pacing.py; PeerBusyError if not soon enough)."""
+        wait = self.pacer.admit(request.sender.raw, protocol.offered_bytes(request))
+        if wait > 0:
+            await asyncio.sleep(wait)  # the sender's (or everyone's) store rate is spent: pace this one to it
+
     async def _on_store(self, request: Request) -> dict:
         protocol.check_version(request)
+        await self._paced(request)
         records = protocol.parse_store(request)
         self._note_sender(request)
         return protocol.versioned({"ok": [self._store_local(r, request.sender.raw) for r in records]})
 
     async def _on_find(self, request: Request):
         protocol.check_version(request)
+        if protocol.offers_records(request):
+            await self._paced(request)
         target, want_values, offered = protocol.parse_find(request)
         requester = self._note_sender(request)
         nearest = self.table.nearest(target, self.config.k, exclude=None if requester is None else requester.id)

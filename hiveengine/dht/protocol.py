@@ -166,8 +166,18 @@ def parse_find(request: Request) -> tuple[int, bool, list[Record | None] | None]
     want_values = request.header.get("v", False)
     if not isinstance(want_values, bool):
         raise ProtocolError(f"{FIND} expects 'v' to be a bool")
-    offers = request.tensors or BLOB_FIELD in request.header
-    return target, want_values, parse_store(request) if offers else None
+    return target, want_values, parse_store(request) if offers_records(request) else None
+
+
+def offers_records(request: Request) -> bool:
+    """Whether a find request carries records to store."""
+    return bool(request.tensors) or BLOB_FIELD in request.header
+
+
+def offered_bytes(request: Request) -> int:
+    """The bytes of records a store (or a find that offers records) carries, before decoding: what pacing charges."""
+    blob = request.header.get(BLOB_FIELD)
+    return (len(blob) if isinstance(blob, bytes) else 0) + sum(t.numel() * t.element_size() for t in request.tensors)
 
 
 def find_reply(
