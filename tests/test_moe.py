@@ -18,6 +18,7 @@ from hiveengine.moe import (
     RemoteExpert,
     RemoteMixtureOfExperts,
     RemoteSwitchMixtureOfExperts,
+    expert_key,
     get_expert_class,
     get_experts,
     get_remote_experts,
@@ -296,7 +297,7 @@ def test_checkpoints_survive_a_restart_and_declarations_expire(tmp_path):
         assert expert.info()["updates"] == 1
         started[0].proc.expect(THROUGHPUT_PREFIX)
         trained = expert(x).detach()
-        declared = dht.get("ffn.0", latest=True)
+        declared = dht.get(expert_key("ffn.0"), latest=True)
         assert [v.value for v in declared.value.values()] == [started[0].address]
         assert declared.expiration_time <= get_dht_time() + 2.5
         started[0].close()  # a clean exit saves the checkpoint
@@ -304,7 +305,7 @@ def test_checkpoints_survive_a_restart_and_declarations_expire(tmp_path):
         assert (tmp_path / "ffn.0.pt").is_file()
         # Declarations live two update periods (2 s) past their last refresh, which came before the exit.
         time.sleep(max(0.0, closed + 2.0 - get_dht_time()))  # a deadline, not a synchronization
-        assert dht.get("ffn.0", latest=True) is None and get_experts(dht, ["ffn.0"]) == {"ffn.0": None}
+        assert dht.get(expert_key("ffn.0"), latest=True) is None and get_experts(dht, ["ffn.0"]) == {"ffn.0": None}
         restarted = ExpertServer(*args, "--no-dht")
         try:
             again = RemoteExpert("ffn.0", restarted.address)

@@ -15,6 +15,7 @@ from hiveengine.moe import (
     NonFiniteReplyError,
     RemoteExpert,
     RemoteMixtureOfExperts,
+    expert_key,
     get_expert_class,
     get_experts,
 )
@@ -241,23 +242,19 @@ def test_forged_expert_declarations_are_refused_or_ignored():
             "victim_marker",
             "prefix_victim",
         )
-        assert forged == {
-            "claims_victim_address": "True",  # validly signed by the attacker: stored, but no reader believes it
-            "prefix_claims_victim_address": "True",
-            "prefix_unsigned": "True",
-            "victim_marker": "False",  # the victim's marker with another key's signature: no node stores it
-            "prefix_victim": "False",
-        }
-        assert len(dht.get("ffn.0.0", latest=True).value) == 2  # the forgery is there to be read
+        # Every node refuses them all: a declaration's value must be the address of the peer its subkey names and
+        # that signed it (hiveengine.dht.schemas), and a plain or unsigned value has no owner at all.
+        assert set(forged.values()) == {"False"}, forged
+        assert len(dht.get(expert_key("ffn.0.0"), latest=True).value) == 1  # the victim's declaration alone
         assert get_experts(dht, ["ffn.0.0"]) == {"ffn.0.0": victim.address}
         searcher._cache.clear()
         assert found() == [("ffn.0.0", victim.address)]
-        # Plain values that outlive the declarations: a reader may lose the declarations to them (the DHT's merge
-        # rule: a later-expiring plain value wins), but it never takes the plain value's address.
-        assert hostile_results("squat", victim, "plain", "prefix_plain")["plain"] == "True"
-        assert get_experts(dht, ["ffn.0.0"])["ffn.0.0"] in (victim.address, None)
+        # Plain values that would outlive the declarations (and win the DHT's merge, a later-expiring plain value
+        # over a dictionary) are refused under the reserved keys.
+        assert hostile_results("squat", victim, "plain", "prefix_plain") == {"plain": "False", "prefix_plain": "False"}
+        assert get_experts(dht, ["ffn.0.0"]) == {"ffn.0.0": victim.address}
         searcher._cache.clear()
-        assert found() in ([("ffn.0.0", victim.address)], [])
+        assert found() == [("ffn.0.0", victim.address)]
 
 
 def hostile_results(action: str, victim: ExpertServer, *names: str) -> dict[str, str]:

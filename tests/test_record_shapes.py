@@ -26,6 +26,7 @@ from hiveengine.dht.schemas import (
 from hiveengine.dht.serialization import pack
 from hiveengine.dht.storage import Record
 from hiveengine.dht.validation import owner_marker
+from hiveengine.moe.declarations import expert_key
 from hiveengine.optim.progress import PeerProgress, parse_progress, progress_key
 from hiveengine.transport import Identity
 from tests.procs import PeerProcess
@@ -102,3 +103,23 @@ def test_a_node_refuses_absurd_swarm_records_signed_by_their_writers():
     finally:
         writer.close()
         node.shutdown()
+
+
+def test_expert_declarations_must_be_signed_addresses_of_their_owner():
+    owner = Identity.generate()
+    marker, mine = owner_marker(owner.public_key), f"ucx://127.0.0.1:9/{owner.peer_id}"
+
+    def problem(key: str, subkey, value) -> str | None:
+        packed = None if subkey is None else pack(subkey, "subkey")
+        return shape_problem(Record(pack(key, "key"), packed, pack(value), 1.0))
+
+    assert problem(expert_key("ffn.3.17"), marker, mine) is None
+    assert problem(expert_key("ffn.3."), (17, marker), mine) is None  # a grid successor
+    assert problem(expert_key("ffn.3.17"), marker, None) is None  # a withdrawal
+    assert "not an address" in problem(expert_key("ffn.3.17"), marker, "ucx://127.0.0.1:9/someoneelse")
+    assert "not an address" in problem(expert_key("ffn.3."), (17, marker), 1e300)
+    assert "owner's marker" in problem(expert_key("ffn.3.17"), None, mine)  # a plain value has no owner
+    assert "owner's marker" in problem(expert_key("ffn.3.17"), (17, marker), mine)
+    assert "[coordinate" in problem(expert_key("ffn.3."), (-1, marker), mine)
+    assert "[coordinate" in problem(expert_key("ffn.3."), marker, mine)
+    assert problem("ffn.3.17", None, 1e300) is None  # a user's own key: not judged

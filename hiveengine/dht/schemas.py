@@ -1,17 +1,21 @@
 """The shapes of the swarm's own DHT records, checked by every node before it stores one and by every reader.
 
-Three kinds of record speak for a peer, each under a key with a reserved ending and the subkey that is exactly
-that peer's owner marker (validation.py):
+Five kinds of record speak for a peer, each under a key with a reserved ending (or beginning) and a subkey that
+names that peer by its owner marker (validation.py), exactly or after a grid coordinate:
 - `<prefix>.matchmaking.<key>`: a matchmaking registration, [address, bandwidth, mode, registered_at,
   gather_until, round, gathered] plus optionally the registrant's DHT node id (averaging/matchmaking.py);
 - `<run>.progress`: training progress, [epoch, samples, samples_per_second, time, loss, client_mode, target,
   waiting, auxiliary] (optim/progress.py);
-- `<prefix>.state`: a state advertisement, [address, epoch, sha256 digest] (averaging/state.py).
+- `<prefix>.state`: a state advertisement, [address, epoch, sha256 digest] (averaging/state.py);
+- `experts:<uid>`: an expert declaration, the address of the server that serves the expert (moe/declarations.py);
+- `experts:<grid prefix>` (the key ends with "."): a grid successor, under the subkey [coordinate, owner marker],
+  the address of a server that serves an expert below that coordinate.
 
 A value of None is a withdrawal and always fits. Any other value must have its kind's shape: counts are
 non-negative integers below 2**63, times and rates finite, an address names the peer of the subkey. A node refuses
-a record that breaks its kind's shape, so garbage costs the writer its write and nobody else anything; the
-owner's signature is checked as for any record. User records should not use these key endings.
+a record that breaks its kind's shape (a plain value, with no owner, included), so garbage costs the writer its
+write and nobody else anything; the owner's signature is checked as for any record. User records should not use
+these key endings, nor keys that begin with EXPERT_KEY_PREFIX.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ REGISTRATION_FIELDS = (7, 8, 9)  # without and with the registrant's DHT node id
 MAX_VOTED_BANS = 32  # peers one registration may name as banned (the most recently caught)
 MODES = (0, 1, 2)  # averaging.matchmaking.Mode: NODE, CLIENT, AUX
 PROGRESS_FIELDS = 9
+EXPERT_KEY_PREFIX = "experts:"  # expert declarations: the uid or grid prefix follows (moe/declarations.py)
+GRID_DELIMITER = "."  # a grid prefix ends with it (moe/uids.py's UID_DELIMITER)
 
 
 def is_count(value: object) -> bool:
@@ -107,18 +113,27 @@ def state_ad_problem(peer_id: PeerID, value: object) -> str | None:
     return None
 
 
+def address_problem(peer_id: PeerID, value: object) -> str | None:
+    """What is wrong with an expert declaration (or grid successor) `value`, or None: it must be an address of
+    `peer_id`, the server that signed it."""
+    return None if names_peer(value, peer_id) else "its value is not an address of the peer that signed it"
+
+
 Check = Callable[[PeerID, object], str | None]
 
 
 @functools.lru_cache(maxsize=4096)
 def kind_of(key: bytes) -> str | None:
-    """The swarm record kind a serialized key reserves ("registration", "progress", "state"), or None."""
+    """The swarm record kind a serialized key reserves ("registration", "progress", "state", "declaration",
+    "successor"), or None."""
     try:
         name = unpack(key)
     except ProtocolError:
         return None
     if not isinstance(name, str):
         return None
+    if name.startswith(EXPERT_KEY_PREFIX):
+        return "successor" if name.endswith(GRID_DELIMITER) else "declaration"
     if ".matchmaking." in name:
         return "registration"
     if name.endswith(".progress"):
@@ -132,7 +147,19 @@ CHECKS: dict[str, Check] = {
     "registration": registration_problem,
     "progress": lambda _, value: progress_problem(value),
     "state": state_ad_problem,
+    "declaration": address_problem,
+    "successor": address_problem,
 }
+
+
+def owner_named_by(kind: str, subkey: object) -> PeerID | None:
+    """The peer a reserved record's subkey names: its owner marker exactly, or for a grid successor
+    [coordinate, owner marker] (a coordinate is a count)."""
+    if kind != "successor":
+        return signer_of(subkey)
+    if isinstance(subkey, tuple) and len(subkey) == 2 and is_count(subkey[0]):
+        return signer_of(subkey[1])
+    return None
 
 
 def shape_problem(record: Record) -> str | None:
@@ -146,9 +173,10 @@ def shape_problem(record: Record) -> str | None:
         value = unpack(record.value)
     except ProtocolError as e:
         return f"a {kind} record that does not decode: {e}"
-    owner = signer_of(subkey)
+    owner = owner_named_by(kind, subkey)
     if owner is None:
-        return f"a {kind} record's subkey must be exactly its owner's marker"
+        shape = "[coordinate, its owner's marker]" if kind == "successor" else "exactly its owner's marker"
+        return f"a {kind} record's subkey must be {shape}"
     if value is None:
         return None
     problem = CHECKS[kind](owner, value)

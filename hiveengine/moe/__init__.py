@@ -10,7 +10,7 @@ from hiveengine.moe.client import (
     RemoteSwitchMixtureOfExperts,
     get_remote_experts,
 )
-from hiveengine.moe.declarations import adeclare_experts, aget_experts, get_experts
+from hiveengine.moe.declarations import adeclare_experts, aget_experts, expert_key, get_experts
 from hiveengine.moe.errors import (
     ExpertError,
     InvalidExpertUIDError,
@@ -58,6 +58,7 @@ __all__ = [
     "background_server",
     "check_uid",
     "expand_pattern",
+    "expert_key",
     "get_expert_class",
     "get_experts",
     "get_remote_experts",

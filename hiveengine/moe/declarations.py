@@ -1,9 +1,11 @@
 """Expert declarations in the DHT, signed by the server that serves the experts, and how clients read them.
 
 Records (every one names its owner: the text `owner_marker(public key)` of the server's transport identity):
-- under the key `uid`: subkey `marker`, value the server's address;
-- for a grid uid, under every uid prefix (`ffn.`, `ffn.3.` for `ffn.3.17`): subkey `[next coordinate, marker]`,
-  value the server's address, so a beam search can walk the grid level by level.
+- under the key `expert_key(uid)` (`experts:<uid>`): subkey `marker`, value the server's address;
+- for a grid uid, under the key of every uid prefix (`experts:ffn.`, `experts:ffn.3.` for `ffn.3.17`): subkey
+  `[next coordinate, marker]`, value the server's address, so a beam search can walk the grid level by level.
+Those keys are reserved (hiveengine.dht.schemas): every DHT node refuses a record there that is not signed by the
+owner its subkey names, or whose value is not that owner's address.
 
 Construction: the DHT's owner-signed records (hiveengine.dht.validation). A record whose subkey names an owner is
 stored by a DHT node, and returned to a reader, only with that owner's Ed25519 signature over the key, subkey,
@@ -21,11 +23,17 @@ from collections import defaultdict
 from collections.abc import Sequence
 
 from hiveengine.dht import DHT, OwnerSignatureValidator, Record, get_dht_time, owner_marker
+from hiveengine.dht.schemas import EXPERT_KEY_PREFIX
 from hiveengine.dht.validation import named_owners_of
 from hiveengine.errors import ConfigurationError
 from hiveengine.moe.protocol import DHT_TIMEOUT
 from hiveengine.moe.uids import check_uid, is_grid_uid, uid_prefixes
 from hiveengine.transport import Identity, PeerAddress, PeerID
+
+
+def expert_key(uid_or_prefix: str) -> str:
+    """The DHT key under which an expert uid (or a grid prefix, for the beam search) is declared."""
+    return EXPERT_KEY_PREFIX + uid_or_prefix
 
 
 def declared_by(marker: object, address: object) -> str | None:
@@ -75,9 +83,9 @@ def declaration_records(
     marker = owner_marker(identity.public_key)
     items: dict[tuple[str, object], None] = {}
     for uid in uids:
-        items[check_uid(uid), marker] = None
+        items[expert_key(check_uid(uid)), marker] = None
         if is_grid_uid(uid):
-            items.update({(prefix, (coord, marker)): None for prefix, coord in uid_prefixes(uid)})
+            items.update({(expert_key(prefix), (coord, marker)): None for prefix, coord in uid_prefixes(uid)})
     signer = OwnerSignatureValidator(identity)
     return [signer.sign(dht.make_record(key, address, expiration_time, subkey)) for key, subkey in items]
 
@@ -102,7 +110,7 @@ async def aget_experts(dht: DHT, uids: Sequence[str]) -> dict[str, str | None]:
     """The address serving each uid according to its signed DHT declarations (None for uids nobody declares).
     Reads every one of a uid's closest nodes (`latest=True`): a node that holds only forged subkeys (the attacker's
     own, say) must not hide the declarations others hold."""
-    found = await asyncio.gather(*[dht.aget(uid, latest=True) for uid in uids])
+    found = await asyncio.gather(*[dht.aget(expert_key(uid), latest=True) for uid in uids])
     return {uid: parse_declarations(item) for uid, item in zip(uids, found, strict=True)}
 
 

@@ -12,9 +12,10 @@ The grammar follows hivemind's, so that uids that work there work here:
   the name `layer.mlp` with (0,). The name is the first part plus every later part before the trailing run of
   integer parts. A uid whose last part is made of ASCII digits (after at least one delimiter) is taken as a grid
   uid and must be a valid one; other uids (`ffn`, `ffn.x`, `ffn.-1`) are plain uids.
-  A server declares a grid uid in the DHT under the uid itself and under each of its prefixes (`ffn.` with
-  subkey 3, `ffn.3.` with subkey 17), which is what `RemoteMixtureOfExperts`' beam search walks; a plain uid is
-  declared under the uid only (`get_experts` and `get_remote_experts` find it; a beam search cannot).
+  A server declares a grid uid in the DHT under the uid's key (declarations.expert_key) and under each of its
+  prefixes' (`ffn.` with subkey 3, `ffn.3.` with subkey 17), which is what `RemoteMixtureOfExperts`' beam search
+  walks; a plain uid is declared under the uid's key only (`get_experts` and `get_remote_experts` find it; a beam
+  search cannot).
 
 Restrictions on grid uids, each needed by the beam search, which rebuilds a uid as `prefix + str(coordinate)`:
 

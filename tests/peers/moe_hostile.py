@@ -15,6 +15,7 @@ import torch
 
 from hiveengine.dht import DHT, Record, get_dht_time
 from hiveengine.dht.validation import signed_message
+from hiveengine.moe.declarations import expert_key
 from hiveengine.moe.protocol import BACKWARD, FORWARD, FORWARD_ID
 from hiveengine.transport import Identity, Peer, PeerAddress
 
@@ -106,21 +107,21 @@ def keep(peer: Peer, args) -> None:
 
 def forge(dht: DHT, args) -> None:
     """Declarations of `uid` that a reader must not believe: a record signed by this process that claims the
-    victim's address (under the uid, and under its grid prefix for a coordinate the victim does not serve); an
-    unsigned prefix entry; and records under the victim's owner marker (read from its declaration) with a valid
-    signature by another key, which every node must refuse."""
+    victim's address (under the uid's key, and under its grid prefix's for a coordinate the victim does not serve);
+    an unsigned prefix entry; and records under the victim's owner marker (read from its declaration) with a valid
+    signature by another key."""
     victim = PeerAddress.parse(args.address)
     mine = str(PeerAddress(victim.host, victim.port + 1, dht.peer_id))
     expiration = get_dht_time() + FORGED_TTL
-    declared = dht.get(args.uid, latest=True)
+    key, prefix = expert_key(args.uid), expert_key(args.uid.rsplit(".", 1)[0] + ".")
+    declared = dht.get(key, latest=True)
     victim_marker = next(s for s, item in declared.value.items() if item.value == args.address)  # public: it is read
-    prefix = args.uid.rsplit(".", 1)[0] + "."
     own_marker = dht.owner_marker
-    report("claims_victim_address", dht.store(args.uid, args.address, expiration, subkey=own_marker))
+    report("claims_victim_address", dht.store(key, args.address, expiration, subkey=own_marker))
     report("prefix_claims_victim_address", dht.store(prefix, args.address, expiration, subkey=(1, own_marker)))
     report("prefix_unsigned", dht.store(prefix, mine, expiration, subkey=1))
     impostor = Identity.generate()
-    forgeries = {"victim_marker": (args.uid, victim_marker), "prefix_victim": (prefix, (1, victim_marker))}
+    forgeries = {"victim_marker": (key, victim_marker), "prefix_victim": (prefix, (1, victim_marker))}
     for name, (key, subkey) in forgeries.items():
         record = dht.make_record(key, mine, expiration, subkey)
         signature = impostor.sign(signed_message(record))  # a valid signature, by another key than the marker's
@@ -133,8 +134,8 @@ def squat(dht: DHT, args) -> None:
     victim = PeerAddress.parse(args.address)
     mine = str(PeerAddress(victim.host, victim.port + 1, dht.peer_id))
     expiration = get_dht_time() + FORGED_TTL
-    report("plain", dht.store(args.uid, mine, expiration))
-    report("prefix_plain", dht.store(args.uid.rsplit(".", 1)[0] + ".", mine, expiration))
+    report("plain", dht.store(expert_key(args.uid), mine, expiration))
+    report("prefix_plain", dht.store(expert_key(args.uid.rsplit(".", 1)[0] + "."), mine, expiration))
 
 
 def main() -> int:

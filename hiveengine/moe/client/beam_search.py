@@ -14,7 +14,7 @@ import torch
 
 from hiveengine.dht import DHT
 from hiveengine.errors import ConfigurationError
-from hiveengine.moe.declarations import parse_successors
+from hiveengine.moe.declarations import expert_key, parse_successors
 from hiveengine.moe.protocol import DHT_TIMEOUT
 from hiveengine.moe.uids import UID_DELIMITER, check_prefix
 
@@ -60,7 +60,7 @@ class MoEBeamSearcher:
         """Read the prefixes' successors from the DHT into the cache."""
         now = time.monotonic()
         async with asyncio.timeout(self.lookup_timeout):
-            found = await asyncio.gather(*[self.dht.aget(p, latest=True) for p in prefixes])
+            found = await asyncio.gather(*[self.dht.aget(expert_key(p), latest=True) for p in prefixes])
         for prefix, item in zip(prefixes, found, strict=True):
             self._cache[prefix] = (now, parse_successors(item))
 
