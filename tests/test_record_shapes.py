@@ -12,10 +12,11 @@ import math
 
 import pytest
 
-from hiveengine.averaging.matchmaking import Mode, matchmaking_key
+from hiveengine.averaging.matchmaking import MatchmakingConfig, Mode, matchmaking_key
 from hiveengine.averaging.state import state_key
 from hiveengine.dht import DHT, get_dht_time
 from hiveengine.dht.schemas import (
+    MAX_GATHERING_SECONDS,
     MAX_VOTED_BANS,
     MODES,
     SchemaValidator,
@@ -26,6 +27,7 @@ from hiveengine.dht.schemas import (
 from hiveengine.dht.serialization import pack
 from hiveengine.dht.storage import Record
 from hiveengine.dht.validation import owner_marker
+from hiveengine.errors import ConfigurationError
 from hiveengine.moe.declarations import expert_key
 from hiveengine.optim.progress import PeerProgress, parse_progress, progress_key
 from hiveengine.transport import Identity
@@ -50,6 +52,7 @@ def test_the_schema_knows_every_matchmaking_mode():
         ({8: [b"short"]}, "bans are not peer ids"),
         ({8: [bytes(32)] * (MAX_VOTED_BANS + 1)}, "at most"),
         ({8: "everyone"}, "at most"),
+        ({3: 2.0 - MAX_GATHERING_SECONDS - 1}, "before its deadline"),  # sorts first in an overfull gathering
     ],
 )
 def test_a_malformed_registration_is_named(change, problem):
@@ -61,6 +64,14 @@ def test_a_malformed_registration_is_named(change, problem):
     bad = [change.get(i, field) for i, field in enumerate(good)]
     assert problem in registration_problem(peer_id, bad)
     assert "list of" in registration_problem(peer_id, {"a": 1})
+
+
+def test_a_peer_cannot_gather_for_longer_than_nodes_accept():
+    assert registration_problem(Identity.generate().peer_id, ["x", 1.0, 0, 0.0, MAX_GATHERING_SECONDS]) is not None
+    for bad in (MAX_GATHERING_SECONDS + 1, math.inf, math.nan, 0.0):
+        with pytest.raises(ConfigurationError, match="matchmaking_time"):
+            MatchmakingConfig(matchmaking_time=bad)
+    assert MatchmakingConfig(matchmaking_time=MAX_GATHERING_SECONDS).matchmaking_time == MAX_GATHERING_SECONDS
 
 
 def test_progress_a_peer_publishes_has_the_shape_nodes_accept():

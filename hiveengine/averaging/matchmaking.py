@@ -70,7 +70,7 @@ import msgpack
 from hiveengine.averaging.records import record_signer, signed_record, store_signed
 from hiveengine.dht.dht import DHT
 from hiveengine.dht.node import ReadBack
-from hiveengine.dht.schemas import MAX_VOTED_BANS, registration_problem
+from hiveengine.dht.schemas import MAX_GATHERING_SECONDS, MAX_VOTED_BANS, registration_problem
 from hiveengine.dht.serialization import pack, unpack
 from hiveengine.dht.storage import Entry, Record, get_dht_time
 from hiveengine.dht.validation import signer_of
@@ -172,8 +172,11 @@ class MatchmakingConfig:
             raise ConfigurationError(f"target_group_size must be ≥ 2 or None, got {self.target_group_size}")
         if self.min_group_size < 1:
             raise ConfigurationError(f"min_group_size must be ≥ 1, got {self.min_group_size}")
-        if not (self.matchmaking_time > 0 and math.isfinite(self.matchmaking_time)):
-            raise ConfigurationError(f"matchmaking_time must be a positive number, got {self.matchmaking_time}")
+        if not (0 < self.matchmaking_time <= MAX_GATHERING_SECONDS):
+            raise ConfigurationError(
+                f"matchmaking_time must be a positive number of seconds up to {MAX_GATHERING_SECONDS:g}, "
+                f"got {self.matchmaking_time}"
+            )
 
 
 @dataclass(frozen=True)
@@ -468,6 +471,11 @@ class Matchmaker:
         now = get_dht_time()
         # Open a gathering of our own; _gather moves us to an earlier one as soon as it sees one.
         over, spent = self._cuts.get(dht_key, (None, frozenset()))
+        if scheduled is not None and scheduled - now > MAX_GATHERING_SECONDS:
+            raise ConfigurationError(
+                f"a gathering may be scheduled at most MAX_GATHERING_SECONDS ({MAX_GATHERING_SECONDS:g}) ahead, "
+                f"not {scheduled - now:.0f} s"
+            )
         gather_until = scheduled if scheduled is not None else self._opening_deadline(now, give_up_at, over)
         full = self._early_close_at(expected)
         if gather_until > give_up_at and full is None:

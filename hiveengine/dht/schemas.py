@@ -36,6 +36,10 @@ REGISTRATION_FIELDS = (7, 8, 9)  # without and with the registrant's DHT node id
 MAX_VOTED_BANS = 32  # peers one registration may name as banned (the most recently caught)
 MODES = (0, 1, 2)  # averaging.matchmaking.Mode: NODE, CLIENT, AUX
 PROGRESS_FIELDS = 9
+# The longest a registrant may claim to have waited for its gathering (gather_until - registered_at): matchmaking_time
+# and a scheduled gathering's lead are capped to it. A registration that claims an earlier start (a Sybil's bid to
+# sort first when a gathering overfills) is absurd and refused.
+MAX_GATHERING_SECONDS = 3600.0
 EXPERT_KEY_PREFIX = "experts:"  # expert declarations: the uid or grid prefix follows (moe/declarations.py)
 GRID_DELIMITER = "."  # a grid prefix ends with it (moe/uids.py's UID_DELIMITER)
 
@@ -69,6 +73,10 @@ def registration_problem(peer_id: PeerID, value: object) -> str | None:
         return f"mode {mode!r:.40} is not one of {MODES}"
     if not (is_finite(registered_at) and is_finite(gather_until)):
         return "its times are not finite numbers"
+    if gather_until - registered_at > MAX_GATHERING_SECONDS:
+        return (
+            f"it claims to have registered over MAX_GATHERING_SECONDS ({MAX_GATHERING_SECONDS:g}) before its deadline"
+        )
     if not is_count(round_number):
         return f"round {round_number!r:.40} is not a count"
     node = dht_node[0] if dht_node else None

@@ -37,6 +37,7 @@ def cases(address: str, now: float) -> dict:
         "registration-mode-7": ("registration", changed(registration, 2, 7)),
         "registration-other-address": ("registration", changed(registration, 0, "ucx://127.0.0.1:9/someoneelse")),
         "registration-junk": ("registration", "junk"),
+        "registration-since-1970": ("registration", changed(registration, 3, 0.0)),
         "progress-epoch-2**64": ("progress", changed(progress, 0, 2**64 - 1)),
         "progress-negative-samples": ("progress", changed(progress, 1, -5)),
         "progress-inf-speed": ("progress", changed(progress, 2, INF)),
