@@ -67,7 +67,11 @@ def test_a_malformed_registration_is_named(change, problem):
 
 
 def test_a_peer_cannot_gather_for_longer_than_nodes_accept():
-    assert registration_problem(Identity.generate().peer_id, ["x", 1.0, 0, 0.0, MAX_GATHERING_SECONDS]) is not None
+    peer_id = Identity.generate().peer_id
+    registration = [f"ucx://127.0.0.1:9/{peer_id}", 1.0, 0, 10.0, 10.0 + MAX_GATHERING_SECONDS, 0, None]
+    assert registration_problem(peer_id, registration) is None
+    registration[3] -= 1
+    assert "before its deadline" in registration_problem(peer_id, registration)
     for bad in (MAX_GATHERING_SECONDS + 1, math.inf, math.nan, 0.0):
         with pytest.raises(ConfigurationError, match="matchmaking_time"):
             MatchmakingConfig(matchmaking_time=bad)

@@ -539,7 +539,9 @@ class Matchmaker:
         aligned = math.ceil(raw / grid) * grid
         if over is not None and abs(aligned - over) < grid / 2:
             aligned = math.floor(over / grid + 1.5) * grid  # the grid point after `over`
-        return aligned if aligned <= give_up_at else raw
+        if aligned > min(give_up_at, now + MAX_GATHERING_SECONDS):  # nodes refuse a registration that waits longer
+            return raw
+        return aligned
 
     def _our_group(self, dht_key: str, registrations: list[Registration]) -> GroupInfo | None:
         cfg = self.config

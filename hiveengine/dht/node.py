@@ -19,7 +19,7 @@ import torch
 
 from hiveengine.dht import protocol
 from hiveengine.dht.ids import DEFAULT_DIFFICULTY, MAX_DIFFICULTY, proven_id, solve
-from hiveengine.dht.pacing import StorePacer
+from hiveengine.dht.pacing import MIN_RECORD_CHARGE, StorePacer
 from hiveengine.dht.routing import Contact, RoutingTable, key_id, random_id_in_bucket
 from hiveengine.dht.serialization import record_problem
 from hiveengine.dht.storage import Entry, Record, Storage, get_dht_time
@@ -60,7 +60,7 @@ class DHTConfig:
     store_burst_bytes: int = 4 * MiB
     total_store_bytes_per_second: float = 8 * MiB
     total_store_burst_bytes: int = 32 * MiB
-    max_store_wait: float = 1.0
+    max_store_wait: float = 1.0  # at most half of rpc_timeout counts
     cache_bytes: int = 16 * MiB  # recently fetched values
     republish_concurrency: int = 8
     # A full bucket's least recently seen contact is pinged (so a newcomer may replace it if it is dead) only when
@@ -162,7 +162,7 @@ class DHTNode:
             config.store_burst_bytes,
             config.total_store_bytes_per_second,
             config.total_store_burst_bytes,
-            config.max_store_wait,
+            min(config.max_store_wait, config.rpc_timeout / 2),  # answered before the caller gives up on this node
         )
         self.my_address = None if client_mode else str(peer.address)
         sender = {"s": None} if client_mode else {"s": self.my_address, "n": self.nonce}
@@ -250,7 +250,7 @@ class DHTNode:
 
     async def _rpc(self, contact: Contact, method: str, header: dict, tensors=()) -> tuple[dict, list] | None:
         """Call a node; on success refresh it, on any failure (a reply of another protocol version included) drop
-        it from the table and return None."""
+        it from the table and return None. A busy node (PeerBusyError: pacing our stores, or out of room) stays."""
         try:
             timeout = self.config.rpc_timeout + self.peer.link_time(contact.address.peer_id)
             reply = await self.peer.call(contact.address, method, header, tensors, timeout=timeout)
@@ -551,30 +551,44 @@ class DHTNode:
         self._note_sender(request)
         return protocol.versioned({"n": self.nonce})
 
-    async def _paced(self, request: Request) -> None:
-        """Wait until the records `request` offers may be decoded (pacing.py; PeerBusyError if not soon enough)."""
-        wait = self.pacer.admit(request.sender.raw, protocol.offered_bytes(request))
-        if wait > 0:
-            await asyncio.sleep(wait)  # the sender's (or everyone's) store rate is spent: pace this one to it
+    async def _paced_records(self, request: Request) -> list[Record | None]:
+        """The records `request` offers, decoded once the sender's store rate allows it (pacing.py): their bytes are
+        charged before decoding, and each record at least MIN_RECORD_CHARGE before it is checked. PeerBusyError if
+        that would not be soon enough."""
+        nbytes = protocol.offered_bytes(request)
+        await self._pace(request.sender.raw, nbytes)
+        records = protocol.parse_store(request)
+        await self._pace(request.sender.raw, len(records) * MIN_RECORD_CHARGE - nbytes)
+        return records
+
+    async def _pace(self, sender: bytes, nbytes: int) -> None:
+        if nbytes > 0:
+            wait = self.pacer.admit(sender, nbytes)
+            if wait > 0:
+                await asyncio.sleep(wait)  # the sender's (or everyone's) store rate is spent: pace this store to it
 
     async def _on_store(self, request: Request) -> dict:
         protocol.check_version(request)
-        await self._paced(request)
-        records = protocol.parse_store(request)
+        records = await self._paced_records(request)
         self._note_sender(request)
         return protocol.versioned({"ok": [self._store_local(r, request.sender.raw) for r in records]})
 
     async def _on_find(self, request: Request):
         protocol.check_version(request)
-        if protocol.offers_records(request):
-            await self._paced(request)
-        target, want_values, offered = protocol.parse_find(request)
+        target, want_values = protocol.find_target(request)
         requester = self._note_sender(request)
         nearest = self.table.nearest(target, self.config.k, exclude=None if requester is None else requester.id)
         stored = None
         watched = self._watched
-        if offered is not None and self._closer_than_all(target, nearest):
-            stored = [self._store_local(r, request.sender.raw) for r in offered]
+        # Offered records are paced and decoded only where they will be kept: a lookup offers them to every node it
+        # asks. A paced-out offer still gets its find answered, without "ok" (the storer then sends a STORE).
+        if protocol.offers_records(request) and self._closer_than_all(target, nearest):
+            try:
+                offered = await self._paced_records(request)
+            except PeerBusyError as e:
+                logger.debug("not storing the records %s offered: %s", request.sender, e)
+            else:
+                stored = [self._store_local(r, request.sender.raw) for r in offered]
         records = None
         if want_values:
             entry = self.storage.get(target) or self.cache.get(target)

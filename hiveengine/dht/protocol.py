@@ -160,13 +160,19 @@ def parse_store(request: Request) -> list[Record | None]:
 
 def parse_find(request: Request) -> tuple[int, bool, list[Record | None] | None]:
     """The target id of a find request, whether values are wanted, and the records it offers to store."""
+    target, want_values = find_target(request)
+    return target, want_values, parse_store(request) if offers_records(request) else None
+
+
+def find_target(request: Request) -> tuple[int, bool]:
+    """The target id of a find request and whether values are wanted (its offered records left undecoded)."""
     target = id_from_bytes(request.header.get("id"))
     if target is None:
         raise ProtocolError(f"{FIND} expects 'id': {ID_BYTES} bytes")
     want_values = request.header.get("v", False)
     if not isinstance(want_values, bool):
         raise ProtocolError(f"{FIND} expects 'v' to be a bool")
-    return target, want_values, parse_store(request) if offers_records(request) else None
+    return target, want_values
 
 
 def offers_records(request: Request) -> bool:

@@ -71,8 +71,8 @@ def check_uid(uid: object) -> str:
             )
     if uid.endswith(UID_DELIMITER):
         raise InvalidExpertUIDError(
-            f"expert uid {uid!r:.80} ends with {UID_DELIMITER!r}: that is a uid prefix (the DHT key under which the "
-            f"experts below it are declared), not a uid"
+            f"expert uid {uid!r:.80} ends with {UID_DELIMITER!r}: that is a uid prefix (the experts below it are "
+            f"declared under its DHT key), not a uid"
         )
     if is_grid_uid(uid):
         _split_grid(uid)

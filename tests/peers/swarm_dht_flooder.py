@@ -1,8 +1,8 @@
 """A hostile DHT client for the quota tests and bench/swarm_attacks.py: from IDENTITIES fresh identities (0: new
 ones until stdin closes), sends dht.store requests of BATCH records (values of VALUE_BYTES, keys of its own)
 straight to one node until it refuses a whole batch or RECORDS were sent per identity, at most MBIT megabits of
-values per second if given (an attacker's uplink). Prints `READY` once it starts, then `ACCEPTED <identity index>
-<records accepted> <bytes charged>` per identity, then `DONE`."""
+values per second if given (an attacker's uplink). Prints `READY` once the node answered its first batch (the flood
+is under way), then `ACCEPTED <identity index> <records accepted> <bytes charged>` per identity, then `DONE`."""
 
 import argparse
 import itertools
@@ -30,7 +30,7 @@ def main() -> None:
     stop = threading.Event()
     if args.identities == 0:
         threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
-    print("READY", flush=True)
+    ready = False
     for index in range(args.identities) if args.identities else itertools.count():
         if stop.is_set():
             break
@@ -48,6 +48,9 @@ def main() -> None:
             sent += count * args.value_bytes
             if args.mbit:  # pacing to the uplink's rate, not synchronizing with anyone
                 time.sleep(max(0.0, started + sent * 8 / (args.mbit * 1e6) - time.monotonic()))
+            if not ready:
+                print("READY", flush=True)
+                ready = True
             ok = protocol.parse_store_reply(reply, count)
             accepted += sum(ok)
             charged += sum(r.nbytes for r, o in zip(records, ok, strict=True) if o)
