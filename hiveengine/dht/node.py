@@ -53,9 +53,9 @@ class DHTConfig:
     # Store pacing (pacing.py): the bytes of stores this node takes per second from one sender (up to a burst of
     # store_burst_bytes at once) and from all senders together; a faster sender's stores wait, before they are
     # decoded, and one that would wait over max_store_wait seconds is refused. A flood thus costs a bounded share of
-    # the node's CPU; honest writes are far below these rates.
-    # A node takes far fewer honest stores than this: each of k replicas gets ~k/N of a swarm's writes (about 20 KB/s
-    # for 1000 peers writing 1 KB/s each), and republishing a full store is 256 MiB per republish_interval.
+    # the node's CPU. Honest writes are far below these rates: each of k replicas gets ~k/N of a swarm's writes
+    # (about 20 KB/s for 1000 peers writing 1 KB/s each), and republishing a full store is 256 MiB per
+    # republish_interval.
     store_bytes_per_second: float = 2 * MiB
     store_burst_bytes: int = 4 * MiB
     total_store_bytes_per_second: float = 8 * MiB

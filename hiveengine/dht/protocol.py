@@ -183,7 +183,7 @@ def offers_records(request: Request) -> bool:
 def offered_bytes(request: Request) -> int:
     """The bytes of records a store (or a find that offers records) carries, before decoding: what pacing charges."""
     blob = request.header.get(BLOB_FIELD)
-    return (len(blob) if isinstance(blob, bytes) else 0) + sum(t.numel() * t.element_size() for t in request.tensors)
+    return (len(blob) if isinstance(blob, bytes) else 0) + sum(t.nbytes for t in request.tensors)
 
 
 def find_reply(

@@ -41,7 +41,7 @@ PROGRESS_FIELDS = 9
 # sort first when a gathering overfills) is absurd and refused.
 MAX_GATHERING_SECONDS = 3600.0
 EXPERT_KEY_PREFIX = "experts:"  # expert declarations: the uid or grid prefix follows (moe/declarations.py)
-GRID_DELIMITER = "."  # a grid prefix ends with it (moe/uids.py's UID_DELIMITER)
+GRID_DELIMITER = "."  # a grid prefix ends with it (moe/uids.py names it UID_DELIMITER)
 
 
 def is_count(value: object) -> bool:

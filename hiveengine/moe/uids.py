@@ -35,9 +35,10 @@ import re
 import unicodedata
 from collections.abc import Collection, Sequence
 
+from hiveengine.dht.schemas import GRID_DELIMITER
 from hiveengine.moe.errors import InvalidExpertUIDError
 
-UID_DELIMITER = "."
+UID_DELIMITER = GRID_DELIMITER  # "."; DHT nodes tell a grid prefix's key by it (hiveengine.dht.schemas)
 MAX_UID_LENGTH = 256  # characters; a uid is repeated in every request header and DHT record
 MAX_COORDINATE = (1 << 63) - 1  # grid coordinates are DHT subkeys, stored as signed 64-bit msgpack integers
 MAX_PATTERN_EXPERTS = 1 << 20  # a pattern may describe at most this many uids
