@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from hiveengine.dht import DHT, MAX_VALUE_BYTES, DHTConfig, Record, RecordValidator, get_dht_time, protocol
-from hiveengine.dht.routing import key_id
+from hiveengine.dht.routing import id_to_bytes, key_id
 from hiveengine.errors import BootstrapError, ProtocolError, RemoteError, ValueTooLargeError
 from hiveengine.transport import Identity, Peer, PeerAddress
 
@@ -195,34 +195,38 @@ def _blob(data: bytes) -> torch.Tensor:
     return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
 
 
-MALFORMED = [
-    ("dht.find", {}, []),
-    ("dht.find", {"id": "not bytes"}, []),
-    ("dht.find", {"id": b"short"}, []),
-    ("dht.find", {"id": bytes(32), "v": "yes"}, []),
-    ("dht.find", {"id": bytes(32), "s": 12345}, [_blob(b"\xc1\xc1 garbage")]),
-    ("dht.find", {"id": [bytes(32)] * 5000}, []),
-    ("dht.store", {}, []),
-    ("dht.store", {"s": ["not", "an", "address"]}, [_blob(b"random \x00\xff bytes")]),
-    ("dht.store", {}, [torch.zeros(4, dtype=torch.float32)]),
-    ("dht.store", {}, [_blob(msgpack.packb({"not": "a list"}))]),
-    ("dht.store", {}, [_blob(msgpack.packb([[b"k"]] * (protocol.MAX_RECORDS_PER_STORE + 1)))]),
-    ("dht.store", {}, [_blob(b"a"), _blob(b"b")]),
-    ("dht.ping", {"s": "ucx://127.0.0.1:1/notapeerid"}, []),
-]
+def _malformed(own_id: bytes) -> list[tuple[str, dict, list[torch.Tensor]]]:
+    """Malformed requests for the node whose id is `own_id`. Records a find offers are decoded only by a node that
+    would keep them (one closest to the target), so the garbage offer targets the node's own id."""
+    return [
+        ("dht.find", {}, []),
+        ("dht.find", {"id": "not bytes"}, []),
+        ("dht.find", {"id": b"short"}, []),
+        ("dht.find", {"id": bytes(32), "v": "yes"}, []),
+        ("dht.find", {"id": own_id, "s": 12345}, [_blob(b"\xc1\xc1 garbage")]),
+        ("dht.find", {"id": [bytes(32)] * 5000}, []),
+        ("dht.store", {}, []),
+        ("dht.store", {"s": ["not", "an", "address"]}, [_blob(b"random \x00\xff bytes")]),
+        ("dht.store", {}, [torch.zeros(4, dtype=torch.float32)]),
+        ("dht.store", {}, [_blob(msgpack.packb({"not": "a list"}))]),
+        ("dht.store", {}, [_blob(msgpack.packb([[b"k"]] * (protocol.MAX_RECORDS_PER_STORE + 1)))]),
+        ("dht.store", {}, [_blob(b"a"), _blob(b"b")]),
+        ("dht.ping", {"s": "ucx://127.0.0.1:1/notapeerid"}, []),
+    ]
 
 
 def test_malformed_requests_get_typed_errors_and_nodes_keep_serving(swarm, raw_peer):
     target = swarm[15]
     rng = random.Random(1)
-    cases = list(MALFORMED)
+    malformed = _malformed(id_to_bytes(target.node.id))
+    cases = list(malformed)
     for _ in range(30):  # random bytes as blobs and as header values
         noise = rng.randbytes(rng.randrange(0, 200))
         cases.append((rng.choice(protocol.METHODS), {"id": noise, "v": noise, "s": noise}, [_blob(noise)]))
     for method, header, tensors in cases:  # of our protocol version, so that the parsers meet them
         with contextlib.suppress(ProtocolError, RemoteError):
             raw_peer.call_sync(target.address, method, protocol.versioned(header), tensors, timeout=10)
-    for method, header, tensors in MALFORMED[:-1]:
+    for method, header, tensors in malformed[:-1]:
         with pytest.raises((ProtocolError, RemoteError)):
             raw_peer.call_sync(target.address, method, protocol.versioned(header), tensors, timeout=10)
     # Malformed records inside a well-formed request are refused one by one.
