@@ -77,6 +77,17 @@ def test_4_mib_tensors_cross_a_tcp_wire_with_a_round_trip_of_1_5_s():
     assert result["link"] == "tcp" and result["echo_equal"] and result["sum_ok"], result
 
 
+@pytest.mark.timeout(240)
+def test_frames_dropped_over_a_tcp_wire_with_a_round_trip_of_1_5_s_may_take_their_time():
+    # The server drops the frames of a call to a method it does not serve. It gave them a flat frame_timeout (10 s)
+    # to arrive, though 1 MiB took 14-18 s over this link (the emulator's 64 KB segments: about one per round trip
+    # at first), then closed the connection, with the echo queued behind them. Now they have their frame_deadline
+    # (22 s), as frames the server reads do.
+    with WanNetwork(2, "100mbit-1500ms", prefix="hwdrop") as net:
+        result = run_client(net, {**ENV, "HIVEENGINE_LINK": "tcp"}, "refused", wait=210)
+    assert result == {"refusal": "UnknownMethodError", "echo_equal": True, "link": "tcp"}, result
+
+
 def test_a_ring_reaches_a_registrant_behind_a_600ms_link_that_needs_a_dial_first():
     # The UCX dial and handshake take about 4 s over this link; a ring's deadline was a flat RING_TIMEOUT (1 s), so
     # it failed with RPCTimeoutError and the registrant had to find us by polling the DHT.

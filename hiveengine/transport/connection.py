@@ -53,6 +53,7 @@ from hiveengine.transport.wire import (
     decode_message,
     encode_control,
     frame_specs,
+    frames_nbytes,
     inline_tensors,
     restore_requires_grad,
     wire_buffer,
@@ -399,7 +400,7 @@ class Connection:
             try:
                 check_buffers(out, specs)
             except ProtocolError:
-                self.discard_frames(body, len(specs))
+                self.discard_frames(body, specs)
                 raise
         if KEY_INLINE in body:
             tensors = inline_tensors(body[KEY_INLINE], specs)
@@ -520,15 +521,17 @@ class Connection:
     def _frames_read(self, body: dict) -> None:
         self.post_quietly({KEY_KIND: Kind.FRAMES_READ, KEY_ID: 0, KEY_SEQ: body.get(KEY_SEQ)})
 
-    def discard_frames(self, body: dict, count: int) -> None:
-        """Drop frames we will not read: a 1-byte receive truncates each and frees the sender. Inline
-        tensors came inside the control message: nothing is left on the wire for them; frames announced
-        by address are only acknowledged."""
+    def discard_frames(self, body: dict, frames: Sequence[FrameSpec] | int) -> None:
+        """Drop the frames we will not read (their specs, or only their count when they could not be parsed): a
+        1-byte receive truncates each and frees the sender; they must come by TransportLimits.frame_deadline for
+        their bytes at the link's round trip. Inline tensors came inside the control message: nothing is left on
+        the wire for them; frames announced by address are only acknowledged."""
         if KEY_INLINE in body:
             return
         if KEY_ADDRESSES in body:
             self._frames_read(body)
             return
+        count, nbytes = (frames, 0) if isinstance(frames, int) else (len(frames), frames_nbytes(frames))
         if self.closed or not count:
             return
         try:
@@ -538,15 +541,15 @@ class Connection:
             return
         for future in futures:
             retrieve_outcome(future)
-        deadline = self.limits.frame_timeout
+        deadline = self.limits.frame_deadline(nbytes, self.rtt)
         asyncio.get_running_loop().call_later(deadline, self._check_discarded, futures, deadline)
 
     def _check_discarded(self, futures: list[asyncio.Future], deadline: float) -> None:
         if not self.closed and not all(f.done() for f in futures):
             self.lost(
                 ProtocolError(
-                    f"{self.remote} announced frames that did not arrive within {deadline} s "
-                    "(TransportLimits.frame_timeout)"
+                    f"{self.remote} announced frames that did not arrive within {deadline:.1f} s "
+                    "(TransportLimits.frame_deadline)"
                 )
             )
 

@@ -38,6 +38,7 @@ from hiveengine.transport.wire import (
     FrameSpec,
     Kind,
     frame_specs,
+    frames_nbytes,
     inline_tensors,
     restore_requires_grad,
 )
@@ -195,7 +196,7 @@ class Dispatcher:
         elif kind == Kind.STREAM_CHUNK:
             reader = self._streams.get((id(conn), request_id))
             if reader is None or len(specs) != 1:
-                conn.discard_frames(body, len(specs))
+                conn.discard_frames(body, specs)
             else:
                 reader.push(Chunk(conn, body, specs[0]))
                 if body.get(KEY_LAST) is True:  # the last chunk carries the end of the stream
@@ -226,17 +227,17 @@ class Dispatcher:
             self._reject(conn, body, ProtocolError("the request header must be a dict"))
             return
         if handler is None:
-            conn.discard_frames(body, len(specs))
+            conn.discard_frames(body, specs)
             error = errors.UnknownMethodError(
                 f"unknown method {method!r:.80}; this peer serves {sorted(self._handlers.calls)}"
             )
             conn.post_quietly(_error_reply(body[KEY_ID], error))
             return
-        nbytes = sum(spec.nbytes for spec in specs) if KEY_INLINE not in body else 0
+        nbytes = frames_nbytes(specs) if KEY_INLINE not in body else 0
         try:
             self._admit(conn, nbytes)
         except errors.ResourceLimitError as error:
-            conn.discard_frames(body, len(specs))
+            conn.discard_frames(body, specs)
             conn.post_quietly(_error_reply(body[KEY_ID], error))  # no task: a flood of refusals costs no tasks
             return
         self._spawn(self._handle_request(conn, body, specs, handler, nbytes), conn)
@@ -291,7 +292,7 @@ class Dispatcher:
     def _on_response(self, conn: Connection, body: dict, specs) -> None:
         slot = conn.reply_slot(body[KEY_ID])
         if slot is None:
-            conn.discard_frames(body, len(specs))  # the caller gave up already
+            conn.discard_frames(body, specs)  # the caller gave up already
             return
         reply, out = slot
         header = body.get(KEY_HEADER, {})
@@ -376,15 +377,17 @@ class Dispatcher:
             finally:
                 self.resources.release(conn.remote, "inbound_bytes", reserved[0])
                 reserved[0] = 0
-            await self._forget_stream(reader)
+            await self._forget_stream(reader, conn.rtt)
         finally:
             self._streams.pop(reader.key, None)
             self.resources.release(conn.remote, "streams")
             conn.inbound_calls -= 1
 
-    async def _forget_stream(self, reader: StreamReader) -> None:
-        """Keep discarding a finished stream's chunks until its sender ends it (or a deadline passes)."""
+    async def _forget_stream(self, reader: StreamReader, rtt: float) -> None:
+        """Keep discarding a finished stream's chunks until its sender ends it, or until the chunks it may have in
+        flight (a window of them) could have come over a link with round trip `rtt`."""
+        in_flight = self.limits.stream_window * self.limits.stream_chunk_bytes
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(self.limits.frame_timeout):
+            async with asyncio.timeout(self.limits.frame_deadline(in_flight, rtt)):
                 await reader.ended.wait()
         self._streams.pop(reader.key, None)

@@ -48,7 +48,7 @@ class Chunk:
     def discard(self) -> None:
         if not self.consumed:
             self.consumed = True
-            self._conn.discard_frames(self._body, 1)
+            self._conn.discard_frames(self._body, [self.spec])
 
 
 _END = object()

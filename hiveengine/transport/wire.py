@@ -220,6 +220,11 @@ def decode_message(buf: np.ndarray, limits: TransportLimits) -> dict:
     return body
 
 
+def frames_nbytes(specs: Sequence[FrameSpec]) -> int:
+    """The bytes the frames of `specs` carry in all."""
+    return sum(spec.nbytes for spec in specs)
+
+
 def frame_specs(body: dict, limits: TransportLimits) -> list[FrameSpec]:
     """Validated descriptors of the frames that follow a control message."""
     items = body.get(KEY_FRAMES, [])

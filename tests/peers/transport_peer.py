@@ -8,6 +8,7 @@ import threading
 
 import torch
 
+from hiveengine.errors import RemoteError
 from hiveengine.transport import Peer, PeerAddress, TransportLimits
 
 MAX_FRAME_ENV = "TEST_MAX_FRAME_BYTES"
@@ -103,6 +104,23 @@ def client(address: str, timeout: str = "30") -> None:
     peer.shutdown()
 
 
+def refused(address: str) -> None:
+    """Send 1 MiB to a method `address` does not serve (it drops the frames), then echo 1 MiB on the same link;
+    print whether the echo came back whole, and over which link, as JSON."""
+    peer = Peer()
+    x = torch.randn(1 << 18)
+    refusal = None
+    try:
+        peer.call_sync(address, "no-such-method", {}, [x], timeout=120)
+    except RemoteError as e:
+        refusal = type(e).__name__
+    _, (y,) = peer.call_sync(address, "echo", {}, [x], timeout=120)
+    server_id = PeerAddress.parse(address).peer_id
+    result = {"refusal": refusal, "echo_equal": bool(torch.equal(x, y)), "link": peer.pool.connections[server_id].kind}
+    print(json.dumps(result), flush=True)
+    peer.shutdown()
+
+
 def ping(address: str) -> None:
     """Only dial `address` and ask for its view of the round trip; print both sides' round trips as JSON."""
     peer = Peer()
@@ -119,5 +137,11 @@ def ping(address: str) -> None:
 
 if __name__ == "__main__":
     threading.current_thread().name = "peer-main"
-    modes = {"serve": serve, "client": client, "ping": ping, "shut_down_on_request": shut_down_on_request}
+    modes = {
+        "serve": serve,
+        "client": client,
+        "ping": ping,
+        "refused": refused,
+        "shut_down_on_request": shut_down_on_request,
+    }
     modes[sys.argv[1]](*sys.argv[2:])
