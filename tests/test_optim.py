@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from hiveengine.averaging import DecentralizedAverager
 from hiveengine.dht import DHT
 from hiveengine.errors import ConfigurationError
 from hiveengine.optim import Optimizer, TrainingState
@@ -133,6 +134,11 @@ def test_configuration_errors_are_clear():
             Optimizer(dht=dht, run_id="bad", optimizer=torch.optim.SGD(params, lr=0.1), mode="async")
         with pytest.raises(ConfigurationError, match="params="):
             Optimizer(dht=dht, run_id="bad", optimizer=lambda p: torch.optim.SGD(p, lr=0.1), target_batch_size=8)
+        # Its progress and averaging records would be judged as expert declarations, and refused by every node.
+        with pytest.raises(ConfigurationError, match="reserved for expert declarations"):
+            Optimizer(dht=dht, run_id="experts:run", optimizer=torch.optim.SGD(params, lr=0.1), target_batch_size=8)
+        with pytest.raises(ConfigurationError, match="reserved for expert declarations"):
+            DecentralizedAverager(params, dht, "experts:avg")
     finally:
         dht.shutdown()
 

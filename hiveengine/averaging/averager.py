@@ -38,6 +38,7 @@ from hiveengine.averaging.state import (
 from hiveengine.codec import Aggregation, get_codec
 from hiveengine.codec.robust import DEFAULT_CLIP_ITERATIONS, DEFAULT_TAU_FACTOR
 from hiveengine.dht import DHT
+from hiveengine.dht.schemas import reserved_name_problem
 from hiveengine.errors import (
     ConfigurationError,
     HiveEngineError,
@@ -145,6 +146,8 @@ class DecentralizedAverager:
                 f"averaged tensors must share one floating dtype and device, got {sorted(map(str, dtypes))} "
                 f"on {sorted(map(str, devices))}"
             )
+        if (problem := reserved_name_problem(prefix, "the averaging prefix")) is not None:
+            raise ConfigurationError(problem)
         self.dht, self.prefix, self.state_digest = dht, prefix, state_digest
         self.codec = get_codec(codec)
         if not (late_grace > 0 and math.isfinite(late_grace)):

@@ -44,6 +44,14 @@ EXPERT_KEY_PREFIX = "experts:"  # expert declarations: the uid or grid prefix fo
 GRID_DELIMITER = "."  # a grid prefix ends with it (moe/uids.py names it UID_DELIMITER)
 
 
+def reserved_name_problem(name: str, what: str) -> str | None:
+    """Why `name` (a `what`: an averaging prefix or a run id) cannot name the swarm's records, or None: under a name
+    that begins with EXPERT_KEY_PREFIX they would be judged as expert declarations, and refused."""
+    if name.startswith(EXPERT_KEY_PREFIX):
+        return f"{what} {name!r} begins with {EXPERT_KEY_PREFIX!r}, which is reserved for expert declarations"
+    return None
+
+
 def is_count(value: object) -> bool:
     """A non-negative integer (not a bool) up to MAX_COUNT."""
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_COUNT

@@ -32,6 +32,7 @@ import torch
 
 from hiveengine.averaging import DecentralizedAverager, GroupInfo, Mode
 from hiveengine.dht import get_dht_time
+from hiveengine.dht.schemas import reserved_name_problem
 from hiveengine.errors import ConfigurationError, HiveEngineError, refuse_unknown_options
 from hiveengine.optim.attendance import PROGRESS_FIELD, Attendance
 from hiveengine.optim.progress import EPOCH_LEAD, PeerProgress, ProgressTracker, SwarmProgress
@@ -134,6 +135,8 @@ class Optimizer:
             mode, outer_lr, outer_momentum = "diloco", 1.0, 0.0
         if mode not in MODES:
             raise ConfigurationError(f"mode must be one of {MODES}, got {mode!r}")
+        if (problem := reserved_name_problem(run_id, "run_id")) is not None:
+            raise ConfigurationError(problem)
         if mode == "sync" and not (target_batch_size and target_batch_size > 0):
             raise ConfigurationError("sync mode needs target_batch_size > 0: the swarm steps when it is reached")
         if mode == "diloco" and inner_steps < 1:
