@@ -11,7 +11,7 @@ import time
 import pytest
 
 from hiveengine.dht import DHT, DHTConfig, get_dht_time
-from hiveengine.dht.pacing import MAX_PACED_SENDERS, MIN_RECORD_CHARGE, StorePacer
+from hiveengine.dht.pacing import MAX_PACED_SENDERS, MIN_RECORD_CHARGE, REFUSAL_REPORT_SECONDS, StorePacer
 from hiveengine.dht.storage import RECORD_OVERHEAD_BYTES, Record, Storage
 from hiveengine.errors import PeerBusyError
 from tests.procs import PeerProcess
@@ -94,7 +94,7 @@ def test_republishing_reads_only_the_keys_stored_before_the_cut():
     assert storage.due(time.monotonic() + 1)[-2:] == [storage.get(5), storage.get(1)]
 
 
-def test_store_pacing_admits_no_more_than_the_burst_plus_the_rate_and_refuses_long_waits():
+def test_store_pacing_admits_no_more_than_the_burst_plus_the_rate_and_refuses_long_waits(caplog):
     """Random stores from a few senders on a simulated clock, against the token buckets' bound: whatever a sender
     (or all of them) got admitted by time t is at most burst + rate * (t + max_wait), each admitted store waits what
     its debt says, and a store that would wait longer than max_wait is refused and charged nothing."""
@@ -119,6 +119,10 @@ def test_store_pacing_admits_no_more_than_the_burst_plus_the_rate_and_refuses_lo
         assert pacer.admitted[sender] <= burst + rate * (now[0] + max_wait), seed
         assert sum(pacer.admitted.values()) <= total_burst + total_rate * (now[0] + max_wait), seed
     assert pacer.refused > 0  # three senders at full speed overran the total rate now and then
+    # The refusals were logged, the first at once and then once a minute at most: a flood logs little.
+    reports = [r for r in caplog.records if "DHT stores since the last report" in r.getMessage()]
+    assert 1 <= len(reports) <= 1 + now[0] // REFUSAL_REPORT_SECONDS < pacer.refused
+    assert reports[0].levelname == "WARNING" and "refused 1 DHT stores" in reports[0].getMessage()
     quiet = StorePacer(rate, burst, total_rate, total_burst, max_wait, clock=lambda: now[0])
     assert quiet.admit(b"honest", 300) == 0  # within the burst: no wait at all
     large = StorePacer(rate, burst, total_rate, total_burst, max_wait, clock=lambda: now[0])

@@ -114,9 +114,6 @@ class AllReduceResult:
     senders_averaged: int = 0
 
 
-BALANCE_ITERATIONS = 60  # bisection steps on the round's makespan (2^-60 of the bracket: exact for floats)
-
-
 def balanced_shares(bandwidths: Sequence[float], sends: Sequence[bool], senders: int) -> list[float]:
     """The fraction of the vector each reducer should own so that the slowest peer finishes first.
 

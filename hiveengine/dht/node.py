@@ -25,7 +25,7 @@ from hiveengine.dht.serialization import record_problem
 from hiveengine.dht.storage import Entry, Record, Storage, get_dht_time
 from hiveengine.dht.validation import RecordValidator
 from hiveengine.errors import BootstrapError, ConfigurationError, PeerBusyError, ProtocolError, TransportError
-from hiveengine.transport import Peer, PeerAddress, Request
+from hiveengine.transport import Peer, PeerAddress, PeerID, Request
 
 logger = logging.getLogger(__name__)
 # Deadlines adapt to long links: what a link adds (Peer.link_time, from its measured round trip) comes on top of
@@ -556,12 +556,12 @@ class DHTNode:
         charged before decoding, and each record at least MIN_RECORD_CHARGE before it is checked. PeerBusyError if
         that would not be soon enough."""
         nbytes = protocol.offered_bytes(request)
-        await self._pace(request.sender.raw, nbytes)
+        await self._pace(request.sender, nbytes)
         records = protocol.parse_store(request)
-        await self._pace(request.sender.raw, len(records) * MIN_RECORD_CHARGE - nbytes)
+        await self._pace(request.sender, len(records) * MIN_RECORD_CHARGE - nbytes)
         return records
 
-    async def _pace(self, sender: bytes, nbytes: int) -> None:
+    async def _pace(self, sender: PeerID, nbytes: int) -> None:
         if nbytes > 0:
             wait = self.pacer.admit(sender, nbytes)
             if wait > 0:

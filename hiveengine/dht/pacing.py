@@ -19,13 +19,17 @@ wait (up to `max_wait`) or are refused, and go to the key's other replicas.
 from __future__ import annotations
 
 import collections
+import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 
 from hiveengine.errors import PeerBusyError
 
+logger = logging.getLogger(__name__)
+
 MAX_PACED_SENDERS = 4096  # senders whose buckets are remembered; the least recently seen is forgotten first
 MIN_RECORD_CHARGE = 4096  # bytes each stored record is charged at least (checking it costs ~0.15 ms of CPU)
+REFUSAL_REPORT_SECONDS = 60.0  # refused stores are logged at most once per this many seconds (a flood logs little)
 
 
 class TokenBucket:
@@ -61,11 +65,12 @@ class StorePacer:
     ):
         self.rate, self.burst, self.max_wait, self.clock = rate, burst, max_wait, clock
         self.total = TokenBucket(total_rate, total_burst, clock())
-        self.senders: collections.OrderedDict[bytes, TokenBucket] = collections.OrderedDict()
-        self.admitted: collections.Counter[bytes] = collections.Counter()  # bytes admitted, by sender (bounded too)
+        self.senders: collections.OrderedDict[Hashable, TokenBucket] = collections.OrderedDict()
+        self.admitted: collections.Counter[Hashable] = collections.Counter()  # bytes admitted, by sender (bounded too)
         self.refused = 0  # stores refused for waiting too long
+        self._reported: tuple[float, int] | None = None  # when refusals were last logged, and how many there were
 
-    def admit(self, sender: bytes, nbytes: int) -> float:
+    def admit(self, sender: Hashable, nbytes: int) -> float:
         """Charge a store of `nbytes` from `sender`; the seconds it must wait before it is decoded. PeerBusyError (and
         nothing charged) if that would be longer than `max_wait`."""
         now = self.clock()
@@ -74,9 +79,11 @@ class StorePacer:
         while len(self.senders) > MAX_PACED_SENDERS:
             forgotten, _ = self.senders.popitem(last=False)
             self.admitted.pop(forgotten, None)
-        wait = max(bucket.wait_for(nbytes, now), self.total.wait_for(nbytes, now))
+        own, everyone = bucket.wait_for(nbytes, now), self.total.wait_for(nbytes, now)
+        wait = max(own, everyone)
         if wait > self.max_wait:
             self.refused += 1
+            self._report(sender, wait, "its own" if own >= everyone else "the total", now)
             raise PeerBusyError(
                 f"this DHT node takes stores at DHTConfig.store_bytes_per_second = {self.rate:g} per sender and "
                 f"total_store_bytes_per_second = {self.total.rate:g} in all: {nbytes} bytes more would wait "
@@ -86,3 +93,18 @@ class StorePacer:
         self.total.take(nbytes)
         self.admitted[sender] += nbytes
         return wait
+
+    def _report(self, sender: Hashable, wait: float, bucket: str, now: float) -> None:
+        """Log that stores are being refused: the first refusal, then at most once per REFUSAL_REPORT_SECONDS."""
+        if self._reported is not None and now - self._reported[0] < REFUSAL_REPORT_SECONDS:
+            return
+        since = self.refused - (self._reported[1] if self._reported else 0)
+        logger.warning(
+            "refused %d DHT stores since the last report: the latest, from sender %s, would have waited %.1f s for "
+            "%s store rate (DHTConfig.store_bytes_per_second, total_store_bytes_per_second, max_store_wait)",
+            since,
+            sender,
+            wait,
+            bucket,
+        )
+        self._reported = (now, self.refused)
