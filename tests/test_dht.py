@@ -112,6 +112,18 @@ def test_subkeys_form_a_dictionary(swarm):
     assert swarm[3].store("group", {"rank": 3}, now + 90, subkey="peer-c", timeout=30)  # honest writes go on
 
 
+def test_a_reader_takes_a_live_dictionary_over_a_plain_value_it_heard_first(swarm, raw_peer):
+    # A plain value can sit on a node the dictionary never reached (here: stored there first, and newer, so the node
+    # refuses the dictionary's older unsigned subkey). That node's reader merged its own copy first and then refused
+    # every replica's subkey: it read the plain value, a full suite's load once showed another reader the same.
+    reader, now = swarm[10], get_dht_time()
+    squat = Record(msgpack.packb("split"), None, msgpack.packb("squat"), now + 90)
+    assert raw_store(raw_peer, reader, [squat]) == [True]
+    assert swarm[11].store("split", {"rank": 0}, now + 60, subkey="peer-a", timeout=30)
+    found = reader.get("split", latest=True, timeout=30)
+    assert {s: v.value for s, v in found.value.items()} == {"peer-a": {"rank": 0}}
+
+
 def test_newer_expiration_wins(swarm):
     now = get_dht_time()
     assert swarm[4].store("config", "v1", now + 60, timeout=30)

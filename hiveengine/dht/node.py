@@ -421,6 +421,10 @@ class DHTNode:
         if held is not None and held.same_content(record):
             return
         if self._acceptable(record) and self._readable(record):
+            if record.subkey is not None:
+                # No node lets a plain value replace a live dictionary, so neither does a reader, whichever reply
+                # came first: a plain value held where the dictionary never arrived gives way to it.
+                found.plain = None
             found.merge(record)
 
     def _readable(self, record: Record) -> bool:
