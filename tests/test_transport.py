@@ -298,6 +298,26 @@ def test_peer_killed_mid_transfer_fails_the_call_promptly(client):
         proc.kill()
 
 
+@pytest.mark.timeout(120)
+def test_a_peer_killed_mid_transfer_never_freezes_our_transport_loop(client):
+    """Killed while a 64 MiB echo is in flight, a peer could leave UCX unable to arm its worker for a minute or more;
+    the reactor then progressed in a loop of its own, and every call, deadline and timer of this process froze with it
+    (an Optimizer's DHT reads timed out after 30 s). Kills land at points spread over the transfer, both ways."""
+    x = torch.ones(64 * MiB // 4)
+    for delay in (0.02, 0.05, 0.08, 0.11, 0.15, 0.2):
+        proc, address = start_server()
+        try:
+            client.call_sync(address, "echo", timeout=10)
+            future = client.runtime.submit(client.call(address, "echo", {}, [x], timeout=20))
+            time.sleep(delay)  # not synchronization: where the kill lands, and any point will do
+            proc.kill()
+            for _ in range(10):  # over ~1 s: the loop must turn within a few seconds each time
+                assert run(client, asyncio.sleep(0.1), timeout=5) is None, delay
+            future.exception(30)  # answered, or failed (ConnectionLostError): either way, done in time
+        finally:
+            proc.kill()
+
+
 def test_no_endpoint_outlives_its_connection(client):
     """The reactor holds each UCX endpoint until its connection closes it on the loop thread (Reactor.hold), so
     none is left to the garbage collector unclosed: once a server has exited, or was killed, and a call found it

@@ -352,8 +352,12 @@ class Optimizer:
         return progress.peer != self._me and get_dht_time() - progress.time > silent
 
     def _check(self, report: bool = True) -> SwarmProgress:
-        """A fresh read of the swarm's progress, after publishing ours (unless `report` is False)."""
-        self.swarm = self._run(self._report_and_fetch() if report else self.tracker.fetch())
+        """A fresh read of the swarm's progress, after publishing ours (unless `report` is False); if the DHT
+        cannot be read in time, the last read (training goes on; the next check tries again)."""
+        try:
+            self.swarm = self._run(self._report_and_fetch() if report else self.tracker.fetch())
+        except (HiveEngineError, TimeoutError) as e:
+            logger.warning("could not read the swarm's progress (%s): going on with the last read", e)
         return self.swarm
 
     async def _report_and_fetch(self) -> SwarmProgress:

@@ -19,6 +19,7 @@ Claims are checked, not believed (a signature proves who wrote a record, not tha
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import math
@@ -101,8 +102,10 @@ class SwarmProgress:
         return max(0.0, target_batch_size - self.samples) / speed if speed > 0 else math.inf
 
 
-def parse_progress(found) -> SwarmProgress:
-    """A SwarmProgress from the DHT's dictionary value; malformed records (buggy or hostile) are skipped."""
+def parse_progress(found, mine: PeerProgress | None = None) -> SwarmProgress:
+    """A SwarmProgress from the DHT's dictionary value; malformed records (buggy or hostile) are skipped. `mine`:
+    the reading peer's own latest progress, which stands in for whatever record of it the DHT returned (a store
+    that failed or is still under way must not hide the reader from itself)."""
     peers = []
     subkeys = found.value if found is not None and isinstance(found.value, dict) else {}
     for subkey, entry in subkeys.items():
@@ -115,6 +118,8 @@ def parse_progress(found) -> SwarmProgress:
         peers.append(
             PeerProgress(peer, epoch, samples, float(speed), float(reported), loss, client, target, waiting, auxiliary)
         )
+    if mine is not None:
+        peers = [p for p in peers if p.peer != mine.peer] + [mine]
     peers = corroborated(peers)
     epoch = max((p.epoch for p in peers), default=0)
     samples = sum(p.samples for p in peers if p.epoch == epoch)
@@ -149,6 +154,8 @@ class ProgressTracker:
         self.samples_per_second = 0.0
         self._last_sample_time: float | None = None
         self._mine = (0, 0)  # our last reported (epoch, samples)
+        self._record: PeerProgress | None = None  # our last report (None after retract)
+        self._reporting = asyncio.Lock()  # one store at a time: a slower, older report would be refused anyway
         self._allowed: dict[str, tuple[int, float]] = {}  # peer -> (epoch, samples we count for it)
         self._last_fetch = time.monotonic()
         self.rate = 0.0  # samples/s another peer plausibly processes (from the last fetch)
@@ -171,25 +178,37 @@ class ProgressTracker:
         self, epoch: int, samples: int, loss: float | None = None, target: int = 0, waiting: bool = False
     ) -> None:
         """Publish this peer's progress (epoch, samples this epoch, loss, share of the target, waiting)
-        under the run's progress key, signed by this peer."""
-        now = get_dht_time()
-        raw = self.dht.peer_id.raw
-        speed = self.samples_per_second
-        self._mine = (epoch, samples)
-        mine = PeerProgress(
-            raw.hex(), epoch, samples, speed, now, loss, self.client_mode, target, waiting, self.auxiliary
-        )
-        if not await self.dht.astore(self.key, mine.record(), now + self.ttl, subkey=self._subkey()):
-            logger.warning("could not publish progress (epoch %d, %d samples)", epoch, samples)
+        under the run's progress key, signed by this peer. Reports go out one at a time, each stamped when its
+        turn comes, so an older one never lands after a newer one (and is refused)."""
+        async with self._reporting:
+            now = get_dht_time()
+            self._mine = (epoch, samples)
+            self._record = mine = PeerProgress(
+                self.dht.peer_id.raw.hex(),
+                epoch,
+                samples,
+                self.samples_per_second,
+                now,
+                loss,
+                self.client_mode,
+                target,
+                waiting,
+                self.auxiliary,
+            )
+            if not await self.dht.astore(self.key, mine.record(), now + self.ttl, subkey=self._subkey()):
+                logger.warning("could not publish progress (epoch %d, %d samples)", epoch, samples)
 
     async def retract(self) -> None:
         """Replace our record with a tombstone (a newer, empty entry), so peers stop counting us at once."""
-        now = get_dht_time()
-        await self.dht.astore(self.key, None, now + self.ttl, subkey=self._subkey())
+        async with self._reporting:
+            self._record = None
+            now = get_dht_time()
+            await self.dht.astore(self.key, None, now + self.ttl, subkey=self._subkey())
 
     async def fetch(self) -> SwarmProgress:
-        """Read every peer's progress record of the run and summarize the swarm (claims checked)."""
-        return self.plausible(parse_progress(await self.dht.aget(self.key, latest=True)))
+        """Read every peer's progress record of the run and summarize the swarm (claims checked); our own
+        progress is our last report, whether or not the DHT holds it yet."""
+        return self.plausible(parse_progress(await self.dht.aget(self.key, latest=True), self._record))
 
     def samples_by_now(self, progress: PeerProgress, now: float | None = None) -> float:
         """The most samples the peer of `progress` (as counted) can have processed by DHT time `now`: what it

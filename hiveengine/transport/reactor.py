@@ -177,16 +177,16 @@ class Reactor:
             return
         if self._pass():
             self._spin_until = time.monotonic() + self._spin_seconds
-        while time.monotonic() >= self._spin_until:
-            if self.worker.arm():
-                # UCX does not always raise an fd event when a large transfer can make progress again (e.g.
-                # a TCP socket turning writable), so while data is in flight we also progress on a short
-                # timer. An idle connection has nothing pending, so it never starts it: idle stays at ~0% CPU.
-                if self._pending and self._poll_handle is None:
-                    self._poll_handle = self.loop.call_later(ACTIVE_POLL_INTERVAL, self._poll)
-                return
-            if self._pass():
-                self._spin_until = time.monotonic() + self._spin_seconds
+        if time.monotonic() >= self._spin_until and self.worker.arm():
+            # UCX does not always raise an fd event when a large transfer can make progress again (e.g.
+            # a TCP socket turning writable), so while data is in flight we also progress on a short
+            # timer. An idle connection has nothing pending, so it never starts it: idle stays at ~0% CPU.
+            if self._pending and self._poll_handle is None:
+                self._poll_handle = self.loop.call_later(ACTIVE_POLL_INTERVAL, self._poll)
+            return
+        # Still spinning, or UCX will not arm (it has events left): pass again on the loop's next turn, never in a
+        # loop of our own. A link whose peer died mid-transfer can keep the worker from arming for a minute; looping
+        # here then froze every deadline, call and timer of this process with it.
         self.kick()
 
     def _pass(self) -> bool:
