@@ -153,7 +153,6 @@ class ProgressTracker:
         self.auxiliary = auxiliary
         self.samples_per_second = 0.0
         self._last_sample_time: float | None = None
-        self._mine = (0, 0)  # our last reported (epoch, samples)
         self._record: PeerProgress | None = None  # our last report (None after retract)
         self._reporting = asyncio.Lock()  # one store at a time: a slower, older report would be refused anyway
         self._allowed: dict[str, tuple[int, float]] = {}  # peer -> (epoch, samples we count for it)
@@ -182,7 +181,6 @@ class ProgressTracker:
         turn comes, so an older one never lands after a newer one (and is refused)."""
         async with self._reporting:
             now = get_dht_time()
-            self._mine = (epoch, samples)
             self._record = mine = PeerProgress(
                 self.dht.peer_id.raw.hex(),
                 epoch,
@@ -227,7 +225,8 @@ class ProgressTracker:
         for p in swarm.peers:
             if not p.auxiliary:
                 by_epoch.setdefault(p.epoch, []).append(p.samples)
-        my_epoch, my_samples = self._mine
+        last = self._record
+        my_epoch, my_samples = (last.epoch, last.samples) if last is not None else (0, 0)
         peers, allowed = [], {}
         for p in swarm.peers:
             if p.peer != me:
