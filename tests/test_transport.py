@@ -405,6 +405,39 @@ def test_two_processes_over_tcp_only():
         proc.close()
 
 
+def test_peers_whose_ucx_tcp_segments_do_not_fit_refuse_each_other_with_an_error_that_names_the_settings():
+    """A segment larger than the receiver takes fails a UCX TCP link mid-message; the handshake says so up front."""
+    tcp = {"UCX_TLS": "tcp", LOCAL_COPY_ENV: "0"}
+    small = {**tcp, "UCX_TCP_TX_SEG_SIZE": "8k", "UCX_TCP_RX_SEG_SIZE": "8k"}
+    proc, address = start_server(env=small)
+    try:
+        dialer = PeerProcess("transport_peer.py", "dial", address, env=tcp)  # hiveengine's default: 256 KiB segments
+        result = json.loads("{" + dialer.expect("{"))
+        dialer.close()
+        error = result["error"]
+        assert error["type"] == "HandshakeError", result
+        assert "takes at most 8192" in error["message"] and "UCX_TCP_TX_SEG_SIZE" in error["message"]
+        assert result["seconds"] < 10  # refused in the handshake, not a deadline run out
+        client_proc = PeerProcess("transport_peer.py", "client", address, env=small)  # a peer that fits still gets in
+        result = json.loads("{" + client_proc.expect("{"))
+        client_proc.close()
+        assert (result["link"], result["echo_equal"], result["sum_ok"]) == ("ucx", True, True)
+    finally:
+        proc.close()
+
+
+def test_a_peer_that_takes_larger_ucx_tcp_segments_than_it_sends_talks_to_the_default():
+    """What must match is what each side sends against what the other takes: 8 KiB sent, 256 KiB taken, is fine."""
+    proc, address = start_server(env={"UCX_TLS": "tcp", LOCAL_COPY_ENV: "0", "UCX_TCP_TX_SEG_SIZE": "8k"})
+    try:
+        client_proc = PeerProcess("transport_peer.py", "client", address, env={"UCX_TLS": "tcp", LOCAL_COPY_ENV: "0"})
+        result = json.loads("{" + client_proc.expect("{"))
+        client_proc.close()
+        assert (result["link"], result["echo_equal"], result["sum_ok"]) == ("ucx", True, True)  # 4 MiB each way
+    finally:
+        proc.close()
+
+
 def test_idle_connections_beyond_the_limit_are_closed_and_redialed():
     servers = [Peer() for _ in range(3)]
     caller = Peer(limits=TransportLimits(max_connections=2, connection_grace_seconds=0))

@@ -5,6 +5,7 @@ import pytest
 from hiveengine.errors import ConfigurationError
 from hiveengine.transport import UCX_DEFAULTS, configure_ucx_environment
 from hiveengine.transport.reactor import DEFAULT_SPIN_US, SPIN_ENV, spin_seconds
+from hiveengine.transport.ucx_env import tcp_segments
 
 
 def test_defaults_fill_only_what_the_user_left_unset():
@@ -33,6 +34,21 @@ def test_a_scheme_the_user_chose_is_kept():
     environ = {"UCX_TLS": "tcp", "UCX_RNDV_SCHEME": "put_zcopy"}
     configure_ucx_environment(environ)
     assert environ["UCX_RNDV_SCHEME"] == "put_zcopy"
+
+
+def test_ucx_tcp_segments_default_to_256_kib_and_read_ucx_size_units():
+    assert tcp_segments({}) == (256 << 10, 256 << 10)
+    assert tcp_segments({"UCX_TCP_TX_SEG_SIZE": "8K", "UCX_TCP_RX_SEG_SIZE": "1mb"}) == (8 << 10, 1 << 20)
+    assert tcp_segments({"UCX_TCP_TX_SEG_SIZE": "65536"}) == (65536, 256 << 10)
+
+
+@pytest.mark.parametrize(
+    "environ",
+    [{"UCX_TCP_RX_SEG_SIZE": "lots"}, {"UCX_TCP_TX_SEG_SIZE": "1m"}, {"UCX_TCP_TX_SEG_SIZE": "0"}],
+)
+def test_ucx_tcp_segments_that_ucx_would_refuse_get_a_clear_error(environ):
+    with pytest.raises(ConfigurationError, match="UCX_TCP_"):
+        tcp_segments(environ)
 
 
 def test_adaptive_polling_window_comes_from_the_environment():

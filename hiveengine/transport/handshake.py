@@ -1,10 +1,11 @@
 """Mutual authentication, swarm membership and session keys when a connection opens.
 
-Over the UCX stream API (protocol version 5):
+Over the UCX stream API (protocol version 6):
 
 1. the dialer sends HELLO: magic, version, flags, the tag base it receives on, the peer id it wants to reach, its
    Ed25519 public key, a 32-byte random nonce, a fresh ephemeral X25519 public key, the swarm it belongs to (the
-   swarm key; zeros for an open swarm) and how many membership certificates follow; then those certificates;
+   swarm key; zeros for an open swarm), the sizes of the segments its UCX TCP transport sends and receives, and how
+   many membership certificates follow; then those certificates;
 2. the listener answers with its own HELLO and certificates, and its Ed25519 signature of
    ``"listener" | transcript``;
 3. the dialer checks the listener's signature and membership (membership.py: same swarm, a live chain from the
@@ -18,6 +19,8 @@ where transcript = TRANSCRIPT_DOMAIN | dialer's HELLO and certificates | listene
 role labels keep a signature made in one role from being reflected as the other. Each side checks the other's
 signature against the key in its HELLO; the peer id is the SHA-256 of that key, and the dialer checks it is the id
 its address names. The certificates are inside the transcript, so a chain cannot be moved to another session.
+On a UCX link each side also checks that the segments either side sends fit what the other receives (a larger one
+fails the link mid-message, see ucx_env.py), and gives up with an error that names both settings if not.
 
 Session keys (``cryptography`` primitives only): shared = X25519(my ephemeral private key, their ephemeral public
 key); 128 bytes = HKDF-SHA256(shared, salt=SHA-256(transcript), info=SESSION_INFO), split into the dialer->listener
@@ -52,15 +55,18 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from hiveengine.errors import HandshakeError, MembershipError, PeerIdMismatch
 from hiveengine.transport import membership
 from hiveengine.transport.identity import SIGNATURE_BYTES, Identity, PeerID, verify_signature
+from hiveengine.transport.ucx_env import tcp_segments
 
 MAGIC = b"HIVE"
 # 2: small tensors inline after the header; 3: same-host direct copy; 4: X25519 session keys, role-labelled
-# signatures, NOT_HERE answers, direct copy proven over a Unix socket; 5: swarm membership certificates.
-PROTOCOL_VERSION = 5
-# magic, version, flags, recv tag base, target id, identity key, nonce, ephemeral X25519 key, swarm key, certificates
-HELLO = struct.Struct("<4sHHI32s32s32s32s32sH")
-TRANSCRIPT_DOMAIN = b"hiveengine-handshake-v5"
-SESSION_INFO = b"hiveengine-session-v5"
+# signatures, NOT_HERE answers, direct copy proven over a Unix socket; 5: swarm membership certificates; 6: UCX TCP
+# segment sizes.
+PROTOCOL_VERSION = 6
+# magic, version, flags, recv tag base, target id, identity key, nonce, ephemeral X25519 key, swarm key, UCX TCP
+# send and receive segment bytes, certificates
+HELLO = struct.Struct("<4sHHI32s32s32s32s32sIIH")
+TRANSCRIPT_DOMAIN = b"hiveengine-handshake-v6"
+SESSION_INFO = b"hiveengine-session-v6"
 DIALER_ROLE, LISTENER_ROLE = b"dialer", b"listener"
 NO_TARGET = bytes(32)
 FLAG_NOT_HERE = 1  # the listener hosts no peer with the requested id; its HELLO names the peer it does host
@@ -80,23 +86,25 @@ class Hello:
     flags: int = 0
     swarm: bytes = membership.OPEN
     chain: bytes = b""  # the packed certificates that follow the fixed part
+    segments: tuple[int, int] = (0, 0)  # the bytes of the UCX TCP segments this peer sends, and the most it receives
 
     def pack(self) -> bytes:
-        fields = (self.recv_base, self.target, self.public_key, self.nonce, self.ephemeral, self.swarm)
+        fields = (self.recv_base, self.target, self.public_key, self.nonce, self.ephemeral, self.swarm, *self.segments)
         count = len(self.chain) // membership.CERTIFICATE.size
         return HELLO.pack(MAGIC, PROTOCOL_VERSION, self.flags, *fields, count) + self.chain
 
     @classmethod
     def unpack(cls, data: bytes) -> tuple[Hello, int]:
         """The fixed part of a HELLO and how many certificate bytes follow it."""
-        magic, version, flags, base, target, key, nonce, ephemeral, swarm, count = HELLO.unpack(data)
+        magic, version, flags, base, target, key, nonce, ephemeral, swarm, sends, receives, count = HELLO.unpack(data)
         if magic != MAGIC:
             raise HandshakeError("the remote end is not a hiveengine peer (bad handshake magic)")
         if version != PROTOCOL_VERSION:
             raise HandshakeError(f"protocol version {version} is not supported (this peer speaks {PROTOCOL_VERSION})")
         if count > membership.MAX_CHAIN:
             raise MembershipError(f"a HELLO announced {count} certificates; at most MAX_CHAIN = {membership.MAX_CHAIN}")
-        return cls(base, target, key, nonce, ephemeral, flags, swarm), count * membership.CERTIFICATE.size
+        hello = cls(base, target, key, nonce, ephemeral, flags, swarm, segments=(sends, receives))
+        return hello, count * membership.CERTIFICATE.size
 
 
 @dataclass(frozen=True)
@@ -152,9 +160,21 @@ async def _recv_hello(reactor, endpoint) -> tuple[Hello, bytes]:
 
 def _my_hello(identity: Identity, recv_base: int, target: bytes, ephemeral: bytes, flags: int = 0) -> bytes:
     chain = membership.pack_chain(membership.chain_for(identity))
-    return Hello(
-        recv_base, target, identity.public_key, os.urandom(32), ephemeral, flags, membership.swarm_id(), chain
-    ).pack()
+    key, swarm, segments = identity.public_key, membership.swarm_id(), tcp_segments()
+    return Hello(recv_base, target, key, os.urandom(32), ephemeral, flags, swarm, chain, segments).pack()
+
+
+def _check_segments(wire, theirs: Hello, who: str) -> None:
+    """On a UCX link, raise HandshakeError unless the UCX TCP segments each side sends fit what the other receives."""
+    if wire.kind != "ucx":
+        return
+    (sends, receives), (their_sends, their_receives) = tcp_segments(), theirs.segments
+    if sends > their_receives or their_sends > receives:
+        raise HandshakeError(
+            f"{who} sends UCX TCP segments of {their_sends} bytes and takes at most {their_receives}; this peer sends "
+            f"{sends} and takes at most {receives}: give every peer the same UCX_TCP_TX_SEG_SIZE and "
+            "UCX_TCP_RX_SEG_SIZE (or leave both unset)"
+        )
 
 
 def _admit(hello: Hello) -> int:
@@ -199,6 +219,7 @@ async def connect_handshake(
         peer_id = _verify(theirs, signature, LISTENER_ROLE, transcript)
         if theirs.flags & FLAG_NOT_HERE or (expected is not None and peer_id != expected):
             raise PeerIdMismatch(expected, peer_id)
+        _check_segments(reactor, theirs, str(peer_id))
         roles = _admit(theirs)
         if roles & membership.ROLE_CLIENT_ONLY:
             raise MembershipError(
@@ -255,6 +276,7 @@ async def accept_handshake(reactor, endpoint, find_identity, recv_base: int, tim
         sent = time.monotonic()
         if not found:
             raise HandshakeError(f"a peer asked for {PeerID(theirs.target)}, which does not live here")
+        _check_segments(reactor, theirs, "the dialer")  # after our HELLO: the dialer finds out why, too
         signature = await _recv_exact(reactor, endpoint, SIGNATURE_BYTES)
         rtt = time.monotonic() - sent
         peer_id = _verify(theirs, signature, DIALER_ROLE, transcript)

@@ -80,7 +80,9 @@ class ScratchPool:
 SCRATCH = ScratchPool()  # one per process: used only on the transport loop's thread
 # Frames at least this large are sealed and opened on CRYPTO_THREADS threads (cryptography releases the GIL), so the
 # event loop keeps progressing UCX meanwhile: a sender seals the next chunk while the previous one is on the wire.
-OFFLOAD_BYTES = 1 << 20
+# Smaller ones are sealed on the loop: AES-GCM runs at about 8 GB/s (1 ms for 8 MiB), and the hop to a thread and
+# back cost more than that on a busy 2-core VM (bench/transport.py ucx-tcp, 1 MiB: 0.45 GB/s offloaded, 0.69 not).
+OFFLOAD_BYTES = 8 << 20
 CRYPTO_THREADS = 2
 _crypto_pool: concurrent.futures.ThreadPoolExecutor | None = None
 

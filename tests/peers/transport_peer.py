@@ -5,6 +5,7 @@ import json
 import os
 import sys
 import threading
+import time
 
 import torch
 
@@ -121,6 +122,19 @@ def refused(address: str) -> None:
     peer.shutdown()
 
 
+def dial(address: str) -> None:
+    """Call `address` once; print how long it took and what it raised (null if nothing) as JSON."""
+    peer = Peer()
+    started = time.monotonic()
+    try:
+        peer.call_sync(address, "echo", {}, [torch.ones(4)], timeout=30)
+        error = None
+    except Exception as e:
+        error = {"type": type(e).__name__, "message": str(e)}
+    print(json.dumps({"error": error, "seconds": time.monotonic() - started}), flush=True)
+    peer.shutdown()
+
+
 def ping(address: str) -> None:
     """Only dial `address` and ask for its view of the round trip; print both sides' round trips as JSON."""
     peer = Peer()
@@ -141,6 +155,7 @@ if __name__ == "__main__":
         "serve": serve,
         "client": client,
         "ping": ping,
+        "dial": dial,
         "refused": refused,
         "shut_down_on_request": shut_down_on_request,
     }
