@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 import pytest
 import torch
@@ -220,6 +221,42 @@ def test_a_peer_nobody_can_dial_registers_as_a_client_and_a_relayed_one_with_les
         runtime.reachable, peer.relayed = reachable, None
         averager.shutdown()
         dht.shutdown()
+
+
+def test_a_sharing_peer_stays_findable_between_rounds_far_apart_and_at_its_address_now():
+    """A state advertisement lives four declare_state_periods; renewed every period, it outlives any gap between
+    rounds (DiLoCo's can be minutes), and each renewal names the address the peer has then (a relay move)."""
+    from hiveengine.averaging.state import STATE_TTL_PERIODS, state_key
+    from hiveengine.transport import Identity, PeerAddress
+
+    period = 0.5
+    source_dht = DHT()
+    newcomer_dht = DHT(initial_peers=[source_dht.address])
+    source = DecentralizedAverager([torch.arange(10.0)], source_dht, "renew", declare_state_period=period)
+    newcomer = DecentralizedAverager([torch.zeros(10)], newcomer_dht, "renew", share_state=False)
+    peer = source.peer
+
+    def advertised() -> list:
+        found = newcomer_dht.get(state_key("renew"), latest=True)
+        return [e.value for e in found.value.values() if e.value is not None] if found is not None else []
+
+    try:
+        source.publish_state(5, {"step": 5})
+        time.sleep(2 * STATE_TTL_PERIODS * period)  # no round meanwhile: the first advertisement has lapsed
+        assert newcomer.load_state_from_peers(timeout=30) == {"step": 5}
+        with newcomer.get_tensors() as (got,):
+            assert newcomer.local_epoch == 5 and torch.equal(got, torch.arange(10.0))
+        peer.relayed = PeerAddress("203.0.113.7", 41000, peer.peer_id, 41001, Identity.generate().peer_id)
+        deadline = time.monotonic() + 10 * period
+        while advertised() != [[str(peer.relayed), 5, source._declared[1]]]:
+            assert time.monotonic() < deadline, advertised()
+            time.sleep(period / 5)
+    finally:
+        peer.relayed = None
+        for averager in (source, newcomer):
+            averager.shutdown()
+        newcomer_dht.shutdown()
+        source_dht.shutdown()
 
 
 def test_state_download_matches_the_source_bit_for_bit():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import logging
@@ -27,6 +28,8 @@ from hiveengine.averaging.allreduce import (
 )
 from hiveengine.averaging.matchmaking import GroupInfo, GroupMember, Matchmaker, MatchmakingConfig, Mode, NoReducerError
 from hiveengine.averaging.state import (
+    DECLARE_STATE_PERIOD,
+    STATE_TTL_PERIODS,
     StateServer,
     advertise,
     corroborated,
@@ -67,7 +70,6 @@ HIVEMIND_SPELLINGS = {
     "next_chunk_timeout": "sender_timeout=",
     "reducer_timeout": "sender_timeout=",
     "allow_state_sharing": "share_state= (and the allow_state_sharing property at run time)",
-    "declare_state_period": "nothing: state is advertised after every round",
     "min_vector_size": "nothing: every reducer gets a part sized by its bandwidth",
     "tensor_infos": "nothing",
     "daemon": "nothing: averagers run on the process's transport thread",
@@ -99,6 +101,8 @@ class DecentralizedAverager:
     (hiveengine.averaging.verification); a reducer caught cheating costs its part for that round and lands in
     `banned`, left out of our later rounds. It is off by default because it
     sits on the round's critical path (a 4 MB int8 round took 2.5-3x as long); turn it on in open swarms.
+    A sharing peer renews its state advertisement every `declare_state_period` seconds (it lives four periods), at
+    its address then, so it stays findable between rounds however far apart they are.
     """
 
     def __init__(
@@ -129,6 +133,7 @@ class DecentralizedAverager:
         weight_limit: Callable[[Any], float | None] | None = None,
         state_digest: Callable[[torch.Tensor, dict], bytes] = state_digest,
         verify_reducers: bool = False,
+        declare_state_period: float = DECLARE_STATE_PERIOD,
         **unknown,
     ):
         refuse_unknown_options("DecentralizedAverager", unknown, HIVEMIND_SPELLINGS)
@@ -156,6 +161,9 @@ class DecentralizedAverager:
             raise ConfigurationError(f"max_link_allowance must be a number of seconds ≥ 0, got {max_link_allowance}")
         if not (max_weight_ratio >= 1 and math.isfinite(max_weight_ratio)):
             raise ConfigurationError(f"max_weight_ratio must be a number ≥ 1, got {max_weight_ratio}")
+        if not (declare_state_period > 0 and math.isfinite(declare_state_period)):
+            raise ConfigurationError(f"declare_state_period must be positive seconds, not {declare_state_period}")
+        self.declare_state_period = declare_state_period
         self.options = RoundOptions(
             chunk_elements=chunk_elements,
             sender_timeout=sender_timeout,
@@ -185,6 +193,8 @@ class DecentralizedAverager:
         self.state_metadata: dict = {}  # sent along with the tensors to peers that load state from us
         self.state_server: StateServer | None = None  # made when sharing is first allowed
         self._sharing = False
+        self._declared: tuple[int, bytes] | None = None  # the (epoch, digest) we advertise while sharing
+        self._declaring: concurrent.futures.Future | None = None  # renews the advertisement every period
         if share_state and not client_mode:
             self.allow_state_sharing = True
 
@@ -213,6 +223,11 @@ class DecentralizedAverager:
             self.state_server = StateServer(self.peer, self)
         self._sharing = bool(value)
         self.peer.runtime.run(self._advertise() if value else self._retract(), DEFAULT_STEP_TIMEOUT)
+        if value and self._declaring is None:
+            self._declaring = self.peer.runtime.submit(self._declare_periodically())
+        elif not value and self._declaring is not None:
+            self._declaring.cancel()
+            self._declaring = None
 
     async def astep(
         self,
@@ -325,18 +340,41 @@ class DecentralizedAverager:
             acquired.add_done_callback(lambda _: self.tensors_lock.release())
             raise
 
+    @property
+    def _state_ttl(self) -> float:
+        return STATE_TTL_PERIODS * self.declare_state_period
+
     async def _advertise(self) -> None:
         if self._sharing:
+            epoch = self.local_epoch
             digest = await asyncio.to_thread(self._digest)  # hashing a large state would stall the loop
-            identity = self.peer.identity
-            await advertise(self.dht, identity, self.prefix, self.me.address, self.local_epoch, digest)
+            self._declared = epoch, digest
+            await self._declare(epoch, digest)
+
+    async def _declare(self, epoch: int, digest: bytes) -> None:
+        """Advertise the state of `epoch` at our address now (a peer behind a NAT moves when its relay does)."""
+        address = str(self.peer.address)
+        await advertise(self.dht, self.peer.identity, self.prefix, address, epoch, digest, self._state_ttl)
+
+    async def _declare_periodically(self) -> None:
+        """While sharing, renew our last advertisement every declare_state_period: it would lapse between rounds
+        further apart than its lifetime (DiLoCo's outer rounds can be minutes apart), and a relayed address goes
+        stale when the relay changes."""
+        while True:
+            await asyncio.sleep(self.declare_state_period)
+            if self._sharing and self._declared is not None:
+                try:
+                    await self._declare(*self._declared)
+                except (HiveEngineError, TimeoutError) as e:
+                    period = self.declare_state_period
+                    logger.info("could not renew the state advertisement (next try in %.0f s): %s", period, e)
 
     def _digest(self) -> bytes:
         with self.tensors_lock:
             return self.state_digest(self.flat, self.state_metadata)
 
     async def _retract(self) -> None:
-        await retract(self.dht, self.peer.identity, self.prefix)
+        await retract(self.dht, self.peer.identity, self.prefix, self._state_ttl)
 
     def publish_state(self, epoch: int, metadata: dict | None = None, timeout: float = DEFAULT_STEP_TIMEOUT) -> None:
         """Declare our tensors to be the state of `epoch` (with `metadata`) and advertise them to newcomers."""
@@ -394,6 +432,8 @@ class DecentralizedAverager:
         """Stop averaging and withdraw our state advertisement; idempotent. The DHT stays up (it is the caller's)."""
         if not self._closed:
             self._closed = True
+            if self._declaring is not None:
+                self._declaring.cancel()
             if self._sharing:
                 try:
                     self.peer.runtime.run(self._retract(), RETRACT_TIMEOUT)

@@ -42,7 +42,8 @@ logger = logging.getLogger(__name__)
 
 META_METHOD = "hiveengine.averaging.state.meta"
 CHUNK_METHOD = "hiveengine.averaging.state.chunk"
-STATE_TTL = 120.0  # seconds an advertisement lives in the DHT unless renewed
+DECLARE_STATE_PERIOD = 30.0  # seconds between renewals of a sharing peer's advertisement (hivemind's default too)
+STATE_TTL_PERIODS = 4  # an advertisement lives this many periods: renewals that fail now and then do not lose it
 STATE_CHUNK_ELEMENTS = 1 << 22
 STATE_WINDOW = 4  # chunks in flight during a download
 MAX_SNAPSHOTS = 2  # concurrent downloads a peer serves (each holds one copy of the tensors)
@@ -123,14 +124,17 @@ def state_digest(flat: torch.Tensor, metadata: dict) -> bytes:
     return digest.digest()
 
 
-async def advertise(dht: DHT, identity: Identity, prefix: str, address: str, epoch: int, digest: bytes) -> bool:
-    """Tell the swarm this peer serves the state of `epoch` whose hash is `digest` (signed by `identity`)."""
-    return await store_signed(dht, identity, state_key(prefix), [address, epoch, digest], get_dht_time() + STATE_TTL)
+async def advertise(
+    dht: DHT, identity: Identity, prefix: str, address: str, epoch: int, digest: bytes, ttl: float
+) -> bool:
+    """Tell the swarm, for `ttl` seconds, that this peer serves the state of `epoch` whose hash is `digest` (signed
+    by `identity`)."""
+    return await store_signed(dht, identity, state_key(prefix), [address, epoch, digest], get_dht_time() + ttl)
 
 
-async def retract(dht: DHT, identity: Identity, prefix: str) -> None:
-    """Stop advertising this peer's state (a newer, empty entry replaces the advertisement)."""
-    await store_signed(dht, identity, state_key(prefix), None, get_dht_time() + STATE_TTL)
+async def retract(dht: DHT, identity: Identity, prefix: str, ttl: float) -> None:
+    """Stop advertising this peer's state: a newer, empty entry replaces the advertisement (and outlives it: `ttl`)."""
+    await store_signed(dht, identity, state_key(prefix), None, get_dht_time() + ttl)
 
 
 async def find_sources(dht: DHT, prefix: str, exclude: PeerID) -> list[Source]:

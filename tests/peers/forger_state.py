@@ -14,7 +14,7 @@ import sys
 import torch
 
 from hiveengine.averaging import DecentralizedAverager
-from hiveengine.averaging.state import META_METHOD, advertise, find_sources
+from hiveengine.averaging.state import META_METHOD, STATE_TTL_PERIODS, advertise, find_sources
 from hiveengine.dht import DHT
 from hiveengine.optim.progress import ProgressTracker
 from hiveengine.optim.state import TrainingState
@@ -22,6 +22,7 @@ from hiveengine.optim.state import TrainingState
 FOREIGN = 666.0
 HUGE_EPOCH = 10**9
 WAIT_SECONDS = 60.0
+RENEW_SECONDS = 3600.0  # the liar's averager renews its own advertisement no sooner (it would undo the "copy" lie)
 
 
 def main() -> None:
@@ -30,7 +31,8 @@ def main() -> None:
     if mode == "optim":
         averager = hostile_trainer(dht, prefix)
     else:
-        averager = DecentralizedAverager([torch.full((5000,), FOREIGN), torch.full((7, 3), FOREIGN)], dht, prefix)
+        tensors = [torch.full((5000,), FOREIGN), torch.full((7, 3), FOREIGN)]
+        averager = DecentralizedAverager(tensors, dht, prefix, declare_state_period=RENEW_SECONDS)
     served = 0
     serve = averager.state_server._on_meta
 
@@ -44,7 +46,9 @@ def main() -> None:
         averager.publish_state(HUGE_EPOCH)
     else:  # the test starts it once honest peers advertise
         honest = averager.peer.runtime.run(find_sources(dht, prefix, averager.me.peer_id), WAIT_SECONDS)[0]
-        lie = advertise(dht, averager.peer.identity, prefix, averager.me.address, honest.epoch, honest.digest)
+        identity, address = averager.peer.identity, averager.me.address
+        lives = 2 * STATE_TTL_PERIODS * RENEW_SECONDS  # newer than our own advertisement: it replaces that
+        lie = advertise(dht, identity, prefix, address, honest.epoch, honest.digest, lives)
         averager.peer.runtime.run(lie, WAIT_SECONDS)
     print("ADVERTISED", flush=True)
     for _ in sys.stdin:
