@@ -158,12 +158,6 @@ def parse_store(request: Request) -> list[Record | None]:
     return [Record.from_wire(item) for item in items]
 
 
-def parse_find(request: Request) -> tuple[int, bool, list[Record | None] | None]:
-    """The target id of a find request, whether values are wanted, and the records it offers to store."""
-    target, want_values = find_target(request)
-    return target, want_values, parse_store(request) if offers_records(request) else None
-
-
 def find_target(request: Request) -> tuple[int, bool]:
     """The target id of a find request and whether values are wanted (its offered records left undecoded)."""
     target = id_from_bytes(request.header.get("id"))

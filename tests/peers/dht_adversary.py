@@ -79,7 +79,7 @@ def main() -> None:
 
     def on_find(node: DHT):
         async def handle(request):
-            if protocol.parse_find(request)[0] != target:
+            if protocol.find_target(request)[0] != target:
                 return await node.node._on_find(request)
             if args.mode == "stall":
                 await asyncio.sleep(3600)
@@ -109,8 +109,9 @@ def _me(dht: DHT):
 
 def _yes(request) -> list[bool] | None:
     """Say every offered record was stored (none is)."""
-    _, _, offered = protocol.parse_find(request)
-    return None if offered is None else [True] * len(offered)
+    if not protocol.offers_records(request):
+        return None
+    return [True] * len(protocol.parse_store(request))
 
 
 if __name__ == "__main__":
