@@ -55,7 +55,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from hiveengine.errors import HandshakeError, MembershipError, PeerIdMismatch
 from hiveengine.transport import membership
 from hiveengine.transport.identity import SIGNATURE_BYTES, Identity, PeerID, verify_signature
-from hiveengine.transport.ucx_env import tcp_segments
+from hiveengine.transport.ucx_env import segments_in_force
 
 MAGIC = b"HIVE"
 # 2: small tensors inline after the header; 3: same-host direct copy; 4: X25519 session keys, role-labelled
@@ -160,7 +160,7 @@ async def _recv_hello(reactor, endpoint) -> tuple[Hello, bytes]:
 
 def _my_hello(identity: Identity, recv_base: int, target: bytes, ephemeral: bytes, flags: int = 0) -> bytes:
     chain = membership.pack_chain(membership.chain_for(identity))
-    key, swarm, segments = identity.public_key, membership.swarm_id(), tcp_segments()
+    key, swarm, segments = identity.public_key, membership.swarm_id(), segments_in_force()
     return Hello(recv_base, target, key, os.urandom(32), ephemeral, flags, swarm, chain, segments).pack()
 
 
@@ -168,7 +168,7 @@ def _check_segments(wire, theirs: Hello, who: str) -> None:
     """On a UCX link, raise HandshakeError unless the UCX TCP segments each side sends fit what the other receives."""
     if wire.kind != "ucx":
         return
-    (sends, receives), (their_sends, their_receives) = tcp_segments(), theirs.segments
+    (sends, receives), (their_sends, their_receives) = segments_in_force(), theirs.segments
     if sends > their_receives or their_sends > receives:
         raise HandshakeError(
             f"{who} sends UCX TCP segments of {their_sends} bytes and takes at most {their_receives}; this peer sends "

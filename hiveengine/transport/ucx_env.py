@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Mapping, MutableMapping
@@ -82,10 +83,17 @@ def tcp_segments(environ: Mapping[str, str] = os.environ) -> tuple[int, int]:
     return send, receive
 
 
+@functools.cache
+def segments_in_force() -> tuple[int, int]:
+    """tcp_segments() as UCX read them: once, when ucxx was first imported (later changes to the environment do
+    not reach UCX, so the handshake must not announce them either)."""
+    return tcp_segments()
+
+
 def import_ucxx():
     """Import ucxx after applying our settings (ucxx reads the environment once, at import)."""
     configure_ucx_environment()
-    tcp_segments()  # a clear error for sizes UCX would refuse with "Invalid parameter"
+    segments_in_force()  # a clear error for sizes UCX would refuse with "Invalid parameter"
     import ucxx
     import ucxx._lib.libucxx as libucxx
 
