@@ -15,7 +15,7 @@ from pathlib import Path
 import hiveengine
 from hiveengine.cli.common import UsageError
 
-BENCHMARKS = ["transport", "kernels", "dht", "allreduce", "rounds", "train", "moe", "swarm_attacks", "relay"]
+BENCHMARKS = ["transport", "kernels", "dht", "allreduce", "rounds", "train", "moe", "swarm_attacks", "relay", "rails"]
 OUT_ENV = "HIVEENGINE_BENCH_OUT"  # read by bench/common.py
 SAVE_ENV = "HIVEENGINE_BENCH_SAVE"
 

@@ -24,8 +24,11 @@ fails the link mid-message, see ucx_env.py), and gives up with an error that nam
 
 Session keys (``cryptography`` primitives only): shared = X25519(my ephemeral private key, their ephemeral public
 key); 128 bytes = HKDF-SHA256(shared, salt=SHA-256(transcript), info=SESSION_INFO), split into the dialer->listener
-key, the listener->dialer key (32 bytes each), and two 32-byte values that bind the same-host direct copy to this
-session (local_copy.py): one presented when the dialer reads the listener's memory, one for the other direction.
+key, the listener->dialer key (32 bytes each), two 32-byte values that bind the same-host direct copy to this
+session (local_copy.py): one presented when the dialer reads the listener's memory, one for the other direction, and
+the 32-byte key that proves a TCP wire's extra connections belong to this session (rails.py). The 128 bytes before
+the rail key are what a 128-byte output gives: HKDF's output is a prefix of any longer one. The link id that names
+the session to those extra connections is the first 16 bytes of SHA-256(LINK_ID_DOMAIN | transcript).
 Ephemeral keys make the session keys forward-secret: a stolen identity key does not open recorded traffic.
 
 Each side also times one clean round trip of the exchange, after the link's own setup: the dialer from sending its
@@ -55,6 +58,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from hiveengine.errors import HandshakeError, MembershipError, PeerIdMismatch
 from hiveengine.transport import membership
 from hiveengine.transport.identity import SIGNATURE_BYTES, Identity, PeerID, verify_signature
+from hiveengine.transport.rails import LINK_ID_BYTES
 from hiveengine.transport.ucx_env import segments_in_force
 
 MAGIC = b"HIVE"
@@ -71,6 +75,8 @@ DIALER_ROLE, LISTENER_ROLE = b"dialer", b"listener"
 NO_TARGET = bytes(32)
 FLAG_NOT_HERE = 1  # the listener hosts no peer with the requested id; its HELLO names the peer it does host
 KEY_BYTES = 32
+SESSION_KEYS = 5  # both directions' AEAD keys, both direct-copy bindings, the rail key
+LINK_ID_DOMAIN = b"hiveengine-link-id-v1"
 ACCEPTED = b"\x01"
 REFUSED = b"\x02"  # the dialer is not a member of the listener's swarm
 REFUSAL_LINGER = 1.0  # seconds a listener waits for a refused dialer to hang up (so it reads the refusal)
@@ -122,6 +128,8 @@ class Authenticated:
     serve_binding: bytes = field(default=b"", repr=False)  # the remote presents it to read ours
     roles: int = 0  # what the remote's membership certificate grants (membership.ROLE_*; 0 in an open swarm)
     rtt: float = 0.0  # seconds of one round trip of the handshake (an upper bound: it includes the other's checks)
+    rail_key: bytes = field(default=b"", repr=False)  # proves a TCP wire's extra connections are ours (rails.py)
+    link_id: bytes = b""  # names this session to those extra connections
 
 
 def _transcript(first: bytes, second: bytes) -> bytes:
@@ -134,9 +142,16 @@ def _derive(ephemeral: X25519PrivateKey, their_public: bytes, transcript: bytes)
     except ValueError as e:  # a low-order point gives an all-zero secret, which cryptography refuses
         raise HandshakeError(f"the remote peer's ephemeral key is unusable: {e}") from None
     okm = HKDF(
-        algorithm=hashes.SHA256(), length=4 * KEY_BYTES, salt=hashlib.sha256(transcript).digest(), info=SESSION_INFO
+        algorithm=hashes.SHA256(),
+        length=SESSION_KEYS * KEY_BYTES,
+        salt=hashlib.sha256(transcript).digest(),
+        info=SESSION_INFO,
     ).derive(shared)
-    return tuple(okm[i : i + KEY_BYTES] for i in range(0, 4 * KEY_BYTES, KEY_BYTES))
+    return tuple(okm[i : i + KEY_BYTES] for i in range(0, SESSION_KEYS * KEY_BYTES, KEY_BYTES))
+
+
+def _link_id(transcript: bytes) -> bytes:
+    return hashlib.sha256(LINK_ID_DOMAIN + transcript).digest()[:LINK_ID_BYTES]
 
 
 def _ephemeral() -> tuple[X25519PrivateKey, bytes]:
@@ -242,7 +257,19 @@ async def connect_handshake(
         if verdict != ACCEPTED:
             raise HandshakeError(f"{peer_id} sent a malformed handshake confirmation")
         rtt = time.monotonic() - sent
-        return Authenticated(peer_id, theirs.public_key, theirs.recv_base, identity, True, *keys, roles=roles, rtt=rtt)
+        *session, rail_key = keys
+        return Authenticated(
+            peer_id,
+            theirs.public_key,
+            theirs.recv_base,
+            identity,
+            True,
+            *session,
+            roles=roles,
+            rtt=rtt,
+            rail_key=rail_key,
+            link_id=_link_id(transcript),
+        )
 
     async with asyncio.timeout(timeout) as scope:
         return await run(scope)
@@ -288,7 +315,9 @@ async def accept_handshake(reactor, endpoint, find_identity, recv_base: int, tim
                 async with asyncio.timeout(REFUSAL_LINGER):
                     await _recv_exact(reactor, endpoint, 1)  # returns when the dialer hangs up
             raise
-        to_listener, to_dialer, dialer_reads, listener_reads = _derive(ephemeral, theirs.ephemeral, transcript)
+        to_listener, to_dialer, dialer_reads, listener_reads, rail_key = _derive(
+            ephemeral, theirs.ephemeral, transcript
+        )
         return Authenticated(
             peer_id,
             theirs.public_key,
@@ -301,6 +330,8 @@ async def accept_handshake(reactor, endpoint, find_identity, recv_base: int, tim
             dialer_reads,
             roles=roles,
             rtt=rtt,
+            rail_key=rail_key,
+            link_id=_link_id(transcript),
         )
 
     async with asyncio.timeout(timeout):

@@ -15,6 +15,8 @@ LOCAL_COPY_ENV = "HIVEENGINE_LOCAL_COPY"  # "0" turns the same-host direct copy 
 ENCRYPT_ENV = "HIVEENGINE_ENCRYPT"  # "0": messages between hosts are authenticated but readable (trusted clusters)
 LINK_ENV = "HIVEENGINE_LINK"  # which wire this peer dials with: "auto" (default), "ucx" or "tcp" (see pool.py)
 LINKS = ("auto", "ucx", "tcp")
+RAILS_ENV = "HIVEENGINE_TCP_RAILS"  # extra TCP connections a TCP wire opens for large frames (rails.py; default 4)
+MAX_RAILS = 64  # the most rails a wire may have (PCCL uses about 64 TCP connections per peer across Europe)
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,11 @@ class TransportLimits:
     # either the wire stops reading until a receive is posted. Per wire: one full stream window of chunks.
     tcp_unexpected_bytes: int = 80 * MiB
     max_tcp_unexpected_bytes: int = 512 * MiB
+    # Extra TCP connections (rails, rails.py) a TCP wire's dialler opens once a frame of at least tcp_rail_min_bytes
+    # crosses it; larger frames then go side by side on them (a long, fat or lossy link carries more over several TCP
+    # windows than over one). A listener takes at most its own tcp_rails per wire. 0: one socket per wire.
+    tcp_rails: int = field(default_factory=lambda: _int_env(RAILS_ENV, 4))
+    tcp_rail_min_bytes: int = 1 * MiB
     # User headers larger than this are zstd-compressed on the wire.
     compress_threshold_bytes: int = 4 * KiB
     # Streams: chunk size and how many chunks a sender keeps in flight.
@@ -89,6 +96,10 @@ class TransportLimits:
     def __post_init__(self):
         if self.link not in LINKS:
             raise ConfigurationError(f"{LINK_ENV} / TransportLimits.link={self.link!r}: expected one of {LINKS}")
+        if not 0 <= self.tcp_rails <= MAX_RAILS:
+            raise ConfigurationError(
+                f"{RAILS_ENV} / TransportLimits.tcp_rails={self.tcp_rails}: expected 0 to {MAX_RAILS}"
+            )
 
     def frame_deadline(self, nbytes: int, rtt: float = 0.0) -> float:
         """Seconds announced frames of `nbytes` in all may take to arrive over a link with round trip `rtt`: on a
@@ -102,6 +113,14 @@ class TransportLimits:
         min_frame_bytes_per_second, plus the round trips TCP's slow start needs for that size."""
         rounds = slow_start_round_trips(nbytes)
         return nbytes / self.min_frame_bytes_per_second + min(rtt, self.max_deadline_rtt) * rounds
+
+
+def _int_env(name: str, default: int) -> int:
+    text = os.environ.get(name, "")
+    try:
+        return int(text) if text else default
+    except ValueError:
+        raise ConfigurationError(f"{name}={text!r}: expected a whole number") from None
 
 
 INITIAL_WINDOW_BYTES = 10 * 1448  # TCP's initial congestion window (RFC 6928: 10 segments)

@@ -264,6 +264,7 @@ class ConnectionPool:
             wire = TcpWire(sock, self.limits, relayed=relayed, on_activity=self.runtime.reactor.active)
             remaining = started + deadline - loop.time()
             auth = await connect_handshake(wire, None, identity, address.peer_id, base, remaining, started)
+            wire.offer_rails(address.host, address.tcp_port, auth)
         except BaseException as e:  # cancelled too: the socket is closed here, as a UCX dial closes its endpoint
             if wire is not None:
                 wire.close()

@@ -17,6 +17,7 @@ import socket
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -24,6 +25,7 @@ from hiveengine.errors import ConfigurationError, HandshakeError, RPCTimeoutErro
 from hiveengine.transport import local_copy, session, tcp_wire
 from hiveengine.transport.handshake import MAGIC, accept_handshake, confirm_handshake
 from hiveengine.transport.limits import DEFAULT_LIMITS
+from hiveengine.transport.rails import JOIN_BYTES, RAIL_MAGIC, parse_join
 from hiveengine.transport.reactor import Reactor, close_endpoint, keep_until_exit, keep_worker_holders_until_exit
 from hiveengine.transport.relay import PREAMBLE, RELAY_MAGIC
 from hiveengine.transport.tcp_wire import TcpWire
@@ -74,6 +76,8 @@ class Runtime:
         self._default_peer: bytes | None = None
         self.unauthenticated = 0  # accepted connections still in their handshake
         self.refused_unauthenticated = 0  # connections closed at once because of max_unauthenticated
+        # Accepted TCP wires by link id, for the rails their diallers join (rails.py); gone with the wire.
+        self.rail_wires: weakref.WeakValueDictionary[bytes, TcpWire] = weakref.WeakValueDictionary()
         self._closed = False
 
     @classmethod
@@ -194,12 +198,12 @@ class Runtime:
                     more = await self.loop.sock_recv(sock, len(MAGIC) - len(first))
                     first = first + more if more else b""
                 preamble = first
-                if first == RELAY_MAGIC and self.relay is not None:
-                    while len(preamble) < PREAMBLE.size:
-                        more = await self.loop.sock_recv(sock, PREAMBLE.size - len(preamble))
-                        if not more:
-                            raise ConnectionResetError("the relay request was cut short")
-                        preamble += more
+                wanted = {RELAY_MAGIC: PREAMBLE.size if self.relay is not None else 0, RAIL_MAGIC: JOIN_BYTES}
+                while len(preamble) < wanted.get(first, 0):
+                    more = await self.loop.sock_recv(sock, wanted[first] - len(preamble))
+                    if not more:
+                        raise ConnectionResetError("the relay request or rail join was cut short")
+                    preamble += more
         except (OSError, TimeoutError) as e:
             logger.debug("an incoming TCP connection said nothing useful: %s", e)
             sock.close()
@@ -212,7 +216,21 @@ class Runtime:
         elif first == MAGIC:
             wire = TcpWire(sock, limits, prefix=first, on_activity=self.reactor.active)
             await self.admit(wire, tcp_wire.new_recv_base())
+        elif first == RAIL_MAGIC:
+            await self._join_rail(sock, preamble)
         else:
+            sock.close()
+
+    async def _join_rail(self, sock: socket.socket, join: bytes) -> None:
+        """Join `sock` to the TCP wire its JOIN names, if the JOIN proves that wire's session (rails.py)."""
+        try:
+            link_id, index, tag = parse_join(join)
+            wire = self.rail_wires.get(link_id)
+            if wire is None:
+                raise HandshakeError("a rail join for no open link")
+            await wire.attach_rail(sock, link_id, index, tag)
+        except (HandshakeError, OSError) as e:
+            logger.info("refused a rail: %s", e)
             sock.close()
 
     def _strictest_limits(self):
@@ -293,6 +311,9 @@ class Runtime:
                 raise HandshakeError("the peer asked for has shut down")
             # Confirmed before the connection sends anything: on a TCP wire its messages follow on the same bytes
             # (a UCX wire holds the dialer's first messages for the reserved base meanwhile).
+            if wire.kind == "tcp" and not wire.relayed:
+                wire.accept_rails(auth)
+                self.rail_wires[auth.link_id] = wire
             await confirm_handshake(wire, None)
         except BaseException as e:
             wire.release_base(base)

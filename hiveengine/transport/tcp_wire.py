@@ -28,6 +28,7 @@ length is not its blocks' exact length, or a block that fails to open, fails its
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import os
@@ -39,8 +40,9 @@ from collections.abc import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from hiveengine.errors import ForgedMessageError, ProtocolError
+from hiveengine.errors import ForgedMessageError, HandshakeError, ProtocolError
 from hiveengine.transport.limits import TransportLimits
+from hiveengine.transport.rails import JOINED, check_join, join_request
 from hiveengine.transport.session import BLOCK_BYTES, SCRATCH, TAG_BYTES, FrameBlocks, sealed_bytes
 
 logger = logging.getLogger(__name__)
@@ -76,8 +78,103 @@ def new_recv_base() -> int:
     return int.from_bytes(os.urandom(4), "little") or 1
 
 
+class _Rail:
+    """One socket of a wire: records queued on it leave in order (one sender task), and one reader task reads it."""
+
+    def __init__(self, wire: TcpWire, sock: socket.socket, prefix: bytes = b""):
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.wire, self.sock, self.prefix = wire, sock, prefix
+        self.loop = wire.loop
+        # Records being sent: the pieces still to send, one list per step (a sealed frame's steps are its blocks,
+        # sealed as they are reached), the future done once all went out, what must stay alive until then, and how
+        # many bytes the record has (`pending` counts those of records queued: which rail a large frame goes on).
+        self.sendq: deque[tuple[Iterator[list[memoryview]], asyncio.Future, object, int]] = deque()
+        self.pending = 0
+        self.sent = 0  # bytes of records handed to this socket
+        self.sender: asyncio.Task | None = None
+        self.reader: asyncio.Task | None = None
+        self.corked = False  # the last record went with MSG_MORE: the kernel holds it for the next one
+
+    def send(self, steps: Iterable[list[memoryview]], keep: object, nbytes: int, flags: int = 0):
+        """Send `steps` in order after what is queued: on the spot while the kernel takes everything (with
+        sendmsg `flags`), the rest through the sender task; None if all went out at once, else a future done when
+        it has."""
+        self.corked = bool(flags & socket.MSG_MORE)
+        self.sent += nbytes
+        steps = iter(steps)
+        if not self.sendq:
+            for pieces in steps:
+                try:
+                    sent = self.sock.sendmsg(pieces, (), flags)
+                except BlockingIOError:
+                    sent = 0
+                except OSError as e:
+                    self.wire._fail(e)
+                    return self.wire._failed()
+                pieces = _advance(pieces, sent)
+                if pieces:
+                    steps = itertools.chain((pieces,), steps)
+                    break
+            else:
+                return None
+        future = self.loop.create_future()
+        self.sendq.append((steps, future, keep, nbytes))  # keep: the data stays alive until the kernel has it
+        self.pending += nbytes
+        if self.sender is None:
+            self.sender = self.loop.create_task(self._send_queued())
+        return future
+
+    async def _send_queued(self) -> None:
+        try:
+            while self.sendq:
+                steps, future, _, nbytes = self.sendq[0]
+                for pieces in steps:
+                    for piece in pieces:
+                        await self.loop.sock_sendall(self.sock, piece)
+                self.sendq.popleft()
+                self.pending -= nbytes
+                if not future.done():
+                    future.set_result(None)
+        except OSError as e:
+            self.wire._fail(e)
+        finally:
+            self.sender = None
+
+    def push(self) -> None:
+        """Send what MSG_MORE left in the kernel now (setting TCP_NODELAY pushes pending segments)."""
+        if self.corked:
+            self.corked = False
+            with contextlib.suppress(OSError):
+                self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    async def recv_exact(self, view: memoryview) -> None:
+        if self.prefix:
+            n = min(len(self.prefix), view.nbytes)
+            view[:n] = self.prefix[:n]
+            self.prefix, view = self.prefix[n:], view[n:]
+        while view.nbytes:
+            n = await self.loop.sock_recv_into(self.sock, view)
+            if not n:
+                raise ConnectionResetError(f"{self.wire.remote_host} closed the TCP link")
+            view = view[n:]
+
+    def close(self, error: Exception) -> None:
+        current = asyncio.current_task()
+        for task in (self.reader, self.sender):
+            if task is not None and task is not current:
+                task.cancel()
+        self.sock.close()
+        for _, future, _, _ in self.sendq:
+            if not future.done():
+                future.set_exception(error)
+        self.sendq.clear()
+        self.pending = 0
+
+
 class TcpWire:
-    """Tagged messages over one connected TCP socket; all methods run on the transport loop."""
+    """Tagged messages over one connected TCP socket, and the rails its dialler adds (rails.py); all methods run on
+    the transport loop."""
 
     kind = "tcp"
 
@@ -96,15 +193,19 @@ class TcpWire:
         without sleeping in epoll)."""
         self.relayed = relayed
         self._on_activity = on_activity or _nothing
-        sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._sock, self.limits, self._prefix = sock, limits, prefix
-        self._loop = asyncio.get_running_loop()
-        # Records being sent: the pieces still to send, one list per step (a sealed frame's steps are its blocks,
-        # sealed as they are reached), the future done once all went out, what must stay alive until then.
-        self._sendq: deque[tuple[Iterator[list[memoryview]], asyncio.Future, object]] = deque()
-        self._sender: asyncio.Task | None = None
-        self._reader: asyncio.Task | None = None
+        self.limits = limits
+        self.loop = asyncio.get_running_loop()
+        try:
+            self.remote_host = sock.getpeername()[0]
+        except OSError:
+            self.remote_host = "?"
+        self._main = _Rail(self, sock, prefix)
+        self._rails: list[_Rail] = []  # the extra ones, joined (rails.py)
+        self._turn = 0  # where the search for the least busy rail starts (ties go round)
+        self._rail_plan: tuple[str, int, bytes, bytes] | None = None  # dialler: (host, TCP port, key, link id)
+        self._rail_task: asyncio.Task | None = None
+        self._rail_key: bytes | None = None  # listener: what a join must prove
+        self._joined: set[int] = set()
         self._posted: dict[int, tuple[np.ndarray, torch.Tensor | None, asyncio.Future, FrameBlocks | None]] = {}
         self._posted_event = asyncio.Event()
         self._unexpected: dict[int, np.ndarray] = {}
@@ -114,10 +215,6 @@ class TcpWire:
         self._max_control = 0
         self._on_close: tuple | None = None
         self.closed = False
-        try:
-            self.remote_host = sock.getpeername()[0]
-        except OSError:
-            self.remote_host = "?"
 
     def __repr__(self) -> str:
         return f"TcpWire({self.remote_host})"
@@ -125,6 +222,95 @@ class TcpWire:
     @property
     def alive(self) -> bool:
         return not self.closed
+
+    @property
+    def rails(self) -> list[int]:
+        """Bytes sent on each extra socket that carries this wire's large frames (one entry per rail joined)."""
+        return [rail.sent for rail in self._rails]
+
+    # ---- rails (rails.py)
+
+    def offer_rails(self, host: str, port: int, auth) -> None:
+        """As the dialler: open rails to `host`:`port` (the listener's TCP port) once a large frame crosses."""
+        if self.limits.tcp_rails and not self.relayed:
+            self._rail_plan = (host, port, auth.rail_key, auth.link_id)
+
+    def accept_rails(self, auth) -> None:
+        """As the listener: take rails whose joins prove this session's rail key (`attach_rail`)."""
+        self._rail_key = auth.rail_key
+
+    def _want_rails(self) -> None:
+        if self._rail_plan is not None and self._rail_task is None and not self.closed:
+            self._rail_task = self.loop.create_task(self._open_rails(*self._rail_plan))
+
+    async def _open_rails(self, host: str, port: int, key: bytes, link_id: bytes) -> None:
+        count = self.limits.tcp_rails
+        outcomes = await asyncio.gather(
+            *(self._open_rail(host, port, join_request(key, link_id, i)) for i in range(1, count + 1)),
+            return_exceptions=True,
+        )
+        failed = [o for o in outcomes if isinstance(o, BaseException)]
+        if failed:
+            logger.info(
+                "%r: %d of %d rails did not open (%s: %s); large frames go on the %d that did",
+                self,
+                len(failed),
+                count,
+                type(failed[0]).__name__,
+                failed[0],
+                len(self._rails),
+            )
+        else:
+            logger.debug("%r: %d rails open", self, len(self._rails))
+
+    async def _open_rail(self, host: str, port: int, join: bytes) -> None:
+        sock = await open_tcp(host, port, self.limits.connect_timeout)
+        try:
+            async with asyncio.timeout(self.limits.handshake_timeout):
+                await self.loop.sock_sendall(sock, join)
+                answer = await self.loop.sock_recv(sock, len(JOINED))
+            if answer != JOINED:
+                raise HandshakeError(f"{self.remote_host} refused a rail")
+        except BaseException:
+            sock.close()
+            raise
+        self._add_rail(sock)
+
+    async def attach_rail(self, sock: socket.socket, link_id: bytes, index: int, tag: bytes) -> None:
+        """As the listener: join `sock` as rail `index` if its JOIN's tag proves this session; HandshakeError (the
+        caller closes the socket) if not, or if the index is past TransportLimits.tcp_rails or already joined."""
+        if self._rail_key is None or self.closed:
+            raise HandshakeError("a rail for a link that takes none")
+        check_join(self._rail_key, link_id, index, tag)
+        if not 1 <= index <= self.limits.tcp_rails:
+            raise HandshakeError(f"rail {index} is past TransportLimits.tcp_rails={self.limits.tcp_rails}")
+        if index in self._joined:
+            raise HandshakeError(f"rail {index} joined twice")
+        self._joined.add(index)
+        sock.setblocking(False)
+        await self.loop.sock_sendall(sock, JOINED)
+        self._add_rail(sock)
+
+    def _add_rail(self, sock: socket.socket) -> None:
+        if self.closed:
+            sock.close()
+            return
+        rail = _Rail(self, sock)
+        self._rails.append(rail)
+        rail.reader = self.loop.create_task(self._read(rail))
+
+    def _rail_for(self, nbytes: int) -> _Rail:
+        """The socket a record of `nbytes` goes on: the first one for control messages and small frames, the rail
+        with the least left to send for a large frame."""
+        if nbytes < self.limits.tcp_rail_min_bytes:
+            return self._main
+        self._want_rails()
+        if not self._rails:
+            return self._main
+        self._turn = (self._turn + 1) % len(self._rails)
+        turn = self._rails[self._turn :] + self._rails[: self._turn]
+        self._main.push()  # a control record corked for this frame would wait for the next record on its socket
+        return min(turn, key=lambda rail: rail.pending)
 
     # ---- sending
 
@@ -134,13 +320,15 @@ class TcpWire:
         data, _ = _host_view(buf.cpu() if isinstance(buf, torch.Tensor) else buf)
         self._on_activity()
         pieces = [memoryview(RECORD.pack(tag, data.nbytes)), memoryview(data).cast("B")]
-        return self._send((pieces,), data, socket.MSG_MORE if more else 0)
+        rail = self._rail_for(data.nbytes) if tag & CONTROL_MASK else self._main
+        return self._send(rail, (pieces,), data, data.nbytes, socket.MSG_MORE if more else 0)
 
     def send_sealed(self, buf, tag: int, blocks: FrameBlocks) -> asyncio.Future | None:
         """Send one frame sealed in `blocks` (session.py), each block sealed as the kernel takes the one before;
         None if the kernel took it all at once, else a future done when it has. `buf` must not change until then."""
         data, _ = _host_view(buf.cpu() if isinstance(buf, torch.Tensor) else buf)
-        return self._send(self._sealed_steps(data, tag, blocks), data)
+        rail = self._rail_for(data.nbytes)
+        return self._send(rail, self._sealed_steps(data, tag, blocks), data, sealed_bytes(data.nbytes))
 
     @staticmethod
     def _sealed_steps(data: np.ndarray, tag: int, blocks: FrameBlocks) -> Iterator[list[memoryview]]:
@@ -158,86 +346,37 @@ class TcpWire:
             yield [head, memoryview(sealed)] if j == 0 else [memoryview(sealed)]
         SCRATCH.give(buf)
 
-    def _send(self, steps: Iterable[list[memoryview]], keep: object, flags: int = 0) -> asyncio.Future | None:
-        """Send `steps` in order after what is queued: on the spot while the kernel takes everything (with
-        sendmsg `flags`), the rest through the sender task; None if all went out at once, else a future done when
-        it has."""
+    def _send(self, rail: _Rail, steps, keep: object, nbytes: int, flags: int = 0) -> asyncio.Future | None:
         if self.closed:
             return self._failed()
-        steps = iter(steps)
-        if not self._sendq:
-            for pieces in steps:
-                try:
-                    sent = self._sock.sendmsg(pieces, (), flags)
-                except BlockingIOError:
-                    sent = 0
-                except OSError as e:
-                    self._fail(e)
-                    return self._failed()
-                pieces = _advance(pieces, sent)
-                if pieces:
-                    steps = itertools.chain((pieces,), steps)
-                    break
-            else:
-                return None
-        future = self._loop.create_future()
-        self._sendq.append((steps, future, keep))  # keep: the data stays alive until the kernel has it
-        if self._sender is None:
-            self._sender = self._loop.create_task(self._send_queued())
-        return future
+        return rail.send(steps, keep, nbytes, flags)
 
     def tag_send(self, buf, tag: int) -> asyncio.Future:
         future = self.send_now(buf, tag)
         if future is None:
-            future = self._loop.create_future()
+            future = self.loop.create_future()
             future.set_result(None)
         return future
 
-    async def _send_queued(self) -> None:
-        try:
-            while self._sendq:
-                steps, future, _ = self._sendq[0]
-                for pieces in steps:
-                    for piece in pieces:
-                        await self._loop.sock_sendall(self._sock, piece)
-                self._sendq.popleft()
-                if not future.done():
-                    future.set_result(None)
-        except OSError as e:
-            self._fail(e)
-        finally:
-            self._sender = None
-
     def _failed(self) -> asyncio.Future:
-        future = self._loop.create_future()
+        future = self.loop.create_future()
         future.set_exception(ConnectionResetError(f"the TCP link to {self.remote_host} is closed"))
         return future
 
     # ---- the handshake's byte stream (before `listen`)
 
     async def stream_send(self, _endpoint, buf) -> None:
-        await self._loop.sock_sendall(self._sock, memoryview(_host_view(buf)[0]).cast("B"))
+        await self.loop.sock_sendall(self._main.sock, memoryview(_host_view(buf)[0]).cast("B"))
 
     async def stream_recv(self, _endpoint, buf) -> None:
-        await self._recv_exact(memoryview(_host_view(buf)[0]).cast("B"))
-
-    async def _recv_exact(self, view: memoryview) -> None:
-        if self._prefix:
-            n = min(len(self._prefix), view.nbytes)
-            view[:n] = self._prefix[:n]
-            self._prefix, view = self._prefix[n:], view[n:]
-        while view.nbytes:
-            n = await self._loop.sock_recv_into(self._sock, view)
-            if not n:
-                raise ConnectionResetError(f"{self.remote_host} closed the TCP link")
-            view = view[n:]
+        await self._main.recv_exact(memoryview(_host_view(buf)[0]).cast("B"))
 
     # ---- receiving
 
     def tag_recv(self, buf, tag: int, blocks: FrameBlocks | None = None) -> asyncio.Future:
         """A future done when the frame with `tag` has landed in `buf` (failed if it did not fit exactly); with
         `blocks`, the frame travels sealed in those blocks and is opened into `buf` as it lands."""
-        future = self._loop.create_future()
+        future = self.loop.create_future()
         if self.closed:
             return self._failed()
         host, device = _host_view(buf)
@@ -253,27 +392,29 @@ class TcpWire:
     def listen(self, base: int, handler, max_control_bytes: int) -> None:
         """Start reading records: control messages of `base` (up to `max_control_bytes`) go to `handler`."""
         self._handler, self._base, self._max_control = handler, base, max_control_bytes
-        self._reader = self._loop.create_task(self._read())
+        self._main.reader = self.loop.create_task(self._read(self._main))
 
     def release_base(self, base: int) -> None:
         """Nothing to release: the base names nothing outside this wire."""
 
-    async def _read(self) -> None:
+    async def _read(self, rail: _Rail) -> None:
         header = bytearray(RECORD.size)
         try:
             while True:
-                await self._recv_exact(memoryview(header))
+                await rail.recv_exact(memoryview(header))
                 tag, length = RECORD.unpack(header)
                 if tag & CONTROL_MASK:
-                    await self._read_frame(tag, length)
+                    await self._read_frame(rail, tag, length)
                     continue
+                if rail is not self._main:
+                    raise ProtocolError(f"{self.remote_host} sent a control message on a rail")
                 if tag >> 32 != self._base:
                     raise ProtocolError(f"{self.remote_host} sent a control message for another connection")
                 if length > self._max_control:
                     self._handler(None, np.empty(1, dtype=np.uint8), length)  # the connection closes over it
                     return
                 buf = np.empty(length, dtype=np.uint8)
-                await self._recv_exact(memoryview(buf))
+                await rail.recv_exact(memoryview(buf))
                 self._on_activity()
                 self._handler(None, buf, length)
         except asyncio.CancelledError:
@@ -281,7 +422,9 @@ class TcpWire:
         except (OSError, ProtocolError, TimeoutError) as e:
             self._fail(e)
 
-    async def _read_frame(self, tag: int, length: int) -> None:
+    async def _read_frame(self, rail: _Rail, tag: int, length: int) -> None:
+        if length >= self.limits.tcp_rail_min_bytes:
+            self._want_rails()  # large frames come our way: carry them on more sockets
         for _ in range(POST_YIELDS):
             if tag in self._posted:
                 break
@@ -291,14 +434,14 @@ class TcpWire:
             self._unexpected_bytes += length
             _Budget.held += length
             try:
-                await self._recv_exact(memoryview(held))
+                await rail.recv_exact(memoryview(held))
             except BaseException:
                 self._release(length)
                 raise
             posted = self._posted.pop(tag, None)  # posted while the frame was arriving
             if posted is None:
                 self._unexpected[tag] = held
-                self._loop.call_later(self.limits.frame_timeout, self._expire, tag, held)
+                self.loop.call_later(self.limits.frame_timeout, self._expire, tag, held)
                 return
             self._release(length)
             self._deliver(held, posted)
@@ -317,29 +460,29 @@ class TcpWire:
                 ) from None
         host, device, future, blocks = self._posted.pop(tag)
         if blocks is not None:
-            await self._recv_sealed(length, host, device, future, blocks)
+            await self._recv_sealed(rail, length, host, device, future, blocks)
             return
         n = min(length, host.nbytes)
-        await self._recv_exact(memoryview(host)[:n])
-        await self._skip(length - n)
+        await rail.recv_exact(memoryview(host)[:n])
+        await _skip(rail, length - n)
         self._complete(future, host, device, length)
 
-    async def _recv_sealed(self, length: int, host: np.ndarray, device, future: asyncio.Future, blocks) -> None:
+    async def _recv_sealed(self, rail: _Rail, length: int, host: np.ndarray, device, future, blocks) -> None:
         """Receive a frame sealed in `blocks`, opening each block into `host` as it lands."""
         if length != sealed_bytes(host.nbytes):  # fail at once: a peer's length may be huge, or trickle in
             _fail_receive(future, _sealed_length_error(length, host.nbytes))
-            await self._skip(length)
+            await _skip(rail, length)
             return
         buf = SCRATCH.take(min(host.nbytes, BLOCK_BYTES) + TAG_BYTES)
         for j, start in enumerate(range(0, host.nbytes, BLOCK_BYTES)):
             out = host[start : start + BLOCK_BYTES]
             sealed = buf[: out.nbytes + TAG_BYTES]
-            await self._recv_exact(memoryview(sealed))
+            await rail.recv_exact(memoryview(sealed))
             try:
                 blocks.open(j, sealed, out)
             except ForgedMessageError as e:
                 _fail_receive(future, e)
-                await self._skip(sealed_bytes(host.nbytes - start - out.nbytes))  # the record's other blocks
+                await _skip(rail, sealed_bytes(host.nbytes - start - out.nbytes))  # the record's other blocks
                 break
         else:
             self._complete(future, host, device, host.nbytes)
@@ -385,13 +528,6 @@ class TcpWire:
         self._unexpected_bytes -= nbytes
         _Budget.held -= nbytes
 
-    async def _skip(self, nbytes: int) -> None:
-        scratch = memoryview(bytearray(min(nbytes, SKIP_BYTES)))
-        while nbytes:
-            chunk = scratch[: min(nbytes, len(scratch))]
-            await self._recv_exact(chunk)
-            nbytes -= len(chunk)
-
     @staticmethod
     def _complete(future: asyncio.Future, host: np.ndarray, device: torch.Tensor | None, length: int) -> None:
         if future.done():
@@ -406,7 +542,7 @@ class TcpWire:
     # ---- closing
 
     def set_close_callback(self, callback, args: tuple) -> None:
-        """Call `callback(*args)` once if the socket fails or the remote closes it (not on our own close)."""
+        """Call `callback(*args)` once if a socket fails or the remote closes it (not on our own close)."""
         self._on_close = (callback, args)
 
     def _fail(self, error: BaseException) -> None:
@@ -419,27 +555,30 @@ class TcpWire:
             on_close[0](*on_close[1])
 
     def close(self) -> None:
-        """Close the socket; every send and receive still pending fails."""
+        """Close every socket; every send and receive still pending fails."""
         if self.closed:
             return
         self.closed = True
-        current = asyncio.current_task()
-        for task in (self._reader, self._sender):
-            if task is not None and task is not current:
-                task.cancel()
-        self._sock.close()
+        if self._rail_task is not None and self._rail_task is not asyncio.current_task():
+            self._rail_task.cancel()
         error = ConnectionResetError(f"the TCP link to {self.remote_host} closed")
+        for rail in (self._main, *self._rails):
+            rail.close(error)
         for _, _, future, _ in self._posted.values():
             if not future.done():
                 future.set_exception(error)
-        for _, future, _ in self._sendq:
-            if not future.done():
-                future.set_exception(error)
         self._posted.clear()
-        self._sendq.clear()
         for held in self._unexpected.values():
             self._release(held.nbytes)
         self._unexpected.clear()
+
+
+async def _skip(rail: _Rail, nbytes: int) -> None:
+    scratch = memoryview(bytearray(min(nbytes, SKIP_BYTES)))
+    while nbytes:
+        chunk = scratch[: min(nbytes, len(scratch))]
+        await rail.recv_exact(chunk)
+        nbytes -= len(chunk)
 
 
 def _fail_receive(future: asyncio.Future, error: Exception) -> None:
