@@ -266,6 +266,22 @@ def test_a_block_altered_moved_repeated_or_cut_closes_the_connection_before_its_
 # ---- rails (rails.py): extra sockets the dialler opens for large frames
 
 
+@pytest.fixture
+def peers():
+    """Make peers (`peers(victim=True, **limits)` serves "echo"; others dial over TCP wires); all shut down after."""
+    made = []
+
+    def make(victim: bool = False, **limits) -> Peer:
+        made.append(
+            _victim(**limits) if victim else Peer(limits=TransportLimits(local_copy=False, link="tcp", **limits))
+        )
+        return made[-1]
+
+    yield make
+    for peer in reversed(made):
+        peer.shutdown()
+
+
 def _echo_large(caller: Peer, victim: Peer, times: int = 4) -> None:
     for _ in range(times):
         frames = [torch.randn(1 << 20) for _ in range(3)]  # 4 MiB each: past tcp_rail_min_bytes
@@ -273,105 +289,86 @@ def _echo_large(caller: Peer, victim: Peer, times: int = 4) -> None:
         assert all(torch.equal(a, b) for a, b in zip(frames, echoed, strict=True))
 
 
-def test_large_frames_go_side_by_side_on_rails_and_small_calls_open_none():
-    victim = _victim(tcp_rails=2)  # the listener takes 2 of the 4 rails the dialler asks for
-    caller = Peer(limits=TransportLimits(local_copy=False, link="tcp"))
-    quiet = Peer(limits=TransportLimits(local_copy=False, link="tcp"))
-    try:
-        for i in range(20):
-            assert quiet.call_sync(victim.address, "echo", {"i": i}, [torch.randn(1000)], timeout=10)[0] == {"i": i}
-        _echo_large(caller, victim)
-        ours = caller.pool.connections[victim.peer_id].wire
-        theirs = victim.pool.connections[caller.peer_id].wire
-        _until(caller, lambda: len(ours.rails) == 2, 10, "both rails joining")  # the dialler's are joined last
-        assert len(theirs.rails) == 2
-        _echo_large(caller, victim)
-        assert all(sent >= 4 << 20 for sent in ours.rails), ours.rails
-        assert all(sent >= 4 << 20 for sent in theirs.rails), theirs.rails  # the replies use them too
-        assert quiet.pool.connections[victim.peer_id].wire.rails == []
-        assert victim.pool.connections[quiet.peer_id].wire.rails == []
-    finally:
-        for peer in (quiet, caller, victim):
-            peer.shutdown()
+def test_large_frames_go_side_by_side_on_rails_and_small_calls_open_none(peers):
+    victim = peers(victim=True, tcp_rails=2)  # the listener takes 2 of the 4 rails the dialler asks for
+    caller, quiet = peers(), peers()
+    for i in range(20):
+        assert quiet.call_sync(victim.address, "echo", {"i": i}, [torch.randn(1000)], timeout=10)[0] == {"i": i}
+    _echo_large(caller, victim)
+    ours = caller.pool.connections[victim.peer_id].wire
+    theirs = victim.pool.connections[caller.peer_id].wire
+    _until(caller, lambda: len(ours.rails) == 2, 10, "both rails joining")  # the dialler's are joined last
+    assert len(theirs.rails) == 2
+    _echo_large(caller, victim)
+    assert all(sent >= 4 << 20 for sent in ours.rails), ours.rails
+    assert all(sent >= 4 << 20 for sent in theirs.rails), theirs.rails  # the replies use them too
+    assert quiet.pool.connections[victim.peer_id].wire.rails == []
+    assert victim.pool.connections[quiet.peer_id].wire.rails == []
 
 
-def test_no_rails_when_turned_off():
-    victim = _victim()
-    caller = Peer(limits=TransportLimits(local_copy=False, link="tcp", tcp_rails=0))
-    try:
-        _echo_large(caller, victim, times=2)
-        assert caller.pool.connections[victim.peer_id].wire.rails == []
-    finally:
-        caller.shutdown()
-        victim.shutdown()
+def test_no_rails_when_turned_off(peers):
+    victim, caller = peers(victim=True), peers(tcp_rails=0)
+    _echo_large(caller, victim, times=2)
+    assert caller.pool.connections[victim.peer_id].wire.rails == []
 
 
-def _join(victim: Peer, join: bytes) -> tuple[socket.socket, bytes]:
-    """(the socket, what the victim answered a rail join on it): JOINED, or b"" once it closed the socket."""
+def _join(victim: Peer, join: bytes, held: list) -> bytes:
+    """What the victim answers a rail join on a fresh socket (kept in `held`): JOINED, or b"" once it closed it."""
     from hiveengine.transport.rails import JOINED
 
-    s = socket.create_connection(("127.0.0.1", victim.runtime.tcp_port), timeout=10)
-    s.sendall(join)
-    return s, s.recv(len(JOINED))
+    held.append(socket.create_connection(("127.0.0.1", victim.runtime.tcp_port), timeout=10))
+    held[-1].sendall(join)
+    return held[-1].recv(len(JOINED))
+
+
+@pytest.fixture
+def sockets():
+    held = []
+    yield held
+    for s in held:
+        s.close()
 
 
 @pytest.mark.parametrize("how", ["forged", "unknown-link", "past-limit", "twice", "cut-short"])
-def test_a_rail_join_that_does_not_prove_its_session_is_refused_and_the_link_keeps_working(how):
+def test_a_rail_join_that_does_not_prove_its_session_is_refused_and_the_link_keeps_working(how, peers, sockets):
     from hiveengine.transport.rails import JOINED, join_request
 
-    victim = _victim(tcp_rails=2, handshake_timeout=1.0)
-    attacker = Peer(limits=TransportLimits(local_copy=False, link="tcp"))  # sends nothing large: opens no rails
-    held = []
-    try:
-        conn = attacker.runtime.run(attacker.connect(victim.address), 10)
-        _, _, key, link_id = conn.wire._rail_plan  # this session's own rail key: what an honest dialler proves
-        offered = victim.pool.connections[attacker.peer_id].wire
-        join = {
-            "forged": join_request(bytes(32), link_id, 1),
-            "unknown-link": join_request(key, bytes(16), 1),
-            "past-limit": join_request(key, link_id, 3),
-            "twice": join_request(key, link_id, 1),
-            "cut-short": join_request(key, link_id, 1)[:-5],
-        }[how]
-        if how == "twice":
-            first, answer = _join(victim, join)
-            held.append(first)
-            assert answer == JOINED
-        again, answer = _join(victim, join)
-        held.append(again)
-        assert answer == b""  # closed: refused, or its handshake_timeout passed
-        assert len(offered.rails) == (1 if how == "twice" else 0)
-        _, (y,) = attacker.call_sync(victim.address, "echo", {}, [torch.ones(10)], timeout=10)
-        assert torch.equal(y, torch.ones(10))
-        assert attacker.pool.connections[victim.peer_id] is conn  # the same link: nothing was closed
-        _until(victim, lambda: victim.runtime.unauthenticated == 0, 10, "the join's slot to be given back")
-    finally:
-        for s in held:
-            s.close()
-        attacker.shutdown()
-        victim.shutdown()
+    victim = peers(victim=True, tcp_rails=2, handshake_timeout=1.0)
+    attacker = peers()  # sends nothing large: opens no rails itself
+    conn = attacker.runtime.run(attacker.connect(victim.address), 10)
+    _, _, key, link_id = conn.wire._rail_plan  # this session's own rail key: what an honest dialler proves
+    offered = victim.pool.connections[attacker.peer_id].wire
+    join = {
+        "forged": join_request(bytes(32), link_id, 1),
+        "unknown-link": join_request(key, bytes(16), 1),
+        "past-limit": join_request(key, link_id, 3),
+        "twice": join_request(key, link_id, 1),
+        "cut-short": join_request(key, link_id, 1)[:-5],
+    }[how]
+    if how == "twice":
+        assert _join(victim, join, sockets) == JOINED
+    assert _join(victim, join, sockets) == b""  # closed: refused, or its handshake_timeout passed
+    assert len(offered.rails) == (1 if how == "twice" else 0)
+    _, (y,) = attacker.call_sync(victim.address, "echo", {}, [torch.ones(10)], timeout=10)
+    assert torch.equal(y, torch.ones(10))
+    assert attacker.pool.connections[victim.peer_id] is conn  # the same link: nothing was closed
+    _until(victim, lambda: victim.runtime.unauthenticated == 0, 10, "the join's slot to be given back")
 
 
-def test_a_control_message_on_a_rail_or_a_rail_that_dies_closes_the_link_and_the_next_call_redials():
+def test_a_control_message_on_a_rail_or_a_rail_that_dies_closes_the_link_and_the_next_call_redials(peers, sockets):
     from hiveengine.transport.rails import JOINED, join_request
 
-    victim = _victim()
-    caller = Peer(limits=TransportLimits(local_copy=False, link="tcp"))
-    try:
-        for how in ("control-on-rail", "rail-dies"):
-            conn = caller.runtime.run(caller.connect(victim.address), 10)
-            _, _, key, link_id = conn.wire._rail_plan
-            rail, answer = _join(victim, join_request(key, link_id, 4))  # joined by hand, as a dialler would
-            assert answer == JOINED
-            if how == "control-on-rail":
-                rail.sendall(RECORD.pack(conn.send_base << 32, 10) + bytes(10))
-            rail.close()
-            _until(victim, lambda conn=conn: caller.peer_id not in victim.pool.connections, 10, "the link's close")
-            assert caller.call_sync(victim.address, "echo", {"after": how}, timeout=10)[0] == {"after": how}
-            assert caller.pool.connections[victim.peer_id] is not conn  # a fresh link
-        _echo_large(caller, victim, times=2)  # which opens its own rails
-        fresh = caller.pool.connections[victim.peer_id].wire
-        _until(caller, lambda: len(fresh.rails) == 4, 10, "the fresh link's rails")
-    finally:
-        caller.shutdown()
-        victim.shutdown()
+    victim, caller = peers(victim=True), peers()
+    for how in ("control-on-rail", "rail-dies"):
+        conn = caller.runtime.run(caller.connect(victim.address), 10)
+        _, _, key, link_id = conn.wire._rail_plan
+        assert _join(victim, join_request(key, link_id, 4), sockets) == JOINED  # joined by hand, as a dialler would
+        if how == "control-on-rail":
+            sockets[-1].sendall(RECORD.pack(conn.send_base << 32, 10) + bytes(10))
+        sockets[-1].close()
+        _until(victim, lambda: caller.peer_id not in victim.pool.connections, 10, "the link's close")
+        assert caller.call_sync(victim.address, "echo", {"after": how}, timeout=10)[0] == {"after": how}
+        assert caller.pool.connections[victim.peer_id] is not conn  # a fresh link
+    _echo_large(caller, victim, times=2)  # which opens its own rails
+    fresh = caller.pool.connections[victim.peer_id].wire
+    _until(caller, lambda: len(fresh.rails) == 4, 10, "the fresh link's rails")
