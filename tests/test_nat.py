@@ -149,6 +149,23 @@ def test_a_home_peer_links_over_its_own_tcp_socket_and_is_called_back_over_it(ri
             proc.close()
 
 
+def test_a_home_peer_opens_rails_for_large_frames_through_its_nat(rig):
+    """The home peer's TCP wire to pub0 gets its extra connections (rails.py) through the NAT, as the wire did: the
+    home peer opens them all, and large frames cross on every one."""
+    server = _peer(rig, "pub0", "serve")
+    try:
+        address = server.expect("ADDRESS")
+        home = _peer(rig, "home0", "bulk", address)
+        try:
+            result = _result(home, timeout=90)
+        finally:
+            home.close()
+        assert result["kind"] == "tcp"
+        assert len(result["rails"]) == 4 and min(result["rails"]) >= 4 << 20, result
+    finally:
+        server.close()
+
+
 def test_a_home_peer_whose_uplink_is_cut_for_10_s_is_served_again_after(rig):
     server = _peer(rig, "pub0", "serve")
     procs = [server]

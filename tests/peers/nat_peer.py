@@ -1,5 +1,6 @@
-"""A peer process for the NAT rig tests: `serve` answers echo and dial-on-request; `ping`, `call` and `upgrade` (a
-call through a relay, whether the link became direct, and a second call) report JSON."""
+"""A peer process for the NAT rig tests: `serve` answers echo and dial-on-request; `ping`, `call`, `bulk` (large
+echoes, and the rails they opened) and `upgrade` (a call through a relay, whether the link became direct, and a
+second call) report JSON."""
 
 import json
 import sys
@@ -111,6 +112,20 @@ def call(peer: Peer, address: str, timeout: float) -> None:
     print("RESULT", json.dumps(result), flush=True)
 
 
+def bulk(peer: Peer, address: str) -> None:
+    """Echo 3 frames of 4 MiB a few times, until our link has its rails (rails.py); report what each carried."""
+    frames = [torch.randn(1 << 20) for _ in range(3)]
+    wire = None
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        _, echoed = peer.call_sync(address, "echo", {}, frames, timeout=30)
+        assert all(torch.equal(a, b) for a, b in zip(frames, echoed, strict=True))
+        wire = peer.pool.connections[PeerAddress.parse(address).peer_id].wire
+        if len(wire.rails) == peer.limits.tcp_rails and min(wire.rails) > 0:
+            break
+    print("RESULT", json.dumps({"kind": wire.kind, "rails": wire.rails}), flush=True)
+
+
 if __name__ == "__main__":
     threading.current_thread().name = "peer-main"
     main_peer = Peer()
@@ -127,6 +142,8 @@ if __name__ == "__main__":
         upgrade(main_peer, sys.argv[2])
     elif mode == "check":
         check(main_peer, sys.argv[2])
+    elif mode == "bulk":
+        bulk(main_peer, sys.argv[2])
     elif mode == "ask-dial":
         ask_dial(main_peer, sys.argv[2], sys.argv[3], float(sys.argv[4]))
     else:
