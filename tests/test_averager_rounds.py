@@ -190,6 +190,27 @@ def test_a_peer_is_left_out_only_when_a_strict_majority_of_the_registrants_bans_
     assert [r.member.peer_id for r in without_outvoted(honest)] == ids[:4]
 
 
+def test_an_accusation_in_a_registration_gets_the_accused_banned_by_peers_that_check_its_evidence():
+    from tests.test_accusations import _signed
+
+    with swarm(3) as (accuser, bystander, accused):
+        # The accuser caught `accused` returning a reply that contradicts its signed claim (as in
+        # test_verified_reducers); the bystander never sent it anything.
+        evidence = _signed(accused.peer.identity, "int8", 0, garbage=True)
+        accuser.service.accusations.keep(evidence)
+        accuser.service.ban(accused.peer.peer_id, "caught in a round")
+        results = together([accuser, bystander, accused], expected_peers=3, timeout=20, key="r1")
+        assert all(r is not None for r in results)
+        named = registrations(accuser, "r1")[accuser.peer.peer_id.raw]
+        assert named[9] == [[accused.peer.peer_id.raw, evidence.digest]]
+        wait_for(lambda: accused.peer.peer_id in bystander.service.banned, "the bystander's own check")
+        assert "checked out here" in bystander.service.banned[accused.peer.peer_id]
+        # Now two of three registrants ban it: it is left out of the next round's groups.
+        results = together([accuser, bystander, accused], expected_peers=3, timeout=8, key="r2")
+        assert [len(r.group.members) for r in results[:2]] == [2, 2]
+        assert results[2] is None
+
+
 def test_a_hostile_registration_is_skipped():
     with swarm(2) as (a, b):
         key = matchmaking_key(a.prefix, "rounds")

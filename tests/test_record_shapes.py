@@ -16,6 +16,7 @@ from hiveengine.averaging.matchmaking import MatchmakingConfig, Mode, matchmakin
 from hiveengine.averaging.state import state_key
 from hiveengine.dht import DHT, get_dht_time
 from hiveengine.dht.schemas import (
+    MAX_ACCUSATIONS,
     MAX_GATHERING_SECONDS,
     MAX_VOTED_BANS,
     MODES,
@@ -53,12 +54,18 @@ def test_the_schema_knows_every_matchmaking_mode():
         ({8: [bytes(32)] * (MAX_VOTED_BANS + 1)}, "at most"),
         ({8: "everyone"}, "at most"),
         ({3: 2.0 - MAX_GATHERING_SECONDS - 1}, "before its deadline"),  # sorts first in an overfull gathering
+        ({9: [[bytes(32), bytes(16)]] * (MAX_ACCUSATIONS + 1)}, "accusations are not a list of at most"),
+        ({9: [[bytes(32), bytes(15)]]}, "not [peer id, evidence digest] pairs"),
+        ({9: [[bytes(32)]]}, "not [peer id, evidence digest] pairs"),
+        ({9: [["x" * 32, bytes(16)]]}, "not [peer id, evidence digest] pairs"),
     ],
 )
 def test_a_malformed_registration_is_named(change, problem):
     peer_id = Identity.generate().peer_id
     good = [f"ucx://127.0.0.1:9/{peer_id}", 1.0, 0, 1.0, 2.0, 0, {"any": "metadata"}, peer_id.raw, [bytes(32)]]
+    good.append([[bytes(32), bytes(16)]])  # an accusation: [accused, evidence digest]
     assert registration_problem(peer_id, good) is None
+    assert registration_problem(peer_id, good[:9]) is None  # one that names no accusations
     assert registration_problem(peer_id, [*good[:7], None]) is None  # a client-mode registrant stores nothing
     assert registration_problem(peer_id, good[:8]) is None  # one that names no bans
     bad = [change.get(i, field) for i, field in enumerate(good)]

@@ -40,6 +40,7 @@ def test_a_garbage_reducer_is_caught_its_part_failed_and_it_is_banned_next_round
         keep = _outside(span)
         local = seeded_data(i, NUMEL)
         assert results[i]["banned"] == [members[3]["id"]]
+        assert results[i]["accused"] == [members[3]["id"]]  # with signed evidence that others can check
         for number, expected in enumerate((everyone, honest)):
             outcome, tensor = results[i]["rounds"][number], torch.load(tmp_path / f"{i}.pt.{number}")
             assert outcome["failed_parts"] == [cheat], (number, outcome)
@@ -47,7 +48,7 @@ def test_a_garbage_reducer_is_caught_its_part_failed_and_it_is_banned_next_round
             assert float((tensor[keep] - expected[keep]).abs().max()) <= TOLERANCE[codec]
         # Round 1 waits for nobody: the banned peer is neither sent to nor waited for.
         assert results[i]["rounds"][1]["s"] < 4, results[i]["rounds"]
-    assert results[3]["banned"] == []  # honest reducers pass its checks
+    assert results[3]["banned"] == results[3]["accused"] == []  # honest reducers pass its checks
 
 
 @pytest.mark.parametrize(
@@ -70,7 +71,7 @@ def test_honest_reducers_are_never_accused(tmp_path, codec, aggregation, attack,
     specs.append({"attack": attack})
     _, results = average_in_processes(tmp_path, specs, codec, aggregation=aggregation, rounds=3)
     for r in results.values():
-        assert r["banned"] == []
+        assert r["banned"] == r["accused"] == []
         assert all(outcome["failed_parts"] == [] for outcome in r["rounds"]), r["rounds"]
 
 

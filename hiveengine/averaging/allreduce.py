@@ -47,13 +47,22 @@ import math
 import time
 import weakref
 from collections.abc import Callable, Collection, Hashable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import torch
 
+from hiveengine.averaging.accusations import Accusations
 from hiveengine.averaging.matchmaking import GroupInfo, GroupMember
-from hiveengine.averaging.verification import Claim, ReducerCheatedError, check_reply, probe, project
+from hiveengine.averaging.verification import (
+    Claim,
+    Evidence,
+    ReducerCheatedError,
+    check_reply,
+    claim_message,
+    probe,
+    project,
+)
 from hiveengine.codec import Aggregation, Codec
 from hiveengine.errors import HiveEngineError, NonFiniteError, ProtocolError, TransportError
 from hiveengine.transport import Peer, PeerID, Request
@@ -409,18 +418,23 @@ class _ReducerRound:
                 excluded |= culprits
 
     def _claim(self, index: int, kept: list, coefficients: list[float], aggregate: list[torch.Tensor]) -> Claim:
-        """What we computed chunk `index`'s aggregate from: each sender's coefficient and the projection of its
-        decoded copy on the reply's probe (zero for senders left out)."""
+        """What we computed chunk `index`'s aggregate from: each sender's coefficient, the projection of its decoded
+        copy on the reply's probe and that copy's norm (zeros for senders left out), signed with the reply
+        (verification.claim_message)."""
         numel = self.arena.outputs[index].numel()
         r = probe(self.group.group_id, self.part, index, aggregate, numel)
         scratch = self.arena.scratch  # None when only senders asked for claims: then a fresh row
         row = torch.empty(numel, device=self.arena.outputs[index].device) if scratch is None else scratch[:numel]
         coefficient = dict.fromkeys(self.order, 0.0)
         projection = dict.fromkeys(self.order, 0.0)
+        norm = dict.fromkeys(self.order, 0.0)
         for (sender, _, payload), c in zip(kept, coefficients, strict=True):
             coefficient[sender] = c
-            projection[sender] = project(self.codec.decode(payload, row, name=f"copy of chunk {index}"), r)
-        return Claim(list(coefficient.values()), list(projection.values()))
+            decoded = self.codec.decode(payload, row, name=f"copy of chunk {index}")
+            projection[sender], norm[sender] = project(decoded, r), float(decoded.norm())
+        claim = Claim(list(coefficient.values()), list(projection.values()), list(norm.values()))
+        message = claim_message(self.group.group_id, self.part, index, numel, self.codec.name, aggregate, claim)
+        return replace(claim, signature=self.peer.identity.sign(message))
 
     def _bounded_weights(self, weighted: list[tuple[PeerID, float]]) -> list[float]:
         """The weights, each at most max_weight_ratio times the (lower) median of the positive ones and at most
@@ -493,6 +507,8 @@ class AllReduceService:
         self._caught_in: dict[PeerID, bytes | None] = {}  # the round each banned reducer was caught in
         self._background: set[asyncio.Task] = set()
         self.parts_reduced = 0  # rounds in which this peer reduced a (non-empty) part
+        # Evidence against the reducers we caught, served to others, and our checks of theirs (accusations.py).
+        self.accusations = Accusations(peer, self.ban, self.banned.__contains__)
         peer.register(CHUNK_METHOD, self._on_chunk, allocate=self._receive_buffers)
         self._services[peer] = self
 
@@ -809,6 +825,8 @@ async def _exchange_part(plan: _Exchange, chunk_elements: int) -> int:
             f"its reply in round {plan.group.group_id.hex()[:8]} failed verification: {cheated}",
             plan.group.group_id,
         )
+        if cheated.evidence is not None:
+            plan.service.accusations.keep(cheated.evidence)
         raise AllReduceError(f"reducer {reducer} of part {part} failed verification: {cheated}")
     if errors:
         if not all(isinstance(e, TransportError | AllReduceError | TimeoutError) for e in errors):
@@ -831,8 +849,25 @@ def _verify_chunk(plan: _Exchange, index: int, me: int, reply: dict, sent, mean,
     try:
         aggregate = codec.decode(mean, decoded, name=f"mean of part {plan.part}")
     except NonFiniteError as e:
-        raise ReducerCheatedError(f"its aggregate holds NaN or Inf: {e}") from None
-    check_reply(claim, me, plan.weight, own, own_norm, aggregate, codec.error_bound(mean), r)
+        error = ReducerCheatedError(f"its aggregate holds NaN or Inf: {e}")
+        error.evidence = _evidence(plan, index, claim, mean, decoded.numel())
+        raise error from None
+    try:
+        check_reply(claim, me, plan.weight, own, own_norm, aggregate, codec.error_bound(mean), r)
+    except ReducerCheatedError as e:
+        e.evidence = _evidence(plan, index, claim, mean, decoded.numel())
+        raise
+
+
+def _evidence(plan: _Exchange, index: int, claim: Claim, reply, numel: int) -> Evidence | None:
+    """The reducer's signed reply for chunk `index` as evidence, if it alone shows the cheat (else None: an
+    accusation must convince peers that cannot see what we sent)."""
+    link = plan.service.peer.connection_to(plan.reducer.peer_id)
+    if link is None or not claim.signature:
+        return None
+    copy = [t.detach().cpu().clone() for t in reply]
+    evidence = Evidence(link.public_key, plan.group.group_id, plan.part, index, numel, plan.codec.name, copy, claim)
+    return evidence if evidence.cheat() is not None else None
 
 
 def _reply_timeout(plan: _Exchange) -> float:

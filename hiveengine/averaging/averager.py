@@ -186,7 +186,15 @@ class DecentralizedAverager:
         self.me = GroupMember(self.peer.peer_id, str(self.peer.address), 1.0 if bandwidth is None else bandwidth, mode)
         config = MatchmakingConfig(target_group_size, min_group_size, matchmaking_time, expected_swarm_size)
         self.service = AllReduceService.of(self.peer)
-        self.matchmaker = Matchmaker(dht, prefix, self.me, config, self.peer, banned=self.service.banned.keys)
+        self.matchmaker = Matchmaker(
+            dht,
+            prefix,
+            self.me,
+            config,
+            self.peer,
+            banned=self.service.banned.keys,
+            accusations=self.service.accusations,
+        )
         self.tensors_lock = threading.Lock()
         self._closed = False
         self.local_epoch = 0  # rounds this peer's tensors have been through (the newest state wins)

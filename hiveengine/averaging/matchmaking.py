@@ -36,7 +36,10 @@ Bans. A registration also names the peers its registrant caught cheating as redu
 allreduce.py; at most MAX_VOTED_BANS). A peer that a strict majority of a gathering's registrants name is left out
 of the cut (`without_outvoted`): every member reads the same registrations, so every member leaves out the same
 peers and the groups still agree, and a minority that names honest peers changes nothing. The votes are signed
-(they are part of the registrations) but not proven: a majority is trusted to report what it saw.
+(they are part of the registrations) but not proven: a majority is trusted to report what it saw. Proof comes with
+accusations: a registration also names the evidence its registrant holds against reducers (at most MAX_ACCUSATIONS,
+accusations.py), and every member that cuts the gathering fetches and checks that evidence itself, in the
+background, and bans (and so votes against) only the reducers whose own signed replies convict them.
 
 Relayed peers. A peer others reach only through a relay (behind a NAT) registers RELAYED_BANDWIDTH_SHARE of its
 bandwidth, so the parts go to peers others dial directly while they can take them, and a relayed reducer (in a swarm
@@ -67,6 +70,7 @@ from typing import Any, ClassVar
 
 import msgpack
 
+from hiveengine.averaging.accusations import Accusations
 from hiveengine.averaging.records import record_signer, signed_record, store_signed
 from hiveengine.dht.dht import DHT
 from hiveengine.dht.node import ReadBack
@@ -188,6 +192,7 @@ class Registration:
     gathered: Any = None
     dht_node: bytes | None = None  # the peer id of the registrant's DHT node, if it stores records
     bans: tuple[bytes, ...] = ()  # the raw ids of the peers the registrant banned (caught cheating as reducers)
+    accusations: tuple[tuple[bytes, bytes], ...] = ()  # (accused raw id, evidence digest): see accusations.py
 
     def record(self) -> list:
         m = self.member
@@ -201,6 +206,7 @@ class Registration:
             self.gathered,
             self.dht_node,
             list(self.bans),
+            [list(a) for a in self.accusations],
         ]
 
 
@@ -437,12 +443,14 @@ class Matchmaker:
         config: MatchmakingConfig,
         peer: Peer,
         banned: Callable[[], Iterable[PeerID]] = tuple,
+        accusations: Accusations | None = None,
     ):
         """`banned`: the peers we caught cheating, oldest first; our registrations name the newest MAX_VOTED_BANS,
-        and a peer that a strict majority of a gathering's registrants name is left out of its groups."""
+        and a peer that a strict majority of a gathering's registrants name is left out of its groups.
+        `accusations`: our registrations name the evidence it holds, and it checks what others' name."""
         self.dht, self.prefix, self.me, self.config = dht, prefix, me, config
         self.bandwidth, self.mode = me.bandwidth, me.mode  # as configured (what we register may differ: _member_now)
-        self.peer, self.banned = peer, banned
+        self.peer, self.banned, self.accusations = peer, banned, accusations
         self.bell = Bell.of(peer)
         self.identity: Identity = peer.identity  # signs our registrations: the key that takes part in the round
         self._background: set[asyncio.Task] = set()
@@ -485,7 +493,8 @@ class Matchmaker:
         dht_node = None if self.dht.client_mode else self.dht.peer_id.raw  # a client-mode node stores nothing
         self.me = self._member_now()
         bans = tuple(p.raw for p in list(self.banned())[-MAX_VOTED_BANS:])
-        mine = Registration(self.me, now, gather_until, round_number, gathered, dht_node, bans)
+        accused = tuple(self.accusations.published()) if self.accusations is not None else ()
+        mine = Registration(self.me, now, gather_until, round_number, gathered, dht_node, bans, accused)
         gathering = _Gathering(dht_key, mine, listener, spent=spent)
 
         def stored(record) -> None:  # another registrant's write reached our DHT node
@@ -545,6 +554,10 @@ class Matchmaker:
 
     def _our_group(self, dht_key: str, registrations: list[Registration]) -> GroupInfo | None:
         cfg = self.config
+        if self.accusations is not None:
+            for r in registrations:
+                for accused, digest in r.accusations:
+                    self.accusations.hear(r.member.peer_id, r.member.address, accused, digest)
         registrations = without_outvoted(registrations)
         if not any(r.member.peer_id == self.me.peer_id for r in registrations):
             logger.warning("%s: a majority of the registrants banned this peer from their groups", dht_key)
@@ -729,7 +742,9 @@ def _registration(peer_id: PeerID, value) -> Registration | None:
     member = GroupMember(peer_id, address, float(bandwidth), Mode(mode))
     dht_node = rest[0] if rest else None
     bans = tuple(rest[1]) if len(rest) > 1 else ()
-    return Registration(member, float(registered_at), float(gather_until), round_number, gathered, dht_node, bans)
+    accusations = tuple((a[0], a[1]) for a in rest[2]) if len(rest) > 2 else ()
+    times = float(registered_at), float(gather_until)
+    return Registration(member, *times, round_number, gathered, dht_node, bans, accusations)
 
 
 def without_outvoted(registrations: list[Registration]) -> list[Registration]:

@@ -28,51 +28,209 @@ projections, and any lie about the checking sender's own copy (projection or coe
 What it does not catch (yet): an adaptive reducer that also forges the projection of a copy the checker never
 saw: its own (when it sends) or another sender's. Closing that gap takes the senders publishing their own
 projections to each other after the round (K^2 numbers, off the critical path) and a Gram-matrix check of
-CenteredClip's coefficients; and signed accusations in the DHT, so that a ban spreads. Until then a reducer
-that cheats adaptively can move its part as far as a sender with all the weight could.
+CenteredClip's coefficients. Until then a reducer that cheats adaptively can move its part as far as a sender with
+all the weight could.
+
+Accusations that anyone can check (`Evidence`). The reducer also reports the norm q_j of every decoded copy, and
+signs, with its Ed25519 identity, `claim_message`: REPLY_DOMAIN | group id | part | chunk | numel | codec name |
+BLAKE2b(the reply's dtypes, shapes and bytes) | c, t and q as float64. A sender whose check fails keeps the reply,
+the claim and the signature as evidence, and publishes it only when the evidence alone shows the cheat
+(`Evidence.cheat`): the signature verifies under the key whose SHA-256 is the accused's peer id, and the signed
+claim contradicts itself (c outside the simplex) or contradicts the signed reply (<decode(R), r> differs from
+sum c_j t_j by more than the tolerance above, with the copies' scale taken as max(||decode(R)||, max q_j)). A third
+party recomputes all of it from the evidence, so an accusation cannot frame an honest reducer: its signed claims
+add up. A reducer that reports inflated norms only widens the band it is judged by (its accusation may then not
+spread, but its local ban stays). The misreport of the checker's own copy is not in the evidence: a third party
+cannot know what the checker sent.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from hiveengine.errors import HiveEngineError
+from hiveengine.codec import CODECS, get_codec
+from hiveengine.dht.schemas import EVIDENCE_DIGEST_BYTES
+from hiveengine.errors import HiveEngineError, NonFiniteError
+from hiveengine.transport.identity import SIGNATURE_BYTES, PeerID, verify_signature
 
 PROBE_DOMAIN = b"hiveengine/allreduce/probe/v1"
+REPLY_DOMAIN = b"hiveengine/allreduce/signed-claim/v1"
+MAX_EVIDENCE_NUMEL = 1 << 24  # the largest chunk an accusation's evidence may hold (64 MiB of fp32)
+MAX_EVIDENCE_SENDERS = 4096  # the most senders an accusation's claim may list
 PROBE_Z = 8.0  # standard deviations of the requantization error's projection an honest reply may be off by
 FP32_SLACK = 64 * 2.0**-24  # the fp32 aggregation's rounding, relative to the copies' norms, per copy
 DOT_SLACK = 2.0**-40  # rounding of a float64 dot product of fp32 vectors, relative to ||x|| ||r||
 
 
 class ReducerCheatedError(HiveEngineError):
-    """A reducer's reply is not the aggregate of the copies it was sent: its part is failed and it is banned."""
+    """A reducer's reply is not the aggregate of the copies it was sent: its part is failed and it is banned.
+    `evidence`: the signed reply, when it alone shows the cheat (what an accusation publishes)."""
+
+    evidence: Evidence | None = None
 
 
 @dataclass(frozen=True)
 class Claim:
-    """What a reducer says it computed for one chunk: each sender's coefficient and projection (peer-id order)."""
+    """What a reducer says it computed for one chunk: each sender's coefficient, projection and copy norm (peer-id
+    order), and its signature of them with the reply (`claim_message`; empty when unsigned)."""
 
     coefficients: list[float]
     projections: list[float]
+    norms: list[float] = field(default_factory=list)
+    signature: bytes = b""
 
     def header(self) -> dict:
         """The reply-header fields that carry the claim."""
-        return {"k": self.coefficients, "t": self.projections}
+        return {"k": self.coefficients, "t": self.projections, "q": self.norms, "s": self.signature}
 
     @classmethod
     def parse(cls, header: dict, senders: int) -> Claim:
-        """The claim in a reply header, if it has one number of each kind per sender (else ReducerCheatedError)."""
+        """The claim in a reply header, if it has one number of each kind per sender (else ReducerCheatedError);
+        norms and signature are kept only when well-formed (they serve accusations, not the check)."""
         k, t = header.get("k"), header.get("t")
         if not (isinstance(k, list) and isinstance(t, list) and len(k) == len(t) == senders):
             raise ReducerCheatedError(f"the reply carries no claim for its {senders} senders' copies")
-        if not all(isinstance(v, int | float) and math.isfinite(v) for v in (*k, *t)):
+        if not all(_is_number(v) for v in (*k, *t)):
             raise ReducerCheatedError("the reply's claim holds non-numbers or non-finite values")
-        return cls([float(v) for v in k], [float(v) for v in t])
+        q, signature = header.get("q"), header.get("s")
+        signed = (
+            isinstance(q, list)
+            and len(q) == senders
+            and all(_is_number(v) for v in q)
+            and isinstance(signature, bytes)
+            and len(signature) == SIGNATURE_BYTES
+        )
+        norms = [float(v) for v in q] if signed else []
+        return cls([float(v) for v in k], [float(v) for v in t], norms, signature if signed else b"")
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def claim_message(
+    group_id: bytes, part: int, chunk: int, numel: int, codec_name: str, reply: Sequence[torch.Tensor], claim: Claim
+) -> bytes:
+    """What a reducer signs for one chunk's reply (see the module docstring)."""
+    digest = hashlib.blake2b(digest_size=32)
+    for tensor in reply:
+        raw = tensor.detach().contiguous().cpu()
+        digest.update(f"{raw.dtype}{tuple(raw.shape)}".encode())
+        digest.update(raw.view(torch.uint8).numpy() if raw.numel() else b"")
+    numbers = [*claim.coefficients, *claim.projections, *claim.norms]
+    return b"".join(
+        (
+            REPLY_DOMAIN,
+            group_id,
+            struct.pack("<IIQ", part, chunk, numel),
+            codec_name.encode(),
+            b"\0",
+            digest.digest(),
+            struct.pack(f"<{len(numbers)}d", *numbers),
+        )
+    )
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """A reducer's signed reply and claim for one chunk: what an accusation against it rests on."""
+
+    public_key: bytes  # the accused reducer's Ed25519 key (its peer id is the key's SHA-256)
+    group_id: bytes
+    part: int
+    chunk: int
+    numel: int
+    codec_name: str
+    reply: list[torch.Tensor]
+    claim: Claim
+
+    @property
+    def accused(self) -> PeerID:
+        return PeerID.from_public_key(self.public_key)
+
+    @property
+    def digest(self) -> bytes:
+        """Names the evidence in accusations (16 bytes of BLAKE2b over the signed message and the signature)."""
+        message = self.message()
+        return hashlib.blake2b(message + self.claim.signature, digest_size=EVIDENCE_DIGEST_BYTES).digest()
+
+    def message(self) -> bytes:
+        return claim_message(self.group_id, self.part, self.chunk, self.numel, self.codec_name, self.reply, self.claim)
+
+    def header(self) -> dict:
+        """The evidence as a message header (its reply tensors travel as the message's frames)."""
+        return {
+            "key": self.public_key,
+            "g": self.group_id,
+            "p": self.part,
+            "c": self.chunk,
+            "n": self.numel,
+            "codec": self.codec_name,
+            **self.claim.header(),
+        }
+
+    @classmethod
+    def parse(cls, header: dict, reply: Sequence[torch.Tensor]) -> Evidence:
+        """Evidence from a message (header and frames); ValueError if it is malformed or too large to check."""
+        key, group_id, part, chunk, numel, codec_name = (header.get(f) for f in ("key", "g", "p", "c", "n", "codec"))
+        if not (isinstance(key, bytes) and len(key) == 32 and isinstance(group_id, bytes) and len(group_id) <= 64):
+            raise ValueError("evidence needs a 32-byte key and a group id")
+        if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**32 for v in (part, chunk, numel)):
+            raise ValueError("evidence needs part, chunk and numel counts")
+        if numel > MAX_EVIDENCE_NUMEL or codec_name not in CODECS:
+            raise ValueError(f"evidence of {numel} elements with codec {codec_name!r:.20} cannot be checked")
+        k = header.get("k")
+        if not isinstance(k, list) or not 1 <= len(k) <= MAX_EVIDENCE_SENDERS:
+            raise ValueError("evidence needs a claim")
+        try:
+            claim = Claim.parse(header, len(k))
+        except ReducerCheatedError as e:
+            raise ValueError(str(e)) from None
+        if not claim.signature:
+            raise ValueError("the evidence's claim is not signed")
+        expected = get_codec(codec_name).empty_payload(numel, "cpu")
+        if len(reply) != len(expected) or any(
+            t.dtype != e.dtype or t.shape != e.shape for t, e in zip(reply, expected, strict=False)
+        ):
+            raise ValueError(f"the evidence's reply is not a {codec_name} payload of {numel} elements")
+        return cls(key, group_id, part, chunk, numel, codec_name, [t.cpu() for t in reply], claim)
+
+    def cheat(self) -> str | None:
+        """What the signed evidence shows the accused did (see the module docstring), or None if it shows nothing:
+        a bad signature, or a claim that adds up."""
+        if not verify_signature(self.public_key, self.claim.signature, self.message()):
+            return None
+        c = self.claim.coefficients
+        if min(c) < -1e-6 or abs(sum(c) - 1.0) > 1e-5:
+            return f"it signed coefficients {c} that are not a weighting"
+        codec = get_codec(self.codec_name)
+        where = f"chunk {self.chunk} of part {self.part} in round {self.group_id.hex()[:8]}"
+        try:
+            aggregate = codec.decode(self.reply, torch.empty(self.numel), name="an accused reply")
+        except NonFiniteError:
+            return f"its signed reply for {where} holds NaN or Inf"
+        r = probe(self.group_id, self.part, self.chunk, self.reply, self.numel)
+        got = project(aggregate, r)
+        expected = math.fsum(cj * tj for cj, tj in zip(c, self.claim.projections, strict=True))
+        scale = max(float(aggregate.norm()), *self.claim.norms)
+        tolerance = _tolerance(codec.error_bound(self.reply), len(c), scale, float(r.norm()))
+        if abs(got - expected) <= tolerance:
+            return None
+        return (
+            f"its signed reply for {where} is not the combination of the copies it reports (projection {got:.6g}, "
+            f"signed {expected:.6g} +- {tolerance:.3g})"
+        )
+
+
+def _tolerance(error_bound: float, senders: int, scale: float, r_norm: float) -> float:
+    """How far an honest reply's projection may be from the claim's (see the module docstring)."""
+    return PROBE_Z * (error_bound + FP32_SLACK * senders * scale) + 2 * DOT_SLACK * scale * r_norm
 
 
 def probe(group_id: bytes, part: int, chunk: int, reply: Sequence[torch.Tensor], numel: int) -> torch.Tensor:
@@ -116,7 +274,7 @@ def check_reply(
     got = project(aggregate, r)
     expected = math.fsum(cj * tj for cj, tj in zip(c, claim.projections, strict=True))
     scale = max(float(aggregate.norm()), own_norm)
-    tolerance = PROBE_Z * (error_bound + FP32_SLACK * len(c) * scale) + 2 * DOT_SLACK * scale * r_norm
+    tolerance = _tolerance(error_bound, len(c), scale, r_norm)
     if not abs(got - expected) <= tolerance:
         raise ReducerCheatedError(
             f"its aggregate is not the combination of the copies it reports: projection {got:.6g}, expected "

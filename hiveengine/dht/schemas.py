@@ -32,8 +32,11 @@ from hiveengine.transport import PeerID
 
 MAX_COUNT = 2**63 - 1  # epochs, samples and round numbers above this are absurd (and overflow int64 readers)
 DIGEST_BYTES = 32  # a state advertisement's SHA-256
-REGISTRATION_FIELDS = (7, 8, 9)  # without and with the registrant's DHT node id, then the peers it bans
+# without and with the registrant's DHT node id, then the peers it bans, then its accusations
+REGISTRATION_FIELDS = (7, 8, 9, 10)
 MAX_VOTED_BANS = 32  # peers one registration may name as banned (the most recently caught)
+MAX_ACCUSATIONS = 8  # accusations one registration may name: [accused peer id, evidence digest] (averaging)
+EVIDENCE_DIGEST_BYTES = 16
 MODES = (0, 1, 2)  # averaging.matchmaking.Mode: NODE, CLIENT, AUX
 PROGRESS_FIELDS = 9
 # The longest a registrant may claim to have waited for its gathering (gather_until - registered_at): matchmaking_time
@@ -73,6 +76,7 @@ def registration_problem(peer_id: PeerID, value: object) -> str | None:
         return f"a registration is a list of {' or '.join(map(str, REGISTRATION_FIELDS))} fields"
     address, bandwidth, mode, registered_at, gather_until, round_number, _, *rest = value
     dht_node, bans = rest[:1], rest[1] if len(rest) > 1 else []
+    accusations = rest[2] if len(rest) > 2 else []
     if not names_peer(address, peer_id):
         return "its address names another peer"
     if not (is_finite(bandwidth) and bandwidth >= 0):
@@ -94,7 +98,23 @@ def registration_problem(peer_id: PeerID, value: object) -> str | None:
         return f"its bans are not a list of at most {MAX_VOTED_BANS}"
     if not all(isinstance(b, bytes) and len(b) == len(peer_id.raw) for b in bans):
         return "its bans are not peer ids"
+    if not (isinstance(accusations, list | tuple) and len(accusations) <= MAX_ACCUSATIONS):
+        return f"its accusations are not a list of at most {MAX_ACCUSATIONS}"
+    if not all(_is_accusation(a, len(peer_id.raw)) for a in accusations):
+        return "its accusations are not [peer id, evidence digest] pairs"
     return None
+
+
+def _is_accusation(value: object, id_bytes: int) -> bool:
+    if not (isinstance(value, list | tuple) and len(value) == 2):
+        return False
+    accused, digest = value
+    return (
+        isinstance(accused, bytes)
+        and len(accused) == id_bytes
+        and isinstance(digest, bytes)
+        and len(digest) == EVIDENCE_DIGEST_BYTES
+    )
 
 
 def progress_problem(value: object) -> str | None:

@@ -137,6 +137,7 @@ class Connection:
         self.reactor = reactor
         self.wire = wire
         self.remote = auth.peer_id
+        self.public_key = auth.public_key  # the remote's Ed25519 key (checks what it signs)
         self.roles = auth.roles  # what the remote's membership certificate grants (membership.ROLE_*)
         self.rtt = auth.rtt  # seconds of one round trip, measured in the handshake (deadlines adapt to it)
         self.local = auth.local

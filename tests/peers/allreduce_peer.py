@@ -63,6 +63,7 @@ def main() -> None:
     torch.save(flat.cpu(), me["out"])
     outcome = {**rounds[-1], "spans": result.spans, "device": flat.device.type, "rounds": rounds}
     outcome["banned"] = sorted(str(p) for p in service.banned)
+    outcome["accused"] = sorted(str(PeerID(accused)) for accused, _ in service.accusations.published())
     print("RESULT", json.dumps(outcome), flush=True)
     sys.stdin.read()
     peer.shutdown()
