@@ -4,8 +4,6 @@ to be, bans nobody. Real peers over UCX on 127.0.0.1, and the evidence's constru
 
 from __future__ import annotations
 
-import asyncio
-import time
 from dataclasses import replace
 
 import pytest
@@ -17,6 +15,7 @@ from hiveengine.averaging.verification import Claim, Evidence, claim_message, pr
 from hiveengine.codec import get_codec
 from hiveengine.transport import Peer, TransportLimits
 from hiveengine.transport.identity import Identity
+from tests.waits import until
 
 pytestmark = pytest.mark.timeout(120)
 NUMEL = 5000
@@ -87,17 +86,6 @@ def test_malformed_evidence_is_refused_before_any_work(change, problem):
         Evidence.parse(evidence.header(), [evidence.reply[0][:10], *evidence.reply[1:]])
 
 
-def _until(peer: Peer, condition, timeout: float, what: str) -> None:
-    async def wait():
-        deadline = time.monotonic() + timeout
-        while not condition():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{what} did not happen within {timeout} s")
-            await asyncio.sleep(0.01)
-
-    peer.runtime.run(wait(), timeout + 10)
-
-
 @pytest.fixture
 def services():
     peers = [Peer(limits=TransportLimits(local_copy=False)) for _ in range(4)]
@@ -123,13 +111,13 @@ def test_a_third_peer_bans_the_accused_only_after_checking_the_evidence_itself(s
     run = bystander.peer.runtime.run
     run(hear(liar, honest.digest), 10)
     run(hear(accuser, bytes(16)), 10)  # a digest the accuser does not hold: nothing to check
-    _until(bystander.peer, lambda: bystander.accusations._checking == 0, 30, "the checks")
+    until(bystander.peer, lambda: bystander.accusations._checking == 0, 30, "the checks")
     assert bystander.accusations.refuted == 1 and bystander.accusations.confirmed == 0
     assert reducer.peer.peer_id not in bystander.banned
     run(hear(liar, cheat.digest), 10)  # a liar's accusations are ignored from then on, true or not
     assert bystander.accusations._checking == 0 and reducer.peer.peer_id not in bystander.banned
     run(hear(accuser, cheat.digest, cheat.digest), 10)  # the same accusation twice is checked once
-    _until(bystander.peer, lambda: reducer.peer.peer_id in bystander.banned, 30, "the ban")
+    until(bystander.peer, lambda: reducer.peer.peer_id in bystander.banned, 30, "the ban")
     assert bystander.accusations.confirmed == 1
     assert "checked out here" in bystander.banned[reducer.peer.peer_id]
     assert bystander.accusations.published() == [(accused, cheat.digest)]  # it passes it on
@@ -149,6 +137,6 @@ def test_a_hostile_accuser_serving_garbage_gets_nobody_banned(services):
         bystander.accusations.hear(accuser.peer.peer_id, str(accuser.peer.address), accused, cheat.digest)
 
     bystander.peer.runtime.run(hear(), 10)
-    _until(bystander.peer, lambda: bystander.accusations._checking == 0, 30, "the check")
+    until(bystander.peer, lambda: bystander.accusations._checking == 0, 30, "the check")
     assert reducer.peer.peer_id not in bystander.banned
     assert bystander.accusations.confirmed == bystander.accusations.refuted == 0

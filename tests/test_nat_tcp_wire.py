@@ -8,7 +8,6 @@ one makes the victim hold stays under TransportLimits.tcp_unexpected_bytes / max
 import asyncio
 import json
 import socket
-import time
 
 import numpy as np
 import pytest
@@ -20,19 +19,9 @@ from hiveengine.transport.resources import Usage
 from hiveengine.transport.session import BLOCK_BYTES, TAG_BYTES
 from hiveengine.transport.tcp_wire import RECORD, _Budget
 from tests.procs import PeerProcess, start_server
+from tests.waits import until
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def _until(peer: Peer, condition, timeout: float, what: str) -> None:
-    async def wait():
-        deadline = time.monotonic() + timeout
-        while not condition():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{what} did not happen within {timeout} s")
-            await asyncio.sleep(0.01)
-
-    peer.runtime.run(wait(), timeout + 10)
 
 
 async def _echo(request):
@@ -122,7 +111,7 @@ def test_stray_frames_are_held_up_to_the_limit_then_the_link_is_closed():
     try:
         # 12 frames of 1 MiB for tags nobody announced: 4 are held, then the wire waits and closes
         attacker = _attack(victim, lambda conn: [((conn.send_base << 32) | (1000 + i), stray) for i in range(12)])
-        _until(victim, lambda: _Budget.held <= 4 << 20 and attacker.peer_id not in victim.pool.connections, 10, "close")
+        until(victim, lambda: _Budget.held <= 4 << 20 and attacker.peer_id not in victim.pool.connections, 10, "close")
         assert _Budget.held == 0
         _legit_call_works(victim)
     finally:
@@ -146,7 +135,7 @@ def test_a_malformed_record_closes_only_its_own_link(how):
         if how == "oversized-control":
             conn = attacker.pool.connections[victim.peer_id]
             conn.wire._main.sock.send(RECORD.pack(conn.send_base << 32, 1 << 40))
-        _until(victim, lambda: attacker.peer_id not in victim.pool.connections, 10, "the hostile link's close")
+        until(victim, lambda: attacker.peer_id not in victim.pool.connections, 10, "the hostile link's close")
         _legit_call_works(victim)
     finally:
         for peer in (attacker, victim):
@@ -163,7 +152,7 @@ def test_connections_that_never_handshake_cost_nothing_after_the_handshake_timeo
         for _ in range(40):  # more than max_unauthenticated: the excess is closed at once
             idle.append(socket.create_connection(("127.0.0.1", victim.runtime.tcp_port), timeout=5))
         assert legit.call_sync(victim.address, "echo", {"during": 1}, timeout=10)[0] == {"during": 1}
-        _until(victim, lambda: victim.runtime.unauthenticated == 0, 10, "the handshake timeouts")
+        until(victim, lambda: victim.runtime.unauthenticated == 0, 10, "the handshake timeouts")
         assert victim.runtime.refused_unauthenticated > 0
         _legit_call_works(victim)  # a new link is accepted again
     finally:
@@ -251,10 +240,10 @@ def test_a_block_altered_moved_repeated_or_cut_closes_the_connection_before_its_
     try:
         attacker = _attack(victim, records)
         if how == "intact":
-            _until(victim, lambda: served, 10, "the intact call")
+            until(victim, lambda: served, 10, "the intact call")
             assert np.array_equal(served[0].numpy(), frame) and attacker.peer_id in victim.pool.connections
             return
-        _until(victim, lambda: attacker.peer_id not in victim.pool.connections, 10, "the tampered link's close")
+        until(victim, lambda: attacker.peer_id not in victim.pool.connections, 10, "the tampered link's close")
         assert served == [] and victim.resources.held() == Usage()
         _legit_call_works(victim)
     finally:
@@ -297,7 +286,7 @@ def test_large_frames_go_side_by_side_on_rails_and_small_calls_open_none(peers):
     _echo_large(caller, victim)
     ours = caller.pool.connections[victim.peer_id].wire
     theirs = victim.pool.connections[caller.peer_id].wire
-    _until(caller, lambda: len(ours.rails) == 2, 10, "both rails joining")  # the dialler's are joined last
+    until(caller, lambda: len(ours.rails) == 2, 10, "both rails joining")  # the dialler's are joined last
     assert len(theirs.rails) == 2
     _echo_large(caller, victim)
     assert all(sent >= 4 << 20 for sent in ours.rails), ours.rails
@@ -352,7 +341,7 @@ def test_a_rail_join_that_does_not_prove_its_session_is_refused_and_the_link_kee
     _, (y,) = attacker.call_sync(victim.address, "echo", {}, [torch.ones(10)], timeout=10)
     assert torch.equal(y, torch.ones(10))
     assert attacker.pool.connections[victim.peer_id] is conn  # the same link: nothing was closed
-    _until(victim, lambda: victim.runtime.unauthenticated == 0, 10, "the join's slot to be given back")
+    until(victim, lambda: victim.runtime.unauthenticated == 0, 10, "the join's slot to be given back")
 
 
 def test_a_control_message_on_a_rail_or_a_rail_that_dies_closes_the_link_and_the_next_call_redials(peers, sockets):
@@ -366,9 +355,9 @@ def test_a_control_message_on_a_rail_or_a_rail_that_dies_closes_the_link_and_the
         if how == "control-on-rail":
             sockets[-1].sendall(RECORD.pack(conn.send_base << 32, 10) + bytes(10))
         sockets[-1].close()
-        _until(victim, lambda: caller.peer_id not in victim.pool.connections, 10, "the link's close")
+        until(victim, lambda: caller.peer_id not in victim.pool.connections, 10, "the link's close")
         assert caller.call_sync(victim.address, "echo", {"after": how}, timeout=10)[0] == {"after": how}
         assert caller.pool.connections[victim.peer_id] is not conn  # a fresh link
     _echo_large(caller, victim, times=2)  # which opens its own rails
     fresh = caller.pool.connections[victim.peer_id].wire
-    _until(caller, lambda: len(fresh.rails) == 4, 10, "the fresh link's rails")
+    until(caller, lambda: len(fresh.rails) == 4, 10, "the fresh link's rails")

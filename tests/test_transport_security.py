@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import time
 
 import numpy as np
 import pytest
@@ -17,6 +16,7 @@ from hiveengine.transport import SINK_METHOD, Identity, Peer, PeerAddress, Trans
 from hiveengine.transport.limits import INITIAL_WINDOW_BYTES, slow_start_round_trips
 from hiveengine.transport.resources import Usage
 from tests.procs import PeerProcess
+from tests.waits import until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -67,19 +67,6 @@ def _flood(mode: str, victim: Peer, count: int) -> tuple[PeerProcess, dict]:
     return hostile, json.loads(hostile.expect("DONE", timeout=120))
 
 
-def _until(peer: Peer, condition, timeout: float, what: str) -> None:
-    """Wait until `condition()` holds, checked on the transport loop every few ms, at most `timeout` seconds."""
-
-    async def wait():
-        deadline = time.monotonic() + timeout
-        while not condition():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{what} did not happen within {timeout} s")
-            await asyncio.sleep(0.01)
-
-    peer.runtime.run(wait(), timeout + 10)
-
-
 def _legit_call(victim: Peer, legit: Peer) -> None:
     x = torch.randn(1 << 18)  # 1 MiB: framed, so it needs an inbound reservation and posted receives
     header, (got,) = legit.call_sync(victim.address, "echo", {"legit": True}, [x], timeout=20)
@@ -101,7 +88,7 @@ def test_frames_that_never_come_hold_memory_only_until_their_deadline():
         assert summary["kinds"].get("ResourceLimitError", 0) >= 6, summary  # only 2 x 256 MiB fit
         assert victim.resources.peak_per_peer.inbound_bytes <= cap
         _legit_call(victim, legit)
-        _until(victim, lambda: _baseline(victim) == Usage(), 15, "the phantom frames' release")
+        until(victim, lambda: _baseline(victim) == Usage(), 15, "the phantom frames' release")
         assert not [c for c in victim.pool.connections.values() if c.remote != legit.peer_id]  # the flooder is gone
         _legit_call(victim, legit)
         hostile.close()
@@ -143,7 +130,7 @@ def test_frames_for_an_unknown_method_cannot_pile_up_posted_receives():
         assert summary["kinds"].get("UnknownMethodError", 0) <= cap // 256, summary
         assert victim.resources.peak_per_peer.receives <= cap
         _legit_call(victim, legit)
-        _until(victim, lambda: _baseline(victim) == Usage(), 15, "the dropped frames' receives' release")
+        until(victim, lambda: _baseline(victim) == Usage(), 15, "the dropped frames' receives' release")
         hostile.close()
     finally:
         legit.shutdown()
@@ -161,8 +148,8 @@ def test_slow_calls_are_capped_per_peer_and_cancelled_when_the_caller_dies():
         assert victim.resources.peak_per_peer.calls == cap and len(victim._tasks) <= tasks_before + cap
         _legit_call(victim, legit)
         hostile.kill()  # it dies with 32 calls in flight
-        _until(victim, lambda: _baseline(victim) == Usage(), 15, "the dead caller's calls' release")
-        _until(victim, lambda: len(victim._tasks) <= tasks_before, 5, "the dead caller's handlers' end")
+        until(victim, lambda: _baseline(victim) == Usage(), 15, "the dead caller's calls' release")
+        until(victim, lambda: len(victim._tasks) <= tasks_before, 5, "the dead caller's handlers' end")
     finally:
         victim.runtime.call_soon(gate.set)
         legit.shutdown()
@@ -184,7 +171,7 @@ def test_streams_and_the_sink_are_bounded_per_peer():
         reply = legit.runtime.run(legit.send_tensor(victim.address, SINK_METHOD, x, timeout=20), 30)
         assert reply["numel"] == 1000
         hostile.kill()
-        _until(victim, lambda: _baseline(victim) == Usage(), 15, "the dead streamer's streams' release")
+        until(victim, lambda: _baseline(victim) == Usage(), 15, "the dead streamer's streams' release")
     finally:
         legit.shutdown()
         victim.shutdown()
@@ -195,11 +182,11 @@ def test_connection_limit_eviction_never_closes_a_connection_with_a_call_in_flig
     legit = Peer()
     try:
         pending = legit.runtime.submit(legit.call(victim.address, "gate", {}, timeout=60))
-        _until(victim, lambda: victim.resources.held().calls == 1, 10, "the legitimate call's arrival")
+        until(victim, lambda: victim.resources.held().calls == 1, 10, "the legitimate call's arrival")
         hostile, summary = _flood("identities", victim, 12)  # 12 fresh identities, one call each
         assert summary["kinds"] == {"ok": 12}, summary  # new connections are not evicted in their grace period
         grace = victim.limits.connection_grace_seconds
-        _until(victim, lambda: len(victim.pool.connections) <= 4, grace + 10, "the idle connections' eviction")
+        until(victim, lambda: len(victim.pool.connections) <= 4, grace + 10, "the idle connections' eviction")
         assert legit.peer_id in victim.pool.connections
         victim.runtime.call_soon(gate.set)
         assert pending.result(20) == ({}, [])
@@ -225,14 +212,14 @@ def test_unauthenticated_connections_are_capped_and_time_out():
         hostile, summary = _flood("unauthenticated", victim, 40)  # 40 silent, 40 that stop after HELLO
         assert summary == {"opened": 80}
         # UCX accepts each socket before it asks us: once we have seen all 80, only `cap` are held
-        _until(victim, lambda: victim.runtime.refused_unauthenticated - refused == 80 - cap, 10, "the refusals")
+        until(victim, lambda: victim.runtime.refused_unauthenticated - refused == 80 - cap, 10, "the refusals")
         assert victim.runtime.unauthenticated == cap
         # the refused ones' sockets go as soon as UCX has closed them; the `cap` held ones stay until their timeout
-        _until(victim, lambda: _descriptors() <= baseline + 4 * cap, 5, "the refused connections' close")
+        until(victim, lambda: _descriptors() <= baseline + 4 * cap, 5, "the refused connections' close")
         assert victim.runtime.unauthenticated <= cap
         _legit_call(victim, legit)
-        _until(victim, lambda: victim.runtime.unauthenticated == 0, 15, "the unfinished handshakes' timeout")
-        _until(victim, lambda: _descriptors() <= baseline + 4, 15, "the descriptors' release")
+        until(victim, lambda: victim.runtime.unauthenticated == 0, 15, "the unfinished handshakes' timeout")
+        until(victim, lambda: _descriptors() <= baseline + 4, 15, "the descriptors' release")
         newcomer = Peer()
         try:
             _legit_call(victim, newcomer)  # a new connection is accepted again
@@ -292,7 +279,7 @@ def test_a_forged_replayed_reordered_or_altered_message_closes_the_connection(ho
                 await conn.reactor.tag_send(conn.endpoint, np.frombuffer(message, dtype=np.uint8), conn.send_base << 32)
 
         attacker.runtime.run(send(), 10)
-        _until(victim, lambda: attacker.peer_id not in victim.pool.connections, 10, "the tampered connection's close")
+        until(victim, lambda: attacker.peer_id not in victim.pool.connections, 10, "the tampered connection's close")
         assert served == ([(attacker.peer_id, request_id)] if how == "replay" else [])
         assert legit.call_sync(victim.address, "record", {"n": -1}, timeout=10) == ({}, [])
         assert attacker.call_sync(victim.address, "record", {"n": -2}, timeout=10) == ({}, [])  # a new session
@@ -329,7 +316,7 @@ def test_an_altered_frame_closes_the_connection_before_its_handler_runs():
             await conn.reactor.tag_send(conn.endpoint, sealed_frame, conn.send_base << 32 | (body["s"] + 1))
 
         attacker.runtime.run(send(), 10)
-        _until(victim, lambda: attacker.peer_id not in victim.pool.connections, 10, "the tampered connection's close")
+        until(victim, lambda: attacker.peer_id not in victim.pool.connections, 10, "the tampered connection's close")
         assert served == [] and victim.resources.held() == Usage()
     finally:
         attacker.shutdown()

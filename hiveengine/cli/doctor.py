@@ -87,7 +87,8 @@ def diagnose(peer: Peer, helpers: list[str], timeout: float) -> list[tuple[str, 
     between_hosts = "RDMA between hosts" if rdma else "TCP between hosts (for RDMA, a system UCX built with verbs)"
     rows.append(("UCX transports", f"{', '.join(transports) or 'none'} (UCX_TLS={tls}); {between_hosts}", None))
     limits = TransportLimits()
-    rows.append(("links", f"dialled with {limits.link!r} (HIVEENGINE_LINK: auto, ucx or tcp)", None))
+    rails = f"; TCP wires carry large frames over {limits.tcp_rails} more connections (HIVEENGINE_TCP_RAILS)"
+    rows.append(("links", f"dialled with {limits.link!r} (HIVEENGINE_LINK: auto, ucx or tcp){rails}", None))
     if limits.encrypt:
         rows.append(("encryption", "on: AES-256-GCM between hosts, every message authenticated", None))
     else:
