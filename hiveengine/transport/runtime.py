@@ -234,8 +234,8 @@ class Runtime:
             sock.close()
 
     def _strictest_limits(self):
-        """The limits a TCP wire accepted for no peer in particular lives under: the first peer's (one per process
-        in practice), or the defaults."""
+        """The limits a TCP wire lives under until its handshake names the peer it is for (then `admit` gives it
+        that peer's): the first peer's, or the defaults."""
         return next((p.limits for p in self.peers.values()), DEFAULT_LIMITS)
 
     def register_peer(self, peer) -> None:
@@ -311,9 +311,11 @@ class Runtime:
                 raise HandshakeError("the peer asked for has shut down")
             # Confirmed before the connection sends anything: on a TCP wire its messages follow on the same bytes
             # (a UCX wire holds the dialer's first messages for the reserved base meanwhile).
-            if wire.kind == "tcp" and not wire.relayed:
-                wire.accept_rails(auth)
-                self.rail_wires[auth.link_id] = wire
+            if wire.kind == "tcp":
+                wire.limits = peer.limits  # accepted under the strictest peer's; from now on its own peer's
+                if not wire.relayed:
+                    wire.accept_rails(auth)
+                    self.rail_wires[auth.link_id] = wire
             await confirm_handshake(wire, None)
         except BaseException as e:
             wire.release_base(base)
