@@ -213,7 +213,9 @@ def test_unauthenticated_connections_are_capped_and_time_out():
         assert summary == {"opened": 80}
         # UCX accepts each socket before it asks us: once we have seen all 80, only `cap` are held
         until(victim, lambda: victim.runtime.refused_unauthenticated - refused == 80 - cap, 10, "the refusals")
-        assert victim.runtime.unauthenticated == cap
+        # Exactly `cap` were admitted (the rest refused); a held one may already have hit its handshake_timeout
+        # when the flood took long to arrive (a loaded machine), so no more than `cap` are held now.
+        assert victim.runtime.unauthenticated <= cap
         # the refused ones' sockets go as soon as UCX has closed them; the `cap` held ones stay until their timeout
         until(victim, lambda: _descriptors() <= baseline + 4 * cap, 5, "the refused connections' close")
         assert victim.runtime.unauthenticated <= cap
