@@ -865,7 +865,7 @@ def _evidence(plan: _Exchange, index: int, claim: Claim, reply, numel: int) -> E
     link = plan.service.peer.connection_to(plan.reducer.peer_id)
     if link is None or not claim.signature:
         return None
-    copy = [t.detach().cpu().clone() for t in reply]
+    copy = [t.detach().to("cpu", copy=True) for t in reply]  # the reply buffers are reused next round
     evidence = Evidence(link.public_key, plan.group.group_id, plan.part, index, numel, plan.codec.name, copy, claim)
     return evidence if evidence.cheat() is not None else None
 

@@ -46,6 +46,7 @@ cannot know what the checker sent.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import struct
@@ -55,7 +56,7 @@ from dataclasses import dataclass, field
 import torch
 
 from hiveengine.codec import CODECS, get_codec
-from hiveengine.dht.schemas import EVIDENCE_DIGEST_BYTES
+from hiveengine.dht.schemas import EVIDENCE_DIGEST_BYTES, is_finite
 from hiveengine.errors import HiveEngineError, NonFiniteError
 from hiveengine.transport.identity import SIGNATURE_BYTES, PeerID, verify_signature
 
@@ -96,22 +97,18 @@ class Claim:
         k, t = header.get("k"), header.get("t")
         if not (isinstance(k, list) and isinstance(t, list) and len(k) == len(t) == senders):
             raise ReducerCheatedError(f"the reply carries no claim for its {senders} senders' copies")
-        if not all(_is_number(v) for v in (*k, *t)):
+        if not all(is_finite(v) for v in (*k, *t)):
             raise ReducerCheatedError("the reply's claim holds non-numbers or non-finite values")
         q, signature = header.get("q"), header.get("s")
         signed = (
             isinstance(q, list)
             and len(q) == senders
-            and all(_is_number(v) for v in q)
+            and all(is_finite(v) for v in q)
             and isinstance(signature, bytes)
             and len(signature) == SIGNATURE_BYTES
         )
         norms = [float(v) for v in q] if signed else []
         return cls([float(v) for v in k], [float(v) for v in t], norms, signature if signed else b"")
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def claim_message(
@@ -154,13 +151,14 @@ class Evidence:
     def accused(self) -> PeerID:
         return PeerID.from_public_key(self.public_key)
 
-    @property
+    @functools.cached_property
     def digest(self) -> bytes:
         """Names the evidence in accusations (16 bytes of BLAKE2b over the signed message and the signature)."""
-        message = self.message()
-        return hashlib.blake2b(message + self.claim.signature, digest_size=EVIDENCE_DIGEST_BYTES).digest()
+        return hashlib.blake2b(self.message + self.claim.signature, digest_size=EVIDENCE_DIGEST_BYTES).digest()
 
+    @functools.cached_property
     def message(self) -> bytes:
+        """What the accused signed (claim_message: it hashes the whole reply, so it is computed once)."""
         return claim_message(self.group_id, self.part, self.chunk, self.numel, self.codec_name, self.reply, self.claim)
 
     def header(self) -> dict:
@@ -204,7 +202,7 @@ class Evidence:
     def cheat(self) -> str | None:
         """What the signed evidence shows the accused did (see the module docstring), or None if it shows nothing:
         a bad signature, or a claim that adds up."""
-        if not verify_signature(self.public_key, self.claim.signature, self.message()):
+        if not verify_signature(self.public_key, self.claim.signature, self.message):
             return None
         c = self.claim.coefficients
         if min(c) < -1e-6 or abs(sum(c) - 1.0) > 1e-5:

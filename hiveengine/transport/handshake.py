@@ -23,7 +23,7 @@ On a UCX link each side also checks that the segments either side sends fit what
 fails the link mid-message, see ucx_env.py), and gives up with an error that names both settings if not.
 
 Session keys (``cryptography`` primitives only): shared = X25519(my ephemeral private key, their ephemeral public
-key); 128 bytes = HKDF-SHA256(shared, salt=SHA-256(transcript), info=SESSION_INFO), split into the dialer->listener
+key); 160 bytes = HKDF-SHA256(shared, salt=SHA-256(transcript), info=SESSION_INFO), split into the dialer->listener
 key, the listener->dialer key (32 bytes each), two 32-byte values that bind the same-host direct copy to this
 session (local_copy.py): one presented when the dialer reads the listener's memory, one for the other direction, and
 the 32-byte key that proves a TCP wire's extra connections belong to this session (rails.py). The 128 bytes before
