@@ -242,8 +242,8 @@ async def connect_handshake(
                 "serves nothing, so nobody dials it"
             )
         keys = _derive(ephemeral, theirs.ephemeral, transcript)
+        sent = time.monotonic()  # before the send: the clock starts no later than the bytes leave
         await _send(reactor, endpoint, identity.sign(DIALER_ROLE + transcript))
-        sent = time.monotonic()
         try:
             verdict = await _recv_exact(reactor, endpoint, len(ACCEPTED))
         except Exception as e:
@@ -299,8 +299,8 @@ async def accept_handshake(reactor, endpoint, find_identity, recv_base: int, tim
         flags = 0 if found else FLAG_NOT_HERE
         my_bytes = _my_hello(identity, recv_base, NO_TARGET, ephemeral_public, flags)
         transcript = _transcript(their_bytes, my_bytes)
+        sent = time.monotonic()  # before the send: the clock starts no later than the bytes leave
         await _send(reactor, endpoint, my_bytes + identity.sign(LISTENER_ROLE + transcript))
-        sent = time.monotonic()
         if not found:
             raise HandshakeError(f"a peer asked for {PeerID(theirs.target)}, which does not live here")
         _check_segments(reactor, theirs, "the dialer")  # after our HELLO: the dialer finds out why, too
