@@ -23,6 +23,7 @@ bench/results/local/byzantine.json (see bench/common.py).
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import hashlib
 import json
@@ -46,7 +47,7 @@ ATTACKS = ["scale", "sign", "noise", "alie", "garbage"]
 # nobody and kept it in their (bench-made, static) groups while the others left it out, and the run stalled.
 DEFAULT_ATTACKS = ["scale", "sign", "noise", "alie"]
 BYZANTINE_COUNTS = [1, 3]
-CONFIGURATIONS = {"mean": False, "centered_clip": True}  # aggregation -> verified reducers
+CONFIGURATIONS = {"mean": False, "centered_clip": True}  # aggregation -> verified reducers and audited senders
 STEPS = 300  # a clean run's held-out loss is within ~10% of its plateau by then (0.23 at 300, 0.21 at 600)
 BATCH = 32
 LR = 0.5
@@ -96,6 +97,13 @@ def attacked(attack: str, model: nn.Module, rank: int, step: int, honest: torch.
     raise ValueError(f"unknown attack {attack!r}")
 
 
+def auditor(model: nn.Module, rank_of: dict, step: int):
+    """The audit function of one step: a sender's gradient on its public minibatch, at (a copy of) our model, which
+    every honest peer shares."""
+    snapshot = copy.deepcopy(model)
+    return lambda sender: gradient(snapshot, *teacher_data(rank_of[sender] * 10**4 + step, BATCH))
+
+
 def worker() -> None:
     from hiveengine.averaging import AllReduceService, GroupInfo, GroupMember, RoundOptions, run_allreduce
     from hiveengine.codec import Aggregation, get_codec
@@ -127,10 +135,12 @@ def worker() -> None:
         # its groups while the others leave it out); from then on the honest peers leave it out, and it does not wait.
         hasty = dataclasses.replace(options, sender_timeout=0.05, late_grace=0.05) if attack == "garbage" else options
         service.banned.clear()  # every run starts with no one banned
-        # Groups leave out the peers that the honest ones banned, as matchmaking would, on every member: the
-        # honest peers through their bans, the garbage peers by knowing that a peer caught once is out.
-        excluded = service.banned if attack is None else set()
+        # Groups leave out a garbage reducer once caught, as matchmaking would (every honest peer bans it at once: a
+        # majority vote): the honest peers through their bans, the garbage peers by knowing that one caught is out.
+        # A sender that failed an audit is banned by the reducer that audited it alone, which stops averaging it.
+        excluded: set[PeerID] = set()
         cheats = {members[i].peer_id for i in greedy}
+        rank_of = {m.peer_id: i for i, m in enumerate(members)}
         model = make_model()
         residual = None
         averaging, failed = 0.0, 0
@@ -147,6 +157,8 @@ def worker() -> None:
             if group.member(peer.peer_id) is not None:  # a peer left out of the groups steps alone
                 started = time.perf_counter()
                 now = options if step == 0 else hasty
+                if plan["audit"] and attack is None:
+                    now = dataclasses.replace(now, audit=auditor(model, rank_of, step))
                 averaged = run_allreduce(service, group, flat, codec, residual=residual, options=now)
                 result = peer.runtime.run(averaged, 60)
                 averaging += time.perf_counter() - started
@@ -154,6 +166,8 @@ def worker() -> None:
                 if attack is not None and plan["verify"]:  # a garbage reducer was caught by every honest peer
                     caught = [r.peer_id for r, (s, e) in zip(group.reducers, result.spans, strict=True) if e > s]
                     excluded.update(p for p in caught if p in cheats)
+                if attack is None:
+                    excluded.update(p for p in service.banned if p in cheats)
             with torch.no_grad():
                 offset = 0
                 for p in model.parameters():
@@ -196,7 +210,8 @@ def main() -> None:
     def row(attack: str, byzantine: list[int], aggregation: str, name: str) -> dict:
         """One run's table row (the loss of honest peer 0)."""
         plan = {"attack": attack, "byzantine": byzantine, "aggregation": aggregation, "steps": args.steps}
-        results = run(workers, addresses, name, verify=CONFIGURATIONS[aggregation], **plan)
+        checked = CONFIGURATIONS[aggregation]
+        results = run(workers, addresses, name, verify=checked, audit=checked, **plan)
         honest = results[: PEERS - len(byzantine)]
         loss = results[0]["loss"]
         versus = 100 * (loss / clean[aggregation] - 1) if aggregation in clean else 0.0
@@ -205,7 +220,7 @@ def main() -> None:
             {
                 "attack": attack or "none",
                 "byzantine": len(byzantine),
-                "aggregation": aggregation + (" + verified" if CONFIGURATIONS[aggregation] else ""),
+                "aggregation": aggregation + (" + verified + audited" if checked else ""),
                 "loss": loss,
                 "vs clean %": versus,
                 "goal (5%)": "met" if versus <= 5 else "missed",
@@ -220,7 +235,7 @@ def main() -> None:
 
     try:
         addresses = [read_prefixed(proc, "ADDRESS", LINE_TIMEOUT) for proc in workers]
-        plan = {"attack": None, "byzantine": [], "aggregation": "mean", "steps": 5, "verify": False}
+        plan = {"attack": None, "byzantine": [], "aggregation": "mean", "steps": 5, "verify": False, "audit": False}
         run(workers, addresses, "warm-up", **plan)  # connections and first-touch memory, not measured
         for aggregation in CONFIGURATIONS:
             times = [row(None, [], aggregation, f"clean-{aggregation}-{k}") for k in range(args.clean_repeats)]

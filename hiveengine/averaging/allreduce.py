@@ -16,7 +16,9 @@ One round, as it runs (this file holds all of it: the partition, the buffers, th
    error and keeps its local values), and the rest are averaged, or CenteredClipped (hiveengine.codec.robust)
    when the round's aggregation is robust. It encodes the result once and returns it to every sender, with the
    claim a sender verifies it by (`verify`: hiveengine.averaging.verification). A sender whose own data is not
-   finite withdraws (one empty message per part), so that nobody waits for it.
+   finite withdraws (one empty message per part), so that nobody waits for it. With `audit`, the reducer first
+   checks the copies of a few senders, drawn at random, against what they should have sent, recomputed
+   (hiveengine.averaging.audits), and leaves out and bans one that sent something else.
 4. Decode. Each sender checks each reply and decodes the aggregate in place. Once half of the parts are back, the
    other parts' reducers have the same grace window, and no reducer is waited for longer than `sender_timeout +
    late_grace` per call (what an honest one can take); a reducer that dies, stays silent or fails verification
@@ -46,13 +48,14 @@ import logging
 import math
 import time
 import weakref
-from collections.abc import Callable, Collection, Hashable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Hashable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import torch
 
 from hiveengine.averaging.accusations import Accusations
+from hiveengine.averaging.audits import DEFAULT_AUDIT_RATE, DEFAULT_AUDIT_TOLERANCE, Audit, Audits
 from hiveengine.averaging.matchmaking import GroupInfo, GroupMember
 from hiveengine.averaging.verification import (
     Claim,
@@ -64,7 +67,7 @@ from hiveengine.averaging.verification import (
     project,
 )
 from hiveengine.codec import Aggregation, Codec
-from hiveengine.errors import HiveEngineError, NonFiniteError, ProtocolError, TransportError
+from hiveengine.errors import ConfigurationError, HiveEngineError, NonFiniteError, ProtocolError, TransportError
 from hiveengine.transport import Peer, PeerID, Request
 
 logger = logging.getLogger(__name__)
@@ -111,6 +114,18 @@ class RoundOptions:
     # check each reducer's reply against its claim (hiveengine.averaging.verification); off by default: on the
     # round's critical path it costs ~0.5 ms on 4 KB and made a 4 MB int8 round 2.5-3x slower (8-15 -> 35-40 ms)
     verify: bool = False
+    # Contribution audits (hiveengine.averaging.audits): `audit(sender)` recomputes the flat contribution a sender
+    # should send this round (None: cannot tell); a reducer audits each sender with probability `audit_rate` and
+    # bans one whose copy is more than `audit_tolerance` (relative, plus the codec's rounding) off it.
+    audit: Audit | None = None
+    audit_rate: float = DEFAULT_AUDIT_RATE
+    audit_tolerance: float = DEFAULT_AUDIT_TOLERANCE
+
+    def __post_init__(self):
+        if not 0 <= self.audit_rate <= 1:
+            raise ConfigurationError(f"audit_rate is a probability in [0, 1], not {self.audit_rate}")
+        if not (self.audit_tolerance >= 0 and math.isfinite(self.audit_tolerance)):
+            raise ConfigurationError(f"audit_tolerance must be a finite number >= 0, not {self.audit_tolerance}")
 
 
 @dataclass
@@ -230,6 +245,7 @@ class _ChunkReduction:
         options: RoundOptions,
         absent: set[PeerID],
         deadline: Callable[[float, set[PeerID], float], float],
+        gate: Callable[[], Awaitable | None] = lambda: None,
     ):
         self.expected, self.options = expected, options
         self.received: dict[PeerID, tuple[float, list[torch.Tensor]]] = {}
@@ -237,6 +253,8 @@ class _ChunkReduction:
         self.absent = set(absent)
         self.done: asyncio.Future = asyncio.get_running_loop().create_future()
         self._deadline = deadline  # when a wait due at `base` gives up the copies still missing (give_up_at)
+        self._gate = gate  # what must finish before the copies are aggregated (audits), or None
+        self._gated: asyncio.Future | None = None
         self._first_at: float | None = None
         self._graced = False
         self._timers: list[asyncio.TimerHandle] = []
@@ -289,6 +307,16 @@ class _ChunkReduction:
     def _finish(self, reduce: Callable) -> None:
         for timer in self._timers:
             timer.cancel()
+        if self.done.done() or self._gated is not None:
+            return
+        wait = self._gate()
+        if wait is not None:  # copies that come meanwhile still join
+            self._gated = asyncio.ensure_future(wait)
+            self._gated.add_done_callback(lambda _: self._reduce(reduce))
+            return
+        self._reduce(reduce)
+
+    def _reduce(self, reduce: Callable) -> None:
         if self.done.done():
             return
         try:
@@ -323,10 +351,17 @@ class _ReducerRound:
     """This peer's part in one group's round: a _ChunkReduction per chunk, created on first contact."""
 
     def __init__(
-        self, group: GroupInfo, part: int, chunks, codec: Codec, options: RoundOptions, arena: _ReducerArena, peer: Peer
+        self,
+        group: GroupInfo,
+        part: int,
+        chunks,
+        codec: Codec,
+        options: RoundOptions,
+        arena: _ReducerArena,
+        service: AllReduceService,
     ):
         self.group, self.part, self.codec, self.chunks, self.arena = group, part, codec, chunks, arena
-        self.options, self.peer = options, peer
+        self.options, self.service, self.peer = options, service, service.peer
         self.part_bytes = codec.payload_nbytes(sum(end - start for start, end in chunks))
         self.order = [m.peer_id for m in group.senders]  # peer-id order: the order of a reply's claim
         self.senders = set(self.order)
@@ -337,6 +372,19 @@ class _ReducerRound:
         self._next_slot = [0] * len(chunks)
         self._reported: set[tuple[str, PeerID]] = set()  # (what, who) already logged in this round
         self._limits: dict[PeerID, float | None] = {}  # each sender's weight limit this round
+        self.audits: Audits | None = None
+
+    def start_audits(self) -> None:
+        """Draw the senders to audit this round (options.audit) and start recomputing what they should send."""
+        if self.options.audit is not None and self.chunks:
+            others = [s for s in self.order if s != self.peer.peer_id and s not in self.withdrawn]
+            options = self.options
+            self.audits = Audits(
+                options.audit, options.audit_rate, options.audit_tolerance, others, self.codec, options.sender_timeout
+            )
+
+    def _audits_ready(self) -> Awaitable | None:
+        return None if self.audits is None else self.audits.ready()
 
     def receive_slot(self, index) -> list[torch.Tensor] | None:
         """A free arena slot for one sender's copy of chunk `index` (None when out of range or used up)."""
@@ -352,7 +400,7 @@ class _ReducerRound:
         """Chunk `index`'s reduction (made on first contact)."""
         if index not in self.reductions:
             deadline = functools.partial(self.give_up_at, index)
-            reduction = _ChunkReduction(len(self.senders), self.options, self.withdrawn, deadline)
+            reduction = _ChunkReduction(len(self.senders), self.options, self.withdrawn, deadline, self._audits_ready)
             self.reductions[index] = reduction
         return self.reductions[index]
 
@@ -389,7 +437,11 @@ class _ReducerRound:
 
     def reduce_chunk(self, index: int, contributions: list, excluded: set[PeerID]) -> _Reduced:
         """Aggregate chunk `index`'s (sender, weight, payload) copies; a copy holding NaN/Inf is left out (its
-        sender goes into `excluded`) and the others are aggregated without it."""
+        sender goes into `excluded`) and the others are aggregated without it, as is the copy of a sender that failed
+        its audit (banned)."""
+        if self.audits is not None:
+            self._audit(index, contributions)
+            excluded |= self.audits.failed.keys()
         while True:
             kept = [c for c in contributions if c[0] not in excluded]
             if not kept:
@@ -416,6 +468,19 @@ class _ReducerRound:
                 for sender in culprits:
                     self._report("nonfinite", sender, "peer %s sent NaN/Inf in group %s: its copies are left out")
                 excluded |= culprits
+
+    def _audit(self, index: int, contributions: list) -> None:
+        """Check the audited senders' copies of chunk `index`; ban those that fail."""
+        output = self.arena.outputs[index]
+        row = torch.empty(output.numel(), device=output.device)
+        for sender, _, payload in contributions:
+            if sender in self.audits.failed:
+                continue
+            why = self.audits.check(sender, payload, self.chunks[index], row)
+            if why is not None:
+                self.service.ban(
+                    sender, f"it failed an audit in round {self.group.group_id.hex()[:8]}: {why}", self.group.group_id
+                )
 
     def _claim(self, index: int, kept: list, coefficients: list[float], aggregate: list[torch.Tensor]) -> Claim:
         """What we computed chunk `index`'s aggregate from: each sender's coefficient, the projection of its decoded
@@ -487,6 +552,10 @@ class _ReducerRound:
         reduction = self.reduction(index)
         reduction.add(sender, weight, payload, functools.partial(self.reduce_chunk, index))
         result = await reduction.done
+        if self.audits is not None and sender in self.audits.failed:
+            raise AllReduceError(
+                f"your copy failed this reducer's audit, which banned you: {self.audits.failed[sender]}"
+            )
         if sender in reduction.excluded:
             raise AllReduceError(f"your copy of chunk {index} held NaN or Inf: the group averaged without it")
         return result
@@ -503,7 +572,7 @@ class AllReduceService:
         self.buffers = BufferCache()
         self._rounds: dict[bytes, _ReducerRound] = {}
         self._waiters: dict[bytes, asyncio.Future] = {}
-        self.banned: dict[PeerID, str] = {}  # reducers caught cheating (why), in the order they were caught
+        self.banned: dict[PeerID, str] = {}  # peers caught cheating (why), in the order they were caught
         self._caught_in: dict[PeerID, bytes | None] = {}  # the round each banned reducer was caught in
         self._background: set[asyncio.Task] = set()
         self.parts_reduced = 0  # rounds in which this peer reduced a (non-empty) part
@@ -535,9 +604,11 @@ class AllReduceService:
             waiter.set_result(reducer_round)
 
     def ban(self, peer_id: PeerID, reason: str, caught_in: bytes | None = None) -> None:
-        """Exclude `peer_id` from our later rounds: we neither send to it nor average its copies. The round it was
-        caught in (`caught_in`, a group id) still averages the copies it sends us: whether one arrives before or
-        after its bad reply is chance, and the senders of our part must all get the same aggregate for it."""
+        """Exclude `peer_id` (a reducer whose reply failed verification, or a sender whose copy failed an audit)
+        from our later rounds: we neither send to it nor average its copies. The round it was caught in
+        (`caught_in`, a group id) still takes the copies it sends us, so that their senders learn the outcome: a
+        caught reducer's copies are averaged (whether one arrives before or after its bad reply is chance, and the
+        senders of our part must all get the same aggregate), a caught sender's are left out."""
         if peer_id not in self.banned:
             logger.warning("banning peer %s from our averaging rounds: %s", peer_id, reason)
         self.banned[peer_id] = reason
@@ -647,9 +718,10 @@ async def run_allreduce(
         arena = service.buffers.get(
             layout, lambda: _ReducerArena.create(codec, chunks, senders, flat.device, robust, verify)
         )
-        local_round = _ReducerRound(group, my_part, chunks, codec, options, arena, service.peer)
+        local_round = _ReducerRound(group, my_part, chunks, codec, options, arena, service)
         service.parts_reduced += spans[my_part][1] > spans[my_part][0]
         local_round.withdrawn.update(service.banned.keys() & local_round.senders)
+        local_round.start_audits()
         service.open_round(group.group_id, local_round)
     started = time.monotonic()
     deadline = started + options.timeout

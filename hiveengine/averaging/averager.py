@@ -26,6 +26,7 @@ from hiveengine.averaging.allreduce import (
     RoundOptions,
     run_allreduce,
 )
+from hiveengine.averaging.audits import DEFAULT_AUDIT_RATE, DEFAULT_AUDIT_TOLERANCE, Audit
 from hiveengine.averaging.matchmaking import GroupInfo, GroupMember, Matchmaker, MatchmakingConfig, Mode, NoReducerError
 from hiveengine.averaging.state import (
     DECLARE_STATE_PERIOD,
@@ -101,6 +102,9 @@ class DecentralizedAverager:
     (hiveengine.averaging.verification); a reducer caught cheating costs its part for that round and lands in
     `banned`, left out of our later rounds. It is off by default because it
     sits on the round's critical path (a 4 MB int8 round took 2.5-3x as long); turn it on in open swarms.
+    Where each peer's contribution follows from public data, `audit(sender)` recomputes the flat contribution a
+    sender should send this round: each reducer then checks a random `audit_rate` of its senders' copies against
+    it, and bans one more than `audit_tolerance` off (hiveengine.averaging.audits).
     A sharing peer renews its state advertisement every `declare_state_period` seconds (it lives four periods), at
     its address then, so it stays findable between rounds however far apart they are.
     """
@@ -133,6 +137,9 @@ class DecentralizedAverager:
         weight_limit: Callable[[Any], float | None] | None = None,
         state_digest: Callable[[torch.Tensor, dict], bytes] = state_digest,
         verify_reducers: bool = False,
+        audit: Audit | None = None,
+        audit_rate: float = DEFAULT_AUDIT_RATE,
+        audit_tolerance: float = DEFAULT_AUDIT_TOLERANCE,
         declare_state_period: float = DECLARE_STATE_PERIOD,
         **unknown,
     ):
@@ -173,6 +180,9 @@ class DecentralizedAverager:
             max_weight_ratio=max_weight_ratio,
             weight_limit=weight_limit,
             verify=verify_reducers,
+            audit=audit,
+            audit_rate=audit_rate,
+            audit_tolerance=audit_tolerance,
         )
         self.flat = torch.cat([t.detach().reshape(-1) for t in tensors]).contiguous()
         self._views = [
@@ -208,8 +218,8 @@ class DecentralizedAverager:
 
     @property
     def banned(self) -> dict:
-        """Peers this peer caught cheating as reducers (peer id -> why): it neither sends to them nor averages
-        their copies; matchmaking may leave them out of groups."""
+        """Peers this peer caught cheating, as reducers or in an audit (peer id -> why): it neither sends to them nor
+        averages their copies; matchmaking may leave them out of groups."""
         return self.service.banned
 
     @contextlib.contextmanager

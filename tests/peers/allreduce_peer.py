@@ -33,6 +33,7 @@ def main() -> None:
     # "weight_limits": {member index: the most weight its gathered metadata allows}, as the Optimizer's progress
     limits = {PeerID.from_string(plan["members"][int(i)]["id"]): v for i, v in plan.get("weight_limits", {}).items()}
     group = GroupInfo(bytes.fromhex(plan["group_id"]), members, 0, {p: {"limit": v} for p, v in limits.items()})
+    seeds = {member.peer_id: i for i, member in enumerate(members)}
     if me.get("stall") or me.get("attack") == "silent":
         print("STALLED", flush=True)
         sys.stdin.read()  # never takes part (its service answers no call); the test kills us or lets us be
@@ -47,6 +48,9 @@ def main() -> None:
         max_weight_ratio=plan.get("max_weight_ratio", 4.0),
         verify=me.get("verify", plan.get("verify", True)),
         weight_limit=lambda gathered: gathered["limit"] if gathered else None,
+        # "audit_rate": audit with the public data: member i's contribution is seeded_data(i) (every test seeds so)
+        audit=(lambda sender: seeded_data(seeds[sender], plan["numel"])) if "audit_rate" in plan else None,
+        audit_rate=plan.get("audit_rate", 0.0),
     )
     rounds = []
     for number in range(plan.get("rounds", 1)):  # each round averages the seeded data afresh

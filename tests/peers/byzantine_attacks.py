@@ -7,7 +7,7 @@ import torch
 
 from hiveengine.codec import Codec
 
-ATTACKS = ("nan", "nan_data", "scale", "weight", "silent", "garbage_reducer")
+ATTACKS = ("nan", "nan_data", "scale", "sign", "weight", "silent", "garbage_reducer")
 SCALE = 1000.0
 HUGE_WEIGHT = 1e30
 
@@ -95,6 +95,8 @@ def apply(attack: str | None, codec: Codec, flat: torch.Tensor, weight: float) -
         return codec, torch.full_like(flat, float("nan")), weight
     if attack == "scale":
         return codec, flat * SCALE, weight
+    if attack == "sign":  # a plausible copy (the right norm) that points the other way: only an audit sees it
+        return codec, -flat, weight
     if attack == "weight":
         return codec, flat, HUGE_WEIGHT
     if attack == "garbage_reducer":

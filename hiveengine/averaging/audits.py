@@ -1,0 +1,128 @@
+"""Contribution audits: a reducer recomputes what a few random senders should have sent, and bans one that lied.
+
+Verified reducers (verification.py) stop a reducer from lying about the aggregate, and CenteredClip bounds what one
+copy can move it. Neither stops a sender whose copy is plausible but wrong: a flipped sign, or "a little is enough"
+(ALIE: a shift of about one standard deviation per coordinate, inside any robust aggregator's radius), which
+several colluding senders can repeat every round. BTARD's answer (Gorbunov et al. 2022) is recomputation: where a
+peer's minibatch follows from public data (a seed per peer and step), anyone can recompute the gradient that peer
+should have sent, and a peer that sent something else is caught. BTARD draws its validators with a multi-party
+random number generator. Here each reducer draws on its own, from randomness no sender sees (`secrets`), which of
+its part's senders it audits in a round, each with probability `audit_rate`: a sender cannot tell which rounds are
+audited, so one that cheats in every round is caught, by each reducer it sends to, after about 1/audit_rate rounds.
+
+How it runs (RoundOptions.audit): when a round opens, the reducer calls `audit(sender)` for each sender it drew,
+one after another in one worker thread (the function need not be safe to run twice at once). It returns the flat
+contribution that sender should send (say, its gradient for this step, recomputed), or None where it cannot tell.
+A chunk's reduction waits for those calls, at most `sender_timeout` (audits that take longer are dropped for the
+round, and logged). A copy passes when
+    ||copy - expected|| <= audit_tolerance * ||expected|| + 2 * codec.error_bound(copy):
+the codec's own rounding, twice, because error feedback adds back what the previous round rounded off. A sender
+whose copy fails is left out of this round's aggregate (its copies of the part's other chunks too; it is told why),
+and banned (AllReduceService.ban): our later rounds average none of its copies, and our matchmaking registrations
+vote it out of groups.
+
+What it needs: synchronous rounds in which the auditor holds the same model as the sender (gradient averaging, not
+DiLoCo's local steps), and compute deterministic enough that an honest recomputation lands within the tolerance.
+The default of 10% is loose: an honest int8 or int4 copy with error feedback measured at most 26% and 65% of the
+allowance (bench/byzantine.py's model), while an ALIE copy lay 1.04-1.2 times the gradient's norm away. A
+conviction rests on the auditor's own recomputation, which others can check only by repeating it with the copy in
+hand, and copies are not signed: so it is a ban and a vote, not an accusation with evidence (accusations.py).
+What an audit can see is bounded by the codec's rounding: with int4 a shift of up to about half the copy's norm
+hides inside the allowance, with int8 about 4%.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import secrets
+from collections.abc import Awaitable, Callable, Iterable
+
+import torch
+
+from hiveengine.codec import Codec
+from hiveengine.transport import PeerID
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_AUDIT_RATE = 0.1  # the chance that a reducer audits a given sender in a round
+DEFAULT_AUDIT_TOLERANCE = 0.1  # how far (relative to the expected contribution's norm) a copy may be off, on top
+_DRAW = secrets.SystemRandom()
+
+Audit = Callable[[PeerID], "torch.Tensor | None"]
+
+
+class Audits:
+    """One reducer round's audits: the contributions expected of the senders drawn, and the senders that failed."""
+
+    def __init__(
+        self, audit: Audit, rate: float, tolerance: float, senders: Iterable[PeerID], codec: Codec, timeout: float
+    ):
+        """Draw which of `senders` to audit (each with probability `rate`) and start recomputing theirs."""
+        loop = asyncio.get_running_loop()
+        self.tolerance, self.codec = tolerance, codec
+        drawn = [sender for sender in senders if _DRAW.random() < rate]
+        self.drawn = frozenset(drawn)
+        self.failed: dict[PeerID, str] = {}  # sender -> why its copy failed
+        self._expected = asyncio.ensure_future(asyncio.to_thread(_recompute, audit, drawn)) if drawn else None
+        self._deadline = loop.time() + timeout
+        self._late = False
+
+    def ready(self) -> Awaitable | None:
+        """A wait for the recomputations (up to the deadline), or None when they are done."""
+        if self._expected is None or self._expected.done():
+            return None
+        left = max(0.0, self._deadline - asyncio.get_running_loop().time())
+        return asyncio.wait([self._expected], timeout=left)
+
+    def check(self, sender: PeerID, payload, span: tuple[int, int], row: torch.Tensor) -> str | None:
+        """Why `sender`'s copy of flat[start:end] (`span`) fails its audit, decoded into `row` (None: it passes,
+        or it is not audited); a copy that fails is remembered in `failed`."""
+        if sender in self.failed:
+            return self.failed[sender]
+        if sender not in self.drawn or self._expected is None:
+            return None
+        if not self._expected.done():
+            if not self._late:
+                self._late = True
+                logger.info("the audits of %d senders took too long: their copies go unaudited", len(self.drawn))
+            return None
+        expected = self._expected.result().get(sender)
+        start, end = span
+        if expected is None or expected.numel() < end:
+            return None
+        got = self.codec.decode(payload, row[: end - start], name=f"{sender}'s copy")
+        want = expected[start:end].to(got.device)
+        want_norm = float(want.norm())
+        if not math.isfinite(want_norm) or not bool(torch.isfinite(got).all()):
+            return None  # a non-finite copy is left out without a ban (the reduction's own check)
+        distance = float((got - want).norm())
+        allowed = self.tolerance * want_norm + 2 * self.codec.error_bound(payload)
+        if distance <= allowed:
+            return None
+        self.failed[sender] = (
+            f"its copy of elements {start}-{end} lies {distance:.4g} from what it should have sent "
+            f"({allowed:.4g} allowed)"
+        )
+        return self.failed[sender]
+
+
+def _recompute(audit: Audit, senders: list[PeerID]) -> dict[PeerID, torch.Tensor | None]:
+    """What each of `senders` should send (_expected), one after another."""
+    return {sender: _expected(audit, sender) for sender in senders}
+
+
+def _expected(audit: Audit, sender: PeerID) -> torch.Tensor | None:
+    """`audit(sender)` as a flat fp32 tensor, or None (also when the user's function fails: logged)."""
+    try:
+        expected = audit(sender)
+    except Exception:
+        logger.exception("the audit function failed for %s: its copies go unaudited this round", sender)
+        return None
+    if expected is None:
+        return None
+    if not isinstance(expected, torch.Tensor) or not expected.is_floating_point():
+        logger.error("the audit function returned %s for %s, not a float tensor", type(expected).__name__, sender)
+        return None
+    return expected.detach().reshape(-1).float()

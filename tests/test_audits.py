@@ -1,0 +1,170 @@
+"""Contribution audits (hiveengine.averaging.audits): a reducer that recomputes what a sender should have sent
+catches a copy with the right norm but the wrong content (a flipped sign, an ALIE-style shift), leaves it out of
+the round and bans its sender; honest copies pass with every codec, error feedback included; a failing or slow audit
+function convicts nobody.
+
+Real peer processes over UCX on 127.0.0.1 (tests/peers/allreduce_peer.py, whose members' data is public: member i
+averages seeded_data(i)), plus checks of one round's audits on fresh random data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import threading
+
+import pytest
+import torch
+
+from hiveengine.averaging import RoundOptions
+from hiveengine.averaging.audits import Audits
+from hiveengine.codec import get_codec
+from hiveengine.errors import ConfigurationError
+from hiveengine.transport import PeerID
+from tests.test_allreduce import TOLERANCE, average_in_processes, exact_mean
+from tests.test_byzantine import HONEST, part_of
+
+pytestmark = pytest.mark.timeout(180)
+N = 4096
+
+
+def _ids(count: int) -> list[PeerID]:
+    return [PeerID(os.urandom(32)) for _ in range(count)]
+
+
+def _check(codec_name: str, sent: dict, expected: dict, rate: float = 1.0, audit=None, timeout: float = 5.0):
+    """One round's audits of `sent` (sender -> the flat tensor it encodes, with error feedback from a residual it
+    carried over) against `expected` (what each should send): each sender's verdict."""
+    codec = get_codec(codec_name)
+
+    async def run() -> dict:
+        audits = Audits(audit or expected.get, rate, 0.1, list(sent), codec, timeout)
+        wait = audits.ready()
+        if wait is not None:
+            await wait
+        row = torch.empty(N)
+        verdicts = {}
+        for sender, (flat, residual) in sent.items():
+            payload = codec.encode(flat.clone(), residual if codec.supports_error_feedback else None, name="copy")
+            verdicts[sender] = audits.check(sender, payload, (0, N), row)
+        assert verdicts == {s: audits.failed.get(s) for s in sent}
+        return verdicts
+
+    return asyncio.run(run())
+
+
+def _carried(codec_name: str, flat: torch.Tensor) -> torch.Tensor:
+    """The residual that error feedback carries into this round after one round of data like `flat`."""
+    codec = get_codec(codec_name)
+    residual = torch.zeros_like(flat)
+    if codec.supports_error_feedback:
+        codec.encode(torch.randn_like(flat) * flat.norm() / math.sqrt(flat.numel()), residual, name="last round")
+    return residual
+
+
+@pytest.mark.parametrize("codec", ["none", "fp16", "bf16", "int8", "int4"])
+def test_honest_copies_pass_and_lies_of_the_right_size_fail(codec):
+    honest, flipped, shifted = _ids(3)
+    expected = {p: torch.randn(N) for p in (honest, flipped, shifted)}
+    # An ALIE copy: the mean minus about one standard deviation per coordinate (bench/byzantine.py's lay 1.04-1.2
+    # times the gradient's norm away; int4's rounding alone, twice, is about 0.5 times the norm of such data).
+    spread = 0.5 + torch.rand(N)
+    sent = {
+        honest: (expected[honest], _carried(codec, expected[honest])),
+        flipped: (-expected[flipped], _carried(codec, expected[flipped])),
+        shifted: (expected[shifted] - spread, _carried(codec, expected[shifted])),
+    }
+    verdicts = _check(codec, sent, expected)
+    assert verdicts[honest] is None
+    assert "from what it should have sent" in verdicts[flipped]
+    assert verdicts[shifted] is not None
+
+
+def test_nobody_is_convicted_by_an_audit_that_fails_is_slow_or_cannot_tell():
+    broken, slow, unknown, odd, nonfinite = _ids(5)
+    release = threading.Event()
+
+    def audit(sender):
+        if sender == broken:
+            raise RuntimeError("the user's recomputation failed")
+        if sender == odd:
+            return [1.0, 2.0]  # not a tensor
+        if sender == nonfinite:
+            return torch.full((N,), math.nan)
+        return None  # `unknown`: cannot tell
+
+    lies = {p: (torch.randn(N) * 100, torch.zeros(N)) for p in (broken, unknown, odd, nonfinite)}
+    assert _check("int8", lies, {}, audit=audit) == dict.fromkeys(lies)
+
+    def stalled(sender):
+        release.wait(30)
+        return torch.zeros(N)
+
+    try:  # an audit still running when the chunk is reduced: its sender goes unaudited this round
+        assert _check("int8", {slow: lies[broken]}, {}, audit=stalled, timeout=0.05) == {slow: None}
+    finally:
+        release.set()
+
+
+def test_a_rate_of_zero_audits_nobody_and_one_audits_everyone():
+    senders = _ids(8)
+    called = []
+
+    def audit(sender):
+        called.append(sender)
+        return torch.zeros(N)
+
+    lies = {p: (torch.randn(N), torch.zeros(N)) for p in senders}
+    assert _check("none", lies, {}, rate=0.0, audit=audit) == dict.fromkeys(senders)
+    assert called == []
+    assert all(_check("none", lies, {}, rate=1.0, audit=audit).values())
+    assert sorted(called, key=str) == sorted(senders, key=str)  # once each, in one thread, one after another
+
+
+@pytest.mark.parametrize(("field", "value"), [("audit_rate", 1.5), ("audit_rate", -0.1), ("audit_tolerance", -1.0)])
+def test_round_options_refuse_audit_settings_out_of_range(field, value):
+    with pytest.raises(ConfigurationError, match=field):
+        RoundOptions(**{field: value})
+
+
+@pytest.mark.parametrize("codec", ["int8", "none"])
+def test_a_sender_that_flips_its_sign_is_left_out_and_banned_by_every_honest_reducer(tmp_path, codec):
+    specs = [{}, {}, {}, {"attack": "sign"}]
+    members, results = average_in_processes(
+        tmp_path,
+        specs,
+        codec,
+        timeout=30,
+        sender_timeout=10,
+        late_grace=5,
+        aggregation="centered_clip",
+        rounds=2,
+        audit_rate=1.0,
+    )
+    liar = part_of(members, 3)
+    honest = exact_mean(members, HONEST, [1.0] * 3)
+    for i in HONEST:
+        assert results[i]["banned"] == [members[3]["id"]]  # no honest peer is convicted
+        for number in range(2):
+            outcome, tensor = results[i]["rounds"][number], torch.load(tmp_path / f"{i}.pt.{number}")
+            # Round 0: the liar reduces its own part (nobody audits its own copy), and it is honest as a reducer.
+            # Round 1: it is banned, so nobody sends to it and its part stays local.
+            assert outcome["failed_parts"] == ([] if number == 0 else [liar]), (number, outcome)
+            for part, (start, end) in enumerate(results[i]["spans"]):
+                if part != liar:  # the honest reducers averaged the honest copies alone
+                    error = (tensor[start:end] - honest[start:end]).abs().max()
+                    assert float(error) <= TOLERANCE[codec], (number, part)
+    # The liar's copies were refused by every honest reducer, in both rounds.
+    assert sorted(results[3]["rounds"][0]["failed_parts"]) == sorted(p for p in range(4) if p != liar)
+    assert results[3]["banned"] == []
+
+
+def test_honest_rounds_with_every_sender_audited_ban_nobody(tmp_path):
+    specs = [{}, {}, {}]
+    members, results = average_in_processes(tmp_path, specs, "int4", aggregation="centered_clip", audit_rate=1.0)
+    expected = exact_mean(members, [0, 1, 2], [1.0] * 3)
+    for i in range(3):
+        assert results[i]["banned"] == [] and results[i]["failed_parts"] == []
+        tensor = torch.load(tmp_path / f"{i}.pt")
+        assert float((tensor - expected).abs().max()) <= TOLERANCE["int4"]
