@@ -12,7 +12,11 @@ noise as the aggregate (tests/peers/byzantine_attacks.GarbageReducer).
 
 Two configurations: a trusted swarm (`mean`, replies not verified) and an open one (`centered_clip` with
 verified reducers: a reducer caught cheating costs its part for that step, and is left out of the group from
-the next step on, as matchmaking would leave out peers that the others banned). The table gives the held-out
+the next step on, as matchmaking would leave out peers that the others banned; and audited senders: every peer's
+minibatch is public (a seed per peer and step), so the reducer recomputes the gradients of a random tenth of its
+senders each step, hiveengine.averaging.audits, and stops averaging one that sent something else). The model is
+one part, reduced by the member with the smallest peer id: `byzantine reducer` says whether that was an attacker,
+which audits nobody and averages its colluders' copies. The table gives the held-out
 loss of an honest peer after STEPS steps (long enough that clean training is near its plateau, so that "within
 5% of clean" means something), against the clean run of all 8 peers and against the honest peers training alone (the
 `absent` rows: the Byzantine peers do nothing, so the difference is what their attack did, not the data they did not
@@ -23,7 +27,6 @@ bench/results/local/byzantine.json (see bench/common.py).
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import hashlib
 import json
@@ -98,10 +101,17 @@ def attacked(attack: str, model: nn.Module, rank: int, step: int, honest: torch.
 
 
 def auditor(model: nn.Module, rank_of: dict, step: int):
-    """The audit function of one step: a sender's gradient on its public minibatch, at (a copy of) our model, which
-    every honest peer shares."""
-    snapshot = copy.deepcopy(model)
-    return lambda sender: gradient(snapshot, *teacher_data(rank_of[sender] * 10**4 + step, BATCH))
+    """The audit function of one step: a sender's gradient on its public minibatch, at our model, which every honest
+    peer shares. It reads the model without writing to it (autograd.grad, not .grad): the round waits for its audits
+    before we step, and an audit still running past that is dropped."""
+    parameters = list(model.parameters())
+
+    def audit(sender):
+        x, y = teacher_data(rank_of[sender] * 10**4 + step, BATCH)
+        grads = torch.autograd.grad(F.cross_entropy(model(x), y), parameters)
+        return torch.cat([g.reshape(-1) for g in grads])
+
+    return audit
 
 
 def worker() -> None:
@@ -125,7 +135,7 @@ def worker() -> None:
         if plan["attack"] == "absent":  # the reference: the honest peers train alone, the others do nothing
             members = [m for i, m in enumerate(members) if i not in plan["byzantine"]]
             if attack is not None:
-                nothing = {"loss": None, "averaging_s": 0.0, "failed_steps": 0, "banned": 0}
+                nothing = {"loss": None, "averaging_s": 0.0, "failed_steps": 0, "banned": 0, "reduced": 0}
                 print("RESULT", json.dumps(nothing), flush=True)
                 continue
         codec = GarbageReducer(get_codec("int8")) if attack == "garbage" else get_codec("int8")
@@ -143,7 +153,7 @@ def worker() -> None:
         rank_of = {m.peer_id: i for i, m in enumerate(members)}
         model = make_model()
         residual = None
-        averaging, failed = 0.0, 0
+        averaging, failed, reduced_before = 0.0, 0, service.parts_reduced
         for step in range(plan["steps"]):
             x, y = teacher_data(rank * 10**4 + step, BATCH)
             flat = gradient(model, x, y)
@@ -177,6 +187,7 @@ def worker() -> None:
             x, y = teacher_data(-1, HELDOUT)
             loss = float(F.cross_entropy(model(x), y))
         outcome = {"loss": loss, "averaging_s": averaging, "failed_steps": failed, "banned": len(service.banned)}
+        outcome["reduced"] = service.parts_reduced - reduced_before
         print("RESULT", json.dumps(outcome), flush=True)
 
 
@@ -228,6 +239,7 @@ def main() -> None:
                 "round ms": 1e3 * max(r["averaging_s"] for r in honest) / args.steps,
                 "failed steps": results[0]["failed_steps"],
                 "banned": results[0]["banned"],
+                "byzantine reducer": any(results[i]["reduced"] for i in byzantine),
             }
         )
         print(format_table(rows[-1:], list(rows[-1])), flush=True)
@@ -257,7 +269,7 @@ def main() -> None:
     print()
     print(format_table(rows, list(rows[0])))
     print(
-        f"robust path (CenteredClip + verified reducers) overhead on a clean run: {robust_overhead:+.1f}% per "
+        f"robust path (CenteredClip, verified reducers, audits) overhead on a clean run: {robust_overhead:+.1f}% per "
         f"averaging round ({overhead['mean']:.1f} -> {overhead['centered_clip']:.1f} ms)"
     )
     payload = {"peers": PEERS, "steps": args.steps, "lr": LR, "codec": "int8", "rows": rows}
