@@ -167,7 +167,7 @@ def worker() -> None:
             if group.member(peer.peer_id) is not None:  # a peer left out of the groups steps alone
                 started = time.perf_counter()
                 now = options if step == 0 else hasty
-                if plan["audit"] and attack is None:
+                if plan["audit"] and attack is None and not failed:  # a failed part: our model is no longer theirs
                     now = dataclasses.replace(now, audit=auditor(model, rank_of, step))
                 averaged = run_allreduce(service, group, flat, codec, residual=residual, options=now)
                 result = peer.runtime.run(averaged, 60)

@@ -23,6 +23,8 @@ vote it out of groups.
 
 What it needs: synchronous rounds in which the auditor holds the same model as the sender (gradient averaging, not
 DiLoCo's local steps), and compute deterministic enough that an honest recomputation lands within the tolerance.
+A peer whose model may have drifted from the others' (a part of an earlier round failed for it, so it stepped with
+its own values there) should return None until it is in step again: else it would convict honest senders.
 The default of 10% is loose: an honest int8 or int4 copy with error feedback measured at most 26% and 65% of the
 allowance (bench/byzantine.py's model), while an ALIE copy lay 1.04-1.2 times the gradient's norm away. A
 conviction rests on the auditor's own recomputation, which others can check only by repeating it with the copy in
