@@ -289,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         with _network(args, peers) as net:
             measure_peers(args, peers, net, rows, records)
     columns = ["peers", "mbytes", "system", "s/round", "algbw_gbs", "wire MB/peer", "vs_gloo"]
+    columns += ["link use"] if args.wan or args.netns else []
     columns += ["relay_mbps"] if args.nat else []
     print(format_table(rows, columns))
     print("vs_gloo > 1 means faster than gloo; every system's rounds start from a formed group")
@@ -308,6 +309,10 @@ def _network(args, peers: int):
 
 def measure_peers(args, peers: int, net: ShapedNetwork | WanNetwork | None, rows: list, records: list) -> None:
     """Every size and system for one group size, appending table rows and JSON records."""
+    from tools.wanlink import Profile
+
+    link = args.wan or args.netns
+    rate = Profile.parse(link).rate if link else None  # bytes per second each way
     for numel in args.sizes:
         configs, gloo = [], None
         if not args.nat:  # gloo dials every peer: it cannot run with peers behind a NAT
@@ -341,7 +346,9 @@ def measure_peers(args, peers: int, net: ShapedNetwork | WanNetwork | None, rows
             record["vs_gloo"] = gloo["seconds"] / r["seconds"] if gloo else None
             records.append(record)
             wire = None if r["wire_bytes"] is None else r["wire_bytes"] / 1e6
-            rows.append({**record, "wire MB/peer": wire, "s/round": r["seconds"]})
+            if rate is not None and r["wire_bytes"] is not None:  # what each peer sent, of what its link carries
+                record["link_use"] = r["wire_bytes"] / r["seconds"] / rate
+            rows.append({**record, "wire MB/peer": wire, "s/round": r["seconds"], "link use": record.get("link_use")})
 
 
 if __name__ == "__main__":
