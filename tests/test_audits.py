@@ -122,7 +122,17 @@ def test_a_rate_of_zero_audits_nobody_and_one_audits_everyone():
     assert sorted(called, key=str) == sorted(senders, key=str)  # once each, in one thread, one after another
 
 
-@pytest.mark.parametrize(("field", "value"), [("audit_rate", 1.5), ("audit_rate", -0.1), ("audit_tolerance", -1.0)])
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("audit_rate", 1.5),
+        ("audit_rate", -0.1),
+        ("audit_rate", "half"),
+        ("audit_tolerance", -1.0),
+        ("audit_tolerance", math.nan),
+        ("audit_tolerance", math.inf),
+    ],
+)
 def test_round_options_refuse_audit_settings_out_of_range(field, value):
     with pytest.raises(ConfigurationError, match=field):
         RoundOptions(**{field: value})

@@ -122,9 +122,9 @@ class RoundOptions:
     audit_tolerance: float = DEFAULT_AUDIT_TOLERANCE
 
     def __post_init__(self):
-        if not 0 <= self.audit_rate <= 1:
+        if not (isinstance(self.audit_rate, int | float) and 0 <= self.audit_rate <= 1):
             raise ConfigurationError(f"audit_rate is a probability in [0, 1], not {self.audit_rate}")
-        if not (self.audit_tolerance >= 0 and math.isfinite(self.audit_tolerance)):
+        if not (isinstance(self.audit_tolerance, int | float) and 0 <= self.audit_tolerance < math.inf):
             raise ConfigurationError(f"audit_tolerance must be a finite number >= 0, not {self.audit_tolerance}")
 
 

@@ -85,6 +85,8 @@ class Audits:
             return self.failed[sender]
         if sender not in self.drawn or self._expected is None:
             return None
+        if self._expected.cancelled():  # the round is being torn down
+            return None
         if not self._expected.done():
             if not self._late:
                 self._late = True
