@@ -15,8 +15,10 @@ verified reducers: a reducer caught cheating costs its part for that step, and i
 the next step on, as matchmaking would leave out peers that the others banned; and audited senders: every peer's
 minibatch is public (a seed per peer and step), so the reducer recomputes the gradients of a random tenth of its
 senders each step, hiveengine.averaging.audits, and stops averaging one that sent something else). The model is
-one part, reduced by the member with the smallest peer id: `byzantine reducer` says whether that was an attacker,
-which audits nobody and averages its colluders' copies. The table gives the held-out
+one part, reduced by the member with the smallest peer id: `byzantine reducer` says whether that is an attacker,
+which audits nobody and averages its colluders' copies (its own copy, too, goes unaudited). The attackers are
+drawn from the members with the largest ids, so that reducer is honest; then each attack runs once more in the open
+configuration with that member among the attackers (`byzantine reducer`: yes). The table gives the held-out
 loss of an honest peer after STEPS steps (long enough that clean training is near its plateau, so that "within
 5% of clean" means something), against the clean run of all 8 peers and against the honest peers training alone (the
 `absent` rows: the Byzantine peers do nothing, so the difference is what their attack did, not the data they did not
@@ -132,6 +134,7 @@ def worker() -> None:
             for i, a in enumerate(plan["addresses"])
         ]
         rank, attack = plan["rank"], plan["attack"] if plan["rank"] in plan["byzantine"] else None
+        rank_of = {m.peer_id: i for i, m in enumerate(members)}  # whose public minibatches an auditor recomputes
         if plan["attack"] == "absent":  # the reference: the honest peers train alone, the others do nothing
             members = [m for i, m in enumerate(members) if i not in plan["byzantine"]]
             if attack is not None:
@@ -150,7 +153,6 @@ def worker() -> None:
         # A sender that failed an audit is banned by the reducer that audited it alone, which stops averaging it.
         excluded: set[PeerID] = set()
         cheats = {members[i].peer_id for i in greedy}
-        rank_of = {m.peer_id: i for i, m in enumerate(members)}
         model = make_model()
         residual = None
         averaging, failed, reduced_before = 0.0, 0, service.parts_reduced
@@ -210,6 +212,8 @@ def main() -> None:
     if args.worker:
         worker()
         return
+    from hiveengine.transport import PeerID
+
     workers = [
         subprocess.Popen(
             [sys.executable, __file__, "--worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
@@ -219,12 +223,12 @@ def main() -> None:
     rows, clean, overhead, alone = [], {}, {}, {}
 
     def row(attack: str, byzantine: list[int], aggregation: str, name: str) -> dict:
-        """One run's table row (the loss of honest peer 0)."""
+        """One run's table row (the loss of the first honest peer)."""
         plan = {"attack": attack, "byzantine": byzantine, "aggregation": aggregation, "steps": args.steps}
         checked = CONFIGURATIONS[aggregation]
         results = run(workers, addresses, name, verify=checked, audit=checked, **plan)
-        honest = results[: PEERS - len(byzantine)]
-        loss = results[0]["loss"]
+        honest = [r for i, r in enumerate(results) if i not in byzantine]
+        loss = honest[0]["loss"]
         versus = 100 * (loss / clean[aggregation] - 1) if aggregation in clean else 0.0
         reference = alone.get((aggregation, len(byzantine)))
         rows.append(
@@ -237,8 +241,8 @@ def main() -> None:
                 "goal (5%)": "met" if versus <= 5 else "missed",
                 "vs honest alone %": 100 * (loss / reference - 1) if reference is not None else None,
                 "round ms": 1e3 * max(r["averaging_s"] for r in honest) / args.steps,
-                "failed steps": results[0]["failed_steps"],
-                "banned": results[0]["banned"],
+                "failed steps": honest[0]["failed_steps"],
+                "banned": honest[0]["banned"],
                 "byzantine reducer": any(results[i]["reduced"] for i in byzantine),
             }
         )
@@ -249,19 +253,26 @@ def main() -> None:
         addresses = [read_prefixed(proc, "ADDRESS", LINE_TIMEOUT) for proc in workers]
         plan = {"attack": None, "byzantine": [], "aggregation": "mean", "steps": 5, "verify": False, "audit": False}
         run(workers, addresses, "warm-up", **plan)  # connections and first-touch memory, not measured
+        # With equal bandwidths the one part goes to the member with the smallest peer id: attackers are drawn from
+        # the largest ids (an honest reducer), and then once more with that member among them (a Byzantine reducer).
+        by_id = sorted(range(PEERS), key=lambda i: PeerID.from_string(addresses[i].rsplit("/", 1)[1]).raw)
         for aggregation in CONFIGURATIONS:
             times = [row(None, [], aggregation, f"clean-{aggregation}-{k}") for k in range(args.clean_repeats)]
             clean[aggregation] = statistics.median(r["loss"] for r in times)
             overhead[aggregation] = statistics.median(r["round ms"] for r in times)
         for count in args.byzantine:
+            usual = sorted(by_id[PEERS - count :])
             for aggregation in CONFIGURATIONS:  # the honest peers alone: what an attack cannot be blamed for
-                absent = row("absent", list(range(PEERS - count, PEERS)), aggregation, f"absent-{count}-{aggregation}")
+                absent = row("absent", usual, aggregation, f"absent-{count}-{aggregation}")
                 alone[aggregation, count] = absent["loss"]
             for attack in args.attacks:
                 for aggregation in CONFIGURATIONS:
                     if attack == "garbage" and not CONFIGURATIONS[aggregation]:
                         continue  # unverified, the garbage is simply applied: the model diverges in 1 step (loss ~1e6)
-                    row(attack, list(range(PEERS - count, PEERS)), aggregation, f"{attack}-{count}-{aggregation}")
+                    row(attack, usual, aggregation, f"{attack}-{count}-{aggregation}")
+            holding = sorted([by_id[0], *by_id[PEERS - count + 1 :]])
+            for attack in (a for a in args.attacks if a != "garbage"):  # garbage peers take the part by design
+                row(attack, holding, "centered_clip", f"{attack}-{count}-reducer")
     finally:
         for proc in workers:
             kill_worker(proc)
