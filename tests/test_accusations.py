@@ -11,7 +11,7 @@ import torch
 
 from hiveengine.averaging.accusations import EVIDENCE_METHOD
 from hiveengine.averaging.allreduce import AllReduceService
-from hiveengine.averaging.verification import Claim, Evidence, claim_message, probe, project
+from hiveengine.averaging.verification import MAX_EVIDENCE_NUMEL, Claim, Evidence, claim_message, probe, project
 from hiveengine.codec import get_codec
 from hiveengine.transport import Peer, TransportLimits
 from hiveengine.transport.identity import Identity
@@ -140,3 +140,32 @@ def test_a_hostile_accuser_serving_garbage_gets_nobody_banned(services):
     until(bystander.peer, lambda: bystander.accusations._checking == 0, 30, "the check")
     assert reducer.peer.peer_id not in bystander.banned
     assert bystander.accusations.confirmed == bystander.accusations.refuted == 0
+
+
+@pytest.mark.parametrize("lie", ["frames larger than named", "too many elements"])
+def test_an_accuser_cannot_make_a_checker_take_in_more_than_the_evidence_it_names(services, lie):
+    accuser, _, bystander, reducer = services
+    cheat = _signed(reducer.peer.identity, "int8", 1, garbage=True)
+    calls = []
+
+    async def hostile(request):
+        calls.append(request.header.get("h") is True)
+        if lie == "too many elements":
+            return {**cheat.header(), "n": MAX_EVIDENCE_NUMEL + 1}, []
+        # The header names the real chunk; the frames that follow are 64 MiB.
+        return cheat.header(), [] if request.header.get("h") is True else [torch.zeros(16 << 20)]
+
+    accuser.peer.register(EVIDENCE_METHOD, hostile)  # replaces the honest handler
+
+    async def hear() -> None:
+        accused = reducer.peer.peer_id.raw
+        bystander.accusations.hear(accuser.peer.peer_id, str(accuser.peer.address), accused, cheat.digest)
+
+    bystander.peer.runtime.run(hear(), 10)
+    until(bystander.peer, lambda: bystander.accusations._checking == 0, 30, "the check")
+    assert reducer.peer.peer_id not in bystander.banned
+    assert bystander.accusations.confirmed == 0
+    # Too many elements: refused on the header alone, the frames are never asked for. Larger frames: refused unread
+    # (they do not fit the buffers the header named).
+    assert calls == ([True] if lie == "too many elements" else [True, False])
+    assert bystander.peer.call_sync(accuser.peer.address, EVIDENCE_METHOD, {"d": cheat.digest, "h": True})[1] == []

@@ -10,7 +10,9 @@ signed reply. Only then does it ban the accused, and it keeps the evidence to se
 from peer to peer. A digest is checked once; an accuser whose evidence is malformed or shows nothing (it lies, or
 is wrong) is logged and its accusations are ignored from then on. Bounds: MAX_CHECKING checks at once, MAX_CHECKED
 digests and ignored accusers remembered, evidence of at most verification.MAX_EVIDENCE_NUMEL elements,
-EVIDENCE_TIMEOUT per fetch.
+EVIDENCE_TIMEOUT per fetch. A fetch takes two calls: the header first, then the reply's frames into buffers of the
+size that header names (at most MAX_EVIDENCE_NUMEL elements' payload), so an accuser cannot make us take in more
+(frames that do not fit are refused, unread).
 """
 
 from __future__ import annotations
@@ -78,7 +80,10 @@ class Accusations:
 
     async def _check(self, accuser: PeerID, address: str, accused: PeerID, digest: bytes) -> None:
         try:
-            header, reply = await self.peer.call(address, EVIDENCE_METHOD, {"d": digest}, timeout=EVIDENCE_TIMEOUT)
+            call = self.peer.call
+            header, _ = await call(address, EVIDENCE_METHOD, {"d": digest, "h": True}, timeout=EVIDENCE_TIMEOUT)
+            out = Evidence.buffers(header)
+            _, reply = await call(address, EVIDENCE_METHOD, {"d": digest}, timeout=EVIDENCE_TIMEOUT, out=out)
             evidence = Evidence.parse(header, reply)
             if evidence.digest != digest or evidence.accused != accused:
                 raise ValueError("the evidence is not what the accusation names")
@@ -120,4 +125,4 @@ class Accusations:
         evidence = self._held.get(digest) if isinstance(digest, bytes) else None
         if evidence is None:
             raise ProtocolError("no evidence with that digest here")
-        return evidence.header(), evidence.reply
+        return evidence.header(), [] if request.header.get("h") is True else evidence.reply

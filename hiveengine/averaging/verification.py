@@ -173,6 +173,17 @@ class Evidence:
             **self.claim.header(),
         }
 
+    @staticmethod
+    def buffers(header: dict) -> list[torch.Tensor]:
+        """Fresh CPU buffers for the reply that evidence with `header` carries (its codec's payload of its numel
+        elements: at most MAX_EVIDENCE_NUMEL), to receive it into; ValueError if the header cannot name one."""
+        numel, codec_name = header.get("n"), header.get("codec")
+        if not (isinstance(numel, int) and not isinstance(numel, bool) and 0 <= numel <= MAX_EVIDENCE_NUMEL):
+            raise ValueError(f"evidence of {numel!r:.20} elements cannot be checked (at most {MAX_EVIDENCE_NUMEL})")
+        if not isinstance(codec_name, str) or codec_name not in CODECS:
+            raise ValueError(f"evidence with codec {codec_name!r:.20} cannot be checked")
+        return get_codec(codec_name).empty_payload(numel, "cpu")
+
     @classmethod
     def parse(cls, header: dict, reply: Sequence[torch.Tensor]) -> Evidence:
         """Evidence from a message (header and frames); ValueError if it is malformed or too large to check."""
@@ -181,8 +192,7 @@ class Evidence:
             raise ValueError("evidence needs a 32-byte key and a group id")
         if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**32 for v in (part, chunk, numel)):
             raise ValueError("evidence needs part, chunk and numel counts")
-        if numel > MAX_EVIDENCE_NUMEL or codec_name not in CODECS:
-            raise ValueError(f"evidence of {numel} elements with codec {codec_name!r:.20} cannot be checked")
+        expected = cls.buffers(header)
         k = header.get("k")
         if not isinstance(k, list) or not 1 <= len(k) <= MAX_EVIDENCE_SENDERS:
             raise ValueError("evidence needs a claim")
@@ -192,7 +202,6 @@ class Evidence:
             raise ValueError(str(e)) from None
         if not claim.signature:
             raise ValueError("the evidence's claim is not signed")
-        expected = get_codec(codec_name).empty_payload(numel, "cpu")
         if len(reply) != len(expected) or any(
             t.dtype != e.dtype or t.shape != e.shape for t, e in zip(reply, expected, strict=False)
         ):
