@@ -151,7 +151,7 @@ def test_a_hostile_accuser_serving_garbage_gets_nobody_banned(services):
     assert bystander.accusations.refuted == 0
 
 
-@pytest.mark.parametrize("lie", ["frames larger than named", "too many elements"])
+@pytest.mark.parametrize("lie", ["frames larger than named", "too many elements", "frames with the header"])
 def test_an_accuser_cannot_make_a_checker_take_in_more_than_the_evidence_it_names(services, lie):
     calls = []
 
@@ -159,11 +159,16 @@ def test_an_accuser_cannot_make_a_checker_take_in_more_than_the_evidence_it_name
         calls.append(request.header.get("h") is True)
         if lie == "too many elements":
             return {**cheat.header(), "n": MAX_EVIDENCE_NUMEL + 1}, []
+        if lie == "frames with the header":  # 64 MiB where only the header was asked for
+            return cheat.header(), [torch.zeros(16 << 20)]
         # The header names the real chunk; the frames that follow are 64 MiB.
         return cheat.header(), [] if request.header.get("h") is True else [torch.zeros(16 << 20)]
 
     accuser, bystander, cheat = _check_hostile(services, serve)
-    # Too many elements: refused on the header alone, the frames are never asked for. Larger frames: refused unread
-    # (they do not fit the buffers the header named), and the link still works.
-    assert calls == ([True] if lie == "too many elements" else [True, False])
-    assert bystander.peer.call_sync(accuser.peer.address, EVIDENCE_METHOD, {"d": cheat.digest, "h": True})[1] == []
+    # Too many elements, or frames sent with the header: refused on the header call, the frames are never asked for
+    # (frames with it are refused unread). Larger frames: refused unread (they do not fit the buffers the header
+    # named). The link still works.
+    assert calls == ([True, False] if lie == "frames larger than named" else [True])
+    header, tensors = bystander.peer.call_sync(accuser.peer.address, EVIDENCE_METHOD, {"d": cheat.digest, "h": True})
+    assert header["key"] == cheat.public_key
+    assert tensors == [] or lie == "frames with the header"

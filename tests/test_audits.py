@@ -107,6 +107,20 @@ def test_nobody_is_convicted_by_an_audit_that_fails_is_slow_or_cannot_tell():
         release.set()
 
 
+def test_a_non_finite_copy_from_an_audited_sender_is_left_to_the_reduction_without_a_ban():
+    codec = get_codec("int8")
+    (sender,) = _ids(1)
+    payload = [t.clone() for t in codec.encode(torch.randn(N), name="copy")]
+    payload[1][0] = math.nan  # a hostile scale: decoding it would raise NonFiniteError inside the reduction
+
+    async def run() -> tuple:
+        audits = Audits(lambda _: torch.randn(N), 1.0, 0.1, [sender], codec, 5.0)
+        await audits.ready()
+        return audits.check(sender, payload, (0, N), torch.empty(N)), audits.failed
+
+    assert asyncio.run(run()) == (None, {})
+
+
 def test_a_rate_of_zero_audits_nobody_and_one_audits_everyone():
     senders = _ids(8)
     called = []

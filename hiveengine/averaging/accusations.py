@@ -81,7 +81,9 @@ class Accusations:
     async def _check(self, accuser: PeerID, address: str, accused: PeerID, digest: bytes) -> None:
         try:
             call = self.peer.call
-            header, _ = await call(address, EVIDENCE_METHOD, {"d": digest, "h": True}, timeout=EVIDENCE_TIMEOUT)
+            # The header alone: `out=[]` refuses (unread) any frame a hostile accuser sends along with it.
+            ask = {"d": digest, "h": True}
+            header, _ = await call(address, EVIDENCE_METHOD, ask, timeout=EVIDENCE_TIMEOUT, out=[])
             out = Evidence.buffers(header)
             _, reply = await call(address, EVIDENCE_METHOD, {"d": digest}, timeout=EVIDENCE_TIMEOUT, out=out)
             evidence = Evidence.parse(header, reply)

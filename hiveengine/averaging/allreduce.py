@@ -471,11 +471,12 @@ class _ReducerRound:
 
     def _audit(self, index: int, contributions: list) -> None:
         """Check the audited senders' copies of chunk `index`; ban those that fail."""
+        audited = [c for c in contributions if c[0] in self.audits.drawn and c[0] not in self.audits.failed]
+        if not audited:
+            return
         output = self.arena.outputs[index]
         row = torch.empty(output.numel(), device=output.device)
-        for sender, _, payload in contributions:
-            if sender in self.audits.failed:
-                continue
+        for sender, _, payload in audited:
             why = self.audits.check(sender, payload, self.chunks[index], row)
             if why is not None:
                 self.service.ban(

@@ -94,13 +94,13 @@ class Audits:
             return None
         expected = self._expected.result().get(sender)
         start, end = span
-        if expected is None or expected.numel() < end:
-            return None
+        if expected is None or expected.numel() < end or not self.codec.finite(payload):
+            return None  # a non-finite copy is left out without a ban (the reduction's own check), never decoded
         got = self.codec.decode(payload, row[: end - start], name=f"{sender}'s copy")
         want = expected[start:end].to(got.device)
         want_norm = float(want.norm())
         if not math.isfinite(want_norm) or not bool(torch.isfinite(got).all()):
-            return None  # a non-finite copy is left out without a ban (the reduction's own check)
+            return None
         distance = float((got - want).norm())
         allowed = self.tolerance * want_norm + 2 * self.codec.error_bound(payload)
         if distance <= allowed:

@@ -403,6 +403,8 @@ class Connection:
             except ProtocolError:
                 self.discard_frames(body, specs)
                 raise
+        if not specs:  # nothing announced, nothing on the wire (such a message carries no frame tags)
+            return [] if out is None else list(out)
         if KEY_INLINE in body:
             tensors = inline_tensors(body[KEY_INLINE], specs)
             if out is None:
