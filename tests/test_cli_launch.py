@@ -6,14 +6,17 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
+import sys
 import time
 import uuid
 
 import pytest
 
-from hiveengine.cli.launch import DEFAULT_GRACE
+from hiveengine.cli.launch import DEFAULT_GRACE, shared_host_defaults
 from hiveengine.dht import DHT, get_dht_time
-from tests.test_cli_support import WORKER, CLIProcess, alive, noise, run_cli, started_pids
+from hiveengine.transport.reactor import SPIN_ENV
+from tests.test_cli_support import REPO, WORKER, CLIProcess, alive, noise, run_cli, started_pids
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -58,6 +61,29 @@ def test_module_form_passes_every_later_argument_to_the_module(swarm):
     assert "[worker 0] RANK 0 1" in out.stdout and out.stdout.count("RANK") == 1  # --nproc 7 was the module's
     assert "RANK 0 1 " in out.stdout and f"{key} --nproc 7" in out.stdout
     assert f"JOINED {value}" in out.stdout
+
+
+def test_shared_host_defaults_split_the_cores_and_stop_spinning_only_when_oversubscribed():
+    assert shared_host_defaults(1, {}, cores=8) == {}
+    assert shared_host_defaults(3, {}, cores=8) == {"OMP_NUM_THREADS": "2"}
+    assert shared_host_defaults(3, {}, cores=2) == {"OMP_NUM_THREADS": "1", SPIN_ENV: "0"}
+    assert shared_host_defaults(3, {"OMP_NUM_THREADS": "2", SPIN_ENV: "50"}, cores=2) == {}  # the user's win
+
+
+@pytest.mark.parametrize("user", [{}, {"OMP_NUM_THREADS": "2", SPIN_ENV: "50"}], ids=["defaults", "user-set"])
+def test_workers_on_one_host_get_their_share_of_the_cores_unless_the_user_says(user):
+    """Three workers: each sees an equal share of the cores (and no UCX spinning if they outnumber the cores),
+    which the launcher says in one line; what the user exported wins."""
+    environ = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", SPIN_ENV)} | user
+    out = subprocess.run(
+        [sys.executable, "-m", "hiveengine.cli", "launch", "--nproc", "3", WORKER, "env"],
+        cwd=REPO, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120, env=environ,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    expected = {**shared_host_defaults(3, {}), **user}
+    seen = f"ENV {expected['OMP_NUM_THREADS']} {expected.get(SPIN_ENV, '-')}"
+    assert out.stdout.count(seen) == 3, out.stdout[-2000:]
+    assert ("workers share" in out.stdout) == (not user), out.stdout[-2000:]
 
 
 def test_a_failing_worker_stops_the_others_and_its_code_is_the_launchers():

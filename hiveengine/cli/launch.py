@@ -33,6 +33,7 @@ from hiveengine.engine.env import (
     SWARM_ENV,
     LaunchEnv,
 )
+from hiveengine.transport.reactor import SPIN_ENV
 from hiveengine.transport.runtime import PORT_ENV
 
 NPROC_ENV = "HIVEENGINE_NPROC"
@@ -47,6 +48,7 @@ BOOTSTRAP_PREFIX = "hiveengine launch: swarm bootstrap at"
 STARTED_PREFIX = "hiveengine launch: started worker"
 FAILED_PREFIX = "hiveengine launch: worker"  # "... N exited with code C"
 LOG_FILE = "worker-{rank}.log"
+THREADS_ENV = "OMP_NUM_THREADS"
 
 
 def add_commands(sub) -> None:
@@ -188,6 +190,19 @@ def cmd_launch(args: argparse.Namespace) -> int:
     return launcher.run()
 
 
+def shared_host_defaults(nproc: int, environ: dict[str, str], cores: int | None = None) -> dict[str, str]:
+    """What workers sharing this host get unless `environ` sets it: an equal share of the cores each
+    (OMP_NUM_THREADS, as torchrun does: oversubscribed OpenMP kernels run many times slower) and, with more workers
+    than cores, no polling after network activity (a spinning worker takes the core another one needs)."""
+    cores = cores or os.cpu_count() or 1
+    defaults = {}
+    if nproc > 1:
+        defaults[THREADS_ENV] = str(max(1, cores // nproc))
+    if nproc > cores:
+        defaults[SPIN_ENV] = "0"
+    return {name: value for name, value in defaults.items() if name not in environ}
+
+
 class Launcher:
     """Runs the workers (and, for a new swarm, the bootstrap node) until every worker has exited."""
 
@@ -213,6 +228,7 @@ class Launcher:
         self.log_level, self.swarm = log_level, swarm
         self.out = out
         self.workers: list[subprocess.Popen] = []
+        self.shared: dict[str, str] = {}  # shared_host_defaults, once run() has read the environment
         self.exits: queue.Queue[tuple[int, int]] = queue.Queue()
         self._write_lock = threading.Lock()
         self._out_broken = False
@@ -260,6 +276,12 @@ class Launcher:
                 where = f"--initial-peers {address} --run-id {self.run_id}"
                 self.say(f"hiveengine launch: join with: hiveengine launch {where} SCRIPT")
                 self.say(f"hiveengine launch: watch with: hiveengine status {where}")
+            self.shared = shared_host_defaults(self.nproc, dict(os.environ))
+            if self.shared:
+                settings = " ".join(f"{name}={value}" for name, value in self.shared.items())
+                self.say(
+                    f"hiveengine launch: {self.nproc} workers share {os.cpu_count()} cores: each runs with {settings}"
+                )
             for rank in range(self.nproc):
                 if self._signals:
                     break  # Ctrl-C while starting: start no more
@@ -280,7 +302,7 @@ class Launcher:
             Path(self.identity_dir).mkdir(parents=True, exist_ok=True)
             identity = str(Path(self.identity_dir) / f"worker-{rank}.key")
             Identity.load_or_create(identity)
-        env = dict(os.environ)
+        env = {**self.shared, **os.environ}
         env.pop(PORT_ENV, None)  # the bootstrap node's port; each worker listens on a free one
         env.update(
             LaunchEnv(

@@ -10,6 +10,7 @@ Prints "RANK <rank> <world size> <pid> <args after MODE>" first. Modes:
 - fail: worker 1 exits with code 3, the others with 0;
 - fail-fast: worker 1 exits with code 3, the others print "READY <pid>" and block;
 - join KEY: prints "JOINED <value>" of KEY in the swarm's DHT (stored by the test before the launch);
+- env: prints "ENV <OMP_NUM_THREADS> <HIVEENGINE_SPIN_US>" as the worker sees them ("-" where unset);
 - exit: ends at once.
 """
 
@@ -34,6 +35,9 @@ def main() -> None:
     mode = sys.argv[1].removeprefix("--")  # "--join" as well: an option-like first argument for `launch -m`
     print("RANK", engine.local_rank, engine.local_world_size, os.getpid(), *sys.argv[2:], flush=True)
     if mode == "exit":
+        return
+    if mode == "env":
+        print("ENV", os.environ.get("OMP_NUM_THREADS", "-"), os.environ.get("HIVEENGINE_SPIN_US", "-"), flush=True)
         return
     if mode in ("fail", "fail-fast") and engine.local_rank == 1:
         sys.exit(3)
