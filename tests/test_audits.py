@@ -18,13 +18,11 @@ import pytest
 import torch
 
 from hiveengine.averaging import RoundOptions
-from hiveengine.averaging.audits import Audits, check_projection
-from hiveengine.averaging.verification import project
+from hiveengine.averaging.audits import Audits
 from hiveengine.codec import get_codec
 from hiveengine.errors import ConfigurationError
 from hiveengine.transport import PeerID
-from tests.peers.allreduce_peer import seeded_data
-from tests.test_allreduce import NUMEL, TOLERANCE, average_in_processes, exact_mean
+from tests.test_allreduce import TOLERANCE, average_in_processes, exact_mean
 from tests.test_byzantine import HONEST, part_of
 
 pytestmark = pytest.mark.timeout(180)
@@ -138,24 +136,6 @@ def test_a_rate_of_zero_audits_nobody_and_one_audits_everyone():
     assert sorted(called, key=str) == sorted(senders, key=str)  # once each, in one thread, one after another
 
 
-def test_a_claimed_projection_passes_for_copies_within_the_allowance_and_mostly_fails_for_a_flipped_one():
-    """check_projection on 200 probes: a copy exactly at the audit's allowance from the expected one never fails;
-    a sign-flipped copy (what a Byzantine reducer would average of its own) fails on most probes (80% expected)."""
-    codec, tolerance = get_codec("int8"), 0.1
-    gen = torch.Generator().manual_seed(7)
-    expected = torch.randn(N, generator=gen)
-    allowed = tolerance * float(expected.norm()) + 2 * codec.error_bound(codec.encode(expected))
-    honest_failures = flipped_failures = 0
-    for _ in range(200):
-        r = torch.randn(N, generator=gen)
-        shift = torch.randn(N, generator=gen)
-        honest = expected + shift * (allowed / float(shift.norm()))
-        honest_failures += check_projection(expected, r, project(honest, r), tolerance, codec) is not None
-        flipped_failures += check_projection(expected, r, project(-expected, r), tolerance, codec) is not None
-    assert honest_failures == 0
-    assert flipped_failures >= 140
-
-
 @pytest.mark.parametrize(
     ("field", "value"),
     [
@@ -185,7 +165,6 @@ def test_a_sender_that_flips_its_sign_is_left_out_and_banned_by_every_honest_red
         aggregation="centered_clip",
         rounds=2,
         audit_rate=1.0,
-        chunk_elements=1 << 11,  # ~12 chunks a part, each with its own probe: one catches the liar's own copy
     )
     liar = part_of(members, 3)
     honest = exact_mean(members, HONEST, [1.0] * 3)
@@ -193,11 +172,9 @@ def test_a_sender_that_flips_its_sign_is_left_out_and_banned_by_every_honest_red
         assert results[i]["banned"] == [members[3]["id"]]  # no honest peer is convicted
         for number in range(2):
             outcome, tensor = results[i]["rounds"][number], torch.load(tmp_path / f"{i}.pt.{number}")
-            # Round 0: the liar reduces its own part with its flipped copy in it; the senders' audit of that copy
-            # (through its claimed projections) fails the part and bans it. Round 1: nobody sends to it.
-            assert outcome["failed_parts"] == [liar], (number, outcome)
-            kept = slice(*results[i]["spans"][liar])
-            assert torch.equal(tensor[kept], seeded_data(i, NUMEL)[kept])  # our own values, not the liar's mean
+            # Round 0: the liar reduces its own part (nobody audits its own copy), and it is honest as a reducer.
+            # Round 1: it is banned, so nobody sends to it and its part stays local.
+            assert outcome["failed_parts"] == ([] if number == 0 else [liar]), (number, outcome)
             for part, (start, end) in enumerate(results[i]["spans"]):
                 if part != liar:  # the honest reducers averaged the honest copies alone
                     error = (tensor[start:end] - honest[start:end]).abs().max()

@@ -21,8 +21,8 @@ One round, as it runs (this file holds all of it: the partition, the buffers, th
    (hiveengine.averaging.audits), and leaves out and bans one that sent something else.
 4. Decode. Each sender checks each reply and decodes the aggregate in place. Once half of the parts are back, the
    other parts' reducers have the same grace window, and no reducer is waited for longer than `sender_timeout +
-   late_grace` per call (what an honest one can take); a reducer that dies, stays silent, fails verification or,
-   with `audit`, fails our audit of its own copy (drawn like the reducer's audits) costs its part for this round only (senders keep their local values there and report the part as failed),
+   late_grace` per call (what an honest one can take); a reducer that dies, stays silent or fails verification
+   costs its part for this round only (senders keep their local values there and report the part as failed),
    never the whole deadline. One caught cheating is banned on this peer (`AllReduceService.banned`): we send it
    nothing more and average none of its copies.
 
@@ -46,7 +46,6 @@ import functools
 import itertools
 import logging
 import math
-import threading
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Collection, Hashable, Sequence
@@ -56,15 +55,7 @@ from typing import Any, ClassVar
 import torch
 
 from hiveengine.averaging.accusations import Accusations
-from hiveengine.averaging.audits import (
-    DEFAULT_AUDIT_RATE,
-    DEFAULT_AUDIT_TOLERANCE,
-    Audit,
-    Audits,
-    check_projection,
-    drawn_for_audit,
-    expected_contribution,
-)
+from hiveengine.averaging.audits import DEFAULT_AUDIT_RATE, DEFAULT_AUDIT_TOLERANCE, Audit, Audits
 from hiveengine.averaging.matchmaking import GroupInfo, GroupMember
 from hiveengine.averaging.verification import (
     Claim,
@@ -389,13 +380,7 @@ class _ReducerRound:
             others = [s for s in self.order if s != self.peer.peer_id and s not in self.withdrawn]
             options = self.options
             self.audits = Audits(
-                options.audit,
-                options.audit_rate,
-                options.audit_tolerance,
-                others,
-                self.codec,
-                options.sender_timeout,
-                self.service.audit_lock,
+                options.audit, options.audit_rate, options.audit_tolerance, others, self.codec, options.sender_timeout
             )
 
     def _audits_ready(self) -> Awaitable | None:
@@ -592,7 +577,6 @@ class AllReduceService:
         self._caught_in: dict[PeerID, bytes | None] = {}  # the round each banned reducer was caught in
         self._background: set[asyncio.Task] = set()
         self.parts_reduced = 0  # rounds in which this peer reduced a (non-empty) part
-        self.audit_lock = threading.Lock()  # held while a RoundOptions.audit function runs: never two at once
         # Evidence against the reducers we caught, served to others, and our checks of theirs (accusations.py).
         self.accusations = Accusations(peer, self.ban, self.banned.__contains__)
         peer.register(CHUNK_METHOD, self._on_chunk, allocate=self._receive_buffers)
@@ -870,8 +854,6 @@ async def _exchange_part(plan: _Exchange, chunk_elements: int) -> int:
         )
     me = next(i for i, m in enumerate(plan.group.senders) if m.peer_id == plan.service.peer.peer_id)
     withdrawn: list[asyncio.Future] = []
-    reducer_audit = _start_reducer_audit(plan) if verify else None
-    probes: dict[int, tuple[torch.Tensor, float]] = {}  # chunk -> (its probe, the reducer's own copy's projection)
 
     async def one_chunk(index: int, start: int, end: int) -> None:
         nonlocal fewest
@@ -897,10 +879,7 @@ async def _exchange_part(plan: _Exchange, chunk_elements: int) -> int:
                     plan.reducer.address, CHUNK_METHOD, header, payload, timeout=_reply_timeout(plan), out=out
                 )
                 if verify:
-                    r, claim = _verify_chunk(plan, index, me, reply, payload, mean, checks[index])
-                    own = _sender_index(plan.group, reducer)
-                    if reducer_audit is not None and own is not None and claim.coefficients[own] > 0:
-                        probes[index] = (r, claim.projections[own])
+                    _verify_chunk(plan, index, me, reply, payload, mean, checks[index])
                 elif not lossless:
                     codec.decode(mean, piece, name=f"mean of part {part}")
                 count = int(reply.get("n", 0))
@@ -926,59 +905,15 @@ async def _exchange_part(plan: _Exchange, chunk_elements: int) -> int:
         if not all(isinstance(e, TransportError | AllReduceError | TimeoutError) for e in errors):
             raise errors[0]
         raise AllReduceError(f"{len(errors)} of {len(chunks)} chunks of part {part} failed: {errors[0]}")
-    if reducer_audit is not None:
-        why = await _audit_reducer(plan, reducer_audit, chunks, probes)
-        if why is not None:
-            round_id = plan.group.group_id
-            plan.service.ban(reducer, f"it failed our audit in round {round_id.hex()[:8]}: {why}", round_id)
-            raise AllReduceError(f"reducer {reducer} of part {part} failed our audit: {why}")
     if verify:
         for (start, end), checked in zip(chunks, checks, strict=True):
             flat[start:end].copy_(checked)
     return fewest
 
 
-def _sender_index(group: GroupInfo, peer_id: PeerID) -> int | None:
-    """`peer_id`'s place among the group's senders (the order of a claim's numbers), or None if it sends nothing."""
-    return next((i for i, m in enumerate(group.senders) if m.peer_id == peer_id), None)
-
-
-def _start_reducer_audit(plan: _Exchange) -> asyncio.Future | None:
-    """Draw whether to audit the reducer's own copy of this part (hiveengine.averaging.audits), and if so start
-    recomputing what it should send."""
-    options, reducer = plan.options, plan.reducer.peer_id
-    if options.audit is None or _sender_index(plan.group, reducer) is None or not drawn_for_audit(options.audit_rate):
-        return None
-    return asyncio.ensure_future(
-        asyncio.to_thread(expected_contribution, options.audit, reducer, plan.service.audit_lock)
-    )
-
-
-async def _audit_reducer(
-    plan: _Exchange, recomputing: asyncio.Future, chunks: list, probes: dict[int, tuple[torch.Tensor, float]]
-) -> str | None:
-    """Why the reducer's own copy, seen through its claimed projections (`probes`), is not what it should have sent
-    (None: it is, or we cannot tell: the recomputation took longer than `sender_timeout`, or had no answer)."""
-    try:
-        expected = await asyncio.wait_for(asyncio.shield(recomputing), plan.options.sender_timeout)
-    except TimeoutError:
-        logger.info("our audit of reducer %s took too long: its copy goes unaudited", plan.reducer.peer_id)
-        return None
-    if expected is None or expected.numel() < plan.span[1]:
-        return None
-    for index, (r, claimed) in sorted(probes.items()):
-        start, end = chunks[index]
-        why = check_projection(expected[start:end], r, claimed, plan.options.audit_tolerance, plan.codec)
-        if why is not None:
-            return f"in elements {start}-{end}, {why}"
-    return None
-
-
-def _verify_chunk(
-    plan: _Exchange, index: int, me: int, reply: dict, sent, mean, decoded: torch.Tensor
-) -> tuple[torch.Tensor, Claim]:
+def _verify_chunk(plan: _Exchange, index: int, me: int, reply: dict, sent, mean, decoded: torch.Tensor) -> None:
     """Check one chunk's reply against the reducer's claim (ReducerCheatedError if it does not add up), leaving
-    the aggregate decoded in `decoded`; the probe and the claim it was checked with."""
+    the aggregate decoded in `decoded`."""
     codec = plan.codec
     claim = Claim.parse(reply, len(plan.group.senders))
     r = probe(plan.group.group_id, plan.part, index, mean, decoded.numel())
@@ -995,7 +930,6 @@ def _verify_chunk(
     except ReducerCheatedError as e:
         e.evidence = _evidence(plan, index, claim, mean, decoded.numel())
         raise
-    return r, claim
 
 
 def _evidence(plan: _Exchange, index: int, claim: Claim, reply, numel: int) -> Evidence | None:

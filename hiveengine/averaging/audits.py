@@ -31,18 +31,6 @@ conviction rests on the auditor's own recomputation, which others can check only
 hand, and copies are not signed: so it is a ban and a vote, not an accusation with evidence (accusations.py).
 What an audit can see is bounded by the codec's rounding: with int4 a shift of up to about half the copy's norm
 hides inside the allowance, with int8 about 4%.
-
-The reducer's own copy never crosses the network, so no reducer audits it. Its senders do, through the claim that
-comes with every verified reply (verification.py): the claim reports t_R = <x_R, r>, the projection of the
-reducer's decoded copy on the reply's probe r, and the reply is checked to be the combination of the reported
-projections. A sender draws, with probability `audit_rate` per part and round, to audit the reducer of that part;
-it recomputes x = audit(reducer) and, for each chunk in which the reducer's copy has weight, checks
-    |t_R - <x, r>| <= AUDIT_PROBE_Z * (audit_tolerance * ||x|| + 2 * codec.error_bound(encode(x))):
-<d, r> for the copy's distance d from x is N(0, ||d||^2), so an honest copy (||d|| within the allowance) never
-fails, and a sign flip or an ALIE shift (||d|| of 1-2 times ||x||, 5-10 times the allowance) fails each chunk with
-a chance of 65-80%. A reducer that fails is banned and its part fails for this round (`check_projection`).
-Known gap: one probe per chunk, and the probe follows from the reply, so a reducer that re-encodes its reply
-until the probe hides its shift (grinding) passes; several probes per chunk would close it.
 """
 
 from __future__ import annotations
@@ -51,12 +39,10 @@ import asyncio
 import logging
 import math
 import secrets
-import threading
 from collections.abc import Awaitable, Callable, Iterable
 
 import torch
 
-from hiveengine.averaging.verification import DOT_SLACK, project
 from hiveengine.codec import Codec
 from hiveengine.transport import PeerID
 
@@ -64,9 +50,6 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_AUDIT_RATE = 0.1  # the chance that a reducer audits a given sender in a round
 DEFAULT_AUDIT_TOLERANCE = 0.1  # how far (relative to the expected contribution's norm) a copy may be off, on top
-# Standard deviations of a copy's projection that an audit through a claimed projection allows (on top of the
-# audit's own allowance): an honest copy's distance measured at most 26% of the allowance, so it lies 19 of them off.
-AUDIT_PROBE_Z = 5.0
 _DRAW = secrets.SystemRandom()
 
 Audit = Callable[[PeerID], "torch.Tensor | None"]
@@ -76,24 +59,15 @@ class Audits:
     """One reducer round's audits: the contributions expected of the senders drawn, and the senders that failed."""
 
     def __init__(
-        self,
-        audit: Audit,
-        rate: float,
-        tolerance: float,
-        senders: Iterable[PeerID],
-        codec: Codec,
-        timeout: float,
-        lock: threading.Lock | None = None,
+        self, audit: Audit, rate: float, tolerance: float, senders: Iterable[PeerID], codec: Codec, timeout: float
     ):
-        """Draw which of `senders` to audit (each with probability `rate`) and start recomputing theirs (under
-        `lock`: the peer's other audits take it too, so `audit` never runs twice at once)."""
+        """Draw which of `senders` to audit (each with probability `rate`) and start recomputing theirs."""
         loop = asyncio.get_running_loop()
         self.tolerance, self.codec = tolerance, codec
-        drawn = [sender for sender in senders if drawn_for_audit(rate)]
+        drawn = [sender for sender in senders if _DRAW.random() < rate]
         self.drawn = frozenset(drawn)
         self.failed: dict[PeerID, str] = {}  # sender -> why its copy failed
-        lock = lock or threading.Lock()
-        self._expected = asyncio.ensure_future(asyncio.to_thread(_recompute, audit, drawn, lock)) if drawn else None
+        self._expected = asyncio.ensure_future(asyncio.to_thread(_recompute, audit, drawn)) if drawn else None
         self._deadline = loop.time() + timeout
         self._late = False
 
@@ -138,36 +112,9 @@ class Audits:
         return self.failed[sender]
 
 
-def drawn_for_audit(rate: float) -> bool:
-    """Whether to audit a peer this round, with randomness the audited peer cannot see."""
-    return _DRAW.random() < rate
-
-
-def check_projection(
-    expected: torch.Tensor, r: torch.Tensor, claimed: float, tolerance: float, codec: Codec
-) -> str | None:
-    """Why `claimed`, a reducer's projection of its own copy of a chunk on the probe `r`, cannot be that of a copy
-    within the audit's allowance of `expected` (None: it can; see the module docstring)."""
-    expected = expected.to(r.device, torch.float32)
-    norm, r_norm = float(expected.norm()), float(r.norm())
-    if not math.isfinite(norm):
-        return None  # the recomputation went bad: it cannot convict anyone
-    allowed = tolerance * norm + 2 * codec.error_bound(codec.encode(expected.contiguous(), name="an audit's copy"))
-    off = abs(claimed - project(expected, r))
-    if off <= AUDIT_PROBE_Z * allowed * r_norm / math.sqrt(r.numel()) + 2 * DOT_SLACK * norm * r_norm:
-        return None
-    return f"its own copy's projection {claimed:.6g} is {off:.4g} from that of what it should have sent"
-
-
-def expected_contribution(audit: Audit, sender: PeerID, lock: threading.Lock) -> torch.Tensor | None:
-    """What `sender` should send (_expected), once no other audit of this peer runs."""
-    with lock:
-        return _expected(audit, sender)
-
-
-def _recompute(audit: Audit, senders: list[PeerID], lock: threading.Lock) -> dict[PeerID, torch.Tensor | None]:
-    """What each of `senders` should send (expected_contribution), one after another."""
-    return {sender: expected_contribution(audit, sender, lock) for sender in senders}
+def _recompute(audit: Audit, senders: list[PeerID]) -> dict[PeerID, torch.Tensor | None]:
+    """What each of `senders` should send (_expected), one after another."""
+    return {sender: _expected(audit, sender) for sender in senders}
 
 
 def _expected(audit: Audit, sender: PeerID) -> torch.Tensor | None:
