@@ -120,14 +120,12 @@ def gloo_worker(rank: int, world: int, store: str, numel: int, rounds: int) -> N
 def _spawn(
     *args: str, peers: int, rank: int, net: ShapedNetwork | WanNetwork | None, env: dict | None = None
 ) -> subprocess.Popen:
-    """A worker process; peers on one host split its cores (as torchrun does with OMP_NUM_THREADS):
-    oversubscribed OpenMP kernels run many times slower. With more peers than cores, each also stops polling
-    UCX after activity (HIVEENGINE_SPIN_US=0, as docs/troubleshooting.md advises): a spinning peer takes the core
-    another peer needs, where on separate machines it would take nobody's. With `net`, it runs in namespace
-    `rank`."""
-    cores = os.cpu_count() or 1
-    unless_set = {"HIVEENGINE_SPIN_US": "0"} if peers > cores else {}
-    env = {**unless_set, **os.environ, "OMP_NUM_THREADS": str(max(1, cores // peers)), **(env or {})}
+    """A worker process; peers on one host share its cores as `hiveengine launch` workers do (shared_host_defaults:
+    oversubscribed OpenMP kernels run many times slower, and a peer polling UCX takes the core another peer needs,
+    where on separate machines it would take nobody's). With `net`, it runs in namespace `rank`."""
+    from hiveengine.cli.launch import shared_host_defaults
+
+    env = {**shared_host_defaults(peers, os.environ), **os.environ, **(env or {})}
     argv = [sys.executable, __file__, *args]
     if net is not None:
         # TCP only: shared memory or direct copies between namespaces would bypass the shaped link.
