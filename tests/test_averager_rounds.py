@@ -279,6 +279,97 @@ def test_hostile_rings_are_dropped_and_wake_nothing():
             stranger.shutdown()
 
 
+def test_a_group_that_met_meets_again_by_ringing_ahead(monkeypatch):
+    """Peers that averaged together ring each other as they register for the next round: the group forms from the
+    rings alone (their DHT writes wait RING_AHEAD_WRITE_DELAY, here longer than the round), and averages right."""
+    from hiveengine.averaging import matchmaking
+
+    with swarm(2, sizes=(64,)) as (a, b):
+        assert all(r is not None for r in together([a, b], expected_peers=2, key="first"))
+        monkeypatch.setattr(matchmaking, "RING_AHEAD_WRITE_DELAY", 3 * WAIT_LIMIT)
+        before = mean_of(snapshot([a, b]))
+        results = together([a, b], expected_peers=2, key="second", timeout=20)
+        assert [None if r is None else len(r.group.members) for r in results] == [2, 2]
+        assert registrations(a, "second") == {}  # nobody's write went out: the rings made the group
+        for state in snapshot([a, b]):
+            torch.testing.assert_close(state, before)
+
+
+def test_a_newcomer_meets_a_peer_that_rang_its_last_group_ahead():
+    """A peer rings the peers of its last group ahead; when one of them does not step and a newcomer does, the
+    newcomer still meets it (through the DHT write that follows the rings), and the absent peer keeps nothing that
+    a later round would count."""
+    with swarm(3, sizes=(64,)) as (a, absent, newcomer):
+        assert all(r is not None for r in together([a, absent], expected_peers=2, key="first"))
+        results = together([a, newcomer], expected_peers=2, key="second", timeout=20)
+        members = [{m.peer_id for m in r.group.members} for r in results]
+        assert members == [{a.peer.peer_id, newcomer.peer.peer_id}] * 2
+        results = together([a, absent], expected_peers=2, key="third", timeout=20)
+        assert [None if r is None else len(r.group.members) for r in results] == [2, 2]
+
+
+def test_rings_before_a_gathering_opens_are_kept_only_from_recent_peers_and_bounded():
+    """A ring for a gathering not open yet is kept only from a peer of our recent groups: its newest one, while
+    its deadline is ahead, dropped by its newer withdrawal. Strangers, junk, stale and older rings, and a flood of
+    rings under many keys leave at most one ring per recent peer."""
+    from hiveengine.averaging.matchmaking import MAX_RING_AHEAD, RING_METHOD
+    from hiveengine.transport import Peer
+
+    with swarm(2, sizes=(64,)) as (a, b):
+        assert all(r is not None for r in together([a, b], expected_peers=2, key="first"))
+        bell, stranger = a.matchmaker.bell, Peer()
+        key = matchmaking_key(a.prefix, "later")
+        now = get_dht_time()
+        mine = Registration(b.me, now, now + 20).record()
+
+        def ring(peer, header):
+            assert peer.runtime.run(peer.call(a.me.address, RING_METHOD, header, timeout=10), WAIT_LIMIT) == ({}, [])
+
+        try:
+            ring(
+                stranger,
+                {
+                    "k": key,
+                    "r": Registration(GroupMember(stranger.peer_id, str(stranger.address)), now, now + 20).record(),
+                    "e": 5.0,
+                },
+            )
+            ring(b.peer, {"k": key, "r": Registration(b.me, now - 20, now - 1).record(), "e": 5.0})  # deadline past
+            ring(b.peer, {"k": key, "r": ["junk"], "e": 5.0})
+            ring(b.peer, {"k": "x" * 5000, "r": mine, "e": 5.0})
+            ring(b.peer, {"k": key, "r": mine, "e": float("inf")})
+            assert bell._early == {}
+            for i in range(50):  # a flood under many keys: one ring held
+                ring(b.peer, {"k": f"{key}-{i}", "r": mine, "e": 5.0})
+            assert list(bell._early) == [b.peer.peer_id]
+            ring(b.peer, {"k": key, "r": mine, "e": 5.0})
+            ring(b.peer, {"k": key, "r": Registration(b.me, now, now + 19).record(), "e": 4.0})  # older: ignored
+            assert bell._early[b.peer.peer_id][1:] == (5.0, Registration(b.me, now, now + 20))
+            ring(b.peer, {"k": key, "r": None, "e": 6.0})  # its withdrawal
+            assert bell._early == {}
+            ring(b.peer, {"k": key, "r": mine, "e": 7.0})
+            listener = a.peer.runtime.run(_call(lambda: bell.open(key)), WAIT_LIMIT)
+            assert listener.records == {b.peer.peer_id: (7.0, Registration(b.me, now, now + 20))}
+            assert listener.event.is_set() and bell._early == {}
+            del bell.listeners[key]
+            assert len(bell._recent) <= MAX_RING_AHEAD
+        finally:
+            stranger.shutdown()
+
+
+def test_a_cancelled_step_rings_its_withdrawal_to_the_peers_it_rang_ahead():
+    """A peer that rang its last group ahead and then gives up tells them, so a ring they keep for a gathering they
+    have not opened yet does not count it."""
+    with swarm(2, sizes=(64,)) as (a, b):
+        assert all(r is not None for r in together([a, b], expected_peers=2, key="first"))
+        runtime = a.peer.runtime
+        step = runtime.submit(a.astep(expected_peers=2, key="second", timeout=20))
+        held = b.matchmaker.bell._early
+        wait_for(lambda: a.peer.peer_id in held, "a's ring ahead")
+        step.cancel()
+        wait_for(lambda: a.peer.peer_id not in held, "a's withdrawal")
+
+
 def test_concurrent_store_and_reads_see_each_other():
     """Nodes that write-and-read one key at once (the matchmaking registration): of any two, at least one reads
     the other's record, and one whose record every node held before the other's came was not read by it."""

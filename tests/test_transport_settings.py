@@ -58,3 +58,23 @@ def test_adaptive_polling_window_comes_from_the_environment():
     for bad in ("-1", "fast", "1e9"):
         with pytest.raises(ConfigurationError, match=SPIN_ENV):
             spin_seconds({SPIN_ENV: bad})
+
+
+def test_the_loop_polls_longer_only_while_a_thread_blocks_on_it():
+    """A blocking call (Runtime.run) widens the polling window WAITED_SPIN_FACTOR times while it waits, and ends
+    the wait once its result is ready."""
+    from hiveengine.transport import Peer
+    from hiveengine.transport.reactor import WAITED_SPIN_FACTOR
+
+    peer = Peer()
+    try:
+        reactor = peer.runtime.reactor
+
+        async def seen() -> tuple[int, float]:
+            return reactor._waiting, reactor._spin_window()
+
+        waiting, window = peer.runtime.run(seen(), 10)
+        assert waiting >= 1 and window == pytest.approx(WAITED_SPIN_FACTOR * spin_seconds())
+        assert reactor._waiting == 0 and reactor._spin_window() == pytest.approx(spin_seconds())
+    finally:
+        peer.shutdown()

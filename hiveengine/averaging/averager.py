@@ -450,6 +450,8 @@ class DecentralizedAverager:
         """Stop averaging and withdraw our state advertisement; idempotent. The DHT stays up (it is the caller's)."""
         if not self._closed:
             self._closed = True
+            if not self.peer.runtime.loop.is_closed():
+                self.peer.runtime.call_soon(self.matchmaker.close)
             if self._declaring is not None:
                 self._declaring.cancel()
             if self._sharing:

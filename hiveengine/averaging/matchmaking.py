@@ -32,6 +32,15 @@ newer than the one held; junk is dropped and wakes nothing. A gathering that hea
 GATHER_POLL_SECONDS reads the DHT. So when all expected peers are present in a swarm of at most k DHT nodes,
 a round's matchmaking costs each peer one DHT lookup (one round trip) and no other message.
 
+A group that met rings ahead. Peers that averaged together usually step together again, so a registrant whose
+gathering may close early (the caller expects a group's worth of peers) first rings the others of its last group
+with its registration, and writes it to the DHT RING_AHEAD_WRITE_DELAY later (at once if it wrote under this key
+before: that older registration may still look open). A ring needs no lookup and no signature to check (the
+transport authenticates the caller), so the group closes one message after its last member registers, usually before
+any write; the write still follows, for a newcomer or a lost ring. A ring that comes before its gathering opened
+here is kept, only from a peer of our recent groups (one ring each, for MAX_RING_AHEAD peers, while its deadline is
+ahead), until the gathering opens; one who gives up rings its withdrawal to those it rang ahead.
+
 Bans. A registration also names the peers its registrant caught cheating as reducers (verified replies, see
 allreduce.py; at most MAX_VOTED_BANS). A peer that a strict majority of a gathering's registrants name is left out
 of the cut (`without_outvoted`): every member reads the same registrations, so every member leaves out the same
@@ -74,6 +83,7 @@ from hiveengine.averaging.accusations import Accusations
 from hiveengine.averaging.records import record_signer, signed_record, store_signed
 from hiveengine.dht.dht import DHT
 from hiveengine.dht.node import ReadBack
+from hiveengine.dht.protocol import MAX_KEY_BYTES
 from hiveengine.dht.schemas import MAX_GATHERING_SECONDS, MAX_VOTED_BANS, registration_problem
 from hiveengine.dht.serialization import pack, unpack
 from hiveengine.dht.storage import Entry, Record, get_dht_time
@@ -92,6 +102,13 @@ RING_METHOD = "hiveengine.averaging.ring"
 # registration).
 RING_TIMEOUT = 1.0
 MAX_RING_RECORDS = 1024  # ringers one open gathering remembers (more are left to the DHT reads)
+# A group that met rings ahead: each member rings the others of its last group as it registers, and keeps a ring that
+# comes before its own gathering opened, from a peer of its recent groups (at most this many peers, and one ring each).
+MAX_RING_AHEAD = 32
+# A registrant that rang ahead writes its registration this much later (for those its rings did not reach: a newcomer,
+# a ring lost): by then a group that met again has usually averaged a small buffer, and the write (a signature, a DHT
+# lookup, a check of the signature on every node) does not hold up the round.
+RING_AHEAD_WRITE_DELAY = 0.01
 REGISTRATION_SLACK = 30.0  # registrations outlive their deadline by this long (then expire everywhere)
 VERSION_STEP = 1e-3  # each write of ours under one key expires at least this much later than the last
 MAX_REMEMBERED_KEYS = 64  # keys whose last write's expiration (and last cut) we remember
@@ -211,22 +228,35 @@ class Registration:
 
 
 class _Listener:
-    """What rings told one open gathering: each ringer's newest registration (with its version), and an event
-    set whenever a ring brought something new."""
+    """What rings told one open gathering: each ringer's newest registration (None: withdrawn) with its version, and
+    an event set whenever a ring brought something new."""
 
     __slots__ = ("event", "records")
 
     def __init__(self):
         self.event = asyncio.Event()
-        self.records: dict[PeerID, tuple[float, Registration]] = {}
+        self.records: dict[PeerID, tuple[float, Registration | None]] = {}
+
+    def take(self, sender: PeerID, version: float, registration: Registration | None) -> None:
+        """Take `sender`'s registration (None: its withdrawal, which needs one to withdraw) if newer than the one
+        held, and wake the gathering; anything else changes nothing."""
+        held = self.records.get(sender)
+        if held is not None and version <= held[0]:
+            return
+        if held is None and (registration is None or len(self.records) >= MAX_RING_RECORDS):
+            return
+        self.records[sender] = (version, registration)
+        self.event.set()
 
 
 class Bell:
-    """One per peer: a registrant rings the others it sees in its gathering, handing each its registration and
-    that registration's version (the expiration time of its DHT write), so the one rung needs no DHT read to
-    learn of it. A ring is taken only for a gathering this peer has open, only with the caller's own well-formed
-    registration (its peer id is the authenticated caller's), and only if it is newer than the one held: junk
-    rings are dropped and wake nothing."""
+    """One per peer: a registrant rings the others it sees in its gathering, handing each its registration (or its
+    withdrawal) and that registration's version (the expiration time of its DHT write), so the one rung needs no DHT
+    read to learn of it. A ring is taken only for a gathering this peer has open, only with the caller's own
+    well-formed registration (its peer id is the authenticated caller's), and only if it is newer than the one held:
+    junk rings are dropped and wake nothing. The one exception: a ring from a peer of our recent groups (`remember`)
+    that comes before we opened its gathering is kept (its newest one, for at most MAX_RING_AHEAD such peers, while
+    its deadline is ahead) until we open it (`open`)."""
 
     _bells: ClassVar[weakref.WeakKeyDictionary[Peer, Bell]] = weakref.WeakKeyDictionary()
 
@@ -234,6 +264,8 @@ class Bell:
         self.peer = peer
         self.listeners: dict[str, _Listener] = {}
         self._background: set[asyncio.Task] = set()
+        self._recent: collections.OrderedDict[PeerID, None] = collections.OrderedDict()  # peers of our recent groups
+        self._early: dict[PeerID, tuple[str, float, Registration]] = {}  # their rings that came before our gathering
         peer.register(RING_METHOD, self._on_ring)
 
     @classmethod
@@ -242,26 +274,58 @@ class Bell:
             cls._bells[peer] = cls(peer)
         return cls._bells[peer]
 
+    def remember(self, peers: Iterable[PeerID]) -> None:
+        """Keep rings that `peers` (who were just in our group) send before we open their gathering."""
+        for peer_id in peers:
+            self._recent[peer_id] = None
+            self._recent.move_to_end(peer_id)
+        while len(self._recent) > MAX_RING_AHEAD:
+            self._early.pop(self._recent.popitem(last=False)[0], None)
+
+    def open(self, key: str) -> _Listener:
+        """The listener of our gathering under `key`, holding (and woken by) the rings that came before it opened."""
+        listener = self.listeners.setdefault(key, _Listener())
+        now = get_dht_time()
+        for sender, (ring_key, version, registration) in list(self._early.items()):
+            if ring_key == key or registration.gather_until <= now:
+                del self._early[sender]
+            if ring_key == key and registration.gather_until > now:
+                listener.take(sender, version, registration)
+        return listener
+
     async def _on_ring(self, request: Request) -> dict:
         header = request.header
-        key, version = header.get("k"), header.get("e")
-        listener = self.listeners.get(key) if isinstance(key, str) else None
-        if listener is None or not _is_version(version):
+        key, version, value = header.get("k"), header.get("e"), header.get("r")
+        if not (isinstance(key, str) and _is_version(version)):
             return {}
-        held = listener.records.get(request.sender)
-        if held is not None and version <= held[0]:
+        registration = None if value is None else _registration(request.sender, value)
+        if value is not None and registration is None:
             return {}
-        if held is None and len(listener.records) >= MAX_RING_RECORDS:
-            return {}
-        registration = _registration(request.sender, header.get("r"))
-        if registration is not None:
-            listener.records[request.sender] = (float(version), registration)
-            listener.event.set()
+        listener = self.listeners.get(key)
+        if listener is not None:
+            listener.take(request.sender, float(version), registration)
+        else:
+            self._keep_early(request.sender, key, float(version), registration)
         return {}
 
-    def ring(self, member: GroupMember, dht_key: str, registration: Registration, version: float) -> None:
-        """Hand `member` our registration under `dht_key` (in the background; a lost ring costs a poll)."""
-        header = {"k": dht_key, "r": registration.record(), "e": version}
+    def _keep_early(self, sender: PeerID, key: str, version: float, registration: Registration | None) -> None:
+        """Keep a ring for a gathering we have not opened (yet) if it comes from a peer of our recent groups, is
+        newer than the one it rang before and its deadline is ahead; a newer withdrawal drops it."""
+        if sender not in self._recent or len(key) > MAX_KEY_BYTES:
+            return
+        held = self._early.get(sender)
+        if held is not None and held[0] == key and version <= held[1]:
+            return
+        if registration is None:
+            if held is not None and held[0] == key:
+                del self._early[sender]
+        elif registration.gather_until > get_dht_time():
+            self._early[sender] = (key, version, registration)
+
+    def ring(self, member: GroupMember, dht_key: str, registration: Registration | None, version: float) -> None:
+        """Hand `member` our registration under `dht_key` (None: we withdrew it), in the background (a lost ring
+        costs a poll)."""
+        header = {"k": dht_key, "r": None if registration is None else registration.record(), "e": version}
         timeout = RING_TIMEOUT + self.peer.link_time(member.peer_id)
         task = asyncio.ensure_future(self.peer.call(member.address, RING_METHOD, header, timeout=timeout))
         self._background.add(task)
@@ -319,6 +383,7 @@ class _Gathering:
     skipped: set[PeerID] = field(default_factory=set)  # peers whose malformed or expired registration we logged
     spent: frozenset = frozenset()  # (peer id, registered_at, gather_until) of the registrations our last cut took
     writing: asyncio.Task | None = None  # our registration's write (and read), while under way
+    ahead: tuple[GroupMember, ...] = ()  # whom we ring as we register (our last group, when it may close early)
 
     def learn_record(self, record: Record, peer_id: PeerID | None = None) -> bool:
         """Take a DHT record of the gathering's key (its value is decoded only if it is newer than what we
@@ -458,6 +523,8 @@ class Matchmaker:
         # Each key's last cut: its deadline and the registrations it took. A gathering that filled up closes before
         # its deadline, so those registrations still look open: whoever saw them would join a gathering that is over.
         self._cuts: collections.OrderedDict[str, tuple[float, frozenset]] = collections.OrderedDict()
+        self._last_group: tuple[GroupMember, ...] = ()  # the others of our last group: we ring them ahead
+        self._delayed: set[asyncio.Task] = set()  # our writes that wait RING_AHEAD_WRITE_DELAY (or are under way)
 
     async def find_group(
         self,
@@ -489,13 +556,13 @@ class Matchmaker:
         if gather_until > give_up_at and full is None:
             logger.info("a gathering for %s would end after our deadline", dht_key)
             return None
-        listener = self.bell.listeners.setdefault(dht_key, _Listener())
+        listener = self.bell.open(dht_key)
         dht_node = None if self.dht.client_mode else self.dht.peer_id.raw  # a client-mode node stores nothing
         self.me = self._member_now()
         bans = tuple(p.raw for p in list(self.banned())[-MAX_VOTED_BANS:])
         accused = tuple(self.accusations.published()) if self.accusations is not None else ()
         mine = Registration(self.me, now, gather_until, round_number, gathered, dht_node, bans, accused)
-        gathering = _Gathering(dht_key, mine, listener, spent=spent)
+        gathering = _Gathering(dht_key, mine, listener, spent=spent, ahead=self._last_group if full else ())
 
         def stored(record) -> None:  # another registrant's write reached our DHT node
             if gathering.learn_record(record):
@@ -521,7 +588,16 @@ class Matchmaker:
         _remember(self._cuts, dht_key, (gathering.mine.gather_until, taken))
         if gathering.writing is not None:  # and then ring whoever still needs our registration
             gathering.writing.add_done_callback(lambda _: self._ring_after_write(gathering, registrations))
-        return self._our_group(dht_key, registrations)
+        group = self._our_group(dht_key, registrations)
+        if group is not None:
+            self._last_group = tuple(m for m in group.members if m.peer_id != self.me.peer_id)[:MAX_RING_AHEAD]
+            self.bell.remember(m.peer_id for m in self._last_group)
+        return group
+
+    def close(self) -> None:
+        """Cancel our delayed writes (RING_AHEAD_WRITE_DELAY) that have not finished: we step no more."""
+        for task in list(self._delayed):
+            task.cancel()
 
     def _member_now(self) -> GroupMember:
         """Who we register as now: at our address now (it changes when a peer behind a NAT moves to another relay, or
@@ -660,7 +736,7 @@ class Matchmaker:
             if r.dht_node is not None and int.from_bytes(r.dht_node, "big") in g.takers:
                 continue
             heard = g.listener.records.get(peer_id)
-            if heard is None or heard[1].gather_until != g.mine.gather_until:
+            if heard is None or heard[1] is None or heard[1].gather_until != g.mine.gather_until:
                 self.bell.ring(r.member, g.key, g.mine, g.version)
 
     def _next_version(self, dht_key: str) -> float:
@@ -672,12 +748,23 @@ class Matchmaker:
         return version
 
     def _register(self, g: _Gathering) -> None:
-        """Start writing our registration and reading the others' (one DHT lookup; its end wakes the gathering);
-        everyone must hear of it anew."""
+        """Ring the peers of our last group (they probably step with us again: a ring reaches them with no DHT
+        lookup and no signature to check), then start writing our registration and reading the others' (one DHT
+        lookup; its end wakes the gathering); everyone else must hear of it anew. Having rung ahead, we write
+        RING_AHEAD_WRITE_DELAY later, unless we wrote under this key before: our last registration there may still
+        look open, and a newcomer must find the new one in its place at once."""
+        delay = RING_AHEAD_WRITE_DELAY if g.ahead and g.key not in self._versions else 0.0
         g.version = self._next_version(g.key)
         g.told.clear()
         g.aware.clear()
-        g.writing = asyncio.ensure_future(_store_and_read(self.dht, self.identity, g.key, g.mine.record(), g.version))
+        for member in g.ahead:
+            g.told.add(member.peer_id)
+            self.bell.ring(member, g.key, g.mine, g.version)
+        write = _store_and_read(self.dht, self.identity, g.key, g.mine.record(), g.version, delay)
+        g.writing = asyncio.ensure_future(write)
+        if delay:
+            self._delayed.add(g.writing)
+            g.writing.add_done_callback(self._delayed.discard)
         g.writing.add_done_callback(lambda _: g.listener.event.set())
 
     def _take_write(self, g: _Gathering) -> _Gathering:
@@ -706,14 +793,22 @@ class Matchmaker:
             g.learn_read(found.value)
 
     def _withdraw_in_background(self, g: _Gathering) -> None:
-        """Replace our registration with a tombstone, so peers still gathering do not count on us."""
+        """Replace our registration with a tombstone, so peers still gathering do not count on us (and tell those we
+        rang ahead, who may hold our ring for a gathering they have not opened yet)."""
         version = self._next_version(g.key)
+        for member in g.ahead:
+            self.bell.ring(member, g.key, None, version)
         self._keep(asyncio.ensure_future(store_signed(self.dht, self.identity, g.key, None, version)))
 
 
-async def _store_and_read(dht: DHT, identity: Identity, key: str, value: Any, expiration: float) -> ReadBack | None:
-    """Store `value` under `key`, signed by `identity` (records.py), and read the key back in the same lookup,
-    which asks every known node at once (DHTNode.store with `read` and `wide`); None if no node accepted it."""
+async def _store_and_read(
+    dht: DHT, identity: Identity, key: str, value: Any, expiration: float, delay: float = 0.0
+) -> ReadBack | None:
+    """After `delay` seconds, store `value` under `key`, signed by `identity` (records.py), and read the key back in
+    the same lookup, which asks every known node at once (DHTNode.store with `read` and `wide`); None if no node
+    accepted it."""
+    if delay:
+        await asyncio.sleep(delay)
     record = signed_record(dht, identity, key, value, expiration)
     read = ReadBack(Entry(record.key))
     (accepted,) = await dht.node.store([record], read=read, wide=True)

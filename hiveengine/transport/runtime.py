@@ -115,12 +115,21 @@ class Runtime:
             if asyncio.iscoroutine(coro):
                 coro.close()  # never run: without this Python warns that it was never awaited
             raise RuntimeError("the transport runtime has shut down (Runtime.shutdown, or the process is exiting)")
-        future = self.submit(coro)
+        future = self.submit(self._waited(coro) if hasattr(self, "reactor") else coro)
         try:
             return future.result(timeout)
         except concurrent.futures.TimeoutError:
             future.cancel()
             raise RPCTimeoutError(f"operation did not complete within {timeout} s") from None
+
+    async def _waited(self, coro: Awaitable[T]) -> T:
+        """Await `coro` for a thread that blocks on its result: the reactor polls longer meanwhile, and stops once the
+        result is ready (a polling loop would hold the GIL that the waiting thread needs to take it)."""
+        self.reactor.begin_wait()
+        try:
+            return await coro
+        finally:
+            self.reactor.end_wait()
 
     def call_soon(self, fn: Callable, *args) -> None:
         self.loop.call_soon_threadsafe(fn, *args)
