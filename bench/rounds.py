@@ -98,8 +98,12 @@ def wait_for_go() -> float:
 
 
 def spawn_ours(peers: int) -> subprocess.Popen:
-    # Peers on one host split its cores (as torchrun does with OMP_NUM_THREADS; see bench/allreduce.py).
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // peers))}
+    # Peers on one host share its cores as `hiveengine launch` workers do (bench/allreduce.py does the same): each
+    # gets its share (OMP_NUM_THREADS), and with more peers than cores, none polls UCX after activity
+    # (HIVEENGINE_SPIN_US=0: a polling peer takes the core another needs, which on separate machines it would not).
+    from hiveengine.cli.launch import shared_host_defaults
+
+    env = {**shared_host_defaults(peers, os.environ), **os.environ}
     return subprocess.Popen(
         [sys.executable, __file__, "--role", "ours"],
         stdin=subprocess.PIPE,

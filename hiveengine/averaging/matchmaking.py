@@ -36,10 +36,12 @@ A group that met rings ahead. Peers that averaged together usually step together
 gathering may close early (the caller expects a group's worth of peers) first rings the others of its last group
 with its registration, and writes it to the DHT RING_AHEAD_WRITE_DELAY later (at once if it wrote under this key
 before: that older registration may still look open). A ring needs no lookup and no signature to check (the
-transport authenticates the caller), so the group closes one message after its last member registers, usually before
-any write; the write still follows, for a newcomer or a lost ring. A ring that comes before its gathering opened
-here is kept, only from a peer of our recent groups (one ring each, for MAX_RING_AHEAD peers, while its deadline is
-ahead), until the gathering opens; one who gives up rings its withdrawal to those it rang ahead.
+transport authenticates the caller), so the group closes one message after its last member registers. The reply to a
+ring says whether the peer rung holds the registration: when every other member of the cut does, nobody in the group
+needs the write, and it is skipped; otherwise it goes out, for a newcomer or a lost ring. A ring that comes before
+its gathering opened here is kept, only from a peer of our recent groups and within bounds (EARLY_RINGS_PER_PEER,
+MAX_EARLY_RINGS, while its deadline is ahead; once kept, only a withdrawal or its deadline drops it), and one who
+gives up rings its withdrawal to those it rang ahead.
 
 Bans. A registration also names the peers its registrant caught cheating as reducers (verified replies, see
 allreduce.py; at most MAX_VOTED_BANS). A peer that a strict majority of a gathering's registrants name is left out
@@ -102,12 +104,16 @@ RING_METHOD = "hiveengine.averaging.ring"
 # registration).
 RING_TIMEOUT = 1.0
 MAX_RING_RECORDS = 1024  # ringers one open gathering remembers (more are left to the DHT reads)
-# A group that met rings ahead: each member rings the others of its last group as it registers, and keeps a ring that
-# comes before its own gathering opened, from a peer of its recent groups (at most this many peers, and one ring each).
+# A group that met rings ahead: each member rings (at most this many of) the others of its last group as it registers.
 MAX_RING_AHEAD = 32
-# A registrant that rang ahead writes its registration this much later (for those its rings did not reach: a newcomer,
-# a ring lost): by then a group that met again has usually averaged a small buffer, and the write (a signature, a DHT
-# lookup, a check of the signature on every node) does not hold up the round.
+# A ring that comes before its gathering opened here is kept (acknowledged) only from a peer of our recent groups (the
+# last MAX_RING_AHEAD), at most this many per peer and this many in all; more are refused, never evicted once kept.
+EARLY_RINGS_PER_PEER = 4
+MAX_EARLY_RINGS = 64
+# A registrant that rang ahead writes its registration this much later, unless every other member of its cut has
+# acknowledged its ring by then (then nobody in its group needs the write). The write is for those its rings did not
+# reach (a newcomer, a lost ring); waiting keeps it (a signature, a DHT lookup, a check of the signature on every
+# node) off the round's critical path.
 RING_AHEAD_WRITE_DELAY = 0.01
 REGISTRATION_SLACK = 30.0  # registrations outlive their deadline by this long (then expire everywhere)
 VERSION_STEP = 1e-3  # each write of ours under one key expires at least this much later than the last
@@ -237,16 +243,17 @@ class _Listener:
         self.event = asyncio.Event()
         self.records: dict[PeerID, tuple[float, Registration | None]] = {}
 
-    def take(self, sender: PeerID, version: float, registration: Registration | None) -> None:
+    def take(self, sender: PeerID, version: float, registration: Registration | None) -> bool:
         """Take `sender`'s registration (None: its withdrawal, which needs one to withdraw) if newer than the one
-        held, and wake the gathering; anything else changes nothing."""
+        held, and wake the gathering; whether we now hold this version of it or a newer one."""
         held = self.records.get(sender)
         if held is not None and version <= held[0]:
-            return
+            return True
         if held is None and (registration is None or len(self.records) >= MAX_RING_RECORDS):
-            return
+            return False
         self.records[sender] = (version, registration)
         self.event.set()
+        return True
 
 
 class Bell:
@@ -255,8 +262,8 @@ class Bell:
     read to learn of it. A ring is taken only for a gathering this peer has open, only with the caller's own
     well-formed registration (its peer id is the authenticated caller's), and only if it is newer than the one held:
     junk rings are dropped and wake nothing. The one exception: a ring from a peer of our recent groups (`remember`)
-    that comes before we opened its gathering is kept (its newest one, for at most MAX_RING_AHEAD such peers, while
-    its deadline is ahead) until we open it (`open`)."""
+    that comes before we opened its gathering is kept (EARLY_RINGS_PER_PEER per peer, MAX_EARLY_RINGS in all, while
+    its deadline is ahead) until we open it (`open`). The reply says whether we hold the registration."""
 
     _bells: ClassVar[weakref.WeakKeyDictionary[Peer, Bell]] = weakref.WeakKeyDictionary()
 
@@ -265,7 +272,8 @@ class Bell:
         self.listeners: dict[str, _Listener] = {}
         self._background: set[asyncio.Task] = set()
         self._recent: collections.OrderedDict[PeerID, None] = collections.OrderedDict()  # peers of our recent groups
-        self._early: dict[PeerID, tuple[str, float, Registration]] = {}  # their rings that came before our gathering
+        # Rings that came before we opened their gathering: (sender, key) -> (version, registration).
+        self._early: dict[tuple[PeerID, str], tuple[float, Registration]] = {}
         peer.register(RING_METHOD, self._on_ring)
 
     @classmethod
@@ -280,17 +288,16 @@ class Bell:
             self._recent[peer_id] = None
             self._recent.move_to_end(peer_id)
         while len(self._recent) > MAX_RING_AHEAD:
-            self._early.pop(self._recent.popitem(last=False)[0], None)
+            self._recent.popitem(last=False)
 
     def open(self, key: str) -> _Listener:
         """The listener of our gathering under `key`, holding (and woken by) the rings that came before it opened."""
         listener = self.listeners.setdefault(key, _Listener())
-        now = get_dht_time()
-        for sender, (ring_key, version, registration) in list(self._early.items()):
-            if ring_key == key or registration.gather_until <= now:
-                del self._early[sender]
-            if ring_key == key and registration.gather_until > now:
-                listener.take(sender, version, registration)
+        if not self._early:
+            return listener
+        self._drop_stale()
+        for sender, ring_key in [k for k in self._early if k[1] == key]:
+            listener.take(sender, *self._early.pop((sender, ring_key)))
         return listener
 
     async def _on_ring(self, request: Request) -> dict:
@@ -302,35 +309,72 @@ class Bell:
         if value is not None and registration is None:
             return {}
         listener = self.listeners.get(key)
-        if listener is not None:
-            listener.take(request.sender, float(version), registration)
+        if listener is None:
+            held = self._keep_early(request.sender, key, float(version), registration)
         else:
-            self._keep_early(request.sender, key, float(version), registration)
-        return {}
+            asleep = not listener.event.is_set()
+            held = listener.take(request.sender, float(version), registration)
+            if asleep and listener.event.is_set():
+                await asyncio.sleep(0)  # the gathering we woke goes first (it may close): our reply can wait
+        return {"t": True} if held and registration is not None else {}
 
-    def _keep_early(self, sender: PeerID, key: str, version: float, registration: Registration | None) -> None:
-        """Keep a ring for a gathering we have not opened (yet) if it comes from a peer of our recent groups, is
-        newer than the one it rang before and its deadline is ahead; a newer withdrawal drops it."""
+    def _keep_early(self, sender: PeerID, key: str, version: float, registration: Registration | None) -> bool:
+        """Keep a ring for a gathering we have not opened (yet) if it comes from a peer of our recent groups, its
+        deadline is ahead and there is room (a newer withdrawal drops it); whether we hold it (or a newer one)."""
         if sender not in self._recent or len(key) > MAX_KEY_BYTES:
-            return
-        held = self._early.get(sender)
-        if held is not None and held[0] == key and version <= held[1]:
-            return
+            return False
+        held = self._early.get((sender, key))
+        if held is not None and version <= held[0]:
+            return True
         if registration is None:
-            if held is not None and held[0] == key:
-                del self._early[sender]
-        elif registration.gather_until > get_dht_time():
-            self._early[sender] = (key, version, registration)
+            self._early.pop((sender, key), None)
+            return False
+        if held is None and not self._room_for(sender):
+            return False
+        if registration.gather_until <= get_dht_time() or not _fits(registration):
+            return False
+        self._early[(sender, key)] = (version, registration)
+        return True
 
-    def ring(self, member: GroupMember, dht_key: str, registration: Registration | None, version: float) -> None:
+    def _room_for(self, sender: PeerID) -> bool:
+        """Whether one more early ring from `sender` fits (stale ones make room)."""
+        if len(self._early) >= MAX_EARLY_RINGS or sum(k[0] == sender for k in self._early) >= EARLY_RINGS_PER_PEER:
+            self._drop_stale()
+        return len(self._early) < MAX_EARLY_RINGS and sum(k[0] == sender for k in self._early) < EARLY_RINGS_PER_PEER
+
+    def _drop_stale(self) -> None:
+        now = get_dht_time()
+        for k in [k for k, (_, r) in self._early.items() if r.gather_until <= now]:
+            del self._early[k]
+
+    def ring(
+        self,
+        member: GroupMember,
+        dht_key: str,
+        registration: Registration | None,
+        version: float,
+        answered: Callable[[bool], None] | None = None,
+    ) -> None:
         """Hand `member` our registration under `dht_key` (None: we withdrew it), in the background (a lost ring
-        costs a poll)."""
+        costs a poll); `answered(held)` runs when the call ends: whether `member` said it holds the registration."""
         header = {"k": dht_key, "r": None if registration is None else registration.record(), "e": version}
         timeout = RING_TIMEOUT + self.peer.link_time(member.peer_id)
         task = asyncio.ensure_future(self.peer.call(member.address, RING_METHOD, header, timeout=timeout))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         task.add_done_callback(lambda t: t.cancelled() or _log_ring_failure(t.exception()))
+        if answered is not None:
+            task.add_done_callback(lambda t: answered(_held(t)))
+
+
+def _held(ring: asyncio.Task) -> bool:
+    """Whether a ring's reply says the peer rung holds our registration."""
+    return not ring.cancelled() and ring.exception() is None and ring.result()[0].get("t") is True
+
+
+def _fits(registration: Registration) -> bool:
+    """Whether a registration's gathered metadata is within MAX_GATHERED_BYTES (what an honest peer attaches)."""
+    return len(msgpack.packb(registration.gathered, use_bin_type=True)) <= MAX_GATHERED_BYTES
 
 
 def _is_version(value) -> bool:
@@ -384,6 +428,31 @@ class _Gathering:
     spent: frozenset = frozenset()  # (peer id, registered_at, gather_until) of the registrations our last cut took
     writing: asyncio.Task | None = None  # our registration's write (and read), while under way
     ahead: tuple[GroupMember, ...] = ()  # whom we ring as we register (our last group, when it may close early)
+    answers: dict[PeerID, bool] = field(default_factory=dict)  # whether each we rang ahead holds our registration
+    cut: frozenset[PeerID] | None = None  # the others our cut took, once it is made
+    made: asyncio.Event = field(default_factory=asyncio.Event)  # set once the cut is made
+    decided: asyncio.Event = field(default_factory=asyncio.Event)  # and then once its members answered
+
+    def answer(self, peer_id: PeerID, held: bool) -> None:
+        self.answers[peer_id] = held
+        self._decide()
+
+    def make_cut(self, others: frozenset[PeerID]) -> None:
+        self.cut = others
+        self.made.set()
+        self._decide()
+
+    def _decide(self) -> None:
+        """Set `decided` once the cut is made and we know whether its members hold our registration: each we rang
+        ahead answered (a ring's call has a deadline, so each does), or one we did not ring (only a write tells it)."""
+        if self.cut is None:
+            return
+        if not self.cut <= {m.peer_id for m in self.ahead} or self.cut <= self.answers.keys():
+            self.decided.set()
+
+    def settled(self) -> bool:
+        """Whether every other member of our cut holds our registration (then nobody in our group needs our write)."""
+        return self.cut is not None and all(self.answers.get(p, False) for p in self.cut)
 
     def learn_record(self, record: Record, peer_id: PeerID | None = None) -> bool:
         """Take a DHT record of the gathering's key (its value is decoded only if it is newer than what we
@@ -525,6 +594,7 @@ class Matchmaker:
         self._cuts: collections.OrderedDict[str, tuple[float, frozenset]] = collections.OrderedDict()
         self._last_group: tuple[GroupMember, ...] = ()  # the others of our last group: we ring them ahead
         self._delayed: set[asyncio.Task] = set()  # our writes that wait RING_AHEAD_WRITE_DELAY (or are under way)
+        self._registered_as: tuple | None = None  # (address, bandwidth, mode) that self.me was last made for
 
     async def find_group(
         self,
@@ -585,6 +655,7 @@ class Matchmaker:
             self._withdraw_in_background(gathering)
             return None
         taken = frozenset((r.member.peer_id, r.registered_at, r.gather_until) for r in registrations)
+        gathering.make_cut(frozenset(r.member.peer_id for r in registrations) - {self.me.peer_id})
         _remember(self._cuts, dht_key, (gathering.mine.gather_until, taken))
         if gathering.writing is not None:  # and then ring whoever still needs our registration
             gathering.writing.add_done_callback(lambda _: self._ring_after_write(gathering, registrations))
@@ -608,6 +679,9 @@ class Matchmaker:
         undialable = self.mode == Mode.NODE and self.peer.runtime.reachable is False and not relayed
         mode = Mode.CLIENT if undialable else self.mode
         bandwidth = registered_bandwidth(self.bandwidth, relayed)
+        if (address, bandwidth, mode) == self._registered_as:  # as last time (no need to print the address again)
+            return self.me
+        self._registered_as = (address, bandwidth, mode)
         if (str(address), bandwidth, mode) == (self.me.address, self.me.bandwidth, self.me.mode):
             return self.me
         if undialable and self.me.mode != Mode.CLIENT:
@@ -754,18 +828,36 @@ class Matchmaker:
         RING_AHEAD_WRITE_DELAY later, unless we wrote under this key before: our last registration there may still
         look open, and a newcomer must find the new one in its place at once."""
         delay = RING_AHEAD_WRITE_DELAY if g.ahead and g.key not in self._versions else 0.0
-        g.version = self._next_version(g.key)
+        g.version = version = self._next_version(g.key)
         g.told.clear()
         g.aware.clear()
+        g.answers.clear()
+
+        def answer(peer_id: PeerID) -> Callable[[bool], None]:
+            return lambda held: g.version == version and g.answer(peer_id, held)
+
         for member in g.ahead:
             g.told.add(member.peer_id)
-            self.bell.ring(member, g.key, g.mine, g.version)
-        write = _store_and_read(self.dht, self.identity, g.key, g.mine.record(), g.version, delay)
-        g.writing = asyncio.ensure_future(write)
+            self.bell.ring(member, g.key, g.mine, version, answer(member.peer_id))
+        g.writing = asyncio.ensure_future(self._write(g, g.mine.record(), version, delay))
         if delay:
             self._delayed.add(g.writing)
             g.writing.add_done_callback(self._delayed.discard)
         g.writing.add_done_callback(lambda _: g.listener.event.set())
+
+    async def _write(self, g: _Gathering, value: list, version: float, delay: float) -> ReadBack | None:
+        """Our registration's write and read (_store_and_read). With `delay` (we rang ahead): `delay` seconds from
+        now if the gathering is still open then; once it is cut, as soon as its members answered our rings, and
+        skipped (None) if each holds our registration."""
+        if delay:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await g.made.wait()
+            if g.cut is not None:
+                await g.decided.wait()
+                if g.settled():
+                    return None
+        return await _store_and_read(self.dht, self.identity, g.key, value, version)
 
     def _take_write(self, g: _Gathering) -> _Gathering:
         """Take in what our finished write read back (raising what it raised, if the gathering is open)."""
@@ -778,7 +870,7 @@ class Matchmaker:
         return g
 
     def _ring_after_write(self, g: _Gathering, cut: list[Registration]) -> None:
-        if not g.writing.cancelled() and g.writing.exception() is None:
+        if not g.writing.cancelled() and g.writing.exception() is None and g.writing.result() is not None:
             self._ring(self._take_write(g), cut)
 
     def _keep(self, task: asyncio.Task) -> None:
@@ -801,14 +893,9 @@ class Matchmaker:
         self._keep(asyncio.ensure_future(store_signed(self.dht, self.identity, g.key, None, version)))
 
 
-async def _store_and_read(
-    dht: DHT, identity: Identity, key: str, value: Any, expiration: float, delay: float = 0.0
-) -> ReadBack | None:
-    """After `delay` seconds, store `value` under `key`, signed by `identity` (records.py), and read the key back in
-    the same lookup, which asks every known node at once (DHTNode.store with `read` and `wide`); None if no node
-    accepted it."""
-    if delay:
-        await asyncio.sleep(delay)
+async def _store_and_read(dht: DHT, identity: Identity, key: str, value: Any, expiration: float) -> ReadBack | None:
+    """Store `value` under `key`, signed by `identity` (records.py), and read the key back in the same lookup,
+    which asks every known node at once (DHTNode.store with `read` and `wide`); None if no node accepted it."""
     record = signed_record(dht, identity, key, value, expiration)
     read = ReadBack(Entry(record.key))
     (accepted,) = await dht.node.store([record], read=read, wide=True)
