@@ -305,10 +305,12 @@ class Bell:
         key, version, value = header.get("k"), header.get("e"), header.get("r")
         if not (isinstance(key, str) and _is_version(version)):
             return {}
+        listener = self.listeners.get(key)
+        if listener is None and request.sender not in self._recent:
+            return {}  # nothing open for it, and not a peer whose early rings we keep: dropped before it is read
         registration = None if value is None else _registration(request.sender, value)
         if value is not None and registration is None:
             return {}
-        listener = self.listeners.get(key)
         if listener is None:
             held = self._keep_early(request.sender, key, float(version), registration)
         else:
@@ -319,9 +321,9 @@ class Bell:
         return {"t": True} if held and registration is not None else {}
 
     def _keep_early(self, sender: PeerID, key: str, version: float, registration: Registration | None) -> bool:
-        """Keep a ring for a gathering we have not opened (yet) if it comes from a peer of our recent groups, its
-        deadline is ahead and there is room (a newer withdrawal drops it); whether we hold it (or a newer one)."""
-        if sender not in self._recent or len(key) > MAX_KEY_BYTES:
+        """Keep a ring from a peer of our recent groups for a gathering we have not opened (yet) if its deadline is
+        ahead and there is room (a newer withdrawal drops it); whether we hold it (or a newer one)."""
+        if len(key) > MAX_KEY_BYTES:
             return False
         held = self._early.get((sender, key))
         if held is not None and version <= held[0]:
@@ -358,13 +360,17 @@ class Bell:
         """Hand `member` our registration under `dht_key` (None: we withdrew it), in the background (a lost ring
         costs a poll); `answered(held)` runs when the call ends: whether `member` said it holds the registration."""
         header = {"k": dht_key, "r": None if registration is None else registration.record(), "e": version}
-        timeout = RING_TIMEOUT + self.peer.link_time(member.peer_id)
+        timeout = self.ring_timeout(member.peer_id)
         task = asyncio.ensure_future(self.peer.call(member.address, RING_METHOD, header, timeout=timeout))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         task.add_done_callback(lambda t: t.cancelled() or _log_ring_failure(t.exception()))
         if answered is not None:
             task.add_done_callback(lambda t: answered(_held(t)))
+
+    def ring_timeout(self, peer_id: PeerID) -> float:
+        """How long a ring to `peer_id` may take (RING_TIMEOUT plus what its link adds)."""
+        return RING_TIMEOUT + self.peer.link_time(peer_id)
 
 
 def _held(ring: asyncio.Task) -> bool:
@@ -854,10 +860,16 @@ class Matchmaker:
                 async with asyncio.timeout(delay):
                     await g.made.wait()
             if g.cut is not None:
-                await g.decided.wait()
+                with contextlib.suppress(TimeoutError):  # each ring answers by its own deadline; this bounds it here
+                    async with asyncio.timeout(self._rings_deadline(g)):
+                        await g.decided.wait()
                 if g.settled():
                     return None
         return await _store_and_read(self.dht, self.identity, g.key, value, version)
+
+    def _rings_deadline(self, g: _Gathering) -> float:
+        """The longest any of our rings ahead may take (Bell.ring's call timeout)."""
+        return max((self.bell.ring_timeout(m.peer_id) for m in g.ahead), default=0.0)
 
     def _take_write(self, g: _Gathering) -> _Gathering:
         """Take in what our finished write read back (raising what it raised, if the gathering is open)."""
