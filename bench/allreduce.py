@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import format_table, hivemind_python, kill_worker, read_prefixed, write_results
+from bench.common import format_table, hivemind_python, host_copies, kill_worker, read_prefixed, write_results
 from tools.netns import INNER_IFACE, ShapedNetwork, WanNetwork, nat_available
 from tools.netns import available as netns_available
 
@@ -55,7 +55,8 @@ def hive_worker(relay: str | None) -> None:
     plan = json.loads(sys.stdin.readline())
     members = tuple(GroupMember(PeerID.from_string(a.rsplit("/", 1)[1]), a) for a in plan["addresses"])
     codec = get_codec(plan["codec"])
-    flat = torch.randn(plan["numel"], generator=torch.Generator().manual_seed(plan["rank"]))
+    device = torch.device(plan.get("device", "cpu"))
+    flat = torch.randn(plan["numel"], generator=torch.Generator().manual_seed(plan["rank"])).to(device)
     residual = torch.zeros_like(flat) if codec.supports_error_feedback else None
     barrier = torch.zeros(1)
     none = get_codec("none")
@@ -63,17 +64,19 @@ def hive_worker(relay: str | None) -> None:
     def group(tag: str) -> GroupInfo:
         return GroupInfo(hashlib.sha256(tag.encode()).digest()[:16], members)
 
+    async def one_round(tag: str) -> float:
+        await run_allreduce(service, group(f"barrier-{tag}"), barrier, none, timeout=120)
+        start = time.perf_counter()
+        result = await run_allreduce(
+            service, group(f"round-{tag}"), flat, codec, residual=residual, timeout=300, sender_timeout=120
+        )
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        assert not result.failed_parts, result.failed_parts
+        return time.perf_counter() - start
+
     async def rounds() -> list[float]:
-        times = []
-        for r in range(plan["rounds"] + 1):
-            await run_allreduce(service, group(f"barrier{r}"), barrier, none, timeout=120)
-            start = time.perf_counter()
-            result = await run_allreduce(
-                service, group(f"round{r}"), flat, codec, residual=residual, timeout=300, sender_timeout=120
-            )
-            times.append(time.perf_counter() - start)
-            assert not result.failed_parts, result.failed_parts
-        return times[1:]
+        return [await one_round(str(r)) for r in range(plan["rounds"] + 1)][1:]
 
     offered = peer.runtime.relay
     relayed_before = offered.relayed_bytes if offered else 0
@@ -81,6 +84,8 @@ def hive_worker(relay: str | None) -> None:
     result = {"times": times, "wire_bytes": _wire_bytes(codec, plan)}
     if offered:  # bytes both ways through our relay per round (the barriers' are negligible)
         result["relayed_bytes"] = (offered.relayed_bytes - relayed_before) / (len(times) + 1)
+    if plan.get("profile"):  # one more round under the profiler: the host<->device copies it made
+        result["host_copies"] = host_copies(lambda: peer.runtime.run(one_round("profiled"), timeout=600))
     print("RESULT", json.dumps(result), flush=True)
     sys.stdin.read()
     peer.shutdown()
@@ -140,9 +145,18 @@ def _spawn(
 
 
 def run_hive(
-    peers: int, numel: int, codec: str, rounds: int, net: ShapedNetwork | WanNetwork | None, relay_mbps: float = 0
+    peers: int,
+    numel: int,
+    codec: str,
+    rounds: int,
+    net: ShapedNetwork | WanNetwork | None,
+    relay_mbps: float = 0,
+    device: str = "cpu",
+    profile: bool = False,
 ) -> dict:
-    """Our all-reduce; in a WanNetwork with firewalled peers, peer 0 relays for them (at most `relay_mbps`)."""
+    """Our all-reduce of buffers on `device`; in a WanNetwork with firewalled peers, peer 0 relays for them (at
+    most `relay_mbps`). With `profile`, each peer runs one more round under the torch profiler and reports its
+    host<->device copies (the list of their byte counts)."""
     hidden = set(getattr(net, "firewalled", ()))
     relay_env = {"HIVEENGINE_RELAY": "1", "HIVEENGINE_RELAY_MBPS": str(relay_mbps)} if hidden else {}
     procs = [_spawn("--role", "hive", peers=peers, rank=0, net=net, env=relay_env)]
@@ -153,7 +167,15 @@ def run_hive(
             procs.append(_spawn("--role", "hive", *relay, peers=peers, rank=r, net=net))
         addresses += [read_prefixed(p, "ADDRESS", LINE_TIMEOUT) for p in procs[1:]]
         for rank, proc in enumerate(procs):
-            plan = {"addresses": addresses, "codec": codec, "numel": numel, "rank": rank, "rounds": rounds}
+            plan = {
+                "addresses": addresses,
+                "codec": codec,
+                "numel": numel,
+                "rank": rank,
+                "rounds": rounds,
+                "device": device,
+                "profile": profile,
+            }
             proc.stdin.write(json.dumps(plan) + "\n")
             proc.stdin.flush()
         return _combine([json.loads(read_prefixed(p, "RESULT", LINE_TIMEOUT)) for p in procs])
@@ -231,6 +253,8 @@ def _combine(results: list[dict]) -> dict:
     combined = {"seconds": statistics.median(per_round), "rounds": per_round, "wire_bytes": results[0]["wire_bytes"]}
     if "relayed_bytes" in results[0]:
         combined["relay_mbps"] = results[0]["relayed_bytes"] * 8 / 1e6 / combined["seconds"]
+    if "host_copies" in results[0]:
+        combined["host_copies"] = [r["host_copies"] for r in results]
     return combined
 
 

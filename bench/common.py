@@ -13,8 +13,10 @@ import platform
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -71,6 +73,31 @@ def write_results(name: str, payload: dict) -> Path:
     path = results_dir() / f"{name}.json"
     path.write_text(json.dumps({"machine": machine_info(), **payload}, indent=2) + "\n")
     return path
+
+
+HOST_COPY_KINDS = ("HtoD", "DtoH")
+
+
+def host_copies(run: Callable[[], object]) -> list[int]:
+    """Run `run` under the torch profiler and return the byte count of every host<->device copy that this process
+    made meanwhile, by any thread or library (CUPTI sees UCX's copies too); [] without CUDA."""
+    from torch.profiler import ProfilerActivity, profile
+
+    if not torch.cuda.is_available():
+        run()
+        return []
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        events = json.loads(trace.read_text())["traceEvents"]
+    return [
+        int(e.get("args", {}).get("bytes", 0))
+        for e in events
+        if e.get("cat") == "gpu_memcpy" and any(kind in e.get("name", "") for kind in HOST_COPY_KINDS)
+    ]
 
 
 def kill_worker(proc: subprocess.Popen) -> None:

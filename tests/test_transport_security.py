@@ -291,7 +291,10 @@ def test_a_forged_replayed_reordered_or_altered_message_closes_the_connection(ho
             peer.shutdown()
 
 
-def test_an_altered_frame_closes_the_connection_before_its_handler_runs():
+def _forged_frame_closes_the_connection(forge) -> None:
+    """Send a `record` request with one 64 KiB frame, protected as `forge(conn, body, frame)` says (it completes the
+    header and returns the bytes that travel for the frame): the victim must close the connection before its
+    handler runs, holding nothing."""
     from hiveengine.transport.wire import Kind, encode_control
 
     victim, _ = _victim()
@@ -307,22 +310,42 @@ def test_an_altered_frame_closes_the_connection_before_its_handler_runs():
         conn = attacker.runtime.run(attacker.connect(victim.address), 10)
         frame = np.arange(1 << 16, dtype=np.uint8)  # 64 KiB: framed, not inline
         body = {"k": Kind.REQUEST, "i": conn.new_request_id(), "m": "record", "h": {}, "d": 10}
-        body.update(f=[["uint8", [frame.nbytes], "cpu"]], s=conn._reserve_seqs(1), z=1)
-        counter = conn.session.sent
-        sealed_frame = conn.session.seal_frame(counter, 0, frame, np.empty(frame.nbytes + 16, dtype=np.uint8))
-        sealed_frame[100] ^= 1
+        body.update(f=[["uint8", [frame.nbytes], "cpu"]], s=conn._reserve_seqs(1))
+        wire_frame = forge(conn, body, frame)
         _, message = conn.session.seal_control(encode_control(body, conn.limits), True)
 
         async def send():
             await conn.reactor.tag_send(conn.endpoint, np.frombuffer(message, dtype=np.uint8), conn.send_base << 32)
-            await conn.reactor.tag_send(conn.endpoint, sealed_frame, conn.send_base << 32 | (body["s"] + 1))
+            await conn.reactor.tag_send(conn.endpoint, wire_frame, conn.send_base << 32 | (body["s"] + 1))
 
         attacker.runtime.run(send(), 10)
-        until(victim, lambda: attacker.peer_id not in victim.pool.connections, 10, "the tampered connection's close")
+        until(victim, lambda: attacker.peer_id not in victim.pool.connections, 10, "the forged connection's close")
         assert served == [] and victim.resources.held() == Usage()
     finally:
         attacker.shutdown()
         victim.shutdown()
+
+
+def test_an_altered_frame_closes_the_connection_before_its_handler_runs():
+    def altered(conn, body, frame):
+        body["z"] = 1
+        sealed = conn.session.seal_frame(conn.session.sent, 0, frame, np.empty(frame.nbytes + 16, dtype=np.uint8))
+        sealed[100] ^= 1
+        return sealed
+
+    _forged_frame_closes_the_connection(altered)
+
+
+def test_an_untagged_frame_from_a_peer_not_proven_local_closes_the_connection():
+    """Only device frames between processes proven to share a host travel without a tag (session.py); these two
+    peers share a process, which the same-host proof never accepts, so a frame whose tag is missing is forged."""
+
+    def untagged(conn, body, frame):
+        assert not conn.same_host
+        body["t"] = [None]
+        return frame
+
+    _forged_frame_closes_the_connection(untagged)
 
 
 class _Spy:

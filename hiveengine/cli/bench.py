@@ -15,7 +15,19 @@ from pathlib import Path
 import hiveengine
 from hiveengine.cli.common import UsageError
 
-BENCHMARKS = ["transport", "kernels", "dht", "allreduce", "rounds", "train", "moe", "swarm_attacks", "relay", "rails"]
+BENCHMARKS = [
+    "transport",
+    "kernels",
+    "dht",
+    "allreduce",
+    "rounds",
+    "train",
+    "moe",
+    "swarm_attacks",
+    "relay",
+    "rails",
+    "residency",
+]
 OUT_ENV = "HIVEENGINE_BENCH_OUT"  # read by bench/common.py
 SAVE_ENV = "HIVEENGINE_BENCH_SAVE"
 

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from . import triton_kernels as tk
-from .layout import QMAX, num_blocks
+from .layout import QMAX, codes_numel, num_blocks
 from .tuning import LaunchConfig, launch_config
 
 _KIND = {torch.float32: tk.F32, torch.float16: tk.F16, torch.bfloat16: tk.BF16}
@@ -36,8 +36,18 @@ def _flag(device: torch.device) -> torch.Tensor:
     return torch.zeros(1, dtype=torch.int32, device=device)
 
 
-def _pointer_table(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
-    return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64, device=device)
+def _on_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A few host values as a device tensor, without waiting: a plain copy from pageable memory would wait for the
+    stream to drain, and leave the GPU idle while the next launch is prepared. Pinned, the copy is queued."""
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+
+
+def _pointer_table(tensors: Sequence[torch.Tensor], device: torch.device) -> tuple[torch.Tensor, bool]:
+    """The tensors' addresses as a device table, and whether all start on a 16-byte boundary (wide loads)."""
+    pointers = [t.data_ptr() for t in tensors]
+    return _on_device(pointers, torch.int64, device), all(p % 16 == 0 for p in pointers)
 
 
 def _blockwise_launch(kernel: str, bits: int, block: int, numel: int, device: torch.device, **extra):
@@ -73,6 +83,7 @@ def launch_quantize(
         scales,
         flag,
         n,
+        codes_numel(n, bits),
         scales.numel(),
         key or 0,
         HAS_RESIDUAL=residual is not None,
@@ -90,7 +101,7 @@ def launch_dequantize(
     n, flag = out.numel(), _flag(out.device)
     grid, meta, options = _blockwise_launch("dequantize", bits, block, n, out.device)
     tk.dequantize_kernel[grid](
-        codes, scales, out, flag, n, scales.numel(), OUT_KIND=_KIND[out.dtype], **meta, **options
+        codes, scales, out, flag, n, codes_numel(n, bits), scales.numel(), OUT_KIND=_KIND[out.dtype], **meta, **options
     )
     return flag
 
@@ -109,19 +120,22 @@ def launch_reduce(
     n, device, flag = out.numel(), out.device, _flag(out.device)
     requantize = out_codes is not None and out_scales is not None
     grid, meta, options = _blockwise_launch("reduce", bits, block, n, device, requantize=int(requantize))
+    codes_table, aligned = _pointer_table(codes, device)
     tk.reduce_kernel[grid](
-        _pointer_table(codes, device),
-        _pointer_table(scales, device),
-        torch.tensor(weights, dtype=torch.float32, device=device),
+        codes_table,
+        _pointer_table(scales, device)[0],
+        _on_device(list(weights), torch.float32, device),
         out,
         out_codes if requantize else codes[0],
         out_scales if requantize else scales[0],
         flag,
         n,
+        codes_numel(n, bits),
         num_blocks(n, block),
         len(codes),
         CODE_T=tl.int8 if bits == 8 else tl.uint8,
         REQUANTIZE=requantize,
+        ALIGNED=aligned,
         **meta,
         **options,
     )
@@ -132,15 +146,17 @@ def launch_weighted_mean(inputs: Sequence[torch.Tensor], weights: Sequence[float
     """out = sum_k weights[k] * inputs[k] in fp32, in one pass."""
     n, device, flag = out.numel(), out.device, _flag(out.device)
     grid, tile, options = _elementwise_launch("weighted_mean", n, device, dtype=_name(inputs[0].dtype))
+    table, aligned = _pointer_table(inputs, device)
     tk.weighted_mean_kernel[grid](
-        _pointer_table(inputs, device),
-        torch.tensor(weights, dtype=torch.float32, device=device),
+        table,
+        _on_device(list(weights), torch.float32, device),
         out,
         flag,
         n,
         len(inputs),
         TILE=tile,
         IN_T=_TL_DTYPE[inputs[0].dtype],
+        ALIGNED=aligned,
         **options,
     )
     return flag

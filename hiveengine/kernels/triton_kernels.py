@@ -1,8 +1,10 @@
 """Triton kernels of the blockwise codecs and the fused all-reduce step (launched by triton_backend).
 
 Conventions shared with the native and reference kernels (see layout.py):
-- a program handles GROUP whole blocks as a [GROUP, BLOCK // LANES] tile; LANES is 1 for 8-bit codes
-  and 2 for 4-bit codes, whose even and odd values are separate lanes (the low and high nibbles);
+- a program handles GROUP whole blocks as a [GROUP, BLOCK] tile in value order; 4-bit codes (LANES = 2) pack
+  each even value with the odd one after it, as the low and high nibbles of a byte (_lanes splits a tile so);
+- every load and store runs over contiguous memory, with masks over the same index (value or byte) that it
+  reads or writes: that lets the compiler move 16 bytes per instruction;
 - rounding adds and subtracts 1.5 * 2^23 (round half to even without libdevice, which the CPU
   interpreter lacks); divisions use div_rn so that GPU results match the reference bit for bit;
 - the absmax is an integer max over the values' bits without the sign, which also exposes NaN/Inf
@@ -107,12 +109,26 @@ def _store_as(ptr, offs, y, mask, KIND: tl.constexpr):
 
 
 @triton.jit
-def _store_codes(codes_ptr, q0, q1, offs, byte_offs, mask, LANES: tl.constexpr):
+def _lanes(y, GROUP: tl.constexpr, BLOCK: tl.constexpr):
+    """A [GROUP, BLOCK] tile's even and odd values, as two [GROUP, BLOCK // 2] tiles (the low and high nibbles)."""
+    return tl.split(tl.reshape(y, [GROUP, BLOCK // 2, 2]))
+
+
+@triton.jit
+def _interleave(y0, y1, GROUP: tl.constexpr, BLOCK: tl.constexpr):
+    """The inverse of _lanes: one [GROUP, BLOCK] tile in value order, stored in one contiguous pass."""
+    return tl.reshape(tl.join(y0, y1), [GROUP, BLOCK])
+
+
+@triton.jit
+def _store_codes(codes_ptr, q, byte_offs, byte_mask, GROUP: tl.constexpr, BLOCK: tl.constexpr, LANES: tl.constexpr):
+    """Store the integer-valued codes q ([GROUP, BLOCK], value order): a byte each, or two nibbles per byte."""
     if LANES == 1:
-        tl.store(codes_ptr + offs, q0.to(tl.int32).to(tl.int8), mask=mask)
+        tl.store(codes_ptr + byte_offs, q.to(tl.int32).to(tl.int8), mask=byte_mask)
     else:
+        q0, q1 = _lanes(q, GROUP, BLOCK)
         b = (q0.to(tl.int32) & 15) | ((q1.to(tl.int32) & 15) << 4)
-        tl.store(codes_ptr + byte_offs, b.to(tl.uint8), mask=mask)
+        tl.store(codes_ptr + byte_offs, b.to(tl.uint8), mask=byte_mask)
 
 
 @triton.jit
@@ -123,6 +139,7 @@ def quantize_kernel(
     scales_ptr,
     flag_ptr,
     n,
+    nbytes,
     nblocks,
     key,
     BLOCK: tl.constexpr,
@@ -134,33 +151,17 @@ def quantize_kernel(
 ):
     """codes, scales = quantize(x [+ residual]); residual = x + residual - dequantize (error feedback)."""
     rows = tl.program_id(0).to(tl.int64) * GROUP + tl.arange(0, GROUP)
-    cols = tl.arange(0, BLOCK // LANES)
-    offs = rows[:, None] * BLOCK + cols[None, :] * LANES
-    byte_offs = rows[:, None] * (BLOCK // LANES) + cols[None, :]
-    mask0 = offs < n
-    y0 = _load_f32(x_ptr, offs, mask0)
+    offs = rows[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
+    mask = offs < n
+    byte_offs = rows[:, None] * (BLOCK // LANES) + tl.arange(0, BLOCK // LANES)[None, :]
+    y = _load_f32(x_ptr, offs, mask)
     if HAS_RESIDUAL:
-        y0 += _load_f32(res_ptr, offs, mask0)
-    amax = tl.max(_bits(y0), axis=1)
-    y1 = y0
-    mask1 = mask0
-    if LANES == 2:
-        mask1 = offs + 1 < n
-        y1 = _load_f32(x_ptr, offs + 1, mask1)
-        if HAS_RESIDUAL:
-            y1 += _load_f32(res_ptr, offs + 1, mask1)
-        amax = tl.maximum(amax, tl.max(_bits(y1), axis=1))
-    inv, scale, bad = _block_scale(amax, QMAX)
-    q0 = _round_codes(y0 * inv[:, None], offs, key, QMAX, STOCHASTIC)
-    q1 = q0
-    if LANES == 2:
-        q1 = _round_codes(y1 * inv[:, None], offs + 1, key, QMAX, STOCHASTIC)
+        y += _load_f32(res_ptr, offs, mask)
+    inv, scale, bad = _block_scale(tl.max(_bits(y), axis=1), QMAX)
+    q = _round_codes(y * inv[:, None], offs, key, QMAX, STOCHASTIC)
     if HAS_RESIDUAL:
-        ok = ~bad[:, None]
-        tl.store(res_ptr + offs, y0 - q0 * scale[:, None], mask=mask0 & ok)
-        if LANES == 2:
-            tl.store(res_ptr + offs + 1, y1 - q1 * scale[:, None], mask=mask1 & ok)
-    _store_codes(codes_ptr, q0, q1, offs, byte_offs, mask0, LANES)
+        tl.store(res_ptr + offs, y - q * scale[:, None], mask=mask & ~bad[:, None])
+    _store_codes(codes_ptr, q, byte_offs, byte_offs < nbytes, GROUP, BLOCK, LANES)
     tl.store(scales_ptr + rows, scale, mask=rows < nblocks)
     _raise_flag(flag_ptr, bad)
 
@@ -172,6 +173,7 @@ def dequantize_kernel(
     out_ptr,
     flag_ptr,
     n,
+    nbytes,
     nblocks,
     BLOCK: tl.constexpr,
     GROUP: tl.constexpr,
@@ -181,20 +183,17 @@ def dequantize_kernel(
 ):
     """out = code * scale of its block, stored as OUT_KIND."""
     rows = tl.program_id(0).to(tl.int64) * GROUP + tl.arange(0, GROUP)
-    cols = tl.arange(0, BLOCK // LANES)
-    offs = rows[:, None] * BLOCK + cols[None, :] * LANES
-    mask0 = offs < n
+    offs = rows[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
+    byte_offs = rows[:, None] * (BLOCK // LANES) + tl.arange(0, BLOCK // LANES)[None, :]
     s = tl.load(scales_ptr + rows, mask=rows < nblocks, other=0.0)
     bad = _bits(s * QMAX) >= 0x7F800000
+    b = tl.load(codes_ptr + byte_offs, mask=byte_offs < nbytes, other=0)
     if LANES == 1:
-        c = tl.load(codes_ptr + offs, mask=mask0, other=0).to(tl.float32)
-        bad |= _any_per_row(_store_as(out_ptr, offs, c * s[:, None], mask0, OUT_KIND))
+        c = b.to(tl.float32)
     else:
-        b = tl.load(codes_ptr + rows[:, None] * (BLOCK // 2) + cols[None, :], mask=mask0, other=0)
         b = b.to(tl.int32)
-        mask1 = offs + 1 < n
-        bad |= _any_per_row(_store_as(out_ptr, offs, _nibble(b) * s[:, None], mask0, OUT_KIND))
-        bad |= _any_per_row(_store_as(out_ptr, offs + 1, _nibble(b >> 4) * s[:, None], mask1, OUT_KIND))
+        c = _interleave(_nibble(b), _nibble(b >> 4), GROUP, BLOCK)
+    bad |= _any_per_row(_store_as(out_ptr, offs, c * s[:, None], offs < n, OUT_KIND))
     _raise_flag(flag_ptr, bad)
 
 
@@ -208,6 +207,7 @@ def reduce_kernel(
     rq_scales_ptr,
     flag_ptr,
     n,
+    nbytes,
     nblocks,
     K,
     BLOCK: tl.constexpr,
@@ -216,54 +216,61 @@ def reduce_kernel(
     QMAX: tl.constexpr,
     CODE_T: tl.constexpr,
     REQUANTIZE: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
     """out = sum_k w[k] * dequantize(codes[k], scales[k]) over K inputs found through pointer tables;
-    with REQUANTIZE, also quantize out (same layout) for the return trip."""
+    with REQUANTIZE, also quantize out (same layout) for the return trip. ALIGNED: every code buffer starts on a
+    16-byte boundary (the host checked), so codes load 16 bytes at a time."""
     rows = tl.program_id(0).to(tl.int64) * GROUP + tl.arange(0, GROUP)
     row_ok = rows < nblocks
-    cols = tl.arange(0, BLOCK // LANES)
-    offs = rows[:, None] * BLOCK + cols[None, :] * LANES
-    byte_offs = rows[:, None] * (BLOCK // LANES) + cols[None, :]
-    mask0 = offs < n
-    mask1 = offs + 1 < n
+    offs = rows[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
+    mask = offs < n
+    byte_offs = rows[:, None] * (BLOCK // LANES) + tl.arange(0, BLOCK // LANES)[None, :]
+    byte_mask = byte_offs < nbytes
     acc0 = tl.zeros([GROUP, BLOCK // LANES], dtype=tl.float32)
     acc1 = tl.zeros([GROUP, BLOCK // LANES], dtype=tl.float32)
     bound = tl.zeros([GROUP], dtype=tl.float32)
     for k in range(K):
         codes_ptr = tl.load(codes_table + k).to(tl.pointer_type(CODE_T))
+        if ALIGNED:
+            codes_ptr = tl.multiple_of(codes_ptr, 16)
         scales_ptr = tl.load(scales_table + k).to(tl.pointer_type(tl.float32))
         f = tl.load(scales_ptr + rows, mask=row_ok, other=0.0) * tl.load(w_ptr + k)
         bound += tl.abs(f)
+        b = tl.load(codes_ptr + byte_offs, mask=byte_mask, other=0)
         if LANES == 1:
-            acc0 += tl.load(codes_ptr + offs, mask=mask0, other=0).to(tl.float32) * f[:, None]
+            acc0 += b.to(tl.float32) * f[:, None]
         else:
-            b = tl.load(codes_ptr + byte_offs, mask=mask0, other=0).to(tl.int32)
+            b = b.to(tl.int32)
             acc0 += _nibble(b) * f[:, None]
             acc1 += _nibble(b >> 4) * f[:, None]
     bad = _bits(bound * QMAX) >= 0x7F800000
-    tl.store(out_ptr + offs, acc0, mask=mask0)
-    amax = tl.max(_bits(acc0), axis=1)
+    acc = acc0
     if LANES == 2:
-        tl.store(out_ptr + offs + 1, acc1, mask=mask1)
-        amax = tl.maximum(amax, tl.max(_bits(acc1), axis=1))
+        acc = _interleave(acc0, acc1, GROUP, BLOCK)
+    tl.store(out_ptr + offs, acc, mask=mask)
     if REQUANTIZE:
-        inv, scale, bad_mean = _block_scale(amax, QMAX)
+        inv, scale, bad_mean = _block_scale(tl.max(_bits(acc), axis=1), QMAX)
         bad |= bad_mean
-        q0 = _round_codes(acc0 * inv[:, None], offs, 0, QMAX, False)
-        q1 = _round_codes(acc1 * inv[:, None], offs, 0, QMAX, False)
-        _store_codes(rq_codes_ptr, q0, q1, offs, byte_offs, mask0, LANES)
+        q = _round_codes(acc * inv[:, None], offs, 0, QMAX, False)
+        _store_codes(rq_codes_ptr, q, byte_offs, byte_mask, GROUP, BLOCK, LANES)
         tl.store(rq_scales_ptr + rows, scale, mask=row_ok)
     _raise_flag(flag_ptr, bad)
 
 
 @triton.jit
-def weighted_mean_kernel(in_table, w_ptr, out_ptr, flag_ptr, n, K, TILE: tl.constexpr, IN_T: tl.constexpr):
-    """out = sum_k w[k] * inputs[k] in fp32 over K same-dtype inputs found through a pointer table."""
+def weighted_mean_kernel(
+    in_table, w_ptr, out_ptr, flag_ptr, n, K, TILE: tl.constexpr, IN_T: tl.constexpr, ALIGNED: tl.constexpr
+):
+    """out = sum_k w[k] * inputs[k] in fp32 over K same-dtype inputs found through a pointer table (ALIGNED: each
+    starts on a 16-byte boundary)."""
     offs = tl.program_id(0).to(tl.int64) * TILE + tl.arange(0, TILE)
     mask = offs < n
     acc = tl.zeros([TILE], dtype=tl.float32)
     for k in range(K):
         in_ptr = tl.load(in_table + k).to(tl.pointer_type(IN_T))
+        if ALIGNED:
+            in_ptr = tl.multiple_of(in_ptr, 16)
         acc += _load_f32(in_ptr, offs, mask) * tl.load(w_ptr + k)
     tl.store(out_ptr + offs, acc, mask=mask)
     _raise_flag(flag_ptr, _bits(acc) >= 0x7F800000)

@@ -30,7 +30,11 @@ AES-GCM key per direction):
 - Which mode a sender uses: encrypted between hosts when `TransportLimits.encrypt` (HIVEENGINE_ENCRYPT, default
   1); authenticated only when encryption is off, or when the remote is proven to run on this host (local_copy.py:
   its bytes never leave the OS). Frames read by the same-host direct copy are neither encrypted nor tagged: they
-  never leave the OS, and the authenticated header names exactly which regions to read. A receiver accepts
+  never leave the OS, and the authenticated header names exactly which regions to read. Device (CUDA) frames to
+  a process that proved it runs on this host carry no tag either (None in "t"; sent so only after its LOCAL_READY,
+  which it sends once proven): a tag would copy each frame to the host and back, and UCX moves them device to
+  device within the host. A receiver takes an untagged frame only on such a link, and elsewhere closes the
+  connection as forged. A receiver accepts
   either mode: a sender may always choose to send its own data readable, and the mode byte is authenticated.
 """
 

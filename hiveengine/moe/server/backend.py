@@ -238,7 +238,9 @@ class ExpertBackend:
                 return t
             return torch.cat([t[starts[i] : starts[i] + sizes[i]] for i in tasks])
 
-        with self.lock, torch.enable_grad():
+        # The backward runs on this thread, not on autograd's per-device worker: a client in this process may be
+        # blocked on that worker, inside its own backward, waiting for this very answer (a deadlock otherwise).
+        with self.lock, torch.enable_grad(), torch.autograd.set_multithreading_enabled(False):
             groups: dict[int, tuple[KeptForward, dict[Hashable, int]]] = {}
             for i, key in enumerate(keys):
                 kept = self._kept.pop(key, None) if key is not None else None
