@@ -68,6 +68,22 @@ def test_decode_into_a_bf16_parameter_buffer():
 
 
 @pytest.mark.parametrize("name", CODECS)
+@pytest.mark.parametrize("n", [700, 3000, 4096])
+def test_decoding_copies_as_rows_is_decoding_each(name, n):
+    """A reducer decodes its K copies into the rows of one matrix: bit for bit each decoded alone, partial last block
+    included; a non-finite scale is refused, naming the copy."""
+    codec = get_codec(name)
+    payloads = [codec.encode(randn(n, seed=20 + k) * (10.0**k)) for k in range(5)]
+    rows = torch.full((5, n), float("nan"))
+    codec.decode_rows(payloads, rows, name="chunk 3")
+    assert torch.equal(rows, torch.stack([codec.decode(p, torch.empty(n)) for p in payloads]))
+    if codec.frames == 2:
+        payloads[2][1][0] = float("inf")
+        with pytest.raises(NonFiniteError, match="copy 2 of chunk 3"):
+            codec.decode_rows(payloads, rows, name="chunk 3")
+
+
+@pytest.mark.parametrize("name", CODECS)
 def test_encode_reuses_preallocated_buffers(name):
     codec = get_codec(name)
     x = randn(4096, seed=4, dtype=torch.bfloat16)

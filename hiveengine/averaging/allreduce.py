@@ -64,7 +64,8 @@ from hiveengine.averaging.verification import (
     check_reply,
     claim_message,
     probe,
-    project,
+    project_and_norm,
+    project_rows,
 )
 from hiveengine.codec import Aggregation, Codec
 from hiveengine.errors import ConfigurationError, HiveEngineError, NonFiniteError, ProtocolError, TransportError
@@ -329,22 +330,25 @@ class _ChunkReduction:
 
 @dataclass
 class _ReducerArena:
-    """Receive slots (one payload per sender per chunk), fp32 outputs for one part's chunks, and the rows a
-    robust aggregation decodes each copy into (one chunk at a time: chunks are reduced on the event loop)."""
+    """Receive slots (one payload per sender per chunk), fp32 outputs for one part's chunks, the rows a robust
+    aggregation decodes each copy into, and the decoded copies a verification claim projects (one chunk at a time:
+    chunks are reduced on the event loop)."""
 
     slots: list[list[list[torch.Tensor]]]
     outputs: list[torch.Tensor]
     scratch: torch.Tensor | None
+    copies: torch.Tensor | None
 
     @classmethod
     def create(cls, codec: Codec, chunks, senders: int, device, robust: bool, verify: bool) -> _ReducerArena:
-        """Buffers for `senders` copies of each of `chunks` (and the decoding rows if `robust`, or one if `verify`)."""
+        """Buffers for `senders` copies of each of `chunks` (and the decoding rows if `robust`, and the decoded
+        copies if `verify`)."""
         slots = [[codec.empty_payload(e - s, device) for _ in range(senders)] for s, e in chunks]
         outputs = [torch.empty(e - s, dtype=torch.float32, device=device) for s, e in chunks]
-        longest = max((e - s for s, e in chunks), default=0)
-        rows = senders if robust else 1 if verify else 0
-        scratch = torch.empty(rows * longest, dtype=torch.float32, device=device) if rows else None
-        return cls(slots, outputs, scratch)
+        size = senders * max((e - s for s, e in chunks), default=0)
+        scratch = torch.empty(size, dtype=torch.float32, device=device) if robust and size else None
+        copies = torch.empty(size, dtype=torch.float32, device=device) if verify and size else None
+        return cls(slots, outputs, scratch, copies)
 
 
 class _ReducerRound:
@@ -448,6 +452,7 @@ class _ReducerRound:
                 raise AllReduceError(f"every copy of chunk {index} held NaN or Inf")
             weights = self._bounded_weights([(sender, weight) for sender, weight, _ in kept])
             coefficients: list[float] = []
+            copies = self._copies(len(kept), self.arena.outputs[index]) if self.claims else None
             try:
                 aggregate = self.codec.reduce(
                     [payload for _, _, payload in kept],
@@ -458,8 +463,9 @@ class _ReducerRound:
                     aggregation=self.options.aggregation,
                     scratch=self.arena.scratch,
                     coefficients=coefficients,
+                    copies=copies,
                 )
-                claim = self._claim(index, kept, coefficients, aggregate) if self.claims else None
+                claim = self._claim(index, kept, coefficients, aggregate, copies) if copies is not None else None
                 return _Reduced(aggregate, len(kept), claim)
             except NonFiniteError:
                 culprits = {sender for sender, _, payload in kept if not self.codec.finite(payload)}
@@ -483,21 +489,29 @@ class _ReducerRound:
                     sender, f"it failed an audit in round {self.group.group_id.hex()[:8]}: {why}", self.group.group_id
                 )
 
-    def _claim(self, index: int, kept: list, coefficients: list[float], aggregate: list[torch.Tensor]) -> Claim:
+    def _copies(self, count: int, output: torch.Tensor) -> torch.Tensor:
+        """A count x n matrix for a chunk's decoded copies: the arena's, or a fresh one where only senders asked for
+        claims (the arena was made without them)."""
+        n = output.numel()
+        buffer = self.arena.copies
+        if buffer is None or buffer.numel() < count * n:
+            buffer = torch.empty(count * n, dtype=torch.float32, device=output.device)
+        return buffer[: count * n].view(count, n)
+
+    def _claim(
+        self, index: int, kept: list, coefficients: list[float], aggregate: list[torch.Tensor], copies: torch.Tensor
+    ) -> Claim:
         """What we computed chunk `index`'s aggregate from: each sender's coefficient, the projection of its decoded
-        copy on the reply's probe and that copy's norm (zeros for senders left out), signed with the reply
-        (verification.claim_message)."""
+        copy (a row of `copies`) on the reply's probe and that copy's norm (zeros for senders left out), signed with
+        the reply (verification.claim_message)."""
         numel = self.arena.outputs[index].numel()
         r = probe(self.group.group_id, self.part, index, aggregate, numel)
-        scratch = self.arena.scratch  # None when only senders asked for claims: then a fresh row
-        row = torch.empty(numel, device=self.arena.outputs[index].device) if scratch is None else scratch[:numel]
+        projections, norms = project_rows(copies, r)
         coefficient = dict.fromkeys(self.order, 0.0)
         projection = dict.fromkeys(self.order, 0.0)
         norm = dict.fromkeys(self.order, 0.0)
-        for (sender, _, payload), c in zip(kept, coefficients, strict=True):
-            coefficient[sender] = c
-            decoded = self.codec.decode(payload, row, name=f"copy of chunk {index}")
-            projection[sender], norm[sender] = project(decoded, r), float(decoded.norm())
+        for (sender, _, _), c, t, q in zip(kept, coefficients, projections, norms, strict=True):
+            coefficient[sender], projection[sender], norm[sender] = c, t, q
         claim = Claim(list(coefficient.values()), list(projection.values()), list(norm.values()))
         message = claim_message(self.group.group_id, self.part, index, numel, self.codec.name, aggregate, claim)
         return replace(claim, signature=self.peer.identity.sign(message))
@@ -918,7 +932,7 @@ def _verify_chunk(plan: _Exchange, index: int, me: int, reply: dict, sent, mean,
     claim = Claim.parse(reply, len(plan.group.senders))
     r = probe(plan.group.group_id, plan.part, index, mean, decoded.numel())
     mine = codec.decode(sent, decoded, name=f"our copy of part {plan.part}")
-    own, own_norm = project(mine, r), float(mine.norm())
+    own, own_norm = project_and_norm(mine, r)
     try:
         aggregate = codec.decode(mean, decoded, name=f"mean of part {plan.part}")
     except NonFiniteError as e:

@@ -75,6 +75,12 @@ class Codec(ABC):
     def decode(self, payload: Sequence[torch.Tensor], out: torch.Tensor, *, name: str = "tensor") -> torch.Tensor:
         """Decode a payload into `out` (contiguous, any float dtype; its size gives the length) and return it."""
 
+    def decode_rows(self, payloads: Sequence[Sequence[torch.Tensor]], rows: torch.Tensor, *, name: str) -> None:
+        """Decode K payloads into the rows of a contiguous fp32 K x n matrix (a reducer's copies, for a robust
+        aggregation or a verification claim)."""
+        for i, payload in enumerate(payloads):
+            self.decode(payload, rows[i], name=f"copy {i} of {name}")
+
     @property
     def alignment(self) -> int:
         """Parts of a buffer are cut at multiples of this many values (a blockwise codec's block)."""
@@ -105,26 +111,32 @@ class Codec(ABC):
         aggregation: Aggregation | None = None,
         scratch: torch.Tensor | None = None,
         coefficients: list[float] | None = None,
+        copies: torch.Tensor | None = None,
     ) -> Payload | None:
         """Aggregate K payloads into fp32 `out` (weights normalized to sum to one): their weighted mean in one
         fused pass; with a robust `aggregation`, also each copy decoded into a row of `scratch` (fp32, at least
         K x n values, any shape, made when None), and the mean replaced by their robust aggregate if it differs.
         With `requantize`, also return the result encoded for the return trip. A `coefficients` list receives
-        the result's coefficient of each decoded copy (out = sum_j c_j copy_j, for reducers' verification).
+        the result's coefficient of each decoded copy (out = sum_j c_j copy_j), and `copies` (fp32, at least
+        K x n values) each copy decoded, in order: what a reducer's verification claim is computed from.
         Raises NonFiniteError if a payload holds NaN or Inf."""
         payloads = _check_payloads(payloads, self.frames, name)
         mean = self._mean(payloads, weights, out, requantize, name)
         if coefficients is not None:
             total = float(sum(float(w) for w in weights))
             coefficients[:] = [float(w) / total if total > 0 else 1.0 / len(payloads) for w in weights]
-        if aggregation is None or not aggregation.robust or len(payloads) <= 2:
-            return mean
         n = out.numel()
+        kept = None if copies is None else copies.view(-1)[: len(payloads) * n].view(len(payloads), n)
+        if aggregation is None or not aggregation.robust or len(payloads) <= 2:
+            if kept is not None:
+                self.decode_rows(payloads, kept, name=name)
+            return mean
         if scratch is None:
             scratch = torch.empty(len(payloads) * n, dtype=torch.float32, device=out.device)
         rows = scratch.view(-1)[: len(payloads) * n].view(len(payloads), n)
-        for i, payload in enumerate(payloads):
-            self.decode(payload, rows[i], name=f"copy {i} of {name}")
+        self.decode_rows(payloads, rows, name=name)
+        if kept is not None:
+            kept.copy_(rows)  # before CenteredClip works on the rows in place
         clipped = centered_clip(rows, [float(w) for w in weights], out.view(-1), aggregation, mean_ready=True)
         if clipped is None:
             return mean
