@@ -7,9 +7,9 @@
 #   GPU_PROOF_PYTEST="-k moe" tools/gpu_proof.sh setup tests
 #
 # Logs and results go to $GPU_PROOF_DIR (default /tmp/gpu-proof): summary.txt has each step's exit code and time.
-# With $OUT set, summary.txt and results.tar.gz (everything) are copied there after each step. Where .gpu/site.tar.xz
-# exists (packages the machine lacks, unpacked from wheels), it is unpacked and put on PYTHONPATH first. Each step has
-# a deadline, so a hang costs that step only.
+# With $OUT set, summary.txt and results.tar.gz (everything) are copied there after each step. Where
+# .gpu/site.tar.xz exists (packages the machine lacks, built by tools/gpu_site.sh), it is unpacked and put on
+# PYTHONPATH first. Each step has a deadline, so a hang costs that step only.
 set -u
 cd "$(dirname "$0")/.."
 work=${GPU_PROOF_DIR:-/tmp/gpu-proof}
