@@ -22,8 +22,8 @@ configuration with that member among the attackers (`byzantine reducer`: yes). T
 loss of an honest peer after STEPS steps (long enough that clean training is near its plateau, so that "within
 5% of clean" means something), against the clean run of all 8 peers and against the honest peers training alone (the
 `absent` rows: the Byzantine peers do nothing, so the difference is what their attack did, not the data they did not
-bring), and the robust path's time overhead on a clean run (per averaging round). Writes
-bench/results/local/byzantine.json (see bench/common.py).
+bring), and the robust path's time overhead on a clean run (per averaging round; the median ratio of paired runs).
+Writes bench/results/local/byzantine.json (see bench/common.py).
 """
 
 from __future__ import annotations
@@ -207,7 +207,9 @@ def main() -> None:
     parser.add_argument("--attacks", nargs="+", default=DEFAULT_ATTACKS, choices=ATTACKS)
     parser.add_argument("--byzantine", nargs="+", type=int, default=BYZANTINE_COUNTS)
     parser.add_argument("--steps", type=int, default=STEPS, help="SGD steps per run")
-    parser.add_argument("--clean-repeats", type=int, default=2, help="clean runs per aggregation (for the overhead)")
+    parser.add_argument(
+        "--clean-repeats", type=int, default=4, help="clean run pairs, mean and robust (for the overhead; default 4)"
+    )
     args = parser.parse_args()
     if args.worker:
         worker()
@@ -256,10 +258,16 @@ def main() -> None:
         # With equal bandwidths the one part goes to the member with the smallest peer id: attackers are drawn from
         # the largest ids (an honest reducer), and then once more with that member among them (a Byzantine reducer).
         by_id = sorted(range(PEERS), key=lambda i: PeerID.from_string(addresses[i].rsplit("/", 1)[1]).raw)
+        # Clean runs in pairs, A/B then B/A: the VM's speed drifts by more than the overhead within minutes, so the
+        # overhead is the median of each pair's ratio, not a ratio of medians taken minutes apart.
+        pairs = []
+        for k in range(args.clean_repeats):
+            order = list(CONFIGURATIONS)[:: 1 if k % 2 == 0 else -1]
+            pairs.append({aggregation: row(None, [], aggregation, f"clean-{aggregation}-{k}") for aggregation in order})
         for aggregation in CONFIGURATIONS:
-            times = [row(None, [], aggregation, f"clean-{aggregation}-{k}") for k in range(args.clean_repeats)]
-            clean[aggregation] = statistics.median(r["loss"] for r in times)
-            overhead[aggregation] = statistics.median(r["round ms"] for r in times)
+            clean[aggregation] = statistics.median(p[aggregation]["loss"] for p in pairs)
+            overhead[aggregation] = statistics.median(p[aggregation]["round ms"] for p in pairs)
+        ratio = statistics.median(p["centered_clip"]["round ms"] / p["mean"]["round ms"] for p in pairs)
         for count in args.byzantine:
             usual = sorted(by_id[PEERS - count :])
             for aggregation in CONFIGURATIONS:  # the honest peers alone: what an attack cannot be blamed for
@@ -276,12 +284,13 @@ def main() -> None:
     finally:
         for proc in workers:
             kill_worker(proc)
-    robust_overhead = 100 * (overhead["centered_clip"] / overhead["mean"] - 1)
+    robust_overhead = 100 * (ratio - 1)
     print()
     print(format_table(rows, list(rows[0])))
     print(
         f"robust path (CenteredClip, verified reducers, audits) overhead on a clean run: {robust_overhead:+.1f}% per "
-        f"averaging round ({overhead['mean']:.1f} -> {overhead['centered_clip']:.1f} ms)"
+        f"averaging round, median of {args.clean_repeats} paired runs ({overhead['mean']:.1f} -> "
+        f"{overhead['centered_clip']:.1f} ms)"
     )
     payload = {"peers": PEERS, "steps": args.steps, "lr": LR, "codec": "int8", "rows": rows}
     path = write_results("byzantine", {**payload, "robust_overhead_percent": robust_overhead})
