@@ -490,13 +490,14 @@ class _ReducerRound:
                 )
 
     def _copies(self, count: int, output: torch.Tensor) -> torch.Tensor:
-        """A count x n matrix for a chunk's decoded copies: the arena's, or a fresh one where only senders asked for
-        claims (the arena was made without them)."""
+        """A count x n matrix for a chunk's decoded copies, in the arena: where only senders asked for claims (the
+        arena was made without them), made once for all of this part's chunks (senders x its longest chunk), and
+        kept for the rounds that reuse the arena, however often senders ask."""
         n = output.numel()
-        buffer = self.arena.copies
-        if buffer is None or buffer.numel() < count * n:
-            buffer = torch.empty(count * n, dtype=torch.float32, device=output.device)
-        return buffer[: count * n].view(count, n)
+        if self.arena.copies is None:
+            longest = max(o.numel() for o in self.arena.outputs)
+            self.arena.copies = torch.empty(len(self.order) * longest, dtype=torch.float32, device=output.device)
+        return self.arena.copies[: count * n].view(count, n)
 
     def _claim(
         self, index: int, kept: list, coefficients: list[float], aggregate: list[torch.Tensor], copies: torch.Tensor

@@ -323,7 +323,7 @@ class Bell:
     def _keep_early(self, sender: PeerID, key: str, version: float, registration: Registration | None) -> bool:
         """Keep a ring from a peer of our recent groups for a gathering we have not opened (yet) if its deadline is
         ahead and there is room (a newer withdrawal drops it); whether we hold it (or a newer one)."""
-        if len(key) > MAX_KEY_BYTES:
+        if len(key.encode()) > MAX_KEY_BYTES:
             return False
         held = self._early.get((sender, key))
         if held is not None and version <= held[0]:
@@ -340,9 +340,14 @@ class Bell:
 
     def _room_for(self, sender: PeerID) -> bool:
         """Whether one more early ring from `sender` fits (stale ones make room)."""
-        if len(self._early) >= MAX_EARLY_RINGS or sum(k[0] == sender for k in self._early) >= EARLY_RINGS_PER_PEER:
+
+        def fits() -> bool:
+            ours = sum(k[0] == sender for k in self._early)
+            return len(self._early) < MAX_EARLY_RINGS and ours < EARLY_RINGS_PER_PEER
+
+        if not fits():
             self._drop_stale()
-        return len(self._early) < MAX_EARLY_RINGS and sum(k[0] == sender for k in self._early) < EARLY_RINGS_PER_PEER
+        return fits()
 
     def _drop_stale(self) -> None:
         now = get_dht_time()

@@ -262,15 +262,23 @@ def project(x: torch.Tensor, r: torch.Tensor) -> float:
 
 
 def project_and_norm(x: torch.Tensor, r: torch.Tensor) -> tuple[float, float]:
-    """(<x, r>, ||x||) in float64, from one host copy of x: numpy's dot products cost a fraction of torch's
-    per-call overhead on the chunk sizes of a round, and a round takes 2K of them per chunk."""
-    values = x.detach().reshape(-1).cpu().numpy().astype(np.float64)
+    """(<x, r>, ||x||) in float64: on the host through numpy's dot products (a matrix pass over one row costs twice
+    as much at a round's chunk sizes), on a device as project_rows does."""
+    if x.device.type != "cpu":
+        (projection,), (norm,) = project_rows(x.detach().reshape(1, -1), r)
+        return projection, norm
+    values = x.detach().reshape(-1).numpy().astype(np.float64)
     return float(np.dot(values, r.numpy())), math.sqrt(float(np.dot(values, values)))
 
 
 def project_rows(rows: torch.Tensor, r: torch.Tensor) -> tuple[list[float], list[float]]:
-    """project_and_norm of each row of a K x n matrix, in two matrix passes (a reducer's K copies)."""
-    values = rows.detach().cpu().numpy().astype(np.float64)
+    """(<row, r>, ||row||) in float64 for each row of a K x n matrix (a reducer's K copies), in two matrix passes.
+    On the host through numpy, whose calls cost a fraction of torch's on a round's chunk sizes; on a device there,
+    so that only the 2K results cross to the host."""
+    if rows.device.type != "cpu":
+        values = rows.detach().double()
+        return (values @ r.to(values.device)).tolist(), values.norm(dim=1).tolist()
+    values = rows.detach().numpy().astype(np.float64)
     return (values @ r.numpy()).tolist(), np.sqrt(np.einsum("ij,ij->i", values, values)).tolist()
 
 

@@ -61,7 +61,8 @@ class Runtime:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run_loop, name="hiveengine-transport", daemon=True)
         self._thread.start()
-        self.reactor: Reactor = self.run(self._make_reactor(), timeout=60)
+        # Not through run(): run() waits through the reactor (_waited), which this makes.
+        self.reactor: Reactor = self.submit(self._make_reactor()).result(timeout=60)
         self.listener = None
         self.tcp_listener: socket.socket | None = None
         self.tcp_port: int | None = None
@@ -115,7 +116,7 @@ class Runtime:
             if asyncio.iscoroutine(coro):
                 coro.close()  # never run: without this Python warns that it was never awaited
             raise RuntimeError("the transport runtime has shut down (Runtime.shutdown, or the process is exiting)")
-        future = self.submit(self._waited(coro) if hasattr(self, "reactor") else coro)
+        future = self.submit(self._waited(coro))
         try:
             return future.result(timeout)
         except concurrent.futures.TimeoutError:
