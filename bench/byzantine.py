@@ -11,15 +11,16 @@ gradients but claim the most bandwidth (so that they reduce the parts: the model
 noise as the aggregate (tests/peers/byzantine_attacks.GarbageReducer).
 
 Two configurations: a trusted swarm (`mean`, replies not verified) and an open one (`centered_clip` with
-verified reducers: a reducer caught cheating costs its part for that step, and is left out of the group from
-the next step on, as matchmaking would leave out peers that the others banned; and audited senders: every peer's
-minibatch is public (a seed per peer and step), so the reducer recomputes the gradients of a random tenth of its
-senders each step, hiveengine.averaging.audits, and stops averaging one that sent something else). The model is
-one part, reduced by the member with the smallest peer id: `byzantine reducer` says whether that is an attacker,
-which audits nobody and averages its colluders' copies (its own copy, too, goes unaudited). The attackers are
-drawn from the members with the largest ids, so that reducer is honest; then each attack runs once more in the open
-configuration with that member among the attackers (`byzantine reducer`: yes). The table gives the held-out
-loss of an honest peer after STEPS steps (long enough that clean training is near its plateau, so that "within
+verified reducers: a reducer caught cheating costs its part for that step (not updated there, as the Optimizer
+does: a peer that applied its own gradient instead would keep that difference from the others' model), and is left
+out of the group from the next step on, as matchmaking would leave out peers that the others banned; and audited
+senders: every peer's minibatch is public (a seed per peer and step), so the reducer recomputes the gradients of a
+random tenth of its senders each step, hiveengine.averaging.audits, and stops averaging one that sent something
+else). The model is one part, reduced by the member with the smallest peer id: `byzantine reducer` says whether
+that is an attacker, which audits nobody and averages its colluders' copies (its own copy, too, goes unaudited).
+The attackers are drawn from the members with the largest ids, so that reducer is honest; then each attack runs once
+more in the open configuration with that member among the attackers (`byzantine reducer`: yes). The table gives the
+held-out loss of an honest peer after STEPS steps (long enough that clean training is near its plateau, so that "within
 5% of clean" means something), against the clean run of all 8 peers and against the honest peers training alone (the
 `absent` rows: the Byzantine peers do nothing, so the difference is what their attack did, not the data they did not
 bring), and the robust path's time overhead on a clean run (per averaging round; the median ratio of paired runs).
@@ -32,6 +33,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -47,10 +49,6 @@ from bench.common import format_table, kill_worker, read_prefixed, write_results
 
 PEERS = 8
 ATTACKS = ["scale", "sign", "noise", "alie", "garbage"]
-# garbage is opt-in (--attacks ... garbage): run alone it completes (every garbage reducer is banned at its first
-# reply), but after the other attacks' runs some honest calls to it timed out in its first round; those peers banned
-# nobody and kept it in their (bench-made, static) groups while the others left it out, and the run stalled.
-DEFAULT_ATTACKS = ["scale", "sign", "noise", "alie"]
 BYZANTINE_COUNTS = [1, 3]
 CONFIGURATIONS = {"mean": False, "centered_clip": True}  # aggregation -> verified reducers and audited senders
 STEPS = 300  # a clean run's held-out loss is within ~10% of its plateau by then (0.23 at 300, 0.21 at 600)
@@ -169,12 +167,14 @@ def worker() -> None:
             if group.member(peer.peer_id) is not None:  # a peer left out of the groups steps alone
                 started = time.perf_counter()
                 now = options if step == 0 else hasty
-                if plan["audit"] and attack is None and not failed:  # a failed part: our model is no longer theirs
+                if plan["audit"] and attack is None and not failed:  # a part failed for us: is our model still theirs?
                     now = dataclasses.replace(now, audit=auditor(model, rank_of, step))
                 averaged = run_allreduce(service, group, flat, codec, residual=residual, options=now)
                 result = peer.runtime.run(averaged, 60)
                 averaging += time.perf_counter() - started
                 failed += bool(result.failed_parts)
+                for part in result.failed_parts:  # not updated this step, as the Optimizer does (zero_failed_parts):
+                    flat[slice(*result.spans[part])] = 0  # our own gradient there would part our model from theirs
                 if attack is not None and plan["verify"]:  # a garbage reducer was caught by every honest peer
                     caught = [r.peer_id for r, (s, e) in zip(group.reducers, result.spans, strict=True) if e > s]
                     excluded.update(p for p in caught if p in cheats)
@@ -204,7 +204,7 @@ def run(workers: list[subprocess.Popen], addresses: list[str], name: str, **plan
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--attacks", nargs="+", default=DEFAULT_ATTACKS, choices=ATTACKS)
+    parser.add_argument("--attacks", nargs="+", default=ATTACKS, choices=ATTACKS)
     parser.add_argument("--byzantine", nargs="+", type=int, default=BYZANTINE_COUNTS)
     parser.add_argument("--steps", type=int, default=STEPS, help="SGD steps per run")
     parser.add_argument(
@@ -214,11 +214,15 @@ def main() -> None:
     if args.worker:
         worker()
         return
+    from hiveengine.cli.launch import shared_host_defaults
     from hiveengine.transport import PeerID
 
+    # The peers share this host's cores as `hiveengine launch` workers do (bench/rounds.py does the same): each its
+    # share of threads and, with more peers than cores, no polling after network activity.
+    env = {**shared_host_defaults(PEERS, os.environ), **os.environ}
     workers = [
         subprocess.Popen(
-            [sys.executable, __file__, "--worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+            [sys.executable, __file__, "--worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
         )
         for _ in range(PEERS)
     ]

@@ -11,7 +11,15 @@ import torch
 
 from hiveengine.averaging.accusations import EVIDENCE_METHOD
 from hiveengine.averaging.allreduce import AllReduceService
-from hiveengine.averaging.verification import MAX_EVIDENCE_NUMEL, Claim, Evidence, claim_message, probe, project
+from hiveengine.averaging.verification import (
+    MAX_EVIDENCE_NUMEL,
+    Claim,
+    Evidence,
+    claim_message,
+    probe,
+    project,
+    reply_digest,
+)
 from hiveengine.codec import get_codec
 from hiveengine.transport import Peer, TransportLimits
 from hiveengine.transport.identity import Identity
@@ -33,10 +41,10 @@ def _signed(identity: Identity, codec_name: str, seed: int, garbage: bool) -> Ev
     reply = [t.clone() for t in reply]
     if garbage:  # shifted by 10 everywhere: far outside any codec's rounding, which the shift does not widen
         reply = codec.encode(codec.decode(reply, torch.empty(NUMEL)) + 10)
-    r = probe(GROUP, 1, 0, reply, NUMEL)
+    r = probe(GROUP, 1, 0, reply_digest(reply), NUMEL)
     decoded = [codec.decode(c, torch.empty(NUMEL)) for c in copies]
     claim = Claim(coefficients, [project(x, r) for x in decoded], [float(x.norm()) for x in decoded])
-    signature = identity.sign(claim_message(GROUP, 1, 0, NUMEL, codec_name, reply, claim))
+    signature = identity.sign(claim_message(GROUP, 1, 0, NUMEL, codec_name, reply_digest(reply), claim))
     claim = Claim(claim.coefficients, claim.projections, claim.norms, signature)
     return Evidence(identity.public_key, GROUP, 1, 0, NUMEL, codec_name, reply, claim)
 

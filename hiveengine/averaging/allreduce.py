@@ -66,6 +66,7 @@ from hiveengine.averaging.verification import (
     probe,
     project_and_norm,
     project_rows,
+    reply_digest,
 )
 from hiveengine.codec import Aggregation, Codec
 from hiveengine.errors import ConfigurationError, HiveEngineError, NonFiniteError, ProtocolError, TransportError
@@ -506,15 +507,15 @@ class _ReducerRound:
         copy (a row of `copies`) on the reply's probe and that copy's norm (zeros for senders left out), signed with
         the reply (verification.claim_message)."""
         numel = self.arena.outputs[index].numel()
-        r = probe(self.group.group_id, self.part, index, aggregate, numel)
-        projections, norms = project_rows(copies, r)
+        digest = reply_digest(aggregate)
+        projections, norms = project_rows(copies, probe(self.group.group_id, self.part, index, digest, numel))
         coefficient = dict.fromkeys(self.order, 0.0)
         projection = dict.fromkeys(self.order, 0.0)
         norm = dict.fromkeys(self.order, 0.0)
         for (sender, _, _), c, t, q in zip(kept, coefficients, projections, norms, strict=True):
             coefficient[sender], projection[sender], norm[sender] = c, t, q
         claim = Claim(list(coefficient.values()), list(projection.values()), list(norm.values()))
-        message = claim_message(self.group.group_id, self.part, index, numel, self.codec.name, aggregate, claim)
+        message = claim_message(self.group.group_id, self.part, index, numel, self.codec.name, digest, claim)
         return replace(claim, signature=self.peer.identity.sign(message))
 
     def _bounded_weights(self, weighted: list[tuple[PeerID, float]]) -> list[float]:
@@ -931,7 +932,7 @@ def _verify_chunk(plan: _Exchange, index: int, me: int, reply: dict, sent, mean,
     the aggregate decoded in `decoded`."""
     codec = plan.codec
     claim = Claim.parse(reply, len(plan.group.senders))
-    r = probe(plan.group.group_id, plan.part, index, mean, decoded.numel())
+    r = probe(plan.group.group_id, plan.part, index, reply_digest(mean), decoded.numel())
     mine = codec.decode(sent, decoded, name=f"our copy of part {plan.part}")
     own, own_norm = project_and_norm(mine, r)
     try:

@@ -6,7 +6,9 @@ Construction (per chunk of a part; the K senders in peer-id order):
    the center's coefficients for CenteredClip; c >= 0, sum c = 1, c_j = 0 for a copy left out) and encodes the
    reply R = encode(A).
 2. Probe. r in R^n, Gaussian, from a generator seeded with BLAKE2b(PROBE_DOMAIN || group id || part || chunk ||
-   the bytes of R) (`probe`): fixed only once the reply is, and the same for the reducer and every sender.
+   D(R)) (`probe`), where D(R) = BLAKE2b-256 of R's dtypes, shapes and bytes (`reply_digest`, which the signed
+   message below holds too: the reply is hashed once per check): fixed only once the reply is, and the same for
+   the reducer and every sender.
 3. The reply's header carries c and t_j = <x_j, r> for every sender j (`Claim`: 2K numbers).
 4. Sender i, on receipt (`check_reply`), before decoding R into its buffer: c is in the simplex with c_i > 0;
    its own t_i equals <x_i, r> for the copy it sent; and <decode(R), r> equals sum_j c_j t_j within
@@ -34,7 +36,7 @@ all the weight could.
 
 Accusations that anyone can check (`Evidence`). The reducer also reports the norm q_j of every decoded copy, and
 signs, with its Ed25519 identity, `claim_message`: REPLY_DOMAIN | group id | part | chunk | numel | codec name |
-BLAKE2b(the reply's dtypes, shapes and bytes) | c, t and q as float64. A sender whose check fails keeps the reply,
+D(R) | c, t and q as float64. A sender whose check fails keeps the reply,
 the claim and the signature as evidence, and publishes it only when the evidence alone shows the cheat
 (`Evidence.cheat`): the signature verifies under the key whose SHA-256 is the accused's peer id, and the signed
 claim contradicts itself (c outside the simplex) or contradicts the signed reply (<decode(R), r> differs from
@@ -113,15 +115,22 @@ class Claim:
         return cls([float(v) for v in k], [float(v) for v in t], norms, signature if signed else b"")
 
 
-def claim_message(
-    group_id: bytes, part: int, chunk: int, numel: int, codec_name: str, reply: Sequence[torch.Tensor], claim: Claim
-) -> bytes:
-    """What a reducer signs for one chunk's reply (see the module docstring)."""
+def reply_digest(reply: Sequence[torch.Tensor]) -> bytes:
+    """D(R): BLAKE2b-256 of a reply's tensors' dtypes, shapes and bytes (what its probe and signed claim name)."""
     digest = hashlib.blake2b(digest_size=32)
     for tensor in reply:
-        raw = tensor.detach().contiguous().cpu()
+        raw = tensor.detach()
+        if raw.device.type != "cpu" or not raw.is_contiguous():
+            raw = raw.contiguous().cpu()
         digest.update(f"{raw.dtype}{tuple(raw.shape)}".encode())
         digest.update(raw.view(torch.uint8).numpy() if raw.numel() else b"")
+    return digest.digest()
+
+
+def claim_message(
+    group_id: bytes, part: int, chunk: int, numel: int, codec_name: str, digest: bytes, claim: Claim
+) -> bytes:
+    """What a reducer signs for one chunk's reply, whose reply_digest is `digest` (see the module docstring)."""
     numbers = [*claim.coefficients, *claim.projections, *claim.norms]
     return b"".join(
         (
@@ -130,7 +139,7 @@ def claim_message(
             struct.pack("<IIQ", part, chunk, numel),
             codec_name.encode(),
             b"\0",
-            digest.digest(),
+            digest,
             struct.pack(f"<{len(numbers)}d", *numbers),
         )
     )
@@ -160,8 +169,14 @@ class Evidence:
 
     @functools.cached_property
     def message(self) -> bytes:
-        """What the accused signed (claim_message: it hashes the whole reply, so it is computed once)."""
-        return claim_message(self.group_id, self.part, self.chunk, self.numel, self.codec_name, self.reply, self.claim)
+        """What the accused signed (claim_message)."""
+        args = (self.group_id, self.part, self.chunk, self.numel, self.codec_name)
+        return claim_message(*args, self.reply_digest, self.claim)
+
+    @functools.cached_property
+    def reply_digest(self) -> bytes:
+        """D(R) of the signed reply (hashed once: the message and the probe both name it)."""
+        return reply_digest(self.reply)
 
     def header(self) -> dict:
         """The evidence as a message header (its reply tensors travel as the message's frames)."""
@@ -224,11 +239,11 @@ class Evidence:
             aggregate = codec.decode(self.reply, torch.empty(self.numel), name="an accused reply")
         except NonFiniteError:
             return f"its signed reply for {where} holds NaN or Inf"
-        r = probe(self.group_id, self.part, self.chunk, self.reply, self.numel)
+        r = probe(self.group_id, self.part, self.chunk, self.reply_digest, self.numel)
         got, norm = project_and_norm(aggregate, r)
         expected = math.fsum(cj * tj for cj, tj in zip(c, self.claim.projections, strict=True))
         scale = max(norm, *self.claim.norms)
-        tolerance = _tolerance(codec.error_bound(self.reply), len(c), scale, float(r.norm()))
+        tolerance = _tolerance(codec.error_bound(self.reply), len(c), scale, probe_norm(r))
         if abs(got - expected) <= tolerance:
             return None
         return (
@@ -242,17 +257,21 @@ def _tolerance(error_bound: float, senders: int, scale: float, r_norm: float) ->
     return PROBE_Z * (error_bound + FP32_SLACK * senders * scale) + 2 * DOT_SLACK * scale * r_norm
 
 
-def probe(group_id: bytes, part: int, chunk: int, reply: Sequence[torch.Tensor], numel: int) -> torch.Tensor:
-    """The Gaussian probe vector for one chunk's reply (fp32 draws held as float64, CPU): seeded by the hash of the
-    reply itself."""
-    digest = hashlib.blake2b(PROBE_DOMAIN, digest_size=16)
-    digest.update(group_id)
-    digest.update(part.to_bytes(4, "little") + chunk.to_bytes(4, "little"))
-    for tensor in reply:
-        raw = tensor.detach().contiguous().cpu()
-        digest.update(raw.view(torch.uint8).numpy() if raw.numel() else b"")
-    seed = int.from_bytes(digest.digest()[:8], "little") & (2**63 - 1)
-    return torch.randn(numel, generator=torch.Generator().manual_seed(seed)).double()
+def probe(group_id: bytes, part: int, chunk: int, digest: bytes, numel: int) -> torch.Tensor:
+    """The Gaussian probe vector for one chunk's reply whose reply_digest is `digest` (fp32 draws held as float64,
+    CPU): fixed by the reply itself."""
+    seed = hashlib.blake2b(PROBE_DOMAIN, digest_size=8)
+    seed.update(group_id)
+    seed.update(part.to_bytes(4, "little") + chunk.to_bytes(4, "little"))
+    seed.update(digest)
+    generator = torch.Generator().manual_seed(int.from_bytes(seed.digest(), "little") & (2**63 - 1))
+    return torch.randn(numel, generator=generator).double()
+
+
+def probe_norm(r: torch.Tensor) -> float:
+    """||r|| for a probe (host float64, through numpy: a fraction of a torch call's cost at a chunk's size)."""
+    values = r.numpy()
+    return math.sqrt(float(values @ values))
 
 
 def project(x: torch.Tensor, r: torch.Tensor) -> float:
@@ -299,7 +318,7 @@ def check_reply(
     c = claim.coefficients
     if min(c) < -1e-6 or abs(sum(c) - 1.0) > 1e-5 or (weight > 0 and c[me] <= 0):
         raise ReducerCheatedError(f"its coefficients {c} are not a weighting that includes our copy")
-    r_norm = float(r.norm())
+    r_norm = probe_norm(r)
     if abs(claim.projections[me] - own) > DOT_SLACK * own_norm * r_norm + 1e-30:
         raise ReducerCheatedError(f"it misreports our own copy (projection {claim.projections[me]:.6g} != {own:.6g})")
     got, norm = project_and_norm(aggregate, r)

@@ -23,6 +23,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from hiveengine.errors import ConfigurationError
@@ -88,14 +89,14 @@ def centered_clip(
     base, diffs = rows[0], rows[1:]
     diffs -= base
     gram = _gram(diffs)
-    weight = torch.tensor(w, dtype=torch.float64)
+    weight = np.array(w, dtype=np.float64)
     near_mean = _distances(gram, weight)
-    limit = aggregation.tau if aggregation.tau is not None else aggregation.tau_factor * float(near_mean.median())
+    limit = aggregation.tau if aggregation.tau is not None else aggregation.tau_factor * _lower_median(near_mean)
     if float(near_mean.max()) <= limit:
         return None
     position = list(range(count))  # position k (0: the base, k >= 1: diffs[k - 1]) holds copy position[k]
     for _ in range(MEDOID_PASSES):  # measure from the medoid: the Gram matrix keeps its precision (not so
-        start = int(_pairwise(gram).median(dim=1).values.argmin())  # from a huge copy 0), so look again
+        start = int(_lower_median(_pairwise(gram)).argmin())  # from a huge copy 0), so look again
         if start == 0:
             break
         moved = diffs[start - 1].clone()
@@ -109,17 +110,17 @@ def centered_clip(
         gram = _gram(diffs)
     tau = aggregation.tau
     if tau is None:
-        tau = aggregation.tau_factor * float(_pairwise(gram)[0].median())
-    center = torch.zeros(count, dtype=torch.float64)
+        tau = aggregation.tau_factor * _lower_median(_pairwise(gram)[0])
+    center = np.zeros(count, dtype=np.float64)
     center[0] = 1.0
     for _ in range(aggregation.iterations):
         d = _distances(gram, center)
-        pull = weight * torch.where(d > tau, tau / d.clamp_min(1e-300), 1.0)
+        pull = weight * np.where(d > tau, tau / np.maximum(d, 1e-300), 1.0)
         step = pull - pull.sum() * center
         center += step
         if float(step @ gram @ step) <= (CLIP_TOLERANCE * tau) ** 2:
             break
-    used = center[1:].to(rows.dtype)  # the coefficients as the result is computed with them
+    used = torch.from_numpy(center[1:]).to(rows.dtype)  # the coefficients as the result is computed with them
     out.view(-1).copy_(base).addmv_(diffs.T, used.to(rows.device))
     coefficients = [0.0] * count
     coefficients[position[0]] = 1.0 - float(used.double().sum())
@@ -128,22 +129,32 @@ def centered_clip(
     return coefficients
 
 
-def _gram(diffs: torch.Tensor) -> torch.Tensor:
-    """The Gram matrix (float64, on the CPU) of the copies' differences to copy 0 (whose own row is zero)."""
+def _gram(diffs: torch.Tensor) -> np.ndarray:
+    """The Gram matrix (float64, on the host) of the copies' differences to copy 0 (whose own row is zero): the one
+    product over the data stays in torch (on the copies' device); the K x K work after it is numpy's, whose calls
+    cost a fraction of torch's at that size."""
     count = diffs.shape[0] + 1
-    gram = torch.zeros(count, count, dtype=torch.float64)
-    gram[1:, 1:] = (diffs @ diffs.T).double().cpu()
+    gram = np.zeros((count, count), dtype=np.float64)
+    gram[1:, 1:] = (diffs @ diffs.T).cpu().numpy()
     return gram
 
 
-def _distances(gram: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+def _distances(gram: np.ndarray, c: np.ndarray) -> np.ndarray:
     """Each copy's distance to the combination sum_j c_j x_j (sum c_j = 1), from the Gram matrix."""
     gc = gram @ c
-    return (gram.diagonal() - 2 * gc + c @ gc).clamp_min(0).sqrt()
+    return np.sqrt(np.maximum(gram.diagonal() - 2 * gc + c @ gc, 0.0))
 
 
-def _pairwise(gram: torch.Tensor) -> torch.Tensor:
+def _pairwise(gram: np.ndarray) -> np.ndarray:
     """The copies' pairwise distances, infinite on the diagonal (a copy is not its own neighbour)."""
     diagonal = gram.diagonal()
-    pairwise = (diagonal[:, None] + diagonal[None, :] - 2 * gram).clamp_min(0).sqrt()
-    return pairwise.fill_diagonal_(math.inf)
+    pairwise = np.sqrt(np.maximum(diagonal[:, None] + diagonal[None, :] - 2 * gram, 0.0))
+    np.fill_diagonal(pairwise, math.inf)
+    return pairwise
+
+
+def _lower_median(values: np.ndarray) -> np.ndarray | float:
+    """The lower median of a vector (a float), or of each row of a matrix (an array)."""
+    middle = (values.shape[-1] - 1) // 2
+    median = np.partition(values, middle, axis=-1)[..., middle]
+    return float(median) if values.ndim == 1 else median
