@@ -17,7 +17,7 @@ from hiveengine.averaging.verification import (
     Evidence,
     claim_message,
     probe,
-    project,
+    project_and_norm,
     reply_digest,
 )
 from hiveengine.codec import get_codec
@@ -43,7 +43,7 @@ def _signed(identity: Identity, codec_name: str, seed: int, garbage: bool) -> Ev
         reply = codec.encode(codec.decode(reply, torch.empty(NUMEL)) + 10)
     r = probe(GROUP, 1, 0, reply_digest(reply), NUMEL)
     decoded = [codec.decode(c, torch.empty(NUMEL)) for c in copies]
-    claim = Claim(coefficients, [project(x, r) for x in decoded], [float(x.norm()) for x in decoded])
+    claim = Claim(coefficients, [project_and_norm(x, r)[0] for x in decoded], [float(x.norm()) for x in decoded])
     signature = identity.sign(claim_message(GROUP, 1, 0, NUMEL, codec_name, reply_digest(reply), claim))
     claim = Claim(claim.coefficients, claim.projections, claim.norms, signature)
     return Evidence(identity.public_key, GROUP, 1, 0, NUMEL, codec_name, reply, claim)

@@ -11,7 +11,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hiveengine.averaging.verification import Claim, ReducerCheatedError, check_reply, probe, project, reply_digest
+from hiveengine.averaging.verification import (
+    Claim,
+    ReducerCheatedError,
+    check_reply,
+    probe,
+    project_and_norm,
+    reply_digest,
+)
 from hiveengine.codec import get_codec
 from tests.peers.allreduce_peer import seeded_data
 from tests.test_allreduce import NUMEL, TOLERANCE, average_in_processes, exact_mean
@@ -86,7 +93,7 @@ def _honest_reply(codec_name: str, seed: int, senders: int = 4, numel: int = 500
     reply = [t.clone() for t in reply]
     r = probe(b"group", 0, 0, reply_digest(reply), numel)
     decoded = [codec.decode(c, torch.empty(numel)) for c in copies]
-    claim = Claim(coefficients, [project(x, r) for x in decoded])
+    claim = Claim(coefficients, [project_and_norm(x, r)[0] for x in decoded])
     return codec, copies, decoded, reply, claim, r
 
 
@@ -97,7 +104,7 @@ def test_the_check_passes_honest_replies_and_fails_tampered_ones(codec_name):
         codec, _, decoded, reply, claim, r = _honest_reply(codec_name, seed)
         aggregate = codec.decode(reply, torch.empty(decoded[0].numel()))
         mine = decoded[1]
-        args = (project(mine, r), float(mine.norm()), aggregate, codec.error_bound(reply), r)
+        args = (project_and_norm(mine, r)[0], float(mine.norm()), aggregate, codec.error_bound(reply), r)
         check_reply(claim, 1, 2.0, *args)  # honest: never refused
         # A deviation 200x the codec's own error bound (a few quantization steps on every value at int4), or
         # 10% of the aggregate's norm where the codec is (nearly) exact: its projection falls inside the

@@ -274,15 +274,11 @@ def probe_norm(r: torch.Tensor) -> float:
     return math.sqrt(float(values @ values))
 
 
-def project(x: torch.Tensor, r: torch.Tensor) -> float:
-    """<x, r> in float64, for the probe `r` (float64, as `probe` gives it): an fp32 dot product's rounding would
-    widen the tolerance, and a garbage reply could slip through it with a chance of ~1e-5 sqrt(n)."""
-    return project_and_norm(x, r)[0]
-
-
 def project_and_norm(x: torch.Tensor, r: torch.Tensor) -> tuple[float, float]:
-    """(<x, r>, ||x||) in float64: on the host through numpy's dot products (a matrix pass over one row costs twice
-    as much at a round's chunk sizes), on a device as project_rows does."""
+    """(<x, r>, ||x||) in float64, for the probe `r` (float64, as `probe` gives it: an fp32 dot product's rounding
+    would widen the tolerance, and a garbage reply could slip through it with a chance of ~1e-5 sqrt(n)); on the
+    host through numpy's dot products (a matrix pass over one row costs twice as much at a round's chunk sizes), on
+    a device as project_rows does."""
     if x.device.type != "cpu":
         (projection,), (norm,) = project_rows(x.detach().reshape(1, -1), r)
         return projection, norm
