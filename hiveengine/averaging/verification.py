@@ -33,6 +33,11 @@ saw: its own (when it sends) or another sender's. Closing that gap takes the sen
 projections to each other after the round (K^2 numbers, off the critical path) and a Gram-matrix check of
 CenteredClip's coefficients. Until then a reducer that cheats adaptively can move its part as far as a sender with
 all the weight could.
+Nor does it stop grinding: the reducer picks R, and with it the probe. The chance above is per reply; a reducer
+that tries replies until one passes (each slightly different R, say through the claimed coefficients, gives a fresh
+probe) gets a shift d through after about ||d|| / (Z * ||e||) tries of a hash and n Gaussian draws each. What a
+reply check bounds is then the work a given shift costs, not whether it can pass. A probe the reducer cannot know
+while it fixes R (each sender's own, revealed after R: the same K^2 exchange) closes this too.
 
 Accusations that anyone can check (`Evidence`). The reducer also reports the norm q_j of every decoded copy, and
 signs, with its Ed25519 identity, `claim_message`: REPLY_DOMAIN | group id | part | chunk | numel | codec name |
