@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from hiveengine.averaging import RoundOptions
-from hiveengine.averaging.audits import Audits
+from hiveengine.averaging.audits import Audits, reducer_rate
 from hiveengine.codec import get_codec
 from hiveengine.errors import ConfigurationError
 from hiveengine.transport import PeerID
@@ -134,6 +134,23 @@ def test_a_rate_of_zero_audits_nobody_and_one_audits_everyone():
     assert called == []
     assert all(_check("none", lies, {}, rate=1.0, audit=audit).values())
     assert sorted(called, key=str) == sorted(senders, key=str)  # once each, in one thread, one after another
+
+
+def test_the_reducers_split_the_draws_so_a_sender_is_audited_at_the_rate_at_any_group_size():
+    senders, parts, rate = _ids(4000), 8, 0.1
+
+    async def draws() -> list[frozenset]:
+        rounds = [Audits(lambda _: None, rate, 0.1, senders, get_codec("none"), 5.0, parts) for _ in range(parts)]
+        await asyncio.gather(*(w for w in (a.ready() for a in rounds) if w is not None))
+        return [a.drawn for a in rounds]
+
+    drawn = asyncio.run(draws())
+    audited = frozenset().union(*drawn)
+    assert abs(len(audited) / len(senders) - rate) < 0.03  # 6 standard deviations
+    per_reducer = reducer_rate(rate, parts)  # 1.3%: what each reducer recomputes, not 10% of its senders
+    assert abs(1 - (1 - per_reducer) ** parts - rate) < 1e-12
+    assert all(abs(len(d) / len(senders) - per_reducer) < 0.012 for d in drawn)
+    assert reducer_rate(1.0, parts) == 1.0 and reducer_rate(0.0, parts) == 0.0 and reducer_rate(rate, 1) == rate
 
 
 @pytest.mark.parametrize(

@@ -117,8 +117,9 @@ class RoundOptions:
     # round's critical path it costs ~0.5 ms on 4 KB and made a 4 MB int8 round 2.5-3x slower (8-15 -> 35-40 ms)
     verify: bool = False
     # Contribution audits (hiveengine.averaging.audits): `audit(sender)` recomputes the flat contribution a sender
-    # should send this round (None: cannot tell); a reducer audits each sender with probability `audit_rate` and
-    # bans one whose copy is more than `audit_tolerance` (relative, plus the codec's rounding) off it.
+    # should send this round (None: cannot tell); each sender is audited with probability `audit_rate` (by one
+    # of the reducers or more), and one whose copy is more than `audit_tolerance` (relative, plus the codec's
+    # rounding) off is banned by the reducer that caught it.
     audit: Audit | None = None
     audit_rate: float = DEFAULT_AUDIT_RATE
     audit_tolerance: float = DEFAULT_AUDIT_TOLERANCE
@@ -379,14 +380,13 @@ class _ReducerRound:
         self._limits: dict[PeerID, float | None] = {}  # each sender's weight limit this round
         self.audits: Audits | None = None
 
-    def start_audits(self) -> None:
-        """Draw the senders to audit this round (options.audit) and start recomputing what they should send."""
+    def start_audits(self, parts: int) -> None:
+        """Draw the senders to audit this round (options.audit; we are one of `parts` reducers) and start
+        recomputing what they should send."""
         if self.options.audit is not None and self.chunks:
             others = [s for s in self.order if s != self.peer.peer_id and s not in self.withdrawn]
-            options = self.options
-            self.audits = Audits(
-                options.audit, options.audit_rate, options.audit_tolerance, others, self.codec, options.sender_timeout
-            )
+            o = self.options
+            self.audits = Audits(o.audit, o.audit_rate, o.audit_tolerance, others, self.codec, o.sender_timeout, parts)
 
     def _audits_ready(self) -> Awaitable | None:
         return None if self.audits is None else self.audits.ready()
@@ -738,7 +738,7 @@ async def run_allreduce(
         local_round = _ReducerRound(group, my_part, chunks, codec, options, arena, service)
         service.parts_reduced += spans[my_part][1] > spans[my_part][0]
         local_round.withdrawn.update(service.banned.keys() & local_round.senders)
-        local_round.start_audits()
+        local_round.start_audits(sum(end > start for start, end in spans))
         service.open_round(group.group_id, local_round)
     started = time.monotonic()
     deadline = started + options.timeout

@@ -7,8 +7,14 @@ several colluding senders can repeat every round. BTARD's answer (Gorbunov et al
 peer's minibatch follows from public data (a seed per peer and step), anyone can recompute the gradient that peer
 should have sent, and a peer that sent something else is caught. BTARD draws its validators with a multi-party
 random number generator. Here each reducer draws on its own, from randomness no sender sees (`secrets`), which of
-its part's senders it audits in a round, each with probability `audit_rate`: a sender cannot tell which rounds are
-audited, so one that cheats in every round is caught, by each reducer it sends to, after about 1/audit_rate rounds.
+its part's senders it audits in a round: each of the round's P reducers with probability 1 - (1 - audit_rate)^(1/P)
+(`reducer_rate`), so that a sender is audited, by one reducer or more, with probability `audit_rate` whatever the
+group's size. A sender cannot tell which rounds are audited, so one that cheats on every part in every round is
+caught after about 1/audit_rate rounds (one that cheats on a single part, moving 1/P of the model, after about
+P/audit_rate). What it costs: a recomputation is of the whole contribution, however small the part it checks, so a
+rate per reducer (each reducer auditing each sender with probability audit_rate) would cost every peer
+audit_rate x (K - 1) recomputations per round in a group of K, 70% more compute at K = 8 and the default rate; this
+way it is about audit_rate (K - 1) / P, 9% at K = P = 8.
 
 How it runs (RoundOptions.audit): when a round opens, the reducer calls `audit(sender)` for each sender it drew,
 one after another in one worker thread (the function need not be safe to run twice at once). It returns the flat
@@ -55,16 +61,33 @@ _DRAW = secrets.SystemRandom()
 Audit = Callable[[PeerID], "torch.Tensor | None"]
 
 
+def reducer_rate(rate: float, parts: int) -> float:
+    """The chance that each of `parts` reducers audits a given sender, so that one or more of them does with
+    probability `rate` (1 at rate 1: every reducer audits every sender)."""
+    if rate >= 1 or parts <= 1:
+        return min(rate, 1.0)
+    return 1.0 - (1.0 - rate) ** (1.0 / parts)
+
+
 class Audits:
     """One reducer round's audits: the contributions expected of the senders drawn, and the senders that failed."""
 
     def __init__(
-        self, audit: Audit, rate: float, tolerance: float, senders: Iterable[PeerID], codec: Codec, timeout: float
+        self,
+        audit: Audit,
+        rate: float,
+        tolerance: float,
+        senders: Iterable[PeerID],
+        codec: Codec,
+        timeout: float,
+        parts: int = 1,
     ):
-        """Draw which of `senders` to audit (each with probability `rate`) and start recomputing theirs."""
+        """Draw which of `senders` to audit (each with probability reducer_rate(rate, parts): this reducer is one
+        of the round's `parts` reducers) and start recomputing theirs."""
         loop = asyncio.get_running_loop()
         self.tolerance, self.codec = tolerance, codec
-        drawn = [sender for sender in senders if _DRAW.random() < rate]
+        chance = reducer_rate(rate, parts)
+        drawn = [sender for sender in senders if _DRAW.random() < chance]
         self.drawn = frozenset(drawn)
         self.failed: dict[PeerID, str] = {}  # sender -> why its copy failed
         self._expected = asyncio.ensure_future(asyncio.to_thread(_recompute, audit, drawn)) if drawn else None

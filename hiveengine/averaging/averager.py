@@ -103,8 +103,9 @@ class DecentralizedAverager:
     `banned`, left out of our later rounds. It is off by default because it
     sits on the round's critical path (a 4 MB int8 round took 2.5-3x as long); turn it on in open swarms.
     Where each peer's contribution follows from public data, `audit(sender)` recomputes the flat contribution a
-    sender should send this round: each reducer then checks a random `audit_rate` of its senders' copies against
-    it, and bans one more than `audit_tolerance` off (hiveengine.averaging.audits).
+    sender should send this round: each sender is then audited with probability `audit_rate` (the reducers
+    split the draws, so a peer recomputes about that many contributions per round at any group size), and a
+    reducer bans one whose copy is more than `audit_tolerance` off (hiveengine.averaging.audits).
     A sharing peer renews its state advertisement every `declare_state_period` seconds (it lives four periods), at
     its address then, so it stays findable between rounds however far apart they are.
     """
