@@ -205,7 +205,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--attacks", nargs="+", default=ATTACKS, choices=ATTACKS)
-    parser.add_argument("--byzantine", nargs="+", type=int, default=BYZANTINE_COUNTS)
+    parser.add_argument(
+        "--byzantine", nargs="*", type=int, default=BYZANTINE_COUNTS, help="attacker counts (none: the overhead only)"
+    )
     parser.add_argument("--steps", type=int, default=STEPS, help="SGD steps per run")
     parser.add_argument(
         "--clean-repeats", type=int, default=4, help="clean run pairs, mean and robust (for the overhead; default 4)"

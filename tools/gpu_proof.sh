@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The GPU proof in one run on a CUDA machine: install, every gpu-marked test, the kernel benchmark (autotuning) and
-# the residency benchmark (host copies and speed of CUDA buffers in an all-reduce and an expert call).
+# The GPU proof in one run on a CUDA machine: install, every gpu-marked test, the kernel benchmark (autotuning),
+# the residency benchmark (host copies and speed of CUDA buffers in an all-reduce and an expert call), and the
+# Byzantine-robust path's overhead on a clean run with a core or more per peer (bench/byzantine.py, which a 2-core
+# machine runs with 8 peers sharing its cores).
 #
-#   tools/gpu_proof.sh                      # every step: setup tests kernels residency
+#   tools/gpu_proof.sh                      # every step: setup tests kernels residency overhead
 #   tools/gpu_proof.sh setup tests          # only these steps (setup is cheap once done)
 #   GPU_PROOF_PYTEST="-k moe" tools/gpu_proof.sh setup tests
 #
@@ -15,7 +17,7 @@ cd "$(dirname "$0")/.."
 work=${GPU_PROOF_DIR:-/tmp/gpu-proof}
 mkdir -p "$work"
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 HIVEENGINE_BENCH_OUT="$work" HIVEENGINE_KERNEL_TUNING="$work/kernel-tuning.json"
-steps=${*:-setup tests kernels residency}
+steps=${*:-setup tests kernels residency overhead}
 
 publish() {
   if [ -n "${OUT:-}" ] && [ "$OUT" != "$work" ]; then
@@ -64,7 +66,8 @@ for s in $steps; do
       --junitxml="$work/tests.xml" ${GPU_PROOF_PYTEST:-} ;;
   kernels) step kernels 60 $hive bench kernels --no-cpu --tiles 2048,4096,8192 --warps 4,8 --gpu-sizes 64,256 ;;
   residency) step residency 120 $hive bench residency --sizes 67108864 ;;
-  *) echo "unknown step $s (setup, tests, kernels, residency)" && exit 2 ;;
+  overhead) step overhead 120 python3 bench/byzantine.py --byzantine --clean-repeats 4 ;;
+  *) echo "unknown step $s (setup, tests, kernels, residency, overhead)" && exit 2 ;;
   esac
 done
 cat "$work/summary.txt"
