@@ -3,6 +3,7 @@ refused, and hostile value bytes stored by anyone never break a reader."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -240,15 +241,41 @@ def test_hostile_values_stored_by_anyone_never_break_a_reader(pair):
             assert {s: v.value for s, v in found.value.items()} == {"good": ("valid", 1)}
 
 
-def test_an_owner_signed_subkey_replaces_an_unsigned_plain_value_whatever_its_expiration():
+@pytest.mark.parametrize("signature", [None, b"\x00" * 64])
+def test_a_subkey_replaces_a_plain_value_whatever_its_expiration(signature):
     now = get_dht_time()
     squat = Record(b"k", None, b"\x01", now + MAX_RECORD_TTL)
     entry = Entry(b"k")
     assert entry.merge(squat)
-    assert not entry.merge(Record(b"k", b"s", b"\x02", now + 60))  # unsigned, older: newer-wins holds
-    assert entry.merge(Record(b"k", b"s", b"\x02", now + 60, signature=b"\x00" * 64))
+    assert entry.merge(Record(b"k", b"s", b"\x02", now + 60, signature=signature))
     assert entry.plain is None and set(entry.subkeys) == {b"s"}
     assert not entry.merge(squat)  # and the plain value cannot come back over the live dictionary
+
+
+def test_what_a_key_holds_does_not_depend_on_the_order_its_records_arrived_in():
+    # Replicas get the same records in different orders; readers and republishing spread what each holds. Ties of
+    # expiration (an owner that re-stores another value at the same time) went to whichever came first, and a plain
+    # value older than a subkey record survived it only when it came first.
+    now = get_dht_time()
+    records = [
+        Record(b"k", None, b"plain-a", now + 90),
+        Record(b"k", None, b"plain-b", now + 90),
+        Record(b"k", b"s", b"v1", now + 60),
+        Record(b"k", b"s", b"v2", now + 60),
+        Record(b"k", b"s", b"v0", now + 30),
+        Record(b"k", b"t", b"w", now + 45, signature=b"\x00" * 64),
+    ]
+    held = set()
+    for order in itertools.permutations(records):
+        entry = Entry(b"k")
+        for record in order:
+            entry.merge(record)
+        held.add((entry.plain, tuple(sorted(entry.subkeys.items()))))
+    assert held == {(None, ((b"s", records[3]), (b"t", records[5])))}
+    plains = Entry(b"k")
+    for record in records[1::-1]:
+        plains.merge(record)
+    assert plains.plain == records[1]  # the larger value of two with one expiration, though it came first
 
 
 def test_signed_entries_land_under_a_key_squatted_with_a_plain_value(pair):

@@ -421,11 +421,7 @@ class DHTNode:
         if held is not None and held.same_content(record):
             return
         if self._acceptable(record) and self._readable(record):
-            if record.subkey is not None:
-                # No node lets a plain value replace a live dictionary, so neither does a reader, whichever reply
-                # came first: a plain value held where the dictionary never arrived gives way to it.
-                found.plain = None
-            found.merge(record)
+            found.merge(record)  # as nodes merge: the same whichever reply came first
 
     def _readable(self, record: Record) -> bool:
         problem = record_problem(record)

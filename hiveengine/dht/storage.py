@@ -5,9 +5,12 @@ Two rules protect what honest peers store from anyone who can write a key:
   otherwise win every newer-wins contest, forever), and
 - a plain value never replaces a live dictionary: a dictionary holds many peers' entries (registrations,
   progress, expert declarations), and one plain value used to wipe them all. It lives until its subkeys
-  expire; a subkey record still replaces an older plain value, and an owner-signed subkey record replaces an
-  unsigned plain value whatever its expiration (otherwise anyone could squat a key that peers sign their
-  entries under, for up to MAX_RECORD_TTL, with one plain value).
+  expire, and a subkey record replaces a plain value whatever its expiration (otherwise anyone could squat a
+  key that peers sign their entries under, for up to MAX_RECORD_TTL, with one plain value; and an unsigned
+  plain value gains nothing from an expiration that anyone could top).
+What a key holds depends on the records that reached it, never on their order: a dictionary beats a plain value
+(readers merge replies the same way), and of two versions of one record the later expiration wins, or on a tie the
+larger value and signature bytes, so replicas that got the same records in another order hold the same ones.
 Stored sizes are counted with RECORD_OVERHEAD_BYTES per record, what a record costs in memory beyond its
 payload, so the byte budget bounds real memory; each record is charged to the peer that sent it (Storage).
 """
@@ -93,6 +96,14 @@ class Record:
         return self.value == other.value and self.expiration_time == other.expiration_time
 
 
+def _supersedes(record: Record, current: Record) -> bool:
+    """Whether `record` replaces `current`, another version of the same record: it expires later, or at the same
+    time with larger (value, signature) bytes, an order every replica agrees on."""
+    if record.expiration_time != current.expiration_time:
+        return record.expiration_time > current.expiration_time
+    return (record.value, record.signature or b"") > (current.value, current.signature or b"")
+
+
 class Entry:
     """What one key holds: a plain record, or a dictionary of subkey records (never both)."""
 
@@ -123,29 +134,26 @@ class Entry:
         return sum(r.nbytes for r in self.records())
 
     def merge(self, record: Record) -> bool:
-        """Apply newer-wins: a record replaces what it competes with only if it expires later. A plain value
-        competes with the whole dictionary (its latest subkey), a subkey with the plain value or its own
-        earlier version; a signed subkey always beats an unsigned plain value (records reach here validated).
-        Re-storing an identical record counts as accepted (replication is idempotent)."""
+        """Apply newer-wins between versions of one record (`_supersedes`); a plain value never replaces a live
+        dictionary, and a subkey always replaces a plain value (records reach here validated). The result is
+        the same in any order of arrival. Re-storing an identical record counts as accepted (replication is
+        idempotent)."""
         if record.subkey is None:
-            if self.plain is not None and self.plain.same_content(record):
-                return True
-            if self.subkeys or record.expiration_time <= self.expiration_time():
+            if self.subkeys:
                 return False  # never wipe a live dictionary with a plain value
-            self.plain, self.subkeys = record, {}
-            return True
-        if self.plain is not None:
-            outranks = record.signature is not None and self.plain.signature is None
-            if not outranks and record.expiration_time <= self.plain.expiration_time:
-                return False
+            current = self.plain
+        else:
             self.plain = None
-        current = self.subkeys.get(record.subkey)
+            current = self.subkeys.get(record.subkey)
         if current is not None:
             if current.same_content(record):
                 return True
-            if record.expiration_time <= current.expiration_time:
+            if not _supersedes(record, current):
                 return False
-        self.subkeys[record.subkey] = record
+        if record.subkey is None:
+            self.plain = record
+        else:
+            self.subkeys[record.subkey] = record
         return True
 
     def drop_expired(self, now: float) -> None:
