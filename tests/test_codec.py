@@ -269,6 +269,30 @@ def test_centered_clip_is_the_exact_mean_on_clean_copies_and_bounded_under_attac
     assert float((mean - robust).abs().max()) <= float(robust.abs().max()) / steps
 
 
+@pytest.mark.parametrize("norm", [1e10, 3e19, 1e30])
+@pytest.mark.parametrize("at", [0, 4, 7])
+def test_centered_clip_bounds_a_copy_of_any_size_wherever_it_sits(norm, at):
+    # A copy of norm 1e10 sitting first was the base every difference was taken to, in fp32: the honest copies' own
+    # values rounded away, and the result lay as far from their mean as that mean from zero. Past ~2e19 the fp32
+    # Gram product overflowed, the distances came out NaN, and the copy went unclipped (coefficient 0.93).
+    from hiveengine.codec import Aggregation, centered_clip
+
+    n = 4096
+    honest = [randn(n, seed=90 + i) + 1.0 for i in range(7)]
+    hostile = randn(n, seed=99)
+    hostile *= norm / float(hostile.double().norm())
+    rows = torch.stack([*honest[:at], hostile, *honest[at:]])
+    out = torch.empty(n)
+    coefficients = centered_clip(rows.clone(), [1.0] * 8, out, Aggregation("centered_clip"))
+    assert coefficients is not None and abs(sum(coefficients) - 1) < 1e-6 and min(coefficients) >= 0
+    mean = torch.stack(honest).mean(0)
+    spread = float((torch.stack(honest) - mean).norm(dim=1).max())
+    assert float((out - mean).norm()) < spread / 2
+    assert coefficients[at] * norm < spread  # it pulls with about tau / 8, whatever its size
+    combined = sum(c * r.double() for c, r in zip(coefficients, rows, strict=True))
+    assert float((combined - out.double()).norm()) <= 1e-4 * float(mean.norm())  # the claim a verifier checks
+
+
 def test_centered_clip_refuses_non_finite_copies_and_options():
     from hiveengine.codec import Aggregation
 

@@ -9,12 +9,15 @@ clipped; a copy far beyond it pulls with at most tau. With a fraction a < 1/2 of
 point lies within about a / (1 - a) * tau of the honest copies' mean.
 
 Cost. Every center the iteration visits is a combination sum_j c_j x_j with sum_j c_j = 1, so the whole iteration
-runs on the K x K Gram matrix of the copies' differences to the first copy (one matrix product over the data; the
+runs on the K x K Gram matrix of the copies' differences to a base copy (one matrix product over the data; the
 differences keep its precision relative to the copies' spread, not their norms), and one more pass writes the
-result. A clean round pays one check more than the plain mean: if every copy lies within tau of the weighted mean
-(tau_factor median distances to it when adaptive), that mean is a fixed point of the iteration (no copy is clipped
-and the weighted deviations sum to zero), and it is returned as it is, bit for bit the plain mean. With K <= 2 no
-copy can be told from the other, so the mean is returned.
+result. The base is the copy of median norm (an honest one while most are): differences to a copy of norm 1e10
+would round the honest copies' own values away in fp32. The product is fp32 unless a difference is too large for
+it (a norm near 2e19 squares past fp32's range: the distances became NaN and the copy went unclipped); then it is
+recomputed in float64, in slices of GRAM_SLICE values. A clean round pays one check more than the plain mean: if
+every copy lies within tau of the weighted mean (tau_factor median distances to it when adaptive), that mean is a
+fixed point of the iteration (no copy is clipped and the weighted deviations sum to zero), and it is returned as it
+is, bit for bit the plain mean. With K <= 2 no copy can be told from the other, so the mean is returned.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ DEFAULT_TAU_FACTOR = 1.5  # the clip radius, in median distances of the copies t
 DEFAULT_CLIP_ITERATIONS = 20  # most CenteredClip steps per chunk (it usually settles within a few)
 MEDOID_PASSES = 2  # the medoid is looked for again from the first one found (then the differences are small)
 CLIP_TOLERANCE = 1e-4  # stop once a step moves the center by less than this fraction of tau
+GRAM_SLICE = 1 << 16  # values per slice of a float64 Gram product (what it converts at a time: 512 KiB per copy)
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,11 @@ def centered_clip(
         weighted_mean(list(rows), w, out=out, name="copies")
     if count <= 2 or rows.shape[1] == 0:
         return None
+    position = list(range(count))  # position k (0: the base, k >= 1: diffs[k - 1]) holds copy position[k]
+    first = _median_norm(rows)
+    if first != 0:
+        _swap(rows, position, first)
+        w[0], w[first] = w[first], w[0]
     base, diffs = rows[0], rows[1:]
     diffs -= base
     gram = _gram(diffs)
@@ -94,9 +103,8 @@ def centered_clip(
     limit = aggregation.tau if aggregation.tau is not None else aggregation.tau_factor * _lower_median(near_mean)
     if float(near_mean.max()) <= limit:
         return None
-    position = list(range(count))  # position k (0: the base, k >= 1: diffs[k - 1]) holds copy position[k]
-    for _ in range(MEDOID_PASSES):  # measure from the medoid: the Gram matrix keeps its precision (not so
-        start = int(_lower_median(_pairwise(gram)).argmin())  # from a huge copy 0), so look again
+    for _ in range(MEDOID_PASSES):  # measure from the medoid (the median norm's copy may lie off the others)
+        start = int(_lower_median(_pairwise(gram)).argmin())
         if start == 0:
             break
         moved = diffs[start - 1].clone()
@@ -129,13 +137,40 @@ def centered_clip(
     return coefficients
 
 
+def _median_norm(rows: torch.Tensor) -> int:
+    """The index of the row of (lower) median norm (a norm past fp32's range counts as infinite). On the host
+    through numpy, in one thread: torch's parallel reduction left its OpenMP threads spinning after it, which
+    cost peers sharing the cores 2x on a 4 MB round."""
+    if rows.device.type == "cpu":
+        values = rows.numpy()
+        squares = np.einsum("ij,ij->i", values, values)
+    else:
+        squares = torch.linalg.vector_norm(rows, dim=1).cpu().numpy()
+    return int(np.argsort(squares, kind="stable")[(len(squares) - 1) // 2])
+
+
+def _swap(rows: torch.Tensor, position: list[int], k: int) -> None:
+    """Swap rows 0 and k in place, and what `position` says they hold."""
+    held = rows[0].clone()
+    rows[0] = rows[k]
+    rows[k] = held
+    position[0], position[k] = position[k], position[0]
+
+
 def _gram(diffs: torch.Tensor) -> np.ndarray:
-    """The Gram matrix (float64, on the host) of the copies' differences to copy 0 (whose own row is zero): the one
-    product over the data stays in torch (on the copies' device); the K x K work after it is numpy's, whose calls
-    cost a fraction of torch's at that size."""
+    """The Gram matrix (float64, on the host) of the copies' differences to the base (whose own row is zero): the
+    one product over the data stays in torch (on the copies' device), in fp32 unless that overflows (then float64,
+    slice by slice); the K x K work after it is numpy's, whose calls cost a fraction of torch's at that size."""
     count = diffs.shape[0] + 1
     gram = np.zeros((count, count), dtype=np.float64)
-    gram[1:, 1:] = (diffs @ diffs.T).cpu().numpy()
+    product = (diffs @ diffs.T).cpu().numpy()
+    if not np.isfinite(product).all():
+        wide = torch.zeros(count - 1, count - 1, dtype=torch.float64, device=diffs.device)
+        for start in range(0, diffs.shape[1], GRAM_SLICE):
+            piece = diffs[:, start : start + GRAM_SLICE].double()
+            wide.addmm_(piece, piece.T)
+        product = wide.cpu().numpy()
+    gram[1:, 1:] = product
     return gram
 
 
