@@ -1,29 +1,37 @@
 """Verified reducers: a sender checks that the aggregate a reducer returned is the combination of the copies it
-was sent, before applying it, with one random projection per chunk and no extra message.
+was sent, before applying it, with PROBES random projections per chunk and no extra message.
 
 Construction (per chunk of a part; the K senders in peer-id order):
 1. The reducer aggregates the decoded copies x_j into A = sum_j c_j x_j (c: the normalized weights for the mean,
    the center's coefficients for CenteredClip; c >= 0, sum c = 1, c_j = 0 for a copy left out) and encodes the
    reply R = encode(A).
-2. Probe. r in R^n, Gaussian, from a generator seeded with BLAKE2b(PROBE_DOMAIN || group id || part || chunk ||
-   D(R)) (`probe`), where D(R) = BLAKE2b-256 of R's dtypes, shapes and bytes (`reply_digest`, which the signed
-   message below holds too: the reply is hashed once per check): fixed only once the reply is, and the same for
-   the reducer and every sender.
-3. The reply's header carries c and t_j = <x_j, r> for every sender j (`Claim`: 2K numbers).
+2. Probes. r_1 .. r_m in R^n (m = PROBES), Gaussian, drawn one after another from a generator seeded with
+   BLAKE2b(PROBE_DOMAIN || group id || part || chunk || D(R)) (`Probes`), where D(R) = BLAKE2b-256 of R's
+   dtypes, shapes and bytes (`reply_digest`, which the signed message below holds too: the reply is hashed once
+   per check): fixed only once the reply is, and the same for the reducer and every sender.
+3. The reply's header carries c, and t_jk = <x_j, r_k> for every sender j and probe k (`Claim`: K (m + 2) numbers
+   with the norms below).
 4. Sender i, on receipt (`check_reply`), before decoding R into its buffer: c is in the simplex with c_i > 0;
-   its own t_i equals <x_i, r> for the copy it sent; and <decode(R), r> equals sum_j c_j t_j within
-   Z * (codec.error_bound(R) + fp32 slack). Requantization moves A by e with ||e|| <= error_bound(R), and
-   <e, r> ~ N(0, ||e||^2) for a probe drawn after R, so Z = PROBE_Z standard deviations never fire on an honest
-   reply (lossy codecs included), while a reply off by d fails unless |<d, r>| is within that band: for
-   garbage, d is many times the codec's error and the chance is about Z * ||e|| / ||d||.
+   its own t_ik equal <x_i, r_k> for the copy it sent; and the misfit, the norm of the m residuals
+   <decode(R), r_k> - sum_j c_j t_jk, is at most sqrt(PROBE_CHI2) * (codec.error_bound(R) + fp32 slack).
+   Requantization moves A by e with ||e|| <= error_bound(R), and for probes drawn after R the residuals
+   <e, r_k> are m independent N(0, ||e||^2), so the squared misfit is ||e||^2 times a chi-square with m degrees of
+   freedom: PROBE_CHI2 is its quantile at 1.2e-15, and it never fires on an honest reply (lossy codecs included).
+   A reply off by d has a squared misfit of ||d + e||^2 chi-square(m): it passes only when that chi-square falls
+   below PROBE_CHI2 (error_bound / ||d + e||)^2, with m = 8 a chance of 1.1e-3 for a shift 10 times the band
+   (one probe let 58% through) and 2.3e-7 for 30 times. The codec sets the band: error_bound is the worst case,
+   half a step per value; for int8 that is about 1.4% of the reply's norm, so garbage or a sign flip is 30 to 100
+   times the band, but for int4 it is up to a quarter, so a reply of pure noise is only about 4 times it and passes
+   about 30% of the time (a flipped sign about 2%; tests/test_verified_reducers.py counts both). Verification with
+   int4 tells a cheat from rounding only that far.
 A failed check fails the part for this round (the sender keeps its local values there: replies are buffered
 and decoded only once every chunk of the part passed) and bans the reducer on this peer (AllReduceService
 .banned: it reduces nothing more for us and we average none of its copies).
 
-Cost: sender: one probe (n Gaussian values) and two n-length dot products per chunk; reducer: the probe, the copies
-decoded into a K x n matrix (the rows a robust aggregation decodes anyway, kept before it works on them in place)
-and one matrix pass for their projections and norms; 16 K bytes of header per chunk; no extra message or round
-trip.
+Cost: sender: m probes (m n Gaussian values) and 2 m n-length dot products per chunk;
+reducer: the probes, the copies decoded into a K x n matrix (the rows a robust aggregation decodes anyway, kept
+before it works on them in place) and m matrix-vector passes for their projections, one for their norms;
+8 K (m + 2) bytes of header per chunk; no extra message or round trip.
 
 What it catches: a reducer that returns anything but sum_j c_j x_j over the copies it reports projections of
 (garbage, noise, a stale or partial aggregate, dropped or altered copies) while reporting honest
@@ -33,19 +41,20 @@ saw: its own (when it sends) or another sender's. Closing that gap takes the sen
 projections to each other after the round (K^2 numbers, off the critical path) and a Gram-matrix check of
 CenteredClip's coefficients. Until then a reducer that cheats adaptively can move its part as far as a sender with
 all the weight could.
-Nor does it stop grinding: the reducer picks R, and with it the probe. The chance above is per reply; a reducer
-that tries replies until one passes (each slightly different R, say through the claimed coefficients, gives a fresh
-probe) gets a shift d through after about ||d|| / (Z * ||e||) tries of a hash and n Gaussian draws each. What a
-reply check bounds is then the work a given shift costs, not whether it can pass. A probe the reducer cannot know
-while it fixes R (each sender's own, revealed after R: the same K^2 exchange) closes this too.
+Nor does it stop grinding: the reducer picks R, and with it the probes. The chance above is per reply; a reducer
+that tries replies until one passes (each slightly different R, say through the claimed coefficients, gives fresh
+probes) gets a shift through after about the inverse of that chance in tries of a hash and m n Gaussian draws
+each: about 900 for 10 times the band, 4 million for 30 (with one probe it was about ||d|| / (8 ||e||): 4). What a
+reply check bounds is then the work a given shift costs. Probes the reducer cannot know while it fixes R (each
+sender's own, revealed after R: the same K^2 exchange) would make it a chance again.
 
 Accusations that anyone can check (`Evidence`). The reducer also reports the norm q_j of every decoded copy, and
 signs, with its Ed25519 identity, `claim_message`: REPLY_DOMAIN | group id | part | chunk | numel | codec name |
-D(R) | c, t and q as float64. A sender whose check fails keeps the reply,
+D(R) | c, t (sender by sender) and q as float64. A sender whose check fails keeps the reply,
 the claim and the signature as evidence, and publishes it only when the evidence alone shows the cheat
 (`Evidence.cheat`): the signature verifies under the key whose SHA-256 is the accused's peer id, and the signed
-claim contradicts itself (c outside the simplex) or contradicts the signed reply (<decode(R), r> differs from
-sum c_j t_j by more than the tolerance above, with the copies' scale taken as max(||decode(R)||, max q_j)). A third
+claim contradicts itself (c outside the simplex) or contradicts the signed reply (its misfit exceeds the
+tolerance above, with the copies' scale taken as max(||decode(R)||, max q_j)). A third
 party recomputes all of it from the evidence, so an accusation cannot frame an honest reducer: its signed claims
 add up. A reducer that reports inflated norms only widens the band it is judged by (its accusation may then not
 spread, but its local ban stays). The misreport of the checker's own copy is not in the evidence: a third party
@@ -56,6 +65,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import math
 import struct
 from collections.abc import Sequence
@@ -69,13 +79,16 @@ from hiveengine.dht.schemas import EVIDENCE_DIGEST_BYTES, is_finite
 from hiveengine.errors import HiveEngineError, NonFiniteError
 from hiveengine.transport.identity import SIGNATURE_BYTES, PeerID, verify_signature
 
-PROBE_DOMAIN = b"hiveengine/allreduce/probe/v1"
-REPLY_DOMAIN = b"hiveengine/allreduce/signed-claim/v1"
-MAX_EVIDENCE_NUMEL = 1 << 24  # the largest chunk an accusation's evidence may hold (64 MiB of fp32)
+PROBE_DOMAIN = b"hiveengine/allreduce/probe/v2"
+REPLY_DOMAIN = b"hiveengine/allreduce/signed-claim/v2"
+MAX_EVIDENCE_NUMEL = 1 << 22  # the largest chunk an accusation's evidence may hold (16 MiB of fp32; 4 default chunks)
 MAX_EVIDENCE_SENDERS = 4096  # the most senders an accusation's claim may list
-PROBE_Z = 8.0  # standard deviations of the requantization error's projection an honest reply may be off by
+PROBES = 8  # independent probes per chunk: a reply must fit all of them at once
+PROBE_DRAW_VALUES = 1 << 20  # probe values drawn at once (8 MiB of float64)
+PROBE_CHI2 = 88.0  # chi-square(PROBES) exceeds this with probability 1.2e-15: an honest reply's squared misfit bound
 FP32_SLACK = 64 * 2.0**-24  # the fp32 aggregation's rounding, relative to the copies' norms, per copy
 DOT_SLACK = 2.0**-40  # rounding of a float64 dot product of fp32 vectors, relative to ||x|| ||r||
+MAX_CLAIM_MAGNITUDE = 1e300  # the largest number a claim may hold: sums of products of MAX_EVIDENCE_SENDERS stay finite
 
 
 class ReducerCheatedError(HiveEngineError):
@@ -87,11 +100,11 @@ class ReducerCheatedError(HiveEngineError):
 
 @dataclass(frozen=True)
 class Claim:
-    """What a reducer says it computed for one chunk: each sender's coefficient, projection and copy norm (peer-id
-    order), and its signature of them with the reply (`claim_message`; empty when unsigned)."""
+    """What a reducer says it computed for one chunk: each sender's coefficient, projections (one per probe) and
+    copy norm (peer-id order), and its signature of them with the reply (`claim_message`; empty when unsigned)."""
 
     coefficients: list[float]
-    projections: list[float]
+    projections: list[list[float]]
     norms: list[float] = field(default_factory=list)
     signature: bytes = b""
 
@@ -106,18 +119,29 @@ class Claim:
         k, t = header.get("k"), header.get("t")
         if not (isinstance(k, list) and isinstance(t, list) and len(k) == len(t) == senders):
             raise ReducerCheatedError(f"the reply carries no claim for its {senders} senders' copies")
-        if not all(is_finite(v) for v in (*k, *t)):
-            raise ReducerCheatedError("the reply's claim holds non-numbers or non-finite values")
+        if not all(isinstance(row, list) and len(row) == PROBES for row in t):
+            raise ReducerCheatedError(f"the reply's claim does not give {PROBES} projections of every copy")
+        if not all(_claim_number(v) for v in (*k, *itertools.chain.from_iterable(t))):
+            raise ReducerCheatedError(
+                f"the reply's claim holds non-numbers, or numbers non-finite or beyond {MAX_CLAIM_MAGNITUDE:g}"
+            )
         q, signature = header.get("q"), header.get("s")
         signed = (
             isinstance(q, list)
             and len(q) == senders
-            and all(is_finite(v) for v in q)
+            and all(_claim_number(v) for v in q)
             and isinstance(signature, bytes)
             and len(signature) == SIGNATURE_BYTES
         )
         norms = [float(v) for v in q] if signed else []
-        return cls([float(v) for v in k], [float(v) for v in t], norms, signature if signed else b"")
+        projections = [[float(v) for v in row] for row in t]
+        return cls([float(v) for v in k], projections, norms, signature if signed else b"")
+
+
+def _claim_number(value: object) -> bool:
+    """A finite number a claim may hold: at most MAX_CLAIM_MAGNITUDE, so that no check's sum overflows (an
+    OverflowError there would fail the part without the ban a cheat earns)."""
+    return is_finite(value) and abs(value) <= MAX_CLAIM_MAGNITUDE
 
 
 def reply_digest(reply: Sequence[torch.Tensor]) -> bytes:
@@ -136,7 +160,7 @@ def claim_message(
     group_id: bytes, part: int, chunk: int, numel: int, codec_name: str, digest: bytes, claim: Claim
 ) -> bytes:
     """What a reducer signs for one chunk's reply, whose reply_digest is `digest` (see the module docstring)."""
-    numbers = [*claim.coefficients, *claim.projections, *claim.norms]
+    numbers = [*claim.coefficients, *itertools.chain.from_iterable(claim.projections), *claim.norms]
     return b"".join(
         (
             REPLY_DOMAIN,
@@ -244,90 +268,97 @@ class Evidence:
             aggregate = codec.decode(self.reply, torch.empty(self.numel), name="an accused reply")
         except NonFiniteError:
             return f"its signed reply for {where} holds NaN or Inf"
-        r = probe(self.group_id, self.part, self.chunk, self.reply_digest, self.numel)
-        got, norm = project_and_norm(aggregate, r)
-        expected = math.fsum(cj * tj for cj, tj in zip(c, self.claim.projections, strict=True))
+        probes = Probes(self.group_id, self.part, self.chunk, self.reply_digest, self.numel)
+        (got,), (norm,), probe_norms = probes.project(aggregate.view(1, -1))
         scale = max(norm, *self.claim.norms)
-        tolerance = _tolerance(codec.error_bound(self.reply), len(c), scale, probe_norm(r))
-        if abs(got - expected) <= tolerance:
+        tolerance = _tolerance(codec.error_bound(self.reply), len(c), scale, probe_norms)
+        off = misfit(got, c, self.claim.projections)
+        if off <= tolerance:
             return None
         return (
-            f"its signed reply for {where} is not the combination of the copies it reports (projection {got:.6g}, "
-            f"signed {expected:.6g} +- {tolerance:.3g})"
+            f"its signed reply for {where} is not the combination of the copies it reports (misfit {off:.6g}, "
+            f"tolerance {tolerance:.3g})"
         )
 
 
-def _tolerance(error_bound: float, senders: int, scale: float, r_norm: float) -> float:
-    """How far an honest reply's projection may be from the claim's (see the module docstring)."""
-    return PROBE_Z * (error_bound + FP32_SLACK * senders * scale) + 2 * DOT_SLACK * scale * r_norm
+def _tolerance(error_bound: float, senders: int, scale: float, probe_norms: np.ndarray) -> float:
+    """How large an honest reply's misfit may be (see the module docstring): the chi-square band of its rounding,
+    plus the float64 dot products' own (two per probe, each within DOT_SLACK of scale * ||r_k||)."""
+    dots = 2 * DOT_SLACK * scale * math.sqrt(float(probe_norms @ probe_norms))
+    return math.sqrt(PROBE_CHI2) * (error_bound + FP32_SLACK * senders * scale) + dots
 
 
-def probe(group_id: bytes, part: int, chunk: int, digest: bytes, numel: int) -> torch.Tensor:
-    """The Gaussian probe vector for one chunk's reply whose reply_digest is `digest` (fp32 draws held as float64,
-    CPU): fixed by the reply itself."""
-    seed = hashlib.blake2b(PROBE_DOMAIN, digest_size=8)
-    seed.update(group_id)
-    seed.update(part.to_bytes(4, "little") + chunk.to_bytes(4, "little"))
-    seed.update(digest)
-    generator = torch.Generator().manual_seed(int.from_bytes(seed.digest(), "little") & (2**63 - 1))
-    return torch.randn(numel, generator=generator).double()
+def misfit(got: np.ndarray, coefficients: Sequence[float], projections: Sequence[Sequence[float]]) -> float:
+    """The norm of the residuals <decode(R), r_k> - sum_j c_j t_jk over the probes (`got`: the reply's projections)."""
+    residuals = [
+        float(got[k]) - math.fsum(c * t[k] for c, t in zip(coefficients, projections, strict=True))
+        for k in range(PROBES)
+    ]
+    return math.sqrt(math.fsum(r * r for r in residuals))
 
 
-def probe_norm(r: torch.Tensor) -> float:
-    """||r|| for a probe (host float64, through numpy: a fraction of a torch call's cost at a chunk's size)."""
-    values = r.numpy()
-    return math.sqrt(float(values @ values))
+class Probes:
+    """The PROBES Gaussian probes of one chunk's reply whose reply_digest is `digest` (fp32 draws held as float64,
+    on the host): fixed by the reply itself, drawn as many at a time as fit in PROBE_DRAW_VALUES (all of them for
+    a chunk of up to 128K values; one at a time past 1M), so a check's memory stays bounded."""
 
+    def __init__(self, group_id: bytes, part: int, chunk: int, digest: bytes, numel: int):
+        seed = hashlib.blake2b(PROBE_DOMAIN, digest_size=8)
+        seed.update(group_id)
+        seed.update(part.to_bytes(4, "little") + chunk.to_bytes(4, "little"))
+        seed.update(digest)
+        self.seed = int.from_bytes(seed.digest(), "little") & (2**63 - 1)
+        self.numel = numel
 
-def project_and_norm(x: torch.Tensor, r: torch.Tensor) -> tuple[float, float]:
-    """(<x, r>, ||x||) in float64, for the probe `r` (float64, as `probe` gives it: an fp32 dot product's rounding
-    would widen the tolerance, and a garbage reply could slip through it with a chance of ~1e-5 sqrt(n)); on the
-    host through numpy's dot products (a matrix pass over one row costs twice as much at a round's chunk sizes), on
-    a device as project_rows does."""
-    if x.device.type != "cpu":
-        (projection,), (norm,) = project_rows(x.detach().reshape(1, -1), r)
-        return projection, norm
-    values = x.detach().reshape(-1).numpy().astype(np.float64)
-    return float(np.dot(values, r.numpy())), math.sqrt(float(np.dot(values, values)))
-
-
-def project_rows(rows: torch.Tensor, r: torch.Tensor) -> tuple[list[float], list[float]]:
-    """(<row, r>, ||row||) in float64 for each row of a K x n matrix (a reducer's K copies), in two matrix passes.
-    On the host through numpy, whose calls cost a fraction of torch's on a round's chunk sizes; on a device there,
-    so that only the 2K results cross to the host."""
-    if rows.device.type != "cpu":
-        values = rows.detach().double()
-        return (values @ r.to(values.device)).tolist(), values.norm(dim=1).tolist()
-    values = rows.detach().numpy().astype(np.float64)
-    return (values @ r.numpy()).tolist(), np.sqrt(np.einsum("ij,ij->i", values, values)).tolist()
+    def project(self, rows: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(each row's projections on the probes, rows x PROBES; each row's norm; each probe's norm), in float64:
+        an fp32 dot product's rounding would widen the tolerance for garbage to slip through. On the host through
+        numpy (a fraction of torch's per-call cost at a chunk's size); on a device there, so that only the
+        results cross to the host."""
+        generator = torch.Generator().manual_seed(self.seed)
+        host = rows.device.type == "cpu"
+        values = rows.detach().numpy().astype(np.float64) if host else rows.detach().double()
+        projections = np.empty((rows.shape[0], PROBES))
+        probe_norms = np.empty(PROBES)
+        per_draw = max(1, PROBE_DRAW_VALUES // max(1, self.numel))  # follows from numel: every party draws alike
+        for first in range(0, PROBES, per_draw):
+            probes = slice(first, min(PROBES, first + per_draw))
+            drawn = torch.randn(probes.stop - first, self.numel, generator=generator).double()
+            r = drawn.numpy()
+            probe_norms[probes] = np.sqrt(np.einsum("ij,ij->i", r, r))
+            projections[:, probes] = values @ r.T if host else (values @ drawn.to(values.device).T).cpu().numpy()
+        norms = np.sqrt(np.einsum("ij,ij->i", values, values)) if host else values.norm(dim=1).cpu().numpy()
+        return projections, norms, probe_norms
 
 
 def check_reply(
     claim: Claim,
     me: int,
     weight: float,
-    own: float,
-    own_norm: float,
-    aggregate: torch.Tensor,
+    projected: np.ndarray,
+    norms: np.ndarray,
+    probe_norms: np.ndarray,
     error_bound: float,
-    r: torch.Tensor,
 ) -> None:
     """Check a reducer's reply for one chunk (see the module docstring): `me` is our index among the senders,
-    `own` the projection of the copy we sent (decoded) on the probe `r` and `own_norm` its norm, `aggregate`
-    the reply decoded, `error_bound` the codec's bound for the reply. Raises ReducerCheatedError saying what
-    does not add up."""
+    `projected` the projections on the reply's probes (`Probes.project`) of the copy we sent (decoded, row 0) and
+    of the reply decoded (row 1), `norms` their norms, `error_bound` the codec's bound for the reply. Raises
+    ReducerCheatedError saying what does not add up."""
     c = claim.coefficients
     if min(c) < -1e-6 or abs(sum(c) - 1.0) > 1e-5 or (weight > 0 and c[me] <= 0):
         raise ReducerCheatedError(f"its coefficients {c} are not a weighting that includes our copy")
-    r_norm = probe_norm(r)
-    if abs(claim.projections[me] - own) > DOT_SLACK * own_norm * r_norm + 1e-30:
-        raise ReducerCheatedError(f"it misreports our own copy (projection {claim.projections[me]:.6g} != {own:.6g})")
-    got, norm = project_and_norm(aggregate, r)
-    expected = math.fsum(cj * tj for cj, tj in zip(c, claim.projections, strict=True))
-    scale = max(norm, own_norm)
-    tolerance = _tolerance(error_bound, len(c), scale, r_norm)
-    if not abs(got - expected) <= tolerance:
+    own, got = projected
+    own_norm, norm = float(norms[0]), float(norms[1])
+    claimed = claim.projections[me]
+    for k in range(PROBES):
+        if abs(claimed[k] - own[k]) > DOT_SLACK * own_norm * probe_norms[k] + 1e-30:
+            raise ReducerCheatedError(
+                f"it misreports our own copy (projection {claimed[k]:.6g} != {float(own[k]):.6g} on probe {k})"
+            )
+    tolerance = _tolerance(error_bound, len(c), max(norm, own_norm), probe_norms)
+    off = misfit(got, c, claim.projections)
+    if not off <= tolerance:
         raise ReducerCheatedError(
-            f"its aggregate is not the combination of the copies it reports: projection {got:.6g}, expected "
-            f"{expected:.6g} +- {tolerance:.3g}"
+            f"its aggregate is not the combination of the copies it reports: misfit {off:.6g}, tolerance "
+            f"{tolerance:.3g}"
         )
