@@ -81,6 +81,28 @@ def test_honest_copies_pass_and_lies_of_the_right_size_fail(codec):
     assert verdicts[shifted] is not None
 
 
+@pytest.mark.parametrize(("codec_name", "drop"), [("int8", 30), ("int4", 10)])
+def test_an_honest_chunk_whose_gradient_shrank_still_carries_last_rounds_rounding_and_passes(codec_name, drop):
+    # The audited chunk (the second half of the contribution: an embedding row, say) had a full-size gradient last
+    # round and `drop` times less this round; its copy carries last round's rounding, which convicted it (int8 at
+    # 30x: distance 2.02, allowed 1.09). A lie of the chunk's former size still fails.
+    codec, sender = get_codec(codec_name), _ids(1)[0]
+    last, now = torch.randn(2 * N), torch.randn(2 * N)
+    now[N:] /= drop
+    carried = torch.zeros(2 * N)
+    codec.encode(last.clone(), carried, name="last round")
+
+    async def verdict(copy: torch.Tensor) -> str | None:
+        audits = Audits(lambda _: now, 1.0, 0.1, [sender], codec, 5.0)
+        wait = audits.ready()
+        if wait is not None:
+            await wait
+        return audits.check(sender, codec.encode(copy), (N, 2 * N), torch.empty(N))
+
+    assert asyncio.run(verdict(now[N:] + carried[N:])) is None  # what error feedback has it encode this round
+    assert asyncio.run(verdict(now[N:] + last[N:])) is not None
+
+
 def test_nobody_is_convicted_by_an_audit_that_fails_is_slow_or_cannot_tell():
     broken, slow, unknown, odd, nonfinite = _ids(5)
     release = threading.Event()

@@ -21,8 +21,14 @@ one after another in one worker thread (the function need not be safe to run twi
 contribution that sender should send (say, its gradient for this step, recomputed), or None where it cannot tell.
 A chunk's reduction waits for those calls, at most `sender_timeout` (audits that take longer are dropped for the
 round, and logged). A copy passes when
-    ||copy - expected|| <= audit_tolerance * ||expected|| + 2 * codec.error_bound(copy):
-the codec's own rounding, twice, because error feedback adds back what the previous round rounded off. A sender
+    ||copy - expected|| <= audit_tolerance * ||expected|| + e + max(e, carried),   e = codec.error_bound(copy):
+the codec's rounding of the copy, and what error feedback adds back of the previous round's rounding. That one was
+measured on the previous gradient: a chunk whose gradient shrank since (an embedding row, an expert unused this
+step) still carries it, and taken as the copy's own small rounding it convicted honest int8 senders at a 30x drop,
+int4 at 10x. The previous gradient is not known, so `carried` is the codec's rounding of the whole expected
+contribution, this round, at the chunk's even share (error_bound(encode(whole)) x sqrt(chunk / whole)): about the
+previous round's wherever the contribution's size holds from step to step. A whole contribution that shrinks many
+times over in one step can still convict an honest sender. A sender
 whose copy fails is left out of this round's aggregate (its copies of the part's other chunks too; it is told why),
 and banned (AllReduceService.ban): our later rounds average none of its copies, and our matchmaking registrations
 vote it out of groups.
@@ -50,6 +56,7 @@ from collections.abc import Awaitable, Callable, Iterable
 import torch
 
 from hiveengine.codec import Codec
+from hiveengine.errors import NonFiniteError
 from hiveengine.transport import PeerID
 
 logger = logging.getLogger(__name__)
@@ -90,6 +97,7 @@ class Audits:
         drawn = [sender for sender in senders if _DRAW.random() < chance]
         self.drawn = frozenset(drawn)
         self.failed: dict[PeerID, str] = {}  # sender -> why its copy failed
+        self._rounding: dict[PeerID, float] = {}  # sender -> the codec's rounding of its whole expected contribution
         self._expected = asyncio.ensure_future(asyncio.to_thread(_recompute, audit, drawn)) if drawn else None
         self._deadline = loop.time() + timeout
         self._late = False
@@ -124,8 +132,12 @@ class Audits:
         want_norm = float(want.norm())
         if not math.isfinite(want_norm) or not bool(torch.isfinite(got).all()):
             return None
+        carried = self._carried(sender, expected) * math.sqrt((end - start) / expected.numel())
+        if not math.isfinite(carried):
+            return None
         distance = float((got - want).norm())
-        allowed = self.tolerance * want_norm + 2 * self.codec.error_bound(payload)
+        rounding = self.codec.error_bound(payload)
+        allowed = self.tolerance * want_norm + rounding + max(rounding, carried)
         if distance <= allowed:
             return None
         self.failed[sender] = (
@@ -133,6 +145,17 @@ class Audits:
             f"({allowed:.4g} allowed)"
         )
         return self.failed[sender]
+
+    def _carried(self, sender: PeerID, expected: torch.Tensor) -> float:
+        """The codec's rounding of `sender`'s whole expected contribution (inf where that holds NaN/Inf), once."""
+        if sender not in self._rounding:
+            try:
+                payload = self.codec.encode(expected, name=f"{sender}'s expected contribution")
+            except NonFiniteError:
+                self._rounding[sender] = math.inf
+            else:
+                self._rounding[sender] = self.codec.error_bound(payload)
+        return self._rounding[sender]
 
 
 def _recompute(audit: Audit, senders: list[PeerID]) -> dict[PeerID, torch.Tensor | None]:
