@@ -172,3 +172,26 @@ def test_an_accuser_cannot_make_a_checker_take_in_more_than_the_evidence_it_name
     header, tensors = bystander.peer.call_sync(accuser.peer.address, EVIDENCE_METHOD, {"d": cheat.digest, "h": True})
     assert header["key"] == cheat.public_key
     assert tensors == [] or lie == "frames with the header"
+
+
+def test_a_flood_of_accusations_cannot_push_out_the_cheats_we_caught_ourselves(services):
+    # An attacker's registrations name evidence against throwaway identities of its own: every peer confirms it, and
+    # the newest were kept, so enough of them pushed out the evidence we hold of a cheat we caught and, past
+    # MAX_BANNED, our own bans (of that cheat, and of senders our audits convicted).
+    from hiveengine.averaging.accusations import MAX_HELD
+    from hiveengine.averaging.allreduce import MAX_BANNED
+
+    me = services[0]
+    ours = _signed(services[1].peer.identity, "int8", 1, garbage=True)
+    me.accusations.keep(ours)
+    me.ban(services[1].peer.peer_id, "caught in a round")
+    me.ban(services[2].peer.peer_id, "failed an audit")
+    for seed in range(MAX_HELD + 2):
+        me.accusations.keep(_signed(Identity.generate(), "int8", seed, garbage=True), learned=True)
+    throwaways = [Identity.generate().peer_id for _ in range(MAX_BANNED + 2)]
+    for peer_id in throwaways:
+        me.ban(peer_id, "accused", learned=True)
+    assert ours.digest in dict((d, a) for a, d in me.accusations.published())
+    assert len(me.accusations.published()) == MAX_HELD
+    assert {services[1].peer.peer_id, services[2].peer.peer_id} <= me.banned.keys()
+    assert len(me.banned) == MAX_BANNED and throwaways[0] not in me.banned and throwaways[-1] in me.banned

@@ -8,7 +8,10 @@ evidence from the registrant (EVIDENCE_METHOD), checks that it is what the accus
 off the event loop: the signature must verify under the accused's key, and the signed claim must contradict the
 signed reply. Only then does it ban the accused, and it keeps the evidence to serve in turn, so the ban spreads
 from peer to peer. A digest is checked once; an accuser whose evidence is malformed or shows nothing (it lies, or
-is wrong) is logged and its accusations are ignored from then on. Bounds: MAX_CHECKING checks at once, MAX_CHECKED
+is wrong) is logged and its accusations are ignored from then on. What we caught ourselves outranks what we
+learned: evidence we checked for others, and the bans it brought, go first when the bounds are reached (MAX_HELD
+pieces, MAX_BANNED bans), so accusations an attacker makes against throwaway identities of its own, however many,
+cannot push out our own evidence or bans. Bounds: MAX_CHECKING checks at once, MAX_CHECKED
 digests and ignored accusers remembered, evidence of at most verification.MAX_EVIDENCE_NUMEL elements,
 EVIDENCE_TIMEOUT per fetch. A fetch takes two calls: the header first, then the reply's frames into buffers of the
 size that header names (at most MAX_EVIDENCE_NUMEL elements' payload), so an accuser cannot make us take in more
@@ -39,10 +42,12 @@ class Accusations:
     """One peer's evidence against reducers, served to others, and its checks of theirs."""
 
     def __init__(self, peer: Peer, ban: Callable[[PeerID, str], None], banned: Callable[[PeerID], bool]):
-        """`ban(peer_id, reason)` bans a peer whose evidence checked out; `banned(peer_id)`: whether it is already."""
+        """`ban(peer_id, reason)` bans a peer whose evidence (another's) checked out; `banned(peer_id)`: whether it
+        is already."""
         self.peer = peer
         self._ban, self._banned = ban, banned
         self._held: collections.OrderedDict[bytes, Evidence] = collections.OrderedDict()
+        self._learned: set[bytes] = set()  # digests of held evidence that others caught (evicted first)
         self._checked: collections.OrderedDict[bytes, None] = collections.OrderedDict()
         self._ignored: collections.OrderedDict[PeerID, None] = collections.OrderedDict()  # whose evidence failed
         self._checking = 0
@@ -51,13 +56,20 @@ class Accusations:
         self.refuted = 0  # accusations whose evidence showed nothing
         peer.register(EVIDENCE_METHOD, self._on_request)
 
-    def keep(self, evidence: Evidence) -> None:
-        """Hold `evidence` (checked: it shows a cheat) to serve, and name it in our registrations."""
+    def keep(self, evidence: Evidence, learned: bool = False) -> None:
+        """Hold `evidence` (checked: it shows a cheat) to serve, and name it in our registrations; `learned`: another
+        peer caught it (such evidence goes first when MAX_HELD is reached)."""
         digest = evidence.digest
         self._held[digest] = evidence
         self._held.move_to_end(digest)
+        if learned:
+            self._learned.add(digest)
+        else:
+            self._learned.discard(digest)
         while len(self._held) > MAX_HELD:
-            self._held.popitem(last=False)
+            oldest = next((d for d in self._held if d in self._learned), next(iter(self._held)))
+            self._held.pop(oldest)
+            self._learned.discard(oldest)
         self._remember(digest)
 
     def published(self) -> list[tuple[bytes, bytes]]:
@@ -109,7 +121,7 @@ class Accusations:
             )
             return
         self.confirmed += 1
-        self.keep(evidence)
+        self.keep(evidence, learned=True)
         self._ban(accused, f"{cheat} (accused by {accuser}; the signed evidence checked out here)")
 
     def _ignore(self, accuser: PeerID) -> None:

@@ -591,10 +591,11 @@ class AllReduceService:
         self._waiters: dict[bytes, asyncio.Future] = {}
         self.banned: dict[PeerID, str] = {}  # peers caught cheating (why), in the order they were caught
         self._caught_in: dict[PeerID, bytes | None] = {}  # the round each banned reducer was caught in
+        self._learned: set[PeerID] = set()  # the banned whom another peer's evidence convicted
         self._background: set[asyncio.Task] = set()
         self.parts_reduced = 0  # rounds in which this peer reduced a (non-empty) part
         # Evidence against the reducers we caught, served to others, and our checks of theirs (accusations.py).
-        self.accusations = Accusations(peer, self.ban, self.banned.__contains__)
+        self.accusations = Accusations(peer, functools.partial(self.ban, learned=True), self.banned.__contains__)
         peer.register(CHUNK_METHOD, self._on_chunk, allocate=self._receive_buffers)
         self._services[peer] = self
 
@@ -620,20 +621,27 @@ class AllReduceService:
         if waiter is not None and not waiter.done():
             waiter.set_result(reducer_round)
 
-    def ban(self, peer_id: PeerID, reason: str, caught_in: bytes | None = None) -> None:
+    def ban(self, peer_id: PeerID, reason: str, caught_in: bytes | None = None, learned: bool = False) -> None:
         """Exclude `peer_id` (a reducer whose reply failed verification, or a sender whose copy failed an audit)
         from our later rounds: we neither send to it nor average its copies. The round it was caught in
         (`caught_in`, a group id) still takes the copies it sends us, so that their senders learn the outcome: a
         caught reducer's copies are averaged (whether one arrives before or after its bad reply is chance, and the
-        senders of our part must all get the same aggregate), a caught sender's are left out."""
+        senders of our part must all get the same aggregate), a caught sender's are left out. `learned`: another
+        peer's evidence convicted it (such bans are forgotten first when MAX_BANNED is reached, so a flood of
+        accusations cannot make us forget the cheats we caught ourselves)."""
         if peer_id not in self.banned:
             logger.warning("banning peer %s from our averaging rounds: %s", peer_id, reason)
         self.banned[peer_id] = reason
         self._caught_in[peer_id] = caught_in
+        if learned:
+            self._learned.add(peer_id)
+        else:
+            self._learned.discard(peer_id)
         while len(self.banned) > MAX_BANNED:
-            oldest = next(iter(self.banned))
+            oldest = next((p for p in self.banned if p in self._learned), next(iter(self.banned)))
             self.banned.pop(oldest)
             self._caught_in.pop(oldest, None)
+            self._learned.discard(oldest)
 
     def in_background(self, coro) -> None:
         """Run `coro` as a task nobody waits for (kept referenced until it ends)."""

@@ -49,8 +49,10 @@ of the cut (`without_outvoted`): every member reads the same registrations, so e
 peers and the groups still agree, and a minority that names honest peers changes nothing. The votes are signed
 (they are part of the registrations) but not proven: a majority is trusted to report what it saw. Proof comes with
 accusations: a registration also names the evidence its registrant holds against reducers (at most MAX_ACCUSATIONS,
-accusations.py), and every member that cuts the gathering fetches and checks that evidence itself, in the
-background, and bans (and so votes against) only the reducers whose own signed replies convict them.
+accusations.py), and every member that cuts the gathering fetches and checks the evidence against its registrants
+(whom the groups may take in: accusations against anyone else, such as an attacker's throwaway identities, are not
+fetched) itself, in the background, and bans (and so votes against) only the reducers whose own signed replies
+convict them.
 
 Relayed peers. A peer others reach only through a relay (behind a NAT) registers RELAYED_BANDWIDTH_SHARE of its
 bandwidth, so the parts go to peers others dial directly while they can take them, and a relayed reducer (in a swarm
@@ -715,10 +717,12 @@ class Matchmaker:
 
     def _our_group(self, dht_key: str, registrations: list[Registration]) -> GroupInfo | None:
         cfg = self.config
-        if self.accusations is not None:
+        if self.accusations is not None:  # against the registrants alone: whom our group may take in
+            registrants = {r.member.peer_id.raw for r in registrations}
             for r in registrations:
                 for accused, digest in r.accusations:
-                    self.accusations.hear(r.member.peer_id, r.member.address, accused, digest)
+                    if accused in registrants:
+                        self.accusations.hear(r.member.peer_id, r.member.address, accused, digest)
         registrations = without_outvoted(registrations)
         if not any(r.member.peer_id == self.me.peer_id for r in registrations):
             logger.warning("%s: a majority of the registrants banned this peer from their groups", dht_key)
