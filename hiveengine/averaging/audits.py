@@ -9,12 +9,16 @@ should have sent, and a peer that sent something else is caught. BTARD draws its
 random number generator. Here each reducer draws on its own, from randomness no sender sees (`secrets`), which of
 its part's senders it audits in a round: each of the round's P reducers with probability 1 - (1 - audit_rate)^(1/P)
 (`reducer_rate`), so that a sender is audited, by one reducer or more, with probability `audit_rate` whatever the
-group's size. A sender cannot tell which rounds are audited, so one that cheats on every part in every round is
-caught after about 1/audit_rate rounds (one that cheats on a single part, moving 1/P of the model, after about
-P/audit_rate). What it costs: a recomputation is of the whole contribution, however small the part it checks, so a
-rate per reducer (each reducer auditing each sender with probability audit_rate) would cost every peer
-audit_rate x (K - 1) recomputations per round in a group of K, 70% more compute at K = 8 and the default rate; this
-way it is about audit_rate (K - 1) / P, 9% at K = P = 8.
+group's size. A sender cannot tell in advance which rounds are audited, so one that cheats on every part in every
+round is caught after about 1/audit_rate rounds (one that cheats on a single part, moving 1/P of the model, after
+about P/audit_rate). It can tell during a round, though: a reduction waits for the recomputations, so a sender that
+sends its first chunk alone and times the reply learns whether its reducer audits anyone, and can send its other
+chunks honestly when it does and dishonestly when it does not (a part of one chunk leaks nothing). Closing that
+takes copies bound before the draw shows (the first chunk committing to a hash of the whole part), not built yet.
+What it costs: a recomputation is of the whole contribution, however small the part it checks, so a rate per
+reducer (each reducer auditing each sender with probability audit_rate) would cost every peer audit_rate x (K - 1)
+recomputations per round in a group of K, 70% more compute at K = 8 and the default rate; this way it is about
+audit_rate (K - 1) / P, 9% at K = P = 8.
 
 How it runs (RoundOptions.audit): when a round opens, the reducer calls `audit(sender)` for each sender it drew,
 one after another in one worker thread (the function need not be safe to run twice at once). It returns the flat
