@@ -342,10 +342,13 @@ class Optimizer:
 
     def _weight_limit(self, gathered: Any) -> float | None:
         """The most a group member's gradient weight can be: WEIGHT_SLACK times the samples its signed progress
-        record at this epoch (as we count it) allows by now; None for a member whose record we have not seen."""
+        record at this epoch (as we count it) allows by now. A member that names a record we have not seen (not yet
+        read, or none at all: the name is its own word) gets what the busiest record we know at this epoch allows;
+        it had no limit but the group's median cap, so naming nothing escaped the bound. None: we know no record."""
         name = gathered.get(PROGRESS_FIELD) if isinstance(gathered, dict) else None
-        progress = next((p for p in self.swarm.peers if p.peer == name and p.epoch == self.epoch), None)
-        return None if progress is None else WEIGHT_SLACK * self.tracker.samples_by_now(progress)
+        current = [p for p in self.swarm.peers if p.epoch == self.epoch]
+        named = [p for p in current if p.peer == name] or current
+        return WEIGHT_SLACK * max(self.tracker.samples_by_now(p) for p in named) if named else None
 
     def _stale(self, progress: PeerProgress) -> bool:
         silent = max(STALE_HEARTBEATS * self.progress_interval, STALE_MIN_SECONDS)
