@@ -75,6 +75,20 @@ def test_honest_reducers_are_never_accused(tmp_path, codec, aggregation, attack,
         assert all(outcome["failed_parts"] == [] for outcome in r["rounds"]), r["rounds"]
 
 
+@pytest.mark.parametrize("codec", ["none", "int8"])
+def test_copies_that_cancel_do_not_get_an_honest_mean_reducer_banned(tmp_path, codec):
+    # Two colluders send +M v and -M v (M = 1e10): the fused fp32 mean rounded the honest copies away, the reply
+    # missed the claim by far more than the tolerance (misfit 71, tolerance 0.02), and every honest sender banned
+    # every honest reducer.
+    specs = [{}, {"attack": "cancel_up"}, {}, {"attack": "cancel_down"}]
+    members, results = average_in_processes(tmp_path, specs, codec, aggregation="mean", timeout=30)
+    expected = exact_mean(members, [0, 2], [1.0, 1.0]) / 2  # the colluders' copies cancel
+    for i in (0, 2):
+        assert results[i]["banned"] == [] and results[i]["failed_parts"] == [], results[i]
+        error = (torch.load(tmp_path / f"{i}.pt") - expected).abs().max()
+        assert float(error) <= (TOLERANCE[codec] if codec != "none" else 1e-5 * float(expected.abs().max()))
+
+
 def _honest_reply(codec_name: str, seed: int, senders: int = 4, numel: int = 5000):
     """Copies, the reply a reducer makes of them and its claim, as allreduce.py computes them."""
     codec = get_codec(codec_name)

@@ -52,6 +52,7 @@ from collections.abc import Awaitable, Callable, Collection, Hashable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 
 from hiveengine.averaging.accusations import Accusations
@@ -86,6 +87,7 @@ MAX_WEIGHT_RATIO = 4.0  # a contribution's weight is capped at this many times t
 # buffer is cut into fewer parts, owned by the fastest reducers; the other reducers own empty parts. Every
 # member must agree on it: it is part of the protocol.
 MIN_PART_BYTES = 16 * 1024
+PRECISE_MEAN_RATIO = 1e3  # copies this many times the mean's norm: a verified mean is recomputed in float64
 MAX_BANNED = 1024  # reducers caught cheating that a peer remembers (the oldest are forgotten first)
 ROUND_WAIT_TIMEOUT = 10.0  # how long a reducer waits for its own runner to join a round it is called for
 BALANCE_ITERATIONS = 60  # bisection steps on the round's makespan (2^-60 of the bracket: exact for floats)
@@ -466,6 +468,8 @@ class _ReducerRound:
                     coefficients=coefficients,
                     copies=copies,
                 )
+                if copies is not None and not self.options.aggregation.robust:
+                    aggregate = self._precise_mean(index, coefficients, aggregate, copies)
                 claim = self._claim(index, kept, coefficients, aggregate, copies) if copies is not None else None
                 return _Reduced(aggregate, len(kept), claim)
             except NonFiniteError:
@@ -489,6 +493,26 @@ class _ReducerRound:
                 self.service.ban(
                     sender, f"it failed an audit in round {self.group.group_id.hex()[:8]}: {why}", self.group.group_id
                 )
+
+    def _precise_mean(
+        self, index: int, coefficients: list[float], aggregate: list[torch.Tensor], copies: torch.Tensor
+    ) -> list[torch.Tensor]:
+        """The reply for chunk `index`, with the mean recomputed in float64 from the decoded `copies` when their
+        norms span more than PRECISE_MEAN_RATIO times the mean's: the fused fp32 mean rounds each value to about
+        2^-24 of the largest copy, so copies that cancel (+M v and -M v from two colluders, M = 1e10) rounded the
+        honest data away, and every sender's check then failed an honest reducer (CenteredClip clips such copies
+        and needs none of this)."""
+        output = self.arena.outputs[index]
+        if copies.device.type == "cpu":  # numpy: torch's parallel reductions leave OpenMP threads spinning
+            values, mean = copies.numpy(), output.numpy()
+            largest, norm = float(np.einsum("ij,ij->i", values, values).max()), float(mean @ mean)
+        else:
+            largest, norm = float(copies.square().sum(dim=1).max()), float(output.square().sum())
+        if not largest > PRECISE_MEAN_RATIO**2 * norm:
+            return aggregate
+        weights = torch.tensor(coefficients, dtype=torch.float64, device=copies.device)
+        output.copy_(weights @ copies.double())
+        return self.codec.encode(output, name=f"aggregate of chunk {index}")
 
     def _copies(self, count: int, output: torch.Tensor) -> torch.Tensor:
         """A count x n matrix for a chunk's decoded copies, in the arena: where only senders asked for claims (the

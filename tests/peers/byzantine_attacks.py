@@ -7,9 +7,10 @@ import torch
 
 from hiveengine.codec import Codec
 
-ATTACKS = ("nan", "nan_data", "scale", "sign", "weight", "silent", "garbage_reducer")
+ATTACKS = ("nan", "nan_data", "scale", "sign", "weight", "silent", "garbage_reducer", "cancel_up", "cancel_down")
 SCALE = 1000.0
 HUGE_WEIGHT = 1e30
+CANCEL_NORM = 1e10  # the colluders' copies: +/- one shared vector of this norm, which cancel in the mean
 
 
 class _Hostile(Codec):
@@ -99,6 +100,10 @@ def apply(attack: str | None, codec: Codec, flat: torch.Tensor, weight: float) -
         return codec, -flat, weight
     if attack == "weight":
         return codec, flat, HUGE_WEIGHT
+    if attack in ("cancel_up", "cancel_down"):  # two colluders whose copies cancel, so huge that fp32 loses the rest
+        shared = torch.randn(flat.numel(), generator=torch.Generator().manual_seed(4242)).to(flat.device)
+        shared *= CANCEL_NORM / float(shared.norm())
+        return codec, shared if attack == "cancel_up" else -shared, weight
     if attack == "garbage_reducer":
         return GarbageReducer(codec), flat, weight
     if attack in (None, "silent"):
