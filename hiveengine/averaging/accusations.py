@@ -38,6 +38,18 @@ MAX_CHECKING = 2  # pieces of evidence fetched and checked at once
 EVIDENCE_TIMEOUT = 30.0  # seconds to fetch one piece of evidence
 
 
+def trim_learned_first(held: dict, learned: set, limit: int) -> list:
+    """Forget the oldest of `held` (oldest first) down to `limit` entries, those in `learned` (what another peer's
+    evidence brought) before any of our own; the keys forgotten (also gone from `learned`)."""
+    forgotten = []
+    while len(held) > limit:
+        oldest = next((key for key in held if key in learned), next(iter(held)))
+        held.pop(oldest)
+        learned.discard(oldest)
+        forgotten.append(oldest)
+    return forgotten
+
+
 class Accusations:
     """One peer's evidence against reducers, served to others, and its checks of theirs."""
 
@@ -66,10 +78,7 @@ class Accusations:
             self._learned.add(digest)
         else:
             self._learned.discard(digest)
-        while len(self._held) > MAX_HELD:
-            oldest = next((d for d in self._held if d in self._learned), next(iter(self._held)))
-            self._held.pop(oldest)
-            self._learned.discard(oldest)
+        trim_learned_first(self._held, self._learned, MAX_HELD)
         self._remember(digest)
 
     def published(self) -> list[tuple[bytes, bytes]]:

@@ -52,10 +52,9 @@ from collections.abc import Awaitable, Callable, Collection, Hashable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 
-from hiveengine.averaging.accusations import Accusations
+from hiveengine.averaging.accusations import Accusations, trim_learned_first
 from hiveengine.averaging.audits import DEFAULT_AUDIT_RATE, DEFAULT_AUDIT_TOLERANCE, Audit, Audits
 from hiveengine.averaging.matchmaking import GroupInfo, GroupMember
 from hiveengine.averaging.verification import (
@@ -68,7 +67,7 @@ from hiveengine.averaging.verification import (
     claim_message,
     reply_digest,
 )
-from hiveengine.codec import Aggregation, Codec
+from hiveengine.codec import Aggregation, Codec, squared_norms
 from hiveengine.errors import ConfigurationError, HiveEngineError, NonFiniteError, ProtocolError, TransportError
 from hiveengine.transport import Peer, PeerID, Request
 
@@ -503,12 +502,8 @@ class _ReducerRound:
         honest data away, and every sender's check then failed an honest reducer (CenteredClip clips such copies
         and needs none of this)."""
         output = self.arena.outputs[index]
-        if copies.device.type == "cpu":  # numpy: torch's parallel reductions leave OpenMP threads spinning
-            values, mean = copies.numpy(), output.numpy()
-            largest, norm = float(np.einsum("ij,ij->i", values, values).max()), float(mean @ mean)
-        else:
-            largest, norm = float(copies.square().sum(dim=1).max()), float(output.square().sum())
-        if not largest > PRECISE_MEAN_RATIO**2 * norm:
+        largest, (norm,) = float(squared_norms(copies).max()), squared_norms(output.view(1, -1))
+        if not largest > PRECISE_MEAN_RATIO**2 * float(norm):
             return aggregate
         weights = torch.tensor(coefficients, dtype=torch.float64, device=copies.device)
         output.copy_(weights @ copies.double())
@@ -661,11 +656,8 @@ class AllReduceService:
             self._learned.add(peer_id)
         else:
             self._learned.discard(peer_id)
-        while len(self.banned) > MAX_BANNED:
-            oldest = next((p for p in self.banned if p in self._learned), next(iter(self.banned)))
-            self.banned.pop(oldest)
-            self._caught_in.pop(oldest, None)
-            self._learned.discard(oldest)
+        for forgotten in trim_learned_first(self.banned, self._learned, MAX_BANNED):
+            self._caught_in.pop(forgotten, None)
 
     def in_background(self, coro) -> None:
         """Run `coro` as a task nobody waits for (kept referenced until it ends)."""

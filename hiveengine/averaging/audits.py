@@ -101,8 +101,8 @@ class Audits:
         drawn = [sender for sender in senders if _DRAW.random() < chance]
         self.drawn = frozenset(drawn)
         self.failed: dict[PeerID, str] = {}  # sender -> why its copy failed
-        self._rounding: dict[PeerID, float] = {}  # sender -> the codec's rounding of its whole expected contribution
-        self._expected = asyncio.ensure_future(asyncio.to_thread(_recompute, audit, drawn)) if drawn else None
+        # sender -> (its expected contribution, the codec's rounding of all of it), recomputed in a worker thread
+        self._expected = asyncio.ensure_future(asyncio.to_thread(_recompute, audit, drawn, codec)) if drawn else None
         self._deadline = loop.time() + timeout
         self._late = False
 
@@ -127,7 +127,7 @@ class Audits:
                 self._late = True
                 logger.info("the audits of %d senders took too long: their copies go unaudited", len(self.drawn))
             return None
-        expected = self._expected.result().get(sender)
+        expected, rounding = self._expected.result().get(sender) or (None, math.inf)
         start, end = span
         if expected is None or expected.numel() < end or not self.codec.finite(payload):
             return None  # a non-finite copy is left out without a ban (the reduction's own check), never decoded
@@ -136,12 +136,12 @@ class Audits:
         want_norm = float(want.norm())
         if not math.isfinite(want_norm) or not bool(torch.isfinite(got).all()):
             return None
-        carried = self._carried(sender, expected) * math.sqrt((end - start) / expected.numel())
+        carried = rounding * math.sqrt((end - start) / expected.numel())
         if not math.isfinite(carried):
             return None
         distance = float((got - want).norm())
-        rounding = self.codec.error_bound(payload)
-        allowed = self.tolerance * want_norm + rounding + max(rounding, carried)
+        own = self.codec.error_bound(payload)
+        allowed = self.tolerance * want_norm + own + max(own, carried)
         if distance <= allowed:
             return None
         self.failed[sender] = (
@@ -150,21 +150,22 @@ class Audits:
         )
         return self.failed[sender]
 
-    def _carried(self, sender: PeerID, expected: torch.Tensor) -> float:
-        """The codec's rounding of `sender`'s whole expected contribution (inf where that holds NaN/Inf), once."""
-        if sender not in self._rounding:
-            try:
-                payload = self.codec.encode(expected, name=f"{sender}'s expected contribution")
-            except NonFiniteError:
-                self._rounding[sender] = math.inf
-            else:
-                self._rounding[sender] = self.codec.error_bound(payload)
-        return self._rounding[sender]
 
-
-def _recompute(audit: Audit, senders: list[PeerID]) -> dict[PeerID, torch.Tensor | None]:
-    """What each of `senders` should send (_expected), one after another."""
-    return {sender: _expected(audit, sender) for sender in senders}
+def _recompute(audit: Audit, senders: list[PeerID], codec: Codec) -> dict[PeerID, tuple[torch.Tensor, float] | None]:
+    """What each of `senders` should send (_expected), one after another, with the codec's rounding of all of it
+    (inf where it holds NaN/Inf): an encode of the whole contribution, kept off the event loop with the rest."""
+    recomputed = {}
+    for sender in senders:
+        expected = _expected(audit, sender)
+        if expected is None:
+            recomputed[sender] = None
+            continue
+        try:
+            rounding = codec.error_bound(codec.encode(expected, name=f"{sender}'s expected contribution"))
+        except NonFiniteError:
+            rounding = math.inf
+        recomputed[sender] = (expected, rounding)
+    return recomputed
 
 
 def _expected(audit: Audit, sender: PeerID) -> torch.Tensor | None:

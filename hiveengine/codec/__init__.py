@@ -2,7 +2,7 @@
 robust aggregation (CenteredClip) a reducer may use in place of the mean."""
 
 from hiveengine.codec.codecs import CODECS, BlockwiseCodec, Codec, FloatCodec, Payload, get_codec
-from hiveengine.codec.robust import AGGREGATIONS, Aggregation, centered_clip
+from hiveengine.codec.robust import AGGREGATIONS, Aggregation, centered_clip, squared_norms
 
 __all__ = [
     "AGGREGATIONS",
@@ -14,4 +14,5 @@ __all__ = [
     "Payload",
     "centered_clip",
     "get_codec",
+    "squared_norms",
 ]

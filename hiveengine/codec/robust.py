@@ -137,15 +137,19 @@ def centered_clip(
     return coefficients
 
 
-def _median_norm(rows: torch.Tensor) -> int:
-    """The index of the row of (lower) median norm (a norm past fp32's range counts as infinite). On the host
-    through numpy, in one thread: torch's parallel reduction left its OpenMP threads spinning after it, which
-    cost peers sharing the cores 2x on a 4 MB round."""
+def squared_norms(rows: torch.Tensor) -> np.ndarray:
+    """Each row's squared norm (fp32 rows: one past fp32's range is infinite). On the host through numpy, in one
+    thread: torch's parallel reduction left its OpenMP threads spinning after it, which cost peers sharing the
+    cores 2x on a 4 MB round."""
     if rows.device.type == "cpu":
-        values = rows.numpy()
-        squares = np.einsum("ij,ij->i", values, values)
-    else:
-        squares = torch.linalg.vector_norm(rows, dim=1).cpu().numpy()
+        values = rows.detach().numpy()
+        return np.einsum("ij,ij->i", values, values)
+    return rows.detach().square().sum(dim=1).cpu().numpy()
+
+
+def _median_norm(rows: torch.Tensor) -> int:
+    """The index of the row of (lower) median norm."""
+    squares = squared_norms(rows)
     return int(np.argsort(squares, kind="stable")[(len(squares) - 1) // 2])
 
 
