@@ -54,7 +54,7 @@ CONFIGURATIONS = {"mean": False, "centered_clip": True}  # aggregation -> verifi
 STEPS = 300  # a clean run's held-out loss is within ~10% of its plateau by then (0.23 at 300, 0.21 at 600)
 BATCH = 32
 LR = 0.5
-FEATURES, HIDDEN, CLASSES = 32, 64, 8
+FEATURES, HIDDEN, CLASSES = 32, 64, 8  # the model's sizes (--hidden: a wider model, 32 + 8 + 41 HIDDEN values)
 HELDOUT = 4096
 ALIE_BATCHES = 4  # minibatches an ALIE attacker uses to estimate the honest mean and spread
 LINE_TIMEOUT = 300.0
@@ -69,9 +69,9 @@ def teacher_data(seed: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
     )
 
 
-def make_model() -> nn.Module:
+def make_model(hidden: int = HIDDEN) -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(FEATURES, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, CLASSES))
+    return nn.Sequential(nn.Linear(FEATURES, hidden), nn.ReLU(), nn.Linear(hidden, CLASSES))
 
 
 def gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -151,7 +151,7 @@ def worker() -> None:
         # A sender that failed an audit is banned by the reducer that audited it alone, which stops averaging it.
         excluded: set[PeerID] = set()
         cheats = {members[i].peer_id for i in greedy}
-        model = make_model()
+        model = make_model(plan["hidden"])
         residual = None
         averaging, failed, reduced_before = 0.0, 0, service.parts_reduced
         for step in range(plan["steps"]):
@@ -210,6 +210,9 @@ def main() -> None:
     )
     parser.add_argument("--steps", type=int, default=STEPS, help="SGD steps per run")
     parser.add_argument(
+        "--hidden", type=int, default=HIDDEN, help=f"the model's hidden width (default {HIDDEN}: 2,632 values)"
+    )
+    parser.add_argument(
         "--clean-repeats", type=int, default=4, help="clean run pairs, mean and robust (for the overhead; default 4)"
     )
     args = parser.parse_args()
@@ -233,6 +236,7 @@ def main() -> None:
     def row(attack: str, byzantine: list[int], aggregation: str, name: str) -> dict:
         """One run's table row (the loss of the first honest peer)."""
         plan = {"attack": attack, "byzantine": byzantine, "aggregation": aggregation, "steps": args.steps}
+        plan["hidden"] = args.hidden
         checked = CONFIGURATIONS[aggregation]
         results = run(workers, addresses, name, verify=checked, audit=checked, **plan)
         honest = [r for i, r in enumerate(results) if i not in byzantine]
@@ -260,6 +264,7 @@ def main() -> None:
     try:
         addresses = [read_prefixed(proc, "ADDRESS", LINE_TIMEOUT) for proc in workers]
         plan = {"attack": None, "byzantine": [], "aggregation": "mean", "steps": 5, "verify": False, "audit": False}
+        plan["hidden"] = args.hidden
         run(workers, addresses, "warm-up", **plan)  # connections and first-touch memory, not measured
         # With equal bandwidths the one part goes to the member with the smallest peer id: attackers are drawn from
         # the largest ids (an honest reducer), and then once more with that member among them (a Byzantine reducer).
@@ -298,7 +303,7 @@ def main() -> None:
         f"averaging round, median of {args.clean_repeats} paired runs ({overhead['mean']:.1f} -> "
         f"{overhead['centered_clip']:.1f} ms)"
     )
-    payload = {"peers": PEERS, "steps": args.steps, "lr": LR, "codec": "int8", "rows": rows}
+    payload = {"peers": PEERS, "steps": args.steps, "lr": LR, "codec": "int8", "hidden": args.hidden, "rows": rows}
     path = write_results("byzantine", {**payload, "robust_overhead_percent": robust_overhead})
     print(f"wrote {path}")
 

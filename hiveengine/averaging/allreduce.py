@@ -52,6 +52,7 @@ from collections.abc import Awaitable, Callable, Collection, Hashable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 
 from hiveengine.averaging.accusations import Accusations, trim_learned_first
@@ -371,6 +372,7 @@ class _ReducerRound:
         self.options, self.service, self.peer = options, service, service.peer
         self.part_bytes = codec.payload_nbytes(sum(end - start for start, end in chunks))
         self.order = [m.peer_id for m in group.senders]  # peer-id order: the order of a reply's claim
+        self.position = {sender: i for i, sender in enumerate(self.order)}
         self.senders = set(self.order)
         self.reductions: dict[int, _ChunkReduction] = {}
         self.arriving: dict[int, dict[PeerID, float]] = {}  # chunk -> sender -> when its announced copy is due
@@ -528,12 +530,9 @@ class _ReducerRound:
         numel = self.arena.outputs[index].numel()
         digest = reply_digest(aggregate)
         projections, norms, _ = Probes(self.group.group_id, self.part, index, digest, numel).project(copies)
-        coefficient = dict.fromkeys(self.order, 0.0)
-        projection = {sender: [0.0] * PROBES for sender in self.order}
-        norm = dict.fromkeys(self.order, 0.0)
-        for (sender, _, _), c, t, q in zip(kept, coefficients, projections.tolist(), norms.tolist(), strict=True):
-            coefficient[sender], projection[sender], norm[sender] = c, t, q
-        claim = Claim(list(coefficient.values()), list(projection.values()), list(norm.values()))
+        rows = [self.position[sender] for sender, _, _ in kept]
+        claim = Claim(np.zeros(len(self.order)), np.zeros((len(self.order), PROBES)), np.zeros(len(self.order)))
+        claim.coefficients[rows], claim.projections[rows], claim.norms[rows] = coefficients, projections, norms
         message = claim_message(self.group.group_id, self.part, index, numel, self.codec.name, digest, claim)
         return replace(claim, signature=self.peer.identity.sign(message))
 

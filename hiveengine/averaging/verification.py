@@ -5,33 +5,45 @@ Construction (per chunk of a part; the K senders in peer-id order):
 1. The reducer aggregates the decoded copies x_j into A = sum_j c_j x_j (c: the normalized weights for the mean,
    the center's coefficients for CenteredClip; c >= 0, sum c = 1, c_j = 0 for a copy left out) and encodes the
    reply R = encode(A).
-2. Probes. r_1 .. r_m in R^n (m = PROBES), Gaussian, drawn one after another from a generator seeded with
-   BLAKE2b(PROBE_DOMAIN || group id || part || chunk || D(R)) (`Probes`), where D(R) = BLAKE2b-256 of R's
-   dtypes, shapes and bytes (`reply_digest`, which the signed message below holds too: the reply is hashed once
-   per check): fixed only once the reply is, and the same for the reducer and every sender.
+2. Probes. r_1 .. r_m in R^n (m = PROBES), every value independent and uniform on (-sqrt 3, sqrt 3) (variance 1;
+   the midpoints of 2^32 equal cells), read from an AES-128-CTR keystream keyed by BLAKE2b-128(PROBE_DOMAIN ||
+   group id || part || chunk || D(R)) (`Probes`: a keyed stream cipher as a deterministic generator, 32 bits per
+   value), where D(R) = BLAKE2b-256 of R's dtypes, shapes and bytes (`reply_digest`, which the signed message below
+   holds too: the reply is hashed once per check): fixed only once the reply is, and the same for the reducer and
+   every sender. Uniform, not Gaussian, because AES-NI and a kernel that reads the keystream in place
+   (kernels.probe_project) make them 5 to 8 times cheaper than torch's Gaussian draws (the probes are most of a
+   check's cost), and the two bounds below hold for them as they do for Gaussians.
 3. The reply's header carries c, and t_jk = <x_j, r_k> for every sender j and probe k (`Claim`: K (m + 2) numbers
    with the norms below).
 4. Sender i, on receipt (`check_reply`), before decoding R into its buffer: c is in the simplex with c_i > 0;
    its own t_ik equal <x_i, r_k> for the copy it sent; and the misfit, the norm of the m residuals
    <decode(R), r_k> - sum_j c_j t_jk, is at most sqrt(PROBE_CHI2) * (codec.error_bound(R) + fp32 slack).
    Requantization moves A by e with ||e|| <= error_bound(R), and for probes drawn after R the residuals
-   <e, r_k> are m independent N(0, ||e||^2), so the squared misfit is ||e||^2 times a chi-square with m degrees of
-   freedom: PROBE_CHI2 is its quantile at 1.2e-15, and it never fires on an honest reply (lossy codecs included).
-   A reply off by d has a squared misfit of ||d + e||^2 chi-square(m): it passes only when that chi-square falls
-   below PROBE_CHI2 (error_bound / ||d + e||)^2, with m = 8 a chance of 1.1e-3 for a shift 10 times the band
-   (one probe let 58% through) and 2.3e-7 for 30 times. The codec sets the band: error_bound is the worst case,
+   <e, r_k> are m independent sums of uniform variables, sub-Gaussian with variance proxy ||e||^2 (as N(0, ||e||^2)
+   would be: each value's moment generating function, a midpoint sum of the convex cosh, is at most the continuous
+   uniform's, sinh(sqrt 3 t) / (sqrt 3 t) <= exp(t^2 / 2)), so E exp(s <e, r_k>^2 / ||e||^2) <= (1 - 2s)^(-1/2)
+   and Chernoff's bound for the squared misfit is
+   the chi-square(m) one: it exceeds x ||e||^2 with chance at most (x / m)^(m/2) exp(-(x - m) / 2), 1.6e-15 at
+   x = PROBE_CHI2 = 96, so it never fires on an honest reply (lossy codecs included).
+   A reply off by d (v = d + e) passes only when all m residuals <v, r_k> fall in the ball of radius
+   T = sqrt(PROBE_CHI2) error_bound. By Ball's cube-slicing theorem no central section of the unit cube exceeds
+   area sqrt 2, so the density of <v, r_k> / ||v|| is at most 1 / sqrt 6 (a Gaussian's peak is 1 / sqrt(2 pi), 2.5%
+   less; the grid moves <v, r_k> by at most sqrt(n) 2^-32 sqrt 3 ||v||, under 1e-6 ||v|| for any chunk an accusation
+   may hold), and the chance is at most 6^-4 (pi^4 / 24) (T / ||v||)^8: 2.7e-3 for a shift 10 times the band (one
+   probe let 58% through) and 4e-7 for 30 times. The codec sets the band: error_bound is the worst case,
    half a step per value; for int8 that is about 1.4% of the reply's norm, so garbage or a sign flip is 30 to 100
    times the band, but for int4 it is up to a quarter, so a reply of pure noise is only about 4 times it and passes
-   about 30% of the time (a flipped sign about 2%; tests/test_verified_reducers.py counts both). Verification with
+   about 40% of the time (a flipped sign under 1%; tests/test_verified_reducers.py counts both). Verification with
    int4 tells a cheat from rounding only that far.
 A failed check fails the part for this round (the sender keeps its local values there: replies are buffered
 and decoded only once every chunk of the part passed) and bans the reducer on this peer (AllReduceService
 .banned: it reduces nothing more for us and we average none of its copies).
 
-Cost: sender: m probes (m n Gaussian values) and 2 m n-length dot products per chunk;
+Cost: sender: m probes (4 m n keystream bytes: about 0.8 ns per value and probe with the native kernel, 6.5 ms for
+a 1M-value chunk) and 2 m n-length dot products per chunk;
 reducer: the probes, the copies decoded into a K x n matrix (the rows a robust aggregation decodes anyway, kept
 before it works on them in place) and m matrix-vector passes for their projections, one for their norms;
-8 K (m + 2) bytes of header per chunk; no extra message or round trip.
+8 K (m + 2) bytes of header per chunk (the claim's numbers as float64 bytes); no extra message or round trip.
 
 What it catches: a reducer that returns anything but sum_j c_j x_j over the copies it reports projections of
 (garbage, noise, a stale or partial aggregate, dropped or altered copies) while reporting honest
@@ -43,10 +55,10 @@ CenteredClip's coefficients. Until then a reducer that cheats adaptively can mov
 all the weight could.
 Nor does it stop grinding: the reducer picks R, and with it the probes. The chance above is per reply; a reducer
 that tries replies until one passes (each slightly different R, say through the claimed coefficients, gives fresh
-probes) gets a shift through after about the inverse of that chance in tries of a hash and m n Gaussian draws
-each: about 900 for 10 times the band, 4 million for 30 (with one probe it was about ||d|| / (8 ||e||): 4). What a
-reply check bounds is then the work a given shift costs. Probes the reducer cannot know while it fixes R (each
-sender's own, revealed after R: the same K^2 exchange) would make it a chance again.
+probes) gets a shift through after about the inverse of that chance in tries of a hash and 4 m n keystream
+bytes each: about 400 for 10 times the band, 2.5 million for 30 (with one probe it was about ||d|| / (8 ||e||):
+4). What a reply check bounds is then the work a given shift costs. Probes the reducer cannot know while it fixes
+R (each sender's own, revealed after R: the same K^2 exchange) would make it a chance again.
 
 Accusations that anyone can check (`Evidence`). The reducer also reports the norm q_j of every decoded copy, and
 signs, with its Ed25519 identity, `claim_message`: REPLY_DOMAIN | group id | part | chunk | numel | codec name |
@@ -65,27 +77,31 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import itertools
 import math
 import struct
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from hiveengine.codec import CODECS, get_codec
-from hiveengine.dht.schemas import EVIDENCE_DIGEST_BYTES, is_finite
+from hiveengine.dht.schemas import EVIDENCE_DIGEST_BYTES
 from hiveengine.errors import HiveEngineError, NonFiniteError
+from hiveengine.kernels import PROBE_COUNT, probe_project
 from hiveengine.transport.identity import SIGNATURE_BYTES, PeerID, verify_signature
 
-PROBE_DOMAIN = b"hiveengine/allreduce/probe/v2"
-REPLY_DOMAIN = b"hiveengine/allreduce/signed-claim/v2"
+PROBE_DOMAIN = b"hiveengine/allreduce/probe/v3"
+REPLY_DOMAIN = b"hiveengine/allreduce/signed-claim/v3"
 MAX_EVIDENCE_NUMEL = 1 << 22  # the largest chunk an accusation's evidence may hold (16 MiB of fp32; 4 default chunks)
 MAX_EVIDENCE_SENDERS = 4096  # the most senders an accusation's claim may list
-PROBES = 8  # independent probes per chunk: a reply must fit all of them at once
-PROBE_DRAW_VALUES = 1 << 20  # probe values drawn at once (8 MiB of float64)
-PROBE_CHI2 = 88.0  # chi-square(PROBES) exceeds this with probability 1.2e-15: an honest reply's squared misfit bound
+PROBES = PROBE_COUNT  # independent probes per chunk (8): a reply must fit all of them at once
+PROBE_PIECE = 1 << 15  # values whose probe keystream is made at once (1 MiB for the 8 probes)
+PROBE_STEP = 2 * math.sqrt(3) * 2.0**-32  # a probe value per unit of its 32-bit keystream word
+PROBE_LOW = -math.sqrt(3) + PROBE_STEP / 2  # the value of word 0 (word w: PROBE_LOW + w PROBE_STEP)
+PROBE_CHI2 = 96.0  # an honest reply's squared misfit bound, in squared error bounds: exceeded with chance <= 1.6e-15
 FP32_SLACK = 64 * 2.0**-24  # the fp32 aggregation's rounding, relative to the copies' norms, per copy
 DOT_SLACK = 2.0**-40  # rounding of a float64 dot product of fp32 vectors, relative to ||x|| ||r||
 MAX_CLAIM_MAGNITUDE = 1e300  # the largest number a claim may hold: sums of products of MAX_EVIDENCE_SENDERS stay finite
@@ -98,50 +114,63 @@ class ReducerCheatedError(HiveEngineError):
     evidence: Evidence | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Claim:
     """What a reducer says it computed for one chunk: each sender's coefficient, projections (one per probe) and
-    copy norm (peer-id order), and its signature of them with the reply (`claim_message`; empty when unsigned)."""
+    copy norm (peer-id order; float64 arrays, K, K x PROBES and K or none), and its signature of them with the reply
+    (`claim_message`; empty when unsigned)."""
 
-    coefficients: list[float]
-    projections: list[list[float]]
-    norms: list[float] = field(default_factory=list)
+    coefficients: np.ndarray
+    projections: np.ndarray
+    norms: np.ndarray = field(default_factory=lambda: np.empty(0))
     signature: bytes = b""
 
+    def __post_init__(self):
+        for name in ("coefficients", "projections", "norms"):
+            object.__setattr__(self, name, np.asarray(getattr(self, name), dtype=np.float64))
+
     def header(self) -> dict:
-        """The reply-header fields that carry the claim."""
-        return {"k": self.coefficients, "t": self.projections, "q": self.norms, "s": self.signature}
+        """The reply-header fields that carry the claim: the numbers as little-endian float64 bytes."""
+        return {
+            "k": _packed(self.coefficients),
+            "t": _packed(self.projections),
+            "q": _packed(self.norms),
+            "s": self.signature,
+        }
 
     @classmethod
     def parse(cls, header: dict, senders: int) -> Claim:
         """The claim in a reply header, if it has one number of each kind per sender (else ReducerCheatedError);
         norms and signature are kept only when well-formed (they serve accusations, not the check)."""
         k, t = header.get("k"), header.get("t")
-        if not (isinstance(k, list) and isinstance(t, list) and len(k) == len(t) == senders):
+        if not (isinstance(k, bytes) and isinstance(t, bytes) and len(k) == 8 * senders):
             raise ReducerCheatedError(f"the reply carries no claim for its {senders} senders' copies")
-        if not all(isinstance(row, list) and len(row) == PROBES for row in t):
+        if len(t) != 8 * PROBES * senders:
             raise ReducerCheatedError(f"the reply's claim does not give {PROBES} projections of every copy")
-        if not all(_claim_number(v) for v in (*k, *itertools.chain.from_iterable(t))):
-            raise ReducerCheatedError(
-                f"the reply's claim holds non-numbers, or numbers non-finite or beyond {MAX_CLAIM_MAGNITUDE:g}"
-            )
+        coefficients, projections = _unpacked(k), _unpacked(t).reshape(senders, PROBES)
+        if not (_claim_numbers(coefficients) and _claim_numbers(projections)):
+            raise ReducerCheatedError(f"the reply's claim holds numbers non-finite or beyond {MAX_CLAIM_MAGNITUDE:g}")
         q, signature = header.get("q"), header.get("s")
-        signed = (
-            isinstance(q, list)
-            and len(q) == senders
-            and all(_claim_number(v) for v in q)
-            and isinstance(signature, bytes)
-            and len(signature) == SIGNATURE_BYTES
-        )
-        norms = [float(v) for v in q] if signed else []
-        projections = [[float(v) for v in row] for row in t]
-        return cls([float(v) for v in k], projections, norms, signature if signed else b"")
+        norms = _unpacked(q) if isinstance(q, bytes) and len(q) == 8 * senders else np.empty(0)
+        signed = norms.size == senders and _claim_numbers(norms)
+        signed = signed and isinstance(signature, bytes) and len(signature) == SIGNATURE_BYTES
+        return cls(coefficients, projections, norms if signed else np.empty(0), signature if signed else b"")
 
 
-def _claim_number(value: object) -> bool:
-    """A finite number a claim may hold: at most MAX_CLAIM_MAGNITUDE, so that no check's sum overflows (an
-    OverflowError there would fail the part without the ban a cheat earns)."""
-    return is_finite(value) and abs(value) <= MAX_CLAIM_MAGNITUDE
+def _packed(numbers: np.ndarray) -> bytes:
+    """`numbers` as little-endian float64 bytes, in row order (what a claim carries and signs)."""
+    return np.ascontiguousarray(numbers, dtype="<f8").tobytes()
+
+
+def _unpacked(raw: bytes) -> np.ndarray:
+    """Little-endian float64 bytes as a float64 array (a copy: it outlives the message)."""
+    return np.frombuffer(raw, dtype="<f8").astype(np.float64)
+
+
+def _claim_numbers(numbers: np.ndarray) -> bool:
+    """Whether every number is one a claim may hold: finite and at most MAX_CLAIM_MAGNITUDE, so that no check's sum
+    overflows (an OverflowError there would fail the part without the ban a cheat earns)."""
+    return bool(np.all(np.abs(numbers) <= MAX_CLAIM_MAGNITUDE))  # NaN compares false
 
 
 def reply_digest(reply: Sequence[torch.Tensor]) -> bytes:
@@ -160,7 +189,6 @@ def claim_message(
     group_id: bytes, part: int, chunk: int, numel: int, codec_name: str, digest: bytes, claim: Claim
 ) -> bytes:
     """What a reducer signs for one chunk's reply, whose reply_digest is `digest` (see the module docstring)."""
-    numbers = [*claim.coefficients, *itertools.chain.from_iterable(claim.projections), *claim.norms]
     return b"".join(
         (
             REPLY_DOMAIN,
@@ -169,7 +197,9 @@ def claim_message(
             codec_name.encode(),
             b"\0",
             digest,
-            struct.pack(f"<{len(numbers)}d", *numbers),
+            _packed(claim.coefficients),
+            _packed(claim.projections),
+            _packed(claim.norms),
         )
     )
 
@@ -240,10 +270,10 @@ class Evidence:
             raise ValueError("evidence needs part, chunk and numel counts")
         expected = cls.buffers(header)
         k = header.get("k")
-        if not isinstance(k, list) or not 1 <= len(k) <= MAX_EVIDENCE_SENDERS:
+        if not isinstance(k, bytes) or len(k) % 8 or not 1 <= len(k) // 8 <= MAX_EVIDENCE_SENDERS:
             raise ValueError("evidence needs a claim")
         try:
-            claim = Claim.parse(header, len(k))
+            claim = Claim.parse(header, len(k) // 8)
         except ReducerCheatedError as e:
             raise ValueError(str(e)) from None
         if not claim.signature:
@@ -260,8 +290,8 @@ class Evidence:
         if not verify_signature(self.public_key, self.claim.signature, self.message):
             return None
         c = self.claim.coefficients
-        if min(c) < -1e-6 or abs(sum(c) - 1.0) > 1e-5:
-            return f"it signed coefficients {c} that are not a weighting"
+        if not _weighting(c):
+            return f"it signed coefficients {c.tolist()} that are not a weighting"
         codec = get_codec(self.codec_name)
         where = f"chunk {self.chunk} of part {self.part} in round {self.group_id.hex()[:8]}"
         try:
@@ -270,7 +300,7 @@ class Evidence:
             return f"its signed reply for {where} holds NaN or Inf"
         probes = Probes(self.group_id, self.part, self.chunk, self.reply_digest, self.numel)
         (got,), (norm,), probe_norms = probes.project(aggregate.view(1, -1))
-        scale = max(norm, *self.claim.norms)
+        scale = max(norm, float(self.claim.norms.max()))
         tolerance = _tolerance(codec.error_bound(self.reply), len(c), scale, probe_norms)
         off = misfit(got, c, self.claim.projections)
         if off <= tolerance:
@@ -288,47 +318,65 @@ def _tolerance(error_bound: float, senders: int, scale: float, probe_norms: np.n
     return math.sqrt(PROBE_CHI2) * (error_bound + FP32_SLACK * senders * scale) + dots
 
 
-def misfit(got: np.ndarray, coefficients: Sequence[float], projections: Sequence[Sequence[float]]) -> float:
-    """The norm of the residuals <decode(R), r_k> - sum_j c_j t_jk over the probes (`got`: the reply's projections)."""
-    residuals = [
-        float(got[k]) - math.fsum(c * t[k] for c, t in zip(coefficients, projections, strict=True))
-        for k in range(PROBES)
-    ]
+def misfit(got: np.ndarray, coefficients: np.ndarray, projections: np.ndarray) -> float:
+    """The norm of the residuals <decode(R), r_k> - sum_j c_j t_jk over the probes (`got`: the reply's projections),
+    each sum exact (math.fsum): every party that checks the same claim gets the same number."""
+    products = coefficients[:, None] * projections
+    residuals = [float(got[k]) - math.fsum(products[:, k].tolist()) for k in range(PROBES)]
     return math.sqrt(math.fsum(r * r for r in residuals))
 
 
+def _weighting(coefficients: np.ndarray) -> bool:
+    """Whether the coefficients lie in the simplex (up to rounding)."""
+    return float(coefficients.min()) >= -1e-6 and abs(math.fsum(coefficients.tolist()) - 1.0) <= 1e-5
+
+
 class Probes:
-    """The PROBES Gaussian probes of one chunk's reply whose reply_digest is `digest` (fp32 draws held as float64,
-    on the host): fixed by the reply itself, drawn as many at a time as fit in PROBE_DRAW_VALUES (all of them for
-    a chunk of up to 128K values; one at a time past 1M), so a check's memory stays bounded."""
+    """The PROBES probes of one chunk's reply whose reply_digest is `digest`: values uniform on (-sqrt 3, sqrt 3)
+    (mean 0, variance 1) from an AES-128-CTR keystream keyed by BLAKE2b-128(PROBE_DOMAIN || group id || part ||
+    chunk || digest), zero initial counter, read value by value (value i of probe k is 32-bit little-endian word
+    i PROBES + k, w, giving (w + 1/2) 2^-32 2 sqrt 3 - sqrt 3): fixed by the reply itself and the same on every
+    machine. The keystream is made PROBE_PIECE values at a time into a buffer each thread reuses, so a check's
+    memory stays bounded and its pages are not faulted in anew every round."""
 
     def __init__(self, group_id: bytes, part: int, chunk: int, digest: bytes, numel: int):
-        seed = hashlib.blake2b(PROBE_DOMAIN, digest_size=8)
-        seed.update(group_id)
-        seed.update(part.to_bytes(4, "little") + chunk.to_bytes(4, "little"))
-        seed.update(digest)
-        self.seed = int.from_bytes(seed.digest(), "little") & (2**63 - 1)
+        key = hashlib.blake2b(PROBE_DOMAIN, digest_size=16)
+        key.update(group_id)
+        key.update(part.to_bytes(4, "little") + chunk.to_bytes(4, "little"))
+        key.update(digest)
+        self.key = key.digest()
         self.numel = numel
 
     def project(self, rows: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(each row's projections on the probes, rows x PROBES; each row's norm; each probe's norm), in float64:
-        an fp32 dot product's rounding would widen the tolerance for garbage to slip through. On the host through
-        numpy (a fraction of torch's per-call cost at a chunk's size); on a device there, so that only the
-        results cross to the host."""
-        generator = torch.Generator().manual_seed(self.seed)
-        host = rows.device.type == "cpu"
-        values = rows.detach().numpy().astype(np.float64) if host else rows.detach().double()
-        projections = np.empty((rows.shape[0], PROBES))
-        probe_norms = np.empty(PROBES)
-        per_draw = max(1, PROBE_DRAW_VALUES // max(1, self.numel))  # follows from numel: every party draws alike
-        for first in range(0, PROBES, per_draw):
-            probes = slice(first, min(PROBES, first + per_draw))
-            drawn = torch.randn(probes.stop - first, self.numel, generator=generator).double()
-            r = drawn.numpy()
-            probe_norms[probes] = np.sqrt(np.einsum("ij,ij->i", r, r))
-            projections[:, probes] = values @ r.T if host else (values @ drawn.to(values.device).T).cpu().numpy()
-        norms = np.sqrt(np.einsum("ij,ij->i", values, values)) if host else values.norm(dim=1).cpu().numpy()
-        return projections, norms, probe_norms
+        an fp32 dot product's rounding would widen the tolerance for garbage to slip through. The keystream is
+        made on the host; kernels.probe_project reads it without materializing the probes (on a device, the rows
+        stay there and only the results cross to the host)."""
+        rows = rows.detach().float()
+        projections, row_sq, probe_sq = np.zeros((rows.shape[0], PROBES)), np.zeros(rows.shape[0]), np.zeros(PROBES)
+        stream = Cipher(algorithms.AES(self.key), modes.CTR(bytes(16))).encryptor()
+        zeros, keystream = _keystream_buffers()
+        for start in range(0, self.numel, PROBE_PIECE):
+            count = min(PROBE_PIECE, self.numel - start)
+            stream.update_into(zeros[: 4 * PROBES * count], keystream)
+            words = torch.frombuffer(keystream, dtype=torch.int32, count=PROBES * count).view(count, PROBES)
+            piece = rows[:, start : start + count]
+            projected, squares, rows_squared = probe_project(piece, words, PROBE_STEP, PROBE_LOW, row_norms=True)
+            projections += projected.cpu().numpy()
+            probe_sq += squares.cpu().numpy()
+            row_sq += rows_squared.cpu().numpy()
+        return projections, np.sqrt(row_sq), np.sqrt(probe_sq)
+
+
+_scratch = threading.local()
+
+
+def _keystream_buffers() -> tuple[memoryview, bytearray]:
+    """Zeros to encrypt and room for the keystream of one piece (update_into's 15 bytes more), this thread's own."""
+    if not hasattr(_scratch, "keystream"):
+        _scratch.zeros = memoryview(bytes(4 * PROBES * PROBE_PIECE))
+        _scratch.keystream = bytearray(4 * PROBES * PROBE_PIECE + 15)
+    return _scratch.zeros, _scratch.keystream
 
 
 def check_reply(
@@ -345,16 +393,17 @@ def check_reply(
     of the reply decoded (row 1), `norms` their norms, `error_bound` the codec's bound for the reply. Raises
     ReducerCheatedError saying what does not add up."""
     c = claim.coefficients
-    if min(c) < -1e-6 or abs(sum(c) - 1.0) > 1e-5 or (weight > 0 and c[me] <= 0):
-        raise ReducerCheatedError(f"its coefficients {c} are not a weighting that includes our copy")
+    if not _weighting(c) or (weight > 0 and c[me] <= 0):
+        raise ReducerCheatedError(f"its coefficients {c.tolist()} are not a weighting that includes our copy")
     own, got = projected
     own_norm, norm = float(norms[0]), float(norms[1])
     claimed = claim.projections[me]
-    for k in range(PROBES):
-        if abs(claimed[k] - own[k]) > DOT_SLACK * own_norm * probe_norms[k] + 1e-30:
-            raise ReducerCheatedError(
-                f"it misreports our own copy (projection {claimed[k]:.6g} != {float(own[k]):.6g} on probe {k})"
-            )
+    wrong = np.flatnonzero(~(np.abs(claimed - own) <= DOT_SLACK * own_norm * probe_norms + 1e-30))
+    if wrong.size:
+        k = int(wrong[0])
+        raise ReducerCheatedError(
+            f"it misreports our own copy (projection {claimed[k]:.6g} != {float(own[k]):.6g} on probe {k})"
+        )
     tolerance = _tolerance(error_bound, len(c), max(norm, own_norm), probe_norms)
     off = misfit(got, c, claim.projections)
     if not off <= tolerance:

@@ -7,11 +7,13 @@ libhiveengine_native.so next to this file); the functions below pick one by devi
 
 from .dispatch import (
     BACKENDS,
+    PROBE_COUNT,
     Reduced,
     backend_for,
     cast,
     check_finite,
     dequantize_blockwise,
+    probe_project,
     quantize_blockwise,
     reduce_blockwise,
     weighted_mean,
@@ -28,6 +30,7 @@ from .native import load_native_library
 __all__ = [
     "BACKENDS",
     "DEFAULT_BLOCK",
+    "PROBE_COUNT",
     "Reduced",
     "backend_for",
     "bytes_per_element",
@@ -38,6 +41,7 @@ __all__ = [
     "dequantize_blockwise",
     "load_native_library",
     "num_blocks",
+    "probe_project",
     "quantize_blockwise",
     "reduce_blockwise",
     "weighted_mean",

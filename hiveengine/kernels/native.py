@@ -9,10 +9,10 @@ from pathlib import Path
 
 from hiveengine.errors import KernelUnavailableError
 
-NATIVE_ABI_VERSION = 2
+NATIVE_ABI_VERSION = 3
 LIBRARY_ENV = "HIVEENGINE_NATIVE_LIB"
 
-_p, _i32, _i64, _u32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_uint32
+_p, _i32, _i64, _u32, _f64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_uint32, ctypes.c_double
 # Argument types of every exported kernel; each returns 0 (ok), 1 (NaN/Inf met) or -1 (bad arguments).
 _SIGNATURES = {
     # x, dtype, residual, n, block, bits, stochastic, key, codes, scales, threads
@@ -27,6 +27,8 @@ _SIGNATURES = {
     "he_cast": [_p, _i32, _p, _i32, _i64, _i32],
     # x, dtype, n, threads
     "he_check_finite": [_p, _i32, _i64, _i32],
+    # rows, m, n, row stride, words, p, step, low, projections, probe_sq, row_sq
+    "he_probe_project": [_p, _i64, _i64, _i64, _p, _i64, _f64, _f64, _p, _p, _p],
 }
 
 

@@ -135,3 +135,32 @@ def check_finite(x: torch.Tensor) -> bool:
     """True if x holds NaN or Inf."""
     rc = load_native_library().he_check_finite(x.data_ptr(), _DTYPE_CODES[x.dtype], x.numel(), torch.get_num_threads())
     return _result(rc, "he_check_finite")
+
+
+def probe_project(
+    rows: torch.Tensor,
+    words: torch.Tensor,
+    step: float,
+    low: float,
+    projections: torch.Tensor,
+    probe_sq: torch.Tensor,
+    row_sq: torch.Tensor | None,
+) -> bool:
+    """projections = rows @ R^T and probe_sq = each probe's squared norm, in float64, where R^T = low + step * w
+    for the unsigned 32-bit words (n x 8, value by value), never materialized, and row_sq (if given) each row's
+    squared norm. Rows may be strided (each row contiguous)."""
+    m, n = rows.shape
+    rc = load_native_library().he_probe_project(
+        rows.data_ptr(),
+        m,
+        n,
+        rows.stride(0) if m > 1 else n,
+        words.data_ptr(),
+        words.shape[1],
+        step,
+        low,
+        projections.data_ptr(),
+        probe_sq.data_ptr(),
+        _ptr(row_sq),
+    )
+    return _result(rc, "he_probe_project")
