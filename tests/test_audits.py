@@ -1,6 +1,7 @@
 """Contribution audits (hiveengine.averaging.audits): a reducer that recomputes what a sender should have sent
-catches a copy with the right norm but the wrong content (a flipped sign, an ALIE-style shift), leaves it out of
-the round and bans its sender; honest copies pass with every codec, error feedback included; a failing or slow audit
+catches a copy with the right norm but the wrong content (a flipped sign, an ALIE-style shift) and bans its sender
+(left out of the round when its recomputation was done by the reduction, which never waits for one, else checked
+before the round returns); honest copies pass with every codec, error feedback included; a failing or slow audit
 function convicts nobody.
 
 Real peer processes over UCX on 127.0.0.1 (tests/peers/allreduce_peer.py, whose members' data is public: member i
@@ -40,9 +41,7 @@ def _check(codec_name: str, sent: dict, expected: dict, rate: float = 1.0, audit
 
     async def run() -> dict:
         audits = Audits(audit or expected.get, rate, 0.1, list(sent), codec, timeout)
-        wait = audits.ready()
-        if wait is not None:
-            await wait
+        await audits.settle()  # nothing held yet: it only waits for the recomputations (up to `timeout`)
         row = torch.empty(N)
         verdicts = {}
         for sender, (flat, residual) in sent.items():
@@ -94,9 +93,7 @@ def test_an_honest_chunk_whose_gradient_shrank_still_carries_last_rounds_roundin
 
     async def verdict(copy: torch.Tensor) -> str | None:
         audits = Audits(lambda _: now, 1.0, 0.1, [sender], codec, 5.0)
-        wait = audits.ready()
-        if wait is not None:
-            await wait
+        await audits.settle()
         return audits.check(sender, codec.encode(copy), (N, 2 * N), torch.empty(N))
 
     assert asyncio.run(verdict(now[N:] + carried[N:])) is None  # what error feedback has it encode this round
@@ -123,10 +120,37 @@ def test_nobody_is_convicted_by_an_audit_that_fails_is_slow_or_cannot_tell():
         release.wait(30)
         return torch.zeros(N)
 
-    try:  # an audit still running when the chunk is reduced: its sender goes unaudited this round
+    try:  # an audit still running when the round settles: its sender goes unaudited this round
         assert _check("int8", {slow: lies[broken]}, {}, audit=stalled, timeout=0.05) == {slow: None}
     finally:
         release.set()
+
+
+def test_a_copy_reduced_before_its_audit_finished_is_convicted_when_the_round_settles():
+    # The reduction never waits for a recomputation (a wait told a timing sender whether it was watched): the copy
+    # is held, and checked before the round returns.
+    codec = get_codec("int8")
+    liar, honest = _ids(2)
+    truth = {p: torch.randn(N) for p in (liar, honest)}
+    release = threading.Event()
+
+    def audit(sender):
+        release.wait(30)
+        return truth[sender]
+
+    async def run() -> tuple:
+        audits = Audits(audit, 1.0, 0.1, [liar, honest], codec, 30.0)
+        row = torch.empty(N)
+        lie = [t.clone() for t in codec.encode(-truth[liar], name="lie")]
+        now = [audits.check(liar, lie, (0, N), row), audits.check(honest, codec.encode(truth[honest]), (0, N), row)]
+        for t in lie:  # the reducer's buffer, reused next round: the held copy is the reducer's own
+            t.zero_()
+        release.set()
+        return now, await audits.settle(), audits.failed
+
+    now, settled, failed = asyncio.run(run())
+    assert now == [None, None]  # reduced at once, with the copies in
+    assert set(settled) == {liar} and set(failed) == {liar} and "lies" in settled[liar]
 
 
 def test_a_non_finite_copy_from_an_audited_sender_is_left_to_the_reduction_without_a_ban():
@@ -137,7 +161,7 @@ def test_a_non_finite_copy_from_an_audited_sender_is_left_to_the_reduction_witho
 
     async def run() -> tuple:
         audits = Audits(lambda _: torch.randn(N), 1.0, 0.1, [sender], codec, 5.0)
-        await audits.ready()
+        await audits.settle()
         return audits.check(sender, payload, (0, N), torch.empty(N)), audits.failed
 
     assert asyncio.run(run()) == (None, {})
@@ -163,7 +187,7 @@ def test_the_reducers_split_the_draws_so_a_sender_is_audited_at_the_rate_at_any_
 
     async def draws() -> list[frozenset]:
         rounds = [Audits(lambda _: None, rate, 0.1, senders, get_codec("none"), 5.0, parts) for _ in range(parts)]
-        await asyncio.gather(*(w for w in (a.ready() for a in rounds) if w is not None))
+        await asyncio.gather(*(a.settle() for a in rounds))
         return [a.drawn for a in rounds]
 
     drawn = asyncio.run(draws())
@@ -192,7 +216,7 @@ def test_round_options_refuse_audit_settings_out_of_range(field, value):
 
 
 @pytest.mark.parametrize("codec", ["int8", "none"])
-def test_a_sender_that_flips_its_sign_is_left_out_and_banned_by_every_honest_reducer(tmp_path, codec):
+def test_a_sender_that_flips_its_sign_is_banned_by_every_honest_reducer_and_then_left_out(tmp_path, codec):
     specs = [{}, {}, {}, {"attack": "sign"}]
     members, results = average_in_processes(
         tmp_path,
@@ -207,19 +231,21 @@ def test_a_sender_that_flips_its_sign_is_left_out_and_banned_by_every_honest_red
     )
     liar = part_of(members, 3)
     honest = exact_mean(members, HONEST, [1.0] * 3)
+    others = sorted(p for p in range(4) if p != liar)
     for i in HONEST:
         assert results[i]["banned"] == [members[3]["id"]]  # no honest peer is convicted
-        for number in range(2):
-            outcome, tensor = results[i]["rounds"][number], torch.load(tmp_path / f"{i}.pt.{number}")
-            # Round 0: the liar reduces its own part (nobody audits its own copy), and it is honest as a reducer.
-            # Round 1: it is banned, so nobody sends to it and its part stays local.
-            assert outcome["failed_parts"] == ([] if number == 0 else [liar]), (number, outcome)
-            for part, (start, end) in enumerate(results[i]["spans"]):
-                if part != liar:  # the honest reducers averaged the honest copies alone
-                    error = (tensor[start:end] - honest[start:end]).abs().max()
-                    assert float(error) <= TOLERANCE[codec], (number, part)
-    # The liar's copies were refused by every honest reducer, in both rounds.
-    assert sorted(results[3]["rounds"][0]["failed_parts"]) == sorted(p for p in range(4) if p != liar)
+        # Round 0: the liar reduces its own part (nobody audits its own copy), and it is honest as a reducer; its
+        # copies are caught when reduced or when the round settles (so they may have joined round 0's aggregates).
+        assert results[i]["rounds"][0]["failed_parts"] == []
+        # Round 1: it is banned, so nobody sends to it and its part stays local, and the honest reducers averaged
+        # the honest copies alone.
+        assert results[i]["rounds"][1]["failed_parts"] == [liar]
+        tensor = torch.load(tmp_path / f"{i}.pt.1")
+        for part, (start, end) in enumerate(results[i]["spans"]):
+            if part != liar:
+                assert float((tensor[start:end] - honest[start:end]).abs().max()) <= TOLERANCE[codec], part
+    # Every honest reducer refused the liar's copies in round 1.
+    assert set(results[3]["rounds"][1]["failed_parts"]) >= set(others)
     assert results[3]["banned"] == []
 
 

@@ -16,9 +16,10 @@ One round, as it runs (this file holds all of it: the partition, the buffers, th
    error and keeps its local values), and the rest are averaged, or CenteredClipped (hiveengine.codec.robust)
    when the round's aggregation is robust. It encodes the result once and returns it to every sender, with the
    claim a sender verifies it by (`verify`: hiveengine.averaging.verification). A sender whose own data is not
-   finite withdraws (one empty message per part), so that nobody waits for it. With `audit`, the reducer first
+   finite withdraws (one empty message per part), so that nobody waits for it. With `audit`, the reducer also
    checks the copies of a few senders, drawn at random, against what they should have sent, recomputed
-   (hiveengine.averaging.audits), and leaves out and bans one that sent something else.
+   (hiveengine.averaging.audits), and bans one that sent something else: left out of the aggregate when its
+   recomputation was done by the reduction, which never waits for one (else checked before the round returns).
 4. Decode. Each sender checks each reply and decodes the aggregate in place. Once half of the parts are back, the
    other parts' reducers have the same grace window, and no reducer is waited for longer than `sender_timeout +
    late_grace` per call (what an honest one can take); a reducer that dies, stays silent or fails verification
@@ -48,7 +49,7 @@ import logging
 import math
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Collection, Hashable, Sequence
+from collections.abc import Callable, Collection, Hashable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
@@ -250,7 +251,6 @@ class _ChunkReduction:
         options: RoundOptions,
         absent: set[PeerID],
         deadline: Callable[[float, set[PeerID], float], float],
-        gate: Callable[[], Awaitable | None] = lambda: None,
     ):
         self.expected, self.options = expected, options
         self.received: dict[PeerID, tuple[float, list[torch.Tensor]]] = {}
@@ -258,8 +258,6 @@ class _ChunkReduction:
         self.absent = set(absent)
         self.done: asyncio.Future = asyncio.get_running_loop().create_future()
         self._deadline = deadline  # when a wait due at `base` gives up the copies still missing (give_up_at)
-        self._gate = gate  # what must finish before the copies are aggregated (audits), or None
-        self._gated: asyncio.Future | None = None
         self._first_at: float | None = None
         self._graced = False
         self._timers: list[asyncio.TimerHandle] = []
@@ -312,16 +310,6 @@ class _ChunkReduction:
     def _finish(self, reduce: Callable) -> None:
         for timer in self._timers:
             timer.cancel()
-        if self.done.done() or self._gated is not None:
-            return
-        wait = self._gate()
-        if wait is not None:  # copies that come meanwhile still join
-            self._gated = asyncio.ensure_future(wait)
-            self._gated.add_done_callback(lambda _: self._reduce(reduce))
-            return
-        self._reduce(reduce)
-
-    def _reduce(self, reduce: Callable) -> None:
         if self.done.done():
             return
         try:
@@ -391,8 +379,14 @@ class _ReducerRound:
             o = self.options
             self.audits = Audits(o.audit, o.audit_rate, o.audit_tolerance, others, self.codec, o.sender_timeout, parts)
 
-    def _audits_ready(self) -> Awaitable | None:
-        return None if self.audits is None else self.audits.ready()
+    async def settle_audits(self) -> None:
+        """Check the audited copies that were reduced before their recomputation was done; ban those that fail
+        (Audits.settle: their copies stayed in this round's aggregate)."""
+        if self.audits is not None:
+            for sender, why in (await self.audits.settle()).items():
+                self.service.ban(
+                    sender, f"it failed an audit in round {self.group.group_id.hex()[:8]}: {why}", self.group.group_id
+                )
 
     def receive_slot(self, index) -> list[torch.Tensor] | None:
         """A free arena slot for one sender's copy of chunk `index` (None when out of range or used up)."""
@@ -408,7 +402,7 @@ class _ReducerRound:
         """Chunk `index`'s reduction (made on first contact)."""
         if index not in self.reductions:
             deadline = functools.partial(self.give_up_at, index)
-            reduction = _ChunkReduction(len(self.senders), self.options, self.withdrawn, deadline, self._audits_ready)
+            reduction = _ChunkReduction(len(self.senders), self.options, self.withdrawn, deadline)
             self.reductions[index] = reduction
         return self.reductions[index]
 
@@ -801,6 +795,7 @@ async def run_allreduce(
                 await _wait_with_grace(list(exchanges.values()), options.late_grace, allowance)
             if local_round is not None:
                 await _serve_until_reduced(local_round)
+                await local_round.settle_audits()
     except TimeoutError:
         logger.warning("all-reduce round %s hit its %.1f s deadline", group.group_id.hex()[:8], options.timeout)
     finally:

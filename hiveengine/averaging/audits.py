@@ -9,12 +9,11 @@ should have sent, and a peer that sent something else is caught. BTARD draws its
 random number generator. Here each reducer draws on its own, from randomness no sender sees (`secrets`), which of
 its part's senders it audits in a round: each of the round's P reducers with probability 1 - (1 - audit_rate)^(1/P)
 (`reducer_rate`), so that a sender is audited, by one reducer or more, with probability `audit_rate` whatever the
-group's size. A sender cannot tell in advance which rounds are audited, so one that cheats on every part in every
-round is caught after about 1/audit_rate rounds (one that cheats on a single part, moving 1/P of the model, after
-about P/audit_rate). It can tell during a round, though: a reduction waits for the recomputations, so a sender that
-sends its first chunk alone and times the reply learns whether its reducer audits anyone, and can send its other
-chunks honestly when it does and dishonestly when it does not (a part of one chunk leaks nothing). Closing that
-takes copies bound before the draw shows (the first chunk committing to a hash of the whole part), not built yet.
+group's size. A sender cannot tell which rounds are audited, before or during a round: no reduction waits for a
+recomputation (below), so a reply comes as soon whether or not its reducer audits anyone (a reduction that waited
+told a sender that sent its first chunk alone and timed the reply, which could then send the rest honestly only
+where it was watched). So one that cheats on every part in every round is caught after about 1/audit_rate rounds
+(one that cheats on a single part, moving 1/P of the model, after about P/audit_rate).
 What it costs: a recomputation is of the whole contribution, however small the part it checks, so a rate per
 reducer (each reducer auditing each sender with probability audit_rate) would cost every peer audit_rate x (K - 1)
 recomputations per round in a group of K, 70% more compute at K = 8 and the default rate; this way it is about
@@ -23,8 +22,12 @@ audit_rate (K - 1) / P, 9% at K = P = 8.
 How it runs (RoundOptions.audit): when a round opens, the reducer calls `audit(sender)` for each sender it drew,
 one after another in one worker thread (the function need not be safe to run twice at once). It returns the flat
 contribution that sender should send (say, its gradient for this step, recomputed), or None where it cannot tell.
-A chunk's reduction waits for those calls, at most `sender_timeout` (audits that take longer are dropped for the
-round, and logged). A copy passes when
+A chunk is reduced as soon as its copies are in. An audited sender's copy is checked then if its recomputation is
+done, and left out if it fails; otherwise it joins the aggregate, a copy of it is held, and it is checked when the
+round settles (`settle`, before the round returns, so the function sees the model the sender used: the round
+waits for the recomputations, at most `sender_timeout` from its start; later ones are dropped, and logged). A
+sender convicted then is banned, but its copy stayed in that round's aggregate, where CenteredClip bounds what it
+moved: a cheat gets about one round more before it is caught than if every reduction waited. A copy passes when
     ||copy - expected|| <= audit_tolerance * ||expected|| + e + max(e, carried),   e = codec.error_bound(copy):
 the codec's rounding of the copy, and what error feedback adds back of the previous round's rounding. That one was
 measured on the previous gradient: a chunk whose gradient shrank since (an embedding row, an expert unused this
@@ -33,9 +36,9 @@ int4 at 10x. The previous gradient is not known, so `carried` is the codec's rou
 contribution, this round, at the chunk's even share (error_bound(encode(whole)) x sqrt(chunk / whole)): about the
 previous round's wherever the contribution's size holds from step to step. A whole contribution that shrinks many
 times over in one step can still convict an honest sender. A sender
-whose copy fails is left out of this round's aggregate (its copies of the part's other chunks too; it is told why),
-and banned (AllReduceService.ban): our later rounds average none of its copies, and our matchmaking registrations
-vote it out of groups.
+whose copy fails when it is reduced is left out of this round's aggregate (its copies of the part's later chunks
+too; it is told why), and banned (AllReduceService.ban): our later rounds average none of its copies, and our
+matchmaking registrations vote it out of groups.
 
 What it needs: synchronous rounds in which the auditor holds the same model as the sender (gradient averaging, not
 DiLoCo's local steps), and compute deterministic enough that an honest recomputation lands within the tolerance.
@@ -55,7 +58,7 @@ import asyncio
 import logging
 import math
 import secrets
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -104,29 +107,44 @@ class Audits:
         # sender -> (its expected contribution, the codec's rounding of all of it), recomputed in a worker thread
         self._expected = asyncio.ensure_future(asyncio.to_thread(_recompute, audit, drawn, codec)) if drawn else None
         self._deadline = loop.time() + timeout
-        self._late = False
-
-    def ready(self) -> Awaitable | None:
-        """A wait for the recomputations (up to the deadline), or None when they are done."""
-        if self._expected is None or self._expected.done():
-            return None
-        left = max(0.0, self._deadline - asyncio.get_running_loop().time())
-        return asyncio.wait([self._expected], timeout=left)
+        self._held: list[tuple[PeerID, list[torch.Tensor], tuple[int, int]]] = []  # copies reduced before their audit
 
     def check(self, sender: PeerID, payload, span: tuple[int, int], row: torch.Tensor) -> str | None:
-        """Why `sender`'s copy of flat[start:end] (`span`) fails its audit, decoded into `row` (None: it passes,
-        or it is not audited); a copy that fails is remembered in `failed`."""
+        """Why `sender`'s copy of flat[start:end] (`span`) fails its audit, decoded into `row` (None: it passes, or
+        it is not audited, or its recomputation is not done: then a copy of it is held for `settle`); a copy that
+        fails is remembered in `failed`."""
         if sender in self.failed:
             return self.failed[sender]
-        if sender not in self.drawn or self._expected is None:
-            return None
-        if self._expected.cancelled():  # the round is being torn down
+        if sender not in self.drawn or self._expected is None or self._expected.cancelled():
             return None
         if not self._expected.done():
-            if not self._late:
-                self._late = True
-                logger.info("the audits of %d senders took too long: their copies go unaudited", len(self.drawn))
+            self._held.append((sender, [t.clone() for t in payload], span))
             return None
+        return self._verdict(sender, payload, span, row)
+
+    async def settle(self) -> dict[PeerID, str]:
+        """Wait for the recomputations (up to the deadline: the audit function reads what the sender used, which the
+        caller may change once the round is over) and check the copies held meanwhile: the senders whose held copy
+        fails, and why (also remembered in `failed`)."""
+        if self._expected is None:
+            return {}
+        left = max(0.0, self._deadline - asyncio.get_running_loop().time())
+        await asyncio.wait([self._expected], timeout=left)
+        held, self._held = self._held, []
+        if not self._expected.done() or self._expected.cancelled():
+            logger.info("the audits of %d senders took too long: their copies go unaudited", len(self.drawn))
+            return {}
+        failed = {}
+        for sender, payload, (start, end) in held:
+            if sender not in self.failed and sender not in failed:
+                row = torch.empty(end - start, device=payload[0].device)
+                why = self._verdict(sender, payload, (start, end), row)
+                if why is not None:
+                    failed[sender] = why
+        return failed
+
+    def _verdict(self, sender: PeerID, payload, span: tuple[int, int], row: torch.Tensor) -> str | None:
+        """check()'s verdict once the recomputations are done."""
         expected, rounding = self._expected.result().get(sender) or (None, math.inf)
         start, end = span
         if expected is None or expected.numel() < end or not self.codec.finite(payload):
