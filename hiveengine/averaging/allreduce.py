@@ -116,8 +116,8 @@ class RoundOptions:
     # cap). The Optimizer bounds it by the samples the sender's signed progress record says it has processed.
     weight_limit: Callable[[Any], float | None] | None = None
     # check each reducer's reply against its claim (hiveengine.averaging.verification); off by default: it sits on
-    # the round's critical path (PROBES Gaussian probes per chunk: ~0.1 ms per check of 2,632 values; 3 peers
-    # sharing 2 cores took 0.13 s per 1M-value int8 CenteredClip round without it, 0.9 s with it)
+    # the round's critical path (PROBES probes per chunk: a sender's check takes ~0.1 ms at 2,632 values, ~7 ms at
+    # 1M; bench/byzantine.py's 8 peers sharing 2 cores: about +58% per round with CenteredClip and audits)
     verify: bool = False
     # Contribution audits (hiveengine.averaging.audits): `audit(sender)` recomputes the flat contribution a sender
     # should send this round (None: cannot tell); each sender is audited with probability `audit_rate` (by one
