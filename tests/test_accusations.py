@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
@@ -34,7 +35,8 @@ def _signed(identity: Identity, codec_name: str, seed: int, garbage: bool) -> Ev
     if garbage:  # shifted by 10 everywhere: far outside any codec's rounding, which the shift does not widen
         reply = codec.encode(codec.decode(reply, torch.empty(NUMEL)) + 10)
     decoded = [codec.decode(c, torch.empty(NUMEL)) for c in copies]
-    projections, norms, _ = Probes(GROUP, 1, 0, reply_digest(reply), NUMEL).project(torch.stack(decoded))
+    probes = Probes(GROUP, 1, 0, reply_digest(reply), NUMEL, np.array(coefficients))
+    projections, norms, _ = probes.project(torch.stack(decoded))
     claim = Claim(coefficients, projections.tolist(), norms.tolist())
     signature = identity.sign(claim_message(GROUP, 1, 0, NUMEL, codec_name, reply_digest(reply), claim))
     claim = Claim(claim.coefficients, claim.projections, claim.norms, signature)

@@ -153,6 +153,27 @@ def test_a_copy_reduced_before_its_audit_finished_is_convicted_when_the_round_se
     assert set(settled) == {liar} and set(failed) == {liar} and "lies" in settled[liar]
 
 
+def test_a_round_past_its_deadline_still_checks_the_copies_it_held():
+    # run_allreduce settles its audits after its deadline too, with no time left to wait: a sender that stretched
+    # the round past it (withholding its later chunks) kept its held, already aggregated copies unchecked.
+    codec, (liar,) = get_codec("int8"), _ids(1)
+    truth = torch.randn(N)
+    release = threading.Event()
+
+    def audit(sender):
+        release.wait(30)
+        return truth
+
+    async def run() -> dict:
+        audits = Audits(audit, 1.0, 0.1, [liar], codec, 30.0)
+        assert audits.check(liar, [t.clone() for t in codec.encode(-truth)], (0, N), torch.empty(N)) is None
+        release.set()
+        await audits.recomputation
+        return await audits.settle(until=0.0)  # loop time 0: long past
+
+    assert set(asyncio.run(run())) == {liar}
+
+
 def test_a_non_finite_copy_from_an_audited_sender_is_left_to_the_reduction_without_a_ban():
     codec = get_codec("int8")
     (sender,) = _ids(1)

@@ -1,12 +1,15 @@
 """The probe projection kernel behind verified reducers (kernels.probe_project) against its torch reference, on
 fresh random data: the native C kernel for CPU rows, the reference on a CUDA device (marked `gpu`)."""
 
+import numpy as np
 import pytest
 import torch
 
 from hiveengine.averaging.verification import PROBE_LOW, PROBE_STEP, Probes
 from hiveengine.errors import ConfigurationError
 from hiveengine.kernels import PROBE_COUNT, probe_project
+
+C = np.array([0.25, 0.75])  # the claimed coefficients the probes are keyed by
 
 
 def _words(n: int, seed: int) -> torch.Tensor:
@@ -45,14 +48,14 @@ def test_probe_values_are_the_documented_affine_map_of_the_words():
 def test_probes_are_uniform_with_unit_variance_and_shared_by_every_row_set():
     n = 200_000
     rows = torch.randn(5, n, generator=torch.Generator().manual_seed(3))
-    probes = Probes(b"group", 1, 2, bytes(32), n)
+    probes = Probes(b"group", 1, 2, bytes(32), n, C)
     projections, norms, probe_norms = probes.project(rows)
     assert (abs(probe_norms**2 / n - 1) < 0.01).all()  # variance 1 (uniform: 1 +- 0.0045 at 3 sigma)
     assert abs(float(norms[3]) - float(rows[3].double().norm())) < 1e-9 * float(norms[3])
     # A sender's two rows and a reducer's K rows get the same bits for the same copy: its claim is checked exactly.
     two, _, _ = probes.project(rows[[3, 1]])
     assert (two == projections[[3, 1]]).all()
-    other, _, _ = Probes(b"group", 1, 2, bytes(31) + b"\1", n).project(rows[[3, 1]])  # another reply
+    other, _, _ = Probes(b"group", 1, 2, bytes(31) + b"\1", n, C).project(rows[[3, 1]])  # another reply
     assert (abs(other - two) > 1e-6).all()
 
 
@@ -76,7 +79,7 @@ def test_cuda_rows_get_the_same_projections_as_the_host():
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     rows, n = torch.randn(4, 100_003, generator=torch.Generator().manual_seed(9)), 100_003
-    host = Probes(b"g", 0, 0, bytes(32), n).project(rows)
-    device = Probes(b"g", 0, 0, bytes(32), n).project(rows.cuda())
+    host = Probes(b"g", 0, 0, bytes(32), n, C).project(rows)
+    device = Probes(b"g", 0, 0, bytes(32), n, C).project(rows.cuda())
     for a, b in zip(host, device, strict=True):
         assert abs(a - b).max() <= 1e-12 * abs(a).max()

@@ -12,7 +12,15 @@ import numpy as np
 import pytest
 import torch
 
-from hiveengine.averaging.verification import PROBES, Claim, Probes, ReducerCheatedError, check_reply, reply_digest
+from hiveengine.averaging.verification import (
+    PROBES,
+    Claim,
+    Probes,
+    ReducerCheatedError,
+    check_reply,
+    misfit,
+    reply_digest,
+)
 from hiveengine.codec import get_codec
 from tests.peers.allreduce_peer import seeded_data
 from tests.test_allreduce import NUMEL, TOLERANCE, average_in_processes, exact_mean
@@ -78,16 +86,62 @@ def test_honest_reducers_are_never_accused(tmp_path, codec, aggregation, attack,
 
 @pytest.mark.parametrize("codec", ["none", "int8"])
 def test_copies_that_cancel_do_not_get_an_honest_mean_reducer_banned(tmp_path, codec):
-    # Two colluders send +M v and -M v (M = 1e10): the fused fp32 mean rounded the honest copies away, the reply
-    # missed the claim by far more than the tolerance (misfit 71, tolerance 0.02), and every honest sender banned
-    # every honest reducer.
+    # Two colluders send +M v and -M v: at M = 1e10 the fused fp32 mean rounded the honest copies away (misfit 71,
+    # tolerance 0.02), and at M = 1e20 so did its float64 recomputation (misfit 51, tolerance 0), and every honest
+    # sender banned every honest reducer. Copies over MAX_COPY_RATIO times the median's norm are left out.
     specs = [{}, {"attack": "cancel_up"}, {}, {"attack": "cancel_down"}]
     members, results = average_in_processes(tmp_path, specs, codec, aggregation="mean", timeout=30)
-    expected = exact_mean(members, [0, 2], [1.0, 1.0]) / 2  # the colluders' copies cancel
+    expected = exact_mean(members, [0, 2], [1.0, 1.0])  # the colluders' copies are left out
+    for i in (1, 3):  # their copies are refused (they are told why), and a copy's size alone convicts no one
+        assert results[i]["banned"] == [] and results[i]["failed_parts"] != []
     for i in (0, 2):
         assert results[i]["banned"] == [] and results[i]["failed_parts"] == [], results[i]
         error = (torch.load(tmp_path / f"{i}.pt") - expected).abs().max()
         assert float(error) <= (TOLERANCE[codec] if codec != "none" else 1e-5 * float(expected.abs().max()))
+
+
+def test_coefficients_fitted_to_the_probes_of_a_wrong_reply_are_caught():
+    # The probes are keyed by the claimed coefficients too. Keyed by the reply alone, a reducer could fit K > PROBES
+    # coefficients to the probes of any reply after seeing them: this reply, 20 error bounds off the mean of 32
+    # int8 copies, then passed every sender's check (a red-team script). Fitted to the probes a claim would have
+    # had with honest coefficients, the claim now names other probes, and fails them.
+    from scipy.optimize import nnls
+
+    codec, senders, numel = get_codec("int8"), 32, 1 << 14
+    generator = torch.Generator().manual_seed(7)
+    base = torch.randn(numel, generator=generator)
+    payloads = [codec.encode(base + torch.randn(numel, generator=generator)) for _ in range(senders)]
+    copies = torch.stack([codec.decode(p, torch.empty(numel)) for p in payloads])
+    mean = copies.mean(0)
+    poison = torch.randn(numel, generator=generator)
+    reply = [t.clone() for t in codec.encode(mean + poison * (0.1 * mean.norm() / poison.norm()))]
+    replied = codec.decode(reply, torch.empty(numel))
+    honest = np.full(senders, 1.0 / senders)
+    projections, _, _ = _probes(reply, numel, honest).project(copies)
+    got, _, _ = _probes(reply, numel, honest).project(replied.view(1, -1))
+    floor = 1e-4  # every coefficient positive: every sender's own check wants its copy in
+    fit, _ = nnls(
+        np.vstack([projections.T, 1e4 * np.ones(senders)]),
+        np.concatenate([got[0] - floor * projections.sum(0), [1e4 * (1 - senders * floor)]]),
+        maxiter=2000,
+    )
+    fitted = fit + floor
+    assert misfit(got[0], fitted, projections) < 0.1 * misfit(got[0], honest, projections)  # the fit worked there
+    claim = Claim(fitted, _probes(reply, numel, fitted).project(copies)[0])  # honest projections on its own probes
+    with pytest.raises(ReducerCheatedError, match="not the combination"):
+        _check(claim, codec, copies[1], reply, replied)  # as sender 1
+
+
+def test_a_claim_whose_residuals_square_past_floats_is_a_cheat_not_an_overflow():
+    # Residuals of 1.2e154 (numbers under MAX_CLAIM_MAGNITUDE) squared past float64 in math.fsum: an OverflowError
+    # failed the part with no ban, and an accusation holding them was never judged.
+    codec, decoded, reply, claim = _honest_reply("int8", 3)
+    coefficients = np.array(claim.coefficients)
+    projections = np.array(claim.projections)
+    projections[0, :2] = -1.2e154 / coefficients[0]  # another sender's projections: the checker cannot see them
+    with pytest.raises(ReducerCheatedError, match="not the combination"):
+        _check(Claim(coefficients, projections), codec, decoded[1], reply)
+    assert misfit(np.zeros(PROBES), coefficients, projections) > 1e154
 
 
 def _honest_reply(codec_name: str, seed: int, senders: int = 4, numel: int = 5000):
@@ -100,18 +154,18 @@ def _honest_reply(codec_name: str, seed: int, senders: int = 4, numel: int = 500
     reply = codec.reduce(copies, [1.0, 2.0, 1.0, 3.0][:senders], out, requantize=True, coefficients=coefficients)
     reply = [t.clone() for t in reply]
     decoded = [codec.decode(c, torch.empty(numel)) for c in copies]
-    projections, _, _ = _probes(reply, numel).project(torch.stack(decoded))
+    projections, _, _ = _probes(reply, numel, coefficients).project(torch.stack(decoded))
     return codec, decoded, reply, Claim(coefficients, projections.tolist())
 
 
-def _probes(reply: list[torch.Tensor], numel: int) -> Probes:
-    return Probes(b"group", 0, 0, reply_digest(reply), numel)
+def _probes(reply: list[torch.Tensor], numel: int, coefficients) -> Probes:
+    return Probes(b"group", 0, 0, reply_digest(reply), numel, np.asarray(coefficients, dtype=np.float64))
 
 
 def _check(claim: Claim, codec, mine: torch.Tensor, reply: list[torch.Tensor], replied: torch.Tensor | None = None):
     """check_reply as a sender (index 1, weight 2) runs it on `reply`, decoded (or taken to decode to `replied`)."""
     replied = codec.decode(reply, torch.empty(mine.numel())) if replied is None else replied
-    projected = _probes(reply, mine.numel()).project(torch.stack([mine, replied]))
+    projected = _probes(reply, mine.numel(), claim.coefficients).project(torch.stack([mine, replied]))
     check_reply(claim, 1, 2.0, *projected, codec.error_bound(reply))
 
 
@@ -154,7 +208,7 @@ def test_forged_replies_that_widen_their_own_rounding_band_are_still_caught(code
         forged = (-aggregate, aggregate + noise * (3 * aggregate.norm() / noise.norm()))
         for kind, values in enumerate(forged):
             lie = codec.encode(values)  # with the honest claim for its probes: it fails on the misfit alone
-            projections, _, _ = _probes(lie, aggregate.numel()).project(torch.stack(decoded))
+            projections, _, _ = _probes(lie, aggregate.numel(), claim.coefficients).project(torch.stack(decoded))
             try:
                 _check(Claim(claim.coefficients, projections.tolist()), codec, decoded[1], lie)
             except ReducerCheatedError as e:

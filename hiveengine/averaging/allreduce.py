@@ -12,7 +12,8 @@ One round, as it runs (this file holds all of it: the partition, the buffers, th
    `late_grace` and the time the first half took), and never more than `sender_timeout` after the first copy;
    each of these waits adds what the missing senders' links take (link allowance, below).
    It then aggregates the copies in peer-id order (reproducible bit for bit): weights are bounded to
-   `max_weight_ratio` times the median weight, a copy holding NaN/Inf is left out (its sender alone gets an
+   `max_weight_ratio` times the median weight, a copy holding NaN/Inf (or, under a verified mean, over
+   MAX_COPY_RATIO times the median copy's norm) is left out (its sender alone gets an
    error and keeps its local values), and the rest are averaged, or CenteredClipped (hiveengine.codec.robust)
    when the round's aggregation is robust. It encodes the result once and returns it to every sender, with the
    claim a sender verifies it by (`verify`: hiveengine.averaging.verification). A sender whose own data is not
@@ -89,6 +90,8 @@ MAX_WEIGHT_RATIO = 4.0  # a contribution's weight is capped at this many times t
 # member must agree on it: it is part of the protocol.
 MIN_PART_BYTES = 16 * 1024
 PRECISE_MEAN_RATIO = 1e3  # copies this many times the mean's norm: a verified mean is recomputed in float64
+MAX_COPY_RATIO = 1e6  # a copy this many times the median copy's norm is left out of a verified mean (float64
+# keeps the others' data exact to about 1e-10 of their norm under copies up to this size)
 MAX_BANNED = 1024  # reducers caught cheating that a peer remembers (the oldest are forgotten first)
 ROUND_WAIT_TIMEOUT = 10.0  # how long a reducer waits for its own runner to join a round it is called for
 BALANCE_ITERATIONS = 60  # bisection steps on the round's makespan (2^-60 of the bracket: exact for floats)
@@ -373,17 +376,24 @@ class _ReducerRound:
 
     def start_audits(self, parts: int) -> None:
         """Draw the senders to audit this round (options.audit; we are one of `parts` reducers) and start
-        recomputing what they should send."""
-        if self.options.audit is not None and self.chunks:
-            others = [s for s in self.order if s != self.peer.peer_id and s not in self.withdrawn]
-            o = self.options
-            self.audits = Audits(o.audit, o.audit_rate, o.audit_tolerance, others, self.codec, o.sender_timeout, parts)
+        recomputing what they should send; none while an earlier round's recomputation still runs (the audit
+        function need not be safe to run twice at once)."""
+        if self.options.audit is None or not self.chunks:
+            return
+        if self.service.recomputing is not None and not self.service.recomputing.done():
+            logger.info("an earlier round's audits still run: round %s audits nobody", self.group.group_id.hex()[:8])
+            return
+        others = [s for s in self.order if s != self.peer.peer_id and s not in self.withdrawn]
+        o = self.options
+        self.audits = Audits(o.audit, o.audit_rate, o.audit_tolerance, others, self.codec, o.sender_timeout, parts)
+        self.service.recomputing = self.audits.recomputation
 
-    async def settle_audits(self) -> None:
-        """Check the audited copies that were reduced before their recomputation was done; ban those that fail
-        (Audits.settle: their copies stayed in this round's aggregate)."""
+    async def settle_audits(self, until: float) -> None:
+        """Check the audited copies that were reduced before their recomputation was done, waiting for it at most
+        until loop time `until`; ban those that fail (Audits.settle: their copies stayed in this round's
+        aggregate)."""
         if self.audits is not None:
-            for sender, why in (await self.audits.settle()).items():
+            for sender, why in (await self.audits.settle(until)).items():
                 self.service.ban(
                     sender, f"it failed an audit in round {self.group.group_id.hex()[:8]}: {why}", self.group.group_id
                 )
@@ -464,6 +474,10 @@ class _ReducerRound:
                     copies=copies,
                 )
                 if copies is not None and not self.options.aggregation.robust:
+                    outsized = self._outsized(kept, copies)
+                    if outsized:
+                        excluded |= outsized
+                        continue
                     aggregate = self._precise_mean(index, coefficients, aggregate, copies)
                 claim = self._claim(index, kept, coefficients, aggregate, copies) if copies is not None else None
                 return _Reduced(aggregate, len(kept), claim)
@@ -488,6 +502,26 @@ class _ReducerRound:
                 self.service.ban(
                     sender, f"it failed an audit in round {self.group.group_id.hex()[:8]}: {why}", self.group.group_id
                 )
+
+    def _outsized(self, kept: list, copies: torch.Tensor) -> set[PeerID]:
+        """The senders of `kept` whose decoded copy (a row of `copies`) is more than MAX_COPY_RATIO times the (lower)
+        median copy's norm, left out of a verified mean: copies that cancel (+M v and -M v from two colluders) leave
+        the mean exact only in exact arithmetic, and at M = 1e20 even float64 rounded the honest copies away, so
+        every sender's check failed an honest reducer. None when the median copy is zero."""
+        norms = np.sqrt(squared_norms(copies).astype(np.float64))
+        median = float(np.sort(norms)[(len(norms) - 1) // 2])
+        if not median > 0:
+            return set()
+        outsized = {
+            sender for (sender, _, _), norm in zip(kept, norms, strict=True) if not norm <= MAX_COPY_RATIO * median
+        }
+        for sender in outsized:
+            self._report(
+                "outsized",
+                sender,
+                f"peer %s sent a copy over {MAX_COPY_RATIO:g}x the median's norm in group %s: left out",
+            )
+        return outsized
 
     def _precise_mean(
         self, index: int, coefficients: list[float], aggregate: list[torch.Tensor], copies: torch.Tensor
@@ -523,10 +557,11 @@ class _ReducerRound:
         with the reply (verification.claim_message)."""
         numel = self.arena.outputs[index].numel()
         digest = reply_digest(aggregate)
-        projections, norms, _ = Probes(self.group.group_id, self.part, index, digest, numel).project(copies)
         rows = [self.position[sender] for sender, _, _ in kept]
         claim = Claim(np.zeros(len(self.order)), np.zeros((len(self.order), PROBES)), np.zeros(len(self.order)))
-        claim.coefficients[rows], claim.projections[rows], claim.norms[rows] = coefficients, projections, norms
+        claim.coefficients[rows] = coefficients
+        probes = Probes(self.group.group_id, self.part, index, digest, numel, claim.coefficients)
+        claim.projections[rows], claim.norms[rows], _ = probes.project(copies)
         message = claim_message(self.group.group_id, self.part, index, numel, self.codec.name, digest, claim)
         return replace(claim, signature=self.peer.identity.sign(message))
 
@@ -586,7 +621,10 @@ class _ReducerRound:
                 f"your copy failed this reducer's audit, which banned you: {self.audits.failed[sender]}"
             )
         if sender in reduction.excluded:
-            raise AllReduceError(f"your copy of chunk {index} held NaN or Inf: the group averaged without it")
+            raise AllReduceError(
+                f"your copy of chunk {index} held NaN or Inf (or, under a verified mean, was over {MAX_COPY_RATIO:g}x "
+                "the median copy's norm): the group averaged without it"
+            )
         return result
 
 
@@ -606,6 +644,7 @@ class AllReduceService:
         self._learned: set[PeerID] = set()  # the banned whom another peer's evidence convicted
         self._background: set[asyncio.Task] = set()
         self.parts_reduced = 0  # rounds in which this peer reduced a (non-empty) part
+        self.recomputing: asyncio.Future | None = None  # the newest round's audit recomputation (one at a time)
         # Evidence against the reducers we caught, served to others, and our checks of theirs (accusations.py).
         self.accusations = Accusations(peer, functools.partial(self.ban, learned=True), self.banned.__contains__)
         peer.register(CHUNK_METHOD, self._on_chunk, allocate=self._receive_buffers)
@@ -795,13 +834,14 @@ async def run_allreduce(
                 await _wait_with_grace(list(exchanges.values()), options.late_grace, allowance)
             if local_round is not None:
                 await _serve_until_reduced(local_round)
-                await local_round.settle_audits()
     except TimeoutError:
         logger.warning("all-reduce round %s hit its %.1f s deadline", group.group_id.hex()[:8], options.timeout)
     finally:
         service.close_round(group.group_id)
         for task in exchanges.values():
             task.cancel()
+    if local_round is not None:  # also past the deadline: held copies are in the aggregate, so they get checked
+        await local_round.settle_audits(deadline)
     for part, task in exchanges.items():
         if task.done() and not task.cancelled():
             outcomes[part] = task.exception() or task.result()
@@ -953,7 +993,7 @@ def _verify_chunk(plan: _Exchange, index: int, me: int, reply: dict, sent, mean,
     copy decoded into row 0 of `decoded` (2 x n) and the aggregate, which stays there, into row 1."""
     codec = plan.codec
     claim = Claim.parse(reply, len(plan.group.senders))
-    probes = Probes(plan.group.group_id, plan.part, index, reply_digest(mean), decoded.shape[1])
+    probes = Probes(plan.group.group_id, plan.part, index, reply_digest(mean), decoded.shape[1], claim.coefficients)
     codec.decode(sent, decoded[0], name=f"our copy of part {plan.part}")
     try:
         codec.decode(mean, decoded[1], name=f"mean of part {plan.part}")

@@ -109,6 +109,11 @@ class Audits:
         self._deadline = loop.time() + timeout
         self._held: list[tuple[PeerID, list[torch.Tensor], tuple[int, int]]] = []  # copies reduced before their audit
 
+    @property
+    def recomputation(self) -> asyncio.Future | None:
+        """The worker thread's recomputation of the drawn senders' contributions (None: nobody drawn)."""
+        return self._expected
+
     def check(self, sender: PeerID, payload, span: tuple[int, int], row: torch.Tensor) -> str | None:
         """Why `sender`'s copy of flat[start:end] (`span`) fails its audit, decoded into `row` (None: it passes, or
         it is not audited, or its recomputation is not done: then a copy of it is held for `settle`); a copy that
@@ -122,13 +127,14 @@ class Audits:
             return None
         return self._verdict(sender, payload, span, row)
 
-    async def settle(self) -> dict[PeerID, str]:
-        """Wait for the recomputations (up to the deadline: the audit function reads what the sender used, which the
-        caller may change once the round is over) and check the copies held meanwhile: the senders whose held copy
-        fails, and why (also remembered in `failed`)."""
+    async def settle(self, until: float = math.inf) -> dict[PeerID, str]:
+        """Wait for the recomputations (up to the deadline, and to loop time `until`: the audit function reads what
+        the sender used, which the caller may change once the round is over) and check the copies held meanwhile,
+        also when neither wait is left (a round that ran into its deadline): the senders whose held copy fails,
+        and why (also remembered in `failed`)."""
         if self._expected is None:
             return {}
-        left = max(0.0, self._deadline - asyncio.get_running_loop().time())
+        left = max(0.0, min(self._deadline, until) - asyncio.get_running_loop().time())
         await asyncio.wait([self._expected], timeout=left)
         held, self._held = self._held, []
         if not self._expected.done() or self._expected.cancelled():
@@ -182,6 +188,10 @@ def _recompute(audit: Audit, senders: list[PeerID], codec: Codec) -> dict[PeerID
             rounding = codec.error_bound(codec.encode(expected, name=f"{sender}'s expected contribution"))
         except NonFiniteError:
             rounding = math.inf
+        except Exception:  # a contribution the codec cannot take: unaudited, not a failed round
+            logger.exception("the codec cannot encode %s's expected contribution: it goes unaudited", sender)
+            recomputed[sender] = None
+            continue
         recomputed[sender] = (expected, rounding)
     return recomputed
 

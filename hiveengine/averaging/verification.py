@@ -7,18 +7,22 @@ Construction (per chunk of a part; the K senders in peer-id order):
    reply R = encode(A).
 2. Probes. r_1 .. r_m in R^n (m = PROBES), every value independent and uniform on (-sqrt 3, sqrt 3) (variance 1;
    the midpoints of 2^32 equal cells), read from an AES-128-CTR keystream keyed by BLAKE2b-128(PROBE_DOMAIN ||
-   group id || part || chunk || D(R)) (`Probes`: a keyed stream cipher as a deterministic generator, 32 bits per
-   value), where D(R) = BLAKE2b-256 of R's dtypes, shapes and bytes (`reply_digest`, which the signed message below
-   holds too: the reply is hashed once per check): fixed only once the reply is, and the same for the reducer and
-   every sender. Uniform, not Gaussian, because AES-NI and a kernel that reads the keystream in place
-   (kernels.probe_project) make them 5 to 8 times cheaper than torch's Gaussian draws (the probes are most of a
-   check's cost), and the two bounds below hold for them as they do for Gaussians.
+   group id || part || chunk || D(R) || c) (`Probes`: a keyed stream cipher as a deterministic generator, 32 bits
+   per value), where D(R) = BLAKE2b-256 of R's dtypes, shapes and bytes (`reply_digest`, which the signed message
+   below holds too: the reply is hashed once per check): fixed only once the reply and the coefficients are, and
+   the same for the reducer and every sender. The coefficients are in the key because a reducer that could pick
+   them after seeing the probes would fit them to any reply: with K > m senders whose copies differ, K
+   coefficients can match m projections of a reply that is no combination of the copies at all (a red-team script
+   passed every check of 32 int8 senders with a reply 20 error bounds off). Uniform, not Gaussian, because AES-NI
+   and a kernel that reads the keystream in place (kernels.probe_project) make them 5 to 8 times cheaper than
+   torch's Gaussian draws (the probes are most of a check's cost), and the two bounds below hold for them as they
+   do for Gaussians.
 3. The reply's header carries c, and t_jk = <x_j, r_k> for every sender j and probe k (`Claim`: K (m + 2) numbers
    with the norms below).
 4. Sender i, on receipt (`check_reply`), before decoding R into its buffer: c is in the simplex with c_i > 0;
    its own t_ik equal <x_i, r_k> for the copy it sent; and the misfit, the norm of the m residuals
    <decode(R), r_k> - sum_j c_j t_jk, is at most sqrt(PROBE_CHI2) * (codec.error_bound(R) + fp32 slack).
-   Requantization moves A by e with ||e|| <= error_bound(R), and for probes drawn after R the residuals
+   Requantization moves A by e with ||e|| <= error_bound(R), and for probes drawn after R and c the residuals
    <e, r_k> are m independent sums of uniform variables, sub-Gaussian with variance proxy ||e||^2 (as N(0, ||e||^2)
    would be: each value's moment generating function, a midpoint sum of the convex cosh, is at most the continuous
    uniform's, sinh(sqrt 3 t) / (sqrt 3 t) <= exp(t^2 / 2)), so E exp(s <e, r_k>^2 / ||e||^2) <= (1 - 2s)^(-1/2)
@@ -298,7 +302,7 @@ class Evidence:
             aggregate = codec.decode(self.reply, torch.empty(self.numel), name="an accused reply")
         except NonFiniteError:
             return f"its signed reply for {where} holds NaN or Inf"
-        probes = Probes(self.group_id, self.part, self.chunk, self.reply_digest, self.numel)
+        probes = Probes(self.group_id, self.part, self.chunk, self.reply_digest, self.numel, c)
         (got,), (norm,), probe_norms = probes.project(aggregate.view(1, -1))
         scale = max(norm, float(self.claim.norms.max()))
         tolerance = _tolerance(codec.error_bound(self.reply), len(c), scale, probe_norms)
@@ -320,10 +324,11 @@ def _tolerance(error_bound: float, senders: int, scale: float, probe_norms: np.n
 
 def misfit(got: np.ndarray, coefficients: np.ndarray, projections: np.ndarray) -> float:
     """The norm of the residuals <decode(R), r_k> - sum_j c_j t_jk over the probes (`got`: the reply's projections),
-    each sum exact (math.fsum): every party that checks the same claim gets the same number."""
+    each sum exact (math.fsum): every party that checks the same claim gets the same number. math.hypot, because
+    squaring residuals past 1e154 (a claim may hold numbers up to MAX_CLAIM_MAGNITUDE) overflowed fsum, and an
+    OverflowError failed the part without the ban a cheat earns."""
     products = coefficients[:, None] * projections
-    residuals = [float(got[k]) - math.fsum(products[:, k].tolist()) for k in range(PROBES)]
-    return math.sqrt(math.fsum(r * r for r in residuals))
+    return math.hypot(*(float(got[k]) - math.fsum(products[:, k].tolist()) for k in range(PROBES)))
 
 
 def _weighting(coefficients: np.ndarray) -> bool:
@@ -332,18 +337,20 @@ def _weighting(coefficients: np.ndarray) -> bool:
 
 
 class Probes:
-    """The PROBES probes of one chunk's reply whose reply_digest is `digest`: values uniform on (-sqrt 3, sqrt 3)
-    (mean 0, variance 1) from an AES-128-CTR keystream keyed by BLAKE2b-128(PROBE_DOMAIN || group id || part ||
-    chunk || digest), zero initial counter, read value by value (value i of probe k is 32-bit little-endian word
-    i PROBES + k, w, giving (w + 1/2) 2^-32 2 sqrt 3 - sqrt 3): fixed by the reply itself and the same on every
+    """The PROBES probes of one chunk's reply whose reply_digest is `digest`, claimed to combine the copies with
+    `coefficients`: values uniform on (-sqrt 3, sqrt 3) (mean 0, variance 1) from an AES-128-CTR keystream keyed by
+    BLAKE2b-128(PROBE_DOMAIN || group id || part || chunk || digest || coefficients as float64), zero initial
+    counter, read value by value (value i of probe k is 32-bit little-endian word i PROBES + k, w, giving
+    (w + 1/2) 2^-32 2 sqrt 3 - sqrt 3): fixed by the reply and its claimed coefficients, and the same on every
     machine. The keystream is made PROBE_PIECE values at a time into a buffer each thread reuses, so a check's
     memory stays bounded and its pages are not faulted in anew every round."""
 
-    def __init__(self, group_id: bytes, part: int, chunk: int, digest: bytes, numel: int):
+    def __init__(self, group_id: bytes, part: int, chunk: int, digest: bytes, numel: int, coefficients: np.ndarray):
         key = hashlib.blake2b(PROBE_DOMAIN, digest_size=16)
         key.update(group_id)
         key.update(part.to_bytes(4, "little") + chunk.to_bytes(4, "little"))
         key.update(digest)
+        key.update(_packed(coefficients))  # fixed before the probes: else a reducer fits them to its reply
         self.key = key.digest()
         self.numel = numel
 

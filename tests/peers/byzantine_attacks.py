@@ -10,7 +10,7 @@ from hiveengine.codec import Codec
 ATTACKS = ("nan", "nan_data", "scale", "sign", "weight", "silent", "garbage_reducer", "cancel_up", "cancel_down")
 SCALE = 1000.0
 HUGE_WEIGHT = 1e30
-CANCEL_NORM = 1e10  # the colluders' copies: +/- one shared vector of this norm, which cancel in the mean
+CANCEL_NORM = 1e20  # the colluders' copies: +/- one shared vector of this norm, which cancel in the mean
 
 
 class _Hostile(Codec):
