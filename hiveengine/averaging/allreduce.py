@@ -474,11 +474,12 @@ class _ReducerRound:
                     copies=copies,
                 )
                 if copies is not None and not self.options.aggregation.robust:
-                    outsized = self._outsized(kept, copies)
+                    squares = squared_norms(copies)  # one pass over the copies, for both checks
+                    outsized = self._outsized(kept, squares)
                     if outsized:
                         excluded |= outsized
                         continue
-                    aggregate = self._precise_mean(index, coefficients, aggregate, copies)
+                    aggregate = self._precise_mean(index, coefficients, aggregate, copies, squares)
                 claim = self._claim(index, kept, coefficients, aggregate, copies) if copies is not None else None
                 return _Reduced(aggregate, len(kept), claim)
             except NonFiniteError:
@@ -503,12 +504,12 @@ class _ReducerRound:
                     sender, f"it failed an audit in round {self.group.group_id.hex()[:8]}: {why}", self.group.group_id
                 )
 
-    def _outsized(self, kept: list, copies: torch.Tensor) -> set[PeerID]:
-        """The senders of `kept` whose decoded copy (a row of `copies`) is more than MAX_COPY_RATIO times the (lower)
-        median copy's norm, left out of a verified mean: copies that cancel (+M v and -M v from two colluders) leave
-        the mean exact only in exact arithmetic, and at M = 1e20 even float64 rounded the honest copies away, so
-        every sender's check failed an honest reducer. None when the median copy is zero."""
-        norms = np.sqrt(squared_norms(copies).astype(np.float64))
+    def _outsized(self, kept: list, squares: np.ndarray) -> set[PeerID]:
+        """The senders of `kept` whose decoded copy (its squared norm in `squares`) is more than MAX_COPY_RATIO times
+        the (lower) median copy's norm, left out of a verified mean: copies that cancel (+M v and -M v from two
+        colluders) leave the mean exact only in exact arithmetic, and at M = 1e20 even float64 rounded the honest
+        copies away, so every sender's check failed an honest reducer. None when the median copy is zero."""
+        norms = np.sqrt(squares.astype(np.float64))
         median = float(np.sort(norms)[(len(norms) - 1) // 2])
         if not median > 0:
             return set()
@@ -524,15 +525,20 @@ class _ReducerRound:
         return outsized
 
     def _precise_mean(
-        self, index: int, coefficients: list[float], aggregate: list[torch.Tensor], copies: torch.Tensor
+        self,
+        index: int,
+        coefficients: list[float],
+        aggregate: list[torch.Tensor],
+        copies: torch.Tensor,
+        squares: np.ndarray,
     ) -> list[torch.Tensor]:
         """The reply for chunk `index`, with the mean recomputed in float64 from the decoded `copies` when their
-        norms span more than PRECISE_MEAN_RATIO times the mean's: the fused fp32 mean rounds each value to about
-        2^-24 of the largest copy, so copies that cancel (+M v and -M v from two colluders, M = 1e10) rounded the
-        honest data away, and every sender's check then failed an honest reducer (CenteredClip clips such copies
-        and needs none of this)."""
+        norms (`squares`: squared) span more than PRECISE_MEAN_RATIO times the mean's: the fused fp32 mean rounds
+        each value to about 2^-24 of the largest copy, so copies that cancel (+M v and -M v from two colluders,
+        M = 1e10) rounded the honest data away, and every sender's check then failed an honest reducer
+        (CenteredClip clips such copies and needs none of this)."""
         output = self.arena.outputs[index]
-        largest, (norm,) = float(squared_norms(copies).max()), squared_norms(output.view(1, -1))
+        largest, (norm,) = float(squares.max()), squared_norms(output.view(1, -1))
         if not largest > PRECISE_MEAN_RATIO**2 * float(norm):
             return aggregate
         weights = torch.tensor(coefficients, dtype=torch.float64, device=copies.device)

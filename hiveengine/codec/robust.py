@@ -144,7 +144,7 @@ def squared_norms(rows: torch.Tensor) -> np.ndarray:
     if rows.device.type == "cpu":
         values = rows.detach().numpy()
         return np.einsum("ij,ij->i", values, values)
-    return rows.detach().square().sum(dim=1).cpu().numpy()
+    return torch.linalg.vector_norm(rows.detach(), dim=1).square().cpu().numpy()  # no K x n temporary
 
 
 def _median_norm(rows: torch.Tensor) -> int:
