@@ -46,41 +46,99 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import format_table, kill_worker, read_prefixed, write_results
+from hiveengine.averaging.audits import DEFAULT_AUDIT_RATE
 
 PEERS = 8
 ATTACKS = ["scale", "sign", "noise", "alie", "garbage"]
 BYZANTINE_COUNTS = [1, 3]
-CONFIGURATIONS = {"mean": False, "centered_clip": True}  # aggregation -> verified reducers and audited senders
+# name -> (aggregation, verified reducers, audited senders). The loss table compares the first two; the overhead is
+# that of the open swarm's robust path, with its audits and without them (their cost is the audit rate times the
+# compute, by design: hiveengine.averaging.audits).
+CONFIGURATIONS = {
+    "trusted": ("mean", False, False),
+    "open": ("centered_clip", True, True),
+    "open, no audits": ("centered_clip", True, False),
+}
+COMPARED = ["trusted", "open"]
 STEPS = 300  # a clean run's held-out loss is within ~10% of its plateau by then (0.23 at 300, 0.21 at 600)
 BATCH = 32
 LR = 0.5
 FEATURES, HIDDEN, CLASSES = 32, 64, 8  # the model's sizes (--hidden: a wider model, 32 + 8 + 41 HIDDEN values)
 HELDOUT = 4096
 ALIE_BATCHES = 4  # minibatches an ALIE attacker uses to estimate the honest mean and spread
+LM_DIM, LM_LAYERS, LM_HEADS, LM_SEQ, LM_BATCH = 256, 3, 4, 64, 16  # bench/train.py's defaults
+LM_LR = 0.1
+LM_STEPS = 16  # steps per clean run of the language model (each about 1 s with 8 peers on 2 cores)
 LINE_TIMEOUT = 300.0
 
 
-def teacher_data(seed: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`count` inputs from stream `seed`, labelled by the fixed random teacher."""
-    teacher = torch.randn(FEATURES, CLASSES, generator=torch.Generator().manual_seed(12345))
-    x = torch.randn(count, FEATURES, generator=torch.Generator().manual_seed(seed))
-    return x, (x @ teacher + 0.5 * torch.randn(count, CLASSES, generator=torch.Generator().manual_seed(-seed))).argmax(
-        1
-    )
+class Teacher:
+    """The loss table's task: a small MLP learns a fixed random teacher's labels of Gaussian inputs. Minibatch
+    `seed` is public: anyone can draw it (the auditors do)."""
+
+    lr = LR
+
+    def __init__(self, hidden: int):
+        self.hidden = hidden
+
+    def model(self) -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(FEATURES, self.hidden), nn.ReLU(), nn.Linear(self.hidden, CLASSES))
+
+    def batch(self, seed: int, count: int = BATCH) -> tuple[torch.Tensor, torch.Tensor]:
+        """`count` inputs from stream `seed`, labelled by the fixed random teacher."""
+        teacher = torch.randn(FEATURES, CLASSES, generator=torch.Generator().manual_seed(12345))
+        x = torch.randn(count, FEATURES, generator=torch.Generator().manual_seed(seed))
+        noise = 0.5 * torch.randn(count, CLASSES, generator=torch.Generator().manual_seed(-seed))
+        return x, (x @ teacher + noise).argmax(1)
+
+    def loss(self, model: nn.Module, batch) -> torch.Tensor:
+        return F.cross_entropy(model(batch[0]), batch[1])
+
+    def heldout(self, model: nn.Module) -> float:
+        return float(self.loss(model, self.batch(-1, HELDOUT)))
 
 
-def make_model(hidden: int = HIDDEN) -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(FEATURES, hidden), nn.ReLU(), nn.Linear(hidden, CLASSES))
+class Language:
+    """The overhead's second task: bench/train.py's byte-level transformer (2.5M values) on Python's source, with
+    its default sizes; minibatch `seed` is public as above."""
+
+    lr = LM_LR
+
+    def __init__(self):
+        from bench.train import split_corpus
+
+        self.train, self.heldout_data = split_corpus()
+
+    def model(self) -> nn.Module:
+        from bench.train import TinyLM
+
+        torch.manual_seed(0)
+        return TinyLM(LM_DIM, LM_LAYERS, LM_HEADS, LM_SEQ)
+
+    def batch(self, seed: int) -> torch.Tensor:
+        from bench.train import sample_batch
+
+        return sample_batch(self.train, torch.Generator().manual_seed(seed), LM_BATCH, LM_SEQ)
+
+    def loss(self, model: nn.Module, batch) -> torch.Tensor:
+        from bench.train import lm_loss
+
+        return lm_loss(model, batch)
+
+    def heldout(self, model: nn.Module) -> float:
+        from bench.train import evaluate
+
+        return evaluate(model, self.heldout_data, LM_SEQ)
 
 
-def gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    model.zero_grad()
-    F.cross_entropy(model(x), y).backward()
-    return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+def gradient(task, model: nn.Module, seed: int) -> torch.Tensor:
+    """The flat gradient of `model` on public minibatch `seed` (read-only: autograd.grad, not .grad)."""
+    parameters = list(model.parameters())
+    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(task.loss(model, task.batch(seed)), parameters)])
 
 
-def attacked(attack: str, model: nn.Module, rank: int, step: int, honest: torch.Tensor) -> torch.Tensor:
+def attacked(attack: str, task, model: nn.Module, rank: int, step: int, honest: torch.Tensor) -> torch.Tensor:
     """What a Byzantine peer sends in place of its honest gradient."""
     if attack == "scale":
         return honest * 1000
@@ -94,24 +152,17 @@ def attacked(attack: str, model: nn.Module, rank: int, step: int, honest: torch.
     if attack == "alie":
         samples = [honest]
         for k in range(1, ALIE_BATCHES):
-            samples.append(gradient(model, *teacher_data(10**6 + rank * 10**4 + step * 10 + k, BATCH)))
+            samples.append(gradient(task, model, 10**6 + rank * 10**4 + step * 10 + k))
         stacked = torch.stack(samples)
         return stacked.mean(0) - stacked.std(0)
     raise ValueError(f"unknown attack {attack!r}")
 
 
-def auditor(model: nn.Module, rank_of: dict, step: int):
+def auditor(task, model: nn.Module, rank_of: dict, step: int):
     """The audit function of one step: a sender's gradient on its public minibatch, at our model, which every honest
-    peer shares. It reads the model without writing to it (autograd.grad, not .grad): the round waits for its audits
-    before we step, and an audit still running past that is dropped."""
-    parameters = list(model.parameters())
-
-    def audit(sender):
-        x, y = teacher_data(rank_of[sender] * 10**4 + step, BATCH)
-        grads = torch.autograd.grad(F.cross_entropy(model(x), y), parameters)
-        return torch.cat([g.reshape(-1) for g in grads])
-
-    return audit
+    peer shares. It reads the model without writing to it: the round waits for its audits before we step, and an
+    audit still running past that is dropped."""
+    return lambda sender: gradient(task, model, rank_of[sender] * 10**4 + step)
 
 
 def worker() -> None:
@@ -124,8 +175,13 @@ def worker() -> None:
     peer = Peer()
     service = AllReduceService.of(peer)
     print("ADDRESS", peer.address, flush=True)
+    tasks = {}
     for line in sys.stdin:
         plan = json.loads(line)
+        key = (plan["model"], plan["hidden"])
+        if key not in tasks:
+            tasks[key] = Language() if plan["model"] == "lm" else Teacher(plan["hidden"])
+        task = tasks[key]
         greedy = plan["byzantine"] if plan["attack"] == "garbage" else []  # they claim 2x the bandwidth
         members = [
             GroupMember(PeerID.from_string(a.rsplit("/", 1)[1]), a, 2.0 if i in greedy else 1.0)
@@ -136,7 +192,15 @@ def worker() -> None:
         if plan["attack"] == "absent":  # the reference: the honest peers train alone, the others do nothing
             members = [m for i, m in enumerate(members) if i not in plan["byzantine"]]
             if attack is not None:
-                nothing = {"loss": None, "averaging_s": 0.0, "failed_steps": 0, "banned": 0, "reduced": 0}
+                nothing = {
+                    "loss": None,
+                    "averaging_s": 0.0,
+                    "step_s": 0.0,
+                    "cpu_s": 0.0,
+                    "failed_steps": 0,
+                    "banned": 0,
+                    "reduced": 0,
+                }
                 print("RESULT", json.dumps(nothing), flush=True)
                 continue
         codec = GarbageReducer(get_codec("int8")) if attack == "garbage" else get_codec("int8")
@@ -151,14 +215,14 @@ def worker() -> None:
         # A sender that failed an audit is banned by the reducer that audited it alone, which stops averaging it.
         excluded: set[PeerID] = set()
         cheats = {members[i].peer_id for i in greedy}
-        model = make_model(plan["hidden"])
+        model = task.model()
         residual = None
         averaging, failed, reduced_before = 0.0, 0, service.parts_reduced
+        began, cpu = time.perf_counter(), time.process_time()
         for step in range(plan["steps"]):
-            x, y = teacher_data(rank * 10**4 + step, BATCH)
-            flat = gradient(model, x, y)
+            flat = gradient(task, model, rank * 10**4 + step)
             if attack is not None:
-                flat = attacked(attack, model, rank, step, flat)
+                flat = attacked(attack, task, model, rank, step, flat)
             # A diverged model's NaN/Inf gradient goes as zeros: every peer joins every round (no one waits for it).
             flat = torch.nan_to_num(flat, nan=0.0, posinf=0.0, neginf=0.0)
             residual = torch.zeros_like(flat) if residual is None else residual.nan_to_num_(0.0, 0.0, 0.0)
@@ -168,7 +232,7 @@ def worker() -> None:
                 started = time.perf_counter()
                 now = options if step == 0 else hasty
                 if plan["audit"] and attack is None and not failed:  # a part failed for us: is our model still theirs?
-                    now = dataclasses.replace(now, audit=auditor(model, rank_of, step))
+                    now = dataclasses.replace(now, audit=auditor(task, model, rank_of, step), audit_rate=plan["rate"])
                 averaged = run_allreduce(service, group, flat, codec, residual=residual, options=now)
                 result = peer.runtime.run(averaged, 60)
                 averaging += time.perf_counter() - started
@@ -183,12 +247,13 @@ def worker() -> None:
             with torch.no_grad():
                 offset = 0
                 for p in model.parameters():
-                    p -= LR * flat[offset : offset + p.numel()].view_as(p)
+                    p -= task.lr * flat[offset : offset + p.numel()].view_as(p)
                     offset += p.numel()
+        stepping, cpu = time.perf_counter() - began, time.process_time() - cpu
         with torch.no_grad():
-            x, y = teacher_data(-1, HELDOUT)
-            loss = float(F.cross_entropy(model(x), y))
-        outcome = {"loss": loss, "averaging_s": averaging, "failed_steps": failed, "banned": len(service.banned)}
+            loss = task.heldout(model)
+        outcome = {"loss": loss, "averaging_s": averaging, "step_s": stepping, "cpu_s": cpu, "failed_steps": failed}
+        outcome["banned"] = len(service.banned)
         outcome["reduced"] = service.parts_reduced - reduced_before
         print("RESULT", json.dumps(outcome), flush=True)
 
@@ -215,6 +280,18 @@ def main() -> None:
     parser.add_argument(
         "--clean-repeats", type=int, default=4, help="clean run pairs, mean and robust (for the overhead; default 4)"
     )
+    parser.add_argument(
+        "--audit-rate",
+        type=float,
+        default=DEFAULT_AUDIT_RATE,
+        help=f"the chance that a sender is audited in a round (default {DEFAULT_AUDIT_RATE}, the library's)",
+    )
+    parser.add_argument(
+        "--lm-repeats",
+        type=int,
+        default=3,
+        help=f"clean run pairs of bench/train.py's language model, {LM_STEPS} steps each (0: none; default 3)",
+    )
     args = parser.parse_args()
     if args.worker:
         worker()
@@ -231,28 +308,32 @@ def main() -> None:
         )
         for _ in range(PEERS)
     ]
-    rows, clean, overhead, alone = [], {}, {}, {}
+    rows, clean, alone = [], {}, {}
 
-    def row(attack: str, byzantine: list[int], aggregation: str, name: str) -> dict:
+    def row(attack: str, byzantine: list[int], configuration: str, name: str, model: str = "mlp") -> dict:
         """One run's table row (the loss of the first honest peer)."""
-        plan = {"attack": attack, "byzantine": byzantine, "aggregation": aggregation, "steps": args.steps}
-        plan["hidden"] = args.hidden
-        checked = CONFIGURATIONS[aggregation]
-        results = run(workers, addresses, name, verify=checked, audit=checked, **plan)
+        steps = LM_STEPS if model == "lm" else args.steps
+        aggregation, verify, audit = CONFIGURATIONS[configuration]
+        plan = {"attack": attack, "byzantine": byzantine, "aggregation": aggregation, "steps": steps}
+        plan.update(model=model, hidden=args.hidden, verify=verify, audit=audit, rate=args.audit_rate)
+        results = run(workers, addresses, name, **plan)
         honest = [r for i, r in enumerate(results) if i not in byzantine]
         loss = honest[0]["loss"]
-        versus = 100 * (loss / clean[aggregation] - 1) if aggregation in clean else 0.0
-        reference = alone.get((aggregation, len(byzantine)))
+        versus = 100 * (loss / clean[configuration] - 1) if configuration in clean and model == "mlp" else 0.0
+        reference = alone.get((configuration, len(byzantine)))
         rows.append(
             {
+                "model": model,
                 "attack": attack or "none",
                 "byzantine": len(byzantine),
-                "aggregation": aggregation + (" + verified + audited" if checked else ""),
+                "aggregation": aggregation + " + verified" * verify + " + audited" * audit,
                 "loss": loss,
                 "vs clean %": versus,
                 "goal (5%)": "met" if versus <= 5 else "missed",
                 "vs honest alone %": 100 * (loss / reference - 1) if reference is not None else None,
-                "round ms": 1e3 * max(r["averaging_s"] for r in honest) / args.steps,
+                "round ms": 1e3 * max(r["averaging_s"] for r in honest) / steps,
+                "step ms": 1e3 * max(r["step_s"] for r in honest) / steps,
+                "cpu ms": 1e3 * statistics.mean(r["cpu_s"] for r in honest) / steps,  # per peer and step
                 "failed steps": honest[0]["failed_steps"],
                 "banned": honest[0]["banned"],
                 "byzantine reducer": any(results[i]["reduced"] for i in byzantine),
@@ -261,50 +342,73 @@ def main() -> None:
         print(format_table(rows[-1:], list(rows[-1])), flush=True)
         return rows[-1]
 
+    def overhead(model: str, repeats: int) -> dict:
+        """Clean runs of every configuration, `repeats` times in rotated orders: the VM's speed drifts by more
+        than the overhead within minutes, so an overhead is the median of each repeat's ratio, not a ratio of
+        medians taken minutes apart. {configuration: {"step ms" / "round ms": the ratio's median}}, and the
+        clean runs' losses."""
+        names, repeated = list(CONFIGURATIONS), []
+        for k in range(repeats):
+            order = names[k % len(names) :] + names[: k % len(names)]
+            repeated.append({c: row(None, [], c, f"clean-{model}-{c}-{k}", model=model) for c in order})
+        ratios = {
+            c: {u: statistics.median(r[c][u] / r["trusted"][u] for r in repeated) for u in ("step ms", "round ms")}
+            for c in names
+        }
+        ratios["ms"] = {c: statistics.median(r[c]["round ms"] for r in repeated) for c in names}
+        for c in names:
+            clean.setdefault(c, statistics.median(r[c]["loss"] for r in repeated))
+        return ratios
+
     try:
         addresses = [read_prefixed(proc, "ADDRESS", LINE_TIMEOUT) for proc in workers]
         plan = {"attack": None, "byzantine": [], "aggregation": "mean", "steps": 5, "verify": False, "audit": False}
-        plan["hidden"] = args.hidden
+        plan.update(model="mlp", hidden=args.hidden, rate=args.audit_rate)
         run(workers, addresses, "warm-up", **plan)  # connections and first-touch memory, not measured
         # With equal bandwidths the one part goes to the member with the smallest peer id: attackers are drawn from
         # the largest ids (an honest reducer), and then once more with that member among them (a Byzantine reducer).
         by_id = sorted(range(PEERS), key=lambda i: PeerID.from_string(addresses[i].rsplit("/", 1)[1]).raw)
-        # Clean runs in pairs, A/B then B/A: the VM's speed drifts by more than the overhead within minutes, so the
-        # overhead is the median of each pair's ratio, not a ratio of medians taken minutes apart.
-        pairs = []
-        for k in range(args.clean_repeats):
-            order = list(CONFIGURATIONS)[:: 1 if k % 2 == 0 else -1]
-            pairs.append({aggregation: row(None, [], aggregation, f"clean-{aggregation}-{k}") for aggregation in order})
-        for aggregation in CONFIGURATIONS:
-            clean[aggregation] = statistics.median(p[aggregation]["loss"] for p in pairs)
-            overhead[aggregation] = statistics.median(p[aggregation]["round ms"] for p in pairs)
-        ratio = statistics.median(p["centered_clip"]["round ms"] / p["mean"]["round ms"] for p in pairs)
+        overheads = {"mlp": overhead("mlp", args.clean_repeats)}
+        if args.lm_repeats:
+            for aggregation, verify, audit in CONFIGURATIONS.values():  # the corpus, the buffers: not measured
+                plan.update(model="lm", steps=2, aggregation=aggregation, verify=verify, audit=audit)
+                run(workers, addresses, f"warm-up-lm-{aggregation}-{verify}-{audit}", **plan)
+            overheads["lm"] = overhead("lm", args.lm_repeats)
         for count in args.byzantine:
             usual = sorted(by_id[PEERS - count :])
-            for aggregation in CONFIGURATIONS:  # the honest peers alone: what an attack cannot be blamed for
-                absent = row("absent", usual, aggregation, f"absent-{count}-{aggregation}")
-                alone[aggregation, count] = absent["loss"]
+            for configuration in COMPARED:  # the honest peers alone: what an attack cannot be blamed for
+                absent = row("absent", usual, configuration, f"absent-{count}-{configuration}")
+                alone[configuration, count] = absent["loss"]
             for attack in args.attacks:
-                for aggregation in CONFIGURATIONS:
-                    if attack == "garbage" and not CONFIGURATIONS[aggregation]:
+                for configuration in COMPARED:
+                    if attack == "garbage" and not CONFIGURATIONS[configuration][1]:
                         continue  # unverified, the garbage is simply applied: the model diverges in 1 step (loss ~1e6)
-                    row(attack, usual, aggregation, f"{attack}-{count}-{aggregation}")
+                    row(attack, usual, configuration, f"{attack}-{count}-{configuration}")
             holding = sorted([by_id[0], *by_id[PEERS - count + 1 :]])
             for attack in (a for a in args.attacks if a != "garbage"):  # garbage peers take the part by design
-                row(attack, holding, "centered_clip", f"{attack}-{count}-reducer")
+                row(attack, holding, "open", f"{attack}-{count}-reducer")
     finally:
         for proc in workers:
             kill_worker(proc)
-    robust_overhead = 100 * (ratio - 1)
     print()
     print(format_table(rows, list(rows[0])))
-    print(
-        f"robust path (CenteredClip, verified reducers, audits) overhead on a clean run: {robust_overhead:+.1f}% per "
-        f"averaging round, median of {args.clean_repeats} paired runs ({overhead['mean']:.1f} -> "
-        f"{overhead['centered_clip']:.1f} ms)"
-    )
+    percent = {
+        model: {c: {u: round(100 * (r - 1), 1) for u, r in units.items()} for c, units in o.items() if c != "ms"}
+        for model, o in overheads.items()
+    }
+    described = {"mlp": f"the {args.hidden}-wide MLP", "lm": "bench/train.py's language model (2.5M values)"}
+    repeats = {"mlp": args.clean_repeats, "lm": args.lm_repeats}
+    for model, o in percent.items():
+        for c in ("open, no audits", "open"):
+            path = "CenteredClip, verified reducers" + (", audits" if c == "open" else "")
+            print(
+                f"robust path ({path}) overhead on a clean run of {described[model]}: {o[c]['step ms']:+.1f}% per "
+                f"training step, {o[c]['round ms']:+.1f}% per averaging round (median of {repeats[model]} repeats; "
+                f"rounds of {overheads[model]['ms']['trusted']:.1f} -> {overheads[model]['ms'][c]:.1f} ms)"
+            )
     payload = {"peers": PEERS, "steps": args.steps, "lr": LR, "codec": "int8", "hidden": args.hidden, "rows": rows}
-    path = write_results("byzantine", {**payload, "robust_overhead_percent": robust_overhead})
+    payload.update(audit_rate=args.audit_rate, lm_steps=LM_STEPS, lm_lr=LM_LR, overhead_percent=percent)
+    path = write_results("byzantine", payload)
     print(f"wrote {path}")
 
 

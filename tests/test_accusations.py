@@ -36,7 +36,7 @@ def _signed(identity: Identity, codec_name: str, seed: int, garbage: bool) -> Ev
         reply = codec.encode(codec.decode(reply, torch.empty(NUMEL)) + 10)
     decoded = [codec.decode(c, torch.empty(NUMEL)) for c in copies]
     probes = Probes(GROUP, 1, 0, reply_digest(reply), NUMEL, np.array(coefficients))
-    projections, norms, _ = probes.project(torch.stack(decoded))
+    projections, norms = probes.project(torch.stack(decoded))
     claim = Claim(coefficients, projections.tolist(), norms.tolist())
     signature = identity.sign(claim_message(GROUP, 1, 0, NUMEL, codec_name, reply_digest(reply), claim))
     claim = Claim(claim.coefficients, claim.projections, claim.norms, signature)

@@ -117,8 +117,8 @@ def test_coefficients_fitted_to_the_probes_of_a_wrong_reply_are_caught():
     reply = [t.clone() for t in codec.encode(mean + poison * (0.1 * mean.norm() / poison.norm()))]
     replied = codec.decode(reply, torch.empty(numel))
     honest = np.full(senders, 1.0 / senders)
-    projections, _, _ = _probes(reply, numel, honest).project(copies)
-    got, _, _ = _probes(reply, numel, honest).project(replied.view(1, -1))
+    projections, _ = _probes(reply, numel, honest).project(copies)
+    got, _ = _probes(reply, numel, honest).project(replied.view(1, -1))
     floor = 1e-4  # every coefficient positive: every sender's own check wants its copy in
     fit, _ = nnls(
         np.vstack([projections.T, 1e4 * np.ones(senders)]),
@@ -154,7 +154,7 @@ def _honest_reply(codec_name: str, seed: int, senders: int = 4, numel: int = 500
     reply = codec.reduce(copies, [1.0, 2.0, 1.0, 3.0][:senders], out, requantize=True, coefficients=coefficients)
     reply = [t.clone() for t in reply]
     decoded = [codec.decode(c, torch.empty(numel)) for c in copies]
-    projections, _, _ = _probes(reply, numel, coefficients).project(torch.stack(decoded))
+    projections, _ = _probes(reply, numel, coefficients).project(torch.stack(decoded))
     return codec, decoded, reply, Claim(coefficients, projections.tolist())
 
 
@@ -165,8 +165,9 @@ def _probes(reply: list[torch.Tensor], numel: int, coefficients) -> Probes:
 def _check(claim: Claim, codec, mine: torch.Tensor, reply: list[torch.Tensor], replied: torch.Tensor | None = None):
     """check_reply as a sender (index 1, weight 2) runs it on `reply`, decoded (or taken to decode to `replied`)."""
     replied = codec.decode(reply, torch.empty(mine.numel())) if replied is None else replied
-    projected = _probes(reply, mine.numel(), claim.coefficients).project(torch.stack([mine, replied]))
-    check_reply(claim, 1, 2.0, *projected, codec.error_bound(reply))
+    probes = _probes(reply, mine.numel(), claim.coefficients)
+    projected = probes.project(torch.stack([mine, replied]))
+    check_reply(claim, 1, 2.0, *projected, probes.norm_bound, codec.error_bound(reply))
 
 
 @pytest.mark.parametrize("codec_name", ["none", "fp16", "bf16", "int8", "int4"])
@@ -208,7 +209,7 @@ def test_forged_replies_that_widen_their_own_rounding_band_are_still_caught(code
         forged = (-aggregate, aggregate + noise * (3 * aggregate.norm() / noise.norm()))
         for kind, values in enumerate(forged):
             lie = codec.encode(values)  # with the honest claim for its probes: it fails on the misfit alone
-            projections, _, _ = _probes(lie, aggregate.numel(), claim.coefficients).project(torch.stack(decoded))
+            projections, _ = _probes(lie, aggregate.numel(), claim.coefficients).project(torch.stack(decoded))
             try:
                 _check(Claim(claim.coefficients, projections.tolist()), codec, decoded[1], lie)
             except ReducerCheatedError as e:

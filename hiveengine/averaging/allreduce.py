@@ -567,7 +567,7 @@ class _ReducerRound:
         claim = Claim(np.zeros(len(self.order)), np.zeros((len(self.order), PROBES)), np.zeros(len(self.order)))
         claim.coefficients[rows] = coefficients
         probes = Probes(self.group.group_id, self.part, index, digest, numel, claim.coefficients)
-        claim.projections[rows], claim.norms[rows], _ = probes.project(copies)
+        claim.projections[rows], claim.norms[rows] = probes.project(copies)
         message = claim_message(self.group.group_id, self.part, index, numel, self.codec.name, digest, claim)
         return replace(claim, signature=self.peer.identity.sign(message))
 
@@ -1008,7 +1008,7 @@ def _verify_chunk(plan: _Exchange, index: int, me: int, reply: dict, sent, mean,
         error.evidence = _evidence(plan, index, claim, mean, decoded.shape[1])
         raise error from None
     try:
-        check_reply(claim, me, plan.weight, *probes.project(decoded), codec.error_bound(mean))
+        check_reply(claim, me, plan.weight, *probes.project(decoded), probes.norm_bound, codec.error_bound(mean))
     except ReducerCheatedError as e:
         e.evidence = _evidence(plan, index, claim, mean, decoded.shape[1])
         raise

@@ -5,18 +5,19 @@ Construction (per chunk of a part; the K senders in peer-id order):
 1. The reducer aggregates the decoded copies x_j into A = sum_j c_j x_j (c: the normalized weights for the mean,
    the center's coefficients for CenteredClip; c >= 0, sum c = 1, c_j = 0 for a copy left out) and encodes the
    reply R = encode(A).
-2. Probes. r_1 .. r_m in R^n (m = PROBES), every value independent and uniform on (-sqrt 3, sqrt 3) (variance 1;
-   the midpoints of 2^32 equal cells), read from an AES-128-CTR keystream keyed by BLAKE2b-128(PROBE_DOMAIN ||
-   group id || part || chunk || D(R) || c) (`Probes`: a keyed stream cipher as a deterministic generator, 32 bits
-   per value), where D(R) = BLAKE2b-256 of R's dtypes, shapes and bytes (`reply_digest`, which the signed message
-   below holds too: the reply is hashed once per check): fixed only once the reply and the coefficients are, and
-   the same for the reducer and every sender. The coefficients are in the key because a reducer that could pick
-   them after seeing the probes would fit them to any reply: with K > m senders whose copies differ, K
-   coefficients can match m projections of a reply that is no combination of the copies at all (a red-team script
-   passed every check of 32 int8 senders with a reply 20 error bounds off). Uniform, not Gaussian, because AES-NI
-   and a kernel that reads the keystream in place (kernels.probe_project) make them 5 to 8 times cheaper than
-   torch's Gaussian draws (the probes are most of a check's cost), and the two bounds below hold for them as they
-   do for Gaussians.
+2. Probes. r_1 .. r_m in R^n (m = PROBES), every value independent and uniform over the midpoints of 2^16 equal cells
+   of (-sqrt 3, sqrt 3) (mean 0, variance 1 - 2^-32), read from an AES-128-CTR keystream keyed by
+   BLAKE2b-128(PROBE_DOMAIN || group id || part || chunk || D(R) || c) (`Probes`: a keyed stream cipher as a
+   deterministic generator, 16 bits per value), where D(R) = SHA-256 of R's dtypes, shapes and bytes (`reply_digest`,
+   which the signed message below holds too: the reply is hashed once per check; SHA-256, which current CPUs compute
+   in hardware, at about 1.5 times BLAKE2b's speed): fixed only once the reply and the coefficients are, and the same
+   for the reducer and every sender. The coefficients are in the key because a reducer that could pick them after
+   seeing the probes would fit them to any reply: with K > m senders whose copies differ, K coefficients can match m
+   projections of a reply that is no combination of the copies at all (a red-team script passed every check of 32
+   int8 senders with a reply 20 error bounds off). Uniform, not Gaussian, because AES-NI and a kernel that reads the
+   keystream in place (kernels.probe_project) make them 5 to 10 times cheaper than torch's Gaussian draws (the probes
+   are most of a check's cost), and the two bounds below hold for them as they do for Gaussians. 16 bits, not 32:
+   half the keystream, each product x (w - 32767.5) exact in float64, and the bounds below move by under 0.5%.
 3. The reply's header carries c, and t_jk = <x_j, r_k> for every sender j and probe k (`Claim`: K (m + 2) numbers
    with the norms below).
 4. Sender i, on receipt (`check_reply`), before decoding R into its buffer: c is in the simplex with c_i > 0;
@@ -31,22 +32,27 @@ Construction (per chunk of a part; the K senders in peer-id order):
    x = PROBE_CHI2 = 96, so it never fires on an honest reply (lossy codecs included).
    A reply off by d (v = d + e) passes only when all m residuals <v, r_k> fall in the ball of radius
    T = sqrt(PROBE_CHI2) error_bound. By Ball's cube-slicing theorem no central section of the unit cube exceeds
-   area sqrt 2, so the density of <v, r_k> / ||v|| is at most 1 / sqrt 6 (a Gaussian's peak is 1 / sqrt(2 pi), 2.5%
-   less; the grid moves <v, r_k> by at most sqrt(n) 2^-32 sqrt 3 ||v||, under 1e-6 ||v|| for any chunk an accusation
-   may hold), and the chance is at most 6^-4 (pi^4 / 24) (T / ||v||)^8: 2.7e-3 for a shift 10 times the band (one
-   probe let 58% through) and 4e-7 for 30 times. The codec sets the band: error_bound is the worst case,
-   half a step per value; for int8 that is about 1.4% of the reply's norm, so garbage or a sign flip is 30 to 100
-   times the band, but for int4 it is up to a quarter, so a reply of pure noise is only about 4 times it and passes
-   about 40% of the time (a flipped sign under 1%; tests/test_verified_reducers.py counts both). Verification with
-   int4 tells a cheat from rounding only that far.
+   area sqrt 2, so the density of <v, u> / ||v|| for u uniform on the cube (-sqrt 3, sqrt 3)^n is at most 1 / sqrt 6 (a
+   Gaussian's peak is 1 / sqrt(2 pi), 2.5% less), and the chance that all m projections on such probes fall in a ball
+   of radius T' is at most 6^-4 (pi^4 / 24) (T' / ||v||)^8. The probes are that cube's grid: u = r + z with z uniform
+   within each value's cell, independent of r, so <v, r_k> = <v, u_k> - <v, z_k>, where the m numbers <v, z_k> are
+   sub-Gaussian with variance proxy (||v|| / 2^16)^2 (a cell's variance) and their norm exceeds rho =
+   sqrt(PROBE_CHI2) ||v|| / 2^16 with chance at most 1.6e-15 (the bound above). So a reply passes with chance at most
+   6^-4 (pi^4 / 24) ((T + rho) / ||v||)^8 + 1.6e-15: 2.7e-3 for a shift 10 times the band (one probe let 58% through)
+   and 4e-7 for 30 times (rho / ||v|| = 1.5e-4 moves both by under 0.5%). The codec sets the band: error_bound is the
+   worst case, half a step per value; for int8 that is about 1.4% of the reply's norm, so garbage or a sign flip is
+   30 to 100 times the band, but for int4 it is up to a quarter, so a reply of pure noise is only about 4 times it
+   and passes about 40% of the time (a flipped sign under 1%; tests/test_verified_reducers.py counts both).
+   Verification with int4 tells a cheat from rounding only that far.
 A failed check fails the part for this round (the sender keeps its local values there: replies are buffered
 and decoded only once every chunk of the part passed) and bans the reducer on this peer (AllReduceService
 .banned: it reduces nothing more for us and we average none of its copies).
 
-Cost: sender: m probes (4 m n keystream bytes: about 0.8 ns per value and probe with the native kernel, 6.5 ms for
-a 1M-value chunk) and 2 m n-length dot products per chunk;
+Cost: sender: m probes (2 m n keystream bytes) and 2 m n-length dot products per chunk, in one pass of the native
+kernel: about 5 ns per value in all (keystream, kernel, digest and decoding; 1.5 ms for a 315k-value part);
 reducer: the probes, the copies decoded into a K x n matrix (the rows a robust aggregation decodes anyway, kept
-before it works on them in place) and m matrix-vector passes for their projections, one for their norms;
+before it works on them in place) and m matrix-vector passes for their projections and norms (2.8 ms for 8 copies
+of 315k values);
 8 K (m + 2) bytes of header per chunk (the claim's numbers as float64 bytes); no extra message or round trip.
 
 What it catches: a reducer that returns anything but sum_j c_j x_j over the copies it reports projections of
@@ -59,7 +65,7 @@ CenteredClip's coefficients. Until then a reducer that cheats adaptively can mov
 all the weight could.
 Nor does it stop grinding: the reducer picks R, and with it the probes. The chance above is per reply; a reducer
 that tries replies until one passes (each slightly different R, say through the claimed coefficients, gives fresh
-probes) gets a shift through after about the inverse of that chance in tries of a hash and 4 m n keystream
+probes) gets a shift through after about the inverse of that chance in tries of a hash and 2 m n keystream
 bytes each: about 400 for 10 times the band, 2.5 million for 30 (with one probe it was about ||d|| / (8 ||e||):
 4). What a reply check bounds is then the work a given shift costs. Probes the reducer cannot know while it fixes
 R (each sender's own, revealed after R: the same K^2 exchange) would make it a chance again.
@@ -97,14 +103,15 @@ from hiveengine.errors import HiveEngineError, NonFiniteError
 from hiveengine.kernels import PROBE_COUNT, probe_project
 from hiveengine.transport.identity import SIGNATURE_BYTES, PeerID, verify_signature
 
-PROBE_DOMAIN = b"hiveengine/allreduce/probe/v3"
-REPLY_DOMAIN = b"hiveengine/allreduce/signed-claim/v3"
+PROBE_DOMAIN = b"hiveengine/allreduce/probe/v4"
+REPLY_DOMAIN = b"hiveengine/allreduce/signed-claim/v4"
 MAX_EVIDENCE_NUMEL = 1 << 22  # the largest chunk an accusation's evidence may hold (16 MiB of fp32; 4 default chunks)
 MAX_EVIDENCE_SENDERS = 4096  # the most senders an accusation's claim may list
 PROBES = PROBE_COUNT  # independent probes per chunk (8): a reply must fit all of them at once
-PROBE_PIECE = 1 << 15  # values whose probe keystream is made at once (1 MiB for the 8 probes)
-PROBE_STEP = 2 * math.sqrt(3) * 2.0**-32  # a probe value per unit of its 32-bit keystream word
-PROBE_LOW = -math.sqrt(3) + PROBE_STEP / 2  # the value of word 0 (word w: PROBE_LOW + w PROBE_STEP)
+PROBE_BITS = 16  # keystream bits per probe value
+PROBE_PIECE = 1 << 15  # values whose probe keystream is made at once (512 KiB for the 8 probes)
+PROBE_STEP = 2 * math.sqrt(3) * 2.0**-PROBE_BITS  # a probe value per unit of its 16-bit keystream word
+PROBE_LOW = -(2 ** (PROBE_BITS - 1) - 0.5) * PROBE_STEP  # word 0's value, near -sqrt 3 (word w: PROBE_LOW + w STEP)
 PROBE_CHI2 = 96.0  # an honest reply's squared misfit bound, in squared error bounds: exceeded with chance <= 1.6e-15
 FP32_SLACK = 64 * 2.0**-24  # the fp32 aggregation's rounding, relative to the copies' norms, per copy
 DOT_SLACK = 2.0**-40  # rounding of a float64 dot product of fp32 vectors, relative to ||x|| ||r||
@@ -146,18 +153,19 @@ class Claim:
     def parse(cls, header: dict, senders: int) -> Claim:
         """The claim in a reply header, if it has one number of each kind per sender (else ReducerCheatedError);
         norms and signature are kept only when well-formed (they serve accusations, not the check)."""
-        k, t = header.get("k"), header.get("t")
+        k, t, q, signature = header.get("k"), header.get("t"), header.get("q"), header.get("s")
         if not (isinstance(k, bytes) and isinstance(t, bytes) and len(k) == 8 * senders):
             raise ReducerCheatedError(f"the reply carries no claim for its {senders} senders' copies")
         if len(t) != 8 * PROBES * senders:
             raise ReducerCheatedError(f"the reply's claim does not give {PROBES} projections of every copy")
-        coefficients, projections = _unpacked(k), _unpacked(t).reshape(senders, PROBES)
-        if not (_claim_numbers(coefficients) and _claim_numbers(projections)):
-            raise ReducerCheatedError(f"the reply's claim holds numbers non-finite or beyond {MAX_CLAIM_MAGNITUDE:g}")
-        q, signature = header.get("q"), header.get("s")
-        norms = _unpacked(q) if isinstance(q, bytes) and len(q) == 8 * senders else np.empty(0)
-        signed = norms.size == senders and _claim_numbers(norms)
+        signed = isinstance(q, bytes) and len(q) == 8 * senders
         signed = signed and isinstance(signature, bytes) and len(signature) == SIGNATURE_BYTES
+        numbers = _unpacked(k + t + q if signed else k + t)
+        claimed, norms = numbers[: (PROBES + 1) * senders], numbers[(PROBES + 1) * senders :]
+        if not _claim_numbers(claimed):
+            raise ReducerCheatedError(f"the reply's claim holds numbers non-finite or beyond {MAX_CLAIM_MAGNITUDE:g}")
+        coefficients, projections = claimed[:senders], claimed[senders:].reshape(senders, PROBES)
+        signed = signed and _claim_numbers(norms)
         return cls(coefficients, projections, norms if signed else np.empty(0), signature if signed else b"")
 
 
@@ -178,8 +186,8 @@ def _claim_numbers(numbers: np.ndarray) -> bool:
 
 
 def reply_digest(reply: Sequence[torch.Tensor]) -> bytes:
-    """D(R): BLAKE2b-256 of a reply's tensors' dtypes, shapes and bytes (what its probe and signed claim name)."""
-    digest = hashlib.blake2b(digest_size=32)
+    """D(R): SHA-256 of a reply's tensors' dtypes, shapes and bytes (what its probe and signed claim name)."""
+    digest = hashlib.sha256()
     for tensor in reply:
         raw = tensor.detach()
         if raw.device.type != "cpu" or not raw.is_contiguous():
@@ -303,9 +311,9 @@ class Evidence:
         except NonFiniteError:
             return f"its signed reply for {where} holds NaN or Inf"
         probes = Probes(self.group_id, self.part, self.chunk, self.reply_digest, self.numel, c)
-        (got,), (norm,), probe_norms = probes.project(aggregate.view(1, -1))
+        (got,), (norm,) = probes.project(aggregate.view(1, -1))
         scale = max(norm, float(self.claim.norms.max()))
-        tolerance = _tolerance(codec.error_bound(self.reply), len(c), scale, probe_norms)
+        tolerance = _tolerance(codec.error_bound(self.reply), len(c), scale, probes.norm_bound)
         off = misfit(got, c, self.claim.projections)
         if off <= tolerance:
             return None
@@ -315,10 +323,10 @@ class Evidence:
         )
 
 
-def _tolerance(error_bound: float, senders: int, scale: float, probe_norms: np.ndarray) -> float:
+def _tolerance(error_bound: float, senders: int, scale: float, probe_norm: float) -> float:
     """How large an honest reply's misfit may be (see the module docstring): the chi-square band of its rounding,
-    plus the float64 dot products' own (two per probe, each within DOT_SLACK of scale * ||r_k||)."""
-    dots = 2 * DOT_SLACK * scale * math.sqrt(float(probe_norms @ probe_norms))
+    plus the float64 dot products' own (two per probe, each within DOT_SLACK of scale * probe_norm)."""
+    dots = 2 * DOT_SLACK * scale * probe_norm * math.sqrt(PROBES)
     return math.sqrt(PROBE_CHI2) * (error_bound + FP32_SLACK * senders * scale) + dots
 
 
@@ -327,8 +335,8 @@ def misfit(got: np.ndarray, coefficients: np.ndarray, projections: np.ndarray) -
     each sum exact (math.fsum): every party that checks the same claim gets the same number. math.hypot, because
     squaring residuals past 1e154 (a claim may hold numbers up to MAX_CLAIM_MAGNITUDE) overflowed fsum, and an
     OverflowError failed the part without the ban a cheat earns."""
-    products = coefficients[:, None] * projections
-    return math.hypot(*(float(got[k]) - math.fsum(products[:, k].tolist()) for k in range(PROBES)))
+    columns = (coefficients[:, None] * projections).T.tolist()
+    return math.hypot(*(float(g) - math.fsum(column) for g, column in zip(got.tolist(), columns, strict=True)))
 
 
 def _weighting(coefficients: np.ndarray) -> bool:
@@ -338,41 +346,46 @@ def _weighting(coefficients: np.ndarray) -> bool:
 
 class Probes:
     """The PROBES probes of one chunk's reply whose reply_digest is `digest`, claimed to combine the copies with
-    `coefficients`: values uniform on (-sqrt 3, sqrt 3) (mean 0, variance 1) from an AES-128-CTR keystream keyed by
-    BLAKE2b-128(PROBE_DOMAIN || group id || part || chunk || digest || coefficients as float64), zero initial
-    counter, read value by value (value i of probe k is 32-bit little-endian word i PROBES + k, w, giving
-    (w + 1/2) 2^-32 2 sqrt 3 - sqrt 3): fixed by the reply and its claimed coefficients, and the same on every
-    machine. The keystream is made PROBE_PIECE values at a time into a buffer each thread reuses, so a check's
-    memory stays bounded and its pages are not faulted in anew every round."""
+    `coefficients`: values uniform on (-sqrt 3, sqrt 3) (2^16 equal cells' midpoints; mean 0, variance 1 - 2^-32)
+    from an AES-128-CTR keystream keyed by BLAKE2b-128(PROBE_DOMAIN || group id || part || chunk || digest ||
+    coefficients as float64), zero initial counter, read value by value (value i of probe k is 16-bit little-endian
+    word i PROBES + k, w, giving PROBE_LOW + w PROBE_STEP): fixed by the reply and its claimed coefficients, and the
+    same on every machine. The keystream is made PROBE_PIECE values at a time into a buffer each thread reuses, so a
+    check's memory stays bounded and its pages are not faulted in anew every round."""
 
     def __init__(self, group_id: bytes, part: int, chunk: int, digest: bytes, numel: int, coefficients: np.ndarray):
-        key = hashlib.blake2b(PROBE_DOMAIN, digest_size=16)
-        key.update(group_id)
-        key.update(part.to_bytes(4, "little") + chunk.to_bytes(4, "little"))
-        key.update(digest)
-        key.update(_packed(coefficients))  # fixed before the probes: else a reducer fits them to its reply
-        self.key = key.digest()
+        fixed = (PROBE_DOMAIN, group_id, struct.pack("<II", part, chunk), digest, _packed(coefficients))
+        self.key = hashlib.blake2b(b"".join(fixed), digest_size=16).digest()  # c fixed first: else fitted to R
         self.numel = numel
 
-    def project(self, rows: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(each row's projections on the probes, rows x PROBES; each row's norm; each probe's norm), in float64:
-        an fp32 dot product's rounding would widen the tolerance for garbage to slip through. The keystream is
-        made on the host; kernels.probe_project reads it without materializing the probes (on a device, the rows
-        stay there and only the results cross to the host)."""
+    @property
+    def norm_bound(self) -> float:
+        """A bound on every probe's norm: each value is at most sqrt 3 in size."""
+        return math.sqrt(3 * self.numel)
+
+    def project(self, rows: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """(each row's projections on the probes, rows x PROBES; each row's norm), in float64: an fp32 dot product's
+        rounding would widen the tolerance for garbage to slip through. The keystream is made on the host;
+        kernels.probe_project reads it without materializing the probes (on a device, the rows stay there and only
+        the results cross to the host)."""
         rows = rows.detach().float()
-        projections, row_sq, probe_sq = np.zeros((rows.shape[0], PROBES)), np.zeros(rows.shape[0]), np.zeros(PROBES)
+        if not self.numel:
+            return np.zeros((rows.shape[0], PROBES)), np.zeros(rows.shape[0])
         stream = Cipher(algorithms.AES(self.key), modes.CTR(bytes(16))).encryptor()
         zeros, keystream = _keystream_buffers()
+        projections = row_sq = None
         for start in range(0, self.numel, PROBE_PIECE):
             count = min(PROBE_PIECE, self.numel - start)
-            stream.update_into(zeros[: 4 * PROBES * count], keystream)
-            words = torch.frombuffer(keystream, dtype=torch.int32, count=PROBES * count).view(count, PROBES)
+            stream.update_into(zeros[: 2 * PROBES * count], keystream)
+            words = torch.frombuffer(keystream, dtype=torch.int16, count=PROBES * count).view(count, PROBES)
             piece = rows[:, start : start + count]
-            projected, squares, rows_squared = probe_project(piece, words, PROBE_STEP, PROBE_LOW, row_norms=True)
-            projections += projected.cpu().numpy()
-            probe_sq += squares.cpu().numpy()
-            row_sq += rows_squared.cpu().numpy()
-        return projections, np.sqrt(row_sq), np.sqrt(probe_sq)
+            projected, squared = probe_project(piece, words, PROBE_STEP, row_norms=True)
+            if projections is None:
+                projections, row_sq = projected, squared
+            else:
+                projections += projected
+                row_sq += squared
+        return projections.cpu().numpy(), np.sqrt(row_sq.cpu().numpy())
 
 
 _scratch = threading.local()
@@ -381,8 +394,8 @@ _scratch = threading.local()
 def _keystream_buffers() -> tuple[memoryview, bytearray]:
     """Zeros to encrypt and room for the keystream of one piece (update_into's 15 bytes more), this thread's own."""
     if not hasattr(_scratch, "keystream"):
-        _scratch.zeros = memoryview(bytes(4 * PROBES * PROBE_PIECE))
-        _scratch.keystream = bytearray(4 * PROBES * PROBE_PIECE + 15)
+        _scratch.zeros = memoryview(bytes(2 * PROBES * PROBE_PIECE))
+        _scratch.keystream = bytearray(2 * PROBES * PROBE_PIECE + 15)
     return _scratch.zeros, _scratch.keystream
 
 
@@ -392,26 +405,26 @@ def check_reply(
     weight: float,
     projected: np.ndarray,
     norms: np.ndarray,
-    probe_norms: np.ndarray,
+    probe_norm: float,
     error_bound: float,
 ) -> None:
     """Check a reducer's reply for one chunk (see the module docstring): `me` is our index among the senders,
     `projected` the projections on the reply's probes (`Probes.project`) of the copy we sent (decoded, row 0) and
-    of the reply decoded (row 1), `norms` their norms, `error_bound` the codec's bound for the reply. Raises
-    ReducerCheatedError saying what does not add up."""
+    of the reply decoded (row 1), `norms` their norms, `probe_norm` the probes' norm bound (`Probes.norm_bound`),
+    `error_bound` the codec's bound for the reply. Raises ReducerCheatedError saying what does not add up."""
     c = claim.coefficients
     if not _weighting(c) or (weight > 0 and c[me] <= 0):
         raise ReducerCheatedError(f"its coefficients {c.tolist()} are not a weighting that includes our copy")
     own, got = projected
     own_norm, norm = float(norms[0]), float(norms[1])
     claimed = claim.projections[me]
-    wrong = np.flatnonzero(~(np.abs(claimed - own) <= DOT_SLACK * own_norm * probe_norms + 1e-30))
+    wrong = np.flatnonzero(~(np.abs(claimed - own) <= DOT_SLACK * own_norm * probe_norm + 1e-30))
     if wrong.size:
         k = int(wrong[0])
         raise ReducerCheatedError(
             f"it misreports our own copy (projection {claimed[k]:.6g} != {float(own[k]):.6g} on probe {k})"
         )
-    tolerance = _tolerance(error_bound, len(c), max(norm, own_norm), probe_norms)
+    tolerance = _tolerance(error_bound, len(c), max(norm, own_norm), probe_norm)
     off = misfit(got, c, claim.projections)
     if not off <= tolerance:
         raise ReducerCheatedError(

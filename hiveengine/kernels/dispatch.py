@@ -282,26 +282,24 @@ def probe_project(
     rows: torch.Tensor,
     words: torch.Tensor,
     step: float,
-    low: float,
     *,
     row_norms: bool = False,
     backend: str | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """The random projections behind verified reducers: (rows @ R^T, each probe's squared norm, each row's squared
-    norm if `row_norms`), float64, for fp32 `rows` (m x n, each row contiguous) and 8 probes R^T = low + step * w,
-    w the unsigned 32-bit words of `words` (an int32 tensor, n x 8: value by value). CPU rows never materialize R
-    (the native kernel reads the words); rows on another device use the torch reference there."""
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The random projections behind verified reducers: (rows @ R^T, each row's squared norm if `row_norms`),
+    float64, for fp32 `rows` (m x n, each row contiguous) and 8 probes R^T = step * (w - 32767.5), w the unsigned
+    16-bit words of `words` (an int16 tensor, n x 8: value by value). CPU rows never materialize R (the native
+    kernel reads the words); rows on another device use the torch reference there."""
     if rows.dim() != 2 or rows.dtype != torch.float32 or (rows.numel() and rows.stride(1) != 1):
         raise ConfigurationError(f"probe_project needs fp32 rows (m x n), got {rows.dtype} {tuple(rows.shape)}")
-    if words.shape != (rows.shape[1], PROBE_COUNT) or words.dtype != torch.int32 or not words.is_contiguous():
-        raise ConfigurationError(f"probe_project needs int32 words ({rows.shape[1]} x 8), got {tuple(words.shape)}")
+    if words.shape != (rows.shape[1], PROBE_COUNT) or words.dtype != torch.int16 or not words.is_contiguous():
+        raise ConfigurationError(f"probe_project needs int16 words ({rows.shape[1]} x 8), got {tuple(words.shape)}")
     device = rows.device
     module = _module("reference") if backend is None and device.type != "cpu" else backend_for(device, backend)
     projections = torch.empty(rows.shape[0], PROBE_COUNT, dtype=torch.float64, device=device)
-    probe_sq = torch.empty(PROBE_COUNT, dtype=torch.float64, device=device)
     row_sq = torch.empty(rows.shape[0], dtype=torch.float64, device=device) if row_norms else None
-    module.probe_project(rows, words.to(device), step, low, projections, probe_sq, row_sq)
-    return projections, probe_sq, row_sq
+    module.probe_project(rows, words.to(device), step, projections, row_sq)
+    return projections, row_sq
 
 
 def cast(

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from hiveengine.errors import KernelUnavailableError
 
-NATIVE_ABI_VERSION = 3
+NATIVE_ABI_VERSION = 4
 LIBRARY_ENV = "HIVEENGINE_NATIVE_LIB"
 
 _p, _i32, _i64, _u32, _f64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_uint32, ctypes.c_double
@@ -27,8 +27,8 @@ _SIGNATURES = {
     "he_cast": [_p, _i32, _p, _i32, _i64, _i32],
     # x, dtype, n, threads
     "he_check_finite": [_p, _i32, _i64, _i32],
-    # rows, m, n, row stride, words, p, step, low, projections, probe_sq, row_sq
-    "he_probe_project": [_p, _i64, _i64, _i64, _p, _i64, _f64, _f64, _p, _p, _p],
+    # rows, m, n, row stride, words, p, step, projections, row_sq
+    "he_probe_project": [_p, _i64, _i64, _i64, _p, _i64, _f64, _p, _p],
 }
 
 

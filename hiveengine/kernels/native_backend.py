@@ -141,14 +141,12 @@ def probe_project(
     rows: torch.Tensor,
     words: torch.Tensor,
     step: float,
-    low: float,
     projections: torch.Tensor,
-    probe_sq: torch.Tensor,
     row_sq: torch.Tensor | None,
 ) -> bool:
-    """projections = rows @ R^T and probe_sq = each probe's squared norm, in float64, where R^T = low + step * w
-    for the unsigned 32-bit words (n x 8, value by value), never materialized, and row_sq (if given) each row's
-    squared norm. Rows may be strided (each row contiguous)."""
+    """projections = rows @ R^T in float64, where R^T = step * (w - 32767.5) for the unsigned 16-bit words (n x 8,
+    value by value), never materialized, and row_sq (if given) each row's squared norm. Rows may be strided (each
+    row contiguous)."""
     m, n = rows.shape
     rc = load_native_library().he_probe_project(
         rows.data_ptr(),
@@ -158,9 +156,7 @@ def probe_project(
         words.data_ptr(),
         words.shape[1],
         step,
-        low,
         projections.data_ptr(),
-        probe_sq.data_ptr(),
         _ptr(row_sq),
     )
     return _result(rc, "he_probe_project")

@@ -152,17 +152,14 @@ def probe_project(
     rows: torch.Tensor,
     words: torch.Tensor,
     step: float,
-    low: float,
     projections: torch.Tensor,
-    probe_sq: torch.Tensor,
     row_sq: torch.Tensor | None,
 ) -> bool:
-    """projections = rows @ R^T and probe_sq = each probe's squared norm, in float64, where R^T = low + step * w for
-    the unsigned 32-bit words (an int32 tensor, n x p, value by value), and row_sq (if given) each row's squared
-    norm."""
-    r = (words.to(torch.int64) & 0xFFFFFFFF).double() * step + low
-    projections.copy_(rows.double() @ r)
-    probe_sq.copy_((r * r).sum(0))
+    """projections = rows @ R^T in float64, where R^T = step * (w - 32767.5) for the unsigned 16-bit words (an int16
+    tensor, n x p, value by value): exact half-integers times the fp32 rows, scaled once; and row_sq (if given)
+    each row's squared norm."""
+    r = ((words.to(torch.int32) & 0xFFFF) - 32768).double() + 0.5
+    projections.copy_((rows.double() @ r) * step)
     if row_sq is not None:
         row_sq.copy_(rows.double().square().sum(1))
     return False
