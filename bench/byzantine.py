@@ -10,20 +10,27 @@ estimated from several of its own minibatches, as colluding attackers would), or
 gradients but claim the most bandwidth (so that they reduce the parts: the model is one part) and return
 noise as the aggregate (tests/peers/byzantine_attacks.GarbageReducer).
 
-Two configurations: a trusted swarm (`mean`, replies not verified) and an open one (`centered_clip` with
-verified reducers: a reducer caught cheating costs its part for that step (not updated there, as the Optimizer
-does: a peer that applied its own gradient instead would keep that difference from the others' model), and is left
-out of the group from the next step on, as matchmaking would leave out peers that the others banned; and audited
-senders: every peer's minibatch is public (a seed per peer and step), so the reducer recomputes the gradients of a
-random tenth of its senders each step, hiveengine.averaging.audits, and stops averaging one that sent something
-else). The model is one part, reduced by the member with the smallest peer id: `byzantine reducer` says whether
-that is an attacker, which audits nobody and averages its colluders' copies (its own copy, too, goes unaudited).
-The attackers are drawn from the members with the largest ids, so that reducer is honest; then each attack runs once
-more in the open configuration with that member among the attackers (`byzantine reducer`: yes). The table gives the
-held-out loss of an honest peer after STEPS steps (long enough that clean training is near its plateau, so that "within
-5% of clean" means something), against the clean run of all 8 peers and against the honest peers training alone (the
-`absent` rows: the Byzantine peers do nothing, so the difference is what their attack did, not the data they did not
-bring), and the robust path's time overhead on a clean run (per averaging round; the median ratio of paired runs).
+Two configurations: a trusted swarm (`mean`, replies not verified) and an open one (`centered_clip` with verified
+reducers: a reducer caught cheating costs its part for that step (not updated there, as the Optimizer does: a peer
+that applied its own gradient instead would keep that difference from the others' model), and is left out of the
+group from the next step on, as matchmaking would leave out peers that the others banned; and audited senders: every
+peer's minibatch is public (a seed per peer and step), so the reducer recomputes the gradient of each of its senders
+with probability `--audit-rate` each step (the library's default, 2%), hiveengine.averaging.audits, and stops
+averaging one that sent something else). The model is one part, reduced by the member with the smallest peer id:
+`byzantine reducer` says whether that is an attacker, which audits nobody and averages its colluders' copies (its own
+copy, too, goes unaudited). The attackers are drawn from the members with the largest ids, so that reducer is honest;
+then each attack runs once more in the open configuration with that member among the attackers (`byzantine reducer`:
+yes). The table gives the held-out loss of an honest peer after STEPS steps (long enough that clean training is near
+its plateau, so that "within 5% of clean" means something), against the clean run of all 8 peers and against the
+honest peers training alone (the `absent` rows: the Byzantine peers do nothing, so the difference is what their
+attack did, not the data they did not bring).
+
+The overhead: clean runs of the trusted swarm, of the open one, and of the open one without audits, in rotated
+orders (the VM's speed drifts by more than the overhead within minutes: each overhead is the median of the repeats'
+ratios), for this model (whose rounds of 2.6k values are all fixed cost) and for bench/train.py's byte-level
+language model at its default sizes (2.5M values in 8 parts: a model whose step is mostly compute, as training is),
+per training step (gradient, round and update) and per averaging round, with the CPU time per peer and step (8
+peers share this host's cores, so the steps are CPU-bound and the time follows the CPU).
 Writes bench/results/local/byzantine.json (see bench/common.py).
 """
 

@@ -325,9 +325,10 @@ class _ChunkReduction:
 
 @dataclass
 class _ReducerArena:
-    """Receive slots (one payload per sender per chunk), fp32 outputs for one part's chunks, the rows a robust
-    aggregation decodes each copy into, and the decoded copies a verification claim projects (one chunk at a time:
-    chunks are reduced on the event loop)."""
+    """Receive slots (one payload per sender per chunk), fp32 outputs for one part's chunks, and the rows that a
+    robust aggregation decodes each copy into (`scratch`) or, where senders ask for claims, the decoded copies that
+    the claim projects (`copies`; a robust aggregation then works on those, which it leaves as they are), one chunk
+    at a time: chunks are reduced on the event loop."""
 
     slots: list[list[list[torch.Tensor]]]
     outputs: list[torch.Tensor]
@@ -336,12 +337,12 @@ class _ReducerArena:
 
     @classmethod
     def create(cls, codec: Codec, chunks, senders: int, device, robust: bool, verify: bool) -> _ReducerArena:
-        """Buffers for `senders` copies of each of `chunks` (and the decoding rows if `robust`, and the decoded
-        copies if `verify`)."""
+        """Buffers for `senders` copies of each of `chunks` (and the decoded copies if `verify`, else the decoding
+        rows if `robust`)."""
         slots = [[codec.empty_payload(e - s, device) for _ in range(senders)] for s, e in chunks]
         outputs = [torch.empty(e - s, dtype=torch.float32, device=device) for s, e in chunks]
         size = senders * max((e - s for s, e in chunks), default=0)
-        scratch = torch.empty(size, dtype=torch.float32, device=device) if robust and size else None
+        scratch = torch.empty(size, dtype=torch.float32, device=device) if robust and not verify and size else None
         copies = torch.empty(size, dtype=torch.float32, device=device) if verify and size else None
         return cls(slots, outputs, scratch, copies)
 

@@ -115,11 +115,12 @@ class Codec(ABC):
         copies: torch.Tensor | None = None,
     ) -> Payload | None:
         """Aggregate K payloads into fp32 `out` (weights normalized to sum to one): their weighted mean in one
-        fused pass; with a robust `aggregation`, also each copy decoded into a row of `scratch` (fp32, at least
-        K x n values, any shape, made when None), and the mean replaced by their robust aggregate if it differs.
-        With `requantize`, also return the result encoded for the return trip. A `coefficients` list receives
-        the result's coefficient of each decoded copy (out = sum_j c_j copy_j), and `copies` (fp32, at least
-        K x n values) each copy decoded, in order: what a reducer's verification claim is computed from.
+        fused pass; with a robust `aggregation`, also each copy decoded into a row of `copies` when given, else of
+        `scratch` (fp32, at least K x n values, any shape, made when None), and the mean replaced by their robust
+        aggregate if it differs. With `requantize`, also return the result encoded for the return trip. A
+        `coefficients` list receives the result's coefficient of each decoded copy (out = sum_j c_j copy_j), and
+        `copies` (fp32, at least K x n values) each copy decoded, in order: what a reducer's verification claim is
+        computed from.
         Raises NonFiniteError if a payload holds NaN or Inf."""
         payloads = _check_payloads(payloads, self.frames, name)
         mean = self._mean(payloads, weights, out, requantize, name)
@@ -132,12 +133,10 @@ class Codec(ABC):
             if kept is not None:
                 self.decode_rows(payloads, kept, name=name)
             return mean
-        if scratch is None:
+        if kept is None and scratch is None:
             scratch = torch.empty(len(payloads) * n, dtype=torch.float32, device=out.device)
-        rows = scratch.view(-1)[: len(payloads) * n].view(len(payloads), n)
+        rows = kept if kept is not None else scratch.view(-1)[: len(payloads) * n].view(len(payloads), n)
         self.decode_rows(payloads, rows, name=name)
-        if kept is not None:
-            kept.copy_(rows)  # before CenteredClip works on the rows in place
         clipped = centered_clip(rows, [float(w) for w in weights], out.view(-1), aggregation, mean_ready=True)
         if clipped is None:
             return mean

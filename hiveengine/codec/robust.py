@@ -9,12 +9,14 @@ clipped; a copy far beyond it pulls with at most tau. With a fraction a < 1/2 of
 point lies within about a / (1 - a) * tau of the honest copies' mean.
 
 Cost. Every center the iteration visits is a combination sum_j c_j x_j with sum_j c_j = 1, so the whole iteration
-runs on the K x K Gram matrix of the copies' differences to a base copy (one matrix product over the data; the
-differences keep its precision relative to the copies' spread, not their norms), and one more pass writes the
-result. The base is the copy of median norm (an honest one while most are): differences to a copy of norm 1e10
-would round the honest copies' own values away in fp32. The product is fp32 unless a difference is too large for
-it (a norm near 2e19 squares past fp32's range: the distances became NaN and the copy went unclipped); then it is
-recomputed in float64, in slices of GRAM_SLICE values. A clean round pays one check more than the plain mean: if
+runs on the K x K Gram matrix of the copies' differences to a base copy (one pass over the data, a slice of
+GRAM_SLICE values at a time, whose differences stay in cache: the copies themselves are never written, so a
+verified reducer's claim is computed from the same rows; the differences keep the product's precision relative to
+the copies' spread, not their norms), and one more pass writes the result. The base is the copy of median norm (an
+honest one while most are): differences to a copy of norm 1e10 would round the honest copies' own values away in
+fp32. Each slice's product is fp32, summed in float64, unless a difference is too large for it (a norm near 2e19
+squares past fp32's range: the distances became NaN and the copy went unclipped); then that slice is recomputed
+in float64. A clean round pays one check more than the plain mean: if
 every copy lies within tau of the weighted mean (tau_factor median distances to it when adaptive), that mean is a
 fixed point of the iteration (no copy is clipped and the weighted deviations sum to zero), and it is returned as it
 is, bit for bit the plain mean. With K <= 2 no copy can be told from the other, so the mean is returned.
@@ -37,7 +39,7 @@ DEFAULT_TAU_FACTOR = 1.5  # the clip radius, in median distances of the copies t
 DEFAULT_CLIP_ITERATIONS = 20  # most CenteredClip steps per chunk (it usually settles within a few)
 MEDOID_PASSES = 2  # the medoid is looked for again from the first one found (then the differences are small)
 CLIP_TOLERANCE = 1e-4  # stop once a step moves the center by less than this fraction of tau
-GRAM_SLICE = 1 << 16  # values per slice of a float64 Gram product (what it converts at a time: 512 KiB per copy)
+GRAM_SLICE = 1 << 14  # values per slice of the Gram product (their differences: 64 KiB per copy, in cache)
 
 
 @dataclass(frozen=True)
@@ -79,48 +81,33 @@ def centered_clip(
     *,
     mean_ready: bool = False,
 ) -> list[float] | None:
-    """CenteredClip of the K rows of `rows` (fp32, K x n, rows 1.. are overwritten) with `weights` into fp32 `out`
-    (n values; with `mean_ready` it holds their weighted mean already); see the module docstring. When some copy
-    was clipped (the result differs from the mean): the result's coefficients c (out = sum_j c_j rows_j, c >= 0,
-    sum 1; what a verifier checks it against); None when the mean stands. Raises NonFiniteError on NaN/Inf."""
+    """CenteredClip of the K rows of `rows` (fp32, K x n, left as they are) with `weights` into fp32 `out` (n
+    values; with `mean_ready` it holds their weighted mean already); see the module docstring. When some copy was
+    clipped (the result differs from the mean): the result's coefficients c (out = sum_j c_j rows_j, c >= 0, sum
+    about 1; what a verifier checks it against); None when the mean stands. Raises NonFiniteError on NaN/Inf."""
     count = rows.shape[0]
     total = float(sum(weights))
-    w = [x / total for x in weights] if total > 0 else [1.0 / count] * count
+    weight = np.array([x / total for x in weights] if total > 0 else [1.0 / count] * count, dtype=np.float64)
     if not mean_ready:
-        weighted_mean(list(rows), w, out=out, name="copies")
+        weighted_mean(list(rows), weight.tolist(), out=out, name="copies")
     if count <= 2 or rows.shape[1] == 0:
         return None
-    position = list(range(count))  # position k (0: the base, k >= 1: diffs[k - 1]) holds copy position[k]
-    first = _median_norm(rows)
-    if first != 0:
-        _swap(rows, position, first)
-        w[0], w[first] = w[first], w[0]
-    base, diffs = rows[0], rows[1:]
-    diffs -= base
-    gram = _gram(diffs)
-    weight = np.array(w, dtype=np.float64)
+    base = _median_norm(rows)
+    gram = _gram(rows, base)
     near_mean = _distances(gram, weight)
     limit = aggregation.tau if aggregation.tau is not None else aggregation.tau_factor * _lower_median(near_mean)
     if float(near_mean.max()) <= limit:
         return None
     for _ in range(MEDOID_PASSES):  # measure from the medoid (the median norm's copy may lie off the others)
         start = int(_lower_median(_pairwise(gram)).argmin())
-        if start == 0:
+        if start == base:
             break
-        moved = diffs[start - 1].clone()
-        diffs -= moved
-        base += moved
-        diffs[start - 1] = -moved
-        order = list(range(count))
-        order[0], order[start] = start, 0
-        position[0], position[start] = position[start], position[0]
-        weight = weight[order]
-        gram = _gram(diffs)
+        base, gram = start, _gram(rows, start)
     tau = aggregation.tau
     if tau is None:
-        tau = aggregation.tau_factor * _lower_median(_pairwise(gram)[0])
+        tau = aggregation.tau_factor * _lower_median(_pairwise(gram)[base])
     center = np.zeros(count, dtype=np.float64)
-    center[0] = 1.0
+    center[base] = 1.0
     for _ in range(aggregation.iterations):
         d = _distances(gram, center)
         pull = weight * np.where(d > tau, tau / np.maximum(d, 1e-300), 1.0)
@@ -128,13 +115,9 @@ def centered_clip(
         center += step
         if float(step @ gram @ step) <= (CLIP_TOLERANCE * tau) ** 2:
             break
-    used = torch.from_numpy(center[1:]).to(rows.dtype)  # the coefficients as the result is computed with them
-    out.view(-1).copy_(base).addmv_(diffs.T, used.to(rows.device))
-    coefficients = [0.0] * count
-    coefficients[position[0]] = 1.0 - float(used.double().sum())
-    for k, c in enumerate(used.tolist(), start=1):
-        coefficients[position[k]] = c
-    return coefficients
+    used = torch.from_numpy(center).to(rows.dtype)  # the coefficients as the result is computed with them
+    torch.mv(rows.T, used.to(rows.device), out=out.view(-1))
+    return used.double().tolist()
 
 
 def squared_norms(rows: torch.Tensor) -> np.ndarray:
@@ -153,28 +136,22 @@ def _median_norm(rows: torch.Tensor) -> int:
     return int(np.argsort(squares, kind="stable")[(len(squares) - 1) // 2])
 
 
-def _swap(rows: torch.Tensor, position: list[int], k: int) -> None:
-    """Swap rows 0 and k in place, and what `position` says they hold."""
-    held = rows[0].clone()
-    rows[0] = rows[k]
-    rows[k] = held
-    position[0], position[k] = position[k], position[0]
-
-
-def _gram(diffs: torch.Tensor) -> np.ndarray:
-    """The Gram matrix (float64, on the host) of the copies' differences to the base (whose own row is zero): the
-    one product over the data stays in torch (on the copies' device), in fp32 unless that overflows (then float64,
-    slice by slice); the K x K work after it is numpy's, whose calls cost a fraction of torch's at that size."""
-    count = diffs.shape[0] + 1
+def _gram(rows: torch.Tensor, base: int) -> np.ndarray:
+    """The Gram matrix (float64, on the host) of the copies' differences to copy `base` (whose own row and column
+    are zero), GRAM_SLICE values at a time (the differences of a slice fit in cache; the copies are not written):
+    each slice's product in torch (on the copies' device), fp32 unless that overflows (then float64), summed in
+    float64; the K x K work after it is numpy's, whose calls cost a fraction of torch's at that size."""
+    count, n = rows.shape
     gram = np.zeros((count, count), dtype=np.float64)
-    product = (diffs @ diffs.T).cpu().numpy()
-    if not np.isfinite(product).all():
-        wide = torch.zeros(count - 1, count - 1, dtype=torch.float64, device=diffs.device)
-        for start in range(0, diffs.shape[1], GRAM_SLICE):
-            piece = diffs[:, start : start + GRAM_SLICE].double()
-            wide.addmm_(piece, piece.T)
-        product = wide.cpu().numpy()
-    gram[1:, 1:] = product
+    scratch = torch.empty(count, min(n, GRAM_SLICE), dtype=rows.dtype, device=rows.device)
+    for start in range(0, n, GRAM_SLICE):
+        piece = rows[:, start : start + GRAM_SLICE]
+        diffs = torch.sub(piece, piece[base], out=scratch[:, : piece.shape[1]])
+        product = (diffs @ diffs.T).cpu().numpy()
+        if not np.isfinite(product).all():
+            wide = piece.double() - piece[base].double()
+            product = (wide @ wide.T).cpu().numpy()
+        gram += product
     return gram
 
 
