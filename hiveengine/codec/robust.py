@@ -19,7 +19,9 @@ squares past fp32's range: the distances became NaN and the copy went unclipped)
 in float64. A clean round pays one check more than the plain mean: if
 every copy lies within tau of the weighted mean (tau_factor median distances to it when adaptive), that mean is a
 fixed point of the iteration (no copy is clipped and the weighted deviations sum to zero), and it is returned as it
-is, bit for bit the plain mean. With K <= 2 no copy can be told from the other, so the mean is returned.
+is, bit for bit the plain mean; that check is one pass that measures each copy's distance to the mean computed
+already (no Gram matrix), and only a round that fails it pays for the rest. With K <= 2 no copy can be told from
+the other, so the mean is returned.
 """
 
 from __future__ import annotations
@@ -92,12 +94,12 @@ def centered_clip(
         weighted_mean(list(rows), weight.tolist(), out=out, name="copies")
     if count <= 2 or rows.shape[1] == 0:
         return None
-    base = _median_norm(rows)
-    gram = _gram(rows, base)
-    near_mean = _distances(gram, weight)
+    near_mean = _distances_to(rows, out.view(-1))
     limit = aggregation.tau if aggregation.tau is not None else aggregation.tau_factor * _lower_median(near_mean)
     if float(near_mean.max()) <= limit:
         return None
+    base = _median_norm(rows)
+    gram = _gram(rows, base)
     for _ in range(MEDOID_PASSES):  # measure from the medoid (the median norm's copy may lie off the others)
         start = int(_lower_median(_pairwise(gram)).argmin())
         if start == base:
@@ -153,6 +155,21 @@ def _gram(rows: torch.Tensor, base: int) -> np.ndarray:
             product = (wide @ wide.T).cpu().numpy()
         gram += product
     return gram
+
+
+def _distances_to(rows: torch.Tensor, point: torch.Tensor) -> np.ndarray:
+    """Each row's distance to `point` (float64, on the host), GRAM_SLICE values at a time (in cache; the rows are
+    not written): the clean round's one check. Each slice's squares are fp32 unless that overflows (then float64)."""
+    count, n = rows.shape
+    squares = np.zeros(count, dtype=np.float64)
+    scratch = torch.empty(count, min(n, GRAM_SLICE), dtype=rows.dtype, device=rows.device)
+    for start in range(0, n, GRAM_SLICE):
+        piece, at = rows[:, start : start + GRAM_SLICE], point[start : start + GRAM_SLICE]
+        part = squared_norms(torch.sub(piece, at, out=scratch[:, : piece.shape[1]]))
+        if not np.isfinite(part).all():
+            part = (piece.double() - at.double()).square().sum(1).cpu().numpy()
+        squares += part
+    return np.sqrt(squares)
 
 
 def _distances(gram: np.ndarray, c: np.ndarray) -> np.ndarray:
