@@ -285,7 +285,7 @@ def main() -> None:
         "--hidden", type=int, default=HIDDEN, help=f"the model's hidden width (default {HIDDEN}: 2,632 values)"
     )
     parser.add_argument(
-        "--clean-repeats", type=int, default=4, help="clean run pairs, mean and robust (for the overhead; default 4)"
+        "--clean-repeats", type=int, default=4, help="clean runs of each configuration (for the overhead; default 4)"
     )
     parser.add_argument(
         "--audit-rate",
@@ -296,8 +296,8 @@ def main() -> None:
     parser.add_argument(
         "--lm-repeats",
         type=int,
-        default=3,
-        help=f"clean run pairs of bench/train.py's language model, {LM_STEPS} steps each (0: none; default 3)",
+        default=6,
+        help=f"clean runs of bench/train.py's language model per configuration, {LM_STEPS} steps (0: none; default 6)",
     )
     args = parser.parse_args()
     if args.worker:
