@@ -219,9 +219,10 @@ def reference_centered_clip(rows: torch.Tensor, weights: list[float], tau_factor
     median distance of the other copies to it."""
     x = rows.double()
     w = torch.tensor(weights, dtype=torch.float64) / sum(weights)
-    pairwise = torch.cdist(x, x) + torch.diag(torch.full((len(x),), float("inf"), dtype=torch.float64))
-    start = int(pairwise.median(dim=1).values.argmin())
-    tau = tau_factor * float(pairwise[start].median())
+    k = len(x)
+    others = torch.cdist(x, x)[~torch.eye(k, dtype=torch.bool)].view(k, k - 1)  # each copy's distances to the others
+    start = int(others.median(dim=1).values.argmin())
+    tau = tau_factor * float(others[start].median())
     v = x[start].clone()
     for _ in range(iterations):
         d = (x - v).norm(dim=1)
@@ -291,6 +292,38 @@ def test_centered_clip_bounds_a_copy_of_any_size_wherever_it_sits(norm, at):
     assert coefficients[at] * norm < spread  # it pulls with about tau / 8, whatever its size
     combined = sum(c * r.double() for c, r in zip(coefficients, rows, strict=True))
     assert float((combined - out.double()).norm()) <= 1e-4 * float(mean.norm())  # the claim a verifier checks
+
+
+@pytest.mark.parametrize(("honest", "colluders", "weight"), [(4, 3, 1.0), (6, 4, 1.0), (6, 2, 2.0), (5, 3, 1.15)])
+def test_colluders_with_40_percent_of_the_weight_cannot_pass_as_a_clean_round(honest, colluders, weight):
+    # Colluders that share one copy D away drag the mean by a D (a: their weight's share), so the honest copies sit
+    # about a D from it. The clean-round check took its tau from those distances to the mean: from a = 40% on, every
+    # copy lay within 1.5 median distances of the mean, the plain mean was returned, and D moved it without bound.
+    from hiveengine.codec import Aggregation, centered_clip
+
+    n = 1000
+    rows = torch.stack([randn(n, seed=300 + i) for i in range(honest)] + [randn(n, seed=399) + 1e4] * colluders)
+    weights = [1.0] * honest + [weight] * colluders
+    out = torch.empty(n)
+    coefficients = centered_clip(rows, weights, out, Aggregation("centered_clip"))
+    assert coefficients is not None  # not taken for a clean round
+    good = rows[:honest].mean(0)
+    spread = float((rows[:honest] - good).norm(dim=1).max())
+    assert float((out - good).norm()) < 2 * spread  # bounded by tau, not by the colluders' 1e4 per value
+
+
+def test_copies_that_mostly_coincide_keep_a_positive_radius():
+    # Most copies equal (zero gradients, frozen values): the medoid's median distance is 0, and a radius of 0 gave
+    # every other copy a coefficient of 0, which each of their honest senders took for a reducer dropping its copy.
+    from hiveengine.codec import Aggregation, centered_clip
+
+    n = 2000
+    rows = torch.cat([torch.zeros(5, n), 0.01 * torch.stack([randn(n, seed=500 + i) for i in range(2)])])
+    rows = torch.cat([rows, 1e3 * randn(n, seed=510).unsqueeze(0)])  # and one huge copy
+    out = torch.empty(n)
+    coefficients = centered_clip(rows, [1.0] * 8, out, Aggregation("centered_clip"))
+    assert coefficients is not None and min(coefficients) > 0 and abs(sum(coefficients) - 1) < 1e-6
+    assert float(out.norm()) < float(rows[5:7].norm(dim=1).max())  # the huge copy is still clipped
 
 
 def test_centered_clip_refuses_non_finite_copies_and_options():

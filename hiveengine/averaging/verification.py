@@ -50,9 +50,9 @@ and decoded only once every chunk of the part passed) and bans the reducer on th
 
 Cost: sender: m probes (2 m n keystream bytes) and 2 m n-length dot products per chunk, in one pass of the native
 kernel: about 5 ns per value in all (keystream, kernel, digest and decoding; 1.5 ms for a 315k-value part);
-reducer: the probes, the copies decoded into a K x n matrix (the rows a robust aggregation decodes anyway, kept
-before it works on them in place) and m matrix-vector passes for their projections and norms (2.8 ms for 8 copies
-of 315k values);
+reducer: the probes, the copies decoded into a K x n matrix (the rows a robust aggregation decodes anyway, and
+leaves as they are) and m matrix-vector passes for their projections and norms (2 ms for 8 copies of 315k
+values);
 8 K (m + 2) bytes of header per chunk (the claim's numbers as float64 bytes); no extra message or round trip.
 
 What it catches: a reducer that returns anything but sum_j c_j x_j over the copies it reports projections of

@@ -10,18 +10,18 @@ point lies within about a / (1 - a) * tau of the honest copies' mean.
 
 Cost. Every center the iteration visits is a combination sum_j c_j x_j with sum_j c_j = 1, so the whole iteration
 runs on the K x K Gram matrix of the copies' differences to a base copy (one pass over the data, a slice of
-GRAM_SLICE values at a time, whose differences stay in cache: the copies themselves are never written, so a
-verified reducer's claim is computed from the same rows; the differences keep the product's precision relative to
-the copies' spread, not their norms), and one more pass writes the result. The base is the copy of median norm (an
-honest one while most are): differences to a copy of norm 1e10 would round the honest copies' own values away in
-fp32. Each slice's product is fp32, summed in float64, unless a difference is too large for it (a norm near 2e19
-squares past fp32's range: the distances became NaN and the copy went unclipped); then that slice is recomputed
-in float64. A clean round pays one check more than the plain mean: if
-every copy lies within tau of the weighted mean (tau_factor median distances to it when adaptive), that mean is a
-fixed point of the iteration (no copy is clipped and the weighted deviations sum to zero), and it is returned as it
-is, bit for bit the plain mean; that check is one pass that measures each copy's distance to the mean computed
-already (no Gram matrix), and only a round that fails it pays for the rest. With K <= 2 no copy can be told from
-the other, so the mean is returned.
+GRAM_SLICE values at a time, whose differences stay in cache: the copies themselves are never written, so a verified
+reducer's claim is computed from the same rows; the differences keep the product's precision relative to the copies'
+spread, not their norms), and one more pass writes the result. The base is the copy of median norm (an honest one
+while most are): differences to a copy of norm 1e10 would round the honest copies' own values away in fp32. Each
+slice's product is fp32, summed in float64, unless a difference is too large for it (a norm near 2e19 squares past
+fp32's range: the distances became NaN and the copy went unclipped); then it is recomputed in float64. A clean round
+pays the norms and that Gram matrix more than the plain mean: if every copy lies within tau of the weighted mean,
+that mean is a fixed point of the iteration (no copy is clipped and the weighted deviations sum to zero), and it is
+returned as it is, bit for bit the plain mean. That tau is the iteration's own, measured from the medoid: one
+measured from the copies' distances to the mean grew with the pull of colluders at one point, and let 40% of the
+weight move the mean without bound. A tau of 0 (most copies coincide) becomes the medoid's smallest positive
+distance. With K <= 2 no copy can be told from the other, so the mean is returned.
 """
 
 from __future__ import annotations
@@ -94,20 +94,19 @@ def centered_clip(
         weighted_mean(list(rows), weight.tolist(), out=out, name="copies")
     if count <= 2 or rows.shape[1] == 0:
         return None
-    near_mean = _distances_to(rows, out.view(-1))
-    limit = aggregation.tau if aggregation.tau is not None else aggregation.tau_factor * _lower_median(near_mean)
-    if float(near_mean.max()) <= limit:
-        return None
     base = _median_norm(rows)
     gram = _gram(rows, base)
+    # The mean stands when every copy lies within the iteration's own tau of it: a tau measured from the medoid,
+    # which colluders that drag the mean cannot stretch (one measured from the distances to the mean grew with
+    # their pull: 40% of the weight at one point passed as a clean round, and the mean moved without bound).
+    if float(_distances(gram, weight).max()) <= _tau(gram, aggregation):
+        return None
     for _ in range(MEDOID_PASSES):  # measure from the medoid (the median norm's copy may lie off the others)
-        start = int(_lower_median(_pairwise(gram)).argmin())
+        start = int(_median_distances(_pairwise(gram)).argmin())
         if start == base:
             break
         base, gram = start, _gram(rows, start)
-    tau = aggregation.tau
-    if tau is None:
-        tau = aggregation.tau_factor * _lower_median(_pairwise(gram)[base])
+    tau = _tau(gram, aggregation)
     center = np.zeros(count, dtype=np.float64)
     center[base] = 1.0
     for _ in range(aggregation.iterations):
@@ -141,35 +140,41 @@ def _median_norm(rows: torch.Tensor) -> int:
 def _gram(rows: torch.Tensor, base: int) -> np.ndarray:
     """The Gram matrix (float64, on the host) of the copies' differences to copy `base` (whose own row and column
     are zero), GRAM_SLICE values at a time (the differences of a slice fit in cache; the copies are not written):
-    each slice's product in torch (on the copies' device), fp32 unless that overflows (then float64), summed in
-    float64; the K x K work after it is numpy's, whose calls cost a fraction of torch's at that size."""
+    each slice's product in torch (on the copies' device), fp32 and summed in float64 there, brought to the host
+    once; if a product overflowed fp32, all of it again in float64. The K x K work after it is numpy's, whose calls
+    cost a fraction of torch's at that size."""
     count, n = rows.shape
-    gram = np.zeros((count, count), dtype=np.float64)
+    total = torch.zeros(count, count, dtype=torch.float64, device=rows.device)
     scratch = torch.empty(count, min(n, GRAM_SLICE), dtype=rows.dtype, device=rows.device)
     for start in range(0, n, GRAM_SLICE):
         piece = rows[:, start : start + GRAM_SLICE]
         diffs = torch.sub(piece, piece[base], out=scratch[:, : piece.shape[1]])
-        product = (diffs @ diffs.T).cpu().numpy()
-        if not np.isfinite(product).all():
-            wide = piece.double() - piece[base].double()
-            product = (wide @ wide.T).cpu().numpy()
-        gram += product
+        total += diffs @ diffs.T
+    gram = total.cpu().numpy()
+    if not np.isfinite(gram).all():
+        total.zero_()
+        for start in range(0, n, GRAM_SLICE):
+            piece = rows[:, start : start + GRAM_SLICE].double()
+            wide = piece - piece[base]
+            total += wide @ wide.T
+        gram = total.cpu().numpy()
     return gram
 
 
-def _distances_to(rows: torch.Tensor, point: torch.Tensor) -> np.ndarray:
-    """Each row's distance to `point` (float64, on the host), GRAM_SLICE values at a time (in cache; the rows are
-    not written): the clean round's one check. Each slice's squares are fp32 unless that overflows (then float64)."""
-    count, n = rows.shape
-    squares = np.zeros(count, dtype=np.float64)
-    scratch = torch.empty(count, min(n, GRAM_SLICE), dtype=rows.dtype, device=rows.device)
-    for start in range(0, n, GRAM_SLICE):
-        piece, at = rows[:, start : start + GRAM_SLICE], point[start : start + GRAM_SLICE]
-        part = squared_norms(torch.sub(piece, at, out=scratch[:, : piece.shape[1]]))
-        if not np.isfinite(part).all():
-            part = (piece.double() - at.double()).square().sum(1).cpu().numpy()
-        squares += part
-    return np.sqrt(squares)
+def _tau(gram: np.ndarray, aggregation: Aggregation) -> float:
+    """The clip radius: `tau`, or `tau_factor` times the medoid's (lower) median distance to the other copies, or
+    where that is 0 (most copies coincide: zero gradients, frozen values) its smallest positive one: a radius of 0
+    gave every other copy a coefficient of 0, and each of their honest senders took the reducer for one that had
+    dropped its copy."""
+    if aggregation.tau is not None:
+        return aggregation.tau
+    pairwise = _pairwise(gram)
+    distances = pairwise[int(_median_distances(pairwise).argmin())]
+    median = float(_median_distances(distances))
+    if median <= 0:
+        positive = distances[(distances > 0) & np.isfinite(distances)]
+        median = float(positive.min()) if positive.size else 0.0
+    return aggregation.tau_factor * median
 
 
 def _distances(gram: np.ndarray, c: np.ndarray) -> np.ndarray:
@@ -186,8 +191,9 @@ def _pairwise(gram: np.ndarray) -> np.ndarray:
     return pairwise
 
 
-def _lower_median(values: np.ndarray) -> np.ndarray | float:
-    """The lower median of a vector (a float), or of each row of a matrix (an array)."""
-    middle = (values.shape[-1] - 1) // 2
-    median = np.partition(values, middle, axis=-1)[..., middle]
-    return float(median) if values.ndim == 1 else median
+def _median_distances(pairwise: np.ndarray) -> np.ndarray:
+    """Each copy's (lower) median distance to the others, its own (infinite) left out: with fewer than half the
+    copies hostile, an honest copy's is an honest distance even where the others split evenly (K odd; counting its
+    own, 4 honest copies of 7 took a colluder's distance, and a colluder became the medoid)."""
+    middle = (pairwise.shape[-1] - 2) // 2
+    return np.partition(pairwise, middle, axis=-1)[..., middle]
