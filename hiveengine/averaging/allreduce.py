@@ -121,7 +121,7 @@ class RoundOptions:
     # check each reducer's reply against its claim (hiveengine.averaging.verification); off by default: it sits on
     # the round's critical path (PROBES probes per chunk: a sender's check takes ~0.08 ms of one core at 2,632
     # values, ~1.2 ms at 315k; bench/byzantine.py's 8 peers sharing 2 cores, with CenteredClip: about +12% per
-    # training step of bench/train.py's language model, +30% per round of its 2,632-value model)
+    # training step of bench/train.py's language model, +30% to +42% per round of its 2,632-value model)
     verify: bool = False
     # Contribution audits (hiveengine.averaging.audits): `audit(sender)` recomputes the flat contribution a sender
     # should send this round (None: cannot tell); each sender is audited with probability `audit_rate` (by one

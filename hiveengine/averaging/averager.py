@@ -102,7 +102,7 @@ class DecentralizedAverager:
     (hiveengine.averaging.verification); a reducer caught cheating costs its part for that round and lands in
     `banned`, left out of our later rounds. It is off by default because it sits on the round's critical path
     (bench/byzantine.py's 8 peers sharing 2 cores, with CenteredClip: about +12% per training step of
-    bench/train.py's language model, +30% per round of a 2.6k-value model); turn it on in open swarms.
+    bench/train.py's language model, +30% to +42% per round of a 2.6k-value model); turn it on in open swarms.
     Where each peer's contribution follows from public data, `audit(sender)` recomputes the flat contribution a
     sender should send this round: each sender is then audited with probability `audit_rate` (the reducers
     split the draws, so a peer recomputes about that many contributions per round at any group size), and a
