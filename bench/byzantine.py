@@ -53,6 +53,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import format_table, kill_worker, read_prefixed, write_results
+from bench.train import TinyLM, evaluate, lm_loss, sample_batch, split_corpus
 from hiveengine.averaging.audits import DEFAULT_AUDIT_RATE
 
 PEERS = 8
@@ -113,29 +114,19 @@ class Language:
     lr = LM_LR
 
     def __init__(self):
-        from bench.train import split_corpus
-
         self.train, self.heldout_data = split_corpus()
 
     def model(self) -> nn.Module:
-        from bench.train import TinyLM
-
         torch.manual_seed(0)
         return TinyLM(LM_DIM, LM_LAYERS, LM_HEADS, LM_SEQ)
 
     def batch(self, seed: int) -> torch.Tensor:
-        from bench.train import sample_batch
-
         return sample_batch(self.train, torch.Generator().manual_seed(seed), LM_BATCH, LM_SEQ)
 
     def loss(self, model: nn.Module, batch) -> torch.Tensor:
-        from bench.train import lm_loss
-
         return lm_loss(model, batch)
 
     def heldout(self, model: nn.Module) -> float:
-        from bench.train import evaluate
-
         return evaluate(model, self.heldout_data, LM_SEQ)
 
 
