@@ -210,10 +210,6 @@ def chunk_spans(start: int, end: int, chunk: int) -> list[tuple[int, int]]:
     return [(s, min(s + chunk, end)) for s in range(start, end, chunk)]
 
 
-MAX_LAYOUTS = 8  # distinct buffer layouts kept (a changing group size or tensor size makes new ones)
-GENERATIONS = 2  # alternate between two sets, so a late transfer of the previous round never sees new data
-
-
 class BufferCache:
     """Per-layout buffer sets, handed out alternately; the least recently used layouts are dropped."""
 
@@ -221,6 +217,7 @@ class BufferCache:
         self.max_layouts = max_layouts
         self._sets: collections.OrderedDict[Hashable, list[Any]] = collections.OrderedDict()
         self._turn: dict[Hashable, int] = {}
+        self.made = 0  # buffer sets made so far: none in a round like the ones before it
 
     def get(self, key: Hashable, make: Callable[[], Any]) -> Any:
         """The next buffer set for `key`, created with `make()` the first GENERATIONS times."""
@@ -230,6 +227,7 @@ class BufferCache:
         self._turn[key] = (turn + 1) % GENERATIONS
         if len(sets) <= turn:
             sets.append(make())
+            self.made += 1
         while len(self._sets) > self.max_layouts:
             dropped, _ = self._sets.popitem(last=False)
             self._turn.pop(dropped, None)
@@ -761,6 +759,52 @@ class _Exchange:
     part: int
     span: tuple[int, int]
     local_round: _ReducerRound | None  # set when we reduce this part ourselves
+    buffers: _SendBuffers | None  # where the copies we send and the replies we get are encoded (None: in `flat`)
+
+
+@dataclass(frozen=True)
+class _SendBuffers:
+    """One part's buffers for a round, per chunk: our encoded copy, the reducer's encoded aggregate and, when its
+    replies are verified, our copy and the aggregate decoded (2 x n)."""
+
+    sends: list[list[torch.Tensor]]
+    means: list[list[torch.Tensor]]
+    checks: list[torch.Tensor]
+
+    @classmethod
+    def create(cls, codec: Codec, chunks: list[tuple[int, int]], device: torch.device, verify: bool) -> _SendBuffers:
+        return cls(
+            [codec.empty_payload(e - s, device) for s, e in chunks],
+            [codec.empty_payload(e - s, device) for s, e in chunks],
+            [torch.empty(2, e - s, dtype=torch.float32, device=device) for s, e in chunks] if verify else [],
+        )
+
+
+def _round_send_buffers(
+    service: AllReduceService,
+    codec: Codec,
+    spans: list[tuple[int, int]],
+    parts: list[int],
+    chunk_elements: int,
+    device: torch.device,
+    verify: dict[int, bool],
+) -> dict[int, _SendBuffers]:
+    """Every part's send buffers for a round, as one layout of the buffer cache: a layout per part filled the cache
+    with a group of 8 (8 parts and our reduction's arena, over its MAX_LAYOUTS), so each round dropped and made
+    every buffer anew, and paid for it in page faults (a fifth of a verified round's CPU time). None are needed
+    for a lossless codec whose replies are not verified: its chunks go as they are and land in `flat`."""
+    needed = [part for part in parts if verify[part] or not codec.lossless]
+    if not needed:
+        return {}
+    layout = ("send", codec.name, tuple(spans[part] for part in needed), chunk_elements, device)
+    layout += (tuple(verify[part] for part in needed),)
+    return service.buffers.get(
+        layout,
+        lambda: {
+            part: _SendBuffers.create(codec, chunk_spans(*spans[part], chunk_elements), device, verify[part])
+            for part in needed
+        },
+    )
 
 
 async def run_allreduce(
@@ -809,6 +853,8 @@ async def run_allreduce(
     parts = [p for p, (start, end) in enumerate(spans) if end > start] if me.contributes else []
     exchanges: dict[int, asyncio.Task] = {}
     outcomes: dict[int, int | BaseException] = {}  # per part: the fewest senders averaged, or what failed it
+    verify = {part: options.verify and part != my_part for part in parts}  # our own part's reply is ours
+    buffers = _round_send_buffers(service, codec, spans, parts, chunk_elements, flat.device, verify)
     plans = {
         part: _Exchange(
             service,
@@ -823,6 +869,7 @@ async def run_allreduce(
             part,
             spans[part],
             local_round if part == my_part else None,
+            buffers.get(part),
         )
         for part in parts
     }
@@ -925,15 +972,7 @@ async def _exchange_part(plan: _Exchange, chunk_elements: int) -> int:
     codec, flat, part = plan.codec, plan.flat, plan.part
     lossless = codec.lossless  # the chunk goes as it is (and, unverified, the aggregate lands straight in `flat`)
     verify = plan.options.verify and plan.local_round is None
-    if verify or not lossless:
-        sends, means, checks = plan.service.buffers.get(
-            ("send", codec.name, tuple(chunks), flat.device, verify),
-            lambda: (
-                [codec.empty_payload(e - s, flat.device) for s, e in chunks],
-                [codec.empty_payload(e - s, flat.device) for s, e in chunks],
-                [torch.empty(2, e - s, dtype=torch.float32, device=flat.device) for s, e in chunks] if verify else [],
-            ),
-        )
+    buffers = plan.buffers
     me = next(i for i, m in enumerate(plan.group.senders) if m.peer_id == plan.service.peer.peer_id)
     withdrawn: list[asyncio.Future] = []
 
@@ -945,7 +984,8 @@ async def _exchange_part(plan: _Exchange, chunk_elements: int) -> int:
             piece = flat[start:end]
             residual = None if plan.residual is None else plan.residual[start:end]
             try:
-                payload = codec.encode(piece, residual, out=None if lossless else sends[index], name=f"part {part}")
+                out = None if lossless else buffers.sends[index]
+                payload = codec.encode(piece, residual, out=out, name=f"part {part}")
             except NonFiniteError as e:
                 withdrawn.append(asyncio.ensure_future(_withdraw(plan)))
                 await withdrawn[0]
@@ -956,12 +996,12 @@ async def _exchange_part(plan: _Exchange, chunk_elements: int) -> int:
                 count = reduced.count
             else:
                 header = {"g": plan.group.group_id, "c": index, "w": plan.weight, "v": verify}
-                out = means[index] if verify or not lossless else [piece]
+                out = buffers.means[index] if buffers is not None else [piece]
                 reply, mean = await plan.service.peer.call(
                     plan.reducer.address, CHUNK_METHOD, header, payload, timeout=_reply_timeout(plan), out=out
                 )
                 if verify:
-                    _verify_chunk(plan, index, me, reply, payload, mean, checks[index])
+                    _verify_chunk(plan, index, me, reply, payload, mean, buffers.checks[index])
                 elif not lossless:
                     codec.decode(mean, piece, name=f"mean of part {part}")
                 count = reply.get("n")
@@ -991,7 +1031,7 @@ async def _exchange_part(plan: _Exchange, chunk_elements: int) -> int:
             raise errors[0]
         raise AllReduceError(f"{len(errors)} of {len(chunks)} chunks of part {part} failed: {errors[0]}")
     if verify:
-        for (start, end), checked in zip(chunks, checks, strict=True):
+        for (start, end), checked in zip(chunks, buffers.checks, strict=True):
             flat[start:end].copy_(checked[1])
     return fewest
 
