@@ -37,7 +37,9 @@ Writes bench/results/local/byzantine.json (see bench/common.py).
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -157,10 +159,17 @@ def attacked(attack: str, task, model: nn.Module, rank: int, step: int, honest: 
 
 
 def auditor(task, model: nn.Module, rank_of: dict, step: int):
-    """The audit function of one step: a sender's gradient on its public minibatch, at our model, which every honest
-    peer shares. It reads the model without writing to it: the round waits for its audits before we step, and an
-    audit still running past that is dropped."""
-    return lambda sender: gradient(task, model, rank_of[sender] * 10**4 + step)
+    """The audit function of one step: it copies our model (which every honest peer shares) the first time the round
+    draws a sender, and returns that sender's gradient on its public minibatch at the copy, recomputed later in a
+    worker thread (no round waits for it, and we step meanwhile)."""
+    copies: list[nn.Module] = []
+
+    def audit(sender):
+        if not copies:
+            copies.append(copy.deepcopy(model))
+        return functools.partial(gradient, task, copies[0], rank_of[sender] * 10**4 + step)
+
+    return audit
 
 
 def worker() -> None:
@@ -248,6 +257,7 @@ def worker() -> None:
                     p -= task.lr * flat[offset : offset + p.numel()].view_as(p)
                     offset += p.numel()
         stepping, cpu = time.perf_counter() - began, time.process_time() - cpu
+        peer.runtime.run(service.audits_settled(), 60)  # the last rounds' audits: their bans, not the next run's CPU
         with torch.no_grad():
             loss = task.heldout(model)
         outcome = {"loss": loss, "averaging_s": averaging, "step_s": stepping, "cpu_s": cpu, "failed_steps": failed}

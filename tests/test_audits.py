@@ -1,8 +1,8 @@
 """Contribution audits (hiveengine.averaging.audits): a reducer that recomputes what a sender should have sent
 catches a copy with the right norm but the wrong content (a flipped sign, an ALIE-style shift) and bans its sender
 (left out of the round when its recomputation was done by the reduction, which never waits for one, else checked
-before the round returns); honest copies pass with every codec, error feedback included; a failing or slow audit
-function convicts nobody.
+once it is done, after the round returned); honest copies pass with every codec, error feedback included; a failing
+or slow audit function convicts nobody.
 
 Real peer processes over UCX on 127.0.0.1 (tests/peers/allreduce_peer.py, whose members' data is public: member i
 averages seeded_data(i)), plus checks of one round's audits on fresh random data.
@@ -18,11 +18,11 @@ import threading
 import pytest
 import torch
 
-from hiveengine.averaging import RoundOptions
+from hiveengine.averaging import AllReduceService, GroupInfo, GroupMember, RoundOptions, run_allreduce
 from hiveengine.averaging.audits import Audits, reducer_rate
 from hiveengine.codec import get_codec
 from hiveengine.errors import ConfigurationError
-from hiveengine.transport import PeerID
+from hiveengine.transport import Peer, PeerID
 from tests.test_allreduce import TOLERANCE, average_in_processes, exact_mean
 from tests.test_byzantine import HONEST, part_of
 
@@ -34,13 +34,18 @@ def _ids(count: int) -> list[PeerID]:
     return [PeerID(os.urandom(32)) for _ in range(count)]
 
 
+def _recomputing(expected: dict):
+    """An audit function whose recomputations return `expected[sender]` (None: cannot tell)."""
+    return lambda sender: lambda: expected.get(sender)
+
+
 def _check(codec_name: str, sent: dict, expected: dict, rate: float = 1.0, audit=None, timeout: float = 5.0):
     """One round's audits of `sent` (sender -> the flat tensor it encodes, with error feedback from a residual it
     carried over) against `expected` (what each should send): each sender's verdict."""
     codec = get_codec(codec_name)
 
     async def run() -> dict:
-        audits = Audits(audit or expected.get, rate, 0.1, list(sent), codec, timeout)
+        audits = Audits(audit or _recomputing(expected), rate, 0.1, list(sent), codec, timeout)
         await audits.settle()  # nothing held yet: it only waits for the recomputations (up to `timeout`)
         row = torch.empty(N)
         verdicts = {}
@@ -92,7 +97,7 @@ def test_an_honest_chunk_whose_gradient_shrank_still_carries_last_rounds_roundin
     codec.encode(last.clone(), carried, name="last round")
 
     async def verdict(copy: torch.Tensor) -> str | None:
-        audits = Audits(lambda _: now, 1.0, 0.1, [sender], codec, 5.0)
+        audits = Audits(lambda _: lambda: now, 1.0, 0.1, [sender], codec, 5.0)
         await audits.settle()
         return audits.check(sender, codec.encode(copy), (N, 2 * N), torch.empty(N))
 
@@ -101,24 +106,36 @@ def test_an_honest_chunk_whose_gradient_shrank_still_carries_last_rounds_roundin
 
 
 def test_nobody_is_convicted_by_an_audit_that_fails_is_slow_or_cannot_tell():
-    broken, slow, unknown, odd, nonfinite = _ids(5)
+    broken, unprepared, slow, unknown, odd, uncallable, nonfinite = _ids(7)
     release = threading.Event()
 
-    def audit(sender):
+    def recompute(sender):
         if sender == broken:
             raise RuntimeError("the user's recomputation failed")
         if sender == odd:
             return [1.0, 2.0]  # not a tensor
-        if sender == nonfinite:
-            return torch.full((N,), math.nan)
-        return None  # `unknown`: cannot tell
+        return torch.full((N,), math.nan)  # `nonfinite`
 
-    lies = {p: (torch.randn(N) * 100, torch.zeros(N)) for p in (broken, unknown, odd, nonfinite)}
+    def audit(sender):
+        if sender == unprepared:
+            raise RuntimeError("the user's audit function failed")
+        if sender == uncallable:
+            return torch.zeros(N)  # a contribution, not the function that recomputes it
+        if sender == unknown:
+            return None  # cannot tell
+        return lambda: recompute(sender)
+
+    lies = {
+        p: (torch.randn(N) * 100, torch.zeros(N)) for p in (broken, unprepared, unknown, odd, uncallable, nonfinite)
+    }
     assert _check("int8", lies, {}, audit=audit) == dict.fromkeys(lies)
 
     def stalled(sender):
-        release.wait(30)
-        return torch.zeros(N)
+        def recomputation():
+            release.wait(30)
+            return torch.zeros(N)
+
+        return recomputation
 
     try:  # an audit still running when the round settles: its sender goes unaudited this round
         assert _check("int8", {slow: lies[broken]}, {}, audit=stalled, timeout=0.05) == {slow: None}
@@ -128,15 +145,18 @@ def test_nobody_is_convicted_by_an_audit_that_fails_is_slow_or_cannot_tell():
 
 def test_a_copy_reduced_before_its_audit_finished_is_convicted_when_the_round_settles():
     # The reduction never waits for a recomputation (a wait told a timing sender whether it was watched): the copy
-    # is held, and checked before the round returns.
+    # is held, and checked once the recomputation is done.
     codec = get_codec("int8")
     liar, honest = _ids(2)
     truth = {p: torch.randn(N) for p in (liar, honest)}
     release = threading.Event()
 
     def audit(sender):
-        release.wait(30)
-        return truth[sender]
+        def recomputation():
+            release.wait(30)
+            return truth[sender]
+
+        return recomputation
 
     async def run() -> tuple:
         audits = Audits(audit, 1.0, 0.1, [liar, honest], codec, 30.0)
@@ -153,25 +173,75 @@ def test_a_copy_reduced_before_its_audit_finished_is_convicted_when_the_round_se
     assert set(settled) == {liar} and set(failed) == {liar} and "lies" in settled[liar]
 
 
-def test_a_round_past_its_deadline_still_checks_the_copies_it_held():
-    # run_allreduce settles its audits after its deadline too, with no time left to wait: a sender that stretched
-    # the round past it (withholding its later chunks) kept its held, already aggregated copies unchecked.
-    codec, (liar,) = get_codec("int8"), _ids(1)
-    truth = torch.randn(N)
+def test_the_audit_function_is_called_when_the_round_opens_and_its_recomputation_later():
+    # The round does not wait for a recomputation, so the caller may step its model before it runs: the audit
+    # function is called while the round opens (the caller is still waiting for the round), to take what the
+    # recomputation will read, which then runs in a worker thread.
+    codec, (sender,) = get_codec("int8"), _ids(1)
+    model = torch.randn(N)  # what the sender used this round; the caller steps it once the round is over
+    release, prepared, called_in = threading.Event(), [], []
+
+    def audit(who):
+        prepared.append(who)
+        snapshot = model.clone()
+
+        def recomputation():
+            called_in.append(threading.current_thread())
+            release.wait(30)
+            return snapshot
+
+        return recomputation
+
+    async def run() -> dict:
+        audits = Audits(audit, 1.0, 0.1, [sender], codec, 30.0)
+        assert prepared == [sender]  # before the round goes on
+        assert audits.check(sender, [t.clone() for t in codec.encode(model)], (0, N), torch.empty(N)) is None
+        model.add_(1.0)  # the round returned and the caller stepped
+        release.set()
+        return await audits.settle()
+
+    assert asyncio.run(run()) == {}  # the honest copy is judged by the model it was made from
+    assert called_in and called_in[0] is not threading.main_thread()
+
+
+def test_a_round_returns_before_its_audits_and_their_bans_follow_once_they_end():
+    # No round waits for a recomputation: one that did held every member's next step for a gradient's worth of
+    # compute. Here every recomputation waits for the test, which lets them go once every round has returned.
+    peers = [Peer() for _ in range(3)]
+    services = [AllReduceService(p) for p in peers]
+    codec, numel = get_codec("int8"), 3 * N  # three parts, so that every peer reduces one and audits the others
+    flats = [torch.randn(numel, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    liar = peers[2].peer_id  # it sends its data, where it should have sent the opposite
+    truth = {p.peer_id: -flats[i] if p.peer_id == liar else flats[i] for i, p in enumerate(peers)}
     release = threading.Event()
 
     def audit(sender):
-        release.wait(30)
-        return truth
+        def recomputation():
+            release.wait(30)
+            return truth[sender]
 
-    async def run() -> dict:
-        audits = Audits(audit, 1.0, 0.1, [liar], codec, 30.0)
-        assert audits.check(liar, [t.clone() for t in codec.encode(-truth)], (0, N), torch.empty(N)) is None
+        return recomputation
+
+    async def one_round():
+        group = GroupInfo(os.urandom(8), tuple(GroupMember(p.peer_id, str(p.address)) for p in peers))
+        rounds = [
+            run_allreduce(s, group, f.clone(), codec, timeout=30, audit=audit, audit_rate=1.0)
+            for s, f in zip(services, flats, strict=True)
+        ]
+        return await asyncio.gather(*rounds)
+
+    try:
+        results = peers[0].runtime.run(one_round(), 60)
+        assert all(r.failed_parts == [] for r in results)
+        assert not any(s.banned for s in services)  # every recomputation still waits
         release.set()
-        await audits.recomputation
-        return await audits.settle(until=0.0)  # loop time 0: long past
-
-    assert set(asyncio.run(run())) == {liar}
+        for s in services:
+            peers[0].runtime.run(s.audits_settled(), 60)
+        assert [list(s.banned) for s in services] == [[liar], [liar], []]
+    finally:
+        release.set()
+        for p in peers:
+            p.shutdown()
 
 
 def test_a_non_finite_copy_from_an_audited_sender_is_left_to_the_reduction_without_a_ban():
@@ -181,7 +251,7 @@ def test_a_non_finite_copy_from_an_audited_sender_is_left_to_the_reduction_witho
     payload[1][0] = math.nan  # a hostile scale: decoding it would raise NonFiniteError inside the reduction
 
     async def run() -> tuple:
-        audits = Audits(lambda _: torch.randn(N), 1.0, 0.1, [sender], codec, 5.0)
+        audits = Audits(lambda _: lambda: torch.randn(N), 1.0, 0.1, [sender], codec, 5.0)
         await audits.settle()
         return audits.check(sender, payload, (0, N), torch.empty(N)), audits.failed
 
@@ -194,13 +264,13 @@ def test_a_rate_of_zero_audits_nobody_and_one_audits_everyone():
 
     def audit(sender):
         called.append(sender)
-        return torch.zeros(N)
+        return lambda: torch.zeros(N)
 
     lies = {p: (torch.randn(N), torch.zeros(N)) for p in senders}
     assert _check("none", lies, {}, rate=0.0, audit=audit) == dict.fromkeys(senders)
     assert called == []
     assert all(_check("none", lies, {}, rate=1.0, audit=audit).values())
-    assert sorted(called, key=str) == sorted(senders, key=str)  # once each, in one thread, one after another
+    assert sorted(called, key=str) == sorted(senders, key=str)  # once each
 
 
 def test_the_reducers_split_the_draws_so_a_sender_is_audited_at_the_rate_at_any_group_size():

@@ -20,7 +20,7 @@ One round, as it runs (this file holds all of it: the partition, the buffers, th
    finite withdraws (one empty message per part), so that nobody waits for it. With `audit`, the reducer also
    checks the copies of a few senders, drawn at random, against what they should have sent, recomputed
    (hiveengine.averaging.audits), and bans one that sent something else: left out of the aggregate when its
-   recomputation was done by the reduction, which never waits for one (else checked before the round returns).
+   recomputation was done by the reduction, which never waits for one (else checked once it is, in the background).
 4. Decode. Each sender checks each reply and decodes the aggregate in place. Once half of the parts are back, the
    other parts' reducers have the same grace window, and no reducer is waited for longer than `sender_timeout +
    late_grace` per call (what an honest one can take); a reducer that dies, stays silent or fails verification
@@ -123,10 +123,11 @@ class RoundOptions:
     # values, ~1.2 ms at 315k; bench/byzantine.py's 8 peers sharing 2 cores, with CenteredClip: about +12% per
     # training step of bench/train.py's language model, +30% to +42% per round of its 2,632-value model)
     verify: bool = False
-    # Contribution audits (hiveengine.averaging.audits): `audit(sender)` recomputes the flat contribution a sender
-    # should send this round (None: cannot tell); each sender is audited with probability `audit_rate` (by one
-    # of the reducers or more), and one whose copy is more than `audit_tolerance` (relative, plus the codec's
-    # rounding) off is banned by the reducer that caught it.
+    # Contribution audits (hiveengine.averaging.audits): `audit(sender)`, called as the round opens, returns a
+    # function that recomputes the flat contribution a sender should send this round (None: cannot tell), run
+    # later in a worker thread; each sender is audited with probability `audit_rate` (by one of the reducers or
+    # more), and one whose copy is more than `audit_tolerance` (relative, plus the codec's rounding) off is banned
+    # by the reducer that caught it, once the recomputation is done (the round does not wait for it).
     audit: Audit | None = None
     audit_rate: float = DEFAULT_AUDIT_RATE
     audit_tolerance: float = DEFAULT_AUDIT_TOLERANCE
@@ -385,18 +386,23 @@ class _ReducerRound:
             return
         others = [s for s in self.order if s != self.peer.peer_id and s not in self.withdrawn]
         o = self.options
-        self.audits = Audits(o.audit, o.audit_rate, o.audit_tolerance, others, self.codec, o.sender_timeout, parts)
+        self.audits = Audits(o.audit, o.audit_rate, o.audit_tolerance, others, self.codec, o.timeout, parts)
         self.service.recomputing = self.audits.recomputation
 
-    async def settle_audits(self, until: float) -> None:
-        """Check the audited copies that were reduced before their recomputation was done, waiting for it at most
-        until loop time `until`; ban those that fail (Audits.settle: their copies stayed in this round's
-        aggregate)."""
-        if self.audits is not None:
-            for sender, why in (await self.audits.settle(until)).items():
-                self.service.ban(
-                    sender, f"it failed an audit in round {self.group.group_id.hex()[:8]}: {why}", self.group.group_id
-                )
+    def settle_audits(self) -> None:
+        """Once the round is over: in the background, check the audited copies that were reduced before their
+        recomputation was done, and ban those that fail (Audits.settle: their copies stayed in this round's
+        aggregate); AllReduceService.audits_settled waits for it."""
+        if self.audits is None or self.audits.recomputation is None:
+            return
+        self.service.auditing = asyncio.ensure_future(self._settle(self.audits))
+        self.service.in_background(self.service.auditing)
+
+    async def _settle(self, audits: Audits) -> None:
+        for sender, why in (await audits.settle()).items():
+            self.service.ban(
+                sender, f"it failed an audit in round {self.group.group_id.hex()[:8]}: {why}", self.group.group_id
+            )
 
     def receive_slot(self, index) -> list[torch.Tensor] | None:
         """A free arena slot for one sender's copy of chunk `index` (None when out of range or used up)."""
@@ -651,6 +657,7 @@ class AllReduceService:
         self._background: set[asyncio.Task] = set()
         self.parts_reduced = 0  # rounds in which this peer reduced a (non-empty) part
         self.recomputing: asyncio.Future | None = None  # the newest round's audit recomputation (one at a time)
+        self.auditing: asyncio.Task | None = None  # the newest round's audits, checked once their recomputation ends
         # Evidence against the reducers we caught, served to others, and our checks of theirs (accusations.py).
         self.accusations = Accusations(peer, functools.partial(self.ban, learned=True), self.banned.__contains__)
         peer.register(CHUNK_METHOD, self._on_chunk, allocate=self._receive_buffers)
@@ -702,6 +709,12 @@ class AllReduceService:
         task = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    async def audits_settled(self) -> None:
+        """Wait until the audits of the newest round we reduced in are over (and whom they convicted is banned):
+        a round returns without waiting for them."""
+        if self.auditing is not None:
+            await asyncio.gather(asyncio.shield(self.auditing), return_exceptions=True)
 
     def close_round(self, group_id: bytes) -> None:
         """Stop serving round `group_id`."""
@@ -896,7 +909,7 @@ async def run_allreduce(
         for task in exchanges.values():
             task.cancel()
     if local_round is not None:  # also past the deadline: held copies are in the aggregate, so they get checked
-        await local_round.settle_audits(deadline)
+        local_round.settle_audits()
     for part, task in exchanges.items():
         if task.done() and not task.cancelled():
             outcomes[part] = task.exception() or task.result()

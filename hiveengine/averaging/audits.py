@@ -23,15 +23,21 @@ sharing 2 cores, bench/byzantine.py), at 2% about 2%, and 3 colluding senders of
 honest peers' loss (they are caught after about 50 rounds instead of 10; CenteredClip bounds what they move
 meanwhile). Raise it where compute is cheap next to the round, or attackers many.
 
-How it runs (RoundOptions.audit): when a round opens, the reducer calls `audit(sender)` for each sender it drew,
-one after another in one worker thread (the function need not be safe to run twice at once). It returns the flat
-contribution that sender should send (say, its gradient for this step, recomputed), or None where it cannot tell.
+How it runs (RoundOptions.audit): when a round opens, the reducer calls `audit(sender)` for each sender it drew, on
+the round's thread while the caller waits for the round, so it sees the model the sender used. It takes what the
+recomputation reads (a copy of the model, say) and returns the recomputation: a function of no arguments that
+returns the flat contribution that sender should send (say, its gradient for this step, recomputed), or None where
+it cannot tell. A worker thread calls the recomputations one after another (a function need not be safe to run
+twice at once), and no round waits for them: a round that waited for a recomputation (a gradient's worth of compute)
+held every member's next step for it, which cost bench/byzantine.py's language model about 4% of a training step
+at the default rate, twice the compute it took, and more in the runs that drew more audits. A reducer starts no
+new audits while an earlier round's recomputation runs.
 A chunk is reduced as soon as its copies are in. An audited sender's copy is checked then if its recomputation is
 done, and left out if it fails; otherwise it joins the aggregate, a copy of it is held, and it is checked when the
-round settles (`settle`, before the round returns, so the function sees the model the sender used: the round
-waits for the recomputations, at most `sender_timeout` from its start; later ones are dropped, and logged). A
-sender convicted then is banned, but its copy stayed in that round's aggregate, where CenteredClip bounds what it
-moved: a cheat gets about one round more before it is caught than if every reduction waited. A copy passes when
+recomputation ends (`settle`, in the background once the round is over, at most `timeout` after the round opened;
+later ones are dropped, and logged). A sender convicted then is banned, but its copy stayed in that round's
+aggregate (and in the rounds that opened before the ban), where CenteredClip bounds what it moved: a cheat gets
+about a round or two more before it is caught than if every reduction waited. A copy passes when
     ||copy - expected|| <= audit_tolerance * ||expected|| + e + max(e, carried),   e = codec.error_bound(copy):
 the codec's rounding of the copy, and what error feedback adds back of the previous round's rounding. That one was
 measured on the previous gradient: a chunk whose gradient shrank since (an embedding row, an expert unused this
@@ -76,7 +82,8 @@ DEFAULT_AUDIT_RATE = 0.02  # the chance that a sender is audited in a round (by 
 DEFAULT_AUDIT_TOLERANCE = 0.1  # how far (relative to the expected contribution's norm) a copy may be off, on top
 _DRAW = secrets.SystemRandom()
 
-Audit = Callable[[PeerID], "torch.Tensor | None"]
+Recomputation = Callable[[], "torch.Tensor | None"]  # what a sender should send (None: cannot tell)
+Audit = Callable[[PeerID], "Recomputation | None"]  # called as a round opens; its result, later, in a worker thread
 
 
 def reducer_rate(rate: float, parts: int) -> float:
@@ -101,15 +108,16 @@ class Audits:
         parts: int = 1,
     ):
         """Draw which of `senders` to audit (each with probability reducer_rate(rate, parts): this reducer is one
-        of the round's `parts` reducers) and start recomputing theirs."""
+        of the round's `parts` reducers), have `audit` prepare their recomputations now, and start them in a worker
+        thread; `timeout`: how long from now `settle` waits for them."""
         loop = asyncio.get_running_loop()
         self.tolerance, self.codec = tolerance, codec
         chance = reducer_rate(rate, parts)
-        drawn = [sender for sender in senders if _DRAW.random() < chance]
+        drawn = {sender: _prepared(audit, sender) for sender in senders if _DRAW.random() < chance}
         self.drawn = frozenset(drawn)
         self.failed: dict[PeerID, str] = {}  # sender -> why its copy failed
         # sender -> (its expected contribution, the codec's rounding of all of it), recomputed in a worker thread
-        self._expected = asyncio.ensure_future(asyncio.to_thread(_recompute, audit, drawn, codec)) if drawn else None
+        self._expected = asyncio.ensure_future(asyncio.to_thread(_recompute, drawn, codec)) if drawn else None
         self._deadline = loop.time() + timeout
         self._held: list[tuple[PeerID, list[torch.Tensor], tuple[int, int]]] = []  # copies reduced before their audit
 
@@ -131,14 +139,12 @@ class Audits:
             return None
         return self._verdict(sender, payload, span, row)
 
-    async def settle(self, until: float = math.inf) -> dict[PeerID, str]:
-        """Wait for the recomputations (up to the deadline, and to loop time `until`: the audit function reads what
-        the sender used, which the caller may change once the round is over) and check the copies held meanwhile,
-        also when neither wait is left (a round that ran into its deadline): the senders whose held copy fails,
-        and why (also remembered in `failed`)."""
+    async def settle(self) -> dict[PeerID, str]:
+        """Wait for the recomputations (up to the deadline) and check the copies held meanwhile: the senders whose
+        held copy fails, and why (also remembered in `failed`)."""
         if self._expected is None:
             return {}
-        left = max(0.0, min(self._deadline, until) - asyncio.get_running_loop().time())
+        left = max(0.0, self._deadline - asyncio.get_running_loop().time())
         await asyncio.wait([self._expected], timeout=left)
         held, self._held = self._held, []
         if not self._expected.done() or self._expected.cancelled():
@@ -179,12 +185,28 @@ class Audits:
         return self.failed[sender]
 
 
-def _recompute(audit: Audit, senders: list[PeerID], codec: Codec) -> dict[PeerID, tuple[torch.Tensor, float] | None]:
-    """What each of `senders` should send (_expected), one after another, with the codec's rounding of all of it
-    (inf where it holds NaN/Inf): an encode of the whole contribution, kept off the event loop with the rest."""
+def _prepared(audit: Audit, sender: PeerID) -> Recomputation | None:
+    """`audit(sender)`: the recomputation of what `sender` should send, or None (also when the user's function
+    fails or returns something else than a function: logged)."""
+    try:
+        recomputation = audit(sender)
+    except Exception:
+        logger.exception("the audit function failed for %s: its copies go unaudited this round", sender)
+        return None
+    if recomputation is not None and not callable(recomputation):
+        logger.error("the audit function returned %s for %s, not a function", type(recomputation).__name__, sender)
+        return None
+    return recomputation
+
+
+def _recompute(
+    recomputations: dict[PeerID, Recomputation | None], codec: Codec
+) -> dict[PeerID, tuple[torch.Tensor, float] | None]:
+    """What each sender should send (_expected), one after another, with the codec's rounding of all of it (inf
+    where it holds NaN/Inf): an encode of the whole contribution, kept off the event loop with the rest."""
     recomputed = {}
-    for sender in senders:
-        expected = _expected(audit, sender)
+    for sender, recomputation in recomputations.items():
+        expected = None if recomputation is None else _expected(recomputation, sender)
         if expected is None:
             recomputed[sender] = None
             continue
@@ -200,16 +222,16 @@ def _recompute(audit: Audit, senders: list[PeerID], codec: Codec) -> dict[PeerID
     return recomputed
 
 
-def _expected(audit: Audit, sender: PeerID) -> torch.Tensor | None:
-    """`audit(sender)` as a flat fp32 tensor, or None (also when the user's function fails: logged)."""
+def _expected(recomputation: Recomputation, sender: PeerID) -> torch.Tensor | None:
+    """A recomputation's result as a flat fp32 tensor, or None (also when it fails: logged)."""
     try:
-        expected = audit(sender)
+        expected = recomputation()
     except Exception:
-        logger.exception("the audit function failed for %s: its copies go unaudited this round", sender)
+        logger.exception("the recomputation of %s's contribution failed: its copies go unaudited this round", sender)
         return None
     if expected is None:
         return None
     if not isinstance(expected, torch.Tensor) or not expected.is_floating_point():
-        logger.error("the audit function returned %s for %s, not a float tensor", type(expected).__name__, sender)
+        logger.error("the recomputation for %s returned %s, not a float tensor", sender, type(expected).__name__)
         return None
     return expected.detach().reshape(-1).float()

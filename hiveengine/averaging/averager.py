@@ -103,8 +103,10 @@ class DecentralizedAverager:
     `banned`, left out of our later rounds. It is off by default because it sits on the round's critical path
     (bench/byzantine.py's 8 peers sharing 2 cores, with CenteredClip: about +12% per training step of
     bench/train.py's language model, +30% to +42% per round of a 2.6k-value model); turn it on in open swarms.
-    Where each peer's contribution follows from public data, `audit(sender)` recomputes the flat contribution a
-    sender should send this round: each sender is then audited with probability `audit_rate` (the reducers
+    Where each peer's contribution follows from public data, `audit(sender)`, called as a round opens, returns a
+    function that recomputes the flat contribution a sender should send this round (run later, in a worker thread,
+    while training goes on: it must take what it reads with it): each sender is then audited with probability
+    `audit_rate` (the reducers
     split the draws, so a peer recomputes about that many contributions per round at any group size), and a
     reducer bans one whose copy is more than `audit_tolerance` off (hiveengine.averaging.audits).
     A sharing peer renews its state advertisement every `declare_state_period` seconds (it lives four periods), at

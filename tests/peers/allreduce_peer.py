@@ -4,6 +4,7 @@ DecentralizedAverager, no DHT: see decentralized_averager_peer.py for that), and
 to compare."""
 
 import asyncio
+import functools
 import json
 import sys
 import time
@@ -49,7 +50,9 @@ def main() -> None:
         verify=me.get("verify", plan.get("verify", True)),
         weight_limit=lambda gathered: gathered["limit"] if gathered else None,
         # "audit_rate": audit with the public data: member i's contribution is seeded_data(i) (every test seeds so)
-        audit=(lambda sender: seeded_data(seeds[sender], plan["numel"])) if "audit_rate" in plan else None,
+        audit=(lambda sender: functools.partial(seeded_data, seeds[sender], plan["numel"]))
+        if "audit_rate" in plan
+        else None,
         audit_rate=plan.get("audit_rate", 0.0),
     )
     rounds = []
@@ -62,8 +65,9 @@ def main() -> None:
             run_allreduce(service, round_group, flat, codec, weight=weight, options=options),
             timeout=plan["timeout"] + 30,
         )
-        torch.save(flat.cpu(), f"{me['out']}.{number}")
         rounds.append({"failed_parts": result.failed_parts, "s": time.monotonic() - started})
+        peer.runtime.run(service.audits_settled(), timeout=plan["timeout"] + 30)  # its bans hold from the next round
+        torch.save(flat.cpu(), f"{me['out']}.{number}")
     torch.save(flat.cpu(), me["out"])
     outcome = {**rounds[-1], "spans": result.spans, "device": flat.device.type, "rounds": rounds}
     outcome["banned"] = sorted(str(p) for p in service.banned)
