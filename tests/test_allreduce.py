@@ -210,6 +210,32 @@ def test_a_verified_round_of_eight_reuses_every_buffer_it_made_in_the_rounds_bef
             p.shutdown()
 
 
+def test_a_buffer_too_small_to_split_keeps_averaging_when_another_member_reduces_it():
+    # One part, reduced by the fastest member: the same span, owned by another part index, once got the buffers
+    # cached for the first one's index (none for its own), and failed.
+    peers = [Peer() for _ in range(3)]
+    services = [AllReduceService(p) for p in peers]
+    codec, numel = get_codec("int8"), 1000
+    flats = [torch.randn(numel, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+
+    async def one_round(fastest: int):
+        members = tuple(
+            GroupMember(p.peer_id, str(p.address), 2.0 if i == fastest else 1.0) for i, p in enumerate(peers)
+        )
+        group = GroupInfo(os.urandom(8), members)
+        rounds = [run_allreduce(s, group, f.clone(), codec, timeout=30) for s, f in zip(services, flats, strict=True)]
+        return await asyncio.gather(*rounds)
+
+    try:
+        for fastest in (0, 0, 1, 1, 2):
+            results = peers[0].runtime.run(one_round(fastest), 60)
+            assert all(r.failed_parts == [] for r in results)
+            assert sum(end > start for start, end in results[0].spans) == 1
+    finally:
+        for p in peers:
+            p.shutdown()
+
+
 def test_part_spans_follow_bandwidth_and_alignment():
     spans = part_spans(1000, [1, 1, 2], align=64)
     assert spans[0][0] == 0 and spans[-1][1] == 1000

@@ -809,8 +809,7 @@ def _round_send_buffers(
     needed = [part for part in parts if verify[part] or not codec.lossless]
     if not needed:
         return {}
-    layout = ("send", codec.name, tuple(spans[part] for part in needed), chunk_elements, device)
-    layout += (tuple(verify[part] for part in needed),)
+    layout = ("send", codec.name, tuple((part, spans[part], verify[part]) for part in needed), chunk_elements, device)
     return service.buffers.get(
         layout,
         lambda: {
