@@ -183,7 +183,8 @@ def test_fifty_rounds_without_memory_growth():
 
 def test_a_verified_round_of_eight_reuses_every_buffer_it_made_in_the_rounds_before():
     # A layout per part (8 parts, plus our own part's and the reduction's) overflowed the cache: every round made
-    # every buffer again, and paid for it in page faults (a fifth of a verified round's CPU time).
+    # every buffer again, and paid for it in page faults (about 8 ms of CPU per peer in a verified round of 2.5M
+    # values).
     peers = [Peer() for _ in range(8)]
     services = [AllReduceService(p) for p in peers]
     codec, numel = get_codec("int8"), 8 * 8192
@@ -193,7 +194,7 @@ def test_a_verified_round_of_eight_reuses_every_buffer_it_made_in_the_rounds_bef
         group = GroupInfo(os.urandom(8), tuple(GroupMember(p.peer_id, str(p.address)) for p in peers))
         return await asyncio.gather(
             *[
-                run_allreduce(s, group, f.clone(), codec, timeout=30, verify=True)
+                run_allreduce(s, group, f.clone(), codec, timeout=60, sender_timeout=30, verify=True)
                 for s, f in zip(services, flats, strict=True)
             ]
         )
@@ -201,9 +202,9 @@ def test_a_verified_round_of_eight_reuses_every_buffer_it_made_in_the_rounds_bef
     try:
         made = []
         for _ in range(4):
-            results = peers[0].runtime.run(one_round(), 60)
+            results = peers[0].runtime.run(one_round(), 120)
             assert all(r.failed_parts == [] and len(r.spans) == 8 for r in results)
-            made.append([s.buffers.made for s in services])
+            made.append([s.buffers.made + s.send_buffers.made for s in services])
         assert made[2] == made[1] == made[3]  # two sets per layout (GENERATIONS), made in the first two rounds
     finally:
         for p in peers:

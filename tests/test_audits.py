@@ -11,6 +11,7 @@ averages seeded_data(i)), plus checks of one round's audits on fresh random data
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import math
 import os
 import threading
@@ -18,7 +19,7 @@ import threading
 import pytest
 import torch
 
-from hiveengine.averaging import AllReduceService, GroupInfo, GroupMember, RoundOptions, run_allreduce
+from hiveengine.averaging import AllReduceService, GroupInfo, GroupMember, Mode, RoundOptions, run_allreduce
 from hiveengine.averaging.audits import Audits, reducer_rate
 from hiveengine.codec import get_codec
 from hiveengine.errors import ConfigurationError
@@ -41,11 +42,13 @@ def _recomputing(expected: dict):
 
 def _check(codec_name: str, sent: dict, expected: dict, rate: float = 1.0, audit=None, timeout: float = 5.0):
     """One round's audits of `sent` (sender -> the flat tensor it encodes, with error feedback from a residual it
-    carried over) against `expected` (what each should send): each sender's verdict."""
+    carried over) against `expected` (what each should send): each sender's verdict. The recomputations run in a
+    worker of their own, which the event loop does not wait for when it closes (a stalled one holds it)."""
     codec = get_codec(codec_name)
+    worker = concurrent.futures.ThreadPoolExecutor(1)
 
     async def run() -> dict:
-        audits = Audits(audit or _recomputing(expected), rate, 0.1, list(sent), codec, timeout)
+        audits = Audits(audit or _recomputing(expected), rate, 0.1, list(sent), codec, timeout, worker=worker)
         await audits.settle()  # nothing held yet: it only waits for the recomputations (up to `timeout`)
         row = torch.empty(N)
         verdicts = {}
@@ -173,16 +176,16 @@ def test_a_copy_reduced_before_its_audit_finished_is_convicted_when_the_round_se
     assert set(settled) == {liar} and set(failed) == {liar} and "lies" in settled[liar]
 
 
-def test_the_audit_function_is_called_when_the_round_opens_and_its_recomputation_later():
+def test_the_audit_function_prepares_before_the_round_returns_and_its_recomputation_runs_later():
     # The round does not wait for a recomputation, so the caller may step its model before it runs: the audit
-    # function is called while the round opens (the caller is still waiting for the round), to take what the
-    # recomputation will read, which then runs in a worker thread.
+    # function runs while the round does (run_allreduce waits for it before it returns: `prepared`), to take what
+    # the recomputation will read, which then runs in the worker thread.
     codec, (sender,) = get_codec("int8"), _ids(1)
     model = torch.randn(N)  # what the sender used this round; the caller steps it once the round is over
     release, prepared, called_in = threading.Event(), [], []
 
     def audit(who):
-        prepared.append(who)
+        prepared.append((who, threading.current_thread()))
         snapshot = model.clone()
 
         def recomputation():
@@ -194,14 +197,70 @@ def test_the_audit_function_is_called_when_the_round_opens_and_its_recomputation
 
     async def run() -> dict:
         audits = Audits(audit, 1.0, 0.1, [sender], codec, 30.0)
-        assert prepared == [sender]  # before the round goes on
         assert audits.check(sender, [t.clone() for t in codec.encode(model)], (0, N), torch.empty(N)) is None
+        await audits.prepared
+        audits.abandon()  # what run_allreduce does then: nothing, as the audit function is done
         model.add_(1.0)  # the round returned and the caller stepped
         release.set()
         return await audits.settle()
 
     assert asyncio.run(run()) == {}  # the honest copy is judged by the model it was made from
-    assert called_in and called_in[0] is not threading.main_thread()
+    assert [who for who, _ in prepared] == [sender]
+    assert {prepared[0][1], *called_in} & {threading.main_thread()} == set()  # neither ran on the event loop
+
+
+def test_audits_whose_function_was_not_done_preparing_when_the_round_returned_convict_nobody():
+    # What the audit function took after the round returned may be the caller's next model, not the sender's.
+    codec, (liar,) = get_codec("int8"), _ids(1)
+    truth, release = torch.randn(N), threading.Event()
+
+    def audit(sender):
+        release.wait(30)
+        return lambda: truth
+
+    async def run() -> tuple:
+        audits = Audits(audit, 1.0, 0.1, [liar], codec, 30.0)
+        lie = [t.clone() for t in codec.encode(-truth)]
+        held = audits.check(liar, lie, (0, N), torch.empty(N))
+        audits.abandon()  # the round's deadline came first
+        release.set()
+        await audits.recomputation
+        return held, audits.check(liar, lie, (0, N), torch.empty(N)), await audits.settle()
+
+    try:
+        assert asyncio.run(run()) == (None, None, {})
+    finally:
+        release.set()
+
+
+def test_a_sender_banned_while_a_round_is_open_is_not_waited_for():
+    # A background audit can convict a sender of an earlier round while the next one is open: its copies are
+    # refused from then on, so the round must not wait for them (with these waits, it would for 300 s).
+    peers = [Peer() for _ in range(3)]
+    services = [AllReduceService(p) for p in peers]
+    codec, numel = get_codec("int8"), 2 * N
+    flats = [torch.randn(numel, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    members = [GroupMember(p.peer_id, str(p.address)) for p in peers[:2]]
+    members.append(GroupMember(peers[2].peer_id, str(peers[2].address), mode=Mode.CLIENT))  # it never sends
+    group = GroupInfo(os.urandom(8), tuple(members))
+
+    async def round_with_a_ban() -> list:
+        rounds = [
+            asyncio.ensure_future(
+                run_allreduce(s, group, f.clone(), codec, timeout=600, sender_timeout=300, late_grace=300)
+            )
+            for s, f in zip(services[:2], flats, strict=True)
+        ]
+        for s in services[:2]:  # after both rounds opened (callbacks run in the order they were scheduled)
+            asyncio.get_running_loop().call_soon(s.ban, peers[2].peer_id, "it failed an audit in an earlier round")
+        return await asyncio.gather(*rounds)
+
+    try:
+        results = peers[0].runtime.run(round_with_a_ban(), 60)
+        assert all(r.failed_parts == [] and r.senders_averaged == 2 for r in results)
+    finally:
+        for p in peers:
+            p.shutdown()
 
 
 def test_a_round_returns_before_its_audits_and_their_bans_follow_once_they_end():
@@ -299,6 +358,9 @@ def test_the_reducers_split_the_draws_so_a_sender_is_audited_at_the_rate_at_any_
         ("audit_tolerance", -1.0),
         ("audit_tolerance", math.nan),
         ("audit_tolerance", math.inf),
+        ("audit_timeout", 0.0),
+        ("audit_timeout", -1.0),
+        ("audit_timeout", math.inf),
     ],
 )
 def test_round_options_refuse_audit_settings_out_of_range(field, value):

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import functools
 import itertools
 import logging
@@ -58,7 +59,13 @@ import numpy as np
 import torch
 
 from hiveengine.averaging.accusations import Accusations, trim_learned_first
-from hiveengine.averaging.audits import DEFAULT_AUDIT_RATE, DEFAULT_AUDIT_TOLERANCE, Audit, Audits
+from hiveengine.averaging.audits import (
+    DEFAULT_AUDIT_RATE,
+    DEFAULT_AUDIT_TIMEOUT,
+    DEFAULT_AUDIT_TOLERANCE,
+    Audit,
+    Audits,
+)
 from hiveengine.averaging.matchmaking import GroupInfo, GroupMember
 from hiveengine.averaging.verification import (
     PROBES,
@@ -96,6 +103,9 @@ MAX_BANNED = 1024  # reducers caught cheating that a peer remembers (the oldest 
 ROUND_WAIT_TIMEOUT = 10.0  # how long a reducer waits for its own runner to join a round it is called for
 BALANCE_ITERATIONS = 60  # bisection steps on the round's makespan (2^-60 of the bracket: exact for floats)
 MAX_LAYOUTS = 8  # distinct buffer layouts kept (a changing group size or tensor size makes new ones)
+SEND_LAYOUTS = 2  # distinct send-buffer layouts kept (each holds buffers for the whole flat tensor)
+MAX_PENDING_AUDITS = 2  # rounds whose audits a reducer may have under way at once (each holds the audit function's
+# copies, of the model say, and the copies it holds until the recomputations end); later rounds audit nobody
 GENERATIONS = 2  # alternate between two sets, so a late transfer of the previous round never sees new data
 
 
@@ -120,23 +130,27 @@ class RoundOptions:
     weight_limit: Callable[[Any], float | None] | None = None
     # check each reducer's reply against its claim (hiveengine.averaging.verification); off by default: it sits on
     # the round's critical path (PROBES probes per chunk: a sender's check takes ~0.08 ms of one core at 2,632
-    # values, ~1.2 ms at 315k; bench/byzantine.py's 8 peers sharing 2 cores, with CenteredClip: about +12% per
-    # training step of bench/train.py's language model, +30% to +42% per round of its 2,632-value model)
+    # values, ~1.0 ms at 315k; bench/byzantine.py's 8 peers sharing 2 cores, with CenteredClip: about +10% per
+    # training step of bench/train.py's language model, +17% to +38% per round of its 2,632-value model)
     verify: bool = False
-    # Contribution audits (hiveengine.averaging.audits): `audit(sender)`, called as the round opens, returns a
-    # function that recomputes the flat contribution a sender should send this round (None: cannot tell), run
-    # later in a worker thread; each sender is audited with probability `audit_rate` (by one of the reducers or
-    # more), and one whose copy is more than `audit_tolerance` (relative, plus the codec's rounding) off is banned
-    # by the reducer that caught it, once the recomputation is done (the round does not wait for it).
+    # Contribution audits (hiveengine.averaging.audits): `audit(sender)`, called in a thread while the round runs
+    # (before it returns), returns a function that recomputes the flat contribution a sender should send this
+    # round (None: cannot tell), run later in a worker thread; each sender is audited with probability
+    # `audit_rate` (by one of the reducers or more), and one whose copy is more than `audit_tolerance` (relative,
+    # plus the codec's rounding) off is banned by the reducer that caught it, once the recomputation is done (the
+    # round does not wait for it), at most `audit_timeout` seconds after the round started (later, unaudited).
     audit: Audit | None = None
     audit_rate: float = DEFAULT_AUDIT_RATE
     audit_tolerance: float = DEFAULT_AUDIT_TOLERANCE
+    audit_timeout: float = DEFAULT_AUDIT_TIMEOUT
 
     def __post_init__(self):
         if not (isinstance(self.audit_rate, int | float) and 0 <= self.audit_rate <= 1):
             raise ConfigurationError(f"audit_rate is a probability in [0, 1], not {self.audit_rate}")
         if not (isinstance(self.audit_tolerance, int | float) and 0 <= self.audit_tolerance < math.inf):
             raise ConfigurationError(f"audit_tolerance must be a finite number >= 0, not {self.audit_tolerance}")
+        if not (isinstance(self.audit_timeout, int | float) and 0 < self.audit_timeout < math.inf):
+            raise ConfigurationError(f"audit_timeout must be a finite number of seconds > 0, not {self.audit_timeout}")
 
 
 @dataclass
@@ -377,17 +391,34 @@ class _ReducerRound:
 
     def start_audits(self, parts: int) -> None:
         """Draw the senders to audit this round (options.audit; we are one of `parts` reducers) and start
-        recomputing what they should send; none while an earlier round's recomputation still runs (the audit
-        function need not be safe to run twice at once)."""
+        recomputing what they should send, after earlier rounds' recomputations (one thread, the service's: the
+        recomputations need not be safe to run twice at once); none while MAX_PENDING_AUDITS rounds' still run."""
         if self.options.audit is None or not self.chunks:
             return
-        if self.service.recomputing is not None and not self.service.recomputing.done():
-            logger.info("an earlier round's audits still run: round %s audits nobody", self.group.group_id.hex()[:8])
+        pending = self.service.pending_audits
+        if len(pending) >= MAX_PENDING_AUDITS:
+            logger.info(
+                "%d rounds' audits still run: round %s audits nobody", len(pending), self.group.group_id.hex()[:8]
+            )
             return
         others = [s for s in self.order if s != self.peer.peer_id and s not in self.withdrawn]
         o = self.options
-        self.audits = Audits(o.audit, o.audit_rate, o.audit_tolerance, others, self.codec, o.timeout, parts)
-        self.service.recomputing = self.audits.recomputation
+        worker = self.service.audit_worker()
+        self.audits = Audits(
+            o.audit, o.audit_rate, o.audit_tolerance, others, self.codec, o.audit_timeout, parts, worker
+        )
+        if self.audits.recomputation is not None:
+            pending.add(self.audits.recomputation)
+            self.audits.recomputation.add_done_callback(pending.discard)
+
+    async def prepare_audits(self, until: float) -> None:
+        """Before the round returns (its caller may then change what the audit function reads): wait, at most until
+        time.monotonic() `until`, for the audit function to prepare this round's recomputations; if it has not,
+        they convict nobody (Audits.abandon)."""
+        if self.audits is None or self.audits.prepared is None:
+            return
+        await asyncio.wait([self.audits.prepared], timeout=max(0.0, until - time.monotonic()))
+        self.audits.abandon()
 
     def settle_audits(self) -> None:
         """Once the round is over: in the background, check the audited copies that were reduced before their
@@ -399,7 +430,12 @@ class _ReducerRound:
         self.service.in_background(self.service.auditing)
 
     async def _settle(self, audits: Audits) -> None:
-        for sender, why in (await audits.settle()).items():
+        try:
+            failed = await audits.settle()
+        except Exception:
+            logger.exception("the audits of round %s could not be settled", self.group.group_id.hex()[:8])
+            return
+        for sender, why in failed.items():
             self.service.ban(
                 sender, f"it failed an audit in round {self.group.group_id.hex()[:8]}: {why}", self.group.group_id
             )
@@ -656,8 +692,10 @@ class AllReduceService:
         self._learned: set[PeerID] = set()  # the banned whom another peer's evidence convicted
         self._background: set[asyncio.Task] = set()
         self.parts_reduced = 0  # rounds in which this peer reduced a (non-empty) part
-        self.recomputing: asyncio.Future | None = None  # the newest round's audit recomputation (one at a time)
+        self.send_buffers = BufferCache(SEND_LAYOUTS)
+        self.pending_audits: set[asyncio.Future] = set()  # rounds' audit recomputations not done yet
         self.auditing: asyncio.Task | None = None  # the newest round's audits, checked once their recomputation ends
+        self._audit_worker: concurrent.futures.ThreadPoolExecutor | None = None
         # Evidence against the reducers we caught, served to others, and our checks of theirs (accusations.py).
         self.accusations = Accusations(peer, functools.partial(self.ban, learned=True), self.banned.__contains__)
         peer.register(CHUNK_METHOD, self._on_chunk, allocate=self._receive_buffers)
@@ -703,6 +741,15 @@ class AllReduceService:
             self._learned.discard(peer_id)
         for forgotten in trim_learned_first(self.banned, self._learned, MAX_BANNED):
             self._caught_in.pop(forgotten, None)
+        for group_id, open_round in self._rounds.items():  # refused from now on (_on_chunk): nobody waits for it
+            if group_id != caught_in and peer_id in open_round.senders:
+                open_round.withdraw(peer_id)
+
+    def audit_worker(self) -> concurrent.futures.ThreadPoolExecutor:
+        """The one thread that runs our rounds' audit recomputations, one after another."""
+        if self._audit_worker is None:
+            self._audit_worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="hiveengine-audits")
+        return self._audit_worker
 
     def in_background(self, coro) -> None:
         """Run `coro` as a task nobody waits for (kept referenced until it ends)."""
@@ -804,13 +851,14 @@ def _round_send_buffers(
 ) -> dict[int, _SendBuffers]:
     """Every part's send buffers for a round, as one layout of the buffer cache: a layout per part filled the cache
     with a group of 8 (8 parts and our reduction's arena, over its MAX_LAYOUTS), so each round dropped and made
-    every buffer anew, and paid for it in page faults (a fifth of a verified round's CPU time). None are needed
-    for a lossless codec whose replies are not verified: its chunks go as they are and land in `flat`."""
+    every buffer anew, and paid for it in page faults (about 8 ms of CPU per peer in a verified round of 2.5M
+    values). None are needed for a lossless codec whose replies are not verified: its chunks go as they are and
+    land in `flat`."""
     needed = [part for part in parts if verify[part] or not codec.lossless]
     if not needed:
         return {}
     layout = ("send", codec.name, tuple((part, spans[part], verify[part]) for part in needed), chunk_elements, device)
-    return service.buffers.get(
+    return service.send_buffers.get(
         layout,
         lambda: {
             part: _SendBuffers.create(codec, chunk_spans(*spans[part], chunk_elements), device, verify[part])
@@ -847,6 +895,9 @@ async def run_allreduce(
     spans = list(_part_spans(owners, len(group.senders), flat.numel(), align, min_part))
     result = AllReduceResult(group, spans=spans, senders_averaged=len(group.senders))
     my_part = next((i for i, r in enumerate(reducers) if r.peer_id == me.peer_id), None)
+    parts = [p for p, (start, end) in enumerate(spans) if end > start] if me.contributes else []
+    verify = {part: options.verify and part != my_part for part in parts}  # our own part's reply is ours
+    buffers = _round_send_buffers(service, codec, spans, parts, chunk_elements, flat.device, verify)
     local_round = None
     if my_part is not None:
         chunks = chunk_spans(*spans[my_part], chunk_elements)
@@ -862,11 +913,8 @@ async def run_allreduce(
         service.open_round(group.group_id, local_round)
     started = time.monotonic()
     deadline = started + options.timeout
-    parts = [p for p, (start, end) in enumerate(spans) if end > start] if me.contributes else []
     exchanges: dict[int, asyncio.Task] = {}
     outcomes: dict[int, int | BaseException] = {}  # per part: the fewest senders averaged, or what failed it
-    verify = {part: options.verify and part != my_part for part in parts}  # our own part's reply is ours
-    buffers = _round_send_buffers(service, codec, spans, parts, chunk_elements, flat.device, verify)
     plans = {
         part: _Exchange(
             service,
@@ -908,6 +956,7 @@ async def run_allreduce(
         for task in exchanges.values():
             task.cancel()
     if local_round is not None:  # also past the deadline: held copies are in the aggregate, so they get checked
+        await local_round.prepare_audits(deadline)
         local_round.settle_audits()
     for part, task in exchanges.items():
         if task.done() and not task.cancelled():

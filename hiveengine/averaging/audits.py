@@ -18,25 +18,31 @@ What it costs: a recomputation is of the whole contribution, however small the p
 reducer (each reducer auditing each sender with probability audit_rate) would cost every peer audit_rate x (K - 1)
 recomputations per round in a group of K, 14% more compute at K = 8 and the default rate; this way it is about
 audit_rate (K - 1) / P recomputations per peer and round, 1.75% more compute at K = P = 8. The default rate, 2%,
-is set by that cost: at 10% audits added 14% to a training step of bench/train.py's language model (8 peers
-sharing 2 cores, bench/byzantine.py), at 2% about 2%, and 3 colluding senders of 8 still ended within 2% of the
-honest peers' loss (they are caught after about 50 rounds instead of 10; CenteredClip bounds what they move
-meanwhile). Raise it where compute is cheap next to the round, or attackers many.
+is set by that cost: at 2% audits added 0.4% to a training step of bench/train.py's language model (8 peers
+sharing 2 cores, bench/byzantine.py: the median of 6 runs, on top of CenteredClip and verified reducers), and 3
+colluding senders of 8 still ended within 2% of the honest peers' loss (they are caught after about 50 rounds
+instead of 10; CenteredClip bounds what they move meanwhile). Raise it where compute is cheap next to the round,
+or attackers many.
 
-How it runs (RoundOptions.audit): when a round opens, the reducer calls `audit(sender)` for each sender it drew, on
-the round's thread while the caller waits for the round, so it sees the model the sender used. It takes what the
-recomputation reads (a copy of the model, say) and returns the recomputation: a function of no arguments that
-returns the flat contribution that sender should send (say, its gradient for this step, recomputed), or None where
-it cannot tell. A worker thread calls the recomputations one after another (a function need not be safe to run
-twice at once), and no round waits for them: a round that waited for a recomputation (a gradient's worth of compute)
-held every member's next step for it, which cost bench/byzantine.py's language model about 4% of a training step
-at the default rate, twice the compute it took, and more in the runs that drew more audits. A reducer starts no
-new audits while an earlier round's recomputation runs.
+How it runs (RoundOptions.audit): when a round opens, the reducer draws; the audit function is called for each
+sender drawn, `audit(sender)`, in a thread of its own while the round runs (the round waits for it only before it
+returns, so it sees the model the sender used, and a reply never waits for it: a round that called it on the event
+loop opened later exactly when it audited, which a sender could time). It takes what the recomputation reads (a
+copy of the model, say) and returns the recomputation: a function of no arguments that returns the flat
+contribution that sender should send (say, its gradient for this step, recomputed), or None where it cannot tell.
+One worker thread per service runs the recomputations, one after another (one need not be safe to run twice at
+once), and no round waits for them: a round that waited (a gradient's worth of compute) held every member's next
+step for it, which cost bench/byzantine.py's language model 3% to 6% of a training step at the default rate, twice
+the compute it took or more. While MAX_PENDING_AUDITS rounds' recomputations are under way a reducer audits nobody
+(their copies of the model are memory), so the rate holds while a recomputation takes less than about a round.
+An audit function still preparing when the round returns (at its deadline) convicts nobody (`abandon`): what it
+took may be the caller's next model.
 A chunk is reduced as soon as its copies are in. An audited sender's copy is checked then if its recomputation is
 done, and left out if it fails; otherwise it joins the aggregate, a copy of it is held, and it is checked when the
-recomputation ends (`settle`, in the background once the round is over, at most `timeout` after the round opened;
-later ones are dropped, and logged). A sender convicted then is banned, but its copy stayed in that round's
-aggregate (and in the rounds that opened before the ban), where CenteredClip bounds what it moved: a cheat gets
+recomputation ends (`settle`, in the background once the round is over, at most `audit_timeout` after the round
+opened; later ones are dropped, and logged). A sender convicted then is banned (a round still open refuses its
+copies from then on, and stops waiting for them), but its copy stayed in that round's aggregate (and in the rounds
+that took it before the ban), where CenteredClip bounds what it moved: a cheat gets
 about a round or two more before it is caught than if every reduction waited. A copy passes when
     ||copy - expected|| <= audit_tolerance * ||expected|| + e + max(e, carried),   e = codec.error_bound(copy):
 the codec's rounding of the copy, and what error feedback adds back of the previous round's rounding. That one was
@@ -65,6 +71,7 @@ hides inside the allowance, with int8 about 4%.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import math
 import secrets
@@ -79,11 +86,12 @@ from hiveengine.transport import PeerID
 logger = logging.getLogger(__name__)
 
 DEFAULT_AUDIT_RATE = 0.02  # the chance that a sender is audited in a round (by one of the reducers or more)
+DEFAULT_AUDIT_TIMEOUT = 60.0  # how long (from the round's start) a round's audits may take before they are dropped
 DEFAULT_AUDIT_TOLERANCE = 0.1  # how far (relative to the expected contribution's norm) a copy may be off, on top
 _DRAW = secrets.SystemRandom()
 
 Recomputation = Callable[[], "torch.Tensor | None"]  # what a sender should send (None: cannot tell)
-Audit = Callable[[PeerID], "Recomputation | None"]  # called as a round opens; its result, later, in a worker thread
+Audit = Callable[[PeerID], "Recomputation | None"]  # called during a round; its result, later, in a worker thread
 
 
 def reducer_rate(rate: float, parts: int) -> float:
@@ -106,25 +114,42 @@ class Audits:
         codec: Codec,
         timeout: float,
         parts: int = 1,
+        worker: concurrent.futures.Executor | None = None,
     ):
         """Draw which of `senders` to audit (each with probability reducer_rate(rate, parts): this reducer is one
-        of the round's `parts` reducers), have `audit` prepare their recomputations now, and start them in a worker
-        thread; `timeout`: how long from now `settle` waits for them."""
+        of the round's `parts` reducers), have `audit` prepare their recomputations in a thread of its own (the
+        round goes on meanwhile: `prepared`), then run them in `worker` (one thread: recomputations never overlap;
+        None: asyncio's default executor); `timeout`: how long from now `settle` waits for them."""
         loop = asyncio.get_running_loop()
         self.tolerance, self.codec = tolerance, codec
         chance = reducer_rate(rate, parts)
-        drawn = {sender: _prepared(audit, sender) for sender in senders if _DRAW.random() < chance}
+        drawn = [sender for sender in senders if _DRAW.random() < chance]
         self.drawn = frozenset(drawn)
         self.failed: dict[PeerID, str] = {}  # sender -> why its copy failed
-        # sender -> (its expected contribution, the codec's rounding of all of it), recomputed in a worker thread
-        self._expected = asyncio.ensure_future(asyncio.to_thread(_recompute, drawn, codec)) if drawn else None
+        self.prepared = asyncio.ensure_future(asyncio.to_thread(_prepare, audit, drawn)) if drawn else None
+        # sender -> (its expected contribution, the codec's rounding of all of it), recomputed in `worker`
+        self._expected = asyncio.ensure_future(self._recompute(worker)) if drawn else None
         self._deadline = loop.time() + timeout
         self._held: list[tuple[PeerID, list[torch.Tensor], tuple[int, int]]] = []  # copies reduced before their audit
+        self._abandoned = False
 
     @property
     def recomputation(self) -> asyncio.Future | None:
-        """The worker thread's recomputation of the drawn senders' contributions (None: nobody drawn)."""
+        """The recomputation of the drawn senders' contributions (None: nobody drawn)."""
         return self._expected
+
+    async def _recompute(self, worker: concurrent.futures.Executor | None) -> dict:
+        recomputations = await self.prepared
+        return await asyncio.get_running_loop().run_in_executor(worker, _recompute, recomputations, self.codec)
+
+    def abandon(self) -> None:
+        """The caller goes on before `audit` has prepared every recomputation (a round past its deadline): what it
+        took may be the caller's next state, not the sender's, so nobody is convicted by these audits."""
+        if self.prepared is not None and not self.prepared.done():
+            logger.info(
+                "the audit function had not prepared the audits of %d senders in time: unaudited", len(self.drawn)
+            )
+            self._abandoned = True
 
     def check(self, sender: PeerID, payload, span: tuple[int, int], row: torch.Tensor) -> str | None:
         """Why `sender`'s copy of flat[start:end] (`span`) fails its audit, decoded into `row` (None: it passes, or
@@ -132,10 +157,12 @@ class Audits:
         fails is remembered in `failed`."""
         if sender in self.failed:
             return self.failed[sender]
-        if sender not in self.drawn or self._expected is None or self._expected.cancelled():
+        if sender not in self.drawn or self._expected is None or self._expected.cancelled() or self._abandoned:
             return None
         if not self._expected.done():
             self._held.append((sender, [t.clone() for t in payload], span))
+            return None
+        if self._expected.exception() is not None:  # logged by settle
             return None
         return self._verdict(sender, payload, span, row)
 
@@ -147,8 +174,13 @@ class Audits:
         left = max(0.0, self._deadline - asyncio.get_running_loop().time())
         await asyncio.wait([self._expected], timeout=left)
         held, self._held = self._held, []
+        if self._abandoned:
+            return {}
         if not self._expected.done() or self._expected.cancelled():
             logger.info("the audits of %d senders took too long: their copies go unaudited", len(self.drawn))
+            return {}
+        if self._expected.exception() is not None:
+            logger.error("the audits of %d senders failed: %r", len(self.drawn), self._expected.exception())
             return {}
         failed = {}
         for sender, payload, (start, end) in held:
@@ -183,6 +215,11 @@ class Audits:
             f"({allowed:.4g} allowed)"
         )
         return self.failed[sender]
+
+
+def _prepare(audit: Audit, senders: list[PeerID]) -> dict[PeerID, Recomputation | None]:
+    """Each sender's recomputation (_prepared), one after another."""
+    return {sender: _prepared(audit, sender) for sender in senders}
 
 
 def _prepared(audit: Audit, sender: PeerID) -> Recomputation | None:

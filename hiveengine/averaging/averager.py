@@ -101,9 +101,9 @@ class DecentralizedAverager:
     `verify_reducers=True` every reply is checked against what its reducer claims to have combined
     (hiveengine.averaging.verification); a reducer caught cheating costs its part for that round and lands in
     `banned`, left out of our later rounds. It is off by default because it sits on the round's critical path
-    (bench/byzantine.py's 8 peers sharing 2 cores, with CenteredClip: about +12% per training step of
-    bench/train.py's language model, +30% to +42% per round of a 2.6k-value model); turn it on in open swarms.
-    Where each peer's contribution follows from public data, `audit(sender)`, called as a round opens, returns a
+    (bench/byzantine.py's 8 peers sharing 2 cores, with CenteredClip: about +10% per training step of
+    bench/train.py's language model, +17% to +38% per round of a 2.6k-value model); turn it on in open swarms.
+    Where each peer's contribution follows from public data, `audit(sender)`, called while a round runs, returns a
     function that recomputes the flat contribution a sender should send this round (run later, in a worker thread,
     while training goes on: it must take what it reads with it): each sender is then audited with probability
     `audit_rate` (the reducers
