@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from hiveengine.averaging import AllReduceService, GroupInfo, GroupMember, Mode, RoundOptions, run_allreduce
-from hiveengine.averaging.audits import Audits, reducer_rate
+from hiveengine.averaging.audits import AUDIT_BOOST, AUDIT_BOOST_ROUNDS, Audits, reducer_rate
 from hiveengine.codec import get_codec
 from hiveengine.errors import ConfigurationError
 from hiveengine.transport import Peer, PeerID
@@ -263,7 +263,7 @@ def test_a_sender_banned_while_a_round_is_open_is_not_waited_for():
             p.shutdown()
 
 
-def test_a_round_returns_before_its_audits_and_their_bans_follow_once_they_end():
+def test_a_round_returns_before_its_audits_and_their_bans_and_a_harder_look_follow_once_they_end():
     # No round waits for a recomputation: one that did held every member's next step for a gradient's worth of
     # compute. Here every recomputation waits for the test, which lets them go once every round has returned.
     peers = [Peer() for _ in range(3)]
@@ -297,6 +297,10 @@ def test_a_round_returns_before_its_audits_and_their_bans_follow_once_they_end()
         for s in services:
             peers[0].runtime.run(s.audits_settled(), 60)
         assert [list(s.banned) for s in services] == [[liar], [liar], []]
+        # A cheat rarely comes alone: the reducers that caught one audit AUDIT_BOOST times harder for a while.
+        assert [s.audit_boost for s in services] == [AUDIT_BOOST_ROUNDS, AUDIT_BOOST_ROUNDS, 0]
+        rates = [services[0].audit_rate(0.02) for _ in range(AUDIT_BOOST_ROUNDS + 1)]
+        assert rates == [AUDIT_BOOST * 0.02] * AUDIT_BOOST_ROUNDS + [0.02] and services[2].audit_rate(0.02) == 0.02
     finally:
         release.set()
         for p in peers:

@@ -60,6 +60,8 @@ import torch
 
 from hiveengine.averaging.accusations import Accusations, trim_learned_first
 from hiveengine.averaging.audits import (
+    AUDIT_BOOST,
+    AUDIT_BOOST_ROUNDS,
     DEFAULT_AUDIT_RATE,
     DEFAULT_AUDIT_TIMEOUT,
     DEFAULT_AUDIT_TOLERANCE,
@@ -403,10 +405,8 @@ class _ReducerRound:
             return
         others = [s for s in self.order if s != self.peer.peer_id and s not in self.withdrawn]
         o = self.options
-        worker = self.service.audit_worker()
-        self.audits = Audits(
-            o.audit, o.audit_rate, o.audit_tolerance, others, self.codec, o.audit_timeout, parts, worker
-        )
+        worker, rate = self.service.audit_worker(), self.service.audit_rate(o.audit_rate)
+        self.audits = Audits(o.audit, rate, o.audit_tolerance, others, self.codec, o.audit_timeout, parts, worker)
         if self.audits.recomputation is not None:
             pending.add(self.audits.recomputation)
             self.audits.recomputation.add_done_callback(pending.discard)
@@ -436,9 +436,14 @@ class _ReducerRound:
             logger.exception("the audits of round %s could not be settled", self.group.group_id.hex()[:8])
             return
         for sender, why in failed.items():
-            self.service.ban(
-                sender, f"it failed an audit in round {self.group.group_id.hex()[:8]}: {why}", self.group.group_id
-            )
+            self._convict(sender, why)
+
+    def _convict(self, sender: PeerID, why: str) -> None:
+        """Ban `sender`, whose copy failed its audit, and audit harder for a while: a cheat rarely comes alone."""
+        self.service.ban(
+            sender, f"it failed an audit in round {self.group.group_id.hex()[:8]}: {why}", self.group.group_id
+        )
+        self.service.audit_boost = AUDIT_BOOST_ROUNDS
 
     def receive_slot(self, index) -> list[torch.Tensor] | None:
         """A free arena slot for one sender's copy of chunk `index` (None when out of range or used up)."""
@@ -542,9 +547,7 @@ class _ReducerRound:
         for sender, _, payload in audited:
             why = self.audits.check(sender, payload, self.chunks[index], row)
             if why is not None:
-                self.service.ban(
-                    sender, f"it failed an audit in round {self.group.group_id.hex()[:8]}: {why}", self.group.group_id
-                )
+                self._convict(sender, why)
 
     def _outsized(self, kept: list, squares: np.ndarray) -> set[PeerID]:
         """The senders of `kept` whose decoded copy (its squared norm in `squares`) is more than MAX_COPY_RATIO times
@@ -694,6 +697,7 @@ class AllReduceService:
         self.parts_reduced = 0  # rounds in which this peer reduced a (non-empty) part
         self.send_buffers = BufferCache(SEND_LAYOUTS)
         self.pending_audits: set[asyncio.Future] = set()  # rounds' audit recomputations not done yet
+        self.audit_boost = 0  # rounds left in which we audit AUDIT_BOOST times the rate (since a conviction)
         self.auditing: asyncio.Task | None = None  # the newest round's audits, checked once their recomputation ends
         self._audit_worker: concurrent.futures.ThreadPoolExecutor | None = None
         # Evidence against the reducers we caught, served to others, and our checks of theirs (accusations.py).
@@ -744,6 +748,14 @@ class AllReduceService:
         for group_id, open_round in self._rounds.items():  # refused from now on (_on_chunk): nobody waits for it
             if group_id != caught_in and peer_id in open_round.senders:
                 open_round.withdraw(peer_id)
+
+    def audit_rate(self, rate: float) -> float:
+        """The audit rate of a round we reduce in: AUDIT_BOOST times `rate` (at most 1) in the AUDIT_BOOST_ROUNDS
+        rounds after one of our audits convicted a sender, else `rate`."""
+        if self.audit_boost <= 0:
+            return rate
+        self.audit_boost -= 1
+        return min(1.0, AUDIT_BOOST * rate)
 
     def audit_worker(self) -> concurrent.futures.ThreadPoolExecutor:
         """The one thread that runs our rounds' audit recomputations, one after another."""
