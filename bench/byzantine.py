@@ -216,7 +216,8 @@ def worker() -> None:
         # bans it; one that arrived after the grace window would get an error instead, ban nobody, and keep it in
         # its groups while the others leave it out); from then on the honest peers leave it out, and it does not wait.
         hasty = dataclasses.replace(options, sender_timeout=0.05, late_grace=0.05) if attack == "garbage" else options
-        service.banned.clear()  # every run starts with no one banned
+        service.banned.clear()  # every run starts with no one banned, and audits at the plain rate
+        service.audit_boost = 0
         # Groups leave out a garbage reducer once caught, as matchmaking would (every honest peer bans it at once: a
         # majority vote): the honest peers through their bans, the garbage peers by knowing that one caught is out.
         # A sender that failed an audit is banned by the reducer that audited it alone, which stops averaging it.
