@@ -40,6 +40,19 @@ def _recomputing(expected: dict):
     return lambda sender: lambda: expected.get(sender)
 
 
+def _held_back(truth: dict, release: threading.Event):
+    """An audit function whose recomputations return `truth[sender]` once `release` is set."""
+
+    def audit(sender):
+        def recomputation():
+            release.wait(30)
+            return truth[sender]
+
+        return recomputation
+
+    return audit
+
+
 def _check(codec_name: str, sent: dict, expected: dict, rate: float = 1.0, audit=None, timeout: float = 5.0):
     """One round's audits of `sent` (sender -> the flat tensor it encodes, with error feedback from a residual it
     carried over) against `expected` (what each should send): each sender's verdict. The recomputations run in a
@@ -154,12 +167,7 @@ def test_a_copy_reduced_before_its_audit_finished_is_convicted_when_the_round_se
     truth = {p: torch.randn(N) for p in (liar, honest)}
     release = threading.Event()
 
-    def audit(sender):
-        def recomputation():
-            release.wait(30)
-            return truth[sender]
-
-        return recomputation
+    audit = _held_back(truth, release)
 
     async def run() -> tuple:
         audits = Audits(audit, 1.0, 0.1, [liar, honest], codec, 30.0)
@@ -274,12 +282,7 @@ def test_a_round_returns_before_its_audits_and_their_bans_and_a_harder_look_foll
     truth = {p.peer_id: -flats[i] if p.peer_id == liar else flats[i] for i, p in enumerate(peers)}
     release = threading.Event()
 
-    def audit(sender):
-        def recomputation():
-            release.wait(30)
-            return truth[sender]
-
-        return recomputation
+    audit = _held_back(truth, release)
 
     async def one_round():
         group = GroupInfo(os.urandom(8), tuple(GroupMember(p.peer_id, str(p.address)) for p in peers))

@@ -18,14 +18,15 @@ What it costs: a recomputation is of the whole contribution, however small the p
 reducer (each reducer auditing each sender with probability audit_rate) would cost every peer audit_rate x (K - 1)
 recomputations per round in a group of K, 14% more compute at K = 8 and the default rate; this way it is about
 audit_rate (K - 1) / P recomputations per peer and round, 1.75% more compute at K = P = 8. The default rate, 2%,
-is set by that cost: at 2% audits added 0.4% to a training step of bench/train.py's language model (8 peers
-sharing 2 cores, bench/byzantine.py: the median of 6 runs, on top of CenteredClip and verified reducers), and 3
-colluding senders of 8 still ended within 2% of the honest peers' loss (they are caught after about 50 rounds
-instead of 10; CenteredClip bounds what they move meanwhile). Raise it where compute is cheap next to the round,
-or attackers many. A cheat rarely comes alone, and the first one caught shows it: a reducer whose audit convicted a
-sender audits AUDIT_BOOST times the rate for its next AUDIT_BOOST_ROUNDS rounds (AllReduceService.audit_rate),
-which costs nothing in an honest swarm. At 2% alone, 3 ALIE colluders were caught at rounds 25, 78 and 156 in one
-run, and the honest peers ended 26% worse.
+is set by that cost: at 2% audits added about 0.5% to a training step of bench/train.py's language model (8 peers
+sharing 2 cores, bench/byzantine.py, on top of CenteredClip and verified reducers: the middle of 9 runs, each the
+median of 6; 0% to 5% across runs). What it buys: an ALIE sender, which CenteredClip lets through, is caught after
+about 1 / rate rounds (50; in three runs at rounds 16, 69 and 190, the last leaving the honest peers 9.6% worse at
+the end). Raise it where compute is cheap next to the round, or attackers many. A cheat rarely comes alone, and
+the first one caught shows it: a reducer whose audit convicted a sender audits AUDIT_BOOST times the rate for its
+next AUDIT_BOOST_ROUNDS rounds (AllReduceService.audit_rate), which costs nothing in an honest swarm. At 2% alone,
+3 ALIE colluders were caught at rounds 25, 78 and 156 in one run, and the honest peers ended 26% worse; with the
+boost, at rounds 4, 7 and 8.
 
 How it runs (RoundOptions.audit): when a round opens, the reducer draws; the audit function is called for each
 sender drawn, `audit(sender)`, in a thread of its own while the round runs (the round waits for it only before it
