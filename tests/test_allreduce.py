@@ -181,6 +181,24 @@ def test_fifty_rounds_without_memory_growth():
             p.shutdown()
 
 
+def round_in_process(peers, services, flats, codec, timeout: float = 60.0, bandwidths=None, **options) -> list:
+    """One run_allreduce round of in-process `peers` (every one a member, with `bandwidths`), each averaging a copy
+    of its flat, on the first peer's runtime: every peer's result."""
+    bandwidths = bandwidths or [1.0] * len(peers)
+    members = tuple(GroupMember(p.peer_id, str(p.address), b) for p, b in zip(peers, bandwidths, strict=True))
+    group = GroupInfo(os.urandom(8), members)
+
+    async def one_round():
+        return await asyncio.gather(
+            *[
+                run_allreduce(s, group, f.clone(), codec, timeout=timeout, **options)
+                for s, f in zip(services, flats, strict=True)
+            ]
+        )
+
+    return peers[0].runtime.run(one_round(), timeout + 60)
+
+
 def test_a_verified_round_of_eight_reuses_every_buffer_it_made_in_the_rounds_before():
     # A layout per part (8 parts, plus our own part's and the reduction's) overflowed the cache: every round made
     # every buffer again, and paid for it in page faults (about 8 ms of CPU per peer in a verified round of 2.5M
@@ -190,19 +208,10 @@ def test_a_verified_round_of_eight_reuses_every_buffer_it_made_in_the_rounds_bef
     codec, numel = get_codec("int8"), 8 * 8192
     flats = [torch.randn(numel, generator=torch.Generator().manual_seed(i)) for i in range(8)]
 
-    async def one_round():
-        group = GroupInfo(os.urandom(8), tuple(GroupMember(p.peer_id, str(p.address)) for p in peers))
-        return await asyncio.gather(
-            *[
-                run_allreduce(s, group, f.clone(), codec, timeout=60, sender_timeout=30, verify=True)
-                for s, f in zip(services, flats, strict=True)
-            ]
-        )
-
     try:
         made = []
         for _ in range(4):
-            results = peers[0].runtime.run(one_round(), 120)
+            results = round_in_process(peers, services, flats, codec, sender_timeout=30, verify=True)
             assert all(r.failed_parts == [] and len(r.spans) == 8 for r in results)
             made.append([s.buffers.made + s.send_buffers.made for s in services])
         assert made[2] == made[1] == made[3]  # two sets per layout (GENERATIONS), made in the first two rounds
@@ -219,17 +228,10 @@ def test_a_buffer_too_small_to_split_keeps_averaging_when_another_member_reduces
     codec, numel = get_codec("int8"), 1000
     flats = [torch.randn(numel, generator=torch.Generator().manual_seed(i)) for i in range(3)]
 
-    async def one_round(fastest: int):
-        members = tuple(
-            GroupMember(p.peer_id, str(p.address), 2.0 if i == fastest else 1.0) for i, p in enumerate(peers)
-        )
-        group = GroupInfo(os.urandom(8), members)
-        rounds = [run_allreduce(s, group, f.clone(), codec, timeout=30) for s, f in zip(services, flats, strict=True)]
-        return await asyncio.gather(*rounds)
-
     try:
         for fastest in (0, 0, 1, 1, 2):
-            results = peers[0].runtime.run(one_round(fastest), 60)
+            bandwidths = [2.0 if i == fastest else 1.0 for i in range(3)]
+            results = round_in_process(peers, services, flats, codec, timeout=30, bandwidths=bandwidths)
             assert all(r.failed_parts == [] for r in results)
             assert sum(end > start for start, end in results[0].spans) == 1
     finally:

@@ -24,7 +24,7 @@ from hiveengine.averaging.audits import AUDIT_BOOST, AUDIT_BOOST_ROUNDS, Audits,
 from hiveengine.codec import get_codec
 from hiveengine.errors import ConfigurationError
 from hiveengine.transport import Peer, PeerID
-from tests.test_allreduce import TOLERANCE, average_in_processes, exact_mean
+from tests.test_allreduce import TOLERANCE, average_in_processes, exact_mean, round_in_process
 from tests.test_byzantine import HONEST, part_of
 
 pytestmark = pytest.mark.timeout(180)
@@ -284,16 +284,8 @@ def test_a_round_returns_before_its_audits_and_their_bans_and_a_harder_look_foll
 
     audit = _held_back(truth, release)
 
-    async def one_round():
-        group = GroupInfo(os.urandom(8), tuple(GroupMember(p.peer_id, str(p.address)) for p in peers))
-        rounds = [
-            run_allreduce(s, group, f.clone(), codec, timeout=30, audit=audit, audit_rate=1.0)
-            for s, f in zip(services, flats, strict=True)
-        ]
-        return await asyncio.gather(*rounds)
-
     try:
-        results = peers[0].runtime.run(one_round(), 60)
+        results = round_in_process(peers, services, flats, codec, timeout=30, audit=audit, audit_rate=1.0)
         assert all(r.failed_parts == [] for r in results)
         assert not any(s.banned for s in services)  # every recomputation still waits
         release.set()

@@ -745,7 +745,7 @@ class AllReduceService:
             self._learned.discard(peer_id)
         for forgotten in trim_learned_first(self.banned, self._learned, MAX_BANNED):
             self._caught_in.pop(forgotten, None)
-        for group_id, open_round in self._rounds.items():  # refused from now on (_on_chunk): nobody waits for it
+        for group_id, open_round in list(self._rounds.items()):  # refused from now on (_on_chunk): none waits for it
             if group_id != caught_in and peer_id in open_round.senders:
                 open_round.withdraw(peer_id)
 
