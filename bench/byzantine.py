@@ -16,13 +16,15 @@ that applied its own gradient instead would keep that difference from the others
 group from the next step on, as matchmaking would leave out peers that the others banned; and audited senders: every
 peer's minibatch is public (a seed per peer and step), so the reducer recomputes the gradient of each of its senders
 with probability `--audit-rate` each step (the library's default, 2%), hiveengine.averaging.audits, and stops
-averaging one that sent something else). The model is one part, reduced by the member with the smallest peer id:
-`byzantine reducer` says whether that is an attacker, which audits nobody and averages its colluders' copies (its own
-copy, too, goes unaudited). The attackers are drawn from the members with the largest ids, so that reducer is honest;
-then each attack runs once more in the open configuration with that member among the attackers (`byzantine reducer`:
-yes). The table gives the held-out loss of an honest peer after STEPS steps (long enough that clean training is near
-its plateau, so that "within 5% of clean" means something), against the clean run of all 8 peers and against the
-honest peers training alone (the `absent` rows: the Byzantine peers do nothing, so the difference is what their
+averaging one that sent something else; the other peers audit the reducer's own copy through its signed claims at
+the same rate, and one that catches it stops sending to it). The model is one part, reduced by the member with the
+smallest peer id: `byzantine reducer` says whether that is an attacker, which audits nobody and averages its
+colluders' copies (an honest peer that catches its own copy keeps its own values from then on: a ban is local).
+The attackers are drawn from the members with the largest ids, so that reducer is honest; then each attack runs
+once more in the open configuration with that member among the attackers (`byzantine reducer`: yes). The table
+gives the held-out loss of an honest peer after STEPS steps (long enough that clean training is near its plateau,
+so that "within 5% of clean" means something), against the clean run of all 8 peers and against the honest peers
+training alone (the `absent` rows: the Byzantine peers do nothing, so the difference is what their
 attack did, not the data they did not bring).
 
 The overhead: clean runs of the trusted swarm, of the open one, and of the open one without audits, in rotated

@@ -16,11 +16,14 @@ import math
 import os
 import threading
 
+import numpy as np
 import pytest
 import torch
 
 from hiveengine.averaging import AllReduceService, GroupInfo, GroupMember, Mode, RoundOptions, run_allreduce
-from hiveengine.averaging.audits import AUDIT_BOOST, AUDIT_BOOST_ROUNDS, Audits, reducer_rate
+from hiveengine.averaging.allreduce import chunk_spans
+from hiveengine.averaging.audits import AUDIT_BOOST, AUDIT_BOOST_ROUNDS, Audits, ClaimedCopy, auditor_rate
+from hiveengine.averaging.verification import Probes
 from hiveengine.codec import get_codec
 from hiveengine.errors import ConfigurationError
 from hiveengine.transport import Peer, PeerID
@@ -99,6 +102,36 @@ def test_honest_copies_pass_and_lies_of_the_right_size_fail(codec):
     assert verdicts[honest] is None
     assert "from what it should have sent" in verdicts[flipped]
     assert verdicts[shifted] is not None
+
+
+def _claimed_verdict(codec_name: str, expected: torch.Tensor, copy: torch.Tensor, chunks: int = 4) -> str | None:
+    """The audit of a sender whose `copy` (encoded with error feedback) a reducer's claims report, chunk by chunk,
+    on each chunk's own probes, against the `expected` contribution."""
+    codec, (sender, reducer) = get_codec(codec_name), _ids(2)
+    residual = _carried(codec_name, expected) if codec.supports_error_feedback else None
+    decoded = codec.decode(codec.encode(copy.clone(), residual, name="copy"), torch.empty(N))
+
+    async def run() -> str | None:
+        audits = Audits(lambda _: lambda: expected, 1.0, 0.1, [sender], codec, 5.0)
+        for index, (start, end) in enumerate(chunk_spans(0, N, N // chunks)):
+            probes = Probes(os.urandom(8), 0, index, os.urandom(32), end - start, np.array([0.5, 0.5]))
+            (projections,), (norm,) = probes.project(decoded[start:end].view(1, -1))
+            audits.hold_claim(sender, ClaimedCopy(reducer, probes, (start, end), projections, float(norm)))
+        return (await audits.settle()).get(sender)
+
+    return asyncio.run(run())
+
+
+@pytest.mark.parametrize("codec", ["none", "fp16", "bf16", "int8", "int4"])
+def test_a_copy_seen_only_through_a_reducers_claims_passes_when_honest_and_fails_when_it_lies(codec):
+    # The projections of a copy on a reply's probes tell a lie only beyond their chi-square band: about 10 times the
+    # allowance (rounding and audit_tolerance), which an ALIE shift (about the contribution's norm) clears with int8
+    # and finer; int4's rounding is up to a quarter of the norm, so there only a grosser lie shows.
+    expected = torch.randn(N)
+    assert _claimed_verdict(codec, expected, expected) is None
+    lies = [-3 * expected] if codec == "int4" else [-expected, expected - (0.5 + torch.rand(N))]
+    for lie in lies:
+        assert "from what it should have sent on the reply's probes" in _claimed_verdict(codec, expected, lie)
 
 
 @pytest.mark.parametrize(("codec_name", "drop"), [("int8", 30), ("int4", 10)])
@@ -342,10 +375,10 @@ def test_the_reducers_split_the_draws_so_a_sender_is_audited_at_the_rate_at_any_
     drawn = asyncio.run(draws())
     audited = frozenset().union(*drawn)
     assert abs(len(audited) / len(senders) - rate) < 0.03  # 6 standard deviations
-    per_reducer = reducer_rate(rate, parts)  # 1.3%: what each reducer recomputes, not 10% of its senders
+    per_reducer = auditor_rate(rate, parts)  # 1.3%: what each reducer recomputes, not 10% of its senders
     assert abs(1 - (1 - per_reducer) ** parts - rate) < 1e-12
     assert all(abs(len(d) / len(senders) - per_reducer) < 0.012 for d in drawn)
-    assert reducer_rate(1.0, parts) == 1.0 and reducer_rate(0.0, parts) == 0.0 and reducer_rate(rate, 1) == rate
+    assert auditor_rate(1.0, parts) == 1.0 and auditor_rate(0.0, parts) == 0.0 and auditor_rate(rate, 1) == rate
 
 
 @pytest.mark.parametrize(
@@ -386,8 +419,9 @@ def test_a_sender_that_flips_its_sign_is_banned_by_every_honest_reducer_and_then
     others = sorted(p for p in range(4) if p != liar)
     for i in HONEST:
         assert results[i]["banned"] == [members[3]["id"]]  # no honest peer is convicted
-        # Round 0: the liar reduces its own part (nobody audits its own copy), and it is honest as a reducer; its
-        # copies are caught when reduced or when the round settles (so they may have joined round 0's aggregates).
+        # Round 0: the liar reduces its own part (its own copy is caught through its claims), and it is honest as a
+        # reducer; its copies are caught when reduced or when the round settles (so they may have joined round 0's
+        # aggregates).
         assert results[i]["rounds"][0]["failed_parts"] == []
         # Round 1: it is banned, so nobody sends to it and its part stays local, and the honest reducers averaged
         # the honest copies alone.
@@ -409,3 +443,16 @@ def test_honest_rounds_with_every_sender_audited_ban_nobody(tmp_path):
         assert results[i]["banned"] == [] and results[i]["failed_parts"] == []
         tensor = torch.load(tmp_path / f"{i}.pt")
         assert float((tensor - expected).abs().max()) <= TOLERANCE["int4"]
+
+
+def test_a_reducer_whose_own_copy_lies_is_banned_by_the_senders_that_audit_it_through_its_claims(tmp_path):
+    # The only reducer flips the sign of its own copy: nobody else reduces, so only its signed claims, which report
+    # the projections of every copy it averaged, its own included, show what it sent itself.
+    specs = [{"attack": "sign"}, {"mode": "CLIENT"}, {"mode": "CLIENT"}, {"mode": "CLIENT"}]
+    options = dict(timeout=30, sender_timeout=10, aggregation="centered_clip", rounds=2, audit_rate=1.0)
+    members, results = average_in_processes(tmp_path, specs, "int8", **options)
+    for i in (1, 2, 3):
+        assert results[i]["banned"] == [members[0]["id"]]
+        assert results[i]["rounds"][0]["failed_parts"] == []  # its reply adds up: the claim is true to its copy
+        assert results[i]["rounds"][1]["failed_parts"] == [0]  # banned: its part stays local from then on
+    assert results[0]["banned"] == []

@@ -26,7 +26,8 @@ One round, as it runs (this file holds all of it: the partition, the buffers, th
    late_grace` per call (what an honest one can take); a reducer that dies, stays silent or fails verification
    costs its part for this round only (senders keep their local values there and report the part as failed),
    never the whole deadline. One caught cheating is banned on this peer (`AllReduceService.banned`): we send it
-   nothing more and average none of its copies.
+   nothing more and average none of its copies. With `audit`, a sender keeps the claims about the copies of the
+   members it audits (a reducer's own copy included) and checks them once their recomputation is done.
 
 Link allowance: over a long link the first copy of a part can trail a local one by many round trips (a dial, UCX
 wiring up its data lanes, TCP's window growing to the part's size: about 10 s for 2 MB over a 600 ms round trip),
@@ -67,6 +68,7 @@ from hiveengine.averaging.audits import (
     DEFAULT_AUDIT_TOLERANCE,
     Audit,
     Audits,
+    ClaimedCopy,
 )
 from hiveengine.averaging.matchmaking import GroupInfo, GroupMember
 from hiveengine.averaging.verification import (
@@ -138,9 +140,10 @@ class RoundOptions:
     # Contribution audits (hiveengine.averaging.audits): `audit(sender)`, called in a thread while the round runs
     # (before it returns), returns a function that recomputes the flat contribution a sender should send this
     # round (None: cannot tell), run later in a worker thread; each sender is audited with probability
-    # `audit_rate` (by one of the reducers or more), and one whose copy is more than `audit_tolerance` (relative,
-    # plus the codec's rounding) off is banned by the reducer that caught it, once the recomputation is done (the
-    # round does not wait for it), at most `audit_timeout` seconds after the round started (later, unaudited).
+    # `audit_rate` (by one of the reducers or more; with `verify`, a reducer's own copy by the senders of its part,
+    # through its claims), and one whose copy is more than `audit_tolerance` (relative, plus the codec's rounding)
+    # off is banned by the member that caught it, once the recomputation is done (the round does not wait for it),
+    # at most `audit_timeout` seconds after the round started (later, unaudited).
     audit: Audit | None = None
     audit_rate: float = DEFAULT_AUDIT_RATE
     audit_tolerance: float = DEFAULT_AUDIT_TOLERANCE
@@ -391,60 +394,6 @@ class _ReducerRound:
         self._limits: dict[PeerID, float | None] = {}  # each sender's weight limit this round
         self.audits: Audits | None = None
 
-    def start_audits(self, parts: int) -> None:
-        """Draw the senders to audit this round (options.audit; we are one of `parts` reducers) and start
-        recomputing what they should send, after earlier rounds' recomputations (one thread, the service's: the
-        recomputations need not be safe to run twice at once); none while MAX_PENDING_AUDITS rounds' still run."""
-        if self.options.audit is None or not self.chunks:
-            return
-        pending = self.service.pending_audits
-        if len(pending) >= MAX_PENDING_AUDITS:
-            logger.info(
-                "%d rounds' audits still run: round %s audits nobody", len(pending), self.group.group_id.hex()[:8]
-            )
-            return
-        others = [s for s in self.order if s != self.peer.peer_id and s not in self.withdrawn]
-        o = self.options
-        worker, rate = self.service.audit_worker(), self.service.audit_rate(o.audit_rate)
-        self.audits = Audits(o.audit, rate, o.audit_tolerance, others, self.codec, o.audit_timeout, parts, worker)
-        if self.audits.recomputation is not None:
-            pending.add(self.audits.recomputation)
-            self.audits.recomputation.add_done_callback(pending.discard)
-
-    async def prepare_audits(self, until: float) -> None:
-        """Before the round returns (its caller may then change what the audit function reads): wait, at most until
-        time.monotonic() `until`, for the audit function to prepare this round's recomputations; if it has not,
-        they convict nobody (Audits.abandon)."""
-        if self.audits is None or self.audits.prepared is None:
-            return
-        await asyncio.wait([self.audits.prepared], timeout=max(0.0, until - time.monotonic()))
-        self.audits.abandon()
-
-    def settle_audits(self) -> None:
-        """Once the round is over: in the background, check the audited copies that were reduced before their
-        recomputation was done, and ban those that fail (Audits.settle: their copies stayed in this round's
-        aggregate); AllReduceService.audits_settled waits for it."""
-        if self.audits is None or self.audits.recomputation is None:
-            return
-        self.service.auditing = asyncio.ensure_future(self._settle(self.audits))
-        self.service.in_background(self.service.auditing)
-
-    async def _settle(self, audits: Audits) -> None:
-        try:
-            failed = await audits.settle()
-        except Exception:
-            logger.exception("the audits of round %s could not be settled", self.group.group_id.hex()[:8])
-            return
-        for sender, why in failed.items():
-            self._convict(sender, why)
-
-    def _convict(self, sender: PeerID, why: str) -> None:
-        """Ban `sender`, whose copy failed its audit, and audit harder for a while: a cheat rarely comes alone."""
-        self.service.ban(
-            sender, f"it failed an audit in round {self.group.group_id.hex()[:8]}: {why}", self.group.group_id
-        )
-        self.service.audit_boost = AUDIT_BOOST_ROUNDS
-
     def receive_slot(self, index) -> list[torch.Tensor] | None:
         """A free arena slot for one sender's copy of chunk `index` (None when out of range or used up)."""
         if not isinstance(index, int) or not 0 <= index < len(self.chunks):
@@ -547,7 +496,7 @@ class _ReducerRound:
         for sender, _, payload in audited:
             why = self.audits.check(sender, payload, self.chunks[index], row)
             if why is not None:
-                self._convict(sender, why)
+                self.service.convict(sender, why, self.group.group_id)
 
     def _outsized(self, kept: list, squares: np.ndarray) -> set[PeerID]:
         """The senders of `kept` whose decoded copy (its squared norm in `squares`) is more than MAX_COPY_RATIO times
@@ -749,8 +698,57 @@ class AllReduceService:
             if group_id != caught_in and peer_id in open_round.senders:
                 open_round.withdraw(peer_id)
 
+    def start_audits(
+        self, group: GroupInfo, options: RoundOptions, codec: Codec, subjects: list[PeerID], auditors: int
+    ) -> Audits | None:
+        """Draw which of `subjects` we audit in round `group` (options.audit; we are one of `auditors` members who
+        can check each) and start recomputing what they should send, after earlier rounds' recomputations (one
+        thread: the recomputations need not be safe to run twice at once); none while MAX_PENDING_AUDITS rounds'
+        still run."""
+        if len(self.pending_audits) >= MAX_PENDING_AUDITS:
+            round_id = group.group_id.hex()[:8]
+            logger.info("%d rounds' audits still run: round %s audits nobody", MAX_PENDING_AUDITS, round_id)
+            return None
+        subjects = [p for p in subjects if p not in self.banned]
+        rate, o = self.audit_rate(options.audit_rate), options
+        audits = Audits(
+            o.audit, rate, o.audit_tolerance, subjects, codec, o.audit_timeout, auditors, self.audit_worker()
+        )
+        if audits.recomputation is not None:
+            self.pending_audits.add(audits.recomputation)
+            audits.recomputation.add_done_callback(self.pending_audits.discard)
+        return audits
+
+    async def close_audits(self, audits: Audits, group_id: bytes, until: float) -> None:
+        """Once round `group_id` is over, before it returns (its caller may then change what the audit function
+        reads): wait, at most until time.monotonic() `until`, for the audit function to prepare the round's
+        recomputations (if it has not, they convict nobody: Audits.abandon); then, in the background, check the
+        copies and claims held until their recomputations were done, and ban the senders that fail (Audits.settle;
+        their copies stayed in that round's aggregates). audits_settled waits for it."""
+        if audits.prepared is not None:
+            await asyncio.wait([audits.prepared], timeout=max(0.0, until - time.monotonic()))
+            audits.abandon()
+        if audits.recomputation is not None:
+            self.auditing = asyncio.ensure_future(self._settle(audits, group_id))
+            self.in_background(self.auditing)
+
+    async def _settle(self, audits: Audits, group_id: bytes) -> None:
+        try:
+            failed = await audits.settle()
+        except Exception:
+            logger.exception("the audits of round %s could not be settled", group_id.hex()[:8])
+            return
+        for sender, why in failed.items():
+            self.convict(sender, why, group_id)
+
+    def convict(self, sender: PeerID, why: str, group_id: bytes) -> None:
+        """Ban `sender`, whose copy failed our audit in round `group_id`, and audit harder for a while: a cheat
+        rarely comes alone."""
+        self.ban(sender, f"it failed an audit in round {group_id.hex()[:8]}: {why}", group_id)
+        self.audit_boost = AUDIT_BOOST_ROUNDS
+
     def audit_rate(self, rate: float) -> float:
-        """The audit rate of a round we reduce in: AUDIT_BOOST times `rate` (at most 1) in the AUDIT_BOOST_ROUNDS
+        """The audit rate of a round we audit in: AUDIT_BOOST times `rate` (at most 1) in the AUDIT_BOOST_ROUNDS
         rounds after one of our audits convicted a sender, else `rate`."""
         if self.audit_boost <= 0:
             return rate
@@ -770,7 +768,7 @@ class AllReduceService:
         task.add_done_callback(self._background.discard)
 
     async def audits_settled(self) -> None:
-        """Wait until the audits of the newest round we reduced in are over (and whom they convicted is banned):
+        """Wait until the audits of the newest round we audited in are over (and whom they convicted is banned):
         a round returns without waiting for them."""
         if self.auditing is not None:
             await asyncio.gather(asyncio.shield(self.auditing), return_exceptions=True)
@@ -832,6 +830,7 @@ class _Exchange:
     span: tuple[int, int]
     local_round: _ReducerRound | None  # set when we reduce this part ourselves
     buffers: _SendBuffers | None  # where the copies we send and the replies we get are encoded (None: in `flat`)
+    audits: Audits | None  # the senders we audit this round, whose copies the reducer's claims report
 
 
 @dataclass(frozen=True)
@@ -910,6 +909,11 @@ async def run_allreduce(
     parts = [p for p, (start, end) in enumerate(spans) if end > start] if me.contributes else []
     verify = {part: options.verify and part != my_part for part in parts}  # our own part's reply is ours
     buffers = _round_send_buffers(service, codec, spans, parts, chunk_elements, flat.device, verify)
+    audits = None
+    if options.audit is not None:
+        subjects, auditors = _audit_subjects(group, spans, my_part, any(verify.values()), me.peer_id)
+        if subjects:
+            audits = service.start_audits(group, options, codec, subjects, auditors)
     local_round = None
     if my_part is not None:
         chunks = chunk_spans(*spans[my_part], chunk_elements)
@@ -921,7 +925,7 @@ async def run_allreduce(
         local_round = _ReducerRound(group, my_part, chunks, codec, options, arena, service)
         service.parts_reduced += spans[my_part][1] > spans[my_part][0]
         local_round.withdrawn.update(service.banned.keys() & local_round.senders)
-        local_round.start_audits(sum(end > start for start, end in spans))
+        local_round.audits = audits
         service.open_round(group.group_id, local_round)
     started = time.monotonic()
     deadline = started + options.timeout
@@ -942,6 +946,7 @@ async def run_allreduce(
             spans[part],
             local_round if part == my_part else None,
             buffers.get(part),
+            audits,
         )
         for part in parts
     }
@@ -967,9 +972,8 @@ async def run_allreduce(
         service.close_round(group.group_id)
         for task in exchanges.values():
             task.cancel()
-    if local_round is not None:  # also past the deadline: held copies are in the aggregate, so they get checked
-        await local_round.prepare_audits(deadline)
-        local_round.settle_audits()
+    if audits is not None:  # also past the deadline: held copies are in the aggregates, so they get checked
+        await service.close_audits(audits, group.group_id, deadline)
     for part, task in exchanges.items():
         if task.done() and not task.cancelled():
             outcomes[part] = task.exception() or task.result()
@@ -1001,6 +1005,22 @@ async def _wait_with_grace(
         if done and grace_until is None and 2 * finished >= len(tasks):
             now = loop.time()
             grace_until = now + max(late_grace, now - started)
+
+
+def _audit_subjects(
+    group: GroupInfo, spans: list[tuple[int, int]], my_part: int | None, claims: bool, me: PeerID
+) -> tuple[list[PeerID], int]:
+    """Whom we may audit in a round, and how many members may audit each of them (each draws so that one is audited
+    at the rate whatever that number): as a reducer, every other sender, whose copies we check as we reduce them;
+    else, when replies carry claims, the other reducers, whose own copies only the senders of their part can check
+    (through the claims). Whoever audits a member also checks its copies in the claims of every reply it gets."""
+    reducers = {r.peer_id for r, (start, end) in zip(group.reducers, spans, strict=True) if end > start}
+    others = [m.peer_id for m in group.senders if m.peer_id != me]
+    if my_part is not None and spans[my_part][1] > spans[my_part][0]:
+        return others, len(reducers)
+    if claims:
+        return [p for p in others if p in reducers], max(1, len(group.senders) - 1)
+    return [], 0
 
 
 @functools.lru_cache(maxsize=64)
@@ -1074,7 +1094,7 @@ async def _exchange_part(plan: _Exchange, chunk_elements: int) -> int:
                     plan.reducer.address, CHUNK_METHOD, header, payload, timeout=_reply_timeout(plan), out=out
                 )
                 if verify:
-                    _verify_chunk(plan, index, me, reply, payload, mean, buffers.checks[index])
+                    _verify_chunk(plan, (index, start, end), me, reply, payload, mean, buffers.checks[index])
                 elif not lossless:
                     codec.decode(mean, piece, name=f"mean of part {part}")
                 count = reply.get("n")
@@ -1109,10 +1129,12 @@ async def _exchange_part(plan: _Exchange, chunk_elements: int) -> int:
     return fewest
 
 
-def _verify_chunk(plan: _Exchange, index: int, me: int, reply: dict, sent, mean, decoded: torch.Tensor) -> None:
+def _verify_chunk(plan: _Exchange, chunk: tuple, me: int, reply: dict, sent, mean, decoded: torch.Tensor) -> None:
     """Check one chunk's reply against the reducer's claim (ReducerCheatedError if it does not add up), with our
-    copy decoded into row 0 of `decoded` (2 x n) and the aggregate, which stays there, into row 1."""
-    codec = plan.codec
+    copy decoded into row 0 of `decoded` (2 x n) and the aggregate, which stays there, into row 1; `chunk`: its
+    index and span. A claim that adds up is kept for the audits of the senders we drew (their copies, the
+    reducer's own included, as it reports them)."""
+    codec, (index, start, end) = plan.codec, chunk
     claim = Claim.parse(reply, len(plan.group.senders))
     probes = Probes(plan.group.group_id, plan.part, index, reply_digest(mean), decoded.shape[1], claim.coefficients)
     codec.decode(sent, decoded[0], name=f"our copy of part {plan.part}")
@@ -1127,6 +1149,12 @@ def _verify_chunk(plan: _Exchange, index: int, me: int, reply: dict, sent, mean,
     except ReducerCheatedError as e:
         e.evidence = _evidence(plan, index, claim, mean, decoded.shape[1])
         raise
+    if plan.audits is not None:
+        for j, member in enumerate(plan.group.senders):
+            if member.peer_id in plan.audits.drawn and claim.coefficients[j] > 0:
+                norm = float(claim.norms[j]) if claim.norms.size else 0.0
+                copy = ClaimedCopy(plan.reducer.peer_id, probes, (start, end), claim.projections[j].copy(), norm)
+                plan.audits.hold_claim(member.peer_id, copy)
 
 
 def _evidence(plan: _Exchange, index: int, claim: Claim, reply, numel: int) -> Evidence | None:

@@ -8,7 +8,7 @@ peer's minibatch follows from public data (a seed per peer and step), anyone can
 should have sent, and a peer that sent something else is caught. BTARD draws its validators with a multi-party
 random number generator. Here each reducer draws on its own, from randomness no sender sees (`secrets`), which of
 its part's senders it audits in a round: each of the round's P reducers with probability 1 - (1 - audit_rate)^(1/P)
-(`reducer_rate`), so that a sender is audited, by one reducer or more, with probability `audit_rate` whatever the
+(`auditor_rate`), so that a sender is audited, by one reducer or more, with probability `audit_rate` whatever the
 group's size. A sender cannot tell which rounds are audited, before or during a round: no reduction waits for a
 recomputation (below), so a reply comes as soon whether or not its reducer audits anyone (a reduction that waited
 told a sender that sent its first chunk alone and timed the reply, which could then send the rest honestly only
@@ -27,6 +27,30 @@ the first one caught shows it: a reducer whose audit convicted a sender audits A
 next AUDIT_BOOST_ROUNDS rounds (AllReduceService.audit_rate), which costs nothing in an honest swarm. At 2% alone,
 3 ALIE colluders were caught at rounds 25, 78 and 156 in one run, and the honest peers ended 26% worse; with the
 boost, at rounds 4, 7 and 8.
+
+Reducers' own copies. A reducer's own copy reaches no other reducer, so no reducer audits it, and a reducer that
+averaged a lie of its own, every round, moved the honest peers of bench/byzantine.py 100% to 300% away. But each
+verified reply's claim (verification.py) reports the projections t_rk = <x_r, p_k> of every copy averaged, the
+reducer's own included, on that reply's probes, signed, and the reply check binds the reply to them. So with verified
+replies, a member that reduces nothing draws in each round which of the reducers it audits (each with probability
+auditor_rate(audit_rate, K - 1): a reducer is audited by one of the K - 1 other senders or more with probability
+audit_rate), and checks, chunk by chunk, the claimed projections of the reducer's copy against those of its
+recomputed contribution (`ClaimedCopy`, in `settle`): both vectors fixed before the probes (they follow the reply),
+an honest copy's projections lie within verification.projection_band of the allowance below (sqrt(PROBE_CHI2)
+times it: exceeded with chance 1.6e-15), and a copy d off passes a chunk's check with chance at most
+6^-4 (pi^4 / 24) (band / ||d||)^8 (verification.py's bound). For int8 the band is about 1.3 times the chunk's norm,
+so an ALIE shift (about the norm) failed each chunk's check with chance about 99% and a sign flip all of them; int4's
+rounding widens it to about 5 times the norm, where only a lie several times the norm shows. Whoever audits a
+member, reducer or not, also checks that member's copies in the claims of every reply it gets, and a member caught
+through a claim is banned as one caught by its reducer. Where the copy caught is not the claiming reducer's own, the
+lie could be the reducer's report rather than the sender's copy; but every sender checks its own projections in
+every reply (verification.check_reply), so a reducer that misreports an honest copy is caught by its sender in that
+round. This costs nothing where every member reduces (K = P: the reducers' own draws already cover the reducers),
+and about audit_rate recomputations per reducer and round in all where some do not. Limits: the reducer picks the
+reply and with it the probes, so one that knows what it should have sent can try replies until its lie passes
+(about 100 tries for ALIE at int8; verification.py's grinding); and a conviction is local, a ban and a vote, like
+every audit's: in a group with one reducer, the member that catches it keeps its own values there from then on,
+while the others average through it until they catch it too.
 
 How it runs (RoundOptions.audit): when a round opens, the reducer draws; the audit function is called for each
 sender drawn, `audit(sender)`, in a thread of its own while the round runs (the round waits for it only before it
@@ -80,9 +104,12 @@ import logging
 import math
 import secrets
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from hiveengine.averaging.verification import Probes, projection_band
 from hiveengine.codec import Codec
 from hiveengine.errors import NonFiniteError
 from hiveengine.transport import PeerID
@@ -100,12 +127,24 @@ Recomputation = Callable[[], "torch.Tensor | None"]  # what a sender should send
 Audit = Callable[[PeerID], "Recomputation | None"]  # called during a round; its result, later, in a worker thread
 
 
-def reducer_rate(rate: float, parts: int) -> float:
-    """The chance that each of `parts` reducers audits a given sender, so that one or more of them does with
-    probability `rate` (1 at rate 1: every reducer audits every sender)."""
-    if rate >= 1 or parts <= 1:
+def auditor_rate(rate: float, auditors: int) -> float:
+    """The chance that each of `auditors` members audits a given sender, so that one or more of them does with
+    probability `rate` (1 at rate 1: every auditor audits every sender)."""
+    if rate >= 1 or auditors <= 1:
         return min(rate, 1.0)
-    return 1.0 - (1.0 - rate) ** (1.0 / parts)
+    return 1.0 - (1.0 - rate) ** (1.0 / auditors)
+
+
+@dataclass(frozen=True, eq=False)
+class ClaimedCopy:
+    """A reducer's signed claim about one sender's copy of one chunk: what its reply's probes (`probes`) projected
+    that copy onto (`projections`, one per probe), and that copy's norm as the claim reports it."""
+
+    reducer: PeerID
+    probes: Probes
+    span: tuple[int, int]  # the chunk's elements in the flat contribution
+    projections: np.ndarray
+    norm: float
 
 
 class Audits:
@@ -119,16 +158,17 @@ class Audits:
         senders: Iterable[PeerID],
         codec: Codec,
         timeout: float,
-        parts: int = 1,
+        auditors: int = 1,
         worker: concurrent.futures.Executor | None = None,
     ):
-        """Draw which of `senders` to audit (each with probability reducer_rate(rate, parts): this reducer is one
-        of the round's `parts` reducers), have `audit` prepare their recomputations in a thread of its own (the
-        round goes on meanwhile: `prepared`), then run them in `worker` (one thread: recomputations never overlap;
-        None: asyncio's default executor); `timeout`: how long from now `settle` waits for them."""
+        """Draw which of `senders` to audit (each with probability auditor_rate(rate, auditors): we are one of the
+        round's `auditors` members who can check a sender's copies), have `audit` prepare their recomputations in a
+        thread of its own (the round goes on meanwhile: `prepared`), then run them in `worker` (one thread:
+        recomputations never overlap; None: asyncio's default executor); `timeout`: how long from now `settle`
+        waits for them."""
         loop = asyncio.get_running_loop()
-        self.tolerance, self.codec = tolerance, codec
-        chance = reducer_rate(rate, parts)
+        self.tolerance, self.codec, self._worker = tolerance, codec, worker
+        chance = auditor_rate(rate, auditors)
         drawn = [sender for sender in senders if _DRAW.random() < chance]
         self.drawn = frozenset(drawn)
         self.failed: dict[PeerID, str] = {}  # sender -> why its copy failed
@@ -137,6 +177,7 @@ class Audits:
         self._expected = asyncio.ensure_future(self._recompute(worker)) if drawn else None
         self._deadline = loop.time() + timeout
         self._held: list[tuple[PeerID, list[torch.Tensor], tuple[int, int]]] = []  # copies reduced before their audit
+        self._claimed: list[tuple[PeerID, ClaimedCopy]] = []  # other reducers' claims about the drawn senders' copies
         self._abandoned = False
 
     @property
@@ -172,14 +213,21 @@ class Audits:
             return None
         return self._verdict(sender, payload, span, row)
 
+    def hold_claim(self, sender: PeerID, claimed: ClaimedCopy) -> None:
+        """Keep another reducer's claim about `sender`'s copy of a chunk, if `sender` is drawn: `settle` checks it
+        against the recomputation (see the module docstring)."""
+        if sender in self.drawn and not self._abandoned:
+            self._claimed.append((sender, claimed))
+
     async def settle(self) -> dict[PeerID, str]:
-        """Wait for the recomputations (up to the deadline) and check the copies held meanwhile: the senders whose
-        held copy fails, and why (also remembered in `failed`)."""
+        """Wait for the recomputations (up to the deadline) and check the copies held meanwhile and the claims
+        about them: the senders whose held copy or claimed copy fails, and why (also remembered in `failed`)."""
         if self._expected is None:
             return {}
         left = max(0.0, self._deadline - asyncio.get_running_loop().time())
         await asyncio.wait([self._expected], timeout=left)
         held, self._held = self._held, []
+        claimed, self._claimed = self._claimed, []
         if self._abandoned:
             return {}
         if not self._expected.done() or self._expected.cancelled():
@@ -195,7 +243,41 @@ class Audits:
                 why = self._verdict(sender, payload, (start, end), row)
                 if why is not None:
                     failed[sender] = why
+        claimed = [(sender, c) for sender, c in claimed if sender not in self.failed and sender not in failed]
+        if claimed:  # probes and encodes of whole chunks: off the event loop, after the recomputations
+            loop = asyncio.get_running_loop()
+            verdicts = await loop.run_in_executor(self._worker, self._claim_verdicts, claimed)
+            for sender, why in verdicts.items():
+                self.failed.setdefault(sender, why)
+                failed.setdefault(sender, why)
         return failed
+
+    def _claim_verdicts(self, claimed: list[tuple[PeerID, ClaimedCopy]]) -> dict[PeerID, str]:
+        """Each sender whose copy, as a reducer's claim reports it, is not what it should have sent, and why."""
+        verdicts: dict[PeerID, str] = {}
+        recomputed = self._expected.result()
+        for sender, c in claimed:
+            expected, rounding = recomputed.get(sender) or (None, math.inf)
+            start, end = c.span
+            if sender in verdicts or expected is None or expected.numel() < end or not math.isfinite(rounding):
+                continue
+            want = expected[start:end]
+            (projected,), (want_norm,) = c.probes.project(want.view(1, -1))
+            try:
+                own = self.codec.error_bound(self.codec.encode(want, name=f"{sender}'s expected chunk"))
+            except NonFiniteError:
+                continue
+            carried = rounding * math.sqrt((end - start) / expected.numel())
+            allowed = self.tolerance * float(want_norm) + own + max(own, carried)
+            off = float(np.linalg.norm(c.projections - projected))
+            band = projection_band(allowed, max(float(want_norm), c.norm), c.probes.norm_bound)
+            if not off <= band:
+                whose = "its own copy" if c.reducer == sender else f"its copy, as reducer {c.reducer} reports it,"
+                verdicts[sender] = (
+                    f"{whose} of elements {start}-{end} projects {off:.4g} away from what it should have sent on "
+                    f"the reply's probes ({band:.4g} allowed: {allowed:.4g} off at most)"
+                )
+        return verdicts
 
     def _verdict(self, sender: PeerID, payload, span: tuple[int, int], row: torch.Tensor) -> str | None:
         """check()'s verdict once the recomputations are done."""

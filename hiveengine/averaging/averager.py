@@ -106,9 +106,10 @@ class DecentralizedAverager:
     Where each peer's contribution follows from public data, `audit(sender)`, called while a round runs, returns a
     function that recomputes the flat contribution a sender should send this round (run later, in a worker thread,
     while training goes on: it must take what it reads with it): each sender is then audited with probability
-    `audit_rate` (the reducers
-    split the draws, so a peer recomputes about that many contributions per round at any group size), and a
-    reducer bans one whose copy is more than `audit_tolerance` off (hiveengine.averaging.audits).
+    `audit_rate` (the reducers split the draws, so a peer recomputes about that many contributions per round at
+    any group size; with `verify_reducers`, the senders of a part audit its reducer's own copy through its
+    claims), and the member that catches one whose copy is more than `audit_tolerance` off bans it
+    (hiveengine.averaging.audits).
     A sharing peer renews its state advertisement every `declare_state_period` seconds (it lives four periods), at
     its address then, so it stays findable between rounds however far apart they are.
     """

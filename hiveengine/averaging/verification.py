@@ -59,10 +59,12 @@ What it catches: a reducer that returns anything but sum_j c_j x_j over the copi
 (garbage, noise, a stale or partial aggregate, dropped or altered copies) while reporting honest
 projections, and any lie about the checking sender's own copy (projection or coefficient).
 What it does not catch (yet): an adaptive reducer that also forges the projection of a copy the checker never
-saw: its own (when it sends) or another sender's. Closing that gap takes the senders publishing their own
-projections to each other after the round (K^2 numbers, off the critical path) and a Gram-matrix check of
-CenteredClip's coefficients. Until then a reducer that cheats adaptively can move its part as far as a sender with
-all the weight could.
+saw: its own (when it sends) or another sender's. Where contributions can be recomputed, audits (audits.py) check
+the claimed projections of the copies of the members they draw, the reducer's own included, against the
+recomputation, so such a lie is caught at the audit rate; the weights stay the reducer's to choose. Closing the
+rest takes the senders publishing their own projections to each other after the round (K^2 numbers, off the
+critical path) and a Gram-matrix check of CenteredClip's coefficients. Until then a reducer that cheats adaptively
+can move its part as far as a sender with all the weight could.
 Nor does it stop grinding: the reducer picks R, and with it the probes. The chance above is per reply; a reducer
 that tries replies until one passes (each slightly different R, say through the claimed coefficients, gives fresh
 probes) gets a shift through after about the inverse of that chance in tries of a hash and 2 m n keystream
@@ -324,10 +326,17 @@ class Evidence:
 
 
 def _tolerance(error_bound: float, senders: int, scale: float, probe_norm: float) -> float:
-    """How large an honest reply's misfit may be (see the module docstring): the chi-square band of its rounding,
-    plus the float64 dot products' own (two per probe, each within DOT_SLACK of scale * probe_norm)."""
+    """How large an honest reply's misfit may be (see the module docstring): the chi-square band of its rounding."""
+    return projection_band(error_bound + FP32_SLACK * senders * scale, scale, probe_norm)
+
+
+def projection_band(distance: float, scale: float, probe_norm: float) -> float:
+    """How far apart the projections of two vectors at most `distance` apart may honestly lie on a reply's probes
+    (drawn after both were fixed): the chi-square band of the distance (exceeded with chance at most 1.6e-15), plus
+    the float64 dot products' rounding (two per probe, each within DOT_SLACK of scale * probe_norm, `scale` bounding
+    both vectors' norms)."""
     dots = 2 * DOT_SLACK * scale * probe_norm * math.sqrt(PROBES)
-    return math.sqrt(PROBE_CHI2) * (error_bound + FP32_SLACK * senders * scale) + dots
+    return math.sqrt(PROBE_CHI2) * distance + dots
 
 
 def misfit(got: np.ndarray, coefficients: np.ndarray, projections: np.ndarray) -> float:
