@@ -12,20 +12,24 @@ noise as the aggregate (tests/peers/byzantine_attacks.GarbageReducer).
 
 Two configurations: a trusted swarm (`mean`, replies not verified) and an open one (`centered_clip` with verified
 reducers: a reducer caught cheating costs its part for that step (not updated there, as the Optimizer does: a peer
-that applied its own gradient instead would keep that difference from the others' model), and is left out of the
-group from the next step on, as matchmaking would leave out peers that the others banned; and audited senders: every
-peer's minibatch is public (a seed per peer and step), so the reducer recomputes the gradient of each of its senders
-with probability `--audit-rate` each step (the library's default, 2%), hiveengine.averaging.audits, and stops
-averaging one that sent something else; the other peers audit the reducer's own copy through its signed claims at
-the same rate, and one that catches it stops sending to it). The model is one part, reduced by the member with the
-smallest peer id: `byzantine reducer` says whether that is an attacker, which audits nobody and averages its
-colluders' copies (an honest peer that catches its own copy keeps its own values from then on: a ban is local).
-The attackers are drawn from the members with the largest ids, so that reducer is honest; then each attack runs
-once more in the open configuration with that member among the attackers (`byzantine reducer`: yes). The table
-gives the held-out loss of an honest peer after STEPS steps (long enough that clean training is near its plateau,
-so that "within 5% of clean" means something), against the clean run of all 8 peers and against the honest peers
-training alone (the `absent` rows: the Byzantine peers do nothing, so the difference is what their
-attack did, not the data they did not bring).
+that applied its own gradient instead would keep that difference from the others' model), and is banned; and
+audits: every peer's minibatch is public (a seed per peer and step), so the auditors recompute the gradient of a
+sender with probability `--audit-rate` each step (the library's default, 2%; hiveengine.averaging.audits): the
+reducer checks the copies it reduces, and the others the copies that its signed claims report, its own included.
+One that convicts a sender bans it and tells the others, which audit it for sure and ban it on their own
+recomputation (hiveengine.averaging.suspicions). Groups are formed as matchmaking forms them from its registrations'
+votes: under attack the driver counts every peer's bans after each step, and a peer that a strict majority of the 8
+banned is left out of the groups from the next step on (`outvoted at`); the members of the new groups then average
+their models once (losslessly), as the Optimizer averages its group's states when they differ, since a peer that
+banned its reducer before the vote skipped its updates meanwhile. A peer whose part failed does not audit until then
+(is its model still the others'?). The model is one part, reduced by the member with the smallest peer id:
+`byzantine reducer` says whether that is an attacker, which audits nobody and averages its colluders' copies. The
+attackers are drawn from the members with the largest ids, so that reducer is honest; then each attack runs once
+more in the open configuration with that member among the attackers (`byzantine reducer`: yes). The table gives the
+held-out loss of an honest peer after STEPS steps (long enough that clean training is near its plateau, so that
+"within 5% of clean" means something), against the clean run of all 8 peers and against the honest peers training
+alone (the `absent` rows: the Byzantine peers do nothing, so the difference is what their attack did, not the data
+they did not bring).
 
 The overhead: clean runs of the trusted swarm, of the open one, and of the open one without audits, in rotated
 orders (the VM's speed drifts by more than the overhead within minutes: each overhead is the median of the repeats'
@@ -39,6 +43,7 @@ Writes bench/results/local/byzantine.json (see bench/common.py).
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
 import dataclasses
 import functools
@@ -82,6 +87,7 @@ LM_DIM, LM_LAYERS, LM_HEADS, LM_SEQ, LM_BATCH = 256, 3, 4, 64, 16  # bench/train
 LM_LR = 0.1
 LM_STEPS = 16  # steps per clean run of the language model (each about 1 s with 8 peers on 2 cores)
 LINE_TIMEOUT = 300.0
+VOTE_EVERY = 1  # steps between two counts of the bans (the votes that leave a peer out of the groups) under attack
 
 
 class Teacher:
@@ -174,6 +180,23 @@ def auditor(task, model: nn.Module, rank_of: dict, step: int):
     return audit
 
 
+def resync(peer, service, group, model: nn.Module, options) -> int:
+    """Average `model`'s parameters with `group` (losslessly; the members of new groups, whose models parted where
+    a part failed for some: as the Optimizer averages its group's states when they differ); 0 when every part was
+    averaged (our model is theirs again, and our audits can resume), else 1."""
+    from hiveengine.averaging import run_allreduce
+    from hiveengine.codec import get_codec
+
+    with torch.no_grad():
+        flat = torch.cat([p.reshape(-1) for p in model.parameters()])
+        result = peer.runtime.run(run_allreduce(service, group, flat, get_codec("none"), options=options), 60)
+        offset = 0
+        for p in model.parameters():
+            p.copy_(flat[offset : offset + p.numel()].view_as(p))
+            offset += p.numel()
+    return int(bool(result.failed_parts))
+
+
 def worker() -> None:
     from hiveengine.averaging import AllReduceService, GroupInfo, GroupMember, RoundOptions, run_allreduce
     from hiveengine.codec import Aggregation, get_codec
@@ -184,7 +207,7 @@ def worker() -> None:
     peer = Peer()
     service = AllReduceService.of(peer)
     print("ADDRESS", peer.address, flush=True)
-    tasks = {}
+    tasks, run = {}, {}  # run: the training run under way (its model, error feedback and counters)
     for line in sys.stdin:
         plan = json.loads(line)
         key = (plan["model"], plan["hidden"])
@@ -207,7 +230,7 @@ def worker() -> None:
                     "step_s": 0.0,
                     "cpu_s": 0.0,
                     "failed_steps": 0,
-                    "banned": 0,
+                    "banned": [],
                     "reduced": 0,
                 }
                 print("RESULT", json.dumps(nothing), flush=True)
@@ -218,18 +241,23 @@ def worker() -> None:
         # bans it; one that arrived after the grace window would get an error instead, ban nobody, and keep it in
         # its groups while the others leave it out); from then on the honest peers leave it out, and it does not wait.
         hasty = dataclasses.replace(options, sender_timeout=0.05, late_grace=0.05) if attack == "garbage" else options
-        service.banned.clear()  # every run starts with no one banned, and audits at the plain rate
-        service.audit_boost = 0
-        # Groups leave out a garbage reducer once caught, as matchmaking would (every honest peer bans it at once: a
-        # majority vote): the honest peers through their bans, the garbage peers by knowing that one caught is out.
-        # A sender that failed an audit is banned by the reducer that audited it alone, which stops averaging it.
-        excluded: set[PeerID] = set()
-        cheats = {members[i].peer_id for i in greedy}
-        model = task.model()
-        residual = None
-        averaging, failed, reduced_before = 0.0, 0, service.parts_reduced
+        if plan["first"] == 0:  # a new run: no one banned or suspected, audits at the plain rate
+            service.banned.clear()
+            service.audit_boost = 0
+            service.suspicions.forget()
+            run = {"model": task.model(), "residual": None, "averaging": 0.0, "stepping": 0.0, "cpu": 0.0}
+            run.update(failed=0, reduced=service.parts_reduced)
+        # The groups leave out the peers that a strict majority of the members banned, as matchmaking does with the
+        # bans its registrations name (without_outvoted): the driver counts the votes between the runs' stretches.
+        outvoted = {PeerID.from_string(p) for p in plan["outvoted"]}
+        model, residual = run["model"], run["residual"]
         began, cpu = time.perf_counter(), time.process_time()
-        for step in range(plan["steps"]):
+        if plan["resync"]:  # new groups: their members average their models, as the Optimizer averages states
+            group_id = hashlib.sha256(f"{plan['run']}/{plan['first']}/state".encode()).digest()[:16]
+            group = GroupInfo(group_id, tuple(m for m in members if m.peer_id not in outvoted))
+            if group.member(peer.peer_id) is not None:
+                run["failed"] = resync(peer, service, group, model, options)
+        for step in range(plan["first"], plan["last"]):
             flat = gradient(task, model, rank * 10**4 + step)
             if attack is not None:
                 flat = attacked(attack, task, model, rank, step, flat)
@@ -237,44 +265,58 @@ def worker() -> None:
             flat = torch.nan_to_num(flat, nan=0.0, posinf=0.0, neginf=0.0)
             residual = torch.zeros_like(flat) if residual is None else residual.nan_to_num_(0.0, 0.0, 0.0)
             group_id = hashlib.sha256(f"{plan['run']}/{step}".encode()).digest()[:16]
-            group = GroupInfo(group_id, tuple(m for m in members if m.peer_id not in excluded))
+            group = GroupInfo(group_id, tuple(m for m in members if m.peer_id not in outvoted))
             if group.member(peer.peer_id) is not None:  # a peer left out of the groups steps alone
                 started = time.perf_counter()
                 now = options if step == 0 else hasty
-                if plan["audit"] and attack is None and not failed:  # a part failed for us: is our model still theirs?
+                if plan["audit"] and attack is None and not run["failed"]:  # a part failed: is our model theirs?
                     now = dataclasses.replace(now, audit=auditor(task, model, rank_of, step), audit_rate=plan["rate"])
                 averaged = run_allreduce(service, group, flat, codec, residual=residual, options=now)
                 result = peer.runtime.run(averaged, 60)
-                averaging += time.perf_counter() - started
-                failed += bool(result.failed_parts)
+                run["averaging"] += time.perf_counter() - started
+                run["failed"] += bool(result.failed_parts)
                 for part in result.failed_parts:  # not updated this step, as the Optimizer does (zero_failed_parts):
                     flat[slice(*result.spans[part])] = 0  # our own gradient there would part our model from theirs
-                if attack is not None and plan["verify"]:  # a garbage reducer was caught by every honest peer
-                    caught = [r.peer_id for r, (s, e) in zip(group.reducers, result.spans, strict=True) if e > s]
-                    excluded.update(p for p in caught if p in cheats)
-                if attack is None:
-                    excluded.update(p for p in service.banned if p in cheats)
             with torch.no_grad():
                 offset = 0
                 for p in model.parameters():
                     p -= task.lr * flat[offset : offset + p.numel()].view_as(p)
                     offset += p.numel()
-        stepping, cpu = time.perf_counter() - began, time.process_time() - cpu
-        peer.runtime.run(service.audits_settled(), 60)  # the last rounds' audits: their bans, not the next run's CPU
-        with torch.no_grad():
-            loss = task.heldout(model)
-        outcome = {"loss": loss, "averaging_s": averaging, "step_s": stepping, "cpu_s": cpu, "failed_steps": failed}
-        outcome["banned"] = len(service.banned)
-        outcome["reduced"] = service.parts_reduced - reduced_before
+        run["residual"] = residual
+        run["stepping"] += time.perf_counter() - began
+        run["cpu"] += time.process_time() - cpu
+        outcome = {"banned": [str(p) for p in service.banned]}
+        if plan["last"] == plan["steps"]:
+            peer.runtime.run(service.audits_settled(), 60)  # the last rounds' audits: their bans, not the next run's
+            with torch.no_grad():
+                outcome["loss"] = task.heldout(model)
+            outcome.update(averaging_s=run["averaging"], step_s=run["stepping"], cpu_s=run["cpu"])
+            outcome.update(failed_steps=run["failed"], reduced=service.parts_reduced - run["reduced"])
         print("RESULT", json.dumps(outcome), flush=True)
 
 
-def run(workers: list[subprocess.Popen], addresses: list[str], name: str, **plan) -> list[dict]:
-    """One training run on every worker; each worker's result."""
-    for rank, proc in enumerate(workers):
-        proc.stdin.write(json.dumps({"run": name, "rank": rank, "addresses": addresses, **plan}) + "\n")
-        proc.stdin.flush()
-    return [json.loads(read_prefixed(proc, "RESULT", LINE_TIMEOUT)) for proc in workers]
+def run(
+    workers: list[subprocess.Popen], addresses: list[str], name: str, stretch: int = 0, **plan
+) -> tuple[list[dict], dict[str, int]]:
+    """One training run on every worker, in stretches of `stretch` steps (0: one), between which the bans are
+    counted as matchmaking counts its registrations' votes (without_outvoted: a peer that a strict majority of the
+    members banned is left out of the next stretch's groups); each worker's result, and the step from which each
+    peer outvoted was left out."""
+    ids = [a.rsplit("/", 1)[1] for a in addresses]
+    outvoted: dict[str, int] = {}
+    resync = False
+    for first in range(0, plan["steps"], stretch or plan["steps"]):
+        last = min(plan["steps"], first + (stretch or plan["steps"]))
+        for rank, proc in enumerate(workers):
+            stage = {"run": name, "rank": rank, "addresses": addresses, "first": first, "last": last}
+            stage.update(outvoted=sorted(outvoted), resync=resync)
+            proc.stdin.write(json.dumps({**stage, **plan}) + "\n")
+            proc.stdin.flush()
+        results = [json.loads(read_prefixed(proc, "RESULT", LINE_TIMEOUT)) for proc in workers]
+        votes = collections.Counter(b for r, me in zip(results, ids, strict=True) for b in set(r["banned"]) if b != me)
+        now = {p: outvoted.get(p, last) for p, count in votes.items() if count >= len(workers) // 2 + 1}
+        resync, outvoted = now.keys() != outvoted.keys(), now
+    return results, outvoted
 
 
 def main() -> None:
@@ -327,7 +369,7 @@ def main() -> None:
         aggregation, verify, audit = CONFIGURATIONS[configuration]
         plan = {"attack": attack, "byzantine": byzantine, "aggregation": aggregation, "steps": steps}
         plan.update(model=model, hidden=args.hidden, verify=verify, audit=audit, rate=args.audit_rate)
-        results = run(workers, addresses, name, **plan)
+        results, outvoted = run(workers, addresses, name, VOTE_EVERY if attack else 0, **plan)
         honest = [r for i, r in enumerate(results) if i not in byzantine]
         loss = honest[0]["loss"]
         versus = 100 * (loss / clean[configuration] - 1) if configuration in clean and model == "mlp" else 0.0
@@ -346,7 +388,8 @@ def main() -> None:
                 "step ms": 1e3 * max(r["step_s"] for r in honest) / steps,
                 "cpu ms": 1e3 * statistics.mean(r["cpu_s"] for r in honest) / steps,  # per peer and step
                 "failed steps": honest[0]["failed_steps"],
-                "banned": honest[0]["banned"],
+                "banned": len(honest[0]["banned"]),
+                "outvoted at": sorted(outvoted.values()),
                 "byzantine reducer": any(results[i]["reduced"] for i in byzantine),
             }
         )

@@ -71,6 +71,7 @@ from hiveengine.averaging.audits import (
     ClaimedCopy,
 )
 from hiveengine.averaging.matchmaking import GroupInfo, GroupMember
+from hiveengine.averaging.suspicions import Suspicions
 from hiveengine.averaging.verification import (
     PROBES,
     Claim,
@@ -496,7 +497,7 @@ class _ReducerRound:
         for sender, _, payload in audited:
             why = self.audits.check(sender, payload, self.chunks[index], row)
             if why is not None:
-                self.service.convict(sender, why, self.group.group_id)
+                self.service.convict(sender, why, self.group)
 
     def _outsized(self, kept: list, squares: np.ndarray) -> set[PeerID]:
         """The senders of `kept` whose decoded copy (its squared norm in `squares`) is more than MAX_COPY_RATIO times
@@ -651,6 +652,7 @@ class AllReduceService:
         self._audit_worker: concurrent.futures.ThreadPoolExecutor | None = None
         # Evidence against the reducers we caught, served to others, and our checks of theirs (accusations.py).
         self.accusations = Accusations(peer, functools.partial(self.ban, learned=True), self.banned.__contains__)
+        self.suspicions = Suspicions(peer, self.banned.__contains__)  # whom others' audits convicted, to audit too
         peer.register(CHUNK_METHOD, self._on_chunk, allocate=self._receive_buffers)
         self._services[peer] = self
 
@@ -702,50 +704,56 @@ class AllReduceService:
         self, group: GroupInfo, options: RoundOptions, codec: Codec, subjects: list[PeerID], auditors: int
     ) -> Audits | None:
         """Draw which of `subjects` we audit in round `group` (options.audit; we are one of `auditors` members who
-        can check each) and start recomputing what they should send, after earlier rounds' recomputations (one
-        thread: the recomputations need not be safe to run twice at once); none while MAX_PENDING_AUDITS rounds'
-        still run."""
+        can check each; those suspected are audited for sure) and start recomputing what they should send, after
+        earlier rounds' recomputations (one thread: the recomputations need not be safe to run twice at once); none
+        while MAX_PENDING_AUDITS rounds' still run."""
         if len(self.pending_audits) >= MAX_PENDING_AUDITS:
             round_id = group.group_id.hex()[:8]
             logger.info("%d rounds' audits still run: round %s audits nobody", MAX_PENDING_AUDITS, round_id)
             return None
         subjects = [p for p in subjects if p not in self.banned]
+        certain = self.suspicions.suspects.intersection(subjects)
         rate, o = self.audit_rate(options.audit_rate), options
         audits = Audits(
-            o.audit, rate, o.audit_tolerance, subjects, codec, o.audit_timeout, auditors, self.audit_worker()
+            o.audit, rate, o.audit_tolerance, subjects, codec, o.audit_timeout, auditors, self.audit_worker(), certain
         )
+        self.suspicions.take(certain)
         if audits.recomputation is not None:
             self.pending_audits.add(audits.recomputation)
             audits.recomputation.add_done_callback(self.pending_audits.discard)
         return audits
 
-    async def close_audits(self, audits: Audits, group_id: bytes, until: float) -> None:
-        """Once round `group_id` is over, before it returns (its caller may then change what the audit function
+    async def close_audits(self, audits: Audits, group: GroupInfo, until: float) -> None:
+        """Once the round of `group` is over, before it returns (its caller may then change what the audit function
         reads): wait, at most until time.monotonic() `until`, for the audit function to prepare the round's
         recomputations (if it has not, they convict nobody: Audits.abandon); then, in the background, check the
-        copies and claims held until their recomputations were done, and ban the senders that fail (Audits.settle;
-        their copies stayed in that round's aggregates). audits_settled waits for it."""
+        copies and claims held until their recomputations were done, and convict the senders that fail
+        (Audits.settle; their copies stayed in that round's aggregates). audits_settled waits for it, and for the
+        telling of its convictions."""
         if audits.prepared is not None:
             await asyncio.wait([audits.prepared], timeout=max(0.0, until - time.monotonic()))
             audits.abandon()
         if audits.recomputation is not None:
-            self.auditing = asyncio.ensure_future(self._settle(audits, group_id))
+            self.auditing = asyncio.ensure_future(self._settle(audits, group))
             self.in_background(self.auditing)
 
-    async def _settle(self, audits: Audits, group_id: bytes) -> None:
+    async def _settle(self, audits: Audits, group: GroupInfo) -> None:
         try:
             failed = await audits.settle()
         except Exception:
-            logger.exception("the audits of round %s could not be settled", group_id.hex()[:8])
+            logger.exception("the audits of round %s could not be settled", group.group_id.hex()[:8])
             return
-        for sender, why in failed.items():
-            self.convict(sender, why, group_id)
+        await asyncio.gather(*(self.convict(sender, why, group) for sender, why in failed.items()))
 
-    def convict(self, sender: PeerID, why: str, group_id: bytes) -> None:
-        """Ban `sender`, whose copy failed our audit in round `group_id`, and audit harder for a while: a cheat
-        rarely comes alone."""
-        self.ban(sender, f"it failed an audit in round {group_id.hex()[:8]}: {why}", group_id)
+    def convict(self, sender: PeerID, why: str, group: GroupInfo) -> asyncio.Task:
+        """Ban `sender`, whose copy failed our audit in the round of `group`, audit harder for a while (a cheat
+        rarely comes alone), and tell the round's other members (Suspicions.spread: the task that does)."""
+        self.ban(sender, f"it failed an audit in round {group.group_id.hex()[:8]}: {why}", group.group_id)
         self.audit_boost = AUDIT_BOOST_ROUNDS
+        self.suspicions.confirmed(sender)
+        telling = asyncio.ensure_future(self.suspicions.spread(sender, group))
+        self.in_background(telling)
+        return telling
 
     def audit_rate(self, rate: float) -> float:
         """The audit rate of a round we audit in: AUDIT_BOOST times `rate` (at most 1) in the AUDIT_BOOST_ROUNDS
@@ -910,6 +918,7 @@ async def run_allreduce(
     verify = {part: options.verify and part != my_part for part in parts}  # our own part's reply is ours
     buffers = _round_send_buffers(service, codec, spans, parts, chunk_elements, flat.device, verify)
     audits = None
+    service.suspicions.joined(group)
     if options.audit is not None:
         subjects, auditors = _audit_subjects(group, spans, my_part, any(verify.values()), me.peer_id)
         if subjects:
@@ -973,7 +982,7 @@ async def run_allreduce(
         for task in exchanges.values():
             task.cancel()
     if audits is not None:  # also past the deadline: held copies are in the aggregates, so they get checked
-        await service.close_audits(audits, group.group_id, deadline)
+        await service.close_audits(audits, group, deadline)
     for part, task in exchanges.items():
         if task.done() and not task.cancelled():
             outcomes[part] = task.exception() or task.result()
@@ -1010,16 +1019,16 @@ async def _wait_with_grace(
 def _audit_subjects(
     group: GroupInfo, spans: list[tuple[int, int]], my_part: int | None, claims: bool, me: PeerID
 ) -> tuple[list[PeerID], int]:
-    """Whom we may audit in a round, and how many members may audit each of them (each draws so that one is audited
-    at the rate whatever that number): as a reducer, every other sender, whose copies we check as we reduce them;
-    else, when replies carry claims, the other reducers, whose own copies only the senders of their part can check
-    (through the claims). Whoever audits a member also checks its copies in the claims of every reply it gets."""
+    """Whom we may audit in a round (every other sender), and how many members may audit each of them (each draws
+    so that one is audited at the rate whatever that number): the reducers, which check the copies they reduce;
+    and where replies carry claims, every contributing member, which checks the copies that each reply's claim
+    reports (a reducer's own included, which no reducer sees). Nobody, when we neither reduce nor get claims."""
     reducers = {r.peer_id for r, (start, end) in zip(group.reducers, spans, strict=True) if end > start}
     others = [m.peer_id for m in group.senders if m.peer_id != me]
     if my_part is not None and spans[my_part][1] > spans[my_part][0]:
         return others, len(reducers)
     if claims:
-        return [p for p in others if p in reducers], max(1, len(group.senders) - 1)
+        return others, max(1, len(group.senders) - 1)
     return [], 0
 
 

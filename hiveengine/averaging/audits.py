@@ -28,61 +28,30 @@ next AUDIT_BOOST_ROUNDS rounds (AllReduceService.audit_rate), which costs nothin
 3 ALIE colluders were caught at rounds 25, 78 and 156 in one run, and the honest peers ended 26% worse; with the
 boost, at rounds 4, 7 and 8.
 
-Reducers' own copies. A reducer's own copy reaches no other reducer, so no reducer audits it, and a reducer that
-averaged a lie of its own, every round, moved the honest peers of bench/byzantine.py 100% to 300% away. But each
-verified reply's claim (verification.py) reports the projections t_rk = <x_r, p_k> of every copy averaged, the
-reducer's own included, on that reply's probes, signed, and the reply check binds the reply to them. So with verified
-replies, a member that reduces nothing draws in each round which of the reducers it audits (each with probability
-auditor_rate(audit_rate, K - 1): a reducer is audited by one of the K - 1 other senders or more with probability
-audit_rate), and checks, chunk by chunk, the claimed projections of the reducer's copy against those of its
-recomputed contribution (`ClaimedCopy`, in `settle`): both vectors fixed before the probes (they follow the reply),
-an honest copy's projections lie within verification.projection_band of the allowance below (sqrt(PROBE_CHI2)
-times it: exceeded with chance 1.6e-15), and a copy d off passes a chunk's check with chance at most
-6^-4 (pi^4 / 24) (band / ||d||)^8 (verification.py's bound). For int8 the band is about 1.3 times the chunk's norm,
-so an ALIE shift (about the norm) failed each chunk's check with chance about 99% and a sign flip all of them; int4's
-rounding widens it to about 5 times the norm, where only a lie several times the norm shows. Whoever audits a
-member, reducer or not, also checks that member's copies in the claims of every reply it gets, and a member caught
-through a claim is banned as one caught by its reducer. Where the copy caught is not the claiming reducer's own, the
-lie could be the reducer's report rather than the sender's copy; but every sender checks its own projections in
-every reply (verification.check_reply), so a reducer that misreports an honest copy is caught by its sender in that
-round. This costs nothing where every member reduces (K = P: the reducers' own draws already cover the reducers),
-and about audit_rate recomputations per reducer and round in all where some do not. Limits: the reducer picks the
-reply and with it the probes, so one that knows what it should have sent can try replies until its lie passes
-(about 100 tries for ALIE at int8; verification.py's grinding); and a conviction is local, a ban and a vote, like
-every audit's: in a group with one reducer, the member that catches it keeps its own values there from then on,
-while the others average through it until they catch it too.
-
-How it runs (RoundOptions.audit): when a round opens, the reducer draws; the audit function is called for each
-sender drawn, `audit(sender)`, in a thread of its own while the round runs (the round waits for it only before it
-returns, so it sees the model the sender used, and a reply never waits for it: a round that called it on the event
-loop opened later exactly when it audited, which a sender could time). It takes what the recomputation reads (a
-copy of the model, say) and returns the recomputation: a function of no arguments that returns the flat
-contribution that sender should send (say, its gradient for this step, recomputed), or None where it cannot tell.
-One worker thread per service runs the recomputations, one after another (one need not be safe to run twice at
-once), and no round waits for them: a round that waited (a gradient's worth of compute) held every member's next
-step for it, which cost bench/byzantine.py's language model 3% to 6% of a training step at the default rate, twice
-the compute it took or more. While MAX_PENDING_AUDITS rounds' recomputations are under way a reducer audits nobody
-(their copies of the model are memory), so the rate holds while a recomputation takes less than about a round.
-An audit function still preparing when the round returns (at its deadline) convicts nobody (`abandon`): what it
-took may be the caller's next model.
-A chunk is reduced as soon as its copies are in. An audited sender's copy is checked then if its recomputation is
-done, and left out if it fails; otherwise it joins the aggregate, a copy of it is held, and it is checked when the
-recomputation ends (`settle`, in the background once the round is over, at most `audit_timeout` after the round
-opened; later ones are dropped, and logged). A sender convicted then is banned (a round still open refuses its
-copies from then on, and stops waiting for them), but its copy stayed in that round's aggregate (and in the rounds
-that took it before the ban), where CenteredClip bounds what it moved: a cheat gets
-about a round or two more before it is caught than if every reduction waited. A copy passes when
-    ||copy - expected|| <= audit_tolerance * ||expected|| + e + max(e, carried),   e = codec.error_bound(copy):
-the codec's rounding of the copy, and what error feedback adds back of the previous round's rounding. That one was
-measured on the previous gradient: a chunk whose gradient shrank since (an embedding row, an expert unused this
-step) still carries it, and taken as the copy's own small rounding it convicted honest int8 senders at a 30x drop,
-int4 at 10x. The previous gradient is not known, so `carried` is the codec's rounding of the whole expected
-contribution, this round, at the chunk's even share (error_bound(encode(whole)) x sqrt(chunk / whole)): about the
-previous round's wherever the contribution's size holds from step to step. A whole contribution that shrinks many
-times over in one step can still convict an honest sender. A sender
-whose copy fails when it is reduced is left out of this round's aggregate (its copies of the part's later chunks
-too; it is told why), and banned (AllReduceService.ban): our later rounds average none of its copies, and our
-matchmaking registrations vote it out of groups.
+Reducers' own copies, and the rest of the swarm. A reducer's own copy reaches no other reducer, so no reducer
+audits it, and a reducer that averaged a lie of its own every round moved the honest peers of bench/byzantine.py
+100% to 300% away (and one that audits nobody passes its colluders' copies). But each verified reply's claim
+(verification.py) reports the projections t_jk = <x_j, p_k> of every copy averaged, the reducer's own included, on
+that reply's probes, signed, and the reply check binds the reply to them. So with verified replies every member
+audits: one that reduces nothing draws which of the other senders it audits (each with probability
+auditor_rate(audit_rate, K - 1)), and whoever audits a member checks, chunk by chunk, the claimed projections of
+that member's copies in every reply it gets against those of the recomputed contribution (`ClaimedCopy`, in
+`settle`). Both vectors are fixed before the probes (they follow the reply), so an honest copy's projections lie
+within verification.projection_band of the allowance below (sqrt(PROBE_CHI2) times it: exceeded with chance
+1.6e-15), and a copy d off passes a chunk's check with chance at most 6^-4 (pi^4 / 24) (band / ||d||)^8
+(verification.py's bound). For int8 the band is about 1.3 times the chunk's norm, so an ALIE shift (about the norm)
+fails each chunk's check with chance about 99%, a sign flip for sure; int4's rounding widens it to about 5 times the
+norm, where only a lie several times the norm shows. A member caught through a claim is convicted as one caught by
+its reducer. Where the copy is not the claiming reducer's own, the lie could be the reducer's report rather than the
+sender's copy; but every sender checks its own projections in every reply (verification.check_reply), so a reducer
+that misreports an honest copy is caught by its sender in that round. Where every member reduces (K = P) this adds
+no recomputation; where some do not, each of those recomputes about audit_rate contributions per round, as a
+reducer does. The reducer picks the reply and with it the probes, so one that knows what it should have sent can
+try replies until its lie passes (about 100 tries for ALIE at int8: verification.py's grinding).
+A conviction is a local ban, resting on a recomputation that others can repeat only with the round's model. The
+member that convicts tells the round's other members (suspicions.py), which audit the subject for sure in their
+next rounds and ban it on their own recomputation: a cheat that goes on is banned by every honest member within a
+round or two, and matchmaking's vote (a strict majority of the registrants' bans) leaves it out of the groups.
 
 What it needs: synchronous rounds in which the auditor holds the same model as the sender (gradient averaging, not
 DiLoCo's local steps), and compute deterministic enough that an honest recomputation lands within the tolerance.
@@ -103,7 +72,7 @@ import concurrent.futures
 import logging
 import math
 import secrets
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -160,16 +129,17 @@ class Audits:
         timeout: float,
         auditors: int = 1,
         worker: concurrent.futures.Executor | None = None,
+        certain: Collection[PeerID] = (),
     ):
         """Draw which of `senders` to audit (each with probability auditor_rate(rate, auditors): we are one of the
         round's `auditors` members who can check a sender's copies), have `audit` prepare their recomputations in a
         thread of its own (the round goes on meanwhile: `prepared`), then run them in `worker` (one thread:
         recomputations never overlap; None: asyncio's default executor); `timeout`: how long from now `settle`
-        waits for them."""
+        waits for them; those of `certain` are drawn for sure (suspicions.py)."""
         loop = asyncio.get_running_loop()
         self.tolerance, self.codec, self._worker = tolerance, codec, worker
         chance = auditor_rate(rate, auditors)
-        drawn = [sender for sender in senders if _DRAW.random() < chance]
+        drawn = [sender for sender in senders if sender in certain or _DRAW.random() < chance]
         self.drawn = frozenset(drawn)
         self.failed: dict[PeerID, str] = {}  # sender -> why its copy failed
         self.prepared = asyncio.ensure_future(asyncio.to_thread(_prepare, audit, drawn)) if drawn else None

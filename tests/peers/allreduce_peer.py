@@ -53,7 +53,7 @@ def main() -> None:
         audit=(lambda sender: functools.partial(seeded_data, seeds[sender], plan["numel"]))
         if "audit_rate" in plan
         else None,
-        audit_rate=plan.get("audit_rate", 0.0),
+        audit_rate=me.get("audit_rate", plan.get("audit_rate", 0.0)),
     )
     rounds = []
     for number in range(plan.get("rounds", 1)):  # each round averages the seeded data afresh
