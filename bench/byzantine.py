@@ -15,7 +15,7 @@ reducers: a reducer caught cheating costs its part for that step (not updated th
 that applied its own gradient instead would keep that difference from the others' model), and is banned; and
 audits: every peer's minibatch is public (a seed per peer and step), so the auditors recompute the gradient of a
 sender with probability `--audit-rate` each step (the library's default, 2%; hiveengine.averaging.audits): the
-reducer checks the copies it reduces, and the others the copies that its signed claims report, its own included.
+reducer checks the copies it reduces, and the others the reducer's own copy, which its signed claims report.
 One that convicts a sender bans it and tells the others, which audit it for sure and ban it on their own
 recomputation (hiveengine.averaging.suspicions). Groups are formed as matchmaking forms them from its registrations'
 votes: under attack the driver counts every peer's bans after each step, and a peer that a strict majority of the 8

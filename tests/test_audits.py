@@ -105,25 +105,25 @@ def test_honest_copies_pass_and_lies_of_the_right_size_fail(codec):
 
 
 def _claimed_verdict(codec_name: str, expected: torch.Tensor, copy: torch.Tensor, chunks: int = 4) -> str | None:
-    """The audit of a sender whose `copy` (encoded with error feedback) a reducer's claims report, chunk by chunk,
-    on each chunk's own probes, against the `expected` contribution."""
-    codec, (sender, reducer) = get_codec(codec_name), _ids(2)
+    """The audit of a reducer whose own `copy` (encoded with error feedback) its claims report, chunk by chunk, on
+    each chunk's own probes, against the `expected` contribution."""
+    codec, (reducer,) = get_codec(codec_name), _ids(1)
     residual = _carried(codec_name, expected) if codec.supports_error_feedback else None
     decoded = codec.decode(codec.encode(copy.clone(), residual, name="copy"), torch.empty(N))
 
     async def run() -> str | None:
-        audits = Audits(lambda _: lambda: expected, 1.0, 0.1, [sender], codec, 5.0)
+        audits = Audits(lambda _: lambda: expected, 1.0, 0.1, [reducer], codec, 5.0)
         for index, (start, end) in enumerate(chunk_spans(0, N, N // chunks)):
             probes = Probes(os.urandom(8), 0, index, os.urandom(32), end - start, np.array([0.5, 0.5]))
-            (projections,), (norm,) = probes.project(decoded[start:end].view(1, -1))
-            audits.hold_claim(sender, ClaimedCopy(reducer, probes, (start, end), projections, float(norm)))
-        return (await audits.settle()).get(sender)
+            (projections,), _ = probes.project(decoded[start:end].view(1, -1))
+            audits.hold_claim(reducer, ClaimedCopy(probes, (start, end), projections))
+        return (await audits.settle()).get(reducer)
 
     return asyncio.run(run())
 
 
 @pytest.mark.parametrize("codec", ["none", "fp16", "bf16", "int8", "int4"])
-def test_a_copy_seen_only_through_a_reducers_claims_passes_when_honest_and_fails_when_it_lies(codec):
+def test_a_reducers_own_copy_seen_only_through_its_claims_passes_when_honest_and_fails_when_it_lies(codec):
     # The projections of a copy on a reply's probes tell a lie only beyond their chi-square band: about 10 times the
     # allowance (rounding and audit_tolerance), which an ALIE shift (about the contribution's norm) clears with int8
     # and finer; int4's rounding is up to a quarter of the norm, so there only a grosser lie shows.
@@ -456,3 +456,13 @@ def test_a_reducer_whose_own_copy_lies_is_banned_by_the_senders_that_audit_it_th
         assert results[i]["rounds"][0]["failed_parts"] == []  # its reply adds up: the claim is true to its copy
         assert results[i]["rounds"][1]["failed_parts"] == [0]  # banned: its part stays local from then on
     assert results[0]["banned"] == []
+
+
+def test_a_reducers_claim_about_another_senders_copy_convicts_nobody(tmp_path):
+    # A claim's row about another sender's copy may be the reducer's lie (shown to the others, never to that
+    # sender), not the sender's: only the reducer's row about its own copy convicts. Here the only reducer audits
+    # nobody and averages a lying sender's copy; the others audit everyone they can, and ban no one.
+    specs = [{"audit_rate": 0.0}, {"mode": "CLIENT"}, {"mode": "CLIENT"}, {"mode": "CLIENT", "attack": "sign"}]
+    options = dict(timeout=30, sender_timeout=10, aggregation="centered_clip", audit_rate=1.0)
+    _, results = average_in_processes(tmp_path, specs, "int8", **options)
+    assert all(results[i]["banned"] == [] and results[i]["failed_parts"] == [] for i in range(4))

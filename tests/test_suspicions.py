@@ -43,9 +43,10 @@ def test_a_reducer_one_member_caught_is_audited_and_banned_by_the_others_that_it
 
 
 def test_suspicions_come_only_from_and_about_recent_members_and_each_accuser_has_a_bounded_credit():
-    peers = [Peer() for _ in range(SUSPICION_BURST + 4)]
-    us, accuser, stranger, subjects = peers[0], peers[1], peers[2], [p.peer_id for p in peers[3:]]
-    suspicions = Suspicions(us, lambda _: False)
+    peers = [Peer() for _ in range(9)]
+    us, accuser, stranger, outlaw = peers[:4]
+    subjects = [p.peer_id for p in peers[4:]]
+    suspicions = Suspicions(us, {outlaw.peer_id}.__contains__)  # we banned the outlaw
     members = [p for p in peers if p is not stranger]
     group = GroupInfo(os.urandom(8), tuple(GroupMember(p.peer_id, str(p.address), 1.0) for p in members))
     run = us.runtime.run
@@ -53,34 +54,41 @@ def test_suspicions_come_only_from_and_about_recent_members_and_each_accuser_has
     def tell(by: Peer, about: PeerID) -> None:
         run(by.call(us.address, SUSPECT_METHOD, {"p": about.raw}, timeout=10), 20)
 
+    def rounds(count: int) -> None:
+        for _ in range(count):
+            suspicions.joined(group)
+
     try:
         with pytest.raises(HiveEngineError, match="recent groups"):
             tell(accuser, subjects[0])  # we were in no group with them yet
-        suspicions.joined(group)
+        rounds(1)
         for by, about in [(stranger, subjects[0]), (accuser, stranger.peer_id), (accuser, us.peer_id)]:
             with pytest.raises(HiveEngineError, match="recent groups"):
                 tell(by, about)
         with pytest.raises(HiveEngineError, match="peer id"):
             run(accuser.call(us.address, SUSPECT_METHOD, {"p": b"short"}, timeout=10), 20)
-        assert suspicions.suspects == frozenset()
-        for subject in subjects:  # one more than its credit: the last is not taken
-            tell(accuser, subject)
-        assert suspicions.suspects == set(subjects[:SUSPICION_BURST])
-        for _ in range(SUSPECT_ROUNDS):  # audited for sure in that many of our rounds, then no more
-            assert suspicions.suspects == set(subjects[:SUSPICION_BURST])
-            suspicions.take(subjects)
-        assert suspicions.suspects == frozenset()
-        suspicions.confirmed(subjects[0])  # our own audit convicted it: the accuser gets that suspicion back
-        tell(accuser, subjects[-1])
-        assert suspicions.suspects == {subjects[-1]}
-        suspicions.take(subjects * SUSPECT_ROUNDS)
+        tell(outlaw, subjects[0])
+        assert suspicions.suspects == frozenset()  # not from a peer we banned
         tell(accuser, subjects[0])
-        assert suspicions.suspects == frozenset()
-        for _ in range(SUSPICION_INTERVAL):  # and one more for every SUSPICION_INTERVAL of our rounds
-            suspicions.joined(group)
-        tell(accuser, subjects[0])
-        tell(accuser, subjects[1])
+        tell(accuser, subjects[1])  # a new accuser has one to tell
         assert suspicions.suspects == {subjects[0]}
+        suspicions.confirmed(subjects[0])  # our own audit convicted it: the accuser gets that one back
+        assert suspicions.suspects == frozenset()
+        tell(accuser, subjects[1])
+        for _ in range(SUSPECT_ROUNDS):  # audited for sure in that many of our rounds, then no more
+            assert suspicions.pick(subjects) == [subjects[1]]
+            suspicions.take([subjects[1]])
+        assert suspicions.suspects == frozenset()
+        tell(accuser, subjects[2])
+        assert suspicions.suspects == frozenset()  # none left
+        rounds(SUSPICION_INTERVAL)  # one more every SUSPICION_INTERVAL of our rounds
+        tell(accuser, subjects[2])
+        assert suspicions.suspects == {subjects[2]}
+        rounds(100 * SUSPICION_INTERVAL)  # and no more than SUSPICION_BURST in hand, however long it waited
+        for subject in subjects:
+            tell(accuser, subject)
+        assert len(suspicions.suspects) == 1 + SUSPICION_BURST
+        assert suspicions.pick(subjects) == [subjects[2]]  # the oldest, and only one a round: the random draws go on
     finally:
         for p in peers:
             p.shutdown()

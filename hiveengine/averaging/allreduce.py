@@ -26,8 +26,8 @@ One round, as it runs (this file holds all of it: the partition, the buffers, th
    late_grace` per call (what an honest one can take); a reducer that dies, stays silent or fails verification
    costs its part for this round only (senders keep their local values there and report the part as failed),
    never the whole deadline. One caught cheating is banned on this peer (`AllReduceService.banned`): we send it
-   nothing more and average none of its copies. With `audit`, a sender keeps the claims about the copies of the
-   members it audits (a reducer's own copy included) and checks them once their recomputation is done.
+   nothing more and average none of its copies. With `audit`, a sender keeps the claims of the reducers it audits
+   about their own copies, and checks them once their recomputation is done.
 
 Link allowance: over a long link the first copy of a part can trail a local one by many round trips (a dial, UCX
 wiring up its data lanes, TCP's window growing to the part's size: about 10 s for 2 MB over a 600 ms round trip),
@@ -712,7 +712,7 @@ class AllReduceService:
             logger.info("%d rounds' audits still run: round %s audits nobody", MAX_PENDING_AUDITS, round_id)
             return None
         subjects = [p for p in subjects if p not in self.banned]
-        certain = self.suspicions.suspects.intersection(subjects)
+        certain = self.suspicions.pick(subjects)
         rate, o = self.audit_rate(options.audit_rate), options
         audits = Audits(
             o.audit, rate, o.audit_tolerance, subjects, codec, o.audit_timeout, auditors, self.audit_worker(), certain
@@ -1019,16 +1019,17 @@ async def _wait_with_grace(
 def _audit_subjects(
     group: GroupInfo, spans: list[tuple[int, int]], my_part: int | None, claims: bool, me: PeerID
 ) -> tuple[list[PeerID], int]:
-    """Whom we may audit in a round (every other sender), and how many members may audit each of them (each draws
-    so that one is audited at the rate whatever that number): the reducers, which check the copies they reduce;
-    and where replies carry claims, every contributing member, which checks the copies that each reply's claim
-    reports (a reducer's own included, which no reducer sees). Nobody, when we neither reduce nor get claims."""
+    """Whom we may audit in a round, and how many members may audit each of them (each draws so that one is audited
+    at about the rate whatever that number): as a reducer, every other sender, whose copies we check as we reduce
+    them (and, where replies carry claims, the reducers' own copies that their claims report, which no reducer
+    sees); else, where replies carry claims, the reducers, whose own copies every other contributing member can
+    check through them. Nobody, when we neither reduce nor get claims."""
     reducers = {r.peer_id for r, (start, end) in zip(group.reducers, spans, strict=True) if end > start}
     others = [m.peer_id for m in group.senders if m.peer_id != me]
     if my_part is not None and spans[my_part][1] > spans[my_part][0]:
         return others, len(reducers)
     if claims:
-        return others, max(1, len(group.senders) - 1)
+        return [p for p in others if p in reducers], max(1, len(group.senders) - 1)
     return [], 0
 
 
@@ -1141,8 +1142,8 @@ async def _exchange_part(plan: _Exchange, chunk_elements: int) -> int:
 def _verify_chunk(plan: _Exchange, chunk: tuple, me: int, reply: dict, sent, mean, decoded: torch.Tensor) -> None:
     """Check one chunk's reply against the reducer's claim (ReducerCheatedError if it does not add up), with our
     copy decoded into row 0 of `decoded` (2 x n) and the aggregate, which stays there, into row 1; `chunk`: its
-    index and span. A claim that adds up is kept for the audits of the senders we drew (their copies, the
-    reducer's own included, as it reports them)."""
+    index and span. A claim that adds up is kept for our audit of the reducer, if we drew it (its own copy, as it
+    reports it)."""
     codec, (index, start, end) = plan.codec, chunk
     claim = Claim.parse(reply, len(plan.group.senders))
     probes = Probes(plan.group.group_id, plan.part, index, reply_digest(mean), decoded.shape[1], claim.coefficients)
@@ -1158,12 +1159,11 @@ def _verify_chunk(plan: _Exchange, chunk: tuple, me: int, reply: dict, sent, mea
     except ReducerCheatedError as e:
         e.evidence = _evidence(plan, index, claim, mean, decoded.shape[1])
         raise
-    if plan.audits is not None:
-        for j, member in enumerate(plan.group.senders):
-            if member.peer_id in plan.audits.drawn and claim.coefficients[j] > 0:
-                norm = float(claim.norms[j]) if claim.norms.size else 0.0
-                copy = ClaimedCopy(plan.reducer.peer_id, probes, (start, end), claim.projections[j].copy(), norm)
-                plan.audits.hold_claim(member.peer_id, copy)
+    reducer = plan.reducer.peer_id
+    if plan.audits is not None and reducer in plan.audits.drawn:
+        row = next((j for j, m in enumerate(plan.group.senders) if m.peer_id == reducer), None)
+        if row is not None and claim.coefficients[row] > 0:
+            plan.audits.hold_claim(reducer, ClaimedCopy(probes, (start, end), claim.projections[row].copy()))
 
 
 def _evidence(plan: _Exchange, index: int, claim: Claim, reply, numel: int) -> Evidence | None:

@@ -28,30 +28,33 @@ next AUDIT_BOOST_ROUNDS rounds (AllReduceService.audit_rate), which costs nothin
 3 ALIE colluders were caught at rounds 25, 78 and 156 in one run, and the honest peers ended 26% worse; with the
 boost, at rounds 4, 7 and 8.
 
-Reducers' own copies, and the rest of the swarm. A reducer's own copy reaches no other reducer, so no reducer
-audits it, and a reducer that averaged a lie of its own every round moved the honest peers of bench/byzantine.py
-100% to 300% away (and one that audits nobody passes its colluders' copies). But each verified reply's claim
-(verification.py) reports the projections t_jk = <x_j, p_k> of every copy averaged, the reducer's own included, on
-that reply's probes, signed, and the reply check binds the reply to them. So with verified replies every member
-audits: one that reduces nothing draws which of the other senders it audits (each with probability
-auditor_rate(audit_rate, K - 1)), and whoever audits a member checks, chunk by chunk, the claimed projections of
-that member's copies in every reply it gets against those of the recomputed contribution (`ClaimedCopy`, in
-`settle`). Both vectors are fixed before the probes (they follow the reply), so an honest copy's projections lie
-within verification.projection_band of the allowance below (sqrt(PROBE_CHI2) times it: exceeded with chance
-1.6e-15), and a copy d off passes a chunk's check with chance at most 6^-4 (pi^4 / 24) (band / ||d||)^8
-(verification.py's bound). For int8 the band is about 1.3 times the chunk's norm, so an ALIE shift (about the norm)
-fails each chunk's check with chance about 99%, a sign flip for sure; int4's rounding widens it to about 5 times the
-norm, where only a lie several times the norm shows. A member caught through a claim is convicted as one caught by
-its reducer. Where the copy is not the claiming reducer's own, the lie could be the reducer's report rather than the
-sender's copy; but every sender checks its own projections in every reply (verification.check_reply), so a reducer
-that misreports an honest copy is caught by its sender in that round. Where every member reduces (K = P) this adds
-no recomputation; where some do not, each of those recomputes about audit_rate contributions per round, as a
-reducer does. The reducer picks the reply and with it the probes, so one that knows what it should have sent can
-try replies until its lie passes (about 100 tries for ALIE at int8: verification.py's grinding).
+Reducers' own copies. A reducer's own copy reaches no other reducer, so no reducer audits it, and a reducer that
+averaged a lie of its own every round moved the honest peers of bench/byzantine.py 100% to 300% away. But each
+verified reply's claim (verification.py) reports the projections t_rk = <x_r, p_k> of every copy averaged, the
+reducer's own included, on that reply's probes, signed, and the reply check binds the reply to them. So with
+verified replies a member that reduces nothing audits too: it draws which of the reducers it audits (each with
+probability auditor_rate(audit_rate, K - 1): a reducer's own copy can be checked by the K - 1 other senders), and
+whoever audits a reducer, as a reducer or not, checks, chunk by chunk, the claimed projections of the reducer's own
+copy against those of the recomputed contribution (`ClaimedCopy`, in `settle`). Both vectors are fixed before the
+probes (they follow the reply), so an honest copy's projections lie within verification.projection_band of the
+allowance below (sqrt(PROBE_CHI2) times it: exceeded with chance 1.6e-15), and a copy d off passes a chunk's check
+with chance at most 6^-4 (pi^4 / 24) (band / ||d||)^8 (verification.py's bound). For int8 the band is about 1.3
+times the chunk's norm, so an ALIE shift (about the norm) fails each chunk's check with chance about 99%, a sign
+flip for sure; int4's rounding widens it to about 5 times the norm, where only a lie several times the norm shows.
+The band's rounding term is bounded by the recomputation's norm, never by a norm the claim reports (one that
+reported a huge norm widened the band at will). Only the reducer's row about its own copy convicts: a row about
+another sender's copy may be the reducer's lie rather than the sender's, shown to the others and never to that
+sender (a red-team review's finding: the reducer could then get an honest sender banned by everyone). Where every
+member reduces (K = P) this adds no recomputation; where some do not, each of those recomputes about audit_rate x P
+/ (K - 1) contributions per round. The reducer picks the reply and with it the probes, so one that knows what it
+should have sent can try replies until its lie passes (about 100 tries for ALIE at int8: verification.py's
+grinding).
 A conviction is a local ban, resting on a recomputation that others can repeat only with the round's model. The
 member that convicts tells the round's other members (suspicions.py), which audit the subject for sure in their
 next rounds and ban it on their own recomputation: a cheat that goes on is banned by every honest member within a
 round or two, and matchmaking's vote (a strict majority of the registrants' bans) leaves it out of the groups.
+A Byzantine reducer's colluders' copies go unaudited while it reduces them (it audits nobody); once it is voted
+out, the reducer that follows audits them.
 
 What it needs: synchronous rounds in which the auditor holds the same model as the sender (gradient averaging, not
 DiLoCo's local steps), and compute deterministic enough that an honest recomputation lands within the tolerance.
@@ -106,14 +109,12 @@ def auditor_rate(rate: float, auditors: int) -> float:
 
 @dataclass(frozen=True, eq=False)
 class ClaimedCopy:
-    """A reducer's signed claim about one sender's copy of one chunk: what its reply's probes (`probes`) projected
-    that copy onto (`projections`, one per probe), and that copy's norm as the claim reports it."""
+    """A reducer's signed claim about its own copy of one chunk: what its reply's probes (`probes`) projected that
+    copy onto (`projections`, one per probe)."""
 
-    reducer: PeerID
     probes: Probes
     span: tuple[int, int]  # the chunk's elements in the flat contribution
     projections: np.ndarray
-    norm: float
 
 
 class Audits:
@@ -147,7 +148,7 @@ class Audits:
         self._expected = asyncio.ensure_future(self._recompute(worker)) if drawn else None
         self._deadline = loop.time() + timeout
         self._held: list[tuple[PeerID, list[torch.Tensor], tuple[int, int]]] = []  # copies reduced before their audit
-        self._claimed: list[tuple[PeerID, ClaimedCopy]] = []  # other reducers' claims about the drawn senders' copies
+        self._claimed: list[tuple[PeerID, ClaimedCopy]] = []  # the drawn reducers' claims about their own copies
         self._abandoned = False
 
     @property
@@ -183,11 +184,11 @@ class Audits:
             return None
         return self._verdict(sender, payload, span, row)
 
-    def hold_claim(self, sender: PeerID, claimed: ClaimedCopy) -> None:
-        """Keep another reducer's claim about `sender`'s copy of a chunk, if `sender` is drawn: `settle` checks it
-        against the recomputation (see the module docstring)."""
-        if sender in self.drawn and not self._abandoned:
-            self._claimed.append((sender, claimed))
+    def hold_claim(self, reducer: PeerID, claimed: ClaimedCopy) -> None:
+        """Keep `reducer`'s claim about its own copy of a chunk, if it is drawn: `settle` checks it against the
+        recomputation (see the module docstring)."""
+        if reducer in self.drawn and not self._abandoned:
+            self._claimed.append((reducer, claimed))
 
     async def settle(self) -> dict[PeerID, str]:
         """Wait for the recomputations (up to the deadline) and check the copies held meanwhile and the claims
@@ -223,31 +224,43 @@ class Audits:
         return failed
 
     def _claim_verdicts(self, claimed: list[tuple[PeerID, ClaimedCopy]]) -> dict[PeerID, str]:
-        """Each sender whose copy, as a reducer's claim reports it, is not what it should have sent, and why."""
+        """Each reducer whose own copy, as its signed claim reports it, is not what it should have sent, and why."""
         verdicts: dict[PeerID, str] = {}
         recomputed = self._expected.result()
-        for sender, c in claimed:
-            expected, rounding = recomputed.get(sender) or (None, math.inf)
-            start, end = c.span
-            if sender in verdicts or expected is None or expected.numel() < end or not math.isfinite(rounding):
+        for reducer, c in claimed:
+            expected, rounding = recomputed.get(reducer) or (None, math.inf)
+            if reducer in verdicts or expected is None or expected.numel() < c.span[1] or not math.isfinite(rounding):
                 continue
-            want = expected[start:end]
-            (projected,), (want_norm,) = c.probes.project(want.view(1, -1))
             try:
-                own = self.codec.error_bound(self.codec.encode(want, name=f"{sender}'s expected chunk"))
-            except NonFiniteError:
+                why = self._claim_verdict(reducer, c, expected, rounding)
+            except Exception:  # a chunk the codec or the probes cannot take: unaudited, the other verdicts stand
+                logger.exception("the audit of %s's claimed copy of elements %d-%d failed", reducer, *c.span)
                 continue
-            carried = rounding * math.sqrt((end - start) / expected.numel())
-            allowed = self.tolerance * float(want_norm) + own + max(own, carried)
-            off = float(np.linalg.norm(c.projections - projected))
-            band = projection_band(allowed, max(float(want_norm), c.norm), c.probes.norm_bound)
-            if not off <= band:
-                whose = "its own copy" if c.reducer == sender else f"its copy, as reducer {c.reducer} reports it,"
-                verdicts[sender] = (
-                    f"{whose} of elements {start}-{end} projects {off:.4g} away from what it should have sent on "
-                    f"the reply's probes ({band:.4g} allowed: {allowed:.4g} off at most)"
-                )
+            if why is not None:
+                verdicts[reducer] = why
         return verdicts
+
+    def _claim_verdict(self, reducer: PeerID, c: ClaimedCopy, expected: torch.Tensor, rounding: float) -> str | None:
+        """Why the claimed projections of `reducer`'s own copy of a chunk lie too far from those of `expected`."""
+        start, end = c.span
+        want = expected[start:end]
+        (projected,), (want_norm,) = c.probes.project(want.view(1, -1))
+        try:
+            own = self.codec.error_bound(self.codec.encode(want, name=f"{reducer}'s expected chunk"))
+        except NonFiniteError:
+            return None
+        carried = rounding * math.sqrt((end - start) / expected.numel())
+        allowed = self.tolerance * float(want_norm) + own + max(own, carried)
+        off = float(np.linalg.norm(c.projections - projected))
+        # An honest copy's norm is at most want_norm + allowed: the dot products' rounding is bounded by what we
+        # computed, never by a norm the claim reports (a reducer that reported a huge one widened the band at will).
+        band = projection_band(allowed, float(want_norm) + allowed, c.probes.norm_bound)
+        if off <= band:
+            return None
+        return (
+            f"its own copy of elements {start}-{end}, as its signed claim reports it, projects {off:.4g} away from "
+            f"what it should have sent on the reply's probes ({band:.4g} allowed: {allowed:.4g} off at most)"
+        )
 
     def _verdict(self, sender: PeerID, payload, span: tuple[int, int], row: torch.Tensor) -> str | None:
         """check()'s verdict once the recomputations are done."""

@@ -60,8 +60,8 @@ What it catches: a reducer that returns anything but sum_j c_j x_j over the copi
 projections, and any lie about the checking sender's own copy (projection or coefficient).
 What it does not catch (yet): an adaptive reducer that also forges the projection of a copy the checker never
 saw: its own (when it sends) or another sender's. Where contributions can be recomputed, audits (audits.py) check
-the claimed projections of the copies of the members they draw, the reducer's own included, against the
-recomputation, so such a lie is caught at the audit rate; the weights stay the reducer's to choose. Closing the
+the claimed projections of a reducer's own copy against the recomputation, so its lie about its own copy is caught
+at the audit rate; the weights and the other senders' rows stay unchecked. Closing the
 rest takes the senders publishing their own projections to each other after the round (K^2 numbers, off the
 critical path) and a Gram-matrix check of CenteredClip's coefficients. Until then a reducer that cheats adaptively
 can move its part as far as a sender with all the weight could.
