@@ -1019,17 +1019,18 @@ async def _wait_with_grace(
 def _audit_subjects(
     group: GroupInfo, spans: list[tuple[int, int]], my_part: int | None, claims: bool, me: PeerID
 ) -> tuple[list[PeerID], int]:
-    """Whom we may audit in a round, and how many members may audit each of them (each draws so that one is audited
-    at about the rate whatever that number): as a reducer, every other sender, whose copies we check as we reduce
-    them (and, where replies carry claims, the reducers' own copies that their claims report, which no reducer
-    sees); else, where replies carry claims, the reducers, whose own copies every other contributing member can
-    check through them. Nobody, when we neither reduce nor get claims."""
+    """Whom we may audit in a round, and the number of reducers P, by which every auditor splits the rate (so that a
+    sender is audited at about the rate by the reducers, whatever their number): as a reducer, every other sender,
+    whose copies we check as we reduce them (and, where replies carry claims, the reducers' own copies that their
+    claims report, which no reducer sees); else, where replies carry claims, the reducers, whose own copies every
+    other contributing member can check through them (so at about rate (K - 1) / P: a reducer aggregates a
+    part of the model for everyone). Nobody, when we neither reduce nor get claims."""
     reducers = {r.peer_id for r, (start, end) in zip(group.reducers, spans, strict=True) if end > start}
     others = [m.peer_id for m in group.senders if m.peer_id != me]
     if my_part is not None and spans[my_part][1] > spans[my_part][0]:
         return others, len(reducers)
     if claims:
-        return [p for p in others if p in reducers], max(1, len(group.senders) - 1)
+        return [p for p in others if p in reducers], len(reducers)
     return [], 0
 
 

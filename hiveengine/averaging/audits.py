@@ -32,22 +32,24 @@ Reducers' own copies. A reducer's own copy reaches no other reducer, so no reduc
 averaged a lie of its own every round moved the honest peers of bench/byzantine.py 100% to 300% away. But each
 verified reply's claim (verification.py) reports the projections t_rk = <x_r, p_k> of every copy averaged, the
 reducer's own included, on that reply's probes, signed, and the reply check binds the reply to them. So with
-verified replies a member that reduces nothing audits too: it draws which of the reducers it audits (each with
-probability auditor_rate(audit_rate, K - 1): a reducer's own copy can be checked by the K - 1 other senders), and
-whoever audits a reducer, as a reducer or not, checks, chunk by chunk, the claimed projections of the reducer's own
-copy against those of the recomputed contribution (`ClaimedCopy`, in `settle`). Both vectors are fixed before the
-probes (they follow the reply), so an honest copy's projections lie within verification.projection_band of the
-allowance below (sqrt(PROBE_CHI2) times it: exceeded with chance 1.6e-15), and a copy d off passes a chunk's check
-with chance at most 6^-4 (pi^4 / 24) (band / ||d||)^8 (verification.py's bound). For int8 the band is about 1.3
-times the chunk's norm, so an ALIE shift (about the norm) fails each chunk's check with chance about 99%, a sign
-flip for sure; int4's rounding widens it to about 5 times the norm, where only a lie several times the norm shows.
-The band's rounding term is bounded by the recomputation's norm, never by a norm the claim reports (one that
-reported a huge norm widened the band at will). Only the reducer's row about its own copy convicts: a row about
-another sender's copy may be the reducer's lie rather than the sender's, shown to the others and never to that
-sender (a red-team review's finding: the reducer could then get an honest sender banned by everyone). Where every
-member reduces (K = P) this adds no recomputation; where some do not, each of those recomputes about audit_rate x P
-/ (K - 1) contributions per round. The reducer picks the reply and with it the probes, so one that knows what it
-should have sent can try replies until its lie passes (about 100 tries for ALIE at int8: verification.py's
+verified replies a member that reduces nothing audits too: it draws which of the reducers it audits, each with the
+reducers' own probability, auditor_rate(audit_rate, P) (so a reducer's own copy, which the K - 1 other senders can
+check, is audited at about audit_rate (K - 1) / P per round: more where few members reduce, and each of them
+aggregates more of the model for everyone; at K = 8 and P = 1, 7 times the rate), and whoever audits a reducer, as a
+reducer or not, checks, chunk by chunk, the claimed projections of the reducer's own copy against those of the
+recomputed contribution (`ClaimedCopy`, in `settle`). Both vectors are fixed before the probes (they follow the
+reply), so an honest copy's projections lie within verification.projection_band of the allowance below
+(sqrt(PROBE_CHI2) times it: exceeded with chance 1.6e-15), and a copy d off passes a chunk's check with chance at
+most 6^-4 (pi^4 / 24) (band / ||d||)^8 (verification.py's bound). For int8 the band is about 1.3 times the chunk's
+norm, so an ALIE shift (about the norm) fails each chunk's check with chance about 99%, a sign flip for sure; int4's
+rounding widens it to about 5 times the norm, where only a lie several times the norm shows. The band's rounding
+term is bounded by the recomputation's norm, never by a norm the claim reports (one that reported a huge norm
+widened the band at will). Only the reducer's row about its own copy convicts: a row about another sender's copy may
+be the reducer's lie rather than the sender's, shown to the others and never to that sender (a red-team review's
+finding: the reducer could then get an honest sender banned by everyone). Where every member reduces (K = P) this
+adds no recomputation; where some do not, each of those recomputes about audit_rate contributions per round (a
+reducer, about audit_rate (K - 1) / P). The reducer picks the reply and with it the probes, so one that knows what
+it should have sent can try replies until its lie passes (about 100 tries for ALIE at int8: verification.py's
 grinding).
 A conviction is a local ban, resting on a recomputation that others can repeat only with the round's model. The
 member that convicts tells the round's other members (suspicions.py), which audit the subject for sure in their
