@@ -59,6 +59,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import format_table, kill_worker, read_prefixed, write_results
@@ -188,12 +189,9 @@ def resync(peer, service, group, model: nn.Module, options) -> int:
     from hiveengine.codec import get_codec
 
     with torch.no_grad():
-        flat = torch.cat([p.reshape(-1) for p in model.parameters()])
+        flat = parameters_to_vector(model.parameters())
         result = peer.runtime.run(run_allreduce(service, group, flat, get_codec("none"), options=options), 60)
-        offset = 0
-        for p in model.parameters():
-            p.copy_(flat[offset : offset + p.numel()].view_as(p))
-            offset += p.numel()
+        vector_to_parameters(flat, model.parameters())
     return int(bool(result.failed_parts))
 
 
@@ -207,7 +205,7 @@ def worker() -> None:
     peer = Peer()
     service = AllReduceService.of(peer)
     print("ADDRESS", peer.address, flush=True)
-    tasks, run = {}, {}  # run: the training run under way (its model, error feedback and counters)
+    tasks, training = {}, {}  # the training run under way: its model, error feedback and counters
     for line in sys.stdin:
         plan = json.loads(line)
         key = (plan["model"], plan["hidden"])
@@ -245,18 +243,18 @@ def worker() -> None:
             service.banned.clear()
             service.audit_boost = 0
             service.suspicions.forget()
-            run = {"model": task.model(), "residual": None, "averaging": 0.0, "stepping": 0.0, "cpu": 0.0}
-            run.update(failed=0, reduced=service.parts_reduced)
+            training = {"model": task.model(), "residual": None, "averaging": 0.0, "stepping": 0.0, "cpu": 0.0}
+            training.update(failed=0, reduced=service.parts_reduced)
         # The groups leave out the peers that a strict majority of the members banned, as matchmaking does with the
         # bans its registrations name (without_outvoted): the driver counts the votes between the runs' stretches.
         outvoted = {PeerID.from_string(p) for p in plan["outvoted"]}
-        model, residual = run["model"], run["residual"]
+        kept = tuple(m for m in members if m.peer_id not in outvoted)
+        model, residual = training["model"], training["residual"]
         began, cpu = time.perf_counter(), time.process_time()
         if plan["resync"]:  # new groups: their members average their models, as the Optimizer averages states
-            group_id = hashlib.sha256(f"{plan['run']}/{plan['first']}/state".encode()).digest()[:16]
-            group = GroupInfo(group_id, tuple(m for m in members if m.peer_id not in outvoted))
+            group = GroupInfo(hashlib.sha256(f"{plan['run']}/{plan['first']}/state".encode()).digest()[:16], kept)
             if group.member(peer.peer_id) is not None:
-                run["failed"] = resync(peer, service, group, model, options)
+                training["failed"] = resync(peer, service, group, model, options)
         for step in range(plan["first"], plan["last"]):
             flat = gradient(task, model, rank * 10**4 + step)
             if attack is not None:
@@ -265,16 +263,16 @@ def worker() -> None:
             flat = torch.nan_to_num(flat, nan=0.0, posinf=0.0, neginf=0.0)
             residual = torch.zeros_like(flat) if residual is None else residual.nan_to_num_(0.0, 0.0, 0.0)
             group_id = hashlib.sha256(f"{plan['run']}/{step}".encode()).digest()[:16]
-            group = GroupInfo(group_id, tuple(m for m in members if m.peer_id not in outvoted))
+            group = GroupInfo(group_id, kept)
             if group.member(peer.peer_id) is not None:  # a peer left out of the groups steps alone
                 started = time.perf_counter()
                 now = options if step == 0 else hasty
-                if plan["audit"] and attack is None and not run["failed"]:  # a part failed: is our model theirs?
+                if plan["audit"] and attack is None and not training["failed"]:  # a part failed: is our model theirs?
                     now = dataclasses.replace(now, audit=auditor(task, model, rank_of, step), audit_rate=plan["rate"])
                 averaged = run_allreduce(service, group, flat, codec, residual=residual, options=now)
                 result = peer.runtime.run(averaged, 60)
-                run["averaging"] += time.perf_counter() - started
-                run["failed"] += bool(result.failed_parts)
+                training["averaging"] += time.perf_counter() - started
+                training["failed"] += bool(result.failed_parts)
                 for part in result.failed_parts:  # not updated this step, as the Optimizer does (zero_failed_parts):
                     flat[slice(*result.spans[part])] = 0  # our own gradient there would part our model from theirs
             with torch.no_grad():
@@ -282,16 +280,16 @@ def worker() -> None:
                 for p in model.parameters():
                     p -= task.lr * flat[offset : offset + p.numel()].view_as(p)
                     offset += p.numel()
-        run["residual"] = residual
-        run["stepping"] += time.perf_counter() - began
-        run["cpu"] += time.process_time() - cpu
+        training["residual"] = residual
+        training["stepping"] += time.perf_counter() - began
+        training["cpu"] += time.process_time() - cpu
         outcome = {"banned": [str(p) for p in service.banned]}
         if plan["last"] == plan["steps"]:
             peer.runtime.run(service.audits_settled(), 60)  # the last rounds' audits: their bans, not the next run's
             with torch.no_grad():
                 outcome["loss"] = task.heldout(model)
-            outcome.update(averaging_s=run["averaging"], step_s=run["stepping"], cpu_s=run["cpu"])
-            outcome.update(failed_steps=run["failed"], reduced=service.parts_reduced - run["reduced"])
+            outcome.update(averaging_s=training["averaging"], step_s=training["stepping"], cpu_s=training["cpu"])
+            outcome.update(failed_steps=training["failed"], reduced=service.parts_reduced - training["reduced"])
         print("RESULT", json.dumps(outcome), flush=True)
 
 
@@ -304,18 +302,18 @@ def run(
     peer outvoted was left out."""
     ids = [a.rsplit("/", 1)[1] for a in addresses]
     outvoted: dict[str, int] = {}
-    resync = False
+    regrouped = False
     for first in range(0, plan["steps"], stretch or plan["steps"]):
         last = min(plan["steps"], first + (stretch or plan["steps"]))
         for rank, proc in enumerate(workers):
             stage = {"run": name, "rank": rank, "addresses": addresses, "first": first, "last": last}
-            stage.update(outvoted=sorted(outvoted), resync=resync)
+            stage.update(outvoted=sorted(outvoted), resync=regrouped)
             proc.stdin.write(json.dumps({**stage, **plan}) + "\n")
             proc.stdin.flush()
         results = [json.loads(read_prefixed(proc, "RESULT", LINE_TIMEOUT)) for proc in workers]
         votes = collections.Counter(b for r, me in zip(results, ids, strict=True) for b in set(r["banned"]) if b != me)
         now = {p: outvoted.get(p, last) for p, count in votes.items() if count >= len(workers) // 2 + 1}
-        resync, outvoted = now.keys() != outvoted.keys(), now
+        regrouped, outvoted = now.keys() != outvoted.keys(), now
     return results, outvoted
 
 
@@ -369,7 +367,8 @@ def main() -> None:
         aggregation, verify, audit = CONFIGURATIONS[configuration]
         plan = {"attack": attack, "byzantine": byzantine, "aggregation": aggregation, "steps": steps}
         plan.update(model=model, hidden=args.hidden, verify=verify, audit=audit, rate=args.audit_rate)
-        results, outvoted = run(workers, addresses, name, VOTE_EVERY if attack else 0, **plan)
+        attacked_run = attack not in (None, "absent")  # its bans are counted as it goes (absent: nobody to ban)
+        results, outvoted = run(workers, addresses, name, VOTE_EVERY if attacked_run else 0, **plan)
         honest = [r for i, r in enumerate(results) if i not in byzantine]
         loss = honest[0]["loss"]
         versus = 100 * (loss / clean[configuration] - 1) if configuration in clean and model == "mlp" else 0.0

@@ -838,7 +838,7 @@ class _Exchange:
     span: tuple[int, int]
     local_round: _ReducerRound | None  # set when we reduce this part ourselves
     buffers: _SendBuffers | None  # where the copies we send and the replies we get are encoded (None: in `flat`)
-    audits: Audits | None  # the senders we audit this round, whose copies the reducer's claims report
+    audits: Audits | None  # whom we audit this round (the reducer's own copy, too, as its claims report it)
 
 
 @dataclass(frozen=True)

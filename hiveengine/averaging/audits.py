@@ -91,7 +91,7 @@ from hiveengine.transport import PeerID
 logger = logging.getLogger(__name__)
 
 DEFAULT_AUDIT_RATE = 0.02  # the chance that a sender is audited in a round (by one of the reducers or more)
-AUDIT_BOOST = 5.0  # after one of its audits convicted a sender, a reducer audits this many times the rate (at most 1)
+AUDIT_BOOST = 5.0  # after one of its audits convicted a sender, a member audits this many times the rate (at most 1)
 AUDIT_BOOST_ROUNDS = 50  # for this many of its rounds (about 1 / rate at the default: as long as a first catch takes)
 DEFAULT_AUDIT_TIMEOUT = 60.0  # how long (from the round's start) a round's audits may take before they are dropped
 DEFAULT_AUDIT_TOLERANCE = 0.1  # how far (relative to the expected contribution's norm) a copy may be off, on top
@@ -120,7 +120,7 @@ class ClaimedCopy:
 
 
 class Audits:
-    """One reducer round's audits: the contributions expected of the senders drawn, and the senders that failed."""
+    """One member's audits in a round: the contributions expected of the senders drawn, and those that failed."""
 
     def __init__(
         self,
@@ -134,8 +134,8 @@ class Audits:
         worker: concurrent.futures.Executor | None = None,
         certain: Collection[PeerID] = (),
     ):
-        """Draw which of `senders` to audit (each with probability auditor_rate(rate, auditors): we are one of the
-        round's `auditors` members who can check a sender's copies), have `audit` prepare their recomputations in a
+        """Draw which of `senders` to audit (each with probability auditor_rate(rate, auditors): the rate split over
+        `auditors`, the round's reducers), have `audit` prepare their recomputations in a
         thread of its own (the round goes on meanwhile: `prepared`), then run them in `worker` (one thread:
         recomputations never overlap; None: asyncio's default executor); `timeout`: how long from now `settle`
         waits for them; those of `certain` are drawn for sure (suspicions.py)."""
@@ -251,9 +251,8 @@ class Audits:
             own = self.codec.error_bound(self.codec.encode(want, name=f"{reducer}'s expected chunk"))
         except NonFiniteError:
             return None
-        carried = rounding * math.sqrt((end - start) / expected.numel())
-        allowed = self.tolerance * float(want_norm) + own + max(own, carried)
-        off = float(np.linalg.norm(c.projections - projected))
+        allowed = self._allowance(float(want_norm), own, rounding, c.span, expected.numel())
+        off = math.hypot(*(c.projections - projected).tolist())  # no overflow, whatever numbers the claim holds
         # An honest copy's norm is at most want_norm + allowed: the dot products' rounding is bounded by what we
         # computed, never by a norm the claim reports (a reducer that reported a huge one widened the band at will).
         band = projection_band(allowed, float(want_norm) + allowed, c.probes.norm_bound)
@@ -263,6 +262,13 @@ class Audits:
             f"its own copy of elements {start}-{end}, as its signed claim reports it, projects {off:.4g} away from "
             f"what it should have sent on the reply's probes ({band:.4g} allowed: {allowed:.4g} off at most)"
         )
+
+    def _allowance(self, want_norm: float, own: float, rounding: float, span: tuple[int, int], numel: int) -> float:
+        """How far a copy of flat[start:end] (`span`) may honestly lie from what it should be (see the module
+        docstring): the tolerance, the copy's own rounding (`own`), and what error feedback carries in, taken as
+        the rounding of the whole `numel`-value contribution at the span's even share (inf when that is)."""
+        carried = rounding * math.sqrt((span[1] - span[0]) / numel)
+        return self.tolerance * want_norm + own + max(own, carried)
 
     def _verdict(self, sender: PeerID, payload, span: tuple[int, int], row: torch.Tensor) -> str | None:
         """check()'s verdict once the recomputations are done."""
@@ -275,12 +281,10 @@ class Audits:
         want_norm = float(want.norm())
         if not math.isfinite(want_norm) or not bool(torch.isfinite(got).all()):
             return None
-        carried = rounding * math.sqrt((end - start) / expected.numel())
-        if not math.isfinite(carried):
+        allowed = self._allowance(want_norm, self.codec.error_bound(payload), rounding, span, expected.numel())
+        if not math.isfinite(allowed):
             return None
         distance = float((got - want).norm())
-        own = self.codec.error_bound(payload)
-        allowed = self.tolerance * want_norm + own + max(own, carried)
         if distance <= allowed:
             return None
         self.failed[sender] = (
