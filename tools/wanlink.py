@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import errno
 import fcntl
 import os
 import random
@@ -107,6 +108,12 @@ class Direction:
                 os.write(self.sink, frame)
             except BlockingIOError:
                 return  # the kernel's queue is full: the frame is lost, as on a congested link
+            except OSError as e:
+                if e.errno != errno.EIO:
+                    raise
+                # The far device is down (the caller sets the two up one after the other, and a frame from the
+                # first can come due before the second is: under a loaded host's scheduling, it killed the link).
+                # The frame is lost, as on a link whose far end is down.
 
     def next_due(self) -> float | None:
         return self.queue[0][0] if self.queue else None
