@@ -29,7 +29,9 @@ more in the open configuration with that member among the attackers (`byzantine 
 held-out loss of an honest peer after STEPS steps (long enough that clean training is near its plateau, so that
 "within 5% of clean" means something), against the clean run of all 8 peers and against the honest peers training
 alone (the `absent` rows: the Byzantine peers do nothing, so the difference is what their attack did, not the data
-they did not bring).
+they did not bring). The goal, 5%, is judged against the honest peers' clean run: all 8 for the clean rows, the
+honest peers alone under attack (no defence brings back the data the attackers withhold: with 3 of 8 that alone is
+5% to 8% of the loss).
 
 The overhead: clean runs of the trusted swarm, of the open one, and of the open one without audits, in rotated
 orders (the VM's speed drifts by more than the overhead within minutes: each overhead is the median of the repeats'
@@ -373,6 +375,7 @@ def main() -> None:
         loss = honest[0]["loss"]
         versus = 100 * (loss / clean[configuration] - 1) if configuration in clean and model == "mlp" else 0.0
         reference = alone.get((configuration, len(byzantine)))
+        alone_by = 100 * (loss / reference - 1) if reference is not None else None
         rows.append(
             {
                 "model": model,
@@ -381,8 +384,8 @@ def main() -> None:
                 "aggregation": aggregation + " + verified" * verify + " + audited" * audit,
                 "loss": loss,
                 "vs clean %": versus,
-                "goal (5%)": "met" if versus <= 5 else "missed",
-                "vs honest alone %": 100 * (loss / reference - 1) if reference is not None else None,
+                "goal (5%)": "met" if (versus if alone_by is None else alone_by) <= 5 else "missed",
+                "vs honest alone %": alone_by,
                 "round ms": 1e3 * max(r["averaging_s"] for r in honest) / steps,
                 "step ms": 1e3 * max(r["step_s"] for r in honest) / steps,
                 "cpu ms": 1e3 * statistics.mean(r["cpu_s"] for r in honest) / steps,  # per peer and step
